@@ -1,0 +1,543 @@
+//! Wire types of the native v1 API (see `DESIGN.md` section 4 and `kms-server/openapi.yaml`).
+//!
+//! Bytes are standard base64 in JSON. Request types reject unknown fields; response types
+//! accept them, so that a newer server can add fields without breaking older clients.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde::de::{self, Deserializer, Visitor};
+use serde::{Deserialize, Serialize, Serializer};
+use subtle::ConstantTimeEq;
+use zeroize::Zeroizing;
+
+/// An encryption context: a string→string map bound to a wrapped key as associated data.
+///
+/// Unwrapping with a different context fails. It is not secret, but it is never logged in
+/// clear by the server (only a keyed hash of it goes to the audit trail).
+pub type Context = BTreeMap<String, String>;
+
+/// Secret bytes on the wire (a plaintext DEK). Zeroized on drop, never printed.
+///
+/// `Serialize` is written by hand (not derived) because the server must send a DEK to the
+/// caller that asked for it; nothing else serializes it.
+pub struct SecretBytes(Zeroizing<Vec<u8>>);
+
+impl SecretBytes {
+    /// Takes ownership of `bytes`; they are zeroized when the value is dropped.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+
+    /// The secret bytes. The name says what they are at every call site.
+    pub fn expose_secret(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Length in bytes (not secret).
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether there are no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SecretBytes([REDACTED; {} bytes])", self.0.len())
+    }
+}
+
+impl PartialEq for SecretBytes {
+    /// Constant time in the contents (the lengths are not secret).
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_slice().ct_eq(other.0.as_slice()).into()
+    }
+}
+
+impl Eq for SecretBytes {}
+
+impl Serialize for SecretBytes {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let encoded = Zeroizing::new(B64.encode(self.0.as_slice()));
+        serializer.serialize_str(&encoded)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretBytes {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer
+            .deserialize_str(Base64Visitor)
+            .map(SecretBytes::new)
+    }
+}
+
+/// A wrapped (encrypted) DEK: opaque bytes to callers, base64 in JSON.
+///
+/// Not secret, but `Debug` shows only its length and first bytes so logs never carry one
+/// whole.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WrappedKey(Vec<u8>);
+
+impl WrappedKey {
+    /// The encoded bytes.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+
+    /// Consumes the value, returning the bytes.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.0
+    }
+}
+
+impl From<Vec<u8>> for WrappedKey {
+    fn from(bytes: Vec<u8>) -> Self {
+        Self(bytes)
+    }
+}
+
+impl fmt::Debug for WrappedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let head: String = self.0.iter().take(4).map(|b| format!("{b:02x}")).collect();
+        write!(f, "WrappedKey({} bytes, {head}…)", self.0.len())
+    }
+}
+
+impl Serialize for WrappedKey {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&B64.encode(&self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for WrappedKey {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(Base64Visitor).map(WrappedKey)
+    }
+}
+
+struct Base64Visitor;
+
+impl Visitor<'_> for Base64Visitor {
+    type Value = Vec<u8>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a standard base64 string")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<u8>, E> {
+        // The error deliberately does not echo the input: it may be key material.
+        B64.decode(v)
+            .map_err(|_| E::custom("invalid base64 (standard alphabet, with padding)"))
+    }
+}
+
+/// A passphrase sent to unseal the server. Zeroized on drop, never printed.
+pub struct Passphrase(Zeroizing<String>);
+
+impl Passphrase {
+    /// Wraps a passphrase.
+    pub fn new(passphrase: String) -> Self {
+        Self(Zeroizing::new(passphrase))
+    }
+
+    /// The secret passphrase.
+    pub fn expose_secret(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Passphrase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Passphrase([REDACTED])")
+    }
+}
+
+impl Serialize for Passphrase {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Passphrase {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer).map(Passphrase::new)
+    }
+}
+
+/// KEK algorithm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Algorithm {
+    /// AES-256-GCM with a per-wrap key derived by HKDF-SHA256 (see the wrapped-DEK format).
+    #[default]
+    #[serde(rename = "aes-256-gcm")]
+    Aes256Gcm,
+}
+
+/// The state of a KEK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum KeyState {
+    /// Usable: the newest version wraps, every retained version unwraps.
+    Enabled,
+    /// Revoked: no wrap, no unwrap. Reversible with `enable`.
+    Disabled,
+    /// Waiting for destruction; unusable; cancellable.
+    PendingDeletion,
+    /// Material erased; irreversible. Metadata stays for audit.
+    Destroyed,
+}
+
+/// `POST /v1/keys`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateKeyRequest {
+    /// Key name, unique within the tenant: 1–128 of `[A-Za-z0-9._-]`.
+    pub name: String,
+    /// Algorithm; `aes-256-gcm` when omitted.
+    #[serde(default)]
+    pub algorithm: Option<Algorithm>,
+    /// Automatic rotation period, e.g. `"90d"` (humantime syntax); none when omitted.
+    #[serde(default)]
+    pub rotation_period: Option<String>,
+}
+
+/// One version of a KEK.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyVersionInfo {
+    /// Version number, from 1.
+    pub version: u32,
+    /// Creation time, RFC 3339.
+    pub created_at: String,
+    /// Whether this version may still unwrap (false below `min_decrypt_version`).
+    pub can_unwrap: bool,
+}
+
+/// A KEK's metadata. Never carries key material.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyInfo {
+    /// Name, unique within the tenant.
+    pub name: String,
+    /// Stable identifier, carried in every wrapped DEK (hex).
+    pub id: String,
+    /// Algorithm.
+    pub algorithm: Algorithm,
+    /// State.
+    pub state: KeyState,
+    /// Creation time, RFC 3339.
+    pub created_at: String,
+    /// The version that wraps.
+    pub current_version: u32,
+    /// Versions below this are retired (unwrap refused).
+    pub min_decrypt_version: u32,
+    /// Automatic rotation period, if set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_period: Option<String>,
+    /// Every version, oldest first.
+    pub versions: Vec<KeyVersionInfo>,
+}
+
+/// `GET /v1/keys`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct KeyList {
+    /// The tenant's keys, by name.
+    pub keys: Vec<KeyInfo>,
+}
+
+/// `POST /v1/keys/{name}/datakey`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatakeyRequest {
+    /// Encryption context bound to the wrapped DEK.
+    #[serde(default)]
+    pub context: Context,
+}
+
+/// Response to `datakey`: a fresh DEK, in clear and wrapped.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct DatakeyResponse {
+    /// The DEK (32 bytes). Use it, then drop it.
+    pub plaintext: SecretBytes,
+    /// The DEK wrapped under the key's current version; store this.
+    pub wrapped: WrappedKey,
+    /// Key name.
+    pub key: String,
+    /// Key version that wrapped it.
+    pub version: u32,
+}
+
+/// `POST /v1/keys/{name}/wrap`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WrapRequest {
+    /// The DEK to wrap: 16 to 64 bytes.
+    pub plaintext: SecretBytes,
+    /// Encryption context bound to the wrapped DEK.
+    #[serde(default)]
+    pub context: Context,
+}
+
+/// Response to `wrap` and `rewrap`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct WrapResponse {
+    /// The wrapped DEK.
+    pub wrapped: WrappedKey,
+    /// Key name.
+    pub key: String,
+    /// Key version that wrapped it.
+    pub version: u32,
+}
+
+/// `POST /v1/unwrap`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnwrapRequest {
+    /// A wrapped DEK as returned by `datakey`, `wrap` or `rewrap`.
+    pub wrapped: WrappedKey,
+    /// The context it was wrapped with.
+    #[serde(default)]
+    pub context: Context,
+}
+
+/// Response to `unwrap`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct UnwrapResponse {
+    /// The DEK.
+    pub plaintext: SecretBytes,
+    /// Key name.
+    pub key: String,
+    /// Key version that had wrapped it.
+    pub version: u32,
+}
+
+/// `POST /v1/rewrap`: re-encrypt under the key's current version; no plaintext leaves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewrapRequest {
+    /// A wrapped DEK.
+    pub wrapped: WrappedKey,
+    /// The context it was wrapped with; the new wrapped DEK is bound to the same context.
+    #[serde(default)]
+    pub context: Context,
+}
+
+/// One item of `POST /v1/batch`, tagged by `op`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
+pub enum BatchItem {
+    /// As `POST /v1/keys/{key}/datakey`.
+    Datakey {
+        /// Key name.
+        key: String,
+        /// Encryption context.
+        #[serde(default)]
+        context: Context,
+    },
+    /// As `POST /v1/keys/{key}/wrap`.
+    Wrap {
+        /// Key name.
+        key: String,
+        /// DEK to wrap.
+        plaintext: SecretBytes,
+        /// Encryption context.
+        #[serde(default)]
+        context: Context,
+    },
+    /// As `POST /v1/unwrap`.
+    Unwrap {
+        /// Wrapped DEK.
+        wrapped: WrappedKey,
+        /// Encryption context.
+        #[serde(default)]
+        context: Context,
+    },
+    /// As `POST /v1/rewrap`.
+    Rewrap {
+        /// Wrapped DEK.
+        wrapped: WrappedKey,
+        /// Encryption context, kept for the new wrapped DEK.
+        #[serde(default)]
+        context: Context,
+    },
+}
+
+/// `POST /v1/batch`.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    /// Items, processed in order; each succeeds or fails on its own.
+    pub items: Vec<BatchItem>,
+}
+
+/// The result of one batch item, in the item's position.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchResult {
+    /// A `datakey` item succeeded.
+    Datakey(DatakeyResponse),
+    /// A `wrap` item succeeded.
+    Wrap(WrapResponse),
+    /// An `unwrap` item succeeded.
+    Unwrap(UnwrapResponse),
+    /// A `rewrap` item succeeded.
+    Rewrap(WrapResponse),
+    /// The item failed; the others are unaffected.
+    Error(ErrorBody),
+}
+
+/// Response to `POST /v1/batch`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct BatchResponse {
+    /// One result per item, in order.
+    pub results: Vec<BatchResult>,
+}
+
+/// Stable error codes. The HTTP status is given for each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[non_exhaustive]
+pub enum ErrorCode {
+    /// 400: the request is malformed (JSON, base64, field values, sizes).
+    InvalidRequest,
+    /// 400: the wrapped key cannot be unwrapped. Opaque on purpose: tampering, the wrong
+    /// context, the wrong or an unknown key all look the same.
+    DecryptFailed,
+    /// 401: no usable client identity.
+    Unauthenticated,
+    /// 403: the caller's role or grants do not allow this.
+    PermissionDenied,
+    /// 404: no such key for this tenant (another tenant's key looks the same).
+    NotFound,
+    /// 405: the route exists but not with this method.
+    MethodNotAllowed,
+    /// 409: a key with this name exists already.
+    AlreadyExists,
+    /// 409: the key is disabled, pending deletion, or destroyed.
+    KeyDisabled,
+    /// 409: the requested state change does not apply to the key's state.
+    InvalidState,
+    /// 413: the request body is larger than the configured limit.
+    PayloadTooLarge,
+    /// 415: the request is not `application/json`.
+    UnsupportedMediaType,
+    /// 429: the identity is locked out after repeated denials.
+    LockedOut,
+    /// 500: an internal failure; details are in the server log only.
+    Internal,
+    /// 503: the server is sealed; unseal it first.
+    Sealed,
+    /// 503: the key store cannot be reached or written; nothing was changed.
+    StorageUnavailable,
+    /// A code this client version does not know.
+    #[serde(other)]
+    Unknown,
+}
+
+/// The `error` member of an error response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorBody {
+    /// Stable code.
+    pub code: ErrorCode,
+    /// Short human-readable text. Never contains key material.
+    pub message: String,
+}
+
+/// Every error response: `{"error":{"code":"...","message":"..."}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErrorResponse {
+    /// The error.
+    pub error: ErrorBody,
+}
+
+/// `GET /v1/sys/status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SysStatus {
+    /// Whether key operations are refused until unseal.
+    pub sealed: bool,
+    /// The configured unseal method (`key-file`, `passphrase`).
+    pub seal_method: String,
+    /// Server version.
+    pub version: String,
+}
+
+/// `POST /v1/sys/unseal`. With no passphrase, the server retries its configured source
+/// (key file or passphrase file).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnsealRequest {
+    /// Operator passphrase, for the `passphrase` method.
+    #[serde(default)]
+    pub passphrase: Option<Passphrase>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_debug_hides_bytes() {
+        let s = SecretBytes::new(vec![0xAB; 32]);
+        let dbg = format!("{s:?}");
+        assert!(!dbg.to_lowercase().contains("ab"), "{dbg}");
+        assert!(dbg.contains("REDACTED"));
+        let p = Passphrase::new("correct horse".into());
+        assert!(!format!("{p:?}").contains("horse"));
+    }
+
+    #[test]
+    fn wrapped_debug_is_truncated() {
+        let w = WrappedKey::from(vec![0x5A; 100]);
+        let dbg = format!("{w:?}");
+        assert!(dbg.matches("5a").count() <= 4, "{dbg}");
+    }
+
+    #[test]
+    fn secret_eq_compares_contents() {
+        assert_eq!(SecretBytes::new(vec![1, 2]), SecretBytes::new(vec![1, 2]));
+        assert_ne!(SecretBytes::new(vec![1, 2]), SecretBytes::new(vec![1, 3]));
+        assert_ne!(
+            SecretBytes::new(vec![1, 2]),
+            SecretBytes::new(vec![1, 2, 3])
+        );
+    }
+
+    #[test]
+    fn bad_base64_is_an_error_that_does_not_echo_input() {
+        let err = serde_json::from_str::<UnwrapRequest>(r#"{"wrapped":"sekrit!!"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("sekrit"), "{err}");
+    }
+
+    #[test]
+    fn batch_round_trip() {
+        let json = r#"{"items":[{"op":"unwrap","wrapped":"AA=="},{"op":"datakey","key":"k"}]}"#;
+        let req: BatchRequest = serde_json::from_str(json).unwrap();
+        assert_eq!(req.items.len(), 2);
+        let res = BatchResponse {
+            results: vec![BatchResult::Error(ErrorBody {
+                code: ErrorCode::NotFound,
+                message: "no".into(),
+            })],
+        };
+        let out = serde_json::to_string(&res).unwrap();
+        assert_eq!(
+            out,
+            r#"{"results":[{"error":{"code":"NotFound","message":"no"}}]}"#
+        );
+    }
+
+    #[test]
+    fn unknown_error_code_is_tolerated() {
+        let e: ErrorResponse =
+            serde_json::from_str(r#"{"error":{"code":"Brand New","message":"x"}}"#).unwrap();
+        assert_eq!(e.error.code, ErrorCode::Unknown);
+    }
+}

@@ -1,0 +1,435 @@
+//! Configuration: a TOML file parsed, then validated into typed [`Settings`] at start-up.
+//! A bad file fails with the file and the field named. `deploy/kms-server.toml` is the
+//! commented example.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::keystore::Engine;
+use crate::policy::{IdentitySource, Role};
+use crate::seal::{Argon2Params, SealMethod};
+
+/// A configuration error: which file, which field, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("config {file}: {field}: {message}")]
+pub struct ConfigError {
+    /// The file (or `<inline>`).
+    pub file: String,
+    /// The field, dotted (`tls.cert`), or `<syntax>` for a parse error.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8443".into()
+}
+fn default_ops_listen() -> String {
+    "127.0.0.1:9443".into()
+}
+fn default_max_body() -> usize {
+    64 * 1024
+}
+fn default_max_batch() -> usize {
+    1000
+}
+fn default_min_tls() -> String {
+    "1.3".into()
+}
+fn default_handshake_timeout() -> u64 {
+    10
+}
+fn default_sources() -> Vec<IdentitySource> {
+    vec![
+        IdentitySource::UriSan,
+        IdentitySource::DnsSan,
+        IdentitySource::SubjectCn,
+    ]
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default = "default_listen")]
+    listen: String,
+    #[serde(default = "default_ops_listen")]
+    ops_listen: String,
+    #[serde(default = "default_max_body")]
+    max_body_bytes: usize,
+    #[serde(default = "default_max_batch")]
+    max_batch_items: usize,
+    store: FileStore,
+    seal: FileSeal,
+    tls: FileTls,
+    #[serde(default)]
+    identity: FileIdentity,
+    #[serde(default)]
+    identities: Vec<IdentityMapping>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileStore {
+    #[serde(default = "default_engine")]
+    engine: Engine,
+    path: PathBuf,
+}
+
+fn default_engine() -> Engine {
+    Engine::Redb
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSeal {
+    method: SealMethod,
+    #[serde(default)]
+    key_file: Option<PathBuf>,
+    #[serde(default)]
+    passphrase_file: Option<PathBuf>,
+    #[serde(default)]
+    argon2: Option<Argon2Params>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileTls {
+    cert: PathBuf,
+    key: PathBuf,
+    client_ca: PathBuf,
+    #[serde(default = "default_min_tls")]
+    min_version: String,
+    #[serde(default = "default_handshake_timeout")]
+    handshake_timeout_secs: u64,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileIdentity {
+    #[serde(default = "default_sources")]
+    sources: Vec<IdentitySource>,
+}
+
+impl Default for FileIdentity {
+    fn default() -> Self {
+        Self {
+            sources: default_sources(),
+        }
+    }
+}
+
+/// One identity → tenant and role.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityMapping {
+    /// The identity string read from the certificate (URI SAN, DNS SAN or CN).
+    pub identity: String,
+    /// Tenant whose keys it works on.
+    pub tenant: String,
+    /// Role.
+    pub role: Role,
+}
+
+/// Where the store lives.
+#[derive(Debug, Clone)]
+pub struct StoreSettings {
+    /// Engine.
+    pub engine: Engine,
+    /// Database path.
+    pub path: PathBuf,
+}
+
+/// How the server unseals.
+#[derive(Debug, Clone)]
+pub struct SealSettings {
+    /// Method.
+    pub method: SealMethod,
+    /// Key file (method `key-file`).
+    pub key_file: Option<PathBuf>,
+    /// File holding the passphrase (method `passphrase`); without it, the server waits for
+    /// `POST /v1/sys/unseal` or the `KEYHOLD_PASSPHRASE` environment variable.
+    pub passphrase_file: Option<PathBuf>,
+    /// Argon2id parameters used by `init`.
+    pub argon2: Argon2Params,
+}
+
+/// TLS files and policy.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// Server certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Server private key, PEM.
+    pub key: PathBuf,
+    /// CA bundle that client certificates must chain to, PEM.
+    pub client_ca: PathBuf,
+    /// Allow TLS 1.2 (default: 1.3 only).
+    pub allow_tls12: bool,
+    /// Handshake deadline.
+    pub handshake_timeout: std::time::Duration,
+}
+
+/// Validated settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// mTLS API address.
+    pub listen: SocketAddr,
+    /// Plain-HTTP ops address, `None` when set to `"off"`.
+    pub ops_listen: Option<SocketAddr>,
+    /// Request body limit.
+    pub max_body_bytes: usize,
+    /// Batch size limit.
+    pub max_batch_items: usize,
+    /// Store.
+    pub store: StoreSettings,
+    /// Seal.
+    pub seal: SealSettings,
+    /// TLS.
+    pub tls: TlsSettings,
+    /// Identity sources, in order.
+    pub identity_sources: Vec<IdentitySource>,
+    /// Identity mappings.
+    pub identities: Vec<IdentityMapping>,
+}
+
+impl Settings {
+    /// Reads and validates `path`. Relative paths inside are relative to its folder.
+    pub fn load(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.display().to_string(),
+            field: "<file>".into(),
+            message: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, base, &path.display().to_string())
+    }
+
+    /// Parses and validates TOML `text`; `base` resolves relative paths, `origin` names
+    /// the file in errors.
+    pub fn parse(text: &str, base: &Path, origin: &str) -> Result<Settings, ConfigError> {
+        let err = |field: &str, message: String| ConfigError {
+            file: origin.to_owned(),
+            field: field.to_owned(),
+            message,
+        };
+        let raw: FileConfig = toml::from_str(text).map_err(|e| {
+            let message = e.message().to_owned();
+            let field = match e.span() {
+                Some(span) => {
+                    let line = text[..span.start.min(text.len())].lines().count().max(1);
+                    format!("<syntax, line {line}>")
+                }
+                None => "<syntax>".into(),
+            };
+            err(&field, message)
+        })?;
+        let resolve = |p: &Path| {
+            if p.is_absolute() {
+                p.to_path_buf()
+            } else {
+                base.join(p)
+            }
+        };
+        let listen: SocketAddr = raw
+            .listen
+            .parse()
+            .map_err(|e| err("listen", format!("`{}` is not host:port ({e})", raw.listen)))?;
+        let ops_listen = if raw.ops_listen == "off" {
+            None
+        } else {
+            Some(raw.ops_listen.parse().map_err(|e| {
+                err(
+                    "ops_listen",
+                    format!("`{}` is not host:port or \"off\" ({e})", raw.ops_listen),
+                )
+            })?)
+        };
+        if !(1024..=16 * 1024 * 1024).contains(&raw.max_body_bytes) {
+            return Err(err(
+                "max_body_bytes",
+                "must be between 1024 and 16777216".into(),
+            ));
+        }
+        if !(1..=10_000).contains(&raw.max_batch_items) {
+            return Err(err("max_batch_items", "must be between 1 and 10000".into()));
+        }
+        let tls = &raw.tls;
+        for (field, p) in [
+            ("tls.cert", &tls.cert),
+            ("tls.key", &tls.key),
+            ("tls.client_ca", &tls.client_ca),
+        ] {
+            let p = resolve(p);
+            if !p.is_file() {
+                return Err(err(
+                    field,
+                    format!("{} is not a readable file", p.display()),
+                ));
+            }
+        }
+        let allow_tls12 = match tls.min_version.as_str() {
+            "1.3" => false,
+            "1.2" => true,
+            other => {
+                return Err(err(
+                    "tls.min_version",
+                    format!("`{other}`: must be \"1.3\" or \"1.2\""),
+                ))
+            }
+        };
+        if !(1..=120).contains(&tls.handshake_timeout_secs) {
+            return Err(err("tls.handshake_timeout_secs", "must be 1 to 120".into()));
+        }
+        let seal = &raw.seal;
+        match seal.method {
+            SealMethod::KeyFile if seal.key_file.is_none() => {
+                return Err(err(
+                    "seal.key_file",
+                    "required when seal.method = \"key-file\"".into(),
+                ))
+            }
+            SealMethod::Passphrase if seal.key_file.is_some() => {
+                return Err(err(
+                    "seal.key_file",
+                    "only for seal.method = \"key-file\"".into(),
+                ))
+            }
+            _ => {}
+        }
+        let argon2 = seal.argon2.unwrap_or_default();
+        argon2.validate().map_err(|m| err("seal.argon2", m))?;
+        if raw.identity.sources.is_empty() {
+            return Err(err(
+                "identity.sources",
+                "must name at least one source".into(),
+            ));
+        }
+        let mut seen = HashSet::new();
+        for (i, m) in raw.identities.iter().enumerate() {
+            if m.identity.is_empty() {
+                return Err(err(
+                    &format!("identities[{i}].identity"),
+                    "must not be empty".into(),
+                ));
+            }
+            if !seen.insert(m.identity.as_str()) {
+                return Err(err(
+                    &format!("identities[{i}].identity"),
+                    format!("`{}` is mapped twice", m.identity),
+                ));
+            }
+            let tenant_ok = !m.tenant.is_empty()
+                && m.tenant.len() <= 64
+                && m.tenant
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !tenant_ok {
+                return Err(err(
+                    &format!("identities[{i}].tenant"),
+                    "must be 1 to 64 characters of A-Z a-z 0-9 . _ -".into(),
+                ));
+            }
+        }
+        Ok(Settings {
+            listen,
+            ops_listen,
+            max_body_bytes: raw.max_body_bytes,
+            max_batch_items: raw.max_batch_items,
+            store: StoreSettings {
+                engine: raw.store.engine,
+                path: resolve(&raw.store.path),
+            },
+            seal: SealSettings {
+                method: seal.method,
+                key_file: seal.key_file.as_deref().map(resolve),
+                passphrase_file: seal.passphrase_file.as_deref().map(resolve),
+                argon2,
+            },
+            tls: TlsSettings {
+                cert: resolve(&tls.cert),
+                key: resolve(&tls.key),
+                client_ca: resolve(&tls.client_ca),
+                allow_tls12,
+                handshake_timeout: std::time::Duration::from_secs(tls.handshake_timeout_secs),
+            },
+            identity_sources: raw.identity.sources,
+            identities: raw.identities,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["c.pem", "k.pem", "ca.pem"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        let text = r#"
+[store]
+path = "s.redb"
+[seal]
+method = "key-file"
+key_file = "m.key"
+[tls]
+cert = "c.pem"
+key = "k.pem"
+client_ca = "ca.pem"
+[[identities]]
+identity = "spiffe://x/app"
+tenant = "acme"
+role = "app"
+"#
+        .to_string();
+        (dir, text)
+    }
+
+    #[test]
+    fn good_file_resolves_paths() {
+        let (dir, text) = base();
+        let s = Settings::parse(&text, dir.path(), "t.toml").unwrap();
+        assert_eq!(s.store.path, dir.path().join("s.redb"));
+        assert_eq!(s.listen.port(), 8443);
+        assert!(!s.tls.allow_tls12);
+        assert_eq!(s.identities[0].role, Role::App);
+    }
+
+    #[test]
+    fn bad_values_name_the_field() {
+        let (dir, text) = base();
+        let cases = [
+            ("listen = \"nope\"\n", "listen"),
+            ("max_body_bytes = 5\n", "max_body_bytes"),
+            ("bogus = 1\n", "<syntax"),
+        ];
+        for (prefix, field) in cases {
+            let e = Settings::parse(&format!("{prefix}{text}"), dir.path(), "t.toml").unwrap_err();
+            assert!(e.field.starts_with(field), "{e}");
+            assert!(e.to_string().contains("t.toml"), "{e}");
+        }
+        let e = Settings::parse(&text.replace("c.pem", "missing.pem"), dir.path(), "t.toml")
+            .unwrap_err();
+        assert_eq!(e.field, "tls.cert");
+        let e = Settings::parse(
+            &text.replace("role = \"app\"", "role = \"root\""),
+            dir.path(),
+            "t.toml",
+        )
+        .unwrap_err();
+        assert!(e.message.contains("root"), "{e}");
+        let dup = format!("{text}\n[[identities]]\nidentity = \"spiffe://x/app\"\ntenant = \"b\"\nrole = \"admin\"\n");
+        let e = Settings::parse(&dup, dir.path(), "t.toml").unwrap_err();
+        assert_eq!(e.field, "identities[1].identity");
+        let e = Settings::parse(
+            &text.replace("tenant = \"acme\"", "tenant = \"a b\""),
+            dir.path(),
+            "t.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "identities[0].tenant");
+    }
+}

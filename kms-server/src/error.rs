@@ -1,0 +1,157 @@
+//! The server's error type and its one mapping to HTTP status and wire code.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use kms_client::api::{ErrorBody, ErrorCode, ErrorResponse, KeyState};
+
+use crate::keystore::StoreError;
+use crate::seal::SealError;
+
+/// Everything a key operation or a request can fail with.
+///
+/// The variant decides the status and code; the message shown to the caller never holds
+/// key material, and causes (`#[source]`) go to the log only.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The request is malformed; the text says how (it never echoes secret input).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// Opaque unwrap failure: tampered, wrong context, wrong or unknown key.
+    #[error("decryption failed")]
+    DecryptFailed,
+    /// No client identity could be read from the connection.
+    #[error("no client identity")]
+    Unauthenticated,
+    /// The caller is not allowed to do this.
+    #[error("permission denied: {0}")]
+    PermissionDenied(&'static str),
+    /// No such key for the caller's tenant.
+    #[error("key not found")]
+    NotFound,
+    /// No such route.
+    #[error("no such route")]
+    NoRoute,
+    /// The route exists with other methods.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// A key with that name exists.
+    #[error("a key with this name already exists")]
+    AlreadyExists,
+    /// The key cannot be used in its state.
+    #[error("key is {0:?}")]
+    KeyDisabled(KeyState),
+    /// The state change does not apply.
+    #[error("invalid state: {0}")]
+    InvalidState(&'static str),
+    /// The body is over the limit.
+    #[error("request body larger than {0} bytes")]
+    PayloadTooLarge(usize),
+    /// Not JSON.
+    #[error("expected Content-Type: application/json")]
+    UnsupportedMediaType,
+    /// Locked out after repeated denials.
+    #[error("locked out")]
+    LockedOut,
+    /// The server is sealed.
+    #[error("server is sealed")]
+    Sealed,
+    /// The store failed; nothing was changed.
+    #[error("key store unavailable")]
+    Storage(#[source] StoreError),
+    /// Sealing or unsealing the master key failed.
+    #[error("unseal failed")]
+    Seal(#[source] SealError),
+    /// A stored record is unreadable: corruption or tampering at rest.
+    #[error("stored record is corrupt: {0}")]
+    Corrupt(&'static str),
+    /// An invariant failed; details in the log.
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
+
+impl From<StoreError> for Error {
+    fn from(e: StoreError) -> Self {
+        Error::Storage(e)
+    }
+}
+
+impl From<SealError> for Error {
+    fn from(e: SealError) -> Self {
+        Error::Seal(e)
+    }
+}
+
+impl Error {
+    /// The HTTP status and wire code. One exhaustive match: adding a variant forces a
+    /// decision here.
+    pub fn status_and_code(&self) -> (StatusCode, ErrorCode) {
+        match self {
+            Error::InvalidRequest(_) => (StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest),
+            Error::DecryptFailed => (StatusCode::BAD_REQUEST, ErrorCode::DecryptFailed),
+            Error::Unauthenticated => (StatusCode::UNAUTHORIZED, ErrorCode::Unauthenticated),
+            Error::PermissionDenied(_) => (StatusCode::FORBIDDEN, ErrorCode::PermissionDenied),
+            Error::NotFound | Error::NoRoute => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
+            Error::MethodNotAllowed => {
+                (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::MethodNotAllowed)
+            }
+            Error::AlreadyExists => (StatusCode::CONFLICT, ErrorCode::AlreadyExists),
+            Error::KeyDisabled(_) => (StatusCode::CONFLICT, ErrorCode::KeyDisabled),
+            Error::InvalidState(_) => (StatusCode::CONFLICT, ErrorCode::InvalidState),
+            Error::PayloadTooLarge(_) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::PayloadTooLarge)
+            }
+            Error::UnsupportedMediaType => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorCode::UnsupportedMediaType,
+            ),
+            Error::LockedOut => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::LockedOut),
+            Error::Sealed => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Sealed),
+            Error::Storage(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::StorageUnavailable,
+            ),
+            Error::Seal(e) if e.is_bad_secret() => {
+                (StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest)
+            }
+            Error::Seal(_) | Error::Corrupt(_) | Error::Internal(_) => {
+                (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal)
+            }
+        }
+    }
+
+    /// The wire body.
+    pub fn body(&self) -> ErrorBody {
+        let (_, code) = self.status_and_code();
+        let message = match self {
+            Error::Seal(e) if e.is_bad_secret() => e.to_string(),
+            Error::Storage(_) => "the key store is unavailable; nothing was changed".into(),
+            Error::Seal(_) | Error::Corrupt(_) | Error::Internal(_) => {
+                "internal error; see the server log".into()
+            }
+            other => other.to_string(),
+        };
+        ErrorBody { code, message }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if status.is_server_error() {
+            // The cause chain goes to the log, not to the client.
+            let mut chain = String::new();
+            let mut src = std::error::Error::source(&self);
+            while let Some(s) = src {
+                chain.push_str(": ");
+                chain.push_str(&s.to_string());
+                src = s.source();
+            }
+            tracing::error!(code = ?code, "{self}{chain}");
+        }
+        let mut resp = (status, Json(ErrorResponse { error: self.body() })).into_response();
+        resp.extensions_mut().insert(code);
+        resp
+    }
+}

@@ -1,0 +1,272 @@
+#![doc = include_str!("format.md")]
+
+use crate::crypto::{self, OpenFailed, SALT_LEN, TAG_LEN};
+use crate::error::Error;
+use crate::secret::{SecretKey, SecretVec};
+use kms_client::api::Context;
+
+/// Magic bytes, `"KW"`.
+pub const MAGIC: [u8; 2] = *b"KW";
+/// Format version written by this code.
+pub const VERSION: u8 = 1;
+/// Suite 1: AES-256-GCM under an HKDF-SHA256 per-wrap key.
+pub const SUITE_AES256GCM_HKDF: u8 = 1;
+/// Header length in bytes.
+pub const HEADER_LEN: usize = 2 + 1 + 1 + 16 + 4 + SALT_LEN;
+/// Smallest DEK accepted.
+pub const MIN_DEK_LEN: usize = 16;
+/// Largest DEK accepted.
+pub const MAX_DEK_LEN: usize = 64;
+/// Most context entries accepted.
+pub const MAX_CONTEXT_ENTRIES: usize = 64;
+/// Longest context key, bytes.
+pub const MAX_CONTEXT_KEY_LEN: usize = 256;
+/// Longest context value, bytes.
+pub const MAX_CONTEXT_VALUE_LEN: usize = 1024;
+
+const LABEL: &[u8] = b"keyhold/wrapped-dek/v1";
+
+/// A KEK's 128-bit identifier.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KeyId(pub [u8; 16]);
+
+impl KeyId {
+    /// Lower-case hex.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// Parses 32 hex digits.
+    pub fn from_hex(s: &str) -> Option<Self> {
+        if s.len() != 32 || !s.is_ascii() {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+        }
+        Some(Self(out))
+    }
+}
+
+impl std::fmt::Debug for KeyId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyId({})", self.to_hex())
+    }
+}
+
+/// The parsed header of a wrapped DEK. Says which KEK version to use; authenticates
+/// nothing by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// KEK id.
+    pub key_id: KeyId,
+    /// KEK version.
+    pub version: u32,
+}
+
+/// Checks the context limits, then encodes it canonically.
+pub fn canonical_context(context: &Context) -> Result<Vec<u8>, Error> {
+    if context.len() > MAX_CONTEXT_ENTRIES {
+        return Err(Error::InvalidRequest(format!(
+            "context has {} entries; at most {MAX_CONTEXT_ENTRIES} are allowed",
+            context.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(4 + context.len() * 16);
+    out.extend_from_slice(&(context.len() as u32).to_be_bytes());
+    // BTreeMap<String, _> iterates in ascending byte order of the keys.
+    for (k, v) in context {
+        if k.is_empty() || k.len() > MAX_CONTEXT_KEY_LEN {
+            return Err(Error::InvalidRequest(format!(
+                "context keys must be 1 to {MAX_CONTEXT_KEY_LEN} bytes"
+            )));
+        }
+        if v.len() > MAX_CONTEXT_VALUE_LEN {
+            return Err(Error::InvalidRequest(format!(
+                "context values must be at most {MAX_CONTEXT_VALUE_LEN} bytes"
+            )));
+        }
+        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
+        out.extend_from_slice(v.as_bytes());
+    }
+    Ok(out)
+}
+
+/// Checks a DEK's length.
+pub fn check_dek_len(len: usize) -> Result<(), Error> {
+    if (MIN_DEK_LEN..=MAX_DEK_LEN).contains(&len) {
+        Ok(())
+    } else {
+        Err(Error::InvalidRequest(format!(
+            "plaintext DEK must be {MIN_DEK_LEN} to {MAX_DEK_LEN} bytes, got {len}"
+        )))
+    }
+}
+
+fn encode_header(header: &Header, salt: &[u8; SALT_LEN]) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[0..2].copy_from_slice(&MAGIC);
+    h[2] = VERSION;
+    h[3] = SUITE_AES256GCM_HKDF;
+    h[4..20].copy_from_slice(&header.key_id.0);
+    h[20..24].copy_from_slice(&header.version.to_be_bytes());
+    h[24..].copy_from_slice(salt);
+    h
+}
+
+fn aad(header: &[u8], canonical_context: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(header.len() + canonical_context.len());
+    aad.extend_from_slice(header);
+    aad.extend_from_slice(canonical_context);
+    aad
+}
+
+/// Wraps `dek` under `kek` (the material of `header.key_id` at `header.version`).
+/// `canonical_context` comes from [`canonical_context`].
+pub fn wrap(
+    kek: &SecretKey,
+    header: &Header,
+    dek: &[u8],
+    canonical_context: &[u8],
+) -> Result<Vec<u8>, Error> {
+    check_dek_len(dek.len())?;
+    let salt = crypto::random_salt()?;
+    let head = encode_header(header, &salt);
+    let sealed = crypto::seal(kek, &salt, LABEL, &aad(&head, canonical_context), dek);
+    if sealed.len() != dek.len() + TAG_LEN {
+        return Err(Error::Internal("AEAD seal failed"));
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + sealed.len());
+    out.extend_from_slice(&head);
+    out.extend_from_slice(&sealed);
+    Ok(out)
+}
+
+/// Reads the header of a wrapped DEK. Any structural problem is the opaque [`OpenFailed`].
+pub fn parse_header(wrapped: &[u8]) -> Result<Header, OpenFailed> {
+    let len = wrapped.len();
+    if len < HEADER_LEN + MIN_DEK_LEN + TAG_LEN || len > HEADER_LEN + MAX_DEK_LEN + TAG_LEN {
+        return Err(OpenFailed);
+    }
+    if wrapped[0..2] != MAGIC || wrapped[2] != VERSION || wrapped[3] != SUITE_AES256GCM_HKDF {
+        return Err(OpenFailed);
+    }
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&wrapped[4..20]);
+    let mut version = [0u8; 4];
+    version.copy_from_slice(&wrapped[20..24]);
+    let version = u32::from_be_bytes(version);
+    if version == 0 {
+        return Err(OpenFailed);
+    }
+    Ok(Header {
+        key_id: KeyId(id),
+        version,
+    })
+}
+
+/// Unwraps with `kek`, which the caller looked up from [`parse_header`].
+pub fn unwrap(
+    kek: &SecretKey,
+    wrapped: &[u8],
+    canonical_context: &[u8],
+) -> Result<SecretVec, OpenFailed> {
+    parse_header(wrapped)?;
+    let (head, body) = wrapped.split_at(HEADER_LEN);
+    let salt: &[u8; SALT_LEN] = head[24..].try_into().map_err(|_| OpenFailed)?;
+    crypto::open(kek, salt, LABEL, &aad(head, canonical_context), body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kek() -> SecretKey {
+        SecretKey::from_slice(&[7; 32]).unwrap()
+    }
+
+    fn header() -> Header {
+        Header {
+            key_id: KeyId([9; 16]),
+            version: 3,
+        }
+    }
+
+    fn ctx(pairs: &[(&str, &str)]) -> Context {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn round_trip_and_layout() {
+        let c = canonical_context(&ctx(&[("tenant", "acme"), ("bucket", "b1")])).unwrap();
+        let w = wrap(&kek(), &header(), &[0xAA; 32], &c).unwrap();
+        assert_eq!(w.len(), 104);
+        assert_eq!(&w[..4], &[b'K', b'W', 1, 1]);
+        assert_eq!(parse_header(&w).unwrap(), header());
+        assert_eq!(unwrap(&kek(), &w, &c).unwrap().expose_secret(), &[0xAA; 32]);
+    }
+
+    #[test]
+    fn flip_each_byte_and_context() {
+        let c = canonical_context(&ctx(&[("a", "1")])).unwrap();
+        let w = wrap(&kek(), &header(), &[1; 32], &c).unwrap();
+        for i in 0..w.len() {
+            for bit in [0x01u8, 0x80] {
+                let mut bad = w.clone();
+                bad[i] ^= bit;
+                assert!(unwrap(&kek(), &bad, &c).is_err(), "byte {i} bit {bit:#x}");
+            }
+        }
+        for other in [ctx(&[]), ctx(&[("a", "2")]), ctx(&[("a", "1"), ("b", "")])] {
+            let oc = canonical_context(&other).unwrap();
+            assert!(unwrap(&kek(), &w, &oc).is_err());
+        }
+        for cut in [0, 1, 55, 56, 71, w.len() - 1] {
+            assert!(unwrap(&kek(), &w[..cut], &c).is_err(), "truncated to {cut}");
+        }
+        let mut longer = w.clone();
+        longer.push(0);
+        assert!(unwrap(&kek(), &longer, &c).is_err());
+        let other_kek = SecretKey::from_slice(&[8; 32]).unwrap();
+        assert!(unwrap(&other_kek, &w, &c).is_err());
+    }
+
+    #[test]
+    fn canonical_encoding_is_injective_on_tricky_pairs() {
+        let a = canonical_context(&ctx(&[("ab", "c")])).unwrap();
+        let b = canonical_context(&ctx(&[("a", "bc")])).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(canonical_context(&ctx(&[])).unwrap(), vec![0, 0, 0, 0]);
+        assert_eq!(
+            canonical_context(&ctx(&[("k", "v")])).unwrap(),
+            vec![0, 0, 0, 1, 0, 0, 0, 1, b'k', 0, 0, 0, 1, b'v']
+        );
+    }
+
+    #[test]
+    fn limits() {
+        assert!(check_dek_len(15).is_err());
+        assert!(check_dek_len(65).is_err());
+        assert!(check_dek_len(16).is_ok() && check_dek_len(64).is_ok());
+        let big: Context = (0..65).map(|i| (format!("k{i}"), String::new())).collect();
+        assert!(canonical_context(&big).is_err());
+        assert!(canonical_context(&ctx(&[("", "x")])).is_err());
+        let long_value = "v".repeat(1025);
+        assert!(canonical_context(&ctx(&[("k", &long_value)])).is_err());
+        assert!(wrap(&kek(), &header(), &[0; 8], &[0, 0, 0, 0]).is_err());
+    }
+
+    #[test]
+    fn key_id_hex() {
+        let id = KeyId([0xAB; 16]);
+        assert_eq!(KeyId::from_hex(&id.to_hex()), Some(id));
+        assert_eq!(KeyId::from_hex("zz"), None);
+        assert_eq!(KeyId::from_hex(&"é".repeat(16)), None);
+    }
+}

@@ -1,0 +1,879 @@
+//! The keyring: KEKs and their versions, the master key, and the key operations.
+//!
+//! Everything here is tenant-scoped: a caller names keys within its tenant, and another
+//! tenant's key behaves exactly like a missing one (`NotFound` by name, `DecryptFailed` by
+//! wrapped DEK). Authorization (roles, grants) happens before these calls, in
+//! [`crate::policy`]; the keyring enforces key state and tenancy.
+//!
+//! Records at rest (JSON in the [`KeyStore`] tables):
+//! - `keys[id]` — [`KeyRecord`]: name, tenant, algorithm, state, current version, ...
+//! - `key_names[tenant ‖ 0 ‖ name]` — the id.
+//! - `versions[id ‖ version]` — one record per version: creation time and the material
+//!   sealed under the master key with AAD (tenant, id, version), so a record moved to
+//!   another key, tenant or version, or rolled back to another key's, fails to open.
+//!   Rotation writes one new version record and updates the key record: its cost does not
+//!   grow with the number of versions.
+//!
+//! Decrypted KEK material is cached in memory while unsealed and wiped on `seal`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kms_client::api::{Algorithm, Context, KeyInfo, KeyState, KeyVersionInfo};
+use serde::{Deserialize, Serialize};
+
+use crate::crypto;
+use crate::error::Error;
+use crate::format::{self, Header, KeyId};
+use crate::keystore::{KeyStore, StoreError, Table, WriteBatch};
+use crate::seal::{SealMethod, SealedMasterKey, Sealer};
+use crate::secret::{SecretKey, SecretVec};
+
+const META_SEALED_MASTER: &[u8] = b"sealed-master-key";
+const META_FORMAT: &[u8] = b"store-format";
+const STORE_FORMAT: &[u8] = b"1";
+const KEK_LABEL: &[u8] = b"keyhold/kek-version/v1";
+/// Length of a generated DEK.
+pub const DATAKEY_LEN: usize = 32;
+/// Longest key name.
+pub const MAX_NAME_LEN: usize = 128;
+
+/// A KEK as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRecord {
+    /// Hex id.
+    pub id: String,
+    /// Owning tenant.
+    pub tenant: String,
+    /// Name within the tenant.
+    pub name: String,
+    /// Algorithm.
+    pub algorithm: Algorithm,
+    /// State.
+    pub state: KeyState,
+    /// Unix seconds.
+    pub created_at: u64,
+    /// The version that wraps.
+    pub current_version: u32,
+    /// Versions below this no longer unwrap.
+    pub min_decrypt_version: u32,
+    /// Automatic rotation period, seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rotation_period_secs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VersionRecord {
+    version: u32,
+    created_at: u64,
+    /// Hex of the sealed box (salt ‖ ciphertext ‖ tag).
+    material: String,
+}
+
+struct VersionEntry {
+    created_at: u64,
+    material: SecretKey,
+}
+
+/// A key with its decrypted versions, as cached.
+struct KeyEntry {
+    key_id: KeyId,
+    record: KeyRecord,
+    /// The exact stored bytes, for compare-and-swap on update.
+    record_bytes: Vec<u8>,
+    versions: BTreeMap<u32, Arc<VersionEntry>>,
+}
+
+impl KeyEntry {
+    fn info(&self) -> KeyInfo {
+        let r = &self.record;
+        KeyInfo {
+            name: r.name.clone(),
+            id: r.id.clone(),
+            algorithm: r.algorithm,
+            state: r.state,
+            created_at: rfc3339(r.created_at),
+            current_version: r.current_version,
+            min_decrypt_version: r.min_decrypt_version,
+            rotation_period: r
+                .rotation_period_secs
+                .map(|s| humantime::format_duration(Duration::from_secs(s)).to_string()),
+            versions: self
+                .versions
+                .iter()
+                .map(|(v, e)| KeyVersionInfo {
+                    version: *v,
+                    created_at: rfc3339(e.created_at),
+                    can_unwrap: *v >= r.min_decrypt_version,
+                })
+                .collect(),
+        }
+    }
+
+    fn check_usable(&self) -> Result<(), Error> {
+        match self.record.state {
+            KeyState::Enabled => Ok(()),
+            other => Err(Error::KeyDisabled(other)),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Cache {
+    by_id: HashMap<KeyId, Arc<KeyEntry>>,
+    by_name: HashMap<(String, String), KeyId>,
+}
+
+struct Unsealed {
+    master: SecretKey,
+    cache: RwLock<Cache>,
+}
+
+/// The result of `datakey`.
+pub struct DataKey {
+    /// The DEK.
+    pub plaintext: SecretVec,
+    /// It, wrapped.
+    pub wrapped: Vec<u8>,
+    /// Key name.
+    pub key: String,
+    /// Version that wrapped it.
+    pub version: u32,
+}
+
+/// The result of `wrap` and `rewrap`.
+pub struct Wrapped {
+    /// Wrapped DEK.
+    pub wrapped: Vec<u8>,
+    /// Key name.
+    pub key: String,
+    /// Version that wrapped it.
+    pub version: u32,
+}
+
+/// The result of `unwrap`.
+pub struct Unwrapped {
+    /// The DEK.
+    pub plaintext: SecretVec,
+    /// Key name.
+    pub key: String,
+    /// Version that had wrapped it.
+    pub version: u32,
+}
+
+/// The keyring over one store.
+pub struct Keyring {
+    store: Arc<dyn KeyStore>,
+    unsealed: RwLock<Option<Arc<Unsealed>>>,
+    /// Serializes this process's mutations (the store's conditions guard against others).
+    write_lock: Mutex<()>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn rfc3339(secs: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+fn name_key(tenant: &str, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(tenant.len() + 1 + name.len());
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn version_key(id: &KeyId, version: u32) -> Vec<u8> {
+    let mut k = id.0.to_vec();
+    k.extend_from_slice(&version.to_be_bytes());
+    k
+}
+
+fn kek_aad(tenant: &str, id: &KeyId, version: u32) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(4 + tenant.len() + 20);
+    aad.extend_from_slice(&(tenant.len() as u32).to_be_bytes());
+    aad.extend_from_slice(tenant.as_bytes());
+    aad.extend_from_slice(&id.0);
+    aad.extend_from_slice(&version.to_be_bytes());
+    aad
+}
+
+/// Checks a key name: 1–128 of `[A-Za-z0-9._-]`.
+pub fn validate_name(name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidRequest(format!(
+            "key names are 1 to {MAX_NAME_LEN} characters of A-Z a-z 0-9 . _ -"
+        )))
+    }
+}
+
+fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
+    serde_json::to_vec(value).map_err(|_| Error::Internal("record serialization failed"))
+}
+
+impl Keyring {
+    /// A sealed keyring over `store`.
+    pub fn new(store: Arc<dyn KeyStore>) -> Self {
+        Self {
+            store,
+            unsealed: RwLock::new(None),
+            write_lock: Mutex::new(()),
+        }
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    /// Generates a master key and stores it sealed by `sealer`. Refuses an initialized
+    /// store: re-initializing would orphan every KEK.
+    pub fn initialize(&self, sealer: &dyn Sealer) -> Result<(), Error> {
+        let master = SecretKey::generate()?;
+        let sealed = sealer.seal(&master)?;
+        let mut batch = WriteBatch::new();
+        batch
+            .expect(Table::Meta, META_SEALED_MASTER, None)
+            .put(Table::Meta, META_SEALED_MASTER, &to_json(&sealed)?)
+            .put(Table::Meta, META_FORMAT, STORE_FORMAT);
+        match self.store.commit(&batch) {
+            Ok(()) => Ok(()),
+            Err(StoreError::Conflict(_)) => Err(Error::InvalidState(
+                "the store is already initialized; refusing to replace its master key",
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The stored sealed master key, if the store is initialized.
+    pub fn sealed_master_key(&self) -> Result<Option<SealedMasterKey>, Error> {
+        match self.store.get(Table::Meta, META_SEALED_MASTER)? {
+            None => Ok(None),
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|_| Error::Corrupt("sealed master key record")),
+        }
+    }
+
+    /// The method the store was sealed with.
+    pub fn seal_method(&self) -> Result<Option<SealMethod>, Error> {
+        Ok(self.sealed_master_key()?.map(|s| s.method))
+    }
+
+    /// Unseals with `sealer`. A no-op when already unsealed.
+    pub fn unseal(&self, sealer: &dyn Sealer) -> Result<(), Error> {
+        if !self.is_sealed() {
+            return Ok(());
+        }
+        let sealed = self.sealed_master_key()?.ok_or(Error::InvalidState(
+            "the store is not initialized: run `kms-server init`",
+        ))?;
+        let master = sealer.unseal(&sealed)?;
+        let mut slot = self
+            .unsealed
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        *slot = Some(Arc::new(Unsealed {
+            master,
+            cache: RwLock::new(Cache::default()),
+        }));
+        Ok(())
+    }
+
+    /// Wipes the master key and every cached KEK from memory. Requests in flight keep
+    /// their reference until they finish; new ones get `Sealed`.
+    pub fn seal(&self) {
+        let mut slot = self
+            .unsealed
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        *slot = None;
+    }
+
+    /// Whether key operations are refused.
+    pub fn is_sealed(&self) -> bool {
+        self.unsealed
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_none()
+    }
+
+    fn unsealed(&self) -> Result<Arc<Unsealed>, Error> {
+        self.unsealed
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+            .ok_or(Error::Sealed)
+    }
+
+    // ---- cache and loading ----
+
+    fn load_entry(&self, un: &Unsealed, id: KeyId) -> Result<Option<Arc<KeyEntry>>, Error> {
+        if let Some(e) = un
+            .cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_id
+            .get(&id)
+        {
+            return Ok(Some(e.clone()));
+        }
+        let Some(record_bytes) = self.store.get(Table::Keys, &id.0)? else {
+            return Ok(None);
+        };
+        let record: KeyRecord =
+            serde_json::from_slice(&record_bytes).map_err(|_| Error::Corrupt("key record"))?;
+        if KeyId::from_hex(&record.id) != Some(id) {
+            return Err(Error::Corrupt("key record id mismatch"));
+        }
+        let mut versions = BTreeMap::new();
+        for (_, bytes) in self.store.scan_prefix(Table::Versions, &id.0)? {
+            let v: VersionRecord =
+                serde_json::from_slice(&bytes).map_err(|_| Error::Corrupt("version record"))?;
+            versions.insert(
+                v.version,
+                Arc::new(self.open_version(un, &record, &id, &v)?),
+            );
+        }
+        let entry = Arc::new(KeyEntry {
+            key_id: id,
+            record,
+            record_bytes,
+            versions,
+        });
+        self.cache_put(un, entry.clone());
+        Ok(Some(entry))
+    }
+
+    fn open_version(
+        &self,
+        un: &Unsealed,
+        record: &KeyRecord,
+        id: &KeyId,
+        v: &VersionRecord,
+    ) -> Result<VersionEntry, Error> {
+        let sealed =
+            crate::seal::unhex(&v.material).ok_or(Error::Corrupt("version record material"))?;
+        let plain = crypto::open_box(
+            &un.master,
+            KEK_LABEL,
+            &kek_aad(&record.tenant, id, v.version),
+            &sealed,
+        )
+        .map_err(|_| Error::Corrupt("KEK version fails authentication under the master key"))?;
+        let material = SecretKey::from_slice(plain.expose_secret())
+            .ok_or(Error::Corrupt("KEK version length"))?;
+        Ok(VersionEntry {
+            created_at: v.created_at,
+            material,
+        })
+    }
+
+    fn cache_put(&self, un: &Unsealed, entry: Arc<KeyEntry>) {
+        let mut cache = un.cache.write().unwrap_or_else(PoisonError::into_inner);
+        cache.by_name.insert(
+            (entry.record.tenant.clone(), entry.record.name.clone()),
+            entry.key_id,
+        );
+        cache.by_id.insert(entry.key_id, entry);
+    }
+
+    fn cache_evict(&self, un: &Unsealed, id: &KeyId) {
+        let mut cache = un.cache.write().unwrap_or_else(PoisonError::into_inner);
+        if let Some(e) = cache.by_id.remove(id) {
+            cache
+                .by_name
+                .remove(&(e.record.tenant.clone(), e.record.name.clone()));
+        }
+    }
+
+    fn entry_by_name(
+        &self,
+        un: &Unsealed,
+        tenant: &str,
+        name: &str,
+    ) -> Result<Arc<KeyEntry>, Error> {
+        validate_name(name)?;
+        let cached = un
+            .cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_name
+            .get(&(tenant.to_owned(), name.to_owned()))
+            .copied();
+        let id = match cached {
+            Some(id) => id,
+            None => {
+                let bytes = self
+                    .store
+                    .get(Table::KeyNames, &name_key(tenant, name))?
+                    .ok_or(Error::NotFound)?;
+                let id: [u8; 16] = bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("key name index"))?;
+                KeyId(id)
+            }
+        };
+        let entry = self.load_entry(un, id)?.ok_or(Error::NotFound)?;
+        if entry.record.tenant != tenant || entry.record.name != name {
+            return Err(Error::NotFound);
+        }
+        Ok(entry)
+    }
+
+    // ---- management ----
+
+    /// Creates a key with version 1.
+    pub fn create_key(
+        &self,
+        tenant: &str,
+        name: &str,
+        algorithm: Algorithm,
+        rotation_period: Option<Duration>,
+    ) -> Result<KeyInfo, Error> {
+        validate_name(name)?;
+        let un = self.unsealed()?;
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&crypto::random_salt()?[..16]);
+        let id = KeyId(id);
+        let created_at = now();
+        let record = KeyRecord {
+            id: id.to_hex(),
+            tenant: tenant.to_owned(),
+            name: name.to_owned(),
+            algorithm,
+            state: KeyState::Enabled,
+            created_at,
+            current_version: 1,
+            min_decrypt_version: 1,
+            rotation_period_secs: rotation_period.map(|d| d.as_secs()),
+        };
+        let material = SecretKey::generate()?;
+        let version = self.seal_version(&un, &record, &id, 1, created_at, &material)?;
+        let record_bytes = to_json(&record)?;
+        let mut batch = WriteBatch::new();
+        batch
+            .expect(Table::KeyNames, &name_key(tenant, name), None)
+            .expect(Table::Keys, &id.0, None)
+            .put(Table::KeyNames, &name_key(tenant, name), &id.0)
+            .put(Table::Keys, &id.0, &record_bytes)
+            .put(Table::Versions, &version_key(&id, 1), &to_json(&version)?);
+        match self.store.commit(&batch) {
+            Ok(()) => {}
+            Err(StoreError::Conflict("key_names")) => return Err(Error::AlreadyExists),
+            Err(e) => return Err(e.into()),
+        }
+        let mut versions = BTreeMap::new();
+        versions.insert(
+            1,
+            Arc::new(VersionEntry {
+                created_at,
+                material,
+            }),
+        );
+        let entry = Arc::new(KeyEntry {
+            key_id: id,
+            record,
+            record_bytes,
+            versions,
+        });
+        self.cache_put(&un, entry.clone());
+        Ok(entry.info())
+    }
+
+    fn seal_version(
+        &self,
+        un: &Unsealed,
+        record: &KeyRecord,
+        id: &KeyId,
+        version: u32,
+        created_at: u64,
+        material: &SecretKey,
+    ) -> Result<VersionRecord, Error> {
+        let sealed = crypto::seal_box(
+            &un.master,
+            KEK_LABEL,
+            &kek_aad(&record.tenant, id, version),
+            material.expose_secret(),
+        )?;
+        Ok(VersionRecord {
+            version,
+            created_at,
+            material: crate::seal::hex(&sealed),
+        })
+    }
+
+    /// A key's metadata.
+    pub fn key_info(&self, tenant: &str, name: &str) -> Result<KeyInfo, Error> {
+        let un = self.unsealed()?;
+        Ok(self.entry_by_name(&un, tenant, name)?.info())
+    }
+
+    /// The tenant's keys, by name.
+    pub fn list_keys(&self, tenant: &str) -> Result<Vec<KeyInfo>, Error> {
+        let un = self.unsealed()?;
+        let prefix = name_key(tenant, "");
+        let mut out = Vec::new();
+        for (_, id) in self.store.scan_prefix(Table::KeyNames, &prefix)? {
+            let id: [u8; 16] = id
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::Corrupt("key name index"))?;
+            if let Some(entry) = self.load_entry(&un, KeyId(id))? {
+                out.push(entry.info());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Adds a new version, which becomes the wrapping version. Older versions keep
+    /// unwrapping.
+    pub fn rotate(&self, tenant: &str, name: &str) -> Result<KeyInfo, Error> {
+        let un = self.unsealed()?;
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = self.entry_by_name(&un, tenant, name)?;
+        if matches!(
+            entry.record.state,
+            KeyState::PendingDeletion | KeyState::Destroyed
+        ) {
+            return Err(Error::InvalidState(
+                "a key pending deletion or destroyed cannot be rotated",
+            ));
+        }
+        let id = entry.key_id;
+        let new_version = entry
+            .record
+            .current_version
+            .checked_add(1)
+            .ok_or(Error::InvalidState("version counter exhausted"))?;
+        let mut record = entry.record.clone();
+        record.current_version = new_version;
+        let created_at = now();
+        let material = SecretKey::generate()?;
+        let version = self.seal_version(&un, &record, &id, new_version, created_at, &material)?;
+        let record_bytes = to_json(&record)?;
+        let mut batch = WriteBatch::new();
+        batch
+            .expect(Table::Keys, &id.0, Some(&entry.record_bytes))
+            .expect(Table::Versions, &version_key(&id, new_version), None)
+            .put(Table::Keys, &id.0, &record_bytes)
+            .put(
+                Table::Versions,
+                &version_key(&id, new_version),
+                &to_json(&version)?,
+            );
+        self.commit_update(&un, &id, &batch)?;
+        let mut versions = entry.versions.clone();
+        versions.insert(
+            new_version,
+            Arc::new(VersionEntry {
+                created_at,
+                material,
+            }),
+        );
+        let updated = Arc::new(KeyEntry {
+            key_id: id,
+            record,
+            record_bytes,
+            versions,
+        });
+        self.cache_put(&un, updated.clone());
+        Ok(updated.info())
+    }
+
+    /// Commits an update of a cached key; on a conflict the cache entry was stale, so it
+    /// is dropped and the next read reloads from the store.
+    fn commit_update(&self, un: &Unsealed, id: &KeyId, batch: &WriteBatch) -> Result<(), Error> {
+        match self.store.commit(batch) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.cache_evict(un, id);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Enables (`true`) or disables (`false`) a key. Idempotent.
+    pub fn set_enabled(&self, tenant: &str, name: &str, enabled: bool) -> Result<KeyInfo, Error> {
+        let un = self.unsealed()?;
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let entry = self.entry_by_name(&un, tenant, name)?;
+        let target = if enabled {
+            KeyState::Enabled
+        } else {
+            KeyState::Disabled
+        };
+        match entry.record.state {
+            s if s == target => return Ok(entry.info()),
+            KeyState::Enabled | KeyState::Disabled => {}
+            _ => {
+                return Err(Error::InvalidState(
+                    "a key pending deletion or destroyed cannot be enabled or disabled",
+                ))
+            }
+        }
+        let mut record = entry.record.clone();
+        record.state = target;
+        let record_bytes = to_json(&record)?;
+        let mut batch = WriteBatch::new();
+        batch
+            .expect(Table::Keys, &entry.key_id.0, Some(&entry.record_bytes))
+            .put(Table::Keys, &entry.key_id.0, &record_bytes);
+        self.commit_update(&un, &entry.key_id, &batch)?;
+        let updated = Arc::new(KeyEntry {
+            key_id: entry.key_id,
+            record,
+            record_bytes,
+            versions: entry.versions.clone(),
+        });
+        self.cache_put(&un, updated.clone());
+        Ok(updated.info())
+    }
+
+    // ---- cryptographic operations ----
+
+    fn wrap_with(entry: &KeyEntry, dek: &[u8], canonical: &[u8]) -> Result<Wrapped, Error> {
+        entry.check_usable()?;
+        let version = entry.record.current_version;
+        let kek = entry
+            .versions
+            .get(&version)
+            .ok_or(Error::Corrupt("current version missing"))?;
+        let header = Header {
+            key_id: entry.key_id,
+            version,
+        };
+        Ok(Wrapped {
+            wrapped: format::wrap(&kek.material, &header, dek, canonical)?,
+            key: entry.record.name.clone(),
+            version,
+        })
+    }
+
+    /// Generates a 32-byte DEK and returns it in clear and wrapped.
+    pub fn datakey(&self, tenant: &str, name: &str, context: &Context) -> Result<DataKey, Error> {
+        let canonical = format::canonical_context(context)?;
+        let un = self.unsealed()?;
+        let entry = self.entry_by_name(&un, tenant, name)?;
+        entry.check_usable()?;
+        let dek = SecretVec::random(DATAKEY_LEN)?;
+        let w = Self::wrap_with(&entry, dek.expose_secret(), &canonical)?;
+        Ok(DataKey {
+            plaintext: dek,
+            wrapped: w.wrapped,
+            key: w.key,
+            version: w.version,
+        })
+    }
+
+    /// Wraps a caller-supplied DEK (16–64 bytes).
+    pub fn wrap(
+        &self,
+        tenant: &str,
+        name: &str,
+        dek: &[u8],
+        context: &Context,
+    ) -> Result<Wrapped, Error> {
+        format::check_dek_len(dek.len())?;
+        let canonical = format::canonical_context(context)?;
+        let un = self.unsealed()?;
+        let entry = self.entry_by_name(&un, tenant, name)?;
+        Self::wrap_with(&entry, dek, &canonical)
+    }
+
+    fn open_wrapped(
+        &self,
+        un: &Unsealed,
+        tenant: &str,
+        wrapped: &[u8],
+        canonical: &[u8],
+    ) -> Result<(Arc<KeyEntry>, u32, SecretVec), Error> {
+        let header = format::parse_header(wrapped).map_err(|_| Error::DecryptFailed)?;
+        let entry = self
+            .load_entry(un, header.key_id)?
+            .filter(|e| e.record.tenant == tenant)
+            .ok_or(Error::DecryptFailed)?;
+        entry.check_usable()?;
+        if header.version < entry.record.min_decrypt_version {
+            return Err(Error::DecryptFailed);
+        }
+        let kek = entry
+            .versions
+            .get(&header.version)
+            .ok_or(Error::DecryptFailed)?;
+        let dek =
+            format::unwrap(&kek.material, wrapped, canonical).map_err(|_| Error::DecryptFailed)?;
+        Ok((entry, header.version, dek))
+    }
+
+    /// Unwraps a wrapped DEK of the caller's tenant, bound to `context`.
+    pub fn unwrap(
+        &self,
+        tenant: &str,
+        wrapped: &[u8],
+        context: &Context,
+    ) -> Result<Unwrapped, Error> {
+        let canonical = format::canonical_context(context)?;
+        let un = self.unsealed()?;
+        let (entry, version, plaintext) = self.open_wrapped(&un, tenant, wrapped, &canonical)?;
+        Ok(Unwrapped {
+            plaintext,
+            key: entry.record.name.clone(),
+            version,
+        })
+    }
+
+    /// Re-wraps under the key's current version with the same context. The DEK never
+    /// leaves the server.
+    pub fn rewrap(
+        &self,
+        tenant: &str,
+        wrapped: &[u8],
+        context: &Context,
+    ) -> Result<Wrapped, Error> {
+        let canonical = format::canonical_context(context)?;
+        let un = self.unsealed()?;
+        let (entry, _, dek) = self.open_wrapped(&un, tenant, wrapped, &canonical)?;
+        Self::wrap_with(&entry, dek.expose_secret(), &canonical)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keystore::RedbStore;
+    use crate::seal::KeyFileSealer;
+
+    fn setup() -> (tempfile::TempDir, Keyring, KeyFileSealer) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let kf = dir.path().join("m.key");
+        KeyFileSealer::generate(&kf).unwrap();
+        let sealer = KeyFileSealer::new(kf);
+        let ring = Keyring::new(store);
+        ring.initialize(&sealer).unwrap();
+        (dir, ring, sealer)
+    }
+
+    fn ctx(k: &str, v: &str) -> Context {
+        [(k.to_string(), v.to_string())].into_iter().collect()
+    }
+
+    #[test]
+    fn sealed_refuses_and_reinit_refused() {
+        let (_d, ring, sealer) = setup();
+        assert!(matches!(ring.list_keys("t"), Err(Error::Sealed)));
+        assert!(matches!(
+            ring.initialize(&sealer),
+            Err(Error::InvalidState(_))
+        ));
+        ring.unseal(&sealer).unwrap();
+        ring.create_key("t", "k", Algorithm::Aes256Gcm, None)
+            .unwrap();
+        ring.seal();
+        assert!(matches!(
+            ring.datakey("t", "k", &Context::new()),
+            Err(Error::Sealed)
+        ));
+    }
+
+    #[test]
+    fn lifecycle() {
+        let (_d, ring, sealer) = setup();
+        ring.unseal(&sealer).unwrap();
+        ring.create_key("t", "k", Algorithm::Aes256Gcm, None)
+            .unwrap();
+        assert!(matches!(
+            ring.create_key("t", "k", Algorithm::Aes256Gcm, None),
+            Err(Error::AlreadyExists)
+        ));
+        let dk = ring.datakey("t", "k", &ctx("a", "1")).unwrap();
+        let info = ring.rotate("t", "k").unwrap();
+        assert_eq!(info.current_version, 2);
+        assert_eq!(info.versions.len(), 2);
+        let un = ring.unwrap("t", &dk.wrapped, &ctx("a", "1")).unwrap();
+        assert_eq!(un.plaintext, dk.plaintext);
+        assert_eq!(un.version, 1);
+        let re = ring.rewrap("t", &dk.wrapped, &ctx("a", "1")).unwrap();
+        assert_eq!(re.version, 2);
+        assert_eq!(
+            ring.unwrap("t", &re.wrapped, &ctx("a", "1"))
+                .unwrap()
+                .plaintext,
+            dk.plaintext
+        );
+        assert!(matches!(
+            ring.unwrap("t", &dk.wrapped, &ctx("a", "2")),
+            Err(Error::DecryptFailed)
+        ));
+        assert!(matches!(
+            ring.unwrap("other", &dk.wrapped, &ctx("a", "1")),
+            Err(Error::DecryptFailed)
+        ));
+        ring.set_enabled("t", "k", false).unwrap();
+        assert!(matches!(
+            ring.unwrap("t", &dk.wrapped, &ctx("a", "1")),
+            Err(Error::KeyDisabled(KeyState::Disabled))
+        ));
+        ring.set_enabled("t", "k", true).unwrap();
+        // A fresh keyring over the same store (a restart) reads everything back.
+        ring.seal();
+        ring.unseal(&sealer).unwrap();
+        assert_eq!(ring.key_info("t", "k").unwrap().current_version, 2);
+        assert!(ring.unwrap("t", &dk.wrapped, &ctx("a", "1")).is_ok());
+        assert!(matches!(ring.key_info("other", "k"), Err(Error::NotFound)));
+    }
+
+    #[test]
+    fn swapped_version_record_fails_to_open() {
+        let (_d, ring, sealer) = setup();
+        ring.unseal(&sealer).unwrap();
+        let a = ring
+            .create_key("t", "a", Algorithm::Aes256Gcm, None)
+            .unwrap();
+        let b = ring
+            .create_key("t", "b", Algorithm::Aes256Gcm, None)
+            .unwrap();
+        let ida = KeyId::from_hex(&a.id).unwrap();
+        let idb = KeyId::from_hex(&b.id).unwrap();
+        // Copy b's version-1 record over a's: AAD binding must refuse it.
+        let vb = ring
+            .store()
+            .get(Table::Versions, &version_key(&idb, 1))
+            .unwrap()
+            .unwrap();
+        let mut batch = WriteBatch::new();
+        batch.put(Table::Versions, &version_key(&ida, 1), &vb);
+        ring.store().commit(&batch).unwrap();
+        ring.seal();
+        ring.unseal(&sealer).unwrap();
+        assert!(matches!(ring.key_info("t", "a"), Err(Error::Corrupt(_))));
+        assert!(ring.key_info("t", "b").is_ok());
+    }
+}

@@ -1,0 +1,217 @@
+//! The `KeyStore` trait: durable, transactional byte tables under every server record.
+//!
+//! See `STORAGE.md` beside this file for the engines, their durability, and the crash-test
+//! results.
+//!
+//! A store is a few named tables of byte keys and byte values. Reads see committed data.
+//! [`KeyStore::commit`] applies a [`WriteBatch`] atomically and returns only once the batch
+//! is durable on disk; a batch may carry preconditions (a key absent, or holding exact
+//! bytes), checked inside the same transaction, so read-modify-write stays correct even
+//! with several writers. The typed records on top live in [`crate::keyring`].
+
+#![doc = include_str!("STORAGE.md")]
+
+use std::path::Path;
+use std::sync::Arc;
+
+mod redb_engine;
+#[cfg(feature = "sled")]
+mod sled_engine;
+
+pub use redb_engine::RedbStore;
+#[cfg(feature = "sled")]
+pub use sled_engine::SledStore;
+
+/// The tables of a store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Table {
+    /// Store-wide records: the sealed master key, the format version.
+    Meta,
+    /// Key id → key record.
+    Keys,
+    /// Tenant ‖ 0x00 ‖ name → key id.
+    KeyNames,
+    /// Key id ‖ version (u32 BE) → version record (material sealed under the master key).
+    Versions,
+}
+
+impl Table {
+    /// Every table, for engines that create them up front.
+    pub const ALL: [Table; 4] = [Table::Meta, Table::Keys, Table::KeyNames, Table::Versions];
+
+    /// The table's name in the engine.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Meta => "meta",
+            Table::Keys => "keys",
+            Table::KeyNames => "key_names",
+            Table::Versions => "versions",
+        }
+    }
+}
+
+/// A precondition checked inside the commit's transaction.
+#[derive(Debug, Clone)]
+pub struct Condition {
+    /// Table.
+    pub table: Table,
+    /// Key.
+    pub key: Vec<u8>,
+    /// The exact bytes the key must hold, or `None` for "absent".
+    pub expected: Option<Vec<u8>>,
+}
+
+/// A set of writes applied atomically, after all conditions hold.
+#[derive(Debug, Default, Clone)]
+pub struct WriteBatch {
+    /// Checked first; any mismatch aborts with [`StoreError::Conflict`].
+    pub conditions: Vec<Condition>,
+    /// `(table, key, Some(value))` puts, `(table, key, None)` deletes.
+    pub writes: Vec<(Table, Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl WriteBatch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Requires `key` to hold exactly `expected` (`None`: absent).
+    pub fn expect(&mut self, table: Table, key: &[u8], expected: Option<&[u8]>) -> &mut Self {
+        self.conditions.push(Condition {
+            table,
+            key: key.to_vec(),
+            expected: expected.map(<[u8]>::to_vec),
+        });
+        self
+    }
+
+    /// Writes `value` at `key`.
+    pub fn put(&mut self, table: Table, key: &[u8], value: &[u8]) -> &mut Self {
+        self.writes
+            .push((table, key.to_vec(), Some(value.to_vec())));
+        self
+    }
+
+    /// Deletes `key`.
+    pub fn delete(&mut self, table: Table, key: &[u8]) -> &mut Self {
+        self.writes.push((table, key.to_vec(), None));
+        self
+    }
+}
+
+/// Store failures. Never carries record contents.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A precondition of the batch did not hold; nothing was written.
+    #[error("write conflict on table {0}")]
+    Conflict(&'static str),
+    /// The database is locked by another process.
+    #[error("the store at {0} is in use by another process")]
+    Locked(String),
+    /// The engine failed (I/O, corruption, full disk); nothing was written.
+    #[error("{engine} error")]
+    Engine {
+        /// Engine name.
+        engine: &'static str,
+        /// The engine's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// A durable, transactional table store.
+pub trait KeyStore: Send + Sync + 'static {
+    /// The engine's name (`redb`, `sled`).
+    fn engine(&self) -> &'static str;
+
+    /// The committed value at `key`.
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// Every committed `(key, value)` whose key starts with `prefix`, in key order.
+    fn scan_prefix(
+        &self,
+        table: Table,
+        prefix: &[u8],
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+
+    /// Applies `batch` atomically after checking its conditions. Returns once the batch is
+    /// durable (fsync'd, or the engine's documented equivalent).
+    fn commit(&self, batch: &WriteBatch) -> Result<(), StoreError>;
+}
+
+/// Engine choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// redb (default).
+    Redb,
+    /// sled (cargo feature `sled`).
+    Sled,
+}
+
+/// Opens (creating if needed) the store at `path` with `engine`.
+pub fn open(engine: Engine, path: &Path) -> Result<Arc<dyn KeyStore>, StoreError> {
+    match engine {
+        Engine::Redb => Ok(Arc::new(RedbStore::open(path)?)),
+        #[cfg(feature = "sled")]
+        Engine::Sled => Ok(Arc::new(SledStore::open(path)?)),
+        #[cfg(not(feature = "sled"))]
+        Engine::Sled => Err(StoreError::Engine {
+            engine: "sled",
+            source: "this build has no sled engine: rebuild with `--features sled`".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The contract every engine must meet.
+    pub(crate) fn contract(store: &dyn KeyStore) {
+        assert_eq!(store.get(Table::Keys, b"a").unwrap(), None);
+        let mut b = WriteBatch::new();
+        b.expect(Table::Keys, b"a", None)
+            .put(Table::Keys, b"a", b"1")
+            .put(Table::KeyNames, b"t\0a", b"a");
+        store.commit(&b).unwrap();
+        assert_eq!(store.get(Table::Keys, b"a").unwrap(), Some(b"1".to_vec()));
+        // The same batch again fails its condition and writes nothing.
+        let mut b2 = WriteBatch::new();
+        b2.expect(Table::Keys, b"a", None)
+            .put(Table::Versions, b"x", b"y");
+        assert!(matches!(store.commit(&b2), Err(StoreError::Conflict(_))));
+        assert_eq!(store.get(Table::Versions, b"x").unwrap(), None);
+        // Compare-and-swap.
+        let mut b3 = WriteBatch::new();
+        b3.expect(Table::Keys, b"a", Some(b"1"))
+            .put(Table::Keys, b"a", b"2");
+        store.commit(&b3).unwrap();
+        let mut stale = WriteBatch::new();
+        stale
+            .expect(Table::Keys, b"a", Some(b"1"))
+            .put(Table::Keys, b"a", b"3");
+        assert!(store.commit(&stale).is_err());
+        assert_eq!(store.get(Table::Keys, b"a").unwrap(), Some(b"2".to_vec()));
+        // Prefix scans are ordered and bounded.
+        let mut b4 = WriteBatch::new();
+        for k in [b"p\x02".as_slice(), b"p\x01", b"q\x00", b"o\xff"] {
+            b4.put(Table::Versions, k, k);
+        }
+        store.commit(&b4).unwrap();
+        let got: Vec<_> = store
+            .scan_prefix(Table::Versions, b"p")
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(got, vec![b"p\x01".to_vec(), b"p\x02".to_vec()]);
+        // Deletes.
+        let mut b5 = WriteBatch::new();
+        b5.delete(Table::Versions, b"p\x01");
+        store.commit(&b5).unwrap();
+        assert_eq!(store.scan_prefix(Table::Versions, b"p").unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,56 @@
+//! # kms-server
+//!
+//! Keyhold's key service: the customer's KEKs stay here, and SaaS backends call it over
+//! mutual TLS to get, wrap, unwrap and rewrap data keys (DEKs).
+//!
+//! What it guarantees:
+//! - The master key is never stored in clear ([`seal`]); the server starts sealed and
+//!   serves no key operation until unsealed.
+//! - KEK versions are stored encrypted under the master key, bound to their tenant, key
+//!   id and version ([`keyring`]); writes are acknowledged only once durable ([`keystore`]).
+//! - Wrapped DEKs are bound to the caller's encryption context and safe for well over
+//!   2^40 wraps per KEK version ([`format`]).
+//! - Every caller is a verified client certificate mapped to a tenant and a role
+//!   ([`tls`], [`policy`]); another tenant's key looks like a missing one.
+//! - Bad input gets a 4xx with a stable error code ([`error`]), never a panic.
+//!
+//! What it does not do (yet): per-key grants, lockout, CRLs, audit trail (issue 5); key
+//! deletion, Shamir/PKCS#11 unseal, RSA KEKs (issue 6).
+//!
+//! The library is what the binary runs; tests start it on port 0 with [`run`]:
+//!
+//! ```
+//! use kms_server::format::{self, Header, KeyId};
+//! use kms_server::secret::SecretKey;
+//!
+//! let kek = SecretKey::generate().unwrap();
+//! let ctx = [("tenant".to_string(), "acme".to_string())].into_iter().collect();
+//! let canonical = format::canonical_context(&ctx).unwrap();
+//! let header = Header { key_id: KeyId([1; 16]), version: 1 };
+//! let wrapped = format::wrap(&kek, &header, &[7u8; 32], &canonical).unwrap();
+//! let dek = format::unwrap(&kek, &wrapped, &canonical).unwrap();
+//! assert_eq!(dek.expose_secret(), &[7u8; 32]);
+//! let other = format::canonical_context(&Default::default()).unwrap();
+//! assert!(format::unwrap(&kek, &wrapped, &other).is_err());
+//! ```
+
+pub mod config;
+pub mod crypto;
+pub mod dev;
+pub mod error;
+pub mod format;
+pub mod keyring;
+pub mod keystore;
+pub mod metrics;
+pub mod ops;
+pub mod pki;
+pub mod policy;
+pub mod routes;
+pub mod seal;
+pub mod secret;
+pub mod server;
+pub mod tls;
+
+pub use config::Settings;
+pub use error::Error;
+pub use server::{run, Listeners};

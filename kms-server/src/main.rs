@@ -1,0 +1,199 @@
+//! `kms-server`: parse arguments, load the configuration, call the library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+use kms_server::config::Settings;
+use kms_server::keyring::Keyring;
+use kms_server::seal::{KeyFileSealer, SealMethod};
+use kms_server::server::{self, Listeners};
+use tokio::net::TcpListener;
+use zeroize::Zeroizing;
+
+#[derive(Parser)]
+#[command(
+    name = "kms-server",
+    version,
+    about = "Keyhold: customer-held key management (HYOK) over mutual TLS"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create the store and seal a new master key (key file or passphrase, per the config).
+    Init {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// For the passphrase method: read the passphrase from this file (else
+        /// KEYHOLD_PASSPHRASE, else prompt).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
+    /// Serve the API (mTLS) and the ops endpoints.
+    Serve {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Throwaway dev server with generated certificates and a demo key. NOT FOR PRODUCTION.
+    Dev {
+        /// Where to keep the dev PKI, key file and store (reused between runs).
+        #[arg(long, default_value = "./keyhold-dev")]
+        data_dir: PathBuf,
+        /// API address.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: SocketAddr,
+        /// Ops address (health, metrics).
+        #[arg(long, default_value = "127.0.0.1:9443")]
+        ops_listen: SocketAddr,
+    },
+    /// Check a configuration file and exit.
+    CheckConfig {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { () = ctrl_c => {}, () = term => {} }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let api = TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("binding the API listener to {}", settings.listen))?;
+    let ops = match settings.ops_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the ops listener to {addr}"))?,
+        ),
+        None => None,
+    };
+    server::run(Listeners { api, ops }, settings, shutdown_signal()).await?;
+    Ok(())
+}
+
+fn read_new_passphrase(file: Option<PathBuf>) -> anyhow::Result<Zeroizing<String>> {
+    if let Some(f) = file {
+        let text = Zeroizing::new(
+            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?,
+        );
+        return Ok(Zeroizing::new(
+            text.trim_end_matches(['\n', '\r']).to_owned(),
+        ));
+    }
+    if let Ok(p) = std::env::var(server::PASSPHRASE_ENV) {
+        return Ok(Zeroizing::new(p));
+    }
+    let first = Zeroizing::new(rpassword::prompt_password("New unseal passphrase: ")?);
+    let second = Zeroizing::new(rpassword::prompt_password("Repeat it: ")?);
+    if *first != *second {
+        bail!("the passphrases differ");
+    }
+    Ok(first)
+}
+
+fn init(config: PathBuf, passphrase_file: Option<PathBuf>) -> anyhow::Result<()> {
+    let settings = Settings::load(&config)?;
+    let sealer = match settings.seal.method {
+        SealMethod::KeyFile => {
+            let path = settings
+                .seal
+                .key_file
+                .clone()
+                .context("seal.key_file is required")?;
+            if !path.exists() {
+                KeyFileSealer::generate(&path)?;
+                eprintln!("wrote a new key file: {} (mode 0600). Back it up: without it the store cannot be unsealed.", path.display());
+            }
+            server::sealer_for(&settings.seal, None)
+        }
+        _ => {
+            let pass = read_new_passphrase(passphrase_file)?;
+            if pass.chars().count() < 12 {
+                bail!("the passphrase must be at least 12 characters");
+            }
+            server::sealer_for(&settings.seal, Some(pass))
+        }
+    };
+    let keyring = Keyring::new(server::open_store(&settings)?);
+    keyring.initialize(sealer.as_ref())?;
+    eprintln!(
+        "initialized the {} store at {} (sealed with {})",
+        keyring.store().engine(),
+        settings.store.path.display(),
+        settings.seal.method.as_str()
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.command {
+        Command::Init {
+            config,
+            passphrase_file,
+        } => init(config, passphrase_file),
+        Command::Serve { config } => {
+            let settings = Settings::load(&config)?;
+            rt.block_on(serve(settings))
+        }
+        Command::CheckConfig { config } => {
+            Settings::load(&config)?;
+            println!("{}: ok", config.display());
+            Ok(())
+        }
+        Command::Dev {
+            data_dir,
+            listen,
+            ops_listen,
+        } => {
+            let config = kms_server::dev::prepare(&data_dir, listen, ops_listen)?;
+            let settings = Settings::load(&config)?;
+            eprintln!("{}", kms_server::dev::banner(&data_dir, listen, ops_listen));
+            rt.block_on(serve(settings))
+        }
+    }
+}

@@ -1,0 +1,95 @@
+//! Prometheus metrics: request counts and latency histograms per route and outcome, and
+//! the seal state. Served on the ops listener at `/metrics`.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    route: String,
+    method: String,
+    outcome: String,
+}
+
+/// The server's metrics.
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    latency: Family<RequestLabels, Histogram>,
+    sealed: Gauge<i64, std::sync::atomic::AtomicI64>,
+}
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to ~1.6 s, doubling.
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.000_05, 2.0, 16,
+    ))
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("keyhold");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let latency = Family::<RequestLabels, Histogram>::new_with_constructor(
+            latency_histogram as fn() -> Histogram,
+        );
+        let sealed = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "requests",
+            "API requests by route and outcome",
+            requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "API request latency by route and outcome",
+            latency.clone(),
+        );
+        registry.register("sealed", "1 while the server is sealed", sealed.clone());
+        Self {
+            registry,
+            requests,
+            latency,
+            sealed,
+        }
+    }
+
+    /// Records one request.
+    pub fn observe(&self, route: &str, method: &str, outcome: &str, elapsed: Duration) {
+        let labels = RequestLabels {
+            route: route.to_owned(),
+            method: method.to_owned(),
+            outcome: outcome.to_owned(),
+        };
+        self.requests.get_or_create(&labels).inc();
+        self.latency
+            .get_or_create(&labels)
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets the seal gauge.
+    pub fn set_sealed(&self, sealed: bool) {
+        self.sealed.set(i64::from(sealed));
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

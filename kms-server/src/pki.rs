@@ -1,0 +1,96 @@
+//! A small PKI for dev mode and tests: a CA, a server certificate, client certificates.
+//! Not for production; `deploy/` documents how to use your own CA.
+
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use zeroize::Zeroizing;
+
+/// PKI failures.
+#[derive(Debug, thiserror::Error)]
+#[error("certificate generation failed: {0}")]
+pub struct PkiError(#[from] rcgen::Error);
+
+/// A certificate and its private key, PEM.
+pub struct Issued {
+    /// Certificate, PEM.
+    pub cert_pem: String,
+    /// Private key, PEM (zeroized on drop).
+    pub key_pem: Zeroizing<String>,
+}
+
+impl Issued {
+    /// The certificate, DER.
+    pub fn cert_der(&self) -> Option<Vec<u8>> {
+        let mut rd = std::io::BufReader::new(self.cert_pem.as_bytes());
+        let first = rustls_pemfile::certs(&mut rd).next();
+        first.and_then(Result::ok).map(|c| c.to_vec())
+    }
+}
+
+impl std::fmt::Debug for Issued {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Issued { cert_pem, key_pem: [REDACTED] }")
+    }
+}
+
+/// A certificate authority.
+pub struct Pki {
+    cert: Certificate,
+    key: KeyPair,
+}
+
+impl Pki {
+    /// A fresh self-signed CA (ECDSA P-256).
+    pub fn generate(common_name: &str) -> Result<Self, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.distinguished_name = dn(common_name);
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self { cert, key })
+    }
+
+    /// The CA certificate, PEM.
+    pub fn ca_pem(&self) -> String {
+        self.cert.pem()
+    }
+
+    /// A server certificate for `names` (DNS names or IP addresses).
+    pub fn issue_server(&self, names: &[&str]) -> Result<Issued, PkiError> {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(names)?;
+        params.distinguished_name = dn("keyhold server");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        self.sign(params)
+    }
+
+    /// A client certificate with subject CN `common_name` and, optionally, a URI SAN.
+    pub fn issue_client(&self, common_name: &str, uri: Option<&str>) -> Result<Issued, PkiError> {
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name = dn(common_name);
+        if let Some(uri) = uri {
+            params.subject_alt_names = vec![SanType::URI(uri.try_into()?)];
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        self.sign(params)
+    }
+
+    fn sign(&self, mut params: CertificateParams) -> Result<Issued, PkiError> {
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.cert, &self.key)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: Zeroizing::new(key.serialize_pem()),
+        })
+    }
+}
+
+fn dn(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}

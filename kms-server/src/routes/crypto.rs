@@ -1,0 +1,158 @@
+//! Key use: datakey, wrap, unwrap, rewrap, batch (app role). These run on the async
+//! workers: they touch only memory (cached KEK versions) except on a cache miss.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+use kms_client::api::{
+    BatchItem, BatchRequest, BatchResponse, BatchResult, DatakeyRequest, DatakeyResponse,
+    RewrapRequest, UnwrapRequest, UnwrapResponse, WrapRequest, WrapResponse,
+};
+
+use super::{ApiJson, AppState, Caller, KeyName};
+use crate::error::Error;
+use crate::keyring::{DataKey, Keyring, Unwrapped, Wrapped};
+use crate::policy::Operation;
+
+fn datakey_response(d: DataKey) -> DatakeyResponse {
+    DatakeyResponse {
+        plaintext: d.plaintext.into_wire(),
+        wrapped: d.wrapped.into(),
+        key: d.key,
+        version: d.version,
+    }
+}
+
+fn wrap_response(w: Wrapped) -> WrapResponse {
+    WrapResponse {
+        wrapped: w.wrapped.into(),
+        key: w.key,
+        version: w.version,
+    }
+}
+
+fn unwrap_response(u: Unwrapped) -> UnwrapResponse {
+    UnwrapResponse {
+        plaintext: u.plaintext.into_wire(),
+        key: u.key,
+        version: u.version,
+    }
+}
+
+/// `POST /v1/keys/{name}/datakey`.
+pub async fn datakey(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    KeyName(name): KeyName,
+    ApiJson(req): ApiJson<DatakeyRequest>,
+) -> Result<Json<DatakeyResponse>, Error> {
+    caller.authorize(Operation::UseKeys)?;
+    let d = state.keyring.datakey(&caller.tenant, &name, &req.context)?;
+    Ok(Json(datakey_response(d)))
+}
+
+/// `POST /v1/keys/{name}/wrap`.
+pub async fn wrap(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    KeyName(name): KeyName,
+    ApiJson(req): ApiJson<WrapRequest>,
+) -> Result<Json<WrapResponse>, Error> {
+    caller.authorize(Operation::UseKeys)?;
+    let w = state.keyring.wrap(
+        &caller.tenant,
+        &name,
+        req.plaintext.expose_secret(),
+        &req.context,
+    )?;
+    Ok(Json(wrap_response(w)))
+}
+
+/// `POST /v1/unwrap`.
+pub async fn unwrap(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<UnwrapRequest>,
+) -> Result<Json<UnwrapResponse>, Error> {
+    caller.authorize(Operation::UseKeys)?;
+    let u = state
+        .keyring
+        .unwrap(&caller.tenant, req.wrapped.as_bytes(), &req.context)?;
+    Ok(Json(unwrap_response(u)))
+}
+
+/// `POST /v1/rewrap`: the DEK stays in the server.
+pub async fn rewrap(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<RewrapRequest>,
+) -> Result<Json<WrapResponse>, Error> {
+    caller.authorize(Operation::UseKeys)?;
+    let w = state
+        .keyring
+        .rewrap(&caller.tenant, req.wrapped.as_bytes(), &req.context)?;
+    Ok(Json(wrap_response(w)))
+}
+
+fn run_item(keyring: &Keyring, tenant: &str, item: &BatchItem) -> Result<BatchResult, Error> {
+    Ok(match item {
+        BatchItem::Datakey { key, context } => {
+            crate::keyring::validate_name(key)?;
+            BatchResult::Datakey(datakey_response(keyring.datakey(tenant, key, context)?))
+        }
+        BatchItem::Wrap {
+            key,
+            plaintext,
+            context,
+        } => {
+            crate::keyring::validate_name(key)?;
+            BatchResult::Wrap(wrap_response(keyring.wrap(
+                tenant,
+                key,
+                plaintext.expose_secret(),
+                context,
+            )?))
+        }
+        BatchItem::Unwrap { wrapped, context } => BatchResult::Unwrap(unwrap_response(
+            keyring.unwrap(tenant, wrapped.as_bytes(), context)?,
+        )),
+        BatchItem::Rewrap { wrapped, context } => BatchResult::Rewrap(wrap_response(
+            keyring.rewrap(tenant, wrapped.as_bytes(), context)?,
+        )),
+    })
+}
+
+/// `POST /v1/batch`: items run in order, each succeeding or failing on its own. A sealed
+/// server fails the whole batch (503), not item by item.
+pub async fn batch(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<BatchRequest>,
+) -> Result<Json<BatchResponse>, Error> {
+    caller.authorize(Operation::UseKeys)?;
+    let max = state.settings.max_batch_items;
+    if req.items.is_empty() || req.items.len() > max {
+        return Err(Error::InvalidRequest(format!(
+            "a batch holds 1 to {max} items, got {}",
+            req.items.len()
+        )));
+    }
+    if state.keyring.is_sealed() {
+        return Err(Error::Sealed);
+    }
+    let results = req
+        .items
+        .iter()
+        .map(|item| {
+            run_item(&state.keyring, &caller.tenant, item).unwrap_or_else(|e| match e {
+                e @ (Error::Storage(_) | Error::Corrupt(_) | Error::Internal(_)) => {
+                    tracing::error!(error = %e, "batch item failed");
+                    BatchResult::Error(e.body())
+                }
+                e => BatchResult::Error(e.body()),
+            })
+        })
+        .collect();
+    Ok(Json(BatchResponse { results }))
+}

@@ -1,0 +1,120 @@
+//! Key management: create, list, get, rotate, disable, enable (admin; reads also auditor).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use kms_client::api::{CreateKeyRequest, KeyInfo, KeyList};
+
+use super::{blocking, ApiJson, AppState, Caller, KeyName};
+use crate::error::Error;
+use crate::policy::Operation;
+
+/// Shortest automatic rotation period accepted.
+const MIN_ROTATION: Duration = Duration::from_secs(24 * 3600);
+/// Longest automatic rotation period accepted.
+const MAX_ROTATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+fn rotation_period(text: Option<&str>) -> Result<Option<Duration>, Error> {
+    let Some(text) = text else { return Ok(None) };
+    let d = humantime::parse_duration(text).map_err(|_| {
+        Error::InvalidRequest("rotation_period must be a duration such as \"90d\"".into())
+    })?;
+    if !(MIN_ROTATION..=MAX_ROTATION).contains(&d) {
+        return Err(Error::InvalidRequest(
+            "rotation_period must be between 1 day and 10 years".into(),
+        ));
+    }
+    Ok(Some(d))
+}
+
+/// `POST /v1/keys` → 201 KeyInfo.
+pub async fn create(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<CreateKeyRequest>,
+) -> Result<(StatusCode, Json<KeyInfo>), Error> {
+    caller.authorize(Operation::ManageKeys)?;
+    crate::keyring::validate_name(&req.name)?;
+    let period = rotation_period(req.rotation_period.as_deref())?;
+    let algorithm = req.algorithm.unwrap_or_default();
+    let info = blocking(move || {
+        state
+            .keyring
+            .create_key(&caller.tenant, &req.name, algorithm, period)
+    })
+    .await?;
+    Ok((StatusCode::CREATED, Json(info)))
+}
+
+/// `GET /v1/keys`.
+pub async fn list(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+) -> Result<Json<KeyList>, Error> {
+    caller.authorize(Operation::ReadKeys)?;
+    let keys = blocking(move || state.keyring.list_keys(&caller.tenant)).await?;
+    Ok(Json(KeyList { keys }))
+}
+
+/// `GET /v1/keys/{name}`.
+pub async fn get(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    KeyName(name): KeyName,
+) -> Result<Json<KeyInfo>, Error> {
+    caller.authorize(Operation::ReadKeys)?;
+    Ok(Json(state.keyring.key_info(&caller.tenant, &name)?))
+}
+
+/// `POST /v1/keys/{name}/rotate`.
+pub async fn rotate(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    KeyName(name): KeyName,
+) -> Result<Json<KeyInfo>, Error> {
+    caller.authorize(Operation::ManageKeys)?;
+    let info = blocking(move || state.keyring.rotate(&caller.tenant, &name)).await?;
+    Ok(Json(info))
+}
+
+/// `POST /v1/keys/{name}/disable`.
+pub async fn disable(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    KeyName(name): KeyName,
+) -> Result<Json<KeyInfo>, Error> {
+    caller.authorize(Operation::ManageKeys)?;
+    let info = blocking(move || state.keyring.set_enabled(&caller.tenant, &name, false)).await?;
+    Ok(Json(info))
+}
+
+/// `POST /v1/keys/{name}/enable`.
+pub async fn enable(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    KeyName(name): KeyName,
+) -> Result<Json<KeyInfo>, Error> {
+    caller.authorize(Operation::ManageKeys)?;
+    let info = blocking(move || state.keyring.set_enabled(&caller.tenant, &name, true)).await?;
+    Ok(Json(info))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotation_period_bounds() {
+        assert_eq!(rotation_period(None).unwrap(), None);
+        assert_eq!(
+            rotation_period(Some("90d")).unwrap(),
+            Some(Duration::from_secs(90 * 86400))
+        );
+        assert!(rotation_period(Some("1h")).is_err());
+        assert!(rotation_period(Some("soon")).is_err());
+        assert!(rotation_period(Some("20y")).is_err());
+    }
+}

@@ -1,0 +1,232 @@
+//! The native v1 API: the router, the shared state, and the extractors every handler
+//! uses. One file per group of routes: [`keys`] (management), [`crypto`] (key use),
+//! [`sys`] (seal state).
+//!
+//! The request path, in order: the TLS layer has already verified the client certificate
+//! and attached its identity ([`PeerIdentity`]); [`track`] counts and times the request
+//! and gives it an id; the [`Caller`] extractor resolves the identity to a principal;
+//! the handler checks the role, validates the body ([`ApiJson`]) and calls the keyring.
+//! Grants, lockout and audit slot in at [`Caller`] and [`track`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use kms_client::api::ErrorCode;
+use serde::de::DeserializeOwned;
+
+use crate::config::Settings;
+use crate::error::Error;
+use crate::keyring::Keyring;
+use crate::metrics::Metrics;
+use crate::policy::{Policy, Principal};
+use crate::seal::Sealer;
+
+pub mod crypto;
+pub mod keys;
+pub mod sys;
+
+/// The verified identity of the connection's client certificate, attached by the accept
+/// loop to every request on that connection. `None`: the certificate chained to the CA
+/// but carried no identity in the configured sources.
+#[derive(Debug, Clone)]
+pub struct PeerIdentity(pub Option<Arc<str>>);
+
+/// Builds the unseal source from settings plus an optional operator-supplied passphrase.
+pub type SealerFactory =
+    dyn Fn(Option<zeroize::Zeroizing<String>>) -> Box<dyn Sealer> + Send + Sync;
+
+/// State shared by every handler.
+pub struct AppState {
+    /// Keys.
+    pub keyring: Arc<Keyring>,
+    /// Identities.
+    pub policy: Policy,
+    /// Settings.
+    pub settings: Settings,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Unseal source.
+    pub sealer: Box<SealerFactory>,
+    next_request_id: AtomicU64,
+}
+
+impl AppState {
+    /// Shared state.
+    pub fn new(
+        keyring: Arc<Keyring>,
+        settings: Settings,
+        metrics: Arc<Metrics>,
+        sealer: Box<SealerFactory>,
+    ) -> Self {
+        Self {
+            keyring,
+            policy: Policy::new(&settings.identities),
+            settings,
+            metrics,
+            sealer,
+            next_request_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// The API router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.settings.max_body_bytes;
+    Router::new()
+        .route("/v1/keys", post(keys::create).get(keys::list))
+        .route("/v1/keys/{name}", get(keys::get))
+        .route("/v1/keys/{name}/rotate", post(keys::rotate))
+        .route("/v1/keys/{name}/disable", post(keys::disable))
+        .route("/v1/keys/{name}/enable", post(keys::enable))
+        .route("/v1/keys/{name}/datakey", post(crypto::datakey))
+        .route("/v1/keys/{name}/wrap", post(crypto::wrap))
+        .route("/v1/unwrap", post(crypto::unwrap))
+        .route("/v1/rewrap", post(crypto::rewrap))
+        .route("/v1/batch", post(crypto::batch))
+        .route("/v1/sys/status", get(sys::status))
+        .route("/v1/sys/unseal", post(sys::unseal))
+        .route("/v1/sys/seal", post(sys::seal))
+        .fallback(|| async { Error::NoRoute })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+/// The request id, for logs and (later) the audit record.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestId(pub u64);
+
+/// Counts and times every request by route and outcome, assigns its id, and logs one
+/// line (ids and codes only, never bodies).
+async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = state.next_request_id.fetch_add(1, Ordering::Relaxed);
+    req.extensions_mut().insert(RequestId(id));
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().clone();
+    let identity = req
+        .extensions()
+        .get::<PeerIdentity>()
+        .and_then(|p| p.0.clone());
+    let mut resp = next.run(req).await;
+    let outcome = match resp.extensions().get::<ErrorCode>() {
+        Some(code) => format!("{code:?}"),
+        None if resp.status().is_success() => "ok".to_owned(),
+        None => resp.status().as_str().to_owned(),
+    };
+    let elapsed = started.elapsed();
+    state
+        .metrics
+        .observe(&route, method.as_str(), &outcome, elapsed);
+    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    tracing::info!(
+        request_id = id,
+        %method,
+        route,
+        status = resp.status().as_u16(),
+        outcome,
+        identity = identity.as_deref().unwrap_or("-"),
+        micros = elapsed.as_micros() as u64,
+        "request"
+    );
+    resp
+}
+
+/// The authenticated caller of a request.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = Error;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let identity = parts
+            .extensions
+            .get::<PeerIdentity>()
+            .and_then(|p| p.0.clone())
+            .ok_or(Error::Unauthenticated)?;
+        state.policy.resolve(&identity).map(Caller)
+    }
+}
+
+/// A JSON body whose rejections become the API's error body (400, 413, 415).
+pub struct ApiJson<T>(pub T);
+
+impl<T> FromRequest<Arc<AppState>> for ApiJson<T>
+where
+    T: DeserializeOwned,
+{
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_rejection(rejection, state.settings.max_body_bytes)),
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection, limit: usize) -> Error {
+    match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge(limit),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => Error::UnsupportedMediaType,
+        _ => {
+            // serde's message names the field and position; cap its length. Our base64
+            // and secret types never echo their input.
+            let mut text = rejection.body_text();
+            if text.len() > 300 {
+                let mut cut = 300;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+            }
+            Error::InvalidRequest(text)
+        }
+    }
+}
+
+/// A `{name}` path segment, validated as a key name.
+pub struct KeyName(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for KeyName {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Path(name) =
+            axum::extract::Path::<String>::from_request_parts(parts, state)
+                .await
+                .map_err(|e: PathRejection| Error::InvalidRequest(e.body_text()))?;
+        crate::keyring::validate_name(&name)?;
+        Ok(KeyName(name))
+    }
+}
+
+/// Runs blocking keyring work (store writes, fsync, KDF) off the async workers.
+pub async fn blocking<T, F>(f: F) -> Result<T, Error>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, Error> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Error::Internal("blocking task failed"))?
+}

@@ -1,0 +1,60 @@
+//! Seal state: status, unseal, seal (admin).
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+use kms_client::api::{SysStatus, UnsealRequest};
+
+use super::{blocking, ApiJson, AppState, Caller};
+use crate::error::Error;
+use crate::policy::Operation;
+
+fn status_of(state: &AppState) -> SysStatus {
+    SysStatus {
+        sealed: state.keyring.is_sealed(),
+        seal_method: state.settings.seal.method.as_str().to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+/// `GET /v1/sys/status`.
+pub async fn status(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+) -> Result<Json<SysStatus>, Error> {
+    caller.authorize(Operation::System)?;
+    Ok(Json(status_of(&state)))
+}
+
+/// `POST /v1/sys/unseal`: with a passphrase for the passphrase method, or with an empty
+/// object to retry the configured source (key file, passphrase file).
+pub async fn unseal(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<UnsealRequest>,
+) -> Result<Json<SysStatus>, Error> {
+    caller.authorize(Operation::System)?;
+    let passphrase = req
+        .passphrase
+        .map(|p| zeroize::Zeroizing::new(p.expose_secret().to_owned()));
+    let st = state.clone();
+    blocking(move || {
+        let sealer = (st.sealer)(passphrase);
+        st.keyring.unseal(sealer.as_ref())
+    })
+    .await?;
+    tracing::warn!(identity = %caller.identity, "server unsealed");
+    Ok(Json(status_of(&state)))
+}
+
+/// `POST /v1/sys/seal`: wipes the master key and every KEK from memory.
+pub async fn seal(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+) -> Result<Json<SysStatus>, Error> {
+    caller.authorize(Operation::System)?;
+    state.keyring.seal();
+    tracing::warn!(identity = %caller.identity, "server sealed");
+    Ok(Json(status_of(&state)))
+}

@@ -1,0 +1,163 @@
+//! Sealing the master key: the [`Sealer`] trait and its methods.
+//!
+//! The master key is never stored in clear. `kms-server init` generates it and stores it
+//! sealed (a [`SealedMasterKey`] record in the store's meta table); `serve` starts sealed
+//! and asks the configured [`Sealer`] to unseal. Methods today: a key file
+//! ([`KeyFileSealer`]) and an operator passphrase through Argon2id ([`PassphraseSealer`]).
+//! Shamir shares and PKCS#11 tokens implement the same trait.
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto;
+use crate::secret::SecretKey;
+
+mod keyfile;
+mod passphrase;
+
+pub use keyfile::KeyFileSealer;
+pub use passphrase::{Argon2Params, PassphraseSealer};
+
+/// Label for the master key sealed under a key-encryption key (see `crypto`).
+const LABEL: &[u8] = b"keyhold/master-key/v1";
+
+/// How the master key is sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum SealMethod {
+    /// A 32-byte key file.
+    KeyFile,
+    /// An operator passphrase through Argon2id.
+    Passphrase,
+}
+
+impl SealMethod {
+    /// The name used in config and status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SealMethod::KeyFile => "key-file",
+            SealMethod::Passphrase => "passphrase",
+        }
+    }
+}
+
+/// The sealed master key as stored. Holds no secret in clear.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealedMasterKey {
+    /// Method that sealed it.
+    pub method: SealMethod,
+    /// Argon2id parameters and salt, for the passphrase method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argon2: Option<Argon2Params>,
+    /// salt ‖ ciphertext ‖ tag of the master key (see `crypto::seal_box`), hex.
+    pub sealed: String,
+}
+
+/// Sealing failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealError {
+    /// The secret (key file, passphrase) does not open the sealed master key.
+    #[error("the {0} does not unseal this store")]
+    WrongSecret(&'static str),
+    /// The sealed record was made by another method.
+    #[error("the store was sealed with {stored}, but the configuration says {configured}")]
+    MethodMismatch {
+        /// In the store.
+        stored: &'static str,
+        /// In the configuration.
+        configured: &'static str,
+    },
+    /// No secret is available (for example no passphrase given yet).
+    #[error("no {0} available")]
+    NoSecret(&'static str),
+    /// The key file is unusable.
+    #[error("key file {path}: {reason}")]
+    KeyFile {
+        /// Path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The sealed record is malformed.
+    #[error("sealed master key record is malformed")]
+    Malformed,
+    /// The KDF failed (bad parameters).
+    #[error("key derivation failed: {0}")]
+    Kdf(String),
+    /// Randomness failed.
+    #[error("system random generator failed")]
+    Random,
+}
+
+impl SealError {
+    /// Whether the caller supplied a wrong or missing secret (a 4xx, not a 5xx).
+    pub fn is_bad_secret(&self) -> bool {
+        matches!(self, SealError::WrongSecret(_) | SealError::NoSecret(_))
+    }
+}
+
+/// A way to seal and unseal the master key.
+pub trait Sealer: Send + Sync {
+    /// The method.
+    fn method(&self) -> SealMethod;
+
+    /// Seals `master` for storage.
+    fn seal(&self, master: &SecretKey) -> Result<SealedMasterKey, SealError>;
+
+    /// Recovers the master key from its sealed form.
+    fn unseal(&self, sealed: &SealedMasterKey) -> Result<SecretKey, SealError>;
+}
+
+fn check_method(sealed: &SealedMasterKey, configured: SealMethod) -> Result<(), SealError> {
+    if sealed.method == configured {
+        Ok(())
+    } else {
+        Err(SealError::MethodMismatch {
+            stored: sealed.method.as_str(),
+            configured: configured.as_str(),
+        })
+    }
+}
+
+/// Seals `master` under a key-encryption key `kek` (derived from a file or a passphrase).
+fn seal_under(
+    kek: &SecretKey,
+    method: SealMethod,
+    master: &SecretKey,
+) -> Result<String, SealError> {
+    let sealed = crypto::seal_box(
+        kek,
+        LABEL,
+        method.as_str().as_bytes(),
+        master.expose_secret(),
+    )
+    .map_err(|_| SealError::Random)?;
+    Ok(hex(&sealed))
+}
+
+fn unseal_under(
+    kek: &SecretKey,
+    sealed: &SealedMasterKey,
+    what: &'static str,
+) -> Result<SecretKey, SealError> {
+    let bytes = unhex(&sealed.sealed).ok_or(SealError::Malformed)?;
+    let plain = crypto::open_box(kek, LABEL, sealed.method.as_str().as_bytes(), &bytes)
+        .map_err(|_| SealError::WrongSecret(what))?;
+    SecretKey::from_slice(plain.expose_secret()).ok_or(SealError::Malformed)
+}
+
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 || !s.is_ascii() {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
+        .collect()
+}

@@ -1,0 +1,245 @@
+//! Running the service: [`run`] takes bound listeners, settings and a shutdown future, so
+//! the binary and the tests start it the same way (tests bind port 0).
+
+use std::future::Future;
+use std::sync::Arc;
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+use zeroize::Zeroizing;
+
+use crate::config::{SealSettings, Settings};
+use crate::error::Error;
+use crate::keyring::Keyring;
+use crate::keystore::{self, StoreError};
+use crate::metrics::Metrics;
+use crate::routes::{self, AppState, PeerIdentity, SealerFactory};
+use crate::seal::{KeyFileSealer, PassphraseSealer, SealMethod, Sealer};
+use crate::tls::{self, TlsError};
+
+/// Environment variable that may carry the unseal passphrase at start.
+pub const PASSPHRASE_ENV: &str = "KEYHOLD_PASSPHRASE";
+
+/// The listeners the server serves.
+pub struct Listeners {
+    /// The mTLS API.
+    pub api: TcpListener,
+    /// The plain-HTTP ops endpoints (None: off).
+    pub ops: Option<TcpListener>,
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The store could not be opened.
+    #[error("opening the {engine} store at {path}")]
+    Store {
+        /// Engine.
+        engine: String,
+        /// Path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: StoreError,
+    },
+    /// The store has no master key yet.
+    #[error("the store at {0} is not initialized: run `kms-server init --config <file>` first")]
+    NotInitialized(String),
+    /// TLS files or settings.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A keyring failure at start.
+    #[error(transparent)]
+    Keyring(#[from] Error),
+    /// I/O on a listener.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Opens the configured store.
+pub fn open_store(settings: &Settings) -> Result<Arc<dyn keystore::KeyStore>, StartError> {
+    keystore::open(settings.store.engine, &settings.store.path).map_err(|source| {
+        StartError::Store {
+            engine: format!("{:?}", settings.store.engine).to_lowercase(),
+            path: settings.store.path.display().to_string(),
+            source,
+        }
+    })
+}
+
+/// Reads the passphrase configured for start-up: the passphrase file, else the
+/// environment. `None` when neither is set.
+pub fn startup_passphrase(seal: &SealSettings) -> Result<Option<Zeroizing<String>>, Error> {
+    if let Some(path) = &seal.passphrase_file {
+        let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|e| {
+            Error::Seal(crate::seal::SealError::KeyFile {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            })
+        })?);
+        return Ok(Some(Zeroizing::new(
+            text.trim_end_matches(['\n', '\r']).to_owned(),
+        )));
+    }
+    Ok(std::env::var(PASSPHRASE_ENV).ok().map(Zeroizing::new))
+}
+
+/// The sealer for `seal` with an optional passphrase.
+pub fn sealer_for(seal: &SealSettings, passphrase: Option<Zeroizing<String>>) -> Box<dyn Sealer> {
+    match seal.method {
+        SealMethod::KeyFile => Box::new(KeyFileSealer::new(
+            seal.key_file.clone().unwrap_or_default(),
+        )),
+        SealMethod::Passphrase => Box::new(PassphraseSealer::new(passphrase, seal.argon2)),
+    }
+}
+
+fn sealer_factory(settings: &Settings) -> Box<SealerFactory> {
+    let seal = settings.seal.clone();
+    Box::new(move |given: Option<Zeroizing<String>>| {
+        let passphrase = match given {
+            Some(p) => Some(p),
+            None => startup_passphrase(&seal).ok().flatten(),
+        };
+        sealer_for(&seal, passphrase)
+    })
+}
+
+/// Serves the API (mTLS) and ops listeners until `shutdown` completes, then drains open
+/// connections (up to 10 s) and returns, closing the store.
+///
+/// The store must be initialized. The server unseals from its configured source when it
+/// can (key file; passphrase file or `KEYHOLD_PASSPHRASE`), else starts sealed and waits
+/// for `POST /v1/sys/unseal`.
+pub async fn run(
+    listeners: Listeners,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), StartError> {
+    let store = open_store(&settings)?;
+    let keyring = Arc::new(Keyring::new(store));
+    if keyring.sealed_master_key()?.is_none() {
+        return Err(StartError::NotInitialized(
+            settings.store.path.display().to_string(),
+        ));
+    }
+    let tls_config = tls::server_config(&settings.tls)?;
+    let factory = sealer_factory(&settings);
+    {
+        let k = keyring.clone();
+        let sealer = factory(None);
+        match tokio::task::spawn_blocking(move || k.unseal(sealer.as_ref())).await {
+            Ok(Ok(())) => tracing::info!("unsealed from the configured source"),
+            Ok(Err(Error::Seal(e)))
+                if e.is_bad_secret() && matches!(e, crate::seal::SealError::NoSecret(_)) =>
+            {
+                tracing::warn!(
+                    "starting sealed: no passphrase given; POST /v1/sys/unseal to unseal"
+                )
+            }
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "starting sealed: unseal from the configured source failed")
+            }
+            Err(_) => tracing::error!("starting sealed: unseal task failed"),
+        }
+    }
+    let metrics = Arc::new(Metrics::new());
+    let handshake_timeout = settings.tls.handshake_timeout;
+    let sources = settings.identity_sources.clone();
+    let state = Arc::new(AppState::new(
+        keyring.clone(),
+        settings,
+        metrics.clone(),
+        factory,
+    ));
+    let app = routes::router(state);
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let ops_task = listeners.ops.map(|ops| {
+        let router = crate::ops::router(keyring.clone(), metrics.clone());
+        let mut rx = stop_rx.clone();
+        tokio::spawn(async move {
+            let stop = async move {
+                let _ = rx.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(ops, router).with_graceful_shutdown(stop).await {
+                tracing::error!(error = %e, "ops listener failed");
+            }
+        })
+    });
+
+    let acceptor = TlsAcceptor::from(tls_config);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let sources: Arc<[crate::policy::IdentitySource]> = sources.into();
+    tokio::pin!(shutdown);
+    tracing::info!(addr = ?listeners.api.local_addr().ok(), "listening (mTLS)");
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listeners.api.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let app = app.clone();
+        let sources = sources.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let identity = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| tls::identity_of(leaf, &sources))
+                .map(Arc::<str>::from);
+            let peer_identity = PeerIdentity(identity);
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(peer_identity.clone());
+                    app.clone().oneshot(req)
+                },
+            );
+            let conn = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    tracing::info!("shutting down: draining connections");
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(std::time::Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after 10 s; closing");
+    }
+    if let Some(t) = ops_task {
+        let _ = t.await;
+    }
+    keyring.seal();
+    Ok(())
+}
