@@ -1,1 +1,293 @@
+//! Test harness: a generated PKI, a real `kms-server` on port 0 over real mTLS, and
+//! clients for each identity. Used by the `e2e` integration binary and the crash writer.
 
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use kms_server::keyring::Keyring;
+use kms_server::pki::{Issued, Pki};
+use kms_server::seal::KeyFileSealer;
+use kms_server::{server, Settings};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub const TENANT_A: &str = "acme";
+pub const TENANT_B: &str = "globex";
+pub const ADMIN_A: &str = "spiffe://test/acme/admin";
+pub const APP_A: &str = "spiffe://test/acme/app";
+pub const ADMIN_B: &str = "spiffe://test/globex/admin";
+pub const APP_B: &str = "spiffe://test/globex/app";
+pub const AUDITOR_A: &str = "spiffe://test/acme/auditor";
+pub const STRANGER: &str = "spiffe://test/nobody";
+
+/// Files of a test PKI on disk.
+pub struct TestPki {
+    pub dir: PathBuf,
+}
+
+impl TestPki {
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+    pub fn cert(&self, who: &str) -> PathBuf {
+        self.dir.join(format!("{who}.pem"))
+    }
+    pub fn key(&self, who: &str) -> PathBuf {
+        self.dir.join(format!("{who}-key.pem"))
+    }
+}
+
+fn write_issued(dir: &Path, name: &str, issued: &Issued) {
+    std::fs::write(dir.join(format!("{name}.pem")), &issued.cert_pem).unwrap();
+    std::fs::write(
+        dir.join(format!("{name}-key.pem")),
+        issued.key_pem.as_bytes(),
+    )
+    .unwrap();
+}
+
+/// Generates the test PKI: server, admin/app per tenant, auditor, a stranger (valid CA,
+/// no mapping), and `foreign` (same identity as app A, signed by another CA).
+pub fn generate_pki(dir: &Path) -> TestPki {
+    std::fs::create_dir_all(dir).unwrap();
+    let ca = Pki::generate("keyhold test CA").unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.ca_pem()).unwrap();
+    write_issued(
+        dir,
+        "server",
+        &ca.issue_server(&["localhost", "127.0.0.1"]).unwrap(),
+    );
+    for (name, uri) in [
+        ("admin-a", ADMIN_A),
+        ("app-a", APP_A),
+        ("admin-b", ADMIN_B),
+        ("app-b", APP_B),
+        ("auditor-a", AUDITOR_A),
+        ("stranger", STRANGER),
+    ] {
+        write_issued(dir, name, &ca.issue_client(name, Some(uri)).unwrap());
+    }
+    let foreign = Pki::generate("someone else's CA").unwrap();
+    write_issued(
+        dir,
+        "foreign",
+        &foreign.issue_client("app-a", Some(APP_A)).unwrap(),
+    );
+    TestPki {
+        dir: dir.to_path_buf(),
+    }
+}
+
+/// How the test server seals.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TestSeal {
+    KeyFile,
+    Passphrase,
+}
+
+pub const TEST_PASSPHRASE: &str = "correct horse battery staple";
+
+/// Writes the server config for a test instance.
+pub fn write_config(dir: &Path, seal: TestSeal, extra: &str) -> PathBuf {
+    let seal_section = match seal {
+        TestSeal::KeyFile => "method = \"key-file\"\nkey_file = \"master.key\"\n".to_string(),
+        TestSeal::Passphrase => {
+            "method = \"passphrase\"\nargon2 = { m_cost_kib = 8192, t_cost = 1, p_cost = 1 }\n"
+                .to_string()
+        }
+    };
+    let mut identities = String::new();
+    for (id, tenant, role) in [
+        (ADMIN_A, TENANT_A, "admin"),
+        (APP_A, TENANT_A, "app"),
+        (ADMIN_B, TENANT_B, "admin"),
+        (APP_B, TENANT_B, "app"),
+        (AUDITOR_A, TENANT_A, "auditor"),
+    ] {
+        identities.push_str(&format!(
+            "[[identities]]\nidentity = \"{id}\"\ntenant = \"{tenant}\"\nrole = \"{role}\"\n\n"
+        ));
+    }
+    let text = format!(
+        r#"{extra}
+listen = "127.0.0.1:0"
+ops_listen = "127.0.0.1:0"
+
+[store]
+path = "store.redb"
+
+[seal]
+{seal_section}
+[tls]
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+client_ca = "pki/ca.pem"
+
+{identities}"#
+    );
+    let path = dir.join("kms-server.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// A running server.
+pub struct TestServer {
+    pub dir: tempfile::TempDir,
+    pub pki: TestPki,
+    pub config: PathBuf,
+    pub addr: SocketAddr,
+    pub ops_addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), server::StartError>>>,
+}
+
+impl TestServer {
+    /// A fresh store sealed with a key file, unsealed at start.
+    pub async fn start() -> TestServer {
+        Self::start_with(TestSeal::KeyFile, "").await
+    }
+
+    /// A fresh store with the given seal method and extra top-level config lines.
+    pub async fn start_with(seal: TestSeal, extra: &str) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = generate_pki(&dir.path().join("pki"));
+        let config = write_config(dir.path(), seal, extra);
+        let settings = Settings::load(&config).unwrap();
+        let keyring = Keyring::new(server::open_store(&settings).unwrap());
+        let sealer: Box<dyn kms_server::seal::Sealer> = match seal {
+            TestSeal::KeyFile => {
+                KeyFileSealer::generate(settings.seal.key_file.as_ref().unwrap()).unwrap();
+                server::sealer_for(&settings.seal, None)
+            }
+            TestSeal::Passphrase => {
+                server::sealer_for(&settings.seal, Some(zeroize_string(TEST_PASSPHRASE)))
+            }
+        };
+        keyring.initialize(sealer.as_ref()).unwrap();
+        drop(keyring);
+        let mut s = TestServer {
+            dir,
+            pki,
+            config,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            ops_addr: "127.0.0.1:0".parse().unwrap(),
+            stop: None,
+            task: None,
+        };
+        s.launch().await;
+        s
+    }
+
+    async fn launch(&mut self) {
+        // reqwest's plain-HTTP clients (the ops listener) need a process-wide provider.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        let settings = Settings::load(&self.config).unwrap();
+        let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.addr = api.local_addr().unwrap();
+        self.ops_addr = ops.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel();
+        let task = tokio::spawn(server::run(
+            server::Listeners {
+                api,
+                ops: Some(ops),
+            },
+            settings,
+            async move {
+                let _ = rx.await;
+            },
+        ));
+        self.stop = Some(tx);
+        self.task = Some(task);
+        // Ready when the ops listener answers (the API listener is already bound).
+        let client = reqwest::Client::new();
+        for _ in 0..200 {
+            if client.get(self.ops_url("/healthz")).send().await.is_ok() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("server did not come up");
+    }
+
+    /// Stops the server and waits until it has released the store.
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+    }
+
+    /// Stops and starts again on the same store and config (new ports).
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.launch().await;
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.addr.port())
+    }
+
+    pub fn ops_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.ops_addr)
+    }
+
+    /// An mTLS client presenting `who`'s certificate (`None`: no certificate).
+    pub fn client(&self, who: Option<&str>) -> reqwest::Client {
+        client_for(&self.pki, who, false)
+    }
+
+    /// Same, HTTP/2 only.
+    pub fn client_h2(&self, who: Option<&str>) -> reqwest::Client {
+        client_for(&self.pki, who, true)
+    }
+}
+
+pub fn zeroize_string(s: &str) -> zeroize::Zeroizing<String> {
+    zeroize::Zeroizing::new(s.to_owned())
+}
+
+/// A rustls client config trusting the test CA, with `who`'s identity if given.
+pub fn rustls_client(pki: &TestPki, who: Option<&str>) -> rustls::ClientConfig {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in kms_server::tls::load_certs(&pki.ca()).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    match who {
+        Some(who) => builder
+            .with_client_auth_cert(
+                kms_server::tls::load_certs(&pki.cert(who)).unwrap(),
+                kms_server::tls::load_key(&pki.key(who)).unwrap(),
+            )
+            .unwrap(),
+        None => builder.with_no_client_auth(),
+    }
+}
+
+pub fn client_for(pki: &TestPki, who: Option<&str>, h2: bool) -> reqwest::Client {
+    let mut tls = rustls_client(pki, who);
+    tls.alpn_protocols = if h2 {
+        vec![b"h2".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    let mut b = reqwest::Client::builder()
+        .use_preconfigured_tls(tls)
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(20));
+    if h2 {
+        b = b.http2_prior_knowledge();
+    }
+    b.build().unwrap()
+}

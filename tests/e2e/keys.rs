@@ -1,0 +1,146 @@
+//! Key management and roles.
+
+use keyhold_tests::TestServer;
+use serde_json::json;
+
+use crate::{assert_error, create_key, get, post};
+
+#[tokio::test]
+async fn admin_manages_keys_and_roles_are_enforced() {
+    let s = TestServer::start().await;
+    let admin = s.client(Some("admin-a"));
+    let app = s.client(Some("app-a"));
+    let auditor = s.client(Some("auditor-a"));
+    let stranger = s.client(Some("stranger"));
+
+    let (st, info) = post(
+        &admin,
+        &s.url("/v1/keys"),
+        json!({"name": "k", "rotation_period": "90d"}),
+    )
+    .await;
+    assert_eq!(st, 201, "{info}");
+    assert_eq!(info["state"], "enabled");
+    assert_eq!(info["algorithm"], "aes-256-gcm");
+    assert_eq!(info["current_version"], 1);
+    assert!(
+        info["rotation_period"]
+            .as_str()
+            .unwrap()
+            .starts_with("2months"),
+        "{info}"
+    );
+    assert_eq!(info["id"].as_str().unwrap().len(), 32);
+    assert!(info.to_string().find("material").is_none());
+
+    let r = post(&admin, &s.url("/v1/keys"), json!({"name": "k"})).await;
+    assert_error(&r, 409, "AlreadyExists");
+
+    // App cannot create, rotate, disable, list.
+    assert_error(
+        &post(&app, &s.url("/v1/keys"), json!({"name": "x"})).await,
+        403,
+        "PermissionDenied",
+    );
+    assert_error(
+        &post(&app, &s.url("/v1/keys/k/rotate"), json!({})).await,
+        403,
+        "PermissionDenied",
+    );
+    assert_error(
+        &post(&app, &s.url("/v1/keys/k/disable"), json!({})).await,
+        403,
+        "PermissionDenied",
+    );
+    assert_error(
+        &get(&app, &s.url("/v1/keys")).await,
+        403,
+        "PermissionDenied",
+    );
+    // Admin cannot use keys.
+    assert_error(
+        &post(&admin, &s.url("/v1/keys/k/datakey"), json!({})).await,
+        403,
+        "PermissionDenied",
+    );
+    let (_, dk) = post(&app, &s.url("/v1/keys/k/datakey"), json!({})).await;
+    assert_error(
+        &post(
+            &admin,
+            &s.url("/v1/unwrap"),
+            json!({"wrapped": dk["wrapped"]}),
+        )
+        .await,
+        403,
+        "PermissionDenied",
+    );
+    // Auditor reads, cannot manage or use.
+    let (st, list) = get(&auditor, &s.url("/v1/keys")).await;
+    assert_eq!(st, 200);
+    assert_eq!(list["keys"][0]["name"], "k");
+    assert_error(
+        &post(&auditor, &s.url("/v1/keys"), json!({"name": "y"})).await,
+        403,
+        "PermissionDenied",
+    );
+    assert_error(
+        &post(
+            &auditor,
+            &s.url("/v1/unwrap"),
+            json!({"wrapped": dk["wrapped"]}),
+        )
+        .await,
+        403,
+        "PermissionDenied",
+    );
+    // A certificate from the right CA with no mapping can do nothing.
+    assert_error(
+        &get(&stranger, &s.url("/v1/keys")).await,
+        403,
+        "PermissionDenied",
+    );
+    assert_error(
+        &post(
+            &stranger,
+            &s.url("/v1/unwrap"),
+            json!({"wrapped": dk["wrapped"]}),
+        )
+        .await,
+        403,
+        "PermissionDenied",
+    );
+    // Nothing changed by the refused calls.
+    let (_, after) = get(&admin, &s.url("/v1/keys")).await;
+    assert_eq!(after["keys"].as_array().unwrap().len(), 1);
+    assert_eq!(after["keys"][0]["current_version"], 1);
+}
+
+#[tokio::test]
+async fn get_list_and_idempotent_state_changes() {
+    let s = TestServer::start().await;
+    for n in ["b-key", "a-key"] {
+        create_key(&s, "admin-a", n).await;
+    }
+    let admin = s.client(Some("admin-a"));
+    let (_, list) = get(&admin, &s.url("/v1/keys")).await;
+    let names: Vec<_> = list["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(names, ["a-key", "b-key"]);
+    let (st, k) = get(&admin, &s.url("/v1/keys/a-key")).await;
+    assert_eq!(st, 200);
+    assert_eq!(k["name"], "a-key");
+    for _ in 0..2 {
+        let (st, k) = post(&admin, &s.url("/v1/keys/a-key/disable"), json!({})).await;
+        assert_eq!((st, k["state"].clone()), (200, json!("disabled")));
+    }
+    assert_error(&get(&admin, &s.url("/v1/keys/nope")).await, 404, "NotFound");
+    assert_error(
+        &post(&admin, &s.url("/v1/keys/nope/rotate"), json!({})).await,
+        404,
+        "NotFound",
+    );
+}

@@ -1,0 +1,117 @@
+//! The TLS layer: client certificates required and verified, TLS 1.3 by default, HTTP/2.
+
+use std::sync::Arc;
+
+use keyhold_tests::{rustls_client, TestServer};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::{create_key, post};
+
+/// Connects with raw rustls and tries one HTTP/1.1 request; returns the response bytes or
+/// the error.
+async fn raw_request(s: &TestServer, config: rustls::ClientConfig) -> Result<Vec<u8>, String> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(s.addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let mut tls = connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    tls.write_all(b"GET /v1/sys/status HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut buf = Vec::new();
+    tls.read_to_end(&mut buf).await.map_err(|e| e.to_string())?;
+    if buf.is_empty() {
+        return Err("connection closed without a response".into());
+    }
+    Ok(buf)
+}
+
+#[tokio::test]
+async fn handshake_refused_without_or_with_a_foreign_certificate() {
+    let s = TestServer::start().await;
+    let none = raw_request(&s, rustls_client(&s.pki, None)).await;
+    let err = none.expect_err("no client certificate must be refused");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    let foreign = raw_request(&s, rustls_client(&s.pki, Some("foreign"))).await;
+    let err = foreign.expect_err("a certificate from another CA must be refused");
+    assert!(
+        err.to_lowercase().contains("certificate") || err.contains("UnknownCA"),
+        "{err}"
+    );
+    // reqwest sees the same.
+    assert!(s
+        .client(None)
+        .get(s.url("/v1/sys/status"))
+        .send()
+        .await
+        .is_err());
+    assert!(s
+        .client(Some("foreign"))
+        .get(s.url("/v1/sys/status"))
+        .send()
+        .await
+        .is_err());
+    // And a proper certificate on the same server works.
+    let ok = raw_request(&s, rustls_client(&s.pki, Some("admin-a")))
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&ok).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&ok)
+    );
+}
+
+#[tokio::test]
+async fn tls12_only_client_refused_by_default() {
+    let s = TestServer::start().await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in kms_server::tls::load_certs(&s.pki.ca()).unwrap() {
+        roots.add(c).unwrap();
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS12])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_client_auth_cert(
+        kms_server::tls::load_certs(&s.pki.cert("admin-a")).unwrap(),
+        kms_server::tls::load_key(&s.pki.key("admin-a")).unwrap(),
+    )
+    .unwrap();
+    assert!(raw_request(&s, config).await.is_err());
+}
+
+#[tokio::test]
+async fn http2_and_keep_alive_both_work() {
+    let s = TestServer::start().await;
+    create_key(&s, "admin-a", "k").await;
+    let h2 = s.client_h2(Some("app-a"));
+    let r = h2
+        .post(s.url("/v1/keys/k/datakey"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 200);
+    let h1 = s.client(Some("app-a"));
+    for _ in 0..5 {
+        let r = h1
+            .post(s.url("/v1/keys/k/datakey"))
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.version(), reqwest::Version::HTTP_11);
+        assert_eq!(r.status(), 200);
+    }
+    let (st, _) = post(&h2, &s.url("/v1/keys/k/datakey"), json!({})).await;
+    assert_eq!(st, 200);
+}

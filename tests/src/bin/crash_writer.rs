@@ -1,0 +1,63 @@
+//! Crash-test child: writes keys as fast as it can and prints an acknowledgement only
+//! after each write has been committed (the keyring returns only once the store commit
+//! is durable). The parent kills it with SIGKILL at a random moment and checks that every
+//! acknowledged write survived.
+//!
+//! Usage: crash-writer <redb|sled> <store-path> <key-file> <cycle>
+//! Prints: `ACK <name> <wrapped-b64> <dek-b64>` after a key is created and a canary DEK
+//! wrapped under it, and `ROT <name> <version>` after a rotation.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use kms_client::api::{Algorithm, Context};
+use kms_server::keyring::Keyring;
+use kms_server::keystore::{self, Engine};
+use kms_server::seal::KeyFileSealer;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let engine = match args[1].as_str() {
+        "redb" => Engine::Redb,
+        "sled" => Engine::Sled,
+        other => panic!("unknown engine {other}"),
+    };
+    let store = keystore::open(engine, &PathBuf::from(&args[2])).unwrap();
+    let keyring = Keyring::new(store);
+    keyring.unseal(&KeyFileSealer::new(&args[3])).unwrap();
+    let cycle = &args[4];
+    let mut out = std::io::stdout().lock();
+    let ctx: Context = [("canary".to_string(), cycle.clone())]
+        .into_iter()
+        .collect();
+    for i in 0u64.. {
+        let name = format!("c{cycle}-k{i}");
+        keyring
+            .create_key("crash", &name, Algorithm::Aes256Gcm, None)
+            .unwrap();
+        let dk = keyring.datakey("crash", &name, &ctx).unwrap();
+        writeln!(
+            out,
+            "ACK {name} {} {}",
+            B64.encode(&dk.wrapped),
+            B64.encode(dk.plaintext.expose_secret())
+        )
+        .unwrap();
+        out.flush().unwrap();
+        if i % 3 == 2 {
+            let prev = format!("c{cycle}-k{}", i - 1);
+            let info = keyring.rotate("crash", &prev).unwrap();
+            writeln!(out, "ROT {prev} {}", info.current_version).unwrap();
+            out.flush().unwrap();
+        }
+        if i % 5 == 4 {
+            keyring.set_enabled("crash", &name, false).unwrap();
+            writeln!(out, "DIS {name}").unwrap();
+            out.flush().unwrap();
+        }
+    }
+}
