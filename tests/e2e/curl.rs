@@ -66,9 +66,7 @@ async fn curl_datakey_then_unwrap() {
     .await
     .unwrap();
     assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr).to_lowercase();
-    assert!(
-        err.contains("certificate") || err.contains("alert"),
-        "{err}"
-    );
+    // curl reports the refused handshake as 35, 55 or 56 depending on timing; no body.
+    assert!(matches!(out.status.code(), Some(35 | 55 | 56)), "{out:?}");
+    assert!(out.stdout.is_empty());
 }
