@@ -1,0 +1,113 @@
+//! The `kms-server` binary: configuration errors name file and field, and dev mode serves
+//! what its banner promises (the printed curl commands are run as pasted).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_kms-server");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn http_get(port: u16, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nhost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
+}
+
+#[test]
+fn bad_config_names_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["c.pem", "k.pem", "ca.pem"] {
+        std::fs::write(dir.path().join(f), "x").unwrap();
+    }
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[store]\npath = \"s.redb\"\n[seal]\nmethod = \"key-file\"\nkey_file = \"m.key\"\n\
+         [tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"\nmin_version = \"1.0\"\n",
+    )
+    .unwrap();
+    let out = Command::new(BIN).arg("check-config").arg("--config").arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml") && err.contains("tls.min_version"), "{err}");
+    // serve refuses the same file before doing anything.
+    let out = Command::new(BIN).arg("serve").arg("--config").arg(&path).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tls.min_version"));
+}
+
+#[test]
+fn dev_mode_banner_commands_work_when_pasted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    let (api, ops) = (free_port(), free_port());
+    let mut child = Command::new(BIN)
+        .arg("dev")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{api}"))
+        .arg("--ops-listen")
+        .arg(format!("127.0.0.1:{ops}"))
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut banner = Vec::new();
+    loop {
+        assert!(Instant::now() < deadline, "dev mode did not become ready: {banner:?}");
+        while let Ok(l) = rx.try_recv() {
+            banner.push(l);
+        }
+        if http_get(ops, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200")) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    while let Ok(l) = rx.try_recv() {
+        banner.push(l);
+    }
+    let text = banner.join("\n");
+    assert!(text.contains("NOT FOR PRODUCTION"), "{text}");
+    let datakey = banner.iter().find(|l| l.trim_start().starts_with("W=$(")).expect(&text);
+    let unwrap = banner
+        .iter()
+        .find(|l| l.contains("/v1/unwrap"))
+        .expect(&text);
+    let script = format!("set -e\n{}\n{}\n", datakey.trim(), unwrap.trim());
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .env_remove("CURL_CA_BUNDLE")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{script}\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("\"plaintext\""), "{stdout}");
+    assert!(stdout.contains("\"key\":\"demo\""), "{stdout}");
+    // The admin listing command works too.
+    let list = banner.iter().find(|l| l.trim_end().ends_with("/v1/keys") && l.contains("admin.pem")).expect(&text);
+    let out = Command::new("sh").arg("-c").arg(list.trim()).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"name\":\"demo\""));
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
