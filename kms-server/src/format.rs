@@ -148,7 +148,7 @@ pub fn wrap(
 /// Reads the header of a wrapped DEK. Any structural problem is the opaque [`OpenFailed`].
 pub fn parse_header(wrapped: &[u8]) -> Result<Header, OpenFailed> {
     let len = wrapped.len();
-    if len < HEADER_LEN + MIN_DEK_LEN + TAG_LEN || len > HEADER_LEN + MAX_DEK_LEN + TAG_LEN {
+    if !(HEADER_LEN + MIN_DEK_LEN + TAG_LEN..=HEADER_LEN + MAX_DEK_LEN + TAG_LEN).contains(&len) {
         return Err(OpenFailed);
     }
     if wrapped[0..2] != MAGIC || wrapped[2] != VERSION || wrapped[3] != SUITE_AES256GCM_HKDF {

@@ -23,9 +23,10 @@ pub struct Issued {
 impl Issued {
     /// The certificate, DER.
     pub fn cert_der(&self) -> Option<Vec<u8>> {
-        let mut rd = std::io::BufReader::new(self.cert_pem.as_bytes());
-        let first = rustls_pemfile::certs(&mut rd).next();
-        first.and_then(Result::ok).map(|c| c.to_vec())
+        use rustls::pki_types::pem::PemObject;
+        rustls::pki_types::CertificateDer::from_pem_slice(self.cert_pem.as_bytes())
+            .ok()
+            .map(|c| c.to_vec())
     }
 }
 

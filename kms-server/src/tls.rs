@@ -3,11 +3,10 @@
 //! required and verified against the configured CA, ALPN `h2` and `http/1.1`. And the
 //! reading of a verified client certificate's identity.
 
-use std::fs::File;
-use std::io::BufReader;
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
@@ -46,8 +45,8 @@ fn file_err(path: &Path, reason: impl ToString) -> TlsError {
 
 /// Reads every certificate in a PEM file.
 pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let mut rd = BufReader::new(File::open(path).map_err(|e| file_err(path, e))?);
-    let certs = rustls_pemfile::certs(&mut rd)
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| file_err(path, e))?
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| file_err(path, e))?;
     if certs.is_empty() {
@@ -58,10 +57,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError>
 
 /// Reads the first private key in a PEM file.
 pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let mut rd = BufReader::new(File::open(path).map_err(|e| file_err(path, e))?);
-    rustls_pemfile::private_key(&mut rd)
-        .map_err(|e| file_err(path, e))?
-        .ok_or_else(|| file_err(path, "no private key found"))
+    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, e))
 }
 
 /// The rustls server configuration for the API listener.

@@ -11,7 +11,11 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_kms-server");
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn http_get(port: u16, path: &str) -> Option<String> {
@@ -36,12 +40,25 @@ fn bad_config_names_file_and_field() {
          [tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"\nmin_version = \"1.0\"\n",
     )
     .unwrap();
-    let out = Command::new(BIN).arg("check-config").arg("--config").arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.toml") && err.contains("tls.min_version"), "{err}");
+    assert!(
+        err.contains("bad.toml") && err.contains("tls.min_version"),
+        "{err}"
+    );
     // serve refuses the same file before doing anything.
-    let out = Command::new(BIN).arg("serve").arg("--config").arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .arg("serve")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("tls.min_version"));
 }
@@ -73,11 +90,16 @@ fn dev_mode_banner_commands_work_when_pasted() {
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut banner = Vec::new();
     loop {
-        assert!(Instant::now() < deadline, "dev mode did not become ready: {banner:?}");
+        assert!(
+            Instant::now() < deadline,
+            "dev mode did not become ready: {banner:?}"
+        );
         while let Ok(l) = rx.try_recv() {
             banner.push(l);
         }
-        if http_get(ops, "/readyz").is_some_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200")) {
+        if http_get(ops, "/readyz")
+            .is_some_and(|r| r.starts_with("HTTP/1.0 200") || r.starts_with("HTTP/1.1 200"))
+        {
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
@@ -88,7 +110,10 @@ fn dev_mode_banner_commands_work_when_pasted() {
     }
     let text = banner.join("\n");
     assert!(text.contains("NOT FOR PRODUCTION"), "{text}");
-    let datakey = banner.iter().find(|l| l.trim_start().starts_with("W=$(")).expect(&text);
+    let datakey = banner
+        .iter()
+        .find(|l| l.trim_start().starts_with("W=$("))
+        .expect(&text);
     let unwrap = banner
         .iter()
         .find(|l| l.contains("/v1/unwrap"))
@@ -101,13 +126,54 @@ fn dev_mode_banner_commands_work_when_pasted() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{script}\n{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{script}\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("\"plaintext\""), "{stdout}");
     assert!(stdout.contains("\"key\":\"demo\""), "{stdout}");
     // The admin listing command works too.
-    let list = banner.iter().find(|l| l.trim_end().ends_with("/v1/keys") && l.contains("admin.pem")).expect(&text);
-    let out = Command::new("sh").arg("-c").arg(list.trim()).output().unwrap();
+    let list = banner
+        .iter()
+        .find(|l| l.trim_end().ends_with("/v1/keys") && l.contains("admin.pem"))
+        .expect(&text);
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(list.trim())
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"name\":\"demo\""));
     child.kill().unwrap();
     child.wait().unwrap();
+}
+
+#[test]
+fn deploy_example_config_is_valid() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().display().to_string();
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../deploy/kms-server.toml"
+    ))
+    .unwrap()
+    .replace("/etc/keyhold/", &format!("{root}/etc/"))
+    .replace("/var/lib/keyhold/", &format!("{root}/var/"));
+    std::fs::create_dir_all(dir.path().join("etc/tls")).unwrap();
+    for f in ["server.pem", "server-key.pem", "client-ca.pem"] {
+        std::fs::write(dir.path().join("etc/tls").join(f), "x").unwrap();
+    }
+    let path = dir.path().join("kms-server.toml");
+    std::fs::write(&path, text).unwrap();
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .arg("--config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

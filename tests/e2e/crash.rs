@@ -45,7 +45,8 @@ fn verify(
     let sealer = KeyFileSealer::new(key_file);
     ring.unseal(&sealer).expect("unseal after kill -9");
     let mut lost = 0;
-    for (name, a) in acked {
+    for name in names {
+        let a = &acked[name];
         let info = match ring.key_info("crash", name) {
             Ok(i) => i,
             Err(e) => {
@@ -61,6 +62,9 @@ fn verify(
             continue;
         }
         if info.state == KeyState::Disabled {
+            if !toggle_disabled {
+                continue;
+            }
             ring.set_enabled("crash", name, true).unwrap();
         }
         let ctx: Context = [("canary".to_string(), a.cycle.to_string())]
@@ -146,8 +150,31 @@ fn run_engine(engine: Engine, name: &str) {
                 _ => {}
             }
         }
-        total_lost += verify(engine, &store_path, &key_file, &acked);
+        // Every key acknowledged in this cycle, plus a sample of older ones (all of them
+        // are checked once more at the end).
+        let mut names: Vec<&String> = acked
+            .iter()
+            .filter(|(_, a)| a.cycle == cycle)
+            .map(|(n, _)| n)
+            .collect();
+        names.extend(acked.keys().filter(|_| rng.gen_ratio(1, 20)).take(50));
+        total_lost += verify(
+            engine,
+            &store_path,
+            &key_file,
+            &acked,
+            names.into_iter(),
+            false,
+        );
+        if (cycle + 1) % 50 == 0 {
+            eprintln!(
+                "crash test: engine={name} cycle {} acknowledged so far {}",
+                cycle + 1,
+                acked.len()
+            );
+        }
     }
+    total_lost += verify(engine, &store_path, &key_file, &acked, acked.keys(), true);
     eprintln!(
         "crash test: engine={name} cycles={n} acknowledged_keys={} lost={total_lost}",
         acked.len()

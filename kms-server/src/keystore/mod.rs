@@ -130,16 +130,15 @@ pub trait KeyStore: Send + Sync + 'static {
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
 
     /// Every committed `(key, value)` whose key starts with `prefix`, in key order.
-    fn scan_prefix(
-        &self,
-        table: Table,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<Entry>, StoreError>;
 
     /// Applies `batch` atomically after checking its conditions. Returns once the batch is
     /// durable (fsync'd, or the engine's documented equivalent).
     fn commit(&self, batch: &WriteBatch) -> Result<(), StoreError>;
 }
+
+/// One `(key, value)` pair as read from a table.
+pub type Entry = (Vec<u8>, Vec<u8>);
 
 /// Engine choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]

@@ -4,7 +4,7 @@ use std::path::Path;
 
 use redb::{Database, Durability, ReadableTable, TableDefinition};
 
-use super::{KeyStore, StoreError, Table, WriteBatch};
+use super::{Entry, KeyStore, StoreError, Table, WriteBatch};
 
 const ENGINE: &str = "redb";
 
@@ -55,11 +55,7 @@ impl KeyStore for RedbStore {
         Ok(value.map(|v| v.value().to_vec()))
     }
 
-    fn scan_prefix(
-        &self,
-        table: Table,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
         let txn = self.db.begin_read().map_err(engine_err)?;
         let t = txn.open_table(def(table)).map_err(engine_err)?;
         let mut out = Vec::new();

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
 
-use super::{KeyStore, StoreError, Table, WriteBatch};
+use super::{Entry, KeyStore, StoreError, Table, WriteBatch};
 
 const ENGINE: &str = "sled";
 
@@ -73,11 +73,7 @@ impl KeyStore for SledStore {
             .map(|v| v.to_vec()))
     }
 
-    fn scan_prefix(
-        &self,
-        table: Table,
-        prefix: &[u8],
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
         self.tree(table)
             .scan_prefix(prefix)
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine_err))

@@ -1,0 +1,162 @@
+//! A bounded load generator for the mTLS load run: `concurrency` keep-alive HTTP/1.1
+//! connections, each sending one request after another for `duration` seconds (after a
+//! warm-up), recording latency in an HDR histogram. Loopback only; stops by itself.
+//!
+//! Prints one JSON line: requests, errors, rps, p50/p99/p999 in microseconds.
+
+#![allow(missing_docs)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+
+#[derive(Parser)]
+struct Args {
+    /// Server address (must be loopback).
+    #[arg(long)]
+    addr: SocketAddr,
+    /// Request path.
+    #[arg(long)]
+    path: String,
+    /// File with the JSON request body.
+    #[arg(long)]
+    body: PathBuf,
+    #[arg(long)]
+    ca: PathBuf,
+    #[arg(long)]
+    cert: PathBuf,
+    #[arg(long)]
+    key: PathBuf,
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// Measured seconds.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Warm-up seconds (not measured).
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Hard cap on requests per connection.
+    #[arg(long, default_value_t = 2_000_000)]
+    max_requests: u64,
+    /// Label printed with the result.
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+struct Outcome {
+    hist: Histogram<u64>,
+    errors: u64,
+}
+
+async fn worker(
+    args: Arc<Args>,
+    tls: Arc<rustls::ClientConfig>,
+    body: Bytes,
+    start_measure: Instant,
+    stop: Instant,
+) -> anyhow::Result<Outcome> {
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0;
+    let tcp = tokio::net::TcpStream::connect(args.addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let stream = tokio_rustls::TlsConnector::from(tls)
+        .connect(name, tcp)
+        .await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    for _ in 0..args.max_requests {
+        let t0 = Instant::now();
+        if t0 >= stop {
+            break;
+        }
+        let req = hyper::Request::post(args.path.as_str())
+            .header("host", "localhost")
+            .header("content-type", "application/json")
+            .body(Full::new(body.clone()))?;
+        let resp = sender.send_request(req).await?;
+        let ok = resp.status().is_success();
+        let _ = resp.into_body().collect().await?;
+        let t1 = Instant::now();
+        if t0 >= start_measure {
+            if ok {
+                hist.record((t1 - t0).as_micros().max(1) as u64)?;
+            } else {
+                errors += 1;
+            }
+        }
+    }
+    Ok(Outcome { hist, errors })
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Arc::new(Args::parse());
+    if !args.addr.ip().is_loopback() {
+        bail!("the load generator only targets loopback addresses");
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in kms_server::tls::load_certs(&args.ca)? {
+        roots.add(c)?;
+    }
+    let tls = Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                kms_server::tls::load_certs(&args.cert)?,
+                kms_server::tls::load_key(&args.key)?,
+            )?,
+    );
+    let body = Bytes::from(std::fs::read(&args.body).context("reading the body file")?);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(async {
+        let start_measure = Instant::now() + Duration::from_secs(args.warmup);
+        let stop = start_measure + Duration::from_secs(args.duration);
+        let mut tasks = Vec::new();
+        for _ in 0..args.concurrency {
+            tasks.push(tokio::spawn(worker(
+                args.clone(),
+                tls.clone(),
+                body.clone(),
+                start_measure,
+                stop,
+            )));
+        }
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+        let mut errors = 0;
+        for t in tasks {
+            let o = t.await??;
+            hist.add(&o.hist)?;
+            errors += o.errors;
+        }
+        anyhow::Ok((hist, errors))
+    })?;
+    let (hist, errors) = result;
+    let secs = args.duration as f64;
+    println!(
+        "{}",
+        serde_json::json!({
+            "label": args.label,
+            "concurrency": args.concurrency,
+            "requests": hist.len(),
+            "errors": errors,
+            "rps": (hist.len() as f64 / secs).round(),
+            "p50_us": hist.value_at_quantile(0.50),
+            "p99_us": hist.value_at_quantile(0.99),
+            "p999_us": hist.value_at_quantile(0.999),
+        })
+    );
+    Ok(())
+}
