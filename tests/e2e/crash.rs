@@ -34,11 +34,15 @@ fn cycles() -> u32 {
         .unwrap_or(25)
 }
 
-fn verify(
+/// Checks `names` (all acknowledged). With `toggle_disabled`, a disabled key is enabled
+/// for a moment so its canary can be unwrapped (two more commits per key: only at the end).
+fn verify<'a>(
     engine: Engine,
     store_path: &Path,
     key_file: &Path,
     acked: &HashMap<String, Acked>,
+    names: impl Iterator<Item = &'a String>,
+    toggle_disabled: bool,
 ) -> usize {
     let store = keystore::open(engine, store_path).expect("reopen after kill -9");
     let ring = Keyring::new(store);
