@@ -262,6 +262,24 @@ mod tests {
         assert!(wrap(&kek(), &header(), &[0; 8], &[0, 0, 0, 0]).is_err());
     }
 
+    /// Golden vector made by an independent implementation of `format.md` (Python,
+    /// `cryptography`): `tests/data/wrapped_dek_v1.py`. Version 1 must open forever.
+    #[test]
+    fn golden_v1_opens() {
+        let v: serde_json::Value =
+            serde_json::from_str(include_str!("../tests/data/wrapped_dek_v1.json")).unwrap();
+        let hex = |k: &str| crate::seal::unhex(v[k].as_str().unwrap()).unwrap();
+        let kek = SecretKey::from_slice(&hex("kek")).unwrap();
+        let wrapped = hex("wrapped");
+        let ctx: Context = serde_json::from_value(v["context"].clone()).unwrap();
+        let header = parse_header(&wrapped).unwrap();
+        assert_eq!(header.key_id.to_hex(), v["key_id"].as_str().unwrap());
+        assert_eq!(u64::from(header.version), v["version"].as_u64().unwrap());
+        let dek = unwrap(&kek, &wrapped, &canonical_context(&ctx).unwrap()).unwrap();
+        assert_eq!(dek.expose_secret(), hex("dek").as_slice());
+        assert!(unwrap(&kek, &wrapped, &canonical_context(&Context::new()).unwrap()).is_err());
+    }
+
     #[test]
     fn key_id_hex() {
         let id = KeyId([0xAB; 16]);

@@ -248,7 +248,7 @@ impl Keyring {
         let sealed = sealer.seal(&master)?;
         let mut batch = WriteBatch::new();
         batch
-            .expect(Table::Meta, META_SEALED_MASTER, None)
+            .require(Table::Meta, META_SEALED_MASTER, None)
             .put(Table::Meta, META_SEALED_MASTER, &to_json(&sealed)?)
             .put(Table::Meta, META_FORMAT, STORE_FORMAT);
         match self.store.commit(&batch) {
@@ -473,8 +473,8 @@ impl Keyring {
         let record_bytes = to_json(&record)?;
         let mut batch = WriteBatch::new();
         batch
-            .expect(Table::KeyNames, &name_key(tenant, name), None)
-            .expect(Table::Keys, &id.0, None)
+            .require(Table::KeyNames, &name_key(tenant, name), None)
+            .require(Table::Keys, &id.0, None)
             .put(Table::KeyNames, &name_key(tenant, name), &id.0)
             .put(Table::Keys, &id.0, &record_bytes)
             .put(Table::Versions, &version_key(&id, 1), &to_json(&version)?);
@@ -577,8 +577,8 @@ impl Keyring {
         let record_bytes = to_json(&record)?;
         let mut batch = WriteBatch::new();
         batch
-            .expect(Table::Keys, &id.0, Some(&entry.record_bytes))
-            .expect(Table::Versions, &version_key(&id, new_version), None)
+            .require(Table::Keys, &id.0, Some(&entry.record_bytes))
+            .require(Table::Versions, &version_key(&id, new_version), None)
             .put(Table::Keys, &id.0, &record_bytes)
             .put(
                 Table::Versions,
@@ -643,7 +643,7 @@ impl Keyring {
         let record_bytes = to_json(&record)?;
         let mut batch = WriteBatch::new();
         batch
-            .expect(Table::Keys, &entry.key_id.0, Some(&entry.record_bytes))
+            .require(Table::Keys, &entry.key_id.0, Some(&entry.record_bytes))
             .put(Table::Keys, &entry.key_id.0, &record_bytes);
         self.commit_update(&un, &entry.key_id, &batch)?;
         let updated = Arc::new(KeyEntry {

@@ -77,7 +77,7 @@ impl WriteBatch {
     }
 
     /// Requires `key` to hold exactly `expected` (`None`: absent).
-    pub fn expect(&mut self, table: Table, key: &[u8], expected: Option<&[u8]>) -> &mut Self {
+    pub fn require(&mut self, table: Table, key: &[u8], expected: Option<&[u8]>) -> &mut Self {
         self.conditions.push(Condition {
             table,
             key: key.to_vec(),
@@ -172,25 +172,25 @@ pub(crate) mod tests {
     pub(crate) fn contract(store: &dyn KeyStore) {
         assert_eq!(store.get(Table::Keys, b"a").unwrap(), None);
         let mut b = WriteBatch::new();
-        b.expect(Table::Keys, b"a", None)
+        b.require(Table::Keys, b"a", None)
             .put(Table::Keys, b"a", b"1")
             .put(Table::KeyNames, b"t\0a", b"a");
         store.commit(&b).unwrap();
         assert_eq!(store.get(Table::Keys, b"a").unwrap(), Some(b"1".to_vec()));
         // The same batch again fails its condition and writes nothing.
         let mut b2 = WriteBatch::new();
-        b2.expect(Table::Keys, b"a", None)
+        b2.require(Table::Keys, b"a", None)
             .put(Table::Versions, b"x", b"y");
         assert!(matches!(store.commit(&b2), Err(StoreError::Conflict(_))));
         assert_eq!(store.get(Table::Versions, b"x").unwrap(), None);
         // Compare-and-swap.
         let mut b3 = WriteBatch::new();
-        b3.expect(Table::Keys, b"a", Some(b"1"))
+        b3.require(Table::Keys, b"a", Some(b"1"))
             .put(Table::Keys, b"a", b"2");
         store.commit(&b3).unwrap();
         let mut stale = WriteBatch::new();
         stale
-            .expect(Table::Keys, b"a", Some(b"1"))
+            .require(Table::Keys, b"a", Some(b"1"))
             .put(Table::Keys, b"a", b"3");
         assert!(store.commit(&stale).is_err());
         assert_eq!(store.get(Table::Keys, b"a").unwrap(), Some(b"2".to_vec()));

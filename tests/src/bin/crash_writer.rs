@@ -28,7 +28,11 @@ fn main() {
     };
     let store = keystore::open(engine, &PathBuf::from(&args[2])).unwrap();
     let keyring = Keyring::new(store);
-    keyring.unseal(&KeyFileSealer::new(&args[3])).unwrap();
+    let sealer = KeyFileSealer::new(&args[3]);
+    if keyring.sealed_master_key().unwrap().is_none() {
+        keyring.initialize(&sealer).unwrap();
+    }
+    keyring.unseal(&sealer).unwrap();
     let cycle = &args[4];
     let mut out = std::io::stdout().lock();
     let ctx: Context = [("canary".to_string(), cycle.clone())]
