@@ -115,3 +115,22 @@ async fn http2_and_keep_alive_both_work() {
     let (st, _) = post(&h2, &s.url("/v1/keys/k/datakey"), json!({})).await;
     assert_eq!(st, 200);
 }
+
+#[tokio::test]
+async fn post_quantum_hybrid_key_exchange_is_negotiated() {
+    let s = TestServer::start().await;
+    let connector =
+        tokio_rustls::TlsConnector::from(Arc::new(rustls_client(&s.pki, Some("app-a"))));
+    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let conn = tls.get_ref().1;
+    assert_eq!(
+        conn.protocol_version(),
+        Some(rustls::ProtocolVersion::TLSv1_3)
+    );
+    assert_eq!(
+        conn.negotiated_key_exchange_group().map(|g| g.name()),
+        Some(rustls::NamedGroup::X25519MLKEM768)
+    );
+}
