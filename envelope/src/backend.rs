@@ -113,22 +113,38 @@ impl Aes256Gcm {
 
     /// Encrypts `buf` in place and appends the tag.
     pub(crate) fn seal_in_place(&self, nonce: &[u8; NONCE_LEN], aad: &[u8], buf: &mut Vec<u8>) {
+        let tag = self.seal_in_place_separate_tag(nonce, aad, buf);
+        buf.extend_from_slice(&tag);
+    }
+
+    /// Encrypts `buf` in place and returns the tag.
+    pub(crate) fn seal_in_place_separate_tag(
+        &self,
+        nonce: &[u8; NONCE_LEN],
+        aad: &[u8],
+        buf: &mut [u8],
+    ) -> [u8; TAG_LEN] {
+        let mut out = [0u8; TAG_LEN];
         #[cfg(feature = "rustcrypto")]
         {
             use aes_gcm::AeadInPlace;
             // Fails only for messages over 2^36 bytes; segments are at most 16 MiB.
             if let Ok(tag) = self.key.encrypt_in_place_detached(nonce.into(), aad, buf) {
-                buf.extend_from_slice(&tag);
+                out.copy_from_slice(&tag);
             }
         }
         #[cfg(not(feature = "rustcrypto"))]
         {
             let nonce = ring::aead::Nonce::assume_unique_for_key(*nonce);
             // Fails only for messages over 2^36 bytes; segments are at most 16 MiB.
-            let _ = self
-                .key
-                .seal_in_place_append_tag(nonce, ring::aead::Aad::from(aad), buf);
+            if let Ok(tag) =
+                self.key
+                    .seal_in_place_separate_tag(nonce, ring::aead::Aad::from(aad), buf)
+            {
+                out.copy_from_slice(tag.as_ref());
+            }
         }
+        out
     }
 
     /// Decrypts `buf` (ciphertext ‖ tag) in place; returns the plaintext length.

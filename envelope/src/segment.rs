@@ -31,6 +31,12 @@ impl SegmentCipher {
         self.aead.seal_in_place(&nonce(index, last), &self.aad, buf);
     }
 
+    /// Encrypts segment `index` in place; returns the tag.
+    pub(crate) fn seal_detached(&self, index: u64, last: bool, buf: &mut [u8]) -> [u8; backend::TAG_LEN] {
+        self.aead
+            .seal_in_place_separate_tag(&nonce(index, last), &self.aad, buf)
+    }
+
     /// Decrypts segment `index` (ciphertext ‖ tag) in place; returns the plaintext length.
     pub(crate) fn open(&self, index: u64, last: bool, buf: &mut [u8]) -> Result<usize, Error> {
         self.aead

@@ -161,22 +161,28 @@ impl Encryptor {
         &self.header
     }
 
-    /// Encrypts all of `plaintext` at once.
-    pub fn seal_all(&self, plaintext: &[u8]) -> Vec<u8> {
+    /// Encrypts all of `plaintext` at once. Consumes the encryptor: one message per
+    /// data key, so nonces can never repeat.
+    pub fn seal_all(self, plaintext: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.seal_to(plaintext, &mut out);
+        out
+    }
+
+    /// As [`Encryptor::seal_all`], appending to `out` (lets callers reuse a buffer).
+    pub fn seal_to(self, plaintext: &[u8], out: &mut Vec<u8>) {
         let seg = self.segment_size;
         let n = plaintext.len().div_ceil(seg).max(1);
-        let mut out = Vec::with_capacity(self.header.len() + plaintext.len() + n * TAG_LEN);
+        out.reserve(self.header.len() + plaintext.len() + n * TAG_LEN);
         out.extend_from_slice(&self.header);
-        let mut buf = Vec::with_capacity(seg + TAG_LEN);
         for i in 0..n {
             let start = i * seg;
             let end = (start + seg).min(plaintext.len());
-            buf.clear();
-            buf.extend_from_slice(&plaintext[start..end]);
-            self.cipher.seal(i as u64, i + 1 == n, &mut buf);
-            out.extend_from_slice(&buf);
+            let at = out.len();
+            out.extend_from_slice(&plaintext[start..end]);
+            let tag = self.cipher.seal_detached(i as u64, i + 1 == n, &mut out[at..]);
+            out.extend_from_slice(&tag);
         }
-        out
     }
 
     /// A `Write` adapter. Call [`EncryptingWriter::finish`] at the end: without it the
@@ -356,18 +362,32 @@ impl Decryptor {
 
     /// Decrypts a whole body (everything after the header) at once.
     pub fn open_all(&self, body: &[u8]) -> Result<Vec<u8>, Error> {
+        let mut out = Vec::new();
+        self.open_to(body, &mut out)?;
+        Ok(out)
+    }
+
+    /// As [`Decryptor::open_all`], appending to `out`. On failure `out` is restored to
+    /// its length on entry: no unauthenticated plaintext is left in it.
+    pub fn open_to(&self, body: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
         let seg = self.segment_size as u64;
         let (n, _) = segment::layout(body.len() as u64, seg)?;
         let full = self.segment_size + TAG_LEN;
-        let mut out = Vec::with_capacity(body.len());
-        let mut buf = Vec::with_capacity(full);
+        let start = out.len();
+        out.reserve(body.len());
         for (i, chunk) in body.chunks(full).enumerate() {
-            buf.clear();
-            buf.extend_from_slice(chunk);
-            let len = self.cipher.open(i as u64, i as u64 + 1 == n, &mut buf)?;
-            out.extend_from_slice(&buf[..len]);
+            let at = out.len();
+            out.extend_from_slice(chunk);
+            match self.cipher.open(i as u64, i as u64 + 1 == n, &mut out[at..]) {
+                Ok(len) => out.truncate(at + len),
+                Err(e) => {
+                    out[start..].fill(0);
+                    out.truncate(start);
+                    return Err(e);
+                }
+            }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// A `Read` adapter over the segments that follow the header in `inner`.

@@ -603,3 +603,19 @@ fn golden_files_open_and_are_reproduced_byte_for_byte() {
         );
     }
 }
+
+/// Seeds for the fuzzer (envelopes it can open: key `fuzz` = 09×32, empty context):
+/// `cargo test -p envelope -- --ignored write_fuzz_seeds`
+#[test]
+#[ignore]
+fn write_fuzz_seeds() {
+    let rt = rt();
+    let p = LocalProvider::new();
+    p.insert_version("fuzz", &[9u8; 32]);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/parse_open");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (i, len) in [0usize, 1, 63, 64, 65, 130, 200].into_iter().enumerate() {
+        let sealed = rt.block_on(seal_with(&p, "fuzz", &data(len), &Context::new(), &small())).unwrap();
+        std::fs::write(dir.join(format!("seed-{i}")), sealed).unwrap();
+    }
+}

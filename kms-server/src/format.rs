@@ -17,12 +17,6 @@ pub const HEADER_LEN: usize = 2 + 1 + 1 + 16 + 4 + SALT_LEN;
 pub const MIN_DEK_LEN: usize = 16;
 /// Largest DEK accepted.
 pub const MAX_DEK_LEN: usize = 64;
-/// Most context entries accepted.
-pub const MAX_CONTEXT_ENTRIES: usize = 64;
-/// Longest context key, bytes.
-pub const MAX_CONTEXT_KEY_LEN: usize = 256;
-/// Longest context value, bytes.
-pub const MAX_CONTEXT_VALUE_LEN: usize = 1024;
 
 const LABEL: &[u8] = b"keyhold/wrapped-dek/v1";
 
@@ -65,34 +59,13 @@ pub struct Header {
     pub version: u32,
 }
 
-/// Checks the context limits, then encodes it canonically.
+/// Checks the context limits, then encodes it canonically (the one encoding Keyhold
+/// uses, shared with the `envelope` crate: see `envelope::context`).
 pub fn canonical_context(context: &Context) -> Result<Vec<u8>, Error> {
-    if context.len() > MAX_CONTEXT_ENTRIES {
-        return Err(Error::InvalidRequest(format!(
-            "context has {} entries; at most {MAX_CONTEXT_ENTRIES} are allowed",
-            context.len()
-        )));
-    }
-    let mut out = Vec::with_capacity(4 + context.len() * 16);
-    out.extend_from_slice(&(context.len() as u32).to_be_bytes());
-    // BTreeMap<String, _> iterates in ascending byte order of the keys.
-    for (k, v) in context {
-        if k.is_empty() || k.len() > MAX_CONTEXT_KEY_LEN {
-            return Err(Error::InvalidRequest(format!(
-                "context keys must be 1 to {MAX_CONTEXT_KEY_LEN} bytes"
-            )));
-        }
-        if v.len() > MAX_CONTEXT_VALUE_LEN {
-            return Err(Error::InvalidRequest(format!(
-                "context values must be at most {MAX_CONTEXT_VALUE_LEN} bytes"
-            )));
-        }
-        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
-        out.extend_from_slice(k.as_bytes());
-        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
-        out.extend_from_slice(v.as_bytes());
-    }
-    Ok(out)
+    envelope::context::canonical(context).map_err(|e| match e {
+        envelope::Error::InvalidInput(msg) => Error::InvalidRequest(msg),
+        _ => Error::Internal("context encoding failed"),
+    })
 }
 
 /// Checks a DEK's length.
