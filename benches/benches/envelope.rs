@@ -13,7 +13,9 @@ use envelope::{Context, Decryptor, Encryptor, LocalProvider};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
 }
 
 fn raw_key() -> LessSafeKey {
@@ -45,7 +47,9 @@ fn one_shot(c: &mut Criterion) {
     let rt = rt();
     let provider = LocalProvider::new();
     provider.rotate("bench").unwrap();
-    let ctx: Context = [("tenant".to_string(), "acme".to_string())].into_iter().collect();
+    let ctx: Context = [("tenant".to_string(), "acme".to_string())]
+        .into_iter()
+        .collect();
     let key = raw_key();
     for (label, size) in [("1KiB", 1024usize), ("64KiB", 64 << 10), ("1MiB", 1 << 20)] {
         let pt = vec![0xA5u8; size];
@@ -56,13 +60,18 @@ fn one_shot(c: &mut Criterion) {
         g.bench_function("envelope", |b| {
             b.iter(|| {
                 buf.clear();
-                let enc = rt.block_on(Encryptor::new(&provider, "bench", &ctx)).unwrap();
+                let enc = rt
+                    .block_on(Encryptor::new(&provider, "bench", &ctx))
+                    .unwrap();
                 enc.seal_to(&pt, &mut buf);
             })
         });
         g.bench_function("envelope-data-path", |b| {
             b.iter_batched(
-                || rt.block_on(Encryptor::new(&provider, "bench", &ctx)).unwrap(),
+                || {
+                    rt.block_on(Encryptor::new(&provider, "bench", &ctx))
+                        .unwrap()
+                },
                 |enc| {
                     buf.clear();
                     enc.seal_to(&pt, &mut buf);
@@ -73,23 +82,30 @@ fn one_shot(c: &mut Criterion) {
         g.finish();
         let mut raw_ct = Vec::new();
         raw_seal_to(&key, &pt, &mut raw_ct);
-        let env_ct = rt.block_on(envelope::seal(&provider, "bench", &pt, &ctx)).unwrap();
+        let env_ct = rt
+            .block_on(envelope::seal(&provider, "bench", &pt, &ctx))
+            .unwrap();
         let (header, hlen) = envelope::Header::parse(&env_ct).unwrap();
         let mut g = c.benchmark_group(format!("open/{label}"));
         g.throughput(Throughput::Bytes(size as u64));
-        g.bench_function("raw-ring", |b| b.iter(|| raw_open_to(&key, &raw_ct, &mut buf)));
+        g.bench_function("raw-ring", |b| {
+            b.iter(|| raw_open_to(&key, &raw_ct, &mut buf))
+        });
         g.bench_function("envelope", |b| {
             b.iter(|| {
                 buf.clear();
                 let mut src = &env_ct[..];
-                let dec = rt.block_on(Decryptor::from_reader(&provider, &mut src, &ctx)).unwrap();
+                let dec = rt
+                    .block_on(Decryptor::from_reader(&provider, &mut src, &ctx))
+                    .unwrap();
                 dec.open_to(src, &mut buf).unwrap();
             })
         });
         let _ = header;
         let dec = {
             let mut src = &env_ct[..];
-            rt.block_on(Decryptor::from_reader(&provider, &mut src, &ctx)).unwrap()
+            rt.block_on(Decryptor::from_reader(&provider, &mut src, &ctx))
+                .unwrap()
         };
         g.bench_function("envelope-data-path", |b| {
             b.iter(|| {
@@ -126,16 +142,22 @@ fn streaming(c: &mut Criterion) {
         })
     });
     let mut big = Vec::with_capacity(SIZE + 16);
-    g.bench_function("raw-ring-one-call", |b| b.iter(|| raw_seal_to(&key, &pt, &mut big)));
+    g.bench_function("raw-ring-one-call", |b| {
+        b.iter(|| raw_seal_to(&key, &pt, &mut big))
+    });
     g.bench_function("envelope-write", |b| {
         b.iter(|| {
-            let enc = rt.block_on(Encryptor::new(&provider, "bench", &ctx)).unwrap();
+            let enc = rt
+                .block_on(Encryptor::new(&provider, "bench", &ctx))
+                .unwrap();
             let mut w = enc.into_writer(std::io::sink());
             w.write_all(&pt).unwrap();
             w.finish().unwrap();
         })
     });
-    let enc = rt.block_on(Encryptor::new(&provider, "bench", &ctx)).unwrap();
+    let enc = rt
+        .block_on(Encryptor::new(&provider, "bench", &ctx))
+        .unwrap();
     let mut w = enc.into_writer(Vec::with_capacity(SIZE + (SIZE >> 10)));
     w.write_all(&pt).unwrap();
     let sealed = w.finish().unwrap();
@@ -159,7 +181,9 @@ fn streaming(c: &mut Criterion) {
     g.bench_function("envelope-read", |b| {
         b.iter(|| {
             let mut src = &sealed[..];
-            let dec = rt.block_on(Decryptor::from_reader(&provider, &mut src, &ctx)).unwrap();
+            let dec = rt
+                .block_on(Decryptor::from_reader(&provider, &mut src, &ctx))
+                .unwrap();
             let mut r = dec.into_reader(src);
             let mut total = 0;
             loop {

@@ -32,7 +32,12 @@ impl SegmentCipher {
     }
 
     /// Encrypts segment `index` in place; returns the tag.
-    pub(crate) fn seal_detached(&self, index: u64, last: bool, buf: &mut [u8]) -> [u8; backend::TAG_LEN] {
+    pub(crate) fn seal_detached(
+        &self,
+        index: u64,
+        last: bool,
+        buf: &mut [u8],
+    ) -> [u8; backend::TAG_LEN] {
         self.aead
             .seal_in_place_separate_tag(&nonce(index, last), &self.aad, buf)
     }

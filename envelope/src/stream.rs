@@ -180,7 +180,9 @@ impl Encryptor {
             let end = (start + seg).min(plaintext.len());
             let at = out.len();
             out.extend_from_slice(&plaintext[start..end]);
-            let tag = self.cipher.seal_detached(i as u64, i + 1 == n, &mut out[at..]);
+            let tag = self
+                .cipher
+                .seal_detached(i as u64, i + 1 == n, &mut out[at..]);
             out.extend_from_slice(&tag);
         }
     }
@@ -378,7 +380,10 @@ impl Decryptor {
         for (i, chunk) in body.chunks(full).enumerate() {
             let at = out.len();
             out.extend_from_slice(chunk);
-            match self.cipher.open(i as u64, i as u64 + 1 == n, &mut out[at..]) {
+            match self
+                .cipher
+                .open(i as u64, i as u64 + 1 == n, &mut out[at..])
+            {
                 Ok(len) => out.truncate(at + len),
                 Err(e) => {
                     out[start..].fill(0);

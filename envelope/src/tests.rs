@@ -615,7 +615,9 @@ fn write_fuzz_seeds() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/parse_open");
     std::fs::create_dir_all(&dir).unwrap();
     for (i, len) in [0usize, 1, 63, 64, 65, 130, 200].into_iter().enumerate() {
-        let sealed = rt.block_on(seal_with(&p, "fuzz", &data(len), &Context::new(), &small())).unwrap();
+        let sealed = rt
+            .block_on(seal_with(&p, "fuzz", &data(len), &Context::new(), &small()))
+            .unwrap();
         std::fs::write(dir.join(format!("seed-{i}")), sealed).unwrap();
     }
 }

@@ -24,3 +24,14 @@
 //! ```
 
 pub mod api;
+#[cfg(feature = "client")]
+mod client;
+#[cfg(feature = "client")]
+mod error;
+#[cfg(feature = "client")]
+mod provider;
+
+#[cfg(feature = "client")]
+pub use client::{Client, ClientBuilder, RetryPolicy};
+#[cfg(feature = "client")]
+pub use error::Error;

@@ -1,0 +1,189 @@
+//! `encrypt` and `decrypt`: files (or stdin/stdout) through the envelope format, with a
+//! progress bar on large files. Output files are written to a temporary file in the same
+//! folder and renamed only on success: an interrupted or failed run never leaves a
+//! partial file under the output name, and `decrypt` never leaves unauthenticated
+//! plaintext behind.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use envelope::{Decryptor, Encryptor};
+use indicatif::{ProgressBar, ProgressStyle};
+use kms_client::api::Context;
+use kms_client::Client;
+
+/// Files at least this large get a progress bar (when stderr is a terminal).
+const PROGRESS_MIN: u64 = 8 << 20;
+
+pub(crate) fn read_all(input: Option<&Path>) -> anyhow::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    match input {
+        Some(p) => {
+            File::open(p)
+                .with_context(|| format!("opening {}", p.display()))?
+                .read_to_end(&mut buf)?;
+        }
+        None => {
+            io::stdin().read_to_end(&mut buf)?;
+        }
+    }
+    Ok(buf)
+}
+
+fn open_input(input: Option<&Path>) -> anyhow::Result<(Box<dyn Read>, Option<u64>)> {
+    match input {
+        Some(p) => {
+            let f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
+            let len = f.metadata().ok().map(|m| m.len());
+            Ok((Box::new(BufReader::with_capacity(256 << 10, f)), len))
+        }
+        None => Ok((Box::new(io::stdin().lock()), None)),
+    }
+}
+
+fn progress(len: Option<u64>) -> ProgressBar {
+    match len {
+        Some(n) if n >= PROGRESS_MIN && io::stderr().is_terminal() => {
+            let pb = ProgressBar::new(n);
+            if let Ok(style) = ProgressStyle::with_template(
+                "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            ) {
+                pb.set_style(style);
+            }
+            pb
+        }
+        _ => ProgressBar::hidden(),
+    }
+}
+
+/// A file written beside its final name and renamed into place by `commit`.
+struct Staged {
+    tmp: PathBuf,
+    target: PathBuf,
+    file: Option<BufWriter<File>>,
+}
+
+impl Staged {
+    fn create(target: &Path) -> anyhow::Result<Self> {
+        let name = target
+            .file_name()
+            .with_context(|| format!("{} is not a file path", target.display()))?;
+        let tmp = target.with_file_name(format!(
+            ".{}.kmsctl-{}.partial",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = File::options()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        Ok(Self {
+            tmp,
+            target: target.to_path_buf(),
+            file: Some(BufWriter::with_capacity(256 << 10, file)),
+        })
+    }
+
+    fn writer(&mut self) -> &mut BufWriter<File> {
+        // `file` is Some until `commit` takes it.
+        self.file
+            .get_or_insert_with(|| unreachable!("staged file used after commit"))
+    }
+
+    fn commit(mut self) -> anyhow::Result<()> {
+        if let Some(w) = self.file.take() {
+            let f = w.into_inner().map_err(|e| e.into_error())?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&self.tmp, &self.target)
+            .with_context(|| format!("renaming into {}", self.target.display()))?;
+        Ok(())
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        if self.file.is_some() || self.tmp.exists() {
+            self.file = None;
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+pub(crate) async fn encrypt(
+    client: &Client,
+    key: &str,
+    input: Option<&Path>,
+    output: Option<&Path>,
+    context: &Context,
+) -> anyhow::Result<()> {
+    let (mut reader, len) = open_input(input)?;
+    let enc = Encryptor::new(client, key, context)
+        .await
+        .context("getting a data key from the server")?;
+    let pb = progress(len);
+    match output {
+        Some(path) => {
+            let mut staged = Staged::create(path)?;
+            let mut w = enc.into_writer(staged.writer());
+            io::copy(&mut pb.wrap_read(&mut reader), &mut w).context("encrypting")?;
+            w.finish().context("writing the last segment")?;
+            staged.commit()?;
+        }
+        None => {
+            let stdout = io::stdout().lock();
+            if stdout.is_terminal() {
+                bail!("refusing to write binary ciphertext to a terminal: use --out <file> or redirect stdout");
+            }
+            let mut w = enc.into_writer(BufWriter::new(stdout));
+            io::copy(&mut pb.wrap_read(&mut reader), &mut w).context("encrypting")?;
+            w.finish()?.flush()?;
+        }
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+pub(crate) async fn decrypt(
+    client: &Client,
+    input: Option<&Path>,
+    output: Option<&Path>,
+    context: &Context,
+) -> anyhow::Result<()> {
+    let (mut reader, len) = open_input(input)?;
+    let dec = Decryptor::from_reader(client, &mut reader, context)
+        .await
+        .context("opening the envelope")?;
+    let pb = progress(len);
+    let mut plain = dec.into_reader(reader);
+    match output {
+        Some(path) => {
+            let mut staged = Staged::create(path)?;
+            io::copy(&mut plain, &mut pb.wrap_write(staged.writer()))
+                .map_err(map_decrypt_io)
+                .context("decrypting")?;
+            staged.commit()?;
+        }
+        None => {
+            let mut stdout = BufWriter::new(io::stdout().lock());
+            io::copy(&mut plain, &mut stdout)
+                .map_err(map_decrypt_io)
+                .context("decrypting")?;
+            stdout.flush()?;
+        }
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+fn map_decrypt_io(e: io::Error) -> anyhow::Error {
+    if e.kind() == io::ErrorKind::InvalidData {
+        anyhow::Error::new(e)
+            .context("the envelope is damaged, truncated, or not for this key and context")
+    } else {
+        e.into()
+    }
+}

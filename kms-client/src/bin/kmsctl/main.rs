@@ -1,0 +1,356 @@
+//! `kmsctl`: the Keyhold operator CLI. Parses arguments, resolves the connection settings
+//! (flags, then environment, then profile, then `--dev`), calls `kms_client::Client`.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+
+mod files;
+mod output;
+mod settings;
+
+use settings::Role;
+
+/// Keyhold operator CLI: manage keys, use them, encrypt files.
+#[derive(Parser, Debug)]
+#[command(name = "kmsctl", version, about, long_about = None)]
+pub(crate) struct Cli {
+    /// Server endpoint, https://host:port; repeat for failover, tried in order.
+    #[arg(
+        long = "endpoint",
+        global = true,
+        env = "KMSCTL_ENDPOINT",
+        value_delimiter = ','
+    )]
+    pub(crate) endpoints: Vec<String>,
+    /// CA certificate (PEM) that the server's certificate chains to.
+    #[arg(long, global = true, env = "KMSCTL_TLS_CA")]
+    pub(crate) tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM): your identity.
+    #[arg(long, global = true, env = "KMSCTL_TLS_CERT")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, global = true, env = "KMSCTL_TLS_KEY")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// Profile in the config file.
+    #[arg(long, global = true, env = "KMSCTL_PROFILE")]
+    pub(crate) profile: Option<String>,
+    /// Config file (default: $XDG_CONFIG_HOME/keyhold/kmsctl.toml or ~/.config/keyhold/kmsctl.toml).
+    #[arg(long, global = true, env = "KMSCTL_CONFIG")]
+    pub(crate) config: Option<PathBuf>,
+    /// Use the certificates of a `kms-server dev` data dir (admin identity for keys and
+    /// sys commands, app identity for key use).
+    #[arg(long, global = true, env = "KMSCTL_DEV")]
+    pub(crate) dev: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, env = "KMSCTL_OUTPUT")]
+    pub(crate) output: Option<Output>,
+    /// Per-request timeout, seconds.
+    #[arg(long, global = true, default_value_t = 30)]
+    pub(crate) timeout: u64,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Output formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Output {
+    /// Human-readable.
+    Table,
+    /// JSON, as the API returns it.
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Manage keys (admin).
+    #[command(subcommand)]
+    Keys(KeysCmd),
+    /// Get a fresh data key (prints it in clear and wrapped).
+    Datakey {
+        /// Key name.
+        #[arg(long)]
+        key: String,
+        /// Encryption context entry, key=value (repeatable).
+        #[arg(long = "context", value_parser = parse_kv)]
+        context: Vec<(String, String)>,
+    },
+    /// Wrap a DEK you supply (base64).
+    Wrap {
+        /// Key name.
+        #[arg(long)]
+        key: String,
+        /// The DEK, standard base64 (16 to 64 bytes).
+        #[arg(long)]
+        plaintext: String,
+        /// Encryption context entry, key=value (repeatable).
+        #[arg(long = "context", value_parser = parse_kv)]
+        context: Vec<(String, String)>,
+    },
+    /// Unwrap a wrapped DEK (base64); prints the DEK.
+    Unwrap {
+        /// The wrapped DEK, standard base64.
+        #[arg(long)]
+        wrapped: String,
+        /// Encryption context entry, key=value (repeatable).
+        #[arg(long = "context", value_parser = parse_kv)]
+        context: Vec<(String, String)>,
+    },
+    /// Re-wrap a wrapped DEK under its key's current version (the DEK stays in the server).
+    Rewrap {
+        /// The wrapped DEK, standard base64.
+        #[arg(long)]
+        wrapped: String,
+        /// Encryption context entry, key=value (repeatable).
+        #[arg(long = "context", value_parser = parse_kv)]
+        context: Vec<(String, String)>,
+    },
+    /// Run a batch: a JSON file (or stdin) of {"items":[{"op":...}, ...]}.
+    Batch {
+        /// The batch file; stdin when omitted.
+        #[arg(long = "in")]
+        input: Option<PathBuf>,
+    },
+    /// Encrypt a file (or stdin) into the envelope format.
+    Encrypt {
+        /// Key name.
+        #[arg(long)]
+        key: String,
+        /// Input; stdin when omitted.
+        #[arg(long = "in")]
+        input: Option<PathBuf>,
+        /// Output; stdout when omitted. Written to a temporary file and renamed on success.
+        #[arg(long = "out")]
+        out: Option<PathBuf>,
+        /// Encryption context entry, key=value (repeatable); needed again to decrypt.
+        #[arg(long = "context", value_parser = parse_kv)]
+        context: Vec<(String, String)>,
+    },
+    /// Decrypt an envelope file (or stdin). The output file appears only if everything
+    /// authenticated.
+    Decrypt {
+        /// Input; stdin when omitted.
+        #[arg(long = "in")]
+        input: Option<PathBuf>,
+        /// Output; stdout when omitted (then only authenticated segments are written, but a
+        /// later failure leaves a partial stream: prefer --out).
+        #[arg(long = "out")]
+        out: Option<PathBuf>,
+        /// Encryption context entry, key=value (repeatable).
+        #[arg(long = "context", value_parser = parse_kv)]
+        context: Vec<(String, String)>,
+    },
+    /// Seal state (admin).
+    #[command(subcommand)]
+    Sys(SysCmd),
+    /// Print shell completions.
+    Completions {
+        /// Shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum KeysCmd {
+    /// List the tenant's keys.
+    List,
+    /// Show one key.
+    Get {
+        /// Key name.
+        name: String,
+    },
+    /// Create a key.
+    Create {
+        /// Key name: 1 to 128 of A-Z a-z 0-9 . _ -
+        name: String,
+        /// Automatic rotation period, e.g. 90d.
+        #[arg(long)]
+        rotation_period: Option<String>,
+    },
+    /// Add a new version that becomes the wrapping version.
+    Rotate {
+        /// Key name.
+        name: String,
+    },
+    /// Disable (revoke) a key: no wrap, no unwrap, reversible.
+    Disable {
+        /// Key name.
+        name: String,
+    },
+    /// Enable a disabled key.
+    Enable {
+        /// Key name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum SysCmd {
+    /// Show the seal state.
+    Status,
+    /// Unseal: asks for the passphrase (or reads --passphrase-file); without a passphrase
+    /// method, retries the server's configured source.
+    Unseal {
+        /// Read the passphrase from this file.
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// Do not ask for a passphrase (key-file servers).
+        #[arg(long)]
+        no_passphrase: bool,
+    },
+    /// Seal: wipe the master key and every KEK from the server's memory.
+    Seal,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("`{s}`: expected key=value")),
+    }
+}
+
+impl Command {
+    fn role(&self) -> Role {
+        match self {
+            Command::Keys(_) | Command::Sys(_) => Role::Admin,
+            _ => Role::App,
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Completions { shell } = &cli.command {
+        let mut cmd = Cli::command();
+        clap_complete::generate(*shell, &mut cmd, "kmsctl", &mut std::io::stdout());
+        return Ok(());
+    }
+    let resolved = settings::resolve(&cli, cli.command.role())?;
+    let client = kms_client::Client::builder()
+        .endpoints(resolved.endpoints.clone())
+        .ca_pem_file(&resolved.tls_ca)?
+        .identity_pem_files(&resolved.tls_cert, &resolved.tls_key)?
+        .request_timeout(Duration::from_secs(cli.timeout))
+        .build()?;
+    let out = output::Printer::new(resolved.output);
+    let ctx =
+        |pairs: &Vec<(String, String)>| pairs.iter().cloned().collect::<kms_client::api::Context>();
+    match &cli.command {
+        Command::Keys(cmd) => match cmd {
+            KeysCmd::List => out.key_list(&client.list_keys().await?),
+            KeysCmd::Get { name } => out.key(&client.get_key(name).await?),
+            KeysCmd::Create {
+                name,
+                rotation_period,
+            } => {
+                let req = kms_client::api::CreateKeyRequest {
+                    name: name.clone(),
+                    algorithm: None,
+                    rotation_period: rotation_period.clone(),
+                };
+                out.key(&client.create_key(&req).await?)
+            }
+            KeysCmd::Rotate { name } => out.key(&client.rotate_key(name).await?),
+            KeysCmd::Disable { name } => out.key(&client.disable_key(name).await?),
+            KeysCmd::Enable { name } => out.key(&client.enable_key(name).await?),
+        },
+        Command::Datakey { key, context } => {
+            out.datakey(&client.datakey(key, &ctx(context)).await?)
+        }
+        Command::Wrap {
+            key,
+            plaintext,
+            context,
+        } => {
+            let dek = zeroize::Zeroizing::new(output::b64_decode(plaintext, "--plaintext")?);
+            out.wrapped(&client.wrap(key, &dek, &ctx(context)).await?)
+        }
+        Command::Unwrap { wrapped, context } => {
+            let w = output::b64_decode(wrapped, "--wrapped")?;
+            out.unwrapped(&client.unwrap(&w, &ctx(context)).await?)
+        }
+        Command::Rewrap { wrapped, context } => {
+            let w = output::b64_decode(wrapped, "--wrapped")?;
+            out.wrapped(&client.rewrap(&w, &ctx(context)).await?)
+        }
+        Command::Batch { input } => {
+            let text = files::read_all(input.as_deref())?;
+            let req: kms_client::api::BatchRequest = serde_json::from_slice(&text)
+                .context("the batch file is not {\"items\":[{\"op\":...}]} JSON")?;
+            out.batch(&client.batch(req.items).await?)
+        }
+        Command::Encrypt {
+            key,
+            input,
+            out,
+            context,
+        } => {
+            files::encrypt(
+                &client,
+                key,
+                input.as_deref(),
+                out.as_deref(),
+                &ctx(context),
+            )
+            .await
+        }
+        Command::Decrypt {
+            input,
+            out,
+            context,
+        } => files::decrypt(&client, input.as_deref(), out.as_deref(), &ctx(context)).await,
+        Command::Sys(cmd) => match cmd {
+            SysCmd::Status => out.status(&client.sys_status().await?),
+            SysCmd::Unseal {
+                passphrase_file,
+                no_passphrase,
+            } => {
+                let pass = if *no_passphrase {
+                    None
+                } else if let Some(f) = passphrase_file {
+                    let text = zeroize::Zeroizing::new(
+                        std::fs::read_to_string(f)
+                            .with_context(|| format!("reading {}", f.display()))?,
+                    );
+                    Some(zeroize::Zeroizing::new(
+                        text.trim_end_matches(['\n', '\r']).to_owned(),
+                    ))
+                } else if std::io::stdin().is_terminal() {
+                    Some(zeroize::Zeroizing::new(rpassword::prompt_password(
+                        "Unseal passphrase: ",
+                    )?))
+                } else {
+                    None
+                };
+                out.status(&client.unseal(pass.as_ref().map(|p| p.as_str())).await?)
+            }
+            SysCmd::Seal => out.status(&client.seal().await?),
+        },
+        Command::Completions { .. } => Ok(()),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}", output::explain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

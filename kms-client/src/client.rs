@@ -1,0 +1,551 @@
+//! The mTLS client: a builder, a connection pool per endpoint (HTTP/1.1 keep-alive, or
+//! HTTP/2 when the server offers it through ALPN), retries with exponential backoff and
+//! full jitter for calls that are safe to repeat, and failover across endpoints.
+//!
+//! Retry rules:
+//! - A request that never left (connection refused, TLS handshake refused, connect
+//!   timeout) is tried on the next endpoint, for every operation.
+//! - `503 Sealed` / `503 StorageUnavailable` guarantee nothing changed: next endpoint.
+//! - A request that may have reached the server (timeout or broken connection after
+//!   sending, `500`) is repeated only if the operation is safe to repeat: reads,
+//!   datakey, wrap, unwrap, rewrap, batch, enable/disable, seal/unseal. Never `create` or
+//!   `rotate`, whose repetition would change the outcome.
+//! - Every other refusal (4xx) is returned at once, with the server's code.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Method, Request, StatusCode};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use rand::Rng;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::api::{
+    BatchItem, BatchRequest, BatchResponse, BatchResult, Context, CreateKeyRequest, DatakeyRequest,
+    DatakeyResponse, ErrorCode, ErrorResponse, KeyInfo, KeyList, Passphrase, RewrapRequest,
+    SecretBytes, SysStatus, UnsealRequest, UnwrapRequest, UnwrapResponse, WrapRequest,
+    WrapResponse, WrappedKey,
+};
+use crate::Error;
+
+/// Retry and backoff settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Rounds over all endpoints before giving up (≥ 1).
+    pub max_rounds: u32,
+    /// First backoff ceiling; doubles each round.
+    pub base_delay: Duration,
+    /// Largest backoff ceiling.
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 4 rounds, 50 ms doubling to at most 2 s, full jitter.
+    fn default() -> Self {
+        Self {
+            max_rounds: 4,
+            base_delay: Duration::from_millis(50),
+            max_delay: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Builds a [`Client`].
+#[derive(Debug, Default)]
+pub struct ClientBuilder {
+    endpoints: Vec<String>,
+    ca_pem: Vec<Vec<u8>>,
+    identity: Option<(Vec<u8>, zeroize::Zeroizing<Vec<u8>>)>,
+    connect_timeout: Option<Duration>,
+    request_timeout: Option<Duration>,
+    retry: RetryPolicy,
+}
+
+/// Whether an operation may be repeated when its first attempt may have reached the
+/// server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Repeat {
+    Safe,
+    Unsafe,
+}
+
+impl ClientBuilder {
+    /// Adds a server endpoint (`https://host:port`); several give failover, in order.
+    pub fn endpoint(mut self, url: impl Into<String>) -> Self {
+        self.endpoints.push(url.into());
+        self
+    }
+
+    /// Adds several endpoints, in failover order.
+    pub fn endpoints<I, S>(mut self, urls: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.endpoints.extend(urls.into_iter().map(Into::into));
+        self
+    }
+
+    /// Trusts the CA certificates in this PEM (the server's CA).
+    pub fn ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.ca_pem.push(pem.into());
+        self
+    }
+
+    /// Trusts the CA certificates in a PEM file.
+    pub fn ca_pem_file(self, path: impl AsRef<Path>) -> Result<Self, Error> {
+        let pem = read(path.as_ref())?;
+        Ok(self.ca_pem(pem))
+    }
+
+    /// The client identity: certificate chain and private key, PEM.
+    pub fn identity_pem(
+        mut self,
+        cert_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.identity = Some((cert_pem.into(), zeroize::Zeroizing::new(key_pem.into())));
+        self
+    }
+
+    /// The client identity from PEM files.
+    pub fn identity_pem_files(
+        self,
+        cert: impl AsRef<Path>,
+        key: impl AsRef<Path>,
+    ) -> Result<Self, Error> {
+        let c = read(cert.as_ref())?;
+        let k = read(key.as_ref())?;
+        Ok(self.identity_pem(c, k))
+    }
+
+    /// TCP + TLS connect deadline per endpoint (default 5 s).
+    pub fn connect_timeout(mut self, d: Duration) -> Self {
+        self.connect_timeout = Some(d);
+        self
+    }
+
+    /// Deadline for one attempt, from sending to the complete answer (default 30 s).
+    pub fn request_timeout(mut self, d: Duration) -> Self {
+        self.request_timeout = Some(d);
+        self
+    }
+
+    /// Retry and backoff settings.
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Builds the client (no connection is made yet).
+    pub fn build(self) -> Result<Client, Error> {
+        if self.endpoints.is_empty() {
+            return Err(Error::Config("at least one endpoint is required".into()));
+        }
+        let mut endpoints = Vec::new();
+        for e in &self.endpoints {
+            let e = e.trim_end_matches('/');
+            let uri: hyper::Uri = e
+                .parse()
+                .map_err(|_| Error::Config(format!("`{e}` is not a URL")))?;
+            if uri.scheme_str() != Some("https") || uri.host().is_none() {
+                return Err(Error::Config(format!(
+                    "`{e}`: endpoints are https://host:port (mutual TLS only)"
+                )));
+            }
+            endpoints.push(e.to_owned());
+        }
+        if self.retry.max_rounds == 0 {
+            return Err(Error::Config("retry.max_rounds must be at least 1".into()));
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for pem in &self.ca_pem {
+            for cert in CertificateDer::pem_slice_iter(pem) {
+                let cert = cert.map_err(|e| Error::Config(format!("CA PEM: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| Error::Config(format!("CA certificate: {e}")))?;
+            }
+        }
+        if roots.is_empty() {
+            return Err(Error::Config(
+                "no CA certificate given to verify the server".into(),
+            ));
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| Error::Config(e.to_string()))?
+            .with_root_certificates(roots);
+        let tls = match &self.identity {
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_slice_iter(cert)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| Error::Config(format!("client certificate PEM: {e}")))?;
+                if chain.is_empty() {
+                    return Err(Error::Config(
+                        "the client certificate PEM holds no certificate".into(),
+                    ));
+                }
+                let key = PrivateKeyDer::from_pem_slice(key)
+                    .map_err(|e| Error::Config(format!("client key PEM: {e}")))?;
+                builder
+                    .with_client_auth_cert(chain, key)
+                    .map_err(|e| Error::Config(format!("client identity: {e}")))?
+            }
+            None => builder.with_no_client_auth(),
+        };
+        // ALPN (h2, http/1.1) is set by the connector builder below.
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(self.connect_timeout.unwrap_or(Duration::from_secs(5))));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_only()
+            .enable_http1()
+            .enable_http2()
+            .wrap_connector(http);
+        let client = HttpClient::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build(https);
+        Ok(Client {
+            inner: Arc::new(Inner {
+                http: client,
+                endpoints,
+                preferred: AtomicUsize::new(0),
+                request_timeout: self.request_timeout.unwrap_or(Duration::from_secs(30)),
+                retry: self.retry,
+            }),
+        })
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, Error> {
+    std::fs::read(path).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+}
+
+struct Inner {
+    http: HttpClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    endpoints: Vec<String>,
+    /// The endpoint that answered last; tried first.
+    preferred: AtomicUsize,
+    request_timeout: Duration,
+    retry: RetryPolicy,
+}
+
+/// A Keyhold client. Cheap to clone; clones share the connection pool.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("endpoints", &self.inner.endpoints)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One attempt's failure, classified for the retry loop.
+enum Attempt {
+    /// The request never left: always safe to try elsewhere.
+    NotSent(Box<dyn std::error::Error + Send + Sync>),
+    /// It may have reached the server.
+    MaybeSent(Error),
+}
+
+fn check_name(name: &str) -> Result<&str, Error> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(name)
+    } else {
+        Err(Error::Config(format!(
+            "`{name}` is not a key name (1 to 128 of A-Z a-z 0-9 . _ -)"
+        )))
+    }
+}
+
+impl Client {
+    /// A builder.
+    pub fn builder() -> ClientBuilder {
+        ClientBuilder::default()
+    }
+
+    /// The configured endpoints.
+    pub fn endpoints(&self) -> &[String] {
+        &self.inner.endpoints
+    }
+
+    async fn attempt(
+        &self,
+        endpoint: &str,
+        method: &Method,
+        path: &str,
+        body: &Bytes,
+    ) -> Result<(StatusCode, Bytes), Attempt> {
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(format!("{endpoint}{path}"))
+            .header("content-type", "application/json")
+            .header("accept", "application/json")
+            .body(Full::new(body.clone()))
+            .map_err(|e| Attempt::MaybeSent(Error::Config(e.to_string())))?;
+        let timeout = self.inner.request_timeout;
+        let fut = async {
+            let resp = self.inner.http.request(req).await.map_err(|e| {
+                if e.is_connect() {
+                    Attempt::NotSent(Box::new(e))
+                } else {
+                    Attempt::MaybeSent(Error::Transport {
+                        endpoint: endpoint.to_owned(),
+                        source: Box::new(e),
+                    })
+                }
+            })?;
+            let status = resp.status();
+            let bytes = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| {
+                    Attempt::MaybeSent(Error::Transport {
+                        endpoint: endpoint.to_owned(),
+                        source: Box::new(e),
+                    })
+                })?
+                .to_bytes();
+            Ok((status, bytes))
+        };
+        match tokio::time::timeout(timeout, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(Attempt::MaybeSent(Error::Timeout {
+                endpoint: endpoint.to_owned(),
+            })),
+        }
+    }
+
+    /// Sends one API call with failover and retries; decodes the JSON answer.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+        repeat: Repeat,
+    ) -> Result<T, Error> {
+        let body = Bytes::from(body.unwrap_or_default());
+        let n = self.inner.endpoints.len();
+        let policy = self.inner.retry;
+        let mut last: Option<Error> = None;
+        let mut unreachable: Option<Box<dyn std::error::Error + Send + Sync>> = None;
+        for round in 0..policy.max_rounds {
+            if round > 0 {
+                let ceiling = policy
+                    .base_delay
+                    .saturating_mul(1 << (round - 1).min(16))
+                    .min(policy.max_delay);
+                let jitter = rand::thread_rng().gen_range(0..=ceiling.as_millis() as u64);
+                tokio::time::sleep(Duration::from_millis(jitter)).await;
+            }
+            let first = self.inner.preferred.load(Ordering::Relaxed);
+            for i in 0..n {
+                let idx = (first + i) % n;
+                let endpoint = &self.inner.endpoints[idx];
+                match self.attempt(endpoint, &method, path, &body).await {
+                    Ok((status, bytes)) => match decode::<T>(status, &bytes) {
+                        Ok(v) => {
+                            self.inner.preferred.store(idx, Ordering::Relaxed);
+                            return Ok(v);
+                        }
+                        Err(e) => {
+                            let retry_elsewhere = match e.code() {
+                                Some(ErrorCode::Sealed | ErrorCode::StorageUnavailable) => true,
+                                Some(ErrorCode::Internal) => repeat == Repeat::Safe,
+                                _ => false,
+                            };
+                            if !retry_elsewhere {
+                                return Err(e);
+                            }
+                            last = Some(e);
+                        }
+                    },
+                    Err(Attempt::NotSent(e)) => unreachable = Some(e),
+                    Err(Attempt::MaybeSent(e)) => {
+                        if repeat == Repeat::Unsafe {
+                            return Err(e);
+                        }
+                        last = Some(e);
+                    }
+                }
+            }
+        }
+        match (last, unreachable) {
+            (Some(e), _) => Err(e),
+            (None, Some(source)) => Err(Error::Unreachable {
+                tried: self.inner.endpoints.join(", "),
+                source,
+            }),
+            (None, None) => Err(Error::Config("no attempt was made".into())),
+        }
+    }
+
+    async fn post<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+        repeat: Repeat,
+    ) -> Result<T, Error> {
+        let bytes = serde_json::to_vec(body).map_err(|e| Error::Config(e.to_string()))?;
+        self.call(Method::POST, path, Some(bytes), repeat).await
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        self.call(Method::GET, path, None, Repeat::Safe).await
+    }
+
+    // ---- keys ----
+
+    /// `POST /v1/keys` (not repeated automatically once sent).
+    pub async fn create_key(&self, req: &CreateKeyRequest) -> Result<KeyInfo, Error> {
+        check_name(&req.name)?;
+        self.post("/v1/keys", req, Repeat::Unsafe).await
+    }
+
+    /// `GET /v1/keys`.
+    pub async fn list_keys(&self) -> Result<Vec<KeyInfo>, Error> {
+        let list: KeyList = self.get("/v1/keys").await?;
+        Ok(list.keys)
+    }
+
+    /// `GET /v1/keys/{name}`.
+    pub async fn get_key(&self, name: &str) -> Result<KeyInfo, Error> {
+        self.get(&format!("/v1/keys/{}", check_name(name)?)).await
+    }
+
+    /// `POST /v1/keys/{name}/rotate` (not repeated automatically once sent).
+    pub async fn rotate_key(&self, name: &str) -> Result<KeyInfo, Error> {
+        let path = format!("/v1/keys/{}/rotate", check_name(name)?);
+        self.post(&path, &serde_json::json!({}), Repeat::Unsafe)
+            .await
+    }
+
+    /// `POST /v1/keys/{name}/disable` (idempotent).
+    pub async fn disable_key(&self, name: &str) -> Result<KeyInfo, Error> {
+        let path = format!("/v1/keys/{}/disable", check_name(name)?);
+        self.post(&path, &serde_json::json!({}), Repeat::Safe).await
+    }
+
+    /// `POST /v1/keys/{name}/enable` (idempotent).
+    pub async fn enable_key(&self, name: &str) -> Result<KeyInfo, Error> {
+        let path = format!("/v1/keys/{}/enable", check_name(name)?);
+        self.post(&path, &serde_json::json!({}), Repeat::Safe).await
+    }
+
+    // ---- key use ----
+
+    /// A fresh 32-byte DEK under `key`, in clear (zeroizing) and wrapped.
+    pub async fn datakey(&self, key: &str, context: &Context) -> Result<DatakeyResponse, Error> {
+        let path = format!("/v1/keys/{}/datakey", check_name(key)?);
+        let req = DatakeyRequest {
+            context: context.clone(),
+        };
+        self.post(&path, &req, Repeat::Safe).await
+    }
+
+    /// Wraps a caller-supplied DEK (16–64 bytes).
+    pub async fn wrap(
+        &self,
+        key: &str,
+        plaintext: &[u8],
+        context: &Context,
+    ) -> Result<WrapResponse, Error> {
+        let path = format!("/v1/keys/{}/wrap", check_name(key)?);
+        let req = WrapRequest {
+            plaintext: SecretBytes::new(plaintext.to_vec()),
+            context: context.clone(),
+        };
+        self.post(&path, &req, Repeat::Safe).await
+    }
+
+    /// Unwraps a wrapped DEK with its context.
+    pub async fn unwrap(&self, wrapped: &[u8], context: &Context) -> Result<UnwrapResponse, Error> {
+        let req = UnwrapRequest {
+            wrapped: WrappedKey::from(wrapped.to_vec()),
+            context: context.clone(),
+        };
+        self.post("/v1/unwrap", &req, Repeat::Safe).await
+    }
+
+    /// Re-wraps under the key's current version, same context.
+    pub async fn rewrap(&self, wrapped: &[u8], context: &Context) -> Result<WrapResponse, Error> {
+        let req = RewrapRequest {
+            wrapped: WrappedKey::from(wrapped.to_vec()),
+            context: context.clone(),
+        };
+        self.post("/v1/rewrap", &req, Repeat::Safe).await
+    }
+
+    /// Runs `items` in one request; one result per item, in order.
+    pub async fn batch(&self, items: Vec<BatchItem>) -> Result<Vec<BatchResult>, Error> {
+        let resp: BatchResponse = self
+            .post("/v1/batch", &BatchRequest { items }, Repeat::Safe)
+            .await?;
+        Ok(resp.results)
+    }
+
+    // ---- sys ----
+
+    /// `GET /v1/sys/status`.
+    pub async fn sys_status(&self) -> Result<SysStatus, Error> {
+        self.get("/v1/sys/status").await
+    }
+
+    /// `POST /v1/sys/unseal`, with a passphrase or (None) to retry the configured source.
+    pub async fn unseal(&self, passphrase: Option<&str>) -> Result<SysStatus, Error> {
+        let req = UnsealRequest {
+            passphrase: passphrase.map(|p| Passphrase::new(p.to_owned())),
+        };
+        self.post("/v1/sys/unseal", &req, Repeat::Safe).await
+    }
+
+    /// `POST /v1/sys/seal`.
+    pub async fn seal(&self) -> Result<SysStatus, Error> {
+        self.post("/v1/sys/seal", &serde_json::json!({}), Repeat::Safe)
+            .await
+    }
+}
+
+fn decode<T: DeserializeOwned>(status: StatusCode, bytes: &[u8]) -> Result<T, Error> {
+    if status.is_success() {
+        return serde_json::from_slice(bytes).map_err(|e| Error::InvalidResponse {
+            status: status.as_u16(),
+            detail: format!("unexpected JSON: {e}"),
+        });
+    }
+    match serde_json::from_slice::<ErrorResponse>(bytes) {
+        Ok(err) => Err(Error::Api {
+            status: status.as_u16(),
+            code: err.error.code,
+            message: err.error.message,
+        }),
+        Err(_) => Err(Error::InvalidResponse {
+            status: status.as_u16(),
+            detail: "an error without the API's error body (is this a Keyhold server?)".into(),
+        }),
+    }
+}
