@@ -98,9 +98,7 @@ impl KeyEntry {
             created_at: rfc3339(r.created_at),
             current_version: r.current_version,
             min_decrypt_version: r.min_decrypt_version,
-            rotation_period: r
-                .rotation_period_secs
-                .map(|s| humantime::format_duration(Duration::from_secs(s)).to_string()),
+            rotation_period: r.rotation_period_secs.map(format_period),
             versions: self
                 .versions
                 .iter()
@@ -181,6 +179,15 @@ fn now() -> u64 {
 
 fn rfc3339(secs: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(secs)).to_string()
+}
+
+/// Whole days as `"90d"` (how operators write them); anything else in humantime form.
+fn format_period(secs: u64) -> String {
+    if secs % 86_400 == 0 {
+        format!("{}d", secs / 86_400)
+    } else {
+        humantime::format_duration(Duration::from_secs(secs)).to_string()
+    }
 }
 
 fn name_key(tenant: &str, name: &str) -> Vec<u8> {

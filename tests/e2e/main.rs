@@ -9,10 +9,12 @@
 )]
 
 mod bad_input;
+mod client;
 mod crash;
 mod crypto;
 mod curl;
 mod keys;
+mod kmsctl;
 mod ops;
 mod seal;
 mod tls;

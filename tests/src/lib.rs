@@ -224,6 +224,36 @@ impl TestServer {
         }
     }
 
+    /// A second server over a copy of this (stopped) server's data dir: same master key,
+    /// same keys. For failover tests until the shared store exists.
+    pub async fn copy_of(&self) -> TestServer {
+        assert!(
+            self.task.is_none(),
+            "stop the server before copying its data dir"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(self.dir.path(), dir.path());
+        let mut s = TestServer {
+            pki: TestPki {
+                dir: dir.path().join("pki"),
+            },
+            config: dir.path().join("kms-server.toml"),
+            dir,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            ops_addr: "127.0.0.1:0".parse().unwrap(),
+            stop: None,
+            task: None,
+        };
+        s.launch().await;
+        s
+    }
+
+    /// Starts a stopped server again (new ports).
+    pub async fn start_again(&mut self) {
+        assert!(self.task.is_none());
+        self.launch().await;
+    }
+
     /// Stops and starts again on the same store and config (new ports).
     pub async fn restart(&mut self) {
         self.stop().await;
@@ -247,6 +277,34 @@ impl TestServer {
     pub fn client_h2(&self, who: Option<&str>) -> reqwest::Client {
         client_for(&self.pki, who, true)
     }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// A workspace binary built next to the running test (`target/<profile>/<name>`).
+/// `cargo test --workspace` builds `kms-server` and `kmsctl` because their packages have
+/// integration tests.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build it first (`cargo build -p kms-client -p kms-server`, or run `cargo test --workspace`)",
+        bin.display()
+    );
+    bin
 }
 
 pub fn zeroize_string(s: &str) -> zeroize::Zeroizing<String> {

@@ -1,0 +1,518 @@
+//! `kmsctl` against the real server over mTLS: every subcommand, profiles and precedence,
+//! file encryption with its failure modes, and snapshots of the human-readable output.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use keyhold_tests::{workspace_bin, TestServer};
+
+/// Runs kmsctl (off the async runtime, which serves the server).
+async fn kmsctl(args: Vec<String>, envs: Vec<(String, String)>) -> Output {
+    tokio::task::spawn_blocking(move || {
+        let mut c = std::process::Command::new(workspace_bin("kmsctl"));
+        c.args(&args)
+            .env_remove("KMSCTL_ENDPOINT")
+            .env_remove("KMSCTL_OUTPUT")
+            .env_remove("KMSCTL_PROFILE")
+            .env_remove("KMSCTL_CONFIG")
+            .env("XDG_CONFIG_HOME", "/nonexistent-xdg-config-for-tests")
+            .env("RUST_BACKTRACE", "0");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c.output().unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+fn conn(s: &TestServer, who: &str) -> Vec<String> {
+    vec![
+        "--endpoint".into(),
+        s.url(""),
+        "--tls-ca".into(),
+        s.pki.ca().display().to_string(),
+        "--tls-cert".into(),
+        s.pki.cert(who).display().to_string(),
+        "--tls-key".into(),
+        s.pki.key(who).display().to_string(),
+    ]
+}
+
+async fn ok(s: &TestServer, who: &str, args: &[&str]) -> String {
+    let mut a = conn(s, who);
+    a.extend(args.iter().map(|x| x.to_string()));
+    let out = kmsctl(a.clone(), vec![]).await;
+    assert!(
+        out.status.success(),
+        "kmsctl {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+async fn fails(s: &TestServer, who: &str, args: &[&str]) -> String {
+    let mut a = conn(s, who);
+    a.extend(args.iter().map(|x| x.to_string()));
+    let out = kmsctl(a, vec![]).await;
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "kmsctl {args:?} should fail with 1"
+    );
+    String::from_utf8(out.stderr).unwrap()
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap()
+}
+
+/// Replaces what changes between runs (ids, times, base64 keys) for snapshots.
+fn redact(s: &str) -> String {
+    s.lines()
+        .map(|line| {
+            line.split(' ')
+                .map(|tok| {
+                    if tok.len() == 32 && tok.bytes().all(|b| b.is_ascii_hexdigit()) {
+                        "[ID]".to_string()
+                    } else if tok.len() == 20
+                        && tok.ends_with('Z')
+                        && tok.as_bytes().get(10) == Some(&b'T')
+                    {
+                        "[TIME]".to_string()
+                    } else {
+                        tok.to_string()
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_subcommands_and_table_snapshots() {
+    let s = TestServer::start().await;
+    let created = ok(
+        &s,
+        "admin-a",
+        &[
+            "keys",
+            "create",
+            "orders",
+            "--rotation-period",
+            "90d",
+            "--output",
+            "json",
+        ],
+    )
+    .await;
+    assert_eq!(json(&created)["name"], "orders");
+    ok(&s, "admin-a", &["keys", "create", "archive"]).await;
+    insta::assert_snapshot!(
+        "keys_list_table",
+        redact(&ok(&s, "admin-a", &["keys", "list"]).await)
+    );
+    let rotated = ok(
+        &s,
+        "admin-a",
+        &["keys", "rotate", "orders", "--output", "json"],
+    )
+    .await;
+    assert_eq!(json(&rotated)["current_version"], 2);
+    insta::assert_snapshot!(
+        "keys_get_table",
+        redact(&ok(&s, "admin-a", &["keys", "get", "orders"]).await)
+    );
+    let disabled = ok(
+        &s,
+        "admin-a",
+        &["keys", "disable", "archive", "--output", "json"],
+    )
+    .await;
+    assert_eq!(json(&disabled)["state"], "disabled");
+    let enabled = ok(
+        &s,
+        "admin-a",
+        &["keys", "enable", "archive", "--output", "json"],
+    )
+    .await;
+    assert_eq!(json(&enabled)["state"], "enabled");
+    let list = json(&ok(&s, "admin-a", &["keys", "list", "--output", "json"]).await);
+    assert_eq!(list["keys"].as_array().unwrap().len(), 2);
+    // Errors: clear message, hint, exit 1.
+    let err = fails(&s, "admin-a", &["keys", "create", "orders"]).await;
+    assert!(
+        err.contains("AlreadyExists") && err.contains("hint:"),
+        "{err}"
+    );
+    let err = fails(&s, "app-a", &["keys", "list"]).await;
+    assert!(
+        err.contains("PermissionDenied") && err.contains("admin certificate"),
+        "{err}"
+    );
+    let err = fails(&s, "admin-a", &["keys", "get", "nope"]).await;
+    assert!(err.contains("NotFound"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_use_subcommands() {
+    let s = TestServer::start().await;
+    ok(&s, "admin-a", &["keys", "create", "k"]).await;
+    let dk = json(
+        &ok(
+            &s,
+            "app-a",
+            &[
+                "datakey",
+                "--key",
+                "k",
+                "--context",
+                "doc=7",
+                "--output",
+                "json",
+            ],
+        )
+        .await,
+    );
+    let wrapped = dk["wrapped"].as_str().unwrap().to_string();
+    let un = json(
+        &ok(
+            &s,
+            "app-a",
+            &[
+                "unwrap",
+                "--wrapped",
+                &wrapped,
+                "--context",
+                "doc=7",
+                "--output",
+                "json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(un["plaintext"], dk["plaintext"]);
+    let table = ok(
+        &s,
+        "app-a",
+        &["unwrap", "--wrapped", &wrapped, "--context", "doc=7"],
+    )
+    .await;
+    assert!(table.contains(dk["plaintext"].as_str().unwrap()));
+    let w = json(
+        &ok(
+            &s,
+            "app-a",
+            &[
+                "wrap",
+                "--key",
+                "k",
+                "--plaintext",
+                "AAAAAAAAAAAAAAAAAAAAAA==",
+                "--output",
+                "json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(w["version"], 1);
+    ok(&s, "admin-a", &["keys", "rotate", "k"]).await;
+    let rw = json(
+        &ok(
+            &s,
+            "app-a",
+            &[
+                "rewrap",
+                "--wrapped",
+                &wrapped,
+                "--context",
+                "doc=7",
+                "--output",
+                "json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(rw["version"], 2);
+    let err = fails(
+        &s,
+        "app-a",
+        &["unwrap", "--wrapped", &wrapped, "--context", "doc=8"],
+    )
+    .await;
+    assert!(
+        err.contains("DecryptFailed") && err.contains("--context"),
+        "{err}"
+    );
+    let err = fails(&s, "app-a", &["unwrap", "--wrapped", "not base64!"]).await;
+    assert!(err.contains("--wrapped is not standard base64"), "{err}");
+    // Batch from a file.
+    let dir = tempfile::tempdir().unwrap();
+    let batch = dir.path().join("b.json");
+    std::fs::write(
+        &batch,
+        format!(r#"{{"items":[{{"op":"unwrap","wrapped":"{wrapped}","context":{{"doc":"7"}}}},{{"op":"datakey","key":"nope"}}]}}"#),
+    )
+    .unwrap();
+    let b = json(
+        &ok(
+            &s,
+            "app-a",
+            &["batch", "--in", batch.to_str().unwrap(), "--output", "json"],
+        )
+        .await,
+    );
+    assert_eq!(b["results"][0]["unwrap"]["plaintext"], dk["plaintext"]);
+    assert_eq!(b["results"][1]["error"]["code"], "NotFound");
+    insta::assert_snapshot!(
+        "batch_table",
+        ok(&s, "app-a", &["batch", "--in", batch.to_str().unwrap()]).await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sys_subcommands() {
+    let s = TestServer::start().await;
+    insta::assert_snapshot!(
+        "sys_status_table",
+        ok(&s, "admin-a", &["sys", "status"]).await
+    );
+    let sealed = json(&ok(&s, "admin-a", &["sys", "seal", "--output", "json"]).await);
+    assert_eq!(sealed["sealed"], true);
+    let err = fails(&s, "app-a", &["datakey", "--key", "k"]).await;
+    assert!(
+        err.contains("Sealed") && err.contains("sys unseal"),
+        "{err}"
+    );
+    let unsealed = json(
+        &ok(
+            &s,
+            "admin-a",
+            &["sys", "unseal", "--no-passphrase", "--output", "json"],
+        )
+        .await,
+    );
+    assert_eq!(unsealed["sealed"], false);
+}
+
+fn write(path: &Path, bytes: &[u8]) -> PathBuf {
+    std::fs::write(path, bytes).unwrap();
+    path.to_path_buf()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypt_decrypt_files_and_failures() {
+    let s = TestServer::start().await;
+    ok(&s, "admin-a", &["keys", "create", "files"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let input = write(&dir.path().join("in.bin"), &data);
+    let sealed = dir.path().join("in.bin.khev");
+    let out = dir.path().join("out.bin");
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    ok(
+        &s,
+        "app-a",
+        &[
+            "encrypt",
+            "--key",
+            "files",
+            "--in",
+            &p(&input),
+            "--out",
+            &p(&sealed),
+            "--context",
+            "file=in.bin",
+        ],
+    )
+    .await;
+    ok(
+        &s,
+        "app-a",
+        &[
+            "decrypt",
+            "--in",
+            &p(&sealed),
+            "--out",
+            &p(&out),
+            "--context",
+            "file=in.bin",
+        ],
+    )
+    .await;
+    assert_eq!(std::fs::read(&out).unwrap(), data);
+    // The file is an envelope that the library opens too.
+    let envelope_bytes = std::fs::read(&sealed).unwrap();
+    assert_eq!(&envelope_bytes[..4], b"KHEV");
+    // Wrong context: no output file, and no temporary file left behind.
+    let bad_out = dir.path().join("bad.bin");
+    let err = fails(
+        &s,
+        "app-a",
+        &[
+            "decrypt",
+            "--in",
+            &p(&sealed),
+            "--out",
+            &p(&bad_out),
+            "--context",
+            "file=other",
+        ],
+    )
+    .await;
+    assert!(err.contains("decryption failed"), "{err}");
+    assert!(!bad_out.exists());
+    // Tampered in the middle: the earlier segments authenticate, but nothing appears under
+    // the output name.
+    let mut tampered = envelope_bytes.clone();
+    let mid = tampered.len() / 2;
+    tampered[mid] ^= 1;
+    let tampered_path = write(&dir.path().join("t.khev"), &tampered);
+    let err = fails(
+        &s,
+        "app-a",
+        &[
+            "decrypt",
+            "--in",
+            &p(&tampered_path),
+            "--out",
+            &p(&bad_out),
+            "--context",
+            "file=in.bin",
+        ],
+    )
+    .await;
+    assert!(err.contains("damaged"), "{err}");
+    assert!(!bad_out.exists());
+    // Truncated (an interrupted copy): same.
+    let cut = write(
+        &dir.path().join("cut.khev"),
+        &envelope_bytes[..envelope_bytes.len() - 100],
+    );
+    fails(
+        &s,
+        "app-a",
+        &[
+            "decrypt",
+            "--in",
+            &p(&cut),
+            "--out",
+            &p(&bad_out),
+            "--context",
+            "file=in.bin",
+        ],
+    )
+    .await;
+    assert!(!bad_out.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    // Encrypting with a missing key fails cleanly and writes nothing.
+    let nothing = dir.path().join("nothing.khev");
+    let err = fails(
+        &s,
+        "app-a",
+        &[
+            "encrypt",
+            "--key",
+            "missing",
+            "--in",
+            &p(&input),
+            "--out",
+            &p(&nothing),
+        ],
+    )
+    .await;
+    assert!(err.contains("NotFound"), "{err}");
+    assert!(!nothing.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn profiles_env_and_flag_precedence() {
+    let s = TestServer::start().await;
+    ok(&s, "admin-a", &["keys", "create", "k"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("kmsctl.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "default_profile = \"ops\"\n[profiles.ops]\nendpoints = [\"{}\"]\ntls_ca = \"{}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\noutput = \"json\"\n\n[profiles.broken]\nendpoints = [\"https://127.0.0.1:1\"]\n",
+            s.url(""),
+            s.pki.ca().display(),
+            s.pki.cert("admin-a").display(),
+            s.pki.key("admin-a").display()
+        ),
+    )
+    .unwrap();
+    let cfg_env = ("KMSCTL_CONFIG".to_string(), cfg.display().to_string());
+    // The default profile supplies everything (and JSON output).
+    let out = kmsctl(vec!["keys".into(), "list".into()], vec![cfg_env.clone()]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        json(&String::from_utf8_lossy(&out.stdout))["keys"][0]["name"],
+        "k"
+    );
+    // A flag beats the profile's output.
+    let out = kmsctl(
+        vec![
+            "keys".into(),
+            "list".into(),
+            "--output".into(),
+            "table".into(),
+        ],
+        vec![cfg_env.clone()],
+    )
+    .await;
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("NAME"));
+    // The environment beats the profile: KMSCTL_ENDPOINT points at a dead port.
+    let out = kmsctl(
+        vec!["--timeout".into(), "5".into(), "keys".into(), "list".into()],
+        vec![
+            cfg_env.clone(),
+            ("KMSCTL_ENDPOINT".into(), "https://127.0.0.1:1".into()),
+        ],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no endpoint could be reached"));
+    // A flag beats the environment.
+    let out = kmsctl(
+        vec!["--endpoint".into(), s.url(""), "keys".into(), "list".into()],
+        vec![
+            cfg_env.clone(),
+            ("KMSCTL_ENDPOINT".into(), "https://127.0.0.1:1".into()),
+        ],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // An unknown profile is named.
+    let out = kmsctl(
+        vec![
+            "--profile".into(),
+            "nope".into(),
+            "keys".into(),
+            "list".into(),
+        ],
+        vec![cfg_env],
+    )
+    .await;
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no profile `nope`") && err.contains("ops"),
+        "{err}"
+    );
+}
