@@ -16,6 +16,7 @@ mod curl;
 mod keys;
 mod kmsctl;
 mod ops;
+mod quickstart;
 mod seal;
 mod tls;
 
