@@ -17,13 +17,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
-use hyper::{Method, Request, StatusCode};
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client as HttpClient;
-use hyper_util::rt::TokioExecutor;
+use hyper::{Method, StatusCode};
 use rand::Rng;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -36,6 +31,7 @@ use crate::api::{
     SecretBytes, SysStatus, UnsealRequest, UnwrapRequest, UnwrapResponse, WrapRequest,
     WrapResponse, WrappedKey,
 };
+use crate::transport::{parse_endpoint, SendError, Transport};
 use crate::Error;
 
 /// Retry and backoff settings.
@@ -69,6 +65,7 @@ pub struct ClientBuilder {
     connect_timeout: Option<Duration>,
     request_timeout: Option<Duration>,
     retry: RetryPolicy,
+    http1_only: bool,
 }
 
 /// Whether an operation may be repeated when its first attempt may have reached the
@@ -141,6 +138,13 @@ impl ClientBuilder {
         self
     }
 
+    /// Offer only HTTP/1.1 in ALPN (default: HTTP/2 when the server offers it, else
+    /// HTTP/1.1).
+    pub fn http1_only(mut self, yes: bool) -> Self {
+        self.http1_only = yes;
+        self
+    }
+
     /// Retry and backoff settings.
     pub fn retry(mut self, policy: RetryPolicy) -> Self {
         self.retry = policy;
@@ -153,17 +157,16 @@ impl ClientBuilder {
             return Err(Error::Config("at least one endpoint is required".into()));
         }
         let mut endpoints = Vec::new();
+        let mut targets = Vec::new();
         for e in &self.endpoints {
             let e = e.trim_end_matches('/');
-            let uri: hyper::Uri = e
-                .parse()
-                .map_err(|_| Error::Config(format!("`{e}` is not a URL")))?;
-            if uri.scheme_str() != Some("https") || uri.host().is_none() {
-                return Err(Error::Config(format!(
+            let target = parse_endpoint(e).ok_or_else(|| {
+                Error::Config(format!(
                     "`{e}`: endpoints are https://host:port (mutual TLS only)"
-                )));
-            }
+                ))
+            })?;
             endpoints.push(e.to_owned());
+            targets.push(target);
         }
         if self.retry.max_rounds == 0 {
             return Err(Error::Config("retry.max_rounds must be at least 1".into()));
@@ -187,7 +190,7 @@ impl ClientBuilder {
             .with_safe_default_protocol_versions()
             .map_err(|e| Error::Config(e.to_string()))?
             .with_root_certificates(roots);
-        let tls = match &self.identity {
+        let mut tls = match &self.identity {
             Some((cert, key)) => {
                 let chain = CertificateDer::pem_slice_iter(cert)
                     .collect::<Result<Vec<_>, _>>()
@@ -205,23 +208,20 @@ impl ClientBuilder {
             }
             None => builder.with_no_client_auth(),
         };
-        // ALPN (h2, http/1.1) is set by the connector builder below.
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(self.connect_timeout.unwrap_or(Duration::from_secs(5))));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_only()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = HttpClient::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(https);
+        tls.alpn_protocols = if self.http1_only {
+            vec![b"http/1.1".to_vec()]
+        } else {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        };
+        let transport = Transport::new(
+            Arc::new(tls),
+            self.connect_timeout.unwrap_or(Duration::from_secs(5)),
+            &targets,
+        )
+        .map_err(Error::Config)?;
         Ok(Client {
             inner: Arc::new(Inner {
-                http: client,
+                transport,
                 endpoints,
                 preferred: AtomicUsize::new(0),
                 request_timeout: self.request_timeout.unwrap_or(Duration::from_secs(30)),
@@ -236,7 +236,7 @@ fn read(path: &Path) -> Result<Vec<u8>, Error> {
 }
 
 struct Inner {
-    http: HttpClient<HttpsConnector<HttpConnector>, Full<Bytes>>,
+    transport: Transport,
     endpoints: Vec<String>,
     /// The endpoint that answered last; tried first.
     preferred: AtomicUsize,
@@ -294,48 +294,22 @@ impl Client {
 
     async fn attempt(
         &self,
-        endpoint: &str,
+        idx: usize,
         method: &Method,
         path: &str,
         body: &Bytes,
     ) -> Result<(StatusCode, Bytes), Attempt> {
-        let req = Request::builder()
-            .method(method.clone())
-            .uri(format!("{endpoint}{path}"))
-            .header("content-type", "application/json")
-            .header("accept", "application/json")
-            .body(Full::new(body.clone()))
-            .map_err(|e| Attempt::MaybeSent(Error::Config(e.to_string())))?;
-        let timeout = self.inner.request_timeout;
-        let fut = async {
-            let resp = self.inner.http.request(req).await.map_err(|e| {
-                if e.is_connect() {
-                    Attempt::NotSent(Box::new(e))
-                } else {
-                    Attempt::MaybeSent(Error::Transport {
-                        endpoint: endpoint.to_owned(),
-                        source: Box::new(e),
-                    })
-                }
-            })?;
-            let status = resp.status();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| {
-                    Attempt::MaybeSent(Error::Transport {
-                        endpoint: endpoint.to_owned(),
-                        source: Box::new(e),
-                    })
-                })?
-                .to_bytes();
-            Ok((status, bytes))
-        };
-        match tokio::time::timeout(timeout, fut).await {
-            Ok(r) => r,
+        let endpoint = &self.inner.endpoints[idx];
+        let fut = self.inner.transport.send(idx, method, path, body);
+        match tokio::time::timeout(self.inner.request_timeout, fut).await {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(SendError::NotSent(e))) => Err(Attempt::NotSent(e)),
+            Ok(Err(SendError::MaybeSent(e))) => Err(Attempt::MaybeSent(Error::Transport {
+                endpoint: endpoint.clone(),
+                source: e,
+            })),
             Err(_) => Err(Attempt::MaybeSent(Error::Timeout {
-                endpoint: endpoint.to_owned(),
+                endpoint: endpoint.clone(),
             })),
         }
     }
@@ -365,8 +339,7 @@ impl Client {
             let first = self.inner.preferred.load(Ordering::Relaxed);
             for i in 0..n {
                 let idx = (first + i) % n;
-                let endpoint = &self.inner.endpoints[idx];
-                match self.attempt(endpoint, &method, path, &body).await {
+                match self.attempt(idx, &method, path, &body).await {
                     Ok((status, bytes)) => match decode::<T>(status, &bytes) {
                         Ok(v) => {
                             self.inner.preferred.store(idx, Ordering::Relaxed);

@@ -30,6 +30,8 @@ mod client;
 mod error;
 #[cfg(feature = "client")]
 mod provider;
+#[cfg(feature = "client")]
+mod transport;
 
 #[cfg(feature = "client")]
 pub use client::{Client, ClientBuilder, RetryPolicy};

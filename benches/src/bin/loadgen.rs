@@ -49,6 +49,14 @@ struct Args {
     /// Label printed with the result.
     #[arg(long, default_value = "")]
     label: String,
+    /// Speak HTTP/2 (ALPN h2) instead of HTTP/1.1.
+    #[arg(long)]
+    http2: bool,
+}
+
+enum Either {
+    H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 struct Outcome {
@@ -71,18 +79,35 @@ async fn worker(
     let stream = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(conn);
+    let io = TokioIo::new(stream);
+    let mut sender = if args.http2 {
+        let (s, conn) =
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        Either::H2(s)
+    } else {
+        let (s, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        Either::H1(s)
+    };
+    let uri = if args.http2 {
+        format!("https://localhost:{}{}", args.addr.port(), args.path)
+    } else {
+        args.path.clone()
+    };
     for _ in 0..args.max_requests {
         let t0 = Instant::now();
         if t0 >= stop {
             break;
         }
-        let req = hyper::Request::post(args.path.as_str())
+        let req = hyper::Request::post(uri.as_str())
             .header("host", "localhost")
             .header("content-type", "application/json")
             .body(Full::new(body.clone()))?;
-        let resp = sender.send_request(req).await?;
+        let resp = match &mut sender {
+            Either::H1(s) => s.send_request(req).await?,
+            Either::H2(s) => s.send_request(req).await?,
+        };
         let ok = resp.status().is_success();
         let _ = resp.into_body().collect().await?;
         let t1 = Instant::now();
@@ -107,15 +132,19 @@ fn main() -> anyhow::Result<()> {
     for c in kms_server::tls::load_certs(&args.ca)? {
         roots.add(c)?;
     }
-    let tls = Arc::new(
-        rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_client_auth_cert(
-                kms_server::tls::load_certs(&args.cert)?,
-                kms_server::tls::load_key(&args.key)?,
-            )?,
-    );
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(
+            kms_server::tls::load_certs(&args.cert)?,
+            kms_server::tls::load_key(&args.key)?,
+        )?;
+    tls.alpn_protocols = if args.http2 {
+        vec![b"h2".to_vec()]
+    } else {
+        vec![b"http/1.1".to_vec()]
+    };
+    let tls = Arc::new(tls);
     let body = Bytes::from(std::fs::read(&args.body).context("reading the body file")?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
