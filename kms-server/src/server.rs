@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -19,6 +20,9 @@ use crate::metrics::Metrics;
 use crate::routes::{self, AppState, PeerIdentity, SealerFactory};
 use crate::seal::{KeyFileSealer, PassphraseSealer, SealMethod, Sealer};
 use crate::tls::{self, TlsError};
+
+/// Most client connections served at once (each holds a task and TLS buffers).
+pub const MAX_CONNECTIONS: usize = 4096;
 
 /// Environment variable that may carry the unseal passphrase at start.
 pub const PASSPHRASE_ENV: &str = "KEYHOLD_PASSPHRASE";
@@ -174,10 +178,31 @@ pub async fn run(
 
     let acceptor = TlsAcceptor::from(tls_config);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // HTTP limits: a client that sends headers slowly (or idles on a keep-alive
+    // connection) is dropped after 30 s; HTTP/2 connections are pinged and capped in
+    // streams. Connections beyond MAX_CONNECTIONS wait in the kernel's accept queue.
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    http.http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let http = Arc::new(http);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     let sources: Arc<[crate::policy::IdentitySource]> = sources.into();
     tokio::pin!(shutdown);
     tracing::info!(addr = ?listeners.api.local_addr().ok(), "listening (mTLS)");
     loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listeners.api.accept() => match accepted {
                 Ok(conn) => conn,
@@ -195,7 +220,9 @@ pub async fn run(
         let app = app.clone();
         let sources = sources.clone();
         let watcher = graceful.watcher();
+        let http = http.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
@@ -221,7 +248,7 @@ pub async fn run(
                     app.clone().oneshot(req)
                 },
             );
-            let conn = auto::Builder::new(TokioExecutor::new())
+            let conn = http
                 .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                 .into_owned();
             if let Err(e) = watcher.watch(conn).await {
