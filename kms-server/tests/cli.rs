@@ -177,3 +177,111 @@ fn deploy_example_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// No key material in logs or at rest in clear: run dev mode with the most verbose logging,
+/// get and unwrap data keys with curl, then look for every DEK (raw, base64, hex) in the
+/// log and in the store file, and for the key-file key in the store file.
+#[test]
+fn no_key_material_in_logs_or_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    let (api, ops) = (free_port(), free_port());
+    let log_path = dir.path().join("server.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(BIN)
+        .arg("dev")
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{api}"))
+        .arg("--ops-listen")
+        .arg(format!("127.0.0.1:{ops}"))
+        .env("RUST_LOG", "trace")
+        .stderr(log)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http_get(ops, "/readyz").is_some_and(|r| r.contains(" 200 ")) {
+        assert!(Instant::now() < deadline, "dev mode did not become ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pki = data.join("pki");
+    let curl = |path: &str, body: &str| -> String {
+        let out = Command::new("curl")
+            .args(["-sS", "--max-time", "20", "--cacert"])
+            .arg(pki.join("ca.pem"))
+            .arg("--cert")
+            .arg(pki.join("app.pem"))
+            .arg("--key")
+            .arg(pki.join("app-key.pem"))
+            .args(["-H", "content-type: application/json", "-d", body])
+            .arg(format!("https://127.0.0.1:{api}{path}"))
+            .env_remove("CURL_CA_BUNDLE")
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let field = |json: &str, name: &str| -> String {
+        let start = json.find(&format!("\"{name}\":\"")).unwrap() + name.len() + 4;
+        json[start..].split('"').next().unwrap().to_owned()
+    };
+    let mut deks = Vec::new();
+    for i in 0..20 {
+        let dk = curl(
+            "/v1/keys/demo/datakey",
+            &format!(r#"{{"context":{{"n":"{i}"}}}}"#),
+        );
+        let wrapped = field(&dk, "wrapped");
+        let un = curl(
+            "/v1/unwrap",
+            &format!(r#"{{"wrapped":"{wrapped}","context":{{"n":"{i}"}}}}"#),
+        );
+        assert_eq!(field(&un, "plaintext"), field(&dk, "plaintext"));
+        deks.push(field(&dk, "plaintext"));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let log = std::fs::read(&log_path).unwrap();
+    assert!(log.len() > 1000, "the trace log should not be empty");
+    let store = std::fs::read(data.join("keyhold.redb")).unwrap();
+    let key_file = std::fs::read(data.join("master.key")).unwrap();
+    let contains = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).any(|w| w == needle);
+    for b64 in &deks {
+        let raw = b64_decode(b64);
+        let hex: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        for (what, hay) in [("log", &log), ("store", &store)] {
+            assert!(
+                !contains(hay, b64.as_bytes()),
+                "a DEK (base64) is in the {what}"
+            );
+            assert!(
+                !contains(hay, hex.as_bytes()),
+                "a DEK (hex) is in the {what}"
+            );
+            assert!(!contains(hay, &raw), "a DEK (raw) is in the {what}");
+        }
+    }
+    assert!(
+        !contains(&store, &key_file),
+        "the key-file key is in the store"
+    );
+    assert!(!contains(&log, &key_file));
+}
+
+fn b64_decode(s: &str) -> Vec<u8> {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = Vec::new();
+    let mut buf = 0u32;
+    let mut bits = 0;
+    for c in s.bytes().filter(|&c| c != b'=') {
+        let v = T.iter().position(|&t| t == c).unwrap() as u32;
+        buf = (buf << 6) | v;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buf >> bits) as u8);
+        }
+    }
+    out
+}
