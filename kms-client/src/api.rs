@@ -477,9 +477,238 @@ pub struct UnsealRequest {
     pub passphrase: Option<Passphrase>,
 }
 
+/// The `prev` of the first audit record: 64 zeros.
+pub const AUDIT_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+/// One audit record: one per API request, allowed or denied. Never holds plaintext, key
+/// bytes or wrapped DEKs; the context appears only as a keyed hash.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct AuditRecord {
+    /// Position in the chain, from 1, without gaps.
+    pub seq: u64,
+    /// When the request finished, RFC 3339 (UTC, milliseconds).
+    pub time: String,
+    /// The request id (also in the `x-request-id` response header).
+    pub request_id: u64,
+    /// The client certificate's identity, if any.
+    pub identity: Option<String>,
+    /// The identity's tenant, if it has one.
+    pub tenant: Option<String>,
+    /// Method and route template, e.g. `POST /v1/unwrap`.
+    pub operation: String,
+    /// Key name, when the request named or resolved one.
+    pub key: Option<String>,
+    /// Key version used, when known.
+    pub version: Option<u32>,
+    /// HMAC-SHA256 of the canonical encryption context under a key derived from the master
+    /// key (16 bytes, hex); absent when the request had none or the server was sealed.
+    pub context_hash: Option<String>,
+    /// `ok`, or the error code.
+    pub outcome: String,
+    /// HTTP status.
+    pub status: u16,
+    /// Time spent in the server before the audit write, microseconds.
+    pub latency_us: u64,
+    /// `hash` of the previous record ([`AUDIT_GENESIS`] for the first).
+    pub prev: String,
+    /// SHA-256 (hex) of this record's JSON with `hash` set to `""`.
+    pub hash: String,
+}
+
+impl AuditRecord {
+    /// The chain hash of this record: SHA-256 over its JSON (fields in declaration order)
+    /// with `hash` set to the empty string.
+    pub fn compute_hash(&self) -> String {
+        use sha2::Digest;
+        let mut r = self.clone();
+        r.hash.clear();
+        let bytes = serde_json::to_vec(&r).unwrap_or_default();
+        sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+}
+
+/// The newest record's position and hash, as the server stores them (with a MAC under a
+/// key derived from the master key).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditHead {
+    /// Sequence number of the newest record (0: none).
+    pub seq: u64,
+    /// Its hash.
+    pub hash: String,
+    /// Whether the stored head's MAC verifies: `None` when the server is sealed or the
+    /// head was written while sealed (not verifiable), `Some(false)` when it was altered.
+    pub mac_valid: Option<bool>,
+}
+
+/// `GET /v1/audit?after=&limit=`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditPage {
+    /// Records with `seq > after`, oldest first.
+    pub records: Vec<AuditRecord>,
+    /// The chain head at the time of reading.
+    pub head: AuditHead,
+}
+
+/// Checks an audit chain record by record: sequence without gaps, each `prev` the hash
+/// of the one before, each `hash` recomputed. Detects deleted, edited, inserted and
+/// reordered records; [`AuditChain::finish`] then checks the head (a cut-off tail).
+#[derive(Debug, Clone)]
+pub struct AuditChain {
+    next_seq: u64,
+    prev: String,
+}
+
+impl Default for AuditChain {
+    fn default() -> Self {
+        Self {
+            next_seq: 1,
+            prev: AUDIT_GENESIS.to_owned(),
+        }
+    }
+}
+
+impl AuditChain {
+    /// A verifier starting at the first record.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The sequence number the next record must have.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Checks the next record. Chain events the server wrote about the head it found
+    /// (`AUDIT head-mac-invalid`: altered; `AUDIT head-unverified`: written while sealed or
+    /// its MAC removed) are returned as findings in `warnings`; an altered head is an error.
+    pub fn push_with(&mut self, r: &AuditRecord, warnings: &mut Vec<String>) -> Result<(), String> {
+        self.push(r)?;
+        match r.operation.as_str() {
+            "AUDIT head-mac-invalid" => Err(format!(
+                "record {}: the server found the chain head altered before this record",
+                r.seq
+            )),
+            "AUDIT head-unverified" => {
+                warnings.push(format!(
+                    "record {}: the head before it could not be verified (written while sealed, or its MAC removed)",
+                    r.seq
+                ));
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks the next record.
+    pub fn push(&mut self, r: &AuditRecord) -> Result<(), String> {
+        if r.seq != self.next_seq {
+            return Err(format!(
+                "record {} found where record {} was expected (deleted, inserted or reordered records)",
+                r.seq, self.next_seq
+            ));
+        }
+        if r.prev != self.prev {
+            return Err(format!(
+                "record {}: its link to the previous record is broken",
+                r.seq
+            ));
+        }
+        if r.compute_hash() != r.hash {
+            return Err(format!("record {}: its contents were altered", r.seq));
+        }
+        self.next_seq += 1;
+        self.prev = r.hash.clone();
+        Ok(())
+    }
+
+    /// Checks that the chain read so far ends at `head`, and that the head's MAC held.
+    pub fn finish(&self, head: &AuditHead) -> Result<(), String> {
+        if head.seq + 1 != self.next_seq || head.hash != self.prev {
+            return Err(format!(
+                "the chain ends at record {} but the head says {}: records are missing or were added",
+                self.next_seq - 1,
+                head.seq
+            ));
+        }
+        if head.mac_valid == Some(false) {
+            return Err("the chain head's MAC does not verify: the head was altered".into());
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chain(n: u64) -> Vec<AuditRecord> {
+        let mut prev = AUDIT_GENESIS.to_owned();
+        (1..=n)
+            .map(|seq| {
+                let mut r = AuditRecord {
+                    seq,
+                    time: "2026-11-22T00:00:00.000Z".into(),
+                    request_id: seq,
+                    identity: Some("i".into()),
+                    tenant: Some("t".into()),
+                    operation: "POST /v1/unwrap".into(),
+                    key: None,
+                    version: None,
+                    context_hash: None,
+                    outcome: "ok".into(),
+                    status: 200,
+                    latency_us: 5,
+                    prev: prev.clone(),
+                    hash: String::new(),
+                };
+                r.hash = r.compute_hash();
+                prev = r.hash.clone();
+                r
+            })
+            .collect()
+    }
+
+    fn verify(records: &[AuditRecord], head: &AuditHead) -> Result<(), String> {
+        let mut c = AuditChain::new();
+        for r in records {
+            c.push(r)?;
+        }
+        c.finish(head)
+    }
+
+    #[test]
+    fn audit_chain_detects_every_kind_of_edit() {
+        let good = chain(5);
+        let head = AuditHead {
+            seq: 5,
+            hash: good[4].hash.clone(),
+            mac_valid: Some(true),
+        };
+        assert!(verify(&good, &head).is_ok());
+        let mut edited = good.clone();
+        edited[2].outcome = "DecryptFailed".into();
+        assert!(verify(&edited, &head).unwrap_err().contains("altered"));
+        let mut deleted = good.clone();
+        deleted.remove(2);
+        assert!(verify(&deleted, &head).is_err());
+        let mut reordered = good.clone();
+        reordered.swap(1, 2);
+        assert!(verify(&reordered, &head).is_err());
+        let mut inserted = good.clone();
+        inserted.insert(2, good[2].clone());
+        assert!(verify(&inserted, &head).is_err());
+        let truncated = &good[..4];
+        assert!(verify(truncated, &head).unwrap_err().contains("head"));
+        let forged_head = AuditHead {
+            mac_valid: Some(false),
+            ..head
+        };
+        assert!(verify(&good, &forged_head).unwrap_err().contains("MAC"));
+    }
 
     #[test]
     fn secret_debug_hides_bytes() {

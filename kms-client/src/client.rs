@@ -26,10 +26,10 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::api::{
-    BatchItem, BatchRequest, BatchResponse, BatchResult, Context, CreateKeyRequest, DatakeyRequest,
-    DatakeyResponse, ErrorCode, ErrorResponse, KeyInfo, KeyList, Passphrase, RewrapRequest,
-    SecretBytes, SysStatus, UnsealRequest, UnwrapRequest, UnwrapResponse, WrapRequest,
-    WrapResponse, WrappedKey,
+    AuditChain, AuditPage, BatchItem, BatchRequest, BatchResponse, BatchResult, Context,
+    CreateKeyRequest, DatakeyRequest, DatakeyResponse, ErrorCode, ErrorResponse, KeyInfo, KeyList,
+    Passphrase, RewrapRequest, SecretBytes, SysStatus, UnsealRequest, UnwrapRequest,
+    UnwrapResponse, WrapRequest, WrapResponse, WrappedKey,
 };
 use crate::transport::{parse_endpoint, SendError, Transport};
 use crate::Error;
@@ -479,6 +479,55 @@ impl Client {
             .post("/v1/batch", &BatchRequest { items }, Repeat::Safe)
             .await?;
         Ok(resp.results)
+    }
+
+    // ---- audit ----
+
+    /// One page of the audit trail: records with `seq > after` (at most `limit`, ≤ 1000)
+    /// and the chain head.
+    pub async fn audit_page(&self, after: u64, limit: usize) -> Result<AuditPage, Error> {
+        self.get(&format!("/v1/audit?after={after}&limit={limit}"))
+            .await
+    }
+
+    /// Reads the whole audit trail and verifies it: sequence, links, hashes, the head, the
+    /// head's MAC, and the server's own findings about heads it could not vouch for.
+    /// Returns `Ok(Ok(records))`, or `Ok(Err(violation))`. `strict`: warnings (an
+    /// unverifiable head) are violations too.
+    pub async fn audit_verify(&self, strict: bool) -> Result<Result<u64, String>, Error> {
+        let mut chain = AuditChain::new();
+        let mut warnings = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self.audit_page(after, 1000).await?;
+            // Every page's head is checked: the first one predates any record this
+            // verification itself causes.
+            if page.head.mac_valid == Some(false) {
+                return Ok(Err(
+                    "the chain head's MAC does not verify: the head was altered".into(),
+                ));
+            }
+            if strict && page.head.mac_valid.is_none() && page.head.seq > 0 {
+                warnings.push("the server cannot verify the chain head's MAC now (sealed, or written while sealed)".into());
+            }
+            let done = page.records.is_empty()
+                || page.records.last().map(|r| r.seq) >= Some(page.head.seq);
+            for r in &page.records {
+                if let Err(e) = chain.push_with(r, &mut warnings) {
+                    return Ok(Err(e));
+                }
+                after = r.seq;
+            }
+            if done {
+                if let Err(e) = chain.finish(&page.head) {
+                    return Ok(Err(e));
+                }
+                if strict && !warnings.is_empty() {
+                    return Ok(Err(warnings.join("; ")));
+                }
+                return Ok(Ok(page.head.seq));
+            }
+        }
     }
 
     // ---- sys ----

@@ -68,6 +68,33 @@ struct FileConfig {
     identity: FileIdentity,
     #[serde(default)]
     identities: Vec<IdentityMapping>,
+    #[serde(default)]
+    audit: FileAudit,
+}
+
+impl Default for FileAudit {
+    fn default() -> Self {
+        Self {
+            jsonl: None,
+            enabled: true,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAudit {
+    /// Also write every record as a JSON line here (`"-"`: stdout). A write failure fails
+    /// the request, like a store failure.
+    #[serde(default)]
+    jsonl: Option<String>,
+    /// `false` turns the audit trail off: only to measure its cost.
+    #[serde(default = "yes")]
+    enabled: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Deserialize)]
@@ -192,6 +219,10 @@ pub struct Settings {
     pub identity_sources: Vec<IdentitySource>,
     /// Identity mappings.
     pub identities: Vec<IdentityMapping>,
+    /// Where audit records are also written as JSON lines.
+    pub audit_sink: crate::audit::Sink,
+    /// Whether the audit trail is kept (always, outside cost measurements).
+    pub audit_enabled: bool,
 }
 
 impl Settings {
@@ -356,6 +387,12 @@ impl Settings {
             },
             identity_sources: raw.identity.sources,
             identities: raw.identities,
+            audit_sink: match raw.audit.jsonl.as_deref() {
+                None => crate::audit::Sink::None,
+                Some("-") => crate::audit::Sink::Stdout,
+                Some(p) => crate::audit::Sink::File(resolve(Path::new(p))),
+            },
+            audit_enabled: raw.audit.enabled,
         })
     }
 }

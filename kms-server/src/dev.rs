@@ -25,6 +25,8 @@ pub const DEV_TENANT: &str = "dev";
 pub const DEV_ADMIN: &str = "spiffe://keyhold.dev/admin";
 /// The app identity (URI SAN of `pki/app.pem`).
 pub const DEV_APP: &str = "spiffe://keyhold.dev/app";
+/// The auditor identity (URI SAN of `pki/auditor.pem`).
+pub const DEV_AUDITOR: &str = "spiffe://keyhold.dev/auditor";
 /// The demo key.
 pub const DEMO_KEY: &str = "demo";
 
@@ -68,7 +70,13 @@ pub fn prepare(dir: &Path, listen: SocketAddr, ops_listen: SocketAddr) -> anyhow
         let server = ca.issue_server(&["localhost", "127.0.0.1", "::1"])?;
         let admin = ca.issue_client("keyhold-dev-admin", Some(DEV_ADMIN))?;
         let app = ca.issue_client("keyhold-dev-app", Some(DEV_APP))?;
-        for (name, issued) in [("server", &server), ("admin", &admin), ("app", &app)] {
+        let auditor = ca.issue_client("keyhold-dev-auditor", Some(DEV_AUDITOR))?;
+        for (name, issued) in [
+            ("server", &server),
+            ("admin", &admin),
+            ("app", &app),
+            ("auditor", &auditor),
+        ] {
             fs::write(layout.path(&format!("pki/{name}.pem")), &issued.cert_pem)?;
             write_private(
                 &layout.path(&format!("pki/{name}-key.pem")),
@@ -110,6 +118,11 @@ role = "admin"
 identity = "{DEV_APP}"
 tenant = "{DEV_TENANT}"
 role = "app"
+
+[[identities]]
+identity = "{DEV_AUDITOR}"
+tenant = "{DEV_TENANT}"
+role = "auditor"
 "#
     );
     fs::write(&config_path, config)?;
@@ -164,6 +177,8 @@ pub fn banner(dir: &Path, listen: SocketAddr, ops_listen: SocketAddr) -> String 
     {admin} {url}/v1/keys
     {admin} -X POST -d '{{"name":"orders"}}' {url}/v1/keys
     {admin} -X POST {url}/v1/keys/{DEMO_KEY}/rotate
+
+  Audit trail (auditor identity): kmsctl --dev {d} audit verify
 
   Health: curl -sS http://{ops_listen}/readyz
 ================================================================================

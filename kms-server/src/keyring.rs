@@ -128,6 +128,26 @@ struct Cache {
 struct Unsealed {
     master: SecretKey,
     cache: RwLock<Cache>,
+    /// MACs the audit chain head.
+    audit_mac: ring::hmac::Key,
+    /// Keys the audit record's context hash.
+    audit_context: ring::hmac::Key,
+}
+
+/// Derives an HMAC-SHA256 key from the master key for one purpose.
+fn derived_hmac_key(master: &SecretKey, label: &[u8]) -> ring::hmac::Key {
+    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"keyhold/derived/v1")
+        .extract(master.expose_secret());
+    let info = [label];
+    match prk.expand(&info, ring::hmac::HMAC_SHA256) {
+        Ok(okm) => ring::hmac::Key::from(okm),
+        // Unreachable: HKDF-SHA256 always yields one SHA-256 block. Fall back to a random
+        // key, which only makes MACs unverifiable, never forgeable.
+        Err(_) => {
+            ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+                .unwrap_or_else(|_| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[0u8; 32]))
+        }
+    }
 }
 
 /// The result of `datakey`.
@@ -296,6 +316,8 @@ impl Keyring {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         *slot = Some(Arc::new(Unsealed {
+            audit_mac: derived_hmac_key(&master, b"audit-head-mac"),
+            audit_context: derived_hmac_key(&master, b"audit-context-hash"),
             master,
             cache: RwLock::new(Cache::default()),
         }));
@@ -318,6 +340,29 @@ impl Keyring {
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .is_none()
+    }
+
+    /// HMAC-SHA256 (hex) of `data` under the audit-head key; `None` while sealed.
+    pub fn audit_mac(&self, data: &[u8]) -> Option<String> {
+        let un = self.unsealed().ok()?;
+        let tag = ring::hmac::sign(&un.audit_mac, data);
+        Some(crate::seal::hex(tag.as_ref()))
+    }
+
+    /// Whether `mac` is the audit-head MAC of `data`; `None` while sealed.
+    pub fn audit_mac_verify(&self, data: &[u8], mac: &str) -> Option<bool> {
+        let un = self.unsealed().ok()?;
+        let tag = crate::seal::unhex(mac)?;
+        Some(ring::hmac::verify(&un.audit_mac, data, &tag).is_ok())
+    }
+
+    /// The keyed hash of a context for audit records (16 bytes, hex); `None` while sealed
+    /// or when the context is invalid.
+    pub fn audit_context_hash(&self, context: &Context) -> Option<String> {
+        let un = self.unsealed().ok()?;
+        let canonical = format::canonical_context(context).ok()?;
+        let tag = ring::hmac::sign(&un.audit_context, &canonical);
+        Some(crate::seal::hex(&tag.as_ref()[..16]))
     }
 
     fn unsealed(&self) -> Result<Arc<Unsealed>, Error> {

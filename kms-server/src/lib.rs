@@ -14,7 +14,10 @@
 //!   ([`tls`], [`policy`]); another tenant's key looks like a missing one.
 //! - Bad input gets a 4xx with a stable error code ([`error`]), never a panic.
 //!
-//! What it does not do (yet): per-key grants, lockout, CRLs, audit trail (issue 5); key
+//! - Every request leaves a hash-chained audit record, durable before the response
+//!   leaves ([`audit`]).
+//!
+//! What it does not do (yet): per-key grants, lockout, CRLs, alerts (issue 5); key
 //! deletion, Shamir/PKCS#11 unseal, RSA KEKs (issue 6).
 //!
 //! The library is what the binary runs; tests start it on port 0 with [`run`]:
@@ -34,6 +37,7 @@
 //! assert!(format::unwrap(&kek, &wrapped, &other).is_err());
 //! ```
 
+pub mod audit;
 pub mod config;
 pub mod crypto;
 pub mod dev;

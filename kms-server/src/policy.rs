@@ -48,6 +48,8 @@ pub enum Operation {
     UseKeys,
     /// Seal status, seal, unseal.
     System,
+    /// Read the audit trail.
+    ReadAudit,
 }
 
 /// An authenticated caller.
@@ -68,6 +70,7 @@ impl Principal {
             Operation::ReadKeys => matches!(self.role, Role::Admin | Role::Auditor),
             Operation::ManageKeys | Operation::System => self.role == Role::Admin,
             Operation::UseKeys => self.role == Role::App,
+            Operation::ReadAudit => self.role == Role::Auditor,
         };
         if allowed {
             Ok(())
@@ -77,6 +80,7 @@ impl Principal {
                 Operation::ManageKeys => "managing keys needs the admin role",
                 Operation::UseKeys => "using keys needs the app role",
                 Operation::System => "seal operations need the admin role",
+                Operation::ReadAudit => "reading the audit trail needs the auditor role",
             }))
         }
     }

@@ -154,11 +154,24 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let handshake_timeout = settings.tls.handshake_timeout;
     let sources = settings.identity_sources.clone();
+    let audit = if settings.audit_enabled {
+        crate::audit::AuditLog::start(
+            keyring.store().clone(),
+            keyring.clone(),
+            &settings.audit_sink,
+        )?
+    } else {
+        tracing::warn!(
+            "AUDIT TRAIL DISABLED ([audit] enabled = false): for cost measurements only"
+        );
+        crate::audit::AuditLog::disabled()
+    };
     let state = Arc::new(AppState::new(
         keyring.clone(),
         settings,
         metrics.clone(),
         factory,
+        audit.clone(),
     ));
     let app = routes::router(state);
 
@@ -268,5 +281,6 @@ pub async fn run(
         let _ = t.await;
     }
     keyring.seal();
+    let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     Ok(())
 }

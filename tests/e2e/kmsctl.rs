@@ -516,3 +516,26 @@ async fn profiles_env_and_flag_precedence() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_subcommands() {
+    let s = TestServer::start().await;
+    ok(&s, "admin-a", &["keys", "create", "k"]).await;
+    ok(&s, "app-a", &["datakey", "--key", "k"]).await;
+    let verified = ok(&s, "auditor-a", &["audit", "verify"]).await;
+    assert!(
+        verified.starts_with("audit chain verified: 2 records"),
+        "{verified}"
+    );
+    let list = ok(&s, "auditor-a", &["audit", "list", "--limit", "2"]).await;
+    assert!(list.starts_with("SEQ"), "{list}");
+    assert!(
+        list.contains("POST /v1/keys/{name}/datakey") && list.contains("k v1"),
+        "{list}"
+    );
+    assert!(list.contains("head: record"), "{list}");
+    let page = json(&ok(&s, "auditor-a", &["audit", "list", "--output", "json"]).await);
+    assert_eq!(page["records"][0]["seq"], 1);
+    let err = fails(&s, "admin-a", &["audit", "list"]).await;
+    assert!(err.contains("PermissionDenied"), "{err}");
+}

@@ -113,8 +113,7 @@ pub fn write_config(dir: &Path, seal: TestSeal, extra: &str) -> PathBuf {
         ));
     }
     let text = format!(
-        r#"{extra}
-listen = "127.0.0.1:0"
+        r#"listen = "127.0.0.1:0"
 ops_listen = "127.0.0.1:0"
 
 [store]
@@ -127,7 +126,9 @@ cert = "pki/server.pem"
 key = "pki/server-key.pem"
 client_ca = "pki/ca.pem"
 
-{identities}"#
+{identities}
+{extra}
+"#
     );
     let path = dir.join("kms-server.toml");
     std::fs::write(&path, text).unwrap();
@@ -151,7 +152,7 @@ impl TestServer {
         Self::start_with(TestSeal::KeyFile, "").await
     }
 
-    /// A fresh store with the given seal method and extra top-level config lines.
+    /// A fresh store with the given seal method and extra config (appended: tables welcome).
     pub async fn start_with(seal: TestSeal, extra: &str) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let pki = generate_pki(&dir.path().join("pki"));

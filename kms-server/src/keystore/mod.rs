@@ -33,11 +33,19 @@ pub enum Table {
     KeyNames,
     /// Key id ‖ version (u32 BE) → version record (material sealed under the master key).
     Versions,
+    /// Sequence number (u64 BE) → audit record (hash-chained; see `audit`).
+    Audit,
 }
 
 impl Table {
     /// Every table, for engines that create them up front.
-    pub const ALL: [Table; 4] = [Table::Meta, Table::Keys, Table::KeyNames, Table::Versions];
+    pub const ALL: [Table; 5] = [
+        Table::Meta,
+        Table::Keys,
+        Table::KeyNames,
+        Table::Versions,
+        Table::Audit,
+    ];
 
     /// The table's name in the engine.
     pub fn name(self) -> &'static str {
@@ -46,6 +54,7 @@ impl Table {
             Table::Keys => "keys",
             Table::KeyNames => "key_names",
             Table::Versions => "versions",
+            Table::Audit => "audit",
         }
     }
 }
@@ -132,6 +141,10 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Every committed `(key, value)` whose key starts with `prefix`, in key order.
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<Entry>, StoreError>;
 
+    /// Up to `limit` committed `(key, value)` pairs with key ≥ `start`, in key order.
+    fn scan_from(&self, table: Table, start: &[u8], limit: usize)
+        -> Result<Vec<Entry>, StoreError>;
+
     /// Applies `batch` atomically after checking its conditions. Returns once the batch is
     /// durable (fsync'd, or the engine's documented equivalent).
     fn commit(&self, batch: &WriteBatch) -> Result<(), StoreError>;
@@ -212,5 +225,13 @@ pub(crate) mod tests {
         b5.delete(Table::Versions, b"p\x01");
         store.commit(&b5).unwrap();
         assert_eq!(store.scan_prefix(Table::Versions, b"p").unwrap().len(), 1);
+        // Ranged scans.
+        let got: Vec<_> = store
+            .scan_from(Table::Versions, b"p", 2)
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(got, vec![b"p\x02".to_vec(), b"q\x00".to_vec()]);
     }
 }

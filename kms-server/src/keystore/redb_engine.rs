@@ -69,6 +69,22 @@ impl KeyStore for RedbStore {
         Ok(out)
     }
 
+    fn scan_from(
+        &self,
+        table: Table,
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine_err)?;
+        let t = txn.open_table(def(table)).map_err(engine_err)?;
+        let mut out = Vec::new();
+        for entry in t.range(start..).map_err(engine_err)?.take(limit) {
+            let (k, v) = entry.map_err(engine_err)?;
+            out.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        Ok(out)
+    }
+
     fn commit(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(engine_err)?;
         txn.set_durability(Durability::Immediate);

@@ -20,7 +20,7 @@ fn engine_err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
 /// `flush()`; the write is acknowledged only after the flush returns.
 pub struct SledStore {
     db: sled::Db,
-    trees: [sled::Tree; 4],
+    trees: [sled::Tree; 5],
 }
 
 impl SledStore {
@@ -42,6 +42,7 @@ impl SledStore {
             open(Table::Keys)?,
             open(Table::KeyNames)?,
             open(Table::Versions)?,
+            open(Table::Audit)?,
         ];
         Ok(Self { db, trees })
     }
@@ -57,6 +58,7 @@ fn index(table: Table) -> usize {
         Table::Keys => 1,
         Table::KeyNames => 2,
         Table::Versions => 3,
+        Table::Audit => 4,
     }
 }
 
@@ -76,6 +78,19 @@ impl KeyStore for SledStore {
     fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
         self.tree(table)
             .scan_prefix(prefix)
+            .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine_err))
+            .collect()
+    }
+
+    fn scan_from(
+        &self,
+        table: Table,
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        self.tree(table)
+            .range(start..)
+            .take(limit)
             .map(|r| r.map(|(k, v)| (k.to_vec(), v.to_vec())).map_err(engine_err))
             .collect()
     }

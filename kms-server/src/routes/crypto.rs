@@ -10,7 +10,7 @@ use kms_client::api::{
     RewrapRequest, UnwrapRequest, UnwrapResponse, WrapRequest, WrapResponse,
 };
 
-use super::{ApiJson, AppState, Caller, KeyName};
+use super::{ApiJson, AppState, AuditNote, Caller, KeyName};
 use crate::error::Error;
 use crate::keyring::{DataKey, Keyring, Unwrapped, Wrapped};
 use crate::policy::Operation;
@@ -44,11 +44,15 @@ fn unwrap_response(u: Unwrapped) -> UnwrapResponse {
 pub async fn datakey(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    note: AuditNote,
     KeyName(name): KeyName,
     ApiJson(req): ApiJson<DatakeyRequest>,
 ) -> Result<Json<DatakeyResponse>, Error> {
+    note.key(&name);
     caller.authorize(Operation::UseKeys)?;
+    note.context(&state.keyring, &req.context);
     let d = state.keyring.datakey(&caller.tenant, &name, &req.context)?;
+    note.key_version(&d.key, d.version);
     Ok(Json(datakey_response(d)))
 }
 
@@ -73,12 +77,15 @@ pub async fn wrap(
 pub async fn unwrap(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    note: AuditNote,
     ApiJson(req): ApiJson<UnwrapRequest>,
 ) -> Result<Json<UnwrapResponse>, Error> {
     caller.authorize(Operation::UseKeys)?;
+    note.context(&state.keyring, &req.context);
     let u = state
         .keyring
         .unwrap(&caller.tenant, req.wrapped.as_bytes(), &req.context)?;
+    note.key_version(&u.key, u.version);
     Ok(Json(unwrap_response(u)))
 }
 
@@ -86,12 +93,15 @@ pub async fn unwrap(
 pub async fn rewrap(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    note: AuditNote,
     ApiJson(req): ApiJson<RewrapRequest>,
 ) -> Result<Json<WrapResponse>, Error> {
     caller.authorize(Operation::UseKeys)?;
+    note.context(&state.keyring, &req.context);
     let w = state
         .keyring
         .rewrap(&caller.tenant, req.wrapped.as_bytes(), &req.context)?;
+    note.key_version(&w.key, w.version);
     Ok(Json(wrap_response(w)))
 }
 

@@ -8,7 +8,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use kms_client::api::{CreateKeyRequest, KeyInfo, KeyList};
 
-use super::{blocking, ApiJson, AppState, Caller, KeyName};
+use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName};
 use crate::error::Error;
 use crate::policy::Operation;
 
@@ -34,8 +34,10 @@ fn rotation_period(text: Option<&str>) -> Result<Option<Duration>, Error> {
 pub async fn create(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    note: AuditNote,
     ApiJson(req): ApiJson<CreateKeyRequest>,
 ) -> Result<(StatusCode, Json<KeyInfo>), Error> {
+    note.key(&req.name);
     caller.authorize(Operation::ManageKeys)?;
     crate::keyring::validate_name(&req.name)?;
     let period = rotation_period(req.rotation_period.as_deref())?;
@@ -63,8 +65,10 @@ pub async fn list(
 pub async fn get(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    note: AuditNote,
     KeyName(name): KeyName,
 ) -> Result<Json<KeyInfo>, Error> {
+    note.key(&name);
     caller.authorize(Operation::ReadKeys)?;
     Ok(Json(state.keyring.key_info(&caller.tenant, &name)?))
 }
@@ -73,8 +77,10 @@ pub async fn get(
 pub async fn rotate(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    note: AuditNote,
     KeyName(name): KeyName,
 ) -> Result<Json<KeyInfo>, Error> {
+    note.key(&name);
     caller.authorize(Operation::ManageKeys)?;
     let info = blocking(move || state.keyring.rotate(&caller.tenant, &name)).await?;
     Ok(Json(info))
@@ -84,8 +90,10 @@ pub async fn rotate(
 pub async fn disable(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    note: AuditNote,
     KeyName(name): KeyName,
 ) -> Result<Json<KeyInfo>, Error> {
+    note.key(&name);
     caller.authorize(Operation::ManageKeys)?;
     let info = blocking(move || state.keyring.set_enabled(&caller.tenant, &name, false)).await?;
     Ok(Json(info))
@@ -95,8 +103,10 @@ pub async fn disable(
 pub async fn enable(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    note: AuditNote,
     KeyName(name): KeyName,
 ) -> Result<Json<KeyInfo>, Error> {
+    note.key(&name);
     caller.authorize(Operation::ManageKeys)?;
     let info = blocking(move || state.keyring.set_enabled(&caller.tenant, &name, true)).await?;
     Ok(Json(info))

@@ -17,7 +17,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use kms_client::api::ErrorCode;
@@ -30,6 +30,7 @@ use crate::metrics::Metrics;
 use crate::policy::{Policy, Principal};
 use crate::seal::Sealer;
 
+pub mod audit;
 pub mod crypto;
 pub mod keys;
 pub mod sys;
@@ -56,6 +57,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// Unseal source.
     pub sealer: Box<SealerFactory>,
+    /// The audit trail.
+    pub audit: crate::audit::AuditLog,
     next_request_id: AtomicU64,
 }
 
@@ -66,6 +69,7 @@ impl AppState {
         settings: Settings,
         metrics: Arc<Metrics>,
         sealer: Box<SealerFactory>,
+        audit: crate::audit::AuditLog,
     ) -> Self {
         Self {
             keyring,
@@ -73,6 +77,7 @@ impl AppState {
             settings,
             metrics,
             sealer,
+            audit,
             next_request_id: AtomicU64::new(1),
         }
     }
@@ -95,6 +100,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sys/status", get(sys::status))
         .route("/v1/sys/unseal", post(sys::unseal))
         .route("/v1/sys/seal", post(sys::seal))
+        .route("/v1/audit", get(audit::list))
         .fallback(|| async { Error::NoRoute })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
         .layer(DefaultBodyLimit::max(limit))
@@ -106,12 +112,75 @@ pub fn router(state: Arc<AppState>) -> Router {
 #[derive(Debug, Clone, Copy)]
 pub struct RequestId(pub u64);
 
-/// Counts and times every request by route and outcome, assigns its id, and logs one
-/// line (ids and codes only, never bodies).
+/// What a handler learned about the request, for its audit record (key, version,
+/// context hash). Handlers fill it through the [`AuditNote`] extractor.
+#[derive(Debug, Default)]
+pub struct AuditInfo {
+    /// Key name.
+    pub key: Option<String>,
+    /// Key version.
+    pub version: Option<u32>,
+    /// Keyed context hash.
+    pub context_hash: Option<String>,
+}
+
+/// A handle to this request's [`AuditInfo`].
+#[derive(Debug, Clone, Default)]
+pub struct AuditNote(Arc<std::sync::Mutex<AuditInfo>>);
+
+impl AuditNote {
+    fn with(&self, f: impl FnOnce(&mut AuditInfo)) {
+        let mut info = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut info);
+    }
+
+    /// Records the key name.
+    pub fn key(&self, name: &str) {
+        self.with(|i| i.key = Some(name.to_owned()));
+    }
+
+    /// Records the key name and version used.
+    pub fn key_version(&self, name: &str, version: u32) {
+        self.with(|i| {
+            i.key = Some(name.to_owned());
+            i.version = Some(version);
+        });
+    }
+
+    /// Records the keyed hash of the context.
+    pub fn context(&self, keyring: &Keyring, context: &kms_client::api::Context) {
+        if context.is_empty() {
+            return;
+        }
+        let hash = keyring.audit_context_hash(context);
+        self.with(|i| i.context_hash = hash);
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for AuditNote {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<AuditNote>()
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+/// Counts and times every request by route and outcome, gives it an id, writes its audit
+/// record (and withholds the response if that fails), and logs one line (ids and codes
+/// only, never bodies).
 async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
     let id = state.next_request_id.fetch_add(1, Ordering::Relaxed);
+    let note = AuditNote::default();
     req.extensions_mut().insert(RequestId(id));
+    req.extensions_mut().insert(note.clone());
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -129,6 +198,31 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         None => resp.status().as_str().to_owned(),
     };
     let elapsed = started.elapsed();
+    let info = std::mem::take(
+        &mut *note
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let draft = crate::audit::AuditDraft {
+        request_id: id,
+        tenant: identity
+            .as_deref()
+            .and_then(|i| state.policy.resolve(i).ok())
+            .map(|p| p.tenant),
+        identity: identity.as_deref().map(str::to_owned),
+        operation: format!("{method} {route}"),
+        key: info.key,
+        version: info.version,
+        context_hash: info.context_hash,
+        outcome: outcome.clone(),
+        status: resp.status().as_u16(),
+        latency_us: elapsed.as_micros() as u64,
+    };
+    if let Err(e) = state.audit.append(draft).await {
+        // Fail closed: nothing unaudited leaves, whatever the handler produced.
+        resp = e.into_response();
+    }
     state
         .metrics
         .observe(&route, method.as_str(), &outcome, elapsed);

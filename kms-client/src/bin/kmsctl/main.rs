@@ -145,6 +145,9 @@ pub(crate) enum Command {
         #[arg(long = "context", value_parser = parse_kv)]
         context: Vec<(String, String)>,
     },
+    /// Read and verify the audit trail (auditor).
+    #[command(subcommand)]
+    Audit(AuditCmd),
     /// Seal state (admin).
     #[command(subcommand)]
     Sys(SysCmd),
@@ -190,6 +193,26 @@ pub(crate) enum KeysCmd {
 }
 
 #[derive(Subcommand, Debug)]
+pub(crate) enum AuditCmd {
+    /// List records.
+    List {
+        /// Only records after this sequence number.
+        #[arg(long, default_value_t = 0)]
+        after: u64,
+        /// At most this many (1 to 1000).
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Read the whole chain and check it: no record deleted, edited, inserted or reordered,
+    /// and the head (with its MAC) matches.
+    Verify {
+        /// Accept a head whose MAC the server cannot check (sealed server).
+        #[arg(long)]
+        allow_unverified_head: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub(crate) enum SysCmd {
     /// Show the seal state.
     Status,
@@ -218,6 +241,7 @@ impl Command {
     fn role(&self) -> Role {
         match self {
             Command::Keys(_) | Command::Sys(_) => Role::Admin,
+            Command::Audit(_) => Role::Auditor,
             _ => Role::App,
         }
     }
@@ -303,6 +327,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out,
             context,
         } => files::decrypt(&client, input.as_deref(), out.as_deref(), &ctx(context)).await,
+        Command::Audit(cmd) => match cmd {
+            AuditCmd::List { after, limit } => out.audit(&client.audit_page(*after, *limit).await?),
+            AuditCmd::Verify {
+                allow_unverified_head,
+            } => match client.audit_verify(!allow_unverified_head).await? {
+                Ok(n) => {
+                    println!("audit chain verified: {n} records, head MAC checked by the server");
+                    Ok(())
+                }
+                Err(violation) => anyhow::bail!("audit chain verification FAILED: {violation}"),
+            },
+        },
         Command::Sys(cmd) => match cmd {
             SysCmd::Status => out.status(&client.sys_status().await?),
             SysCmd::Unseal {

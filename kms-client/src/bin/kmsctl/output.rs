@@ -6,7 +6,8 @@ use anyhow::Context as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use kms_client::api::{
-    BatchResult, DatakeyResponse, ErrorCode, KeyInfo, SysStatus, UnwrapResponse, WrapResponse,
+    AuditPage, BatchResult, DatakeyResponse, ErrorCode, KeyInfo, SysStatus, UnwrapResponse,
+    WrapResponse,
 };
 use serde::Serialize;
 
@@ -251,6 +252,49 @@ impl Printer {
                     .collect();
                 print!("{}", table(&["ITEM", "OP", "RESULT"], &rows));
                 println!("(use --output json for the keys and wrapped DEKs)");
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn audit(&self, page: &AuditPage) -> anyhow::Result<()> {
+        match self.format {
+            Output::Json => json(page),
+            Output::Table => {
+                let rows: Vec<Vec<String>> = page
+                    .records
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.seq.to_string(),
+                            r.time.clone(),
+                            r.identity.clone().unwrap_or_else(|| "-".into()),
+                            r.operation.clone(),
+                            match (&r.key, r.version) {
+                                (Some(k), Some(v)) => format!("{k} v{v}"),
+                                (Some(k), None) => k.clone(),
+                                _ => "-".into(),
+                            },
+                            r.outcome.clone(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table(
+                        &["SEQ", "TIME", "IDENTITY", "OPERATION", "KEY", "OUTCOME"],
+                        &rows
+                    )
+                );
+                println!(
+                    "head: record {} (MAC {})",
+                    page.head.seq,
+                    match page.head.mac_valid {
+                        Some(true) => "verified",
+                        Some(false) => "INVALID",
+                        None => "not verifiable now",
+                    }
+                );
                 Ok(())
             }
         }

@@ -15,6 +15,7 @@ use crate::{Cli, Output};
 pub(crate) enum Role {
     Admin,
     App,
+    Auditor,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -133,6 +134,7 @@ pub(crate) fn resolve(cli: &Cli, role: Role) -> anyhow::Result<Resolved> {
     let who = match role {
         Role::Admin => "admin",
         Role::App => "app",
+        Role::Auditor => "auditor",
     };
     let dev_file = |f: String| dev.as_ref().map(|d| d.join("pki").join(f));
     let endpoints = if !cli.endpoints.is_empty() {

@@ -1,0 +1,283 @@
+//! The audit trail over real mTLS: one record per request under concurrency, tamper
+//! detection for each kind of edit, and fail-closed when the record cannot be written.
+
+use std::time::Duration;
+
+use keyhold_tests::{TestSeal, TestServer};
+use kms_client::api::{AuditRecord, Context, CreateKeyRequest, ErrorCode, AUDIT_GENESIS};
+use kms_client::Client;
+use kms_server::keystore::{self, Engine, Table, WriteBatch};
+
+fn client(s: &TestServer, who: &str) -> Client {
+    Client::builder()
+        .endpoint(s.url(""))
+        .ca_pem_file(s.pki.ca())
+        .unwrap()
+        .identity_pem_files(s.pki.cert(who), s.pki.key(who))
+        .unwrap()
+        .request_timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+fn create(name: &str) -> CreateKeyRequest {
+    CreateKeyRequest {
+        name: name.into(),
+        algorithm: None,
+        rotation_period: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_record_per_request_under_concurrency_and_the_chain_verifies() {
+    let s = TestServer::start().await;
+    let admin = client(&s, "admin-a");
+    let app = client(&s, "app-a");
+    let auditor = client(&s, "auditor-a");
+    admin.create_key(&create("k")).await.unwrap();
+    let ctx: Context = [("doc".to_string(), "1".to_string())].into_iter().collect();
+    let dk = app.datakey("k", &ctx).await.unwrap();
+    let mut requests: u64 = 2;
+    // 10 000 requests from 32 concurrent callers, a tenth of them denied.
+    let mut tasks = Vec::new();
+    for t in 0..32u64 {
+        let app = app.clone();
+        let admin = admin.clone();
+        let wrapped = dk.wrapped.clone();
+        let ctx = ctx.clone();
+        tasks.push(tokio::spawn(async move {
+            let n = if t < 16 { 313 } else { 312 };
+            for i in 0..n {
+                if i % 10 == 0 {
+                    let e = admin.unwrap(wrapped.as_bytes(), &ctx).await.unwrap_err();
+                    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied));
+                } else {
+                    app.unwrap(wrapped.as_bytes(), &ctx).await.unwrap();
+                }
+            }
+            n
+        }));
+    }
+    for t in tasks {
+        requests += t.await.unwrap();
+    }
+    assert_eq!(requests, 10_002);
+    // Every request left one record; the chain verifies end to end.
+    let verified = auditor.audit_verify(true).await.unwrap().unwrap();
+    let mut all = Vec::new();
+    let mut after = 0;
+    while after < verified {
+        let page = auditor.audit_page(after, 1000).await.unwrap();
+        after = page.records.last().map(|r| r.seq).unwrap_or(verified);
+        all.extend(page.records);
+    }
+    // The verification's own page reads are audited too; everything else is the workload.
+    let workload = all
+        .iter()
+        .filter(|r| r.operation != "GET /v1/audit")
+        .count() as u64;
+    assert_eq!(workload, requests);
+    // (The verification's own reads are audited after they are answered.)
+    let page = auditor.audit_page(0, 3).await.unwrap();
+    assert_eq!(page.records[0].prev, AUDIT_GENESIS);
+    assert_eq!(page.records[0].operation, "POST /v1/keys");
+    assert_eq!(page.records[0].key.as_deref(), Some("k"));
+    let datakey = &page.records[1];
+    assert_eq!(datakey.operation, "POST /v1/keys/{name}/datakey");
+    assert_eq!(
+        (datakey.key.as_deref(), datakey.version),
+        (Some("k"), Some(1))
+    );
+    assert_eq!(datakey.identity.as_deref(), Some(keyhold_tests::APP_A));
+    assert_eq!(datakey.tenant.as_deref(), Some("acme"));
+    assert_eq!(datakey.context_hash.as_ref().map(String::len), Some(32));
+    let denied = all
+        .iter()
+        .filter(|r| r.outcome == "PermissionDenied" && r.status == 403)
+        .count();
+    assert_eq!(
+        denied,
+        32 * 32,
+        "one denial every tenth request of each caller"
+    );
+    // No DEK, whole wrapped DEK or context value in any record.
+    let text = serde_json::to_string(&all).unwrap();
+    let b64 = |b: &[u8]| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(b)
+    };
+    assert!(!text.contains(&b64(dk.plaintext.expose_secret())));
+    assert!(!text.contains(&b64(dk.wrapped.as_bytes())));
+    assert!(!text.contains("\"doc\""));
+    // Roles: only auditors read the trail.
+    assert_eq!(
+        admin.audit_page(0, 1).await.unwrap_err().code(),
+        Some(ErrorCode::PermissionDenied)
+    );
+    assert_eq!(
+        app.audit_page(0, 1).await.unwrap_err().code(),
+        Some(ErrorCode::PermissionDenied)
+    );
+}
+
+/// Applies `edit` to the stopped server's store, restarts it, and returns what
+/// verification says.
+async fn verify_after(edit: impl FnOnce(&dyn keystore::KeyStore)) -> Result<u64, String> {
+    let mut s = TestServer::start().await;
+    let admin = client(&s, "admin-a");
+    for i in 0..5 {
+        admin.create_key(&create(&format!("k{i}"))).await.unwrap();
+    }
+    drop(admin);
+    s.stop().await;
+    {
+        let store = keystore::open(Engine::Redb, &s.dir.path().join("store.redb")).unwrap();
+        edit(store.as_ref());
+    }
+    s.start_again().await;
+    client(&s, "auditor-a").audit_verify(true).await.unwrap()
+}
+
+fn record(store: &dyn keystore::KeyStore, seq: u64) -> AuditRecord {
+    serde_json::from_slice(
+        &store
+            .get(Table::Audit, &seq.to_be_bytes())
+            .unwrap()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+fn put(store: &dyn keystore::KeyStore, seq: u64, r: &AuditRecord) {
+    let mut b = WriteBatch::new();
+    b.put(
+        Table::Audit,
+        &seq.to_be_bytes(),
+        &serde_json::to_vec(r).unwrap(),
+    );
+    store.commit(&b).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_of_each_kind_is_detected() {
+    assert_eq!(
+        verify_after(|_| {}).await,
+        Ok(5),
+        "untouched chain verifies"
+    );
+    let edited = verify_after(|st| {
+        let mut r = record(st, 3);
+        r.outcome = "PermissionDenied".into();
+        put(st, 3, &r);
+    })
+    .await;
+    assert!(edited.unwrap_err().contains("altered"));
+    let edited_and_rehashed = verify_after(|st| {
+        let mut r = record(st, 3);
+        r.identity = Some("someone-else".into());
+        r.hash = r.compute_hash();
+        put(st, 3, &r);
+    })
+    .await;
+    assert!(
+        edited_and_rehashed.is_err(),
+        "a re-hashed edit breaks the next link"
+    );
+    let deleted = verify_after(|st| {
+        let mut b = WriteBatch::new();
+        b.delete(Table::Audit, &3u64.to_be_bytes());
+        st.commit(&b).unwrap();
+    })
+    .await;
+    assert!(deleted.is_err());
+    let reordered = verify_after(|st| {
+        let (a, b) = (record(st, 2), record(st, 3));
+        put(st, 2, &b);
+        put(st, 3, &a);
+    })
+    .await;
+    assert!(reordered.is_err());
+    let inserted = verify_after(|st| {
+        // Shift records 3.. up by one and insert a forged record 3 that links correctly
+        // to 2; everything after it breaks.
+        let tail: Vec<AuditRecord> = (3..=5).map(|i| record(st, i)).collect();
+        let mut forged = record(st, 3);
+        forged.operation = "POST /v1/sys/seal".into();
+        forged.hash = forged.compute_hash();
+        put(st, 3, &forged);
+        for (i, r) in tail.iter().enumerate() {
+            let mut r = r.clone();
+            r.seq = 4 + i as u64;
+            put(st, r.seq, &r);
+        }
+    })
+    .await;
+    assert!(inserted.is_err());
+    let truncated = verify_after(|st| {
+        let mut b = WriteBatch::new();
+        b.delete(Table::Audit, &5u64.to_be_bytes());
+        st.commit(&b).unwrap();
+    })
+    .await;
+    assert!(truncated.is_err());
+    let truncated_with_forged_head = verify_after(|st| {
+        let r4 = record(st, 4);
+        let mut b = WriteBatch::new();
+        b.delete(Table::Audit, &5u64.to_be_bytes());
+        let head = serde_json::json!({"seq": 4, "hash": r4.hash, "mac": "00".repeat(32)});
+        b.put(Table::Meta, b"audit-head", head.to_string().as_bytes());
+        st.commit(&b).unwrap();
+    })
+    .await;
+    assert!(truncated_with_forged_head.unwrap_err().contains("altered"));
+    let truncated_with_unmacked_head = verify_after(|st| {
+        let r4 = record(st, 4);
+        let mut b = WriteBatch::new();
+        b.delete(Table::Audit, &5u64.to_be_bytes());
+        let head = serde_json::json!({"seq": 4, "hash": r4.hash});
+        b.put(Table::Meta, b"audit-head", head.to_string().as_bytes());
+        st.commit(&b).unwrap();
+    })
+    .await;
+    assert!(
+        truncated_with_unmacked_head.as_ref().unwrap_err().contains("verif"),
+        "strict verification reports a head the server could not vouch for: {truncated_with_unmacked_head:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_when_the_audit_sink_cannot_be_written() {
+    // Every write to /dev/full fails (ENOSPC).
+    let s = TestServer::start_with(TestSeal::KeyFile, "[audit]\njsonl = \"/dev/full\"\n").await;
+    let admin = client(&s, "admin-a");
+    let e = admin.create_key(&create("k")).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::StorageUnavailable));
+    let app = client(&s, "app-a");
+    let e = app.datakey("k", &Context::new()).await.unwrap_err();
+    assert_eq!(
+        e.code(),
+        Some(ErrorCode::StorageUnavailable),
+        "no DEK leaves unaudited"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jsonl_sink_gets_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let sink = dir.path().join("audit.jsonl");
+    let s = TestServer::start_with(
+        TestSeal::KeyFile,
+        &format!("[audit]\njsonl = \"{}\"\n", sink.display()),
+    )
+    .await;
+    let admin = client(&s, "admin-a");
+    admin.create_key(&create("k")).await.unwrap();
+    admin.list_keys().await.unwrap();
+    let text = std::fs::read_to_string(&sink).unwrap();
+    let lines: Vec<AuditRecord> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1].prev, lines[0].hash);
+}
