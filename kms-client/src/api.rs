@@ -516,6 +516,16 @@ pub struct AuditRecord {
     pub hash: String,
 }
 
+fn hex_lower(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(DIGITS[(b >> 4) as usize] as char);
+        s.push(DIGITS[(b & 15) as usize] as char);
+    }
+    s
+}
+
 impl AuditRecord {
     /// The chain hash of this record: SHA-256 over its JSON (fields in declaration order)
     /// with `hash` set to the empty string.
@@ -524,10 +534,24 @@ impl AuditRecord {
         let mut r = self.clone();
         r.hash.clear();
         let bytes = serde_json::to_vec(&r).unwrap_or_default();
-        sha2::Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect()
+        hex_lower(&sha2::Sha256::digest(&bytes))
+    }
+
+    /// Sets `hash` (which must be empty) and returns the record's JSON, serializing once:
+    /// `hash` is the last field, so its empty value is replaced in place.
+    pub fn seal(&mut self) -> Vec<u8> {
+        use sha2::Digest;
+        self.hash.clear();
+        let mut bytes = serde_json::to_vec(&*self).unwrap_or_default();
+        self.hash = hex_lower(&sha2::Sha256::digest(&bytes));
+        // The JSON ends with `"hash":""}`; put the hash between the quotes.
+        if bytes.ends_with(b"\"\"}") {
+            let at = bytes.len() - 2;
+            bytes.splice(at..at, self.hash.bytes());
+        } else {
+            bytes = serde_json::to_vec(&*self).unwrap_or_default();
+        }
+        bytes
     }
 }
 
@@ -678,6 +702,15 @@ mod tests {
             c.push(r)?;
         }
         c.finish(head)
+    }
+
+    #[test]
+    fn seal_matches_compute_hash_and_serde() {
+        let mut r = chain(1).remove(0);
+        let expected_hash = r.hash.clone();
+        let bytes = r.seal();
+        assert_eq!(r.hash, expected_hash);
+        assert_eq!(bytes, serde_json::to_vec(&r).unwrap());
     }
 
     #[test]

@@ -187,7 +187,8 @@ impl Writer {
         let mut seq = self.head.seq;
         let mut prev = self.head.hash.clone();
         let mut batch = WriteBatch::new();
-        let mut lines = Vec::new();
+        let first_seq = seq + 1;
+        let mut lines: Vec<u8> = Vec::with_capacity(drafts.len() * 400);
         for d in drafts {
             seq += 1;
             let mut r = AuditRecord {
@@ -206,12 +207,13 @@ impl Writer {
                 prev: prev.clone(),
                 hash: String::new(),
             };
-            r.hash = r.compute_hash();
-            prev = r.hash.clone();
-            let json = serde_json::to_vec(&r).map_err(|_| Error::Internal("audit record"))?;
-            batch.put(Table::Audit, &seq.to_be_bytes(), &json);
-            lines.push(json);
+            let json = r.seal();
+            prev = r.hash;
+            lines.extend_from_slice(&json);
+            lines.push(b'\n');
         }
+        // One value per batch: one B-tree insert however many records it holds.
+        batch.put(Table::Audit, &first_seq.to_be_bytes(), &lines);
         let head = StoredHead {
             seq,
             mac: self.keyring.audit_mac(&head_mac_input(seq, &prev)),
@@ -236,12 +238,7 @@ impl Writer {
         self.head = head;
         self.head_bytes = Some(head_bytes);
         if let Some(sink) = self.sink.as_mut() {
-            let mut buf = Vec::new();
-            for l in &lines {
-                buf.extend_from_slice(l);
-                buf.push(b'\n');
-            }
-            sink.write_all(&buf)
+            sink.write_all(&lines)
                 .and_then(|()| sink.flush())
                 .map_err(|_| Error::Internal("audit sink write failed"))?;
         }
@@ -362,10 +359,39 @@ impl AuditLog {
         limit: usize,
     ) -> Result<AuditPage, Error> {
         let (head, _) = read_head(store)?;
-        let start = after.saturating_add(1).to_be_bytes();
-        let mut records = Vec::new();
-        for (_, v) in store.scan_from(Table::Audit, &start, limit.min(MAX_PAGE))? {
-            records.push(serde_json::from_slice(&v).map_err(|_| Error::Corrupt("audit record"))?);
+        let limit = limit.min(MAX_PAGE);
+        let want = after.saturating_add(1);
+        // Start at the batch holding record `after + 1`, then read batches in order.
+        let start = match store.get_floor(Table::Audit, &want.to_be_bytes())? {
+            Some((k, _)) => k,
+            None => want.to_be_bytes().to_vec(),
+        };
+        let mut records: Vec<AuditRecord> = Vec::new();
+        let mut from = start;
+        'outer: loop {
+            let batches = store.scan_from(Table::Audit, &from, 64)?;
+            let Some((last_key, _)) = batches.last() else {
+                break;
+            };
+            let mut next = last_key.clone();
+            for (_, value) in &batches {
+                for line in value.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                    let r: AuditRecord =
+                        serde_json::from_slice(line).map_err(|_| Error::Corrupt("audit record"))?;
+                    if r.seq > after {
+                        records.push(r);
+                        if records.len() == limit {
+                            break 'outer;
+                        }
+                    }
+                }
+            }
+            if batches.len() < 64 {
+                break;
+            }
+            // Continue after the last batch read.
+            next.push(0);
+            from = next;
         }
         let mac_valid = match &head.mac {
             Some(mac) => keyring.audit_mac_verify(&head_mac_input(head.seq, &head.hash), mac),

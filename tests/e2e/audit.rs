@@ -138,24 +138,40 @@ async fn verify_after(edit: impl FnOnce(&dyn keystore::KeyStore)) -> Result<u64,
     client(&s, "auditor-a").audit_verify(true).await.unwrap()
 }
 
-fn record(store: &dyn keystore::KeyStore, seq: u64) -> AuditRecord {
-    serde_json::from_slice(
-        &store
-            .get(Table::Audit, &seq.to_be_bytes())
-            .unwrap()
-            .unwrap(),
-    )
-    .unwrap()
+/// Every stored record, in storage order (batches are JSON lines under their first seq).
+fn records(store: &dyn keystore::KeyStore) -> Vec<AuditRecord> {
+    store
+        .scan_prefix(Table::Audit, b"")
+        .unwrap()
+        .into_iter()
+        .flat_map(|(_, v)| {
+            v.split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice(l).unwrap())
+                .collect::<Vec<AuditRecord>>()
+        })
+        .collect()
 }
 
-fn put(store: &dyn keystore::KeyStore, seq: u64, r: &AuditRecord) {
+/// Replaces the stored records with `recs`, one per batch, in this order.
+fn rewrite(store: &dyn keystore::KeyStore, recs: &[AuditRecord]) {
     let mut b = WriteBatch::new();
-    b.put(
-        Table::Audit,
-        &seq.to_be_bytes(),
-        &serde_json::to_vec(r).unwrap(),
-    );
+    for (k, _) in store.scan_prefix(Table::Audit, b"").unwrap() {
+        b.delete(Table::Audit, &k);
+    }
+    for (i, r) in recs.iter().enumerate() {
+        let mut line = serde_json::to_vec(r).unwrap();
+        line.push(b'\n');
+        b.put(Table::Audit, &(i as u64 + 1).to_be_bytes(), &line);
+    }
     store.commit(&b).unwrap();
+}
+
+fn edit(store: &dyn keystore::KeyStore, f: impl FnOnce(&mut Vec<AuditRecord>)) {
+    let mut recs = records(store);
+    assert_eq!(recs.len(), 5);
+    f(&mut recs);
+    rewrite(store, &recs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,18 +181,13 @@ async fn tampering_of_each_kind_is_detected() {
         Ok(5),
         "untouched chain verifies"
     );
-    let edited = verify_after(|st| {
-        let mut r = record(st, 3);
-        r.outcome = "PermissionDenied".into();
-        put(st, 3, &r);
-    })
-    .await;
+    let edited = verify_after(|st| edit(st, |r| r[2].outcome = "PermissionDenied".into())).await;
     assert!(edited.unwrap_err().contains("altered"));
     let edited_and_rehashed = verify_after(|st| {
-        let mut r = record(st, 3);
-        r.identity = Some("someone-else".into());
-        r.hash = r.compute_hash();
-        put(st, 3, &r);
+        edit(st, |r| {
+            r[2].identity = Some("someone-else".into());
+            r[2].hash = r[2].compute_hash();
+        })
     })
     .await;
     assert!(
@@ -184,46 +195,41 @@ async fn tampering_of_each_kind_is_detected() {
         "a re-hashed edit breaks the next link"
     );
     let deleted = verify_after(|st| {
-        let mut b = WriteBatch::new();
-        b.delete(Table::Audit, &3u64.to_be_bytes());
-        st.commit(&b).unwrap();
+        edit(st, |r| {
+            r.remove(2);
+        })
     })
     .await;
     assert!(deleted.is_err());
-    let reordered = verify_after(|st| {
-        let (a, b) = (record(st, 2), record(st, 3));
-        put(st, 2, &b);
-        put(st, 3, &a);
-    })
-    .await;
+    let reordered = verify_after(|st| edit(st, |r| r.swap(1, 2))).await;
     assert!(reordered.is_err());
     let inserted = verify_after(|st| {
-        // Shift records 3.. up by one and insert a forged record 3 that links correctly
-        // to 2; everything after it breaks.
-        let tail: Vec<AuditRecord> = (3..=5).map(|i| record(st, i)).collect();
-        let mut forged = record(st, 3);
-        forged.operation = "POST /v1/sys/seal".into();
-        forged.hash = forged.compute_hash();
-        put(st, 3, &forged);
-        for (i, r) in tail.iter().enumerate() {
-            let mut r = r.clone();
-            r.seq = 4 + i as u64;
-            put(st, r.seq, &r);
-        }
+        edit(st, |r| {
+            // A forged record that links correctly to its predecessor, renumbered tail.
+            let mut forged = r[2].clone();
+            forged.operation = "POST /v1/sys/seal".into();
+            forged.hash = forged.compute_hash();
+            r.insert(2, forged);
+            for (i, rec) in r.iter_mut().enumerate().skip(3) {
+                rec.seq = i as u64 + 1;
+            }
+        })
     })
     .await;
     assert!(inserted.is_err());
     let truncated = verify_after(|st| {
-        let mut b = WriteBatch::new();
-        b.delete(Table::Audit, &5u64.to_be_bytes());
-        st.commit(&b).unwrap();
+        edit(st, |r| {
+            r.pop();
+        })
     })
     .await;
     assert!(truncated.is_err());
     let truncated_with_forged_head = verify_after(|st| {
-        let r4 = record(st, 4);
+        let r4 = records(st)[3].clone();
+        edit(st, |r| {
+            r.pop();
+        });
         let mut b = WriteBatch::new();
-        b.delete(Table::Audit, &5u64.to_be_bytes());
         let head = serde_json::json!({"seq": 4, "hash": r4.hash, "mac": "00".repeat(32)});
         b.put(Table::Meta, b"audit-head", head.to_string().as_bytes());
         st.commit(&b).unwrap();
@@ -231,9 +237,11 @@ async fn tampering_of_each_kind_is_detected() {
     .await;
     assert!(truncated_with_forged_head.unwrap_err().contains("altered"));
     let truncated_with_unmacked_head = verify_after(|st| {
-        let r4 = record(st, 4);
+        let r4 = records(st)[3].clone();
+        edit(st, |r| {
+            r.pop();
+        });
         let mut b = WriteBatch::new();
-        b.delete(Table::Audit, &5u64.to_be_bytes());
         let head = serde_json::json!({"seq": 4, "hash": r4.hash});
         b.put(Table::Meta, b"audit-head", head.to_string().as_bytes());
         st.commit(&b).unwrap();

@@ -33,7 +33,8 @@ pub enum Table {
     KeyNames,
     /// Key id ‖ version (u32 BE) → version record (material sealed under the master key).
     Versions,
-    /// Sequence number (u64 BE) → audit record (hash-chained; see `audit`).
+    /// First sequence number of a batch (u64 BE) → the batch's audit records, one JSON
+    /// line each (hash-chained; see `audit`).
     Audit,
 }
 
@@ -145,6 +146,9 @@ pub trait KeyStore: Send + Sync + 'static {
     fn scan_from(&self, table: Table, start: &[u8], limit: usize)
         -> Result<Vec<Entry>, StoreError>;
 
+    /// The committed entry with the greatest key ≤ `key`, if any.
+    fn get_floor(&self, table: Table, key: &[u8]) -> Result<Option<Entry>, StoreError>;
+
     /// Applies `batch` atomically after checking its conditions. Returns once the batch is
     /// durable (fsync'd, or the engine's documented equivalent).
     fn commit(&self, batch: &WriteBatch) -> Result<(), StoreError>;
@@ -233,5 +237,8 @@ pub(crate) mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(got, vec![b"p\x02".to_vec(), b"q\x00".to_vec()]);
+        let floor = store.get_floor(Table::Versions, b"p\x03").unwrap().unwrap();
+        assert_eq!(floor.0, b"p\x02".to_vec());
+        assert!(store.get_floor(Table::Versions, b"a").unwrap().is_none());
     }
 }

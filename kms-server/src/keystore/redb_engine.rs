@@ -85,6 +85,19 @@ impl KeyStore for RedbStore {
         Ok(out)
     }
 
+    fn get_floor(&self, table: Table, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        let txn = self.db.begin_read().map_err(engine_err)?;
+        let t = txn.open_table(def(table)).map_err(engine_err)?;
+        let mut range = t.range(..=key).map_err(engine_err)?;
+        match range.next_back() {
+            Some(entry) => {
+                let (k, v) = entry.map_err(engine_err)?;
+                Ok(Some((k.value().to_vec(), v.value().to_vec())))
+            }
+            None => Ok(None),
+        }
+    }
+
     fn commit(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write().map_err(engine_err)?;
         txn.set_durability(Durability::Immediate);

@@ -95,6 +95,15 @@ impl KeyStore for SledStore {
             .collect()
     }
 
+    fn get_floor(&self, table: Table, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        match self.tree(table).range(..=key).next_back() {
+            Some(r) => r
+                .map(|(k, v)| Some((k.to_vec(), v.to_vec())))
+                .map_err(engine_err),
+            None => Ok(None),
+        }
+    }
+
     fn commit(&self, batch: &WriteBatch) -> Result<(), StoreError> {
         let result = self.trees.as_slice().transaction(|trees| {
             for c in &batch.conditions {
