@@ -2,7 +2,7 @@
 # What the audit trail costs: POST /v1/unwrap at concurrency 64 (and 16) against two
 # servers over copies of the same store, one with the audit trail (the default) and one
 # with `[audit] enabled = false`, alternating in the same run.
-# Usage: bash benches/audit.sh [duration-seconds] [rounds]
+# Usage: [LEVELS="16 64 256"] bash benches/audit.sh [duration-seconds] [rounds]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 duration=${1:-10}
@@ -40,7 +40,7 @@ gen() { "$bin/loadgen" --addr "127.0.0.1:$1" --path /v1/unwrap --body "$work/unw
   --cert "$pki/app.pem" --key "$pki/app-key.pem" --duration "$duration" --warmup 2 --concurrency "$2" --label "$3"; }
 echo "| concurrency | round | audit off req/s (p50 / p99 ms) | audit on req/s (p50 / p99 ms) | on / off |"
 echo "|---|---|---|---|---|"
-for c in 16 64; do
+for c in ${LEVELS:-16 64}; do
   for r in $(seq 1 "$rounds"); do
     off=$(gen "$api2" "$c" off); on=$(gen "$api" "$c" on)
     python3 - "$c" "$r" "$off" "$on" <<'PY'
