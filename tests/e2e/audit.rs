@@ -1,23 +1,13 @@
 //! The audit trail over real mTLS: one record per request under concurrency, tamper
 //! detection for each kind of edit, and fail-closed when the record cannot be written.
 
-use std::time::Duration;
-
 use keyhold_tests::{TestSeal, TestServer};
 use kms_client::api::{AuditRecord, Context, CreateKeyRequest, ErrorCode, AUDIT_GENESIS};
 use kms_client::Client;
 use kms_server::keystore::{self, Engine, Table, WriteBatch};
 
 fn client(s: &TestServer, who: &str) -> Client {
-    Client::builder()
-        .endpoint(s.url(""))
-        .ca_pem_file(s.pki.ca())
-        .unwrap()
-        .identity_pem_files(s.pki.cert(who), s.pki.key(who))
-        .unwrap()
-        .request_timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    s.kms_client(who)
 }
 
 fn create(name: &str) -> CreateKeyRequest {

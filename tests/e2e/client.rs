@@ -10,22 +10,11 @@ use kms_client::api::{Context, CreateKeyRequest, ErrorCode};
 use kms_client::Client;
 
 fn client_for(servers: &[&TestServer], who: &str, extra_first: Option<String>) -> Client {
-    let pki = &servers[0].pki;
-    let mut b = Client::builder();
-    if let Some(e) = extra_first {
-        b = b.endpoint(e);
-    }
-    for s in servers {
-        b = b.endpoint(s.url(""));
-    }
-    b.ca_pem_file(pki.ca())
-        .unwrap()
-        .identity_pem_files(pki.cert(who), pki.key(who))
-        .unwrap()
-        .connect_timeout(Duration::from_secs(2))
-        .request_timeout(Duration::from_secs(10))
-        .build()
-        .unwrap()
+    let endpoints: Vec<String> = extra_first
+        .into_iter()
+        .chain(servers.iter().map(|s| s.url("")))
+        .collect();
+    keyhold_tests::kms_client_for(&servers[0].pki, who, &endpoints)
 }
 
 fn create(name: &str) -> CreateKeyRequest {

@@ -274,6 +274,11 @@ impl TestServer {
         client_for(&self.pki, who, false)
     }
 
+    /// A `kms_client::Client` for `who` on this server.
+    pub fn kms_client(&self, who: &str) -> kms_client::Client {
+        kms_client_for(&self.pki, who, &[self.url("")])
+    }
+
     /// Same, HTTP/2 only.
     pub fn client_h2(&self, who: Option<&str>) -> reqwest::Client {
         client_for(&self.pki, who, true)
@@ -310,6 +315,20 @@ pub fn workspace_bin(name: &str) -> PathBuf {
 
 pub fn zeroize_string(s: &str) -> zeroize::Zeroizing<String> {
     zeroize::Zeroizing::new(s.to_owned())
+}
+
+/// A `kms_client::Client` for `who` over `endpoints`, in order.
+pub fn kms_client_for(pki: &TestPki, who: &str, endpoints: &[String]) -> kms_client::Client {
+    kms_client::Client::builder()
+        .endpoints(endpoints.iter().cloned())
+        .ca_pem_file(pki.ca())
+        .unwrap()
+        .identity_pem_files(pki.cert(who), pki.key(who))
+        .unwrap()
+        .connect_timeout(std::time::Duration::from_secs(2))
+        .request_timeout(std::time::Duration::from_secs(30))
+        .build()
+        .unwrap()
 }
 
 /// A rustls client config trusting the test CA, with `who`'s identity if given.
