@@ -1,0 +1,35 @@
+# Shared set-up for the load scripts (sourced, not run): release build, a scratch dir
+# cleaned up on exit, free loopback ports, a dev-mode server, an unwrap request body.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+bin=target/release
+cargo build --release -q -p kms-server -p keyhold-benches
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# wait_ready OPS_PORT
+wait_ready() {
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$1/readyz" >/dev/null && return 0; sleep 0.1; done
+  echo "server on ops port $1 did not become ready" >&2; return 1
+}
+
+# start_dev DATA_DIR API_PORT OPS_PORT: a background `kms-server dev`, ready on return.
+start_dev() {
+  RUST_LOG=warn "$bin/kms-server" dev --data-dir "$1" --listen "127.0.0.1:$2" --ops-listen "127.0.0.1:$3" 2>"$1.log" &
+  pids+=($!)
+  wait_ready "$3"
+}
+
+# unwrap_body PKI_DIR API_PORT CONTEXT_JSON OUT_FILE: a datakey from the demo key, as the
+# body of an unwrap request with that context.
+unwrap_body() {
+  local wrapped
+  wrapped=$(curl -sS --cacert "$1/ca.pem" --cert "$1/app.pem" --key "$1/app-key.pem" -H 'content-type: application/json' \
+    -d "{\"context\":$3}" "https://127.0.0.1:$2/v1/keys/demo/datakey" \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["wrapped"])')
+  printf '{"wrapped":"%s","context":%s}' "$wrapped" "$3" > "$4"
+}
