@@ -477,6 +477,37 @@ pub struct UnsealRequest {
     pub passphrase: Option<Passphrase>,
 }
 
+/// An identity locked out after repeated denials.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LockoutInfo {
+    /// The identity.
+    pub identity: String,
+    /// Seconds until the lockout ends by itself.
+    pub seconds_left: u64,
+}
+
+/// `GET /v1/sys/lockouts`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LockoutList {
+    /// Identities locked out now.
+    pub lockouts: Vec<LockoutInfo>,
+}
+
+/// `POST /v1/sys/lockouts/lift`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LiftLockoutRequest {
+    /// The identity to let in again.
+    pub identity: String,
+}
+
+/// Response to `POST /v1/sys/lockouts/lift`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LiftLockoutResponse {
+    /// Whether the identity was locked out.
+    pub lifted: bool,
+}
+
 /// The `prev` of the first audit record: 64 zeros.
 pub const AUDIT_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 

@@ -31,6 +31,7 @@ use crate::api::{
     Passphrase, RewrapRequest, SecretBytes, SysStatus, UnsealRequest, UnwrapRequest,
     UnwrapResponse, WrapRequest, WrapResponse, WrappedKey,
 };
+use crate::api::{LiftLockoutRequest, LiftLockoutResponse, LockoutList};
 use crate::transport::{parse_endpoint, SendError, Transport};
 use crate::Error;
 
@@ -543,6 +544,22 @@ impl Client {
             passphrase: passphrase.map(|p| Passphrase::new(p.to_owned())),
         };
         self.post("/v1/sys/unseal", &req, Repeat::Safe).await
+    }
+
+    /// `GET /v1/sys/lockouts`: identities locked out now.
+    pub async fn lockouts(&self) -> Result<LockoutList, Error> {
+        self.get("/v1/sys/lockouts").await
+    }
+
+    /// `POST /v1/sys/lockouts/lift`: lets `identity` in again; true if it was locked out.
+    pub async fn lift_lockout(&self, identity: &str) -> Result<bool, Error> {
+        let req = LiftLockoutRequest {
+            identity: identity.to_owned(),
+        };
+        let resp: LiftLockoutResponse = self
+            .post("/v1/sys/lockouts/lift", &req, Repeat::Safe)
+            .await?;
+        Ok(resp.lifted)
     }
 
     /// `POST /v1/sys/seal`.

@@ -70,6 +70,39 @@ struct FileConfig {
     identities: Vec<IdentityMapping>,
     #[serde(default)]
     audit: FileAudit,
+    #[serde(default)]
+    lockout: FileLockout,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileLockout {
+    #[serde(default = "default_threshold")]
+    threshold: u32,
+    #[serde(default = "default_window")]
+    window_secs: u64,
+    #[serde(default = "default_lock")]
+    duration_secs: u64,
+}
+
+fn default_threshold() -> u32 {
+    5
+}
+fn default_window() -> u64 {
+    60
+}
+fn default_lock() -> u64 {
+    900
+}
+
+impl Default for FileLockout {
+    fn default() -> Self {
+        Self {
+            threshold: default_threshold(),
+            window_secs: default_window(),
+            duration_secs: default_lock(),
+        }
+    }
 }
 
 impl Default for FileAudit {
@@ -223,6 +256,8 @@ pub struct Settings {
     pub audit_sink: crate::audit::Sink,
     /// Whether the audit trail is kept (always, outside cost measurements).
     pub audit_enabled: bool,
+    /// Lockout after repeated denials.
+    pub lockout: crate::lockout::LockoutPolicy,
 }
 
 impl Settings {
@@ -331,6 +366,15 @@ impl Settings {
         }
         let argon2 = seal.argon2.unwrap_or_default();
         argon2.validate().map_err(|m| err("seal.argon2", m))?;
+        if !(1..=1000).contains(&raw.lockout.threshold) {
+            return Err(err("lockout.threshold", "must be 1 to 1000".into()));
+        }
+        if !(1..=86_400).contains(&raw.lockout.window_secs) {
+            return Err(err("lockout.window_secs", "must be 1 to 86400".into()));
+        }
+        if !(1..=7 * 86_400).contains(&raw.lockout.duration_secs) {
+            return Err(err("lockout.duration_secs", "must be 1 to 604800".into()));
+        }
         if raw.identity.sources.is_empty() {
             return Err(err(
                 "identity.sources",
@@ -393,6 +437,11 @@ impl Settings {
                 Some(p) => crate::audit::Sink::File(resolve(Path::new(p))),
             },
             audit_enabled: raw.audit.enabled,
+            lockout: crate::lockout::LockoutPolicy {
+                threshold: raw.lockout.threshold,
+                window: std::time::Duration::from_secs(raw.lockout.window_secs),
+                duration: std::time::Duration::from_secs(raw.lockout.duration_secs),
+            },
         })
     }
 }

@@ -52,7 +52,7 @@ pub enum Error {
     #[error("expected Content-Type: application/json")]
     UnsupportedMediaType,
     /// Locked out after repeated denials.
-    #[error("locked out")]
+    #[error("locked out after repeated denials; an admin can lift it (kmsctl sys unlock)")]
     LockedOut,
     /// The server is sealed.
     #[error("server is sealed")]

@@ -17,7 +17,9 @@
 //! - Every request leaves a hash-chained audit record, durable before the response
 //!   leaves ([`audit`]).
 //!
-//! What it does not do (yet): per-key grants, lockout, CRLs, alerts (issue 5); key
+//! - Identities denied repeatedly are locked out for a while ([`lockout`]).
+//!
+//! What it does not do (yet): per-key grants, CRLs, alerts (issue 5); key
 //! deletion, Shamir/PKCS#11 unseal, RSA KEKs (issue 6).
 //!
 //! The library is what the binary runs; tests start it on port 0 with [`run`]:
@@ -45,6 +47,7 @@ pub mod error;
 pub mod format;
 pub mod keyring;
 pub mod keystore;
+pub mod lockout;
 pub mod metrics;
 pub mod ops;
 pub mod pki;

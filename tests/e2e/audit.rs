@@ -20,7 +20,12 @@ fn create(name: &str) -> CreateKeyRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_record_per_request_under_concurrency_and_the_chain_verifies() {
-    let s = TestServer::start().await;
+    // The workload's denials must not trip the lockout (tested on its own in keys.rs).
+    let s = TestServer::start_with(
+        TestSeal::KeyFile,
+        "[lockout]\nthreshold = 1000\nwindow_secs = 1\n",
+    )
+    .await;
     let admin = client(&s, "admin-a");
     let app = client(&s, "app-a");
     let auditor = client(&s, "auditor-a");

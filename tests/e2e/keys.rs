@@ -138,3 +138,100 @@ async fn get_list_and_idempotent_state_changes() {
         "NotFound",
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_denials_lock_an_identity_out_until_an_admin_lifts_it() {
+    let s = TestServer::start().await;
+    create_key(&s, "admin-a", "k").await;
+    let app = s.client(Some("app-a"));
+    let (st, dk) = post(&app, &s.url("/v1/keys/k/datakey"), json!({})).await;
+    assert_eq!(st, 200);
+    // Four denials: still in.
+    for _ in 0..4 {
+        assert_error(
+            &get(&app, &s.url("/v1/keys")).await,
+            403,
+            "PermissionDenied",
+        );
+    }
+    let (st, _) = post(
+        &app,
+        &s.url("/v1/unwrap"),
+        json!({"wrapped": dk["wrapped"]}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    // The fifth locks it out: now even allowed requests get 429.
+    assert_error(
+        &get(&app, &s.url("/v1/keys")).await,
+        403,
+        "PermissionDenied",
+    );
+    let r = post(
+        &app,
+        &s.url("/v1/unwrap"),
+        json!({"wrapped": dk["wrapped"]}),
+    )
+    .await;
+    assert_error(&r, 429, "LockedOut");
+    // Others are unaffected.
+    let (st, _) = post(
+        &s.client(Some("app-b")),
+        &s.url("/v1/keys/k/datakey"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(st, 404);
+    // The admin sees and lifts it.
+    let admin = s.client(Some("admin-a"));
+    let (st, list) = get(&admin, &s.url("/v1/sys/lockouts")).await;
+    assert_eq!(st, 200);
+    assert_eq!(list["lockouts"][0]["identity"], keyhold_tests::APP_A);
+    let (st, lifted) = post(
+        &admin,
+        &s.url("/v1/sys/lockouts/lift"),
+        json!({"identity": keyhold_tests::APP_A}),
+    )
+    .await;
+    assert_eq!((st, lifted["lifted"].clone()), (200, json!(true)));
+    let (st, _) = post(
+        &app,
+        &s.url("/v1/unwrap"),
+        json!({"wrapped": dk["wrapped"]}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    // Only admins manage lockouts.
+    assert_error(
+        &get(&app, &s.url("/v1/sys/lockouts")).await,
+        403,
+        "PermissionDenied",
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lockout_ends_by_itself() {
+    let s = TestServer::start_with(
+        keyhold_tests::TestSeal::KeyFile,
+        "[lockout]\nthreshold = 2\nwindow_secs = 60\nduration_secs = 1\n",
+    )
+    .await;
+    let stranger = s.client(Some("stranger"));
+    assert_error(
+        &get(&stranger, &s.url("/v1/keys")).await,
+        403,
+        "PermissionDenied",
+    );
+    assert_error(
+        &get(&stranger, &s.url("/v1/keys")).await,
+        403,
+        "PermissionDenied",
+    );
+    assert_error(&get(&stranger, &s.url("/v1/keys")).await, 429, "LockedOut");
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_error(
+        &get(&stranger, &s.url("/v1/keys")).await,
+        403,
+        "PermissionDenied",
+    );
+}

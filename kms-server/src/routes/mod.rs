@@ -59,6 +59,8 @@ pub struct AppState {
     pub sealer: Box<SealerFactory>,
     /// The audit trail.
     pub audit: crate::audit::AuditLog,
+    /// Lockouts after repeated denials.
+    pub lockouts: crate::lockout::Lockouts,
     next_request_id: AtomicU64,
 }
 
@@ -74,6 +76,7 @@ impl AppState {
         Self {
             keyring,
             policy: Policy::new(&settings.identities),
+            lockouts: crate::lockout::Lockouts::new(settings.lockout),
             settings,
             metrics,
             sealer,
@@ -100,6 +103,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sys/status", get(sys::status))
         .route("/v1/sys/unseal", post(sys::unseal))
         .route("/v1/sys/seal", post(sys::seal))
+        .route("/v1/sys/lockouts", get(sys::lockouts))
+        .route("/v1/sys/lockouts/lift", post(sys::lift_lockout))
         .route("/v1/audit", get(audit::list))
         .fallback(|| async { Error::NoRoute })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
@@ -191,12 +196,24 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         .extensions()
         .get::<PeerIdentity>()
         .and_then(|p| p.0.clone());
-    let mut resp = next.run(req).await;
+    // A locked-out identity gets nothing but its 429 (and an audit record).
+    let locked = identity.as_deref().and_then(|i| state.lockouts.locked(i));
+    let mut resp = match locked {
+        Some(_) => Error::LockedOut.into_response(),
+        None => next.run(req).await,
+    };
     let outcome = match resp.extensions().get::<ErrorCode>() {
         Some(code) => format!("{code:?}"),
         None if resp.status().is_success() => "ok".to_owned(),
         None => resp.status().as_str().to_owned(),
     };
+    if let (Some(ErrorCode::PermissionDenied), Some(id)) =
+        (resp.extensions().get::<ErrorCode>(), identity.as_deref())
+    {
+        if state.lockouts.record_denial(id) {
+            tracing::warn!(identity = id, "identity locked out after repeated denials");
+        }
+    }
     let elapsed = started.elapsed();
     let info = std::mem::take(
         &mut *note

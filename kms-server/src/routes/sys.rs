@@ -4,7 +4,9 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::Json;
-use kms_client::api::{SysStatus, UnsealRequest};
+use kms_client::api::{
+    LiftLockoutRequest, LiftLockoutResponse, LockoutInfo, LockoutList, SysStatus, UnsealRequest,
+};
 
 use super::{blocking, ApiJson, AppState, Caller};
 use crate::error::Error;
@@ -57,4 +59,34 @@ pub async fn seal(
     state.keyring.seal();
     tracing::warn!(identity = %caller.identity, "server sealed");
     Ok(Json(status_of(&state)))
+}
+
+/// `GET /v1/sys/lockouts`: identities locked out now.
+pub async fn lockouts(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+) -> Result<Json<LockoutList>, Error> {
+    caller.authorize(Operation::System)?;
+    let lockouts = state
+        .lockouts
+        .list()
+        .into_iter()
+        .map(|(identity, seconds_left)| LockoutInfo {
+            identity,
+            seconds_left,
+        })
+        .collect();
+    Ok(Json(LockoutList { lockouts }))
+}
+
+/// `POST /v1/sys/lockouts/lift`: lets a locked-out identity in again.
+pub async fn lift_lockout(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<LiftLockoutRequest>,
+) -> Result<Json<LiftLockoutResponse>, Error> {
+    caller.authorize(Operation::System)?;
+    let lifted = state.lockouts.lift(&req.identity);
+    tracing::warn!(identity = %caller.identity, lifted_for = %req.identity, lifted, "lockout lifted");
+    Ok(Json(LiftLockoutResponse { lifted }))
 }

@@ -228,6 +228,14 @@ pub(crate) enum SysCmd {
     },
     /// Seal: wipe the master key and every KEK from the server's memory.
     Seal,
+    /// List identities locked out after repeated denials.
+    Lockouts,
+    /// Let a locked-out identity in again.
+    Unlock {
+        /// The identity (as in the audit trail, e.g. a SPIFFE URI).
+        #[arg(long)]
+        identity: String,
+    },
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -365,6 +373,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.status(&client.unseal(pass.as_ref().map(|p| p.as_str())).await?)
             }
             SysCmd::Seal => out.status(&client.seal().await?),
+            SysCmd::Lockouts => out.lockouts(&client.lockouts().await?),
+            SysCmd::Unlock { identity } => {
+                let lifted = client.lift_lockout(identity).await?;
+                if lifted {
+                    println!("lifted the lockout of {identity}");
+                } else {
+                    println!("{identity} was not locked out");
+                }
+                Ok(())
+            }
         },
         Command::Completions { .. } => Ok(()),
     }

@@ -6,8 +6,8 @@ use anyhow::Context as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use kms_client::api::{
-    AuditPage, BatchResult, DatakeyResponse, ErrorCode, KeyInfo, SysStatus, UnwrapResponse,
-    WrapResponse,
+    AuditPage, BatchResult, DatakeyResponse, ErrorCode, KeyInfo, LockoutList, SysStatus,
+    UnwrapResponse, WrapResponse,
 };
 use serde::Serialize;
 
@@ -295,6 +295,21 @@ impl Printer {
                         None => "not verifiable now",
                     }
                 );
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn lockouts(&self, l: &LockoutList) -> anyhow::Result<()> {
+        match self.format {
+            Output::Json => json(l),
+            Output::Table => {
+                let rows: Vec<Vec<String>> = l
+                    .lockouts
+                    .iter()
+                    .map(|x| vec![x.identity.clone(), format!("{}s", x.seconds_left)])
+                    .collect();
+                print!("{}", table(&["IDENTITY", "LOCKED FOR"], &rows));
                 Ok(())
             }
         }
