@@ -72,6 +72,17 @@ struct FileConfig {
     audit: FileAudit,
     #[serde(default)]
     lockout: FileLockout,
+    #[serde(default)]
+    alerts: FileAlerts,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAlerts {
+    #[serde(default)]
+    webhook: Option<String>,
+    #[serde(default)]
+    command: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -258,6 +269,8 @@ pub struct Settings {
     pub audit_enabled: bool,
     /// Lockout after repeated denials.
     pub lockout: crate::lockout::LockoutPolicy,
+    /// Alert destinations.
+    pub alerts: crate::alert::AlertSettings,
 }
 
 impl Settings {
@@ -375,6 +388,12 @@ impl Settings {
         if !(1..=7 * 86_400).contains(&raw.lockout.duration_secs) {
             return Err(err("lockout.duration_secs", "must be 1 to 604800".into()));
         }
+        if let Some(url) = &raw.alerts.webhook {
+            crate::alert::check_webhook(url).map_err(|m| err("alerts.webhook", m))?;
+        }
+        if raw.alerts.command.as_ref().is_some_and(Vec::is_empty) {
+            return Err(err("alerts.command", "must name a program".into()));
+        }
         if raw.identity.sources.is_empty() {
             return Err(err(
                 "identity.sources",
@@ -441,6 +460,10 @@ impl Settings {
                 threshold: raw.lockout.threshold,
                 window: std::time::Duration::from_secs(raw.lockout.window_secs),
                 duration: std::time::Duration::from_secs(raw.lockout.duration_secs),
+            },
+            alerts: crate::alert::AlertSettings {
+                webhook: raw.alerts.webhook,
+                command: raw.alerts.command,
             },
         })
     }

@@ -19,7 +19,10 @@
 //!
 //! - Identities denied repeatedly are locked out for a while ([`lockout`]).
 //!
-//! What it does not do (yet): per-key grants, CRLs, alerts (issue 5); key
+//! - Denials, lockouts, seal/unseal and key disables raise alerts to a webhook or a
+//!   command ([`alert`]).
+//!
+//! What it does not do (yet): per-key grants, CRLs (issue 5); key
 //! deletion, Shamir/PKCS#11 unseal, RSA KEKs (issue 6).
 //!
 //! The library is what the binary runs; tests start it on port 0 with [`run`]:
@@ -39,6 +42,7 @@
 //! assert!(format::unwrap(&kek, &wrapped, &other).is_err());
 //! ```
 
+pub mod alert;
 pub mod audit;
 pub mod config;
 pub mod crypto;

@@ -8,6 +8,7 @@
     unreachable_pub
 )]
 
+mod alert;
 mod audit;
 mod bad_input;
 mod client;

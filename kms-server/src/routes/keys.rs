@@ -95,7 +95,14 @@ pub async fn disable(
 ) -> Result<Json<KeyInfo>, Error> {
     note.key(&name);
     caller.authorize(Operation::ManageKeys)?;
-    let info = blocking(move || state.keyring.set_enabled(&caller.tenant, &name, false)).await?;
+    let st = state.clone();
+    let identity = caller.identity.clone();
+    let info = blocking(move || st.keyring.set_enabled(&caller.tenant, &name, false)).await?;
+    state.alerts.raise(crate::alert::AlertEvent::new(
+        "key_disabled",
+        Some(&identity),
+        info.name.clone(),
+    ));
     Ok(Json(info))
 }
 

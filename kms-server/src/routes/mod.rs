@@ -61,6 +61,8 @@ pub struct AppState {
     pub audit: crate::audit::AuditLog,
     /// Lockouts after repeated denials.
     pub lockouts: crate::lockout::Lockouts,
+    /// Alerts.
+    pub alerts: crate::alert::Alerter,
     next_request_id: AtomicU64,
 }
 
@@ -77,6 +79,7 @@ impl AppState {
             keyring,
             policy: Policy::new(&settings.identities),
             lockouts: crate::lockout::Lockouts::new(settings.lockout),
+            alerts: crate::alert::Alerter::start(&settings.alerts),
             settings,
             metrics,
             sealer,
@@ -210,8 +213,18 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
     if let (Some(ErrorCode::PermissionDenied), Some(id)) =
         (resp.extensions().get::<ErrorCode>(), identity.as_deref())
     {
+        state.alerts.raise(crate::alert::AlertEvent::new(
+            "denied",
+            Some(id),
+            format!("{method} {route}"),
+        ));
         if state.lockouts.record_denial(id) {
             tracing::warn!(identity = id, "identity locked out after repeated denials");
+            state.alerts.raise(crate::alert::AlertEvent::new(
+                "locked_out",
+                Some(id),
+                "repeated denials",
+            ));
         }
     }
     let elapsed = started.elapsed();

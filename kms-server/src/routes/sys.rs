@@ -47,6 +47,11 @@ pub async fn unseal(
     })
     .await?;
     tracing::warn!(identity = %caller.identity, "server unsealed");
+    state.alerts.raise(crate::alert::AlertEvent::new(
+        "unsealed",
+        Some(&caller.identity),
+        "POST /v1/sys/unseal",
+    ));
     Ok(Json(status_of(&state)))
 }
 
@@ -58,6 +63,11 @@ pub async fn seal(
     caller.authorize(Operation::System)?;
     state.keyring.seal();
     tracing::warn!(identity = %caller.identity, "server sealed");
+    state.alerts.raise(crate::alert::AlertEvent::new(
+        "sealed",
+        Some(&caller.identity),
+        "POST /v1/sys/seal",
+    ));
     Ok(Json(status_of(&state)))
 }
 
