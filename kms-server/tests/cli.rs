@@ -63,23 +63,27 @@ fn bad_config_names_file_and_field() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("tls.min_version"));
 }
 
-#[test]
-fn dev_mode_banner_commands_work_when_pasted() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("dev");
+/// `kms-server dev` on free ports under `data`; returns (command ready to spawn, api, ops).
+fn dev_command(data: &std::path::Path) -> (Command, u16, u16) {
     let (api, ops) = (free_port(), free_port());
-    let mut child = Command::new(BIN)
-        .arg("dev")
+    let mut c = Command::new(BIN);
+    c.arg("dev")
         .arg("--data-dir")
-        .arg(&data)
+        .arg(data)
         .arg("--listen")
         .arg(format!("127.0.0.1:{api}"))
         .arg("--ops-listen")
         .arg(format!("127.0.0.1:{ops}"))
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stdout(Stdio::null());
+    (c, api, ops)
+}
+
+#[test]
+fn dev_mode_banner_commands_work_when_pasted() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    let (mut cmd, _api, ops) = dev_command(&data);
+    let mut child = cmd.stderr(Stdio::piped()).spawn().unwrap();
     let stderr = child.stderr.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -185,22 +189,10 @@ fn deploy_example_config_is_valid() {
 fn no_key_material_in_logs_or_store() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("dev");
-    let (api, ops) = (free_port(), free_port());
     let log_path = dir.path().join("server.log");
     let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = Command::new(BIN)
-        .arg("dev")
-        .arg("--data-dir")
-        .arg(&data)
-        .arg("--listen")
-        .arg(format!("127.0.0.1:{api}"))
-        .arg("--ops-listen")
-        .arg(format!("127.0.0.1:{ops}"))
-        .env("RUST_LOG", "trace")
-        .stderr(log)
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
+    let (mut cmd, api, ops) = dev_command(&data);
+    let mut child = cmd.env("RUST_LOG", "trace").stderr(log).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
     while !http_get(ops, "/readyz").is_some_and(|r| r.contains(" 200 ")) {
         assert!(Instant::now() < deadline, "dev mode did not become ready");

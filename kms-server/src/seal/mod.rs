@@ -41,7 +41,9 @@ impl SealMethod {
     }
 }
 
-/// The sealed master key as stored. Holds no secret in clear.
+/// The sealed master key as stored. Holds no secret in clear: `sealed` is AEAD
+/// ciphertext under the key-file or passphrase key, so deriving `Debug` and `Serialize`
+/// is safe here (it is what the store holds).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SealedMasterKey {
