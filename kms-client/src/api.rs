@@ -208,6 +208,144 @@ pub struct CreateKeyRequest {
     /// Automatic rotation period, e.g. `"90d"` (humantime syntax); none when omitted.
     #[serde(default)]
     pub rotation_period: Option<String>,
+    /// Initial grants. Default deny: with none, no identity may use the key until an
+    /// admin sets grants (`PUT /v1/keys/{name}/grants`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<Grant>,
+}
+
+/// A key operation that a grant can allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GrantOperation {
+    /// `POST /v1/keys/{name}/datakey` (and batch `datakey` items).
+    Datakey,
+    /// `POST /v1/keys/{name}/wrap`.
+    Wrap,
+    /// `POST /v1/unwrap`.
+    Unwrap,
+    /// `POST /v1/rewrap`.
+    Rewrap,
+}
+
+impl GrantOperation {
+    /// Every operation, in wire order.
+    pub const ALL: [GrantOperation; 4] = [Self::Datakey, Self::Wrap, Self::Unwrap, Self::Rewrap];
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Datakey => "datakey",
+            Self::Wrap => "wrap",
+            Self::Unwrap => "unwrap",
+            Self::Rewrap => "rewrap",
+        }
+    }
+}
+
+impl fmt::Display for GrantOperation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for GrantOperation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|op| op.as_str() == s)
+            .ok_or_else(|| format!("unknown operation {s:?} (datakey, wrap, unwrap, rewrap)"))
+    }
+}
+
+/// Conditions on the encryption context under which a grant applies (as AWS KMS grant
+/// constraints). Both may be given; every one given must hold.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantConstraints {
+    /// The request's context must contain each of these pairs (it may hold others too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_subset: Option<Context>,
+    /// The request's context must be exactly this map.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub context_equals: Option<Context>,
+}
+
+impl GrantConstraints {
+    /// Whether `context` satisfies every constraint.
+    pub fn allows(&self, context: &Context) -> bool {
+        let subset_ok = self
+            .context_subset
+            .as_ref()
+            .is_none_or(|want| want.iter().all(|(k, v)| context.get(k) == Some(v)));
+        let equals_ok = self
+            .context_equals
+            .as_ref()
+            .is_none_or(|want| want == context);
+        subset_ok && equals_ok
+    }
+
+    /// Whether no constraint is set.
+    pub fn is_empty(&self) -> bool {
+        self.context_subset.is_none() && self.context_equals.is_none()
+    }
+}
+
+/// One grant: an identity may run these operations with the key, under the constraints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Grant {
+    /// The caller's identity exactly as read from its certificate (e.g. a SPIFFE URI).
+    pub identity: String,
+    /// What it may do.
+    pub operations: Vec<GrantOperation>,
+    /// Context conditions; none when omitted.
+    #[serde(default, skip_serializing_if = "GrantConstraints::is_empty")]
+    pub constraints: GrantConstraints,
+}
+
+impl Grant {
+    /// A grant of `operations` to `identity`, without constraints.
+    pub fn new(identity: impl Into<String>, operations: &[GrantOperation]) -> Self {
+        Self {
+            identity: identity.into(),
+            operations: operations.to_vec(),
+            constraints: GrantConstraints::default(),
+        }
+    }
+
+    /// Whether this grant lets `identity` run `op` under `context`.
+    pub fn allows(&self, identity: &str, op: GrantOperation, context: &Context) -> bool {
+        self.identity == identity
+            && self.operations.contains(&op)
+            && self.constraints.allows(context)
+    }
+}
+
+/// `PUT /v1/keys/{name}/grants`: replaces the key's grants (an empty list revokes all).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetGrantsRequest {
+    /// The complete new set.
+    pub grants: Vec<Grant>,
+}
+
+/// `POST /v1/keys/{name}/schedule-deletion`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleDeletionRequest {
+    /// Days until destruction, 7 to 30.
+    pub pending_days: u32,
+}
+
+/// `PUT /v1/keys/{name}/min-decrypt-version`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MinDecryptVersionRequest {
+    /// Versions below this stop unwrapping; at most the current version.
+    pub version: u32,
 }
 
 /// One version of a KEK.
@@ -243,6 +381,12 @@ pub struct KeyInfo {
     pub rotation_period: Option<String>,
     /// Every version, oldest first.
     pub versions: Vec<KeyVersionInfo>,
+    /// When a key pending deletion is destroyed, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_date: Option<String>,
+    /// Who may use the key, and how (default deny).
+    #[serde(default)]
+    pub grants: Vec<Grant>,
 }
 
 /// `GET /v1/keys`.

@@ -31,7 +31,10 @@ use crate::api::{
     Passphrase, RewrapRequest, SecretBytes, SysStatus, UnsealRequest, UnwrapRequest,
     UnwrapResponse, WrapRequest, WrapResponse, WrappedKey,
 };
-use crate::api::{LiftLockoutRequest, LiftLockoutResponse, LockoutList};
+use crate::api::{
+    Grant, LiftLockoutRequest, LiftLockoutResponse, LockoutList, MinDecryptVersionRequest,
+    ScheduleDeletionRequest, SetGrantsRequest,
+};
 use crate::transport::{parse_endpoint, SendError, Transport};
 use crate::Error;
 
@@ -428,6 +431,43 @@ impl Client {
     pub async fn enable_key(&self, name: &str) -> Result<KeyInfo, Error> {
         let path = format!("/v1/keys/{}/enable", check_name(name)?);
         self.post(&path, &serde_json::json!({}), Repeat::Safe).await
+    }
+
+    /// `POST /v1/keys/{name}/schedule-deletion`: destroyed after `pending_days` (7–30);
+    /// unusable from now on.
+    pub async fn schedule_deletion(&self, name: &str, pending_days: u32) -> Result<KeyInfo, Error> {
+        let path = format!("/v1/keys/{}/schedule-deletion", check_name(name)?);
+        let req = ScheduleDeletionRequest { pending_days };
+        self.post(&path, &req, Repeat::Unsafe).await
+    }
+
+    /// `POST /v1/keys/{name}/cancel-deletion`: the key comes back disabled.
+    pub async fn cancel_deletion(&self, name: &str) -> Result<KeyInfo, Error> {
+        let path = format!("/v1/keys/{}/cancel-deletion", check_name(name)?);
+        self.post(&path, &serde_json::json!({}), Repeat::Unsafe)
+            .await
+    }
+
+    /// `PUT /v1/keys/{name}/min-decrypt-version` (idempotent).
+    pub async fn set_min_decrypt_version(
+        &self,
+        name: &str,
+        version: u32,
+    ) -> Result<KeyInfo, Error> {
+        let path = format!("/v1/keys/{}/min-decrypt-version", check_name(name)?);
+        let body = serde_json::to_vec(&MinDecryptVersionRequest { version })
+            .map_err(|e| Error::Config(e.to_string()))?;
+        self.call(Method::PUT, &path, Some(body), Repeat::Safe)
+            .await
+    }
+
+    /// `PUT /v1/keys/{name}/grants`: replaces the key's grants (idempotent).
+    pub async fn set_grants(&self, name: &str, grants: Vec<Grant>) -> Result<KeyInfo, Error> {
+        let path = format!("/v1/keys/{}/grants", check_name(name)?);
+        let body = serde_json::to_vec(&SetGrantsRequest { grants })
+            .map_err(|e| Error::Config(e.to_string()))?;
+        self.call(Method::PUT, &path, Some(body), Repeat::Safe)
+            .await
     }
 
     // ---- key use ----

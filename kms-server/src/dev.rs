@@ -10,7 +10,7 @@ use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use kms_client::api::Algorithm;
+use kms_client::api::{Algorithm, Grant, GrantOperation};
 
 use crate::config::Settings;
 use crate::error::Error;
@@ -133,7 +133,15 @@ role = "auditor"
         keyring.initialize(&sealer)?;
     }
     keyring.unseal(&sealer)?;
-    match keyring.create_key(DEV_TENANT, DEMO_KEY, Algorithm::Aes256Gcm, None) {
+    // The demo key is granted to the dev app identity (default deny otherwise).
+    let grant = Grant::new(DEV_APP, &GrantOperation::ALL);
+    match keyring.create_key(
+        DEV_TENANT,
+        DEMO_KEY,
+        Algorithm::Aes256Gcm,
+        None,
+        vec![grant],
+    ) {
         Ok(_) | Err(Error::AlreadyExists) => {}
         Err(e) => return Err(e.into()),
     }

@@ -20,13 +20,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kms_client::api::{Algorithm, Context, KeyInfo, KeyState, KeyVersionInfo};
+use kms_client::api::{
+    Algorithm, Context, Grant, GrantOperation, KeyInfo, KeyState, KeyVersionInfo,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::crypto;
 use crate::error::Error;
 use crate::format::{self, Header, KeyId};
 use crate::keystore::{KeyStore, StoreError, Table, WriteBatch};
+use crate::policy::Principal;
 use crate::seal::{SealMethod, SealedMasterKey, Sealer};
 use crate::secret::{SecretKey, SecretVec};
 
@@ -38,6 +41,12 @@ const KEK_LABEL: &[u8] = b"keyhold/kek-version/v1";
 pub const DATAKEY_LEN: usize = 32;
 /// Longest key name.
 pub const MAX_NAME_LEN: usize = 128;
+/// Most grants on one key.
+pub const MAX_GRANTS: usize = 100;
+/// Longest grantee identity.
+pub const MAX_IDENTITY_LEN: usize = 1024;
+/// The deletion window, in days (as AWS KMS).
+pub const DELETION_WINDOW_DAYS: std::ops::RangeInclusive<u32> = 7..=30;
 
 /// A KEK as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,6 +71,12 @@ pub struct KeyRecord {
     /// Automatic rotation period, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation_period_secs: Option<u64>,
+    /// While pending deletion: when the key is destroyed, unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deletion_date: Option<u64>,
+    /// Who may use the key. Default deny: no grant, no use.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<Grant>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -108,6 +123,8 @@ impl KeyEntry {
                     can_unwrap: *v >= r.min_decrypt_version,
                 })
                 .collect(),
+            deletion_date: r.deletion_date.map(rfc3339),
+            grants: r.grants.clone(),
         }
     }
 
@@ -117,6 +134,66 @@ impl KeyEntry {
             other => Err(Error::KeyDisabled(other)),
         }
     }
+
+    /// Default deny: some grant must name `identity`, `op`, and accept `context`.
+    fn check_grant(
+        &self,
+        identity: &str,
+        op: GrantOperation,
+        context: &Context,
+    ) -> Result<(), Error> {
+        if self
+            .record
+            .grants
+            .iter()
+            .any(|g| g.allows(identity, op, context))
+        {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied(
+                "no grant on this key allows this identity this operation with this context",
+            ))
+        }
+    }
+}
+
+/// Checks a grant set before it is stored.
+pub fn validate_grants(grants: &[Grant]) -> Result<(), Error> {
+    if grants.len() > MAX_GRANTS {
+        return Err(Error::InvalidRequest(format!(
+            "a key holds at most {MAX_GRANTS} grants"
+        )));
+    }
+    for g in grants {
+        if g.identity.is_empty()
+            || g.identity.len() > MAX_IDENTITY_LEN
+            || g.identity.chars().any(char::is_control)
+        {
+            return Err(Error::InvalidRequest(format!(
+                "a grant's identity is 1 to {MAX_IDENTITY_LEN} printable characters"
+            )));
+        }
+        if g.operations.is_empty() {
+            return Err(Error::InvalidRequest(
+                "a grant names at least one operation".into(),
+            ));
+        }
+        let mut ops = g.operations.clone();
+        ops.sort();
+        ops.dedup();
+        if ops.len() != g.operations.len() {
+            return Err(Error::InvalidRequest(
+                "a grant names each operation once".into(),
+            ));
+        }
+        for ctx in [&g.constraints.context_subset, &g.constraints.context_equals]
+            .into_iter()
+            .flatten()
+        {
+            format::canonical_context(ctx)?;
+        }
+    }
+    Ok(())
 }
 
 #[derive(Default)]
@@ -190,7 +267,8 @@ pub struct Keyring {
     write_lock: Mutex<()>,
 }
 
-fn now() -> u64 {
+/// Unix seconds now.
+pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -215,6 +293,12 @@ fn name_key(tenant: &str, name: &str) -> Vec<u8> {
     k.extend_from_slice(tenant.as_bytes());
     k.push(0);
     k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn deletion_key(date: u64, id: &KeyId) -> Vec<u8> {
+    let mut k = date.to_be_bytes().to_vec();
+    k.extend_from_slice(&id.0);
     k
 }
 
@@ -498,8 +582,10 @@ impl Keyring {
         name: &str,
         algorithm: Algorithm,
         rotation_period: Option<Duration>,
+        grants: Vec<Grant>,
     ) -> Result<KeyInfo, Error> {
         validate_name(name)?;
+        validate_grants(&grants)?;
         let un = self.unsealed()?;
         let _guard = self
             .write_lock
@@ -519,6 +605,8 @@ impl Keyring {
             current_version: 1,
             min_decrypt_version: 1,
             rotation_period_secs: rotation_period.map(|d| d.as_secs()),
+            deletion_date: None,
+            grants,
         };
         let material = SecretKey::generate()?;
         let version = self.seal_version(&un, &record, &id, 1, created_at, &material)?;
@@ -668,44 +756,203 @@ impl Keyring {
         }
     }
 
-    /// Enables (`true`) or disables (`false`) a key. Idempotent.
-    pub fn set_enabled(&self, tenant: &str, name: &str, enabled: bool) -> Result<KeyInfo, Error> {
+    /// Read-modify-write of one key record: `change` edits a copy of the record (and may
+    /// add writes to the batch); the batch commits only if the stored record is still the
+    /// one read. Returns the new metadata.
+    fn update_key(
+        &self,
+        tenant: &str,
+        name: &str,
+        change: impl FnOnce(&KeyEntry, &mut KeyRecord, &mut WriteBatch) -> Result<(), Error>,
+    ) -> Result<KeyInfo, Error> {
         let un = self.unsealed()?;
         let _guard = self
             .write_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let entry = self.entry_by_name(&un, tenant, name)?;
+        let mut record = entry.record.clone();
+        let mut batch = WriteBatch::new();
+        change(&entry, &mut record, &mut batch)?;
+        let record_bytes = to_json(&record)?;
+        if record_bytes == entry.record_bytes && batch.writes.is_empty() {
+            return Ok(entry.info());
+        }
+        batch
+            .require(Table::Keys, &entry.key_id.0, Some(&entry.record_bytes))
+            .put(Table::Keys, &entry.key_id.0, &record_bytes);
+        self.commit_update(&un, &entry.key_id, &batch)?;
+        let versions = if record.state == KeyState::Destroyed {
+            BTreeMap::new()
+        } else {
+            entry.versions.clone()
+        };
+        let updated = Arc::new(KeyEntry {
+            key_id: entry.key_id,
+            record,
+            record_bytes,
+            versions,
+        });
+        self.cache_put(&un, updated.clone());
+        Ok(updated.info())
+    }
+
+    /// Enables (`true`) or disables (`false`) a key. Idempotent.
+    pub fn set_enabled(&self, tenant: &str, name: &str, enabled: bool) -> Result<KeyInfo, Error> {
         let target = if enabled {
             KeyState::Enabled
         } else {
             KeyState::Disabled
         };
-        match entry.record.state {
-            s if s == target => return Ok(entry.info()),
-            KeyState::Enabled | KeyState::Disabled => {}
-            _ => {
-                return Err(Error::InvalidState(
-                    "a key pending deletion or destroyed cannot be enabled or disabled",
-                ))
+        self.update_key(tenant, name, |_, record, _| match record.state {
+            KeyState::Enabled | KeyState::Disabled => {
+                record.state = target;
+                Ok(())
+            }
+            KeyState::PendingDeletion => Err(Error::InvalidState(
+                "the key is pending deletion: cancel the deletion first",
+            )),
+            _ => Err(Error::InvalidState("the key is destroyed")),
+        })
+    }
+
+    /// Schedules destruction `days` (7–30) after `now`. The key is unusable from now on;
+    /// `cancel_deletion` returns it to `disabled` until then.
+    pub fn schedule_deletion(
+        &self,
+        tenant: &str,
+        name: &str,
+        days: u32,
+        now: u64,
+    ) -> Result<KeyInfo, Error> {
+        if !DELETION_WINDOW_DAYS.contains(&days) {
+            return Err(Error::InvalidRequest(format!(
+                "pending_days must be between {} and {}",
+                DELETION_WINDOW_DAYS.start(),
+                DELETION_WINDOW_DAYS.end()
+            )));
+        }
+        self.update_key(tenant, name, |entry, record, batch| {
+            match record.state {
+                KeyState::Enabled | KeyState::Disabled => {}
+                KeyState::PendingDeletion => {
+                    return Err(Error::InvalidState("the key is already pending deletion"))
+                }
+                _ => return Err(Error::InvalidState("the key is destroyed")),
+            }
+            let date = now.saturating_add(u64::from(days) * 86_400);
+            record.state = KeyState::PendingDeletion;
+            record.deletion_date = Some(date);
+            batch.put(Table::Deletions, &deletion_key(date, &entry.key_id), b"");
+            Ok(())
+        })
+    }
+
+    /// Cancels a scheduled deletion; the key comes back `disabled` (enable it explicitly).
+    pub fn cancel_deletion(&self, tenant: &str, name: &str) -> Result<KeyInfo, Error> {
+        self.update_key(tenant, name, |entry, record, batch| {
+            if record.state != KeyState::PendingDeletion {
+                return Err(Error::InvalidState("the key is not pending deletion"));
+            }
+            if let Some(date) = record.deletion_date.take() {
+                batch.delete(Table::Deletions, &deletion_key(date, &entry.key_id));
+            }
+            record.state = KeyState::Disabled;
+            Ok(())
+        })
+    }
+
+    /// Retires versions below `version` (1 ..= current): they stop unwrapping. Lowering it
+    /// again brings retired versions back while their material is still stored.
+    pub fn set_min_decrypt_version(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: u32,
+    ) -> Result<KeyInfo, Error> {
+        self.update_key(tenant, name, |_, record, _| {
+            if record.state == KeyState::Destroyed {
+                return Err(Error::InvalidState("the key is destroyed"));
+            }
+            if version == 0 || version > record.current_version {
+                return Err(Error::InvalidRequest(format!(
+                    "version must be between 1 and the current version ({})",
+                    record.current_version
+                )));
+            }
+            record.min_decrypt_version = version;
+            Ok(())
+        })
+    }
+
+    /// Replaces a key's grants.
+    pub fn set_grants(
+        &self,
+        tenant: &str,
+        name: &str,
+        grants: Vec<Grant>,
+    ) -> Result<KeyInfo, Error> {
+        validate_grants(&grants)?;
+        self.update_key(tenant, name, |_, record, _| {
+            if record.state == KeyState::Destroyed {
+                return Err(Error::InvalidState("the key is destroyed"));
+            }
+            record.grants = grants;
+            Ok(())
+        })
+    }
+
+    /// Destroys every key whose deletion date is at or before `now`: its version records
+    /// (the sealed material) are deleted and its record says `destroyed`, in one
+    /// transaction per key. Returns the destroyed keys as (tenant, name). Works sealed too:
+    /// destruction needs no key material.
+    pub fn destroy_due(&self, now: u64) -> Result<Vec<(String, String)>, Error> {
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut destroyed = Vec::new();
+        for (index_key, _) in self.store.scan_prefix(Table::Deletions, b"")? {
+            let (Some(date), Some(id)) = (
+                index_key.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()),
+                index_key
+                    .get(8..)
+                    .and_then(|b| <[u8; 16]>::try_from(b).ok()),
+            ) else {
+                return Err(Error::Corrupt("deletion index"));
+            };
+            if u64::from_be_bytes(date) > now {
+                break;
+            }
+            let id = KeyId(id);
+            let mut batch = WriteBatch::new();
+            batch.delete(Table::Deletions, &index_key);
+            let Some(record_bytes) = self.store.get(Table::Keys, &id.0)? else {
+                self.store.commit(&batch)?;
+                continue;
+            };
+            let mut record: KeyRecord =
+                serde_json::from_slice(&record_bytes).map_err(|_| Error::Corrupt("key record"))?;
+            if record.state == KeyState::PendingDeletion {
+                for (version_key, _) in self.store.scan_prefix(Table::Versions, &id.0)? {
+                    batch.delete(Table::Versions, &version_key);
+                }
+                // Grants stay, as metadata: a granted caller learns `destroyed` (409),
+                // not a denial that would count toward its lockout.
+                record.state = KeyState::Destroyed;
+                batch.require(Table::Keys, &id.0, Some(&record_bytes)).put(
+                    Table::Keys,
+                    &id.0,
+                    &to_json(&record)?,
+                );
+                destroyed.push((record.tenant.clone(), record.name.clone()));
+            }
+            self.store.commit(&batch)?;
+            if let Ok(un) = self.unsealed() {
+                self.cache_evict(&un, &id);
             }
         }
-        let mut record = entry.record.clone();
-        record.state = target;
-        let record_bytes = to_json(&record)?;
-        let mut batch = WriteBatch::new();
-        batch
-            .require(Table::Keys, &entry.key_id.0, Some(&entry.record_bytes))
-            .put(Table::Keys, &entry.key_id.0, &record_bytes);
-        self.commit_update(&un, &entry.key_id, &batch)?;
-        let updated = Arc::new(KeyEntry {
-            key_id: entry.key_id,
-            record,
-            record_bytes,
-            versions: entry.versions.clone(),
-        });
-        self.cache_put(&un, updated.clone());
-        Ok(updated.info())
+        Ok(destroyed)
     }
 
     // ---- cryptographic operations ----
@@ -729,10 +976,16 @@ impl Keyring {
     }
 
     /// Generates a 32-byte DEK and returns it in clear and wrapped.
-    pub fn datakey(&self, tenant: &str, name: &str, context: &Context) -> Result<DataKey, Error> {
+    pub fn datakey(
+        &self,
+        who: &Principal,
+        name: &str,
+        context: &Context,
+    ) -> Result<DataKey, Error> {
         let canonical = format::canonical_context(context)?;
         let un = self.unsealed()?;
-        let entry = self.entry_by_name(&un, tenant, name)?;
+        let entry = self.entry_by_name(&un, &who.tenant, name)?;
+        entry.check_grant(&who.identity, GrantOperation::Datakey, context)?;
         entry.check_usable()?;
         let dek = SecretVec::random(DATAKEY_LEN)?;
         let w = Self::wrap_with(&entry, dek.expose_secret(), &canonical)?;
@@ -747,7 +1000,7 @@ impl Keyring {
     /// Wraps a caller-supplied DEK (16–64 bytes).
     pub fn wrap(
         &self,
-        tenant: &str,
+        who: &Principal,
         name: &str,
         dek: &[u8],
         context: &Context,
@@ -755,22 +1008,29 @@ impl Keyring {
         format::check_dek_len(dek.len())?;
         let canonical = format::canonical_context(context)?;
         let un = self.unsealed()?;
-        let entry = self.entry_by_name(&un, tenant, name)?;
+        let entry = self.entry_by_name(&un, &who.tenant, name)?;
+        entry.check_grant(&who.identity, GrantOperation::Wrap, context)?;
         Self::wrap_with(&entry, dek, &canonical)
     }
 
+    /// Finds the key a wrapped DEK names (of the caller's tenant, else `DecryptFailed`:
+    /// a foreign key looks like garbage), checks the grant for `op`, the key state and
+    /// the version, and opens it.
     fn open_wrapped(
         &self,
         un: &Unsealed,
-        tenant: &str,
+        who: &Principal,
+        op: GrantOperation,
         wrapped: &[u8],
-        canonical: &[u8],
+        context: &Context,
     ) -> Result<(Arc<KeyEntry>, u32, SecretVec), Error> {
+        let canonical = format::canonical_context(context)?;
         let header = format::parse_header(wrapped).map_err(|_| Error::DecryptFailed)?;
         let entry = self
             .load_entry(un, header.key_id)?
-            .filter(|e| e.record.tenant == tenant)
+            .filter(|e| e.record.tenant == who.tenant)
             .ok_or(Error::DecryptFailed)?;
+        entry.check_grant(&who.identity, op, context)?;
         entry.check_usable()?;
         if header.version < entry.record.min_decrypt_version {
             return Err(Error::DecryptFailed);
@@ -780,20 +1040,20 @@ impl Keyring {
             .get(&header.version)
             .ok_or(Error::DecryptFailed)?;
         let dek =
-            format::unwrap(&kek.material, wrapped, canonical).map_err(|_| Error::DecryptFailed)?;
+            format::unwrap(&kek.material, wrapped, &canonical).map_err(|_| Error::DecryptFailed)?;
         Ok((entry, header.version, dek))
     }
 
     /// Unwraps a wrapped DEK of the caller's tenant, bound to `context`.
     pub fn unwrap(
         &self,
-        tenant: &str,
+        who: &Principal,
         wrapped: &[u8],
         context: &Context,
     ) -> Result<Unwrapped, Error> {
-        let canonical = format::canonical_context(context)?;
         let un = self.unsealed()?;
-        let (entry, version, plaintext) = self.open_wrapped(&un, tenant, wrapped, &canonical)?;
+        let (entry, version, plaintext) =
+            self.open_wrapped(&un, who, GrantOperation::Unwrap, wrapped, context)?;
         Ok(Unwrapped {
             plaintext,
             key: entry.record.name.clone(),
@@ -805,13 +1065,14 @@ impl Keyring {
     /// leaves the server.
     pub fn rewrap(
         &self,
-        tenant: &str,
+        who: &Principal,
         wrapped: &[u8],
         context: &Context,
     ) -> Result<Wrapped, Error> {
-        let canonical = format::canonical_context(context)?;
         let un = self.unsealed()?;
-        let (entry, _, dek) = self.open_wrapped(&un, tenant, wrapped, &canonical)?;
+        let (entry, _, dek) =
+            self.open_wrapped(&un, who, GrantOperation::Rewrap, wrapped, context)?;
+        let canonical = format::canonical_context(context)?;
         Self::wrap_with(&entry, dek.expose_secret(), &canonical)
     }
 }
@@ -833,6 +1094,18 @@ mod tests {
         (dir, ring, sealer)
     }
 
+    fn who(tenant: &str) -> Principal {
+        Principal {
+            identity: "app".into(),
+            tenant: tenant.into(),
+            role: crate::policy::Role::App,
+        }
+    }
+
+    fn all_grant() -> Vec<Grant> {
+        vec![Grant::new("app", &GrantOperation::ALL)]
+    }
+
     fn ctx(k: &str, v: &str) -> Context {
         [(k.to_string(), v.to_string())].into_iter().collect()
     }
@@ -846,11 +1119,11 @@ mod tests {
             Err(Error::InvalidState(_))
         ));
         ring.unseal(&sealer).unwrap();
-        ring.create_key("t", "k", Algorithm::Aes256Gcm, None)
+        ring.create_key("t", "k", Algorithm::Aes256Gcm, None, all_grant())
             .unwrap();
         ring.seal();
         assert!(matches!(
-            ring.datakey("t", "k", &Context::new()),
+            ring.datakey(&who("t"), "k", &Context::new()),
             Err(Error::Sealed)
         ));
     }
@@ -859,38 +1132,38 @@ mod tests {
     fn lifecycle() {
         let (_d, ring, sealer) = setup();
         ring.unseal(&sealer).unwrap();
-        ring.create_key("t", "k", Algorithm::Aes256Gcm, None)
+        ring.create_key("t", "k", Algorithm::Aes256Gcm, None, all_grant())
             .unwrap();
         assert!(matches!(
-            ring.create_key("t", "k", Algorithm::Aes256Gcm, None),
+            ring.create_key("t", "k", Algorithm::Aes256Gcm, None, all_grant()),
             Err(Error::AlreadyExists)
         ));
-        let dk = ring.datakey("t", "k", &ctx("a", "1")).unwrap();
+        let dk = ring.datakey(&who("t"), "k", &ctx("a", "1")).unwrap();
         let info = ring.rotate("t", "k").unwrap();
         assert_eq!(info.current_version, 2);
         assert_eq!(info.versions.len(), 2);
-        let un = ring.unwrap("t", &dk.wrapped, &ctx("a", "1")).unwrap();
+        let un = ring.unwrap(&who("t"), &dk.wrapped, &ctx("a", "1")).unwrap();
         assert_eq!(un.plaintext, dk.plaintext);
         assert_eq!(un.version, 1);
-        let re = ring.rewrap("t", &dk.wrapped, &ctx("a", "1")).unwrap();
+        let re = ring.rewrap(&who("t"), &dk.wrapped, &ctx("a", "1")).unwrap();
         assert_eq!(re.version, 2);
         assert_eq!(
-            ring.unwrap("t", &re.wrapped, &ctx("a", "1"))
+            ring.unwrap(&who("t"), &re.wrapped, &ctx("a", "1"))
                 .unwrap()
                 .plaintext,
             dk.plaintext
         );
         assert!(matches!(
-            ring.unwrap("t", &dk.wrapped, &ctx("a", "2")),
+            ring.unwrap(&who("t"), &dk.wrapped, &ctx("a", "2")),
             Err(Error::DecryptFailed)
         ));
         assert!(matches!(
-            ring.unwrap("other", &dk.wrapped, &ctx("a", "1")),
+            ring.unwrap(&who("other"), &dk.wrapped, &ctx("a", "1")),
             Err(Error::DecryptFailed)
         ));
         ring.set_enabled("t", "k", false).unwrap();
         assert!(matches!(
-            ring.unwrap("t", &dk.wrapped, &ctx("a", "1")),
+            ring.unwrap(&who("t"), &dk.wrapped, &ctx("a", "1")),
             Err(Error::KeyDisabled(KeyState::Disabled))
         ));
         ring.set_enabled("t", "k", true).unwrap();
@@ -898,7 +1171,7 @@ mod tests {
         ring.seal();
         ring.unseal(&sealer).unwrap();
         assert_eq!(ring.key_info("t", "k").unwrap().current_version, 2);
-        assert!(ring.unwrap("t", &dk.wrapped, &ctx("a", "1")).is_ok());
+        assert!(ring.unwrap(&who("t"), &dk.wrapped, &ctx("a", "1")).is_ok());
         assert!(matches!(ring.key_info("other", "k"), Err(Error::NotFound)));
     }
 
@@ -907,10 +1180,10 @@ mod tests {
         let (_d, ring, sealer) = setup();
         ring.unseal(&sealer).unwrap();
         let a = ring
-            .create_key("t", "a", Algorithm::Aes256Gcm, None)
+            .create_key("t", "a", Algorithm::Aes256Gcm, None, all_grant())
             .unwrap();
         let b = ring
-            .create_key("t", "b", Algorithm::Aes256Gcm, None)
+            .create_key("t", "b", Algorithm::Aes256Gcm, None, all_grant())
             .unwrap();
         let ida = KeyId::from_hex(&a.id).unwrap();
         let idb = KeyId::from_hex(&b.id).unwrap();
@@ -927,5 +1200,162 @@ mod tests {
         ring.unseal(&sealer).unwrap();
         assert!(matches!(ring.key_info("t", "a"), Err(Error::Corrupt(_))));
         assert!(ring.key_info("t", "b").is_ok());
+    }
+
+    #[test]
+    fn grants_default_deny_and_constraints() {
+        let (_d, ring, sealer) = setup();
+        ring.unseal(&sealer).unwrap();
+        ring.create_key("t", "k", Algorithm::Aes256Gcm, None, vec![])
+            .unwrap();
+        let app = who("t");
+        let other = Principal {
+            identity: "other".into(),
+            ..who("t")
+        };
+        // No grant: denied.
+        assert!(matches!(
+            ring.datakey(&app, "k", &Context::new()),
+            Err(Error::PermissionDenied(_))
+        ));
+        let mut unwrap_acme = Grant::new("other", &[GrantOperation::Unwrap]);
+        unwrap_acme.constraints.context_subset = Some(ctx("tenant", "acme"));
+        ring.set_grants(
+            "t",
+            "k",
+            vec![Grant::new("app", &[GrantOperation::Datakey]), unwrap_acme],
+        )
+        .unwrap();
+        let acme = ctx("tenant", "acme");
+        let dk = ring.datakey(&app, "k", &acme).unwrap();
+        let globex = ring.datakey(&app, "k", &ctx("tenant", "globex")).unwrap();
+        // app may not unwrap (datakey only); other may, for acme only.
+        assert!(matches!(
+            ring.unwrap(&app, &dk.wrapped, &acme),
+            Err(Error::PermissionDenied(_))
+        ));
+        assert_eq!(
+            ring.unwrap(&other, &dk.wrapped, &acme).unwrap().plaintext,
+            dk.plaintext
+        );
+        assert!(matches!(
+            ring.unwrap(&other, &globex.wrapped, &ctx("tenant", "globex")),
+            Err(Error::PermissionDenied(_))
+        ));
+        // Lying about the context to pass the constraint fails the decryption.
+        assert!(matches!(
+            ring.unwrap(&other, &globex.wrapped, &acme),
+            Err(Error::DecryptFailed)
+        ));
+        assert!(matches!(
+            ring.rewrap(&other, &dk.wrapped, &acme),
+            Err(Error::PermissionDenied(_))
+        ));
+        // Bad grant sets are refused and change nothing.
+        for bad in [
+            vec![Grant::new("", &[GrantOperation::Wrap])],
+            vec![Grant::new("x", &[])],
+            vec![Grant::new(
+                "x",
+                &[GrantOperation::Wrap, GrantOperation::Wrap],
+            )],
+        ] {
+            assert!(matches!(
+                ring.set_grants("t", "k", bad),
+                Err(Error::InvalidRequest(_))
+            ));
+        }
+        assert_eq!(ring.key_info("t", "k").unwrap().grants.len(), 2);
+    }
+
+    #[test]
+    fn deletion_window_cancel_and_destroy() {
+        let (_d, ring, sealer) = setup();
+        ring.unseal(&sealer).unwrap();
+        let app = who("t");
+        for name in ["a", "b", "c"] {
+            ring.create_key("t", name, Algorithm::Aes256Gcm, None, all_grant())
+                .unwrap();
+        }
+        let dk = ring.datakey(&app, "a", &Context::new()).unwrap();
+        let t0 = 1_000_000;
+        for days in [0, 6, 31] {
+            assert!(matches!(
+                ring.schedule_deletion("t", "a", days, t0),
+                Err(Error::InvalidRequest(_))
+            ));
+        }
+        let info = ring.schedule_deletion("t", "a", 7, t0).unwrap();
+        assert_eq!(info.state, KeyState::PendingDeletion);
+        assert!(info.deletion_date.is_some());
+        ring.schedule_deletion("t", "b", 10, t0).unwrap();
+        ring.schedule_deletion("t", "c", 7, t0).unwrap();
+        assert!(matches!(
+            ring.unwrap(&app, &dk.wrapped, &Context::new()),
+            Err(Error::KeyDisabled(KeyState::PendingDeletion))
+        ));
+        assert!(matches!(
+            ring.set_enabled("t", "a", true),
+            Err(Error::InvalidState(_))
+        ));
+        assert_eq!(
+            ring.cancel_deletion("t", "c").unwrap().state,
+            KeyState::Disabled
+        );
+        // Not yet due.
+        assert!(ring.destroy_due(t0 + 7 * 86_400 - 1).unwrap().is_empty());
+        // Due: a goes (b later, c cancelled); sealed does not matter.
+        ring.seal();
+        assert_eq!(
+            ring.destroy_due(t0 + 7 * 86_400).unwrap(),
+            vec![("t".to_string(), "a".to_string())]
+        );
+        ring.unseal(&sealer).unwrap();
+        let a = ring.key_info("t", "a").unwrap();
+        assert_eq!(a.state, KeyState::Destroyed);
+        assert!(a.versions.is_empty());
+        let id = KeyId::from_hex(&a.id).unwrap();
+        assert!(ring
+            .store()
+            .scan_prefix(Table::Versions, &id.0)
+            .unwrap()
+            .is_empty());
+        assert!(matches!(
+            ring.unwrap(&app, &dk.wrapped, &Context::new()),
+            Err(Error::KeyDisabled(KeyState::Destroyed))
+        ));
+        assert!(matches!(
+            ring.cancel_deletion("t", "a"),
+            Err(Error::InvalidState(_))
+        ));
+        assert_eq!(
+            ring.destroy_due(t0 + 30 * 86_400).unwrap(),
+            vec![("t".to_string(), "b".to_string())]
+        );
+        assert_eq!(ring.key_info("t", "c").unwrap().state, KeyState::Disabled);
+        assert!(ring.destroy_due(u64::MAX).unwrap().is_empty());
+    }
+
+    #[test]
+    fn min_decrypt_version_retires() {
+        let (_d, ring, sealer) = setup();
+        ring.unseal(&sealer).unwrap();
+        let app = who("t");
+        ring.create_key("t", "k", Algorithm::Aes256Gcm, None, all_grant())
+            .unwrap();
+        let old = ring.datakey(&app, "k", &Context::new()).unwrap();
+        ring.rotate("t", "k").unwrap();
+        assert!(matches!(
+            ring.set_min_decrypt_version("t", "k", 3),
+            Err(Error::InvalidRequest(_))
+        ));
+        let info = ring.set_min_decrypt_version("t", "k", 2).unwrap();
+        assert!(!info.versions[0].can_unwrap);
+        assert!(matches!(
+            ring.unwrap(&app, &old.wrapped, &Context::new()),
+            Err(Error::DecryptFailed)
+        ));
+        ring.set_min_decrypt_version("t", "k", 1).unwrap();
+        assert!(ring.unwrap(&app, &old.wrapped, &Context::new()).is_ok());
     }
 }

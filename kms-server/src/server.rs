@@ -113,6 +113,50 @@ fn sealer_factory(settings: &Settings) -> Box<SealerFactory> {
     })
 }
 
+/// How often keys whose deletion date has passed are looked for.
+const DELETION_SWEEP: Duration = Duration::from_secs(60);
+
+/// Destroys keys whose deletion window has ended: at start, then every
+/// [`DELETION_SWEEP`]. Each destruction gets an audit record and a `key_destroyed` alert.
+async fn deletion_sweeper(
+    keyring: Arc<Keyring>,
+    audit: crate::audit::AuditLog,
+    alerts: crate::alert::Alerter,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        let k = keyring.clone();
+        match tokio::task::spawn_blocking(move || k.destroy_due(crate::keyring::now())).await {
+            Ok(Ok(destroyed)) => {
+                for (tenant, name) in destroyed {
+                    tracing::warn!(%tenant, key = %name, "key destroyed: its deletion window ended");
+                    let draft = crate::audit::AuditDraft {
+                        tenant: Some(tenant.clone()),
+                        operation: "SYSTEM destroy-key".into(),
+                        key: Some(name.clone()),
+                        outcome: "ok".into(),
+                        ..Default::default()
+                    };
+                    if let Err(e) = audit.append(draft).await {
+                        tracing::error!(error = %e, "could not audit a key destruction");
+                    }
+                    alerts.raise(crate::alert::AlertEvent::new(
+                        "key_destroyed",
+                        None,
+                        format!("{name} (tenant {tenant})"),
+                    ));
+                }
+            }
+            Ok(Err(e)) => tracing::error!(error = %e, "deletion sweep failed; will retry"),
+            Err(_) => tracing::error!("deletion sweep task failed; will retry"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(DELETION_SWEEP) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
 /// Serves the API (mTLS) and ops listeners until `shutdown` completes, then drains open
 /// connections (up to 10 s) and returns, closing the store.
 ///
@@ -173,9 +217,14 @@ pub async fn run(
         factory,
         audit.clone(),
     ));
-    let app = routes::router(state);
-
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let sweeper = tokio::spawn(deletion_sweeper(
+        keyring.clone(),
+        audit.clone(),
+        state.alerts.clone(),
+        stop_rx.clone(),
+    ));
+    let app = routes::router(state);
     let ops_task = listeners.ops.map(|ops| {
         let router = crate::ops::router(keyring.clone(), metrics.clone());
         let mut rx = stop_rx.clone();
@@ -280,6 +329,7 @@ pub async fn run(
     if let Some(t) = ops_task {
         let _ = t.await;
     }
+    let _ = sweeper.await;
     keyring.seal();
     let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     Ok(())

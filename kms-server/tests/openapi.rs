@@ -25,15 +25,18 @@ fn documented() -> BTreeSet<(String, String)> {
     out
 }
 
-/// (method, path) pairs the router registers (read from the router's source).
+/// (method, path) pairs the router registers (read from the router's source; a
+/// `.route(...)` call may span lines, as rustfmt writes long ones).
 fn routed() -> BTreeSet<(String, String)> {
     let text = include_str!("../src/routes/mod.rs");
     let mut out = BTreeSet::new();
-    for line in text.lines() {
-        let Some(rest) = line.trim().strip_prefix(".route(\"") else {
+    for call in text.split(".route(").skip(1) {
+        let Some(rest) = call.trim_start().strip_prefix('"') else {
             continue;
         };
         let (path, handlers) = rest.split_once('"').unwrap();
+        // The handlers end at the call's closing parenthesis, before the next method.
+        let handlers = handlers.split("\n        .").next().unwrap();
         for method in ["get", "post", "put", "delete"] {
             if handlers.contains(&format!("{method}(")) {
                 out.insert((method.to_owned(), path.to_owned()));

@@ -11,11 +11,7 @@ fn client(s: &TestServer, who: &str) -> Client {
 }
 
 fn create(name: &str) -> CreateKeyRequest {
-    CreateKeyRequest {
-        name: name.into(),
-        algorithm: None,
-        rotation_period: None,
-    }
+    keyhold_tests::create_granted(name, keyhold_tests::APP_A)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

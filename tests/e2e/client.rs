@@ -18,11 +18,7 @@ fn client_for(servers: &[&TestServer], who: &str, extra_first: Option<String>) -
 }
 
 fn create(name: &str) -> CreateKeyRequest {
-    CreateKeyRequest {
-        name: name.into(),
-        algorithm: None,
-        rotation_period: None,
-    }
+    keyhold_tests::create_granted(name, keyhold_tests::APP_A)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

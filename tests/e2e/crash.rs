@@ -16,6 +16,7 @@ use base64::Engine as _;
 use kms_client::api::{Context, KeyState};
 use kms_server::keyring::Keyring;
 use kms_server::keystore::{self, Engine};
+use kms_server::policy::{Principal, Role};
 use kms_server::seal::KeyFileSealer;
 use rand::Rng;
 
@@ -74,7 +75,12 @@ fn verify<'a>(
         let ctx: Context = [("canary".to_string(), a.cycle.to_string())]
             .into_iter()
             .collect();
-        match ring.unwrap("crash", &a.wrapped, &ctx) {
+        let who = Principal {
+            identity: keyhold_tests::CRASH_WRITER.into(),
+            tenant: "crash".into(),
+            role: Role::App,
+        };
+        match ring.unwrap(&who, &a.wrapped, &ctx) {
             Ok(u) if u.plaintext.expose_secret() == a.dek.as_slice() => {}
             _ => {
                 eprintln!("LOST canary of {name}");

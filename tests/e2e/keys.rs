@@ -1,13 +1,14 @@
 //! Key management and roles.
 
-use keyhold_tests::TestServer;
+use keyhold_tests::{TestSeal, TestServer, APP_A};
 use serde_json::json;
 
-use crate::{assert_error, create_key, get, post};
+use crate::{assert_error, create_key, get, post, put};
 
 #[tokio::test]
 async fn admin_manages_keys_and_roles_are_enforced() {
-    let s = TestServer::start().await;
+    // This test collects many denials on purpose; lockout is tested on its own below.
+    let s = TestServer::start_with(TestSeal::KeyFile, "[lockout]\nthreshold = 100\n").await;
     let admin = s.client(Some("admin-a"));
     let app = s.client(Some("app-a"));
     let auditor = s.client(Some("auditor-a"));
@@ -57,7 +58,22 @@ async fn admin_manages_keys_and_roles_are_enforced() {
         403,
         "PermissionDenied",
     );
-    let (_, dk) = post(&app, &s.url("/v1/keys/k/datakey"), json!({})).await;
+    // Grants are default deny: k has none yet, so the app cannot use it either.
+    assert_error(
+        &post(&app, &s.url("/v1/keys/k/datakey"), json!({})).await,
+        403,
+        "PermissionDenied",
+    );
+    let (st, info) = put(
+        &admin,
+        &s.url("/v1/keys/k/grants"),
+        json!({"grants": [{"identity": APP_A, "operations": ["datakey", "unwrap"]}]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{info}");
+    assert_eq!(info["grants"][0]["identity"], APP_A);
+    let (st, dk) = post(&app, &s.url("/v1/keys/k/datakey"), json!({})).await;
+    assert_eq!(st, 200, "{dk}");
     assert_error(
         &post(
             &admin,

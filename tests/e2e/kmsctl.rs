@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Output;
 
-use keyhold_tests::{workspace_bin, TestServer};
+use keyhold_tests::{workspace_bin, TestServer, APP_A};
 
 /// Runs kmsctl (off the async runtime, which serves the server).
 async fn kmsctl(args: Vec<String>, envs: Vec<(String, String)>) -> Output {
@@ -158,9 +158,199 @@ async fn keys_subcommands_and_table_snapshots() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_use_subcommands() {
+async fn grant_deletion_and_retirement_subcommands() {
     let s = TestServer::start().await;
     ok(&s, "admin-a", &["keys", "create", "k"]).await;
+    // Default deny, in words.
+    insta::assert_snapshot!(
+        "keys_grants_none",
+        ok(&s, "admin-a", &["keys", "grants", "k"]).await
+    );
+    let err = fails(&s, "app-a", &["datakey", "--key", "k"]).await;
+    assert!(err.contains("PermissionDenied"), "{err}");
+    ok(
+        &s,
+        "admin-a",
+        &[
+            "keys",
+            "grant",
+            "k",
+            APP_A,
+            "--op",
+            "datakey",
+            "--op",
+            "unwrap",
+            "--context-subset",
+            "dept=finance",
+        ],
+    )
+    .await;
+    ok(
+        &s,
+        "admin-a",
+        &["keys", "grant", "k", "spiffe://test/acme/batch"],
+    )
+    .await;
+    insta::assert_snapshot!(
+        "keys_grants_table",
+        ok(&s, "admin-a", &["keys", "grants", "k"]).await
+    );
+    // The constraint holds: finance yes, anything else no.
+    let dk = json(
+        &ok(
+            &s,
+            "app-a",
+            &[
+                "datakey",
+                "--key",
+                "k",
+                "--context",
+                "dept=finance",
+                "--output",
+                "json",
+            ],
+        )
+        .await,
+    );
+    let err = fails(
+        &s,
+        "app-a",
+        &["datakey", "--key", "k", "--context", "dept=hr"],
+    )
+    .await;
+    assert!(err.contains("PermissionDenied"), "{err}");
+    // ungrant removes every grant of that identity; a second time is an error.
+    ok(
+        &s,
+        "admin-a",
+        &["keys", "ungrant", "k", "spiffe://test/acme/batch"],
+    )
+    .await;
+    let err = fails(
+        &s,
+        "admin-a",
+        &["keys", "ungrant", "k", "spiffe://test/acme/batch"],
+    )
+    .await;
+    assert!(err.contains("nothing to remove"), "{err}");
+    // set-grants replaces the set from a file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        &dir.path().join("grants.json"),
+        format!(
+            r#"{{"grants":[{{"identity":"{APP_A}","operations":["datakey","unwrap","rewrap"]}}]}}"#
+        )
+        .as_bytes(),
+    );
+    let set = json(
+        &ok(
+            &s,
+            "admin-a",
+            &[
+                "keys",
+                "set-grants",
+                "k",
+                "--in",
+                file.to_str().unwrap(),
+                "--output",
+                "json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(set["grants"].as_array().unwrap().len(), 1);
+    assert_eq!(set["grants"][0]["operations"][2], "rewrap");
+    let bad = write(
+        &dir.path().join("bad.json"),
+        br#"{"grants":[{"identity":"x"}]}"#,
+    );
+    let err = fails(
+        &s,
+        "admin-a",
+        &["keys", "set-grants", "k", "--in", bad.to_str().unwrap()],
+    )
+    .await;
+    assert!(err.contains("grants file"), "{err}");
+    // Retire version 1.
+    ok(&s, "admin-a", &["keys", "rotate", "k"]).await;
+    let info = json(
+        &ok(
+            &s,
+            "admin-a",
+            &["keys", "min-decrypt-version", "k", "2", "--output", "json"],
+        )
+        .await,
+    );
+    assert_eq!(info["min_decrypt_version"], 2);
+    let wrapped = dk["wrapped"].as_str().unwrap();
+    let err = fails(
+        &s,
+        "app-a",
+        &["unwrap", "--wrapped", wrapped, "--context", "dept=finance"],
+    )
+    .await;
+    assert!(err.contains("DecryptFailed"), "{err}");
+    let err = fails(&s, "admin-a", &["keys", "min-decrypt-version", "k", "3"]).await;
+    assert!(err.contains("InvalidRequest"), "{err}");
+    ok(&s, "admin-a", &["keys", "min-decrypt-version", "k", "1"]).await;
+    // Schedule deletion: unusable at once; the window is validated; cancel → disabled.
+    let err = fails(
+        &s,
+        "admin-a",
+        &["keys", "schedule-deletion", "k", "--days", "3"],
+    )
+    .await;
+    assert!(err.contains("between 7 and 30"), "{err}");
+    let pending = json(
+        &ok(
+            &s,
+            "admin-a",
+            &[
+                "keys",
+                "schedule-deletion",
+                "k",
+                "--days",
+                "7",
+                "--output",
+                "json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(pending["state"], "pending-deletion");
+    assert!(pending["deletion_date"].is_string());
+    let err = fails(
+        &s,
+        "app-a",
+        &["unwrap", "--wrapped", wrapped, "--context", "dept=finance"],
+    )
+    .await;
+    assert!(err.contains("KeyDisabled"), "{err}");
+    let err = fails(&s, "admin-a", &["keys", "enable", "k"]).await;
+    assert!(err.contains("cancel the deletion first"), "{err}");
+    let back = json(
+        &ok(
+            &s,
+            "admin-a",
+            &["keys", "cancel-deletion", "k", "--output", "json"],
+        )
+        .await,
+    );
+    assert_eq!(back["state"], "disabled");
+    assert!(back.get("deletion_date").is_none());
+    ok(&s, "admin-a", &["keys", "enable", "k"]).await;
+    ok(
+        &s,
+        "app-a",
+        &["unwrap", "--wrapped", wrapped, "--context", "dept=finance"],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_use_subcommands() {
+    let s = TestServer::start().await;
+    ok(&s, "admin-a", &["keys", "create", "k", "--grant", APP_A]).await;
     let dk = json(
         &ok(
             &s,
@@ -306,7 +496,12 @@ fn write(path: &Path, bytes: &[u8]) -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn encrypt_decrypt_files_and_failures() {
     let s = TestServer::start().await;
-    ok(&s, "admin-a", &["keys", "create", "files"]).await;
+    ok(
+        &s,
+        "admin-a",
+        &["keys", "create", "files", "--grant", APP_A],
+    )
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
     let input = write(&dir.path().join("in.bin"), &data);
@@ -520,7 +715,7 @@ async fn profiles_env_and_flag_precedence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn audit_subcommands() {
     let s = TestServer::start().await;
-    ok(&s, "admin-a", &["keys", "create", "k"]).await;
+    ok(&s, "admin-a", &["keys", "create", "k", "--grant", APP_A]).await;
     ok(&s, "app-a", &["datakey", "--key", "k"]).await;
     let verified = ok(&s, "auditor-a", &["audit", "verify"]).await;
     assert!(

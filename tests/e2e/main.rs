@@ -36,6 +36,17 @@ pub async fn post(c: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
     )
 }
 
+/// PUTs JSON and returns (status, body).
+pub async fn put(c: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
+    let r = c.put(url).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
 /// GETs and returns (status, body).
 pub async fn get(c: &reqwest::Client, url: &str) -> (u16, Value) {
     let r = c.get(url).send().await.unwrap();
@@ -55,12 +66,16 @@ pub fn assert_error(resp: &(u16, Value), status: u16, code: &str) {
     assert!(resp.1["error"]["message"].is_string(), "{resp:?}");
 }
 
-/// Creates `name` in the admin's tenant and returns its KeyInfo.
+/// Creates `name` in the admin's tenant, granted to that tenant's app for every
+/// operation, and returns its KeyInfo.
 pub async fn create_key(s: &TestServer, admin: &str, name: &str) -> Value {
     let r = post(
         &s.client(Some(admin)),
         &s.url("/v1/keys"),
-        json!({ "name": name }),
+        json!({ "name": name, "grants": [{
+            "identity": keyhold_tests::app_of(admin),
+            "operations": ["datakey", "wrap", "unwrap", "rewrap"],
+        }] }),
     )
     .await;
     assert_eq!(r.0, 201, "{r:?}");

@@ -65,8 +65,7 @@ async fn passphrase_server_starts_sealed_and_unseals_over_the_api() {
         reqwest::get(s.ops_url("/readyz")).await.unwrap().status(),
         200
     );
-    let (st, _) = post(&admin, &s.url("/v1/keys"), json!({"name": "k"})).await;
-    assert_eq!(st, 201);
+    crate::create_key(&s, "admin-a", "k").await;
     let (st, dk) = post(&app, &s.url("/v1/keys/k/datakey"), json!({})).await;
     assert_eq!(st, 200);
     // Seal: key operations stop until the next unseal.

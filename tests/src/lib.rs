@@ -23,6 +23,30 @@ pub const ADMIN_B: &str = "spiffe://test/globex/admin";
 pub const APP_B: &str = "spiffe://test/globex/app";
 pub const AUDITOR_A: &str = "spiffe://test/acme/auditor";
 pub const STRANGER: &str = "spiffe://test/nobody";
+/// The identity the crash-test writer acts as (tenant `crash`).
+pub const CRASH_WRITER: &str = "crash-writer";
+
+/// The app identity in the tenant of a test admin certificate (`admin-a`, `admin-b`).
+pub fn app_of(admin: &str) -> &'static str {
+    match admin {
+        "admin-b" => APP_B,
+        _ => APP_A,
+    }
+}
+
+/// A create request for `name` that grants every key operation to `grantee` (grants are
+/// default deny: without one, no app may use the key).
+pub fn create_granted(name: &str, grantee: &str) -> kms_client::api::CreateKeyRequest {
+    kms_client::api::CreateKeyRequest {
+        name: name.into(),
+        algorithm: None,
+        rotation_period: None,
+        grants: vec![kms_client::api::Grant::new(
+            grantee,
+            &kms_client::api::GrantOperation::ALL,
+        )],
+    }
+}
 
 /// Files of a test PKI on disk.
 pub struct TestPki {

@@ -36,16 +36,20 @@ pub enum Table {
     /// First sequence number of a batch (u64 BE) → the batch's audit records, one JSON
     /// line each (hash-chained; see `audit`).
     Audit,
+    /// Deletion date (unix seconds, u64 BE) ‖ key id → empty: keys pending deletion, in
+    /// the order they fall due, so the destruction sweep reads only what is due.
+    Deletions,
 }
 
 impl Table {
     /// Every table, for engines that create them up front.
-    pub const ALL: [Table; 5] = [
+    pub const ALL: [Table; 6] = [
         Table::Meta,
         Table::Keys,
         Table::KeyNames,
         Table::Versions,
         Table::Audit,
+        Table::Deletions,
     ];
 
     /// The table's name in the engine.
@@ -56,6 +60,7 @@ impl Table {
             Table::KeyNames => "key_names",
             Table::Versions => "versions",
             Table::Audit => "audit",
+            Table::Deletions => "deletions",
         }
     }
 }

@@ -20,7 +20,7 @@ fn engine_err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
 /// `flush()`; the write is acknowledged only after the flush returns.
 pub struct SledStore {
     db: sled::Db,
-    trees: [sled::Tree; 5],
+    trees: [sled::Tree; 6],
 }
 
 impl SledStore {
@@ -43,6 +43,7 @@ impl SledStore {
             open(Table::KeyNames)?,
             open(Table::Versions)?,
             open(Table::Audit)?,
+            open(Table::Deletions)?,
         ];
         Ok(Self { db, trees })
     }
@@ -59,6 +60,7 @@ fn index(table: Table) -> usize {
         Table::KeyNames => 2,
         Table::Versions => 3,
         Table::Audit => 4,
+        Table::Deletions => 5,
     }
 }
 

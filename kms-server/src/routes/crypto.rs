@@ -13,7 +13,7 @@ use kms_client::api::{
 use super::{ApiJson, AppState, AuditNote, Caller, KeyName};
 use crate::error::Error;
 use crate::keyring::{DataKey, Keyring, Unwrapped, Wrapped};
-use crate::policy::Operation;
+use crate::policy::{Operation, Principal};
 
 fn datakey_response(d: DataKey) -> DatakeyResponse {
     DatakeyResponse {
@@ -51,7 +51,7 @@ pub async fn datakey(
     note.key(&name);
     caller.authorize(Operation::UseKeys)?;
     note.context(&state.keyring, &req.context);
-    let d = state.keyring.datakey(&caller.tenant, &name, &req.context)?;
+    let d = state.keyring.datakey(&caller, &name, &req.context)?;
     note.key_version(&d.key, d.version);
     Ok(Json(datakey_response(d)))
 }
@@ -64,12 +64,9 @@ pub async fn wrap(
     ApiJson(req): ApiJson<WrapRequest>,
 ) -> Result<Json<WrapResponse>, Error> {
     caller.authorize(Operation::UseKeys)?;
-    let w = state.keyring.wrap(
-        &caller.tenant,
-        &name,
-        req.plaintext.expose_secret(),
-        &req.context,
-    )?;
+    let w = state
+        .keyring
+        .wrap(&caller, &name, req.plaintext.expose_secret(), &req.context)?;
     Ok(Json(wrap_response(w)))
 }
 
@@ -84,7 +81,7 @@ pub async fn unwrap(
     note.context(&state.keyring, &req.context);
     let u = state
         .keyring
-        .unwrap(&caller.tenant, req.wrapped.as_bytes(), &req.context)?;
+        .unwrap(&caller, req.wrapped.as_bytes(), &req.context)?;
     note.key_version(&u.key, u.version);
     Ok(Json(unwrap_response(u)))
 }
@@ -100,16 +97,16 @@ pub async fn rewrap(
     note.context(&state.keyring, &req.context);
     let w = state
         .keyring
-        .rewrap(&caller.tenant, req.wrapped.as_bytes(), &req.context)?;
+        .rewrap(&caller, req.wrapped.as_bytes(), &req.context)?;
     note.key_version(&w.key, w.version);
     Ok(Json(wrap_response(w)))
 }
 
-fn run_item(keyring: &Keyring, tenant: &str, item: &BatchItem) -> Result<BatchResult, Error> {
+fn run_item(keyring: &Keyring, who: &Principal, item: &BatchItem) -> Result<BatchResult, Error> {
     Ok(match item {
         BatchItem::Datakey { key, context } => {
             crate::keyring::validate_name(key)?;
-            BatchResult::Datakey(datakey_response(keyring.datakey(tenant, key, context)?))
+            BatchResult::Datakey(datakey_response(keyring.datakey(who, key, context)?))
         }
         BatchItem::Wrap {
             key,
@@ -118,17 +115,17 @@ fn run_item(keyring: &Keyring, tenant: &str, item: &BatchItem) -> Result<BatchRe
         } => {
             crate::keyring::validate_name(key)?;
             BatchResult::Wrap(wrap_response(keyring.wrap(
-                tenant,
+                who,
                 key,
                 plaintext.expose_secret(),
                 context,
             )?))
         }
         BatchItem::Unwrap { wrapped, context } => BatchResult::Unwrap(unwrap_response(
-            keyring.unwrap(tenant, wrapped.as_bytes(), context)?,
+            keyring.unwrap(who, wrapped.as_bytes(), context)?,
         )),
         BatchItem::Rewrap { wrapped, context } => BatchResult::Rewrap(wrap_response(
-            keyring.rewrap(tenant, wrapped.as_bytes(), context)?,
+            keyring.rewrap(who, wrapped.as_bytes(), context)?,
         )),
     })
 }
@@ -155,7 +152,7 @@ pub async fn batch(
         .items
         .iter()
         .map(|item| {
-            run_item(&state.keyring, &caller.tenant, item).unwrap_or_else(|e| match e {
+            run_item(&state.keyring, &caller, item).unwrap_or_else(|e| match e {
                 e @ (Error::Storage(_) | Error::Corrupt(_) | Error::Internal(_)) => {
                     tracing::error!(error = %e, "batch item failed");
                     BatchResult::Error(e.body())

@@ -1,4 +1,5 @@
-//! Key management: create, list, get, rotate, disable, enable (admin; reads also auditor).
+//! Key management: create, list, get, rotate, disable, enable, deletion, retirement of
+//! versions, grants (admin; reads also auditor).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -6,7 +7,10 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use kms_client::api::{CreateKeyRequest, KeyInfo, KeyList};
+use kms_client::api::{
+    CreateKeyRequest, KeyInfo, KeyList, MinDecryptVersionRequest, ScheduleDeletionRequest,
+    SetGrantsRequest,
+};
 
 use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName};
 use crate::error::Error;
@@ -45,7 +49,7 @@ pub async fn create(
     let info = blocking(move || {
         state
             .keyring
-            .create_key(&caller.tenant, &req.name, algorithm, period)
+            .create_key(&caller.tenant, &req.name, algorithm, period, req.grants)
     })
     .await?;
     Ok((StatusCode::CREATED, Json(info)))
@@ -116,6 +120,83 @@ pub async fn enable(
     note.key(&name);
     caller.authorize(Operation::ManageKeys)?;
     let info = blocking(move || state.keyring.set_enabled(&caller.tenant, &name, true)).await?;
+    Ok(Json(info))
+}
+
+/// `POST /v1/keys/{name}/schedule-deletion`.
+pub async fn schedule_deletion(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    note: AuditNote,
+    KeyName(name): KeyName,
+    ApiJson(req): ApiJson<ScheduleDeletionRequest>,
+) -> Result<Json<KeyInfo>, Error> {
+    note.key(&name);
+    caller.authorize(Operation::ManageKeys)?;
+    let st = state.clone();
+    let tenant = caller.tenant.clone();
+    let info = blocking(move || {
+        st.keyring
+            .schedule_deletion(&tenant, &name, req.pending_days, crate::keyring::now())
+    })
+    .await?;
+    state.alerts.raise(crate::alert::AlertEvent::new(
+        "key_deletion_scheduled",
+        Some(&caller.identity),
+        format!(
+            "{} (tenant {}) destroyed at {}",
+            info.name,
+            caller.tenant,
+            info.deletion_date.as_deref().unwrap_or("?")
+        ),
+    ));
+    Ok(Json(info))
+}
+
+/// `POST /v1/keys/{name}/cancel-deletion`.
+pub async fn cancel_deletion(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    note: AuditNote,
+    KeyName(name): KeyName,
+) -> Result<Json<KeyInfo>, Error> {
+    note.key(&name);
+    caller.authorize(Operation::ManageKeys)?;
+    let info = blocking(move || state.keyring.cancel_deletion(&caller.tenant, &name)).await?;
+    Ok(Json(info))
+}
+
+/// `PUT /v1/keys/{name}/min-decrypt-version`.
+pub async fn min_decrypt_version(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    note: AuditNote,
+    KeyName(name): KeyName,
+    ApiJson(req): ApiJson<MinDecryptVersionRequest>,
+) -> Result<Json<KeyInfo>, Error> {
+    note.key(&name);
+    caller.authorize(Operation::ManageKeys)?;
+    let info = blocking(move || {
+        state
+            .keyring
+            .set_min_decrypt_version(&caller.tenant, &name, req.version)
+    })
+    .await?;
+    Ok(Json(info))
+}
+
+/// `PUT /v1/keys/{name}/grants`: replaces the grants.
+pub async fn set_grants(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    note: AuditNote,
+    KeyName(name): KeyName,
+    ApiJson(req): ApiJson<SetGrantsRequest>,
+) -> Result<Json<KeyInfo>, Error> {
+    note.key(&name);
+    caller.authorize(Operation::ManageKeys)?;
+    let info =
+        blocking(move || state.keyring.set_grants(&caller.tenant, &name, req.grants)).await?;
     Ok(Json(info))
 }
 

@@ -18,7 +18,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::Router;
 use kms_client::api::ErrorCode;
 use serde::de::DeserializeOwned;
@@ -98,6 +98,19 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/keys/{name}/rotate", post(keys::rotate))
         .route("/v1/keys/{name}/disable", post(keys::disable))
         .route("/v1/keys/{name}/enable", post(keys::enable))
+        .route(
+            "/v1/keys/{name}/schedule-deletion",
+            post(keys::schedule_deletion),
+        )
+        .route(
+            "/v1/keys/{name}/cancel-deletion",
+            post(keys::cancel_deletion),
+        )
+        .route(
+            "/v1/keys/{name}/min-decrypt-version",
+            put(keys::min_decrypt_version),
+        )
+        .route("/v1/keys/{name}/grants", put(keys::set_grants))
         .route("/v1/keys/{name}/datakey", post(crypto::datakey))
         .route("/v1/keys/{name}/wrap", post(crypto::wrap))
         .route("/v1/unwrap", post(crypto::unwrap))

@@ -14,9 +14,11 @@ use std::path::PathBuf;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use kms_client::api::{Algorithm, Context};
+use keyhold_tests::CRASH_WRITER;
+use kms_client::api::{Algorithm, Context, Grant, GrantOperation};
 use kms_server::keyring::Keyring;
 use kms_server::keystore::{self, Engine};
+use kms_server::policy::{Principal, Role};
 use kms_server::seal::KeyFileSealer;
 
 fn main() {
@@ -34,6 +36,11 @@ fn main() {
     }
     keyring.unseal(&sealer).unwrap();
     let cycle = &args[4];
+    let who = Principal {
+        identity: CRASH_WRITER.into(),
+        tenant: "crash".into(),
+        role: Role::App,
+    };
     let mut out = std::io::stdout().lock();
     let ctx: Context = [("canary".to_string(), cycle.clone())]
         .into_iter()
@@ -41,9 +48,15 @@ fn main() {
     for i in 0u64.. {
         let name = format!("c{cycle}-k{i}");
         keyring
-            .create_key("crash", &name, Algorithm::Aes256Gcm, None)
+            .create_key(
+                "crash",
+                &name,
+                Algorithm::Aes256Gcm,
+                None,
+                vec![Grant::new(CRASH_WRITER, &GrantOperation::ALL)],
+            )
             .unwrap();
-        let dk = keyring.datakey("crash", &name, &ctx).unwrap();
+        let dk = keyring.datakey(&who, &name, &ctx).unwrap();
         writeln!(
             out,
             "ACK {name} {} {}",

@@ -174,6 +174,11 @@ pub(crate) enum KeysCmd {
         /// Automatic rotation period, e.g. 90d.
         #[arg(long)]
         rotation_period: Option<String>,
+        /// Let an identity use the key: IDENTITY (every operation) or
+        /// IDENTITY=op,op with ops from datakey, wrap, unwrap, rewrap (repeatable).
+        /// Without any, no one may use the key (default deny) until `keys grant`.
+        #[arg(long = "grant", value_parser = parse_grant)]
+        grants: Vec<kms_client::api::Grant>,
     },
     /// Add a new version that becomes the wrapping version.
     Rotate {
@@ -189,6 +194,63 @@ pub(crate) enum KeysCmd {
     Enable {
         /// Key name.
         name: String,
+    },
+    /// Schedule a key's destruction (crypto-shredding): unusable at once, destroyed
+    /// after the window unless cancelled.
+    ScheduleDeletion {
+        /// Key name.
+        name: String,
+        /// Days until destruction, 7 to 30.
+        #[arg(long, default_value_t = 30)]
+        days: u32,
+    },
+    /// Cancel a scheduled deletion; the key comes back disabled (enable it to use it).
+    CancelDeletion {
+        /// Key name.
+        name: String,
+    },
+    /// Retire versions below VERSION: they no longer unwrap.
+    MinDecryptVersion {
+        /// Key name.
+        name: String,
+        /// The oldest version that still unwraps.
+        version: u32,
+    },
+    /// Show who may use a key.
+    Grants {
+        /// Key name.
+        name: String,
+    },
+    /// Let an identity use a key (adds to the key's grants).
+    Grant {
+        /// Key name.
+        name: String,
+        /// The identity, as read from its certificate (e.g. spiffe://acme/app).
+        identity: String,
+        /// Operation to allow (repeatable; all four when omitted).
+        #[arg(long = "op")]
+        ops: Vec<kms_client::api::GrantOperation>,
+        /// Only when the request's context holds key=value (repeatable).
+        #[arg(long = "context-subset", value_parser = parse_kv)]
+        context_subset: Vec<(String, String)>,
+        /// Only when the request's context is exactly these pairs (repeatable).
+        #[arg(long = "context-equals", value_parser = parse_kv)]
+        context_equals: Vec<(String, String)>,
+    },
+    /// Remove every grant of an identity on a key.
+    Ungrant {
+        /// Key name.
+        name: String,
+        /// The identity.
+        identity: String,
+    },
+    /// Replace a key's grants with a JSON file (or stdin) of {"grants":[...]}.
+    SetGrants {
+        /// Key name.
+        name: String,
+        /// The grants file; stdin when omitted.
+        #[arg(long = "in")]
+        input: Option<PathBuf>,
     },
 }
 
@@ -238,6 +300,24 @@ pub(crate) enum SysCmd {
     },
 }
 
+fn parse_grant(s: &str) -> Result<kms_client::api::Grant, String> {
+    use kms_client::api::{Grant, GrantOperation};
+    let (identity, ops) = match s.rsplit_once('=') {
+        Some((identity, ops)) => {
+            let ops = ops
+                .split(',')
+                .map(str::parse)
+                .collect::<Result<Vec<GrantOperation>, String>>()?;
+            (identity, ops)
+        }
+        None => (s, GrantOperation::ALL.to_vec()),
+    };
+    if identity.is_empty() {
+        return Err(format!("`{s}`: expected IDENTITY or IDENTITY=op,op"));
+    }
+    Ok(Grant::new(identity, &ops))
+}
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
@@ -278,17 +358,66 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             KeysCmd::Create {
                 name,
                 rotation_period,
+                grants,
             } => {
                 let req = kms_client::api::CreateKeyRequest {
                     name: name.clone(),
                     algorithm: None,
                     rotation_period: rotation_period.clone(),
+                    grants: grants.clone(),
                 };
                 out.key(&client.create_key(&req).await?)
             }
             KeysCmd::Rotate { name } => out.key(&client.rotate_key(name).await?),
             KeysCmd::Disable { name } => out.key(&client.disable_key(name).await?),
             KeysCmd::Enable { name } => out.key(&client.enable_key(name).await?),
+            KeysCmd::ScheduleDeletion { name, days } => {
+                out.key(&client.schedule_deletion(name, *days).await?)
+            }
+            KeysCmd::CancelDeletion { name } => out.key(&client.cancel_deletion(name).await?),
+            KeysCmd::MinDecryptVersion { name, version } => {
+                out.key(&client.set_min_decrypt_version(name, *version).await?)
+            }
+            KeysCmd::Grants { name } => out.grants(&client.get_key(name).await?),
+            KeysCmd::Grant {
+                name,
+                identity,
+                ops,
+                context_subset,
+                context_equals,
+            } => {
+                let ops = if ops.is_empty() {
+                    kms_client::api::GrantOperation::ALL.to_vec()
+                } else {
+                    ops.clone()
+                };
+                let mut grant = kms_client::api::Grant::new(identity.clone(), &ops);
+                if !context_subset.is_empty() {
+                    grant.constraints.context_subset = Some(ctx(context_subset));
+                }
+                if !context_equals.is_empty() {
+                    grant.constraints.context_equals = Some(ctx(context_equals));
+                }
+                // Read-modify-write: the server replaces the whole set.
+                let mut grants = client.get_key(name).await?.grants;
+                grants.push(grant);
+                out.grants(&client.set_grants(name, grants).await?)
+            }
+            KeysCmd::Ungrant { name, identity } => {
+                let mut grants = client.get_key(name).await?.grants;
+                let before = grants.len();
+                grants.retain(|g| &g.identity != identity);
+                if grants.len() == before {
+                    anyhow::bail!("{identity} has no grant on key {name}: nothing to remove");
+                }
+                out.grants(&client.set_grants(name, grants).await?)
+            }
+            KeysCmd::SetGrants { name, input } => {
+                let text = files::read_all(input.as_deref())?;
+                let req: kms_client::api::SetGrantsRequest = serde_json::from_slice(&text)
+                    .context("the grants file is not {\"grants\":[{\"identity\":...,\"operations\":[...]}]} JSON")?;
+                out.grants(&client.set_grants(name, req.grants).await?)
+            }
         },
         Command::Datakey { key, context } => {
             out.datakey(&client.datakey(key, &ctx(context)).await?)

@@ -90,6 +90,11 @@ pub(crate) fn key_table(k: &KeyInfo) -> String {
                 "rotation period".into(),
                 k.rotation_period.clone().unwrap_or_else(|| "-".into()),
             ],
+            vec![
+                "deletion date".into(),
+                k.deletion_date.clone().unwrap_or_else(|| "-".into()),
+            ],
+            vec!["grants".into(), k.grants.len().to_string()],
         ],
     );
     out.push('\n');
@@ -106,6 +111,50 @@ pub(crate) fn key_table(k: &KeyInfo) -> String {
         .collect();
     out.push_str(&table(&["VERSION", "CREATED", "UNWRAPS"], &rows));
     out
+}
+
+fn context_text(c: &kms_client::api::Context) -> String {
+    c.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// The table form of a key's grants.
+pub(crate) fn grants_table(k: &KeyInfo) -> String {
+    if k.grants.is_empty() {
+        return format!(
+            "no grants on {}: no identity may use it (default deny)\n",
+            k.name
+        );
+    }
+    let rows: Vec<Vec<String>> = k
+        .grants
+        .iter()
+        .map(|g| {
+            let mut when = Vec::new();
+            if let Some(c) = &g.constraints.context_subset {
+                when.push(format!("context has {}", context_text(c)));
+            }
+            if let Some(c) = &g.constraints.context_equals {
+                when.push(format!("context is {}", context_text(c)));
+            }
+            vec![
+                g.identity.clone(),
+                g.operations
+                    .iter()
+                    .map(|o| o.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
+                if when.is_empty() {
+                    "always".into()
+                } else {
+                    when.join("; ")
+                },
+            ]
+        })
+        .collect();
+    table(&["IDENTITY", "OPERATIONS", "WHEN"], &rows)
 }
 
 /// The table form of a key list.
@@ -156,6 +205,16 @@ impl Printer {
             Output::Json => json(k),
             Output::Table => {
                 print!("{}", key_table(k));
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn grants(&self, k: &KeyInfo) -> anyhow::Result<()> {
+        match self.format {
+            Output::Json => json(&serde_json::json!({ "key": k.name, "grants": k.grants })),
+            Output::Table => {
+                print!("{}", grants_table(k));
                 Ok(())
             }
         }
@@ -359,10 +418,14 @@ pub(crate) fn explain(e: &anyhow::Error) -> String {
         kms_client::Error::Timeout { .. } => Some("the server did not answer in time; try --timeout or check its health (/readyz)"),
         kms_client::Error::Api { code, .. } => Some(match code {
             ErrorCode::PermissionDenied => {
-                "this identity's role may not do this: keys and sys need an admin certificate, key use needs an app certificate"
+                "this identity may not do this: keys and sys need an admin certificate; key use needs an app certificate \
+                 and a grant on the key for this operation and context (`kmsctl keys grants <name>` shows them)"
             }
             ErrorCode::NotFound => "no such key for your tenant: `kmsctl keys list` (admin) shows them",
-            ErrorCode::KeyDisabled => "the key is disabled: an admin can `kmsctl keys enable <name>`",
+            ErrorCode::KeyDisabled => {
+                "the key is disabled, pending deletion or destroyed (`kmsctl keys get <name>`): an admin can \
+                 `kmsctl keys enable` a disabled key or `kmsctl keys cancel-deletion` a pending one"
+            }
             ErrorCode::DecryptFailed => {
                 "the data does not decrypt with this key and context: check every --context entry, and that the file is intact"
             }
