@@ -10,6 +10,7 @@
 
 mod alert;
 mod audit;
+mod authz;
 mod bad_input;
 mod client;
 mod crash;

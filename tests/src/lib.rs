@@ -23,6 +23,34 @@ pub const ADMIN_B: &str = "spiffe://test/globex/admin";
 pub const APP_B: &str = "spiffe://test/globex/app";
 pub const AUDITOR_A: &str = "spiffe://test/acme/auditor";
 pub const STRANGER: &str = "spiffe://test/nobody";
+pub const TENANT_C: &str = "initech";
+
+/// Every mapped test identity: (certificate file stem, identity, tenant, role). Three
+/// tenants, each with an admin, two apps and an auditor.
+pub const IDENTITIES: &[(&str, &str, &str, &str)] = &[
+    ("admin-a", ADMIN_A, TENANT_A, "admin"),
+    ("app-a", APP_A, TENANT_A, "app"),
+    ("app2-a", "spiffe://test/acme/app2", TENANT_A, "app"),
+    ("auditor-a", AUDITOR_A, TENANT_A, "auditor"),
+    ("admin-b", ADMIN_B, TENANT_B, "admin"),
+    ("app-b", APP_B, TENANT_B, "app"),
+    ("app2-b", "spiffe://test/globex/app2", TENANT_B, "app"),
+    (
+        "auditor-b",
+        "spiffe://test/globex/auditor",
+        TENANT_B,
+        "auditor",
+    ),
+    ("admin-c", "spiffe://test/initech/admin", TENANT_C, "admin"),
+    ("app-c", "spiffe://test/initech/app", TENANT_C, "app"),
+    ("app2-c", "spiffe://test/initech/app2", TENANT_C, "app"),
+    (
+        "auditor-c",
+        "spiffe://test/initech/auditor",
+        TENANT_C,
+        "auditor",
+    ),
+];
 /// The identity the crash-test writer acts as (tenant `crash`).
 pub const CRASH_WRITER: &str = "crash-writer";
 
@@ -74,8 +102,8 @@ fn write_issued(dir: &Path, name: &str, issued: &Issued) {
     .unwrap();
 }
 
-/// Generates the test PKI: server, admin/app per tenant, auditor, a stranger (valid CA,
-/// no mapping), and `foreign` (same identity as app A, signed by another CA).
+/// Generates the test PKI: server, every [`IDENTITIES`] entry, a stranger (valid CA, no
+/// mapping), and `foreign` (same identity as app A, signed by another CA).
 pub fn generate_pki(dir: &Path) -> TestPki {
     std::fs::create_dir_all(dir).unwrap();
     let ca = Pki::generate("keyhold test CA").unwrap();
@@ -85,14 +113,11 @@ pub fn generate_pki(dir: &Path) -> TestPki {
         "server",
         &ca.issue_server(&["localhost", "127.0.0.1"]).unwrap(),
     );
-    for (name, uri) in [
-        ("admin-a", ADMIN_A),
-        ("app-a", APP_A),
-        ("admin-b", ADMIN_B),
-        ("app-b", APP_B),
-        ("auditor-a", AUDITOR_A),
-        ("stranger", STRANGER),
-    ] {
+    let people = IDENTITIES
+        .iter()
+        .map(|(stem, id, _, _)| (*stem, *id))
+        .chain([("stranger", STRANGER)]);
+    for (name, uri) in people {
         write_issued(dir, name, &ca.issue_client(name, Some(uri)).unwrap());
     }
     let foreign = Pki::generate("someone else's CA").unwrap();
@@ -125,13 +150,7 @@ pub fn write_config(dir: &Path, seal: TestSeal, extra: &str) -> PathBuf {
         }
     };
     let mut identities = String::new();
-    for (id, tenant, role) in [
-        (ADMIN_A, TENANT_A, "admin"),
-        (APP_A, TENANT_A, "app"),
-        (ADMIN_B, TENANT_B, "admin"),
-        (APP_B, TENANT_B, "app"),
-        (AUDITOR_A, TENANT_A, "auditor"),
-    ] {
+    for (_, id, tenant, role) in IDENTITIES {
         identities.push_str(&format!(
             "[[identities]]\nidentity = \"{id}\"\ntenant = \"{tenant}\"\nrole = \"{role}\"\n\n"
         ));
