@@ -6,7 +6,7 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use keyhold_tests::{TestSeal, TestServer, IDENTITIES, STRANGER};
+use keyhold_tests::{TestSeal, TestServer, IDENTITIES};
 use serde_json::{json, Value};
 
 use crate::{get, post, put};
@@ -27,7 +27,6 @@ const CONTEXTS: [&str; 2] = ["finance", "hr"];
 #[derive(Clone, Copy, Debug)]
 struct Who {
     stem: &'static str,
-    identity: &'static str,
     /// `None` for the stranger (valid certificate, no mapping).
     tenant: Option<char>,
     role: &'static str,
@@ -36,16 +35,14 @@ struct Who {
 fn everyone() -> Vec<Who> {
     let mut v: Vec<Who> = IDENTITIES
         .iter()
-        .map(|(stem, identity, _, role)| Who {
+        .map(|(stem, _, _, role)| Who {
             stem,
-            identity,
             tenant: stem.chars().last(),
             role,
         })
         .collect();
     v.push(Who {
         stem: "stranger",
-        identity: STRANGER,
         tenant: None,
         role: "none",
     });
