@@ -175,6 +175,14 @@ struct FileTls {
     min_version: String,
     #[serde(default = "default_handshake_timeout")]
     handshake_timeout_secs: u64,
+    #[serde(default)]
+    crls: Vec<PathBuf>,
+    #[serde(default = "default_crl_poll")]
+    crl_poll_secs: u64,
+}
+
+fn default_crl_poll() -> u64 {
+    2
 }
 
 #[derive(Debug, Deserialize)]
@@ -240,6 +248,11 @@ pub struct TlsSettings {
     pub allow_tls12: bool,
     /// Handshake deadline.
     pub handshake_timeout: std::time::Duration,
+    /// Certificate revocation lists (PEM or DER) for client certificates, re-read on
+    /// change and on SIGHUP.
+    pub crls: Vec<PathBuf>,
+    /// How often the CRL files are checked for change; `None`: only on SIGHUP.
+    pub crl_poll: Option<std::time::Duration>,
 }
 
 /// Validated settings.
@@ -358,6 +371,21 @@ impl Settings {
                 ))
             }
         };
+        for (i, p) in tls.crls.iter().enumerate() {
+            let p = resolve(p);
+            if !p.is_file() {
+                return Err(err(
+                    &format!("tls.crls[{i}]"),
+                    format!("{} is not a readable file", p.display()),
+                ));
+            }
+        }
+        if tls.crl_poll_secs > 3600 {
+            return Err(err(
+                "tls.crl_poll_secs",
+                "must be 0 (SIGHUP only) to 3600".into(),
+            ));
+        }
         if !(1..=120).contains(&tls.handshake_timeout_secs) {
             return Err(err("tls.handshake_timeout_secs", "must be 1 to 120".into()));
         }
@@ -447,6 +475,9 @@ impl Settings {
                 client_ca: resolve(&tls.client_ca),
                 allow_tls12,
                 handshake_timeout: std::time::Duration::from_secs(tls.handshake_timeout_secs),
+                crls: tls.crls.iter().map(|p| resolve(p)).collect(),
+                crl_poll: (tls.crl_poll_secs > 0)
+                    .then(|| std::time::Duration::from_secs(tls.crl_poll_secs)),
             },
             identity_sources: raw.identity.sources,
             identities: raw.identities,

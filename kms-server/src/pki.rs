@@ -2,8 +2,9 @@
 //! Not for production; `deploy/` documents how to use your own CA.
 
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, Certificate, CertificateParams, CertificateRevocationListParams,
+    DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyIdMethod, KeyPair,
+    KeyUsagePurpose, RevocationReason, RevokedCertParams, SanType, SerialNumber,
 };
 use zeroize::Zeroizing;
 
@@ -77,6 +78,35 @@ impl Pki {
         }
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         self.sign(params)
+    }
+
+    /// A CRL (PEM) revoking the certificates given as PEM, valid for a day, with CRL number
+    /// `number` (increase it with every new list).
+    pub fn revocation_list(&self, revoked_pems: &[&str], number: u64) -> Result<String, PkiError> {
+        use rustls::pki_types::pem::PemObject;
+        let now = time::OffsetDateTime::now_utc();
+        let mut revoked_certs = Vec::new();
+        for pem in revoked_pems {
+            let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+                .map_err(|_| PkiError(rcgen::Error::CouldNotParseCertificate))?;
+            let (_, cert) = x509_parser::parse_x509_certificate(&der)
+                .map_err(|_| PkiError(rcgen::Error::CouldNotParseCertificate))?;
+            revoked_certs.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(cert.tbs_certificate.raw_serial()),
+                revocation_time: now,
+                reason_code: Some(RevocationReason::KeyCompromise),
+                invalidity_date: None,
+            });
+        }
+        let params = CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(1),
+            crl_number: SerialNumber::from(number),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: KeyIdMethod::Sha256,
+        };
+        Ok(params.signed_by(&self.cert, &self.key)?.pem()?)
     }
 
     fn sign(&self, mut params: CertificateParams) -> Result<Issued, PkiError> {

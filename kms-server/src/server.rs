@@ -113,6 +113,51 @@ fn sealer_factory(settings: &Settings) -> Box<SealerFactory> {
     })
 }
 
+/// Reloads the CRLs when a file changes or on SIGHUP. A failed reload keeps the previous
+/// configuration, logs and raises a `tls_reload_failed` alert.
+async fn tls_reloader(
+    tls: Arc<tls::TlsReloader>,
+    poll: Option<Duration>,
+    alerts: crate::alert::Alerter,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no SIGHUP handler: CRLs reload on file change only");
+            None
+        }
+    };
+    loop {
+        let by_signal = tokio::select! {
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => true,
+            () = async { match poll { Some(p) => tokio::time::sleep(p).await, None => std::future::pending().await } } => false,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        if !by_signal && !tls.changed() {
+            continue;
+        }
+        let t = tls.clone();
+        match tokio::task::spawn_blocking(move || t.reload()).await {
+            Ok(Ok(n)) => tracing::info!(
+                revoked = n,
+                by_signal,
+                "TLS configuration and CRLs reloaded"
+            ),
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "CRL reload failed; the previous CRLs stay in force");
+                alerts.raise(crate::alert::AlertEvent::new(
+                    "tls_reload_failed",
+                    None,
+                    e.to_string(),
+                ));
+            }
+            Err(_) => tracing::error!("CRL reload task failed"),
+        }
+    }
+}
+
 /// How often keys whose deletion date has passed are looked for.
 const DELETION_SWEEP: Duration = Duration::from_secs(60);
 
@@ -175,7 +220,7 @@ pub async fn run(
             settings.store.path.display().to_string(),
         ));
     }
-    let tls_config = tls::server_config(&settings.tls)?;
+    let tls = Arc::new(tls::TlsReloader::new(&settings.tls)?);
     let factory = sealer_factory(&settings);
     {
         let k = keyring.clone();
@@ -216,8 +261,15 @@ pub async fn run(
         metrics.clone(),
         factory,
         audit.clone(),
+        tls.clone(),
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let reloader = tokio::spawn(tls_reloader(
+        tls.clone(),
+        state.settings.tls.crl_poll,
+        state.alerts.clone(),
+        stop_rx.clone(),
+    ));
     let sweeper = tokio::spawn(deletion_sweeper(
         keyring.clone(),
         audit.clone(),
@@ -238,7 +290,6 @@ pub async fn run(
         })
     });
 
-    let acceptor = TlsAcceptor::from(tls_config);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     // HTTP limits: a client that sends headers slowly (or idles on a keep-alive
     // connection) is dropped after 30 s; HTTP/2 connections are pinged and capped in
@@ -278,7 +329,7 @@ pub async fn run(
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let acceptor = acceptor.clone();
+        let acceptor = TlsAcceptor::from(tls.config());
         let app = app.clone();
         let sources = sources.clone();
         let watcher = graceful.watcher();
@@ -296,14 +347,19 @@ pub async fn run(
                     return;
                 }
             };
-            let identity = tls
+            let leaf = tls
                 .get_ref()
                 .1
                 .peer_certificates()
-                .and_then(|chain| chain.first())
-                .and_then(|leaf| tls::identity_of(leaf, &sources))
-                .map(Arc::<str>::from);
-            let peer_identity = PeerIdentity(identity);
+                .and_then(|chain| chain.first());
+            let peer_identity = PeerIdentity {
+                identity: leaf
+                    .and_then(|leaf| tls::identity_of(leaf, &sources))
+                    .map(Arc::<str>::from),
+                revocation_key: leaf
+                    .and_then(|leaf| tls::leaf_revocation_key(leaf))
+                    .map(Arc::<[u8]>::from),
+            };
             let svc = hyper::service::service_fn(
                 move |mut req: hyper::Request<hyper::body::Incoming>| {
                     req.extensions_mut().insert(peer_identity.clone());
@@ -330,6 +386,7 @@ pub async fn run(
         let _ = t.await;
     }
     let _ = sweeper.await;
+    let _ = reloader.await;
     keyring.seal();
     let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     Ok(())

@@ -1,13 +1,22 @@
 //! TLS for the API listener: rustls with the aws-lc-rs provider (X25519MLKEM768 hybrid key
 //! exchange offered first), TLS 1.3 only unless 1.2 is allowed, client certificates
-//! required and verified against the configured CA, ALPN `h2` and `http/1.1`. And the
-//! reading of a verified client certificate's identity.
+//! required and verified against the configured CA (and its CRLs), ALPN `h2` and
+//! `http/1.1`. The reading of a verified client certificate's identity. And [`TlsReloader`]:
+//! CRL files re-read on change or SIGHUP, without a restart.
+//!
+//! Revocation works at two points. New handshakes use a rustls configuration built with
+//! the current CRLs, so a revoked certificate's handshake fails. Connections opened before
+//! the revocation (keep-alive) are caught per request: each connection carries its leaf
+//! certificate's (issuer, serial) and every request is checked against the current revoked
+//! set, so a revoked client is refused from the reload on, not from its next reconnect.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::SystemTime;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use x509_parser::extensions::GeneralName;
@@ -60,8 +69,73 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, e))
 }
 
+/// Reads every CRL in a file: PEM (`X509 CRL` blocks), else the whole file as DER.
+pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
+    let pem: Vec<_> = CertificateRevocationListDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| file_err(path, e))?;
+    let crls = if pem.is_empty() {
+        vec![CertificateRevocationListDer::from(bytes)]
+    } else {
+        pem
+    };
+    // Parse now, so that a damaged file is refused with its name rather than later.
+    for crl in &crls {
+        x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
+            .map_err(|e| file_err(path, format!("not a CRL: {e}")))?;
+    }
+    Ok(crls)
+}
+
+/// The revocation key of a certificate: its issuer's DER name, then its serial.
+fn revocation_key(issuer: &[u8], serial: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + issuer.len() + serial.len());
+    k.extend_from_slice(&(issuer.len() as u16).to_be_bytes());
+    k.extend_from_slice(issuer);
+    k.extend_from_slice(serial);
+    k
+}
+
+/// The revocation key of a (verified) leaf certificate.
+pub fn leaf_revocation_key(cert: &[u8]) -> Option<Vec<u8>> {
+    let (_, cert) = X509Certificate::from_der(cert).ok()?;
+    Some(revocation_key(
+        cert.issuer().as_raw(),
+        cert.tbs_certificate.raw_serial(),
+    ))
+}
+
+fn revoked_set(crls: &[CertificateRevocationListDer<'_>]) -> HashSet<Vec<u8>> {
+    let mut set = HashSet::new();
+    for crl in crls {
+        if let Ok((_, crl)) =
+            x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
+        {
+            let issuer = crl.issuer().as_raw();
+            for revoked in crl.iter_revoked_certificates() {
+                set.insert(revocation_key(issuer, revoked.raw_serial()));
+            }
+        }
+    }
+    set
+}
+
 /// The rustls server configuration for the API listener.
 pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
+    let crls = settings
+        .crls
+        .iter()
+        .map(|p| load_crls(p))
+        .collect::<Result<Vec<_>, _>>()?
+        .concat();
+    server_config_with(settings, crls)
+}
+
+fn server_config_with(
+    settings: &TlsSettings,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = RootCertStore::empty();
     for cert in load_certs(&settings.client_ca)? {
@@ -69,7 +143,13 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsErr
             .add(cert)
             .map_err(|e| file_err(&settings.client_ca, e))?;
     }
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
+    if !crls.is_empty() {
+        // Leaf certificates only: the CA itself is trusted by configuration.
+        builder = builder.with_crls(crls).only_check_end_entity_revocation();
+    }
+    let verifier = builder
         .build()
         .map_err(|e| TlsError::Verifier(e.to_string()))?;
     let versions: &[&rustls::SupportedProtocolVersion] = if settings.allow_tls12 {
@@ -87,6 +167,82 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsErr
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
     Ok(Arc::new(config))
+}
+
+/// The listener's TLS configuration and revoked set, swapped whole on reload.
+pub struct TlsReloader {
+    settings: TlsSettings,
+    config: RwLock<Arc<ServerConfig>>,
+    revoked: RwLock<Arc<HashSet<Vec<u8>>>>,
+    /// (modified, length) of each CRL file at the last load.
+    stamps: Mutex<Vec<Option<(SystemTime, u64)>>>,
+}
+
+fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+impl TlsReloader {
+    /// Loads the configuration and CRLs.
+    pub fn new(settings: &TlsSettings) -> Result<Self, TlsError> {
+        let stamps = settings.crls.iter().map(stamp).collect();
+        let (config, revoked) = Self::load(settings)?;
+        Ok(Self {
+            settings: settings.clone(),
+            config: RwLock::new(config),
+            revoked: RwLock::new(Arc::new(revoked)),
+            stamps: Mutex::new(stamps),
+        })
+    }
+
+    fn load(settings: &TlsSettings) -> Result<(Arc<ServerConfig>, HashSet<Vec<u8>>), TlsError> {
+        let crls = settings
+            .crls
+            .iter()
+            .map(|p| load_crls(p))
+            .collect::<Result<Vec<_>, _>>()?
+            .concat();
+        let revoked = revoked_set(&crls);
+        Ok((server_config_with(settings, crls)?, revoked))
+    }
+
+    /// The configuration for the next handshake.
+    pub fn config(&self) -> Arc<ServerConfig> {
+        self.config
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Whether a connection's leaf certificate (by [`leaf_revocation_key`]) is revoked now.
+    pub fn is_revoked(&self, key: &[u8]) -> bool {
+        let set = self
+            .revoked
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        !set.is_empty() && set.contains(key)
+    }
+
+    /// Whether a CRL file changed since the last load.
+    pub fn changed(&self) -> bool {
+        let now: Vec<_> = self.settings.crls.iter().map(stamp).collect();
+        *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) != now
+    }
+
+    /// Re-reads the CRLs (and certificates). On error the previous configuration stays in
+    /// force (and the files are not retried until they change again). Returns how many
+    /// certificates are revoked.
+    pub fn reload(&self) -> Result<usize, TlsError> {
+        let stamps: Vec<_> = self.settings.crls.iter().map(stamp).collect();
+        *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) = stamps;
+        let (config, revoked) = Self::load(&self.settings)?;
+        let n = revoked.len();
+        *self.config.write().unwrap_or_else(PoisonError::into_inner) = config;
+        *self.revoked.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(revoked);
+        Ok(n)
+    }
 }
 
 /// The identity of a verified end-entity certificate, read from `sources` in order.

@@ -134,3 +134,101 @@ async fn post_quantum_hybrid_key_exchange_is_negotiated() {
         Some(rustls::NamedGroup::X25519MLKEM768)
     );
 }
+
+/// Polls `f` for up to 10 s.
+async fn eventually<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !f().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 10 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_is_refused_after_the_crl_changes_while_others_keep_working() {
+    let s = TestServer::start().await;
+    create_key(&s, "admin-a", "k").await;
+    create_key(&s, "admin-b", "k").await;
+    // app-a holds a keep-alive connection opened before the revocation.
+    let app_a = s.client(Some("app-a"));
+    let app_b = s.client(Some("app-b"));
+    let datakey = s.url("/v1/keys/k/datakey");
+    assert_eq!(post(&app_a, &datakey, json!({})).await.0, 200);
+    assert_eq!(post(&app_b, &datakey, json!({})).await.0, 200);
+
+    s.pki.revoke(&["app-a"], 2);
+    // The open connection is refused from the reload on (per-request check) ...
+    eventually("the open connection refused", || async {
+        post(&app_a, &datakey, json!({})).await.0 == 403
+    })
+    .await;
+    let (st, body) = post(&app_a, &datakey, json!({})).await;
+    assert_eq!(st, 403);
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("revoked"),
+        "{body}"
+    );
+    // ... and a new handshake with the revoked certificate fails.
+    let err = raw_request(&s, rustls_client(&s.pki, Some("app-a")))
+        .await
+        .expect_err("a revoked certificate's handshake must fail");
+    assert!(err.to_lowercase().contains("revoked"), "{err}");
+    // Everyone else keeps working, on old and new connections.
+    assert_eq!(post(&app_b, &datakey, json!({})).await.0, 200);
+    assert_eq!(
+        post(&s.client(Some("app-b")), &datakey, json!({})).await.0,
+        200
+    );
+    assert!(raw_request(&s, rustls_client(&s.pki, Some("admin-a")))
+        .await
+        .is_ok());
+    // Lifting the revocation (a new CRL without it) lets app-a back in.
+    s.pki.revoke(&[], 3);
+    eventually("app-a back after the CRL lists nothing", || async {
+        raw_request(&s, rustls_client(&s.pki, Some("app-a")))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert_eq!(post(&app_a, &datakey, json!({})).await.0, 200);
+    // A damaged CRL is refused and the previous list stays in force.
+    std::fs::write(s.pki.crl(), b"not a CRL").unwrap();
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(post(&app_a, &datakey, json!({})).await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_crl() {
+    // Polling off: only the signal reloads.
+    let s = TestServer::start_with_tls("crl_poll_secs = 0\n").await;
+    s.pki.revoke(&["app-a"], 2);
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    assert!(
+        raw_request(&s, rustls_client(&s.pki, Some("app-a")))
+            .await
+            .is_ok(),
+        "no reload without the signal"
+    );
+    // SIGHUP to this process: every server in it reloads (tokio's handler is registered).
+    let status = std::process::Command::new("kill")
+        .args(["-HUP", &std::process::id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    eventually("app-a refused after SIGHUP", || async {
+        raw_request(&s, rustls_client(&s.pki, Some("app-a")))
+            .await
+            .is_err()
+    })
+    .await;
+}

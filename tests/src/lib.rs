@@ -79,6 +79,8 @@ pub fn create_granted(name: &str, grantee: &str) -> kms_client::api::CreateKeyRe
 /// Files of a test PKI on disk.
 pub struct TestPki {
     pub dir: PathBuf,
+    /// The CA, to issue revocation lists (`None` for a copied data dir).
+    pub ca: Option<std::sync::Arc<Pki>>,
 }
 
 impl TestPki {
@@ -90,6 +92,28 @@ impl TestPki {
     }
     pub fn key(&self, who: &str) -> PathBuf {
         self.dir.join(format!("{who}-key.pem"))
+    }
+    /// The CRL file the server watches (`[tls] crls`).
+    pub fn crl(&self) -> PathBuf {
+        self.dir.join("crl.pem")
+    }
+    /// Revokes these certificates (by file stem): writes a new CRL listing exactly them.
+    pub fn revoke(&self, whos: &[&str], number: u64) {
+        let pems: Vec<String> = whos
+            .iter()
+            .map(|w| std::fs::read_to_string(self.cert(w)).unwrap())
+            .collect();
+        let refs: Vec<&str> = pems.iter().map(String::as_str).collect();
+        let crl = self
+            .ca
+            .as_ref()
+            .expect("a generated PKI")
+            .revocation_list(&refs, number)
+            .unwrap();
+        // Write then rename, as an operator's tooling should: the server never reads half.
+        let tmp = self.dir.join("crl.pem.tmp");
+        std::fs::write(&tmp, crl).unwrap();
+        std::fs::rename(tmp, self.crl()).unwrap();
     }
 }
 
@@ -126,8 +150,11 @@ pub fn generate_pki(dir: &Path) -> TestPki {
         "foreign",
         &foreign.issue_client("app-a", Some(APP_A)).unwrap(),
     );
+    // An empty CRL to start with: the server always runs with revocation checking on.
+    std::fs::write(dir.join("crl.pem"), ca.revocation_list(&[], 1).unwrap()).unwrap();
     TestPki {
         dir: dir.to_path_buf(),
+        ca: Some(std::sync::Arc::new(ca)),
     }
 }
 
@@ -141,7 +168,7 @@ pub enum TestSeal {
 pub const TEST_PASSPHRASE: &str = "correct horse battery staple";
 
 /// Writes the server config for a test instance.
-pub fn write_config(dir: &Path, seal: TestSeal, extra: &str) -> PathBuf {
+pub fn write_config(dir: &Path, seal: TestSeal, extra: &str, tls_extra: &str) -> PathBuf {
     let seal_section = match seal {
         TestSeal::KeyFile => "method = \"key-file\"\nkey_file = \"master.key\"\n".to_string(),
         TestSeal::Passphrase => {
@@ -168,6 +195,8 @@ path = "store.redb"
 cert = "pki/server.pem"
 key = "pki/server-key.pem"
 client_ca = "pki/ca.pem"
+crls = ["pki/crl.pem"]
+{tls_extra}
 
 {identities}
 {extra}
@@ -197,9 +226,18 @@ impl TestServer {
 
     /// A fresh store with the given seal method and extra config (appended: tables welcome).
     pub async fn start_with(seal: TestSeal, extra: &str) -> TestServer {
+        Self::start_full(seal, extra, "").await
+    }
+
+    /// Like [`TestServer::start_with`], with lines added to the `[tls]` table too.
+    pub async fn start_with_tls(tls_extra: &str) -> TestServer {
+        Self::start_full(TestSeal::KeyFile, "", tls_extra).await
+    }
+
+    async fn start_full(seal: TestSeal, extra: &str, tls_extra: &str) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let pki = generate_pki(&dir.path().join("pki"));
-        let config = write_config(dir.path(), seal, extra);
+        let config = write_config(dir.path(), seal, extra, tls_extra);
         let settings = Settings::load(&config).unwrap();
         let keyring = Keyring::new(server::open_store(&settings).unwrap());
         let sealer: Box<dyn kms_server::seal::Sealer> = match seal {
@@ -280,6 +318,7 @@ impl TestServer {
         let mut s = TestServer {
             pki: TestPki {
                 dir: dir.path().join("pki"),
+                ca: None,
             },
             config: dir.path().join("kms-server.toml"),
             dir,

@@ -64,6 +64,8 @@ async fn main() -> anyhow::Result<()> {
         client_ca: args.client_ca,
         allow_tls12: false,
         handshake_timeout: std::time::Duration::from_secs(10),
+        crls: Vec::new(),
+        crl_poll: None,
     })?;
     let rng = SystemRandom::new();
     let mut k = [0u8; 32];

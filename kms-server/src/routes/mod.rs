@@ -35,11 +35,16 @@ pub mod crypto;
 pub mod keys;
 pub mod sys;
 
-/// The verified identity of the connection's client certificate, attached by the accept
-/// loop to every request on that connection. `None`: the certificate chained to the CA
-/// but carried no identity in the configured sources.
-#[derive(Debug, Clone)]
-pub struct PeerIdentity(pub Option<Arc<str>>);
+/// The verified client certificate of the connection, attached by the accept loop to
+/// every request on that connection.
+#[derive(Debug, Clone, Default)]
+pub struct PeerIdentity {
+    /// Its identity; `None`: the certificate chained to the CA but carried no identity in
+    /// the configured sources.
+    pub identity: Option<Arc<str>>,
+    /// Its (issuer, serial), checked against the current CRLs on every request.
+    pub revocation_key: Option<Arc<[u8]>>,
+}
 
 /// Builds the unseal source from settings plus an optional operator-supplied passphrase.
 pub type SealerFactory =
@@ -63,6 +68,8 @@ pub struct AppState {
     pub lockouts: crate::lockout::Lockouts,
     /// Alerts.
     pub alerts: crate::alert::Alerter,
+    /// TLS configuration and revoked certificates (reloadable).
+    pub tls: Arc<crate::tls::TlsReloader>,
     next_request_id: AtomicU64,
 }
 
@@ -74,8 +81,10 @@ impl AppState {
         metrics: Arc<Metrics>,
         sealer: Box<SealerFactory>,
         audit: crate::audit::AuditLog,
+        tls: Arc<crate::tls::TlsReloader>,
     ) -> Self {
         Self {
+            tls,
             keyring,
             policy: Policy::new(&settings.identities),
             lockouts: crate::lockout::Lockouts::new(settings.lockout),
@@ -208,15 +217,24 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
     let method = req.method().clone();
-    let identity = req
+    let peer = req
         .extensions()
         .get::<PeerIdentity>()
-        .and_then(|p| p.0.clone());
+        .cloned()
+        .unwrap_or_default();
+    let identity = peer.identity;
+    // A certificate revoked after its connection opened is refused from the reload on.
+    let revoked = peer
+        .revocation_key
+        .is_some_and(|k| state.tls.is_revoked(&k));
     // A locked-out identity gets nothing but its 429 (and an audit record).
     let locked = identity.as_deref().and_then(|i| state.lockouts.locked(i));
-    let mut resp = match locked {
-        Some(_) => Error::LockedOut.into_response(),
-        None => next.run(req).await,
+    let mut resp = if revoked {
+        Error::PermissionDenied("this client certificate has been revoked").into_response()
+    } else if locked.is_some() {
+        Error::LockedOut.into_response()
+    } else {
+        next.run(req).await
     };
     let outcome = match resp.extensions().get::<ErrorCode>() {
         Some(code) => format!("{code:?}"),
@@ -298,7 +316,7 @@ impl FromRequestParts<Arc<AppState>> for Caller {
         let identity = parts
             .extensions
             .get::<PeerIdentity>()
-            .and_then(|p| p.0.clone())
+            .and_then(|p| p.identity.clone())
             .ok_or(Error::Unauthenticated)?;
         state.policy.resolve(&identity).map(Caller)
     }
