@@ -637,6 +637,56 @@ pub struct LockoutList {
     pub lockouts: Vec<LockoutInfo>,
 }
 
+/// A role: what an identity may do (see `DESIGN.md` §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Operators: key management, seal/unseal, the policy.
+    Admin,
+    /// Applications: key use (with a grant on the key).
+    App,
+    /// Auditors: key metadata and the audit trail, read-only.
+    Auditor,
+}
+
+/// One identity of the caller's tenant.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdentityInfo {
+    /// As read from the client certificate.
+    pub identity: String,
+    /// Its role.
+    pub role: Role,
+    /// `config` (from the configuration file; change it there) or `runtime` (set over the
+    /// API, kept in the store).
+    pub source: String,
+}
+
+/// `GET /v1/sys/identities`: the caller's tenant's identities.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct IdentityList {
+    /// By identity.
+    pub identities: Vec<IdentityInfo>,
+}
+
+/// `PUT /v1/sys/identities`: maps an identity to a role in the caller's tenant (adds it, or
+/// changes the role of a runtime identity).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct SetIdentityRequest {
+    /// The identity, as the certificate will carry it.
+    pub identity: String,
+    /// Its role.
+    pub role: Role,
+}
+
+/// `POST /v1/sys/identities/remove`: removes a runtime identity of the caller's tenant.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveIdentityRequest {
+    /// The identity.
+    pub identity: String,
+}
+
 /// `POST /v1/sys/lockouts/lift`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

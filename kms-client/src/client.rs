@@ -32,8 +32,9 @@ use crate::api::{
     UnwrapResponse, WrapRequest, WrapResponse, WrappedKey,
 };
 use crate::api::{
-    Grant, LiftLockoutRequest, LiftLockoutResponse, LockoutList, MinDecryptVersionRequest,
-    ScheduleDeletionRequest, SetGrantsRequest,
+    Grant, IdentityList, LiftLockoutRequest, LiftLockoutResponse, LockoutList,
+    MinDecryptVersionRequest, RemoveIdentityRequest, Role, ScheduleDeletionRequest,
+    SetGrantsRequest, SetIdentityRequest,
 };
 use crate::transport::{parse_endpoint, SendError, Transport};
 use crate::Error;
@@ -584,6 +585,32 @@ impl Client {
             passphrase: passphrase.map(|p| Passphrase::new(p.to_owned())),
         };
         self.post("/v1/sys/unseal", &req, Repeat::Safe).await
+    }
+
+    /// `GET /v1/sys/identities`: the caller's tenant's identities and roles.
+    pub async fn identities(&self) -> Result<IdentityList, Error> {
+        self.get("/v1/sys/identities").await
+    }
+
+    /// `PUT /v1/sys/identities`: maps `identity` to `role` in the caller's tenant
+    /// (idempotent).
+    pub async fn set_identity(&self, identity: &str, role: Role) -> Result<IdentityList, Error> {
+        let body = serde_json::to_vec(&SetIdentityRequest {
+            identity: identity.to_owned(),
+            role,
+        })
+        .map_err(|e| Error::Config(e.to_string()))?;
+        self.call(Method::PUT, "/v1/sys/identities", Some(body), Repeat::Safe)
+            .await
+    }
+
+    /// `POST /v1/sys/identities/remove`: removes a runtime identity of the caller's tenant.
+    pub async fn remove_identity(&self, identity: &str) -> Result<IdentityList, Error> {
+        let req = RemoveIdentityRequest {
+            identity: identity.to_owned(),
+        };
+        self.post("/v1/sys/identities/remove", &req, Repeat::Unsafe)
+            .await
     }
 
     /// `GET /v1/sys/lockouts`: identities locked out now.

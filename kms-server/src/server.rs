@@ -255,6 +255,7 @@ pub async fn run(
         );
         crate::audit::AuditLog::disabled()
     };
+    let policy = crate::policy::Policy::with_store(&settings.identities, keyring.store().clone())?;
     let state = Arc::new(AppState::new(
         keyring.clone(),
         settings,
@@ -262,6 +263,7 @@ pub async fn run(
         factory,
         audit.clone(),
         tls.clone(),
+        policy,
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reloader = tokio::spawn(tls_reloader(

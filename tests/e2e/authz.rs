@@ -455,3 +455,95 @@ async fn every_cell_of_the_authorization_matrix_matches_the_policy() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_map_identities_at_run_time_within_their_tenant() {
+    use keyhold_tests::{ADMIN_A, APP_A};
+    use kms_client::api::{ErrorCode, Role};
+
+    let mut s = TestServer::start().await;
+    let newcomer = "spiffe://test/acme/newcomer";
+    s.pki.issue("newcomer", newcomer);
+    let admin_a = s.kms_client("admin-a");
+    let admin_b = s.kms_client("admin-b");
+    let r = post(
+        &s.client(Some("admin-a")),
+        &s.url("/v1/keys"),
+        json!({"name": "k", "grants": [{"identity": newcomer, "operations": ["datakey"]}]}),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{r:?}");
+    let datakey = s.url("/v1/keys/k/datakey");
+    // Unknown identity: nothing.
+    let r = post(&s.client(Some("newcomer")), &datakey, json!({})).await;
+    assert_eq!(r.0, 403, "{r:?}");
+    // admin-a maps it as an app of acme; it works at once, with no restart.
+    let list = admin_a.set_identity(newcomer, Role::App).await.unwrap();
+    let entry = list
+        .identities
+        .iter()
+        .find(|i| i.identity == newcomer)
+        .unwrap();
+    assert_eq!((entry.role, entry.source.as_str()), (Role::App, "runtime"));
+    assert!(list
+        .identities
+        .iter()
+        .any(|i| i.identity == APP_A && i.source == "config"));
+    assert_eq!(
+        post(&s.client(Some("newcomer")), &datakey, json!({}))
+            .await
+            .0,
+        200
+    );
+    // globex's admin neither sees it nor can take it over or remove it.
+    let b_list = admin_b.identities().await.unwrap();
+    assert!(b_list.identities.iter().all(|i| i.identity != newcomer));
+    let e = admin_b
+        .set_identity(newcomer, Role::Admin)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidState), "{e}");
+    let e = admin_b.remove_identity(newcomer).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::NotFound), "{e}");
+    // Configuration-file identities are changed in the file only; nobody removes itself.
+    let e = admin_a.set_identity(APP_A, Role::Admin).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidState), "{e}");
+    let e = admin_a.remove_identity(APP_A).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidState), "{e}");
+    let e = admin_a.remove_identity(ADMIN_A).await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::InvalidState), "{e}");
+    // Apps cannot change the policy.
+    let e = s
+        .kms_client("app-a")
+        .set_identity("spiffe://x", Role::Admin)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::PermissionDenied), "{e}");
+    // The mapping is in the store: it survives a restart.
+    s.restart().await;
+    let datakey = s.url("/v1/keys/k/datakey");
+    assert_eq!(
+        post(&s.client(Some("newcomer")), &datakey, json!({}))
+            .await
+            .0,
+        200
+    );
+    // Removed: denied again, and after a restart too.
+    let admin_a = s.kms_client("admin-a");
+    let list = admin_a.remove_identity(newcomer).await.unwrap();
+    assert!(list.identities.iter().all(|i| i.identity != newcomer));
+    assert_eq!(
+        post(&s.client(Some("newcomer")), &datakey, json!({}))
+            .await
+            .0,
+        403
+    );
+    s.restart().await;
+    let datakey = s.url("/v1/keys/k/datakey");
+    assert_eq!(
+        post(&s.client(Some("newcomer")), &datakey, json!({}))
+            .await
+            .0,
+        403
+    );
+}

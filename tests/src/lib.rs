@@ -93,6 +93,11 @@ impl TestPki {
     pub fn key(&self, who: &str) -> PathBuf {
         self.dir.join(format!("{who}-key.pem"))
     }
+    /// Issues a new client certificate `stem`.pem with URI SAN `uri`.
+    pub fn issue(&self, stem: &str, uri: &str) {
+        let ca = self.ca.as_ref().expect("a generated PKI");
+        write_issued(&self.dir, stem, &ca.issue_client(stem, Some(uri)).unwrap());
+    }
     /// The CRL file the server watches (`[tls] crls`).
     pub fn crl(&self) -> PathBuf {
         self.dir.join("crl.pem")

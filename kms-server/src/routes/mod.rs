@@ -82,11 +82,12 @@ impl AppState {
         sealer: Box<SealerFactory>,
         audit: crate::audit::AuditLog,
         tls: Arc<crate::tls::TlsReloader>,
+        policy: Policy,
     ) -> Self {
         Self {
             tls,
+            policy,
             keyring,
-            policy: Policy::new(&settings.identities),
             lockouts: crate::lockout::Lockouts::new(settings.lockout),
             alerts: crate::alert::Alerter::start(&settings.alerts),
             settings,
@@ -130,6 +131,11 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sys/seal", post(sys::seal))
         .route("/v1/sys/lockouts", get(sys::lockouts))
         .route("/v1/sys/lockouts/lift", post(sys::lift_lockout))
+        .route(
+            "/v1/sys/identities",
+            get(sys::identities).put(sys::set_identity),
+        )
+        .route("/v1/sys/identities/remove", post(sys::remove_identity))
         .route("/v1/audit", get(audit::list))
         .fallback(|| async { Error::NoRoute })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })

@@ -1,11 +1,13 @@
-//! Seal state: status, unseal, seal (admin).
+//! System (admin): seal state (status, unseal, seal), lockouts, and the runtime identity
+//! policy of the caller's tenant.
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::Json;
 use kms_client::api::{
-    LiftLockoutRequest, LiftLockoutResponse, LockoutInfo, LockoutList, SysStatus, UnsealRequest,
+    IdentityList, LiftLockoutRequest, LiftLockoutResponse, LockoutInfo, LockoutList,
+    RemoveIdentityRequest, SetIdentityRequest, SysStatus, UnsealRequest,
 };
 
 use super::{blocking, ApiJson, AppState, Caller};
@@ -99,4 +101,63 @@ pub async fn lift_lockout(
     let lifted = state.lockouts.lift(&req.identity);
     tracing::warn!(identity = %caller.identity, lifted_for = %req.identity, lifted, "lockout lifted");
     Ok(Json(LiftLockoutResponse { lifted }))
+}
+
+/// `GET /v1/sys/identities`: the caller's tenant's identities and roles.
+pub async fn identities(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+) -> Result<Json<IdentityList>, Error> {
+    caller.authorize(Operation::System)?;
+    Ok(Json(IdentityList {
+        identities: state.policy.list(&caller.tenant),
+    }))
+}
+
+/// `PUT /v1/sys/identities`: maps an identity to a role in the caller's tenant.
+pub async fn set_identity(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<SetIdentityRequest>,
+) -> Result<Json<IdentityList>, Error> {
+    caller.authorize(Operation::System)?;
+    let st = state.clone();
+    let tenant = caller.tenant.clone();
+    let identity = req.identity.clone();
+    blocking(move || st.policy.set(&tenant, &identity, req.role)).await?;
+    tracing::warn!(by = %caller.identity, identity = %req.identity, role = ?req.role, "identity mapped");
+    state.alerts.raise(crate::alert::AlertEvent::new(
+        "identity_changed",
+        Some(&caller.identity),
+        format!(
+            "{} is now {:?} in tenant {}",
+            req.identity, req.role, caller.tenant
+        ),
+    ));
+    Ok(Json(IdentityList {
+        identities: state.policy.list(&caller.tenant),
+    }))
+}
+
+/// `POST /v1/sys/identities/remove`: removes a runtime identity of the caller's tenant.
+pub async fn remove_identity(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<RemoveIdentityRequest>,
+) -> Result<Json<IdentityList>, Error> {
+    caller.authorize(Operation::System)?;
+    let st = state.clone();
+    let tenant = caller.tenant.clone();
+    let by = caller.identity.clone();
+    let identity = req.identity.clone();
+    blocking(move || st.policy.remove(&tenant, &identity, &by)).await?;
+    tracing::warn!(by = %caller.identity, identity = %req.identity, "identity removed");
+    state.alerts.raise(crate::alert::AlertEvent::new(
+        "identity_changed",
+        Some(&caller.identity),
+        format!("{} removed from tenant {}", req.identity, caller.tenant),
+    ));
+    Ok(Json(IdentityList {
+        identities: state.policy.list(&caller.tenant),
+    }))
 }

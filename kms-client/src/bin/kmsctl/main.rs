@@ -292,12 +292,48 @@ pub(crate) enum SysCmd {
     Seal,
     /// List identities locked out after repeated denials.
     Lockouts,
+    /// List your tenant's identities and roles.
+    Identities,
+    /// Map an identity (as its certificate carries it) to a role in your tenant.
+    SetIdentity {
+        /// The identity, e.g. spiffe://acme/billing.
+        identity: String,
+        /// Its role.
+        #[arg(long, value_enum)]
+        role: RoleArg,
+    },
+    /// Remove an identity added with set-identity.
+    RemoveIdentity {
+        /// The identity.
+        identity: String,
+    },
     /// Let a locked-out identity in again.
     Unlock {
         /// The identity (as in the audit trail, e.g. a SPIFFE URI).
         #[arg(long)]
         identity: String,
     },
+}
+
+/// Roles, for `sys set-identity`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RoleArg {
+    /// Key management, seal, policy.
+    Admin,
+    /// Key use (with grants).
+    App,
+    /// Read-only metadata and audit.
+    Auditor,
+}
+
+impl From<RoleArg> for kms_client::api::Role {
+    fn from(r: RoleArg) -> Self {
+        match r {
+            RoleArg::Admin => Self::Admin,
+            RoleArg::App => Self::App,
+            RoleArg::Auditor => Self::Auditor,
+        }
+    }
 }
 
 fn parse_grant(s: &str) -> Result<kms_client::api::Grant, String> {
@@ -503,6 +539,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             SysCmd::Seal => out.status(&client.seal().await?),
             SysCmd::Lockouts => out.lockouts(&client.lockouts().await?),
+            SysCmd::Identities => out.identities(&client.identities().await?),
+            SysCmd::SetIdentity { identity, role } => {
+                out.identities(&client.set_identity(identity, (*role).into()).await?)
+            }
+            SysCmd::RemoveIdentity { identity } => {
+                out.identities(&client.remove_identity(identity).await?)
+            }
             SysCmd::Unlock { identity } => {
                 let lifted = client.lift_lockout(identity).await?;
                 if lifted {

@@ -374,6 +374,27 @@ impl Printer {
         }
     }
 
+    pub(crate) fn identities(&self, l: &kms_client::api::IdentityList) -> anyhow::Result<()> {
+        match self.format {
+            Output::Json => json(l),
+            Output::Table => {
+                let rows: Vec<Vec<String>> = l
+                    .identities
+                    .iter()
+                    .map(|x| {
+                        vec![
+                            x.identity.clone(),
+                            format!("{:?}", x.role).to_lowercase(),
+                            x.source.clone(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["IDENTITY", "ROLE", "SOURCE"], &rows));
+                Ok(())
+            }
+        }
+    }
+
     pub(crate) fn status(&self, s: &SysStatus) -> anyhow::Result<()> {
         match self.format {
             Output::Json => json(s),
