@@ -702,6 +702,17 @@ pub struct LiftLockoutResponse {
     pub lifted: bool,
 }
 
+/// Chain event: the stored head's MAC is wrong (altered).
+pub const AUDIT_EVENT_HEAD_INVALID: &str = "AUDIT head-mac-invalid";
+/// Chain event: the stored head has no MAC the server could check (written while sealed,
+/// or its MAC removed).
+pub const AUDIT_EVENT_HEAD_UNVERIFIED: &str = "AUDIT head-unverified";
+/// Chain event: the stored head is past the last record or names another hash (records
+/// cut or edited).
+pub const AUDIT_EVENT_HEAD_MISMATCH: &str = "AUDIT head-mismatch";
+/// Chain event: acknowledged records after the MAC'd head (an unclean stop between a
+/// batch's sync and the head update).
+pub const AUDIT_EVENT_AFTER_HEAD: &str = "AUDIT records-after-head";
 /// The `prev` of the first audit record: 64 zeros.
 pub const AUDIT_GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -831,19 +842,31 @@ impl AuditChain {
         self.next_seq
     }
 
-    /// Checks the next record. Chain events the server wrote about the head it found
-    /// (`AUDIT head-mac-invalid`: altered; `AUDIT head-unverified`: written while sealed or
-    /// its MAC removed) are returned as findings in `warnings`; an altered head is an error.
+    /// Checks the next record. Chain events the server wrote about the chain it found at
+    /// start ([`AUDIT_EVENT_HEAD_INVALID`], [`AUDIT_EVENT_HEAD_MISMATCH`]: altered, an
+    /// error; [`AUDIT_EVENT_HEAD_UNVERIFIED`], [`AUDIT_EVENT_AFTER_HEAD`]: could not be
+    /// vouched for) are returned as findings in `warnings`.
     pub fn push_with(&mut self, r: &AuditRecord, warnings: &mut Vec<String>) -> Result<(), String> {
         self.push(r)?;
         match r.operation.as_str() {
-            "AUDIT head-mac-invalid" => Err(format!(
+            AUDIT_EVENT_HEAD_INVALID => Err(format!(
                 "record {}: the server found the chain head altered before this record",
                 r.seq
             )),
-            "AUDIT head-unverified" => {
+            AUDIT_EVENT_HEAD_MISMATCH => Err(format!(
+                "record {}: the server found records cut or edited before this record (they no longer match the MAC'd head)",
+                r.seq
+            )),
+            AUDIT_EVENT_HEAD_UNVERIFIED => {
                 warnings.push(format!(
                     "record {}: the head before it could not be verified (written while sealed, or its MAC removed)",
+                    r.seq
+                ));
+                Ok(())
+            }
+            AUDIT_EVENT_AFTER_HEAD => {
+                warnings.push(format!(
+                    "record {}: records just before it were not yet covered by the MAC'd head (unclean stop)",
                     r.seq
                 ));
                 Ok(())

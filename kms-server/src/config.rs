@@ -121,6 +121,7 @@ impl Default for FileAudit {
         Self {
             jsonl: None,
             enabled: true,
+            path: None,
         }
     }
 }
@@ -135,6 +136,9 @@ struct FileAudit {
     /// `false` turns the audit trail off: only to measure its cost.
     #[serde(default = "yes")]
     enabled: bool,
+    /// The chain file; default: beside the store, extension `.audit`.
+    #[serde(default)]
+    path: Option<PathBuf>,
 }
 
 fn yes() -> bool {
@@ -280,6 +284,8 @@ pub struct Settings {
     pub audit_sink: crate::audit::Sink,
     /// Whether the audit trail is kept (always, outside cost measurements).
     pub audit_enabled: bool,
+    /// The audit chain file.
+    pub audit_path: PathBuf,
     /// Lockout after repeated denials.
     pub lockout: crate::lockout::LockoutPolicy,
     /// Alert destinations.
@@ -487,6 +493,10 @@ impl Settings {
                 Some(p) => crate::audit::Sink::File(resolve(Path::new(p))),
             },
             audit_enabled: raw.audit.enabled,
+            audit_path: match &raw.audit.path {
+                Some(p) => resolve(p),
+                None => resolve(&raw.store.path).with_extension("audit"),
+            },
             lockout: crate::lockout::LockoutPolicy {
                 threshold: raw.lockout.threshold,
                 window: std::time::Duration::from_secs(raw.lockout.window_secs),

@@ -243,11 +243,14 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let handshake_timeout = settings.tls.handshake_timeout;
     let sources = settings.identity_sources.clone();
+    let alerts = crate::alert::Alerter::start(&settings.alerts);
     let audit = if settings.audit_enabled {
         crate::audit::AuditLog::start(
             keyring.store().clone(),
             keyring.clone(),
+            &settings.audit_path,
             &settings.audit_sink,
+            alerts.clone(),
         )?
     } else {
         tracing::warn!(
@@ -259,11 +262,14 @@ pub async fn run(
     let state = Arc::new(AppState::new(
         keyring.clone(),
         settings,
-        metrics.clone(),
-        factory,
-        audit.clone(),
-        tls.clone(),
-        policy,
+        routes::Services {
+            metrics: metrics.clone(),
+            sealer: factory,
+            audit: audit.clone(),
+            tls: tls.clone(),
+            policy,
+            alerts,
+        },
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reloader = tokio::spawn(tls_reloader(

@@ -4,7 +4,6 @@
 use keyhold_tests::{TestSeal, TestServer};
 use kms_client::api::{AuditRecord, Context, CreateKeyRequest, ErrorCode, AUDIT_GENESIS};
 use kms_client::Client;
-use kms_server::keystore::{self, Engine, Table, WriteBatch};
 
 fn client(s: &TestServer, who: &str) -> Client {
     s.kms_client(who)
@@ -111,9 +110,44 @@ async fn one_record_per_request_under_concurrency_and_the_chain_verifies() {
     );
 }
 
-/// Applies `edit` to the stopped server's store, restarts it, and returns what
+/// The stopped server's audit chain file, as header (head) and records.
+struct ChainFile {
+    path: std::path::PathBuf,
+}
+
+impl ChainFile {
+    fn head(&self) -> serde_json::Value {
+        let bytes = std::fs::read(&self.path).unwrap();
+        let header = std::str::from_utf8(&bytes[9..512]).unwrap().trim();
+        serde_json::from_str(header).unwrap()
+    }
+
+    fn records(&self) -> Vec<AuditRecord> {
+        let bytes = std::fs::read(&self.path).unwrap();
+        bytes[512..]
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect()
+    }
+
+    /// Rewrites the file: this head (JSON) in the header, these records after it.
+    fn write(&self, head: &serde_json::Value, recs: &[AuditRecord]) {
+        let mut out = b"KHAUDIT1\n".to_vec();
+        out.extend_from_slice(head.to_string().as_bytes());
+        out.resize(511, b' ');
+        out.push(b'\n');
+        for r in recs {
+            out.extend_from_slice(&serde_json::to_vec(r).unwrap());
+            out.push(b'\n');
+        }
+        std::fs::write(&self.path, out).unwrap();
+    }
+}
+
+/// Applies `edit` to the stopped server's audit chain file, restarts it, and returns what
 /// verification says.
-async fn verify_after(edit: impl FnOnce(&dyn keystore::KeyStore)) -> Result<u64, String> {
+async fn verify_after(edit: impl FnOnce(&ChainFile)) -> Result<u64, String> {
     let mut s = TestServer::start().await;
     let admin = client(&s, "admin-a");
     for i in 0..5 {
@@ -121,48 +155,19 @@ async fn verify_after(edit: impl FnOnce(&dyn keystore::KeyStore)) -> Result<u64,
     }
     drop(admin);
     s.stop().await;
-    {
-        let store = keystore::open(Engine::Redb, &s.dir.path().join("store.redb")).unwrap();
-        edit(store.as_ref());
-    }
+    edit(&ChainFile {
+        path: s.dir.path().join("store.audit"),
+    });
     s.start_again().await;
     client(&s, "auditor-a").audit_verify(true).await.unwrap()
 }
 
-/// Every stored record, in storage order (batches are JSON lines under their first seq).
-fn records(store: &dyn keystore::KeyStore) -> Vec<AuditRecord> {
-    store
-        .scan_prefix(Table::Audit, b"")
-        .unwrap()
-        .into_iter()
-        .flat_map(|(_, v)| {
-            v.split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-                .map(|l| serde_json::from_slice(l).unwrap())
-                .collect::<Vec<AuditRecord>>()
-        })
-        .collect()
-}
-
-/// Replaces the stored records with `recs`, one per batch, in this order.
-fn rewrite(store: &dyn keystore::KeyStore, recs: &[AuditRecord]) {
-    let mut b = WriteBatch::new();
-    for (k, _) in store.scan_prefix(Table::Audit, b"").unwrap() {
-        b.delete(Table::Audit, &k);
-    }
-    for (i, r) in recs.iter().enumerate() {
-        let mut line = serde_json::to_vec(r).unwrap();
-        line.push(b'\n');
-        b.put(Table::Audit, &(i as u64 + 1).to_be_bytes(), &line);
-    }
-    store.commit(&b).unwrap();
-}
-
-fn edit(store: &dyn keystore::KeyStore, f: impl FnOnce(&mut Vec<AuditRecord>)) {
-    let mut recs = records(store);
+/// Edits the records and keeps the header as it was.
+fn edit(chain: &ChainFile, f: impl FnOnce(&mut Vec<AuditRecord>)) {
+    let mut recs = chain.records();
     assert_eq!(recs.len(), 5);
     f(&mut recs);
-    rewrite(store, &recs);
+    chain.write(&chain.head(), &recs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -216,26 +221,18 @@ async fn tampering_of_each_kind_is_detected() {
     .await;
     assert!(truncated.is_err());
     let truncated_with_forged_head = verify_after(|st| {
-        let r4 = records(st)[3].clone();
-        edit(st, |r| {
-            r.pop();
-        });
-        let mut b = WriteBatch::new();
-        let head = serde_json::json!({"seq": 4, "hash": r4.hash, "mac": "00".repeat(32)});
-        b.put(Table::Meta, b"audit-head", head.to_string().as_bytes());
-        st.commit(&b).unwrap();
+        let mut recs = st.records();
+        recs.pop();
+        let head = serde_json::json!({"seq": 4, "hash": recs[3].hash, "mac": "00".repeat(32)});
+        st.write(&head, &recs);
     })
     .await;
     assert!(truncated_with_forged_head.unwrap_err().contains("altered"));
     let truncated_with_unmacked_head = verify_after(|st| {
-        let r4 = records(st)[3].clone();
-        edit(st, |r| {
-            r.pop();
-        });
-        let mut b = WriteBatch::new();
-        let head = serde_json::json!({"seq": 4, "hash": r4.hash});
-        b.put(Table::Meta, b"audit-head", head.to_string().as_bytes());
-        st.commit(&b).unwrap();
+        let mut recs = st.records();
+        recs.pop();
+        let head = serde_json::json!({"seq": 4, "hash": recs[3].hash});
+        st.write(&head, &recs);
     })
     .await;
     assert!(

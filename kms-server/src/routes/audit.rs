@@ -8,7 +8,7 @@ use kms_client::api::AuditPage;
 use serde::Deserialize;
 
 use super::{blocking, AppState, Caller};
-use crate::audit::{AuditLog, MAX_PAGE};
+use crate::audit::MAX_PAGE;
 use crate::error::Error;
 use crate::policy::Operation;
 
@@ -39,14 +39,6 @@ pub async fn list(
             "limit must be 1 to {MAX_PAGE}"
         )));
     }
-    let page = blocking(move || {
-        AuditLog::read(
-            state.keyring.store().as_ref(),
-            &state.keyring,
-            p.after,
-            limit,
-        )
-    })
-    .await?;
+    let page = blocking(move || state.audit.read(&state.keyring, p.after, limit)).await?;
     Ok(Json(page))
 }

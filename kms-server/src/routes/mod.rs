@@ -73,23 +73,39 @@ pub struct AppState {
     next_request_id: AtomicU64,
 }
 
+/// The services behind the API, built by [`crate::server::run`].
+pub struct Services {
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Unseal source.
+    pub sealer: Box<SealerFactory>,
+    /// The audit trail.
+    pub audit: crate::audit::AuditLog,
+    /// TLS configuration and revoked certificates.
+    pub tls: Arc<crate::tls::TlsReloader>,
+    /// Identities.
+    pub policy: Policy,
+    /// Alerts.
+    pub alerts: crate::alert::Alerter,
+}
+
 impl AppState {
     /// Shared state.
-    pub fn new(
-        keyring: Arc<Keyring>,
-        settings: Settings,
-        metrics: Arc<Metrics>,
-        sealer: Box<SealerFactory>,
-        audit: crate::audit::AuditLog,
-        tls: Arc<crate::tls::TlsReloader>,
-        policy: Policy,
-    ) -> Self {
+    pub fn new(keyring: Arc<Keyring>, settings: Settings, services: Services) -> Self {
+        let Services {
+            metrics,
+            sealer,
+            audit,
+            tls,
+            policy,
+            alerts,
+        } = services;
         Self {
             tls,
             policy,
             keyring,
             lockouts: crate::lockout::Lockouts::new(settings.lockout),
-            alerts: crate::alert::Alerter::start(&settings.alerts),
+            alerts,
             settings,
             metrics,
             sealer,

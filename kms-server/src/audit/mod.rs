@@ -1,0 +1,440 @@
+//! The audit trail: one record per API request, allowed or denied, durable before the
+//! response leaves (fail closed), hash-chained, with a MAC'd chain head.
+//!
+//! Records go to a single writer thread that appends every record waiting at that moment
+//! to the chain file ([`file`]) with one `fdatasync` (**group commit**: one sync covers a
+//! batch, however many requests are in flight), then rewrites the chain head in the file's
+//! header. A request's response is released only after its record's batch is durable —
+//! and, if a JSON-lines sink is configured, after the batch was written there too. If
+//! either fails, the request fails with `503 StorageUnavailable` and its response (a DEK,
+//! say) never leaves.
+//!
+//! Chain: record `n` carries `prev` = hash of record `n−1` and `hash` = SHA-256 of its own
+//! JSON with `hash` empty (`kms_client::api::AuditRecord::compute_hash`, shared with the
+//! verifiers). The head `{seq, hash}` is stored with an HMAC under a key derived from the
+//! master key, so a cut-off tail or a rewritten head is detected by anyone who can ask the
+//! unsealed server (`GET /v1/audit` reports `mac_valid`). What the server finds wrong
+//! with the file when it opens it (a head it cannot vouch for, records cut below the head,
+//! records after the head from an unclean stop) is appended to the chain as an event and
+//! raised as an `audit_chain` alert.
+//!
+//! Stores written by earlier versions kept the records in the key store; they are moved
+//! to the chain file, verified by the same chain, the first time the server opens them.
+
+pub mod file;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use kms_client::api::{AuditHead, AuditPage, AuditRecord};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::alert::{AlertEvent, Alerter};
+use crate::error::Error;
+use crate::keyring::Keyring;
+use crate::keystore::{KeyStore, StoreError, Table, WriteBatch};
+pub use file::{ChainFile, Finding, Head};
+
+/// Most records committed in one batch.
+const MAX_BATCH: usize = 1024;
+/// Most records returned by one read.
+pub const MAX_PAGE: usize = 1000;
+
+/// What a request contributes to its record (the writer adds seq, time, chain).
+#[derive(Debug, Clone, Default)]
+pub struct AuditDraft {
+    /// Request id.
+    pub request_id: u64,
+    /// Identity.
+    pub identity: Option<String>,
+    /// Tenant.
+    pub tenant: Option<String>,
+    /// `METHOD /route`.
+    pub operation: String,
+    /// Key name.
+    pub key: Option<String>,
+    /// Key version.
+    pub version: Option<u32>,
+    /// Keyed context hash.
+    pub context_hash: Option<String>,
+    /// `ok` or the error code.
+    pub outcome: String,
+    /// HTTP status.
+    pub status: u16,
+    /// Microseconds.
+    pub latency_us: u64,
+}
+
+fn head_mac_input(seq: u64, hash: &str) -> Vec<u8> {
+    let mut v = b"keyhold-audit-head/v1".to_vec();
+    v.extend_from_slice(&seq.to_be_bytes());
+    v.extend_from_slice(hash.as_bytes());
+    v
+}
+
+/// Where records are also written as JSON lines, for a SIEM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sink {
+    /// No copy.
+    None,
+    /// Standard output.
+    Stdout,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+type Job = (AuditDraft, oneshot::Sender<Result<(), ()>>);
+
+enum Msg {
+    Job(Job),
+    /// Finish what is queued, then stop.
+    Close,
+}
+
+/// Handle to the audit writer.
+#[derive(Clone)]
+pub struct AuditLog {
+    /// `None`: auditing turned off (`[audit] enabled = false`, for measurements only).
+    tx: Option<mpsc::UnboundedSender<Msg>>,
+    chain: Option<Arc<ChainFile>>,
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+fn now_rfc3339_ms() -> String {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    humantime::format_rfc3339_millis(UNIX_EPOCH + d).to_string()
+}
+
+/// Where earlier versions kept the head, in the key store's meta table.
+const LEGACY_META_HEAD: &[u8] = b"audit-head";
+
+/// Moves a chain kept in the key store (earlier versions) into the empty chain file, then
+/// deletes it from the store. Returns the number of records moved.
+fn migrate_from_store(store: &dyn KeyStore, chain: &ChainFile) -> Result<u64, Error> {
+    let Some(bytes) = store.get(Table::Meta, LEGACY_META_HEAD)? else {
+        return Ok(0);
+    };
+    let head: Head = serde_json::from_slice(&bytes).map_err(|_| Error::Corrupt("audit head"))?;
+    let mut batch = WriteBatch::new();
+    let mut moved = 0;
+    let mut from = Vec::new();
+    loop {
+        let values = store.scan_from(Table::Audit, &from, 256)?;
+        for (k, v) in &values {
+            let first = v
+                .split(|b| *b == b'\n')
+                .find(|l| !l.is_empty())
+                .and_then(|l| serde_json::from_slice::<AuditRecord>(l).ok())
+                .ok_or(Error::Corrupt("audit record in the store"))?;
+            moved += v.iter().filter(|b| **b == b'\n').count() as u64;
+            chain.append(first.seq, v)?;
+            batch.delete(Table::Audit, k);
+        }
+        match values.last() {
+            Some((k, _)) if values.len() == 256 => {
+                from = k.clone();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    chain.write_head(&head)?;
+    chain.sync()?;
+    batch.delete(Table::Meta, LEGACY_META_HEAD);
+    store.commit(&batch)?;
+    tracing::warn!(
+        records = moved,
+        "audit records moved from the key store to the chain file"
+    );
+    Ok(moved)
+}
+
+struct Writer {
+    chain: Arc<ChainFile>,
+    keyring: Arc<Keyring>,
+    alerts: Alerter,
+    sink: Option<Box<dyn Write + Send>>,
+    /// The chain's tip: last record's seq and hash.
+    last: (u64, String),
+    /// The head found in the header at open, until its MAC has been checked.
+    unchecked_head: Option<Head>,
+    /// What opening found, until recorded in the chain.
+    finding: Option<Finding>,
+}
+
+pub use kms_client::api::{
+    AUDIT_EVENT_AFTER_HEAD as EVENT_AFTER_HEAD, AUDIT_EVENT_HEAD_INVALID as EVENT_HEAD_INVALID,
+    AUDIT_EVENT_HEAD_MISMATCH as EVENT_HEAD_MISMATCH,
+    AUDIT_EVENT_HEAD_UNVERIFIED as EVENT_HEAD_UNVERIFIED,
+};
+
+impl Writer {
+    fn event(&self, operation: &str, outcome: &str, detail: String) -> AuditDraft {
+        tracing::error!(operation, outcome, %detail, "audit chain finding");
+        self.alerts.raise(AlertEvent::new(
+            "audit_chain",
+            None,
+            format!("{operation}: {detail}"),
+        ));
+        AuditDraft {
+            operation: operation.to_owned(),
+            outcome: outcome.to_owned(),
+            ..AuditDraft::default()
+        }
+    }
+
+    /// Findings to put in the chain before the next records. The server never silently
+    /// re-MACs a head it cannot vouch for: it appends an event first, so the finding stays
+    /// in the trail (`kmsctl audit verify` reports it).
+    fn events(&mut self) -> Vec<AuditDraft> {
+        let mut out = Vec::new();
+        match self.finding.take() {
+            Some(Finding::HeadMismatch) => out.push(self.event(
+                EVENT_HEAD_MISMATCH,
+                "tampered",
+                "the stored head is past the last record or names another hash".into(),
+            )),
+            Some(Finding::RecordsAfterHead(n)) => out.push(self.event(
+                EVENT_AFTER_HEAD,
+                "unverified",
+                format!("{n} records after the MAC'd head (unclean stop)"),
+            )),
+            Some(Finding::Consistent) | None => {}
+        }
+        if let Some(head) = self.unchecked_head.take() {
+            if head.seq == 0 {
+                return out;
+            }
+            let input = head_mac_input(head.seq, &head.hash);
+            let verdict = match &head.mac {
+                Some(mac) => self.keyring.audit_mac_verify(&input, mac),
+                // Unverifiable for good once we can MAC (unsealed).
+                None => self.keyring.audit_mac(&input).map(|_| false),
+            };
+            match verdict {
+                // Sealed: cannot check yet; keep it for the next batch.
+                None => self.unchecked_head = Some(head),
+                Some(true) => {}
+                Some(false) => {
+                    let (op, outcome) = match head.mac {
+                        Some(_) => (EVENT_HEAD_INVALID, "tampered"),
+                        None => (EVENT_HEAD_UNVERIFIED, "unverified"),
+                    };
+                    out.push(self.event(op, outcome, format!("head at record {}", head.seq)));
+                }
+            }
+        }
+        out
+    }
+
+    fn commit(&mut self, drafts: &[&AuditDraft]) -> Result<(), Error> {
+        let events = self.events();
+        let drafts: Vec<&AuditDraft> = events.iter().chain(drafts.iter().copied()).collect();
+        let time = now_rfc3339_ms();
+        let (mut seq, mut prev) = self.last.clone();
+        let first_seq = seq + 1;
+        let mut lines: Vec<u8> = Vec::with_capacity(drafts.len() * 400);
+        for d in drafts {
+            seq += 1;
+            let mut r = AuditRecord {
+                seq,
+                time: time.clone(),
+                request_id: d.request_id,
+                identity: d.identity.clone(),
+                tenant: d.tenant.clone(),
+                operation: d.operation.clone(),
+                key: d.key.clone(),
+                version: d.version,
+                context_hash: d.context_hash.clone(),
+                outcome: d.outcome.clone(),
+                status: d.status,
+                latency_us: d.latency_us,
+                prev: prev.clone(),
+                hash: String::new(),
+            };
+            let json = r.seal();
+            prev = r.hash;
+            lines.extend_from_slice(&json);
+            lines.push(b'\n');
+        }
+        self.chain.append(first_seq, &lines)?;
+        self.last = (seq, prev.clone());
+        let head = Head {
+            seq,
+            mac: self.keyring.audit_mac(&head_mac_input(seq, &prev)),
+            hash: prev,
+        };
+        self.chain.write_head(&head)?;
+        if let Some(sink) = self.sink.as_mut() {
+            sink.write_all(&lines)
+                .and_then(|()| sink.flush())
+                .map_err(|_| Error::Internal("audit sink write failed"))?;
+        }
+        Ok(())
+    }
+}
+
+impl AuditLog {
+    /// Opens the chain file at `path` (moving a chain kept in `store` by an earlier version
+    /// into it) and starts the writer thread.
+    pub fn start(
+        store: Arc<dyn KeyStore>,
+        keyring: Arc<Keyring>,
+        path: &Path,
+        sink: &Sink,
+        alerts: Alerter,
+    ) -> Result<Self, Error> {
+        let opened = ChainFile::open(path)?;
+        let opened = if opened.2 .0 == 0 && migrate_from_store(store.as_ref(), &opened.0)? > 0 {
+            drop(opened);
+            ChainFile::open(path)?
+        } else {
+            opened
+        };
+        Self::spawn(opened, keyring, sink, alerts)
+    }
+
+    fn spawn(
+        (chain, header, last, finding): (ChainFile, Head, (u64, String), Finding),
+        keyring: Arc<Keyring>,
+        sink: &Sink,
+        alerts: Alerter,
+    ) -> Result<Self, Error> {
+        let sink: Option<Box<dyn Write + Send>> = match sink {
+            Sink::None => None,
+            Sink::Stdout => Some(Box::new(std::io::stdout())),
+            Sink::File(p) => Some(Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|_| Error::Internal("cannot open the audit sink file"))?,
+            )),
+        };
+        let chain = Arc::new(chain);
+        let mut writer = Writer {
+            chain: chain.clone(),
+            keyring,
+            alerts,
+            sink,
+            last,
+            unchecked_head: Some(header),
+            finding: Some(finding),
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
+        let thread = std::thread::Builder::new()
+            .name("keyhold-audit".into())
+            .spawn(move || {
+                let mut closing = false;
+                while !closing {
+                    let first = match rx.blocking_recv() {
+                        Some(Msg::Job(j)) => j,
+                        Some(Msg::Close) | None => break,
+                    };
+                    let mut jobs = vec![first];
+                    while jobs.len() < MAX_BATCH {
+                        match rx.try_recv() {
+                            Ok(Msg::Job(j)) => jobs.push(j),
+                            Ok(Msg::Close) => {
+                                closing = true;
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    let drafts: Vec<&AuditDraft> = jobs.iter().map(|(d, _)| d).collect();
+                    let result = writer.commit(&drafts);
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, records = jobs.len(), "audit write failed: failing the requests");
+                        writer.alerts.raise(AlertEvent::new(
+                            "audit_write_failed",
+                            None,
+                            e.to_string(),
+                        ));
+                    }
+                    for (_, ack) in jobs {
+                        let _ = ack.send(result.as_ref().map(|_| ()).map_err(|_| ()));
+                    }
+                }
+                if let Err(e) = writer.chain.sync() {
+                    tracing::error!(error = %e, "audit file: final sync failed");
+                }
+            })
+            .map_err(|_| Error::Internal("cannot start the audit writer"))?;
+        Ok(Self {
+            tx: Some(tx),
+            chain: Some(chain),
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+        })
+    }
+
+    /// No audit trail at all. Only for measuring what auditing costs; the server logs a
+    /// warning at start when configured so.
+    pub fn disabled() -> Self {
+        Self {
+            tx: None,
+            chain: None,
+            thread: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    /// Writes what is queued, stops the writer and waits for it. Later appends fail.
+    pub fn close(&self) {
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(Msg::Close);
+        }
+        let handle = self
+            .thread
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+
+    /// Appends a record and waits until it is durable.
+    pub async fn append(&self, draft: AuditDraft) -> Result<(), Error> {
+        let Some(tx) = &self.tx else { return Ok(()) };
+        let (ack, done) = oneshot::channel();
+        tx.send(Msg::Job((draft, ack)))
+            .map_err(|_| Error::Internal("audit writer stopped"))?;
+        match done.await {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(Error::Storage(StoreError::Engine {
+                engine: "audit",
+                source: "the audit record could not be made durable".into(),
+            })),
+        }
+    }
+
+    /// Records with `seq > after` (at most `limit`) up to the head, and the head with its
+    /// MAC checked.
+    pub fn read(&self, keyring: &Keyring, after: u64, limit: usize) -> Result<AuditPage, Error> {
+        let Some(chain) = &self.chain else {
+            return Err(Error::InvalidState(
+                "the audit trail is disabled on this server",
+            ));
+        };
+        // The head first: records past it (a batch being written now) are left for later.
+        let head = chain.stored_head()?;
+        let mut records = chain.read(after, limit.min(MAX_PAGE))?;
+        records.retain(|r| r.seq <= head.seq);
+        let mac_valid = match &head.mac {
+            Some(mac) => keyring.audit_mac_verify(&head_mac_input(head.seq, &head.hash), mac),
+            None => None,
+        };
+        Ok(AuditPage {
+            records,
+            head: AuditHead {
+                seq: head.seq,
+                hash: head.hash,
+                mac_valid,
+            },
+        })
+    }
+}
