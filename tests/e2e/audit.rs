@@ -124,7 +124,9 @@ impl ChainFile {
 
     fn records(&self) -> Vec<AuditRecord> {
         let bytes = std::fs::read(&self.path).unwrap();
-        bytes[512..]
+        // Records, then the zeros allocated ahead.
+        let used = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+        bytes[512..used]
             .split(|b| *b == b'\n')
             .filter(|l| !l.is_empty())
             .map(|l| serde_json::from_slice(l).unwrap())

@@ -4,7 +4,12 @@
 //! ```text
 //! offset 0    512-byte header: "KHAUDIT1\n" + head JSON {seq, hash, mac} + spaces + "\n"
 //! offset 512  records, one JSON line each (seq 1, 2, ...), hash-chained
+//! then        zeros: space allocated ahead (JSON never holds a NUL byte)
 //! ```
+//!
+//! Space is allocated ahead in zero-filled steps of [`GROW_STEP`], so that an append
+//! overwrites blocks that already exist and its `fdatasync` flushes data only: no inode or
+//! extent update, one write request and one cache flush per batch.
 //!
 //! Why a file and not the key store: one group-commit batch costs one `write` and one
 //! `fdatasync` here, against a B-tree copy-on-write transaction with two syncs in redb
@@ -13,11 +18,13 @@
 //! Ordering (what makes crashes and tampering distinguishable):
 //! 1. the batch's records are written at the end and `fdatasync`ed — only then are the
 //!    requests answered;
-//! 2. the header is rewritten with the new head, and reaches the disk with the next
-//!    batch's sync (or at close).
+//! 2. the header is rewritten with the new head (at most every [`HEADER_EVERY`], so that
+//!    most syncs flush one place of the file), and reaches the disk with a later sync (or
+//!    at close). Readers get the current head from memory.
 //!
-//! So after a crash the header's head may lag the records by one batch (records after the
-//! head: acknowledged, but not yet covered by the MAC — the server says so in the chain),
+//! So after a crash the header's head may lag the records by a fraction of a second
+//! (records after the head: acknowledged, but not yet covered by the MAC — the server says
+//! so in the chain),
 //! but it never points past them: a head beyond the last record, or a record at the
 //! head's position with another hash, means the file was cut or edited. A torn last line
 //! was never acknowledged and is dropped.
@@ -38,6 +45,10 @@ const MAGIC: &[u8] = b"KHAUDIT1\n";
 pub const HEADER_LEN: u64 = 512;
 /// An index entry every this many bytes of records.
 const INDEX_STRIDE: u64 = 64 * 1024;
+/// Zero-filled space allocated ahead of the records, per step.
+pub const GROW_STEP: u64 = 4 * 1024 * 1024;
+/// The header is rewritten at most this often (and at close).
+pub const HEADER_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The chain head: last sequence number, its hash, and the HMAC over both.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,6 +91,10 @@ pub enum Finding {
 struct View {
     /// Bytes up to here are durable records.
     end: u64,
+    /// Bytes up to here exist (zeros after `end`).
+    allocated: u64,
+    /// The chain's current head (ahead of the header on disk by up to [`HEADER_EVERY`]).
+    head: Head,
     /// (first seq at or after this offset, offset), ascending.
     index: Vec<(u64, u64)>,
     /// Offset of the last index entry.
@@ -160,6 +175,8 @@ impl ChainFile {
         let mut offset = HEADER_LEN;
         let mut view = View {
             end: HEADER_LEN,
+            allocated: len.max(HEADER_LEN),
+            head: head.clone(),
             index: Vec::new(),
             last_indexed: 0,
         };
@@ -171,7 +188,7 @@ impl ChainFile {
             let n = reader
                 .read_until(b'\n', &mut line)
                 .map_err(|e| io_err(path, "read", e))?;
-            if n == 0 || line.last() != Some(&b'\n') {
+            if n == 0 || line.first() == Some(&0) || line.last() != Some(&b'\n') {
                 break;
             }
             let r: AuditRecord = serde_json::from_slice(&line[..n - 1])
@@ -184,18 +201,22 @@ impl ChainFile {
             last = (r.seq, r.hash);
         }
         view.end = offset;
-        if offset < len {
-            // A torn last line: its batch was never synced, so never acknowledged.
+        drop(reader);
+        // Anything but zeros after the last complete line is a torn line: its batch was
+        // never synced, so never acknowledged. Zero it.
+        let mut tail = vec![0u8; usize::try_from(len.saturating_sub(offset).min(1 << 20)).unwrap_or(0)];
+        file.read_exact_at(&mut tail, offset)
+            .map_err(|e| io_err(path, "read tail", e))?;
+        if let Some(last_nonzero) = tail.iter().rposition(|b| *b != 0) {
             tracing::warn!(
                 path = %path.display(),
-                bytes = len - offset,
+                bytes = last_nonzero + 1,
                 "audit file: dropping a torn, unacknowledged tail"
             );
-            file.set_len(offset)
-                .and_then(|()| file.sync_all())
-                .map_err(|e| io_err(path, "truncate torn tail", e))?;
+            file.write_all_at(&vec![0u8; last_nonzero + 1], offset)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| io_err(path, "clear torn tail", e))?;
         }
-        drop(reader);
         let finding = if hash_at_head.as_deref() != Some(head.hash.as_str()) || head.seq > last.0 {
             Finding::HeadMismatch
         } else if last.0 > head.seq {
@@ -216,30 +237,59 @@ impl ChainFile {
     }
 
     /// Appends a batch of record lines (`first_seq` is the first line's seq) and makes
-    /// them durable. On failure nothing is acknowledged and the file is cut back.
+    /// them durable. On failure nothing is acknowledged and the partial batch is zeroed.
     pub fn append(&self, first_seq: u64, lines: &[u8]) -> Result<(), Error> {
-        let end = self.view.read().unwrap_or_else(PoisonError::into_inner).end;
+        let (end, allocated) = {
+            let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
+            (view.end, view.allocated)
+        };
+        let new_end = end + lines.len() as u64;
+        let mut new_allocated = allocated;
+        if new_end > allocated {
+            // Allocate ahead with real zeros (not a hole or an unwritten extent), synced
+            // with the batch.
+            new_allocated = new_end.div_ceil(GROW_STEP) * GROW_STEP;
+            let zeros = vec![0u8; usize::try_from(new_allocated - new_end).unwrap_or(0)];
+            self.file
+                .write_all_at(&zeros, new_end)
+                .map_err(|e| io_err(&self.path, "allocate", e))?;
+        }
         let written = self
             .file
             .write_all_at(lines, end)
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
             // Best effort: leave no partial batch for the next one to follow.
-            let _ = self.file.set_len(end);
+            let _ = self.file.write_all_at(&vec![0u8; lines.len()], end);
             return Err(io_err(&self.path, "append", e));
         }
         let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);
         view.note(first_seq, end);
-        view.end = end + lines.len() as u64;
+        view.end = new_end;
+        view.allocated = new_allocated;
         Ok(())
     }
 
-    /// Rewrites the header with `head`. Not synced here: the next append's sync (or
+    /// Makes `head` the current head (what readers see at once) and, if `persist`, rewrites
+    /// the header with it. Not synced here: a later append's sync (or
     /// [`ChainFile::sync`]) carries it.
-    pub fn write_head(&self, head: &Head) -> Result<(), Error> {
-        self.file
-            .write_all_at(&header_bytes(head)?, 0)
-            .map_err(|e| io_err(&self.path, "write header", e))
+    pub fn set_head(&self, head: Head, persist: bool) -> Result<(), Error> {
+        if persist {
+            self.file
+                .write_all_at(&header_bytes(&head)?, 0)
+                .map_err(|e| io_err(&self.path, "write header", e))?;
+        }
+        self.view.write().unwrap_or_else(PoisonError::into_inner).head = head;
+        Ok(())
+    }
+
+    /// The current head.
+    pub fn head(&self) -> Head {
+        self.view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .head
+            .clone()
     }
 
     /// Syncs everything written (at close).
@@ -247,15 +297,6 @@ impl ChainFile {
         self.file
             .sync_data()
             .map_err(|e| io_err(&self.path, "sync", e))
-    }
-
-    /// The header's head as stored now.
-    pub fn stored_head(&self) -> Result<Head, Error> {
-        let mut header = vec![0u8; HEADER_LEN as usize];
-        self.file
-            .read_exact_at(&mut header, 0)
-            .map_err(|e| io_err(&self.path, "read header", e))?;
-        parse_header(&header).ok_or(Error::Corrupt("audit file header"))
     }
 
     /// Records with `seq > after`, at most `limit`, in order.
@@ -395,12 +436,12 @@ mod tests {
             for batch in recs.chunks(100) {
                 f.append(batch[0].seq, &lines(batch)).unwrap();
                 let h = batch.last().unwrap();
-                f.write_head(&Head {
+                let head = Head {
                     seq: h.seq,
                     hash: h.hash.clone(),
                     mac: None,
-                })
-                .unwrap();
+                };
+                f.set_head(head, true).unwrap();
             }
             f.sync().unwrap();
             let got = f.read(1234, 1000).unwrap();
@@ -416,21 +457,26 @@ mod tests {
             (3000, 3000, Finding::Consistent)
         );
         assert_eq!(f.read(1999, 1).unwrap()[0].seq, 2000);
+        let end = f.view.read().unwrap().end;
+        assert_eq!(std::fs::metadata(&path).unwrap().len() % GROW_STEP, 0);
         drop(f);
-        // A torn tail is dropped.
-        let len = std::fs::metadata(&path).unwrap().len();
+        // A torn tail (a partial line in the zeros) is dropped.
         let extra = lines(&[rec(3001, &recs[2999].hash)]);
         let file = OpenOptions::new().write(true).open(&path).unwrap();
-        file.write_all_at(&extra[..extra.len() / 2], len).unwrap();
-        let (_, _, last, finding) = ChainFile::open(&path).unwrap();
+        file.write_all_at(&extra[..extra.len() / 2], end).unwrap();
+        let (f, _, last, finding) = ChainFile::open(&path).unwrap();
         assert_eq!((last.0, finding), (3000, Finding::Consistent));
-        assert_eq!(std::fs::metadata(&path).unwrap().len(), len);
+        assert_eq!(f.view.read().unwrap().end, end);
+        let mut after = vec![1u8; extra.len()];
+        f.file.read_exact_at(&mut after, end).unwrap();
+        assert!(after.iter().all(|b| *b == 0), "the torn line is zeroed");
+        drop(f);
         // A synced batch whose header update was lost: records after the head.
-        file.write_all_at(&extra, len).unwrap();
+        file.write_all_at(&extra, end).unwrap();
         let (_, _, last, finding) = ChainFile::open(&path).unwrap();
         assert_eq!((last.0, finding), (3001, Finding::RecordsAfterHead(1)));
         // Cut below the head: a mismatch.
-        file.set_len(len - 500).unwrap();
+        file.set_len(end - 500).unwrap();
         let (_, _, _, finding) = ChainFile::open(&path).unwrap();
         assert_eq!(finding, Finding::HeadMismatch);
     }

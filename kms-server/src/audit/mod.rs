@@ -89,6 +89,8 @@ type Job = (AuditDraft, oneshot::Sender<Result<(), ()>>);
 
 enum Msg {
     Job(Job),
+    /// Rewrite the header if the current head is newer (sent every [`file::HEADER_EVERY`]).
+    Tick,
     /// Finish what is queued, then stop.
     Close,
 }
@@ -142,7 +144,7 @@ fn migrate_from_store(store: &dyn KeyStore, chain: &ChainFile) -> Result<u64, Er
             _ => break,
         }
     }
-    chain.write_head(&head)?;
+    chain.set_head(head, true)?;
     chain.sync()?;
     batch.delete(Table::Meta, LEGACY_META_HEAD);
     store.commit(&batch)?;
@@ -164,6 +166,9 @@ struct Writer {
     unchecked_head: Option<Head>,
     /// What opening found, until recorded in the chain.
     finding: Option<Finding>,
+    /// When the header was last rewritten, and whether the current head is newer.
+    header_written: std::time::Instant,
+    header_stale: bool,
 }
 
 pub use kms_client::api::{
@@ -268,13 +273,36 @@ impl Writer {
             mac: self.keyring.audit_mac(&head_mac_input(seq, &prev)),
             hash: prev,
         };
-        self.chain.write_head(&head)?;
+        let persist = self.header_written.elapsed() >= file::HEADER_EVERY;
+        self.chain.set_head(head, persist)?;
+        if persist {
+            self.header_written = std::time::Instant::now();
+            self.header_stale = false;
+        } else {
+            self.header_stale = true;
+        }
         if let Some(sink) = self.sink.as_mut() {
             sink.write_all(&lines)
                 .and_then(|()| sink.flush())
                 .map_err(|_| Error::Internal("audit sink write failed"))?;
         }
         Ok(())
+    }
+}
+
+impl Writer {
+    /// Writes the current head into the header if it is newer than the header.
+    fn flush_header(&mut self) {
+        if !self.header_stale {
+            return;
+        }
+        match self.chain.set_head(self.chain.head(), true) {
+            Ok(()) => {
+                self.header_written = std::time::Instant::now();
+                self.header_stale = false;
+            }
+            Err(e) => tracing::error!(error = %e, "audit file: header update failed"),
+        }
     }
 }
 
@@ -324,6 +352,8 @@ impl AuditLog {
             last,
             unchecked_head: Some(header),
             finding: Some(finding),
+            header_written: std::time::Instant::now(),
+            header_stale: false,
         };
         let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
         let thread = std::thread::Builder::new()
@@ -333,12 +363,17 @@ impl AuditLog {
                 while !closing {
                     let first = match rx.blocking_recv() {
                         Some(Msg::Job(j)) => j,
+                        Some(Msg::Tick) => {
+                            writer.flush_header();
+                            continue;
+                        }
                         Some(Msg::Close) | None => break,
                     };
                     let mut jobs = vec![first];
                     while jobs.len() < MAX_BATCH {
                         match rx.try_recv() {
                             Ok(Msg::Job(j)) => jobs.push(j),
+                            Ok(Msg::Tick) => {}
                             Ok(Msg::Close) => {
                                 closing = true;
                                 break;
@@ -360,11 +395,26 @@ impl AuditLog {
                         let _ = ack.send(result.as_ref().map(|_| ()).map_err(|_| ()));
                     }
                 }
+                writer.flush_header();
                 if let Err(e) = writer.chain.sync() {
                     tracing::error!(error = %e, "audit file: final sync failed");
                 }
             })
             .map_err(|_| Error::Internal("cannot start the audit writer"))?;
+        // The header ticker: holds only a weak sender, so it stops once every handle is
+        // gone or the writer has stopped.
+        let ticker = tx.downgrade();
+        std::thread::Builder::new()
+            .name("keyhold-audit-tick".into())
+            .spawn(move || {
+                while ticker
+                    .upgrade()
+                    .is_some_and(|tx| tx.send(Msg::Tick).is_ok())
+                {
+                    std::thread::sleep(file::HEADER_EVERY);
+                }
+            })
+            .map_err(|_| Error::Internal("cannot start the audit ticker"))?;
         Ok(Self {
             tx: Some(tx),
             chain: Some(chain),
@@ -421,7 +471,7 @@ impl AuditLog {
             ));
         };
         // The head first: records past it (a batch being written now) are left for later.
-        let head = chain.stored_head()?;
+        let head = chain.head();
         let mut records = chain.read(after, limit.min(MAX_PAGE))?;
         records.retain(|r| r.seq <= head.seq);
         let mac_valid = match &head.mac {
