@@ -106,6 +106,11 @@ pub struct ChainFile {
     file: File,
     path: PathBuf,
     view: RwLock<View>,
+    /// Set by any failed append: after a failed `fdatasync` the kernel may have dropped
+    /// the data while marking the pages clean, so nothing written later could be trusted
+    /// to follow it. Every later append fails (fail closed) until a restart reopens and
+    /// rescans the file.
+    poisoned: std::sync::atomic::AtomicBool,
 }
 
 fn io_err(path: &Path, what: &str, e: std::io::Error) -> Error {
@@ -204,7 +209,8 @@ impl ChainFile {
         drop(reader);
         // Anything but zeros after the last complete line is a torn line: its batch was
         // never synced, so never acknowledged. Zero it.
-        let mut tail = vec![0u8; usize::try_from(len.saturating_sub(offset).min(1 << 20)).unwrap_or(0)];
+        let mut tail =
+            vec![0u8; usize::try_from(len.saturating_sub(offset).min(1 << 20)).unwrap_or(0)];
         file.read_exact_at(&mut tail, offset)
             .map_err(|e| io_err(path, "read tail", e))?;
         if let Some(last_nonzero) = tail.iter().rposition(|b| *b != 0) {
@@ -229,6 +235,7 @@ impl ChainFile {
                 file,
                 path: path.to_owned(),
                 view: RwLock::new(view),
+                poisoned: std::sync::atomic::AtomicBool::new(false),
             },
             head,
             last,
@@ -239,6 +246,13 @@ impl ChainFile {
     /// Appends a batch of record lines (`first_seq` is the first line's seq) and makes
     /// them durable. On failure nothing is acknowledged and the partial batch is zeroed.
     pub fn append(&self, first_seq: u64, lines: &[u8]) -> Result<(), Error> {
+        use std::sync::atomic::Ordering;
+        if self.poisoned.load(Ordering::SeqCst) {
+            return Err(Error::Storage(crate::keystore::StoreError::Engine {
+                engine: "audit",
+                source: "an earlier append to the audit file failed; restart to reopen it".into(),
+            }));
+        }
         let (end, allocated) = {
             let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
             (view.end, view.allocated)
@@ -250,16 +264,18 @@ impl ChainFile {
             // with the batch.
             new_allocated = new_end.div_ceil(GROW_STEP) * GROW_STEP;
             let zeros = vec![0u8; usize::try_from(new_allocated - new_end).unwrap_or(0)];
-            self.file
-                .write_all_at(&zeros, new_end)
-                .map_err(|e| io_err(&self.path, "allocate", e))?;
+            if let Err(e) = self.file.write_all_at(&zeros, new_end) {
+                self.poisoned.store(true, Ordering::SeqCst);
+                return Err(io_err(&self.path, "allocate", e));
+            }
         }
         let written = self
             .file
             .write_all_at(lines, end)
             .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
-            // Best effort: leave no partial batch for the next one to follow.
+            self.poisoned.store(true, Ordering::SeqCst);
+            // Best effort: leave no partial batch behind (a restart rescans anyway).
             let _ = self.file.write_all_at(&vec![0u8; lines.len()], end);
             return Err(io_err(&self.path, "append", e));
         }
@@ -279,7 +295,10 @@ impl ChainFile {
                 .write_all_at(&header_bytes(&head)?, 0)
                 .map_err(|e| io_err(&self.path, "write header", e))?;
         }
-        self.view.write().unwrap_or_else(PoisonError::into_inner).head = head;
+        self.view
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .head = head;
         Ok(())
     }
 
