@@ -2,7 +2,9 @@
 # What the audit trail costs: POST /v1/unwrap at concurrency 64 (and 16) against two
 # servers over copies of the same store, one with the audit trail (the default) and one
 # with `[audit] enabled = false`, alternating in the same run.
-# Usage: [LEVELS="16 64 256"] bash benches/audit.sh [duration-seconds] [rounds]
+# Usage: [LEVELS="16 64 256"] [AUDIT_DIR=/dev/shm] bash benches/audit.sh [duration-seconds] [rounds]
+# AUDIT_DIR puts the audited server's chain file in another directory (e.g. a tmpfs, to
+# separate the CPU cost of auditing from the disk's sync latency).
 duration=${1:-10}
 rounds=${2:-2}
 source "$(dirname "$0")/common.sh"
@@ -14,6 +16,11 @@ pids=()
 cp -r "$work/on" "$work/off"
 sed -i "s/^listen = .*/listen = \"127.0.0.1:$api2\"/; s/^ops_listen = .*/ops_listen = \"127.0.0.1:$ops2\"/" "$work/off/kms-server.toml"
 printf '\n[audit]\nenabled = false\n' >> "$work/off/kms-server.toml"
+if [ -n "${AUDIT_DIR:-}" ]; then
+  audit_file=$(mktemp -u "$AUDIT_DIR/keyhold-bench-XXXXXX.audit")
+  printf '\n[audit]\npath = "%s"\n' "$audit_file" >> "$work/on/kms-server.toml"
+  trap 'cleanup; rm -f "$audit_file"' EXIT
+fi
 RUST_LOG=warn "$bin/kms-server" serve --config "$work/on/kms-server.toml" 2>"$work/on.log" &
 pids+=($!)
 RUST_LOG=warn "$bin/kms-server" serve --config "$work/off/kms-server.toml" 2>"$work/off.log" &

@@ -773,21 +773,88 @@ impl AuditRecord {
         hex_lower(&sha2::Sha256::digest(&bytes))
     }
 
-    /// Sets `hash` (which must be empty) and returns the record's JSON, serializing once:
-    /// `hash` is the last field, so its empty value is replaced in place.
+    /// Sets `hash` and returns the record's JSON (one line, no newline).
     pub fn seal(&mut self) -> Vec<u8> {
-        use sha2::Digest;
-        self.hash.clear();
-        let mut bytes = serde_json::to_vec(&*self).unwrap_or_default();
-        self.hash = hex_lower(&sha2::Sha256::digest(&bytes));
-        // The JSON ends with `"hash":""}`; put the hash between the quotes.
-        if bytes.ends_with(b"\"\"}") {
-            let at = bytes.len() - 2;
-            bytes.splice(at..at, self.hash.bytes());
-        } else {
-            bytes = serde_json::to_vec(&*self).unwrap_or_default();
+        let mut out = Vec::with_capacity(512);
+        self.hash = self.as_ref().write_sealed(&mut out);
+        out
+    }
+
+    /// A borrowed view, for serializing without copies.
+    pub fn as_ref(&self) -> AuditRecordRef<'_> {
+        AuditRecordRef {
+            seq: self.seq,
+            time: &self.time,
+            request_id: self.request_id,
+            identity: self.identity.as_deref(),
+            tenant: self.tenant.as_deref(),
+            operation: &self.operation,
+            key: self.key.as_deref(),
+            version: self.version,
+            context_hash: self.context_hash.as_deref(),
+            outcome: &self.outcome,
+            status: self.status,
+            latency_us: self.latency_us,
+            prev: &self.prev,
+            hash: "",
         }
-        bytes
+    }
+}
+
+/// A borrowed [`AuditRecord`] that serializes to the same JSON (same fields, same order):
+/// the server writes records through it without copying their strings.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct AuditRecordRef<'a> {
+    /// See [`AuditRecord::seq`].
+    pub seq: u64,
+    /// See [`AuditRecord::time`].
+    pub time: &'a str,
+    /// See [`AuditRecord::request_id`].
+    pub request_id: u64,
+    /// See [`AuditRecord::identity`].
+    pub identity: Option<&'a str>,
+    /// See [`AuditRecord::tenant`].
+    pub tenant: Option<&'a str>,
+    /// See [`AuditRecord::operation`].
+    pub operation: &'a str,
+    /// See [`AuditRecord::key`].
+    pub key: Option<&'a str>,
+    /// See [`AuditRecord::version`].
+    pub version: Option<u32>,
+    /// See [`AuditRecord::context_hash`].
+    pub context_hash: Option<&'a str>,
+    /// See [`AuditRecord::outcome`].
+    pub outcome: &'a str,
+    /// See [`AuditRecord::status`].
+    pub status: u16,
+    /// See [`AuditRecord::latency_us`].
+    pub latency_us: u64,
+    /// See [`AuditRecord::prev`].
+    pub prev: &'a str,
+    /// Must be empty: [`AuditRecordRef::write_sealed`] fills it in.
+    pub hash: &'a str,
+}
+
+impl AuditRecordRef<'_> {
+    /// Appends the record's JSON to `out` with its chain hash filled in (serializing once:
+    /// `hash` is the last field, so the hash goes between the empty value's quotes) and
+    /// returns the hash.
+    pub fn write_sealed(&self, out: &mut Vec<u8>) -> String {
+        use sha2::Digest;
+        let start = out.len();
+        let empty = AuditRecordRef { hash: "", ..*self };
+        if serde_json::to_writer(&mut *out, &empty).is_err() {
+            // Unreachable for these field types; leave a record that fails verification
+            // rather than panic.
+            out.truncate(start);
+            out.extend_from_slice(b"{}");
+            return String::new();
+        }
+        let hash = hex_lower(&sha2::Sha256::digest(&out[start..]));
+        // The JSON ends with `"hash":""}`.
+        let at = out.len() - 2;
+        out.splice(at..at, hash.bytes());
+        hash
     }
 }
 
@@ -959,6 +1026,16 @@ mod tests {
         let bytes = r.seal();
         assert_eq!(r.hash, expected_hash);
         assert_eq!(bytes, serde_json::to_vec(&r).unwrap());
+        // Every optional field set, and strings that need escaping.
+        r.identity = Some("spiffe://x/\"quoted\"\\".into());
+        r.tenant = Some("t\u{e9}".into());
+        r.key = Some("k".into());
+        r.version = Some(7);
+        r.context_hash = Some("ab".repeat(16));
+        r.hash.clear();
+        let bytes = r.seal();
+        assert_eq!(bytes, serde_json::to_vec(&r).unwrap());
+        assert_eq!(r.hash, r.compute_hash());
     }
 
     #[test]

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use kms_client::api::{AuditHead, AuditPage, AuditRecord};
+use kms_client::api::{AuditHead, AuditPage, AuditRecord, AuditRecordRef};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::alert::{AlertEvent, Alerter};
@@ -245,25 +245,23 @@ impl Writer {
         let mut lines: Vec<u8> = Vec::with_capacity(drafts.len() * 400);
         for d in drafts {
             seq += 1;
-            let mut r = AuditRecord {
+            let r = AuditRecordRef {
                 seq,
-                time: time.clone(),
+                time: &time,
                 request_id: d.request_id,
-                identity: d.identity.clone(),
-                tenant: d.tenant.clone(),
-                operation: d.operation.clone(),
-                key: d.key.clone(),
+                identity: d.identity.as_deref(),
+                tenant: d.tenant.as_deref(),
+                operation: &d.operation,
+                key: d.key.as_deref(),
                 version: d.version,
-                context_hash: d.context_hash.clone(),
-                outcome: d.outcome.clone(),
+                context_hash: d.context_hash.as_deref(),
+                outcome: &d.outcome,
                 status: d.status,
                 latency_us: d.latency_us,
-                prev: prev.clone(),
-                hash: String::new(),
+                prev: &prev,
+                hash: "",
             };
-            let json = r.seal();
-            prev = r.hash;
-            lines.extend_from_slice(&json);
+            prev = r.write_sealed(&mut lines);
             lines.push(b'\n');
         }
         self.chain.append(first_seq, &lines)?;
