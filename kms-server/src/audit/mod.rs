@@ -37,6 +37,8 @@ use crate::keyring::Keyring;
 use crate::keystore::{KeyStore, StoreError, Table, WriteBatch};
 pub use file::{ChainFile, Finding, Head};
 
+/// The writer thread's nice value (lower priority than the request workers).
+const WRITER_NICE: i32 = 10;
 /// Most records committed in one batch.
 const MAX_BATCH: usize = 1024;
 /// Most records returned by one read.
@@ -357,6 +359,14 @@ impl AuditLog {
         let thread = std::thread::Builder::new()
             .name("keyhold-audit".into())
             .spawn(move || {
+                // Below the request workers (nice +10): when the CPUs are busy, the writer
+                // runs when the workers wait, so batches grow and wake-ups and preemptions
+                // fall (measured in BENCHMARKS.md). CFS still gives it a share: requests
+                // waiting on it leave the workers idle, so it cannot starve.
+                let tid = rustix::thread::gettid();
+                if let Err(e) = rustix::process::setpriority_process(Some(tid), WRITER_NICE) {
+                    tracing::debug!(error = %e, "audit writer: could not lower its priority");
+                }
                 let mut closing = false;
                 while !closing {
                     let first = match rx.blocking_recv() {
