@@ -174,6 +174,8 @@ pub struct AuditInfo {
     pub version: Option<u32>,
     /// Keyed context hash.
     pub context_hash: Option<String>,
+    /// The caller's tenant, once its identity was resolved.
+    pub tenant: Option<String>,
 }
 
 /// A handle to this request's [`AuditInfo`].
@@ -289,10 +291,13 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
     );
     let draft = crate::audit::AuditDraft {
         request_id: id,
-        tenant: identity
-            .as_deref()
-            .and_then(|i| state.policy.resolve(i).ok())
-            .map(|p| p.tenant),
+        // Resolved by the `Caller` extractor when the handler got that far.
+        tenant: info.tenant.or_else(|| {
+            identity
+                .as_deref()
+                .and_then(|i| state.policy.resolve(i).ok())
+                .map(|p| p.tenant)
+        }),
         identity: identity.as_deref().map(str::to_owned),
         operation: format!("{method} {route}"),
         key: info.key,
@@ -340,7 +345,11 @@ impl FromRequestParts<Arc<AppState>> for Caller {
             .get::<PeerIdentity>()
             .and_then(|p| p.identity.clone())
             .ok_or(Error::Unauthenticated)?;
-        state.policy.resolve(&identity).map(Caller)
+        let principal = state.policy.resolve(&identity)?;
+        if let Some(note) = parts.extensions.get::<AuditNote>() {
+            note.with(|i| i.tenant = Some(principal.tenant.clone()));
+        }
+        Ok(Caller(principal))
     }
 }
 
