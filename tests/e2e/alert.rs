@@ -116,3 +116,50 @@ async fn denials_seal_and_disable_reach_the_webhook_within_two_seconds() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deletion_policy_changes_and_audit_chain_findings_raise_alerts() {
+    let (url, mut rx) = receiver().await;
+    let mut s = TestServer::start_with(
+        TestSeal::KeyFile,
+        &format!("[alerts]\nwebhook = \"{url}\"\n"),
+    )
+    .await;
+    create_key(&s, "admin-a", "k").await;
+    let admin = s.client(Some("admin-a"));
+    let t = Instant::now();
+    let (st, _) = post(
+        &admin,
+        &s.url("/v1/keys/k/schedule-deletion"),
+        json!({"pending_days": 7}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let ev = expect(&mut rx, "key_deletion_scheduled", t).await;
+    assert_eq!(ev["identity"], ADMIN_A);
+    let t = Instant::now();
+    s.kms_client("admin-a")
+        .set_identity("spiffe://test/acme/new", kms_client::api::Role::App)
+        .await
+        .unwrap();
+    expect(&mut rx, "identity_changed", t).await;
+    // Cut the last audit record while stopped: the server finds it at start, records the
+    // finding in the chain and raises an alert.
+    s.stop().await;
+    let path = s.dir.path().join("store.audit");
+    let bytes = std::fs::read(&path).unwrap();
+    let used = bytes.iter().position(|b| *b == 0).unwrap_or(bytes.len());
+    let last_line = bytes[..used - 1].iter().rposition(|b| *b == b'\n').unwrap() + 1;
+    let mut cut = bytes[..last_line].to_vec();
+    cut.resize(bytes.len(), 0);
+    std::fs::write(&path, cut).unwrap();
+    let t = Instant::now();
+    s.start_again().await;
+    // The finding is written (and alerted) with the next batch.
+    get(&s.client(Some("admin-a")), &s.url("/v1/keys")).await;
+    let ev = expect(&mut rx, "audit_chain", t).await;
+    assert!(
+        ev["detail"].as_str().unwrap().contains("head-mismatch"),
+        "{ev}"
+    );
+}

@@ -486,6 +486,49 @@ async fn sys_subcommands() {
         .await,
     );
     assert_eq!(unsealed["sealed"], false);
+    // The runtime identity policy.
+    ok(
+        &s,
+        "admin-a",
+        &[
+            "sys",
+            "set-identity",
+            "spiffe://test/acme/billing",
+            "--role",
+            "app",
+        ],
+    )
+    .await;
+    insta::assert_snapshot!(
+        "sys_identities_table",
+        ok(&s, "admin-a", &["sys", "identities"]).await
+    );
+    let err = fails(
+        &s,
+        "admin-b",
+        &["sys", "remove-identity", "spiffe://test/acme/billing"],
+    )
+    .await;
+    assert!(err.contains("NotFound"), "{err}");
+    let list = json(
+        &ok(
+            &s,
+            "admin-a",
+            &[
+                "sys",
+                "remove-identity",
+                "spiffe://test/acme/billing",
+                "--output",
+                "json",
+            ],
+        )
+        .await,
+    );
+    assert!(list["identities"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|i| i["identity"] != "spiffe://test/acme/billing"));
 }
 
 fn write(path: &Path, bytes: &[u8]) -> PathBuf {
