@@ -74,6 +74,28 @@ struct FileConfig {
     lockout: FileLockout,
     #[serde(default)]
     alerts: FileAlerts,
+    #[serde(default)]
+    keys: FileKeys,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKeys {
+    /// How often due rotations and destructions are looked for.
+    #[serde(default = "default_sweep")]
+    sweep_interval_secs: u64,
+}
+
+impl Default for FileKeys {
+    fn default() -> Self {
+        Self {
+            sweep_interval_secs: default_sweep(),
+        }
+    }
+}
+
+fn default_sweep() -> u64 {
+    60
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -288,6 +310,8 @@ pub struct Settings {
     pub audit_path: PathBuf,
     /// Lockout after repeated denials.
     pub lockout: crate::lockout::LockoutPolicy,
+    /// How often automatic rotations and due destructions run.
+    pub sweep_interval: std::time::Duration,
     /// Alert destinations.
     pub alerts: crate::alert::AlertSettings,
 }
@@ -385,6 +409,9 @@ impl Settings {
                     format!("{} is not a readable file", p.display()),
                 ));
             }
+        }
+        if !(1..=3600).contains(&raw.keys.sweep_interval_secs) {
+            return Err(err("keys.sweep_interval_secs", "must be 1 to 3600".into()));
         }
         if tls.crl_poll_secs > 3600 {
             return Err(err(
@@ -497,6 +524,7 @@ impl Settings {
                 Some(p) => resolve(p),
                 None => resolve(&raw.store.path).with_extension("audit"),
             },
+            sweep_interval: std::time::Duration::from_secs(raw.keys.sweep_interval_secs),
             lockout: crate::lockout::LockoutPolicy {
                 threshold: raw.lockout.threshold,
                 window: std::time::Duration::from_secs(raw.lockout.window_secs),

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use kms_client::api::{
     Algorithm, Context, Grant, GrantOperation, KeyInfo, KeyState, KeyVersionInfo,
@@ -262,17 +262,10 @@ pub struct Unwrapped {
 /// The keyring over one store.
 pub struct Keyring {
     store: Arc<dyn KeyStore>,
+    clock: crate::clock::Clock,
     unsealed: RwLock<Option<Arc<Unsealed>>>,
     /// Serializes this process's mutations (the store's conditions guard against others).
     write_lock: Mutex<()>,
-}
-
-/// Unix seconds now.
-pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 fn rfc3339(secs: u64) -> String {
@@ -338,9 +331,16 @@ fn to_json<T: Serialize>(value: &T) -> Result<Vec<u8>, Error> {
 }
 
 impl Keyring {
-    /// A sealed keyring over `store`.
+    /// A sealed keyring over `store`, on the system clock.
     pub fn new(store: Arc<dyn KeyStore>) -> Self {
+        Self::with_clock(store, crate::clock::Clock::system())
+    }
+
+    /// A sealed keyring over `store`, reading time from `clock` (creation times, rotation
+    /// and deletion deadlines).
+    pub fn with_clock(store: Arc<dyn KeyStore>, clock: crate::clock::Clock) -> Self {
         Self {
+            clock,
             store,
             unsealed: RwLock::new(None),
             write_lock: Mutex::new(()),
@@ -350,6 +350,11 @@ impl Keyring {
     /// The underlying store.
     pub fn store(&self) -> &Arc<dyn KeyStore> {
         &self.store
+    }
+
+    /// The clock it reads time from.
+    pub fn clock(&self) -> &crate::clock::Clock {
+        &self.clock
     }
 
     /// Generates a master key and stores it sealed by `sealer`. Refuses an initialized
@@ -594,7 +599,7 @@ impl Keyring {
         let mut id = [0u8; 16];
         id.copy_from_slice(&crypto::random_salt()?[..16]);
         let id = KeyId(id);
-        let created_at = now();
+        let created_at = self.clock.now();
         let record = KeyRecord {
             id: id.to_hex(),
             tenant: tenant.to_owned(),
@@ -711,7 +716,7 @@ impl Keyring {
             .ok_or(Error::InvalidState("version counter exhausted"))?;
         let mut record = entry.record.clone();
         record.current_version = new_version;
-        let created_at = now();
+        let created_at = self.clock.now();
         let material = SecretKey::generate()?;
         let version = self.seal_version(&un, &record, &id, new_version, created_at, &material)?;
         let record_bytes = to_json(&record)?;
@@ -900,6 +905,44 @@ impl Keyring {
             record.grants = grants;
             Ok(())
         })
+    }
+
+    /// Rotates every enabled key with a rotation period whose current version is at least
+    /// that old at `now`. Needs the master key (the new versions are sealed under it): a
+    /// sealed keyring rotates nothing. Returns (tenant, name, new version) of each.
+    pub fn rotate_due(&self, now: u64) -> Result<Vec<(String, String, u32)>, Error> {
+        let Ok(un) = self.unsealed() else {
+            return Ok(Vec::new());
+        };
+        let mut due = Vec::new();
+        for (id, bytes) in self.store.scan_prefix(Table::Keys, b"")? {
+            let record: KeyRecord =
+                serde_json::from_slice(&bytes).map_err(|_| Error::Corrupt("key record"))?;
+            let (Some(period), KeyState::Enabled) = (record.rotation_period_secs, record.state)
+            else {
+                continue;
+            };
+            let id: [u8; 16] = id
+                .as_slice()
+                .try_into()
+                .map_err(|_| Error::Corrupt("key id"))?;
+            let Some(entry) = self.load_entry(&un, KeyId(id))? else {
+                continue;
+            };
+            let born = entry
+                .versions
+                .get(&entry.record.current_version)
+                .map_or(entry.record.created_at, |v| v.created_at);
+            if now >= born.saturating_add(period) {
+                due.push((record.tenant, record.name));
+            }
+        }
+        let mut rotated = Vec::new();
+        for (tenant, name) in due {
+            let info = self.rotate(&tenant, &name)?;
+            rotated.push((tenant, name, info.current_version));
+        }
+        Ok(rotated)
     }
 
     /// Destroys every key whose deletion date is at or before `now`: its version records

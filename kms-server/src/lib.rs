@@ -44,6 +44,7 @@
 
 pub mod alert;
 pub mod audit;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod dev;

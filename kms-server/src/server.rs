@@ -158,45 +158,70 @@ async fn tls_reloader(
     }
 }
 
-/// How often keys whose deletion date has passed are looked for.
-const DELETION_SWEEP: Duration = Duration::from_secs(60);
-
-/// Destroys keys whose deletion window has ended: at start, then every
-/// [`DELETION_SWEEP`]. Each destruction gets an audit record and a `key_destroyed` alert.
-async fn deletion_sweeper(
+/// The key sweep: at start, then every `[keys] sweep_interval_secs`, destroys keys whose
+/// deletion window has ended (works sealed) and rotates keys whose rotation period has
+/// passed (needs the master key). Each gets an audit record (`SYSTEM destroy-key`,
+/// `SYSTEM rotate-key`); each destruction also a `key_destroyed` alert.
+async fn key_sweeper(
     keyring: Arc<Keyring>,
+    interval: Duration,
     audit: crate::audit::AuditLog,
     alerts: crate::alert::Alerter,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
+    let system_record =
+        |operation: &str, tenant: &str, key: &str, version: Option<u32>| crate::audit::AuditDraft {
+            tenant: Some(tenant.to_owned()),
+            operation: operation.to_owned(),
+            key: Some(key.to_owned()),
+            version,
+            outcome: "ok".into(),
+            ..Default::default()
+        };
     loop {
         let k = keyring.clone();
-        match tokio::task::spawn_blocking(move || k.destroy_due(crate::keyring::now())).await {
-            Ok(Ok(destroyed)) => {
-                for (tenant, name) in destroyed {
-                    tracing::warn!(%tenant, key = %name, "key destroyed: its deletion window ended");
-                    let draft = crate::audit::AuditDraft {
-                        tenant: Some(tenant.clone()),
-                        operation: "SYSTEM destroy-key".into(),
-                        key: Some(name.clone()),
-                        outcome: "ok".into(),
-                        ..Default::default()
-                    };
-                    if let Err(e) = audit.append(draft).await {
-                        tracing::error!(error = %e, "could not audit a key destruction");
+        let swept = tokio::task::spawn_blocking(move || {
+            let now = k.clock().now();
+            (k.destroy_due(now), k.rotate_due(now))
+        })
+        .await;
+        match swept {
+            Ok((destroyed, rotated)) => {
+                match destroyed {
+                    Ok(destroyed) => {
+                        for (tenant, name) in destroyed {
+                            tracing::warn!(%tenant, key = %name, "key destroyed: its deletion window ended");
+                            let draft = system_record("SYSTEM destroy-key", &tenant, &name, None);
+                            if let Err(e) = audit.append(draft).await {
+                                tracing::error!(error = %e, "could not audit a key destruction");
+                            }
+                            alerts.raise(crate::alert::AlertEvent::new(
+                                "key_destroyed",
+                                None,
+                                format!("{name} (tenant {tenant})"),
+                            ));
+                        }
                     }
-                    alerts.raise(crate::alert::AlertEvent::new(
-                        "key_destroyed",
-                        None,
-                        format!("{name} (tenant {tenant})"),
-                    ));
+                    Err(e) => tracing::error!(error = %e, "deletion sweep failed; will retry"),
+                }
+                match rotated {
+                    Ok(rotated) => {
+                        for (tenant, name, version) in rotated {
+                            tracing::info!(%tenant, key = %name, version, "key rotated: its rotation period passed");
+                            let draft =
+                                system_record("SYSTEM rotate-key", &tenant, &name, Some(version));
+                            if let Err(e) = audit.append(draft).await {
+                                tracing::error!(error = %e, "could not audit a key rotation");
+                            }
+                        }
+                    }
+                    Err(e) => tracing::error!(error = %e, "rotation sweep failed; will retry"),
                 }
             }
-            Ok(Err(e)) => tracing::error!(error = %e, "deletion sweep failed; will retry"),
-            Err(_) => tracing::error!("deletion sweep task failed; will retry"),
+            Err(_) => tracing::error!("key sweep task failed; will retry"),
         }
         tokio::select! {
-            () = tokio::time::sleep(DELETION_SWEEP) => {}
+            () = tokio::time::sleep(interval) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
     }
@@ -213,8 +238,18 @@ pub async fn run(
     settings: Settings,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), StartError> {
+    run_with_clock(listeners, settings, shutdown, crate::clock::Clock::system()).await
+}
+
+/// [`run`] on another clock (tests: automatic rotation and destruction without waiting).
+pub async fn run_with_clock(
+    listeners: Listeners,
+    settings: Settings,
+    shutdown: impl Future<Output = ()> + Send,
+    clock: crate::clock::Clock,
+) -> Result<(), StartError> {
     let store = open_store(&settings)?;
-    let keyring = Arc::new(Keyring::new(store));
+    let keyring = Arc::new(Keyring::with_clock(store, clock));
     if keyring.sealed_master_key()?.is_none() {
         return Err(StartError::NotInitialized(
             settings.store.path.display().to_string(),
@@ -278,8 +313,9 @@ pub async fn run(
         state.alerts.clone(),
         stop_rx.clone(),
     ));
-    let sweeper = tokio::spawn(deletion_sweeper(
+    let sweeper = tokio::spawn(key_sweeper(
         keyring.clone(),
+        state.settings.sweep_interval,
         audit.clone(),
         state.alerts.clone(),
         stop_rx.clone(),

@@ -18,6 +18,7 @@ mod crypto;
 mod curl;
 mod keys;
 mod kmsctl;
+mod lifecycle;
 mod ops;
 mod quickstart;
 mod seal;

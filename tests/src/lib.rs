@@ -221,6 +221,8 @@ pub struct TestServer {
     pub ops_addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), server::StartError>>>,
+    /// Seconds added to the system clock for this server (see [`TestServer::advance_clock`]).
+    clock_offset: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl TestServer {
@@ -264,6 +266,7 @@ impl TestServer {
             ops_addr: "127.0.0.1:0".parse().unwrap(),
             stop: None,
             task: None,
+            clock_offset: Default::default(),
         };
         s.launch().await;
         s
@@ -278,7 +281,12 @@ impl TestServer {
         self.addr = api.local_addr().unwrap();
         self.ops_addr = ops.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
-        let task = tokio::spawn(server::run(
+        let offset = self.clock_offset.clone();
+        let clock = kms_server::clock::Clock::from_fn(move || {
+            kms_server::clock::Clock::system().now()
+                + offset.load(std::sync::atomic::Ordering::SeqCst)
+        });
+        let task = tokio::spawn(server::run_with_clock(
             server::Listeners {
                 api,
                 ops: Some(ops),
@@ -287,6 +295,7 @@ impl TestServer {
             async move {
                 let _ = rx.await;
             },
+            clock,
         ));
         self.stop = Some(tx);
         self.task = Some(task);
@@ -299,6 +308,12 @@ impl TestServer {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
         panic!("server did not come up");
+    }
+
+    /// Moves this server's clock forward (rotation periods and deletion windows pass).
+    pub fn advance_clock(&self, by: std::time::Duration) {
+        self.clock_offset
+            .fetch_add(by.as_secs(), std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Stops the server and waits until it has released the store.
@@ -331,6 +346,7 @@ impl TestServer {
             ops_addr: "127.0.0.1:0".parse().unwrap(),
             stop: None,
             task: None,
+            clock_offset: Default::default(),
         };
         s.launch().await;
         s

@@ -137,7 +137,7 @@ pub async fn schedule_deletion(
     let tenant = caller.tenant.clone();
     let info = blocking(move || {
         st.keyring
-            .schedule_deletion(&tenant, &name, req.pending_days, crate::keyring::now())
+            .schedule_deletion(&tenant, &name, req.pending_days, st.keyring.clock().now())
     })
     .await?;
     state.alerts.raise(crate::alert::AlertEvent::new(

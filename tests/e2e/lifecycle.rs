@@ -1,0 +1,167 @@
+//! Key lifecycle on the server's clock: automatic rotation when the rotation period has
+//! passed, destruction when the deletion window ends (crypto-shredding), both found by the
+//! key sweep and audited as system records.
+
+use std::time::Duration;
+
+use keyhold_tests::{TestSeal, TestServer, APP_A};
+use serde_json::{json, Value};
+
+use crate::{assert_error, create_key, get, post};
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// Polls `GET /v1/keys/{name}` until `pred` holds (the sweep runs every second here).
+async fn key_until(s: &TestServer, name: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+    let admin = s.client(Some("admin-a"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (st, info) = get(&admin, &s.url(&format!("/v1/keys/{name}"))).await;
+        assert_eq!(st, 200, "{info}");
+        if pred(&info) {
+            return info;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 10 s: {info}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotation_periods_and_deletion_windows_pass_on_the_servers_clock() {
+    let mut s =
+        TestServer::start_with(TestSeal::KeyFile, "[keys]\nsweep_interval_secs = 1\n").await;
+    let admin = s.client(Some("admin-a"));
+    let app = s.client(Some("app-a"));
+    let (st, info) = post(
+        &admin,
+        &s.url("/v1/keys"),
+        json!({"name": "auto", "rotation_period": "30d", "grants": [
+            {"identity": APP_A, "operations": ["datakey", "unwrap"]}]}),
+    )
+    .await;
+    assert_eq!(st, 201, "{info}");
+    create_key(&s, "admin-a", "doomed").await;
+    let ctx = json!({"doc": "1"});
+    let (_, old) = post(
+        &app,
+        &s.url("/v1/keys/auto/datakey"),
+        json!({"context": ctx}),
+    )
+    .await;
+    let (_, doomed) = post(
+        &app,
+        &s.url("/v1/keys/doomed/datakey"),
+        json!({"context": ctx}),
+    )
+    .await;
+
+    // 29 days: not yet.
+    s.advance_clock(29 * DAY);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, info) = get(&admin, &s.url("/v1/keys/auto")).await;
+    assert_eq!(info["current_version"], 1, "{info}");
+    // 31 days: rotated once, by the sweep.
+    s.advance_clock(2 * DAY);
+    key_until(&s, "auto", "automatic rotation", |k| {
+        k["current_version"] == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, info) = get(&admin, &s.url("/v1/keys/auto")).await;
+    assert_eq!(
+        info["current_version"], 2,
+        "once per period, not every sweep: {info}"
+    );
+    let (st, un) = post(
+        &app,
+        &s.url("/v1/unwrap"),
+        json!({"wrapped": old["wrapped"], "context": ctx}),
+    )
+    .await;
+    assert_eq!((st, un["version"].clone()), (200, json!(1)), "{un}");
+    let (_, new) = post(
+        &app,
+        &s.url("/v1/keys/auto/datakey"),
+        json!({"context": ctx}),
+    )
+    .await;
+    assert_eq!(new["version"], 2);
+
+    // Deletion: unusable at once, destroyed when the window ends, not before.
+    let (st, info) = post(
+        &admin,
+        &s.url("/v1/keys/doomed/schedule-deletion"),
+        json!({"pending_days": 7}),
+    )
+    .await;
+    assert_eq!(
+        (st, info["state"].clone()),
+        (200, json!("pending-deletion"))
+    );
+    let unwrap_doomed = json!({"wrapped": doomed["wrapped"], "context": ctx});
+    assert_error(
+        &post(&app, &s.url("/v1/unwrap"), unwrap_doomed.clone()).await,
+        409,
+        "KeyDisabled",
+    );
+    s.advance_clock(6 * DAY);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let (_, info) = get(&admin, &s.url("/v1/keys/doomed")).await;
+    assert_eq!(info["state"], "pending-deletion", "{info}");
+    s.advance_clock(2 * DAY);
+    let info = key_until(&s, "doomed", "destruction", |k| k["state"] == "destroyed").await;
+    assert_eq!(info["versions"], json!([]), "no version survives: {info}");
+    assert_error(
+        &post(&app, &s.url("/v1/unwrap"), unwrap_doomed.clone()).await,
+        409,
+        "KeyDisabled",
+    );
+    assert_error(
+        &post(&admin, &s.url("/v1/keys/doomed/cancel-deletion"), json!({})).await,
+        409,
+        "InvalidState",
+    );
+    // Both were audited as system records.
+    let (_, page) = get(
+        &s.client(Some("auditor-a")),
+        &s.url("/v1/audit?after=0&limit=1000"),
+    )
+    .await;
+    let ops: Vec<(String, String)> = page["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["operation"].as_str().unwrap().starts_with("SYSTEM"))
+        .map(|r| {
+            (
+                r["operation"].as_str().unwrap().to_owned(),
+                r["key"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("SYSTEM rotate-key".to_string(), "auto".to_string()),
+            ("SYSTEM destroy-key".to_string(), "doomed".to_string())
+        ]
+    );
+    // Destroyed stays destroyed across a restart.
+    s.restart().await;
+    let app = s.client(Some("app-a"));
+    assert_error(
+        &post(&app, &s.url("/v1/unwrap"), unwrap_doomed).await,
+        409,
+        "KeyDisabled",
+    );
+    let (st, _) = post(
+        &app,
+        &s.url("/v1/unwrap"),
+        json!({"wrapped": old["wrapped"], "context": ctx}),
+    )
+    .await;
+    assert_eq!(st, 200);
+}
