@@ -50,6 +50,26 @@ fn derive(key: &SecretKey, salt: &[u8; SALT_LEN], label: &[u8]) -> LessSafeKey {
     }
 }
 
+/// A 256-bit key bound to two inputs: HKDF-SHA256(salt = `salt`, ikm = `key`, info =
+/// `label`). Both are needed to get it; used to seal KEK versions under the master key
+/// *and* the key's erasure key ([`crate::erasure`]), so that erasing either makes them
+/// unreadable.
+pub fn bind_key(key: &SecretKey, salt: &[u8; SALT_LEN], label: &[u8]) -> Result<SecretKey, Error> {
+    struct Len32;
+    impl hkdf::KeyType for Len32 {
+        fn len(&self) -> usize {
+            32
+        }
+    }
+    let info = [label];
+    let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(key.expose_secret());
+    let mut out = Zeroizing::new([0u8; 32]);
+    prk.expand(&info, Len32)
+        .and_then(|okm| okm.fill(&mut out[..]))
+        .map_err(|_| Error::Internal("key derivation failed"))?;
+    SecretKey::from_slice(&out[..]).ok_or(Error::Internal("key derivation failed"))
+}
+
 #[cold]
 fn unreachable_derivation() -> LessSafeKey {
     // Invariant: HKDF-SHA256 can always produce 32 bytes. Keep the process alive with a

@@ -14,7 +14,6 @@ use kms_client::api::{Algorithm, Grant, GrantOperation};
 
 use crate::config::Settings;
 use crate::error::Error;
-use crate::keyring::Keyring;
 use crate::pki::Pki;
 use crate::seal::KeyFileSealer;
 use crate::server;
@@ -127,7 +126,7 @@ role = "auditor"
     );
     fs::write(&config_path, config)?;
     let settings = Settings::load(&config_path)?;
-    let keyring = Keyring::new(server::open_store(&settings)?);
+    let keyring = server::open_keyring(&settings, crate::clock::Clock::system())?;
     let sealer = KeyFileSealer::new(&key_file);
     if keyring.sealed_master_key()?.is_none() {
         keyring.initialize(&sealer)?;

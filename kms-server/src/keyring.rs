@@ -37,6 +37,7 @@ const META_SEALED_MASTER: &[u8] = b"sealed-master-key";
 const META_FORMAT: &[u8] = b"store-format";
 const STORE_FORMAT: &[u8] = b"1";
 const KEK_LABEL: &[u8] = b"keyhold/kek-version/v1";
+const ERASURE_LABEL: &[u8] = b"keyhold/kek-erasure/v1";
 /// Length of a generated DEK.
 pub const DATAKEY_LEN: usize = 32;
 /// Longest key name.
@@ -77,6 +78,10 @@ pub struct KeyRecord {
     /// Who may use the key. Default deny: no grant, no use.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grants: Vec<Grant>,
+    /// Slot of the key's erasure key ([`crate::erasure`]); `None`: sealed under the
+    /// master key alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erasure_slot: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -263,6 +268,9 @@ pub struct Unwrapped {
 pub struct Keyring {
     store: Arc<dyn KeyStore>,
     clock: crate::clock::Clock,
+    /// Per-key erasure keys (`None`: keys are sealed under the master key alone, as in
+    /// stores of earlier versions and in tools that open a store without it).
+    erasure: Option<Arc<crate::erasure::ErasureFile>>,
     unsealed: RwLock<Option<Arc<Unsealed>>>,
     /// Serializes this process's mutations (the store's conditions guard against others).
     write_lock: Mutex<()>,
@@ -341,10 +349,18 @@ impl Keyring {
     pub fn with_clock(store: Arc<dyn KeyStore>, clock: crate::clock::Clock) -> Self {
         Self {
             clock,
+            erasure: None,
             store,
             unsealed: RwLock::new(None),
             write_lock: Mutex::new(()),
         }
+    }
+
+    /// Gives new keys an erasure key in `erasure` ([`crate::erasure`]): their versions are
+    /// sealed under the master key bound to it, and destruction erases it.
+    pub fn with_erasure(mut self, erasure: Arc<crate::erasure::ErasureFile>) -> Self {
+        self.erasure = Some(erasure);
+        self
     }
 
     /// The underlying store.
@@ -510,8 +526,9 @@ impl Keyring {
     ) -> Result<VersionEntry, Error> {
         let sealed =
             crate::seal::unhex(&v.material).ok_or(Error::Corrupt("version record material"))?;
+        let bound = self.version_sealing_key(un, record)?;
         let plain = crypto::open_box(
-            &un.master,
+            bound.as_ref().unwrap_or(&un.master),
             KEK_LABEL,
             &kek_aad(&record.tenant, id, v.version),
             &sealed,
@@ -612,7 +629,14 @@ impl Keyring {
             rotation_period_secs: rotation_period.map(|d| d.as_secs()),
             deletion_date: None,
             grants,
+            erasure_slot: None,
         };
+        let mut record = record;
+        if let Some(erasure) = &self.erasure {
+            // Durable before the record that names it (see `erasure`).
+            let (slot, _) = erasure.allocate()?;
+            record.erasure_slot = Some(slot);
+        }
         let material = SecretKey::generate()?;
         let version = self.seal_version(&un, &record, &id, 1, created_at, &material)?;
         let record_bytes = to_json(&record)?;
@@ -646,6 +670,25 @@ impl Keyring {
         Ok(entry.info())
     }
 
+    /// The key a KEK's versions are sealed under: the master key bound to the key's
+    /// erasure key, or (no erasure slot) the master key itself.
+    fn version_sealing_key(
+        &self,
+        un: &Unsealed,
+        record: &KeyRecord,
+    ) -> Result<Option<SecretKey>, Error> {
+        let Some(slot) = record.erasure_slot else {
+            return Ok(None);
+        };
+        let erasure = self.erasure.as_ref().ok_or(Error::Corrupt(
+            "the key has an erasure key but no erasure file is open",
+        ))?;
+        let ek = erasure
+            .get(slot)?
+            .ok_or(Error::Corrupt("the key's erasure key is erased"))?;
+        crypto::bind_key(&un.master, &ek, ERASURE_LABEL).map(Some)
+    }
+
     fn seal_version(
         &self,
         un: &Unsealed,
@@ -655,8 +698,9 @@ impl Keyring {
         created_at: u64,
         material: &SecretKey,
     ) -> Result<VersionRecord, Error> {
+        let bound = self.version_sealing_key(un, record)?;
         let sealed = crypto::seal_box(
-            &un.master,
+            bound.as_ref().unwrap_or(&un.master),
             KEK_LABEL,
             &kek_aad(&record.tenant, id, version),
             material.expose_secret(),
@@ -945,10 +989,13 @@ impl Keyring {
         Ok(rotated)
     }
 
-    /// Destroys every key whose deletion date is at or before `now`: its version records
-    /// (the sealed material) are deleted and its record says `destroyed`, in one
-    /// transaction per key. Returns the destroyed keys as (tenant, name). Works sealed too:
-    /// destruction needs no key material.
+    /// Destroys every key whose deletion date is at or before `now`: in one transaction
+    /// per key its version records (the sealed material) are deleted and its record says
+    /// `destroyed`; then its erasure key is overwritten in place ([`crate::erasure`]), so
+    /// copies of the sealed versions left in the store's free pages cannot be opened even
+    /// with the master key. The deletion-index entry goes last: after a crash the next
+    /// sweep finishes the erasure. Returns the keys destroyed now as (tenant, name). Works
+    /// sealed too: destruction needs no key material.
     pub fn destroy_due(&self, now: u64) -> Result<Vec<(String, String)>, Error> {
         let _guard = self
             .write_lock
@@ -968,28 +1015,40 @@ impl Keyring {
                 break;
             }
             let id = KeyId(id);
+            let record = match self.store.get(Table::Keys, &id.0)? {
+                Some(bytes) => Some((
+                    serde_json::from_slice::<KeyRecord>(&bytes)
+                        .map_err(|_| Error::Corrupt("key record"))?,
+                    bytes,
+                )),
+                None => None,
+            };
+            if let Some((mut record, bytes)) = record {
+                if record.state == KeyState::PendingDeletion {
+                    let mut batch = WriteBatch::new();
+                    for (version_key, _) in self.store.scan_prefix(Table::Versions, &id.0)? {
+                        batch.delete(Table::Versions, &version_key);
+                    }
+                    // Grants stay, as metadata: a granted caller learns `destroyed` (409),
+                    // not a denial that would count toward its lockout.
+                    record.state = KeyState::Destroyed;
+                    batch.require(Table::Keys, &id.0, Some(&bytes)).put(
+                        Table::Keys,
+                        &id.0,
+                        &to_json(&record)?,
+                    );
+                    self.store.commit(&batch)?;
+                    destroyed.push((record.tenant.clone(), record.name.clone()));
+                }
+                if let (KeyState::Destroyed, Some(slot)) = (record.state, record.erasure_slot) {
+                    let erasure = self.erasure.as_ref().ok_or(Error::InvalidState(
+                        "cannot finish a destruction: the erasure file is not open",
+                    ))?;
+                    erasure.erase(slot)?;
+                }
+            }
             let mut batch = WriteBatch::new();
             batch.delete(Table::Deletions, &index_key);
-            let Some(record_bytes) = self.store.get(Table::Keys, &id.0)? else {
-                self.store.commit(&batch)?;
-                continue;
-            };
-            let mut record: KeyRecord =
-                serde_json::from_slice(&record_bytes).map_err(|_| Error::Corrupt("key record"))?;
-            if record.state == KeyState::PendingDeletion {
-                for (version_key, _) in self.store.scan_prefix(Table::Versions, &id.0)? {
-                    batch.delete(Table::Versions, &version_key);
-                }
-                // Grants stay, as metadata: a granted caller learns `destroyed` (409),
-                // not a denial that would count toward its lockout.
-                record.state = KeyState::Destroyed;
-                batch.require(Table::Keys, &id.0, Some(&record_bytes)).put(
-                    Table::Keys,
-                    &id.0,
-                    &to_json(&record)?,
-                );
-                destroyed.push((record.tenant.clone(), record.name.clone()));
-            }
             self.store.commit(&batch)?;
             if let Ok(un) = self.unsealed() {
                 self.cache_evict(&un, &id);
@@ -1309,6 +1368,56 @@ mod tests {
             ));
         }
         assert_eq!(ring.key_info("t", "k").unwrap().grants.len(), 2);
+    }
+
+    #[test]
+    fn destruction_erases_the_erasure_key_so_leftover_copies_do_not_open() {
+        let (d, ring, sealer) = setup();
+        let erasure = Arc::new(crate::erasure::ErasureFile::open(&d.path().join("e")).unwrap());
+        let ring = Keyring::with_clock(ring.store().clone(), crate::clock::Clock::system())
+            .with_erasure(erasure.clone());
+        ring.unseal(&sealer).unwrap();
+        let app = who("t");
+        let info = ring
+            .create_key("t", "k", Algorithm::Aes256Gcm, None, all_grant())
+            .unwrap();
+        ring.rotate("t", "k").unwrap();
+        let dk = ring.datakey(&app, "k", &Context::new()).unwrap();
+        let id = KeyId::from_hex(&info.id).unwrap();
+        // What an attacker could find in the store's free pages afterwards.
+        let leftovers = ring.store().scan_prefix(Table::Versions, &id.0).unwrap();
+        assert_eq!(leftovers.len(), 2);
+        ring.schedule_deletion("t", "k", 7, 0).unwrap();
+        assert_eq!(ring.destroy_due(7 * 86_400).unwrap().len(), 1);
+        assert!(erasure.get(0).unwrap().is_none(), "the erasure key is gone");
+        assert!(matches!(
+            ring.unwrap(&app, &dk.wrapped, &Context::new()),
+            Err(Error::KeyDisabled(KeyState::Destroyed))
+        ));
+        // Put the old version records back (as if read from free pages): still unreadable
+        // with the master key.
+        let mut batch = WriteBatch::new();
+        for (k, v) in &leftovers {
+            batch.put(Table::Versions, k, v);
+        }
+        ring.store().commit(&batch).unwrap();
+        let record: KeyRecord =
+            serde_json::from_slice(&ring.store().get(Table::Keys, &id.0).unwrap().unwrap())
+                .unwrap();
+        let un = ring.unsealed().unwrap();
+        for (_, v) in &leftovers {
+            let v: VersionRecord = serde_json::from_slice(v).unwrap();
+            assert!(ring.open_version(&un, &record, &id, &v).is_err());
+            // Nor under the master key alone.
+            let sealed = crate::seal::unhex(&v.material).unwrap();
+            assert!(crypto::open_box(
+                &un.master,
+                KEK_LABEL,
+                &kek_aad("t", &id, v.version),
+                &sealed
+            )
+            .is_err());
+        }
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+pub mod erasure;
 pub mod error;
 pub mod format;
 pub mod keyring;

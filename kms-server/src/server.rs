@@ -75,6 +75,18 @@ pub fn open_store(settings: &Settings) -> Result<Arc<dyn keystore::KeyStore>, St
     })
 }
 
+/// The keyring over the configured store, with the erasure file beside it
+/// (`<store path>.erasure`: see [`crate::erasure`]) and `clock`.
+pub fn open_keyring(
+    settings: &Settings,
+    clock: crate::clock::Clock,
+) -> Result<Keyring, StartError> {
+    let store = open_store(settings)?;
+    let erasure =
+        crate::erasure::ErasureFile::open(&settings.store.path.with_extension("erasure"))?;
+    Ok(Keyring::with_clock(store, clock).with_erasure(Arc::new(erasure)))
+}
+
 /// Reads the passphrase configured for start-up: the passphrase file, else the
 /// environment. `None` when neither is set.
 pub fn startup_passphrase(seal: &SealSettings) -> Result<Option<Zeroizing<String>>, Error> {
@@ -248,8 +260,7 @@ pub async fn run_with_clock(
     shutdown: impl Future<Output = ()> + Send,
     clock: crate::clock::Clock,
 ) -> Result<(), StartError> {
-    let store = open_store(&settings)?;
-    let keyring = Arc::new(Keyring::with_clock(store, clock));
+    let keyring = Arc::new(open_keyring(&settings, clock)?);
     if keyring.sealed_master_key()?.is_none() {
         return Err(StartError::NotInitialized(
             settings.store.path.display().to_string(),

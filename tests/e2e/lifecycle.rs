@@ -107,6 +107,22 @@ async fn rotation_periods_and_deletion_windows_pass_on_the_servers_clock() {
         409,
         "KeyDisabled",
     );
+    // What a leak of the destroyed key would look like: its KEK versions and erasure key,
+    // read from the files while the server is stopped.
+    s.stop().await;
+    let store_path = s.dir.path().join("store.redb");
+    let key_file = s.dir.path().join("master.key");
+    let (before, _) = keyhold_tests::forensics::keks(&store_path, &key_file);
+    let doomed_on_disk = before.iter().find(|k| k.name == "doomed").unwrap();
+    let doomed_secrets: Vec<Vec<u8>> = doomed_on_disk
+        .versions
+        .iter()
+        .cloned()
+        .chain(doomed_on_disk.erasure_key.clone())
+        .collect();
+    assert_eq!(doomed_secrets.len(), 2, "one version and its erasure key");
+    s.start_again().await;
+    let (admin, app) = (s.client(Some("admin-a")), s.client(Some("app-a")));
     s.advance_clock(6 * DAY);
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let (_, info) = get(&admin, &s.url("/v1/keys/doomed")).await;
@@ -124,6 +140,28 @@ async fn rotation_periods_and_deletion_windows_pass_on_the_servers_clock() {
         409,
         "InvalidState",
     );
+    // Crypto-shredding: none of its material is anywhere in the data directory.
+    s.stop().await;
+    let (after, _) = keyhold_tests::forensics::keks(&store_path, &key_file);
+    let gone = after.iter().find(|k| k.name == "doomed").unwrap();
+    assert!(gone.versions.is_empty() && gone.erasure_key.is_none());
+    for entry in std::fs::read_dir(s.dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        for secret in &doomed_secrets {
+            for form in keyhold_tests::forensics::encodings(secret) {
+                assert!(
+                    !keyhold_tests::forensics::contains(&bytes, &form),
+                    "material of the destroyed key is in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+    s.start_again().await;
     // Both were audited as system records.
     let (_, page) = get(
         &s.client(Some("auditor-a")),

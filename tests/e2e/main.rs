@@ -18,6 +18,7 @@ mod crypto;
 mod curl;
 mod keys;
 mod kmsctl;
+mod leak;
 mod lifecycle;
 mod ops;
 mod quickstart;
