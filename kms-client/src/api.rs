@@ -357,6 +357,50 @@ pub struct KeyVersionInfo {
     pub created_at: String,
     /// Whether this version may still unwrap (false below `min_decrypt_version`).
     pub can_unwrap: bool,
+    /// Wraps under this version (datakey, wrap, rewrap), since it was created.
+    #[serde(default)]
+    pub wraps: u64,
+    /// Unwraps from this version (unwrap, rewrap), since it was created.
+    #[serde(default)]
+    pub unwraps: u64,
+    /// Last wrap or unwrap, RFC 3339; absent when never used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_at: Option<String>,
+}
+
+/// `POST /v1/keys/{name}/min-decrypt-version/dry-run`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MinVersionDryRunRequest {
+    /// The proposed `min_decrypt_version`.
+    pub version: u32,
+    /// How many recent days to look at (1 to 30, today included); 7 when omitted.
+    #[serde(default)]
+    pub window_days: Option<u32>,
+}
+
+/// What a proposed `min_decrypt_version` would have refused in a recent window.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MinVersionDryRun {
+    /// Key name.
+    pub key: String,
+    /// The proposed version.
+    pub version: u32,
+    /// Days looked at.
+    pub window_days: u32,
+    /// Unwraps in the window of versions below the proposed one: these would have failed.
+    pub unwraps_refused: u64,
+    /// Those unwraps per version.
+    pub by_version: Vec<VersionUnwraps>,
+}
+
+/// Unwraps of one version in the dry run's window.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VersionUnwraps {
+    /// Version.
+    pub version: u32,
+    /// Unwraps in the window.
+    pub unwraps: u64,
 }
 
 /// A KEK's metadata. Never carries key material.

@@ -33,8 +33,8 @@ use crate::api::{
 };
 use crate::api::{
     Grant, IdentityList, LiftLockoutRequest, LiftLockoutResponse, LockoutList,
-    MinDecryptVersionRequest, RemoveIdentityRequest, Role, ScheduleDeletionRequest,
-    SetGrantsRequest, SetIdentityRequest,
+    MinDecryptVersionRequest, MinVersionDryRun, MinVersionDryRunRequest, RemoveIdentityRequest,
+    Role, ScheduleDeletionRequest, SetGrantsRequest, SetIdentityRequest,
 };
 use crate::transport::{parse_endpoint, SendError, Transport};
 use crate::Error;
@@ -460,6 +460,22 @@ impl Client {
             .map_err(|e| Error::Config(e.to_string()))?;
         self.call(Method::PUT, &path, Some(body), Repeat::Safe)
             .await
+    }
+
+    /// `POST /v1/keys/{name}/min-decrypt-version/dry-run`: how many unwraps in the last
+    /// `window_days` days a proposed `min_decrypt_version` would have refused.
+    pub async fn min_version_dry_run(
+        &self,
+        name: &str,
+        version: u32,
+        window_days: Option<u32>,
+    ) -> Result<MinVersionDryRun, Error> {
+        let path = format!("/v1/keys/{}/min-decrypt-version/dry-run", check_name(name)?);
+        let req = MinVersionDryRunRequest {
+            version,
+            window_days,
+        };
+        self.post(&path, &req, Repeat::Safe).await
     }
 
     /// `PUT /v1/keys/{name}/grants`: replaces the key's grants (idempotent).

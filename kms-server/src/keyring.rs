@@ -96,6 +96,7 @@ struct VersionRecord {
 struct VersionEntry {
     created_at: u64,
     material: SecretKey,
+    usage: crate::usage::Usage,
 }
 
 /// A key with its decrypted versions, as cached.
@@ -122,10 +123,16 @@ impl KeyEntry {
             versions: self
                 .versions
                 .iter()
-                .map(|(v, e)| KeyVersionInfo {
-                    version: *v,
-                    created_at: rfc3339(e.created_at),
-                    can_unwrap: *v >= r.min_decrypt_version,
+                .map(|(v, e)| {
+                    let usage = e.usage.record(0);
+                    KeyVersionInfo {
+                        version: *v,
+                        created_at: rfc3339(e.created_at),
+                        can_unwrap: *v >= r.min_decrypt_version,
+                        wraps: usage.wraps,
+                        unwraps: usage.unwraps,
+                        last_used_at: (usage.last_use > 0).then(|| rfc3339(usage.last_use)),
+                    }
                 })
                 .collect(),
             deletion_date: r.deletion_date.map(rfc3339),
@@ -432,6 +439,9 @@ impl Keyring {
     /// Wipes the master key and every cached KEK from memory. Requests in flight keep
     /// their reference until they finish; new ones get `Sealed`.
     pub fn seal(&self) {
+        if let Err(e) = self.flush_usage() {
+            tracing::warn!(error = %e, "usage counters not saved before sealing");
+        }
         let mut slot = self
             .unsealed
             .write()
@@ -498,14 +508,26 @@ impl Keyring {
         if KeyId::from_hex(&record.id) != Some(id) {
             return Err(Error::Corrupt("key record id mismatch"));
         }
+        let mut usage = HashMap::new();
+        for (key, bytes) in self.store.scan_prefix(Table::Usage, &id.0)? {
+            let version = key
+                .get(16..20)
+                .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                .map(u32::from_be_bytes)
+                .ok_or(Error::Corrupt("usage key"))?;
+            let r: crate::usage::UsageRecord =
+                serde_json::from_slice(&bytes).map_err(|_| Error::Corrupt("usage record"))?;
+            usage.insert(version, r);
+        }
         let mut versions = BTreeMap::new();
         for (_, bytes) in self.store.scan_prefix(Table::Versions, &id.0)? {
             let v: VersionRecord =
                 serde_json::from_slice(&bytes).map_err(|_| Error::Corrupt("version record"))?;
-            versions.insert(
-                v.version,
-                Arc::new(self.open_version(un, &record, &id, &v)?),
-            );
+            let mut entry = self.open_version(un, &record, &id, &v)?;
+            if let Some(r) = usage.get(&v.version) {
+                entry.usage = crate::usage::Usage::from_record(r);
+            }
+            versions.insert(v.version, Arc::new(entry));
         }
         let entry = Arc::new(KeyEntry {
             key_id: id,
@@ -539,6 +561,7 @@ impl Keyring {
         Ok(VersionEntry {
             created_at: v.created_at,
             material,
+            usage: crate::usage::Usage::default(),
         })
     }
 
@@ -658,6 +681,7 @@ impl Keyring {
             Arc::new(VersionEntry {
                 created_at,
                 material,
+                usage: crate::usage::Usage::default(),
             }),
         );
         let entry = Arc::new(KeyEntry {
@@ -781,6 +805,7 @@ impl Keyring {
             Arc::new(VersionEntry {
                 created_at,
                 material,
+                usage: crate::usage::Usage::default(),
             }),
         );
         let updated = Arc::new(KeyEntry {
@@ -951,6 +976,78 @@ impl Keyring {
         })
     }
 
+    /// Writes the usage counters that changed since the last flush (the key sweep calls
+    /// this; so does `seal`). Counts since the last flush are lost on a crash.
+    pub fn flush_usage(&self) -> Result<usize, Error> {
+        let Ok(un) = self.unsealed() else {
+            return Ok(0);
+        };
+        let now = self.clock.now();
+        let entries: Vec<Arc<KeyEntry>> = un
+            .cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_id
+            .values()
+            .cloned()
+            .collect();
+        let mut batch = WriteBatch::new();
+        for e in &entries {
+            for (v, ve) in &e.versions {
+                if ve.usage.take_dirty() {
+                    batch.put(
+                        Table::Usage,
+                        &version_key(&e.key_id, *v),
+                        &to_json(&ve.usage.record(now))?,
+                    );
+                }
+            }
+        }
+        let n = batch.writes.len();
+        if n > 0 {
+            self.store.commit(&batch)?;
+        }
+        Ok(n)
+    }
+
+    /// How many unwraps in the last `days` days would have failed had versions below
+    /// `version` been retired.
+    pub fn min_version_dry_run(
+        &self,
+        tenant: &str,
+        name: &str,
+        version: u32,
+        days: u32,
+    ) -> Result<kms_client::api::MinVersionDryRun, Error> {
+        if !(1..=30).contains(&days) {
+            return Err(Error::InvalidRequest("window_days must be 1 to 30".into()));
+        }
+        let un = self.unsealed()?;
+        let entry = self.entry_by_name(&un, tenant, name)?;
+        if version == 0 || version > entry.record.current_version {
+            return Err(Error::InvalidRequest(format!(
+                "version must be between 1 and the current version ({})",
+                entry.record.current_version
+            )));
+        }
+        let now = self.clock.now();
+        let by_version: Vec<kms_client::api::VersionUnwraps> = entry
+            .versions
+            .range(..version)
+            .map(|(v, e)| kms_client::api::VersionUnwraps {
+                version: *v,
+                unwraps: e.usage.unwraps_within(now, u64::from(days)),
+            })
+            .collect();
+        Ok(kms_client::api::MinVersionDryRun {
+            key: entry.record.name.clone(),
+            version,
+            window_days: days,
+            unwraps_refused: by_version.iter().map(|v| v.unwraps).sum(),
+            by_version,
+        })
+    }
+
     /// Rotates every enabled key with a rotation period whose current version is at least
     /// that old at `now`. Needs the master key (the new versions are sealed under it): a
     /// sealed keyring rotates nothing. Returns (tenant, name, new version) of each.
@@ -1059,7 +1156,7 @@ impl Keyring {
 
     // ---- cryptographic operations ----
 
-    fn wrap_with(entry: &KeyEntry, dek: &[u8], canonical: &[u8]) -> Result<Wrapped, Error> {
+    fn wrap_with(&self, entry: &KeyEntry, dek: &[u8], canonical: &[u8]) -> Result<Wrapped, Error> {
         entry.check_usable()?;
         let version = entry.record.current_version;
         let kek = entry
@@ -1070,8 +1167,10 @@ impl Keyring {
             key_id: entry.key_id,
             version,
         };
+        let wrapped = format::wrap(&kek.material, &header, dek, canonical)?;
+        kek.usage.wrap(self.clock.now());
         Ok(Wrapped {
-            wrapped: format::wrap(&kek.material, &header, dek, canonical)?,
+            wrapped,
             key: entry.record.name.clone(),
             version,
         })
@@ -1090,7 +1189,7 @@ impl Keyring {
         entry.check_grant(&who.identity, GrantOperation::Datakey, context)?;
         entry.check_usable()?;
         let dek = SecretVec::random(DATAKEY_LEN)?;
-        let w = Self::wrap_with(&entry, dek.expose_secret(), &canonical)?;
+        let w = self.wrap_with(&entry, dek.expose_secret(), &canonical)?;
         Ok(DataKey {
             plaintext: dek,
             wrapped: w.wrapped,
@@ -1112,7 +1211,7 @@ impl Keyring {
         let un = self.unsealed()?;
         let entry = self.entry_by_name(&un, &who.tenant, name)?;
         entry.check_grant(&who.identity, GrantOperation::Wrap, context)?;
-        Self::wrap_with(&entry, dek, &canonical)
+        self.wrap_with(&entry, dek, &canonical)
     }
 
     /// Finds the key a wrapped DEK names (of the caller's tenant, else `DecryptFailed`:
@@ -1143,6 +1242,7 @@ impl Keyring {
             .ok_or(Error::DecryptFailed)?;
         let dek =
             format::unwrap(&kek.material, wrapped, &canonical).map_err(|_| Error::DecryptFailed)?;
+        kek.usage.unwrap(self.clock.now());
         Ok((entry, header.version, dek))
     }
 
@@ -1175,7 +1275,7 @@ impl Keyring {
         let (entry, _, dek) =
             self.open_wrapped(&un, who, GrantOperation::Rewrap, wrapped, context)?;
         let canonical = format::canonical_context(context)?;
-        Self::wrap_with(&entry, dek.expose_secret(), &canonical)
+        self.wrap_with(&entry, dek.expose_secret(), &canonical)
     }
 }
 

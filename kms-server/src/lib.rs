@@ -63,6 +63,7 @@ pub mod seal;
 pub mod secret;
 pub mod server;
 pub mod tls;
+pub mod usage;
 
 pub use config::Settings;
 pub use error::Error;

@@ -170,7 +170,8 @@ async fn tls_reloader(
     }
 }
 
-/// The key sweep: at start, then every `[keys] sweep_interval_secs`, destroys keys whose
+/// The key sweep: at start, then every `[keys] sweep_interval_secs`, saves the usage
+/// counters that changed, destroys keys whose
 /// deletion window has ended (works sealed) and rotates keys whose rotation period has
 /// passed (needs the master key). Each gets an audit record (`SYSTEM destroy-key`,
 /// `SYSTEM rotate-key`); each destruction also a `key_destroyed` alert.
@@ -194,6 +195,9 @@ async fn key_sweeper(
         let k = keyring.clone();
         let swept = tokio::task::spawn_blocking(move || {
             let now = k.clock().now();
+            if let Err(e) = k.flush_usage() {
+                tracing::warn!(error = %e, "usage counters not saved; will retry");
+            }
             (k.destroy_due(now), k.rotate_due(now))
         })
         .await;

@@ -290,6 +290,21 @@ async fn grant_deletion_and_retirement_subcommands() {
     )
     .await;
     assert!(err.contains("DecryptFailed"), "{err}");
+    let dry = ok(
+        &s,
+        "admin-a",
+        &[
+            "keys",
+            "min-decrypt-version",
+            "k",
+            "2",
+            "--dry-run",
+            "--window-days",
+            "7",
+        ],
+    )
+    .await;
+    assert!(dry.contains("would have refused"), "{dry}");
     let err = fails(&s, "admin-a", &["keys", "min-decrypt-version", "k", "3"]).await;
     assert!(err.contains("InvalidRequest"), "{err}");
     ok(&s, "admin-a", &["keys", "min-decrypt-version", "k", "1"]).await;

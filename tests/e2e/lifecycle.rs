@@ -203,3 +203,71 @@ async fn rotation_periods_and_deletion_windows_pass_on_the_servers_clock() {
     .await;
     assert_eq!(st, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counters_and_the_min_decrypt_version_dry_run() {
+    let mut s = TestServer::start().await;
+    create_key(&s, "admin-a", "k").await;
+    let app = s.client(Some("app-a"));
+    let mut v1 = Vec::new();
+    for _ in 0..3 {
+        let (_, dk) = post(&app, &s.url("/v1/keys/k/datakey"), json!({})).await;
+        v1.push(dk["wrapped"].clone());
+    }
+    for w in &v1[..2] {
+        let (st, _) = post(&app, &s.url("/v1/unwrap"), json!({"wrapped": w})).await;
+        assert_eq!(st, 200);
+    }
+    post(
+        &s.client(Some("admin-a")),
+        &s.url("/v1/keys/k/rotate"),
+        json!({}),
+    )
+    .await;
+    // A rewrap counts as an unwrap of v1 and a wrap under v2.
+    let (_, re) = post(&app, &s.url("/v1/rewrap"), json!({"wrapped": v1[2]})).await;
+    assert_eq!(re["version"], 2);
+    let (_, info) = get(&s.client(Some("auditor-a")), &s.url("/v1/keys/k")).await;
+    let counts = |info: &Value| -> Vec<(u64, u64, bool)> {
+        info["versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["wraps"].as_u64().unwrap(),
+                    v["unwraps"].as_u64().unwrap(),
+                    v["last_used_at"].is_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(counts(&info), [(3, 3, true), (1, 0, true)], "{info}");
+    // The dry run (auditors may ask): retiring v1 would have refused its 3 unwraps.
+    let dry = |version: u32, window: u32| {
+        let c = s.client(Some("auditor-a"));
+        let url = s.url("/v1/keys/k/min-decrypt-version/dry-run");
+        async move { post(&c, &url, json!({"version": version, "window_days": window})).await }
+    };
+    let (st, report) = dry(2, 7).await;
+    assert_eq!(st, 200, "{report}");
+    assert_eq!(report["unwraps_refused"], 3);
+    assert_eq!(report["by_version"], json!([{"version": 1, "unwraps": 3}]));
+    assert_eq!(dry(1, 7).await.1["unwraps_refused"], 0);
+    assert_error(&dry(3, 7).await, 400, "InvalidRequest");
+    assert_error(&dry(2, 31).await, 400, "InvalidRequest");
+    // Nothing changed, and the counters survive a restart.
+    s.restart().await;
+    let (_, info) = get(&s.client(Some("auditor-a")), &s.url("/v1/keys/k")).await;
+    assert_eq!(info["min_decrypt_version"], 1);
+    assert_eq!(counts(&info), [(3, 3, true), (1, 0, true)], "{info}");
+    // Eight days later those unwraps are outside a 7-day window, inside a 30-day one.
+    s.advance_clock(8 * DAY);
+    let dry = |window: u32| {
+        let c = s.client(Some("auditor-a"));
+        let url = s.url("/v1/keys/k/min-decrypt-version/dry-run");
+        async move { post(&c, &url, json!({"version": 2, "window_days": window})).await }
+    };
+    assert_eq!(dry(7).await.1["unwraps_refused"], 0);
+    assert_eq!(dry(30).await.1["unwraps_refused"], 3);
+}

@@ -39,17 +39,20 @@ pub enum Table {
     /// Deletion date (unix seconds, u64 BE) ‖ key id → empty: keys pending deletion, in
     /// the order they fall due, so the destruction sweep reads only what is due.
     Deletions,
+    /// Key id ‖ version (u32 BE) → usage counters of that version (see `usage`).
+    Usage,
 }
 
 impl Table {
     /// Every table, for engines that create them up front.
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 7] = [
         Table::Meta,
         Table::Keys,
         Table::KeyNames,
         Table::Versions,
         Table::Audit,
         Table::Deletions,
+        Table::Usage,
     ];
 
     /// The table's name in the engine.
@@ -61,6 +64,7 @@ impl Table {
             Table::Versions => "versions",
             Table::Audit => "audit",
             Table::Deletions => "deletions",
+            Table::Usage => "usage",
         }
     }
 }

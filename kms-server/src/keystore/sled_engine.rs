@@ -20,7 +20,7 @@ fn engine_err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
 /// `flush()`; the write is acknowledged only after the flush returns.
 pub struct SledStore {
     db: sled::Db,
-    trees: [sled::Tree; 6],
+    trees: [sled::Tree; 7],
 }
 
 impl SledStore {
@@ -44,6 +44,7 @@ impl SledStore {
             open(Table::Versions)?,
             open(Table::Audit)?,
             open(Table::Deletions)?,
+            open(Table::Usage)?,
         ];
         Ok(Self { db, trees })
     }
@@ -61,6 +62,7 @@ fn index(table: Table) -> usize {
         Table::Versions => 3,
         Table::Audit => 4,
         Table::Deletions => 5,
+        Table::Usage => 6,
     }
 }
 

@@ -8,8 +8,8 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use kms_client::api::{
-    CreateKeyRequest, KeyInfo, KeyList, MinDecryptVersionRequest, ScheduleDeletionRequest,
-    SetGrantsRequest,
+    CreateKeyRequest, KeyInfo, KeyList, MinDecryptVersionRequest, MinVersionDryRun,
+    MinVersionDryRunRequest, ScheduleDeletionRequest, SetGrantsRequest,
 };
 
 use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName};
@@ -183,6 +183,24 @@ pub async fn min_decrypt_version(
     })
     .await?;
     Ok(Json(info))
+}
+
+/// `POST /v1/keys/{name}/min-decrypt-version/dry-run`: what a proposed
+/// `min_decrypt_version` would have refused recently (read-only: admin or auditor).
+pub async fn min_version_dry_run(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    note: AuditNote,
+    KeyName(name): KeyName,
+    ApiJson(req): ApiJson<MinVersionDryRunRequest>,
+) -> Result<Json<MinVersionDryRun>, Error> {
+    note.key(&name);
+    caller.authorize(Operation::ReadKeys)?;
+    let days = req.window_days.unwrap_or(7);
+    let report = state
+        .keyring
+        .min_version_dry_run(&caller.tenant, &name, req.version, days)?;
+    Ok(Json(report))
 }
 
 /// `PUT /v1/keys/{name}/grants`: replaces the grants.

@@ -209,12 +209,19 @@ pub(crate) enum KeysCmd {
         /// Key name.
         name: String,
     },
-    /// Retire versions below VERSION: they no longer unwrap.
+    /// Retire versions below VERSION: they no longer unwrap. With --dry-run, only report
+    /// how many recent unwraps that would have refused.
     MinDecryptVersion {
         /// Key name.
         name: String,
         /// The oldest version that still unwraps.
         version: u32,
+        /// Change nothing; report the unwraps of older versions in the window.
+        #[arg(long)]
+        dry_run: bool,
+        /// The dry run's window, days (1 to 30).
+        #[arg(long, default_value_t = 7)]
+        window_days: u32,
     },
     /// Show who may use a key.
     Grants {
@@ -411,7 +418,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.key(&client.schedule_deletion(name, *days).await?)
             }
             KeysCmd::CancelDeletion { name } => out.key(&client.cancel_deletion(name).await?),
-            KeysCmd::MinDecryptVersion { name, version } => {
+            KeysCmd::MinDecryptVersion {
+                name,
+                version,
+                dry_run: true,
+                window_days,
+            } => out.dry_run(
+                &client
+                    .min_version_dry_run(name, *version, Some(*window_days))
+                    .await?,
+            ),
+            KeysCmd::MinDecryptVersion { name, version, .. } => {
                 out.key(&client.set_min_decrypt_version(name, *version).await?)
             }
             KeysCmd::Grants { name } => out.grants(&client.get_key(name).await?),

@@ -105,11 +105,24 @@ pub(crate) fn key_table(k: &KeyInfo) -> String {
             vec![
                 v.version.to_string(),
                 v.created_at.clone(),
-                if v.can_unwrap { "yes" } else { "no (retired)" }.into(),
+                if v.can_unwrap { "no" } else { "yes" }.into(),
+                v.wraps.to_string(),
+                v.unwraps.to_string(),
+                v.last_used_at.clone().unwrap_or_else(|| "-".into()),
             ]
         })
         .collect();
-    out.push_str(&table(&["VERSION", "CREATED", "UNWRAPS"], &rows));
+    out.push_str(&table(
+        &[
+            "VERSION",
+            "CREATED",
+            "RETIRED",
+            "WRAPS",
+            "UNWRAPS",
+            "LAST USED",
+        ],
+        &rows,
+    ));
     out
 }
 
@@ -205,6 +218,27 @@ impl Printer {
             Output::Json => json(k),
             Output::Table => {
                 print!("{}", key_table(k));
+                Ok(())
+            }
+        }
+    }
+
+    pub(crate) fn dry_run(&self, d: &kms_client::api::MinVersionDryRun) -> anyhow::Result<()> {
+        match self.format {
+            Output::Json => json(d),
+            Output::Table => {
+                println!(
+                    "min_decrypt_version {} on {} would have refused {} unwrap(s) in the last {} day(s)",
+                    d.version, d.key, d.unwraps_refused, d.window_days
+                );
+                let rows: Vec<Vec<String>> = d
+                    .by_version
+                    .iter()
+                    .map(|v| vec![v.version.to_string(), v.unwraps.to_string()])
+                    .collect();
+                if !rows.is_empty() {
+                    print!("{}", table(&["VERSION", "UNWRAPS IN WINDOW"], &rows));
+                }
                 Ok(())
             }
         }
