@@ -792,3 +792,103 @@ async fn audit_subcommands() {
     let err = fails(&s, "admin-a", &["audit", "list"]).await;
     assert!(err.contains("PermissionDenied"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_rewrap_of_a_file_keeps_each_items_context() {
+    use base64::Engine as _;
+    let s = TestServer::start().await;
+    ok(&s, "admin-a", &["keys", "create", "k", "--grant", APP_A]).await;
+    let app = s.kms_client("app-a");
+    let dir = tempfile::tempdir().unwrap();
+    let mut lines = String::new();
+    let mut deks = Vec::new();
+    for i in 0..250u32 {
+        let ctx: kms_client::api::Context =
+            [("row".to_string(), i.to_string())].into_iter().collect();
+        let dk = app.datakey("k", &ctx).await.unwrap();
+        let b64 = base64::engine::general_purpose::STANDARD.encode(dk.wrapped.as_bytes());
+        // Line 7 claims the wrong context: that item fails, the others do not.
+        let claimed = if i == 7 {
+            "wrong".to_string()
+        } else {
+            i.to_string()
+        };
+        lines.push_str(&format!(
+            "{{\"id\":\"r{i}\",\"wrapped\":\"{b64}\",\"context\":{{\"row\":\"{claimed}\"}}}}\n"
+        ));
+        deks.push(dk.plaintext.expose_secret().to_vec());
+    }
+    let input = write(&dir.path().join("deks.jsonl"), lines.as_bytes());
+    ok(&s, "admin-a", &["keys", "rotate", "k"]).await;
+    let out = dir.path().join("rewrapped.jsonl");
+    let err = fails(
+        &s,
+        "app-a",
+        &[
+            "rewrap",
+            "--in",
+            input.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--batch-size",
+            "100",
+        ],
+    )
+    .await;
+    assert!(err.contains("1 of 250 items failed"), "{err}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    let rows: Vec<serde_json::Value> = text.lines().map(json).collect();
+    assert_eq!(rows.len(), 250);
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row["id"], format!("r{i}"), "order and extra fields kept");
+        if i == 7 {
+            assert_eq!(row["error"]["code"], "DecryptFailed", "{row}");
+            continue;
+        }
+        assert_eq!(
+            (row["key"].clone(), row["version"].clone()),
+            (serde_json::json!("k"), serde_json::json!(2))
+        );
+        // The new wrapped DEK opens with the same context, to the same DEK.
+        let ctx: kms_client::api::Context =
+            [("row".to_string(), i.to_string())].into_iter().collect();
+        let wrapped = base64::engine::general_purpose::STANDARD
+            .decode(row["wrapped"].as_str().unwrap())
+            .unwrap();
+        let un = app.unwrap(&wrapped, &ctx).await.unwrap();
+        assert_eq!(un.version, 2);
+        assert_eq!(un.plaintext.expose_secret(), &deks[i][..]);
+    }
+    // Without the bad line: exit 0, through stdin and stdout.
+    let good: String = lines
+        .lines()
+        .enumerate()
+        .filter(|(i, _)| *i != 7)
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    let good_file = write(&dir.path().join("good.jsonl"), good.as_bytes());
+    let stdout = ok(
+        &s,
+        "app-a",
+        &["rewrap", "--in", good_file.to_str().unwrap()],
+    )
+    .await;
+    assert_eq!(stdout.lines().count(), 249);
+    // A malformed line stops the run with its line number, and no output file appears.
+    let bad = write(&dir.path().join("bad.jsonl"), b"{\"wrapped\":\"!!\"}\n");
+    let nothing = dir.path().join("nothing.jsonl");
+    let err = fails(
+        &s,
+        "app-a",
+        &[
+            "rewrap",
+            "--in",
+            bad.to_str().unwrap(),
+            "--out",
+            nothing.to_str().unwrap(),
+        ],
+    )
+    .await;
+    assert!(err.contains("line 1"), "{err}");
+    assert!(!nothing.exists());
+}

@@ -32,7 +32,7 @@ pub(crate) fn read_all(input: Option<&Path>) -> anyhow::Result<Vec<u8>> {
     Ok(buf)
 }
 
-fn open_input(input: Option<&Path>) -> anyhow::Result<(Box<dyn Read>, Option<u64>)> {
+pub(crate) fn open_input(input: Option<&Path>) -> anyhow::Result<(Box<dyn Read>, Option<u64>)> {
     match input {
         Some(p) => {
             let f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
@@ -44,8 +44,13 @@ fn open_input(input: Option<&Path>) -> anyhow::Result<(Box<dyn Read>, Option<u64
 }
 
 fn progress(len: Option<u64>) -> ProgressBar {
+    progress_over(len, PROGRESS_MIN)
+}
+
+/// A progress bar over `len` bytes when that is at least `min` and stderr is a terminal.
+pub(crate) fn progress_over(len: Option<u64>, min: u64) -> ProgressBar {
     match len {
-        Some(n) if n >= PROGRESS_MIN && io::stderr().is_terminal() => {
+        Some(n) if n >= min && io::stderr().is_terminal() => {
             let pb = ProgressBar::new(n);
             if let Ok(style) = ProgressStyle::with_template(
                 "{bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
@@ -59,14 +64,14 @@ fn progress(len: Option<u64>) -> ProgressBar {
 }
 
 /// A file written beside its final name and renamed into place by `commit`.
-struct Staged {
+pub(crate) struct Staged {
     tmp: PathBuf,
     target: PathBuf,
     file: Option<BufWriter<File>>,
 }
 
 impl Staged {
-    fn create(target: &Path) -> anyhow::Result<Self> {
+    pub(crate) fn create(target: &Path) -> anyhow::Result<Self> {
         let name = target
             .file_name()
             .with_context(|| format!("{} is not a file path", target.display()))?;
@@ -87,13 +92,13 @@ impl Staged {
         })
     }
 
-    fn writer(&mut self) -> &mut BufWriter<File> {
+    pub(crate) fn writer(&mut self) -> &mut BufWriter<File> {
         // `file` is Some until `commit` takes it.
         self.file
             .get_or_insert_with(|| unreachable!("staged file used after commit"))
     }
 
-    fn commit(mut self) -> anyhow::Result<()> {
+    pub(crate) fn commit(mut self) -> anyhow::Result<()> {
         if let Some(w) = self.file.take() {
             let f = w.into_inner().map_err(|e| e.into_error())?;
             f.sync_all()?;

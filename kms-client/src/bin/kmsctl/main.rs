@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
+mod bulk;
 mod files;
 mod output;
 mod settings;
@@ -102,13 +103,26 @@ pub(crate) enum Command {
         context: Vec<(String, String)>,
     },
     /// Re-wrap a wrapped DEK under its key's current version (the DEK stays in the server).
+    ///
+    /// With --in, rewraps a whole JSON-lines file of {"wrapped": ..., "context": {...}}
+    /// (other fields kept) through batch requests, with a progress bar.
     Rewrap {
         /// The wrapped DEK, standard base64.
-        #[arg(long)]
-        wrapped: String,
-        /// Encryption context entry, key=value (repeatable).
+        #[arg(long, required_unless_present = "input", conflicts_with = "input")]
+        wrapped: Option<String>,
+        /// Encryption context entry, key=value (repeatable; single DEK only).
         #[arg(long = "context", value_parser = parse_kv)]
         context: Vec<(String, String)>,
+        /// A JSON-lines file of wrapped DEKs (`-` for stdin).
+        #[arg(long = "in")]
+        input: Option<PathBuf>,
+        /// Where to write the rewrapped lines (stdout when omitted); written in full or not
+        /// at all.
+        #[arg(long = "out", requires = "input")]
+        out: Option<PathBuf>,
+        /// Items per batch request.
+        #[arg(long, default_value_t = 100)]
+        batch_size: usize,
     },
     /// Run a batch: a JSON file (or stdin) of {"items":[{"op":...}, ...]}.
     Batch {
@@ -487,10 +501,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let w = output::b64_decode(wrapped, "--wrapped")?;
             out.unwrapped(&client.unwrap(&w, &ctx(context)).await?)
         }
-        Command::Rewrap { wrapped, context } => {
+        Command::Rewrap {
+            input: Some(input),
+            out: target,
+            batch_size,
+            ..
+        } => {
+            let input = (input.as_os_str() != "-").then_some(input.as_path());
+            bulk::rewrap_file(&client, input, target.as_deref(), *batch_size).await
+        }
+        Command::Rewrap {
+            wrapped: Some(wrapped),
+            context,
+            ..
+        } => {
             let w = output::b64_decode(wrapped, "--wrapped")?;
             out.wrapped(&client.rewrap(&w, &ctx(context)).await?)
         }
+        Command::Rewrap { .. } => anyhow::bail!("give --wrapped or --in"),
         Command::Batch { input } => {
             let text = files::read_all(input.as_deref())?;
             let req: kms_client::api::BatchRequest = serde_json::from_slice(&text)
