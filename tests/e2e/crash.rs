@@ -14,8 +14,7 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use kms_client::api::{Context, KeyState};
-use kms_server::keyring::Keyring;
-use kms_server::keystore::{self, Engine};
+use kms_server::keystore::Engine;
 use kms_server::policy::{Principal, Role};
 use kms_server::seal::KeyFileSealer;
 use rand::Rng;
@@ -26,6 +25,15 @@ struct Acked {
     cycle: u32,
     min_version: u32,
     disabled: bool,
+    scheduled: bool,
+    destroyed: bool,
+}
+
+/// Whether the writer destroys this key (`c<cycle>-k<i>` with `i % 7 == 6`).
+fn doomed(name: &str) -> bool {
+    name.rsplit_once("-k")
+        .and_then(|(_, i)| i.parse::<u64>().ok())
+        .is_some_and(|i| i % 7 == 6)
 }
 
 fn cycles() -> u32 {
@@ -45,8 +53,7 @@ fn verify<'a>(
     names: impl Iterator<Item = &'a String>,
     toggle_disabled: bool,
 ) -> usize {
-    let store = keystore::open(engine, store_path).expect("reopen after kill -9");
-    let ring = Keyring::new(store);
+    let ring = keyhold_tests::keyring_with_erasure(engine, store_path);
     let sealer = KeyFileSealer::new(key_file);
     ring.unseal(&sealer).expect("unseal after kill -9");
     let mut lost = 0;
@@ -60,6 +67,40 @@ fn verify<'a>(
                 continue;
             }
         };
+        if a.destroyed {
+            // Acknowledged destruction: it stays destroyed, with nothing left to unwrap.
+            let who = Principal {
+                identity: keyhold_tests::CRASH_WRITER.into(),
+                tenant: "crash".into(),
+                role: Role::App,
+            };
+            let ctx: Context = [("canary".to_string(), a.cycle.to_string())]
+                .into_iter()
+                .collect();
+            if info.state != KeyState::Destroyed
+                || !info.versions.is_empty()
+                || ring.unwrap(&who, &a.wrapped, &ctx).is_ok()
+            {
+                eprintln!("LOST destruction of {name}: {info:?}");
+                lost += 1;
+            }
+            continue;
+        }
+        let deleting = matches!(info.state, KeyState::PendingDeletion | KeyState::Destroyed);
+        if a.scheduled && !deleting {
+            eprintln!("LOST scheduled deletion of {name}: {info:?}");
+            lost += 1;
+            continue;
+        }
+        if deleting {
+            // Scheduled (acknowledged or cut off before its line): nothing to unwrap; only
+            // keys the writer destroys may be here.
+            if !doomed(name) {
+                eprintln!("UNEXPECTED deletion state of {name}: {info:?}");
+                lost += 1;
+            }
+            continue;
+        }
         if info.current_version < a.min_version || (a.disabled && info.state != KeyState::Disabled)
         {
             eprintln!("LOST update of {name}: {info:?}");
@@ -100,7 +141,7 @@ fn run_engine(engine: Engine, name: &str) {
     let key_file = dir.path().join("master.key");
     KeyFileSealer::generate(&key_file).unwrap();
     {
-        let ring = Keyring::new(keystore::open(engine, &store_path).unwrap());
+        let ring = keyhold_tests::keyring_with_erasure(engine, &store_path);
         ring.initialize(&KeyFileSealer::new(&key_file)).unwrap();
     }
     let mut acked: HashMap<String, Acked> = HashMap::new();
@@ -143,6 +184,8 @@ fn run_engine(engine: Engine, name: &str) {
                             cycle,
                             min_version: 1,
                             disabled: false,
+                            scheduled: false,
+                            destroyed: false,
                         },
                     );
                 }
@@ -154,6 +197,16 @@ fn run_engine(engine: Engine, name: &str) {
                 ["DIS", key] => {
                     if let Some(a) = acked.get_mut(*key) {
                         a.disabled = true;
+                    }
+                }
+                ["SCH", key] => {
+                    if let Some(a) = acked.get_mut(*key) {
+                        a.scheduled = true;
+                    }
+                }
+                ["DES", key] => {
+                    if let Some(a) = acked.get_mut(*key) {
+                        a.destroyed = true;
                     }
                 }
                 // A line cut by the kill was never acknowledged.

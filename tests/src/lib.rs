@@ -56,6 +56,15 @@ pub const IDENTITIES: &[(&str, &str, &str, &str)] = &[
 /// The identity the crash-test writer acts as (tenant `crash`).
 pub const CRASH_WRITER: &str = "crash-writer";
 
+/// A keyring over `store_path` with its erasure file beside it, as the server opens it
+/// (for the crash writer and the checks after a kill).
+pub fn keyring_with_erasure(engine: kms_server::keystore::Engine, store_path: &Path) -> Keyring {
+    let store = kms_server::keystore::open(engine, store_path).expect("open the store");
+    let erasure =
+        kms_server::erasure::ErasureFile::open(&store_path.with_extension("erasure")).unwrap();
+    Keyring::new(store).with_erasure(Arc::new(erasure))
+}
+
 /// The app identity in the tenant of a test admin certificate (`admin-a`, `admin-b`).
 pub fn app_of(admin: &str) -> &'static str {
     match admin {

@@ -5,7 +5,10 @@
 //!
 //! Usage: crash-writer <redb|sled> <store-path> <key-file> <cycle>
 //! Prints: `ACK <name> <wrapped-b64> <dek-b64>` after a key is created and a canary DEK
-//! wrapped under it, and `ROT <name> <version>` after a rotation.
+//! wrapped under it, `ROT <name> <version>` after a rotation, `DIS <name>` after a
+//! disable, `SCH <name>` after a deletion is scheduled and `DES <name>` after the key
+//! is destroyed (erasure key erased). Keys `c<cycle>-k<i>` with `i % 7 == 6` are the ones
+//! destroyed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -16,8 +19,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use keyhold_tests::CRASH_WRITER;
 use kms_client::api::{Algorithm, Context, Grant, GrantOperation};
-use kms_server::keyring::Keyring;
-use kms_server::keystore::{self, Engine};
+use kms_server::keystore::Engine;
 use kms_server::policy::{Principal, Role};
 use kms_server::seal::KeyFileSealer;
 
@@ -28,8 +30,8 @@ fn main() {
         "sled" => Engine::Sled,
         other => panic!("unknown engine {other}"),
     };
-    let store = keystore::open(engine, &PathBuf::from(&args[2])).unwrap();
-    let keyring = Keyring::new(store);
+    // As the server opens it: every key gets an erasure key, written before its record.
+    let keyring = keyhold_tests::keyring_with_erasure(engine, &PathBuf::from(&args[2]));
     let sealer = KeyFileSealer::new(&args[3]);
     if keyring.sealed_master_key().unwrap().is_none() {
         keyring.initialize(&sealer).unwrap();
@@ -65,7 +67,7 @@ fn main() {
         )
         .unwrap();
         out.flush().unwrap();
-        if i % 3 == 2 {
+        if i % 3 == 2 && (i - 1) % 7 != 6 {
             let prev = format!("c{cycle}-k{}", i - 1);
             let info = keyring.rotate("crash", &prev).unwrap();
             writeln!(out, "ROT {prev} {}", info.current_version).unwrap();
@@ -74,6 +76,15 @@ fn main() {
         if i % 5 == 4 {
             keyring.set_enabled("crash", &name, false).unwrap();
             writeln!(out, "DIS {name}").unwrap();
+            out.flush().unwrap();
+        }
+        if i % 7 == 6 {
+            // Schedule as of the epoch, then sweep eight days later: destroyed now.
+            keyring.schedule_deletion("crash", &name, 7, 0).unwrap();
+            writeln!(out, "SCH {name}").unwrap();
+            out.flush().unwrap();
+            keyring.destroy_due(8 * 86_400).unwrap();
+            writeln!(out, "DES {name}").unwrap();
             out.flush().unwrap();
         }
     }
