@@ -649,10 +649,22 @@ pub struct ErrorResponse {
 pub struct SysStatus {
     /// Whether key operations are refused until unseal.
     pub sealed: bool,
-    /// The configured unseal method (`key-file`, `passphrase`).
+    /// The configured unseal method (`key-file`, `passphrase`, `shamir`).
     pub seal_method: String,
     /// Server version.
     pub version: String,
+    /// For the `shamir` method while sealed: shares received so far and shares needed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unseal_progress: Option<UnsealProgress>,
+}
+
+/// Progress of a Shamir unseal.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct UnsealProgress {
+    /// Distinct valid shares received (kept in memory only).
+    pub received: u8,
+    /// Shares needed.
+    pub threshold: u8,
 }
 
 /// `POST /v1/sys/unseal`. With no passphrase, the server retries its configured source
@@ -663,6 +675,11 @@ pub struct UnsealRequest {
     /// Operator passphrase, for the `passphrase` method.
     #[serde(default)]
     pub passphrase: Option<Passphrase>,
+    /// One unseal share (`khs1-...`), for the `shamir` method: submit shares one request
+    /// at a time until the threshold is reached. Held like a passphrase (zeroized,
+    /// redacted).
+    #[serde(default)]
+    pub share: Option<Passphrase>,
 }
 
 /// An identity locked out after repeated denials.

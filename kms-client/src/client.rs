@@ -599,8 +599,20 @@ impl Client {
     pub async fn unseal(&self, passphrase: Option<&str>) -> Result<SysStatus, Error> {
         let req = UnsealRequest {
             passphrase: passphrase.map(|p| Passphrase::new(p.to_owned())),
+            share: None,
         };
         self.post("/v1/sys/unseal", &req, Repeat::Safe).await
+    }
+
+    /// `POST /v1/sys/unseal` with one Shamir share (`khs1-...`); the status says how many
+    /// of the needed shares the server holds. Not repeated automatically (a repeat is a
+    /// duplicate share).
+    pub async fn unseal_share(&self, share: &str) -> Result<SysStatus, Error> {
+        let req = UnsealRequest {
+            passphrase: None,
+            share: Some(Passphrase::new(share.to_owned())),
+        };
+        self.post("/v1/sys/unseal", &req, Repeat::Unsafe).await
     }
 
     /// `GET /v1/sys/identities`: the caller's tenant's identities and roles.

@@ -42,6 +42,12 @@ enum Command {
         /// KEYHOLD_PASSPHRASE, else prompt).
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
+        /// For the shamir method: how many unseal shares to make (printed once, on stdout).
+        #[arg(long, default_value_t = 5)]
+        shares: u8,
+        /// For the shamir method: how many shares unseal.
+        #[arg(long, default_value_t = 3)]
+        threshold: u8,
     },
     /// Serve the API (mTLS) and the ops endpoints.
     Serve {
@@ -136,9 +142,19 @@ fn read_new_passphrase(file: Option<PathBuf>) -> anyhow::Result<Zeroizing<String
     Ok(first)
 }
 
-fn init(config: PathBuf, passphrase_file: Option<PathBuf>) -> anyhow::Result<()> {
+fn init(
+    config: PathBuf,
+    passphrase_file: Option<PathBuf>,
+    (shares, threshold): (u8, u8),
+) -> anyhow::Result<()> {
     let settings = Settings::load(&config)?;
+    let mut printed_shares = Vec::new();
     let sealer = match settings.seal.method {
+        SealMethod::Shamir => {
+            let (sealer, dealt) = kms_server::seal::ShamirSealer::deal(shares, threshold)?;
+            printed_shares = dealt;
+            Box::new(sealer) as Box<dyn kms_server::seal::Sealer>
+        }
         SealMethod::KeyFile => {
             let path = settings
                 .seal
@@ -167,6 +183,16 @@ fn init(config: PathBuf, passphrase_file: Option<PathBuf>) -> anyhow::Result<()>
         settings.store.path.display(),
         settings.seal.method.as_str()
     );
+    if !printed_shares.is_empty() {
+        eprintln!(
+            "{} unseal shares follow, any {threshold} unseal. They are shown ONCE and kept nowhere: \
+             give one to each operator now (`kmsctl sys unseal --share <file or ->`).",
+            printed_shares.len()
+        );
+        for s in &printed_shares {
+            println!("{}", s.as_str());
+        }
+    }
     Ok(())
 }
 
@@ -180,7 +206,9 @@ fn main() -> anyhow::Result<()> {
         Command::Init {
             config,
             passphrase_file,
-        } => init(config, passphrase_file),
+            shares,
+            threshold,
+        } => init(config, passphrase_file, (shares, threshold)),
         Command::Serve { config } => {
             let settings = Settings::load(&config)?;
             rt.block_on(serve(settings))

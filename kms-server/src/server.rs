@@ -111,6 +111,8 @@ pub fn sealer_for(seal: &SealSettings, passphrase: Option<Zeroizing<String>>) ->
             seal.key_file.clone().unwrap_or_default(),
         )),
         SealMethod::Passphrase => Box::new(PassphraseSealer::new(passphrase, seal.argon2)),
+        // Shares arrive one by one over `POST /v1/sys/unseal` (see `routes::sys`).
+        _ => Box::new(crate::seal::ShamirSealer::from_shares(Vec::new())),
     }
 }
 
@@ -281,7 +283,7 @@ pub async fn run_with_clock(
                 if e.is_bad_secret() && matches!(e, crate::seal::SealError::NoSecret(_)) =>
             {
                 tracing::warn!(
-                    "starting sealed: no passphrase given; POST /v1/sys/unseal to unseal"
+                    "starting sealed: no unseal secret given; POST /v1/sys/unseal to unseal"
                 )
             }
             Ok(Err(e)) => {

@@ -64,6 +64,53 @@ fn bad_config_names_file_and_field() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("tls.min_version"));
 }
 
+#[test]
+fn init_with_shamir_prints_the_shares_once() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["c.pem", "k.pem", "ca.pem"] {
+        std::fs::write(dir.path().join(f), "x").unwrap();
+    }
+    let path = dir.path().join("kms.toml");
+    std::fs::write(
+        &path,
+        "[store]\npath = \"s.redb\"\n[seal]\nmethod = \"shamir\"\n\
+         [tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"\n",
+    )
+    .unwrap();
+    let init = || {
+        Command::new(BIN)
+            .args(["init", "--shares", "4", "--threshold", "3", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap()
+    };
+    let out = init();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shares: Vec<String> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(shares.len(), 4);
+    assert!(shares.iter().all(|s| s.starts_with("khs1-")), "{shares:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("any 3 unseal"));
+    // Nothing of them is kept on disk.
+    let store = std::fs::read(dir.path().join("s.redb")).unwrap();
+    for share in &shares {
+        let b64 = share.rsplit('-').next().unwrap();
+        assert!(!store.windows(b64.len()).any(|w| w == b64.as_bytes()));
+    }
+    // A second init refuses, and prints no new shares.
+    let again = init();
+    assert!(!again.status.success());
+    assert!(again.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already initialized"));
+}
+
 /// `kms-server dev` on free ports under `data`; returns (command ready to spawn, api, ops).
 fn dev_command(data: &std::path::Path) -> (Command, u16, u16) {
     let (api, ops) = (free_port(), free_port());

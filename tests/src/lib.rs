@@ -179,6 +179,8 @@ pub fn generate_pki(dir: &Path) -> TestPki {
 pub enum TestSeal {
     KeyFile,
     Passphrase,
+    /// 3 of 5 shares, in [`TestServer::shares`].
+    Shamir,
 }
 
 pub const TEST_PASSPHRASE: &str = "correct horse battery staple";
@@ -191,6 +193,7 @@ pub fn write_config(dir: &Path, seal: TestSeal, extra: &str, tls_extra: &str) ->
             "method = \"passphrase\"\nargon2 = { m_cost_kib = 8192, t_cost = 1, p_cost = 1 }\n"
                 .to_string()
         }
+        TestSeal::Shamir => "method = \"shamir\"\n".to_string(),
     };
     let mut identities = String::new();
     for (_, id, tenant, role) in IDENTITIES {
@@ -234,6 +237,8 @@ pub struct TestServer {
     task: Option<JoinHandle<Result<(), server::StartError>>>,
     /// Seconds added to the system clock for this server (see [`TestServer::advance_clock`]).
     clock_offset: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The unseal shares, for [`TestSeal::Shamir`].
+    pub shares: Vec<String>,
 }
 
 impl TestServer {
@@ -258,7 +263,13 @@ impl TestServer {
         let config = write_config(dir.path(), seal, extra, tls_extra);
         let settings = Settings::load(&config).unwrap();
         let keyring = Keyring::new(server::open_store(&settings).unwrap());
+        let mut shares = Vec::new();
         let sealer: Box<dyn kms_server::seal::Sealer> = match seal {
+            TestSeal::Shamir => {
+                let (sealer, dealt) = kms_server::seal::ShamirSealer::deal(5, 3).unwrap();
+                shares = dealt.iter().map(|s| s.to_string()).collect();
+                Box::new(sealer)
+            }
             TestSeal::KeyFile => {
                 KeyFileSealer::generate(settings.seal.key_file.as_ref().unwrap()).unwrap();
                 server::sealer_for(&settings.seal, None)
@@ -278,6 +289,7 @@ impl TestServer {
             stop: None,
             task: None,
             clock_offset: Default::default(),
+            shares,
         };
         s.launch().await;
         s
@@ -358,6 +370,7 @@ impl TestServer {
             stop: None,
             task: None,
             clock_offset: Default::default(),
+            shares: Vec::new(),
         };
         s.launch().await;
         s

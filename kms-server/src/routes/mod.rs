@@ -70,6 +70,8 @@ pub struct AppState {
     pub alerts: crate::alert::Alerter,
     /// TLS configuration and revoked certificates (reloadable).
     pub tls: Arc<crate::tls::TlsReloader>,
+    /// Unseal shares received so far (Shamir method), in memory only.
+    pub pending_shares: std::sync::Mutex<Vec<crate::seal::ShareInput>>,
     next_request_id: AtomicU64,
 }
 
@@ -110,6 +112,7 @@ impl AppState {
             metrics,
             sealer,
             audit,
+            pending_shares: std::sync::Mutex::new(Vec::new()),
             next_request_id: AtomicU64::new(1),
         }
     }

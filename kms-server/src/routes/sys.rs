@@ -7,19 +7,80 @@ use axum::extract::State;
 use axum::Json;
 use kms_client::api::{
     IdentityList, LiftLockoutRequest, LiftLockoutResponse, LockoutInfo, LockoutList,
-    RemoveIdentityRequest, SetIdentityRequest, SysStatus, UnsealRequest,
+    RemoveIdentityRequest, SetIdentityRequest, SysStatus, UnsealProgress, UnsealRequest,
 };
 
 use super::{blocking, ApiJson, AppState, Caller};
 use crate::error::Error;
 use crate::policy::Operation;
+use crate::seal::{SealError, SealMethod, ShamirSealer, ShareInput};
 
 fn status_of(state: &AppState) -> SysStatus {
+    let sealed = state.keyring.is_sealed();
+    let unseal_progress = match (sealed, state.settings.seal.method) {
+        (true, SealMethod::Shamir) => state
+            .keyring
+            .sealed_master_key()
+            .ok()
+            .flatten()
+            .and_then(|s| s.shamir)
+            .map(|p| UnsealProgress {
+                received: u8::try_from(
+                    state
+                        .pending_shares
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .len(),
+                )
+                .unwrap_or(u8::MAX),
+                threshold: p.threshold,
+            }),
+        _ => None,
+    };
     SysStatus {
-        sealed: state.keyring.is_sealed(),
+        sealed,
         seal_method: state.settings.seal.method.as_str().to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        unseal_progress,
     }
+}
+
+/// Takes one Shamir share: refused when malformed, of another set or a duplicate; once
+/// the threshold is reached, unseals with the shares received (all discarded either way).
+fn accept_share(state: &AppState, text: &str) -> Result<(), Error> {
+    if state.settings.seal.method != SealMethod::Shamir {
+        return Err(Error::InvalidRequest(
+            "this server is not sealed with shares".into(),
+        ));
+    }
+    if !state.keyring.is_sealed() {
+        return Ok(());
+    }
+    let params = state
+        .keyring
+        .sealed_master_key()?
+        .and_then(|s| s.shamir)
+        .ok_or(Error::Corrupt("sealed master key without share parameters"))?;
+    let share = ShareInput::parse(text)?;
+    if share.set() != params.set {
+        return Err(SealError::BadShare("a share of another set").into());
+    }
+    let ready = {
+        let mut pending = state
+            .pending_shares
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.iter().any(|s| s.x() == share.x()) {
+            return Err(SealError::BadShare("this share was already given").into());
+        }
+        pending.push(share);
+        if pending.len() < usize::from(params.threshold) {
+            return Ok(());
+        }
+        std::mem::take(&mut *pending)
+    };
+    let sealer = ShamirSealer::from_shares(ready);
+    state.keyring.unseal(&sealer)
 }
 
 /// `GET /v1/sys/status`.
@@ -39,15 +100,23 @@ pub async fn unseal(
     ApiJson(req): ApiJson<UnsealRequest>,
 ) -> Result<Json<SysStatus>, Error> {
     caller.authorize(Operation::System)?;
-    let passphrase = req
-        .passphrase
-        .map(|p| zeroize::Zeroizing::new(p.expose_secret().to_owned()));
+    let was_sealed = state.keyring.is_sealed();
     let st = state.clone();
-    blocking(move || {
-        let sealer = (st.sealer)(passphrase);
-        st.keyring.unseal(sealer.as_ref())
-    })
-    .await?;
+    if let Some(share) = req.share {
+        blocking(move || accept_share(&st, share.expose_secret())).await?;
+        if state.keyring.is_sealed() || !was_sealed {
+            return Ok(Json(status_of(&state)));
+        }
+    } else {
+        let passphrase = req
+            .passphrase
+            .map(|p| zeroize::Zeroizing::new(p.expose_secret().to_owned()));
+        blocking(move || {
+            let sealer = (st.sealer)(passphrase);
+            st.keyring.unseal(sealer.as_ref())
+        })
+        .await?;
+    }
     tracing::warn!(identity = %caller.identity, "server unsealed");
     state.alerts.raise(crate::alert::AlertEvent::new(
         "unsealed",

@@ -81,6 +81,7 @@ impl Sealer for KeyFileSealer {
         Ok(SealedMasterKey {
             method: SealMethod::KeyFile,
             argon2: None,
+            shamir: None,
             sealed: seal_under(&kek, SealMethod::KeyFile, master)?,
         })
     }

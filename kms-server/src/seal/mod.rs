@@ -3,8 +3,9 @@
 //! The master key is never stored in clear. `kms-server init` generates it and stores it
 //! sealed (a [`SealedMasterKey`] record in the store's meta table); `serve` starts sealed
 //! and asks the configured [`Sealer`] to unseal. Methods today: a key file
-//! ([`KeyFileSealer`]) and an operator passphrase through Argon2id ([`PassphraseSealer`]).
-//! Shamir shares and PKCS#11 tokens implement the same trait.
+//! ([`KeyFileSealer`]), an operator passphrase through Argon2id ([`PassphraseSealer`]), and
+//! M-of-N Shamir shares held by operators ([`ShamirSealer`]). PKCS#11 tokens will
+//! implement the same trait.
 
 use serde::{Deserialize, Serialize};
 
@@ -13,9 +14,11 @@ use crate::secret::SecretKey;
 
 mod keyfile;
 mod passphrase;
+mod shamir;
 
 pub use keyfile::KeyFileSealer;
 pub use passphrase::{Argon2Params, PassphraseSealer};
+pub use shamir::{ShamirParams, ShamirSealer, ShareInput};
 
 /// Label for the master key sealed under a key-encryption key (see `crypto`).
 const LABEL: &[u8] = b"keyhold/master-key/v1";
@@ -29,6 +32,8 @@ pub enum SealMethod {
     KeyFile,
     /// An operator passphrase through Argon2id.
     Passphrase,
+    /// M of N Shamir shares of an unseal key, held by operators.
+    Shamir,
 }
 
 impl SealMethod {
@@ -37,6 +42,7 @@ impl SealMethod {
         match self {
             SealMethod::KeyFile => "key-file",
             SealMethod::Passphrase => "passphrase",
+            SealMethod::Shamir => "shamir",
         }
     }
 }
@@ -52,6 +58,9 @@ pub struct SealedMasterKey {
     /// Argon2id parameters and salt, for the passphrase method.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub argon2: Option<Argon2Params>,
+    /// Share set parameters, for the Shamir method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shamir: Option<ShamirParams>,
     /// salt ‖ ciphertext ‖ tag of the master key (see `crypto::seal_box`), hex.
     pub sealed: String,
 }
@@ -91,12 +100,18 @@ pub enum SealError {
     /// Randomness failed.
     #[error("system random generator failed")]
     Random,
+    /// An unseal share is malformed, of another set, or a duplicate.
+    #[error("unseal share refused: {0}")]
+    BadShare(&'static str),
 }
 
 impl SealError {
     /// Whether the caller supplied a wrong or missing secret (a 4xx, not a 5xx).
     pub fn is_bad_secret(&self) -> bool {
-        matches!(self, SealError::WrongSecret(_) | SealError::NoSecret(_))
+        matches!(
+            self,
+            SealError::WrongSecret(_) | SealError::NoSecret(_) | SealError::BadShare(_)
+        )
     }
 }
 

@@ -101,6 +101,7 @@ impl Sealer for PassphraseSealer {
         Ok(SealedMasterKey {
             method: SealMethod::Passphrase,
             argon2: Some(params),
+            shamir: None,
             sealed: seal_under(&kek, SealMethod::Passphrase, master)?,
         })
     }

@@ -308,6 +308,10 @@ pub(crate) enum SysCmd {
         /// Do not ask for a passphrase (key-file servers).
         #[arg(long)]
         no_passphrase: bool,
+        /// Submit one Shamir unseal share (shamir servers): read from this file, or `-`
+        /// to be asked for it without echo. Each operator submits their own.
+        #[arg(long, conflicts_with_all = ["passphrase_file", "no_passphrase"])]
+        share: Option<PathBuf>,
     },
     /// Seal: wipe the master key and every KEK from the server's memory.
     Seal,
@@ -560,8 +564,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sys(cmd) => match cmd {
             SysCmd::Status => out.status(&client.sys_status().await?),
             SysCmd::Unseal {
+                share: Some(source),
+                ..
+            } => {
+                let share = if source.as_os_str() == "-" {
+                    zeroize::Zeroizing::new(rpassword::prompt_password("Unseal share: ")?)
+                } else {
+                    zeroize::Zeroizing::new(
+                        std::fs::read_to_string(source)
+                            .with_context(|| format!("reading {}", source.display()))?,
+                    )
+                };
+                out.status(&client.unseal_share(share.trim()).await?)
+            }
+            SysCmd::Unseal {
                 passphrase_file,
                 no_passphrase,
+                ..
             } => {
                 let pass = if *no_passphrase {
                     None

@@ -433,17 +433,18 @@ impl Printer {
         match self.format {
             Output::Json => json(s),
             Output::Table => {
-                print!(
-                    "{}",
-                    table(
-                        &["FIELD", "VALUE"],
-                        &[
-                            vec!["sealed".into(), s.sealed.to_string()],
-                            vec!["seal method".into(), s.seal_method.clone()],
-                            vec!["server version".into(), s.version.clone()],
-                        ]
-                    )
-                );
+                let mut rows = vec![
+                    vec!["sealed".into(), s.sealed.to_string()],
+                    vec!["seal method".into(), s.seal_method.clone()],
+                    vec!["server version".into(), s.version.clone()],
+                ];
+                if let Some(p) = s.unseal_progress {
+                    rows.push(vec![
+                        "unseal shares".into(),
+                        format!("{} of {} received", p.received, p.threshold),
+                    ]);
+                }
+                print!("{}", table(&["FIELD", "VALUE"], &rows));
                 Ok(())
             }
         }
