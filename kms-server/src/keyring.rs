@@ -95,6 +95,8 @@ struct VersionRecord {
 
 struct VersionEntry {
     created_at: u64,
+    /// `created_at` as RFC 3339, formatted once (KeyInfo lists every version).
+    created_at_text: String,
     material: SecretKey,
     usage: crate::usage::Usage,
 }
@@ -124,14 +126,14 @@ impl KeyEntry {
                 .versions
                 .iter()
                 .map(|(v, e)| {
-                    let usage = e.usage.record(0);
+                    let (wraps, unwraps, last_use) = e.usage.totals();
                     KeyVersionInfo {
                         version: *v,
-                        created_at: rfc3339(e.created_at),
+                        created_at: e.created_at_text.clone(),
                         can_unwrap: *v >= r.min_decrypt_version,
-                        wraps: usage.wraps,
-                        unwraps: usage.unwraps,
-                        last_used_at: (usage.last_use > 0).then(|| rfc3339(usage.last_use)),
+                        wraps,
+                        unwraps,
+                        last_used_at: (last_use > 0).then(|| rfc3339(last_use)),
                     }
                 })
                 .collect(),
@@ -560,6 +562,7 @@ impl Keyring {
             .ok_or(Error::Corrupt("KEK version length"))?;
         Ok(VersionEntry {
             created_at: v.created_at,
+            created_at_text: rfc3339(v.created_at),
             material,
             usage: crate::usage::Usage::default(),
         })
@@ -680,6 +683,7 @@ impl Keyring {
             1,
             Arc::new(VersionEntry {
                 created_at,
+                created_at_text: rfc3339(created_at),
                 material,
                 usage: crate::usage::Usage::default(),
             }),
@@ -804,6 +808,7 @@ impl Keyring {
             new_version,
             Arc::new(VersionEntry {
                 created_at,
+                created_at_text: rfc3339(created_at),
                 material,
                 usage: crate::usage::Usage::default(),
             }),

@@ -93,6 +93,15 @@ impl Usage {
             .sum()
     }
 
+    /// (wraps, unwraps, last use): the totals, without the per-day counts.
+    pub fn totals(&self) -> (u64, u64, u64) {
+        (
+            self.wraps.load(Ordering::Relaxed),
+            self.unwraps.load(Ordering::Relaxed),
+            self.last_use.load(Ordering::Relaxed),
+        )
+    }
+
     /// The counters now, and whether they changed since the last [`Usage::take_dirty`].
     pub fn record(&self, now: u64) -> UsageRecord {
         let today = now / DAY;

@@ -190,9 +190,7 @@ mod tests {
         assert_eq!(shares.len(), 5);
         let sealed = dealer.seal(&master).unwrap();
         let given = parse_all(&shares[1..4]);
-        let opened = ShamirSealer::from_shares(given)
-            .unseal(&sealed)
-            .unwrap();
+        let opened = ShamirSealer::from_shares(given).unseal(&sealed).unwrap();
         assert_eq!(opened.expose_secret(), master.expose_secret());
         // Any three; not two.
         let any = parse_all(&[shares[4].clone(), shares[0].clone(), shares[2].clone()]);
