@@ -126,13 +126,19 @@ pub async fn unseal(
     Ok(Json(status_of(&state)))
 }
 
-/// `POST /v1/sys/seal`: wipes the master key and every KEK from memory.
+/// `POST /v1/sys/seal`: wipes the master key and every KEK from memory, and any unseal
+/// shares received so far (so, while sealed, it resets a Shamir unseal in progress).
 pub async fn seal(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
 ) -> Result<Json<SysStatus>, Error> {
     caller.authorize(Operation::System)?;
     state.keyring.seal();
+    state
+        .pending_shares
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clear();
     tracing::warn!(identity = %caller.identity, "server sealed");
     state.alerts.raise(crate::alert::AlertEvent::new(
         "sealed",
