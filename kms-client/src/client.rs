@@ -641,6 +641,12 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/sys/backup`: the server's encrypted export, as a JSON document to store
+    /// as is (restore it with `kms-server restore`).
+    pub async fn backup(&self) -> Result<serde_json::Value, Error> {
+        self.get("/v1/sys/backup").await
+    }
+
     /// `GET /v1/sys/lockouts`: identities locked out now.
     pub async fn lockouts(&self) -> Result<LockoutList, Error> {
         self.get("/v1/sys/lockouts").await

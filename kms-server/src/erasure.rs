@@ -132,6 +132,15 @@ impl ErasureFile {
         Ok((!key.iter().all(|b| *b == 0)).then_some(key))
     }
 
+    /// The whole file (for backups).
+    pub fn contents(&self) -> Result<Vec<u8>, Error> {
+        let _guard = self
+            .lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::fs::read(&self.path).map_err(|e| io_err(&self.path, "read", e))
+    }
+
     /// Overwrites `slot` with zeros in place, durably.
     pub fn erase(&self, slot: u32) -> Result<(), Error> {
         let _guard = self

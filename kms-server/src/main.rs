@@ -49,6 +49,20 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         threshold: u8,
     },
+    /// Restore a backup (`kmsctl backup`) into a new, never initialized store, with the
+    /// same seal secret as the backed-up server. Verifies everything before writing.
+    Restore {
+        /// Configuration file (its store must not be initialized).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The backup file.
+        #[arg(long = "in")]
+        input: PathBuf,
+        /// For the passphrase method: read the passphrase from this file (else
+        /// KEYHOLD_PASSPHRASE, else prompt).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+    },
     /// Serve the API (mTLS) and the ops endpoints.
     Serve {
         /// Configuration file.
@@ -196,6 +210,44 @@ fn init(
     Ok(())
 }
 
+fn restore(
+    config: PathBuf,
+    input: PathBuf,
+    passphrase_file: Option<PathBuf>,
+) -> anyhow::Result<()> {
+    let settings = Settings::load(&config)?;
+    let sealer = match settings.seal.method {
+        SealMethod::KeyFile => server::sealer_for(&settings.seal, None),
+        SealMethod::Passphrase => {
+            let pass = match passphrase_file {
+                Some(f) => read_new_passphrase(Some(f))?,
+                None => match std::env::var(server::PASSPHRASE_ENV) {
+                    Ok(p) => Zeroizing::new(p),
+                    Err(_) => Zeroizing::new(rpassword::prompt_password("Unseal passphrase: ")?),
+                },
+            };
+            server::sealer_for(&settings.seal, Some(pass))
+        }
+        _ => bail!("restore with the shamir method is not supported yet: restore with a key-file or passphrase configuration"),
+    };
+    let text = std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?;
+    let backup: kms_server::backup::Backup = serde_json::from_slice(&text)
+        .with_context(|| format!("{} is not a Keyhold backup", input.display()))?;
+    let keyring = Keyring::new(server::open_store(&settings)?);
+    let rows = kms_server::backup::restore(
+        &keyring,
+        sealer.as_ref(),
+        &backup,
+        &settings.store.path.with_extension("erasure"),
+    )?;
+    eprintln!(
+        "restored {rows} records from a backup made {} into {}",
+        backup.created_at,
+        settings.store.path.display()
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
@@ -209,6 +261,11 @@ fn main() -> anyhow::Result<()> {
             shares,
             threshold,
         } => init(config, passphrase_file, (shares, threshold)),
+        Command::Restore {
+            config,
+            input,
+            passphrase_file,
+        } => restore(config, input, passphrase_file),
         Command::Serve { config } => {
             let settings = Settings::load(&config)?;
             rt.block_on(serve(settings))

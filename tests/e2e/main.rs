@@ -11,6 +11,7 @@
 mod alert;
 mod audit;
 mod authz;
+mod backup;
 mod bad_input;
 mod client;
 mod crash;

@@ -376,6 +376,27 @@ impl TestServer {
         s
     }
 
+    /// A server over a data dir prepared by the test (config `kms-server.toml`, `pki/`,
+    /// the seal secret, a store made by `kms-server init` or `restore`).
+    pub async fn open_dir(dir: tempfile::TempDir) -> TestServer {
+        let mut s = TestServer {
+            pki: TestPki {
+                dir: dir.path().join("pki"),
+                ca: None,
+            },
+            config: dir.path().join("kms-server.toml"),
+            dir,
+            addr: "127.0.0.1:0".parse().unwrap(),
+            ops_addr: "127.0.0.1:0".parse().unwrap(),
+            stop: None,
+            task: None,
+            clock_offset: Default::default(),
+            shares: Vec::new(),
+        };
+        s.launch().await;
+        s
+    }
+
     /// Starts a stopped server again (new ports).
     pub async fn start_again(&mut self) {
         assert!(self.task.is_none());

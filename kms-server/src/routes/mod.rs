@@ -159,6 +159,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             get(sys::identities).put(sys::set_identity),
         )
         .route("/v1/sys/identities/remove", post(sys::remove_identity))
+        .route("/v1/sys/backup", get(sys::backup))
         .route("/v1/audit", get(audit::list))
         .fallback(|| async { Error::NoRoute })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })

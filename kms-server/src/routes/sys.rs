@@ -236,3 +236,16 @@ pub async fn remove_identity(
         identities: state.policy.list(&caller.tenant),
     }))
 }
+
+/// `GET /v1/sys/backup`: an encrypted, integrity-checked export of the keys (see
+/// [`crate::backup`]).
+pub async fn backup(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+) -> Result<Json<crate::backup::Backup>, Error> {
+    caller.authorize(Operation::System)?;
+    let st = state.clone();
+    let backup = blocking(move || crate::backup::export(&st.keyring)).await?;
+    tracing::warn!(identity = %caller.identity, "backup exported");
+    Ok(Json(backup))
+}

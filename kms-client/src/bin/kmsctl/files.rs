@@ -118,6 +118,13 @@ impl Drop for Staged {
     }
 }
 
+/// Writes `value` as JSON to `path`, in full or not at all.
+pub(crate) fn write_json_file(path: &Path, value: &serde_json::Value) -> anyhow::Result<()> {
+    let mut staged = Staged::create(path)?;
+    serde_json::to_writer(staged.writer(), value)?;
+    staged.commit()
+}
+
 pub(crate) async fn encrypt(
     client: &Client,
     key: &str,

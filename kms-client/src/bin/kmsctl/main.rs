@@ -317,6 +317,13 @@ pub(crate) enum SysCmd {
     Seal,
     /// List identities locked out after repeated denials.
     Lockouts,
+    /// Write an encrypted, integrity-checked backup of every key to a file (restore it
+    /// into a new store with `kms-server restore`).
+    Backup {
+        /// The backup file (written in full or not at all).
+        #[arg(long = "out")]
+        out: PathBuf,
+    },
     /// List your tenant's identities and roles.
     Identities,
     /// Map an identity (as its certificate carries it) to a role in your tenant.
@@ -604,6 +611,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             SysCmd::Seal => out.status(&client.seal().await?),
             SysCmd::Lockouts => out.lockouts(&client.lockouts().await?),
             SysCmd::Identities => out.identities(&client.identities().await?),
+            SysCmd::Backup { out: path } => {
+                let backup = client.backup().await?;
+                files::write_json_file(path, &backup)?;
+                eprintln!("wrote the backup to {}", path.display());
+                Ok(())
+            }
             SysCmd::SetIdentity { identity, role } => {
                 out.identities(&client.set_identity(identity, (*role).into()).await?)
             }

@@ -1,0 +1,202 @@
+//! Backup and restore: an encrypted, integrity-checked export of the keys.
+//!
+//! A backup is one JSON document:
+//! `{"format": "keyhold-backup/1", "created_at", "sealed_master", "payload"}`. `sealed_master`
+//! is the store's sealed master key as stored (useless without the seal secret: key file,
+//! passphrase or shares); `payload` is a sealed box (`crypto::seal_box`) under the master
+//! key, with the format, time and sealed master key as associated data, of every key
+//! record, name, version (material still sealed), grant, deletion entry, usage counter,
+//! runtime identity, and the erasure file. So a backup is useless without the master key,
+//! and one flipped byte anywhere makes it refused.
+//!
+//! Restore is offline (`kms-server restore`), into a store that was never initialized: it
+//! unseals the backup's master key with the configured seal secret, opens the payload,
+//! opens every KEK version in it, and only then writes anything. The audit trail is not
+//! part of a backup (it has its own file and its own chain); neither are lockouts.
+
+use serde::{Deserialize, Serialize};
+
+use crate::crypto;
+use crate::error::Error;
+use crate::keyring::Keyring;
+use crate::keystore::{Table, WriteBatch};
+use crate::seal::{hex, unhex, SealedMasterKey, Sealer};
+
+const FORMAT: &str = "keyhold-backup/1";
+const LABEL: &[u8] = b"keyhold/backup/v1";
+/// The tables a backup carries (the audit table is not one: see the module docs).
+const TABLES: [Table; 5] = [
+    Table::Keys,
+    Table::KeyNames,
+    Table::Versions,
+    Table::Deletions,
+    Table::Usage,
+];
+/// Meta entries a backup carries (runtime identities); the sealed master key travels
+/// beside the payload.
+const META_PREFIX: &[u8] = b"policy/";
+
+/// A backup document.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Backup {
+    /// `keyhold-backup/1`.
+    pub format: String,
+    /// When it was made, RFC 3339.
+    pub created_at: String,
+    /// The sealed master key, as stored.
+    pub sealed_master: SealedMasterKey,
+    /// The sealed payload, hex.
+    pub payload: String,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Payload {
+    /// Table name → [(key hex, value hex)].
+    tables: Vec<(String, Vec<(String, String)>)>,
+    meta: Vec<(String, String)>,
+    /// The erasure file, hex (empty when the store has none).
+    erasure: String,
+}
+
+fn aad(format: &str, created_at: &str, sealed: &SealedMasterKey) -> Result<Vec<u8>, Error> {
+    let mut aad = Vec::new();
+    for part in [format.as_bytes(), created_at.as_bytes()] {
+        aad.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        aad.extend_from_slice(part);
+    }
+    aad.extend_from_slice(
+        &serde_json::to_vec(sealed).map_err(|_| Error::Internal("backup serialization"))?,
+    );
+    Ok(aad)
+}
+
+/// Exports everything a restore needs. Needs the keyring unsealed; holds its write lock
+/// so the tables are read as one consistent state.
+pub fn export(keyring: &Keyring) -> Result<Backup, Error> {
+    keyring.with_master_locked(|master, erasure| {
+        let store = keyring.store();
+        let sealed_master = keyring
+            .sealed_master_key()?
+            .ok_or(Error::InvalidState("the store is not initialized"))?;
+        let mut tables = Vec::new();
+        for table in TABLES {
+            let rows = store
+                .scan_prefix(table, b"")?
+                .into_iter()
+                .map(|(k, v)| (hex(&k), hex(&v)))
+                .collect();
+            tables.push((table.name().to_owned(), rows));
+        }
+        let meta = store
+            .scan_prefix(Table::Meta, META_PREFIX)?
+            .into_iter()
+            .map(|(k, v)| (hex(&k), hex(&v)))
+            .collect();
+        let erasure = match erasure {
+            Some(e) => hex(&e.contents()?),
+            None => String::new(),
+        };
+        let payload = zeroize::Zeroizing::new(
+            serde_json::to_vec(&Payload {
+                tables,
+                meta,
+                erasure,
+            })
+            .map_err(|_| Error::Internal("backup serialization"))?,
+        );
+        let created_at =
+            humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string();
+        let sealed = crypto::seal_box(
+            master,
+            LABEL,
+            &aad(FORMAT, &created_at, &sealed_master)?,
+            &payload,
+        )?;
+        Ok(Backup {
+            format: FORMAT.to_owned(),
+            created_at,
+            sealed_master,
+            payload: hex(&sealed),
+        })
+    })
+}
+
+/// Restores `backup` into `keyring`'s store, which must never have been initialized,
+/// unsealing with `sealer` (the same seal secret as the backed-up server). Verifies
+/// everything — the payload's integrity and every KEK version — before writing; writes
+/// the store in one transaction and the erasure file beside it (`erasure_path`).
+pub fn restore(
+    keyring: &Keyring,
+    sealer: &dyn Sealer,
+    backup: &Backup,
+    erasure_path: &std::path::Path,
+) -> Result<usize, Error> {
+    if backup.format != FORMAT {
+        return Err(Error::InvalidRequest(format!(
+            "not a {FORMAT} backup: {}",
+            backup.format
+        )));
+    }
+    if keyring.sealed_master_key()?.is_some() {
+        return Err(Error::InvalidState(
+            "the target store is already initialized: restore into a new, empty store",
+        ));
+    }
+    let master = sealer.unseal(&backup.sealed_master)?;
+    let sealed = unhex(&backup.payload).ok_or(Error::Corrupt("backup payload encoding"))?;
+    let plain = crypto::open_box(
+        &master,
+        LABEL,
+        &aad(&backup.format, &backup.created_at, &backup.sealed_master)?,
+        &sealed,
+    )
+    .map_err(|_| {
+        Error::Corrupt("the backup does not authenticate: altered, or another master key")
+    })?;
+    let payload: Payload = serde_json::from_slice(plain.expose_secret())
+        .map_err(|_| Error::Corrupt("backup payload"))?;
+    let erasure = unhex(&payload.erasure).ok_or(Error::Corrupt("backup erasure file"))?;
+    let mut batch = WriteBatch::new();
+    let mut rows = 0;
+    for (name, entries) in &payload.tables {
+        let table = TABLES
+            .into_iter()
+            .find(|t| t.name() == name)
+            .ok_or(Error::Corrupt("backup table name"))?;
+        for (k, v) in entries {
+            let (k, v) = (
+                unhex(k).ok_or(Error::Corrupt("backup key"))?,
+                unhex(v).ok_or(Error::Corrupt("backup value"))?,
+            );
+            batch.put(table, &k, &v);
+            rows += 1;
+        }
+    }
+    for (k, v) in &payload.meta {
+        let (k, v) = (
+            unhex(k).ok_or(Error::Corrupt("backup key"))?,
+            unhex(v).ok_or(Error::Corrupt("backup value"))?,
+        );
+        if !k.starts_with(META_PREFIX) {
+            return Err(Error::Corrupt("backup meta entry"));
+        }
+        batch.put(Table::Meta, &k, &v);
+    }
+    // Every KEK version must open before anything is written.
+    keyring.verify_restorable(&master, &batch, &erasure)?;
+    if !erasure.is_empty() {
+        std::fs::write(erasure_path, &erasure).map_err(|e| {
+            Error::Storage(crate::keystore::StoreError::Engine {
+                engine: "erasure",
+                source: format!("{}: {e}", erasure_path.display()).into(),
+            })
+        })?;
+        if let Ok(f) = std::fs::File::open(erasure_path) {
+            let _ = f.sync_all();
+        }
+    }
+    keyring.install(&backup.sealed_master, batch)?;
+    Ok(rows)
+}
