@@ -658,6 +658,23 @@ pub struct SysStatus {
     pub unseal_progress: Option<UnsealProgress>,
 }
 
+/// `POST /v1/sys/rotate-master`: the seal secret to seal the new master key with (the
+/// passphrase for the passphrase method; key-file servers read their file).
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateMasterRequest {
+    /// The unseal passphrase (it must open the current master key too).
+    #[serde(default)]
+    pub passphrase: Option<Passphrase>,
+}
+
+/// Response to `POST /v1/sys/rotate-master`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RotateMasterResponse {
+    /// KEK versions re-sealed under the new master key.
+    pub versions_resealed: u64,
+}
+
 /// Progress of a Shamir unseal.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 pub struct UnsealProgress {

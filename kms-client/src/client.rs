@@ -641,6 +641,18 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/sys/rotate-master`: a new master key, every KEK version re-sealed under it
+    /// (passphrase servers: the passphrase, which must open the current one).
+    pub async fn rotate_master(&self, passphrase: Option<&str>) -> Result<u64, Error> {
+        let req = crate::api::RotateMasterRequest {
+            passphrase: passphrase.map(|p| Passphrase::new(p.to_owned())),
+        };
+        let resp: crate::api::RotateMasterResponse = self
+            .post("/v1/sys/rotate-master", &req, Repeat::Unsafe)
+            .await?;
+        Ok(resp.versions_resealed)
+    }
+
     /// `GET /v1/sys/backup`: the server's encrypted export, as a JSON document to store
     /// as is (restore it with `kms-server restore`).
     pub async fn backup(&self) -> Result<serde_json::Value, Error> {

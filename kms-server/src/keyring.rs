@@ -438,6 +438,102 @@ impl Keyring {
         Ok(())
     }
 
+    /// Replaces the master key with a new one: every KEK version is re-sealed under it and
+    /// the new master key sealed by `sealer`, all in one store transaction (a crash leaves
+    /// the old state or the new one, never a mix). `sealer` must also open the current
+    /// sealed master key, so a mistyped passphrase cannot lock the store away. KEK material
+    /// does not change: wrapped DEKs keep unwrapping. Returns how many versions were
+    /// re-sealed.
+    pub fn rotate_master(&self, sealer: &dyn Sealer) -> Result<usize, Error> {
+        let un = self.unsealed()?;
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let old_bytes = self
+            .store
+            .get(Table::Meta, META_SEALED_MASTER)?
+            .ok_or(Error::InvalidState("the store is not initialized"))?;
+        let old: SealedMasterKey = serde_json::from_slice(&old_bytes)
+            .map_err(|_| Error::Corrupt("sealed master key record"))?;
+        let check = sealer.unseal(&old)?;
+        // Constant-time comparison (SecretKey's PartialEq).
+        if check != un.master {
+            return Err(Error::InvalidState(
+                "the seal secret given opens another master key than the one in use",
+            ));
+        }
+        let new_master = SecretKey::generate()?;
+        let sealed_new = sealer.seal(&new_master)?;
+        let mut batch = WriteBatch::new();
+        batch
+            .require(Table::Meta, META_SEALED_MASTER, Some(&old_bytes))
+            .put(Table::Meta, META_SEALED_MASTER, &to_json(&sealed_new)?);
+        let mut resealed = 0;
+        for (id, bytes) in self.store.scan_prefix(Table::Keys, b"")? {
+            let record: KeyRecord =
+                serde_json::from_slice(&bytes).map_err(|_| Error::Corrupt("key record"))?;
+            let key_id = KeyId(
+                id.as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("key id"))?,
+            );
+            let versions = self.store.scan_prefix(Table::Versions, &id)?;
+            if versions.is_empty() {
+                continue;
+            }
+            let old_key = self.sealing_key_under(&un.master, &record)?;
+            let new_key = self.sealing_key_under(&new_master, &record)?;
+            for (vk, vbytes) in versions {
+                let mut v: VersionRecord = serde_json::from_slice(&vbytes)
+                    .map_err(|_| Error::Corrupt("version record"))?;
+                let aad = kek_aad(&record.tenant, &key_id, v.version);
+                let sealed = crate::seal::unhex(&v.material)
+                    .ok_or(Error::Corrupt("version record material"))?;
+                let plain = crypto::open_box(
+                    old_key.as_ref().unwrap_or(&un.master),
+                    KEK_LABEL,
+                    &aad,
+                    &sealed,
+                )
+                .map_err(|_| {
+                    Error::Corrupt("KEK version fails authentication under the master key")
+                })?;
+                let resealed_box = crypto::seal_box(
+                    new_key.as_ref().unwrap_or(&new_master),
+                    KEK_LABEL,
+                    &aad,
+                    plain.expose_secret(),
+                )?;
+                v.material = crate::seal::hex(&resealed_box);
+                batch.put(Table::Versions, &vk, &to_json(&v)?);
+                resealed += 1;
+            }
+        }
+        match self.store.commit(&batch) {
+            Ok(()) => {}
+            Err(StoreError::Conflict(_)) => {
+                return Err(Error::InvalidState(
+                    "the master key changed meanwhile; try again",
+                ))
+            }
+            Err(e) => return Err(e.into()),
+        }
+        // The decrypted KEKs did not change: keep the cache, swap the keys.
+        let cache = std::mem::take(&mut *un.cache.write().unwrap_or_else(PoisonError::into_inner));
+        let mut slot = self
+            .unsealed
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        *slot = Some(Arc::new(Unsealed {
+            audit_mac: derived_hmac_key(&new_master, b"audit-head-mac"),
+            audit_context: derived_hmac_key(&new_master, b"audit-context-hash"),
+            master: new_master,
+            cache: RwLock::new(cache),
+        }));
+        Ok(resealed)
+    }
+
     /// Wipes the master key and every cached KEK from memory. Requests in flight keep
     /// their reference until they finish; new ones get `Sealed`.
     pub fn seal(&self) {
@@ -705,6 +801,14 @@ impl Keyring {
         un: &Unsealed,
         record: &KeyRecord,
     ) -> Result<Option<SecretKey>, Error> {
+        self.sealing_key_under(&un.master, record)
+    }
+
+    fn sealing_key_under(
+        &self,
+        master: &SecretKey,
+        record: &KeyRecord,
+    ) -> Result<Option<SecretKey>, Error> {
         let Some(slot) = record.erasure_slot else {
             return Ok(None);
         };
@@ -714,7 +818,7 @@ impl Keyring {
         let ek = erasure
             .get(slot)?
             .ok_or(Error::Corrupt("the key's erasure key is erased"))?;
-        crypto::bind_key(&un.master, &ek, ERASURE_LABEL).map(Some)
+        crypto::bind_key(master, &ek, ERASURE_LABEL).map(Some)
     }
 
     fn seal_version(

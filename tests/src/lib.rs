@@ -58,8 +58,22 @@ pub const CRASH_WRITER: &str = "crash-writer";
 
 /// A keyring over `store_path` with its erasure file beside it, as the server opens it
 /// (for the crash writer and the checks after a kill).
+///
+/// Retries for up to 5 s while the store is locked: sled releases its file lock from a
+/// background thread after the last handle is dropped, so the next opener (the parent's
+/// next check, or the next writer) can briefly find it still held.
 pub fn keyring_with_erasure(engine: kms_server::keystore::Engine, store_path: &Path) -> Keyring {
-    let store = kms_server::keystore::open(engine, store_path).expect("open the store");
+    let mut tries = 0;
+    let store = loop {
+        match kms_server::keystore::open(engine, store_path) {
+            Ok(store) => break store,
+            Err(e) if tries < 100 && format!("{e:?}").contains("lock") => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(e) => panic!("open the store: {e:?}"),
+        }
+    };
     let erasure =
         kms_server::erasure::ErasureFile::open(&store_path.with_extension("erasure")).unwrap();
     Keyring::new(store).with_erasure(Arc::new(erasure))

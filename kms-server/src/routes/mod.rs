@@ -160,6 +160,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/sys/identities/remove", post(sys::remove_identity))
         .route("/v1/sys/backup", get(sys::backup))
+        .route("/v1/sys/rotate-master", post(sys::rotate_master))
         .route("/v1/audit", get(audit::list))
         .fallback(|| async { Error::NoRoute })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })

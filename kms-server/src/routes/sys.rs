@@ -249,3 +249,31 @@ pub async fn backup(
     tracing::warn!(identity = %caller.identity, "backup exported");
     Ok(Json(backup))
 }
+
+/// `POST /v1/sys/rotate-master`: a new master key; every KEK version re-sealed under it in
+/// one transaction (see [`crate::keyring::Keyring::rotate_master`]).
+pub async fn rotate_master(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<kms_client::api::RotateMasterRequest>,
+) -> Result<Json<kms_client::api::RotateMasterResponse>, Error> {
+    caller.authorize(Operation::System)?;
+    let passphrase = req
+        .passphrase
+        .map(|p| zeroize::Zeroizing::new(p.expose_secret().to_owned()));
+    let st = state.clone();
+    let n = blocking(move || {
+        let sealer = (st.sealer)(passphrase);
+        st.keyring.rotate_master(sealer.as_ref())
+    })
+    .await?;
+    tracing::warn!(identity = %caller.identity, versions = n, "master key rotated");
+    state.alerts.raise(crate::alert::AlertEvent::new(
+        "master_key_rotated",
+        Some(&caller.identity),
+        format!("{n} KEK versions re-sealed"),
+    ));
+    Ok(Json(kms_client::api::RotateMasterResponse {
+        versions_resealed: n as u64,
+    }))
+}

@@ -7,7 +7,7 @@
 //! Prints: `ACK <name> <wrapped-b64> <dek-b64>` after a key is created and a canary DEK
 //! wrapped under it, `ROT <name> <version>` after a rotation, `DIS <name>` after a
 //! disable, `SCH <name>` after a deletion is scheduled and `DES <name>` after the key
-//! is destroyed (erasure key erased). Keys `c<cycle>-k<i>` with `i % 7 == 6` are the ones
+//! is destroyed (erasure key erased), `MST <n>` after a master-key rotation. Keys `c<cycle>-k<i>` with `i % 7 == 6` are the ones
 //! destroyed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -76,6 +76,12 @@ fn main() {
         if i % 5 == 4 {
             keyring.set_enabled("crash", &name, false).unwrap();
             writeln!(out, "DIS {name}").unwrap();
+            out.flush().unwrap();
+        }
+        if i % 25 == 24 {
+            // A new master key, every version re-sealed: one transaction, old or new.
+            let n = keyring.rotate_master(&sealer).unwrap();
+            writeln!(out, "MST {n}").unwrap();
             out.flush().unwrap();
         }
         if i % 7 == 6 {

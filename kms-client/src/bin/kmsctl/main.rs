@@ -324,6 +324,16 @@ pub(crate) enum SysCmd {
         #[arg(long = "out")]
         out: PathBuf,
     },
+    /// Replace the master key: every KEK version is re-sealed under a new one, in one
+    /// transaction; wrapped DEKs keep working. Take a new backup afterwards.
+    RotateMaster {
+        /// Passphrase servers: read the passphrase from this file (else asked).
+        #[arg(long)]
+        passphrase_file: Option<PathBuf>,
+        /// Key-file servers: do not ask for a passphrase.
+        #[arg(long)]
+        no_passphrase: bool,
+    },
     /// List your tenant's identities and roles.
     Identities,
     /// Map an identity (as its certificate carries it) to a role in your tenant.
@@ -611,6 +621,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             SysCmd::Seal => out.status(&client.seal().await?),
             SysCmd::Lockouts => out.lockouts(&client.lockouts().await?),
             SysCmd::Identities => out.identities(&client.identities().await?),
+            SysCmd::RotateMaster {
+                passphrase_file,
+                no_passphrase,
+            } => {
+                let pass = if *no_passphrase {
+                    None
+                } else if let Some(f) = passphrase_file {
+                    Some(zeroize::Zeroizing::new(
+                        std::fs::read_to_string(f)
+                            .with_context(|| format!("reading {}", f.display()))?
+                            .trim_end_matches(['\n', '\r'])
+                            .to_owned(),
+                    ))
+                } else if std::io::stdin().is_terminal() {
+                    Some(zeroize::Zeroizing::new(rpassword::prompt_password(
+                        "Unseal passphrase: ",
+                    )?))
+                } else {
+                    None
+                };
+                let n = client
+                    .rotate_master(pass.as_ref().map(|p| p.as_str()))
+                    .await?;
+                println!("master key rotated: {n} KEK versions re-sealed (take a new backup)");
+                Ok(())
+            }
             SysCmd::Backup { out: path } => {
                 let backup = client.backup().await?;
                 files::write_json_file(path, &backup)?;
