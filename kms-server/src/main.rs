@@ -62,6 +62,10 @@ enum Command {
         /// KEYHOLD_PASSPHRASE, else prompt).
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
+        /// For the shamir method: a file holding one unseal share (repeat for each share;
+        /// the threshold is needed).
+        #[arg(long = "share-file")]
+        share_files: Vec<PathBuf>,
     },
     /// Serve the API (mTLS) and the ops endpoints.
     Serve {
@@ -214,6 +218,7 @@ fn restore(
     config: PathBuf,
     input: PathBuf,
     passphrase_file: Option<PathBuf>,
+    share_files: Vec<PathBuf>,
 ) -> anyhow::Result<()> {
     let settings = Settings::load(&config)?;
     let sealer = match settings.seal.method {
@@ -228,7 +233,28 @@ fn restore(
             };
             server::sealer_for(&settings.seal, Some(pass))
         }
-        _ => bail!("restore with the shamir method is not supported yet: restore with a key-file or passphrase configuration"),
+        SealMethod::Shamir => {
+            let mut shares = Vec::new();
+            for f in &share_files {
+                let text = Zeroizing::new(
+                    std::fs::read_to_string(f)
+                        .with_context(|| format!("reading {}", f.display()))?,
+                );
+                let share = kms_server::seal::ShareInput::parse(&text)?;
+                if shares
+                    .iter()
+                    .any(|s: &kms_server::seal::ShareInput| s.x() == share.x())
+                {
+                    bail!("{}: the same share twice", f.display());
+                }
+                shares.push(share);
+            }
+            if shares.is_empty() {
+                bail!("the shamir method needs the shares: --share-file <file>, once per share");
+            }
+            Box::new(kms_server::seal::ShamirSealer::from_shares(shares))
+        }
+        _ => bail!("this seal method cannot restore yet"),
     };
     let text = std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?;
     let backup: kms_server::backup::Backup = serde_json::from_slice(&text)
@@ -265,7 +291,8 @@ fn main() -> anyhow::Result<()> {
             config,
             input,
             passphrase_file,
-        } => restore(config, input, passphrase_file),
+            share_files,
+        } => restore(config, input, passphrase_file, share_files),
         Command::Serve { config } => {
             let settings = Settings::load(&config)?;
             rt.block_on(serve(settings))

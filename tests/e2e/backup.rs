@@ -145,3 +145,80 @@ async fn backup_then_restore_into_a_new_store_unwraps_the_old_deks() {
         .iter()
         .any(|i| i.identity == "spiffe://test/acme/extra" && i.source == "runtime"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shamir_sealed_server_restores_with_its_shares() {
+    let mut s = TestServer::start_with(TestSeal::Shamir, "").await;
+    let admin = s.kms_client("admin-a");
+    for share in &s.shares[..3] {
+        admin.unseal_share(share).await.unwrap();
+    }
+    crate::create_key(&s, "admin-a", "k").await;
+    let dk = s
+        .kms_client("app-a")
+        .datakey("k", &Context::new())
+        .await
+        .unwrap();
+    let backup = admin.backup().await.unwrap();
+    s.stop().await;
+
+    let fresh = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(fresh.path().join("pki")).unwrap();
+    for e in std::fs::read_dir(s.dir.path().join("pki")).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), fresh.path().join("pki").join(e.file_name())).unwrap();
+    }
+    let config = write_config(fresh.path(), TestSeal::Shamir, "", "");
+    let work = tempfile::tempdir().unwrap();
+    let file = work.path().join("b.backup");
+    std::fs::write(&file, backup.to_string()).unwrap();
+    let mut cmd = Command::new(workspace_bin("kms-server"));
+    cmd.arg("restore")
+        .arg("--config")
+        .arg(&config)
+        .arg("--in")
+        .arg(&file);
+    // Two shares are not enough; nothing is written.
+    let share_file = |i: usize| {
+        let p = work.path().join(format!("share{i}"));
+        std::fs::write(&p, &s.shares[i]).unwrap();
+        p
+    };
+    let (a, b, c) = (share_file(1), share_file(3), share_file(4));
+    let out = run(Command::new(workspace_bin("kms-server"))
+        .arg("restore")
+        .arg("--config")
+        .arg(&config)
+        .arg("--in")
+        .arg(&file)
+        .arg("--share-file")
+        .arg(&a)
+        .arg("--share-file")
+        .arg(&b));
+    assert!(!out.status.success());
+    assert!(!fresh.path().join("store.erasure").exists());
+    // Three other shares than the ones used to unseal: restored.
+    let out = run(cmd
+        .arg("--share-file")
+        .arg(&a)
+        .arg("--share-file")
+        .arg(&b)
+        .arg("--share-file")
+        .arg(&c));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = TestServer::open_dir(fresh).await;
+    let radmin = r.kms_client("admin-a");
+    for share in &s.shares[2..5] {
+        radmin.unseal_share(share).await.unwrap();
+    }
+    let un = r
+        .kms_client("app-a")
+        .unwrap(dk.wrapped.as_bytes(), &Context::new())
+        .await
+        .unwrap();
+    assert_eq!(un.plaintext.expose_secret(), dk.plaintext.expose_secret());
+}
