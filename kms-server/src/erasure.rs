@@ -67,14 +67,8 @@ impl ErasureFile {
         if len == 0 {
             let mut header = [0u8; HEADER_LEN as usize];
             header[..8].copy_from_slice(MAGIC);
-            file.write_all_at(&header, 0)
-                .and_then(|()| file.sync_all())
+            crate::keystore::write_new_file_header(&file, path, &header)
                 .map_err(|e| io_err(path, "create", e))?;
-            if let Some(dir) = path.parent() {
-                if let Ok(d) = File::open(dir) {
-                    let _ = d.sync_all();
-                }
-            }
         } else {
             let mut magic = [0u8; 8];
             file.read_exact_at(&mut magic, 0)

@@ -372,22 +372,7 @@ impl TestServer {
         );
         let dir = tempfile::tempdir().unwrap();
         copy_dir(self.dir.path(), dir.path());
-        let mut s = TestServer {
-            pki: TestPki {
-                dir: dir.path().join("pki"),
-                ca: None,
-            },
-            config: dir.path().join("kms-server.toml"),
-            dir,
-            addr: "127.0.0.1:0".parse().unwrap(),
-            ops_addr: "127.0.0.1:0".parse().unwrap(),
-            stop: None,
-            task: None,
-            clock_offset: Default::default(),
-            shares: Vec::new(),
-        };
-        s.launch().await;
-        s
+        Self::open_dir(dir).await
     }
 
     /// A server over a data dir prepared by the test (config `kms-server.toml`, `pki/`,

@@ -153,15 +153,8 @@ impl ChainFile {
             .map_err(|e| io_err(path, "open", e))?;
         let len = file.metadata().map_err(|e| io_err(path, "stat", e))?.len();
         if len == 0 {
-            file.write_all_at(&header_bytes(&Head::genesis())?, 0)
-                .and_then(|()| file.sync_all())
+            crate::keystore::write_new_file_header(&file, path, &header_bytes(&Head::genesis())?)
                 .map_err(|e| io_err(path, "create", e))?;
-            if let Some(dir) = path.parent() {
-                // Make the new file's directory entry durable too.
-                if let Ok(d) = File::open(dir) {
-                    let _ = d.sync_all();
-                }
-            }
         }
         let mut header = vec![0u8; HEADER_LEN as usize];
         file.read_exact_at(&mut header, 0)

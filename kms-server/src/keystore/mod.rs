@@ -22,6 +22,24 @@ pub use redb_engine::RedbStore;
 #[cfg(feature = "sled")]
 pub use sled_engine::SledStore;
 
+/// Writes the header of a file just created beside the store (the audit chain file, the
+/// erasure file) and makes it durable: the bytes, then the directory entry.
+pub(crate) fn write_new_file_header(
+    file: &std::fs::File,
+    path: &Path,
+    header: &[u8],
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(header, 0)?;
+    file.sync_all()?;
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
 /// The tables of a store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Table {
