@@ -179,6 +179,81 @@ pub enum Algorithm {
     #[default]
     #[serde(rename = "aes-256-gcm")]
     Aes256Gcm,
+    /// RSA-OAEP with SHA-256 (and MGF1-SHA-256), 3072-bit modulus: the public key is
+    /// exported (`GET /v1/keys/{name}/public-key`) so clients can wrap offline; unwrap
+    /// happens in the server.
+    #[serde(rename = "rsa-oaep-3072-sha256")]
+    RsaOaep3072Sha256,
+    /// As `rsa-oaep-3072-sha256` with a 4096-bit modulus.
+    #[serde(rename = "rsa-oaep-4096-sha256")]
+    RsaOaep4096Sha256,
+}
+
+impl Algorithm {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Algorithm::Aes256Gcm => "aes-256-gcm",
+            Algorithm::RsaOaep3072Sha256 => "rsa-oaep-3072-sha256",
+            Algorithm::RsaOaep4096Sha256 => "rsa-oaep-4096-sha256",
+        }
+    }
+
+    /// RSA modulus size in bits, for the RSA algorithms.
+    pub fn rsa_bits(self) -> Option<usize> {
+        match self {
+            Algorithm::Aes256Gcm => None,
+            Algorithm::RsaOaep3072Sha256 => Some(3072),
+            Algorithm::RsaOaep4096Sha256 => Some(4096),
+        }
+    }
+}
+
+/// `GET /v1/keys/{name}/public-key[?version=N]`: the public half of an RSA KEK version,
+/// for wrapping offline (see `kms_client::rsa_oaep`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKeyResponse {
+    /// Key name.
+    pub key: String,
+    /// The KEK's id (hex), written into every wrapped DEK.
+    pub id: String,
+    /// The version this public key belongs to.
+    pub version: u32,
+    /// The key's algorithm.
+    pub algorithm: Algorithm,
+    /// SubjectPublicKeyInfo, PEM (`-----BEGIN PUBLIC KEY-----`).
+    pub pem: String,
+    /// The same key as a JWK (RFC 7517/7518): `kty` RSA, `alg` RSA-OAEP-256, `use` enc,
+    /// `kid` = `<id>:<version>`.
+    pub jwk: Jwk,
+}
+
+/// An RSA public key as a JSON Web Key.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Jwk {
+    /// Always `RSA`.
+    pub kty: String,
+    /// Modulus, base64url without padding.
+    pub n: String,
+    /// Public exponent, base64url without padding.
+    pub e: String,
+    /// `RSA-OAEP-256`.
+    pub alg: String,
+    /// `enc`.
+    #[serde(rename = "use")]
+    pub use_: String,
+    /// `<key id>:<version>`.
+    pub kid: String,
+}
+
+/// Query of `GET /v1/keys/{name}/public-key`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublicKeyQuery {
+    /// A version; the current one when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
 }
 
 /// The state of a KEK.

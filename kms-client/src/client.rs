@@ -28,8 +28,8 @@ use serde::Serialize;
 use crate::api::{
     AuditChain, AuditPage, BatchItem, BatchRequest, BatchResponse, BatchResult, Context,
     CreateKeyRequest, DatakeyRequest, DatakeyResponse, ErrorCode, ErrorResponse, KeyInfo, KeyList,
-    Passphrase, RewrapRequest, SecretBytes, SysStatus, UnsealRequest, UnwrapRequest,
-    UnwrapResponse, WrapRequest, WrapResponse, WrappedKey,
+    Passphrase, PublicKeyResponse, RewrapRequest, SecretBytes, SysStatus, UnsealRequest,
+    UnwrapRequest, UnwrapResponse, WrapRequest, WrapResponse, WrappedKey,
 };
 use crate::api::{
     Grant, IdentityList, LiftLockoutRequest, LiftLockoutResponse, LockoutList,
@@ -413,6 +413,23 @@ impl Client {
     /// `GET /v1/keys/{name}`.
     pub async fn get_key(&self, name: &str) -> Result<KeyInfo, Error> {
         self.get(&format!("/v1/keys/{}", check_name(name)?)).await
+    }
+
+    /// `GET /v1/keys/{name}/public-key`: an RSA KEK version's public key (the current
+    /// version when `version` is `None`), for [`crate::rsa_oaep::OfflineWrapper`].
+    pub async fn public_key(
+        &self,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<PublicKeyResponse, Error> {
+        let name = check_name(name)?;
+        match version {
+            Some(v) => {
+                self.get(&format!("/v1/keys/{name}/public-key?version={v}"))
+                    .await
+            }
+            None => self.get(&format!("/v1/keys/{name}/public-key")).await,
+        }
     }
 
     /// `POST /v1/keys/{name}/rotate` (not repeated automatically once sent).

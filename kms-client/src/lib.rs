@@ -11,6 +11,9 @@
 //!   failover across endpoints, and typed [`Error`]s carrying the server's code.
 //! - The remote `envelope::KeyProvider`: `impl envelope::KeyProvider for Client`, so
 //!   `envelope::seal`/`open` run against a live `kms-server`.
+//! - [`rsa_oaep`]: wrapped DEKs under RSA KEKs; with feature `client`, wrapping offline
+//!   from an exported public key ([`rsa_oaep::OfflineWrapper`]) and an
+//!   `envelope::KeyProvider` that seals offline and opens through the server.
 //! - `kmsctl` (feature `cli`), the operator CLI, is a binary of this package.
 //!
 //! What the types guarantee:
@@ -58,6 +61,7 @@ mod client;
 mod error;
 #[cfg(feature = "client")]
 mod provider;
+pub mod rsa_oaep;
 #[cfg(feature = "client")]
 mod transport;
 

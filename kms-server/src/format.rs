@@ -118,13 +118,37 @@ pub fn wrap(
     Ok(out)
 }
 
-/// Reads the header of a wrapped DEK. Any structural problem is the opaque [`OpenFailed`].
+/// The suite byte of a wrapped DEK, if it is long enough to have one.
+pub fn suite(wrapped: &[u8]) -> Option<u8> {
+    wrapped.get(3).copied()
+}
+
+/// Whether `wrapped` is (by its suite byte) an RSA-wrapped DEK: its unwrap is a private-key
+/// operation of about a millisecond, which callers run off the async workers.
+pub fn is_rsa(wrapped: &[u8]) -> bool {
+    suite(wrapped) == Some(kms_client::rsa_oaep::SUITE_RSA_OAEP_SHA256)
+}
+
+/// RSA ciphertext lengths Keyhold produces (3072- and 4096-bit moduli).
+const RSA_CIPHERTEXT_LENS: [usize; 2] = [384, 512];
+
+/// Reads the header of a wrapped DEK of either suite. Any structural problem is the opaque
+/// [`OpenFailed`].
 pub fn parse_header(wrapped: &[u8]) -> Result<Header, OpenFailed> {
     let len = wrapped.len();
-    if !(HEADER_LEN + MIN_DEK_LEN + TAG_LEN..=HEADER_LEN + MAX_DEK_LEN + TAG_LEN).contains(&len) {
+    if len < 24 || wrapped[0..2] != MAGIC || wrapped[2] != VERSION {
         return Err(OpenFailed);
     }
-    if wrapped[0..2] != MAGIC || wrapped[2] != VERSION || wrapped[3] != SUITE_AES256GCM_HKDF {
+    let length_ok = match wrapped[3] {
+        SUITE_AES256GCM_HKDF => {
+            (HEADER_LEN + MIN_DEK_LEN + TAG_LEN..=HEADER_LEN + MAX_DEK_LEN + TAG_LEN).contains(&len)
+        }
+        kms_client::rsa_oaep::SUITE_RSA_OAEP_SHA256 => RSA_CIPHERTEXT_LENS
+            .iter()
+            .any(|n| len == kms_client::rsa_oaep::HEADER_LEN + n),
+        _ => false,
+    };
+    if !length_ok {
         return Err(OpenFailed);
     }
     let mut id = [0u8; 16];
@@ -141,16 +165,21 @@ pub fn parse_header(wrapped: &[u8]) -> Result<Header, OpenFailed> {
     })
 }
 
-/// Unwraps with `kek`, which the caller looked up from [`parse_header`].
+/// Unwraps a suite-1 wrapped DEK with `kek`, which the caller looked up from
+/// [`parse_header`].
 pub fn unwrap(
     kek: &SecretKey,
     wrapped: &[u8],
     canonical_context: &[u8],
 ) -> Result<SecretVec, OpenFailed> {
     parse_header(wrapped)?;
+    if suite(wrapped) != Some(SUITE_AES256GCM_HKDF) {
+        return Err(OpenFailed);
+    }
     let (head, body) = wrapped.split_at(HEADER_LEN);
     let salt: &[u8; SALT_LEN] = head[24..].try_into().map_err(|_| OpenFailed)?;
-    crypto::open(kek, salt, LABEL, &aad(head, canonical_context), body)
+    let dek = crypto::open(kek, salt, LABEL, &aad(head, canonical_context), body)?;
+    Ok(dek)
 }
 
 #[cfg(test)]

@@ -97,7 +97,7 @@ struct VersionEntry {
     created_at: u64,
     /// `created_at` as RFC 3339, formatted once (KeyInfo lists every version).
     created_at_text: String,
-    material: SecretKey,
+    material: crate::kek::Kek,
     usage: crate::usage::Usage,
 }
 
@@ -654,8 +654,7 @@ impl Keyring {
             &sealed,
         )
         .map_err(|_| Error::Corrupt("KEK version fails authentication under the master key"))?;
-        let material = SecretKey::from_slice(plain.expose_secret())
-            .ok_or(Error::Corrupt("KEK version length"))?;
+        let material = crate::kek::Kek::from_stored(record.algorithm, plain.expose_secret())?;
         Ok(VersionEntry {
             created_at: v.created_at,
             created_at_text: rfc3339(v.created_at),
@@ -731,6 +730,8 @@ impl Keyring {
         validate_name(name)?;
         validate_grants(&grants)?;
         let un = self.unsealed()?;
+        // Before the lock: RSA generation can take seconds.
+        let (material, stored) = crate::kek::Kek::generate(algorithm)?;
         let _guard = self
             .write_lock
             .lock()
@@ -759,8 +760,7 @@ impl Keyring {
             let (slot, _) = erasure.allocate()?;
             record.erasure_slot = Some(slot);
         }
-        let material = SecretKey::generate()?;
-        let version = self.seal_version(&un, &record, &id, 1, created_at, &material)?;
+        let version = self.seal_version(&un, &record, &id, 1, created_at, &stored)?;
         let record_bytes = to_json(&record)?;
         let mut batch = WriteBatch::new();
         batch
@@ -828,7 +828,7 @@ impl Keyring {
         id: &KeyId,
         version: u32,
         created_at: u64,
-        material: &SecretKey,
+        material: &SecretVec,
     ) -> Result<VersionRecord, Error> {
         let bound = self.version_sealing_key(un, record)?;
         let sealed = crypto::seal_box(
@@ -871,6 +871,9 @@ impl Keyring {
     /// unwrapping.
     pub fn rotate(&self, tenant: &str, name: &str) -> Result<KeyInfo, Error> {
         let un = self.unsealed()?;
+        // New material before the lock (RSA generation can take seconds).
+        let algorithm = self.entry_by_name(&un, tenant, name)?.record.algorithm;
+        let (material, stored) = crate::kek::Kek::generate(algorithm)?;
         let _guard = self
             .write_lock
             .lock()
@@ -893,8 +896,7 @@ impl Keyring {
         let mut record = entry.record.clone();
         record.current_version = new_version;
         let created_at = self.clock.now();
-        let material = SecretKey::generate()?;
-        let version = self.seal_version(&un, &record, &id, new_version, created_at, &material)?;
+        let version = self.seal_version(&un, &record, &id, new_version, created_at, &stored)?;
         let record_bytes = to_json(&record)?;
         let mut batch = WriteBatch::new();
         batch
@@ -1354,6 +1356,53 @@ impl Keyring {
         Ok(destroyed)
     }
 
+    /// The public key of an RSA KEK's `version` (the current one when `None`), for
+    /// offline wrapping. Readers of the key's metadata (admin, auditor) may fetch it; an
+    /// app needs a grant that lets it wrap (`wrap` or `datakey`, under any context: a
+    /// public key says nothing of the contexts it will be used with). The key must be
+    /// enabled, and the version must still unwrap (not retired).
+    pub fn public_key(
+        &self,
+        who: &Principal,
+        name: &str,
+        version: Option<u32>,
+    ) -> Result<(KeyInfo, u32, Vec<u8>), Error> {
+        let un = self.unsealed()?;
+        let entry = self.entry_by_name(&un, &who.tenant, name)?;
+        if who.role == crate::policy::Role::App
+            && !entry.record.grants.iter().any(|g| {
+                g.identity == who.identity
+                    && (g.operations.contains(&GrantOperation::Wrap)
+                        || g.operations.contains(&GrantOperation::Datakey))
+            })
+        {
+            return Err(Error::PermissionDenied(
+                "no grant on this key lets this identity wrap with it",
+            ));
+        }
+        if entry.record.algorithm.rsa_bits().is_none() {
+            return Err(Error::InvalidRequest(format!(
+                "key {name} is {}: only RSA keys have a public key",
+                entry.record.algorithm.as_str()
+            )));
+        }
+        entry.check_usable()?;
+        let version = version.unwrap_or(entry.record.current_version);
+        if version < entry.record.min_decrypt_version {
+            return Err(Error::InvalidRequest(format!(
+                "version {version} is retired (below min_decrypt_version {})",
+                entry.record.min_decrypt_version
+            )));
+        }
+        let der = entry
+            .versions
+            .get(&version)
+            .and_then(|v| v.material.public_key_der())
+            .ok_or(Error::NotFound)?
+            .to_vec();
+        Ok((entry.info(), version, der))
+    }
+
     // ---- cryptographic operations ----
 
     fn wrap_with(&self, entry: &KeyEntry, dek: &[u8], canonical: &[u8]) -> Result<Wrapped, Error> {
@@ -1367,7 +1416,7 @@ impl Keyring {
             key_id: entry.key_id,
             version,
         };
-        let wrapped = format::wrap(&kek.material, &header, dek, canonical)?;
+        let wrapped = kek.material.wrap(&header, dek, canonical)?;
         kek.usage.wrap(self.clock.now());
         Ok(Wrapped {
             wrapped,
@@ -1440,8 +1489,10 @@ impl Keyring {
             .versions
             .get(&header.version)
             .ok_or(Error::DecryptFailed)?;
-        let dek =
-            format::unwrap(&kek.material, wrapped, &canonical).map_err(|_| Error::DecryptFailed)?;
+        let dek = kek
+            .material
+            .unwrap(wrapped, &canonical)
+            .map_err(|_| Error::DecryptFailed)?;
         kek.usage.unwrap(self.clock.now());
         Ok((entry, header.version, dek))
     }

@@ -479,6 +479,123 @@ async fn key_use_subcommands() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_public_key_and_offline_wrap() {
+    let s = TestServer::start().await;
+    let created = json(
+        &ok(
+            &s,
+            "admin-a",
+            &[
+                "keys",
+                "create",
+                "r",
+                "--algorithm",
+                "rsa-oaep-3072-sha256",
+                "--grant",
+                APP_A,
+                "--output",
+                "json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(created["algorithm"], "rsa-oaep-3072-sha256");
+    let mut args = conn(&s, "admin-a");
+    args.extend(["keys", "create", "x", "--algorithm", "rsa-1024"].map(String::from));
+    let bad = kmsctl(args, vec![]).await;
+    assert_eq!(bad.status.code(), Some(2), "a usage error");
+    let bad = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        bad.contains("expected aes-256-gcm, rsa-oaep-3072-sha256"),
+        "{bad}"
+    );
+    // PEM by default, everything with -o json.
+    let pem = ok(&s, "app-a", &["keys", "public-key", "r"]).await;
+    assert!(
+        pem.starts_with("-----BEGIN PUBLIC KEY-----\n")
+            && pem.ends_with("-----END PUBLIC KEY-----\n"),
+        "{pem}"
+    );
+    let exported = ok(
+        &s,
+        "app-a",
+        &["keys", "public-key", "r", "--output", "json"],
+    )
+    .await;
+    assert_eq!(json(&exported)["pem"], pem.as_str());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("r.pub.json");
+    std::fs::write(&file, &exported).unwrap();
+    // Offline: no endpoint, no certificate, the server is not contacted.
+    let dek = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let out = kmsctl(
+        [
+            "wrap",
+            "--key",
+            "r",
+            "--plaintext",
+            dek,
+            "--context",
+            "doc=9",
+            "--public-key",
+            file.to_str().unwrap(),
+            "--output",
+            "json",
+        ]
+        .map(String::from)
+        .to_vec(),
+        vec![],
+    )
+    .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let w = json(&String::from_utf8(out.stdout).unwrap());
+    assert_eq!(
+        (w["key"].as_str(), w["version"].as_u64()),
+        (Some("r"), Some(1))
+    );
+    let wrapped = w["wrapped"].as_str().unwrap();
+    let un = json(
+        &ok(
+            &s,
+            "app-a",
+            &[
+                "unwrap",
+                "--wrapped",
+                wrapped,
+                "--context",
+                "doc=9",
+                "--output",
+                "json",
+            ],
+        )
+        .await,
+    );
+    assert_eq!(un["plaintext"], dek);
+    // The key name must match the exported key's.
+    let out = kmsctl(
+        [
+            "wrap",
+            "--key",
+            "other",
+            "--plaintext",
+            dek,
+            "--public-key",
+            file.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec(),
+        vec![],
+    )
+    .await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is the public key of r, not of other"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sys_subcommands() {
     let s = TestServer::start().await;
     insta::assert_snapshot!(

@@ -81,6 +81,28 @@ fn no_key_material_in_logs_audit_metrics_or_files() {
     };
     let mut deks = Vec::new();
     let mut wrapped_all = Vec::new();
+    // An RSA KEK too: its private key (PKCS#8) must not leak either.
+    let r = curl(
+        "admin",
+        "/v1/keys",
+        Some(
+            r#"{"name":"rsa","algorithm":"rsa-oaep-3072-sha256","grants":[{"identity":"spiffe://keyhold.dev/app","operations":["datakey","unwrap","rewrap"]}]}"#,
+        ),
+    );
+    assert!(r.contains("rsa-oaep-3072-sha256"), "{r}");
+    for i in 0..4 {
+        let dk = curl(
+            "app",
+            "/v1/keys/rsa/datakey",
+            Some(&format!(r#"{{"context":{{"r":"{i}"}}}}"#)),
+        );
+        let wrapped = field(&dk, "wrapped");
+        let body = format!(r#"{{"wrapped":"{wrapped}","context":{{"r":"{i}"}}}}"#);
+        let un = curl("app", "/v1/unwrap", Some(&body));
+        assert_eq!(field(&un, "plaintext"), field(&dk, "plaintext"));
+        deks.push(B64.decode(field(&dk, "plaintext")).unwrap());
+        wrapped_all.push(wrapped);
+    }
     for i in 0..20 {
         if i % 7 == 6 {
             let r = curl("admin", "/v1/keys/demo/rotate", Some("{}"));
@@ -120,6 +142,8 @@ fn no_key_material_in_logs_audit_metrics_or_files() {
     let (found, master) = keks(&data.join("keyhold.redb"), &data.join("master.key"));
     let demo = found.iter().find(|k| k.name == "demo").unwrap();
     assert_eq!(demo.versions.len(), 3, "two rotations: three versions");
+    let rsa = found.iter().find(|k| k.name == "rsa").unwrap();
+    assert_eq!(rsa.versions.len(), 1);
     let places: [(&str, &[u8]); 6] = [
         ("log", &log),
         ("store", &store),
@@ -137,6 +161,11 @@ fn no_key_material_in_logs_audit_metrics_or_files() {
         .iter()
         .map(|d| ("a DEK", d.clone()))
         .chain(demo.versions.iter().map(|k| ("a KEK version", k.clone())))
+        .chain(
+            rsa.versions
+                .iter()
+                .map(|k| ("an RSA private key", k.clone())),
+        )
         .chain([("the master key", master)]);
     let mut checked = 0;
     for (what, raw) in secrets {

@@ -23,6 +23,7 @@ mod leak;
 mod lifecycle;
 mod ops;
 mod quickstart;
+mod rsa;
 mod seal;
 mod tls;
 

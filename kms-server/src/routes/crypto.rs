@@ -1,5 +1,7 @@
 //! Key use: datakey, wrap, unwrap, rewrap, batch (app role). These run on the async
-//! workers: they touch only memory (cached KEK versions) except on a cache miss.
+//! workers: they touch only memory (cached KEK versions) except on a cache miss. The
+//! exception is RSA unwrap (a private-key operation of about a millisecond, more for a
+//! batch): requests carrying RSA-wrapped DEKs run on the blocking pool.
 
 use std::sync::Arc;
 
@@ -10,7 +12,7 @@ use kms_client::api::{
     RewrapRequest, UnwrapRequest, UnwrapResponse, WrapRequest, WrapResponse,
 };
 
-use super::{ApiJson, AppState, AuditNote, Caller, KeyName};
+use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName};
 use crate::error::Error;
 use crate::keyring::{DataKey, Keyring, Unwrapped, Wrapped};
 use crate::policy::{Operation, Principal};
@@ -79,9 +81,18 @@ pub async fn unwrap(
 ) -> Result<Json<UnwrapResponse>, Error> {
     caller.authorize(Operation::UseKeys)?;
     note.context(&state.keyring, &req.context);
-    let u = state
-        .keyring
-        .unwrap(&caller, req.wrapped.as_bytes(), &req.context)?;
+    let u = if crate::format::is_rsa(req.wrapped.as_bytes()) {
+        let st = state.clone();
+        blocking(move || {
+            st.keyring
+                .unwrap(&caller, req.wrapped.as_bytes(), &req.context)
+        })
+        .await?
+    } else {
+        state
+            .keyring
+            .unwrap(&caller, req.wrapped.as_bytes(), &req.context)?
+    };
     note.key_version(&u.key, u.version);
     Ok(Json(unwrap_response(u)))
 }
@@ -95,9 +106,18 @@ pub async fn rewrap(
 ) -> Result<Json<WrapResponse>, Error> {
     caller.authorize(Operation::UseKeys)?;
     note.context(&state.keyring, &req.context);
-    let w = state
-        .keyring
-        .rewrap(&caller, req.wrapped.as_bytes(), &req.context)?;
+    let w = if crate::format::is_rsa(req.wrapped.as_bytes()) {
+        let st = state.clone();
+        blocking(move || {
+            st.keyring
+                .rewrap(&caller, req.wrapped.as_bytes(), &req.context)
+        })
+        .await?
+    } else {
+        state
+            .keyring
+            .rewrap(&caller, req.wrapped.as_bytes(), &req.context)?
+    };
     note.key_version(&w.key, w.version);
     Ok(Json(wrap_response(w)))
 }
@@ -148,11 +168,26 @@ pub async fn batch(
     if state.keyring.is_sealed() {
         return Err(Error::Sealed);
     }
-    let results = req
-        .items
+    let any_rsa = req.items.iter().any(|item| match item {
+        BatchItem::Unwrap { wrapped, .. } | BatchItem::Rewrap { wrapped, .. } => {
+            crate::format::is_rsa(wrapped.as_bytes())
+        }
+        _ => false,
+    });
+    let results = if any_rsa {
+        let st = state.clone();
+        blocking(move || Ok(run_batch(&st.keyring, &caller, &req.items))).await?
+    } else {
+        run_batch(&state.keyring, &caller, &req.items)
+    };
+    Ok(Json(BatchResponse { results }))
+}
+
+fn run_batch(keyring: &Keyring, who: &Principal, items: &[BatchItem]) -> Vec<BatchResult> {
+    items
         .iter()
         .map(|item| {
-            run_item(&state.keyring, &caller, item).unwrap_or_else(|e| match e {
+            run_item(keyring, who, item).unwrap_or_else(|e| match e {
                 e @ (Error::Storage(_) | Error::Corrupt(_) | Error::Internal(_)) => {
                     tracing::error!(error = %e, "batch item failed");
                     BatchResult::Error(e.body())
@@ -160,6 +195,5 @@ pub async fn batch(
                 e => BatchResult::Error(e.body()),
             })
         })
-        .collect();
-    Ok(Json(BatchResponse { results }))
+        .collect()
 }

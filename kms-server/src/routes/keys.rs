@@ -4,12 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use kms_client::api::{
-    CreateKeyRequest, KeyInfo, KeyList, MinDecryptVersionRequest, MinVersionDryRun,
-    MinVersionDryRunRequest, ScheduleDeletionRequest, SetGrantsRequest,
+    CreateKeyRequest, Jwk, KeyInfo, KeyList, MinDecryptVersionRequest, MinVersionDryRun,
+    MinVersionDryRunRequest, PublicKeyQuery, PublicKeyResponse, ScheduleDeletionRequest,
+    SetGrantsRequest,
 };
 
 use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName};
@@ -75,6 +76,59 @@ pub async fn get(
     note.key(&name);
     caller.authorize(Operation::ReadKeys)?;
     Ok(Json(state.keyring.key_info(&caller.tenant, &name)?))
+}
+
+/// `GET /v1/keys/{name}/public-key[?version=N]`: an RSA KEK version's public key (PEM and
+/// JWK) for offline wrapping. Apps need a wrap or datakey grant; admins and auditors may
+/// read it as metadata.
+pub async fn public_key(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    note: AuditNote,
+    KeyName(name): KeyName,
+    query: Result<Query<PublicKeyQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<PublicKeyResponse>, Error> {
+    note.key(&name);
+    caller
+        .authorize(Operation::UseKeys)
+        .or_else(|_| caller.authorize(Operation::ReadKeys))?;
+    let Query(q) = query.map_err(|e| Error::InvalidRequest(e.body_text()))?;
+    let (info, version, der) = state.keyring.public_key(&caller, &name, q.version)?;
+    note.key_version(&info.name, version);
+    Ok(Json(public_key_response(info, version, &der)?))
+}
+
+fn public_key_response(
+    info: KeyInfo,
+    version: u32,
+    spki_der: &[u8],
+) -> Result<PublicKeyResponse, Error> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+    use rsa::pkcs8::{DecodePublicKey, EncodePublicKey, LineEnding};
+    use rsa::traits::PublicKeyParts;
+    // Public-key encoding only: `rsa` never sees a private key in the server.
+    let public = rsa::RsaPublicKey::from_public_key_der(spki_der)
+        .map_err(|_| Error::Internal("RSA public key does not parse"))?;
+    let pem = public
+        .to_public_key_pem(LineEnding::LF)
+        .map_err(|_| Error::Internal("RSA public key PEM encoding failed"))?;
+    let kid = format!("{}:{version}", info.id);
+    Ok(PublicKeyResponse {
+        key: info.name,
+        id: info.id,
+        version,
+        algorithm: info.algorithm,
+        pem,
+        jwk: Jwk {
+            kty: "RSA".into(),
+            n: URL_SAFE_NO_PAD.encode(public.n().to_bytes_be()),
+            e: URL_SAFE_NO_PAD.encode(public.e().to_bytes_be()),
+            alg: "RSA-OAEP-256".into(),
+            use_: "enc".into(),
+            kid,
+        },
+    })
 }
 
 /// `POST /v1/keys/{name}/rotate`.

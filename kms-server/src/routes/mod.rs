@@ -144,6 +144,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(keys::min_version_dry_run),
         )
         .route("/v1/keys/{name}/grants", put(keys::set_grants))
+        .route("/v1/keys/{name}/public-key", get(keys::public_key))
         .route("/v1/keys/{name}/datakey", post(crypto::datakey))
         .route("/v1/keys/{name}/wrap", post(crypto::wrap))
         .route("/v1/unwrap", post(crypto::unwrap))

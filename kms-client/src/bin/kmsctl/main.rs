@@ -82,6 +82,9 @@ pub(crate) enum Command {
         context: Vec<(String, String)>,
     },
     /// Wrap a DEK you supply (base64).
+    ///
+    /// With --public-key FILE (the JSON of `kmsctl keys public-key NAME -o json`), wraps
+    /// offline under that RSA key version: no server is contacted.
     Wrap {
         /// Key name.
         #[arg(long)]
@@ -92,6 +95,9 @@ pub(crate) enum Command {
         /// Encryption context entry, key=value (repeatable).
         #[arg(long = "context", value_parser = parse_kv)]
         context: Vec<(String, String)>,
+        /// Wrap offline with this exported RSA public key (JSON).
+        #[arg(long = "public-key")]
+        public_key: Option<PathBuf>,
     },
     /// Unwrap a wrapped DEK (base64); prints the DEK.
     Unwrap {
@@ -188,11 +194,23 @@ pub(crate) enum KeysCmd {
         /// Automatic rotation period, e.g. 90d.
         #[arg(long)]
         rotation_period: Option<String>,
+        /// aes-256-gcm (default), rsa-oaep-3072-sha256 or rsa-oaep-4096-sha256.
+        #[arg(long, value_parser = parse_algorithm)]
+        algorithm: Option<kms_client::api::Algorithm>,
         /// Let an identity use the key: IDENTITY (every operation) or
         /// IDENTITY=op,op with ops from datakey, wrap, unwrap, rewrap (repeatable).
         /// Without any, no one may use the key (default deny) until `keys grant`.
         #[arg(long = "grant", value_parser = parse_grant)]
         grants: Vec<kms_client::api::Grant>,
+    },
+    /// Print an RSA key's public key for offline wrapping (app with a wrap or datakey
+    /// grant): PEM with -o table, everything (PEM, JWK, id, version) with -o json.
+    PublicKey {
+        /// Key name.
+        name: String,
+        /// A version; the current one when omitted.
+        #[arg(long)]
+        version: Option<u32>,
     },
     /// Add a new version that becomes the wrapping version.
     Rotate {
@@ -396,6 +414,12 @@ fn parse_grant(s: &str) -> Result<kms_client::api::Grant, String> {
     Ok(Grant::new(identity, &ops))
 }
 
+fn parse_algorithm(s: &str) -> Result<kms_client::api::Algorithm, String> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
+        format!("`{s}`: expected aes-256-gcm, rsa-oaep-3072-sha256 or rsa-oaep-4096-sha256")
+    })
+}
+
 fn parse_kv(s: &str) -> Result<(String, String), String> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
@@ -406,6 +430,7 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
 impl Command {
     fn role(&self) -> Role {
         match self {
+            Command::Keys(KeysCmd::PublicKey { .. }) => Role::App,
             Command::Keys(_) | Command::Sys(_) => Role::Admin,
             Command::Audit(_) => Role::Auditor,
             _ => Role::App,
@@ -413,11 +438,58 @@ impl Command {
     }
 }
 
+/// `kmsctl wrap --public-key FILE`: wraps under an exported RSA public key, no server.
+fn wrap_offline(
+    cli: &Cli,
+    key: &str,
+    plaintext: &str,
+    context: &[(String, String)],
+    file: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let exported: kms_client::api::PublicKeyResponse =
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: not the JSON of `kmsctl keys public-key -o json`",
+                file.display()
+            )
+        })?;
+    if exported.key != key {
+        anyhow::bail!(
+            "{} is the public key of {}, not of {key}",
+            file.display(),
+            exported.key
+        );
+    }
+    let wrapper = kms_client::rsa_oaep::OfflineWrapper::from_response(&exported)?;
+    let dek = zeroize::Zeroizing::new(output::b64_decode(plaintext, "--plaintext")?);
+    let ctx: kms_client::api::Context = context.iter().cloned().collect();
+    let wrapped = wrapper.wrap(&dek, &ctx)?;
+    output::Printer::new(cli.output.unwrap_or(Output::Table)).wrapped(
+        &kms_client::api::WrapResponse {
+            wrapped: wrapped.into(),
+            key: wrapper.key().to_owned(),
+            version: wrapper.version(),
+        },
+    )
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Completions { shell } = &cli.command {
         let mut cmd = Cli::command();
         clap_complete::generate(*shell, &mut cmd, "kmsctl", &mut std::io::stdout());
         return Ok(());
+    }
+    if let Command::Wrap {
+        key,
+        plaintext,
+        context,
+        public_key: Some(file),
+    } = &cli.command
+    {
+        return wrap_offline(&cli, key, plaintext, context, file);
     }
     let resolved = settings::resolve(&cli, cli.command.role())?;
     let client = kms_client::Client::builder()
@@ -436,15 +508,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             KeysCmd::Create {
                 name,
                 rotation_period,
+                algorithm,
                 grants,
             } => {
                 let req = kms_client::api::CreateKeyRequest {
                     name: name.clone(),
-                    algorithm: None,
+                    algorithm: *algorithm,
                     rotation_period: rotation_period.clone(),
                     grants: grants.clone(),
                 };
                 out.key(&client.create_key(&req).await?)
+            }
+            KeysCmd::PublicKey { name, version } => {
+                out.public_key(&client.public_key(name, *version).await?)
             }
             KeysCmd::Rotate { name } => out.key(&client.rotate_key(name).await?),
             KeysCmd::Disable { name } => out.key(&client.disable_key(name).await?),
@@ -514,6 +590,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             key,
             plaintext,
             context,
+            ..
         } => {
             let dek = zeroize::Zeroizing::new(output::b64_decode(plaintext, "--plaintext")?);
             out.wrapped(&client.wrap(key, &dek, &ctx(context)).await?)

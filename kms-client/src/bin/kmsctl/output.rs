@@ -276,6 +276,16 @@ impl Printer {
         }
     }
 
+    pub(crate) fn public_key(&self, p: &kms_client::api::PublicKeyResponse) -> anyhow::Result<()> {
+        match self.format {
+            Output::Json => json(p),
+            Output::Table => {
+                print!("{}", p.pem);
+                Ok(())
+            }
+        }
+    }
+
     pub(crate) fn wrapped(&self, w: &WrapResponse) -> anyhow::Result<()> {
         match self.format {
             Output::Json => json(w),
