@@ -189,6 +189,8 @@ struct FileSeal {
     passphrase_file: Option<PathBuf>,
     #[serde(default)]
     argon2: Option<Argon2Params>,
+    #[serde(default)]
+    pkcs11: Option<crate::seal::Pkcs11Settings>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -259,6 +261,8 @@ pub struct SealSettings {
     pub passphrase_file: Option<PathBuf>,
     /// Argon2id parameters used by `init`.
     pub argon2: Argon2Params,
+    /// The token (method `pkcs11`), paths resolved.
+    pub pkcs11: Option<crate::seal::Pkcs11Settings>,
 }
 
 /// TLS files and policy.
@@ -436,6 +440,18 @@ impl Settings {
                     "only for seal.method = \"key-file\"".into(),
                 ))
             }
+            SealMethod::Pkcs11 if seal.pkcs11.is_none() => {
+                return Err(err(
+                    "seal.pkcs11",
+                    "required when seal.method = \"pkcs11\" (module, token_label, pin_file)".into(),
+                ))
+            }
+            m if m != SealMethod::Pkcs11 && seal.pkcs11.is_some() => {
+                return Err(err(
+                    "seal.pkcs11",
+                    "only for seal.method = \"pkcs11\"".into(),
+                ))
+            }
             _ => {}
         }
         let argon2 = seal.argon2.unwrap_or_default();
@@ -500,6 +516,12 @@ impl Settings {
                 method: seal.method,
                 key_file: seal.key_file.as_deref().map(resolve),
                 passphrase_file: seal.passphrase_file.as_deref().map(resolve),
+                pkcs11: seal.pkcs11.as_ref().map(|p| crate::seal::Pkcs11Settings {
+                    module: resolve(&p.module),
+                    token_label: p.token_label.clone(),
+                    key_label: p.key_label.clone(),
+                    pin_file: p.pin_file.as_deref().map(resolve),
+                }),
                 argon2,
             },
             tls: TlsSettings {

@@ -115,6 +115,10 @@ impl Error {
             Error::Seal(e) if e.is_bad_secret() => {
                 (StatusCode::BAD_REQUEST, ErrorCode::InvalidRequest)
             }
+            // The HSM is unreachable or refuses: the server stays sealed; retry later.
+            Error::Seal(SealError::Pkcs11(_)) => {
+                (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Sealed)
+            }
             Error::Seal(_) | Error::Corrupt(_) | Error::Internal(_) => {
                 (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal)
             }
@@ -126,6 +130,7 @@ impl Error {
         let (_, code) = self.status_and_code();
         let message = match self {
             Error::Seal(e) if e.is_bad_secret() => e.to_string(),
+            Error::Seal(e @ SealError::Pkcs11(_)) => e.to_string(),
             Error::Storage(_) => "the key store is unavailable; nothing was changed".into(),
             Error::Seal(_) | Error::Corrupt(_) | Error::Internal(_) => {
                 "internal error; see the server log".into()

@@ -185,6 +185,8 @@ fn init(
             }
             server::sealer_for(&settings.seal, None)
         }
+        // Creates the wrapping key in the token when it has none with the label.
+        SealMethod::Pkcs11 => server::sealer_for(&settings.seal, None),
         _ => {
             let pass = read_new_passphrase(passphrase_file)?;
             if pass.chars().count() < 12 {
@@ -222,7 +224,7 @@ fn restore(
 ) -> anyhow::Result<()> {
     let settings = Settings::load(&config)?;
     let sealer = match settings.seal.method {
-        SealMethod::KeyFile => server::sealer_for(&settings.seal, None),
+        SealMethod::KeyFile | SealMethod::Pkcs11 => server::sealer_for(&settings.seal, None),
         SealMethod::Passphrase => {
             let pass = match passphrase_file {
                 Some(f) => read_new_passphrase(Some(f))?,

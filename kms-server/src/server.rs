@@ -111,6 +111,11 @@ pub fn sealer_for(seal: &SealSettings, passphrase: Option<Zeroizing<String>>) ->
             seal.key_file.clone().unwrap_or_default(),
         )),
         SealMethod::Passphrase => Box::new(PassphraseSealer::new(passphrase, seal.argon2)),
+        SealMethod::Pkcs11 => match &seal.pkcs11 {
+            Some(p) => Box::new(crate::seal::Pkcs11Sealer::new(p.clone())),
+            // Config validation requires [seal.pkcs11] for this method.
+            None => Box::new(crate::seal::ShamirSealer::from_shares(Vec::new())),
+        },
         // Shares arrive one by one over `POST /v1/sys/unseal` (see `routes::sys`).
         _ => Box::new(crate::seal::ShamirSealer::from_shares(Vec::new())),
     }
@@ -285,6 +290,9 @@ pub async fn run_with_clock(
                 tracing::warn!(
                     "starting sealed: no unseal secret given; POST /v1/sys/unseal to unseal"
                 )
+            }
+            Ok(Err(Error::Seal(e))) => {
+                tracing::error!(error = %e, "starting sealed: unseal from the configured source failed")
             }
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "starting sealed: unseal from the configured source failed")

@@ -22,6 +22,7 @@ mod kmsctl;
 mod leak;
 mod lifecycle;
 mod ops;
+mod pkcs11;
 mod quickstart;
 mod rsa;
 mod seal;

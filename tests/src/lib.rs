@@ -4,6 +4,7 @@
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
 pub mod forensics;
+pub mod softhsm;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -82,6 +82,7 @@ impl Sealer for KeyFileSealer {
             method: SealMethod::KeyFile,
             argon2: None,
             shamir: None,
+            pkcs11: None,
             sealed: seal_under(&kek, SealMethod::KeyFile, master)?,
         })
     }

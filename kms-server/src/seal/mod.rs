@@ -4,8 +4,8 @@
 //! sealed (a [`SealedMasterKey`] record in the store's meta table); `serve` starts sealed
 //! and asks the configured [`Sealer`] to unseal. Methods today: a key file
 //! ([`KeyFileSealer`]), an operator passphrase through Argon2id ([`PassphraseSealer`]), and
-//! M-of-N Shamir shares held by operators ([`ShamirSealer`]). PKCS#11 tokens will
-//! implement the same trait.
+//! M-of-N Shamir shares held by operators ([`ShamirSealer`]), and a key that never
+//! leaves a PKCS#11 token ([`Pkcs11Sealer`]).
 
 use serde::{Deserialize, Serialize};
 
@@ -14,10 +14,12 @@ use crate::secret::SecretKey;
 
 mod keyfile;
 mod passphrase;
+mod pkcs11;
 mod shamir;
 
 pub use keyfile::KeyFileSealer;
 pub use passphrase::{Argon2Params, PassphraseSealer};
+pub use pkcs11::{Pkcs11Params, Pkcs11Sealer, Pkcs11Settings, PIN_ENV as PKCS11_PIN_ENV};
 pub use shamir::{ShamirParams, ShamirSealer, ShareInput};
 
 /// Label for the master key sealed under a key-encryption key (see `crypto`).
@@ -34,6 +36,8 @@ pub enum SealMethod {
     Passphrase,
     /// M of N Shamir shares of an unseal key, held by operators.
     Shamir,
+    /// A key held in a PKCS#11 token (HSM).
+    Pkcs11,
 }
 
 impl SealMethod {
@@ -43,6 +47,7 @@ impl SealMethod {
             SealMethod::KeyFile => "key-file",
             SealMethod::Passphrase => "passphrase",
             SealMethod::Shamir => "shamir",
+            SealMethod::Pkcs11 => "pkcs11",
         }
     }
 }
@@ -61,6 +66,9 @@ pub struct SealedMasterKey {
     /// Share set parameters, for the Shamir method.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shamir: Option<ShamirParams>,
+    /// Token and key labels and the GCM nonce, for the PKCS#11 method.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs11: Option<Pkcs11Params>,
     /// salt ‖ ciphertext ‖ tag of the master key (see `crypto::seal_box`), hex.
     pub sealed: String,
 }
@@ -103,6 +111,9 @@ pub enum SealError {
     /// An unseal share is malformed, of another set, or a duplicate.
     #[error("unseal share refused: {0}")]
     BadShare(&'static str),
+    /// The PKCS#11 token or module failed (not found, not logged in, ...).
+    #[error("PKCS#11: {0}")]
+    Pkcs11(String),
 }
 
 impl SealError {

@@ -102,6 +102,7 @@ impl Sealer for PassphraseSealer {
             method: SealMethod::Passphrase,
             argon2: Some(params),
             shamir: None,
+            pkcs11: None,
             sealed: seal_under(&kek, SealMethod::Passphrase, master)?,
         })
     }

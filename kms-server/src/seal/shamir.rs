@@ -146,6 +146,7 @@ impl Sealer for ShamirSealer {
             method: SealMethod::Shamir,
             argon2: None,
             shamir: Some(*params),
+            pkcs11: None,
             sealed: seal_under(key, SealMethod::Shamir, master)?,
         })
     }

@@ -1,0 +1,295 @@
+//! PKCS#11 sealing: the master key is encrypted (AES-256-GCM, `CKM_AES_GCM`) *inside* a
+//! hardware security module by a key that never leaves it (`CKA_SENSITIVE` true,
+//! `CKA_EXTRACTABLE` false, a token object). The store holds only the ciphertext; without
+//! the token and its user PIN the master key cannot be recovered. Tests run against
+//! SoftHSM2; the same code drives a real HSM through its vendor's PKCS#11 module.
+//!
+//! Configuration (`[seal.pkcs11]`): the module path, the token label, the wrapping key's
+//! label, and the user PIN from a file (or the `KEYHOLD_PKCS11_PIN` environment variable).
+//! `kms-server init` creates the wrapping key in the token when none has that label;
+//! `serve` unseals at start (as with a key file) and `POST /v1/sys/unseal` retries.
+//!
+//! A PKCS#11 library may be initialized once per process, so one context per process is
+//! kept for the configured module ([`context`]); each operation opens its own session.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::{Error as P11Error, RvError};
+use cryptoki::mechanism::aead::GcmParams;
+use cryptoki::mechanism::Mechanism;
+use cryptoki::object::{Attribute, KeyType, ObjectClass, ObjectHandle};
+use cryptoki::session::{Session, UserType};
+use cryptoki::types::AuthPin;
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+use super::{check_method, hex, unhex, SealError, SealMethod, SealedMasterKey, Sealer};
+use crate::secret::SecretKey;
+
+/// Environment variable with the token's user PIN, when no `pin_file` is configured.
+pub const PIN_ENV: &str = "KEYHOLD_PKCS11_PIN";
+/// Default label of the wrapping key in the token.
+const DEFAULT_KEY_LABEL: &str = "keyhold-master-wrap";
+
+const IV_LEN: usize = 12;
+const TAG_BITS: u64 = 128;
+
+/// Where the token and its wrapping key are (`[seal.pkcs11]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Settings {
+    /// The PKCS#11 module (shared library), e.g. `/usr/lib/softhsm/libsofthsm2.so`.
+    pub module: PathBuf,
+    /// Label of the token holding the wrapping key.
+    pub token_label: String,
+    /// Label of the wrapping key.
+    #[serde(default = "default_key_label")]
+    pub key_label: String,
+    /// File holding the user PIN; without it, [`PIN_ENV`].
+    #[serde(default)]
+    pub pin_file: Option<PathBuf>,
+}
+
+fn default_key_label() -> String {
+    DEFAULT_KEY_LABEL.into()
+}
+
+/// What the sealed record says about the token (public: labels and the GCM nonce).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Params {
+    /// Token label at sealing time.
+    pub token_label: String,
+    /// Wrapping key label.
+    pub key_label: String,
+    /// GCM nonce, hex.
+    pub iv: String,
+}
+
+/// Seals the master key with a key held in a PKCS#11 token.
+pub struct Pkcs11Sealer {
+    settings: Pkcs11Settings,
+    /// The PIN, or why it could not be read (reported when the token is used).
+    pin: Result<Zeroizing<String>, String>,
+}
+
+impl std::fmt::Debug for Pkcs11Sealer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pkcs11Sealer")
+            .field("settings", &self.settings)
+            .field("pin", &self.pin.as_ref().map(|_| "[REDACTED]"))
+            .finish()
+    }
+}
+
+fn p11(what: &'static str) -> impl Fn(P11Error) -> SealError {
+    move |e| match e {
+        P11Error::Pkcs11(RvError::PinIncorrect | RvError::PinInvalid | RvError::PinLenRange, _) => {
+            SealError::WrongSecret("PKCS#11 user PIN")
+        }
+        P11Error::Pkcs11(RvError::PinLocked, _) => {
+            SealError::Pkcs11(format!("{what}: the token's user PIN is locked"))
+        }
+        e => SealError::Pkcs11(format!("{what}: {e}")),
+    }
+}
+
+/// The process's PKCS#11 context for `module` (initialized on first use).
+fn context(module: &Path) -> Result<Pkcs11, SealError> {
+    static CONTEXT: OnceLock<Mutex<Option<(PathBuf, Pkcs11)>>> = OnceLock::new();
+    let mut slot = CONTEXT
+        .get_or_init(|| Mutex::new(None))
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    if let Some((path, ctx)) = slot.as_ref() {
+        if path == module {
+            return Ok(ctx.clone());
+        }
+        return Err(SealError::Pkcs11(format!(
+            "this process already uses the PKCS#11 module {}",
+            path.display()
+        )));
+    }
+    let ctx = Pkcs11::new(module)
+        .map_err(|e| SealError::Pkcs11(format!("loading the module {}: {e}", module.display())))?;
+    ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
+        .map_err(p11("C_Initialize"))?;
+    *slot = Some((module.to_owned(), ctx.clone()));
+    Ok(ctx)
+}
+
+impl Pkcs11Sealer {
+    /// With the PIN from `pin_file` or [`PIN_ENV`], read now; when it cannot be read,
+    /// every operation fails with [`SealError::NoSecret`] saying why.
+    pub fn new(settings: Pkcs11Settings) -> Self {
+        let pin = match &settings.pin_file {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => {
+                    let text = Zeroizing::new(text);
+                    Ok(Zeroizing::new(
+                        text.trim_end_matches(['\n', '\r']).to_owned(),
+                    ))
+                }
+                Err(e) => Err(format!("PIN file {}: {e}", path.display())),
+            },
+            None => std::env::var(PIN_ENV)
+                .map(Zeroizing::new)
+                .map_err(|_| format!("no seal.pkcs11.pin_file and no {PIN_ENV}")),
+        };
+        Self { settings, pin }
+    }
+
+    /// A logged-in read-write session on the configured token.
+    fn session(&self) -> Result<Session, SealError> {
+        let pin = self
+            .pin
+            .as_ref()
+            .map_err(|why| SealError::Pkcs11(format!("the user PIN is unavailable: {why}")))?;
+        let ctx = context(&self.settings.module)?;
+        let slot = ctx
+            .get_slots_with_token()
+            .map_err(p11("listing slots"))?
+            .into_iter()
+            .find(|s| {
+                ctx.get_token_info(*s)
+                    .is_ok_and(|t| t.label().trim_end() == self.settings.token_label)
+            })
+            .ok_or_else(|| {
+                SealError::Pkcs11(format!(
+                    "no token labelled {:?} in {}",
+                    self.settings.token_label,
+                    self.settings.module.display()
+                ))
+            })?;
+        let session = ctx
+            .open_rw_session(slot)
+            .map_err(p11("opening a session"))?;
+        let auth = AuthPin::new(pin.as_str().into());
+        match session.login(UserType::User, Some(&auth)) {
+            Ok(()) | Err(P11Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => Ok(session),
+            Err(e) => Err(p11("login")(e)),
+        }
+    }
+
+    fn find_key(&self, session: &Session) -> Result<Option<ObjectHandle>, SealError> {
+        let found = session
+            .find_objects(&[
+                Attribute::Class(ObjectClass::SECRET_KEY),
+                Attribute::KeyType(KeyType::AES),
+                Attribute::Label(self.settings.key_label.as_bytes().to_vec()),
+            ])
+            .map_err(p11("finding the wrapping key"))?;
+        match found.as_slice() {
+            [] => Ok(None),
+            [one] => Ok(Some(*one)),
+            _ => Err(SealError::Pkcs11(format!(
+                "{} keys are labelled {:?}: refusing to guess",
+                found.len(),
+                self.settings.key_label
+            ))),
+        }
+    }
+
+    /// Creates the wrapping key in the token: AES-256, a token object, private,
+    /// sensitive, never extractable, for encrypt/decrypt only.
+    fn create_key(&self, session: &Session) -> Result<ObjectHandle, SealError> {
+        session
+            .generate_key(
+                &Mechanism::AesKeyGen,
+                &[
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Encrypt(true),
+                    Attribute::Decrypt(true),
+                    Attribute::Wrap(false),
+                    Attribute::Unwrap(false),
+                    Attribute::ValueLen(32.into()),
+                    Attribute::Label(self.settings.key_label.as_bytes().to_vec()),
+                ],
+            )
+            .map_err(p11("creating the wrapping key"))
+    }
+
+    fn aad(key_label: &str) -> Vec<u8> {
+        let mut aad = b"keyhold/master-key/v1/pkcs11\0".to_vec();
+        aad.extend_from_slice(key_label.as_bytes());
+        aad
+    }
+}
+
+impl Sealer for Pkcs11Sealer {
+    fn method(&self) -> SealMethod {
+        SealMethod::Pkcs11
+    }
+
+    /// Encrypts the master key in the token; creates the wrapping key first when the
+    /// token has none with the configured label (at `init`).
+    fn seal(&self, master: &SecretKey) -> Result<SealedMasterKey, SealError> {
+        let session = self.session()?;
+        let key = match self.find_key(&session)? {
+            Some(k) => k,
+            None => self.create_key(&session)?,
+        };
+        let mut iv = [0u8; IV_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut iv)
+            .map_err(|_| SealError::Random)?;
+        let iv_hex = hex(&iv);
+        let aad = Self::aad(&self.settings.key_label);
+        let params =
+            GcmParams::new(&mut iv, &aad, TAG_BITS.into()).map_err(p11("GCM parameters"))?;
+        let sealed = session
+            .encrypt(&Mechanism::AesGcm(params), key, master.expose_secret())
+            .map_err(p11("encrypting the master key in the token"))?;
+        Ok(SealedMasterKey {
+            method: SealMethod::Pkcs11,
+            argon2: None,
+            shamir: None,
+            pkcs11: Some(Pkcs11Params {
+                token_label: self.settings.token_label.clone(),
+                key_label: self.settings.key_label.clone(),
+                iv: iv_hex,
+            }),
+            sealed: hex(&sealed),
+        })
+    }
+
+    fn unseal(&self, sealed: &SealedMasterKey) -> Result<SecretKey, SealError> {
+        check_method(sealed, SealMethod::Pkcs11)?;
+        let params = sealed.pkcs11.as_ref().ok_or(SealError::Malformed)?;
+        if params.key_label != self.settings.key_label {
+            return Err(SealError::Pkcs11(format!(
+                "the store was sealed with the token key {:?}, the configuration names {:?}",
+                params.key_label, self.settings.key_label
+            )));
+        }
+        let mut iv: [u8; IV_LEN] = unhex(&params.iv)
+            .and_then(|v| v.try_into().ok())
+            .ok_or(SealError::Malformed)?;
+        let ciphertext = unhex(&sealed.sealed).ok_or(SealError::Malformed)?;
+        let session = self.session()?;
+        let key = self.find_key(&session)?.ok_or_else(|| {
+            SealError::Pkcs11(format!(
+                "the token has no key labelled {:?}",
+                self.settings.key_label
+            ))
+        })?;
+        let aad = Self::aad(&params.key_label);
+        let gcm = GcmParams::new(&mut iv, &aad, TAG_BITS.into()).map_err(p11("GCM parameters"))?;
+        let plain = Zeroizing::new(
+            session
+                .decrypt(&Mechanism::AesGcm(gcm), key, &ciphertext)
+                .map_err(|e| match e {
+                    P11Error::Pkcs11(
+                        RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange,
+                        _,
+                    ) => SealError::WrongSecret("PKCS#11 wrapping key"),
+                    e => p11("decrypting the master key in the token")(e),
+                })?,
+        );
+        SecretKey::from_slice(&plain).ok_or(SealError::Malformed)
+    }
+}
