@@ -24,12 +24,12 @@ start_dev() {
   wait_ready "$3"
 }
 
-# unwrap_body PKI_DIR API_PORT CONTEXT_JSON OUT_FILE: a datakey from the demo key, as the
-# body of an unwrap request with that context.
+# unwrap_body PKI_DIR API_PORT CONTEXT_JSON OUT_FILE [KEY]: a datakey from KEY (default the
+# demo key), as the body of an unwrap request with that context.
 unwrap_body() {
   local wrapped
   wrapped=$(curl -sS --cacert "$1/ca.pem" --cert "$1/app.pem" --key "$1/app-key.pem" -H 'content-type: application/json' \
-    -d "{\"context\":$3}" "https://127.0.0.1:$2/v1/keys/demo/datakey" \
+    -d "{\"context\":$3}" "https://127.0.0.1:$2/v1/keys/${5:-demo}/datakey" \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["wrapped"])')
   printf '{"wrapped":"%s","context":%s}' "$wrapped" "$3" > "$4"
 }
