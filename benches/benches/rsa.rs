@@ -22,7 +22,10 @@ fn bench(c: &mut Criterion) {
     let ctx: Context = [("object".to_string(), "scans/2026/11/22/42".to_string())].into();
     let canonical = format::canonical_context(&ctx).unwrap();
     let dek = [9u8; 32];
-    for (alg, bits) in [(Algorithm::RsaOaep3072Sha256, 3072), (Algorithm::RsaOaep4096Sha256, 4096)] {
+    for (alg, bits) in [
+        (Algorithm::RsaOaep3072Sha256, 3072),
+        (Algorithm::RsaOaep4096Sha256, 4096),
+    ] {
         let (kek, pkcs8) = Kek::generate(alg).unwrap();
         let wrapped = kek.wrap(&header, &dek, &canonical).unwrap();
         let mut g = c.benchmark_group(format!("rsa-oaep-{bits}-sha256"));
@@ -34,7 +37,10 @@ fn bench(c: &mut Criterion) {
         let (head, ct) = wrapped.split_at(kms_client::rsa_oaep::HEADER_LEN);
         let label = kms_client::rsa_oaep::label(head, &canonical);
         let check = private
-            .decrypt(rsa::Oaep::new_with_label::<sha2::Sha256, _>(label.clone()), ct)
+            .decrypt(
+                rsa::Oaep::new_with_label::<sha2::Sha256, _>(label.clone()),
+                ct,
+            )
             .unwrap();
         assert_eq!(check, dek);
         g.bench_function("unwrap: rsa crate (not used by the server)", |b| {
