@@ -17,6 +17,7 @@ mod client;
 mod crash;
 mod crypto;
 mod curl;
+mod hostile;
 mod keys;
 mod kmsctl;
 mod leak;

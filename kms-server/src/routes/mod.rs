@@ -373,9 +373,58 @@ where
     type Rejection = Error;
 
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        let limit = state.settings.max_body_bytes;
+        let is_json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<media_type::MediaType>().ok())
+            .is_some_and(|m| m.is_json());
+        if !is_json {
+            return Err(Error::UnsupportedMediaType);
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| match r.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge(limit),
+                _ => Error::InvalidRequest("the request body could not be read".into()),
+            })?;
+        // Every request body is a JSON object. serde would also build a struct from an
+        // array of its fields in order (`[]` → all defaults): refuse that shape.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(Error::InvalidRequest(
+                "the request body must be a JSON object".into(),
+            ));
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(rejection) => Err(json_rejection(rejection, state.settings.max_body_bytes)),
+            Err(rejection) => Err(json_rejection(rejection, limit)),
+        }
+    }
+}
+
+/// `application/json` or `application/<something>+json`, as axum's `Json` accepts.
+mod media_type {
+    /// A parsed media type: type, subtype (parameters ignored).
+    pub(super) struct MediaType {
+        essence: String,
+    }
+
+    impl std::str::FromStr for MediaType {
+        type Err = ();
+        fn from_str(s: &str) -> Result<Self, ()> {
+            let essence = s.split(';').next().ok_or(())?.trim().to_ascii_lowercase();
+            if essence.split('/').count() != 2 {
+                return Err(());
+            }
+            Ok(Self { essence })
+        }
+    }
+
+    impl MediaType {
+        pub(super) fn is_json(&self) -> bool {
+            self.essence == "application/json"
+                || (self.essence.starts_with("application/") && self.essence.ends_with("+json"))
         }
     }
 }
