@@ -142,6 +142,13 @@ impl KeyEntry {
         }
     }
 
+    /// When the current version was created (the rotation period counts from it).
+    fn current_born(&self) -> u64 {
+        self.versions
+            .get(&self.record.current_version)
+            .map_or(self.record.created_at, |v| v.created_at)
+    }
+
     fn check_usable(&self) -> Result<(), Error> {
         match self.record.state {
             KeyState::Enabled => Ok(()),
@@ -312,6 +319,17 @@ fn deletion_key(date: u64, id: &KeyId) -> Vec<u8> {
     k
 }
 
+/// Index key of `Table::Rotations`: due date ‖ key id.
+fn rotation_key(due: u64, id: &KeyId) -> Vec<u8> {
+    let mut k = due.to_be_bytes().to_vec();
+    k.extend_from_slice(&id.0);
+    k
+}
+
+/// Meta entry saying the rotation index is complete (stores from before it get it built
+/// by the first sweep).
+const META_ROTATION_INDEX: &[u8] = b"index/rotations/v1";
+
 fn version_key(id: &KeyId, version: u32) -> Vec<u8> {
     let mut k = id.0.to_vec();
     k.extend_from_slice(&version.to_be_bytes());
@@ -391,7 +409,9 @@ impl Keyring {
         batch
             .require(Table::Meta, META_SEALED_MASTER, None)
             .put(Table::Meta, META_SEALED_MASTER, &to_json(&sealed)?)
-            .put(Table::Meta, META_FORMAT, STORE_FORMAT);
+            .put(Table::Meta, META_FORMAT, STORE_FORMAT)
+            // A new store keeps its rotation index complete from the first key.
+            .put(Table::Meta, META_ROTATION_INDEX, b"1");
         match self.store.commit(&batch) {
             Ok(()) => Ok(()),
             Err(StoreError::Conflict(_)) => Err(Error::InvalidState(
@@ -769,6 +789,13 @@ impl Keyring {
             .put(Table::KeyNames, &name_key(tenant, name), &id.0)
             .put(Table::Keys, &id.0, &record_bytes)
             .put(Table::Versions, &version_key(&id, 1), &to_json(&version)?);
+        if let Some(period) = record.rotation_period_secs {
+            batch.put(
+                Table::Rotations,
+                &rotation_key(created_at.saturating_add(period), &id),
+                b"",
+            );
+        }
         match self.store.commit(&batch) {
             Ok(()) => {}
             Err(StoreError::Conflict("key_names")) => return Err(Error::AlreadyExists),
@@ -908,6 +935,20 @@ impl Keyring {
                 &version_key(&id, new_version),
                 &to_json(&version)?,
             );
+        if let Some(period) = record.rotation_period_secs {
+            // The next rotation is due one period after this version, whatever the old
+            // entry said (manual rotations push it back too).
+            batch
+                .delete(
+                    Table::Rotations,
+                    &rotation_key(entry.current_born().saturating_add(period), &id),
+                )
+                .put(
+                    Table::Rotations,
+                    &rotation_key(created_at.saturating_add(period), &id),
+                    b"",
+                );
+        }
         self.commit_update(&un, &id, &batch)?;
         let mut versions = entry.versions.clone();
         versions.insert(
@@ -1250,35 +1291,64 @@ impl Keyring {
         })
     }
 
-    /// Rotates every enabled key with a rotation period whose current version is at least
-    /// that old at `now`. Needs the master key (the new versions are sealed under it): a
-    /// sealed keyring rotates nothing. Returns (tenant, name, new version) of each.
+    /// Rotates every enabled key whose rotation period has passed since its current
+    /// version was made (the key sweep calls this). Reads only the due part of the
+    /// rotation index (`Table::Rotations`), which it treats as a hint: each entry is
+    /// checked against the key record, stale entries (destroyed keys, a period that no
+    /// longer applies) are dropped or corrected. Disabled keys and keys pending deletion
+    /// wait. Returns (tenant, name, new version) of each key rotated.
     pub fn rotate_due(&self, now: u64) -> Result<Vec<(String, String, u32)>, Error> {
         let Ok(un) = self.unsealed() else {
             return Ok(Vec::new());
         };
+        self.build_rotation_index()?;
         let mut due = Vec::new();
-        for (id, bytes) in self.store.scan_prefix(Table::Keys, b"")? {
-            let record: KeyRecord =
-                serde_json::from_slice(&bytes).map_err(|_| Error::Corrupt("key record"))?;
-            let (Some(period), KeyState::Enabled) = (record.rotation_period_secs, record.state)
-            else {
-                continue;
-            };
-            let id: [u8; 16] = id
-                .as_slice()
-                .try_into()
-                .map_err(|_| Error::Corrupt("key id"))?;
-            let Some(entry) = self.load_entry(&un, KeyId(id))? else {
-                continue;
-            };
-            let born = entry
-                .versions
-                .get(&entry.record.current_version)
-                .map_or(entry.record.created_at, |v| v.created_at);
-            if now >= born.saturating_add(period) {
-                due.push((record.tenant, record.name));
+        let mut fixes = WriteBatch::new();
+        let mut start = Vec::new();
+        'pages: loop {
+            let page = self.store.scan_from(Table::Rotations, &start, 256)?;
+            let Some((last, _)) = page.last() else { break };
+            start = last.clone();
+            start.push(0);
+            for (index_key, _) in &page {
+                let (when, id) = index_key.split_at(8.min(index_key.len()));
+                let when = u64::from_be_bytes(
+                    when.try_into()
+                        .map_err(|_| Error::Corrupt("rotation index"))?,
+                );
+                if when > now {
+                    break 'pages;
+                }
+                let id = KeyId(
+                    id.try_into()
+                        .map_err(|_| Error::Corrupt("rotation index"))?,
+                );
+                let entry = match self.load_entry(&un, id)? {
+                    Some(e) if e.record.state != KeyState::Destroyed => e,
+                    _ => {
+                        fixes.delete(Table::Rotations, index_key);
+                        continue;
+                    }
+                };
+                let Some(period) = entry.record.rotation_period_secs else {
+                    fixes.delete(Table::Rotations, index_key);
+                    continue;
+                };
+                let actual = entry.current_born().saturating_add(period);
+                if actual != when {
+                    fixes.delete(Table::Rotations, index_key).put(
+                        Table::Rotations,
+                        &rotation_key(actual, &id),
+                        b"",
+                    );
+                }
+                if entry.record.state == KeyState::Enabled && actual <= now {
+                    due.push((entry.record.tenant.clone(), entry.record.name.clone()));
+                }
             }
+        }
+        if !fixes.writes.is_empty() {
+            self.store.commit(&fixes)?;
         }
         let mut rotated = Vec::new();
         for (tenant, name) in due {
@@ -1286,6 +1356,72 @@ impl Keyring {
             rotated.push((tenant, name, info.current_version));
         }
         Ok(rotated)
+    }
+
+    /// Builds the rotation index once for a store written before it existed: one pass
+    /// over the key records (their versions' creation times are stored in clear).
+    fn build_rotation_index(&self) -> Result<(), Error> {
+        if self.store.get(Table::Meta, META_ROTATION_INDEX)?.is_some() {
+            return Ok(());
+        }
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut batch = WriteBatch::new();
+        batch.require(Table::Meta, META_ROTATION_INDEX, None).put(
+            Table::Meta,
+            META_ROTATION_INDEX,
+            b"1",
+        );
+        // Page through the keys: a million records must not be held at once.
+        let mut records = Vec::new();
+        let mut start = Vec::new();
+        loop {
+            let page = self.store.scan_from(Table::Keys, &start, 1024)?;
+            let Some((last, _)) = page.last() else { break };
+            start = last.clone();
+            start.push(0);
+            records.extend(page.into_iter().filter(|(_, bytes)| {
+                // Cheap pre-filter; the record is parsed properly below.
+                bytes.windows(20).any(|w| w == b"rotation_period_secs")
+            }));
+        }
+        for (id, bytes) in records {
+            let record: KeyRecord =
+                serde_json::from_slice(&bytes).map_err(|_| Error::Corrupt("key record"))?;
+            let (Some(period), false) = (
+                record.rotation_period_secs,
+                record.state == KeyState::Destroyed,
+            ) else {
+                continue;
+            };
+            let id = KeyId(
+                id.as_slice()
+                    .try_into()
+                    .map_err(|_| Error::Corrupt("key id"))?,
+            );
+            let born = match self
+                .store
+                .get(Table::Versions, &version_key(&id, record.current_version))?
+            {
+                Some(v) => {
+                    serde_json::from_slice::<VersionRecord>(&v)
+                        .map_err(|_| Error::Corrupt("version record"))?
+                        .created_at
+                }
+                None => record.created_at,
+            };
+            batch.put(
+                Table::Rotations,
+                &rotation_key(born.saturating_add(period), &id),
+                b"",
+            );
+        }
+        match self.store.commit(&batch) {
+            Ok(()) | Err(StoreError::Conflict(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Destroys every key whose deletion date is at or before `now`: in one transaction
@@ -1860,5 +1996,85 @@ mod tests {
         ));
         ring.set_min_decrypt_version("t", "k", 1).unwrap();
         assert!(ring.unwrap(&app, &old.wrapped, &Context::new()).is_ok());
+    }
+
+    #[test]
+    fn rotation_index_drives_the_sweep_and_is_built_for_old_stores() {
+        let (_dir, ring, sealer) = setup();
+        let offset = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let o = offset.clone();
+        let ring = Keyring::with_clock(
+            ring.store().clone(),
+            crate::clock::Clock::from_fn(move || {
+                crate::clock::Clock::system().now() + o.load(std::sync::atomic::Ordering::SeqCst)
+            }),
+        );
+        let advance = |secs: u64| offset.fetch_add(secs, std::sync::atomic::Ordering::SeqCst);
+        ring.unseal(&sealer).unwrap();
+        let day = 86_400;
+        ring.create_key(
+            "t",
+            "a",
+            Algorithm::Aes256Gcm,
+            Some(Duration::from_secs(30 * day)),
+            all_grant(),
+        )
+        .unwrap();
+        ring.create_key(
+            "t",
+            "b",
+            Algorithm::Aes256Gcm,
+            Some(Duration::from_secs(10 * day)),
+            all_grant(),
+        )
+        .unwrap();
+        ring.create_key("t", "none", Algorithm::Aes256Gcm, None, all_grant())
+            .unwrap();
+        let index = |ring: &Keyring| {
+            ring.store()
+                .scan_prefix(Table::Rotations, b"")
+                .unwrap()
+                .len()
+        };
+        assert_eq!(index(&ring), 2, "one entry per key with a period");
+        let now = || ring.clock().now();
+        assert!(ring.rotate_due(now()).unwrap().is_empty());
+        // 11 days: b only, and its entry moves 10 days on.
+        advance(11 * day);
+        let r = ring.rotate_due(now()).unwrap();
+        assert_eq!(r, vec![("t".to_string(), "b".to_string(), 2)]);
+        assert_eq!(index(&ring), 2);
+        assert!(
+            ring.rotate_due(now()).unwrap().is_empty(),
+            "once per period"
+        );
+        // A disabled key waits; enabled again, it rotates.
+        ring.set_enabled("t", "a", false).unwrap();
+        advance(20 * day);
+        assert!(ring
+            .rotate_due(now())
+            .unwrap()
+            .iter()
+            .all(|(_, n, _)| n != "a"));
+        ring.set_enabled("t", "a", true).unwrap();
+        assert!(ring
+            .rotate_due(now())
+            .unwrap()
+            .iter()
+            .any(|(_, n, _)| n == "a"));
+        // A store from before the index: no entries, no marker. The sweep builds it.
+        let mut wipe = WriteBatch::new();
+        for (k, _) in ring.store().scan_prefix(Table::Rotations, b"").unwrap() {
+            wipe.delete(Table::Rotations, &k);
+        }
+        wipe.delete(Table::Meta, META_ROTATION_INDEX);
+        ring.store().commit(&wipe).unwrap();
+        assert_eq!(index(&ring), 0);
+        advance(100 * day);
+        let r = ring.rotate_due(now()).unwrap();
+        let mut names: Vec<_> = r.iter().map(|(_, n, _)| n.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["a", "b"]);
+        assert_eq!(index(&ring), 2);
     }
 }

@@ -29,6 +29,10 @@ struct Args {
     /// File with the JSON request body.
     #[arg(long)]
     body: PathBuf,
+    /// The body file holds one request body per line; requests cycle through them (each
+    /// connection from its own offset), e.g. wrapped DEKs of many different keys.
+    #[arg(long)]
+    lines: bool,
     #[arg(long)]
     ca: PathBuf,
     #[arg(long)]
@@ -67,7 +71,8 @@ struct Outcome {
 async fn worker(
     args: Arc<Args>,
     tls: Arc<rustls::ClientConfig>,
-    body: Bytes,
+    bodies: Arc<Vec<Bytes>>,
+    offset: usize,
     start_measure: Instant,
     stop: Instant,
 ) -> anyhow::Result<Outcome> {
@@ -95,7 +100,8 @@ async fn worker(
     } else {
         args.path.clone()
     };
-    for _ in 0..args.max_requests {
+    for n in 0..args.max_requests {
+        let body = &bodies[(offset + n as usize * args.concurrency) % bodies.len()];
         let t0 = Instant::now();
         if t0 >= stop {
             break;
@@ -145,7 +151,19 @@ fn main() -> anyhow::Result<()> {
         vec![b"http/1.1".to_vec()]
     };
     let tls = Arc::new(tls);
-    let body = Bytes::from(std::fs::read(&args.body).context("reading the body file")?);
+    let text = std::fs::read(&args.body).context("reading the body file")?;
+    let bodies: Vec<Bytes> = if args.lines {
+        text.split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(Bytes::copy_from_slice)
+            .collect()
+    } else {
+        vec![Bytes::from(text)]
+    };
+    if bodies.is_empty() {
+        bail!("the body file is empty");
+    }
+    let bodies = Arc::new(bodies);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -154,11 +172,12 @@ fn main() -> anyhow::Result<()> {
         let start_measure = Instant::now() + Duration::from_secs(args.warmup);
         let stop = start_measure + Duration::from_secs(args.duration);
         let mut tasks = Vec::new();
-        for _ in 0..args.concurrency {
+        for i in 0..args.concurrency {
             tasks.push(tokio::spawn(worker(
                 args.clone(),
                 tls.clone(),
-                body.clone(),
+                bodies.clone(),
+                i,
                 start_measure,
                 stop,
             )));

@@ -59,11 +59,15 @@ pub enum Table {
     Deletions,
     /// Key id ‖ version (u32 BE) → usage counters of that version (see `usage`).
     Usage,
+    /// Rotation due date (unix seconds, u64 BE) ‖ key id → empty: keys with a rotation
+    /// period, in the order they fall due, so the rotation sweep reads only what is due
+    /// (not every key: a million keys must not be parsed every minute).
+    Rotations,
 }
 
 impl Table {
     /// Every table, for engines that create them up front.
-    pub const ALL: [Table; 7] = [
+    pub const ALL: [Table; 8] = [
         Table::Meta,
         Table::Keys,
         Table::KeyNames,
@@ -71,6 +75,7 @@ impl Table {
         Table::Audit,
         Table::Deletions,
         Table::Usage,
+        Table::Rotations,
     ];
 
     /// The table's name in the engine.
@@ -83,6 +88,7 @@ impl Table {
             Table::Audit => "audit",
             Table::Deletions => "deletions",
             Table::Usage => "usage",
+            Table::Rotations => "rotations",
         }
     }
 }

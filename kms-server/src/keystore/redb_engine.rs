@@ -19,6 +19,11 @@ fn engine_err(e: impl Into<redb::Error>) -> StoreError {
     }
 }
 
+/// redb's page cache. redb's default (1 GiB) lets resident memory grow with the store:
+/// with a million keys, reading them once pulled the process to ~680 MiB. Key material is
+/// cached decrypted by the keyring, so this cache holds only what a cache miss reads.
+const CACHE_BYTES: usize = 32 << 20;
+
 /// A redb database file. Every commit uses `Durability::Immediate` with two-phase commit,
 /// so a commit that returned survives a crash or power loss (redb fsyncs twice per commit
 /// and never overwrites the last committed root in place).
@@ -29,7 +34,7 @@ pub struct RedbStore {
 impl RedbStore {
     /// Opens or creates the database file at `path` and its tables.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = match Database::create(path) {
+        let db = match Database::builder().set_cache_size(CACHE_BYTES).create(path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
                 return Err(StoreError::Locked(path.display().to_string()))

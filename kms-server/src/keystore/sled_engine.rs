@@ -20,7 +20,7 @@ fn engine_err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
 /// `flush()`; the write is acknowledged only after the flush returns.
 pub struct SledStore {
     db: sled::Db,
-    trees: [sled::Tree; 7],
+    trees: [sled::Tree; 8],
 }
 
 impl SledStore {
@@ -45,6 +45,7 @@ impl SledStore {
             open(Table::Audit)?,
             open(Table::Deletions)?,
             open(Table::Usage)?,
+            open(Table::Rotations)?,
         ];
         Ok(Self { db, trees })
     }
@@ -63,6 +64,7 @@ fn index(table: Table) -> usize {
         Table::Audit => 4,
         Table::Deletions => 5,
         Table::Usage => 6,
+        Table::Rotations => 7,
     }
 }
 
