@@ -12,18 +12,22 @@
 duration=${1:-10}
 shift || true
 sizes=${*:-1000 100000 1000000}
+# How many different keys the load touches (SAMPLE=100000 goes past the keyring's cache of
+# 100 000 keys by default at 1M KEKs: cold loads and evictions).
+sample=${SAMPLE:-1000}
 source "$(dirname "$0")/common.sh"
 
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 
+echo "keys touched by the load: $sample"
 echo "| KEKs | store size | start-up to ready (s) | RSS after start (MiB) | unwrap req/s (c=16) | p50 / p99 (ms) | RSS after load (MiB) | errors |"
 echo "|---|---|---|---|---|---|---|---|"
 for n in $sizes; do
   api=$(free_port); ops=$(free_port)
-  cache="/dev/shm/keyhold-scale-$n"
+  cache="/dev/shm/keyhold-scale-$n-$sample"
   if [ ! -f "$cache/unwrap-bodies.jsonl" ]; then
     rm -rf "$cache"
-    "$bin/populate" --dir "$cache" --keys "$n" --sample 1000 --listen 127.0.0.1:1 --ops-listen 127.0.0.1:2 >&2
+    "$bin/populate" --dir "$cache" --keys "$n" --sample "$sample" --listen 127.0.0.1:1 --ops-listen 127.0.0.1:2 >&2
   fi
   d="$work/scale-$n"
   rm -rf "$d"; cp -r "$cache" "$d"

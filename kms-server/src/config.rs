@@ -84,14 +84,22 @@ struct FileKeys {
     /// How often due rotations and destructions are looked for.
     #[serde(default = "default_sweep")]
     sweep_interval_secs: u64,
+    /// How many keys the keyring keeps decrypted in memory.
+    #[serde(default = "default_cache_keys")]
+    cache_keys: usize,
 }
 
 impl Default for FileKeys {
     fn default() -> Self {
         Self {
             sweep_interval_secs: default_sweep(),
+            cache_keys: default_cache_keys(),
         }
     }
+}
+
+fn default_cache_keys() -> usize {
+    crate::keyring::DEFAULT_CACHE_KEYS
 }
 
 fn default_sweep() -> u64 {
@@ -316,6 +324,8 @@ pub struct Settings {
     pub lockout: crate::lockout::LockoutPolicy,
     /// How often automatic rotations and due destructions run.
     pub sweep_interval: std::time::Duration,
+    /// Most keys kept decrypted in the keyring's cache (`[keys] cache_keys`).
+    pub cache_keys: usize,
     /// Alert destinations.
     pub alerts: crate::alert::AlertSettings,
 }
@@ -416,6 +426,9 @@ impl Settings {
         }
         if !(1..=3600).contains(&raw.keys.sweep_interval_secs) {
             return Err(err("keys.sweep_interval_secs", "must be 1 to 3600".into()));
+        }
+        if !(100..=10_000_000).contains(&raw.keys.cache_keys) {
+            return Err(err("keys.cache_keys", "must be 100 to 10000000".into()));
         }
         if tls.crl_poll_secs > 3600 {
             return Err(err(
@@ -547,6 +560,7 @@ impl Settings {
                 None => resolve(&raw.store.path).with_extension("audit"),
             },
             sweep_interval: std::time::Duration::from_secs(raw.keys.sweep_interval_secs),
+            cache_keys: raw.keys.cache_keys,
             lockout: crate::lockout::LockoutPolicy {
                 threshold: raw.lockout.threshold,
                 window: std::time::Duration::from_secs(raw.lockout.window_secs),

@@ -217,10 +217,15 @@ pub fn validate_grants(grants: &[Grant]) -> Result<(), Error> {
     Ok(())
 }
 
+/// Decrypted keys, bounded by [`Keyring::with_cache_limit`]: past the limit, a sixteenth
+/// of the entries (an arbitrary sixteenth: `HashMap` order) is dropped and reloaded from
+/// the store on next use. Dropped entries whose usage counters have not been saved wait in
+/// `evicted` for the next [`Keyring::flush_usage`].
 #[derive(Default)]
 struct Cache {
     by_id: HashMap<KeyId, Arc<KeyEntry>>,
     by_name: HashMap<(String, String), KeyId>,
+    evicted: HashMap<KeyId, Arc<KeyEntry>>,
 }
 
 struct Unsealed {
@@ -280,6 +285,10 @@ pub struct Unwrapped {
     pub version: u32,
 }
 
+/// Default of [`Keyring::with_cache_limit`] (`[keys] cache_keys`): with one version a
+/// cached key takes about 1 KiB, so 100 000 keys stay near 100 MiB.
+pub const DEFAULT_CACHE_KEYS: usize = 100_000;
+
 /// The keyring over one store.
 pub struct Keyring {
     store: Arc<dyn KeyStore>,
@@ -290,6 +299,8 @@ pub struct Keyring {
     unsealed: RwLock<Option<Arc<Unsealed>>>,
     /// Serializes this process's mutations (the store's conditions guard against others).
     write_lock: Mutex<()>,
+    /// Most keys in the cache.
+    cache_limit: usize,
 }
 
 fn rfc3339(secs: u64) -> String {
@@ -380,6 +391,7 @@ impl Keyring {
             store,
             unsealed: RwLock::new(None),
             write_lock: Mutex::new(()),
+            cache_limit: DEFAULT_CACHE_KEYS,
         }
     }
 
@@ -387,6 +399,12 @@ impl Keyring {
     /// sealed under the master key bound to it, and destruction erases it.
     pub fn with_erasure(mut self, erasure: Arc<crate::erasure::ErasureFile>) -> Self {
         self.erasure = Some(erasure);
+        self
+    }
+
+    /// Keeps at most `keys` keys decrypted in memory (at least 1).
+    pub fn with_cache_limit(mut self, keys: usize) -> Self {
+        self.cache_limit = keys.max(1);
         self
     }
 
@@ -618,6 +636,26 @@ impl Keyring {
         {
             return Ok(Some(e.clone()));
         }
+        // Evicted with counts not yet saved: take it back, counts and all.
+        let parked = if un
+            .cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .evicted
+            .contains_key(&id)
+        {
+            un.cache
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .evicted
+                .remove(&id)
+        } else {
+            None
+        };
+        if let Some(e) = parked {
+            self.cache_put(un, e.clone());
+            return Ok(Some(e));
+        }
         let Some(record_bytes) = self.store.get(Table::Keys, &id.0)? else {
             return Ok(None);
         };
@@ -685,6 +723,20 @@ impl Keyring {
 
     fn cache_put(&self, un: &Unsealed, entry: Arc<KeyEntry>) {
         let mut cache = un.cache.write().unwrap_or_else(PoisonError::into_inner);
+        if cache.by_id.len() >= self.cache_limit && !cache.by_id.contains_key(&entry.key_id) {
+            let drop_n = (self.cache_limit / 16).max(1);
+            let victims: Vec<KeyId> = cache.by_id.keys().take(drop_n).copied().collect();
+            for id in victims {
+                if let Some(e) = cache.by_id.remove(&id) {
+                    cache
+                        .by_name
+                        .remove(&(e.record.tenant.clone(), e.record.name.clone()));
+                    if e.versions.values().any(|v| v.usage.is_dirty()) {
+                        cache.evicted.insert(id, e);
+                    }
+                }
+            }
+        }
         cache.by_name.insert(
             (entry.record.tenant.clone(), entry.record.name.clone()),
             entry.key_id,
@@ -694,6 +746,7 @@ impl Keyring {
 
     fn cache_evict(&self, un: &Unsealed, id: &KeyId) {
         let mut cache = un.cache.write().unwrap_or_else(PoisonError::into_inner);
+        cache.evicted.remove(id);
         if let Some(e) = cache.by_id.remove(id) {
             cache
                 .by_name
@@ -1226,14 +1279,13 @@ impl Keyring {
             return Ok(0);
         };
         let now = self.clock.now();
-        let entries: Vec<Arc<KeyEntry>> = un
-            .cache
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .by_id
-            .values()
-            .cloned()
-            .collect();
+        let entries: Vec<Arc<KeyEntry>> = {
+            let mut cache = un.cache.write().unwrap_or_else(PoisonError::into_inner);
+            let mut all: Vec<Arc<KeyEntry>> =
+                std::mem::take(&mut cache.evicted).into_values().collect();
+            all.extend(cache.by_id.values().cloned());
+            all
+        };
         let mut batch = WriteBatch::new();
         for e in &entries {
             for (v, ve) in &e.versions {
@@ -2076,5 +2128,37 @@ mod tests {
         names.sort();
         assert_eq!(names, ["a", "b"]);
         assert_eq!(index(&ring), 2);
+    }
+
+    #[test]
+    fn bounded_cache_evicts_and_keeps_unsaved_usage() {
+        let (_dir, ring, sealer) = setup();
+        let ring = Keyring::new(ring.store().clone()).with_cache_limit(16);
+        ring.unseal(&sealer).unwrap();
+        let ctx = Context::new();
+        let mut wrapped = Vec::new();
+        for i in 0..100 {
+            let name = format!("k{i}");
+            ring.create_key("t", &name, Algorithm::Aes256Gcm, None, all_grant())
+                .unwrap();
+            wrapped.push(ring.datakey(&who("t"), &name, &ctx).unwrap());
+        }
+        let cached = |ring: &Keyring| ring.unsealed().unwrap().cache.read().unwrap().by_id.len();
+        assert!(cached(&ring) <= 16, "{} cached", cached(&ring));
+        // Every key still works (reloaded from the store), twice.
+        for _ in 0..2 {
+            for d in &wrapped {
+                let u = ring.unwrap(&who("t"), &d.wrapped, &ctx).unwrap();
+                assert_eq!(u.plaintext.expose_secret(), d.plaintext.expose_secret());
+            }
+        }
+        assert!(cached(&ring) <= 16);
+        // No count was lost to eviction: 1 wrap + 2 unwraps per key, once saved.
+        ring.flush_usage().unwrap();
+        for i in 0..100 {
+            let info = ring.key_info("t", &format!("k{i}")).unwrap();
+            let v = &info.versions[0];
+            assert_eq!((v.wraps, v.unwraps), (1, 2), "k{i}");
+        }
     }
 }

@@ -84,7 +84,9 @@ pub fn open_keyring(
     let store = open_store(settings)?;
     let erasure =
         crate::erasure::ErasureFile::open(&settings.store.path.with_extension("erasure"))?;
-    Ok(Keyring::with_clock(store, clock).with_erasure(Arc::new(erasure)))
+    Ok(Keyring::with_clock(store, clock)
+        .with_erasure(Arc::new(erasure))
+        .with_cache_limit(settings.cache_keys))
 }
 
 /// Reads the passphrase configured for start-up: the passphrase file, else the

@@ -121,6 +121,11 @@ impl Usage {
         }
     }
 
+    /// Whether it changed since the last [`Usage::take_dirty`] (leaves the mark).
+    pub fn is_dirty(&self) -> bool {
+        self.dirty.load(Ordering::Relaxed)
+    }
+
     /// Whether it changed since the last call (and clears the mark).
     pub fn take_dirty(&self) -> bool {
         self.dirty.swap(false, Ordering::Relaxed)
