@@ -24,6 +24,7 @@ use kms_client::api::{
     Algorithm, Context, Grant, GrantOperation, KeyInfo, KeyState, KeyVersionInfo,
 };
 use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
 
 use crate::crypto;
 use crate::error::Error;
@@ -35,6 +36,13 @@ use crate::secret::{SecretKey, SecretVec};
 
 const META_SEALED_MASTER: &[u8] = b"sealed-master-key";
 const META_FORMAT: &[u8] = b"store-format";
+/// The audit keys (head MAC key ‖ context-hash key), sealed under the master key. Absent
+/// until the first master-key rotation: until then they are derived from the master key.
+/// Rotation keeps their value and stores it sealed under the new master key in the same
+/// transaction, so the audit chain's head MAC and context hashes survive the rotation
+/// (and a crash right after it).
+const META_AUDIT_KEYS: &[u8] = b"audit/keys/v1";
+const AUDIT_KEYS_LABEL: &[u8] = b"keyhold/audit-keys/v1";
 const STORE_FORMAT: &[u8] = b"1";
 const KEK_LABEL: &[u8] = b"keyhold/kek-version/v1";
 const ERASURE_LABEL: &[u8] = b"keyhold/kek-erasure/v1";
@@ -235,22 +243,43 @@ struct Unsealed {
     audit_mac: ring::hmac::Key,
     /// Keys the audit record's context hash.
     audit_context: ring::hmac::Key,
+    /// Both audit keys' bytes (MAC ‖ context), for re-sealing at master-key rotation.
+    audit_keys: Zeroizing<[u8; 64]>,
 }
 
-/// Derives an HMAC-SHA256 key from the master key for one purpose.
-fn derived_hmac_key(master: &SecretKey, label: &[u8]) -> ring::hmac::Key {
-    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"keyhold/derived/v1")
-        .extract(master.expose_secret());
-    let info = [label];
-    match prk.expand(&info, ring::hmac::HMAC_SHA256) {
-        Ok(okm) => ring::hmac::Key::from(okm),
-        // Unreachable: HKDF-SHA256 always yields one SHA-256 block. Fall back to a random
-        // key, which only makes MACs unverifiable, never forgeable.
-        Err(_) => {
-            ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
-                .unwrap_or_else(|_| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &[0u8; 32]))
+impl Unsealed {
+    fn new(master: SecretKey, audit_keys: Zeroizing<[u8; 64]>, cache: Cache) -> Self {
+        let hmac = |k: &[u8]| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k);
+        Self {
+            audit_mac: hmac(&audit_keys[..32]),
+            audit_context: hmac(&audit_keys[32..]),
+            audit_keys,
+            master,
+            cache: RwLock::new(cache),
         }
     }
+}
+
+/// The audit keys derived from `master` (stores whose master key never rotated).
+fn derived_audit_keys(master: &SecretKey) -> Result<Zeroizing<[u8; 64]>, Error> {
+    struct Len32;
+    impl ring::hkdf::KeyType for Len32 {
+        fn len(&self) -> usize {
+            32
+        }
+    }
+    let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"keyhold/derived/v1")
+        .extract(master.expose_secret());
+    let mut out = Zeroizing::new([0u8; 64]);
+    for (label, half) in [
+        (&b"audit-head-mac"[..], 0..32),
+        (&b"audit-context-hash"[..], 32..64),
+    ] {
+        prk.expand(&[label], Len32)
+            .and_then(|okm| okm.fill(&mut out[half]))
+            .map_err(|_| Error::Internal("key derivation failed"))?;
+    }
+    Ok(out)
 }
 
 /// The result of `datakey`.
@@ -463,17 +492,33 @@ impl Keyring {
             "the store is not initialized: run `kms-server init`",
         ))?;
         let master = sealer.unseal(&sealed)?;
+        let audit_keys = self.audit_keys_under(&master)?;
         let mut slot = self
             .unsealed
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        *slot = Some(Arc::new(Unsealed {
-            audit_mac: derived_hmac_key(&master, b"audit-head-mac"),
-            audit_context: derived_hmac_key(&master, b"audit-context-hash"),
+        *slot = Some(Arc::new(Unsealed::new(
             master,
-            cache: RwLock::new(Cache::default()),
-        }));
+            audit_keys,
+            Cache::default(),
+        )));
         Ok(())
+    }
+
+    /// The audit keys: stored (sealed under `master`) once the master key has rotated,
+    /// else derived from it.
+    fn audit_keys_under(&self, master: &SecretKey) -> Result<Zeroizing<[u8; 64]>, Error> {
+        let Some(sealed) = self.store.get(Table::Meta, META_AUDIT_KEYS)? else {
+            return derived_audit_keys(master);
+        };
+        let plain = crypto::open_box(master, AUDIT_KEYS_LABEL, b"", &sealed)
+            .map_err(|_| Error::Corrupt("audit keys fail authentication under the master key"))?;
+        let mut keys = Zeroizing::new([0u8; 64]);
+        if plain.expose_secret().len() != 64 {
+            return Err(Error::Corrupt("audit keys length"));
+        }
+        keys.copy_from_slice(plain.expose_secret());
+        Ok(keys)
     }
 
     /// Replaces the master key with a new one: every KEK version is re-sealed under it and
@@ -506,7 +551,13 @@ impl Keyring {
         let mut batch = WriteBatch::new();
         batch
             .require(Table::Meta, META_SEALED_MASTER, Some(&old_bytes))
-            .put(Table::Meta, META_SEALED_MASTER, &to_json(&sealed_new)?);
+            .put(Table::Meta, META_SEALED_MASTER, &to_json(&sealed_new)?)
+            // The audit keys keep their value: the chain head's MAC stays valid.
+            .put(
+                Table::Meta,
+                META_AUDIT_KEYS,
+                &crypto::seal_box(&new_master, AUDIT_KEYS_LABEL, b"", &un.audit_keys[..])?,
+            );
         let mut resealed = 0;
         for (id, bytes) in self.store.scan_prefix(Table::Keys, b"")? {
             let record: KeyRecord =
@@ -563,12 +614,11 @@ impl Keyring {
             .unsealed
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        *slot = Some(Arc::new(Unsealed {
-            audit_mac: derived_hmac_key(&new_master, b"audit-head-mac"),
-            audit_context: derived_hmac_key(&new_master, b"audit-context-hash"),
-            master: new_master,
-            cache: RwLock::new(cache),
-        }));
+        *slot = Some(Arc::new(Unsealed::new(
+            new_master,
+            un.audit_keys.clone(),
+            cache,
+        )));
         Ok(resealed)
     }
 
@@ -2160,5 +2210,43 @@ mod tests {
             let v = &info.versions[0];
             assert_eq!((v.wraps, v.unwraps), (1, 2), "k{i}");
         }
+    }
+
+    #[test]
+    fn audit_keys_derive_as_before_and_survive_master_rotation() {
+        // The derivation is the one earlier versions used (ring's HMAC key from HKDF
+        // output), so chains MAC'd before this change still verify.
+        let master = SecretKey::from_slice(&[3u8; 32]).unwrap();
+        let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, b"keyhold/derived/v1")
+            .extract(master.expose_secret());
+        let old = |label: &[u8]| {
+            ring::hmac::Key::from(prk.expand(&[label], ring::hmac::HMAC_SHA256).unwrap())
+        };
+        let keys = derived_audit_keys(&master).unwrap();
+        let new = |k: &[u8]| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k);
+        for (label, half) in [
+            (&b"audit-head-mac"[..], &keys[..32]),
+            (b"audit-context-hash", &keys[32..]),
+        ] {
+            assert_eq!(
+                ring::hmac::sign(&old(label), b"x").as_ref(),
+                ring::hmac::sign(&new(half), b"x").as_ref()
+            );
+        }
+        // Across a master-key rotation and a re-unseal, MACs stay the same.
+        let (_dir, ring, sealer) = setup();
+        ring.unseal(&sealer).unwrap();
+        let before = ring.audit_mac(b"head").unwrap();
+        let ctx_before = ring.audit_context_hash(&ctx("a", "1")).unwrap();
+        ring.rotate_master(&sealer).unwrap();
+        assert_eq!(ring.audit_mac(b"head").unwrap(), before);
+        ring.seal();
+        ring.unseal(&sealer).unwrap();
+        assert_eq!(ring.audit_mac(b"head").unwrap(), before);
+        assert_eq!(ring.audit_context_hash(&ctx("a", "1")).unwrap(), ctx_before);
+        ring.rotate_master(&sealer).unwrap();
+        ring.seal();
+        ring.unseal(&sealer).unwrap();
+        assert_eq!(ring.audit_mac_verify(b"head", &before), Some(true));
     }
 }

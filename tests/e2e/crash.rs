@@ -27,6 +27,8 @@ struct Acked {
     disabled: bool,
     scheduled: bool,
     destroyed: bool,
+    granted: bool,
+    audited: bool,
 }
 
 /// Whether the writer destroys this key (`c<cycle>-k<i>` with `i % 7 == 6`).
@@ -101,7 +103,13 @@ fn verify<'a>(
             }
             continue;
         }
-        if info.current_version < a.min_version || (a.disabled && info.state != KeyState::Disabled)
+        let reader_granted = info
+            .grants
+            .iter()
+            .any(|g| g.identity == keyhold_tests::CRASH_READER);
+        if info.current_version < a.min_version
+            || (a.disabled && info.state != KeyState::Disabled)
+            || (a.granted && !reader_granted)
         {
             eprintln!("LOST update of {name}: {info:?}");
             lost += 1;
@@ -130,6 +138,65 @@ fn verify<'a>(
         }
         if info.state == KeyState::Disabled {
             ring.set_enabled("crash", name, false).unwrap();
+        }
+    }
+    lost
+}
+
+/// Reads the whole audit chain the writer appended to (through the server's own reader,
+/// the head MAC checked under the master key), verifies it link by link, and counts the
+/// acknowledged audit records that are missing (a broken chain counts as one loss more).
+fn verify_audit(
+    engine: Engine,
+    store_path: &Path,
+    key_file: &Path,
+    acked: &HashMap<String, Acked>,
+) -> usize {
+    let ring = std::sync::Arc::new(keyhold_tests::keyring_with_erasure(engine, store_path));
+    ring.unseal(&KeyFileSealer::new(key_file)).expect("unseal");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _rt = rt.enter();
+    let log = kms_server::audit::AuditLog::start(
+        ring.store().clone(),
+        ring.clone(),
+        &store_path.with_extension("audit"),
+        &kms_server::audit::Sink::None,
+        kms_server::alert::Alerter::start(&Default::default()),
+    )
+    .expect("the audit chain reopens after kill -9");
+    let mut chain = kms_client::api::AuditChain::new();
+    let mut warnings = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut lost = 0;
+    let mut after = 0;
+    loop {
+        let page = log.read(&ring, after, 1000).unwrap();
+        if page.head.mac_valid == Some(false) {
+            eprintln!("AUDIT head MAC does not verify");
+            lost += 1;
+        }
+        for r in &page.records {
+            if let Err(e) = chain.push_with(r, &mut warnings) {
+                eprintln!("AUDIT chain broken at {}: {e}", r.seq);
+                lost += 1;
+            }
+            if r.operation == "CRASH append" {
+                seen.extend(r.key.clone());
+            }
+            after = r.seq;
+        }
+        if page.records.is_empty() || after >= page.head.seq {
+            break;
+        }
+    }
+    log.close();
+    for (name, a) in acked {
+        if a.audited && !seen.contains(name) {
+            eprintln!("LOST audit record of {name}");
+            lost += 1;
         }
     }
     lost
@@ -186,6 +253,8 @@ fn run_engine(engine: Engine, name: &str) {
                             disabled: false,
                             scheduled: false,
                             destroyed: false,
+                            granted: false,
+                            audited: false,
                         },
                     );
                 }
@@ -209,6 +278,16 @@ fn run_engine(engine: Engine, name: &str) {
                         a.destroyed = true;
                     }
                 }
+                ["GRT", key] => {
+                    if let Some(a) = acked.get_mut(*key) {
+                        a.granted = true;
+                    }
+                }
+                ["AUD", key] => {
+                    if let Some(a) = acked.get_mut(*key) {
+                        a.audited = true;
+                    }
+                }
                 // A line cut by the kill was never acknowledged.
                 _ => {}
             }
@@ -229,6 +308,9 @@ fn run_engine(engine: Engine, name: &str) {
             names.into_iter(),
             false,
         );
+        if cycle % 10 == 9 {
+            total_lost += verify_audit(engine, &store_path, &key_file, &acked);
+        }
         if (cycle + 1) % 50 == 0 {
             eprintln!(
                 "crash test: engine={name} cycle {} acknowledged so far {}",
@@ -238,6 +320,7 @@ fn run_engine(engine: Engine, name: &str) {
         }
     }
     total_lost += verify(engine, &store_path, &key_file, &acked, acked.keys(), true);
+    total_lost += verify_audit(engine, &store_path, &key_file, &acked);
     eprintln!(
         "crash test: engine={name} cycles={n} acknowledged_keys={} lost={total_lost}",
         acked.len()

@@ -56,6 +56,8 @@ pub const IDENTITIES: &[(&str, &str, &str, &str)] = &[
 ];
 /// The identity the crash-test writer acts as (tenant `crash`).
 pub const CRASH_WRITER: &str = "crash-writer";
+/// The second identity the crash writer grants (grant changes under SIGKILL).
+pub const CRASH_READER: &str = "spiffe://test/crash/reader";
 
 /// A keyring over `store_path` with its erasure file beside it, as the server opens it
 /// (for the crash writer and the checks after a kill).

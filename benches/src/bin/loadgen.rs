@@ -2,6 +2,11 @@
 //! connections, each sending one request after another for `duration` seconds (after a
 //! warm-up), recording latency in an HDR histogram. Loopback only; stops by itself.
 //!
+//! With `--reconnect`, every request comes on a new connection (TCP + mTLS handshake +
+//! one HTTP/1.1 request): the rate is then handshakes per second; `--no-resume` turns
+//! client-side TLS session resumption off (every handshake full), otherwise rustls resumes
+//! when the server issued a ticket.
+//!
 //! Prints one JSON line: requests, errors, rps, p50/p99/p999 in microseconds.
 
 #![allow(missing_docs)]
@@ -56,6 +61,12 @@ struct Args {
     /// Speak HTTP/2 (ALPN h2) instead of HTTP/1.1.
     #[arg(long)]
     http2: bool,
+    /// A new connection (and TLS handshake) for every request.
+    #[arg(long)]
+    reconnect: bool,
+    /// Disable TLS session resumption in the client.
+    #[arg(long)]
+    no_resume: bool,
 }
 
 enum Either {
@@ -78,6 +89,28 @@ async fn worker(
 ) -> anyhow::Result<Outcome> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut errors = 0;
+    if args.reconnect {
+        for n in 0..args.max_requests {
+            let body = &bodies[(offset + n as usize * args.concurrency) % bodies.len()];
+            let t0 = Instant::now();
+            if t0 >= stop {
+                break;
+            }
+            let ok = match one_connection(&args, &tls, body).await {
+                Ok(ok) => ok,
+                Err(_) => false,
+            };
+            let t1 = Instant::now();
+            if t0 >= start_measure {
+                if ok {
+                    hist.record((t1 - t0).as_micros().max(1) as u64)?;
+                } else {
+                    errors += 1;
+                }
+            }
+        }
+        return Ok(Outcome { hist, errors });
+    }
     let tcp = tokio::net::TcpStream::connect(args.addr).await?;
     tcp.set_nodelay(true)?;
     let name = rustls::pki_types::ServerName::try_from("localhost")?;
@@ -128,6 +161,33 @@ async fn worker(
     Ok(Outcome { hist, errors })
 }
 
+/// Connect, handshake, one request, close. Whether it succeeded.
+async fn one_connection(
+    args: &Args,
+    tls: &Arc<rustls::ClientConfig>,
+    body: &Bytes,
+) -> anyhow::Result<bool> {
+    let tcp = tokio::net::TcpStream::connect(args.addr).await?;
+    tcp.set_nodelay(true)?;
+    let name = rustls::pki_types::ServerName::try_from("localhost")?;
+    let stream = tokio_rustls::TlsConnector::from(tls.clone())
+        .connect(name, tcp)
+        .await?;
+    let (mut s, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::post(args.path.as_str())
+        .header("host", "localhost")
+        .header("content-type", "application/json")
+        .header("connection", "close")
+        .body(Full::new(body.clone()))?;
+    let resp = s.send_request(req).await?;
+    let ok = resp.status().is_success();
+    let _ = resp.into_body().collect().await?;
+    drop(s);
+    let _ = conn.await;
+    Ok(ok)
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
     if !args.addr.ip().is_loopback() {
@@ -145,6 +205,9 @@ fn main() -> anyhow::Result<()> {
             kms_server::tls::load_certs(&args.cert)?,
             kms_server::tls::load_key(&args.key)?,
         )?;
+    if args.no_resume {
+        tls.resumption = rustls::client::Resumption::disabled();
+    }
     tls.alpn_protocols = if args.http2 {
         vec![b"h2".to_vec()]
     } else {

@@ -355,6 +355,12 @@ impl AuditLog {
             header_written: std::time::Instant::now(),
             header_stale: false,
         };
+        // What opening found (records after a stale head after an unclean stop, a head
+        // that does not match) goes into the chain now, before anything reads it: readers
+        // then see every record on disk, and the chain says what happened.
+        if !matches!(writer.finding, Some(Finding::Consistent) | None) {
+            writer.commit(&[])?;
+        }
         let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
         let thread = std::thread::Builder::new()
             .name("keyhold-audit".into())

@@ -7,8 +7,10 @@
 //! Prints: `ACK <name> <wrapped-b64> <dek-b64>` after a key is created and a canary DEK
 //! wrapped under it, `ROT <name> <version>` after a rotation, `DIS <name>` after a
 //! disable, `SCH <name>` after a deletion is scheduled and `DES <name>` after the key
-//! is destroyed (erasure key erased), `MST <n>` after a master-key rotation. Keys `c<cycle>-k<i>` with `i % 7 == 6` are the ones
-//! destroyed.
+//! is destroyed (erasure key erased), `MST <n>` after a master-key rotation, `GRT <name>`
+//! after the key's grants were replaced (a second identity added), `AUD <name>` after an
+//! audit record naming the key is durable in the audit chain file (`<store>.audit`, the
+//! server's own writer). Keys `c<cycle>-k<i>` with `i % 7 == 6` are the ones destroyed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -31,13 +33,29 @@ fn main() {
         other => panic!("unknown engine {other}"),
     };
     // As the server opens it: every key gets an erasure key, written before its record.
-    let keyring = keyhold_tests::keyring_with_erasure(engine, &PathBuf::from(&args[2]));
+    let store_path = PathBuf::from(&args[2]);
+    let keyring = std::sync::Arc::new(keyhold_tests::keyring_with_erasure(engine, &store_path));
     let sealer = KeyFileSealer::new(&args[3]);
     if keyring.sealed_master_key().unwrap().is_none() {
         keyring.initialize(&sealer).unwrap();
     }
     keyring.unseal(&sealer).unwrap();
     let cycle = &args[4];
+    // The audit writer, as the server runs it: a thread with group commit, one fdatasync
+    // per batch, acknowledging each record only once it is durable.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _rt = rt.enter();
+    let audit = kms_server::audit::AuditLog::start(
+        keyring.store().clone(),
+        keyring.clone(),
+        &store_path.with_extension("audit"),
+        &kms_server::audit::Sink::None,
+        kms_server::alert::Alerter::start(&Default::default()),
+    )
+    .unwrap();
     let who = Principal {
         identity: CRASH_WRITER.into(),
         tenant: "crash".into(),
@@ -67,6 +85,31 @@ fn main() {
         )
         .unwrap();
         out.flush().unwrap();
+        rt.block_on(audit.append(kms_server::audit::AuditDraft {
+            tenant: Some("crash".into()),
+            operation: "CRASH append".into(),
+            key: Some(name.clone()),
+            outcome: "ok".into(),
+            status: 200,
+            ..Default::default()
+        }))
+        .unwrap();
+        writeln!(out, "AUD {name}").unwrap();
+        out.flush().unwrap();
+        if i % 4 == 1 {
+            keyring
+                .set_grants(
+                    "crash",
+                    &name,
+                    vec![
+                        Grant::new(CRASH_WRITER, &GrantOperation::ALL),
+                        Grant::new(keyhold_tests::CRASH_READER, &[GrantOperation::Unwrap]),
+                    ],
+                )
+                .unwrap();
+            writeln!(out, "GRT {name}").unwrap();
+            out.flush().unwrap();
+        }
         if i % 3 == 2 && (i - 1) % 7 != 6 {
             let prev = format!("c{cycle}-k{}", i - 1);
             let info = keyring.rotate("crash", &prev).unwrap();
