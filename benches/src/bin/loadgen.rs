@@ -96,10 +96,8 @@ async fn worker(
             if t0 >= stop {
                 break;
             }
-            let ok = match one_connection(&args, &tls, body).await {
-                Ok(ok) => ok,
-                Err(_) => false,
-            };
+            // A failed connection or handshake counts as an error.
+            let ok: bool = one_connection(&args, &tls, body).await.unwrap_or_default();
             let t1 = Instant::now();
             if t0 >= start_measure {
                 if ok {
