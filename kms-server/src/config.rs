@@ -33,6 +33,10 @@ fn default_ops_listen() -> String {
 fn default_max_body() -> usize {
     64 * 1024
 }
+fn default_body_timeout() -> u64 {
+    10
+}
+
 fn default_max_batch() -> usize {
     1000
 }
@@ -61,6 +65,8 @@ struct FileConfig {
     max_body_bytes: usize,
     #[serde(default = "default_max_batch")]
     max_batch_items: usize,
+    #[serde(default = "default_body_timeout")]
+    body_timeout_secs: u64,
     store: FileStore,
     seal: FileSeal,
     tls: FileTls,
@@ -304,6 +310,9 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Batch size limit.
     pub max_batch_items: usize,
+    /// How long a request body may take to arrive once its headers have (a client that
+    /// stalls mid-body gets 408 and the connection is freed).
+    pub body_timeout: std::time::Duration,
     /// Store.
     pub store: StoreSettings,
     /// Seal.
@@ -387,6 +396,9 @@ impl Settings {
                 "max_body_bytes",
                 "must be between 1024 and 16777216".into(),
             ));
+        }
+        if !(1..=300).contains(&raw.body_timeout_secs) {
+            return Err(err("body_timeout_secs", "must be 1 to 300".into()));
         }
         if !(1..=10_000).contains(&raw.max_batch_items) {
             return Err(err("max_batch_items", "must be between 1 and 10000".into()));
@@ -521,6 +533,7 @@ impl Settings {
             ops_listen,
             max_body_bytes: raw.max_body_bytes,
             max_batch_items: raw.max_batch_items,
+            body_timeout: std::time::Duration::from_secs(raw.body_timeout_secs),
             store: StoreSettings {
                 engine: raw.store.engine,
                 path: resolve(&raw.store.path),

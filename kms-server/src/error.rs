@@ -51,6 +51,9 @@ pub enum Error {
     /// Not JSON.
     #[error("expected Content-Type: application/json")]
     UnsupportedMediaType,
+    /// The body did not arrive in time (a stalled or very slow client).
+    #[error("the request body did not arrive within {0} s")]
+    BodyTimeout(u64),
     /// Locked out after repeated denials.
     #[error("locked out after repeated denials; an admin can lift it (kmsctl sys unlock)")]
     LockedOut,
@@ -106,6 +109,7 @@ impl Error {
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 ErrorCode::UnsupportedMediaType,
             ),
+            Error::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, ErrorCode::InvalidRequest),
             Error::LockedOut => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::LockedOut),
             Error::Sealed => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Sealed),
             Error::Storage(_) => (

@@ -52,6 +52,7 @@ pub mod dev;
 pub mod erasure;
 pub mod error;
 pub mod format;
+pub mod fuzzing;
 pub mod kek;
 pub mod keyring;
 pub mod keystore;

@@ -72,18 +72,23 @@ pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// Reads every CRL in a file: PEM (`X509 CRL` blocks), else the whole file as DER.
 pub fn load_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
     let bytes = std::fs::read(path).map_err(|e| file_err(path, e))?;
+    parse_crls(bytes).map_err(|e| file_err(path, e))
+}
+
+/// Parses CRLs from a file's bytes: PEM (`X509 CRL` blocks), else the whole as DER. Each
+/// is parsed now, so that a damaged file is refused with its name rather than later.
+pub fn parse_crls(bytes: Vec<u8>) -> Result<Vec<CertificateRevocationListDer<'static>>, String> {
     let pem: Vec<_> = CertificateRevocationListDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_err(path, e))?;
+        .map_err(|e| e.to_string())?;
     let crls = if pem.is_empty() {
         vec![CertificateRevocationListDer::from(bytes)]
     } else {
         pem
     };
-    // Parse now, so that a damaged file is refused with its name rather than later.
     for crl in &crls {
         x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
-            .map_err(|e| file_err(path, format!("not a CRL: {e}")))?;
+            .map_err(|e| format!("not a CRL: {e}"))?;
     }
     Ok(crls)
 }
@@ -106,7 +111,8 @@ pub fn leaf_revocation_key(cert: &[u8]) -> Option<Vec<u8>> {
     ))
 }
 
-fn revoked_set(crls: &[CertificateRevocationListDer<'_>]) -> HashSet<Vec<u8>> {
+/// The revocation keys of every certificate the CRLs list.
+pub fn revoked_set(crls: &[CertificateRevocationListDer<'_>]) -> HashSet<Vec<u8>> {
     let mut set = HashSet::new();
     for crl in crls {
         if let Ok((_, crl)) =

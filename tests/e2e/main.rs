@@ -17,6 +17,7 @@ mod client;
 mod crash;
 mod crypto;
 mod curl;
+mod faults;
 mod hostile;
 mod keys;
 mod kmsctl;

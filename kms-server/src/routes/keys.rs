@@ -22,7 +22,8 @@ const MIN_ROTATION: Duration = Duration::from_secs(24 * 3600);
 /// Longest automatic rotation period accepted.
 const MAX_ROTATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
-fn rotation_period(text: Option<&str>) -> Result<Option<Duration>, Error> {
+/// Parses and bounds a key's automatic rotation period (`"90d"`): 1 day to 10 years.
+pub fn rotation_period(text: Option<&str>) -> Result<Option<Duration>, Error> {
     let Some(text) = text else { return Ok(None) };
     let d = humantime::parse_duration(text).map_err(|_| {
         Error::InvalidRequest("rotation_period must be a duration such as \"90d\"".into())

@@ -383,8 +383,10 @@ where
         if !is_json {
             return Err(Error::UnsupportedMediaType);
         }
-        let bytes = axum::body::Bytes::from_request(req, state)
+        let timeout = state.settings.body_timeout;
+        let bytes = tokio::time::timeout(timeout, axum::body::Bytes::from_request(req, state))
             .await
+            .map_err(|_| Error::BodyTimeout(timeout.as_secs()))?
             .map_err(|r| match r.status() {
                 StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge(limit),
                 _ => Error::InvalidRequest("the request body could not be read".into()),

@@ -1,0 +1,3 @@
+//! Fuzz target: `kms_server::fuzzing::client_cert` (see that module). Seeds in `../seeds/client_cert`.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kms_server::fuzzing::client_cert(data));
