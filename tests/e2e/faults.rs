@@ -11,15 +11,25 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{create_key, post};
 
-/// A server with 2-second handshake and body timeouts.
-async fn impatient_server() -> TestServer {
+/// A server with 2-second handshake and body timeouts, a key, and the body of an unwrap
+/// request for a DEK under it.
+async fn impatient_server() -> (TestServer, serde_json::Value) {
     let mut s = TestServer::start_with_tls("handshake_timeout_secs = 2\n").await;
     s.stop().await;
     let text = std::fs::read_to_string(&s.config).unwrap();
     let text = text.replacen("ops_listen = ", "body_timeout_secs = 2\nops_listen = ", 1);
     std::fs::write(&s.config, text).unwrap();
     s.start_again().await;
-    s
+    create_key(&s, "admin-a", "k").await;
+    let ctx = json!({"c": "1"});
+    let (_, dk) = post(
+        &s.client(Some("app-a")),
+        &s.url("/v1/keys/k/datakey"),
+        json!({"context": ctx}),
+    )
+    .await;
+    let body = json!({"wrapped": dk["wrapped"], "context": ctx});
+    (s, body)
 }
 
 /// `n` unwraps by a well-behaved client; each must succeed within `limit`.
@@ -49,16 +59,7 @@ async fn tls_stream(s: &TestServer) -> tokio_rustls::client::TlsStream<tokio::ne
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_clients_are_shed_and_others_are_served() {
-    let s = impatient_server().await;
-    create_key(&s, "admin-a", "k").await;
-    let ctx = json!({"c": "1"});
-    let (_, dk) = post(
-        &s.client(Some("app-a")),
-        &s.url("/v1/keys/k/datakey"),
-        json!({"context": ctx}),
-    )
-    .await;
-    let body = json!({"wrapped": dk["wrapped"], "context": ctx});
+    let (s, body) = impatient_server().await;
 
     // 50 TCP connections that never start TLS, 20 that stop mid-headers, 20 mid-body.
     let mut silent = Vec::new();
@@ -120,16 +121,7 @@ async fn stalled_clients_are_shed_and_others_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_flood_does_not_stop_service_and_memory_stays_bounded() {
-    let s = impatient_server().await;
-    create_key(&s, "admin-a", "k").await;
-    let ctx = json!({"c": "1"});
-    let (_, dk) = post(
-        &s.client(Some("app-a")),
-        &s.url("/v1/keys/k/datakey"),
-        json!({"context": ctx}),
-    )
-    .await;
-    let body = json!({"wrapped": dk["wrapped"], "context": ctx});
+    let (s, body) = impatient_server().await;
     let rss = || {
         std::fs::read_to_string("/proc/self/status")
             .unwrap()

@@ -96,3 +96,37 @@ pub fn encodings(raw: &[u8]) -> Vec<Vec<u8>> {
 pub fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
+
+/// Asserts that the key `name` is shredded in the stopped server's files: an independent
+/// reader with the master key finds none of its versions and no erasure key, and no file
+/// in `dir` holds any of `secrets` (raw, base64 or hex).
+pub fn assert_shredded(
+    dir: &Path,
+    store_path: &Path,
+    key_file: &Path,
+    name: &str,
+    secrets: &[Vec<u8>],
+) {
+    let (after, _) = keks(store_path, key_file);
+    let gone = after.iter().find(|k| k.name == name).unwrap();
+    assert!(
+        gone.versions.is_empty() && gone.erasure_key.is_none(),
+        "{name}: a version or its erasure key is still readable"
+    );
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if !path.is_file() {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        for secret in secrets {
+            for form in encodings(secret) {
+                assert!(
+                    !contains(&bytes, &form),
+                    "material of the destroyed key {name} is in {}",
+                    path.display()
+                );
+            }
+        }
+    }
+}
