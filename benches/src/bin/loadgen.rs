@@ -67,6 +67,11 @@ struct Args {
     /// Disable TLS session resumption in the client.
     #[arg(long)]
     no_resume: bool,
+    /// Pace the keep-alive connections to this many requests per second in total (each
+    /// connection sends on a fixed schedule; latency counts from the scheduled time, so a
+    /// server that falls behind shows it). Unpaced when omitted: as fast as answered.
+    #[arg(long)]
+    rate: Option<f64>,
 }
 
 enum Either {
@@ -131,10 +136,27 @@ async fn worker(
     } else {
         args.path.clone()
     };
+    let interval = args
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(args.concurrency as f64 / r));
+    // Connections start spread over one interval, not all at once.
+    let mut next = Instant::now()
+        + interval.map_or(Duration::ZERO, |iv| {
+            iv.mul_f64(offset as f64 / args.concurrency as f64)
+        });
     for n in 0..args.max_requests {
         let body = &bodies[(offset + n as usize * args.concurrency) % bodies.len()];
-        let t0 = Instant::now();
-        if t0 >= stop {
+        let t0 = match interval {
+            Some(iv) => {
+                tokio::time::sleep_until(next.into()).await;
+                let scheduled = next;
+                next += iv;
+                scheduled
+            }
+            None => Instant::now(),
+        };
+        if Instant::now() >= stop {
             break;
         }
         let req = hyper::Request::post(uri.as_str())
