@@ -246,6 +246,16 @@ impl ChainFile {
                 source: "an earlier append to the audit file failed; restart to reopen it".into(),
             }));
         }
+        // Tests inject a full disk ("return") or a slow one ("sleep(ms)") here (feature
+        // `failpoints`); a failure poisons the file exactly as a real one does.
+        fail::fail_point!("audit-append", |_| {
+            self.poisoned.store(true, Ordering::SeqCst);
+            Err(io_err(
+                &self.path,
+                "write",
+                std::io::Error::from_raw_os_error(28),
+            ))
+        });
         let (end, allocated) = {
             let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
             (view.end, view.allocated)

@@ -104,6 +104,11 @@ impl KeyStore for RedbStore {
     }
 
     fn commit(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+        // Tests inject a full or read-only disk here (feature `failpoints`).
+        fail::fail_point!("store-commit", |_| Err(StoreError::Engine {
+            engine: ENGINE,
+            source: "No space left on device (os error 28) [injected]".into(),
+        }));
         let mut txn = self.db.begin_write().map_err(engine_err)?;
         txn.set_durability(Durability::Immediate);
         txn.set_two_phase_commit(true);
