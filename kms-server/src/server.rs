@@ -113,11 +113,11 @@ pub fn sealer_for(seal: &SealSettings, passphrase: Option<Zeroizing<String>>) ->
             seal.key_file.clone().unwrap_or_default(),
         )),
         SealMethod::Passphrase => Box::new(PassphraseSealer::new(passphrase, seal.argon2)),
-        SealMethod::Pkcs11 => match &seal.pkcs11 {
-            Some(p) => Box::new(crate::seal::Pkcs11Sealer::new(p.clone())),
-            // Config validation requires [seal.pkcs11] for this method.
-            None => Box::new(crate::seal::ShamirSealer::from_shares(Vec::new())),
-        },
+        // Config validation requires [seal.pkcs11] for this method; without it every
+        // token operation fails saying so.
+        SealMethod::Pkcs11 => Box::new(crate::seal::Pkcs11Sealer::from_settings(
+            seal.pkcs11.clone(),
+        )),
         // Shares arrive one by one over `POST /v1/sys/unseal` (see `routes::sys`).
         _ => Box::new(crate::seal::ShamirSealer::from_shares(Vec::new())),
     }

@@ -141,6 +141,23 @@ impl Pkcs11Sealer {
         Self { settings, pin }
     }
 
+    /// [`Pkcs11Sealer::new`], or, without settings, a sealer whose every operation fails
+    /// asking for `[seal.pkcs11]`.
+    pub fn from_settings(settings: Option<Pkcs11Settings>) -> Self {
+        match settings {
+            Some(s) => Self::new(s),
+            None => Self {
+                settings: Pkcs11Settings {
+                    module: PathBuf::new(),
+                    token_label: String::new(),
+                    key_label: default_key_label(),
+                    pin_file: None,
+                },
+                pin: Err("the configuration has no [seal.pkcs11] section".into()),
+            },
+        }
+    }
+
     /// A logged-in read-write session on the configured token.
     fn session(&self) -> Result<Session, SealError> {
         let pin = self
