@@ -19,14 +19,25 @@ fn ctx() -> Context {
     [("doc".to_string(), "1".to_string())].into()
 }
 
+/// A server with key `k` granted to app-a, admin and app clients, and a DEK under `k`.
+async fn server_with_key() -> (
+    TestServer,
+    kms_client::Client,
+    kms_client::Client,
+    kms_client::api::DatakeyResponse,
+) {
+    let s = TestServer::start().await;
+    let admin = s.kms_client("admin-a");
+    admin.create_key(&create_granted("k", APP_A)).await.unwrap();
+    let app = s.kms_client("app-a");
+    let dk = app.datakey("k", &ctx()).await.unwrap();
+    (s, admin, app, dk)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_store_fails_closed_and_recovers_without_a_restart() {
     let _one = FAULTS.lock().await;
-    let s = TestServer::start().await;
-    let admin = s.kms_client("admin-a");
-    let app = s.kms_client("app-a");
-    admin.create_key(&create_granted("k", APP_A)).await.unwrap();
-    let dk = app.datakey("k", &ctx()).await.unwrap();
+    let (s, admin, app, dk) = server_with_key().await;
     let before = admin.list_keys().await.unwrap();
 
     fail::cfg("store-commit", "return").unwrap();
@@ -83,11 +94,7 @@ async fn a_full_store_fails_closed_and_recovers_without_a_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failing_audit_file_fails_closed_until_reopened() {
     let _one = FAULTS.lock().await;
-    let mut s = TestServer::start().await;
-    let admin = s.kms_client("admin-a");
-    admin.create_key(&create_granted("k", APP_A)).await.unwrap();
-    let app = s.kms_client("app-a");
-    let dk = app.datakey("k", &ctx()).await.unwrap();
+    let (mut s, _, app, dk) = server_with_key().await;
 
     fail::cfg("audit-append", "return").unwrap();
     // No key use is answered without its durable audit record: the DEK is not released.
@@ -116,11 +123,7 @@ async fn a_failing_audit_file_fails_closed_until_reopened() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_audit_file_slows_answers_but_loses_nothing() {
     let _one = FAULTS.lock().await;
-    let s = TestServer::start().await;
-    let admin = s.kms_client("admin-a");
-    admin.create_key(&create_granted("k", APP_A)).await.unwrap();
-    let app = s.kms_client("app-a");
-    let dk = app.datakey("k", &ctx()).await.unwrap();
+    let (s, _, app, dk) = server_with_key().await;
 
     fail::cfg("audit-append", "sleep(300)").unwrap();
     let started = Instant::now();
