@@ -158,6 +158,7 @@ impl Default for FileAudit {
             jsonl: None,
             enabled: true,
             path: None,
+            min_free_mib: default_audit_min_free(),
         }
     }
 }
@@ -175,6 +176,14 @@ struct FileAudit {
     /// The chain file; default: beside the store, extension `.audit`.
     #[serde(default)]
     path: Option<PathBuf>,
+    /// Raise an `audit_disk_low` alert when the chain file's filesystem has less than this
+    /// many MiB free (0: never). Once the disk is full the trail fails closed.
+    #[serde(default = "default_audit_min_free")]
+    min_free_mib: u64,
+}
+
+fn default_audit_min_free() -> u64 {
+    1024
 }
 
 fn yes() -> bool {
@@ -329,6 +338,8 @@ pub struct Settings {
     pub audit_enabled: bool,
     /// The audit chain file.
     pub audit_path: PathBuf,
+    /// Free space under which `audit_disk_low` is raised, bytes (0: never).
+    pub audit_min_free: u64,
     /// Lockout after repeated denials.
     pub lockout: crate::lockout::LockoutPolicy,
     /// How often automatic rotations and due destructions run.
@@ -568,6 +579,7 @@ impl Settings {
                 Some(p) => crate::audit::Sink::File(resolve(Path::new(p))),
             },
             audit_enabled: raw.audit.enabled,
+            audit_min_free: raw.audit.min_free_mib.saturating_mul(1 << 20),
             audit_path: match &raw.audit.path {
                 Some(p) => resolve(p),
                 None => resolve(&raw.store.path).with_extension("audit"),

@@ -347,6 +347,14 @@ pub async fn run_with_clock(
         state.alerts.clone(),
         stop_rx.clone(),
     ));
+    let disk_watcher = state.settings.audit_enabled.then(|| {
+        tokio::spawn(crate::audit::watch_disk(
+            state.settings.audit_path.clone(),
+            state.settings.audit_min_free,
+            state.alerts.clone(),
+            stop_rx.clone(),
+        ))
+    });
     let app = routes::router(state);
     let ops_task = listeners.ops.map(|ops| {
         let router = crate::ops::router(keyring.clone(), metrics.clone());
@@ -458,6 +466,9 @@ pub async fn run_with_clock(
     }
     let _ = sweeper.await;
     let _ = reloader.await;
+    if let Some(t) = disk_watcher {
+        let _ = t.await;
+    }
     keyring.seal();
     let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     Ok(())

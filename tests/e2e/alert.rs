@@ -163,3 +163,26 @@ async fn deletion_policy_changes_and_audit_chain_findings_raise_alerts() {
         "{ev}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn low_disk_under_the_audit_file_is_alerted() {
+    let (url, mut rx) = receiver().await;
+    // A threshold no disk meets: the watcher's first look (at start) raises the alert.
+    let started = Instant::now();
+    let s = TestServer::start_with(
+        TestSeal::KeyFile,
+        &format!("[alerts]\nwebhook = \"{url}\"\n[audit]\nmin_free_mib = 1000000000\n"),
+    )
+    .await;
+    let ev = expect(&mut rx, "audit_disk_low", started).await;
+    let detail = ev["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("MiB free on the audit file's filesystem"),
+        "{ev}"
+    );
+    assert!(detail.contains("threshold 1000000000 MiB"), "{ev}");
+    // Once, not every check.
+    let again = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await;
+    assert!(again.is_err(), "alerted twice: {again:?}");
+    drop(s);
+}
