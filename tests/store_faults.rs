@@ -34,6 +34,12 @@ async fn server_with_key() -> (
     (s, admin, app, dk)
 }
 
+/// The audit chain verifies strictly (links, hashes, head MAC, no findings).
+async fn assert_chain_verifies(s: &TestServer) {
+    let verdict = s.kms_client("auditor-a").audit_verify(true).await.unwrap();
+    assert_eq!(verdict.map(|_| ()), Ok(()));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_store_fails_closed_and_recovers_without_a_restart() {
     let _one = FAULTS.lock().await;
@@ -81,14 +87,7 @@ async fn a_full_store_fails_closed_and_recovers_without_a_restart() {
         KeyState::Disabled
     );
     // The audit chain saw every request, failed ones included, and verifies.
-    assert_eq!(
-        s.kms_client("auditor-a")
-            .audit_verify(true)
-            .await
-            .unwrap()
-            .map(|_| ()),
-        Ok(())
-    );
+    assert_chain_verifies(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,14 +109,7 @@ async fn a_failing_audit_file_fails_closed_until_reopened() {
     let app = s.kms_client("app-a");
     let un = app.unwrap(dk.wrapped.as_bytes(), &ctx()).await.unwrap();
     assert_eq!(un.plaintext.expose_secret(), dk.plaintext.expose_secret());
-    assert_eq!(
-        s.kms_client("auditor-a")
-            .audit_verify(true)
-            .await
-            .unwrap()
-            .map(|_| ()),
-        Ok(())
-    );
+    assert_chain_verifies(&s).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,12 +143,5 @@ async fn a_slow_audit_file_slows_answers_but_loses_nothing() {
         "still slow: {:?}",
         t.elapsed()
     );
-    assert_eq!(
-        s.kms_client("auditor-a")
-            .audit_verify(true)
-            .await
-            .unwrap()
-            .map(|_| ()),
-        Ok(())
-    );
+    assert_chain_verifies(&s).await;
 }

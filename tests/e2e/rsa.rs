@@ -25,6 +25,12 @@ fn ctx(pairs: &[(&str, &str)]) -> Context {
         .collect()
 }
 
+/// `wrapped` unwraps (through the server, with `ctx`) to exactly `dek`.
+async fn unwraps_to(app: &kms_client::Client, wrapped: &[u8], ctx: &Context, dek: &[u8]) {
+    let u = app.unwrap(wrapped, ctx).await.unwrap();
+    assert_eq!(u.plaintext.expose_secret(), dek);
+}
+
 /// A GET by `who` that must be refused with `status` and `code`.
 async fn refused(s: &TestServer, who: &str, path: &str, status: u16, code: &str) {
     assert_error(&get(&s.client(Some(who)), &s.url(path)).await, status, code);
@@ -148,24 +154,16 @@ async fn rsa_keks_export_wrap_offline_unwrap_in_the_server() {
     // Server-side datakey and wrap under RSA keys, both sizes.
     let d = app.datakey("r3", &c).await.unwrap();
     assert_eq!(d.wrapped.as_bytes().len(), 24 + 384);
-    assert_eq!(
-        app.unwrap(d.wrapped.as_bytes(), &c)
-            .await
-            .unwrap()
-            .plaintext
-            .expose_secret(),
-        d.plaintext.expose_secret()
-    );
+    unwraps_to(&app, d.wrapped.as_bytes(), &c, d.plaintext.expose_secret()).await;
     let d4 = app.datakey("r4", &c).await.unwrap();
     assert_eq!(d4.wrapped.as_bytes().len(), 24 + 512);
-    assert_eq!(
-        app.unwrap(d4.wrapped.as_bytes(), &c)
-            .await
-            .unwrap()
-            .plaintext
-            .expose_secret(),
-        d4.plaintext.expose_secret()
-    );
+    unwraps_to(
+        &app,
+        d4.wrapped.as_bytes(),
+        &c,
+        d4.plaintext.expose_secret(),
+    )
+    .await;
     let w = app.wrap("r4", &[7u8; 16], &c).await.unwrap();
     assert_eq!(
         app.unwrap(w.wrapped.as_bytes(), &c)
@@ -288,14 +286,13 @@ async fn rsa_keks_export_wrap_offline_unwrap_in_the_server() {
     // A restart reloads the key pairs from the store (sealed under the master key).
     s.restart().await;
     let app = s.kms_client("app-a");
-    assert_eq!(
-        app.unwrap(d4.wrapped.as_bytes(), &c)
-            .await
-            .unwrap()
-            .plaintext
-            .expose_secret(),
-        d4.plaintext.expose_secret()
-    );
+    unwraps_to(
+        &app,
+        d4.wrapped.as_bytes(),
+        &c,
+        d4.plaintext.expose_secret(),
+    )
+    .await;
     assert_eq!(app.public_key("r3", None).await.unwrap().pem, v2.pem);
 
     // Destruction: the private keys of r4 are gone from every file in the data directory.

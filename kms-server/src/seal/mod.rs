@@ -53,8 +53,10 @@ impl SealMethod {
 }
 
 /// The sealed master key as stored. Holds no secret in clear: `sealed` is AEAD
-/// ciphertext under the key-file or passphrase key, so deriving `Debug` and `Serialize`
-/// is safe here (it is what the store holds).
+/// ciphertext (under the key-file key, the passphrase key, the Shamir unseal key, or the
+/// PKCS#11 token's key), and the rest is public parameters (Argon2 salt and costs, share
+/// set and threshold, token and key labels and the GCM nonce). So deriving `Debug` and
+/// `Serialize` is safe here: it is what the store holds.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SealedMasterKey {
