@@ -59,6 +59,7 @@ pub mod api;
 mod client;
 #[cfg(feature = "client")]
 mod error;
+pub mod hex;
 #[cfg(feature = "client")]
 mod provider;
 pub mod rsa_oaep;

@@ -56,7 +56,7 @@ pub fn label(header: &[u8], canonical_context: &[u8]) -> String {
         .chain_update(header)
         .chain_update(canonical_context)
         .finalize();
-    digest.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::encode(&digest)
 }
 
 #[cfg(feature = "client")]

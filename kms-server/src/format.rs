@@ -27,7 +27,7 @@ pub struct KeyId(pub [u8; 16]);
 impl KeyId {
     /// Lower-case hex.
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        kms_client::hex::encode(&self.0)
     }
 
     /// Parses 32 hex digits.

@@ -1670,19 +1670,7 @@ impl Keyring {
         name: &str,
         context: &Context,
     ) -> Result<DataKey, Error> {
-        let canonical = format::canonical_context(context)?;
-        let un = self.unsealed()?;
-        let entry = self.entry_by_name(&un, &who.tenant, name)?;
-        entry.check_grant(&who.identity, GrantOperation::Datakey, context)?;
-        entry.check_usable()?;
-        let dek = SecretVec::random(DATAKEY_LEN)?;
-        let w = self.wrap_with(&entry, dek.expose_secret(), &canonical)?;
-        Ok(DataKey {
-            plaintext: dek,
-            wrapped: w.wrapped,
-            key: w.key,
-            version: w.version,
-        })
+        self.lookups()?.datakey(who, name, context)
     }
 
     /// Wraps a caller-supplied DEK (16–64 bytes).
@@ -1693,31 +1681,148 @@ impl Keyring {
         dek: &[u8],
         context: &Context,
     ) -> Result<Wrapped, Error> {
+        self.lookups()?.wrap(who, name, dek, context)
+    }
+
+    /// Unwraps a wrapped DEK of the caller's tenant, bound to `context`.
+    pub fn unwrap(
+        &self,
+        who: &Principal,
+        wrapped: &[u8],
+        context: &Context,
+    ) -> Result<Unwrapped, Error> {
+        self.lookups()?.unwrap(who, wrapped, context)
+    }
+
+    /// Re-wraps under the key's current version with the same context. The DEK never
+    /// leaves the server.
+    pub fn rewrap(
+        &self,
+        who: &Principal,
+        wrapped: &[u8],
+        context: &Context,
+    ) -> Result<Wrapped, Error> {
+        self.lookups()?.rewrap(who, wrapped, context)
+    }
+
+    /// A scope for the key operations of one request ([`Lookups`]). Fails when sealed.
+    pub fn lookups(&self) -> Result<Lookups<'_>, Error> {
+        Ok(Lookups {
+            keyring: self,
+            un: self.unsealed()?,
+            entries: Vec::new(),
+        })
+    }
+}
+
+/// Most distinct keys a [`Lookups`] remembers; beyond that, items go to the shared cache.
+const LOOKUPS_KEPT: usize = 16;
+
+/// The key operations of one request (a batch's items, or a single call): the unsealed
+/// state and each key's cache entry are fetched from the shared cache once and reused by
+/// the following items. The shared cache's lock and the entries' reference counts are
+/// written by every worker; touched once per item they cost a batch a tenth of its CPU
+/// (`BENCHMARKS.md`, batch section). A key disabled or destroyed while a batch runs is
+/// seen by the next request, as for any request already past its lookup.
+pub struct Lookups<'k> {
+    keyring: &'k Keyring,
+    un: Arc<Unsealed>,
+    entries: Vec<Arc<KeyEntry>>,
+}
+
+impl Lookups<'_> {
+    fn remember(&mut self, entry: Arc<KeyEntry>) -> usize {
+        if self.entries.len() == LOOKUPS_KEPT {
+            self.entries.pop();
+        }
+        self.entries.push(entry);
+        self.entries.len() - 1
+    }
+
+    /// The index in `entries` of key `id` of `tenant`; `None`: no such key there.
+    fn by_id(&mut self, tenant: &str, id: KeyId) -> Result<Option<usize>, Error> {
+        let found = self.entries.iter().position(|e| e.key_id == id);
+        let i = match found {
+            Some(i) => i,
+            None => match self.keyring.load_entry(&self.un, id)? {
+                Some(e) => self.remember(e),
+                None => return Ok(None),
+            },
+        };
+        Ok((self.entries[i].record.tenant == tenant).then_some(i))
+    }
+
+    fn by_name(&mut self, tenant: &str, name: &str) -> Result<usize, Error> {
+        validate_name(name)?;
+        let found = self
+            .entries
+            .iter()
+            .position(|e| e.record.tenant == tenant && e.record.name == name);
+        match found {
+            Some(i) => Ok(i),
+            None => {
+                let e = self.keyring.entry_by_name(&self.un, tenant, name)?;
+                Ok(self.remember(e))
+            }
+        }
+    }
+
+    /// As [`Keyring::datakey`].
+    pub fn datakey(
+        &mut self,
+        who: &Principal,
+        name: &str,
+        context: &Context,
+    ) -> Result<DataKey, Error> {
+        let canonical = format::canonical_context(context)?;
+        let i = self.by_name(&who.tenant, name)?;
+        let entry = &self.entries[i];
+        entry.check_grant(&who.identity, GrantOperation::Datakey, context)?;
+        entry.check_usable()?;
+        let dek = SecretVec::random(DATAKEY_LEN)?;
+        let w = self
+            .keyring
+            .wrap_with(entry, dek.expose_secret(), &canonical)?;
+        Ok(DataKey {
+            plaintext: dek,
+            wrapped: w.wrapped,
+            key: w.key,
+            version: w.version,
+        })
+    }
+
+    /// As [`Keyring::wrap`].
+    pub fn wrap(
+        &mut self,
+        who: &Principal,
+        name: &str,
+        dek: &[u8],
+        context: &Context,
+    ) -> Result<Wrapped, Error> {
         format::check_dek_len(dek.len())?;
         let canonical = format::canonical_context(context)?;
-        let un = self.unsealed()?;
-        let entry = self.entry_by_name(&un, &who.tenant, name)?;
+        let i = self.by_name(&who.tenant, name)?;
+        let entry = &self.entries[i];
         entry.check_grant(&who.identity, GrantOperation::Wrap, context)?;
-        self.wrap_with(&entry, dek, &canonical)
+        self.keyring.wrap_with(entry, dek, &canonical)
     }
 
     /// Finds the key a wrapped DEK names (of the caller's tenant, else `DecryptFailed`:
     /// a foreign key looks like garbage), checks the grant for `op`, the key state and
-    /// the version, and opens it.
+    /// the version, and opens it. Returns the entry's index, the version and the DEK.
     fn open_wrapped(
-        &self,
-        un: &Unsealed,
+        &mut self,
         who: &Principal,
         op: GrantOperation,
         wrapped: &[u8],
         context: &Context,
-    ) -> Result<(Arc<KeyEntry>, u32, SecretVec), Error> {
+    ) -> Result<(usize, u32, SecretVec), Error> {
         let canonical = format::canonical_context(context)?;
         let header = format::parse_header(wrapped).map_err(|_| Error::DecryptFailed)?;
-        let entry = self
-            .load_entry(un, header.key_id)?
-            .filter(|e| e.record.tenant == who.tenant)
+        let i = self
+            .by_id(&who.tenant, header.key_id)?
             .ok_or(Error::DecryptFailed)?;
+        let entry = &self.entries[i];
         entry.check_grant(&who.identity, op, context)?;
         entry.check_usable()?;
         if header.version < entry.record.min_decrypt_version {
@@ -1731,40 +1836,37 @@ impl Keyring {
             .material
             .unwrap(wrapped, &canonical)
             .map_err(|_| Error::DecryptFailed)?;
-        kek.usage.unwrap(self.clock.now());
-        Ok((entry, header.version, dek))
+        kek.usage.unwrap(self.keyring.clock.now());
+        Ok((i, header.version, dek))
     }
 
-    /// Unwraps a wrapped DEK of the caller's tenant, bound to `context`.
+    /// As [`Keyring::unwrap`].
     pub fn unwrap(
-        &self,
+        &mut self,
         who: &Principal,
         wrapped: &[u8],
         context: &Context,
     ) -> Result<Unwrapped, Error> {
-        let un = self.unsealed()?;
-        let (entry, version, plaintext) =
-            self.open_wrapped(&un, who, GrantOperation::Unwrap, wrapped, context)?;
+        let (i, version, plaintext) =
+            self.open_wrapped(who, GrantOperation::Unwrap, wrapped, context)?;
         Ok(Unwrapped {
             plaintext,
-            key: entry.record.name.clone(),
+            key: self.entries[i].record.name.clone(),
             version,
         })
     }
 
-    /// Re-wraps under the key's current version with the same context. The DEK never
-    /// leaves the server.
+    /// As [`Keyring::rewrap`].
     pub fn rewrap(
-        &self,
+        &mut self,
         who: &Principal,
         wrapped: &[u8],
         context: &Context,
     ) -> Result<Wrapped, Error> {
-        let un = self.unsealed()?;
-        let (entry, _, dek) =
-            self.open_wrapped(&un, who, GrantOperation::Rewrap, wrapped, context)?;
+        let (i, _, dek) = self.open_wrapped(who, GrantOperation::Rewrap, wrapped, context)?;
         let canonical = format::canonical_context(context)?;
-        self.wrap_with(&entry, dek.expose_secret(), &canonical)
+        self.keyring
+            .wrap_with(&self.entries[i], dek.expose_secret(), &canonical)
     }
 }
 

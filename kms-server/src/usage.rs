@@ -51,8 +51,14 @@ impl Usage {
     }
 
     fn touch(&self, now: u64) {
-        self.last_use.fetch_max(now, Ordering::Relaxed);
-        self.dirty.store(true, Ordering::Relaxed);
+        // Read before writing: the counters are shared by every worker, and a write to a
+        // line that already holds the value still takes it from the other cores.
+        if self.last_use.load(Ordering::Relaxed) < now {
+            self.last_use.fetch_max(now, Ordering::Relaxed);
+        }
+        if !self.dirty.load(Ordering::Relaxed) {
+            self.dirty.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Counts a wrap at `now`.

@@ -14,7 +14,7 @@ use kms_client::api::{
 
 use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName};
 use crate::error::Error;
-use crate::keyring::{DataKey, Keyring, Unwrapped, Wrapped};
+use crate::keyring::{DataKey, Keyring, Lookups, Unwrapped, Wrapped};
 use crate::policy::{Operation, Principal};
 
 fn datakey_response(d: DataKey) -> DatakeyResponse {
@@ -122,31 +122,33 @@ pub async fn rewrap(
     Ok(Json(wrap_response(w)))
 }
 
-fn run_item(keyring: &Keyring, who: &Principal, item: &BatchItem) -> Result<BatchResult, Error> {
+fn run_item(
+    keys: &mut Lookups<'_>,
+    who: &Principal,
+    item: &BatchItem,
+) -> Result<BatchResult, Error> {
     Ok(match item {
         BatchItem::Datakey { key, context } => {
-            crate::keyring::validate_name(key)?;
-            BatchResult::Datakey(datakey_response(keyring.datakey(who, key, context)?))
+            BatchResult::Datakey(datakey_response(keys.datakey(who, key, context)?))
         }
         BatchItem::Wrap {
             key,
             plaintext,
             context,
-        } => {
-            crate::keyring::validate_name(key)?;
-            BatchResult::Wrap(wrap_response(keyring.wrap(
-                who,
-                key,
-                plaintext.expose_secret(),
-                context,
-            )?))
-        }
+        } => BatchResult::Wrap(wrap_response(keys.wrap(
+            who,
+            key,
+            plaintext.expose_secret(),
+            context,
+        )?)),
         BatchItem::Unwrap { wrapped, context } => BatchResult::Unwrap(unwrap_response(
-            keyring.unwrap(who, wrapped.as_bytes(), context)?,
+            keys.unwrap(who, wrapped.as_bytes(), context)?,
         )),
-        BatchItem::Rewrap { wrapped, context } => BatchResult::Rewrap(wrap_response(
-            keyring.rewrap(who, wrapped.as_bytes(), context)?,
-        )),
+        BatchItem::Rewrap { wrapped, context } => BatchResult::Rewrap(wrap_response(keys.rewrap(
+            who,
+            wrapped.as_bytes(),
+            context,
+        )?)),
     })
 }
 
@@ -165,9 +167,6 @@ pub async fn batch(
             req.items.len()
         )));
     }
-    if state.keyring.is_sealed() {
-        return Err(Error::Sealed);
-    }
     let any_rsa = req.items.iter().any(|item| match item {
         BatchItem::Unwrap { wrapped, .. } | BatchItem::Rewrap { wrapped, .. } => {
             crate::format::is_rsa(wrapped.as_bytes())
@@ -176,18 +175,24 @@ pub async fn batch(
     });
     let results = if any_rsa {
         let st = state.clone();
-        blocking(move || Ok(run_batch(&st.keyring, &caller, &req.items))).await?
+        blocking(move || run_batch(&st.keyring, &caller, &req.items)).await?
     } else {
-        run_batch(&state.keyring, &caller, &req.items)
+        run_batch(&state.keyring, &caller, &req.items)?
     };
     Ok(Json(BatchResponse { results }))
 }
 
-fn run_batch(keyring: &Keyring, who: &Principal, items: &[BatchItem]) -> Vec<BatchResult> {
-    items
+/// The items in order, sharing one [`Lookups`]. Sealed: the whole batch fails (503).
+fn run_batch(
+    keyring: &Keyring,
+    who: &Principal,
+    items: &[BatchItem],
+) -> Result<Vec<BatchResult>, Error> {
+    let mut keys = keyring.lookups()?;
+    Ok(items
         .iter()
         .map(|item| {
-            run_item(keyring, who, item).unwrap_or_else(|e| match e {
+            run_item(&mut keys, who, item).unwrap_or_else(|e| match e {
                 e @ (Error::Storage(_) | Error::Corrupt(_) | Error::Internal(_)) => {
                     tracing::error!(error = %e, "batch item failed");
                     BatchResult::Error(e.body())
@@ -195,5 +200,5 @@ fn run_batch(keyring: &Keyring, who: &Principal, items: &[BatchItem]) -> Vec<Bat
                 e => BatchResult::Error(e.body()),
             })
         })
-        .collect()
+        .collect())
 }

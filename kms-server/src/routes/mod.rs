@@ -398,6 +398,16 @@ where
                 "the request body must be a JSON object".into(),
             ));
         }
+        // serde_json directly on the way in; only a body that fails is read again through
+        // axum's `Json`, whose rejection names the failing field's path (the path tracking
+        // costs on every request, so it is paid only for the error message).
+        // The body's UTF-8 is checked once, in bulk, rather than string by string.
+        if let Some(v) = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|text| serde_json::from_str::<T>(text).ok())
+        {
+            return Ok(ApiJson(v));
+        }
         match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(rejection) => Err(json_rejection(rejection, limit)),

@@ -178,16 +178,4 @@ fn unseal_under(
     SecretKey::from_slice(plain.expose_secret()).ok_or(SealError::Malformed)
 }
 
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub(crate) fn unhex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 || !s.is_ascii() {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).ok())
-        .collect()
-}
+pub(crate) use kms_client::hex::{decode as unhex, encode as hex};
