@@ -58,3 +58,4 @@ PY
 done
 echo
 echo "errors: $errors; RSS after warm-up (minute 3): ${rss_warm:-n/a} MiB, highest: $rss_max MiB, last: $(rss_mib) MiB"
+echo "data dir at the end (store + audit trail): $(du -sm "$work/dev" | cut -f1) MiB"
