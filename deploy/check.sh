@@ -3,7 +3,8 @@
 # engine needed): the systemd unit's syntax (`systemd-analyze verify`, on a copy whose
 # ExecStart names the binary just built) and its sandbox (`systemd-analyze security
 # --offline=yes`: exposure must be at most 2.0, "OK"), and the install script staged into
-# a scratch root (files, modes).
+# a scratch root (files, modes); the AppArmor profile parses (`apparmor_parser -Q -K`), and
+# the denial forwarder turns a kernel denial line into an alert on a local webhook.
 #
 # Usage: bash deploy/check.sh [path/to/kms-server]   (default target/debug/kms-server)
 set -euo pipefail
@@ -31,7 +32,8 @@ echo "deploy/check.sh: $unit verifies; exposure $exposure (OK)"
 
 DESTDIR="$tmp/root" bash deploy/systemd/install.sh "$bin" >/dev/null
 for want in "755 usr/local/bin/kms-server" "750 etc/keyhold" "640 etc/keyhold/kms-server.toml" \
-            "700 var/lib/keyhold" "644 etc/systemd/system/keyhold.service"; do
+            "700 var/lib/keyhold" "644 etc/systemd/system/keyhold.service" \
+            "644 etc/apparmor.d/usr.local.bin.kms-server" "755 usr/local/lib/keyhold/denials-to-alert.py"; do
   mode=${want%% *}; path=${want#* }
   got=$(stat -c %a "$tmp/root/$path")
   [ "$got" = "$mode" ] || { echo "deploy/check.sh: $path has mode $got, want $mode" >&2; exit 1; }
@@ -39,3 +41,35 @@ done
 cmp -s "$tmp/root/usr/local/bin/kms-server" "$bin" || { echo "deploy/check.sh: binary not installed as built" >&2; exit 1; }
 cmp -s "$tmp/root/etc/keyhold/kms-server.toml" deploy/kms-server.toml || { echo "deploy/check.sh: config not staged" >&2; exit 1; }
 echo "deploy/check.sh: install.sh stages the files with the right modes"
+
+profile=deploy/apparmor/usr.local.bin.kms-server
+apparmor_parser -Q -K "$profile" 2> "$tmp/aa.err" || { cat "$tmp/aa.err" >&2; exit 1; }
+echo "deploy/check.sh: $profile parses"
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+python3 - "$port" "$tmp/alerts.jsonl" <<'PY' &
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        open(sys.argv[2], "ab").write(body + b"\n")
+        self.send_response(204); self.end_headers()
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+PY
+receiver=$!
+trap 'kill $receiver 2>/dev/null; rm -rf "$tmp"' EXIT
+for _ in $(seq 50); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $port))" 2>/dev/null && break; sleep 0.1; done
+printf '%s\n' \
+  'audit: type=1400 audit(1700000000.1:45): apparmor="DENIED" operation="open" class="file" profile="kms-server" name="/home/alice/.ssh/id_rsa" pid=4242 comm="tokio-rt-worker" requested_mask="r" denied_mask="r"' \
+  'audit: type=1400 audit(1700000000.2:46): apparmor="DENIED" operation="exec" profile="another" name="/bin/sh" pid=1' \
+  'audit: type=1400 audit(1700000000.3:47): apparmor="ALLOWED" operation="open" profile="kms-server" name="/etc/keyhold/x"' \
+  | python3 deploy/apparmor/denials-to-alert.py --webhook "http://127.0.0.1:$port/alerts"
+python3 - "$tmp/alerts.jsonl" <<'PY'
+import json, sys
+events = [json.loads(l) for l in open(sys.argv[1])]
+assert len(events) == 1, events
+e = events[0]
+assert e["kind"] == "apparmor_denied" and "name=/home/alice/.ssh/id_rsa" in e["detail"], e
+PY
+echo "deploy/check.sh: an AppArmor denial of kms-server reaches the alert webhook (others ignored)"

@@ -9,7 +9,8 @@
 # /usr/local/bin/kms-server (root-owned, 0755), /etc/keyhold (root:keyhold 0750: config,
 # certificates and key file readable by the service, writable only by root),
 # /var/lib/keyhold (keyhold 0700: store, audit trail, erasure file), and the unit at
-# /etc/systemd/system/keyhold.service. It does not start the service: put the config,
+# /etc/systemd/system/keyhold.service, the AppArmor profile in /etc/apparmor.d (not
+# loaded) and its denial forwarder in /usr/local/lib/keyhold. It does not start the service: put the config,
 # certificates and seal secret in /etc/keyhold, run
 #   sudo -u keyhold /usr/local/bin/kms-server init --config /etc/keyhold/kms-server.toml
 # then `systemctl enable --now keyhold`. A new service appearing is itself an event
@@ -41,6 +42,11 @@ fi
 install -d -m 0700 "$root/var/lib/keyhold"
 owner keyhold:keyhold "$root/var/lib/keyhold"
 install -m 0644 "$here/keyhold.service" "$root/etc/systemd/system/keyhold.service"
+# The AppArmor profile is installed, not loaded: load it in complain mode first
+# (deploy/README.md).
+install -d -m 0755 "$root/etc/apparmor.d" "$root/usr/local/lib/keyhold"
+install -m 0644 "$here/../apparmor/usr.local.bin.kms-server" "$root/etc/apparmor.d/usr.local.bin.kms-server"
+install -m 0755 "$here/../apparmor/denials-to-alert.py" "$root/usr/local/lib/keyhold/denials-to-alert.py"
 if [ -z "$root" ]; then
   systemctl daemon-reload 2>/dev/null || echo "install.sh: systemd not running here; reload it yourself"
 fi
