@@ -824,6 +824,23 @@ pub struct SysStatus {
     /// For the `shamir` method while sealed: shares received so far and shares needed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unseal_progress: Option<UnsealProgress>,
+    /// The server process's hardening, read back from the kernel (absent from servers
+    /// older than this field).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<ProcessStatus>,
+}
+
+/// What protects the server process's memory, as the kernel reports it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ProcessStatus {
+    /// Whether the process is dumpable (`PR_GET_DUMPABLE`); `false` when hardened.
+    pub dumpable: bool,
+    /// The core-file size limit (`RLIMIT_CORE`, soft); 0 when hardened.
+    pub core_limit: u64,
+    /// Whether its memory is locked against swap (`mlockall`).
+    pub memory_locked: bool,
+    /// Its effective user id.
+    pub uid: u32,
 }
 
 /// `POST /v1/sys/rotate-master`: the seal secret to seal the new master key with (the

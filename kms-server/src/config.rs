@@ -82,6 +82,17 @@ struct FileConfig {
     alerts: FileAlerts,
     #[serde(default)]
     keys: FileKeys,
+    #[serde(default)]
+    process: FileProcess,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileProcess {
+    #[serde(default)]
+    mlock: crate::process::Mlock,
+    #[serde(default)]
+    allow_root: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -348,6 +359,8 @@ pub struct Settings {
     pub cache_keys: usize,
     /// Alert destinations.
     pub alerts: crate::alert::AlertSettings,
+    /// Process hardening (`[process]`).
+    pub process: crate::process::ProcessSettings,
 }
 
 impl Settings {
@@ -594,6 +607,10 @@ impl Settings {
             alerts: crate::alert::AlertSettings {
                 webhook: raw.alerts.webhook,
                 command: raw.alerts.command,
+            },
+            process: crate::process::ProcessSettings {
+                mlock: raw.process.mlock,
+                allow_root: raw.process.allow_root,
             },
         })
     }

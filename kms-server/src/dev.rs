@@ -108,6 +108,12 @@ cert = "pki/server.pem"
 key = "pki/server-key.pem"
 client_ca = "pki/ca.pem"
 
+# A developer machine: memory locked if the limit allows it, and whoever runs it (root
+# included). Production keeps the defaults: mlock required, root refused.
+[process]
+mlock = "best-effort"
+allow_root = true
+
 [[identities]]
 identity = "{DEV_ADMIN}"
 tenant = "{DEV_TENANT}"

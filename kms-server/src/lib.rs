@@ -61,6 +61,7 @@ pub mod metrics;
 pub mod ops;
 pub mod pki;
 pub mod policy;
+pub mod process;
 pub mod routes;
 pub mod seal;
 pub mod secret;

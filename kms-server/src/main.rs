@@ -85,6 +85,13 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9443")]
         ops_listen: SocketAddr,
     },
+    /// Probe a running server's ops listener (`GET /healthz`); exit 0 when it answers
+    /// 200. For container health checks: the image has no shell or curl.
+    Health {
+        /// The ops listener's address.
+        #[arg(long, default_value = "127.0.0.1:9443")]
+        ops: SocketAddr,
+    },
     /// Check a configuration file and exit.
     CheckConfig {
         /// Configuration file.
@@ -160,12 +167,19 @@ fn read_new_passphrase(file: Option<PathBuf>) -> anyhow::Result<Zeroizing<String
     Ok(first)
 }
 
+/// Loads the configuration and hardens the process (before any secret is read).
+fn load_hardened(config: &std::path::Path) -> anyhow::Result<Settings> {
+    let settings = Settings::load(config)?;
+    kms_server::process::harden(&settings.process)?;
+    Ok(settings)
+}
+
 fn init(
     config: PathBuf,
     passphrase_file: Option<PathBuf>,
     (shares, threshold): (u8, u8),
 ) -> anyhow::Result<()> {
-    let settings = Settings::load(&config)?;
+    let settings = load_hardened(&config)?;
     let mut printed_shares = Vec::new();
     let sealer = match settings.seal.method {
         SealMethod::Shamir => {
@@ -222,7 +236,7 @@ fn restore(
     passphrase_file: Option<PathBuf>,
     share_files: Vec<PathBuf>,
 ) -> anyhow::Result<()> {
-    let settings = Settings::load(&config)?;
+    let settings = load_hardened(&config)?;
     let sealer = match settings.seal.method {
         SealMethod::KeyFile | SealMethod::Pkcs11 => server::sealer_for(&settings.seal, None),
         SealMethod::Passphrase => {
@@ -276,6 +290,28 @@ fn restore(
     Ok(())
 }
 
+fn health(ops: SocketAddr) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(3);
+    let mut s = std::net::TcpStream::connect_timeout(&ops, timeout)
+        .with_context(|| format!("connecting to the ops listener at {ops}"))?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))?;
+    s.write_all(
+        format!("GET /healthz HTTP/1.1\r\nHost: {ops}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut answer = Vec::new();
+    s.take(4096).read_to_end(&mut answer)?;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.lines().next().unwrap_or("no answer");
+    if status.starts_with("HTTP/1.1 200 ") || status.starts_with("HTTP/1.0 200 ") {
+        println!("{ops}: healthy");
+        Ok(())
+    } else {
+        bail!("{ops}/healthz answered: {status}")
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(&cli.log_format);
@@ -296,9 +332,10 @@ fn main() -> anyhow::Result<()> {
             share_files,
         } => restore(config, input, passphrase_file, share_files),
         Command::Serve { config } => {
-            let settings = Settings::load(&config)?;
+            let settings = load_hardened(&config)?;
             rt.block_on(serve(settings))
         }
+        Command::Health { ops } => health(ops),
         Command::CheckConfig { config } => {
             Settings::load(&config)?;
             println!("{}: ok", config.display());
@@ -309,6 +346,12 @@ fn main() -> anyhow::Result<()> {
             listen,
             ops_listen,
         } => {
+            // Hardened before the dev key file and store are touched, with the dev
+            // config's `[process]` settings.
+            kms_server::process::harden(&kms_server::process::ProcessSettings {
+                mlock: kms_server::process::Mlock::BestEffort,
+                allow_root: true,
+            })?;
             let config = kms_server::dev::prepare(&data_dir, listen, ops_listen)?;
             let settings = Settings::load(&config)?;
             eprintln!("{}", kms_server::dev::banner(&data_dir, listen, ops_listen));

@@ -74,7 +74,8 @@ fn init_with_shamir_prints_the_shares_once() {
     std::fs::write(
         &path,
         "[store]\npath = \"s.redb\"\n[seal]\nmethod = \"shamir\"\n\
-         [tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"\n",
+         [tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\nclient_ca = \"ca.pem\"\n\
+         [process]\nallow_root = true\nmlock = \"best-effort\"\n",
     )
     .unwrap();
     let init = || {

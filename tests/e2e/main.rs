@@ -18,6 +18,7 @@ mod crash;
 mod crypto;
 mod curl;
 mod faults;
+mod hardening;
 mod hostile;
 mod keys;
 mod kmsctl;

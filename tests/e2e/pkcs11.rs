@@ -4,26 +4,17 @@
 //! rotation; restarts; a wrong PIN starts sealed and is refused, and once the PIN file is
 //! fixed `POST /v1/sys/unseal` unseals; a token without the key keeps the server sealed.
 
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use keyhold_tests::softhsm::{SoftHsm, MODULE};
-use keyhold_tests::{generate_pki, kms_client_for, workspace_bin, write_config, TestPki, TestSeal};
+use keyhold_tests::{
+    free_ports, generate_pki, kms_client_for, workspace_bin, write_config, TestPki, TestSeal,
+};
 use serde_json::json;
 
 use crate::{assert_error, post};
-
-/// Two distinct free ports (both held until chosen, so they differ).
-fn free_ports() -> (u16, u16) {
-    let a = TcpListener::bind("127.0.0.1:0").unwrap();
-    let b = TcpListener::bind("127.0.0.1:0").unwrap();
-    (
-        a.local_addr().unwrap().port(),
-        b.local_addr().unwrap().port(),
-    )
-}
 
 struct Node {
     dir: tempfile::TempDir,

@@ -3,6 +3,7 @@
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod fault_proxy;
 pub mod forensics;
 pub mod softhsm;
 
@@ -234,6 +235,11 @@ client_ca = "pki/ca.pem"
 crls = ["pki/crl.pem"]
 {tls_extra}
 
+# CI runs the tests as root; production keeps the defaults (see the hardening test).
+[process]
+allow_root = true
+mlock = "best-effort"
+
 {identities}
 {extra}
 "#
@@ -241,6 +247,29 @@ crls = ["pki/crl.pem"]
     let path = dir.join("kms-server.toml");
     std::fs::write(&path, text).unwrap();
     path
+}
+
+/// Two distinct free loopback ports (both held until chosen, so they differ).
+pub fn free_ports() -> (u16, u16) {
+    let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    (
+        a.local_addr().unwrap().port(),
+        b.local_addr().unwrap().port(),
+    )
+}
+
+/// Puts fixed API and ops ports into a config from [`write_config`] (for a server run as
+/// a separate process, whose port 0 the test could not learn).
+pub fn set_ports(config: &Path, api: u16, ops: u16) {
+    let text = std::fs::read_to_string(config).unwrap();
+    let fixed = text.replacen(
+        "listen = \"127.0.0.1:0\"\nops_listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{api}\"\nops_listen = \"127.0.0.1:{ops}\""),
+        1,
+    );
+    assert_ne!(fixed, text, "no port-0 listeners in {}", config.display());
+    std::fs::write(config, fixed).unwrap();
 }
 
 /// A running server.

@@ -42,6 +42,7 @@ fn status_of(state: &AppState) -> SysStatus {
         seal_method: state.settings.seal.method.as_str().to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         unseal_progress,
+        process: Some(crate::process::current()),
     }
 }
 
