@@ -454,6 +454,9 @@ pub async fn run_with_clock(
         });
     }
     tracing::info!("shutting down: draining connections");
+    // New connections are refused from now on (a load balancer or kms-client moves to
+    // another node at once) while the open ones finish their requests.
+    drop(listeners.api);
     let _ = stop_tx.send(true);
     if tokio::time::timeout(std::time::Duration::from_secs(10), graceful.shutdown())
         .await

@@ -1,11 +1,16 @@
 //! Faults from the network: clients that stall (slowloris: before the TLS handshake,
 //! mid-headers, mid-body) and a flood of idle connections. The server sheds them on its
-//! timeouts and keeps serving everyone else meanwhile.
+//! timeouts and keeps serving everyone else meanwhile. And faults between a client and
+//! the server (a fault proxy on loopback): a hung endpoint, lost answers, slow and
+//! truncated answers, met by `kms_client`'s timeouts, retries and failover.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use keyhold_tests::fault_proxy::{Fault, FaultProxy};
 use keyhold_tests::TestServer;
+use kms_client::api::Context;
+use kms_client::Client;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -174,4 +179,285 @@ async fn a_connection_flood_does_not_stop_service_and_memory_stays_bounded() {
     drop(idle);
     drop(tls);
     serve_meanwhile(&s, &body, 10, Duration::from_secs(1)).await;
+}
+
+// ---- faults between client and server (the loopback fault proxy) ----
+
+/// A server with key `k`, a DEK under it, and a proxy in front of the server.
+async fn behind_proxy() -> (TestServer, FaultProxy, kms_client::api::DatakeyResponse) {
+    let s = TestServer::start().await;
+    s.kms_client("admin-a")
+        .create_key(&keyhold_tests::create_granted("k", keyhold_tests::APP_A))
+        .await
+        .unwrap();
+    let dk = s
+        .kms_client("app-a")
+        .datakey("k", &Context::new())
+        .await
+        .unwrap();
+    let proxy = FaultProxy::start(s.addr).await;
+    (s, proxy, dk)
+}
+
+fn via(s: &TestServer, who: &str, endpoints: &[String], request_timeout: Duration) -> Client {
+    Client::builder()
+        .endpoints(endpoints.iter().cloned())
+        .ca_pem_file(s.pki.ca())
+        .unwrap()
+        .identity_pem_files(s.pki.cert(who), s.pki.key(who))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(1))
+        .request_timeout(request_timeout)
+        // One request per connection at a time: the next server bytes on a kept-alive
+        // connection are the next answer (HTTP/2 could send a window update first).
+        .http1_only(true)
+        .build()
+        .unwrap()
+}
+
+/// Audit records of `operation` so far.
+async fn audited(s: &TestServer, operation: &str) -> usize {
+    let auditor = s.kms_client("auditor-a");
+    let page = auditor.audit_page(0, 1000).await.unwrap();
+    page.records
+        .iter()
+        .filter(|r| r.operation == operation)
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_endpoint_is_left_for_the_next_one_within_the_connect_timeout() {
+    let (s, proxy, dk) = behind_proxy().await;
+    proxy.set(Fault::Blackhole);
+    let app = via(
+        &s,
+        "app-a",
+        &[proxy.url(""), s.url("")],
+        Duration::from_secs(5),
+    );
+    let t = Instant::now();
+    let u = app
+        .unwrap(dk.wrapped.as_bytes(), &Context::new())
+        .await
+        .expect("the second endpoint answers");
+    assert_eq!(u.plaintext, dk.plaintext);
+    let first = t.elapsed();
+    // One connect timeout (1 s: TCP connects, the TLS handshake never completes), then B.
+    assert!(
+        first >= Duration::from_millis(900) && first < Duration::from_secs(4),
+        "{first:?}"
+    );
+    assert!(proxy.connections() >= 1);
+    // The client now prefers the endpoint that answered: no more waiting.
+    let t = Instant::now();
+    for _ in 0..20 {
+        app.unwrap(dk.wrapped.as_bytes(), &Context::new())
+            .await
+            .unwrap();
+    }
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_is_repeated_only_for_operations_safe_to_repeat() {
+    let (s, proxy, dk) = behind_proxy().await;
+    let app = via(&s, "app-a", &[proxy.url("")], Duration::from_secs(5));
+    let admin = via(&s, "admin-a", &[proxy.url("")], Duration::from_secs(5));
+    // Kept-alive connections through the proxy first, so the next server bytes on them are
+    // the answer to the next request.
+    app.unwrap(dk.wrapped.as_bytes(), &Context::new())
+        .await
+        .unwrap();
+    admin.get_key("k").await.unwrap();
+    let unwraps = audited(&s, "POST /v1/unwrap").await;
+
+    // Unwrap: executed, answer lost, repeated by the client, answered.
+    proxy.cut_next_responses(1);
+    let u = app
+        .unwrap(dk.wrapped.as_bytes(), &Context::new())
+        .await
+        .expect("unwrap is safe to repeat");
+    assert_eq!(u.plaintext, dk.plaintext);
+    // The server ran it twice and audited both.
+    assert_eq!(audited(&s, "POST /v1/unwrap").await, unwraps + 2);
+
+    // Rotate: executed, answer lost, *not* repeated: the caller gets a transport error
+    // and the key was rotated exactly once.
+    proxy.cut_next_responses(1);
+    let e = admin.rotate_key("k").await.unwrap_err();
+    assert!(
+        matches!(e, kms_client::Error::Transport { .. }),
+        "a lost rotate answer is reported, not retried: {e:?}"
+    );
+    assert_eq!(
+        s.kms_client("admin-a")
+            .get_key("k")
+            .await
+            .unwrap()
+            .current_version,
+        2
+    );
+
+    // Create: the same. (The cut connection is gone: open a new one first, or the cut
+    // would hit its handshake, which the client may always retry.)
+    admin.get_key("k").await.unwrap();
+    proxy.cut_next_responses(1);
+    let e = admin
+        .create_key(&keyhold_tests::create_granted("k2", keyhold_tests::APP_A))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, kms_client::Error::Transport { .. }), "{e:?}");
+    let keys = s.kms_client("admin-a").list_keys().await.unwrap();
+    assert_eq!(keys.iter().filter(|k| k.name == "k2").count(), 1);
+    // And the caller can see what happened and carry on: the key exists.
+    let e = admin
+        .create_key(&keyhold_tests::create_granted("k2", keyhold_tests::APP_A))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(kms_client::api::ErrorCode::AlreadyExists));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_truncated_answers_end_in_typed_errors_and_the_server_keeps_serving() {
+    let (s, proxy, dk) = behind_proxy().await;
+    let direct = s.kms_client("app-a");
+
+    // 300 ms each way per chunk: within a 5 s request timeout it works, slowly. (Its
+    // connection is made while the path is fast: a handshake's three flights would take
+    // about the 1 s connect timeout.)
+    let patient = via(&s, "app-a", &[proxy.url("")], Duration::from_secs(5));
+    patient
+        .unwrap(dk.wrapped.as_bytes(), &Context::new())
+        .await
+        .unwrap();
+    proxy.set(Fault::Delay(Duration::from_millis(300)));
+    let t = Instant::now();
+    let u = patient
+        .unwrap(dk.wrapped.as_bytes(), &Context::new())
+        .await
+        .unwrap();
+    assert_eq!(u.plaintext, dk.plaintext);
+    assert!(
+        t.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        t.elapsed()
+    );
+
+    // With a 200 ms request timeout every round times out: a typed timeout, bounded.
+    let hasty = via(&s, "app-a", &[proxy.url("")], Duration::from_millis(200));
+    // Its connection is made while the path is fast.
+    proxy.set(Fault::None);
+    hasty
+        .unwrap(dk.wrapped.as_bytes(), &Context::new())
+        .await
+        .unwrap();
+    proxy.set(Fault::Delay(Duration::from_millis(300)));
+    let t = Instant::now();
+    let e = hasty
+        .unwrap(dk.wrapped.as_bytes(), &Context::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, kms_client::Error::Timeout { .. }), "{e:?}");
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    // The direct path was never affected.
+    direct
+        .unwrap(dk.wrapped.as_bytes(), &Context::new())
+        .await
+        .unwrap();
+
+    // Answers cut after 100 bytes (mid-TLS-record; new connections then fail in the
+    // handshake): never a wrong DEK, a transport error once the retries are spent.
+    proxy.set(Fault::None);
+    let cut = via(&s, "app-a", &[proxy.url("")], Duration::from_secs(5));
+    cut.unwrap(dk.wrapped.as_bytes(), &Context::new())
+        .await
+        .unwrap();
+    proxy.set(Fault::Truncate(100));
+    let e = cut
+        .unwrap(dk.wrapped.as_bytes(), &Context::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            kms_client::Error::Transport { .. } | kms_client::Error::Unreachable { .. }
+        ),
+        "{e:?}"
+    );
+    direct
+        .unwrap(dk.wrapped.as_bytes(), &Context::new())
+        .await
+        .unwrap();
+
+    // Fault gone: the same clients work again, and the server's trail is intact.
+    proxy.set(Fault::None);
+    for c in [&patient, &hasty, &cut] {
+        let u = c
+            .unwrap(dk.wrapped.as_bytes(), &Context::new())
+            .await
+            .unwrap();
+        assert_eq!(u.plaintext, dk.plaintext);
+    }
+    assert!(s
+        .kms_client("auditor-a")
+        .audit_verify(true)
+        .await
+        .unwrap()
+        .is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_a_request_in_flight_and_refuses_new_connections() {
+    let (s, body) = impatient_server().await;
+    let body = serde_json::to_vec(&body).unwrap();
+    let addr = s.addr;
+    // A request in flight: headers and half of the body sent.
+    let mut tls = tls_stream(&s).await;
+    let head = format!(
+        "POST /v1/unwrap HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n\
+         content-length: {}\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let half = body.len() / 2;
+    tls.write_all(&body[..half]).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Shutdown begins (SIGTERM in the binary; the same future here).
+    let mut s = s;
+    let stopping = tokio::spawn(async move {
+        s.stop().await;
+        s
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !stopping.is_finished(),
+        "the server stopped with a request in flight"
+    );
+    // Draining: new connections are refused.
+    let e = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect_err("a new connection was accepted while draining");
+    assert_eq!(e.kind(), std::io::ErrorKind::ConnectionRefused, "{e}");
+    // The request in flight completes normally.
+    tls.write_all(&body[half..]).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tls.read_to_end(&mut answer))
+        .await
+        .expect("the drained connection closes after its answer")
+        .ok();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"plaintext\""), "{text}");
+    // Then the server is down, and its audit trail holds the drained request.
+    let s = tokio::time::timeout(Duration::from_secs(15), stopping)
+        .await
+        .expect("shutdown finishes once drained")
+        .unwrap();
+    let chain = std::fs::read_to_string(s.dir.path().join("store.audit")).unwrap_or_default();
+    assert!(
+        chain.matches("\"POST /v1/unwrap\"").count() >= 1,
+        "the drained unwrap is in the audit file"
+    );
 }
