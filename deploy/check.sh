@@ -4,7 +4,10 @@
 # ExecStart names the binary just built) and its sandbox (`systemd-analyze security
 # --offline=yes`: exposure must be at most 2.0, "OK"), and the install script staged into
 # a scratch root (files, modes); the AppArmor profile parses (`apparmor_parser -Q -K`), and
-# the denial forwarder turns a kernel denial line into an alert on a local webhook.
+# the denial forwarder turns a kernel denial line into an alert on a local webhook; the
+# Dockerfile passes hadolint and `kms-server health` (its HEALTHCHECK) works against a
+# running dev server; the Kubernetes manifests pass `kubernetes-validate --strict` and
+# deploy/kubernetes/check.py, and their embedded config passes `kms-server check-config`.
 #
 # Usage: bash deploy/check.sh [path/to/kms-server]   (default target/debug/kms-server)
 set -euo pipefail
@@ -73,3 +76,31 @@ e = events[0]
 assert e["kind"] == "apparmor_denied" and "name=/home/alice/.ssh/id_rsa" in e["detail"], e
 PY
 echo "deploy/check.sh: an AppArmor denial of kms-server reaches the alert webhook (others ignored)"
+
+hadolint deploy/docker/Dockerfile
+echo "deploy/check.sh: the Dockerfile passes hadolint"
+
+kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
+python3 deploy/kubernetes/check.py "$tmp/k8s.toml"
+# check-config wants the files it names to exist: the pod's mounts, under a scratch root.
+mkdir -p "$tmp/k8s/etc/tls" "$tmp/k8s/etc/seal" "$tmp/k8s/var"
+touch "$tmp/k8s/etc/tls/tls.crt" "$tmp/k8s/etc/tls/tls.key" "$tmp/k8s/etc/tls/ca.crt" "$tmp/k8s/etc/seal/master.key"
+sed -e "s#/etc/keyhold/#$tmp/k8s/etc/#g" -e "s#/var/lib/keyhold/#$tmp/k8s/var/#g" "$tmp/k8s.toml" > "$tmp/k8s-local.toml"
+"$bin" check-config --config "$tmp/k8s-local.toml" >/dev/null
+echo "deploy/check.sh: the Kubernetes manifests validate; their config loads"
+
+# The image's HEALTHCHECK command against a real server (dev mode), and against nothing.
+ports=$(python3 -c 'import socket
+a=socket.socket(); a.bind(("127.0.0.1",0)); b=socket.socket(); b.bind(("127.0.0.1",0))
+print(a.getsockname()[1], b.getsockname()[1])')
+api=${ports% *}; ops=${ports#* }
+"$bin" dev --data-dir "$tmp/dev" --listen "127.0.0.1:$api" --ops-listen "127.0.0.1:$ops" > "$tmp/dev.log" 2>&1 &
+dev=$!
+trap 'kill $receiver $dev 2>/dev/null; rm -rf "$tmp"' EXIT
+for _ in $(seq 100); do "$bin" health --ops "127.0.0.1:$ops" >/dev/null 2>&1 && break; sleep 0.1; done
+"$bin" health --ops "127.0.0.1:$ops"
+kill $dev; wait $dev 2>/dev/null || true
+if "$bin" health --ops "127.0.0.1:$ops" 2>/dev/null; then
+  echo "deploy/check.sh: health succeeded with no server" >&2; exit 1
+fi
+echo "deploy/check.sh: kms-server health reports a live server and fails without one"
