@@ -230,3 +230,47 @@ fn deploy_example_config_is_valid() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn json_logs_are_one_object_per_line_without_key_material() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("dev");
+    let log = dir.path().join("server.log");
+    let (mut cmd, _api, ops) = dev_command(&data);
+    let mut child = cmd
+        .arg("--log-format")
+        .arg("json")
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !http_get(ops, "/readyz").is_some_and(|r| r.contains(" 200 ")) {
+        assert!(Instant::now() < deadline, "dev mode did not become ready");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(&log).unwrap();
+    // The dev banner is plain text for people; every log event is one JSON object.
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(events.len() >= 3, "{text}");
+    for e in &events {
+        assert!(e["timestamp"].is_string() && e["level"].is_string(), "{e}");
+        assert!(e["fields"]["message"].is_string(), "{e}");
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e["fields"]["message"] == "process hardening applied"),
+        "{text}"
+    );
+    // The master key file's bytes never appear in the logs.
+    let key = std::fs::read(data.join("master.key")).unwrap();
+    let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+    assert!(!text.contains(&hex));
+}
