@@ -9,12 +9,7 @@ duration=${1:-10}
 rounds=${2:-2}
 source "$(dirname "$0")/common.sh"
 api=$(free_port); ops=$(free_port); api2=$(free_port); ops2=$(free_port)
-# Prepare the dev data dir (PKI, store, demo key), stop it, copy it for the second server.
-start_dev "$work/on" "$api" "$ops"
-kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
-pids=()
-cp -r "$work/on" "$work/off"
-sed -i "s/^listen = .*/listen = \"127.0.0.1:$api2\"/; s/^ops_listen = .*/ops_listen = \"127.0.0.1:$ops2\"/" "$work/off/kms-server.toml"
+twin_dev_dirs "$work/on" "$work/off" "$api" "$ops" "$api2" "$ops2"
 printf '\n[audit]\nenabled = false\n' >> "$work/off/kms-server.toml"
 if [ -n "${AUDIT_DIR:-}" ]; then
   audit_file=$(mktemp -u "$AUDIT_DIR/keyhold-bench-XXXXXX.audit")

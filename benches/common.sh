@@ -24,6 +24,18 @@ start_dev() {
   wait_ready "$3"
 }
 
+# twin_dev_dirs FIRST SECOND API OPS API2 OPS2: a dev data dir (PKI, store, demo key) made
+# in FIRST by a dev server that is then stopped, and its copy in SECOND listening on the
+# second pair of ports: two servers over the same keys, started by the caller with
+# `kms-server serve --config DIR/kms-server.toml`.
+twin_dev_dirs() {
+  start_dev "$1" "$3" "$4"
+  kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
+  pids=()
+  cp -r "$1" "$2"
+  sed -i "s/^listen = .*/listen = \"127.0.0.1:$5\"/; s/^ops_listen = .*/ops_listen = \"127.0.0.1:$6\"/" "$2/kms-server.toml"
+}
+
 # unwrap_body PKI_DIR API_PORT CONTEXT_JSON OUT_FILE [KEY]: a datakey from KEY (default the
 # demo key), as the body of an unwrap request with that context.
 unwrap_body() {

@@ -15,12 +15,16 @@ conc=${3:-64}
 rounds=${4:-2}
 source "$(dirname "$0")/common.sh"
 api=$(free_port); ops=$(free_port); api2=$(free_port); ops2=$(free_port); base=$(free_port)
-# One dev data dir (PKI, store, demo key), copied for the other build.
-start_dev "$work/this" "$api" "$ops"
-kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
-pids=()
-cp -r "$work/this" "$work/other"
-sed -i "s/^listen = .*/listen = \"127.0.0.1:$api2\"/; s/^ops_listen = .*/ops_listen = \"127.0.0.1:$ops2\"/" "$work/other/kms-server.toml"
+twin_dev_dirs "$work/this" "$work/other" "$api" "$ops" "$api2" "$ops2"
+# Builds from before the [process] table (commit cde1de5) refuse it: drop it for them.
+if ! "$other" check-config --config "$work/other/kms-server.toml" >/dev/null 2>&1; then
+  python3 - "$work/other/kms-server.toml" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+open(sys.argv[1], "w").write(re.sub(r"(?ms)^\[process\]\n.*?(?=^\[)", "", text))
+PY
+  "$other" check-config --config "$work/other/kms-server.toml" >/dev/null
+fi
 RUST_LOG=warn "$bin/kms-server" serve --config "$work/this/kms-server.toml" 2>"$work/this.log" &
 pids+=($!); this_pid=$!
 RUST_LOG=warn "$other" serve --config "$work/other/kms-server.toml" 2>"$work/other.log" &

@@ -10,11 +10,7 @@
 duration=${1:-8}; c=${2:-64}
 source "$(dirname "$0")/common.sh"
 api=$(free_port); ops=$(free_port); api2=$(free_port); ops2=$(free_port); base=$(free_port)
-start_dev "$work/on" "$api" "$ops"
-kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
-pids=()
-cp -r "$work/on" "$work/off"
-sed -i "s/^listen = .*/listen = \"127.0.0.1:$api2\"/; s/^ops_listen = .*/ops_listen = \"127.0.0.1:$ops2\"/" "$work/off/kms-server.toml"
+twin_dev_dirs "$work/on" "$work/off" "$api" "$ops" "$api2" "$ops2"
 printf '\n[audit]\nenabled = false\n' >> "$work/off/kms-server.toml"
 RUST_LOG=warn "$bin/kms-server" serve --config "$work/on/kms-server.toml" 2>"$work/on.log" & pids+=($!); on_pid=$!
 RUST_LOG=warn "$bin/kms-server" serve --config "$work/off/kms-server.toml" 2>"$work/off.log" & pids+=($!); off_pid=$!
