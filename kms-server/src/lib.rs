@@ -68,6 +68,7 @@ pub mod secret;
 pub mod server;
 pub mod tls;
 pub mod usage;
+pub mod xks;
 
 pub use config::Settings;
 pub use error::Error;
