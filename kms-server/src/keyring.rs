@@ -1809,14 +1809,15 @@ impl Lookups<'_> {
 
     /// Finds the key a wrapped DEK names (of the caller's tenant, else `DecryptFailed`:
     /// a foreign key looks like garbage), checks the grant for `op`, the key state and
-    /// the version, and opens it. Returns the entry's index, the version and the DEK.
+    /// the version, and opens it. Returns the entry's index, the version, the DEK and the
+    /// canonical context (a rewrap binds the new wrapped DEK to it).
     fn open_wrapped(
         &mut self,
         who: &Principal,
         op: GrantOperation,
         wrapped: &[u8],
         context: &Context,
-    ) -> Result<(usize, u32, SecretVec), Error> {
+    ) -> Result<(usize, u32, SecretVec, Vec<u8>), Error> {
         let canonical = format::canonical_context(context)?;
         let header = format::parse_header(wrapped).map_err(|_| Error::DecryptFailed)?;
         let i = self
@@ -1837,7 +1838,7 @@ impl Lookups<'_> {
             .unwrap(wrapped, &canonical)
             .map_err(|_| Error::DecryptFailed)?;
         kek.usage.unwrap(self.keyring.clock.now());
-        Ok((i, header.version, dek))
+        Ok((i, header.version, dek, canonical))
     }
 
     /// As [`Keyring::unwrap`].
@@ -1847,7 +1848,7 @@ impl Lookups<'_> {
         wrapped: &[u8],
         context: &Context,
     ) -> Result<Unwrapped, Error> {
-        let (i, version, plaintext) =
+        let (i, version, plaintext, _) =
             self.open_wrapped(who, GrantOperation::Unwrap, wrapped, context)?;
         Ok(Unwrapped {
             plaintext,
@@ -1863,8 +1864,8 @@ impl Lookups<'_> {
         wrapped: &[u8],
         context: &Context,
     ) -> Result<Wrapped, Error> {
-        let (i, _, dek) = self.open_wrapped(who, GrantOperation::Rewrap, wrapped, context)?;
-        let canonical = format::canonical_context(context)?;
+        let (i, _, dek, canonical) =
+            self.open_wrapped(who, GrantOperation::Rewrap, wrapped, context)?;
         self.keyring
             .wrap_with(&self.entries[i], dek.expose_secret(), &canonical)
     }

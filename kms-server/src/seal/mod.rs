@@ -56,8 +56,9 @@ impl SealMethod {
 /// ciphertext (under the key-file key, the passphrase key, the Shamir unseal key, or the
 /// PKCS#11 token's key), and the rest is public parameters (Argon2 salt and costs, share
 /// set and threshold, token and key labels and the GCM nonce). So deriving `Debug` and
-/// `Serialize` is safe here: it is what the store holds.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `Serialize` is safe here: it is what the store holds. `Debug` still leaves the
+/// ciphertext out (its length only): logs have no use for it.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SealedMasterKey {
     /// Method that sealed it.
@@ -73,6 +74,21 @@ pub struct SealedMasterKey {
     pub pkcs11: Option<Pkcs11Params>,
     /// salt ‖ ciphertext ‖ tag of the master key (see `crypto::seal_box`), hex.
     pub sealed: String,
+}
+
+impl std::fmt::Debug for SealedMasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedMasterKey")
+            .field("method", &self.method)
+            .field("argon2", &self.argon2)
+            .field("shamir", &self.shamir)
+            .field("pkcs11", &self.pkcs11)
+            .field(
+                "sealed",
+                &format_args!("[REDACTED] ({} hex chars)", self.sealed.len()),
+            )
+            .finish()
+    }
 }
 
 /// Sealing failures.
@@ -179,3 +195,22 @@ fn unseal_under(
 }
 
 pub(crate) use kms_client::hex::{decode as unhex, encode as hex};
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_leaves_the_ciphertext_out() {
+        let sealed = SealedMasterKey {
+            method: SealMethod::KeyFile,
+            argon2: None,
+            shamir: None,
+            pkcs11: None,
+            sealed: "deadbeefcafe".into(),
+        };
+        let shown = format!("{sealed:?}");
+        assert!(shown.contains("[REDACTED] (12 hex chars)"), "{shown}");
+        assert!(!shown.contains("deadbeef"), "{shown}");
+    }
+}
