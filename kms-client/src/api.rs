@@ -1009,6 +1009,12 @@ pub struct AuditRecord {
     pub status: u16,
     /// Time spent in the server before the audit write, microseconds.
     pub latency_us: u64,
+    /// What a protocol adapter adds about the request (AWS XKS: `kmsRequestId`,
+    /// `awsPrincipalArn`, `kmsOperation`, `kmsKeyArn`, `kmsViaService`, `awsSourceVpc`,
+    /// `awsSourceVpce`, the external key id and the secondary-authorization `rule`).
+    /// Absent from native API records (and from their JSON, so their hashes are as before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<std::collections::BTreeMap<String, String>>,
     /// `hash` of the previous record ([`AUDIT_GENESIS`] for the first).
     pub prev: String,
     /// SHA-256 (hex) of this record's JSON with `hash` set to `""`.
@@ -1048,6 +1054,7 @@ impl AuditRecord {
             outcome: &self.outcome,
             status: self.status,
             latency_us: self.latency_us,
+            attributes: self.attributes.as_ref(),
             prev: &self.prev,
             hash: "",
         }
@@ -1082,6 +1089,9 @@ pub struct AuditRecordRef<'a> {
     pub status: u16,
     /// See [`AuditRecord::latency_us`].
     pub latency_us: u64,
+    /// See [`AuditRecord::attributes`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<&'a std::collections::BTreeMap<String, String>>,
     /// See [`AuditRecord::prev`].
     pub prev: &'a str,
     /// Must be empty: [`AuditRecordRef::write_sealed`] fills it in.
@@ -1335,6 +1345,7 @@ mod tests {
                     outcome: "ok".into(),
                     status: 200,
                     latency_us: 5,
+                    attributes: None,
                     prev: prev.clone(),
                     hash: String::new(),
                 };

@@ -38,7 +38,7 @@ pub fn random_salt() -> Result<[u8; SALT_LEN], Error> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpenFailed;
 
-fn derive(key: &SecretKey, salt: &[u8; SALT_LEN], label: &[u8]) -> LessSafeKey {
+fn derive(key: &SecretKey, salt: &[u8], label: &[u8]) -> LessSafeKey {
     let info = [label];
     let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, salt).extract(key.expose_secret());
     let okm = prk.expand(&info, &AES_256_GCM);
@@ -127,6 +127,55 @@ pub fn open(
     Ok(SecretVec::new(std::mem::take(&mut *buf)))
 }
 
+/// Salt length of the detached form ([`seal_detached`]): the 16-byte "IV" of protocols
+/// that carry IV, ciphertext and tag apart.
+pub const DETACHED_SALT_LEN: usize = 16;
+
+/// The detached form of [`seal`], for protocols that carry the IV, the ciphertext and the
+/// tag as separate fields (AWS XKS: `initializationVector` of 12 or 16 bytes, ciphertext
+/// as long as the plaintext, 16-byte tag). The 16-byte wire IV is the HKDF salt; the GCM
+/// nonce under the derived single-use key is 0^96, as in [`seal`]. Encrypts `in_out` in
+/// place and returns the tag. With 128-bit random salts, two messages under one long-term
+/// key share a derived key with probability at most q²/2^129 (2^-65 for q = 2^32).
+pub fn seal_detached(
+    key: &SecretKey,
+    salt: &[u8; DETACHED_SALT_LEN],
+    label: &[u8],
+    aad: &[u8],
+    in_out: &mut [u8],
+) -> Result<[u8; TAG_LEN], Error> {
+    let sealing = derive(key, salt, label);
+    let nonce = Nonce::assume_unique_for_key([0u8; aead::NONCE_LEN]);
+    let tag = sealing
+        .seal_in_place_separate_tag(nonce, Aad::from(aad), in_out)
+        .map_err(|_| Error::Internal("AES-GCM sealing failed"))?;
+    let mut out = [0u8; TAG_LEN];
+    out.copy_from_slice(tag.as_ref());
+    Ok(out)
+}
+
+/// Reverses [`seal_detached`] in place. On failure `in_out` holds no plaintext (ring
+/// leaves the buffer unspecified: it is overwritten with zeros).
+pub fn open_detached(
+    key: &SecretKey,
+    salt: &[u8; DETACHED_SALT_LEN],
+    label: &[u8],
+    aad: &[u8],
+    in_out: &mut [u8],
+    tag: &[u8; TAG_LEN],
+) -> Result<(), OpenFailed> {
+    let opening = derive(key, salt, label);
+    let nonce = Nonce::assume_unique_for_key([0u8; aead::NONCE_LEN]);
+    let tag = aead::Tag::from(*tag);
+    match opening.open_in_place_separate_tag(nonce, Aad::from(aad), tag, in_out, 0..) {
+        Ok(_) => Ok(()),
+        Err(_) => {
+            zeroize::Zeroize::zeroize(in_out);
+            Err(OpenFailed)
+        }
+    }
+}
+
 /// A self-contained sealed box: salt ‖ ciphertext ‖ tag. For records at rest.
 pub fn seal_box(
     key: &SecretKey,
@@ -155,6 +204,32 @@ pub fn open_box(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn detached_round_trip_and_refusals() {
+        let k = key(7);
+        let salt = [3u8; DETACHED_SALT_LEN];
+        let mut buf = b"attack at dawn".to_vec();
+        let tag = seal_detached(&k, &salt, b"l", b"aad", &mut buf).unwrap();
+        assert_ne!(&buf[..], b"attack at dawn");
+        let sealed = buf.clone();
+        open_detached(&k, &salt, b"l", b"aad", &mut buf, &tag).unwrap();
+        assert_eq!(&buf[..], b"attack at dawn");
+        for (salt, label, aad) in [
+            (&[4u8; 16], &b"l"[..], &b"aad"[..]),
+            (&salt, b"m", b"aad"),
+            (&salt, b"l", b"aae"),
+        ] {
+            let mut b = sealed.clone();
+            assert_eq!(open_detached(&k, salt, label, aad, &mut b, &tag), Err(OpenFailed));
+            assert!(b.iter().all(|x| *x == 0), "no partial plaintext after a failure");
+        }
+        let mut bad_tag = tag;
+        bad_tag[0] ^= 1;
+        let mut b = sealed.clone();
+        assert!(open_detached(&k, &salt, b"l", b"aad", &mut b, &bad_tag).is_err());
+        assert!(open_detached(&key(8), &salt, b"l", b"aad", &mut sealed.clone(), &tag).is_err());
+    }
 
     fn key(b: u8) -> SecretKey {
         SecretKey::from_slice(&[b; 32]).unwrap()

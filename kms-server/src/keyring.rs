@@ -314,6 +314,39 @@ pub struct Unwrapped {
     pub version: u32,
 }
 
+/// The HKDF label of detached encryption ([`Lookups::encrypt_detached`]): keys derived
+/// for it are never the keys of a wrapped DEK (whose label is the wrapped-DEK format's).
+const DETACHED_LABEL: &[u8] = b"keyhold/detached-aes-256-gcm/v1";
+
+/// The result of [`Lookups::encrypt_detached`]: AES-256-GCM with the IV, the ciphertext
+/// (as long as the plaintext) and the tag apart, for protocols that carry them as separate
+/// fields (AWS XKS). The version is not in the ciphertext: the caller keeps it.
+pub struct DetachedCiphertext {
+    /// Key name.
+    pub key: String,
+    /// The version that encrypted.
+    pub version: u32,
+    /// The 16-byte IV (the single-use key's HKDF salt, see [`crate::crypto::seal_detached`]).
+    pub iv: [u8; crate::crypto::DETACHED_SALT_LEN],
+    /// Ciphertext, as long as the plaintext.
+    pub ciphertext: Vec<u8>,
+    /// The 16-byte tag.
+    pub tag: [u8; crate::crypto::TAG_LEN],
+}
+
+/// What a principal may do with a key (for protocols that report it: XKS GetKeyMetadata).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyUse {
+    /// Algorithm.
+    pub algorithm: Algorithm,
+    /// State.
+    pub state: KeyState,
+    /// A grant allows it `wrap` (detached encryption) without a context.
+    pub can_encrypt: bool,
+    /// A grant allows it `unwrap` (detached decryption) without a context.
+    pub can_decrypt: bool,
+}
+
 /// Default of [`Keyring::with_cache_limit`] (`[keys] cache_keys`): with one version a
 /// cached key takes about 1 KiB, so 100 000 keys stay near 100 MiB.
 pub const DEFAULT_CACHE_KEYS: usize = 100_000;
@@ -1705,6 +1738,25 @@ impl Keyring {
         self.lookups()?.rewrap(who, wrapped, context)
     }
 
+    /// A deep health check for protocols that ask for one (XKS GetHealthStatus): the
+    /// keyring is unsealed, the store answers a read (the sealed master key), and a seal
+    /// and open round trip succeeds under a dedicated test key (derived from the master
+    /// key under its own label; it protects nothing).
+    pub fn self_test(&self) -> Result<(), Error> {
+        let un = self.unsealed()?;
+        self.sealed_master_key()?
+            .ok_or(Error::Corrupt("the master key record is missing"))?;
+        let probe = crypto::bind_key(&un.master, &[0u8; crypto::SALT_LEN], b"keyhold/self-test/v1")?;
+        let message = SecretVec::random(32)?;
+        let sealed = crypto::seal_box(&probe, b"self-test", b"", message.expose_secret())?;
+        let opened = crypto::open_box(&probe, b"self-test", b"", &sealed)
+            .map_err(|_| Error::Internal("self-test: the sealed probe did not open"))?;
+        if opened != message {
+            return Err(Error::Internal("self-test: the probe came back altered"));
+        }
+        Ok(())
+    }
+
     /// A scope for the key operations of one request ([`Lookups`]). Fails when sealed.
     pub fn lookups(&self) -> Result<Lookups<'_>, Error> {
         Ok(Lookups {
@@ -1839,6 +1891,105 @@ impl Lookups<'_> {
             .map_err(|_| Error::DecryptFailed)?;
         kek.usage.unwrap(self.keyring.clock.now());
         Ok((i, header.version, dek, canonical))
+    }
+
+    /// What `who` may do with key `name` of its tenant.
+    pub fn key_use(&mut self, who: &Principal, name: &str) -> Result<KeyUse, Error> {
+        let i = self.by_name(&who.tenant, name)?;
+        let entry = &self.entries[i];
+        let none = Context::new();
+        Ok(KeyUse {
+            algorithm: entry.record.algorithm,
+            state: entry.record.state,
+            can_encrypt: entry
+                .check_grant(&who.identity, GrantOperation::Wrap, &none)
+                .is_ok(),
+            can_decrypt: entry
+                .check_grant(&who.identity, GrantOperation::Unwrap, &none)
+                .is_ok(),
+        })
+    }
+
+    /// The AES-256 material of `version` of entry `i`, or `missing`.
+    fn aes_version(
+        &self,
+        i: usize,
+        version: u32,
+        missing: Error,
+    ) -> Result<(&SecretKey, &crate::usage::Usage), Error> {
+        let kek = self.entries[i].versions.get(&version).ok_or(missing)?;
+        match &kek.material {
+            crate::kek::Kek::Aes(key) => Ok((key, &kek.usage)),
+            crate::kek::Kek::Rsa(_) => Err(Error::InvalidRequest(
+                "detached encryption needs an AES-256 key".into(),
+            )),
+        }
+    }
+
+    /// Encrypts `plaintext` bound to `aad` under key `name`'s current version, detached
+    /// ([`DetachedCiphertext`]). Needs a `wrap` grant (no context) and an enabled
+    /// AES-256 key.
+    pub fn encrypt_detached(
+        &mut self,
+        who: &Principal,
+        name: &str,
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<DetachedCiphertext, Error> {
+        let i = self.by_name(&who.tenant, name)?;
+        let entry = &self.entries[i];
+        entry.check_grant(&who.identity, GrantOperation::Wrap, &Context::new())?;
+        entry.check_usable()?;
+        let version = entry.record.current_version;
+        let key_name = entry.record.name.clone();
+        let (key, usage) = self.aes_version(i, version, Error::Corrupt("current version missing"))?;
+        let mut iv = [0u8; crate::crypto::DETACHED_SALT_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut iv)
+            .map_err(|_| Error::Internal("system random generator failed"))?;
+        let mut ciphertext = plaintext.to_vec();
+        let tag = crate::crypto::seal_detached(key, &iv, DETACHED_LABEL, aad, &mut ciphertext)?;
+        usage.wrap(self.keyring.clock.now());
+        Ok(DetachedCiphertext {
+            key: key_name,
+            version,
+            iv,
+            ciphertext,
+            tag,
+        })
+    }
+
+    /// Reverses [`Lookups::encrypt_detached`] with the version the caller kept. Needs an
+    /// `unwrap` grant (no context) and an enabled key; a version below the key's minimum
+    /// decrypt version, an unknown one, or any altered byte is the opaque `DecryptFailed`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn decrypt_detached(
+        &mut self,
+        who: &Principal,
+        name: &str,
+        version: u32,
+        iv: &[u8; crate::crypto::DETACHED_SALT_LEN],
+        ciphertext: &[u8],
+        tag: &[u8; crate::crypto::TAG_LEN],
+        aad: &[u8],
+    ) -> Result<Unwrapped, Error> {
+        let i = self.by_name(&who.tenant, name)?;
+        let entry = &self.entries[i];
+        entry.check_grant(&who.identity, GrantOperation::Unwrap, &Context::new())?;
+        entry.check_usable()?;
+        if version < entry.record.min_decrypt_version {
+            return Err(Error::DecryptFailed);
+        }
+        let key_name = entry.record.name.clone();
+        let (key, usage) = self.aes_version(i, version, Error::DecryptFailed)?;
+        let mut buf = zeroize::Zeroizing::new(ciphertext.to_vec());
+        crate::crypto::open_detached(key, iv, DETACHED_LABEL, aad, &mut buf, tag)
+            .map_err(|_| Error::DecryptFailed)?;
+        usage.unwrap(self.keyring.clock.now());
+        Ok(Unwrapped {
+            plaintext: SecretVec::new(std::mem::take(&mut *buf)),
+            key: key_name,
+            version,
+        })
     }
 
     /// As [`Keyring::unwrap`].

@@ -452,6 +452,7 @@ mod tests {
             outcome: "ok".into(),
             status: 200,
             latency_us: 1,
+            attributes: None,
             prev: prev.into(),
             hash: String::new(),
         };

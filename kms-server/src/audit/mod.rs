@@ -67,6 +67,8 @@ pub struct AuditDraft {
     pub status: u16,
     /// Microseconds.
     pub latency_us: u64,
+    /// What a protocol adapter adds ([`AuditRecord::attributes`]).
+    pub attributes: Option<std::collections::BTreeMap<String, String>>,
 }
 
 fn head_mac_input(seq: u64, hash: &str) -> Vec<u8> {
@@ -260,6 +262,7 @@ impl Writer {
                 outcome: &d.outcome,
                 status: d.status,
                 latency_us: d.latency_us,
+                attributes: d.attributes.as_ref(),
                 prev: &prev,
                 hash: "",
             };

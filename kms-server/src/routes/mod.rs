@@ -316,6 +316,7 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         outcome: outcome.clone(),
         status: resp.status().as_u16(),
         latency_us: elapsed.as_micros() as u64,
+        attributes: None,
     };
     if let Err(e) = state.audit.append(draft).await {
         // Fail closed: nothing unaudited leaves, whatever the handler produced.
