@@ -84,6 +84,8 @@ struct FileConfig {
     keys: FileKeys,
     #[serde(default)]
     process: FileProcess,
+    #[serde(default)]
+    xks: Option<crate::xks::settings::FileXks>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -361,6 +363,8 @@ pub struct Settings {
     pub alerts: crate::alert::AlertSettings,
     /// Process hardening (`[process]`).
     pub process: crate::process::ProcessSettings,
+    /// The AWS KMS external key store listener (`[xks]`), if configured.
+    pub xks: Option<crate::xks::settings::XksSettings>,
 }
 
 impl Settings {
@@ -552,7 +556,20 @@ impl Settings {
                 ));
             }
         }
+        let xks = match raw.xks {
+            None => None,
+            Some(x) => Some(x.validate(resolve).map_err(|(f, m)| err(&f, m))?),
+        };
+        if let Some(x) = &xks {
+            if Some(x.listen) == ops_listen || x.listen == listen {
+                return Err(err(
+                    "xks.listen",
+                    "must differ from listen and ops_listen".into(),
+                ));
+            }
+        }
         Ok(Settings {
+            xks,
             listen,
             ops_listen,
             max_body_bytes: raw.max_body_bytes,

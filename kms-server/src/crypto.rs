@@ -221,8 +221,14 @@ mod tests {
             (&salt, b"l", b"aae"),
         ] {
             let mut b = sealed.clone();
-            assert_eq!(open_detached(&k, salt, label, aad, &mut b, &tag), Err(OpenFailed));
-            assert!(b.iter().all(|x| *x == 0), "no partial plaintext after a failure");
+            assert_eq!(
+                open_detached(&k, salt, label, aad, &mut b, &tag),
+                Err(OpenFailed)
+            );
+            assert!(
+                b.iter().all(|x| *x == 0),
+                "no partial plaintext after a failure"
+            );
         }
         let mut bad_tag = tag;
         bad_tag[0] ^= 1;

@@ -1746,7 +1746,11 @@ impl Keyring {
         let un = self.unsealed()?;
         self.sealed_master_key()?
             .ok_or(Error::Corrupt("the master key record is missing"))?;
-        let probe = crypto::bind_key(&un.master, &[0u8; crypto::SALT_LEN], b"keyhold/self-test/v1")?;
+        let probe = crypto::bind_key(
+            &un.master,
+            &[0u8; crypto::SALT_LEN],
+            b"keyhold/self-test/v1",
+        )?;
         let message = SecretVec::random(32)?;
         let sealed = crypto::seal_box(&probe, b"self-test", b"", message.expose_secret())?;
         let opened = crypto::open_box(&probe, b"self-test", b"", &sealed)
@@ -1929,11 +1933,13 @@ impl Lookups<'_> {
     /// Encrypts `plaintext` bound to `aad` under key `name`'s current version, detached
     /// ([`DetachedCiphertext`]). Needs a `wrap` grant (no context) and an enabled
     /// AES-256 key.
+    /// The AAD may name the version (`aad_for(version)`): protocols that keep the version
+    /// beside the ciphertext authenticate it that way.
     pub fn encrypt_detached(
         &mut self,
         who: &Principal,
         name: &str,
-        aad: &[u8],
+        aad_for: impl FnOnce(u32) -> Vec<u8>,
         plaintext: &[u8],
     ) -> Result<DetachedCiphertext, Error> {
         let i = self.by_name(&who.tenant, name)?;
@@ -1942,12 +1948,14 @@ impl Lookups<'_> {
         entry.check_usable()?;
         let version = entry.record.current_version;
         let key_name = entry.record.name.clone();
-        let (key, usage) = self.aes_version(i, version, Error::Corrupt("current version missing"))?;
+        let (key, usage) =
+            self.aes_version(i, version, Error::Corrupt("current version missing"))?;
         let mut iv = [0u8; crate::crypto::DETACHED_SALT_LEN];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut iv)
             .map_err(|_| Error::Internal("system random generator failed"))?;
         let mut ciphertext = plaintext.to_vec();
-        let tag = crate::crypto::seal_detached(key, &iv, DETACHED_LABEL, aad, &mut ciphertext)?;
+        let aad = aad_for(version);
+        let tag = crate::crypto::seal_detached(key, &iv, DETACHED_LABEL, &aad, &mut ciphertext)?;
         usage.wrap(self.keyring.clock.now());
         Ok(DetachedCiphertext {
             key: key_name,
@@ -1956,6 +1964,35 @@ impl Lookups<'_> {
             ciphertext,
             tag,
         })
+    }
+
+    /// Checks that `c`, just made by [`Lookups::encrypt_detached`] for `who`, opens under
+    /// `aad` to `plaintext` (compared in constant time): the test decryption protocols ask
+    /// for before the ciphertext is trusted (XKS CDIV). Returns nothing to the caller, so
+    /// it needs no `unwrap` grant and counts no use.
+    pub fn verify_detached(
+        &mut self,
+        who: &Principal,
+        c: &DetachedCiphertext,
+        aad: &[u8],
+        plaintext: &[u8],
+    ) -> Result<(), Error> {
+        let i = self.by_name(&who.tenant, &c.key)?;
+        let (key, _) = self.aes_version(
+            i,
+            c.version,
+            Error::Internal("test decryption: version missing"),
+        )?;
+        let mut buf = zeroize::Zeroizing::new(c.ciphertext.clone());
+        let opened =
+            crate::crypto::open_detached(key, &c.iv, DETACHED_LABEL, aad, &mut buf, &c.tag);
+        let same: bool = subtle::ConstantTimeEq::ct_eq(&buf[..], plaintext).into();
+        if opened.is_err() || !same {
+            return Err(Error::Internal(
+                "test decryption of a fresh ciphertext failed",
+            ));
+        }
+        Ok(())
     }
 
     /// Reverses [`Lookups::encrypt_detached`] with the version the caller kept. Needs an

@@ -143,7 +143,15 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    server::run(Listeners { api, ops }, settings, shutdown_signal()).await?;
+    let xks = match settings.xks.as_ref().map(|x| x.listen) {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the XKS listener to {addr}"))?,
+        ),
+        None => None,
+    };
+    server::run(Listeners { api, ops, xks }, settings, shutdown_signal()).await?;
     Ok(())
 }
 

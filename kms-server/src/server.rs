@@ -33,6 +33,8 @@ pub struct Listeners {
     pub api: TcpListener,
     /// The plain-HTTP ops endpoints (None: off).
     pub ops: Option<TcpListener>,
+    /// The AWS XKS endpoint (None: off; needs `[xks]`).
+    pub xks: Option<TcpListener>,
 }
 
 /// Why the server could not start.
@@ -62,6 +64,9 @@ pub enum StartError {
     /// I/O on a listener.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    /// The XKS endpoint could not start (a credentials file).
+    #[error("{0}")]
+    Xks(String),
 }
 
 /// Opens the configured store.
@@ -355,7 +360,7 @@ pub async fn run_with_clock(
             stop_rx.clone(),
         ))
     });
-    let app = routes::router(state);
+    let app = routes::router(state.clone());
     let ops_task = listeners.ops.map(|ops| {
         let router = crate::ops::router(keyring.clone(), metrics.clone());
         let mut rx = stop_rx.clone();
@@ -369,10 +374,9 @@ pub async fn run_with_clock(
         })
     });
 
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     // HTTP limits: a client that sends headers slowly (or idles on a keep-alive
     // connection) is dropped after 30 s; HTTP/2 connections are pinged and capped in
-    // streams. Connections beyond MAX_CONNECTIONS wait in the kernel's accept queue.
+    // streams.
     let mut http = auto::Builder::new(TokioExecutor::new());
     http.http1()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -383,34 +387,120 @@ pub async fn run_with_clock(
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
     let http = Arc::new(http);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let xks_task = match (listeners.xks, state.settings.xks.clone()) {
+        (Some(listener), Some(xks_settings)) => Some(start_xks(
+            listener,
+            &xks_settings,
+            state.clone(),
+            http.clone(),
+            handshake_timeout,
+            stop_rx.clone(),
+        )?),
+        (None, Some(_)) => {
+            tracing::warn!("[xks] is configured but no XKS listener was given: XKS is off");
+            None
+        }
+        _ => None,
+    };
     let sources: Arc<[crate::policy::IdentitySource]> = sources.into();
-    tokio::pin!(shutdown);
     tracing::info!(addr = ?listeners.api.local_addr().ok(), "listening (mTLS)");
+    let api_tls = tls.clone();
+    let stop = async move {
+        shutdown.await;
+        tracing::info!("shutting down: draining connections");
+        let _ = stop_tx.send(true);
+    };
+    serve_tls(
+        listeners.api,
+        move || api_tls.config(),
+        handshake_timeout,
+        http,
+        stop,
+        Arc::new(move |conn: &rustls::ServerConnection| {
+            let leaf = conn.peer_certificates().and_then(|chain| chain.first());
+            let peer_identity = PeerIdentity {
+                identity: leaf
+                    .and_then(|leaf| tls::identity_of(leaf, &sources))
+                    .map(Arc::<str>::from),
+                revocation_key: leaf
+                    .and_then(|leaf| tls::leaf_revocation_key(leaf))
+                    .map(Arc::<[u8]>::from),
+            };
+            let app = app.clone();
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(peer_identity.clone());
+                app.clone().oneshot(req)
+            })
+        }),
+    )
+    .await;
+    if let Some(t) = xks_task {
+        let _ = t.await;
+    }
+    if let Some(t) = ops_task {
+        let _ = t.await;
+    }
+    let _ = sweeper.await;
+    let _ = reloader.await;
+    if let Some(t) = disk_watcher {
+        let _ = t.await;
+    }
+    keyring.seal();
+    let _ = tokio::task::spawn_blocking(move || audit.close()).await;
+    Ok(())
+}
+
+/// Accepts TLS connections on `listener` until `stop` completes, serving each with the
+/// service `make` builds from the finished handshake; then stops accepting (the listener
+/// is dropped, so new connections are refused at once and clients move to another node)
+/// and drains the open connections for up to 10 s. At most [`MAX_CONNECTIONS`] at once:
+/// beyond that, connections wait in the kernel's accept queue.
+async fn serve_tls<M, S, B>(
+    listener: TcpListener,
+    config: impl Fn() -> Arc<rustls::ServerConfig>,
+    handshake_timeout: Duration,
+    http: Arc<auto::Builder<TokioExecutor>>,
+    stop: impl Future<Output = ()>,
+    make: Arc<M>,
+) where
+    M: Fn(&rustls::ServerConnection) -> S + Send + Sync + 'static,
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    tokio::pin!(stop);
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => break,
             },
-            () = &mut shutdown => break,
+            () = &mut stop => break,
         };
         let (stream, peer) = tokio::select! {
-            accepted = listeners.api.accept() => match accepted {
+            accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
                     // Out of file descriptors and the like: back off briefly, keep serving.
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 }
             },
-            () = &mut shutdown => break,
+            () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let acceptor = TlsAcceptor::from(tls.config());
-        let app = app.clone();
-        let sources = sources.clone();
+        let acceptor = TlsAcceptor::from(config());
+        let make = make.clone();
         let watcher = graceful.watcher();
         let http = http.clone();
         tokio::spawn(async move {
@@ -426,25 +516,7 @@ pub async fn run_with_clock(
                     return;
                 }
             };
-            let leaf = tls
-                .get_ref()
-                .1
-                .peer_certificates()
-                .and_then(|chain| chain.first());
-            let peer_identity = PeerIdentity {
-                identity: leaf
-                    .and_then(|leaf| tls::identity_of(leaf, &sources))
-                    .map(Arc::<str>::from),
-                revocation_key: leaf
-                    .and_then(|leaf| tls::leaf_revocation_key(leaf))
-                    .map(Arc::<[u8]>::from),
-            };
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(peer_identity.clone());
-                    app.clone().oneshot(req)
-                },
-            );
+            let svc = make(tls.get_ref().1);
             let conn = http
                 .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                 .into_owned();
@@ -453,26 +525,109 @@ pub async fn run_with_clock(
             }
         });
     }
-    tracing::info!("shutting down: draining connections");
-    // New connections are refused from now on (a load balancer or kms-client moves to
-    // another node at once) while the open ones finish their requests.
-    drop(listeners.api);
-    let _ = stop_tx.send(true);
-    if tokio::time::timeout(std::time::Duration::from_secs(10), graceful.shutdown())
+    drop(listener);
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!("connections still open after 10 s; closing");
     }
-    if let Some(t) = ops_task {
-        let _ = t.await;
+}
+
+/// Starts the XKS listener ([`crate::xks`]) and its reloader (credential files on change
+/// and SIGHUP; the TLS files on SIGHUP). Fails when a credentials file or the TLS files do
+/// not load.
+fn start_xks(
+    listener: TcpListener,
+    settings: &crate::xks::settings::XksSettings,
+    state: Arc<AppState>,
+    http: Arc<auto::Builder<TokioExecutor>>,
+    handshake_timeout: Duration,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, StartError> {
+    let xks = Arc::new(crate::xks::Xks::new(state.clone(), settings).map_err(StartError::Xks)?);
+    let config = Arc::new(std::sync::RwLock::new(crate::xks::tls::server_config(
+        settings,
+    )?));
+    tracing::info!(
+        addr = ?listener.local_addr().ok(),
+        stores = settings.stores.len(),
+        mtls = settings.client_ca.is_some(),
+        "listening (AWS XKS)"
+    );
+    tokio::spawn(xks_reloader(
+        xks.clone(),
+        config.clone(),
+        settings.clone(),
+        state.alerts.clone(),
+        stop_rx.clone(),
+    ));
+    let current = config.clone();
+    let mut rx = stop_rx;
+    Ok(tokio::spawn(serve_tls(
+        listener,
+        move || {
+            current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone()
+        },
+        handshake_timeout,
+        http,
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        },
+        Arc::new(move |_: &rustls::ServerConnection| crate::xks::service::service(xks.clone())),
+    )))
+}
+
+/// Reloads XKS credentials when their files change (poll) and on SIGHUP, and the XKS TLS
+/// files on SIGHUP. A failed reload keeps what was in force, logs, and raises
+/// `xks_reload_failed`.
+async fn xks_reloader(
+    xks: Arc<crate::xks::Xks>,
+    tls: Arc<std::sync::RwLock<Arc<rustls::ServerConfig>>>,
+    settings: crate::xks::settings::XksSettings,
+    alerts: crate::alert::Alerter,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let poll = settings.credentials_poll;
+    let failed = |what: String| {
+        tracing::error!(error = %what, "XKS reload failed; the previous configuration stays in force");
+        alerts.raise(crate::alert::AlertEvent::new(
+            "xks_reload_failed",
+            None,
+            what,
+        ));
+    };
+    loop {
+        let by_signal = tokio::select! {
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => true,
+            () = async { match poll { Some(p) => tokio::time::sleep(p).await, None => std::future::pending().await } } => false,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        for (name, set) in xks.credential_sets() {
+            if !by_signal && !set.changed() {
+                continue;
+            }
+            match set.reload() {
+                Ok(ids) => {
+                    tracing::info!(store = name, access_key_ids = ?ids, "XKS credentials reloaded")
+                }
+                Err(e) => failed(format!("store {name}: {e}")),
+            }
+        }
+        if by_signal {
+            match crate::xks::tls::server_config(&settings) {
+                Ok(c) => {
+                    *tls.write()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = c;
+                    tracing::info!("XKS TLS configuration reloaded");
+                }
+                Err(e) => failed(format!("TLS: {e}")),
+            }
+        }
     }
-    let _ = sweeper.await;
-    let _ = reloader.await;
-    if let Some(t) = disk_watcher {
-        let _ = t.await;
-    }
-    keyring.seal();
-    let _ = tokio::task::spawn_blocking(move || audit.close()).await;
-    Ok(())
 }

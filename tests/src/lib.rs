@@ -279,6 +279,8 @@ pub struct TestServer {
     pub config: PathBuf,
     pub addr: SocketAddr,
     pub ops_addr: SocketAddr,
+    /// The XKS listener, when the config has `[xks]`.
+    pub xks_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), server::StartError>>>,
     /// Seconds added to the system clock for this server (see [`TestServer::advance_clock`]).
@@ -332,6 +334,7 @@ impl TestServer {
             config,
             addr: "127.0.0.1:0".parse().unwrap(),
             ops_addr: "127.0.0.1:0".parse().unwrap(),
+            xks_addr: None,
             stop: None,
             task: None,
             clock_offset: Default::default(),
@@ -347,6 +350,11 @@ impl TestServer {
         let settings = Settings::load(&self.config).unwrap();
         let api = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ops = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let xks = match &settings.xks {
+            Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            None => None,
+        };
+        self.xks_addr = xks.as_ref().map(|l| l.local_addr().unwrap());
         self.addr = api.local_addr().unwrap();
         self.ops_addr = ops.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
@@ -359,6 +367,7 @@ impl TestServer {
             server::Listeners {
                 api,
                 ops: Some(ops),
+                xks,
             },
             settings,
             async move {
@@ -419,6 +428,7 @@ impl TestServer {
             dir,
             addr: "127.0.0.1:0".parse().unwrap(),
             ops_addr: "127.0.0.1:0".parse().unwrap(),
+            xks_addr: None,
             stop: None,
             task: None,
             clock_offset: Default::default(),

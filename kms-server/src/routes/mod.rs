@@ -118,6 +118,13 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// A fresh request id (shared by every listener, so ids are unique in the audit trail).
+    pub fn next_request_id(&self) -> u64 {
+        self.next_request_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
 /// The API router.
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.settings.max_body_bytes;
@@ -241,7 +248,7 @@ impl<S: Send + Sync> FromRequestParts<S> for AuditNote {
 /// only, never bodies).
 async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
     let started = Instant::now();
-    let id = state.next_request_id.fetch_add(1, Ordering::Relaxed);
+    let id = state.next_request_id();
     let note = AuditNote::default();
     req.extensions_mut().insert(RequestId(id));
     req.extensions_mut().insert(note.clone());
