@@ -561,7 +561,7 @@ impl Settings {
             Some(x) => Some(x.validate(resolve).map_err(|(f, m)| err(&f, m))?),
         };
         if let Some(x) = &xks {
-            if Some(x.listen) == ops_listen || x.listen == listen {
+            if x.listen.port() != 0 && (Some(x.listen) == ops_listen || x.listen == listen) {
                 return Err(err(
                     "xks.listen",
                     "must differ from listen and ops_listen".into(),

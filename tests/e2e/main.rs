@@ -30,6 +30,7 @@ mod quickstart;
 mod rsa;
 mod seal;
 mod tls;
+mod xks;
 
 use keyhold_tests::TestServer;
 use serde_json::{json, Value};

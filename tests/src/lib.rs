@@ -6,6 +6,7 @@
 pub mod fault_proxy;
 pub mod forensics;
 pub mod softhsm;
+pub mod xks;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
