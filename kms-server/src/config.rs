@@ -705,4 +705,62 @@ role = "app"
         .unwrap_err();
         assert_eq!(e.field, "identities[0].tenant");
     }
+
+    #[test]
+    fn xks_table_is_validated_field_by_field() {
+        let (dir, text) = base();
+        let xks = r#"
+[xks]
+listen = "127.0.0.1:9444"
+cert = "c.pem"
+key = "k.pem"
+[[xks.stores]]
+name = "aws"
+prefix = "/aws/prod"
+region = "eu-west-1"
+tenant = "acme"
+credentials = "creds.toml"
+[[xks.stores.keys]]
+external_id = "ext-1"
+key = "k1"
+"#;
+        let s = Settings::parse(&format!("{text}{xks}"), dir.path(), "t.toml").unwrap();
+        let x = s.xks.unwrap();
+        assert_eq!(x.stores[0].identity, "xks:aws");
+        assert_eq!(x.stores[0].rate_limit, 3600);
+        assert_eq!(x.stores[0].credentials, dir.path().join("creds.toml"));
+        assert_eq!(x.max_skew, std::time::Duration::from_secs(300));
+        let cases = [
+            ("prefix = \"/aws/prod\"", "prefix = \"aws\"", "xks.stores[0].prefix"),
+            ("prefix = \"/aws/prod\"", "prefix = \"/aws/\"", "xks.stores[0].prefix"),
+            ("prefix = \"/aws/prod\"", "prefix = \"/a.b\"", "xks.stores[0].prefix"),
+            ("region = \"eu-west-1\"", "region = \"EU WEST\"", "xks.stores[0].region"),
+            ("external_id = \"ext-1\"", "external_id = \"ext 1\"", "xks.stores[0].keys[0].external_id"),
+            ("key = \"k1\"", "key = \"bad name!\"", "xks.stores[0].keys[0].key"),
+            ("cert = \"c.pem\"\nkey = \"k.pem\"\n[[xks", "cert = \"c.pem\"\nkey = \"k.pem\"\nhealth_cache_secs = 61\n[[xks", "xks.health_cache_secs"),
+            ("cert = \"c.pem\"\nkey = \"k.pem\"\n[[xks", "cert = \"c.pem\"\nkey = \"k.pem\"\nclient_subject = \"cks.kms.eu-west-1.amazonaws.com\"\n[[xks", "xks.client_subject"),
+            ("listen = \"127.0.0.1:9444\"", "listen = \"127.0.0.1:8443\"", "xks.listen"),
+        ];
+        for (from, to, field) in cases {
+            let bad = format!("{text}{}", xks.replacen(from, to, 1));
+            assert_ne!(bad, format!("{text}{xks}"), "{from}");
+            let e = Settings::parse(&bad, dir.path(), "t.toml").unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+        // Two stores may not share a prefix, a name or an identity.
+        let second = xks.split("[[xks.stores]]").nth(1).unwrap().replace(
+            "[[xks.stores.keys]]\nexternal_id = \"ext-1\"\nkey = \"k1\"\n",
+            "",
+        );
+        for (from, to) in [
+            ("name = \"aws\"", "name = \"aws2\""),
+            ("prefix = \"/aws/prod\"", "prefix = \"/other\""),
+        ] {
+            let two = format!("{text}{xks}[[xks.stores]]{}", second.replace(from, to));
+            assert!(Settings::parse(&two, dir.path(), "t.toml")
+                .unwrap_err()
+                .field
+                .starts_with("xks.stores[1]."));
+        }
+    }
 }

@@ -72,6 +72,10 @@ struct Args {
     /// server that falls behind shows it). Unpaced when omitted: as fast as answered.
     #[arg(long)]
     rate: Option<f64>,
+    /// An extra request header, `name: value` (repeatable): e.g. a pre-signed SigV4
+    /// `authorization` and `x-amz-date`. A `host` given here replaces `localhost`.
+    #[arg(long = "header")]
+    headers: Vec<String>,
 }
 
 enum Either {
@@ -131,6 +135,19 @@ async fn worker(
         tokio::spawn(conn);
         Either::H1(s)
     };
+    let extra = args
+        .headers
+        .iter()
+        .map(|h| {
+            let (name, value) = h
+                .split_once(':')
+                .ok_or_else(|| anyhow::anyhow!("--header {h:?}: expected `name: value`"))?;
+            Ok((
+                hyper::header::HeaderName::from_bytes(name.trim().as_bytes())?,
+                hyper::header::HeaderValue::from_str(value.trim())?,
+            ))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let uri = if args.http2 {
         format!("https://localhost:{}{}", args.addr.port(), args.path)
     } else {
@@ -159,10 +176,13 @@ async fn worker(
         if Instant::now() >= stop {
             break;
         }
-        let req = hyper::Request::post(uri.as_str())
+        let mut req = hyper::Request::post(uri.as_str())
             .header("host", "localhost")
             .header("content-type", "application/json")
             .body(Full::new(body.clone()))?;
+        for (name, value) in &extra {
+            req.headers_mut().insert(name.clone(), value.clone());
+        }
         let resp = match &mut sender {
             Either::H1(s) => s.send_request(req).await?,
             Either::H2(s) => s.send_request(req).await?,

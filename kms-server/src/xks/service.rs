@@ -193,12 +193,13 @@ impl Xks {
         let elapsed = started.elapsed();
         let status = resp.status().as_u16();
         let kms_request_id = facts.attributes.get("kmsRequestId").cloned();
-        if let Some(store) = &facts.store {
-            facts.attributes.insert("keyStore".into(), store.clone());
+        // The identity names the key store; the path is kept only when it matched none
+        // (every byte of a record is written and synced before the response leaves).
+        if facts.operation.is_none() {
+            facts
+                .attributes
+                .insert("path".into(), api::clean_message(&path));
         }
-        facts
-            .attributes
-            .insert("path".into(), api::clean_message(&path));
         let draft = crate::audit::AuditDraft {
             request_id: id,
             identity: facts.identity.clone(),

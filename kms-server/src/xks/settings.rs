@@ -261,6 +261,7 @@ impl FileXks {
         }
         let mut prefixes = HashSet::new();
         let mut names = HashSet::new();
+        let mut identities = HashSet::new();
         let mut stores = Vec::with_capacity(self.stores.len());
         for (i, s) in self.stores.into_iter().enumerate() {
             let f = |x: &str| format!("stores[{i}].{x}");
@@ -317,6 +318,12 @@ impl FileXks {
                 || identity.chars().any(char::is_control)
             {
                 return e(&f("identity"), "must be 1 to 1024 printable characters");
+            }
+            if !identities.insert(identity.clone()) {
+                return e(
+                    &f("identity"),
+                    "is used by another store (the identity names the store in grants and audit records)",
+                );
             }
             let credentials = resolve(&s.credentials);
             if s.rate_limit == 0 || s.rate_limit > 1_000_000 {
