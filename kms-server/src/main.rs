@@ -1,7 +1,7 @@
 //! `kms-server`: parse arguments, load the configuration, call the library.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
@@ -92,6 +92,21 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:9443")]
         ops: SocketAddr,
     },
+    /// Make a new SigV4 credential for an AWS XKS key store: appends it to the store's
+    /// credentials file (created with mode 600; the server picks it up without restart)
+    /// and writes the JSON file the AWS KMS console accepts (mode 600). The secret is
+    /// never printed.
+    XksCredential {
+        /// The key store's credentials file (`[[xks.stores]] credentials`).
+        #[arg(long)]
+        credentials: PathBuf,
+        /// Where to write the AWS console's configuration file.
+        #[arg(long)]
+        console_json: PathBuf,
+        /// The key store's URI prefix (`[[xks.stores]] prefix`), for the console file.
+        #[arg(long, default_value = "")]
+        prefix: String,
+    },
     /// Check a configuration file and exit.
     CheckConfig {
         /// Configuration file.
@@ -111,6 +126,30 @@ fn init_logging(format: &str) {
     } else {
         builder.init();
     }
+}
+
+fn xks_credential(credentials: &Path, console_json: &Path, prefix: &str) -> anyhow::Result<()> {
+    use kms_server::xks::credentials;
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let (id, secret) = credentials::generate()?;
+    let json = credentials::console_json(prefix, &id, &secret);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(console_json)
+        .and_then(|mut f| f.write_all(json.as_bytes()))
+        .with_context(|| format!("writing {} (it must not exist yet)", console_json.display()))?;
+    credentials::append(credentials, &id, &secret)
+        .with_context(|| format!("appending to {}", credentials.display()))?;
+    credentials::load(credentials).map_err(anyhow::Error::msg)?;
+    println!(
+        "new access key id {id}: added to {}; the AWS console file is {}",
+        credentials.display(),
+        console_json.display()
+    );
+    Ok(())
 }
 
 async fn shutdown_signal() {
@@ -344,8 +383,17 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(serve(settings))
         }
         Command::Health { ops } => health(ops),
+        Command::XksCredential {
+            credentials,
+            console_json,
+            prefix,
+        } => xks_credential(&credentials, &console_json, &prefix),
         Command::CheckConfig { config } => {
-            Settings::load(&config)?;
+            let settings = Settings::load(&config)?;
+            for store in settings.xks.iter().flat_map(|x| &x.stores) {
+                kms_server::xks::credentials::load(&store.credentials)
+                    .map_err(|e| anyhow::anyhow!("xks store {}: credentials: {e}", store.name))?;
+            }
             println!("{}: ok", config.display());
             Ok(())
         }

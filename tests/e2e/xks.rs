@@ -610,6 +610,14 @@ async fn xks_conformance() {
     );
     assert!(attrs["kmsRequestId"].starts_with("req-Encrypt-"));
     assert_eq!(attrs["rule"], "(none matched)");
+    // A request refused at SigV4 still names its kmsRequestId (for CloudTrail), and the
+    // record says it was not authenticated.
+    let refused = xks_records
+        .iter()
+        .find(|r| r.outcome == "AuthenticationFailedException" && r.status == 401)
+        .unwrap();
+    assert!(refused.identity.is_none());
+    assert!(refused.attributes.as_ref().unwrap()["kmsRequestId"].starts_with("req-"));
     for r in &xks_records {
         if r.operation == "XKS unrouted" {
             assert!(r
@@ -783,4 +791,67 @@ async fn xks_with_curl_aws_sigv4() {
     assert_eq!(e.0, 200, "{e:?}");
     assert_eq!(d.0, 200, "{d:?}");
     assert_eq!(b64(&d.1["plaintext"]), b"curl plaintext");
+}
+
+/// `kms-server xks-credential` makes a credential a running server accepts without a
+/// restart, and the AWS console file for it; `check-config` checks the credentials files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn xks_credential_generator_feeds_a_running_server() {
+    use std::os::unix::fs::PermissionsExt;
+    let (s, creds_dir) = xks_server(1000, MAPPINGS, "").await;
+    let creds = xks::credentials_path(creds_dir.path());
+    let console = creds_dir.path().join("console.json");
+    let server = keyhold_tests::workspace_bin("kms-server");
+    let out = std::process::Command::new(&server)
+        .arg("xks-credential")
+        .arg("--credentials")
+        .arg(&creds)
+        .arg("--console-json")
+        .arg(&console)
+        .args(["--prefix", "/aws"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let file: Value = serde_json::from_slice(&std::fs::read(&console).unwrap()).unwrap();
+    assert_eq!(file["XksProxyUriPath"], "/aws/kms/xks/v1");
+    let id = file["XksProxyAuthenticationCredential"]["AccessKeyId"]
+        .as_str()
+        .unwrap();
+    let secret = file["XksProxyAuthenticationCredential"]["RawSecretAccessKey"]
+        .as_str()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(id) && !stdout.contains(secret), "{stdout}");
+    for p in [&creds, &console] {
+        assert_eq!(
+            std::fs::metadata(p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
+    let mut c = XksClient::new(&s.pki, s.xks_addr.unwrap(), None);
+    c.access_key = id.into();
+    c.secret = secret.into();
+    let health =
+        json!({"requestMetadata": {"kmsRequestId": "g", "kmsOperation": "CreateCustomKeyStore"}});
+    wait_for(|| async { c.post(HEALTH, &health).await.status == 200 }).await;
+
+    let check = || {
+        std::process::Command::new(&server)
+            .args(["check-config", "--config"])
+            .arg(&s.config)
+            .output()
+            .unwrap()
+    };
+    assert!(check().status.success());
+    std::fs::set_permissions(&creds, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = check();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("chmod"),
+        "{out:?}"
+    );
 }

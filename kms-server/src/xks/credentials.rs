@@ -117,6 +117,57 @@ pub fn load(path: &Path) -> Result<Vec<Credential>, String> {
     Ok(out)
 }
 
+/// A fresh credential in AWS's format: a 24-character access key id of `A-Z2-7` and a
+/// 64-character secret (48 random bytes, base64).
+pub fn generate() -> Result<(String, Zeroizing<String>), crate::error::Error> {
+    use base64::Engine as _;
+    use ring::rand::SecureRandom;
+    const ALPHABET: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let rng = ring::rand::SystemRandom::new();
+    let mut raw = Zeroizing::new([0u8; 24 + 48]);
+    rng.fill(&mut raw[..])
+        .map_err(|_| crate::error::Error::Internal("system random generator failed"))?;
+    // 32 symbols divide 256: every symbol equally likely.
+    let id = raw[..24]
+        .iter()
+        .map(|b| char::from(ALPHABET[usize::from(b & 31)]))
+        .collect();
+    let secret = Zeroizing::new(base64::engine::general_purpose::STANDARD.encode(&raw[24..]));
+    Ok((id, secret))
+}
+
+/// Appends a `[[credential]]` entry to `path` (created with mode 600 if absent; an
+/// existing file must already pass [`load`]'s permission check).
+pub fn append(path: &Path, id: &str, secret: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)?;
+    let entry = Zeroizing::new(format!(
+        "\n[[credential]]\naccess_key_id = \"{id}\"\nsecret_access_key = \"{secret}\"\n"
+    ));
+    f.write_all(entry.as_bytes())?;
+    f.sync_all()
+}
+
+/// The XKS proxy configuration file the AWS KMS console accepts (specification, "XKS
+/// proxy configuration in AWS KMS console").
+pub fn console_json(prefix: &str, id: &str, secret: &str) -> Zeroizing<String> {
+    Zeroizing::new(
+        serde_json::json!({
+            "XksProxyUriPath": format!("{prefix}{}", super::settings::API_ROOT),
+            "XksProxyAuthenticationCredential": {
+                "AccessKeyId": id,
+                "RawSecretAccessKey": secret,
+            }
+        })
+        .to_string(),
+    )
+}
+
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
@@ -198,6 +249,28 @@ mod tests {
 
     fn entry(id: &str, secret: &str) -> String {
         format!("[[credential]]\naccess_key_id = \"{id}\"\nsecret_access_key = \"{secret}\"\n")
+    }
+
+    #[test]
+    fn generated_credentials_have_aws_form_and_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let (a, sa) = generate().unwrap();
+        let (b, sb) = generate().unwrap();
+        assert_ne!(a, b);
+        for (id, secret) in [(&a, &sa), (&b, &sb)] {
+            assert!(valid_access_key_id(id), "{id}");
+            assert!(valid_secret(secret));
+            append(&p, id, secret).unwrap();
+        }
+        let creds = load(&p).unwrap();
+        assert_eq!(creds.len(), 2);
+        let json: serde_json::Value = serde_json::from_str(&console_json("/p", &a, &sa)).unwrap();
+        assert_eq!(json["XksProxyUriPath"], "/p/kms/xks/v1");
+        assert_eq!(
+            json["XksProxyAuthenticationCredential"]["AccessKeyId"],
+            a.as_str()
+        );
     }
 
     #[test]

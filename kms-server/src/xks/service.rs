@@ -323,6 +323,9 @@ impl Xks {
                     .insert("accessKeyId".into(), c.access_key_id().to_owned());
             }
             Err(e) => {
+                // Unauthenticated, so used for nothing but the record: the claimed
+                // kmsRequestId lets the operator find the call in CloudTrail.
+                note_claimed_metadata(facts, &body);
                 tracing::warn!(store = %store.settings.name, reason = %e, "XKS request refused: SigV4");
                 return Err(XksError::new(
                     ErrorName::AuthenticationFailedException,
@@ -333,6 +336,7 @@ impl Xks {
         facts.identity = Some(store.principal.identity.clone());
         facts.tenant = Some(store.principal.tenant.clone());
         if !store.bucket.take() {
+            note_claimed_metadata(facts, &body);
             return Err(XksError::new(
                 ErrorName::ThrottlingException,
                 format!(
@@ -644,6 +648,14 @@ fn check_aad(aad: &[u8]) -> Result<(), XksError> {
 
 fn note_metadata(facts: &mut Facts, meta: &RequestMetadata) {
     facts.attributes.extend(meta.attributes());
+}
+
+/// The request metadata of a body refused before it was parsed (401, 429), when it has
+/// any: for the audit record only.
+fn note_claimed_metadata(facts: &mut Facts, body: &[u8]) {
+    if let Ok(m) = serde_json::from_slice::<MetadataOnly>(body) {
+        note_metadata(facts, &m.request_metadata);
+    }
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, XksError> {
