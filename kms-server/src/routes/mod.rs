@@ -119,6 +119,23 @@ impl AppState {
 }
 
 impl AppState {
+    /// What every listener does with a finished request: count and time it by route and
+    /// outcome, and put its id in the `x-request-id` header (the audit record has it too).
+    pub fn finish(
+        &self,
+        resp: &mut Response,
+        id: u64,
+        route: &str,
+        method: &str,
+        outcome: &str,
+        elapsed: std::time::Duration,
+    ) {
+        self.metrics.observe(route, method, outcome, elapsed);
+        if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+    }
+
     /// A fresh request id (shared by every listener, so ids are unique in the audit trail).
     pub fn next_request_id(&self) -> u64 {
         self.next_request_id.fetch_add(1, Ordering::Relaxed)
@@ -329,12 +346,7 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         // Fail closed: nothing unaudited leaves, whatever the handler produced.
         resp = e.into_response();
     }
-    state
-        .metrics
-        .observe(&route, method.as_str(), &outcome, elapsed);
-    if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
-        resp.headers_mut().insert("x-request-id", v);
-    }
+    state.finish(&mut resp, id, &route, method.as_str(), &outcome, elapsed);
     tracing::info!(
         request_id = id,
         %method,

@@ -223,11 +223,7 @@ impl Xks {
         }
         let route = format!("xks {op_name}");
         self.app
-            .metrics
-            .observe(&route, method.as_str(), outcome, elapsed);
-        if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
-            resp.headers_mut().insert("x-request-id", v);
-        }
+            .finish(&mut resp, id, &route, method.as_str(), outcome, elapsed);
         tracing::info!(
             request_id = id,
             %method,
@@ -365,7 +361,7 @@ impl Xks {
                         m.request_metadata.check(op)?;
                         let mapping =
                             self.authorize(store, external_id, &m.request_metadata, facts)?;
-                        self.metadata(store, mapping, facts)
+                        self.metadata(store, mapping)
                     }
                     Operation::Encrypt => {
                         let r: EncryptRequest = parse(&body)?;
@@ -434,12 +430,7 @@ impl Xks {
         }
     }
 
-    fn metadata(
-        &self,
-        store: &Store,
-        mapping: &KeyMapping,
-        _facts: &mut Facts,
-    ) -> Result<Response, XksError> {
+    fn metadata(&self, store: &Store, mapping: &KeyMapping) -> Result<Response, XksError> {
         let op = Operation::Metadata;
         let use_ = self
             .app
@@ -483,9 +474,7 @@ impl Xks {
         facts: &mut Facts,
     ) -> Result<Response, XksError> {
         let op = Operation::Encrypt;
-        if r.encryption_algorithm != api::AES_GCM {
-            return Err(XksError::validation("encryptionAlgorithm must be AES_GCM"));
-        }
+        check_algorithm(&r.encryption_algorithm)?;
         let want_cdiv = match r.ciphertext_data_integrity_value_algorithm.as_deref() {
             None => false,
             Some(api::SHA_256) => true,
@@ -558,9 +547,7 @@ impl Xks {
         facts: &mut Facts,
     ) -> Result<Response, XksError> {
         let op = Operation::Decrypt;
-        if r.encryption_algorithm != api::AES_GCM {
-            return Err(XksError::validation("encryptionAlgorithm must be AES_GCM"));
-        }
+        check_algorithm(&r.encryption_algorithm)?;
         if r.ciphertext.0.len() > api::MAX_PLAINTEXT {
             return Err(XksError::new(
                 ErrorName::UnsupportedOperationException,
@@ -631,6 +618,13 @@ fn not_aes() -> XksError {
         ErrorName::KeyNotFoundException,
         "the Keyhold key of this external key id is not AES-256 (XKS serves AES-256 keys only)",
     )
+}
+
+fn check_algorithm(algorithm: &str) -> Result<(), XksError> {
+    if algorithm != api::AES_GCM {
+        return Err(XksError::validation("encryptionAlgorithm must be AES_GCM"));
+    }
+    Ok(())
 }
 
 fn check_aad(aad: &[u8]) -> Result<(), XksError> {
