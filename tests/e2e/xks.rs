@@ -362,7 +362,12 @@ async fn xks_conformance() {
             "{path}: {r:?}"
         );
     }
-    let r = c.post("/other/kms/xks/v1/health", &json!({})).await;
+    let r = c
+        .post(
+            "/other/kms/xks/v1/health",
+            &json!({"requestMetadata": {"kmsRequestId": "req-misrouted", "kmsOperation": "KmsHealthCheck"}}),
+        )
+        .await;
     assert_eq!((r.status, r.error_name()), (404, "InvalidUriPathException"));
     for path in [
         HEALTH.to_owned(),
@@ -618,6 +623,22 @@ async fn xks_conformance() {
         .unwrap();
     assert!(refused.identity.is_none());
     assert!(refused.attributes.as_ref().unwrap()["kmsRequestId"].starts_with("req-"));
+    // So does one sent to a prefix no store has (a misconfigured key store in AWS).
+    let misrouted = xks_records
+        .iter()
+        .find(|r| {
+            r.operation == "XKS unrouted"
+                && r.attributes.as_ref().unwrap().get("kmsRequestId").is_some()
+        })
+        .unwrap();
+    assert_eq!(
+        misrouted.attributes.as_ref().unwrap()["kmsRequestId"],
+        "req-misrouted"
+    );
+    assert_eq!(
+        misrouted.attributes.as_ref().unwrap()["path"],
+        "/other/kms/xks/v1/health"
+    );
     for r in &xks_records {
         if r.operation == "XKS unrouted" {
             assert!(r

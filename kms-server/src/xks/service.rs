@@ -250,8 +250,17 @@ impl Xks {
             )
         };
         let path = req.uri().path().to_owned();
-        let (prefix, target) = route(&path).ok_or_else(not_found)?;
-        let store = self.stores.get(prefix).ok_or_else(not_found)?;
+        let routed = route(&path)
+            .and_then(|(prefix, target)| self.stores.get(prefix).map(|store| (store, target)));
+        let Some((store, target)) = routed else {
+            // Answered before any authentication; the body is read (bounded) only so the
+            // record can name the kmsRequestId of a misconfigured key store's calls.
+            let (parts, body) = req.into_parts();
+            if let Ok(body) = self.read_body(&parts.headers, body).await {
+                note_claimed_metadata(facts, &body);
+            }
+            return Err(not_found());
+        };
         facts.store = Some(store.settings.name.clone());
         facts.operation = Some(match target {
             Target::Health => Operation::Health,
@@ -266,35 +275,7 @@ impl Xks {
             return Ok(r);
         }
         let (parts, body) = req.into_parts();
-        let declared = parts
-            .headers
-            .get(axum::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let too_large = || {
-            XksError::new(
-                ErrorName::UnsupportedOperationException,
-                format!("request bodies are limited to {} bytes", api::MAX_BODY),
-            )
-        };
-        if declared.is_some_and(|n| n > api::MAX_BODY as u64) {
-            return Err(too_large());
-        }
-        let timeout = self.app.settings.body_timeout;
-        let body = tokio::time::timeout(
-            timeout,
-            http_body_util::Limited::new(body, api::MAX_BODY).collect(),
-        )
-        .await
-        .map_err(|_| XksError::validation("the request body did not arrive in time"))?
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_large()
-            } else {
-                XksError::validation("the request body could not be read")
-            }
-        })?
-        .to_bytes();
+        let body = self.read_body(&parts.headers, body).await?;
 
         // Authentication.
         let credentials = store.credentials.current();
@@ -386,6 +367,43 @@ impl Xks {
                 }
             }
         }
+    }
+
+    /// The body, at most [`api::MAX_BODY`] bytes (larger: 501, as the specification
+    /// answers sizes beyond what is supported), within the body timeout.
+    async fn read_body(
+        &self,
+        headers: &axum::http::HeaderMap,
+        body: hyper::body::Incoming,
+    ) -> Result<axum::body::Bytes, XksError> {
+        let too_large = || {
+            XksError::new(
+                ErrorName::UnsupportedOperationException,
+                format!("request bodies are limited to {} bytes", api::MAX_BODY),
+            )
+        };
+        let declared = headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > api::MAX_BODY as u64) {
+            return Err(too_large());
+        }
+        let timeout = self.app.settings.body_timeout;
+        Ok(tokio::time::timeout(
+            timeout,
+            http_body_util::Limited::new(body, api::MAX_BODY).collect(),
+        )
+        .await
+        .map_err(|_| XksError::validation("the request body did not arrive in time"))?
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                too_large()
+            } else {
+                XksError::validation("the request body could not be read")
+            }
+        })?
+        .to_bytes())
     }
 
     /// The mapping of `external_id` (404 otherwise) and the secondary-authorization
