@@ -209,6 +209,19 @@ struct FileStore {
     #[serde(default = "default_engine")]
     engine: Engine,
     path: PathBuf,
+    /// `engine = "postgres"`: the connection string (no password in it).
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    password_file: Option<PathBuf>,
+    #[serde(default)]
+    tls_ca: Option<PathBuf>,
+    #[serde(default = "default_pool")]
+    pool_size: usize,
+}
+
+fn default_pool() -> usize {
+    8
 }
 
 fn default_engine() -> Engine {
@@ -281,8 +294,11 @@ pub struct IdentityMapping {
 pub struct StoreSettings {
     /// Engine.
     pub engine: Engine,
-    /// Database path.
+    /// Database path (embedded engines); with PostgreSQL, where the node keeps its
+    /// local files (the audit chain and erasure files, until they move to the database).
     pub path: PathBuf,
+    /// The database, for `engine = "postgres"`.
+    pub postgres: Option<crate::keystore::PgSettings>,
 }
 
 /// How the server unseals.
@@ -556,6 +572,26 @@ impl Settings {
                 ));
             }
         }
+        let postgres_settings = match (raw.store.engine, &raw.store.url) {
+            (Engine::Postgres, Some(url)) => {
+                if !(1..=64).contains(&raw.store.pool_size) {
+                    return Err(err("store.pool_size", "must be 1 to 64".into()));
+                }
+                Some(crate::keystore::PgSettings {
+                    url: url.clone(),
+                    password_file: raw.store.password_file.as_deref().map(resolve),
+                    tls_ca: raw.store.tls_ca.as_deref().map(resolve),
+                    pool_size: raw.store.pool_size,
+                })
+            }
+            (Engine::Postgres, None) => return Err(err(
+                "store.url",
+                "required with engine = \"postgres\" (a connection string without the password)"
+                    .into(),
+            )),
+            (_, Some(_)) => return Err(err("store.url", "only for engine = \"postgres\"".into())),
+            (_, None) => None,
+        };
         let xks = match raw.xks {
             None => None,
             Some(x) => Some(x.validate(resolve).map_err(|(f, m)| err(&f, m))?),
@@ -578,6 +614,7 @@ impl Settings {
             store: StoreSettings {
                 engine: raw.store.engine,
                 path: resolve(&raw.store.path),
+                postgres: postgres_settings,
             },
             seal: SealSettings {
                 method: seal.method,

@@ -71,12 +71,15 @@ pub enum StartError {
 
 /// Opens the configured store.
 pub fn open_store(settings: &Settings) -> Result<Arc<dyn keystore::KeyStore>, StartError> {
-    keystore::open(settings.store.engine, &settings.store.path).map_err(|source| {
-        StartError::Store {
-            engine: format!("{:?}", settings.store.engine).to_lowercase(),
-            path: settings.store.path.display().to_string(),
-            source,
-        }
+    keystore::open_with(
+        settings.store.engine,
+        &settings.store.path,
+        settings.store.postgres.as_ref(),
+    )
+    .map_err(|source| StartError::Store {
+        engine: format!("{:?}", settings.store.engine).to_lowercase(),
+        path: settings.store.path.display().to_string(),
+        source,
     })
 }
 

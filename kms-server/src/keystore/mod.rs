@@ -14,10 +14,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
+mod postgres_engine;
 mod redb_engine;
 #[cfg(feature = "sled")]
 mod sled_engine;
 
+pub use postgres_engine::{PgSettings, PgStore};
 pub use redb_engine::RedbStore;
 #[cfg(feature = "sled")]
 pub use sled_engine::SledStore;
@@ -198,6 +200,8 @@ pub enum Engine {
     Redb,
     /// sled (cargo feature `sled`).
     Sled,
+    /// PostgreSQL, shared by several nodes (`[store] url`).
+    Postgres,
 }
 
 /// Opens (creating if needed) the store at `path` with `engine`.
@@ -211,6 +215,22 @@ pub fn open(engine: Engine, path: &Path) -> Result<Arc<dyn KeyStore>, StoreError
             engine: "sled",
             source: "this build has no sled engine: rebuild with `--features sled`".into(),
         }),
+        Engine::Postgres => Err(StoreError::Engine {
+            engine: "postgres",
+            source: "a PostgreSQL store is opened from its settings: see open_with".into(),
+        }),
+    }
+}
+
+/// Opens the store `engine` names: a file at `path`, or the database of `postgres`.
+pub fn open_with(
+    engine: Engine,
+    path: &Path,
+    postgres: Option<&PgSettings>,
+) -> Result<Arc<dyn KeyStore>, StoreError> {
+    match (engine, postgres) {
+        (Engine::Postgres, Some(pg)) => Ok(Arc::new(PgStore::open(pg)?)),
+        _ => open(engine, path),
     }
 }
 

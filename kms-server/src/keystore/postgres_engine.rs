@@ -1,0 +1,594 @@
+//! The PostgreSQL engine (issue 10, first step): the store's tables as rows of one
+//! relation in a database several nodes can share, with the same contract as the embedded
+//! engines: reads see committed data; a batch applies atomically after its conditions,
+//! and `commit` returns once PostgreSQL reports the transaction committed (durable under
+//! `synchronous_commit = on`, the default, which Keyhold checks at start).
+//!
+//! **Concurrency.** Every commit takes PostgreSQL transaction-scoped advisory locks on
+//! the keys it conditions on or writes, in a fixed order (no deadlocks), before it checks
+//! its conditions; so two nodes updating one record serialize, and the second sees the
+//! first's write and fails its compare-and-swap with `Conflict`, exactly as with one
+//! embedded writer. A batch of more than `MAX_KEY_LOCKS` keys (a restore, a migration)
+//! takes one store-wide lock instead; every other commit takes that lock shared.
+//!
+//! **Threads.** The driver is the synchronous `postgres` crate (tokio-postgres underneath,
+//! with its own runtime), run on a small pool of dedicated threads, each owning one
+//! connection: the keyring's calls come from async workers, blocking threads and the audit
+//! writer alike, and a driver runtime must not be entered from inside tokio's. A call
+//! hands its query to the pool and waits for the answer. A broken connection is dropped
+//! and reopened by the next call; the call that met it fails (`StoreError::Engine`: the
+//! request fails closed with 503).
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use postgres::types::ToSql;
+use sha2::{Digest, Sha256};
+
+use super::{Entry, KeyStore, StoreError, Table, WriteBatch};
+
+const ENGINE: &str = "postgres";
+
+/// Above this many distinct keys a batch locks the whole store instead of each key.
+const MAX_KEY_LOCKS: usize = 256;
+
+/// The advisory-lock key of the store-wide lock (and of schema migrations).
+const STORE_LOCK: i64 = 0x4b65_7968_6f6c_6400; // "Keyhold\0"
+const MIGRATION_LOCK: i64 = 0x4b65_7968_6f6c_6401;
+
+/// The schema, one step per version; applied in order at start, in one transaction under
+/// an advisory lock (nodes starting together apply each step once).
+const MIGRATIONS: &[&str] = &[
+    // 1: the tables of the store as rows of one relation, ordered by bytes.
+    "CREATE TABLE keyhold_kv (
+        tbl smallint NOT NULL,
+        k bytea NOT NULL,
+        v bytea NOT NULL,
+        PRIMARY KEY (tbl, k)
+    )",
+];
+
+/// How to reach the database.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgSettings {
+    /// libpq-style connection string or URL, without the password
+    /// (`host=db.example port=5432 user=keyhold dbname=keyhold`).
+    pub url: String,
+    /// A file holding the password (read at every connect; absent: no password).
+    pub password_file: Option<PathBuf>,
+    /// CA bundle (PEM) that the server certificate must chain to: the connection uses TLS
+    /// and verifies the server's name. `None`: no TLS, allowed only to a loopback host
+    /// or a Unix socket.
+    pub tls_ca: Option<PathBuf>,
+    /// Connections (and threads) in the pool.
+    pub pool_size: usize,
+}
+
+fn engine_err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::Engine {
+        engine: ENGINE,
+        source: Box::new(e),
+    }
+}
+
+fn msg_err(m: impl Into<String>) -> StoreError {
+    let m: String = m.into();
+    StoreError::Engine {
+        engine: ENGINE,
+        source: m.into(),
+    }
+}
+
+fn table_id(t: Table) -> i16 {
+    match t {
+        Table::Meta => 0,
+        Table::Keys => 1,
+        Table::KeyNames => 2,
+        Table::Versions => 3,
+        Table::Audit => 4,
+        Table::Deletions => 5,
+        Table::Usage => 6,
+        Table::Rotations => 7,
+    }
+}
+
+/// The advisory-lock key of one record: the first 8 bytes of SHA-256(table ‖ key), the
+/// same on every node and every build.
+fn lock_key(t: Table, key: &[u8]) -> i64 {
+    let d = Sha256::new()
+        .chain_update(table_id(t).to_be_bytes())
+        .chain_update(key)
+        .finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    i64::from_be_bytes(b)
+}
+
+/// The smallest byte string greater than every string starting with `prefix`; `None`
+/// when there is none (empty prefix, or all 0xff).
+fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut s = prefix.to_vec();
+    while let Some(last) = s.pop() {
+        if last < 0xff {
+            s.push(last + 1);
+            return Some(s);
+        }
+    }
+    None
+}
+
+type Job = Box<dyn FnOnce(&mut Option<postgres::Client>, &Connector) + Send>;
+
+/// Opens connections.
+struct Connector {
+    settings: PgSettings,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl Connector {
+    fn connect(&self) -> Result<postgres::Client, StoreError> {
+        let mut config: postgres::Config = self.settings.url.parse().map_err(engine_err)?;
+        if let Some(p) = &self.settings.password_file {
+            let pw =
+                zeroize::Zeroizing::new(std::fs::read_to_string(p).map_err(|e| {
+                    msg_err(format!("reading the password file {}: {e}", p.display()))
+                })?);
+            config.password(pw.trim_end_matches(['\n', '\r']));
+        }
+        config.application_name("keyhold");
+        match &self.tls {
+            Some(tls) => config.connect(tls.clone()).map_err(engine_err),
+            None => config.connect(postgres::NoTls).map_err(engine_err),
+        }
+    }
+}
+
+/// A PostgreSQL store.
+pub struct PgStore {
+    jobs: Mutex<mpsc::Sender<Job>>,
+    threads: usize,
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("threads", &self.threads)
+            .finish()
+    }
+}
+
+fn is_loopback(config: &postgres::Config) -> bool {
+    config.get_hosts().iter().all(|h| match h {
+        postgres::config::Host::Tcp(name) => {
+            name == "localhost"
+                || name
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        }
+        postgres::config::Host::Unix(_) => true,
+    })
+}
+
+fn rustls_connector(
+    ca: &std::path::Path,
+) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in crate::tls::load_certs(ca).map_err(|e| msg_err(e.to_string()))? {
+        roots
+            .add(cert)
+            .map_err(|e| msg_err(format!("{}: {e}", ca.display())))?;
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(engine_err)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+}
+
+impl PgStore {
+    /// Connects, checks the server's durability settings and applies the schema.
+    pub fn open(settings: &PgSettings) -> Result<Self, StoreError> {
+        let parsed: postgres::Config = settings.url.parse().map_err(engine_err)?;
+        if parsed.get_password().is_some() {
+            return Err(msg_err(
+                "the store url must not hold the password: use [store] password_file",
+            ));
+        }
+        let tls = match &settings.tls_ca {
+            Some(ca) => Some(rustls_connector(ca)?),
+            None if is_loopback(&parsed) => None,
+            None => {
+                return Err(msg_err(
+                    "a database that is not on loopback needs TLS: set [store] tls_ca",
+                ))
+            }
+        };
+        let connector = Arc::new(Connector {
+            settings: settings.clone(),
+            tls,
+        });
+        let mut first = connector.connect()?;
+        migrate(&mut first)?;
+        let sync: String = first
+            .query_one("SHOW synchronous_commit", &[])
+            .map_err(engine_err)?
+            .get(0);
+        if sync != "on" && sync != "remote_write" && sync != "remote_apply" {
+            return Err(msg_err(format!(
+                "synchronous_commit is `{sync}`: a commit could be acknowledged and then lost; set it to `on`"
+            )));
+        }
+        let (tx, rx) = mpsc::channel::<Job>();
+        let rx = Arc::new(Mutex::new(rx));
+        let threads = settings.pool_size.max(1);
+        let mut seed = Some(first);
+        for i in 0..threads {
+            let rx = rx.clone();
+            let connector = connector.clone();
+            let mut conn = seed.take();
+            std::thread::Builder::new()
+                .name(format!("keyhold-pg-{i}"))
+                .spawn(move || loop {
+                    let job = match rx.lock().unwrap_or_else(PoisonError::into_inner).recv() {
+                        Ok(job) => job,
+                        Err(_) => return,
+                    };
+                    job(&mut conn, &connector);
+                })
+                .map_err(engine_err)?;
+        }
+        Ok(Self {
+            jobs: Mutex::new(tx),
+            threads,
+        })
+    }
+
+    /// Runs `f` on a pooled connection (opened if needed) and waits for its answer. A
+    /// connection that broke is dropped, so the next call opens a new one.
+    fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut postgres::Client) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |conn, connector| {
+            if conn.as_ref().is_some_and(postgres::Client::is_closed) {
+                *conn = None;
+            }
+            let result = match conn {
+                Some(c) => f(c),
+                None => match connector.connect() {
+                    Ok(c) => f(conn.insert(c)),
+                    Err(e) => Err(e),
+                },
+            };
+            if conn.as_ref().is_some_and(postgres::Client::is_closed) {
+                *conn = None;
+            }
+            let _ = reply.send(result);
+        });
+        self.jobs
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .send(job)
+            .map_err(|_| msg_err("the connection pool has stopped"))?;
+        answer
+            .recv()
+            .map_err(|_| msg_err("a connection thread stopped"))?
+    }
+}
+
+fn migrate(c: &mut postgres::Client) -> Result<(), StoreError> {
+    let mut tx = c.transaction().map_err(engine_err)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .map_err(engine_err)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS keyhold_schema (version integer NOT NULL)")
+        .map_err(engine_err)?;
+    let current: i32 = match tx
+        .query_opt("SELECT version FROM keyhold_schema", &[])
+        .map_err(engine_err)?
+    {
+        Some(row) => row.get(0),
+        None => {
+            tx.execute("INSERT INTO keyhold_schema (version) VALUES (0)", &[])
+                .map_err(engine_err)?;
+            0
+        }
+    };
+    let known = MIGRATIONS.len() as i32;
+    if current > known {
+        return Err(msg_err(format!(
+            "the database schema is version {current}, newer than this kms-server knows ({known}): upgrade kms-server"
+        )));
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.batch_execute(step).map_err(engine_err)?;
+        tx.execute("UPDATE keyhold_schema SET version = $1", &[&(i as i32 + 1)])
+            .map_err(engine_err)?;
+        tracing::info!(version = i + 1, "PostgreSQL store schema migrated");
+    }
+    tx.commit().map_err(engine_err)
+}
+
+impl KeyStore for PgStore {
+    fn engine(&self) -> &'static str {
+        ENGINE
+    }
+
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let key = key.to_vec();
+        self.call(move |c| {
+            Ok(c.query_opt(
+                "SELECT v FROM keyhold_kv WHERE tbl = $1 AND k = $2",
+                &[&table_id(table), &key],
+            )
+            .map_err(engine_err)?
+            .map(|row| row.get(0)))
+        })
+    }
+
+    fn scan_prefix(&self, table: Table, prefix: &[u8]) -> Result<Vec<Entry>, StoreError> {
+        let start = prefix.to_vec();
+        let end = successor(prefix);
+        self.call(move |c| {
+            let rows = match &end {
+                Some(end) => c.query(
+                    "SELECT k, v FROM keyhold_kv WHERE tbl = $1 AND k >= $2 AND k < $3 ORDER BY k",
+                    &[&table_id(table), &start, end],
+                ),
+                None => c.query(
+                    "SELECT k, v FROM keyhold_kv WHERE tbl = $1 AND k >= $2 ORDER BY k",
+                    &[&table_id(table), &start],
+                ),
+            }
+            .map_err(engine_err)?;
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
+    fn scan_from(
+        &self,
+        table: Table,
+        start: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Entry>, StoreError> {
+        let start = start.to_vec();
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        self.call(move |c| {
+            let rows = c
+                .query(
+                    "SELECT k, v FROM keyhold_kv WHERE tbl = $1 AND k >= $2 ORDER BY k LIMIT $3",
+                    &[&table_id(table), &start, &limit],
+                )
+                .map_err(engine_err)?;
+            Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
+    fn get_floor(&self, table: Table, key: &[u8]) -> Result<Option<Entry>, StoreError> {
+        let key = key.to_vec();
+        self.call(move |c| {
+            Ok(c.query_opt(
+                "SELECT k, v FROM keyhold_kv WHERE tbl = $1 AND k <= $2 ORDER BY k DESC LIMIT 1",
+                &[&table_id(table), &key],
+            )
+            .map_err(engine_err)?
+            .map(|r| (r.get(0), r.get(1))))
+        })
+    }
+
+    fn commit(&self, batch: &WriteBatch) -> Result<(), StoreError> {
+        if batch.conditions.is_empty() && batch.writes.is_empty() {
+            return Ok(());
+        }
+        let batch = batch.clone();
+        self.call(move |c| commit_batch(c, &batch))
+    }
+}
+
+fn commit_batch(c: &mut postgres::Client, batch: &WriteBatch) -> Result<(), StoreError> {
+    // The last write of each key wins, as when the writes are applied in order.
+    let mut last: std::collections::BTreeMap<(i16, &[u8]), Option<&[u8]>> = Default::default();
+    for (t, k, v) in &batch.writes {
+        last.insert((table_id(*t), k.as_slice()), v.as_deref());
+    }
+    let mut locks: Vec<i64> = batch
+        .conditions
+        .iter()
+        .map(|cond| lock_key(cond.table, &cond.key))
+        .chain(batch.writes.iter().map(|(t, k, _)| lock_key(*t, k)))
+        .collect();
+    locks.sort_unstable();
+    locks.dedup();
+    let mut tx = c.transaction().map_err(engine_err)?;
+    if locks.len() > MAX_KEY_LOCKS {
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&STORE_LOCK])
+            .map_err(engine_err)?;
+    } else {
+        tx.execute("SELECT pg_advisory_xact_lock_shared($1)", &[&STORE_LOCK])
+            .map_err(engine_err)?;
+        // In ascending order: two batches always take their common locks in the same
+        // order, so they never wait on each other in a cycle.
+        tx.execute(
+            "SELECT count(pg_advisory_xact_lock(x)) FROM unnest($1::bigint[]) WITH ORDINALITY AS u(x, n)",
+            &[&locks],
+        )
+        .map_err(engine_err)?;
+    }
+    for cond in &batch.conditions {
+        let found: Option<Vec<u8>> = tx
+            .query_opt(
+                "SELECT v FROM keyhold_kv WHERE tbl = $1 AND k = $2",
+                &[&table_id(cond.table), &cond.key],
+            )
+            .map_err(engine_err)?
+            .map(|r| r.get(0));
+        if found != cond.expected {
+            return Err(StoreError::Conflict(cond.table.name()));
+        }
+    }
+    let (mut del_t, mut del_k): (Vec<i16>, Vec<&[u8]>) = (Vec::new(), Vec::new());
+    let (mut put_t, mut put_k, mut put_v): (Vec<i16>, Vec<&[u8]>, Vec<&[u8]>) =
+        (Vec::new(), Vec::new(), Vec::new());
+    for ((t, k), v) in &last {
+        match v {
+            None => {
+                del_t.push(*t);
+                del_k.push(k);
+            }
+            Some(v) => {
+                put_t.push(*t);
+                put_k.push(k);
+                put_v.push(v);
+            }
+        }
+    }
+    if !del_t.is_empty() {
+        let params: [&(dyn ToSql + Sync); 2] = [&del_t, &del_k];
+        tx.execute(
+            "DELETE FROM keyhold_kv AS kv USING unnest($1::smallint[], $2::bytea[]) AS d(t, k)
+             WHERE kv.tbl = d.t AND kv.k = d.k",
+            &params,
+        )
+        .map_err(engine_err)?;
+    }
+    if !put_t.is_empty() {
+        let params: [&(dyn ToSql + Sync); 3] = [&put_t, &put_k, &put_v];
+        tx.execute(
+            "INSERT INTO keyhold_kv (tbl, k, v) SELECT * FROM unnest($1::smallint[], $2::bytea[], $3::bytea[])
+             ON CONFLICT (tbl, k) DO UPDATE SET v = EXCLUDED.v",
+            &params,
+        )
+        .map_err(engine_err)?;
+    }
+    tx.commit().map_err(engine_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn successors_and_lock_keys() {
+        assert_eq!(successor(b"ab"), Some(b"ac".to_vec()));
+        assert_eq!(successor(b"a\xff"), Some(b"b".to_vec()));
+        assert_eq!(successor(b"\xff\xff"), None);
+        assert_eq!(successor(b""), None);
+        assert_eq!(lock_key(Table::Keys, b"a"), lock_key(Table::Keys, b"a"));
+        assert_ne!(lock_key(Table::Keys, b"a"), lock_key(Table::KeyNames, b"a"));
+    }
+
+    /// The engine contract against a real PostgreSQL (`KEYHOLD_TEST_PG`, a connection
+    /// string to an empty database; `.ci/run` starts one). Runs wherever it is set.
+    #[test]
+    fn contract_against_a_real_postgres() {
+        let Ok(url) = std::env::var("KEYHOLD_TEST_PG") else {
+            eprintln!("KEYHOLD_TEST_PG not set: skipped here (CI sets it)");
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must set KEYHOLD_TEST_PG"
+            );
+            return;
+        };
+        let settings = PgSettings {
+            url,
+            password_file: None,
+            tls_ca: None,
+            pool_size: 2,
+        };
+        let store = PgStore::open(&settings).unwrap();
+        store
+            .call(|c| c.batch_execute("TRUNCATE keyhold_kv").map_err(engine_err))
+            .unwrap();
+        super::super::tests::contract(&store);
+        // A second open (another node) sees the same data and leaves the schema alone.
+        let other = Arc::new(PgStore::open(&settings).unwrap());
+        assert_eq!(other.get(Table::Keys, b"a").unwrap(), Some(b"2".to_vec()));
+
+        // Two nodes, four writers each, compare-and-swap increments of one counter: every
+        // increment that committed is counted once (no lost update), the others conflicted.
+        let store = Arc::new(store);
+        let mut threads = Vec::new();
+        for node in [store.clone() as Arc<dyn KeyStore>, other.clone()] {
+            for _ in 0..4 {
+                let node = node.clone();
+                threads.push(std::thread::spawn(move || {
+                    let mut done = 0u32;
+                    while done < 25 {
+                        let cur = node.get(Table::Usage, b"counter").unwrap();
+                        let n = cur
+                            .as_deref()
+                            .map_or(0, |v| u32::from_be_bytes(v.try_into().unwrap()));
+                        let mut b = WriteBatch::new();
+                        b.require(Table::Usage, b"counter", cur.as_deref()).put(
+                            Table::Usage,
+                            b"counter",
+                            &(n + 1).to_be_bytes(),
+                        );
+                        match node.commit(&b) {
+                            Ok(()) => done += 1,
+                            Err(StoreError::Conflict(_)) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }));
+            }
+        }
+        for t in threads {
+            t.join().unwrap();
+        }
+        let total = store.get(Table::Usage, b"counter").unwrap().unwrap();
+        assert_eq!(u32::from_be_bytes(total.try_into().unwrap()), 200);
+
+        // A batch beyond the per-key locks takes the store-wide lock, and writes in order:
+        // the last write of a key wins.
+        let mut big = WriteBatch::new();
+        for i in 0..(MAX_KEY_LOCKS as u32 + 10) {
+            big.put(Table::Rotations, &i.to_be_bytes(), b"x");
+        }
+        big.put(Table::Rotations, &0u32.to_be_bytes(), b"last")
+            .delete(Table::Rotations, &1u32.to_be_bytes());
+        other.commit(&big).unwrap();
+        assert_eq!(
+            store.get(Table::Rotations, &0u32.to_be_bytes()).unwrap(),
+            Some(b"last".to_vec())
+        );
+        assert_eq!(
+            store.get(Table::Rotations, &1u32.to_be_bytes()).unwrap(),
+            None
+        );
+        assert_eq!(
+            store.scan_prefix(Table::Rotations, b"").unwrap().len(),
+            MAX_KEY_LOCKS + 9
+        );
+    }
+
+    #[test]
+    fn refuses_a_password_in_the_url_and_plaintext_to_a_remote_host() {
+        for (url, needle) in [
+            (
+                "host=db.example user=k password=hunter2 dbname=k",
+                "password_file",
+            ),
+            ("host=db.example user=k dbname=k", "tls_ca"),
+        ] {
+            let e = PgStore::open(&PgSettings {
+                url: url.into(),
+                password_file: None,
+                tls_ca: None,
+                pool_size: 1,
+            })
+            .unwrap_err();
+            let text = format!(
+                "{e}: {}",
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_default()
+            );
+            assert!(text.contains(needle), "{text}");
+            assert!(!text.contains("hunter2"));
+        }
+    }
+}
