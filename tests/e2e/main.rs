@@ -26,6 +26,7 @@ mod leak;
 mod lifecycle;
 mod ops;
 mod pkcs11;
+mod postgres;
 mod quickstart;
 mod rsa;
 mod seal;

@@ -5,6 +5,7 @@
 
 pub mod fault_proxy;
 pub mod forensics;
+pub mod pg;
 pub mod softhsm;
 pub mod xks;
 
@@ -273,6 +274,9 @@ pub fn set_ports(config: &Path, api: u16, ops: u16) {
     std::fs::write(config, fixed).unwrap();
 }
 
+/// The `extra` of [`TestServer::start_full`] that asks for a PostgreSQL store.
+const PG_STORE: &str = "\u{0}postgres";
+
 /// A running server.
 pub struct TestServer {
     pub dir: tempfile::TempDir,
@@ -306,10 +310,28 @@ impl TestServer {
         Self::start_full(TestSeal::KeyFile, "", tls_extra).await
     }
 
+    /// A server whose store is a fresh PostgreSQL database ([`pg::fresh_database`]).
+    pub async fn start_on_postgres() -> TestServer {
+        Self::start_full(TestSeal::KeyFile, PG_STORE, "").await
+    }
+
     async fn start_full(seal: TestSeal, extra: &str, tls_extra: &str) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let pki = generate_pki(&dir.path().join("pki"));
-        let config = write_config(dir.path(), seal, extra, tls_extra);
+        let config = if extra == PG_STORE {
+            let config = write_config(dir.path(), seal, "", tls_extra);
+            let url = pg::fresh_database();
+            let text = std::fs::read_to_string(&config).unwrap().replacen(
+                "[store]\npath = \"store.redb\"",
+                &format!("[store]\nengine = \"postgres\"\npath = \"node\"\nurl = \"{url}\"\npool_size = 4"),
+                1,
+            );
+            assert!(text.contains("engine = \"postgres\""));
+            std::fs::write(&config, text).unwrap();
+            config
+        } else {
+            write_config(dir.path(), seal, extra, tls_extra)
+        };
         let settings = Settings::load(&config).unwrap();
         let keyring = Keyring::new(server::open_store(&settings).unwrap());
         let mut shares = Vec::new();

@@ -210,25 +210,13 @@ impl PgStore {
             settings: settings.clone(),
             tls,
         });
-        let mut first = connector.connect()?;
-        migrate(&mut first)?;
-        let sync: String = first
-            .query_one("SHOW synchronous_commit", &[])
-            .map_err(engine_err)?
-            .get(0);
-        if sync != "on" && sync != "remote_write" && sync != "remote_apply" {
-            return Err(msg_err(format!(
-                "synchronous_commit is `{sync}`: a commit could be acknowledged and then lost; set it to `on`"
-            )));
-        }
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let threads = settings.pool_size.max(1);
-        let mut seed = Some(first);
         for i in 0..threads {
             let rx = rx.clone();
             let connector = connector.clone();
-            let mut conn = seed.take();
+            let mut conn: Option<postgres::Client> = None;
             std::thread::Builder::new()
                 .name(format!("keyhold-pg-{i}"))
                 .spawn(move || loop {
@@ -240,10 +228,26 @@ impl PgStore {
                 })
                 .map_err(engine_err)?;
         }
-        Ok(Self {
+        let store = Self {
             jobs: Mutex::new(tx),
             threads,
-        })
+        };
+        // On a pool thread: the caller may be inside tokio, where the driver's own
+        // runtime must not run.
+        store.call(|c| {
+            migrate(c)?;
+            let sync: String = c
+                .query_one("SHOW synchronous_commit", &[])
+                .map_err(engine_err)?
+                .get(0);
+            if sync != "on" && sync != "remote_write" && sync != "remote_apply" {
+                return Err(msg_err(format!(
+                    "synchronous_commit is `{sync}`: a commit could be acknowledged and then lost; set it to `on`"
+                )));
+            }
+            Ok(())
+        })?;
+        Ok(store)
     }
 
     /// Runs `f` on a pooled connection (opened if needed) and waits for its answer. A
