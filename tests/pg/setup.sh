@@ -11,7 +11,7 @@ if ! command -v pg_lsclusters >/dev/null; then
     echo "PostgreSQL is not installed: apt-get install postgresql" >&2; exit 1
   fi
 fi
-read -r version cluster _ < <(pg_lsclusters -h | head -1)
+read -r version cluster _ < <(pg_lsclusters -h | head -1) || true
 if [ -z "${version:-}" ]; then
   version=$(ls /usr/lib/postgresql | sort -n | tail -1)
   pg_createcluster "$version" main >&2
