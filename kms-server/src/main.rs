@@ -107,6 +107,17 @@ enum Command {
         #[arg(long, default_value = "")]
         prefix: String,
     },
+    /// Copy a whole store into another engine (an embedded store into PostgreSQL, or
+    /// back), verify it entry by entry, and copy the audit chain and erasure files beside
+    /// it. The target must be new; stop the server first. The same seal secret opens it.
+    MigrateStore {
+        /// The configuration of the store to copy.
+        #[arg(long)]
+        from_config: PathBuf,
+        /// The configuration of the new store (its `[store]`, `[audit] path`).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Check a configuration file and exit.
     CheckConfig {
         /// Configuration file.
@@ -126,6 +137,55 @@ fn init_logging(format: &str) {
     } else {
         builder.init();
     }
+}
+
+fn migrate_store(from_config: &Path, config: &Path) -> anyhow::Result<()> {
+    let from = Settings::load(from_config)?;
+    let to = load_hardened(config)?;
+    // The files beside the store go first, and only into places that are free: a failed
+    // copy leaves the target store empty, so the command can simply be run again.
+    let files = [
+        (
+            from.store.path.with_extension("erasure"),
+            to.store.path.with_extension("erasure"),
+        ),
+        (from.audit_path.clone(), to.audit_path.clone()),
+    ];
+    for (src, dst) in &files {
+        if src == dst {
+            continue;
+        }
+        if dst.exists() {
+            anyhow::bail!(
+                "{} exists: the new store's files must not (remove it if it is left from a failed run)",
+                dst.display()
+            );
+        }
+    }
+    let source = server::open_store(&from)?;
+    let target = server::open_store(&to)?;
+    let copied = kms_server::keystore::migrate::migrate(source.as_ref(), target.as_ref())?;
+    for (src, dst) in &files {
+        if src != dst && src.exists() {
+            std::fs::copy(src, dst)
+                .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+            std::fs::File::open(dst)?.sync_all()?;
+        }
+    }
+    println!(
+        "copied the {} store into the {} store and verified it:",
+        source.engine(),
+        target.engine()
+    );
+    for (table, n, hash) in &copied.tables {
+        println!("  {table:<10} {n:>9} entries  sha256 {}", &hash[..16]);
+    }
+    for (src, dst) in &files {
+        if src != dst && src.exists() {
+            println!("  {} -> {}", src.display(), dst.display());
+        }
+    }
+    Ok(())
 }
 
 fn xks_credential(credentials: &Path, console_json: &Path, prefix: &str) -> anyhow::Result<()> {
@@ -383,6 +443,10 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(serve(settings))
         }
         Command::Health { ops } => health(ops),
+        Command::MigrateStore {
+            from_config,
+            config,
+        } => migrate_store(&from_config, &config),
         Command::XksCredential {
             credentials,
             console_json,

@@ -58,3 +58,87 @@ async fn a_node_on_postgres_serves_and_survives_a_restart() {
     .await;
     assert_eq!(r.0, 409, "{r:?}");
 }
+
+/// `kms-server migrate-store`: an embedded store into PostgreSQL and back again, each copy
+/// verified, with the audit chain and erasure files; the same keys, the same DEKs, the
+/// audit chain still verifies, and a second run into the used database is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_store_into_postgres_and_back() {
+    if !keyhold_tests::pg::available("migrate_store_into_postgres_and_back") {
+        return;
+    }
+    let mut s = TestServer::start().await;
+    create_key(&s, "admin-a", "moved").await;
+    let app = s.client(Some("app-a"));
+    let dk = post(
+        &app,
+        &s.url("/v1/keys/moved/datakey"),
+        json!({"context": {"m": "1"}}),
+    )
+    .await;
+    assert_eq!(dk.0, 200);
+    s.stop().await;
+
+    let embedded = s.config.clone();
+    let text = std::fs::read_to_string(&embedded).unwrap();
+    let url = keyhold_tests::pg::fresh_database();
+    let pg_config = s.dir.path().join("pg.toml");
+    std::fs::write(
+        &pg_config,
+        text.replacen(
+            "[store]\npath = \"store.redb\"",
+            &format!("[store]\nengine = \"postgres\"\npath = \"pgnode\"\nurl = \"{url}\""),
+            1,
+        ),
+    )
+    .unwrap();
+    let back_config = s.dir.path().join("back.toml");
+    std::fs::write(
+        &back_config,
+        text.replacen("path = \"store.redb\"", "path = \"back.redb\"", 1),
+    )
+    .unwrap();
+    let bin = keyhold_tests::workspace_bin("kms-server");
+    let run = |from: &std::path::Path, to: &std::path::Path| {
+        std::process::Command::new(&bin)
+            .arg("migrate-store")
+            .arg("--from-config")
+            .arg(from)
+            .arg("--config")
+            .arg(to)
+            .output()
+            .unwrap()
+    };
+    for (from, to) in [(&embedded, &pg_config), (&pg_config, &back_config)] {
+        let out = run(from, to);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("verified") && stdout.contains("versions"),
+            "{stdout}"
+        );
+        // Into a store that now holds data: refused.
+        let again = run(from, to);
+        assert!(!again.status.success());
+    }
+    for config in [&pg_config, &back_config] {
+        s.config = config.clone();
+        s.start_again().await;
+        let app = s.client(Some("app-a"));
+        let un = post(
+            &app,
+            &s.url("/v1/unwrap"),
+            json!({"wrapped": dk.1["wrapped"], "context": {"m": "1"}}),
+        )
+        .await;
+        assert_eq!(un.0, 200, "{un:?}");
+        assert_eq!(un.1["plaintext"], dk.1["plaintext"]);
+        let verified = s.kms_client("auditor-a").audit_verify(true).await.unwrap();
+        assert!(verified.is_ok(), "{verified:?}");
+        s.stop().await;
+    }
+}

@@ -14,6 +14,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+pub mod migrate;
 mod postgres_engine;
 mod redb_engine;
 #[cfg(feature = "sled")]
