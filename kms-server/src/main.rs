@@ -107,6 +107,13 @@ enum Command {
         #[arg(long, default_value = "")]
         prefix: String,
     },
+    /// Apply the store's schema migrations (PostgreSQL; `serve` also applies them at
+    /// start) and exit.
+    Migrate {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Copy a whole store into another engine (an embedded store into PostgreSQL, or
     /// back), verify it entry by entry, and copy the audit chain and erasure files beside
     /// it. The target must be new; stop the server first. The same seal secret opens it.
@@ -443,6 +450,12 @@ fn main() -> anyhow::Result<()> {
             rt.block_on(serve(settings))
         }
         Command::Health { ops } => health(ops),
+        Command::Migrate { config } => {
+            let settings = load_hardened(&config)?;
+            let store = server::open_store(&settings)?;
+            println!("{} store schema is up to date", store.engine());
+            Ok(())
+        }
         Command::MigrateStore {
             from_config,
             config,
