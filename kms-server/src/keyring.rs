@@ -347,6 +347,13 @@ pub struct KeyUse {
     pub can_decrypt: bool,
 }
 
+/// See [`Keyring::with_freshness_bound`].
+struct Freshness {
+    bound_ms: u64,
+    confirmed_ms: std::sync::atomic::AtomicU64,
+    epoch: std::time::Instant,
+}
+
 /// Default of [`Keyring::with_cache_limit`] (`[keys] cache_keys`): with one version a
 /// cached key takes about 1 KiB, so 100 000 keys stay near 100 MiB.
 pub const DEFAULT_CACHE_KEYS: usize = 100_000;
@@ -358,6 +365,15 @@ pub struct Keyring {
     /// Per-key erasure keys (`None`: keys are sealed under the master key alone, as in
     /// stores of earlier versions and in tools that open a store without it).
     erasure: Option<Arc<crate::erasure::ErasureFile>>,
+    /// Whether new keys get an erasure key (off on a store shared by several nodes: the
+    /// erasure file is local to one node).
+    new_erasure_keys: bool,
+    /// On a shared store: when the node last confirmed its cache against the store's
+    /// change feed (milliseconds on [`Keyring::freshness_clock`]), and how old that may
+    /// be before key use fails closed. `None`: the store has no other writer.
+    freshness: Option<Freshness>,
+    /// Bumped by every invalidation (see `load_entry`).
+    invalidations: std::sync::atomic::AtomicU64,
     unsealed: RwLock<Option<Arc<Unsealed>>>,
     /// Serializes this process's mutations (the store's conditions guard against others).
     write_lock: Mutex<()>,
@@ -450,6 +466,9 @@ impl Keyring {
         Self {
             clock,
             erasure: None,
+            new_erasure_keys: true,
+            freshness: None,
+            invalidations: std::sync::atomic::AtomicU64::new(0),
             store,
             unsealed: RwLock::new(None),
             write_lock: Mutex::new(()),
@@ -462,6 +481,80 @@ impl Keyring {
     pub fn with_erasure(mut self, erasure: Arc<crate::erasure::ErasureFile>) -> Self {
         self.erasure = Some(erasure);
         self
+    }
+
+    /// New keys get no erasure key (keys that have one still open while the file is
+    /// there): for a store several nodes share, where a local erasure file would make a
+    /// key unreadable on every other node.
+    pub fn without_new_erasure_keys(mut self) -> Self {
+        self.new_erasure_keys = false;
+        self
+    }
+
+    /// For a store shared with other nodes: key use fails closed (503) unless the cache
+    /// was confirmed against the store's change feed ([`Keyring::confirm_fresh`]) within
+    /// `bound`.
+    pub fn with_freshness_bound(mut self, bound: Duration) -> Self {
+        self.freshness = Some(Freshness {
+            bound_ms: bound.as_millis() as u64,
+            confirmed_ms: std::sync::atomic::AtomicU64::new(0),
+            epoch: std::time::Instant::now(),
+        });
+        self
+    }
+
+    /// Records that the cache reflects every change the store reported until now.
+    pub fn confirm_fresh(&self, at: std::time::Instant) {
+        if let Some(f) = &self.freshness {
+            let ms = at.saturating_duration_since(f.epoch).as_millis() as u64;
+            f.confirmed_ms
+                .fetch_max(ms, std::sync::atomic::Ordering::Release);
+        }
+    }
+
+    /// Drops the cached copies of these keys (changed by another node): the next use reads
+    /// them from the store. Usage counts not yet saved for them are dropped with them.
+    pub fn invalidate(&self, ids: &[[u8; 16]]) {
+        let Ok(un) = self.unsealed() else { return };
+        for id in ids {
+            self.cache_evict(&un, &KeyId(*id));
+        }
+        self.invalidations
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Drops every cached key (a change feed that cannot say what changed).
+    pub fn invalidate_all(&self) {
+        if let Ok(un) = self.unsealed() {
+            let mut cache = un.cache.write().unwrap_or_else(PoisonError::into_inner);
+            cache.by_id.clear();
+            cache.by_name.clear();
+            cache.evicted.clear();
+        }
+        self.invalidations
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Whether key use is allowed by the freshness bound (always, on an unshared store).
+    pub fn is_fresh(&self) -> bool {
+        self.check_fresh().is_ok()
+    }
+
+    fn check_fresh(&self) -> Result<(), Error> {
+        let Some(f) = &self.freshness else {
+            return Ok(());
+        };
+        let now = f.epoch.elapsed().as_millis() as u64;
+        let confirmed = f.confirmed_ms.load(std::sync::atomic::Ordering::Acquire);
+        if confirmed == 0 || now.saturating_sub(confirmed) > f.bound_ms {
+            return Err(Error::Storage(StoreError::Engine {
+                engine: "shared store",
+                source:
+                    "the key cache could not be confirmed against the shared store within its bound"
+                        .into(),
+            }));
+        }
+        Ok(())
     }
 
     /// Keeps at most `keys` keys decrypted in memory (at least 1).
@@ -739,6 +832,11 @@ impl Keyring {
             self.cache_put(un, e.clone());
             return Ok(Some(e));
         }
+        // A change seen on the shared store's feed while this read runs must not leave the
+        // old record cached: cache it only if no invalidation happened meanwhile.
+        let epoch = self
+            .invalidations
+            .load(std::sync::atomic::Ordering::Acquire);
         let Some(record_bytes) = self.store.get(Table::Keys, &id.0)? else {
             return Ok(None);
         };
@@ -774,7 +872,13 @@ impl Keyring {
             record_bytes,
             versions,
         });
-        self.cache_put(un, entry.clone());
+        if self
+            .invalidations
+            .load(std::sync::atomic::Ordering::Acquire)
+            == epoch
+        {
+            self.cache_put(un, entry.clone());
+        }
         Ok(Some(entry))
     }
 
@@ -911,7 +1015,7 @@ impl Keyring {
             erasure_slot: None,
         };
         let mut record = record;
-        if let Some(erasure) = &self.erasure {
+        if let Some(erasure) = self.erasure.as_ref().filter(|_| self.new_erasure_keys) {
             // Durable before the record that names it (see `erasure`).
             let (slot, _) = erasure.allocate()?;
             record.erasure_slot = Some(slot);
@@ -1763,6 +1867,7 @@ impl Keyring {
 
     /// A scope for the key operations of one request ([`Lookups`]). Fails when sealed.
     pub fn lookups(&self) -> Result<Lookups<'_>, Error> {
+        self.check_fresh()?;
         Ok(Lookups {
             keyring: self,
             un: self.unsealed()?,

@@ -1,5 +1,6 @@
 //! The ops listener: plain HTTP, bound to 127.0.0.1 by default, for probes and scraping.
-//! `/healthz` (the process answers), `/readyz` (200 only when unsealed), `/metrics`.
+//! `/healthz` (the process answers), `/readyz` (200 only when unsealed and, on a shared
+//! store, in step with it), `/metrics`.
 //! It serves no key operation and reveals no key data.
 
 use std::sync::Arc;
@@ -30,6 +31,12 @@ pub fn router(keyring: Arc<Keyring>, metrics: Arc<Metrics>) -> Router {
 async fn readyz(State(s): State<Arc<OpsState>>) -> impl IntoResponse {
     if s.keyring.is_sealed() {
         (StatusCode::SERVICE_UNAVAILABLE, "sealed\n")
+    } else if !s.keyring.is_fresh() {
+        // A shared store whose change feed this node cannot read: key use fails closed.
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shared store unreachable\n",
+        )
     } else {
         (StatusCode::OK, "ready\n")
     }

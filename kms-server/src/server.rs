@@ -24,6 +24,12 @@ use crate::tls::{self, TlsError};
 /// Most client connections served at once (each holds a task and TLS buffers).
 pub const MAX_CONNECTIONS: usize = 4096;
 
+/// On a store shared by several nodes: how long a change made by one node may stay
+/// unseen by another before the other fails closed (key use answers 503).
+pub const SHARED_STORE_BOUND: Duration = Duration::from_secs(1);
+/// How often a node reads the shared store's change feed.
+const CHANGE_POLL: Duration = Duration::from_millis(100);
+
 /// Environment variable that may carry the unseal passphrase at start.
 pub const PASSPHRASE_ENV: &str = "KEYHOLD_PASSPHRASE";
 
@@ -92,9 +98,18 @@ pub fn open_keyring(
     let store = open_store(settings)?;
     let erasure =
         crate::erasure::ErasureFile::open(&settings.store.path.with_extension("erasure"))?;
-    Ok(Keyring::with_clock(store, clock)
+    let keyring = Keyring::with_clock(store, clock)
         .with_erasure(Arc::new(erasure))
-        .with_cache_limit(settings.cache_keys))
+        .with_cache_limit(settings.cache_keys);
+    Ok(if settings.store.engine == keystore::Engine::Postgres {
+        // Shared by several nodes: a local erasure file would make new keys unreadable on
+        // every other node, and a cached key must not outlive a change made elsewhere.
+        keyring
+            .without_new_erasure_keys()
+            .with_freshness_bound(SHARED_STORE_BOUND)
+    } else {
+        keyring
+    })
 }
 
 /// Reads the passphrase configured for start-up: the passphrase file, else the
@@ -355,6 +370,8 @@ pub async fn run_with_clock(
         state.alerts.clone(),
         stop_rx.clone(),
     ));
+    let follower = (state.settings.store.engine == keystore::Engine::Postgres)
+        .then(|| tokio::spawn(change_follower(keyring.clone(), stop_rx.clone())));
     let disk_watcher = state.settings.audit_enabled.then(|| {
         tokio::spawn(crate::audit::watch_disk(
             state.settings.audit_path.clone(),
@@ -444,6 +461,9 @@ pub async fn run_with_clock(
         let _ = t.await;
     }
     let _ = sweeper.await;
+    if let Some(t) = follower {
+        let _ = t.await;
+    }
     let _ = reloader.await;
     if let Some(t) = disk_watcher {
         let _ = t.await;
@@ -451,6 +471,59 @@ pub async fn run_with_clock(
     keyring.seal();
     let _ = tokio::task::spawn_blocking(move || audit.close()).await;
     Ok(())
+}
+
+/// On a store other nodes share: reads its change feed every [`CHANGE_POLL`], drops
+/// the keys other nodes changed from the cache, and confirms the cache fresh; if the
+/// store cannot be read for [`SHARED_STORE_BOUND`], key use fails closed until it can.
+async fn change_follower(keyring: Arc<Keyring>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut cursor: Option<u64> = None;
+    let mut failing = false;
+    loop {
+        let started = std::time::Instant::now();
+        let store = keyring.store().clone();
+        let at = cursor;
+        let read = tokio::task::spawn_blocking(move || match at {
+            None => store.change_cursor().map(|c| (c.unwrap_or(0), None)),
+            Some(c) => store.changes_since(c),
+        })
+        .await;
+        match read {
+            Ok(Ok((next, changed))) => {
+                match changed {
+                    Some(keys) => {
+                        let ids: Vec<[u8; 16]> = keys
+                            .iter()
+                            .filter_map(|k| <[u8; 16]>::try_from(k.as_slice()).ok())
+                            .collect();
+                        if !ids.is_empty() {
+                            tracing::debug!(keys = ids.len(), "keys changed on another node");
+                            keyring.invalidate(&ids);
+                        }
+                    }
+                    // First read, or the feed no longer reaches back: forget everything.
+                    None => keyring.invalidate_all(),
+                }
+                cursor = Some(next);
+                keyring.confirm_fresh(started);
+                if failing {
+                    tracing::info!("shared store change feed readable again");
+                    failing = false;
+                }
+            }
+            Ok(Err(e)) => {
+                if !failing {
+                    tracing::error!(error = %e, "shared store change feed unreadable: key use fails closed after {} ms", SHARED_STORE_BOUND.as_millis());
+                    failing = true;
+                }
+            }
+            Err(_) => tracing::error!("change feed task failed"),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(CHANGE_POLL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// Accepts TLS connections on `listener` until `stop` completes, serving each with the

@@ -461,6 +461,33 @@ impl TestServer {
         s
     }
 
+    /// Another node over this server's PostgreSQL store: the same config, master key and
+    /// PKI, its own local files (audit chain) and ports.
+    pub async fn another_node(&self) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(&self.dir.path().join("pki"), &dir.path().join("pki"));
+        for f in ["kms-server.toml", "master.key"] {
+            std::fs::copy(self.dir.path().join(f), dir.path().join(f)).unwrap();
+        }
+        let node = Self::open_dir(dir).await;
+        node.wait_ready().await;
+        node
+    }
+
+    /// Waits (up to 10 s) until `/readyz` answers 200.
+    pub async fn wait_ready(&self) {
+        let client = reqwest::Client::new();
+        for _ in 0..500 {
+            if let Ok(r) = client.get(self.ops_url("/readyz")).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("server not ready after 10 s");
+    }
+
     /// Starts a stopped server again (new ports).
     pub async fn start_again(&mut self) {
         assert!(self.task.is_none());

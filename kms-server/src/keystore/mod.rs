@@ -188,7 +188,24 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Applies `batch` atomically after checking its conditions. Returns once the batch is
     /// durable (fsync'd, or the engine's documented equivalent).
     fn commit(&self, batch: &WriteBatch) -> Result<(), StoreError>;
+
+    /// For a store other nodes write too: the position of its change feed now (`None`:
+    /// no other writer can exist, as for the embedded engines).
+    fn change_cursor(&self) -> Result<Option<u64>, StoreError> {
+        Ok(None)
+    }
+
+    /// The key records (`Table::Keys` keys) other writers changed after `cursor`, in
+    /// commit order, and the new cursor. `None` instead of the list: the feed no longer
+    /// reaches back to `cursor`, so anything may have changed.
+    fn changes_since(&self, cursor: u64) -> Result<Changes, StoreError> {
+        Ok((cursor, Some(Vec::new())))
+    }
 }
+
+/// What [`KeyStore::changes_since`] returns: the new cursor, and the changed key records
+/// (`None`: the feed cannot say; drop everything).
+pub type Changes = (u64, Option<Vec<Vec<u8>>>);
 
 /// One `(key, value)` pair as read from a table.
 pub type Entry = (Vec<u8>, Vec<u8>);

@@ -47,7 +47,24 @@ const MIGRATIONS: &[&str] = &[
         v bytea NOT NULL,
         PRIMARY KEY (tbl, k)
     )",
+    // 2: the change feed of key records, in commit order (see `commit_batch`), read by
+    // every node to drop what it cached.
+    "CREATE TABLE keyhold_changes (
+        seq bigint PRIMARY KEY,
+        k bytea NOT NULL,
+        at timestamptz NOT NULL DEFAULT now()
+    )",
 ];
+
+/// The advisory lock that orders the change feed: taken by every commit that changes a
+/// key record and held until it commits, so feed positions follow commit order and a
+/// reader never skips a position that commits later.
+const CHANGES_LOCK: i64 = 0x4b65_7968_6f6c_6402;
+/// The channel nodes LISTEN on.
+const CHANGES_CHANNEL: &str = "keyhold_changes";
+/// How long the change feed keeps a change (a node that was away longer drops its whole
+/// cache when it comes back).
+const CHANGES_KEPT_SECS: i64 = 3600;
 
 /// How to reach the database.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -390,6 +407,50 @@ impl KeyStore for PgStore {
         let batch = batch.clone();
         self.call(move |c| commit_batch(c, &batch))
     }
+
+    fn change_cursor(&self) -> Result<Option<u64>, StoreError> {
+        self.call(|c| {
+            let seq: i64 = c
+                .query_one("SELECT coalesce(max(seq), 0) FROM keyhold_changes", &[])
+                .map_err(engine_err)?
+                .get(0);
+            Ok(Some(seq as u64))
+        })
+    }
+
+    fn changes_since(&self, cursor: u64) -> Result<super::Changes, StoreError> {
+        let after = i64::try_from(cursor).unwrap_or(i64::MAX);
+        self.call(move |c| {
+            let rows = c
+                .query(
+                    "SELECT seq, k FROM keyhold_changes WHERE seq > $1 ORDER BY seq LIMIT 10000",
+                    &[&after],
+                )
+                .map_err(engine_err)?;
+            let oldest: Option<i64> = c
+                .query_one("SELECT min(seq) FROM keyhold_changes", &[])
+                .map_err(engine_err)?
+                .get(0);
+            let next = rows.last().map_or(after, |r| r.get::<_, i64>(0));
+            // Changes pruned past this node's position: it cannot know what it missed.
+            if oldest.is_some_and(|o| o > after + 1) {
+                let newest: i64 = c
+                    .query_one("SELECT coalesce(max(seq), 0) FROM keyhold_changes", &[])
+                    .map_err(engine_err)?
+                    .get(0);
+                return Ok((newest as u64, None));
+            }
+            let keys = rows.into_iter().map(|r| r.get(1)).collect();
+            if next / 256 != after / 256 {
+                // Now and then (every 256 changes) the feed forgets what is over an hour old.
+                let _ = c.execute(
+                    "DELETE FROM keyhold_changes WHERE at < now() - make_interval(secs => $1::double precision) AND seq < $2",
+                    &[&(CHANGES_KEPT_SECS as f64), &next],
+                );
+            }
+            Ok((next as u64, Some(keys)))
+        })
+    }
 }
 
 fn commit_batch(c: &mut postgres::Client, batch: &WriteBatch) -> Result<(), StoreError> {
@@ -466,6 +527,24 @@ fn commit_batch(c: &mut postgres::Client, batch: &WriteBatch) -> Result<(), Stor
             &params,
         )
         .map_err(engine_err)?;
+    }
+    let changed: Vec<&[u8]> = last
+        .keys()
+        .filter(|(t, _)| *t == table_id(Table::Keys))
+        .map(|(_, k)| *k)
+        .collect();
+    if !changed.is_empty() {
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHANGES_LOCK])
+            .map_err(engine_err)?;
+        tx.execute(
+            "INSERT INTO keyhold_changes (seq, k)
+             SELECT (SELECT coalesce(max(seq), 0) FROM keyhold_changes) + n, k
+             FROM unnest($1::bytea[]) WITH ORDINALITY AS c(k, n)",
+            &[&changed],
+        )
+        .map_err(engine_err)?;
+        tx.execute(&format!("NOTIFY {CHANGES_CHANNEL}"), &[])
+            .map_err(engine_err)?;
     }
     tx.commit().map_err(engine_err)
 }
