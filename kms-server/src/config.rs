@@ -218,6 +218,8 @@ struct FileStore {
     tls_ca: Option<PathBuf>,
     #[serde(default = "default_pool")]
     pool_size: usize,
+    #[serde(default = "yes")]
+    listen: bool,
 }
 
 fn default_pool() -> usize {
@@ -582,6 +584,7 @@ impl Settings {
                     password_file: raw.store.password_file.as_deref().map(resolve),
                     tls_ca: raw.store.tls_ca.as_deref().map(resolve),
                     pool_size: raw.store.pool_size,
+                    listen: raw.store.listen,
                 })
             }
             (Engine::Postgres, None) => return Err(err(

@@ -473,7 +473,8 @@ pub async fn run_with_clock(
     Ok(())
 }
 
-/// On a store other nodes share: reads its change feed every [`CHANGE_POLL`], drops
+/// On a store other nodes share: reads its change feed when notified (LISTEN/NOTIFY) and
+/// at least every [`CHANGE_POLL`], drops
 /// the keys other nodes changed from the cache, and confirms the cache fresh; if the
 /// store cannot be read for [`SHARED_STORE_BOUND`], key use fails closed until it can.
 async fn change_follower(keyring: Arc<Keyring>, mut stop: tokio::sync::watch::Receiver<bool>) {
@@ -519,8 +520,11 @@ async fn change_follower(keyring: Arc<Keyring>, mut stop: tokio::sync::watch::Re
             }
             Err(_) => tracing::error!("change feed task failed"),
         }
+        // Until a notification (LISTEN) or the poll interval, whichever comes first: a
+        // missed notification costs at most one interval.
+        let store = keyring.store().clone();
         tokio::select! {
-            () = tokio::time::sleep(CHANGE_POLL) => {}
+            _ = tokio::task::spawn_blocking(move || store.wait_for_change(CHANGE_POLL)) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
     }

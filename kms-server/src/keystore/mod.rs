@@ -195,6 +195,12 @@ pub trait KeyStore: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Waits up to `timeout` for a sign that another writer changed something (a
+    /// notification); returns early when one came. Embedded engines just wait.
+    fn wait_for_change(&self, timeout: std::time::Duration) {
+        std::thread::sleep(timeout);
+    }
+
     /// The key records (`Table::Keys` keys) other writers changed after `cursor`, in
     /// commit order, and the new cursor. `None` instead of the list: the feed no longer
     /// reaches back to `cursor`, so anything may have changed.

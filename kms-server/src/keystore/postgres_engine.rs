@@ -80,6 +80,9 @@ pub struct PgSettings {
     pub tls_ca: Option<PathBuf>,
     /// Connections (and threads) in the pool.
     pub pool_size: usize,
+    /// LISTEN for change notifications (off behind a transaction-pooling proxy, where
+    /// LISTEN does not work: the node then reads the change feed on its poll alone).
+    pub listen: bool,
 }
 
 fn engine_err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
@@ -165,6 +168,48 @@ impl Connector {
 pub struct PgStore {
     jobs: Mutex<mpsc::Sender<Job>>,
     threads: usize,
+    /// Notifications counted by the listener thread, and the condition it signals.
+    notified: Arc<(Mutex<u64>, std::sync::Condvar)>,
+}
+
+/// LISTENs on the change channel on a connection of its own and counts notifications,
+/// reconnecting after a failure; the change feed itself stays the truth (a notification
+/// only says "read it now").
+fn listen(connector: Arc<Connector>, notified: Arc<(Mutex<u64>, std::sync::Condvar)>) {
+    loop {
+        let mut client = match connector.connect() {
+            Ok(c) => c,
+            Err(_) => {
+                std::thread::sleep(std::time::Duration::from_millis(500));
+                continue;
+            }
+        };
+        if client
+            .batch_execute(&format!("LISTEN {CHANGES_CHANNEL}"))
+            .is_err()
+        {
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            continue;
+        }
+        loop {
+            let got = {
+                use postgres::fallible_iterator::FallibleIterator as _;
+                let mut n = client.notifications();
+                let mut it = n.timeout_iter(std::time::Duration::from_secs(5));
+                it.next()
+            };
+            match got {
+                Ok(Some(_)) => {
+                    let (count, cv) = &*notified;
+                    *count.lock().unwrap_or_else(PoisonError::into_inner) += 1;
+                    cv.notify_all();
+                }
+                // Idle: go on unless the connection died (the feed poll covers a gap).
+                Ok(None) if !client.is_closed() => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for PgStore {
@@ -245,9 +290,18 @@ impl PgStore {
                 })
                 .map_err(engine_err)?;
         }
+        let notified = Arc::new((Mutex::new(0u64), std::sync::Condvar::new()));
+        if settings.listen {
+            let (connector, notified) = (connector.clone(), notified.clone());
+            std::thread::Builder::new()
+                .name("keyhold-pg-listen".into())
+                .spawn(move || listen(connector, notified))
+                .map_err(engine_err)?;
+        }
         let store = Self {
             jobs: Mutex::new(tx),
             threads,
+            notified,
         };
         // On a pool thread: the caller may be inside tokio, where the driver's own
         // runtime must not run.
@@ -406,6 +460,15 @@ impl KeyStore for PgStore {
         }
         let batch = batch.clone();
         self.call(move |c| commit_batch(c, &batch))
+    }
+
+    fn wait_for_change(&self, timeout: std::time::Duration) {
+        let (count, cv) = &*self.notified;
+        let guard = count.lock().unwrap_or_else(PoisonError::into_inner);
+        let seen = *guard;
+        let _ = cv
+            .wait_timeout_while(guard, timeout, |c| *c == seen)
+            .unwrap_or_else(PoisonError::into_inner);
     }
 
     fn change_cursor(&self) -> Result<Option<u64>, StoreError> {
@@ -580,6 +643,7 @@ mod tests {
             password_file: None,
             tls_ca: None,
             pool_size: 2,
+            listen: true,
         };
         let store = PgStore::open(&settings).unwrap();
         store
@@ -662,6 +726,7 @@ mod tests {
                 password_file: None,
                 tls_ca: None,
                 pool_size: 1,
+                listen: false,
             })
             .unwrap_err();
             let text = format!(
