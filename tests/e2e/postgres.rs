@@ -254,3 +254,59 @@ async fn three_nodes_share_keys_and_a_disable_reaches_every_node_within_a_second
         );
     }
 }
+
+/// The database becomes unreachable under a running node: within the bound the node
+/// stops serving even keys it has cached (503, not a stale answer) and reports not ready;
+/// when the database is back, it serves again without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_fails_closed_while_the_database_is_unreachable_then_recovers() {
+    use keyhold_tests::pg;
+    use std::time::{Duration, Instant};
+    if !pg::available("a_node_fails_closed_while_the_database_is_unreachable") {
+        return;
+    }
+    let s = TestServer::start_on_postgres().await;
+    s.wait_ready().await;
+    create_key(&s, "admin-a", "k").await;
+    let app = s.client(Some("app-a"));
+    let dk = post(&app, &s.url("/v1/keys/k/datakey"), json!({})).await;
+    let body = json!({"wrapped": dk.1["wrapped"]});
+    assert_eq!(post(&app, &s.url("/v1/unwrap"), body.clone()).await.0, 200);
+    let db = pg::database_of(&s.config);
+    // The outage: no new connections to the database, the open ones cut.
+    pg::sql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS false"));
+    pg::sql(&format!(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{db}'"
+    ));
+    let t0 = Instant::now();
+    let ops = reqwest::Client::new();
+    loop {
+        let r = post(&app, &s.url("/v1/unwrap"), body.clone()).await;
+        if r.0 == 503 {
+            assert_eq!(r.1["error"]["code"], "StorageUnavailable", "{r:?}");
+            break;
+        }
+        assert_eq!(r.0, 200, "{r:?}");
+        assert!(
+            t0.elapsed() < Duration::from_secs(3),
+            "still serving 3 s into the outage"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let refused_after = t0.elapsed();
+    eprintln!("database cut: the node refused its cached key after {refused_after:?}");
+    // The bound (1 s) counts from the node's last confirmed read, at most one poll
+    // (100 ms) before the cut.
+    assert!(
+        refused_after <= Duration::from_millis(1200),
+        "{refused_after:?}"
+    );
+    let ready = ops.get(s.ops_url("/readyz")).send().await.unwrap();
+    assert_eq!(ready.status(), 503);
+    // Back: ready and serving again, no restart.
+    pg::sql(&format!("ALTER DATABASE {db} ALLOW_CONNECTIONS true"));
+    s.wait_ready().await;
+    let un = post(&app, &s.url("/v1/unwrap"), body).await;
+    assert_eq!(un.0, 200, "{un:?}");
+    assert_eq!(un.1["plaintext"], dk.1["plaintext"]);
+}

@@ -40,3 +40,27 @@ pub fn available(test: &str) -> bool {
     eprintln!("{test}: skipped: KEYHOLD_TEST_PG is not set (export KEYHOLD_TEST_PG=$(bash tests/pg/setup.sh))");
     false
 }
+
+/// Runs one SQL statement as the test role (on the database `KEYHOLD_TEST_PG` names).
+pub fn sql(statement: &str) {
+    let base = std::env::var("KEYHOLD_TEST_PG").expect("KEYHOLD_TEST_PG");
+    let out = std::process::Command::new("psql")
+        .arg(&base)
+        .args(["-qtAc", statement])
+        .output()
+        .expect("psql");
+    assert!(
+        out.status.success(),
+        "{statement}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The `dbname=` of the PostgreSQL store in a server config.
+pub fn database_of(config: &std::path::Path) -> String {
+    let text = std::fs::read_to_string(config).unwrap();
+    text.split(|c: char| c.is_whitespace() || c == '"')
+        .find_map(|w| w.strip_prefix("dbname="))
+        .expect("a PostgreSQL store in the config")
+        .to_owned()
+}
