@@ -828,6 +828,29 @@ pub struct SysStatus {
     /// older than this field).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process: Option<ProcessStatus>,
+    /// On a store several nodes share: this node and the nodes seen in the last 10 s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterStatus>,
+}
+
+/// The nodes sharing a store, as one of them sees them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// This node's id (`[store] node_id`, default `<host>:<API port>`).
+    pub node: String,
+    /// Every node that reported in the last 10 s, this one included, by id.
+    pub peers: Vec<PeerStatus>,
+}
+
+/// One node of a cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// Node id.
+    pub id: String,
+    /// Its server version.
+    pub version: String,
+    /// Milliseconds since it last reported.
+    pub seen_ms_ago: u64,
 }
 
 /// What protects the server process's memory, as the kernel reports it.

@@ -220,6 +220,8 @@ struct FileStore {
     pool_size: usize,
     #[serde(default = "yes")]
     listen: bool,
+    #[serde(default)]
+    node_id: Option<String>,
 }
 
 fn default_pool() -> usize {
@@ -301,6 +303,8 @@ pub struct StoreSettings {
     pub path: PathBuf,
     /// The database, for `engine = "postgres"`.
     pub postgres: Option<crate::keystore::PgSettings>,
+    /// This node's id among the nodes of a shared store (`None`: `<host>:<API port>`).
+    pub node_id: Option<String>,
 }
 
 /// How the server unseals.
@@ -618,6 +622,7 @@ impl Settings {
                 engine: raw.store.engine,
                 path: resolve(&raw.store.path),
                 postgres: postgres_settings,
+                node_id: raw.store.node_id.clone(),
             },
             seal: SealSettings {
                 method: seal.method,

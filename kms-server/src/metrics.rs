@@ -23,6 +23,7 @@ pub struct Metrics {
     requests: Family<RequestLabels, Counter>,
     latency: Family<RequestLabels, Histogram>,
     sealed: Gauge<i64, std::sync::atomic::AtomicI64>,
+    cluster_nodes: Gauge<i64, std::sync::atomic::AtomicI64>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -58,11 +59,18 @@ impl Metrics {
             latency.clone(),
         );
         registry.register("sealed", "1 while the server is sealed", sealed.clone());
+        let cluster_nodes = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "cluster_nodes",
+            "Nodes of the shared store seen in the last 10 s (0: not a shared store)",
+            cluster_nodes.clone(),
+        );
         Self {
             registry,
             requests,
             latency,
             sealed,
+            cluster_nodes,
         }
     }
 
@@ -77,6 +85,11 @@ impl Metrics {
         self.latency
             .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets the cluster-size gauge.
+    pub fn set_cluster_nodes(&self, n: usize) {
+        self.cluster_nodes.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     /// Sets the seal gauge.

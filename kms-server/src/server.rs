@@ -370,8 +370,21 @@ pub async fn run_with_clock(
         state.alerts.clone(),
         stop_rx.clone(),
     ));
-    let follower = (state.settings.store.engine == keystore::Engine::Postgres)
-        .then(|| tokio::spawn(change_follower(keyring.clone(), stop_rx.clone())));
+    let node_id = state.settings.store.node_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "keyhold".to_owned());
+        let port = listeners.api.local_addr().map(|a| a.port()).unwrap_or(0);
+        format!("{host}:{port}")
+    });
+    let follower = (state.settings.store.engine == keystore::Engine::Postgres).then(|| {
+        tokio::spawn(change_follower(
+            state.clone(),
+            metrics.clone(),
+            node_id,
+            stop_rx.clone(),
+        ))
+    });
     let disk_watcher = state.settings.audit_enabled.then(|| {
         tokio::spawn(crate::audit::watch_disk(
             state.settings.audit_path.clone(),
@@ -477,10 +490,48 @@ pub async fn run_with_clock(
 /// at least every [`CHANGE_POLL`], drops
 /// the keys other nodes changed from the cache, and confirms the cache fresh; if the
 /// store cannot be read for [`SHARED_STORE_BOUND`], key use fails closed until it can.
-async fn change_follower(keyring: Arc<Keyring>, mut stop: tokio::sync::watch::Receiver<bool>) {
+async fn change_follower(
+    state: Arc<AppState>,
+    metrics: Arc<Metrics>,
+    node_id: String,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let keyring = state.keyring.clone();
     let mut cursor: Option<u64> = None;
     let mut failing = false;
+    let mut last_heartbeat: Option<std::time::Instant> = None;
     loop {
+        // About once a second: say this node is alive, and learn who else is.
+        if last_heartbeat.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+            last_heartbeat = Some(std::time::Instant::now());
+            let store = keyring.store().clone();
+            let id = node_id.clone();
+            let beat = tokio::task::spawn_blocking(move || {
+                store.heartbeat(&id, env!("CARGO_PKG_VERSION"))
+            })
+            .await;
+            let cluster = match beat {
+                Ok(Ok(Some(peers))) => {
+                    metrics.set_cluster_nodes(peers.len());
+                    Some(kms_client::api::ClusterStatus {
+                        node: node_id.clone(),
+                        peers: peers
+                            .into_iter()
+                            .map(|(id, version, seen_ms_ago)| kms_client::api::PeerStatus {
+                                id,
+                                version,
+                                seen_ms_ago,
+                            })
+                            .collect(),
+                    })
+                }
+                _ => None,
+            };
+            *state
+                .cluster
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = cluster;
+        }
         let started = std::time::Instant::now();
         let store = keyring.store().clone();
         let at = cursor;

@@ -181,6 +181,46 @@ async fn three_nodes_share_keys_and_a_disable_reaches_every_node_within_a_second
     .unwrap();
     c.start_again().await;
     c.wait_ready().await;
+    // Every node sees the three (heartbeats once a second; seen in the last 10 s; C's
+    // id before its restart may still be listed, until it ages out).
+    let admin = a.client(Some("admin-a"));
+    let ids: Vec<String> = [&a, &b, &c]
+        .iter()
+        .map(|n| format!("{}:{}", hostname(), n.addr.port()))
+        .collect();
+    let t = Instant::now();
+    loop {
+        let st = crate::get(&admin, &a.url("/v1/sys/status")).await;
+        let listed: Vec<String> = st.1["cluster"]["peers"]
+            .as_array()
+            .map(|p| {
+                p.iter()
+                    .map(|p| p["id"].as_str().unwrap().to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if ids.iter().all(|id| listed.contains(id)) {
+            assert_eq!(st.1["cluster"]["node"], ids[0].as_str());
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{st:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And B's metrics count them.
+    let t = Instant::now();
+    loop {
+        let m = reqwest::get(b.ops_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if m.contains("cluster_nodes 3") || m.contains("cluster_nodes 4") {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{m}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     create_key(&a, "admin-a", "shared").await;
     let dk = post(
         &a.client(Some("app-a")),
@@ -196,7 +236,6 @@ async fn three_nodes_share_keys_and_a_disable_reaches_every_node_within_a_second
         assert_eq!(un.0, 200, "{un:?}");
         assert_eq!(un.1["plaintext"], dk.1["plaintext"]);
     }
-    let admin = a.client(Some("admin-a"));
     let trials = 100;
     let mut took: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
     for _ in 0..trials {
@@ -309,4 +348,11 @@ async fn a_node_fails_closed_while_the_database_is_unreachable_then_recovers() {
     let un = post(&app, &s.url("/v1/unwrap"), body).await;
     assert_eq!(un.0, 200, "{un:?}");
     assert_eq!(un.1["plaintext"], dk.1["plaintext"]);
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap()
+        .trim()
+        .to_owned()
 }

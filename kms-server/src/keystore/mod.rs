@@ -195,6 +195,14 @@ pub trait KeyStore: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// On a store several nodes share: records that node `id` (running `version`) is
+    /// alive, and returns every node that did so in the last 10 s as (id, version,
+    /// milliseconds since). `None`: no other node can exist.
+    fn heartbeat(&self, id: &str, version: &str) -> Result<Option<Vec<Peer>>, StoreError> {
+        let _ = (id, version);
+        Ok(None)
+    }
+
     /// Waits up to `timeout` for a sign that another writer changed something (a
     /// notification); returns early when one came. Embedded engines just wait.
     fn wait_for_change(&self, timeout: std::time::Duration) {
@@ -212,6 +220,10 @@ pub trait KeyStore: Send + Sync + 'static {
 /// What [`KeyStore::changes_since`] returns: the new cursor, and the changed key records
 /// (`None`: the feed cannot say; drop everything).
 pub type Changes = (u64, Option<Vec<Vec<u8>>>);
+
+/// A node of a shared store as [`KeyStore::heartbeat`] reports it: (id, version,
+/// milliseconds since it last reported).
+pub type Peer = (String, String, u64);
 
 /// One `(key, value)` pair as read from a table.
 pub type Entry = (Vec<u8>, Vec<u8>);

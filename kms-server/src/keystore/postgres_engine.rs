@@ -54,6 +54,12 @@ const MIGRATIONS: &[&str] = &[
         k bytea NOT NULL,
         at timestamptz NOT NULL DEFAULT now()
     )",
+    // 3: the nodes of the cluster, as they last reported.
+    "CREATE TABLE keyhold_nodes (
+        id text PRIMARY KEY,
+        version text NOT NULL,
+        last_seen timestamptz NOT NULL
+    )",
 ];
 
 /// The advisory lock that orders the change feed: taken by every commit that changes a
@@ -469,6 +475,34 @@ impl KeyStore for PgStore {
         let _ = cv
             .wait_timeout_while(guard, timeout, |c| *c == seen)
             .unwrap_or_else(PoisonError::into_inner);
+    }
+
+    fn heartbeat(&self, id: &str, version: &str) -> Result<Option<Vec<super::Peer>>, StoreError> {
+        let (id, version) = (id.to_owned(), version.to_owned());
+        self.call(move |c| {
+            c.execute(
+                "INSERT INTO keyhold_nodes (id, version, last_seen) VALUES ($1, $2, now())
+                 ON CONFLICT (id) DO UPDATE SET version = EXCLUDED.version, last_seen = now()",
+                &[&id, &version],
+            )
+            .map_err(engine_err)?;
+            let rows = c
+                .query(
+                    "SELECT id, version, (extract(epoch FROM now() - last_seen) * 1000)::bigint
+                     FROM keyhold_nodes WHERE last_seen > now() - interval '10 seconds' ORDER BY id",
+                    &[],
+                )
+                .map_err(engine_err)?;
+            let _ = c.execute(
+                "DELETE FROM keyhold_nodes WHERE last_seen < now() - interval '1 day'",
+                &[],
+            );
+            Ok(Some(
+                rows.into_iter()
+                    .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2).max(0) as u64))
+                    .collect(),
+            ))
+        })
     }
 
     fn change_cursor(&self) -> Result<Option<u64>, StoreError> {

@@ -72,6 +72,9 @@ pub struct AppState {
     pub tls: Arc<crate::tls::TlsReloader>,
     /// Unseal shares received so far (Shamir method), in memory only.
     pub pending_shares: std::sync::Mutex<Vec<crate::seal::ShareInput>>,
+    /// On a shared store: this node and its peers, as last reported (see
+    /// `server::change_follower`).
+    pub cluster: std::sync::RwLock<Option<kms_client::api::ClusterStatus>>,
     next_request_id: AtomicU64,
 }
 
@@ -113,6 +116,7 @@ impl AppState {
             sealer,
             audit,
             pending_shares: std::sync::Mutex::new(Vec::new()),
+            cluster: std::sync::RwLock::new(None),
             next_request_id: AtomicU64::new(1),
         }
     }

@@ -43,6 +43,11 @@ fn status_of(state: &AppState) -> SysStatus {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         unseal_progress,
         process: Some(crate::process::current()),
+        cluster: state
+            .cluster
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone(),
     }
 }
 

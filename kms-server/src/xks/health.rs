@@ -54,18 +54,46 @@ impl HealthCache {
         status
     }
 
-    /// The answer for `status`.
-    pub fn response(&self, status: &'static str) -> HealthResponse {
+    /// The answer for this node's `status`. On a shared store (`cluster`), the fleet is
+    /// the nodes seen in the last 10 s (at most 10 listed, this node first): each other
+    /// node is `ACTIVE` if it reported in the last 3 s, else `DEGRADED`.
+    pub fn response(
+        &self,
+        status: &'static str,
+        cluster: Option<&kms_client::api::ClusterStatus>,
+    ) -> HealthResponse {
+        let me = FleetMember {
+            id: self.node_id.clone(),
+            model: self.model.clone(),
+            health_status: status,
+        };
+        let (size, details) = match cluster {
+            Some(c) if !c.peers.is_empty() => {
+                let mut details = vec![FleetMember {
+                    id: c.node.clone(),
+                    ..me
+                }];
+                details.extend(c.peers.iter().filter(|p| p.id != c.node).take(9).map(|p| {
+                    FleetMember {
+                        id: p.id.clone(),
+                        model: format!("Keyhold {}", p.version),
+                        health_status: if p.seen_ms_ago < 3000 {
+                            "ACTIVE"
+                        } else {
+                            "DEGRADED"
+                        },
+                    }
+                }));
+                (u32::try_from(c.peers.len()).unwrap_or(u32::MAX), details)
+            }
+            _ => (self.fleet_size, vec![me]),
+        };
         HealthResponse {
-            xks_proxy_fleet_size: self.fleet_size,
+            xks_proxy_fleet_size: size,
             xks_proxy_vendor: "Keyhold",
             xks_proxy_model: format!("Keyhold XKS {}", env!("CARGO_PKG_VERSION")),
             ekm_vendor: "Keyhold",
-            ekm_fleet_details: vec![FleetMember {
-                id: self.node_id.clone(),
-                model: self.model.clone(),
-                health_status: status,
-            }],
+            ekm_fleet_details: details,
         }
     }
 }

@@ -329,7 +329,13 @@ impl Xks {
                 note_metadata(facts, &m.request_metadata);
                 m.request_metadata.check(Operation::Health)?;
                 let status = self.health.status(&self.app.keyring).await;
-                Ok(axum::Json(self.health.response(status)).into_response())
+                let cluster = self
+                    .app
+                    .cluster
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                Ok(axum::Json(self.health.response(status, cluster.as_ref())).into_response())
             }
             Target::Key(external_id, op) => {
                 facts
