@@ -1504,6 +1504,14 @@ impl Keyring {
         if !(1..=30).contains(&days) {
             return Err(Error::InvalidRequest("window_days must be 1 to 30".into()));
         }
+        if self.freshness.is_some() {
+            // Each node counts its own unwraps, and on a shared store their saved counts
+            // overwrite each other: an answer would under-count, and retiring a version
+            // on that advice could make data unreadable.
+            return Err(Error::InvalidState(
+                "on a store several nodes share, usage counters are per node: the dry run would under-count, so it is refused (docs/ha.md)",
+            ));
+        }
         let un = self.unsealed()?;
         let entry = self.entry_by_name(&un, tenant, name)?;
         if version == 0 || version > entry.record.current_version {

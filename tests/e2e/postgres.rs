@@ -44,6 +44,19 @@ async fn a_node_on_postgres_serves_and_survives_a_restart() {
     assert_eq!(un.1["version"], 1);
     let dk2 = post(&app, &s.url("/v1/keys/pgkey/datakey"), json!({})).await;
     assert_eq!(dk2.1["version"], 2, "{dk2:?}");
+    // The min-decrypt-version dry run would under-count on a shared store: refused, not
+    // answered wrong.
+    let dry = post(
+        &s.client(Some("auditor-a")),
+        &s.url("/v1/keys/pgkey/min-decrypt-version/dry-run"),
+        json!({"version": 2, "window_days": 7}),
+    )
+    .await;
+    assert_eq!(dry.0, 409, "{dry:?}");
+    assert!(dry.1["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("under-count"));
     // Disabled on the database-backed node: refused.
     let d = post(
         &s.client(Some("admin-a")),
