@@ -64,6 +64,16 @@ pub enum HardeningError {
 
 static LOCKED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
+/// This host's name (`/proc/sys/kernel/hostname`: printable, at most 64 characters), or
+/// `keyhold`. Names the node in cluster status and in XKS health.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty() && h.len() <= 64 && h.chars().all(|c| c.is_ascii_graphic()))
+        .unwrap_or_else(|| "keyhold".to_owned())
+}
+
 /// What is in force for this process now, read back from the kernel.
 pub fn current() -> ProcessStatus {
     use rustix::process::{dumpable_behavior, getrlimit, DumpableBehavior, Resource};

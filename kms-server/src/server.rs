@@ -157,6 +157,37 @@ fn sealer_factory(settings: &Settings) -> Box<SealerFactory> {
     })
 }
 
+/// When a reloader looks again: on SIGHUP, or every `poll` (to see whether its files
+/// changed).
+struct ReloadTrigger {
+    hup: Option<tokio::signal::unix::Signal>,
+    poll: Option<Duration>,
+}
+
+impl ReloadTrigger {
+    fn new(poll: Option<Duration>, what: &str) -> Self {
+        use tokio::signal::unix::{signal, SignalKind};
+        let hup = match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no SIGHUP handler: {what} reload on file change only");
+                None
+            }
+        };
+        Self { hup, poll }
+    }
+
+    /// `Some(true)`: SIGHUP; `Some(false)`: the poll interval passed; `None`: stop.
+    async fn next(&mut self, stop: &mut tokio::sync::watch::Receiver<bool>) -> Option<bool> {
+        let poll = self.poll;
+        tokio::select! {
+            Some(()) = async { match self.hup.as_mut() { Some(h) => h.recv().await, None => None } } => Some(true),
+            () = async { match poll { Some(p) => tokio::time::sleep(p).await, None => std::future::pending().await } } => Some(false),
+            _ = stop.wait_for(|s| *s) => None,
+        }
+    }
+}
+
 /// Reloads the CRLs when a file changes or on SIGHUP. A failed reload keeps the previous
 /// configuration, logs and raises a `tls_reload_failed` alert.
 async fn tls_reloader(
@@ -165,19 +196,10 @@ async fn tls_reloader(
     alerts: crate::alert::Alerter,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
-        Ok(s) => Some(s),
-        Err(e) => {
-            tracing::warn!(error = %e, "no SIGHUP handler: CRLs reload on file change only");
-            None
-        }
-    };
+    let mut trigger = ReloadTrigger::new(poll, "CRLs");
     loop {
-        let by_signal = tokio::select! {
-            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => true,
-            () = async { match poll { Some(p) => tokio::time::sleep(p).await, None => std::future::pending().await } } => false,
-            _ = stop.wait_for(|s| *s) => return,
+        let Some(by_signal) = trigger.next(&mut stop).await else {
+            return;
         };
         if !by_signal && !tls.changed() {
             continue;
@@ -371,9 +393,7 @@ pub async fn run_with_clock(
         stop_rx.clone(),
     ));
     let node_id = state.settings.store.node_id.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "keyhold".to_owned());
+        let host = crate::process::hostname();
         let port = listeners.api.local_addr().map(|a| a.port()).unwrap_or(0);
         format!("{host}:{port}")
     });
@@ -722,9 +742,7 @@ async fn xks_reloader(
     alerts: crate::alert::Alerter,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = signal(SignalKind::hangup()).ok();
-    let poll = settings.credentials_poll;
+    let mut trigger = ReloadTrigger::new(settings.credentials_poll, "XKS credentials");
     let failed = |what: String| {
         tracing::error!(error = %what, "XKS reload failed; the previous configuration stays in force");
         alerts.raise(crate::alert::AlertEvent::new(
@@ -734,10 +752,8 @@ async fn xks_reloader(
         ));
     };
     loop {
-        let by_signal = tokio::select! {
-            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => true,
-            () = async { match poll { Some(p) => tokio::time::sleep(p).await, None => std::future::pending().await } } => false,
-            _ = stop.wait_for(|s| *s) => return,
+        let Some(by_signal) = trigger.next(&mut stop).await else {
+            return;
         };
         for (name, set) in xks.credential_sets() {
             if !by_signal && !set.changed() {

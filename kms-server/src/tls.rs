@@ -167,12 +167,17 @@ fn server_config_with(
         .with_protocol_versions(versions)?
         .with_client_cert_verifier(verifier)
         .with_single_cert(load_certs(&settings.cert)?, load_key(&settings.key)?)?;
+    finish_server_config(&mut config);
+    Ok(Arc::new(config))
+}
+
+/// What every Keyhold listener's TLS does: HTTP/2 and HTTP/1.1 by ALPN, and no session
+/// resumption — a resumed session would skip the client-certificate check (and the CRL
+/// check): keep-alive connections carry the load instead.
+pub fn finish_server_config(config: &mut ServerConfig) {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    // No session resumption: a resumed session would skip the client-certificate check
-    // (and, later, the CRL check). Keep-alive connections carry the load instead.
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;
-    Ok(Arc::new(config))
 }
 
 /// The listener's TLS configuration and revoked set, swapped whole on reload.

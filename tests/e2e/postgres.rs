@@ -125,17 +125,12 @@ async fn migrate_store_into_postgres_and_back() {
             .unwrap()
     };
     // The schema alone first (as before an upgrade), then the copy.
-    let out = std::process::Command::new(&bin)
-        .args(["migrate", "--config"])
-        .arg(&pg_config)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = keyhold_tests::stdout_of(
+        std::process::Command::new(&bin)
+            .args(["migrate", "--config"])
+            .arg(&pg_config),
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("postgres store schema is up to date"));
+    assert!(out.contains("postgres store schema is up to date"), "{out}");
     for (from, to) in [(&embedded, &pg_config), (&pg_config, &back_config)] {
         let out = run(from, to);
         assert!(

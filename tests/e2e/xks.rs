@@ -839,19 +839,14 @@ async fn xks_credential_generator_feeds_a_running_server() {
     let creds = xks::credentials_path(creds_dir.path());
     let console = creds_dir.path().join("console.json");
     let server = keyhold_tests::workspace_bin("kms-server");
-    let out = std::process::Command::new(&server)
-        .arg("xks-credential")
-        .arg("--credentials")
-        .arg(&creds)
-        .arg("--console-json")
-        .arg(&console)
-        .args(["--prefix", "/aws"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = keyhold_tests::stdout_of(
+        std::process::Command::new(&server)
+            .arg("xks-credential")
+            .arg("--credentials")
+            .arg(&creds)
+            .arg("--console-json")
+            .arg(&console)
+            .args(["--prefix", "/aws"]),
     );
     let file: Value = serde_json::from_slice(&std::fs::read(&console).unwrap()).unwrap();
     assert_eq!(file["XksProxyUriPath"], "/aws/kms/xks/v1");
@@ -861,7 +856,6 @@ async fn xks_credential_generator_feeds_a_running_server() {
     let secret = file["XksProxyAuthenticationCredential"]["RawSecretAccessKey"]
         .as_str()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains(id) && !stdout.contains(secret), "{stdout}");
     for p in [&creds, &console] {
         assert_eq!(

@@ -552,6 +552,19 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     bin
 }
 
+/// Runs `cmd`, asserts it exited 0 (showing its stderr if not), and returns its stdout.
+pub fn stdout_of(cmd: &mut std::process::Command) -> String {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?} did not run: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub fn zeroize_string(s: &str) -> zeroize::Zeroizing<String> {
     zeroize::Zeroizing::new(s.to_owned())
 }

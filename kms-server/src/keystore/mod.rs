@@ -81,6 +81,21 @@ impl Table {
         Table::Rotations,
     ];
 
+    /// The table's number, stored by engines that keep every table in one space (the
+    /// PostgreSQL relation) or index them (sled's trees). Never renumber.
+    pub fn id(self) -> u8 {
+        match self {
+            Table::Meta => 0,
+            Table::Keys => 1,
+            Table::KeyNames => 2,
+            Table::Versions => 3,
+            Table::Audit => 4,
+            Table::Deletions => 5,
+            Table::Usage => 6,
+            Table::Rotations => 7,
+        }
+    }
+
     /// The table's name in the engine.
     pub fn name(self) -> &'static str {
         match self {

@@ -107,16 +107,7 @@ fn msg_err(m: impl Into<String>) -> StoreError {
 }
 
 fn table_id(t: Table) -> i16 {
-    match t {
-        Table::Meta => 0,
-        Table::Keys => 1,
-        Table::KeyNames => 2,
-        Table::Versions => 3,
-        Table::Audit => 4,
-        Table::Deletions => 5,
-        Table::Usage => 6,
-        Table::Rotations => 7,
-    }
+    i16::from(t.id())
 }
 
 /// The advisory-lock key of one record: the first 8 bytes of SHA-256(table ‖ key), the

@@ -56,16 +56,7 @@ impl SledStore {
 }
 
 fn index(table: Table) -> usize {
-    match table {
-        Table::Meta => 0,
-        Table::Keys => 1,
-        Table::KeyNames => 2,
-        Table::Versions => 3,
-        Table::Audit => 4,
-        Table::Deletions => 5,
-        Table::Usage => 6,
-        Table::Rotations => 7,
-    }
+    usize::from(table.id())
 }
 
 impl KeyStore for SledStore {

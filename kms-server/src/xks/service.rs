@@ -167,7 +167,7 @@ impl Xks {
         let mut facts = Facts::default();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let mut resp = match self.serve(req, &mut facts).await {
+        let mut resp = match self.serve(req, &path, &mut facts).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
         };
@@ -241,6 +241,7 @@ impl Xks {
     async fn serve(
         &self,
         req: Request<hyper::body::Incoming>,
+        path: &str,
         facts: &mut Facts,
     ) -> Result<Response, XksError> {
         let not_found = || {
@@ -249,8 +250,7 @@ impl Xks {
                 format!("no XKS API at this path (expected [/prefix]{API_ROOT}/health or .../keys/<id>/metadata|encrypt|decrypt)"),
             )
         };
-        let path = req.uri().path().to_owned();
-        let routed = route(&path)
+        let routed = route(path)
             .and_then(|(prefix, target)| self.stores.get(prefix).map(|store| (store, target)));
         let Some((store, target)) = routed else {
             // Answered before any authentication; the body is read (bounded) only so the

@@ -254,7 +254,7 @@ impl FileXks {
                 n
             }
             Some(_) => return e("node_id", "must be 1 to 64 printable ASCII characters"),
-            None => hostname(),
+            None => crate::process::hostname(),
         };
         if self.stores.is_empty() {
             return e("stores", "name at least one [[xks.stores]]");
@@ -408,13 +408,4 @@ impl FileXks {
             stores,
         })
     }
-}
-
-/// The host name (for `ekmFleetDetails[].id`), or `keyhold`.
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty() && h.len() <= 64 && h.chars().all(|c| c.is_ascii_graphic()))
-        .unwrap_or_else(|| "keyhold".to_owned())
 }

@@ -125,9 +125,6 @@ pub fn server_config(settings: &XksSettings) -> Result<Arc<ServerConfig>, TlsErr
     };
     let mut config =
         builder.with_single_cert(load_certs(&settings.cert)?, load_key(&settings.key)?)?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    // As on the API listener: no resumption, so every connection shows its certificate.
-    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    config.send_tls13_tickets = 0;
+    crate::tls::finish_server_config(&mut config);
     Ok(Arc::new(config))
 }
