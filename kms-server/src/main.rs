@@ -151,13 +151,16 @@ fn migrate_store(from_config: &Path, config: &Path) -> anyhow::Result<()> {
     let to = load_hardened(config)?;
     // The files beside the store go first, and only into places that are free: a failed
     // copy leaves the target store empty, so the command can simply be run again.
-    let files = [
-        (
-            from.store.path.with_extension("erasure"),
-            to.store.path.with_extension("erasure"),
-        ),
-        (from.audit_path.clone(), to.audit_path.clone()),
-    ];
+    let files = [(
+        from.store.path.with_extension("erasure"),
+        to.store.path.with_extension("erasure"),
+    )];
+    if to.store.engine != kms_server::keystore::Engine::Postgres && to.audit_path.exists() {
+        anyhow::bail!(
+            "{} exists: the new store's files must not (remove it if it is left from a failed run)",
+            to.audit_path.display()
+        );
+    }
     for (src, dst) in &files {
         if src == dst {
             continue;
@@ -172,6 +175,14 @@ fn migrate_store(from_config: &Path, config: &Path) -> anyhow::Result<()> {
     let source = server::open_store(&from)?;
     let target = server::open_store(&to)?;
     let copied = kms_server::keystore::migrate::migrate(source.as_ref(), target.as_ref())?;
+    // Then the audit chain: into PostgreSQL in one transaction, refused if the database
+    // already holds a chain; into a file, which must not exist.
+    let records = kms_server::audit::copy_chain(
+        source.as_ref(),
+        &from.audit_path,
+        target.as_ref(),
+        &to.audit_path,
+    )?;
     for (src, dst) in &files {
         if src != dst && src.exists() {
             std::fs::copy(src, dst)
@@ -187,6 +198,7 @@ fn migrate_store(from_config: &Path, config: &Path) -> anyhow::Result<()> {
     for (table, n, hash) in &copied.tables {
         println!("  {table:<10} {n:>9} entries  sha256 {}", &hash[..16]);
     }
+    println!("  audit      {records:>9} records, chain head and MAC kept");
     for (src, dst) in &files {
         if src != dst && src.exists() {
             println!("  {} -> {}", src.display(), dst.display());

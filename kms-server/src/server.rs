@@ -351,6 +351,11 @@ pub async fn run_with_clock(
     let handshake_timeout = settings.tls.handshake_timeout;
     let sources = settings.identity_sources.clone();
     let alerts = crate::alert::Alerter::start(&settings.alerts);
+    let node_id = settings.store.node_id.clone().unwrap_or_else(|| {
+        let host = crate::process::hostname();
+        let port = listeners.api.local_addr().map(|a| a.port()).unwrap_or(0);
+        format!("{host}:{port}")
+    });
     let audit = if settings.audit_enabled {
         crate::audit::AuditLog::start(
             keyring.store().clone(),
@@ -358,6 +363,7 @@ pub async fn run_with_clock(
             &settings.audit_path,
             &settings.audit_sink,
             alerts.clone(),
+            Some(node_id.clone()),
         )?
     } else {
         tracing::warn!(
@@ -392,11 +398,6 @@ pub async fn run_with_clock(
         state.alerts.clone(),
         stop_rx.clone(),
     ));
-    let node_id = state.settings.store.node_id.clone().unwrap_or_else(|| {
-        let host = crate::process::hostname();
-        let port = listeners.api.local_addr().map(|a| a.port()).unwrap_or(0);
-        format!("{host}:{port}")
-    });
     let follower = (state.settings.store.engine == keystore::Engine::Postgres).then(|| {
         tokio::spawn(change_follower(
             state.clone(),
@@ -405,7 +406,9 @@ pub async fn run_with_clock(
             stop_rx.clone(),
         ))
     });
-    let disk_watcher = state.settings.audit_enabled.then(|| {
+    // A shared store's chain is in the database: no local file to watch.
+    let local_chain = state.settings.store.engine != keystore::Engine::Postgres;
+    let disk_watcher = (state.settings.audit_enabled && local_chain).then(|| {
         tokio::spawn(crate::audit::watch_disk(
             state.settings.audit_path.clone(),
             state.settings.audit_min_free,

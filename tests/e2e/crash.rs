@@ -165,6 +165,7 @@ fn verify_audit(
         &store_path.with_extension("audit"),
         &kms_server::audit::Sink::None,
         kms_server::alert::Alerter::start(&Default::default()),
+        None,
     )
     .expect("the audit chain reopens after kill -9");
     let mut chain = kms_client::api::AuditChain::new();

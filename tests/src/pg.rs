@@ -43,9 +43,24 @@ pub fn available(test: &str) -> bool {
 
 /// Runs one SQL statement as the test role (on the database `KEYHOLD_TEST_PG` names).
 pub fn sql(statement: &str) {
+    sql_on(None, statement);
+}
+
+/// Runs one SQL statement as the test role on `database` (default: the one
+/// `KEYHOLD_TEST_PG` names) and returns what it printed (unaligned, tuples only).
+pub fn sql_on(database: Option<&str>, statement: &str) -> String {
     let base = std::env::var("KEYHOLD_TEST_PG").expect("KEYHOLD_TEST_PG");
+    let conn = match database {
+        None => base,
+        Some(db) => base
+            .split_whitespace()
+            .filter(|p| !p.starts_with("dbname="))
+            .chain(std::iter::once(format!("dbname={db}").as_str()))
+            .collect::<Vec<_>>()
+            .join(" "),
+    };
     let out = std::process::Command::new("psql")
-        .arg(&base)
+        .arg(&conn)
         .args(["-qtAc", statement])
         .output()
         .expect("psql");
@@ -54,6 +69,7 @@ pub fn sql(statement: &str) {
         "{statement}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
 
 /// The `dbname=` of the PostgreSQL store in a server config.

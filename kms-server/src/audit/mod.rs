@@ -22,6 +22,7 @@
 //! to the chain file, verified by the same chain, the first time the server opens them.
 
 pub mod file;
+pub mod postgres;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,16 @@ use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::keystore::{KeyStore, StoreError, Table, WriteBatch};
 pub use file::{ChainFile, Finding, Head};
+pub use postgres::PgChain;
+
+/// Where the chain lives.
+#[derive(Clone)]
+enum Chain {
+    /// This node's chain file (embedded store).
+    File(Arc<ChainFile>),
+    /// The cluster's chain in the shared PostgreSQL store.
+    Shared(PgChain),
+}
 
 /// The writer thread's nice value (lower priority than the request workers).
 const WRITER_NICE: i32 = 10;
@@ -107,7 +118,7 @@ enum Msg {
 pub struct AuditLog {
     /// `None`: auditing turned off (`[audit] enabled = false`, for measurements only).
     tx: Option<mpsc::UnboundedSender<Msg>>,
-    chain: Option<Arc<ChainFile>>,
+    chain: Option<Chain>,
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
@@ -163,12 +174,15 @@ fn migrate_from_store(store: &dyn KeyStore, chain: &ChainFile) -> Result<u64, Er
 }
 
 struct Writer {
-    chain: Arc<ChainFile>,
+    chain: Chain,
     keyring: Arc<Keyring>,
     alerts: Alerter,
     sink: Option<Box<dyn Write + Send>>,
-    /// The chain's tip: last record's seq and hash.
+    /// The chain's tip: last record's seq and hash (the file; a shared chain's tip is read
+    /// under its lock at every append).
     last: (u64, String),
+    /// On a shared chain, this node's id: each record says which node served it.
+    node: Option<String>,
     /// The head found in the header at open, until its MAC has been checked.
     unchecked_head: Option<Head>,
     /// What opening found, until recorded in the chain.
@@ -243,50 +257,55 @@ impl Writer {
         out
     }
 
-    fn commit(&mut self, drafts: &[&AuditDraft]) -> Result<(), Error> {
+    fn commit(&mut self, mut drafts: Vec<AuditDraft>) -> Result<(), Error> {
         let events = self.events();
-        let drafts: Vec<&AuditDraft> = events.iter().chain(drafts.iter().copied()).collect();
+        if !events.is_empty() {
+            drafts.splice(0..0, events);
+        }
         let time = now_rfc3339_ms();
-        let (mut seq, mut prev) = self.last.clone();
-        let first_seq = seq + 1;
-        let mut lines: Vec<u8> = Vec::with_capacity(drafts.len() * 400);
-        for d in drafts {
-            seq += 1;
-            let r = AuditRecordRef {
-                seq,
-                time: &time,
-                request_id: d.request_id,
-                identity: d.identity.as_deref(),
-                tenant: d.tenant.as_deref(),
-                operation: &d.operation,
-                key: d.key.as_deref(),
-                version: d.version,
-                context_hash: d.context_hash.as_deref(),
-                outcome: &d.outcome,
-                status: d.status,
-                latency_us: d.latency_us,
-                attributes: d.attributes.as_ref(),
-                prev: &prev,
-                hash: "",
-            };
-            prev = r.write_sealed(&mut lines);
-            lines.push(b'\n');
-        }
-        self.chain.append(first_seq, &lines)?;
-        self.last = (seq, prev.clone());
-        let head = Head {
-            seq,
-            mac: self.keyring.audit_mac(&head_mac_input(seq, &prev)),
-            hash: prev,
+        let lines = match &self.chain {
+            Chain::File(chain) => {
+                let (lines, last) = seal_lines(&drafts, &time, self.last.clone());
+                chain.append(self.last.0 + 1, &lines)?;
+                self.last = last.clone();
+                let head = Head {
+                    mac: self.keyring.audit_mac(&head_mac_input(last.0, &last.1)),
+                    seq: last.0,
+                    hash: last.1,
+                };
+                let persist = self.header_written.elapsed() >= file::HEADER_EVERY;
+                chain.set_head(head, persist)?;
+                if persist {
+                    self.header_written = std::time::Instant::now();
+                    self.header_stale = false;
+                } else {
+                    self.header_stale = true;
+                }
+                lines
+            }
+            Chain::Shared(chain) => {
+                if let Some(node) = &self.node {
+                    for d in &mut drafts {
+                        d.attributes
+                            .get_or_insert_with(Default::default)
+                            .insert("node".to_owned(), node.clone());
+                    }
+                }
+                let keyring = self.keyring.clone();
+                chain.append(move |seq, hash| {
+                    let (lines, last) = seal_lines(&drafts, &time, (seq, hash));
+                    Ok(postgres::Sealed {
+                        first_seq: seq + 1,
+                        lines,
+                        head: Head {
+                            mac: keyring.audit_mac(&head_mac_input(last.0, &last.1)),
+                            seq: last.0,
+                            hash: last.1,
+                        },
+                    })
+                })?
+            }
         };
-        let persist = self.header_written.elapsed() >= file::HEADER_EVERY;
-        self.chain.set_head(head, persist)?;
-        if persist {
-            self.header_written = std::time::Instant::now();
-            self.header_stale = false;
-        } else {
-            self.header_stale = true;
-        }
         if let Some(sink) = self.sink.as_mut() {
             sink.write_all(&lines)
                 .and_then(|()| sink.flush())
@@ -296,13 +315,46 @@ impl Writer {
     }
 }
 
+/// Seals `drafts` into chained record lines after the tip `(seq, hash)`: returns the
+/// lines (each ending in `\n`) and the new tip.
+fn seal_lines(drafts: &[AuditDraft], time: &str, tip: (u64, String)) -> (Vec<u8>, (u64, String)) {
+    let (mut seq, mut prev) = tip;
+    let mut lines: Vec<u8> = Vec::with_capacity(drafts.len() * 400);
+    for d in drafts {
+        seq += 1;
+        let r = AuditRecordRef {
+            seq,
+            time,
+            request_id: d.request_id,
+            identity: d.identity.as_deref(),
+            tenant: d.tenant.as_deref(),
+            operation: &d.operation,
+            key: d.key.as_deref(),
+            version: d.version,
+            context_hash: d.context_hash.as_deref(),
+            outcome: &d.outcome,
+            status: d.status,
+            latency_us: d.latency_us,
+            attributes: d.attributes.as_ref(),
+            prev: &prev,
+            hash: "",
+        };
+        prev = r.write_sealed(&mut lines);
+        lines.push(b'\n');
+    }
+    (lines, (seq, prev))
+}
+
 impl Writer {
     /// Writes the current head into the header if it is newer than the header.
     fn flush_header(&mut self) {
+        let Chain::File(chain) = &self.chain else {
+            return;
+        };
         if !self.header_stale {
             return;
         }
-        match self.chain.set_head(self.chain.head(), true) {
+        match chain.set_head(chain.head(), true) {
             Ok(()) => {
                 self.header_written = std::time::Instant::now();
                 self.header_stale = false;
@@ -313,15 +365,31 @@ impl Writer {
 }
 
 impl AuditLog {
-    /// Opens the chain file at `path` (moving a chain kept in `store` by an earlier version
-    /// into it) and starts the writer thread.
+    /// Opens the chain and starts the writer thread. On a PostgreSQL store that is the
+    /// cluster's chain in the database (`node`: this node's id, written into each
+    /// record); otherwise the chain file at `path` (moving a chain kept in `store` by an
+    /// earlier version into it).
     pub fn start(
         store: Arc<dyn KeyStore>,
         keyring: Arc<Keyring>,
         path: &Path,
         sink: &Sink,
         alerts: Alerter,
+        node: Option<String>,
     ) -> Result<Self, Error> {
+        if let Some(pool) = store.postgres() {
+            let chain = PgChain::new(pool);
+            let (head, finding) = chain.open()?;
+            let last = (head.seq, head.hash.clone());
+            return Self::spawn(
+                Chain::Shared(chain),
+                (head, last, finding),
+                keyring,
+                sink,
+                alerts,
+                node,
+            );
+        }
         let opened = ChainFile::open(path)?;
         let opened = if opened.2 .0 == 0 && migrate_from_store(store.as_ref(), &opened.0)? > 0 {
             drop(opened);
@@ -329,14 +397,24 @@ impl AuditLog {
         } else {
             opened
         };
-        Self::spawn(opened, keyring, sink, alerts)
+        let (file, header, last, finding) = opened;
+        Self::spawn(
+            Chain::File(Arc::new(file)),
+            (header, last, finding),
+            keyring,
+            sink,
+            alerts,
+            None,
+        )
     }
 
     fn spawn(
-        (chain, header, last, finding): (ChainFile, Head, (u64, String), Finding),
+        chain: Chain,
+        (header, last, finding): (Head, (u64, String), Finding),
         keyring: Arc<Keyring>,
         sink: &Sink,
         alerts: Alerter,
+        node: Option<String>,
     ) -> Result<Self, Error> {
         let sink: Option<Box<dyn Write + Send>> = match sink {
             Sink::None => None,
@@ -349,13 +427,13 @@ impl AuditLog {
                     .map_err(|_| Error::Internal("cannot open the audit sink file"))?,
             )),
         };
-        let chain = Arc::new(chain);
         let mut writer = Writer {
             chain: chain.clone(),
             keyring,
             alerts,
             sink,
             last,
+            node,
             unchecked_head: Some(header),
             finding: Some(finding),
             header_written: std::time::Instant::now(),
@@ -365,7 +443,7 @@ impl AuditLog {
         // that does not match) goes into the chain now, before anything reads it: readers
         // then see every record on disk, and the chain says what happened.
         if !matches!(writer.finding, Some(Finding::Consistent) | None) {
-            writer.commit(&[])?;
+            writer.commit(Vec::new())?;
         }
         let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
         let thread = std::thread::Builder::new()
@@ -401,23 +479,25 @@ impl AuditLog {
                             Err(_) => break,
                         }
                     }
-                    let drafts: Vec<&AuditDraft> = jobs.iter().map(|(d, _)| d).collect();
-                    let result = writer.commit(&drafts);
+                    let (drafts, acks): (Vec<AuditDraft>, Vec<_>) = jobs.into_iter().unzip();
+                    let result = writer.commit(drafts);
                     if let Err(e) = &result {
-                        tracing::error!(error = %e, records = jobs.len(), "audit write failed: failing the requests");
+                        tracing::error!(error = %e, records = acks.len(), "audit write failed: failing the requests");
                         writer.alerts.raise(AlertEvent::new(
                             "audit_write_failed",
                             None,
                             e.to_string(),
                         ));
                     }
-                    for (_, ack) in jobs {
+                    for ack in acks {
                         let _ = ack.send(result.as_ref().map(|_| ()).map_err(|_| ()));
                     }
                 }
                 writer.flush_header();
-                if let Err(e) = writer.chain.sync() {
-                    tracing::error!(error = %e, "audit file: final sync failed");
+                if let Chain::File(chain) = &writer.chain {
+                    if let Err(e) = chain.sync() {
+                        tracing::error!(error = %e, "audit file: final sync failed");
+                    }
                 }
             })
             .map_err(|_| Error::Internal("cannot start the audit writer"))?;
@@ -490,10 +570,17 @@ impl AuditLog {
                 "the audit trail is disabled on this server",
             ));
         };
-        // The head first: records past it (a batch being written now) are left for later.
-        let head = chain.head();
-        let mut records = chain.read(after, limit.min(MAX_PAGE))?;
-        records.retain(|r| r.seq <= head.seq);
+        let (head, records) = match chain {
+            Chain::File(chain) => {
+                // The head first: records past it (a batch being written now) are left
+                // for later.
+                let head = chain.head();
+                let mut records = chain.read(after, limit.min(MAX_PAGE))?;
+                records.retain(|r| r.seq <= head.seq);
+                (head, records)
+            }
+            Chain::Shared(chain) => chain.read(after, limit.min(MAX_PAGE))?,
+        };
         let mac_valid = match &head.mac {
             Some(mac) => keyring.audit_mac_verify(&head_mac_input(head.seq, &head.hash), mac),
             None => None,
@@ -506,6 +593,84 @@ impl AuditLog {
                 mac_valid,
             },
         })
+    }
+}
+
+/// Copies the audit chain of a stopped node into the chain of another store
+/// (`kms-server migrate-store`): a chain file (embedded store, at `from_path`) into a
+/// PostgreSQL store's chain, which must be empty, or a PostgreSQL store's chain into a new
+/// chain file at `to_path`. The records and the head (with its MAC) are copied as they
+/// are, so `kmsctl audit verify` verifies the copy as it did the source. Returns the
+/// number of records copied.
+pub fn copy_chain(
+    from: &dyn KeyStore,
+    from_path: &Path,
+    to: &dyn KeyStore,
+    to_path: &Path,
+) -> Result<u64, Error> {
+    let source = match from.postgres() {
+        Some(pool) => {
+            let chain = PgChain::new(pool);
+            let (head, finding) = chain.open()?;
+            (Chain::Shared(chain), head, finding)
+        }
+        // No chain file: nothing was ever audited there.
+        None if !from_path.exists() => return Ok(0),
+        None => {
+            let (file, head, _, finding) = ChainFile::open(from_path)?;
+            (Chain::File(Arc::new(file)), head, finding)
+        }
+    };
+    let (source, head, finding) = source;
+    if finding != Finding::Consistent {
+        return Err(Error::InvalidState(
+            "the source audit chain's head does not match its records: start and stop the server once (it records the finding in the chain), then migrate",
+        ));
+    }
+    let upto = head.seq;
+    let page = move |after: u64| -> Result<Vec<AuditRecord>, Error> {
+        let mut records = match &source {
+            Chain::File(f) => f.read(after, MAX_PAGE)?,
+            Chain::Shared(c) => c.read(after, MAX_PAGE)?.1,
+        };
+        records.retain(|r| r.seq <= upto);
+        Ok(records)
+    };
+    match (from.postgres(), to.postgres()) {
+        (Some(_), Some(_)) => Err(Error::InvalidState(
+            "both stores are PostgreSQL: copy the database with PostgreSQL's own tools",
+        )),
+        (None, Some(pool)) => PgChain::new(pool).import(page, head),
+        (_, None) => {
+            let (file, ..) = ChainFile::open(to_path)?;
+            if file.head().seq != 0 || !file.read(0, 1)?.is_empty() {
+                return Err(Error::InvalidState(
+                    "the target audit chain file is not empty",
+                ));
+            }
+            let mut after = 0;
+            loop {
+                let records = page(after)?;
+                let Some(last) = records.last() else { break };
+                let first = records[0].seq;
+                after = last.seq;
+                let mut lines = Vec::new();
+                for r in &records {
+                    serde_json::to_writer(&mut lines, r)
+                        .map_err(|_| Error::Internal("audit record"))?;
+                    lines.push(b'\n');
+                }
+                file.append(first, &lines)?;
+            }
+            if after != head.seq {
+                return Err(Error::InvalidState(
+                    "the source audit chain ends before its head",
+                ));
+            }
+            file.set_head(head, true)?;
+            file.sync()?;
+            Ok(after)
+        }
     }
 }
 

@@ -20,7 +20,7 @@ mod redb_engine;
 #[cfg(feature = "sled")]
 mod sled_engine;
 
-pub use postgres_engine::{PgSettings, PgStore};
+pub use postgres_engine::{PgPool, PgSettings, PgStore};
 pub use redb_engine::RedbStore;
 #[cfg(feature = "sled")]
 pub use sled_engine::SledStore;
@@ -203,6 +203,12 @@ pub trait KeyStore: Send + Sync + 'static {
     /// Applies `batch` atomically after checking its conditions. Returns once the batch is
     /// durable (fsync'd, or the engine's documented equivalent).
     fn commit(&self, batch: &WriteBatch) -> Result<(), StoreError>;
+
+    /// For a PostgreSQL store: its connection pool, for the tables kept beside the store's
+    /// (the cluster's audit chain). `None` for the embedded engines.
+    fn postgres(&self) -> Option<PgPool> {
+        None
+    }
 
     /// For a store other nodes write too: the position of its change feed now (`None`:
     /// no other writer can exist, as for the embedded engines).

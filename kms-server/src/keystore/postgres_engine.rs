@@ -60,6 +60,20 @@ const MIGRATIONS: &[&str] = &[
         version text NOT NULL,
         last_seen timestamptz NOT NULL
     )",
+    // 4: the cluster's audit chain (`crate::audit::postgres`): the records, one JSON line
+    // each, and the MAC'd head in a single row that every append locks.
+    "CREATE TABLE keyhold_audit (
+        seq bigint PRIMARY KEY,
+        rec text NOT NULL
+    );
+    CREATE TABLE keyhold_audit_head (
+        id smallint PRIMARY KEY CHECK (id = 1),
+        seq bigint NOT NULL,
+        hash text NOT NULL,
+        mac text
+    );
+    INSERT INTO keyhold_audit_head (id, seq, hash, mac)
+        VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000', NULL)",
 ];
 
 /// The advisory lock that orders the change feed: taken by every commit that changes a
@@ -161,9 +175,22 @@ impl Connector {
     }
 }
 
+/// A handle to the connection pool of a [`PgStore`], for the code that keeps tables of
+/// its own beside the store's (the cluster's audit chain).
+#[derive(Clone)]
+pub struct PgPool {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl std::fmt::Debug for PgPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PgPool")
+    }
+}
+
 /// A PostgreSQL store.
 pub struct PgStore {
-    jobs: Mutex<mpsc::Sender<Job>>,
+    pool: PgPool,
     threads: usize,
     /// Notifications counted by the listener thread, and the condition it signals.
     notified: Arc<(Mutex<u64>, std::sync::Condvar)>,
@@ -296,7 +323,7 @@ impl PgStore {
                 .map_err(engine_err)?;
         }
         let store = Self {
-            jobs: Mutex::new(tx),
+            pool: PgPool { jobs: tx },
             threads,
             notified,
         };
@@ -318,9 +345,18 @@ impl PgStore {
         Ok(store)
     }
 
+    fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut postgres::Client) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        self.pool.call(f)
+    }
+}
+
+impl PgPool {
     /// Runs `f` on a pooled connection (opened if needed) and waits for its answer. A
     /// connection that broke is dropped, so the next call opens a new one.
-    fn call<T: Send + 'static>(
+    pub fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut postgres::Client) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
@@ -342,8 +378,6 @@ impl PgStore {
             let _ = reply.send(result);
         });
         self.jobs
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
             .send(job)
             .map_err(|_| msg_err("the connection pool has stopped"))?;
         answer
@@ -387,6 +421,10 @@ fn migrate(c: &mut postgres::Client) -> Result<(), StoreError> {
 impl KeyStore for PgStore {
     fn engine(&self) -> &'static str {
         ENGINE
+    }
+
+    fn postgres(&self) -> Option<PgPool> {
+        Some(self.pool.clone())
     }
 
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {

@@ -54,6 +54,7 @@ fn main() {
         &store_path.with_extension("audit"),
         &kms_server::audit::Sink::None,
         kms_server::alert::Alerter::start(&Default::default()),
+        None,
     )
     .unwrap();
     let who = Principal {
