@@ -489,6 +489,164 @@ async fn three_nodes_append_to_one_audit_chain_that_verifies() {
     );
 }
 
+/// A node killed with SIGKILL in the middle of a workload: kms-client moves to the other
+/// nodes and no error reaches the caller; the cluster's audit chain still verifies (the
+/// dead node's unfinished batch never committed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_workload_costs_the_client_no_error() {
+    use kms_client::api::Context;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::Duration;
+    if !keyhold_tests::pg::available("a_node_killed_mid_workload_costs_the_client_no_error") {
+        return;
+    }
+    let a = TestServer::start_on_postgres().await;
+    a.wait_ready().await;
+    create_key(&a, "admin-a", "k").await;
+    let mut b = a.node_process().await;
+    let mut c = a.node_process().await;
+    // B first: it takes the traffic until it dies.
+    let endpoints = [b.url(""), c.url(""), a.url("")];
+    let app = keyhold_tests::kms_client_for(&a.pki, "app-a", &endpoints);
+    let dk = app.datakey("k", &Context::new()).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (app, wrapped, stop) = (app.clone(), dk.wrapped.clone(), stop.clone());
+        workers.push(tokio::spawn(async move {
+            let mut done = 0u32;
+            while !stop.load(Ordering::Relaxed) {
+                let u = app.unwrap(wrapped.as_bytes(), &Context::new()).await?;
+                assert_eq!(u.version, 1);
+                let d = app.datakey("k", &Context::new()).await?;
+                assert_eq!(d.version, 1);
+                done += 2;
+            }
+            Ok::<u32, kms_client::Error>(done)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    b.kill(); // mid-request: SIGKILL, no drain
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    c.kill(); // and the next one
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    for w in workers {
+        total += w.await.unwrap().expect("no error may reach the caller");
+    }
+    eprintln!("node kill: {total} calls, no error reached the caller");
+    assert!(total >= 100, "{total}");
+    let verified = a.kms_client("auditor-a").audit_verify(true).await.unwrap();
+    assert!(verified.is_ok(), "{verified:?}");
+}
+
+/// PostgreSQL itself stops under a workload on two nodes and comes back 1.5 s later:
+/// meanwhile every answer is a refusal (503 StorageUnavailable: fail closed, nothing
+/// served from a cache that can no longer be confirmed, nothing lost); afterwards both
+/// nodes serve again without a restart, and the audit chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_restarted_mid_workload_fails_closed_then_recovers() {
+    use std::time::{Duration, Instant};
+    if !keyhold_tests::pg::available("postgres_restarted_mid_workload_fails_closed_then_recovers") {
+        return;
+    }
+    let db = keyhold_tests::pg::PrivateServer::start();
+    let a = TestServer::start_on_postgres_at(&db.url()).await;
+    a.wait_ready().await;
+    let b = a.another_node().await;
+    create_key(&a, "admin-a", "k").await;
+    let app = a.client(Some("app-a"));
+    let dk = post(&app, &a.url("/v1/keys/k/datakey"), json!({})).await;
+    assert_eq!(dk.0, 200);
+    let body = json!({"wrapped": dk.1["wrapped"]});
+    let clients = [
+        (a.client(Some("app-a")), a.url("/v1/unwrap")),
+        (b.client(Some("app-a")), b.url("/v1/unwrap")),
+    ];
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::new();
+    for (client, url) in clients {
+        let (body, done_rx) = (body.clone(), done_rx.clone());
+        let plaintext = dk.1["plaintext"].clone();
+        workers.push(tokio::spawn(async move {
+            // (time, status) of every answer
+            let mut seen = Vec::new();
+            while !*done_rx.borrow() {
+                let r = post(&client, &url, body.clone()).await;
+                match r.0 {
+                    200 => assert_eq!(r.1["plaintext"], plaintext),
+                    503 => assert_eq!(r.1["error"]["code"], "StorageUnavailable", "{r:?}"),
+                    _ => panic!("neither an answer nor a fail-closed refusal: {r:?}"),
+                }
+                seen.push((Instant::now(), r.0));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let db = std::sync::Arc::new(db);
+    let down = Instant::now();
+    let d = db.clone();
+    tokio::task::spawn_blocking(move || d.stop()).await.unwrap();
+    // From here until `restarting`, PostgreSQL is certainly down.
+    let stopped = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let restarting = Instant::now();
+    let d = db.clone();
+    tokio::task::spawn_blocking(move || d.start_again())
+        .await
+        .unwrap();
+    let up = Instant::now();
+    // Both nodes ready again, no restart.
+    a.wait_ready().await;
+    b.wait_ready().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    done_tx.send(true).unwrap();
+    for w in workers {
+        let seen = w.await.unwrap();
+        let refused = seen.iter().filter(|(_, s)| *s == 503).count();
+        assert!(refused > 0, "the outage was never seen");
+        // Refused only around the outage; served before and after.
+        assert!(seen.iter().any(|(t, s)| *t < down && *s == 200));
+        let last_refusal = seen
+            .iter()
+            .filter(|(_, s)| *s == 503)
+            .map(|(t, _)| *t)
+            .max()
+            .unwrap();
+        assert!(seen.iter().any(|(t, s)| *t > last_refusal && *s == 200));
+        let served_again = seen
+            .iter()
+            .filter(|(t, s)| *t > last_refusal && *s == 200)
+            .map(|(t, _)| *t)
+            .min()
+            .unwrap();
+        let recovered = served_again.saturating_duration_since(restarting);
+        let first_refusal = seen
+            .iter()
+            .filter(|(_, s)| *s == 503)
+            .map(|(t, _)| *t)
+            .min()
+            .unwrap();
+        eprintln!(
+            "postgres restart: {refused} refusals of {} answers; first {:?} after the stop began, served again {recovered:?} after PostgreSQL began to start (it took {:?})",
+            seen.len(),
+            first_refusal.saturating_duration_since(down),
+            up - restarting
+        );
+        assert!(recovered < Duration::from_secs(5), "{recovered:?}");
+        // No answer was served while PostgreSQL was down.
+        assert!(!seen
+            .iter()
+            .any(|(t, s)| *t > stopped && *t < restarting && *s == 200));
+    }
+    let verified = a.kms_client("auditor-a").audit_verify(true).await.unwrap();
+    assert!(verified.is_ok(), "{verified:?}");
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .unwrap()

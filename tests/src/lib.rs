@@ -277,6 +277,11 @@ pub fn set_ports(config: &Path, api: u16, ops: u16) {
 /// The `extra` of [`TestServer::start_full`] that asks for a PostgreSQL store.
 const PG_STORE: &str = "\u{0}postgres";
 
+thread_local! {
+    /// The database [`TestServer::start_on_postgres_at`] asks for (default: a fresh one).
+    static PG_URL: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+}
+
 /// A running server.
 pub struct TestServer {
     pub dir: tempfile::TempDir,
@@ -315,12 +320,20 @@ impl TestServer {
         Self::start_full(TestSeal::KeyFile, PG_STORE, "").await
     }
 
+    /// A server on the PostgreSQL database at `url` (e.g. a [`pg::PrivateServer`]'s).
+    pub async fn start_on_postgres_at(url: &str) -> TestServer {
+        PG_URL.with(|u| *u.borrow_mut() = Some(url.to_owned()));
+        Self::start_full(TestSeal::KeyFile, PG_STORE, "").await
+    }
+
     async fn start_full(seal: TestSeal, extra: &str, tls_extra: &str) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let pki = generate_pki(&dir.path().join("pki"));
         let config = if extra == PG_STORE {
             let config = write_config(dir.path(), seal, "", tls_extra);
-            let url = pg::fresh_database();
+            let url = PG_URL
+                .with(|u| u.borrow_mut().take())
+                .unwrap_or_else(pg::fresh_database);
             let text = std::fs::read_to_string(&config).unwrap().replacen(
                 "[store]\npath = \"store.redb\"",
                 &format!("[store]\nengine = \"postgres\"\npath = \"node\"\nurl = \"{url}\"\npool_size = 4"),
@@ -474,6 +487,37 @@ impl TestServer {
         node
     }
 
+    /// Another node over this server's PostgreSQL store, run as its own `kms-server serve`
+    /// process, so a test can kill it with SIGKILL mid-request.
+    pub async fn node_process(&self) -> NodeProcess {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(&self.dir.path().join("pki"), &dir.path().join("pki"));
+        for f in ["kms-server.toml", "master.key"] {
+            std::fs::copy(self.dir.path().join(f), dir.path().join(f)).unwrap();
+        }
+        let config = dir.path().join("kms-server.toml");
+        let (api, ops) = free_ports();
+        set_ports(&config, api, ops);
+        let log = dir.path().join("server.log");
+        let child = std::process::Command::new(workspace_bin("kms-server"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut node = NodeProcess {
+            dir,
+            child,
+            api,
+            ops,
+        };
+        node.wait_ready().await;
+        node
+    }
+
     /// Waits (up to 10 s) until `/readyz` answers 200.
     pub async fn wait_ready(&self) {
         let client = reqwest::Client::new();
@@ -567,6 +611,59 @@ pub fn stdout_of(cmd: &mut std::process::Command) -> String {
 
 pub fn zeroize_string(s: &str) -> zeroize::Zeroizing<String> {
     zeroize::Zeroizing::new(s.to_owned())
+}
+
+/// A node run as its own `kms-server serve` process ([`TestServer::node_process`]);
+/// killed when dropped.
+pub struct NodeProcess {
+    pub dir: tempfile::TempDir,
+    pub child: std::process::Child,
+    pub api: u16,
+    pub ops: u16,
+}
+
+impl NodeProcess {
+    /// The API URL of `path`.
+    pub fn url(&self, path: &str) -> String {
+        format!("https://127.0.0.1:{}{path}", self.api)
+    }
+
+    /// Waits (up to 30 s) until `/readyz` answers 200; panics with the log if the process
+    /// exited.
+    pub async fn wait_ready(&mut self) {
+        let client = reqwest::Client::new();
+        for _ in 0..1500 {
+            if let Ok(r) = client
+                .get(format!("http://127.0.0.1:{}/readyz", self.ops))
+                .send()
+                .await
+            {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the node exited ({status}): {}",
+                    std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("node not ready after 30 s");
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }
 
 /// A `kms_client::Client` for `who` over `endpoints`, in order.

@@ -80,3 +80,114 @@ pub fn database_of(config: &std::path::Path) -> String {
         .expect("a PostgreSQL store in the config")
         .to_owned()
 }
+
+/// A PostgreSQL server of the test's own (its own data directory, socket directory and
+/// port, `trust` authentication on the socket), so a test can stop and restart it without
+/// disturbing the other tests' shared server. Stopped when dropped.
+pub struct PrivateServer {
+    dir: tempfile::TempDir,
+    bin: std::path::PathBuf,
+    port: u16,
+}
+
+fn as_postgres_user(cmd: &std::path::Path) -> std::process::Command {
+    if rustix::process::getuid().is_root() {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(cmd);
+        c
+    } else {
+        std::process::Command::new(cmd)
+    }
+}
+
+impl PrivateServer {
+    /// Creates and starts one (Debian's packages under `/usr/lib/postgresql`).
+    pub fn start() -> PrivateServer {
+        let versions = std::fs::read_dir("/usr/lib/postgresql").expect("PostgreSQL installed");
+        let bin = versions
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .max()
+            .map(|v| std::path::PathBuf::from(format!("/usr/lib/postgresql/{v}/bin")))
+            .expect("a PostgreSQL version");
+        let dir = tempfile::Builder::new()
+            .prefix("keyhold-pg")
+            .tempdir()
+            .unwrap();
+        std::fs::create_dir(dir.path().join("data")).unwrap();
+        if rustix::process::getuid().is_root() {
+            let chown = std::process::Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+            assert!(chown.success());
+        }
+        let out = as_postgres_user(&bin.join("initdb"))
+            .args(["-A", "trust", "-U", "keyhold", "-D"])
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let s = PrivateServer { dir, bin, port };
+        s.pg_ctl("start");
+        s
+    }
+
+    fn pg_ctl(&self, action: &str) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=''",
+            self.port,
+            self.dir.path().display()
+        );
+        let out = as_postgres_user(&self.bin.join("pg_ctl"))
+            .args([action, "-w", "-m", "fast", "-o", &options, "-l"])
+            .arg(self.dir.path().join("log"))
+            .arg("-D")
+            .arg(self.dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pg_ctl {action}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The connection string of its `postgres` database.
+    pub fn url(&self) -> String {
+        format!(
+            "host={} port={} user=keyhold dbname=postgres",
+            self.dir.path().display(),
+            self.port
+        )
+    }
+
+    /// Stops it (fast shutdown: open connections are cut).
+    pub fn stop(&self) {
+        self.pg_ctl("stop");
+    }
+
+    /// Starts it again.
+    pub fn start_again(&self) {
+        self.pg_ctl("start");
+    }
+}
+
+impl Drop for PrivateServer {
+    fn drop(&mut self) {
+        let _ = as_postgres_user(&self.bin.join("pg_ctl"))
+            .args(["stop", "-m", "immediate", "-D"])
+            .arg(self.dir.path().join("data"))
+            .output();
+    }
+}
