@@ -80,14 +80,31 @@ echo "deploy/check.sh: an AppArmor denial of kms-server reaches the alert webhoo
 hadolint deploy/docker/Dockerfile
 echo "deploy/check.sh: the Dockerfile passes hadolint"
 
-kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml
-python3 deploy/kubernetes/check.py "$tmp/k8s.toml"
+kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml deploy/kubernetes/shared-store/*.yaml
+python3 deploy/kubernetes/check.py "$tmp/k8s.toml" "$tmp/k8s-shared.toml"
 # check-config wants the files it names to exist: the pod's mounts, under a scratch root.
-mkdir -p "$tmp/k8s/etc/tls" "$tmp/k8s/etc/seal" "$tmp/k8s/var"
-touch "$tmp/k8s/etc/tls/tls.crt" "$tmp/k8s/etc/tls/tls.key" "$tmp/k8s/etc/tls/ca.crt" "$tmp/k8s/etc/seal/master.key"
-sed -e "s#/etc/keyhold/#$tmp/k8s/etc/#g" -e "s#/var/lib/keyhold/#$tmp/k8s/var/#g" "$tmp/k8s.toml" > "$tmp/k8s-local.toml"
-"$bin" check-config --config "$tmp/k8s-local.toml" >/dev/null
-echo "deploy/check.sh: the Kubernetes manifests validate; their config loads"
+mkdir -p "$tmp/k8s/etc/tls" "$tmp/k8s/etc/seal" "$tmp/k8s/etc/db" "$tmp/k8s/var"
+touch "$tmp/k8s/etc/tls/tls.crt" "$tmp/k8s/etc/tls/tls.key" "$tmp/k8s/etc/tls/ca.crt" "$tmp/k8s/etc/seal/master.key" \
+  "$tmp/k8s/etc/db/password" "$tmp/k8s/etc/db/ca.crt"
+for c in k8s k8s-shared; do
+  sed -e "s#/etc/keyhold/#$tmp/k8s/etc/#g" -e "s#/var/lib/keyhold/#$tmp/k8s/var/#g" "$tmp/$c.toml" > "$tmp/$c-local.toml"
+  "$bin" check-config --config "$tmp/$c-local.toml" >/dev/null
+done
+echo "deploy/check.sh: the Kubernetes manifests (StatefulSet, shared-store Deployment) validate; their configs load"
+
+# The compose example: certificates as make-certs.sh makes them (the server's names, the
+# clients' identities), its structure, and its nodes' config.
+cp -r deploy/compose "$tmp/compose"
+bash "$tmp/compose/make-certs.sh" >/dev/null
+pki="$tmp/compose/pki"
+openssl verify -CAfile "$pki/ca.pem" "$pki/server.pem" "$pki/admin.pem" >/dev/null
+openssl x509 -in "$pki/server.pem" -noout -ext subjectAltName | grep -q "DNS:node-b"
+openssl x509 -in "$pki/app.pem" -noout -ext subjectAltName | grep -q "URI:spiffe://keyhold.example/app"
+mkdir -p "$tmp/compose/seal" "$tmp/compose/scratch"
+touch "$tmp/compose/seal/master.key"
+python3 "$tmp/compose/check.py" "$pki" "$tmp/compose.toml"
+"$bin" check-config --config "$tmp/compose.toml" >/dev/null
+echo "deploy/check.sh: the compose example's certificates, services and config check out"
 
 # The image's HEALTHCHECK command against a real server (dev mode), and against nothing.
 ports=$(python3 -c 'import socket

@@ -2,16 +2,19 @@
 """Checks the Kubernetes manifests beyond their schema (kubernetes-validate --strict does
 that): every pod template meets the Pod Security "restricted" profile, probes use the ops
 listener, certificates and the seal secret are read-only Secret mounts, the root file
-system is read-only, and the embedded server config is the one `kms-server check-config`
-accepts (written to the path given as the first argument)."""
+system is read-only, and the embedded server configs are ones `kms-server check-config`
+accepts (written to the paths given as the first and second arguments: the StatefulSet's,
+then the shared-store Deployment's)."""
 
 import sys
 import glob
 import yaml
 
-docs = [d for f in sorted(glob.glob("deploy/kubernetes/*.yaml")) for d in yaml.safe_load_all(open(f)) if d]
+files = sorted(glob.glob("deploy/kubernetes/*.yaml") + glob.glob("deploy/kubernetes/shared-store/*.yaml"))
+docs = [d for f in files for d in yaml.safe_load_all(open(f)) if d]
 kinds = {d["kind"] for d in docs}
-assert {"Namespace", "StatefulSet", "Service", "NetworkPolicy", "ConfigMap"} <= kinds, kinds
+assert {"Namespace", "StatefulSet", "Deployment", "Service", "NetworkPolicy", "ConfigMap",
+        "PodDisruptionBudget"} <= kinds, kinds
 
 ns = next(d for d in docs if d["kind"] == "Namespace")
 assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
@@ -38,9 +41,29 @@ for d in docs:
             assert c[probe]["httpGet"]["port"] == "ops", (name, probe)
         assert c["readinessProbe"]["httpGet"]["path"] == "/readyz", name
 
-np = next(d for d in docs if d["kind"] == "NetworkPolicy")
+np = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "kms-server")
 assert set(np["spec"]["policyTypes"]) == {"Ingress", "Egress"}
 
-config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["kms-server.toml"]
-open(sys.argv[1], "w").write(config)
+# The shared-store Deployment: stateless (no PVC), several replicas that the disruption
+# budget keeps serving, each named by its pod, spread over hosts, allowed out to the
+# database only by the extra policy.
+dep = next(d for d in docs if d["kind"] == "Deployment")
+pod = dep["spec"]["template"]["spec"]
+assert dep["spec"]["replicas"] >= 3
+assert not any("persistentVolumeClaim" in v for v in pod["volumes"])
+env = {e["name"]: e for e in pod["containers"][0]["env"]}
+assert env["KEYHOLD_NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+assert pod["topologySpreadConstraints"][0]["topologyKey"] == "kubernetes.io/hostname"
+pdb = next(d for d in docs if d["kind"] == "PodDisruptionBudget")
+assert 2 <= pdb["spec"]["minAvailable"] < dep["spec"]["replicas"]
+db_np = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "kms-server-database")
+assert db_np["spec"]["egress"][0]["ports"] == [{"port": 5432, "protocol": "TCP"}]
+maps = {d["metadata"]["name"]: d["data"]["kms-server.toml"] for d in docs if d["kind"] == "ConfigMap"}
+used = {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
+assert used == {"kms-server-shared-config"}, used
+assert 'engine = "postgres"' in maps["kms-server-shared-config"]
+assert "tls_ca" in maps["kms-server-shared-config"] and "password_file" in maps["kms-server-shared-config"]
+
+open(sys.argv[1], "w").write(maps["kms-server-config"])
+open(sys.argv[2], "w").write(maps["kms-server-shared-config"])
 print(f"deploy/kubernetes: {len(docs)} manifests meet the restricted profile and the checks above")

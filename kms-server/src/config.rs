@@ -303,7 +303,8 @@ pub struct StoreSettings {
     pub path: PathBuf,
     /// The database, for `engine = "postgres"`.
     pub postgres: Option<crate::keystore::PgSettings>,
-    /// This node's id among the nodes of a shared store (`None`: `<host>:<API port>`).
+    /// This node's id among the nodes of a shared store (`[store] node_id`, else the
+    /// environment's `KEYHOLD_NODE_ID`; `None`: `<host>:<API port>`).
     pub node_id: Option<String>,
 }
 
@@ -622,7 +623,13 @@ impl Settings {
                 engine: raw.store.engine,
                 path: resolve(&raw.store.path),
                 postgres: postgres_settings,
-                node_id: raw.store.node_id.clone(),
+                // In a Deployment the pod's name is the natural id, and one ConfigMap serves
+                // every pod: the environment may give it.
+                node_id: raw.store.node_id.clone().or_else(|| {
+                    std::env::var("KEYHOLD_NODE_ID")
+                        .ok()
+                        .filter(|id| !id.trim().is_empty())
+                }),
             },
             seal: SealSettings {
                 method: seal.method,

@@ -48,6 +48,11 @@ enum Command {
         /// For the shamir method: how many shares unseal.
         #[arg(long, default_value_t = 3)]
         threshold: u8,
+        /// Succeed without doing anything when the store is already initialized (for an
+        /// init step that runs before every start, as in the compose example). Without
+        /// it, `init` on an initialized store fails.
+        #[arg(long)]
+        if_uninitialized: bool,
     },
     /// Restore a backup (`kmsctl backup`) into a new, never initialized store, with the
     /// same seal secret as the backed-up server. Verifies everything before writing.
@@ -304,8 +309,18 @@ fn init(
     config: PathBuf,
     passphrase_file: Option<PathBuf>,
     (shares, threshold): (u8, u8),
+    if_uninitialized: bool,
 ) -> anyhow::Result<()> {
     let settings = load_hardened(&config)?;
+    let keyring = Keyring::new(server::open_store(&settings)?);
+    if if_uninitialized && keyring.sealed_master_key()?.is_some() {
+        eprintln!(
+            "the {} store at {} is already initialized: nothing to do",
+            keyring.store().engine(),
+            settings.store.path.display()
+        );
+        return Ok(());
+    }
     let mut printed_shares = Vec::new();
     let sealer = match settings.seal.method {
         SealMethod::Shamir => {
@@ -335,7 +350,6 @@ fn init(
             server::sealer_for(&settings.seal, Some(pass))
         }
     };
-    let keyring = Keyring::new(server::open_store(&settings)?);
     keyring.initialize(sealer.as_ref())?;
     eprintln!(
         "initialized the {} store at {} (sealed with {})",
@@ -450,7 +464,13 @@ fn main() -> anyhow::Result<()> {
             passphrase_file,
             shares,
             threshold,
-        } => init(config, passphrase_file, (shares, threshold)),
+            if_uninitialized,
+        } => init(
+            config,
+            passphrase_file,
+            (shares, threshold),
+            if_uninitialized,
+        ),
         Command::Restore {
             config,
             input,

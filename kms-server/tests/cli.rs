@@ -110,6 +110,33 @@ fn init_with_shamir_prints_the_shares_once() {
     assert!(!again.status.success());
     assert!(again.stdout.is_empty());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already initialized"));
+    // With --if-uninitialized (an init step run before every start) it succeeds and does
+    // nothing: no new shares, the same sealed master key.
+    let sealed = || {
+        let store = kms_server::keystore::open(
+            kms_server::keystore::Engine::Redb,
+            &dir.path().join("s.redb"),
+        )
+        .unwrap();
+        let sealed = kms_server::keyring::Keyring::new(store)
+            .sealed_master_key()
+            .unwrap();
+        serde_json::to_string(&sealed).unwrap()
+    };
+    let before = sealed();
+    let skip = Command::new(BIN)
+        .args(["init", "--if-uninitialized", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        skip.status.success(),
+        "{}",
+        String::from_utf8_lossy(&skip.stderr)
+    );
+    assert!(skip.stdout.is_empty());
+    assert!(String::from_utf8_lossy(&skip.stderr).contains("nothing to do"));
+    assert_eq!(sealed(), before, "the master key must not change");
 }
 
 /// `kms-server dev` on free ports under `data`; returns (command ready to spawn, api, ops).

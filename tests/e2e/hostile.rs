@@ -319,14 +319,26 @@ fn bad_names(
     .collect()
 }
 
+/// Lockout would turn later cases into 429s before they reach a parser.
+const NO_LOCKOUT: &str = "[lockout]\nthreshold = 1000\n";
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_malformed_requests_get_4xx_and_change_nothing() {
-    // Lockout would turn later cases into 429s before they reach a parser.
-    let s = TestServer::start_with(
-        keyhold_tests::TestSeal::KeyFile,
-        "[lockout]\nthreshold = 1000\n",
-    )
-    .await;
+    campaign(TestServer::start_with(keyhold_tests::TestSeal::KeyFile, NO_LOCKOUT).await).await;
+}
+
+/// The same campaign against a node on a PostgreSQL store (issue 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_malformed_requests_on_postgres_get_4xx_and_change_nothing() {
+    if !keyhold_tests::pg::available("malformed requests on postgres") {
+        return;
+    }
+    let s = TestServer::start_on_postgres_with(NO_LOCKOUT).await;
+    s.wait_ready().await;
+    campaign(s).await;
+}
+
+async fn campaign(s: TestServer) {
     create_key(&s, "admin-a", "k").await;
     let app = s.client(Some("app-a"));
     let ctx = json!({"c": "1"});

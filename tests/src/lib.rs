@@ -68,7 +68,24 @@ pub const CRASH_READER: &str = "spiffe://test/crash/reader";
 /// Retries for up to 5 s while the store is locked: sled releases its file lock from a
 /// background thread after the last handle is dropped, so the next opener (the parent's
 /// next check, or the next writer) can briefly find it still held.
+///
+/// For [`Engine::Postgres`](kms_server::keystore::Engine::Postgres), `store_path` is a
+/// file holding the database's connection string, and the keyring is opened as a node of
+/// a shared store is (no new erasure keys: see `docs/ha.md`).
 pub fn keyring_with_erasure(engine: kms_server::keystore::Engine, store_path: &Path) -> Keyring {
+    if engine == kms_server::keystore::Engine::Postgres {
+        let url = std::fs::read_to_string(store_path).unwrap();
+        let settings = kms_server::keystore::PgSettings {
+            url: url.trim().to_owned(),
+            password_file: None,
+            tls_ca: None,
+            pool_size: 2,
+            listen: false,
+        };
+        let store = kms_server::keystore::open_with(engine, store_path, Some(&settings))
+            .unwrap_or_else(|e| panic!("open the PostgreSQL store: {e:?}"));
+        return Keyring::new(store).without_new_erasure_keys();
+    }
     let mut tries = 0;
     let store = loop {
         match kms_server::keystore::open(engine, store_path) {
@@ -274,12 +291,12 @@ pub fn set_ports(config: &Path, api: u16, ops: u16) {
     std::fs::write(config, fixed).unwrap();
 }
 
-/// The `extra` of [`TestServer::start_full`] that asks for a PostgreSQL store.
-const PG_STORE: &str = "\u{0}postgres";
-
-thread_local! {
-    /// The database [`TestServer::start_on_postgres_at`] asks for (default: a fresh one).
-    static PG_URL: std::cell::RefCell<Option<String>> = const { std::cell::RefCell::new(None) };
+/// The store a test server gets.
+enum StoreChoice {
+    /// redb in the server's directory.
+    Embedded,
+    /// PostgreSQL: the database at this connection string, or a fresh one.
+    Postgres(Option<String>),
 }
 
 /// A running server.
@@ -307,33 +324,41 @@ impl TestServer {
 
     /// A fresh store with the given seal method and extra config (appended: tables welcome).
     pub async fn start_with(seal: TestSeal, extra: &str) -> TestServer {
-        Self::start_full(seal, extra, "").await
+        Self::start_full(seal, extra, "", StoreChoice::Embedded).await
     }
 
     /// Like [`TestServer::start_with`], with lines added to the `[tls]` table too.
     pub async fn start_with_tls(tls_extra: &str) -> TestServer {
-        Self::start_full(TestSeal::KeyFile, "", tls_extra).await
+        Self::start_full(TestSeal::KeyFile, "", tls_extra, StoreChoice::Embedded).await
     }
 
     /// A server whose store is a fresh PostgreSQL database ([`pg::fresh_database`]).
     pub async fn start_on_postgres() -> TestServer {
-        Self::start_full(TestSeal::KeyFile, PG_STORE, "").await
+        Self::start_on_postgres_with("").await
+    }
+
+    /// Like [`TestServer::start_on_postgres`], with extra config (appended).
+    pub async fn start_on_postgres_with(extra: &str) -> TestServer {
+        Self::start_full(TestSeal::KeyFile, extra, "", StoreChoice::Postgres(None)).await
     }
 
     /// A server on the PostgreSQL database at `url` (e.g. a [`pg::PrivateServer`]'s).
     pub async fn start_on_postgres_at(url: &str) -> TestServer {
-        PG_URL.with(|u| *u.borrow_mut() = Some(url.to_owned()));
-        Self::start_full(TestSeal::KeyFile, PG_STORE, "").await
+        let store = StoreChoice::Postgres(Some(url.to_owned()));
+        Self::start_full(TestSeal::KeyFile, "", "", store).await
     }
 
-    async fn start_full(seal: TestSeal, extra: &str, tls_extra: &str) -> TestServer {
+    async fn start_full(
+        seal: TestSeal,
+        extra: &str,
+        tls_extra: &str,
+        store: StoreChoice,
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         let pki = generate_pki(&dir.path().join("pki"));
-        let config = if extra == PG_STORE {
-            let config = write_config(dir.path(), seal, "", tls_extra);
-            let url = PG_URL
-                .with(|u| u.borrow_mut().take())
-                .unwrap_or_else(pg::fresh_database);
+        let config = if let StoreChoice::Postgres(url) = store {
+            let config = write_config(dir.path(), seal, extra, tls_extra);
+            let url = url.unwrap_or_else(pg::fresh_database);
             let text = std::fs::read_to_string(&config).unwrap().replacen(
                 "[store]\npath = \"store.redb\"",
                 &format!("[store]\nengine = \"postgres\"\npath = \"node\"\nurl = \"{url}\"\npool_size = 4"),

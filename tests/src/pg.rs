@@ -143,13 +143,17 @@ impl PrivateServer {
     }
 
     fn pg_ctl(&self, action: &str) {
+        let (action, mode) = match action.split_once(" -m ") {
+            Some((a, m)) => (a, m),
+            None => (action, "fast"),
+        };
         let options = format!(
             "-p {} -k {} -c listen_addresses=''",
             self.port,
             self.dir.path().display()
         );
         let out = as_postgres_user(&self.bin.join("pg_ctl"))
-            .args([action, "-w", "-m", "fast", "-o", &options, "-l"])
+            .args([action, "-w", "-m", mode, "-o", &options, "-l"])
             .arg(self.dir.path().join("log"))
             .arg("-D")
             .arg(self.dir.path().join("data"))
@@ -175,6 +179,12 @@ impl PrivateServer {
     /// Stops it (fast shutdown: open connections are cut).
     pub fn stop(&self) {
         self.pg_ctl("stop");
+    }
+
+    /// Crashes it: an immediate shutdown, no checkpoint, as a power cut leaves it (the
+    /// next start replays the WAL).
+    pub fn crash(&self) {
+        self.pg_ctl("stop -m immediate");
     }
 
     /// Starts it again.

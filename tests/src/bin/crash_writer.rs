@@ -3,7 +3,8 @@
 //! is durable). The parent kills it with SIGKILL at a random moment and checks that every
 //! acknowledged write survived.
 //!
-//! Usage: crash-writer <redb|sled> <store-path> <key-file> <cycle>
+//! Usage: crash-writer <redb|sled|postgres> <store-path> <key-file> <cycle> (for
+//! postgres, <store-path> is a file holding the connection string)
 //! Prints: `ACK <name> <wrapped-b64> <dek-b64>` after a key is created and a canary DEK
 //! wrapped under it, `ROT <name> <version>` after a rotation, `DIS <name>` after a
 //! disable, `SCH <name>` after a deletion is scheduled and `DES <name>` after the key
@@ -30,6 +31,8 @@ fn main() {
     let engine = match args[1].as_str() {
         "redb" => Engine::Redb,
         "sled" => Engine::Sled,
+        // <store-path> is then a file holding the connection string.
+        "postgres" => Engine::Postgres,
         other => panic!("unknown engine {other}"),
     };
     // As the server opens it: every key gets an erasure key, written before its record.
