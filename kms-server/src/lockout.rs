@@ -2,10 +2,20 @@
 //! (`429 LockedOut`) for `duration`, and the lockout is logged (and audited: each refused
 //! request still leaves its record). Admins list and lift lockouts through the API.
 //! State is in memory: a restart lifts every lockout.
+//!
+//! On a shared store ([`Lockouts::shared`]) a lockout is also written to the store
+//! (`Meta` `lockout/<identity>` → the unix time in ms it ends), and lifting one deletes
+//! it; the change feed carries both to every other node, which applies them
+//! ([`Lockouts::refresh`]) within the feed's bound (1 s). The denials leading to a lockout
+//! are counted by each node alone: spread over N nodes, an identity can collect up to
+//! N × threshold denials before the first lockout, and is then refused by all of them.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crate::error::Error;
+use crate::keystore::{KeyStore, Table, WriteBatch, META_LOCKOUT_PREFIX};
 
 /// Lockout policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +49,19 @@ struct Entry {
 pub struct Lockouts {
     policy: LockoutPolicy,
     state: Mutex<HashMap<String, Entry>>,
+    /// A store shared with other nodes: lockouts are written there too.
+    shared: Option<Arc<dyn KeyStore>>,
+}
+
+fn lockout_key(identity: &str) -> Vec<u8> {
+    let mut k = META_LOCKOUT_PREFIX.to_vec();
+    k.extend_from_slice(identity.as_bytes());
+    k
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 impl Lockouts {
@@ -47,7 +70,71 @@ impl Lockouts {
         Self {
             policy,
             state: Mutex::new(HashMap::new()),
+            shared: None,
         }
+    }
+
+    /// Shares lockouts with the other nodes of `store` (see the module documentation),
+    /// starting with those in force there now.
+    pub fn shared(mut self, store: Arc<dyn KeyStore>) -> Result<Self, Error> {
+        for (key, _) in store.scan_prefix(Table::Meta, META_LOCKOUT_PREFIX)? {
+            if let Ok(identity) = std::str::from_utf8(&key[META_LOCKOUT_PREFIX.len()..]) {
+                self.apply(identity, store.get(Table::Meta, &key)?);
+            }
+        }
+        self.shared = Some(store);
+        Ok(self)
+    }
+
+    /// Whether lockouts are shared through a store (and so [`Lockouts::publish`] and
+    /// [`Lockouts::lift`] write there).
+    pub fn is_shared(&self) -> bool {
+        self.shared.is_some()
+    }
+
+    /// Applies the stored lockout of `identity` (`None`: none, or lifted).
+    fn apply(&self, identity: &str, stored: Option<Vec<u8>>) {
+        let until = stored
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_be_bytes);
+        let now_ms = unix_ms(SystemTime::now());
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match until {
+            Some(until) if until > now_ms => {
+                let e = state.entry(identity.to_owned()).or_default();
+                e.denials.clear();
+                e.locked_until = Some(Instant::now() + Duration::from_millis(until - now_ms));
+            }
+            _ => {
+                state.remove(identity);
+            }
+        }
+    }
+
+    /// Reloads `identity`'s lockout from the shared store, after another node changed it.
+    pub fn refresh(&self, identity: &str) -> Result<(), Error> {
+        let Some(store) = &self.shared else {
+            return Ok(());
+        };
+        let stored = store.get(Table::Meta, &lockout_key(identity))?;
+        self.apply(identity, stored);
+        Ok(())
+    }
+
+    /// Writes `identity`'s lockout (just recorded here) to the shared store, so the other
+    /// nodes refuse it too. Blocking (a store commit); a no-op without a shared store.
+    pub fn publish(&self, identity: &str) -> Result<(), Error> {
+        let Some(store) = &self.shared else {
+            return Ok(());
+        };
+        let Some(left) = self.locked(identity) else {
+            return Ok(());
+        };
+        let until = unix_ms(SystemTime::now() + left);
+        let mut batch = WriteBatch::new();
+        batch.put(Table::Meta, &lockout_key(identity), &until.to_be_bytes());
+        store.commit(&batch)?;
+        Ok(())
     }
 
     /// Time left on `identity`'s lockout, if it is locked out now.
@@ -92,12 +179,22 @@ impl Lockouts {
         false
     }
 
-    /// Lifts `identity`'s lockout and forgets its denials; true if it was locked out.
-    pub fn lift(&self, identity: &str) -> bool {
+    /// Lifts `identity`'s lockout and forgets its denials; true if it was locked out. On
+    /// a shared store the lift is written there first (blocking), for every node.
+    pub fn lift(&self, identity: &str) -> Result<bool, Error> {
+        let mut shared_lock = false;
+        if let Some(store) = &self.shared {
+            let key = lockout_key(identity);
+            shared_lock = store.get(Table::Meta, &key)?.is_some();
+            let mut batch = WriteBatch::new();
+            batch.delete(Table::Meta, &key);
+            store.commit(&batch)?;
+        }
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state
+        let here = state
             .remove(identity)
-            .is_some_and(|e| e.locked_until.is_some_and(|u| u > Instant::now()))
+            .is_some_and(|e| e.locked_until.is_some_and(|u| u > Instant::now()));
+        Ok(here || shared_lock)
     }
 
     /// Identities locked out now, with the seconds left.
@@ -134,8 +231,8 @@ mod tests {
         assert!(l.locked("a").is_some());
         assert!(l.locked("b").is_none(), "others are not affected");
         assert_eq!(l.list().len(), 1);
-        assert!(l.lift("a"));
+        assert!(l.lift("a").unwrap());
         assert!(l.locked("a").is_none());
-        assert!(!l.lift("a"));
+        assert!(!l.lift("a").unwrap());
     }
 }

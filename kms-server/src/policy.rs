@@ -81,7 +81,7 @@ impl Principal {
 }
 
 /// Where runtime identities live in the store's meta table.
-const RUNTIME_PREFIX: &[u8] = b"policy/identity/";
+const RUNTIME_PREFIX: &[u8] = crate::keystore::META_IDENTITY_PREFIX;
 
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -257,6 +257,44 @@ impl Policy {
         batch.delete(Table::Meta, &runtime_key(identity));
         store.commit(&batch)?;
         runtime.remove(identity);
+        Ok(())
+    }
+}
+
+impl Policy {
+    /// The runtime identities this node knows.
+    pub fn runtime_identities(&self) -> Vec<String> {
+        self.runtime
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Reloads one runtime identity from the store, after another node of a shared store
+    /// changed it (the change feed said so): set, changed or removed there, so here too.
+    pub fn refresh(&self, identity: &str) -> Result<(), Error> {
+        let store = self.store()?;
+        if self.fixed.contains_key(identity) {
+            return Ok(());
+        }
+        let stored = match store.get(Table::Meta, &runtime_key(identity))? {
+            Some(value) => Some(
+                serde_json::from_slice::<StoredIdentity>(&value)
+                    .map_err(|_| Error::Corrupt("runtime identity record"))?,
+            ),
+            None => None,
+        };
+        let mut runtime = self.runtime.write().unwrap_or_else(PoisonError::into_inner);
+        match stored {
+            Some(s) => {
+                runtime.insert(identity.to_owned(), principal(identity, &s.tenant, s.role));
+            }
+            None => {
+                runtime.remove(identity);
+            }
+        }
         Ok(())
     }
 }

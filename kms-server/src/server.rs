@@ -372,6 +372,12 @@ pub async fn run_with_clock(
         crate::audit::AuditLog::disabled()
     };
     let policy = crate::policy::Policy::with_store(&settings.identities, keyring.store().clone())?;
+    let lockouts = crate::lockout::Lockouts::new(settings.lockout);
+    let lockouts = if settings.store.engine == keystore::Engine::Postgres {
+        lockouts.shared(keyring.store().clone())?
+    } else {
+        lockouts
+    };
     let state = Arc::new(AppState::new(
         keyring.clone(),
         settings,
@@ -382,6 +388,7 @@ pub async fn run_with_clock(
             tls: tls.clone(),
             policy,
             alerts,
+            lockouts,
         },
     ));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -513,6 +520,52 @@ pub async fn run_with_clock(
 /// at least every [`CHANGE_POLL`], drops
 /// the keys other nodes changed from the cache, and confirms the cache fresh; if the
 /// store cannot be read for [`SHARED_STORE_BOUND`], key use fails closed until it can.
+/// Applies runtime-identity and lockout changes made on other nodes (`Meta` keys from the
+/// change feed).
+fn apply_meta_changes(state: &AppState, keys: &[Vec<u8>]) -> Result<(), Error> {
+    for key in keys {
+        if let Some(id) = key.strip_prefix(keystore::META_IDENTITY_PREFIX) {
+            if let Ok(identity) = std::str::from_utf8(id) {
+                state.policy.refresh(identity)?;
+            }
+        } else if let Some(id) = key.strip_prefix(keystore::META_LOCKOUT_PREFIX) {
+            if let Ok(identity) = std::str::from_utf8(id) {
+                state.lockouts.refresh(identity)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// After a gap in the change feed: every runtime identity and lockout, from the store.
+fn reload_meta(state: &AppState) -> Result<(), Error> {
+    let store = state.keyring.store();
+    let mut keys: Vec<Vec<u8>> = Vec::new();
+    for prefix in [
+        keystore::META_IDENTITY_PREFIX,
+        keystore::META_LOCKOUT_PREFIX,
+    ] {
+        keys.extend(
+            store
+                .scan_prefix(keystore::Table::Meta, prefix)?
+                .into_iter()
+                .map(|(k, _)| k),
+        );
+    }
+    // Removed ones are no longer in the store: those this node knows are checked too.
+    keys.extend(state.policy.runtime_identities().into_iter().map(|id| {
+        let mut k = keystore::META_IDENTITY_PREFIX.to_vec();
+        k.extend_from_slice(id.as_bytes());
+        k
+    }));
+    keys.extend(state.lockouts.list().into_iter().map(|(id, _)| {
+        let mut k = keystore::META_LOCKOUT_PREFIX.to_vec();
+        k.extend_from_slice(id.as_bytes());
+        k
+    }));
+    apply_meta_changes(state, &keys)
+}
+
 async fn change_follower(
     state: Arc<AppState>,
     metrics: Arc<Metrics>,
@@ -566,18 +619,50 @@ async fn change_follower(
         match read {
             Ok(Ok((next, changed))) => {
                 match changed {
-                    Some(keys) => {
-                        let ids: Vec<[u8; 16]> = keys
+                    Some(records) => {
+                        let ids: Vec<[u8; 16]> = records
                             .iter()
-                            .filter_map(|k| <[u8; 16]>::try_from(k.as_slice()).ok())
+                            .filter(|(t, _)| *t == keystore::Table::Keys)
+                            .filter_map(|(_, k)| <[u8; 16]>::try_from(k.as_slice()).ok())
                             .collect();
                         if !ids.is_empty() {
                             tracing::debug!(keys = ids.len(), "keys changed on another node");
                             keyring.invalidate(&ids);
                         }
+                        // Runtime identities and lockouts changed elsewhere: reloaded here
+                        // before the feed position moves on (a failure retries them).
+                        let others: Vec<Vec<u8>> = records
+                            .into_iter()
+                            .filter(|(t, _)| *t == keystore::Table::Meta)
+                            .map(|(_, k)| k)
+                            .collect();
+                        if !others.is_empty() {
+                            let s = state.clone();
+                            let applied = tokio::task::spawn_blocking(move || {
+                                apply_meta_changes(&s, &others)
+                            })
+                            .await;
+                            if !matches!(applied, Ok(Ok(()))) {
+                                tracing::error!("identity or lockout change from another node not applied yet: retrying");
+                                tokio::time::sleep(CHANGE_POLL).await;
+                                continue;
+                            }
+                        }
                     }
                     // First read, or the feed no longer reaches back: forget everything.
-                    None => keyring.invalidate_all(),
+                    None => {
+                        keyring.invalidate_all();
+                        if cursor.is_some() {
+                            let s = state.clone();
+                            let reloaded =
+                                tokio::task::spawn_blocking(move || reload_meta(&s)).await;
+                            if !matches!(reloaded, Ok(Ok(()))) {
+                                tracing::error!("identities and lockouts not reloaded after a gap in the change feed: retrying");
+                                tokio::time::sleep(CHANGE_POLL).await;
+                                continue;
+                            }
+                        }
+                    }
                 }
                 cursor = Some(next);
                 keyring.confirm_fresh(started);

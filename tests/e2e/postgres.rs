@@ -5,7 +5,7 @@
 use keyhold_tests::TestServer;
 use serde_json::json;
 
-use crate::{create_key, post};
+use crate::{create_key, get, post};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_on_postgres_serves_and_survives_a_restart() {
@@ -645,6 +645,137 @@ async fn postgres_restarted_mid_workload_fails_closed_then_recovers() {
     }
     let verified = a.kms_client("auditor-a").audit_verify(true).await.unwrap();
     assert!(verified.is_ok(), "{verified:?}");
+}
+
+/// Polls `check` (every 10 ms) until it holds; panics past `bound`. Returns how long it
+/// took.
+async fn within<F, Fut>(bound: std::time::Duration, what: &str, mut check: F) -> std::time::Duration
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let t = std::time::Instant::now();
+    loop {
+        if check().await {
+            return t.elapsed();
+        }
+        assert!(t.elapsed() <= bound, "{what}: not within {bound:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// Runtime identities and lockouts are shared: an identity mapped or removed on A is
+/// usable or refused on B within the bound; an identity locked out on A is refused on B
+/// within the bound, a lift on B lets it in on A again, and a node started later refuses
+/// it from its first request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identities_and_lockouts_reach_every_node_within_a_second() {
+    use std::time::Duration;
+    if !keyhold_tests::pg::available("identities_and_lockouts_reach_every_node_within_a_second") {
+        return;
+    }
+    // The measured bound, plus the time a request takes in a debug build on a busy
+    // machine.
+    let bound = Duration::from_millis(1200);
+    let mut a = TestServer::start_on_postgres().await;
+    a.wait_ready().await;
+    let newcomer = "spiffe://test/acme/newcomer";
+    a.pki.issue("newcomer", newcomer);
+    let b = a.another_node().await;
+    let r = post(
+        &a.client(Some("admin-a")),
+        &a.url("/v1/keys"),
+        json!({"name": "k", "grants": [
+            {"identity": newcomer, "operations": ["datakey"]},
+            {"identity": keyhold_tests::APP_A, "operations": ["datakey", "unwrap"]}
+        ]}),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{r:?}");
+    let on_b = b.url("/v1/keys/k/datakey");
+    let newcomer_b = b.client(Some("newcomer"));
+    assert_eq!(post(&newcomer_b, &on_b, json!({})).await.0, 403);
+    // Mapped on A: works on B.
+    a.kms_client("admin-a")
+        .set_identity(newcomer, kms_client::api::Role::App)
+        .await
+        .unwrap();
+    let took = within(bound, "identity mapped on A, used on B", || async {
+        post(&newcomer_b, &on_b, json!({})).await.0 == 200
+    })
+    .await;
+    eprintln!("identity mapped on A: usable on B after {took:?}");
+    // Removed on A: refused on B.
+    a.kms_client("admin-a")
+        .remove_identity(newcomer)
+        .await
+        .unwrap();
+    let took = within(bound, "identity removed on A, refused on B", || async {
+        post(&newcomer_b, &on_b, json!({})).await.0 == 403
+    })
+    .await;
+    eprintln!("identity removed on A: refused on B after {took:?}");
+
+    // app-a denied five times on A (the default threshold): locked out on A...
+    let app_a = a.client(Some("app-a"));
+    for _ in 0..5 {
+        assert_eq!(get(&app_a, &a.url("/v1/keys")).await.0, 403);
+    }
+    assert_eq!(
+        post(&app_a, &a.url("/v1/keys/k/datakey"), json!({}))
+            .await
+            .0,
+        429
+    );
+    // ... and on B.
+    let app_b = b.client(Some("app-a"));
+    let took = within(bound, "lockout on A, refused on B", || async {
+        post(&app_b, &on_b, json!({})).await.0 == 429
+    })
+    .await;
+    eprintln!("lockout on A: refused on B after {took:?}");
+    let (st, list) = get(&b.client(Some("admin-a")), &b.url("/v1/sys/lockouts")).await;
+    assert_eq!(st, 200);
+    assert_eq!(list["lockouts"][0]["identity"], keyhold_tests::APP_A);
+    // A node that starts now refuses it from the start.
+    let c = a.another_node().await;
+    assert_eq!(
+        post(
+            &c.client(Some("app-a")),
+            &c.url("/v1/keys/k/datakey"),
+            json!({})
+        )
+        .await
+        .0,
+        429
+    );
+    // Lifted on B: in again on A (and C).
+    let (st, lifted) = post(
+        &b.client(Some("admin-a")),
+        &b.url("/v1/sys/lockouts/lift"),
+        json!({"identity": keyhold_tests::APP_A}),
+    )
+    .await;
+    assert_eq!((st, lifted["lifted"].clone()), (200, json!(true)));
+    let took = within(bound, "lift on B, served on A", || async {
+        post(&app_a, &a.url("/v1/keys/k/datakey"), json!({}))
+            .await
+            .0
+            == 200
+    })
+    .await;
+    eprintln!("lift on B: served on A after {took:?}");
+    within(bound, "lift on B, served on C", || async {
+        post(
+            &c.client(Some("app-a")),
+            &c.url("/v1/keys/k/datakey"),
+            json!({}),
+        )
+        .await
+        .0 == 200
+    })
+    .await;
+    a.stop().await;
 }
 
 fn hostname() -> String {

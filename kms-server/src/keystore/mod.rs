@@ -96,6 +96,11 @@ impl Table {
         }
     }
 
+    /// The table of a number from [`Table::id`].
+    pub fn from_id(id: u8) -> Option<Table> {
+        Table::ALL.into_iter().find(|t| t.id() == id)
+    }
+
     /// The table's name in the engine.
     pub fn name(self) -> &'static str {
         match self {
@@ -230,17 +235,36 @@ pub trait KeyStore: Send + Sync + 'static {
         std::thread::sleep(timeout);
     }
 
-    /// The key records (`Table::Keys` keys) other writers changed after `cursor`, in
-    /// commit order, and the new cursor. `None` instead of the list: the feed no longer
+    /// The records other writers changed after `cursor` that nodes follow ([`followed`]),
+    /// in commit order, and the new cursor. `None` instead of the list: the feed no longer
     /// reaches back to `cursor`, so anything may have changed.
     fn changes_since(&self, cursor: u64) -> Result<Changes, StoreError> {
         Ok((cursor, Some(Vec::new())))
     }
 }
 
-/// What [`KeyStore::changes_since`] returns: the new cursor, and the changed key records
-/// (`None`: the feed cannot say; drop everything).
-pub type Changes = (u64, Option<Vec<Vec<u8>>>);
+/// What [`KeyStore::changes_since`] returns: the new cursor, and the changed records as
+/// (table, key) (`None`: the feed cannot say; drop everything).
+pub type Changes = (u64, Option<Vec<(Table, Vec<u8>)>>);
+
+/// Runtime identities (`crate::policy`): `Meta` keys under this prefix.
+pub const META_IDENTITY_PREFIX: &[u8] = b"policy/identity/";
+/// Lockouts shared by the nodes of a shared store (`crate::lockout`): `Meta` keys under
+/// this prefix.
+pub const META_LOCKOUT_PREFIX: &[u8] = b"lockout/";
+
+/// Whether other nodes of a shared store must learn of a change to this record: the ones
+/// they cache. Key records (every key state, version, grant and policy change goes
+/// through the key record), runtime identities and lockouts.
+pub fn followed(table: Table, key: &[u8]) -> bool {
+    match table {
+        Table::Keys => true,
+        Table::Meta => {
+            key.starts_with(META_IDENTITY_PREFIX) || key.starts_with(META_LOCKOUT_PREFIX)
+        }
+        _ => false,
+    }
+}
 
 /// A node of a shared store as [`KeyStore::heartbeat`] reports it: (id, version,
 /// milliseconds since it last reported).

@@ -74,6 +74,10 @@ const MIGRATIONS: &[&str] = &[
     );
     INSERT INTO keyhold_audit_head (id, seq, hash, mac)
         VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000', NULL)",
+    // 5: the change feed names each change's table: besides key records, nodes follow
+    // runtime identities and lockouts (`keystore::followed`). Earlier entries were all
+    // key records (table 1).
+    "ALTER TABLE keyhold_changes ADD COLUMN tbl smallint NOT NULL DEFAULT 1",
 ];
 
 /// The advisory lock that orders the change feed: taken by every commit that changes a
@@ -549,7 +553,7 @@ impl KeyStore for PgStore {
         self.call(move |c| {
             let rows = c
                 .query(
-                    "SELECT seq, k FROM keyhold_changes WHERE seq > $1 ORDER BY seq LIMIT 10000",
+                    "SELECT seq, tbl, k FROM keyhold_changes WHERE seq > $1 ORDER BY seq LIMIT 10000",
                     &[&after],
                 )
                 .map_err(engine_err)?;
@@ -566,7 +570,13 @@ impl KeyStore for PgStore {
                     .get(0);
                 return Ok((newest as u64, None));
             }
-            let keys = rows.into_iter().map(|r| r.get(1)).collect();
+            let keys = rows
+                .into_iter()
+                .filter_map(|r| {
+                    let table = Table::from_id(u8::try_from(r.get::<_, i16>(1)).ok()?)?;
+                    Some((table, r.get(2)))
+                })
+                .collect();
             if next / 256 != after / 256 {
                 // Now and then (every 256 changes) the feed forgets what is over an hour old.
                 let _ = c.execute(
@@ -654,19 +664,25 @@ fn commit_batch(c: &mut postgres::Client, batch: &WriteBatch) -> Result<(), Stor
         )
         .map_err(engine_err)?;
     }
-    let changed: Vec<&[u8]> = last
+    let (changed_t, changed_k): (Vec<i16>, Vec<&[u8]>) = last
         .keys()
-        .filter(|(t, _)| *t == table_id(Table::Keys))
-        .map(|(_, k)| *k)
-        .collect();
-    if !changed.is_empty() {
+        .filter(|(t, k)| {
+            u8::try_from(*t)
+                .ok()
+                .and_then(Table::from_id)
+                .is_some_and(|t| super::followed(t, k))
+        })
+        .map(|(t, k)| (*t, *k))
+        .unzip();
+    if !changed_k.is_empty() {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&CHANGES_LOCK])
             .map_err(engine_err)?;
+        let params: [&(dyn ToSql + Sync); 2] = [&changed_t, &changed_k];
         tx.execute(
-            "INSERT INTO keyhold_changes (seq, k)
-             SELECT (SELECT coalesce(max(seq), 0) FROM keyhold_changes) + n, k
-             FROM unnest($1::bytea[]) WITH ORDINALITY AS c(k, n)",
-            &[&changed],
+            "INSERT INTO keyhold_changes (seq, tbl, k)
+             SELECT (SELECT coalesce(max(seq), 0) FROM keyhold_changes) + n, t, k
+             FROM unnest($1::smallint[], $2::bytea[]) WITH ORDINALITY AS c(t, k, n)",
+            &params,
         )
         .map_err(engine_err)?;
         tx.execute(&format!("NOTIFY {CHANGES_CHANNEL}"), &[])

@@ -92,6 +92,8 @@ pub struct Services {
     pub policy: Policy,
     /// Alerts.
     pub alerts: crate::alert::Alerter,
+    /// Lockouts (shared through the store on a shared store).
+    pub lockouts: crate::lockout::Lockouts,
 }
 
 impl AppState {
@@ -104,12 +106,13 @@ impl AppState {
             tls,
             policy,
             alerts,
+            lockouts,
         } = services;
         Self {
             tls,
             policy,
             keyring,
-            lockouts: crate::lockout::Lockouts::new(settings.lockout),
+            lockouts,
             alerts,
             settings,
             metrics,
@@ -313,6 +316,15 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         ));
         if state.lockouts.record_denial(id) {
             tracing::warn!(identity = id, "identity locked out after repeated denials");
+            if state.lockouts.is_shared() {
+                // To the other nodes of the shared store, off the request path.
+                let (s, who) = (state.clone(), id.to_owned());
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = s.lockouts.publish(&who) {
+                        tracing::error!(error = %e, identity = %who, "lockout not shared with the other nodes");
+                    }
+                });
+            }
             state.alerts.raise(crate::alert::AlertEvent::new(
                 "locked_out",
                 Some(id),

@@ -179,7 +179,9 @@ pub async fn lift_lockout(
     ApiJson(req): ApiJson<LiftLockoutRequest>,
 ) -> Result<Json<LiftLockoutResponse>, Error> {
     caller.authorize(Operation::System)?;
-    let lifted = state.lockouts.lift(&req.identity);
+    let identity = req.identity.clone();
+    let s = state.clone();
+    let lifted = crate::routes::blocking(move || s.lockouts.lift(&identity)).await?;
     tracing::warn!(identity = %caller.identity, lifted_for = %req.identity, lifted, "lockout lifted");
     Ok(Json(LiftLockoutResponse { lifted }))
 }
