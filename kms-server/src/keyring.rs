@@ -228,12 +228,31 @@ pub fn validate_grants(grants: &[Grant]) -> Result<(), Error> {
 /// Decrypted keys, bounded by [`Keyring::with_cache_limit`]: past the limit, a sixteenth
 /// of the entries (an arbitrary sixteenth: `HashMap` order) is dropped and reloaded from
 /// the store on next use. Dropped entries whose usage counters have not been saved wait in
-/// `evicted` for the next [`Keyring::flush_usage`].
+/// `evicted` for the next [`Keyring::flush_usage`]. Entries dropped because the key
+/// changed (here or, on a shared store, on another node) are never served again; those
+/// with unsaved counts wait in `retired` for the next flush, which adds their counts.
 #[derive(Default)]
 struct Cache {
     by_id: HashMap<KeyId, Arc<KeyEntry>>,
     by_name: HashMap<(String, String), KeyId>,
     evicted: HashMap<KeyId, Arc<KeyEntry>>,
+    retired: Vec<Arc<KeyEntry>>,
+}
+
+impl Cache {
+    /// Drops `id`'s entry (and a parked one), keeping unsaved counts for the next flush.
+    fn retire(&mut self, id: &KeyId) {
+        for e in [self.evicted.remove(id), self.by_id.remove(id)]
+            .into_iter()
+            .flatten()
+        {
+            self.by_name
+                .remove(&(e.record.tenant.clone(), e.record.name.clone()));
+            if e.versions.values().any(|v| v.usage.is_dirty()) {
+                self.retired.push(e);
+            }
+        }
+    }
 }
 
 struct Unsealed {
@@ -527,9 +546,16 @@ impl Keyring {
     pub fn invalidate_all(&self) {
         if let Ok(un) = self.unsealed() {
             let mut cache = un.cache.write().unwrap_or_else(PoisonError::into_inner);
-            cache.by_id.clear();
+            let ids: Vec<KeyId> = cache
+                .by_id
+                .keys()
+                .chain(cache.evicted.keys())
+                .copied()
+                .collect();
+            for id in ids {
+                cache.retire(&id);
+            }
             cache.by_name.clear();
-            cache.evicted.clear();
         }
         self.invalidations
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
@@ -932,13 +958,10 @@ impl Keyring {
     }
 
     fn cache_evict(&self, un: &Unsealed, id: &KeyId) {
-        let mut cache = un.cache.write().unwrap_or_else(PoisonError::into_inner);
-        cache.evicted.remove(id);
-        if let Some(e) = cache.by_id.remove(id) {
-            cache
-                .by_name
-                .remove(&(e.record.tenant.clone(), e.record.name.clone()));
-        }
+        un.cache
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retire(id);
     }
 
     fn entry_by_name(
@@ -1459,37 +1482,92 @@ impl Keyring {
         }
     }
 
-    /// Writes the usage counters that changed since the last flush (the key sweep calls
-    /// this; so does `seal`). Counts since the last flush are lost on a crash.
+    /// Adds the usage counted since the last flush to the stored counters (the key sweep
+    /// calls this; so does `seal`, and the dry run before it reads them). Each stored record
+    /// is read and written back with what this node added, under a compare-and-swap, so
+    /// nodes sharing a store add up their counts. Counts since the last flush are lost on
+    /// a crash. Returns the number of records written.
     pub fn flush_usage(&self) -> Result<usize, Error> {
         let Ok(un) = self.unsealed() else {
             return Ok(0);
         };
         let now = self.clock.now();
-        let entries: Vec<Arc<KeyEntry>> = {
+        let (entries, retired): (Vec<Arc<KeyEntry>>, Vec<Arc<KeyEntry>>) = {
             let mut cache = un.cache.write().unwrap_or_else(PoisonError::into_inner);
             let mut all: Vec<Arc<KeyEntry>> =
                 std::mem::take(&mut cache.evicted).into_values().collect();
             all.extend(cache.by_id.values().cloned());
-            all
+            (all, std::mem::take(&mut cache.retired))
         };
-        let mut batch = WriteBatch::new();
-        for e in &entries {
+        // Per stored record: the sum of what every copy counted, and the copies to mark.
+        type Pending = (
+            crate::usage::UsageRecord,
+            Vec<(Arc<KeyEntry>, u32, crate::usage::UsageRecord)>,
+        );
+        let mut pending: BTreeMap<Vec<u8>, Pending> = BTreeMap::new();
+        for (e, is_retired) in entries
+            .iter()
+            .map(|e| (e, false))
+            .chain(retired.iter().map(|e| (e, true)))
+        {
+            // A retired copy of a key that is gone (destroyed) has nothing to save.
+            if is_retired && self.store.get(Table::Keys, &e.key_id.0)?.is_none() {
+                continue;
+            }
             for (v, ve) in &e.versions {
                 if ve.usage.take_dirty() {
-                    batch.put(
-                        Table::Usage,
-                        &version_key(&e.key_id, *v),
-                        &to_json(&ve.usage.record(now))?,
-                    );
+                    let (current, delta) = ve.usage.unflushed(now);
+                    let slot = pending.entry(version_key(&e.key_id, *v)).or_default();
+                    slot.0.add(&delta, now);
+                    slot.1.push((e.clone(), *v, current));
                 }
             }
         }
-        let n = batch.writes.len();
-        if n > 0 {
-            self.store.commit(&batch)?;
+        if pending.is_empty() {
+            return Ok(0);
         }
-        Ok(n)
+        let result = (|| {
+            for _ in 0..8 {
+                let mut batch = WriteBatch::new();
+                for (key, (delta, _)) in &pending {
+                    let stored = self.store.get(Table::Usage, key)?;
+                    let mut merged: crate::usage::UsageRecord = match &stored {
+                        Some(b) => {
+                            serde_json::from_slice(b).map_err(|_| Error::Corrupt("usage record"))?
+                        }
+                        None => Default::default(),
+                    };
+                    merged.add(delta, now);
+                    batch.require(Table::Usage, key, stored.as_deref()).put(
+                        Table::Usage,
+                        key,
+                        &to_json(&merged)?,
+                    );
+                }
+                match self.store.commit(&batch) {
+                    // Another node flushed one of these records meanwhile: read again.
+                    Err(StoreError::Conflict(_)) => continue,
+                    other => return other.map_err(Error::from),
+                }
+            }
+            Err(Error::Storage(StoreError::Conflict("usage")))
+        })();
+        for (_, (_, copies)) in pending.iter() {
+            for (e, v, current) in copies {
+                if let Some(ve) = e.versions.get(v) {
+                    match &result {
+                        Ok(()) => ve.usage.mark_flushed(current.clone()),
+                        Err(_) => ve.usage.mark_dirty(),
+                    }
+                }
+            }
+        }
+        if result.is_err() {
+            // Not saved: the retired copies wait for the next flush.
+            let mut cache = un.cache.write().unwrap_or_else(PoisonError::into_inner);
+            cache.retired.extend(retired);
+        }
+        result.map(|()| pending.len())
     }
 
     /// How many unwraps in the last `days` days would have failed had versions below
@@ -1504,14 +1582,6 @@ impl Keyring {
         if !(1..=30).contains(&days) {
             return Err(Error::InvalidRequest("window_days must be 1 to 30".into()));
         }
-        if self.freshness.is_some() {
-            // Each node counts its own unwraps, and on a shared store their saved counts
-            // overwrite each other: an answer would under-count, and retiring a version
-            // on that advice could make data unreadable.
-            return Err(Error::InvalidState(
-                "on a store several nodes share, usage counters are per node: the dry run would under-count, so it is refused (docs/ha.md)",
-            ));
-        }
         let un = self.unsealed()?;
         let entry = self.entry_by_name(&un, tenant, name)?;
         if version == 0 || version > entry.record.current_version {
@@ -1520,15 +1590,27 @@ impl Keyring {
                 entry.record.current_version
             )));
         }
+        // The stored counters, after adding this node's: on a shared store they hold every
+        // node's counts up to its last flush (at most one key sweep ago).
+        self.flush_usage()?;
         let now = self.clock.now();
-        let by_version: Vec<kms_client::api::VersionUnwraps> = entry
-            .versions
-            .range(..version)
-            .map(|(v, e)| kms_client::api::VersionUnwraps {
-                version: *v,
-                unwraps: e.usage.unwraps_within(now, u64::from(days)),
-            })
-            .collect();
+        let mut by_version: Vec<kms_client::api::VersionUnwraps> = Vec::new();
+        for v in entry.versions.range(..version).map(|(v, _)| *v) {
+            let stored: crate::usage::UsageRecord = match self
+                .store
+                .get(Table::Usage, &version_key(&entry.key_id, v))?
+            {
+                Some(b) => {
+                    serde_json::from_slice(&b).map_err(|_| Error::Corrupt("usage record"))?
+                }
+                None => Default::default(),
+            };
+            by_version.push(kms_client::api::VersionUnwraps {
+                version: v,
+                unwraps: crate::usage::Usage::from_record(&stored)
+                    .unwraps_within(now, u64::from(days)),
+            });
+        }
         Ok(kms_client::api::MinVersionDryRun {
             key: entry.record.name.clone(),
             version,

@@ -1,8 +1,12 @@
 //! Per-version usage counters: wraps, unwraps, last use, and unwraps per day over the last
 //! [`DAYS`] days (for the `min_decrypt_version` dry run). Lock-free on the request path;
-//! written to the store by the key sweep, read back when a key is loaded.
+//! read from the store when a key is loaded, and added to the store by the key sweep:
+//! each flush adds what was counted since the previous one ([`Usage::unflushed`],
+//! [`UsageRecord::add`]) to what the store holds, so nodes sharing a store add up their
+//! counts instead of overwriting each other's.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +23,9 @@ pub struct Usage {
     /// Slot `day % DAYS`: `day << 32 | count`.
     days: [AtomicU64; DAYS as usize],
     dirty: AtomicBool,
+    /// The part of these counts the store already holds: the record loaded, then each
+    /// record flushed.
+    flushed: Mutex<UsageRecord>,
 }
 
 /// Usage as stored (and as read for reports).
@@ -36,6 +43,25 @@ pub struct UsageRecord {
     pub days: Vec<(u64, u64)>,
 }
 
+impl UsageRecord {
+    /// Adds `delta` (what a node counted since its last flush) to this record: sums,
+    /// the later last use, per-day sums, days older than [`DAYS`] before `now` dropped.
+    pub fn add(&mut self, delta: &UsageRecord, now: u64) {
+        self.wraps = self.wraps.saturating_add(delta.wraps);
+        self.unwraps = self.unwraps.saturating_add(delta.unwraps);
+        self.last_use = self.last_use.max(delta.last_use);
+        for (day, count) in &delta.days {
+            match self.days.iter_mut().find(|(d, _)| d == day) {
+                Some((_, c)) => *c = c.saturating_add(*count),
+                None => self.days.push((*day, *count)),
+            }
+        }
+        let today = now / DAY;
+        self.days.retain(|(d, _)| today.saturating_sub(*d) < DAYS);
+        self.days.sort_unstable();
+    }
+}
+
 impl Usage {
     /// From a stored record.
     pub fn from_record(r: &UsageRecord) -> Self {
@@ -47,7 +73,46 @@ impl Usage {
             let count = (*count).min(u64::from(u32::MAX));
             u.days[(day % DAYS) as usize].store(day << 32 | count, Ordering::Relaxed);
         }
+        *u.flushed.lock().unwrap_or_else(PoisonError::into_inner) = r.clone();
         u
+    }
+
+    /// The counters now, and what was counted since the last flush (to add to the stored
+    /// record); once that is stored, [`Usage::mark_flushed`] with the first.
+    pub fn unflushed(&self, now: u64) -> (UsageRecord, UsageRecord) {
+        let current = self.record(now);
+        let base = self.flushed.lock().unwrap_or_else(PoisonError::into_inner);
+        let days = current
+            .days
+            .iter()
+            .filter_map(|(day, count)| {
+                let before = base
+                    .days
+                    .iter()
+                    .find(|(d, _)| d == day)
+                    .map_or(0, |(_, c)| *c);
+                let added = count.saturating_sub(before);
+                (added > 0).then_some((*day, added))
+            })
+            .collect();
+        let delta = UsageRecord {
+            wraps: current.wraps.saturating_sub(base.wraps),
+            unwraps: current.unwraps.saturating_sub(base.unwraps),
+            last_use: current.last_use,
+            days,
+        };
+        drop(base);
+        (current, delta)
+    }
+
+    /// Records that the store now holds `current` (from [`Usage::unflushed`]).
+    pub fn mark_flushed(&self, current: UsageRecord) {
+        *self.flushed.lock().unwrap_or_else(PoisonError::into_inner) = current;
+    }
+
+    /// Marks the counters changed (a flush that failed: try again next time).
+    pub fn mark_dirty(&self) {
+        self.dirty.store(true, Ordering::Relaxed);
     }
 
     fn touch(&self, now: u64) {
@@ -161,5 +226,48 @@ mod tests {
         assert!(u.take_dirty() && !u.take_dirty());
         let back = Usage::from_record(&r);
         assert_eq!(back.record(t0 + DAYS * DAY), r);
+    }
+
+    /// Two nodes load the same stored record, count, and flush in turn: the store ends up
+    /// with the sum of both, per day too; a second flush adds only what came since.
+    #[test]
+    fn flushes_from_two_nodes_add_up() {
+        let t0 = 1_000 * DAY;
+        let mut stored = UsageRecord::default();
+        let a = Usage::from_record(&stored);
+        let b = Usage::from_record(&stored);
+        for _ in 0..3 {
+            a.unwrap(t0);
+        }
+        a.wrap(t0);
+        b.unwrap(t0);
+        b.unwrap(t0 + DAY);
+        for node in [&a, &b] {
+            let (current, delta) = node.unflushed(t0 + DAY);
+            stored.add(&delta, t0 + DAY);
+            node.mark_flushed(current);
+        }
+        assert_eq!(
+            (stored.wraps, stored.unwraps, stored.last_use),
+            (1, 5, t0 + DAY)
+        );
+        assert_eq!(stored.days, vec![(1000, 4), (1001, 1)]);
+        // Nothing new: nothing to add.
+        let (_, delta) = a.unflushed(t0 + DAY);
+        assert_eq!((delta.wraps, delta.unwraps), (0, 0));
+        assert!(delta.days.is_empty());
+        a.unwrap(t0 + DAY);
+        let (_, delta) = a.unflushed(t0 + DAY);
+        stored.add(&delta, t0 + DAY);
+        assert_eq!(stored.unwraps, 6);
+        assert_eq!(stored.days, vec![(1000, 4), (1001, 2)]);
+        assert_eq!(
+            Usage::from_record(&stored).unwraps_within(t0 + DAY, 2),
+            6,
+            "what a dry run reads back"
+        );
+        // Days past the window fall out of the stored record.
+        stored.add(&UsageRecord::default(), t0 + (DAYS + 1) * DAY);
+        assert!(stored.days.is_empty());
     }
 }

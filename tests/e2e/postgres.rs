@@ -44,19 +44,15 @@ async fn a_node_on_postgres_serves_and_survives_a_restart() {
     assert_eq!(un.1["version"], 1);
     let dk2 = post(&app, &s.url("/v1/keys/pgkey/datakey"), json!({})).await;
     assert_eq!(dk2.1["version"], 2, "{dk2:?}");
-    // The min-decrypt-version dry run would under-count on a shared store: refused, not
-    // answered wrong.
+    // The min-decrypt-version dry run: the one unwrap of version 1 above.
     let dry = post(
         &s.client(Some("auditor-a")),
         &s.url("/v1/keys/pgkey/min-decrypt-version/dry-run"),
         json!({"version": 2, "window_days": 7}),
     )
     .await;
-    assert_eq!(dry.0, 409, "{dry:?}");
-    assert!(dry.1["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("under-count"));
+    assert_eq!(dry.0, 200, "{dry:?}");
+    assert_eq!(dry.1["unwraps_refused"], 1, "{dry:?}");
     // Disabled on the database-backed node: refused.
     let d = post(
         &s.client(Some("admin-a")),
@@ -776,6 +772,70 @@ async fn identities_and_lockouts_reach_every_node_within_a_second() {
     })
     .await;
     a.stop().await;
+}
+
+/// Usage counters add up across nodes: unwraps of version 1 on A and on B, and the
+/// min-decrypt-version dry run on either counts them all once B's key sweep has added its
+/// counts to the store (here every second); counts from before a rotation seen on the
+/// feed are kept, not dropped with the stale cache entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_counters_from_every_node_add_up() {
+    use std::time::Duration;
+    if !keyhold_tests::pg::available("usage_counters_from_every_node_add_up") {
+        return;
+    }
+    let a = TestServer::start_on_postgres_with("[keys]\nsweep_interval_secs = 1\n").await;
+    a.wait_ready().await;
+    let b = a.another_node().await;
+    create_key(&a, "admin-a", "k").await;
+    let dk = post(
+        &a.client(Some("app-a")),
+        &a.url("/v1/keys/k/datakey"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(dk.0, 200);
+    let body = json!({"wrapped": dk.1["wrapped"]});
+    for (node, n) in [(&a, 3), (&b, 4)] {
+        let app = node.client(Some("app-a"));
+        for _ in 0..n {
+            assert_eq!(
+                post(&app, &node.url("/v1/unwrap"), body.clone()).await.0,
+                200
+            );
+        }
+    }
+    // Rotated on A: B drops its cached entry (with 4 unsaved unwraps) on the feed.
+    let rot = post(
+        &a.client(Some("admin-a")),
+        &a.url("/v1/keys/k/rotate"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(rot.0, 200, "{rot:?}");
+    let dry = |node: &TestServer| {
+        let (client, url) = (
+            node.client(Some("auditor-a")),
+            node.url("/v1/keys/k/min-decrypt-version/dry-run"),
+        );
+        async move { post(&client, &url, json!({"version": 2, "window_days": 1})).await }
+    };
+    within(
+        Duration::from_secs(5),
+        "every node's unwraps counted",
+        || async {
+            let r = dry(&a).await;
+            assert_eq!(r.0, 200, "{r:?}");
+            r.1["unwraps_refused"] == 7
+        },
+    )
+    .await;
+    let r = dry(&b).await;
+    assert_eq!(r.1["unwraps_refused"], 7, "{r:?}");
+    // Stable: counted once, not again at the next sweeps.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r = dry(&a).await;
+    assert_eq!(r.1["unwraps_refused"], 7, "{r:?}");
 }
 
 fn hostname() -> String {

@@ -25,9 +25,10 @@ use hyper_util::rt::TokioIo;
 
 #[derive(Parser)]
 struct Args {
-    /// Server address (must be loopback).
-    #[arg(long)]
-    addr: SocketAddr,
+    /// Server address (must be loopback). Repeat it for several servers (nodes of a
+    /// shared store): connection `i` goes to the `i mod n`-th.
+    #[arg(long = "addr", required = true)]
+    addrs: Vec<SocketAddr>,
     /// Request path.
     #[arg(long)]
     path: String,
@@ -98,6 +99,7 @@ async fn worker(
 ) -> anyhow::Result<Outcome> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let mut errors = 0;
+    let addr = args.addrs[offset % args.addrs.len()];
     if args.reconnect {
         for n in 0..args.max_requests {
             let body = &bodies[(offset + n as usize * args.concurrency) % bodies.len()];
@@ -106,7 +108,9 @@ async fn worker(
                 break;
             }
             // A failed connection or handshake counts as an error.
-            let ok: bool = one_connection(&args, &tls, body).await.unwrap_or_default();
+            let ok: bool = one_connection(&args, addr, &tls, body)
+                .await
+                .unwrap_or_default();
             let t1 = Instant::now();
             if t0 >= start_measure {
                 if ok {
@@ -118,7 +122,7 @@ async fn worker(
         }
         return Ok(Outcome { hist, errors });
     }
-    let tcp = tokio::net::TcpStream::connect(args.addr).await?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let name = rustls::pki_types::ServerName::try_from("localhost")?;
     let stream = tokio_rustls::TlsConnector::from(tls)
@@ -149,7 +153,7 @@ async fn worker(
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     let uri = if args.http2 {
-        format!("https://localhost:{}{}", args.addr.port(), args.path)
+        format!("https://localhost:{}{}", addr.port(), args.path)
     } else {
         args.path.clone()
     };
@@ -204,10 +208,11 @@ async fn worker(
 /// Connect, handshake, one request, close. Whether it succeeded.
 async fn one_connection(
     args: &Args,
+    addr: SocketAddr,
     tls: &Arc<rustls::ClientConfig>,
     body: &Bytes,
 ) -> anyhow::Result<bool> {
-    let tcp = tokio::net::TcpStream::connect(args.addr).await?;
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
     tcp.set_nodelay(true)?;
     let name = rustls::pki_types::ServerName::try_from("localhost")?;
     let stream = tokio_rustls::TlsConnector::from(tls.clone())
@@ -230,7 +235,7 @@ async fn one_connection(
 
 fn main() -> anyhow::Result<()> {
     let args = Arc::new(Args::parse());
-    if !args.addr.ip().is_loopback() {
+    if !args.addrs.iter().all(|a| a.ip().is_loopback()) {
         bail!("the load generator only targets loopback addresses");
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
