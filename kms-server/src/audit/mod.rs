@@ -378,7 +378,7 @@ impl AuditLog {
         node: Option<String>,
     ) -> Result<Self, Error> {
         if let Some(pool) = store.postgres() {
-            let chain = PgChain::new(pool, node.as_deref());
+            let chain = PgChain::new(pool);
             let (head, finding) = chain.open()?;
             let last = (head.seq, head.hash.clone());
             return Self::spawn(
@@ -445,13 +445,6 @@ impl AuditLog {
         if !matches!(writer.finding, Some(Finding::Consistent) | None) {
             writer.commit(Vec::new())?;
         }
-        // On a shared chain the batches are committed without waiting for the disk and
-        // made durable by a flush on a thread of its own, which answers the requests;
-        // the writer meanwhile goes on with the next batch.
-        let flusher = match &chain {
-            Chain::Shared(c) => Some(spawn_flusher(c.clone(), writer.alerts.clone())?),
-            Chain::File(_) => None,
-        };
         let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
         let thread = std::thread::Builder::new()
             .name("keyhold-audit".into())
@@ -496,19 +489,8 @@ impl AuditLog {
                             e.to_string(),
                         ));
                     }
-                    match (&flusher, &result) {
-                        (Some(flusher), Ok(())) => {
-                            if let Err(std::sync::mpsc::SendError(acks)) = flusher.send(acks) {
-                                for ack in acks {
-                                    let _ = ack.send(Err(()));
-                                }
-                            }
-                        }
-                        _ => {
-                            for ack in acks {
-                                let _ = ack.send(result.as_ref().map(|_| ()).map_err(|_| ()));
-                            }
-                        }
+                    for ack in acks {
+                        let _ = ack.send(result.as_ref().map(|_| ()).map_err(|_| ()));
                     }
                 }
                 writer.flush_header();
@@ -614,37 +596,6 @@ impl AuditLog {
     }
 }
 
-type Ack = oneshot::Sender<Result<(), ()>>;
-
-/// The shared chain's flusher: takes the acknowledgements of committed batches, makes
-/// them durable with one [`PgChain::flush`] for all that are waiting, then answers them.
-/// Stops when the writer drops its sender (after answering what it holds).
-fn spawn_flusher(
-    chain: PgChain,
-    alerts: Alerter,
-) -> Result<std::sync::mpsc::Sender<Vec<Ack>>, Error> {
-    let (tx, rx) = std::sync::mpsc::channel::<Vec<Ack>>();
-    std::thread::Builder::new()
-        .name("keyhold-audit-flush".into())
-        .spawn(move || {
-            while let Ok(mut acks) = rx.recv() {
-                while let Ok(more) = rx.try_recv() {
-                    acks.extend(more);
-                }
-                let result = chain.flush();
-                if let Err(e) = &result {
-                    tracing::error!(error = %e, records = acks.len(), "audit flush failed: failing the requests");
-                    alerts.raise(AlertEvent::new("audit_write_failed", None, e.to_string()));
-                }
-                for ack in acks {
-                    let _ = ack.send(result.as_ref().map(|_| ()).map_err(|_| ()));
-                }
-            }
-        })
-        .map_err(|_| Error::Internal("cannot start the audit flusher"))?;
-    Ok(tx)
-}
-
 /// Copies the audit chain of a stopped node into the chain of another store
 /// (`kms-server migrate-store`): a chain file (embedded store, at `from_path`) into a
 /// PostgreSQL store's chain, which must be empty, or a PostgreSQL store's chain into a new
@@ -659,7 +610,7 @@ pub fn copy_chain(
 ) -> Result<u64, Error> {
     let source = match from.postgres() {
         Some(pool) => {
-            let chain = PgChain::new(pool, None);
+            let chain = PgChain::new(pool);
             let (head, finding) = chain.open()?;
             (Chain::Shared(chain), head, finding)
         }
@@ -689,7 +640,7 @@ pub fn copy_chain(
         (Some(_), Some(_)) => Err(Error::InvalidState(
             "both stores are PostgreSQL: copy the database with PostgreSQL's own tools",
         )),
-        (None, Some(pool)) => PgChain::new(pool, None).import(page, head),
+        (None, Some(pool)) => PgChain::new(pool).import(page, head),
         (_, None) => {
             let (file, ..) = ChainFile::open(to_path)?;
             if file.head().seq != 0 || !file.read(0, 1)?.is_empty() {

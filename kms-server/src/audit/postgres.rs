@@ -9,11 +9,13 @@
 //! A node's writer thread still collects every record waiting at that moment into one
 //! batch (group commit), then appends it in one transaction that first locks the head row
 //! (`SELECT ... FOR UPDATE`). The lock orders the nodes: each batch is chained to the tip
-//! that the previous transaction left, whichever node wrote it. That transaction commits
-//! without waiting for the disk ([`PgChain::append`]); a second, lock-free step
-//! ([`PgChain::flush`], on a thread of its own so the writer goes on with the next batch)
-//! makes it durable before any request of the batch is answered. So the lock every node
-//! needs is held for a few round trips, not a WAL flush, and the nodes' flushes overlap. The records and the new
+//! that the previous transaction left, whichever node wrote it. The transaction commits
+//! durably (`synchronous_commit` on) before any request of the batch is answered, so the
+//! lock is held across one WAL flush: the cluster appends one batch per flush, and the
+//! batches grow with the load. (Tried and not kept: committing without the flush and
+//! flushing after the lock is released. It needs a second transaction per batch, and on
+//! this project's two-core machine, where PostgreSQL, the nodes and the load share the
+//! CPUs, it measured no faster with one, two or three nodes: `BENCHMARKS.md`.) The records and the new
 //! head commit together, so, unlike the file (whose header may lag its records after a
 //! crash), the head here always names the last record; anything else found at start
 //! (records past the head, a head naming another hash, a missing record) was done to the
@@ -72,18 +74,12 @@ pub struct Sealed {
 #[derive(Debug, Clone)]
 pub struct PgChain {
     pool: PgPool,
-    /// The row of `keyhold_audit_flush` this node's flushes write.
-    flush_row: String,
 }
 
 impl PgChain {
-    /// The chain of the store whose pool this is; `node`: this node's id (names the row
-    /// its flushes write).
-    pub fn new(pool: PgPool, node: Option<&str>) -> Self {
-        Self {
-            pool,
-            flush_row: node.unwrap_or("local").to_owned(),
-        }
+    /// The chain of the store whose pool this is.
+    pub fn new(pool: PgPool) -> Self {
+        Self { pool }
     }
 
     /// The head, and how it compares with the records.
@@ -130,12 +126,6 @@ impl PgChain {
         Ok(self.pool.call(move |c| {
             let engine = store_err;
             let mut tx = c.transaction().map_err(engine)?;
-            // Committed without waiting for the WAL flush, so the head row's lock is held
-            // for a few round trips, not for a disk flush: the nodes' appends follow each
-            // other that much faster. Durability comes from `flush` afterwards, before
-            // any request of the batch is answered (see there).
-            tx.batch_execute("SET LOCAL synchronous_commit TO OFF")
-                .map_err(engine)?;
             let tip = read_head(&mut tx, true)?;
             let sealed = seal(tip.seq, tip.hash).map_err(store_err)?;
             let mut seqs: Vec<i64> = Vec::new();
@@ -159,28 +149,6 @@ impl PgChain {
             .map_err(engine)?;
             tx.commit().map_err(engine)?;
             Ok(sealed.lines)
-        })?)
-    }
-
-    /// Makes every append committed before this call durable: commits a small write of its
-    /// own (this node's row of `keyhold_audit_flush`) with `synchronous_commit` on, which
-    /// flushes the WAL up to its commit record (and, with a synchronous standby, waits for
-    /// it), so every commit before it is flushed too: the WAL is one sequence. An append
-    /// that another node chained onto is flushed by that node's flush as well, for the
-    /// same reason; if PostgreSQL stops before a flush, the appends it did not cover were
-    /// never acknowledged, and nothing acknowledged chains onto them. (The write matters:
-    /// PostgreSQL commits a transaction that wrote no WAL of its own without flushing,
-    /// whatever `synchronous_commit` says; the crash test caught that.)
-    pub fn flush(&self) -> Result<(), Error> {
-        let row = self.flush_row.clone();
-        Ok(self.pool.call(move |c| {
-            c.execute(
-                "INSERT INTO keyhold_audit_flush (id, n) VALUES ($1, 1)
-                 ON CONFLICT (id) DO UPDATE SET n = keyhold_audit_flush.n + 1",
-                &[&row],
-            )
-            .map_err(store_err)?;
-            Ok(())
         })?)
     }
 

@@ -61,8 +61,7 @@ const MIGRATIONS: &[&str] = &[
         last_seen timestamptz NOT NULL
     )",
     // 4: the cluster's audit chain (`crate::audit::postgres`): the records, one JSON line
-    // each, the MAC'd head in a single row that every append locks, and one row per node
-    // that its WAL flushes write.
+    // each, and the MAC'd head in a single row that every append locks.
     "CREATE TABLE keyhold_audit (
         seq bigint PRIMARY KEY,
         rec text NOT NULL
@@ -74,11 +73,7 @@ const MIGRATIONS: &[&str] = &[
         mac text
     );
     INSERT INTO keyhold_audit_head (id, seq, hash, mac)
-        VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000', NULL);
-    CREATE TABLE keyhold_audit_flush (
-        id text PRIMARY KEY,
-        n bigint NOT NULL
-    )",
+        VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000', NULL)",
     // 5: the change feed names each change's table: besides key records, nodes follow
     // runtime identities and lockouts (`keystore::followed`). Earlier entries were all
     // key records (table 1).
