@@ -53,6 +53,7 @@ pub mod erasure;
 pub mod error;
 pub mod format;
 pub mod fuzzing;
+pub mod jwt;
 pub mod kek;
 pub mod keyring;
 pub mod keystore;
