@@ -86,6 +86,8 @@ struct FileConfig {
     process: FileProcess,
     #[serde(default)]
     xks: Option<crate::xks::settings::FileXks>,
+    #[serde(default)]
+    dke: Option<crate::dke::settings::FileDke>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -388,6 +390,8 @@ pub struct Settings {
     pub process: crate::process::ProcessSettings,
     /// The AWS KMS external key store listener (`[xks]`), if configured.
     pub xks: Option<crate::xks::settings::XksSettings>,
+    /// The Microsoft Double Key Encryption listener (`[dke]`), if configured.
+    pub dke: Option<crate::dke::settings::DkeSettings>,
 }
 
 impl Settings {
@@ -612,8 +616,22 @@ impl Settings {
                 ));
             }
         }
+        let dke = match raw.dke {
+            None => None,
+            Some(d) => Some(d.validate(resolve).map_err(|(f, m)| err(&f, m))?),
+        };
+        if let Some(d) = &dke {
+            let taken = [Some(listen), ops_listen, xks.as_ref().map(|x| x.listen)];
+            if d.listen.port() != 0 && taken.contains(&Some(d.listen)) {
+                return Err(err(
+                    "dke.listen",
+                    "must differ from listen, ops_listen and xks.listen".into(),
+                ));
+            }
+        }
         Ok(Settings {
             xks,
+            dke,
             listen,
             ops_listen,
             max_body_bytes: raw.max_body_bytes,

@@ -2,7 +2,8 @@
 //!
 //! - `aes-256-gcm`: a 256-bit key ([`SecretKey`]); wrapped DEKs use suite 1 of the
 //!   wrapped-DEK format (`format.md`).
-//! - `rsa-oaep-3072-sha256`, `rsa-oaep-4096-sha256`: an RSA key pair; wrapped DEKs use
+//! - `rsa-oaep-3072-sha256`, `rsa-oaep-4096-sha256` (and `rsa-oaep-2048-sha256`, for
+//!   Microsoft DKE keys): an RSA key pair; wrapped DEKs use
 //!   suite 2 (`kms_client::rsa_oaep`). Stored as PKCS#8 DER, sealed under the master key
 //!   like any version's material. Clients may wrap offline with the exported public key.
 //!
@@ -58,6 +59,7 @@ impl std::fmt::Debug for Kek {
 
 fn rsa_size(bits: usize) -> Result<KeySize, Error> {
     match bits {
+        2048 => Ok(KeySize::Rsa2048),
         3072 => Ok(KeySize::Rsa3072),
         4096 => Ok(KeySize::Rsa4096),
         _ => Err(Error::Internal("unsupported RSA size")),
@@ -125,6 +127,21 @@ impl Kek {
         match self {
             Kek::Aes(key) => format::unwrap(key, wrapped, canonical_context),
             Kek::Rsa(rsa) => rsa.unwrap(wrapped, canonical_context),
+        }
+    }
+
+    /// RSA-OAEP (SHA-256, MGF1-SHA-256) decryption with no label: Microsoft DKE's
+    /// `decrypt`. Keyhold's own RSA wrapped DEKs carry a label (their header and context),
+    /// so they never open here, and what opens here never opens as a wrapped DEK. `None`
+    /// for AES keys.
+    pub fn decrypt_unlabelled(&self, ciphertext: &[u8]) -> Option<Result<SecretVec, OpenFailed>> {
+        match self {
+            Kek::Aes(_) => None,
+            Kek::Rsa(r) => Some(if ciphertext.len() == r.private.key_size_bytes() {
+                decrypt_oaep_sha256(&r.private, ciphertext, &[])
+            } else {
+                Err(OpenFailed)
+            }),
         }
     }
 

@@ -2224,6 +2224,44 @@ impl Lookups<'_> {
         })
     }
 
+    /// RSA-OAEP-SHA-256 decryption with no label under `version` of RSA key `name`
+    /// (Microsoft DKE). Needs an `unwrap` grant (no context) and an enabled key; a retired
+    /// or unknown version, or a ciphertext that does not open, is `DecryptFailed`.
+    pub fn decrypt_unlabelled(
+        &mut self,
+        who: &Principal,
+        name: &str,
+        version: u32,
+        ciphertext: &[u8],
+    ) -> Result<Unwrapped, Error> {
+        let i = self.by_name(&who.tenant, name)?;
+        let entry = &self.entries[i];
+        entry.check_grant(&who.identity, GrantOperation::Unwrap, &Context::new())?;
+        entry.check_usable()?;
+        if version < entry.record.min_decrypt_version {
+            return Err(Error::DecryptFailed);
+        }
+        let key_name = entry.record.name.clone();
+        let kek = entry.versions.get(&version).ok_or(Error::DecryptFailed)?;
+        let plaintext = kek
+            .material
+            .decrypt_unlabelled(ciphertext)
+            .ok_or_else(|| Error::InvalidRequest(format!("key {key_name} is not an RSA key")))?
+            .map_err(|_| Error::DecryptFailed)?;
+        kek.usage.unwrap(self.keyring.clock.now());
+        Ok(Unwrapped {
+            plaintext,
+            key: key_name,
+            version,
+        })
+    }
+
+    /// The id (hex) of key `name` of `who`'s tenant.
+    pub fn key_id(&mut self, who: &Principal, name: &str) -> Result<String, Error> {
+        let i = self.by_name(&who.tenant, name)?;
+        Ok(self.entries[i].record.id.clone())
+    }
+
     /// As [`Keyring::unwrap`].
     pub fn unwrap(
         &mut self,

@@ -49,6 +49,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+pub mod dke;
 pub mod erasure;
 pub mod error;
 pub mod format;

@@ -274,7 +274,20 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    server::run(Listeners { api, ops, xks }, settings, shutdown_signal()).await?;
+    let dke = match settings.dke.as_ref().map(|d| d.listen) {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the DKE listener to {addr}"))?,
+        ),
+        None => None,
+    };
+    server::run(
+        Listeners { api, ops, xks, dke },
+        settings,
+        shutdown_signal(),
+    )
+    .await?;
     Ok(())
 }
 

@@ -41,6 +41,8 @@ pub struct Listeners {
     pub ops: Option<TcpListener>,
     /// The AWS XKS endpoint (None: off; needs `[xks]`).
     pub xks: Option<TcpListener>,
+    /// The Microsoft DKE endpoint (None: off; needs `[dke]`).
+    pub dke: Option<TcpListener>,
 }
 
 /// Why the server could not start.
@@ -73,6 +75,9 @@ pub enum StartError {
     /// The XKS endpoint could not start (a credentials file).
     #[error("{0}")]
     Xks(String),
+    /// The DKE endpoint could not start.
+    #[error("{0}")]
+    Dke(String),
 }
 
 /// Opens the configured store.
@@ -450,6 +455,21 @@ pub async fn run_with_clock(
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
     let http = Arc::new(http);
+    let dke_task = match (listeners.dke, state.settings.dke.clone()) {
+        (Some(listener), Some(dke_settings)) => Some(start_dke(
+            listener,
+            &dke_settings,
+            state.clone(),
+            http.clone(),
+            handshake_timeout,
+            stop_rx.clone(),
+        )?),
+        (None, Some(_)) => {
+            tracing::warn!("[dke] is configured but no DKE listener was given: DKE is off");
+            None
+        }
+        _ => None,
+    };
     let xks_task = match (listeners.xks, state.settings.xks.clone()) {
         (Some(listener), Some(xks_settings)) => Some(start_xks(
             listener,
@@ -497,6 +517,9 @@ pub async fn run_with_clock(
         }),
     )
     .await;
+    if let Some(t) = dke_task {
+        let _ = t.await;
+    }
     if let Some(t) = xks_task {
         let _ = t.await;
     }
@@ -817,6 +840,42 @@ fn start_xks(
             let _ = rx.wait_for(|s| *s).await;
         },
         Arc::new(move |_: &rustls::ServerConnection| crate::xks::service::service(xks.clone())),
+    )))
+}
+
+/// Starts the Microsoft DKE listener ([`crate::dke`]). Fails when its TLS files do not
+/// load.
+fn start_dke(
+    listener: TcpListener,
+    settings: &crate::dke::settings::DkeSettings,
+    state: Arc<AppState>,
+    http: Arc<auto::Builder<TokioExecutor>>,
+    handshake_timeout: Duration,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>, StartError> {
+    let dke = Arc::new(crate::dke::Dke::new(state, settings).map_err(StartError::Dke)?);
+    let config = crate::dke::server_config(settings)?;
+    tracing::info!(
+        addr = ?listener.local_addr().ok(),
+        keys = settings.keys.len(),
+        "listening (Microsoft DKE)"
+    );
+    let app = crate::dke::router(dke);
+    let mut rx = stop_rx;
+    Ok(tokio::spawn(serve_tls(
+        listener,
+        move || config.clone(),
+        handshake_timeout,
+        http,
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        },
+        Arc::new(move |_: &rustls::ServerConnection| {
+            let app = app.clone();
+            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                app.clone().oneshot(req)
+            })
+        }),
     )))
 }
 

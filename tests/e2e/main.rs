@@ -17,6 +17,7 @@ mod client;
 mod crash;
 mod crypto;
 mod curl;
+mod dke;
 mod faults;
 mod hardening;
 mod hostile;

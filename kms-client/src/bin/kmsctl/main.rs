@@ -194,7 +194,8 @@ pub(crate) enum KeysCmd {
         /// Automatic rotation period, e.g. 90d.
         #[arg(long)]
         rotation_period: Option<String>,
-        /// aes-256-gcm (default), rsa-oaep-3072-sha256 or rsa-oaep-4096-sha256.
+        /// aes-256-gcm (default), rsa-oaep-3072-sha256, rsa-oaep-4096-sha256 or
+        /// rsa-oaep-2048-sha256 (Microsoft DKE keys only).
         #[arg(long, value_parser = parse_algorithm)]
         algorithm: Option<kms_client::api::Algorithm>,
         /// Let an identity use the key: IDENTITY (every operation) or
@@ -416,7 +417,7 @@ fn parse_grant(s: &str) -> Result<kms_client::api::Grant, String> {
 
 fn parse_algorithm(s: &str) -> Result<kms_client::api::Algorithm, String> {
     serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
-        format!("`{s}`: expected aes-256-gcm, rsa-oaep-3072-sha256 or rsa-oaep-4096-sha256")
+        format!("`{s}`: expected aes-256-gcm, rsa-oaep-3072-sha256, rsa-oaep-4096-sha256 or rsa-oaep-2048-sha256")
     })
 }
 

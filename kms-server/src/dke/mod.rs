@@ -1,0 +1,412 @@
+//! Microsoft Purview Double Key Encryption (issue 11; `docs/microsoft-dke.md`): the
+//! customer-held key service that Office clients call directly, on a public HTTPS
+//! listener of its own (server certificate only; users authenticate with Entra ID bearer
+//! tokens, verified by [`crate::jwt`]).
+//!
+//! - `GET /dke/{keyName}`: anonymous; the current public key of the mapped Keyhold RSA
+//!   key, with `kid` = `{url}/{keyName}/{keyId}`, where `keyId` is `<Keyhold key id>-<version>`.
+//! - `POST /dke/{keyName}/{keyId}/decrypt`: RSA-OAEP-SHA-256 (no label) with that version's
+//!   private key, on the keyring's constant-time RSA path; rolled keys keep decrypting by
+//!   their key id until their version is retired.
+//!
+//! Every call goes through the keyring as the configured DKE identity (its grants: `wrap`
+//! to publish a key, `unwrap` to decrypt), so disabling the key stops DKE at once, and is
+//! audited like a native call, with the user's email or UPN, never key bytes.
+
+pub mod settings;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::Error;
+use crate::jwt::{JwtError, Verifier};
+use crate::policy::{Principal, Role};
+use crate::routes::AppState;
+use settings::{DkeSettings, KeyMapping};
+
+/// The one algorithm of `decrypt`.
+pub const ALG: &str = "RSA-OAEP-256";
+/// Largest request body.
+pub const MAX_BODY: usize = 16 * 1024;
+
+/// The DKE endpoint.
+pub struct Dke {
+    app: Arc<AppState>,
+    settings: DkeSettings,
+    verifier: Verifier,
+    principal: Principal,
+    keys: HashMap<String, KeyMapping>,
+    challenge: HeaderValue,
+}
+
+/// The claims DKE reads (besides those [`Verifier`] checks).
+#[derive(Debug, Default, Deserialize)]
+struct Claims {
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    upn: Option<String>,
+    #[serde(default)]
+    unique_name: Option<String>,
+    #[serde(default)]
+    groups: Vec<String>,
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+impl Claims {
+    /// The user, lower-cased: `email`, else `upn`, else `unique_name`.
+    fn user(&self) -> Option<String> {
+        self.email
+            .as_ref()
+            .or(self.upn.as_ref())
+            .or(self.unique_name.as_ref())
+            .map(|u| u.to_lowercase())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DecryptRequest {
+    alg: String,
+    value: String,
+}
+
+/// What a request leaves for its audit record.
+#[derive(Default)]
+struct Facts {
+    user: Option<String>,
+    key: Option<String>,
+    version: Option<u32>,
+    dke_key: Option<String>,
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({"error": message}))).into_response()
+}
+
+/// The key id DKE clients see: the Keyhold key id and the version.
+fn key_id(id: &str, version: u32) -> String {
+    format!("{id}-{version}")
+}
+
+fn parse_key_id(s: &str) -> Option<(&str, u32)> {
+    let (id, version) = s.rsplit_once('-')?;
+    Some((id, version.parse().ok()?))
+}
+
+/// `cache.exp`: `yyyy-MM-ddTHH:mm:ss` (UTC) at `secs` from now.
+fn cache_exp(after: std::time::Duration) -> String {
+    let at = std::time::SystemTime::now() + after;
+    let text = humantime::format_rfc3339_seconds(at).to_string();
+    text.trim_end_matches('Z').to_owned()
+}
+
+impl Dke {
+    /// The endpoint for `settings` (its key set is read at the first token).
+    pub fn new(app: Arc<AppState>, settings: &DkeSettings) -> Result<Self, String> {
+        let challenge = HeaderValue::from_str(&format!(
+            "Bearer resource=\"{aud}\", authorization=\"{auth}\", realm=\"{aud}\"",
+            aud = settings.jwt.audiences.first().cloned().unwrap_or_default(),
+            auth = settings.authorization_url,
+        ))
+        .map_err(|_| "dke: the challenge is not a valid header value".to_owned())?;
+        Ok(Self {
+            app,
+            verifier: Verifier::new(settings.jwt.clone()),
+            principal: Principal {
+                identity: settings.identity.clone(),
+                tenant: settings.tenant.clone(),
+                role: Role::App,
+            },
+            keys: settings
+                .keys
+                .iter()
+                .map(|k| (k.name.clone(), k.clone()))
+                .collect(),
+            challenge,
+            settings: settings.clone(),
+        })
+    }
+
+    fn unauthorized(&self, message: &str) -> Response {
+        let mut resp = refuse(StatusCode::UNAUTHORIZED, message);
+        resp.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, self.challenge.clone());
+        resp
+    }
+
+    /// A keyring error as DKE answers it.
+    fn keyring_error(e: &Error) -> Response {
+        match e {
+            Error::PermissionDenied(_) => {
+                refuse(StatusCode::FORBIDDEN, "this key may not be used here")
+            }
+            Error::Sealed | Error::Storage(_) => refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the key service is unavailable",
+            ),
+            Error::DecryptFailed => refuse(StatusCode::BAD_REQUEST, "the value does not decrypt"),
+            _ => refuse(StatusCode::BAD_REQUEST, "the key is unknown or unusable"),
+        }
+    }
+
+    async fn public_key(&self, name: &str, facts: &mut Facts) -> Response {
+        let Some(mapping) = self.keys.get(name) else {
+            return refuse(StatusCode::BAD_REQUEST, "unknown key");
+        };
+        facts.dke_key = Some(name.to_owned());
+        facts.key = Some(mapping.key.clone());
+        let found = self
+            .app
+            .keyring
+            .public_key(&self.principal, &mapping.key, None);
+        let (info, version, der) = match found {
+            Ok(f) => f,
+            Err(e) => return Self::keyring_error(&e),
+        };
+        facts.version = Some(version);
+        use rsa::pkcs8::DecodePublicKey as _;
+        use rsa::traits::PublicKeyParts as _;
+        let Ok(public) = rsa::RsaPublicKey::from_public_key_der(&der) else {
+            return refuse(StatusCode::INTERNAL_SERVER_ERROR, "public key encoding");
+        };
+        let e = public
+            .e()
+            .to_bytes_be()
+            .iter()
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+        let mut body = json!({
+            "key": {
+                "kty": "RSA",
+                "n": B64.encode(public.n().to_bytes_be()),
+                "e": e,
+                "alg": "RS256",
+                "kid": format!("{}/{name}/{}", self.settings.url, key_id(&info.id, version)),
+            }
+        });
+        if let Some(after) = self.settings.key_cache {
+            body["cache"] = json!({"exp": cache_exp(after)});
+        }
+        Json(body).into_response()
+    }
+
+    async fn decrypt(
+        self: &Arc<Self>,
+        name: &str,
+        kid: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+        facts: &mut Facts,
+    ) -> Response {
+        let Some(token) = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            })
+            .map(|t| t.trim().to_owned())
+        else {
+            return self.unauthorized("a bearer token is required");
+        };
+        let me = self.clone();
+        let verified = tokio::task::spawn_blocking(move || me.verifier.verify::<Claims>(&token))
+            .await
+            .unwrap_or(Err(JwtError::Malformed));
+        let claims = match verified {
+            Ok(c) => c,
+            Err(JwtError::KeySet(e)) => {
+                tracing::error!(error = %e, "DKE: the token issuer's key set is unavailable");
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the token issuer's keys are unavailable",
+                );
+            }
+            Err(e) => return self.unauthorized(&e.to_string()),
+        };
+        facts.user = claims.user();
+        let Some(mapping) = self.keys.get(name) else {
+            return refuse(StatusCode::BAD_REQUEST, "unknown key");
+        };
+        facts.dke_key = Some(name.to_owned());
+        facts.key = Some(mapping.key.clone());
+        let by_user = facts
+            .user
+            .as_ref()
+            .is_some_and(|u| mapping.emails.iter().any(|m| m == u));
+        let by_group = claims
+            .groups
+            .iter()
+            .chain(&claims.roles)
+            .any(|g| mapping.groups.contains(g));
+        if !(by_user || by_group) {
+            self.app.alerts.raise(crate::alert::AlertEvent::new(
+                "denied",
+                facts.user.as_deref(),
+                format!("DKE decrypt with {name}: user not allowed"),
+            ));
+            return refuse(StatusCode::FORBIDDEN, "this user may not use this key");
+        }
+        let Ok(req) = serde_json::from_slice::<DecryptRequest>(body) else {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "expected {\"alg\":\"RSA-OAEP-256\",\"value\":\"<base64>\"}",
+            );
+        };
+        if req.alg != ALG {
+            return refuse(StatusCode::BAD_REQUEST, "alg must be RSA-OAEP-256");
+        }
+        let Ok(ciphertext) = B64.decode(req.value.as_bytes()) else {
+            return refuse(StatusCode::BAD_REQUEST, "value is not base64");
+        };
+        let Some((id, version)) = parse_key_id(kid) else {
+            return refuse(StatusCode::BAD_REQUEST, "unknown key id");
+        };
+        facts.version = Some(version);
+        let (me, id, key) = (self.clone(), id.to_owned(), mapping.key.clone());
+        let opened = crate::routes::blocking(move || {
+            let mut lookups = me.app.keyring.lookups()?;
+            // The key id names the Keyhold key: a key destroyed and made again under the
+            // same name is another key.
+            if lookups.key_id(&me.principal, &key)? != id {
+                return Err(Error::DecryptFailed);
+            }
+            lookups.decrypt_unlabelled(&me.principal, &key, version, &ciphertext)
+        })
+        .await;
+        match opened {
+            Ok(u) => {
+                Json(json!({"value": B64.encode(u.plaintext.expose_secret())})).into_response()
+            }
+            Err(e) => Self::keyring_error(&e),
+        }
+    }
+
+    /// Audits and finishes one request (the record is durable before the response leaves).
+    async fn finish(
+        &self,
+        op: &str,
+        started: Instant,
+        facts: Facts,
+        mut resp: Response,
+    ) -> Response {
+        let id = self.app.next_request_id();
+        let status = resp.status().as_u16();
+        let outcome = if resp.status().is_success() {
+            "ok".to_owned()
+        } else {
+            status.to_string()
+        };
+        let mut attributes = std::collections::BTreeMap::new();
+        attributes.insert("protocol".to_owned(), "dke".to_owned());
+        if let Some(u) = &facts.user {
+            attributes.insert("user".to_owned(), u.clone());
+        }
+        if let Some(k) = &facts.dke_key {
+            attributes.insert("dkeKey".to_owned(), k.clone());
+        }
+        let elapsed = started.elapsed();
+        let draft = crate::audit::AuditDraft {
+            request_id: id,
+            identity: Some(self.principal.identity.clone()),
+            tenant: Some(self.principal.tenant.clone()),
+            operation: format!("DKE {op}"),
+            key: facts.key.clone(),
+            version: facts.version,
+            context_hash: None,
+            outcome: outcome.clone(),
+            status,
+            latency_us: elapsed.as_micros() as u64,
+            attributes: Some(attributes),
+        };
+        if let Err(e) = self.app.audit.append(draft).await {
+            tracing::error!(error = %e, "DKE: the audit record could not be written; response withheld");
+            resp = refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the audit trail is unavailable",
+            );
+        }
+        let route = format!("dke {op}");
+        let method = if op == "decrypt" { "POST" } else { "GET" };
+        self.app
+            .finish(&mut resp, id, &route, method, &outcome, elapsed);
+        resp
+    }
+}
+
+async fn get_key(State(dke): State<Arc<Dke>>, Path(name): Path<String>) -> Response {
+    let started = Instant::now();
+    let mut facts = Facts::default();
+    let resp = dke.public_key(&name, &mut facts).await;
+    dke.finish("key", started, facts, resp).await
+}
+
+async fn decrypt(
+    State(dke): State<Arc<Dke>>,
+    Path((name, kid)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let started = Instant::now();
+    let mut facts = Facts::default();
+    let resp = dke.decrypt(&name, &kid, &headers, &body, &mut facts).await;
+    dke.finish("decrypt", started, facts, resp).await
+}
+
+/// TLS of the DKE listener: its server certificate, TLS 1.2 and 1.3, no client
+/// certificate (users authenticate with tokens).
+pub fn server_config(
+    settings: &DkeSettings,
+) -> Result<Arc<rustls::ServerConfig>, crate::tls::TlsError> {
+    use crate::tls::{load_certs, load_key};
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(load_certs(&settings.cert)?, load_key(&settings.key)?)?;
+    crate::tls::finish_server_config(&mut config);
+    Ok(Arc::new(config))
+}
+
+/// The routes of the public listener for DKE.
+pub fn router(dke: Arc<Dke>) -> Router {
+    Router::new()
+        .route("/dke/{name}", get(get_key))
+        .route("/dke/{name}/{kid}/decrypt", post(decrypt))
+        .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such endpoint") })
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(dke)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_ids_and_cache_dates() {
+        assert_eq!(parse_key_id(&key_id("ab12", 3)), Some(("ab12", 3)));
+        assert_eq!(parse_key_id("ab12"), None);
+        assert_eq!(parse_key_id("ab12-x"), None);
+        let exp = cache_exp(std::time::Duration::from_secs(86_400));
+        // yyyy-MM-ddTHH:mm:ss
+        assert_eq!(exp.len(), 19, "{exp}");
+        assert_eq!(&exp[10..11], "T");
+        let claims = Claims {
+            upn: Some("Alice@Example.com".into()),
+            ..Claims::default()
+        };
+        assert_eq!(claims.user().as_deref(), Some("alice@example.com"));
+    }
+}
