@@ -37,10 +37,12 @@ open(f"{work}/token", "w").write(token)
 PY
 cat >> "$work/dev/kms-server.toml" <<TOML
 
-[dke]
+[public]
 listen = "127.0.0.1:$dke"
 cert = "pki/server.pem"
 key = "pki/server-key.pem"
+
+[dke]
 url = "https://localhost/dke"
 issuers = ["https://issuer.bench/"]
 jwks = "$work/jwks.json"

@@ -87,6 +87,8 @@ struct FileConfig {
     #[serde(default)]
     xks: Option<crate::xks::settings::FileXks>,
     #[serde(default)]
+    public: Option<crate::public::FilePublic>,
+    #[serde(default)]
     dke: Option<crate::dke::settings::FileDke>,
 }
 
@@ -390,7 +392,9 @@ pub struct Settings {
     pub process: crate::process::ProcessSettings,
     /// The AWS KMS external key store listener (`[xks]`), if configured.
     pub xks: Option<crate::xks::settings::XksSettings>,
-    /// The Microsoft Double Key Encryption listener (`[dke]`), if configured.
+    /// The public listener of the end-user protocols (`[public]`), if configured.
+    pub public: Option<crate::public::PublicSettings>,
+    /// Microsoft Double Key Encryption on the public listener (`[dke]`), if configured.
     pub dke: Option<crate::dke::settings::DkeSettings>,
 }
 
@@ -616,21 +620,32 @@ impl Settings {
                 ));
             }
         }
-        let dke = match raw.dke {
+        let public = match raw.public {
             None => None,
-            Some(d) => Some(d.validate(resolve).map_err(|(f, m)| err(&f, m))?),
+            Some(p) => Some(p.validate(resolve).map_err(|(f, m)| err(&f, m))?),
         };
-        if let Some(d) = &dke {
+        if let Some(p) = &public {
             let taken = [Some(listen), ops_listen, xks.as_ref().map(|x| x.listen)];
-            if d.listen.port() != 0 && taken.contains(&Some(d.listen)) {
+            if p.listen.port() != 0 && taken.contains(&Some(p.listen)) {
                 return Err(err(
-                    "dke.listen",
+                    "public.listen",
                     "must differ from listen, ops_listen and xks.listen".into(),
                 ));
             }
         }
+        let dke = match raw.dke {
+            None => None,
+            Some(d) => Some(d.validate(resolve).map_err(|(f, m)| err(&f, m))?),
+        };
+        if dke.is_some() && public.is_none() {
+            return Err(err(
+                "dke",
+                "DKE is served on the public listener: configure [public] too".into(),
+            ));
+        }
         Ok(Settings {
             xks,
+            public,
             dke,
             listen,
             ops_listen,
@@ -774,6 +789,76 @@ role = "app"
         )
         .unwrap_err();
         assert_eq!(e.field, "identities[0].tenant");
+    }
+
+    #[test]
+    fn public_and_dke_tables_are_validated_field_by_field() {
+        let (dir, text) = base();
+        std::fs::write(dir.path().join("jwks.json"), "{\"keys\": []}").unwrap();
+        let public = "\n[public]\nlisten = \"127.0.0.1:8444\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let dke = r#"
+[dke]
+url = "https://dke.example.com/dke/"
+issuers = ["https://sts.windows.net/t/"]
+jwks = "jwks.json"
+tenant = "acme"
+identity = "dke:office"
+[[dke.keys]]
+name = "confidential"
+key = "office-dke"
+emails = ["Alice@Example.com"]
+"#;
+        let s = Settings::parse(&format!("{text}{public}{dke}"), dir.path(), "t.toml").unwrap();
+        let d = s.dke.unwrap();
+        assert_eq!(d.url, "https://dke.example.com/dke");
+        assert_eq!(d.keys[0].emails, ["alice@example.com"]);
+        assert_eq!(s.public.unwrap().listen.port(), 8444);
+        // DKE needs the public listener; each bad field is named.
+        let e = Settings::parse(&format!("{text}{dke}"), dir.path(), "t.toml").unwrap_err();
+        assert_eq!(e.field, "dke");
+        for (from, to, field) in [
+            (
+                "url = \"https://dke.example.com/dke/\"",
+                "url = \"http://dke\"",
+                "dke.url",
+            ),
+            (
+                "issuers = [\"https://sts.windows.net/t/\"]",
+                "issuers = []",
+                "dke.issuers",
+            ),
+            (
+                "jwks = \"jwks.json\"",
+                "jwks = \"missing.json\"",
+                "dke.jwks",
+            ),
+            (
+                "jwks = \"jwks.json\"",
+                "jwks = \"http://idp/keys\"",
+                "dke.jwks",
+            ),
+            (
+                "name = \"confidential\"",
+                "name = \"a/b\"",
+                "dke.keys[0].name",
+            ),
+            (
+                "emails = [\"Alice@Example.com\"]",
+                "emails = []",
+                "dke.keys[0]",
+            ),
+        ] {
+            let bad = format!("{text}{public}{}", dke.replace(from, to));
+            let e = Settings::parse(&bad, dir.path(), "t.toml").unwrap_err();
+            assert_eq!(e.field, field, "{e}");
+        }
+        let e = Settings::parse(
+            &format!("{text}{}{dke}", public.replace("c.pem", "missing.pem")),
+            dir.path(),
+            "t.toml",
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "public.cert");
     }
 
     #[test]

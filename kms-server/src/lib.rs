@@ -64,6 +64,7 @@ pub mod ops;
 pub mod pki;
 pub mod policy;
 pub mod process;
+pub mod public;
 pub mod routes;
 pub mod seal;
 pub mod secret;

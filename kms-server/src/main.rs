@@ -274,16 +274,21 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let dke = match settings.dke.as_ref().map(|d| d.listen) {
+    let public = match settings.public.as_ref().map(|p| p.listen) {
         Some(addr) => Some(
             TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("binding the DKE listener to {addr}"))?,
+                .with_context(|| format!("binding the public listener to {addr}"))?,
         ),
         None => None,
     };
     server::run(
-        Listeners { api, ops, xks, dke },
+        Listeners {
+            api,
+            ops,
+            xks,
+            public,
+        },
         settings,
         shutdown_signal(),
     )

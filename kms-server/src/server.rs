@@ -41,8 +41,8 @@ pub struct Listeners {
     pub ops: Option<TcpListener>,
     /// The AWS XKS endpoint (None: off; needs `[xks]`).
     pub xks: Option<TcpListener>,
-    /// The Microsoft DKE endpoint (None: off; needs `[dke]`).
-    pub dke: Option<TcpListener>,
+    /// The public listener of the end-user protocols (None: off; needs `[public]`).
+    pub public: Option<TcpListener>,
 }
 
 /// Why the server could not start.
@@ -75,9 +75,9 @@ pub enum StartError {
     /// The XKS endpoint could not start (a credentials file).
     #[error("{0}")]
     Xks(String),
-    /// The DKE endpoint could not start.
+    /// The public listener could not start.
     #[error("{0}")]
-    Dke(String),
+    Public(String),
 }
 
 /// Opens the configured store.
@@ -455,17 +455,17 @@ pub async fn run_with_clock(
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
     let http = Arc::new(http);
-    let dke_task = match (listeners.dke, state.settings.dke.clone()) {
-        (Some(listener), Some(dke_settings)) => Some(start_dke(
+    let public_task = match (listeners.public, state.settings.public.clone()) {
+        (Some(listener), Some(public_settings)) => Some(start_public(
             listener,
-            &dke_settings,
+            &public_settings,
             state.clone(),
             http.clone(),
             handshake_timeout,
             stop_rx.clone(),
         )?),
         (None, Some(_)) => {
-            tracing::warn!("[dke] is configured but no DKE listener was given: DKE is off");
+            tracing::warn!("[public] is configured but no public listener was given: it is off");
             None
         }
         _ => None,
@@ -517,7 +517,7 @@ pub async fn run_with_clock(
         }),
     )
     .await;
-    if let Some(t) = dke_task {
+    if let Some(t) = public_task {
         let _ = t.await;
     }
     if let Some(t) = xks_task {
@@ -843,24 +843,23 @@ fn start_xks(
     )))
 }
 
-/// Starts the Microsoft DKE listener ([`crate::dke`]). Fails when its TLS files do not
-/// load.
-fn start_dke(
+/// Starts the public listener ([`crate::public`]) with the configured protocols. Fails
+/// when its TLS files do not load.
+fn start_public(
     listener: TcpListener,
-    settings: &crate::dke::settings::DkeSettings,
+    settings: &crate::public::PublicSettings,
     state: Arc<AppState>,
     http: Arc<auto::Builder<TokioExecutor>>,
     handshake_timeout: Duration,
     stop_rx: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, StartError> {
-    let dke = Arc::new(crate::dke::Dke::new(state, settings).map_err(StartError::Dke)?);
-    let config = crate::dke::server_config(settings)?;
+    let app = crate::public::router(&state).map_err(StartError::Public)?;
+    let config = crate::public::server_config(settings)?;
     tracing::info!(
         addr = ?listener.local_addr().ok(),
-        keys = settings.keys.len(),
-        "listening (Microsoft DKE)"
+        dke = state.settings.dke.is_some(),
+        "listening (public: end-user protocols)"
     );
-    let app = crate::dke::router(dke);
     let mut rx = stop_rx;
     Ok(tokio::spawn(serve_tls(
         listener,

@@ -116,10 +116,12 @@ impl Dke {
         std::fs::write(&jwks, issuer.jwks.to_string()).unwrap();
         let extra = format!(
             r#"
-[dke]
+[public]
 listen = "127.0.0.1:0"
 cert = "pki/server.pem"
 key = "pki/server-key.pem"
+
+[dke]
 url = "{URL}"
 issuers = ["{ISS}"]
 jwks = "{jwks}"
@@ -151,7 +153,7 @@ groups = ["hr-group-id"]
             assert_eq!(r.0, 201, "{r:?}");
         }
         let client = keyhold_tests::client_for(&s.pki, None, false);
-        let base = format!("https://localhost:{}", s.dke_addr.unwrap().port());
+        let base = format!("https://localhost:{}", s.public_addr.unwrap().port());
         Dke {
             s,
             issuer,
@@ -222,6 +224,14 @@ async fn dke_serves_office_clients_and_refuses_each_bad_call_on_its_own() {
     let exp = got["cache"]["exp"].as_str().unwrap();
     assert_eq!((exp.len(), &exp[10..11]), (19, "T"), "{exp}");
     assert_eq!(d.get_key("nope").await.0, 400);
+    // Nothing else is served on the public listener.
+    let r = d
+        .client
+        .get(format!("{}/v1/keys", d.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
 
     // A blob encrypted by OpenSSL with that key decrypts for Alice (any case of her email).
     let secret = [42u8; 32];

@@ -308,8 +308,8 @@ pub struct TestServer {
     pub ops_addr: SocketAddr,
     /// The XKS listener, when the config has `[xks]`.
     pub xks_addr: Option<SocketAddr>,
-    /// The DKE listener, when the config has `[dke]`.
-    pub dke_addr: Option<SocketAddr>,
+    /// The public listener, when the config has `[public]`.
+    pub public_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), server::StartError>>>,
     /// Seconds added to the system clock for this server (see [`TestServer::advance_clock`]).
@@ -398,7 +398,7 @@ impl TestServer {
             addr: "127.0.0.1:0".parse().unwrap(),
             ops_addr: "127.0.0.1:0".parse().unwrap(),
             xks_addr: None,
-            dke_addr: None,
+            public_addr: None,
             stop: None,
             task: None,
             clock_offset: Default::default(),
@@ -419,11 +419,11 @@ impl TestServer {
             None => None,
         };
         self.xks_addr = xks.as_ref().map(|l| l.local_addr().unwrap());
-        let dke = match &settings.dke {
+        let public = match &settings.public {
             Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
             None => None,
         };
-        self.dke_addr = dke.as_ref().map(|l| l.local_addr().unwrap());
+        self.public_addr = public.as_ref().map(|l| l.local_addr().unwrap());
         self.addr = api.local_addr().unwrap();
         self.ops_addr = ops.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
@@ -437,7 +437,7 @@ impl TestServer {
                 api,
                 ops: Some(ops),
                 xks,
-                dke,
+                public,
             },
             settings,
             async move {
@@ -499,7 +499,7 @@ impl TestServer {
             addr: "127.0.0.1:0".parse().unwrap(),
             ops_addr: "127.0.0.1:0".parse().unwrap(),
             xks_addr: None,
-            dke_addr: None,
+            public_addr: None,
             stop: None,
             task: None,
             clock_offset: Default::default(),

@@ -33,7 +33,10 @@ fn main() {
         )
         .unwrap();
     assert_eq!(
-        kek.decrypt_unlabelled(&ct).unwrap().unwrap().expose_secret(),
+        kek.decrypt_unlabelled(&ct)
+            .unwrap()
+            .unwrap()
+            .expose_secret(),
         &[7u8; 32]
     );
     let until = Instant::now() + Duration::from_secs(secs);

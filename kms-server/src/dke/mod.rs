@@ -1,7 +1,7 @@
 //! Microsoft Purview Double Key Encryption (issue 11; `docs/microsoft-dke.md`): the
-//! customer-held key service that Office clients call directly, on a public HTTPS
-//! listener of its own (server certificate only; users authenticate with Entra ID bearer
-//! tokens, verified by [`crate::jwt`]).
+//! customer-held key service that Office clients call directly, on the public HTTPS
+//! listener ([`crate::public`]: server certificate only; users authenticate with Entra ID
+//! bearer tokens, verified by [`crate::jwt`]).
 //!
 //! - `GET /dke/{keyName}`: anonymous; the current public key of the mapped Keyhold RSA
 //!   key, with `kid` = `{url}/{keyName}/{keyId}`, where `keyId` is `<Keyhold key id>-<version>`.
@@ -365,27 +365,11 @@ async fn decrypt(
     dke.finish("decrypt", started, facts, resp).await
 }
 
-/// TLS of the DKE listener: its server certificate, TLS 1.2 and 1.3, no client
-/// certificate (users authenticate with tokens).
-pub fn server_config(
-    settings: &DkeSettings,
-) -> Result<Arc<rustls::ServerConfig>, crate::tls::TlsError> {
-    use crate::tls::{load_certs, load_key};
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_single_cert(load_certs(&settings.cert)?, load_key(&settings.key)?)?;
-    crate::tls::finish_server_config(&mut config);
-    Ok(Arc::new(config))
-}
-
 /// The routes of the public listener for DKE.
 pub fn router(dke: Arc<Dke>) -> Router {
     Router::new()
         .route("/dke/{name}", get(get_key))
         .route("/dke/{name}/{kid}/decrypt", post(decrypt))
-        .fallback(|| async { refuse(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(dke)
 }

@@ -1,8 +1,7 @@
-//! The `[dke]` table: the public HTTPS listener Office clients call (server certificate, no
-//! client certificate), the token issuer (Microsoft Entra ID, or a test issuer), and which
-//! Keyhold keys serve which DKE key names, for whom.
+//! The `[dke]` table: the token issuer (Microsoft Entra ID, or a test issuer), and which
+//! Keyhold keys serve which DKE key names, for whom. DKE is served on the public listener
+//! (`[public]`, [`crate::public`]) under `/dke`.
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -30,9 +29,6 @@ fn default_authorize() -> String {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct FileDke {
-    listen: String,
-    cert: PathBuf,
-    key: PathBuf,
     /// The service's own URL (`https://dke.example.com`): the tokens' audience, the
     /// challenge's `resource` and `realm`, and the base of every key's `kid`.
     url: String,
@@ -90,12 +86,6 @@ pub struct KeyMapping {
 /// `[dke]`, validated.
 #[derive(Debug, Clone)]
 pub struct DkeSettings {
-    /// Listener.
-    pub listen: SocketAddr,
-    /// Server certificate chain (PEM).
-    pub cert: PathBuf,
-    /// Its key (PEM).
-    pub key: PathBuf,
     /// The service URL, without a trailing slash.
     pub url: String,
     /// Token checks.
@@ -126,15 +116,6 @@ impl FileDke {
         resolve: impl Fn(&Path) -> PathBuf,
     ) -> Result<DkeSettings, (String, String)> {
         let e = |f: &str, m: &str| Err((format!("dke.{f}"), m.to_owned()));
-        let Ok(listen) = self.listen.parse::<SocketAddr>() else {
-            return e("listen", "must be host:port");
-        };
-        let (cert, key) = (resolve(&self.cert), resolve(&self.key));
-        for (f, p) in [("cert", &cert), ("key", &key)] {
-            if !p.is_file() {
-                return e(f, &format!("{} is not a readable file", p.display()));
-            }
-        }
         let url = self.url.trim_end_matches('/').to_owned();
         if !url.starts_with("https://") || url.len() <= "https://".len() {
             return e("url", "must be the service's https:// URL");
@@ -184,9 +165,6 @@ impl FileDke {
             });
         }
         Ok(DkeSettings {
-            listen,
-            cert,
-            key,
             jwt: JwtSettings {
                 issuers: self.issuers,
                 audiences: vec![url.clone(), format!("{url}/")],
