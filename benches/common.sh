@@ -17,11 +17,25 @@ wait_ready() {
   echo "server on ops port $1 did not become ready" >&2; return 1
 }
 
-# start_dev DATA_DIR API_PORT OPS_PORT: a background `kms-server dev`, ready on return.
+# start_dev DATA_DIR API_PORT OPS_PORT: a background `kms-server dev`, ready on return; its
+# public listener (Microsoft DKE) on a free port, left in $dev_public.
 start_dev() {
-  RUST_LOG=warn "$bin/kms-server" dev --data-dir "$1" --listen "127.0.0.1:$2" --ops-listen "127.0.0.1:$3" 2>"$1.log" &
+  dev_public=$(free_port)
+  RUST_LOG=warn "$bin/kms-server" dev --data-dir "$1" --listen "127.0.0.1:$2" --ops-listen "127.0.0.1:$3" \
+    --public-listen "127.0.0.1:$dev_public" 2>"$1.log" &
   pids+=($!)
   wait_ready "$3"
+}
+
+# strip_public CONFIG: drops the end-user protocols (the public listener and what it serves,
+# the last part of a dev config) from CONFIG, for servers started from copies of it.
+strip_public() {
+  python3 - "$1" <<'PY'
+import sys
+path = sys.argv[1]
+text = open(path).read()
+open(path, "w").write(text.split("\n# The end-user protocols")[0] + "\n")
+PY
 }
 
 # twin_dev_dirs FIRST SECOND API OPS API2 OPS2: a dev data dir (PKI, store, demo key) made
@@ -32,6 +46,7 @@ twin_dev_dirs() {
   start_dev "$1" "$3" "$4"
   kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
   pids=()
+  strip_public "$1/kms-server.toml"
   cp -r "$1" "$2"
   sed -i "s/^listen = .*/listen = \"127.0.0.1:$5\"/; s/^ops_listen = .*/ops_listen = \"127.0.0.1:$6\"/" "$2/kms-server.toml"
 }

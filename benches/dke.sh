@@ -3,65 +3,25 @@
 # cached), at each concurrency level, beside the raw RSA-OAEP-2048 decryption rate of the
 # server's RSA implementation on one core (`rsa_rate`, measured in the same run with the
 # server idle). Issue 11's target: DKE decrypt throughput at least 0.8 of that rate.
+# Runs `kms-server dev`, whose public listener serves DKE with the demo RSA-2048 key and a
+# local token issuer (`kms-server dev token`).
 #
 # Usage: bash benches/dke.sh [duration-seconds] [concurrency levels...]
 #   e.g. bash benches/dke.sh 10 16
-# Needs python3 with PyJWT and cryptography (the token issuer and the client-side
-# encryption, as in the e2e tests). Loopback only; bounded in time. The load generator and
-# the server share the machine's cores.
+# Needs python3 with `cryptography` (the client-side encryption, as Office does it).
+# Loopback only; bounded in time. The load generator and the server share the cores.
 duration=${1:-10}
 shift || true
 levels=${*:-16}
 source "$(dirname "$0")/common.sh"
 cargo build --release -q -p keyhold-benches --bin rsa_rate
-api=$(free_port); ops=$(free_port); dke=$(free_port)
+api=$(free_port); ops=$(free_port)
 start_dev "$work/dev" "$api" "$ops"
-kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
-pids=()
 pki="$work/dev/pki"
-
-# The token issuer: a key, its JWK set, a token for alice@example.com.
-python3 - "$work" <<'PY'
-import base64, json, sys, time
-import jwt
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives import serialization
-work = sys.argv[1]
-key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-n = key.public_key().public_numbers().n
-b64 = lambda i: base64.urlsafe_b64encode(i.to_bytes((i.bit_length() + 7) // 8, "big")).rstrip(b"=").decode()
-json.dump({"keys": [{"kty": "RSA", "kid": "bench", "n": b64(n), "e": b64(65537)}]}, open(f"{work}/jwks.json", "w"))
-token = jwt.encode({"iss": "https://issuer.bench/", "aud": "https://localhost/dke", "email": "alice@example.com",
-                    "exp": int(time.time()) + 3600}, key, algorithm="RS256", headers={"kid": "bench"})
-open(f"{work}/token", "w").write(token)
-PY
-cat >> "$work/dev/kms-server.toml" <<TOML
-
-[public]
-listen = "127.0.0.1:$dke"
-cert = "pki/server.pem"
-key = "pki/server-key.pem"
-
-[dke]
-url = "https://localhost/dke"
-issuers = ["https://issuer.bench/"]
-jwks = "$work/jwks.json"
-tenant = "dev"
-identity = "dke:bench"
-
-[[dke.keys]]
-name = "bench"
-key = "dke-bench"
-emails = ["alice@example.com"]
-TOML
-RUST_LOG=warn "$bin/kms-server" serve --config "$work/dev/kms-server.toml" 2>"$work/serve.log" &
-pids+=($!)
-wait_ready "$ops"
-curl -sSf --cacert "$pki/ca.pem" --cert "$pki/admin.pem" --key "$pki/admin-key.pem" -H 'content-type: application/json' \
-  -d '{"name":"dke-bench","algorithm":"rsa-oaep-2048-sha256","grants":[{"identity":"dke:bench","operations":["wrap","unwrap"]}]}' \
-  "https://127.0.0.1:$api/v1/keys" >/dev/null
+dke=$dev_public
+token=$("$bin/kms-server" dev token --data-dir "$work/dev" --email alice@example.com)
 # The public key from the DKE GET, a blob encrypted with it as Office would.
-curl -sSf --cacert "$pki/ca.pem" "https://localhost:$dke/dke/bench" --resolve "localhost:$dke:127.0.0.1" > "$work/key.json"
+curl -sSf --cacert "$pki/ca.pem" "https://localhost:$dke/dke/demo-dke" --resolve "localhost:$dke:127.0.0.1" > "$work/key.json"
 python3 - "$work" <<'PY'
 import base64, json, sys
 from cryptography.hazmat.primitives.asymmetric import rsa, padding
@@ -71,10 +31,10 @@ k = json.load(open(f"{work}/key.json"))["key"]
 public = rsa.RSAPublicNumbers(k["e"], int.from_bytes(base64.b64decode(k["n"]), "big")).public_key()
 ct = public.encrypt(b"\x2a" * 32, padding.OAEP(mgf=padding.MGF1(hashes.SHA256()), algorithm=hashes.SHA256(), label=None))
 json.dump({"alg": "RSA-OAEP-256", "value": base64.b64encode(ct).decode()}, open(f"{work}/decrypt.json", "w"))
-open(f"{work}/path", "w").write(k["kid"].removeprefix("https://localhost") + "/decrypt")
+path = "/" + k["kid"].split("/", 3)[3]
+open(f"{work}/path", "w").write(path + "/decrypt")
 PY
 path=$(cat "$work/path")
-token=$(cat "$work/token")
 # Sanity: one decrypt through curl.
 curl -sSf --cacert "$pki/ca.pem" --resolve "localhost:$dke:127.0.0.1" -H "authorization: Bearer $token" \
   -H 'content-type: application/json' -d @"$work/decrypt.json" "https://localhost:$dke$path" >/dev/null

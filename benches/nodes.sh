@@ -37,7 +37,7 @@ for n in 1 2 3; do
   python3 - "$work/dev/kms-server.toml" "$d/kms-server.toml" "$a" "$o" "$url" "node-$n" <<'PY'
 import re, sys
 src, dst, api, ops, url, node = sys.argv[1:]
-t = open(src).read()
+t = open(src).read().split("\n# The end-user protocols")[0] + "\n"
 t = re.sub(r'^listen = .*$', f'listen = "127.0.0.1:{api}"', t, count=1, flags=re.M)
 t = re.sub(r'^ops_listen = .*$', f'ops_listen = "127.0.0.1:{ops}"', t, count=1, flags=re.M)
 t = t.replace('[store]\nengine = "redb"\npath = "keyhold.redb"',

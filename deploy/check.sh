@@ -111,7 +111,8 @@ ports=$(python3 -c 'import socket
 a=socket.socket(); a.bind(("127.0.0.1",0)); b=socket.socket(); b.bind(("127.0.0.1",0))
 print(a.getsockname()[1], b.getsockname()[1])')
 api=${ports% *}; ops=${ports#* }
-"$bin" dev --data-dir "$tmp/dev" --listen "127.0.0.1:$api" --ops-listen "127.0.0.1:$ops" > "$tmp/dev.log" 2>&1 &
+public=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+"$bin" dev --data-dir "$tmp/dev" --listen "127.0.0.1:$api" --ops-listen "127.0.0.1:$ops" --public-listen "127.0.0.1:$public" > "$tmp/dev.log" 2>&1 &
 dev=$!
 trap 'kill $receiver $dev 2>/dev/null; rm -rf "$tmp"' EXIT
 for _ in $(seq 100); do "$bin" health --ops "127.0.0.1:$ops" >/dev/null 2>&1 && break; sleep 0.1; done

@@ -57,9 +57,89 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     f.sync_all()
 }
 
-/// Creates (or reuses) the dev PKI, key file, config, store and demo key under `dir`, and
-/// returns the config path.
-pub fn prepare(dir: &Path, listen: SocketAddr, ops_listen: SocketAddr) -> anyhow::Result<PathBuf> {
+/// The dev token issuer (`kms-server dev token`): its `iss`, the key id in its JWK set.
+pub const DEV_ISSUER: &str = "https://keyhold.dev/dev-issuer";
+const DEV_ISSUER_KID: &str = "dev-issuer-1";
+/// The DKE key of dev mode (an RSA-2048 Keyhold key of the same name).
+pub const DEMO_DKE_KEY: &str = "demo-dke";
+/// The identity DKE calls run as in dev mode.
+pub const DEV_DKE_IDENTITY: &str = "dke:dev";
+/// The user dev-mode DKE lets decrypt.
+pub const DEV_DKE_USER: &str = "alice@example.com";
+
+/// Makes the dev token issuer's key (PKCS#8 PEM, mode 600) and its JWK set, once.
+fn prepare_issuer(layout: &DevLayout) -> anyhow::Result<()> {
+    use aws_lc_rs::encoding::AsDer as _;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    use base64::Engine as _;
+    use rsa::pkcs8::DecodePublicKey as _;
+    use rsa::traits::PublicKeyParts as _;
+    if layout.path("dev-issuer-key.pem").exists() && layout.path("dev-jwks.json").exists() {
+        return Ok(());
+    }
+    let key = aws_lc_rs::rsa::PrivateDecryptingKey::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+        .map_err(|_| anyhow::anyhow!("dev issuer key generation failed"))?;
+    let der = key
+        .as_der()
+        .map_err(|_| anyhow::anyhow!("dev issuer key encoding failed"))?;
+    let body = STANDARD.encode(der.as_ref());
+    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(std::str::from_utf8(line)?);
+        pem.push('\n');
+    }
+    pem.push_str("-----END PRIVATE KEY-----\n");
+    let spki = key
+        .public_key()
+        .as_der()
+        .map_err(|_| anyhow::anyhow!("dev issuer public key encoding failed"))?;
+    let public = rsa::RsaPublicKey::from_public_key_der(spki.as_ref())?;
+    let jwks = serde_json::json!({"keys": [{
+        "kty": "RSA", "kid": DEV_ISSUER_KID, "use": "sig", "alg": "RS256",
+        "n": URL_SAFE_NO_PAD.encode(public.n().to_bytes_be()),
+        "e": URL_SAFE_NO_PAD.encode(public.e().to_bytes_be()),
+    }]});
+    write_private(&layout.path("dev-issuer-key.pem"), &pem)?;
+    fs::write(
+        layout.path("dev-jwks.json"),
+        serde_json::to_vec_pretty(&jwks)?,
+    )?;
+    Ok(())
+}
+
+/// A token from the dev issuer for `email`, valid `ttl`, with the audience of the dev
+/// config's DKE (`kms-server dev token`).
+pub fn token(dir: &Path, email: &str, ttl: std::time::Duration) -> anyhow::Result<String> {
+    let config = dir.join("kms-server.toml");
+    let settings = Settings::load(&config)?;
+    let dke = settings.dke.ok_or_else(|| {
+        anyhow::anyhow!("{}: no [dke]: run `kms-server dev` once", config.display())
+    })?;
+    let pem = fs::read(dir.join("dev-issuer-key.pem"))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let claims = serde_json::json!({
+        "iss": DEV_ISSUER, "aud": dke.url, "email": email,
+        "iat": now, "exp": now + ttl.as_secs(),
+    });
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+    header.kid = Some(DEV_ISSUER_KID.to_owned());
+    Ok(jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_rsa_pem(&pem)?,
+    )?)
+}
+
+/// Creates (or reuses) the dev PKI, key file, token issuer, config, store and demo keys
+/// under `dir`, and returns the config path.
+pub fn prepare(
+    dir: &Path,
+    listen: SocketAddr,
+    ops_listen: SocketAddr,
+    public_listen: SocketAddr,
+) -> anyhow::Result<PathBuf> {
     let layout = DevLayout {
         dir: dir.to_path_buf(),
     };
@@ -88,6 +168,8 @@ pub fn prepare(dir: &Path, listen: SocketAddr, ops_listen: SocketAddr) -> anyhow
     if !key_file.exists() {
         KeyFileSealer::generate(&key_file)?;
     }
+    prepare_issuer(&layout)?;
+    let public_port = public_listen.port();
     let config_path = layout.path("kms-server.toml");
     let config = format!(
         r#"# Written by `kms-server dev`. NOT FOR PRODUCTION: the key file that unseals the
@@ -128,6 +210,24 @@ role = "app"
 identity = "{DEV_AUDITOR}"
 tenant = "{DEV_TENANT}"
 role = "auditor"
+
+# The end-user protocols, with a local token issuer (`kms-server dev token`).
+[public]
+listen = "{public_listen}"
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+
+[dke]
+url = "https://localhost:{public_port}/dke"
+issuers = ["{DEV_ISSUER}"]
+jwks = "dev-jwks.json"
+tenant = "{DEV_TENANT}"
+identity = "{DEV_DKE_IDENTITY}"
+
+[[dke.keys]]
+name = "{DEMO_DKE_KEY}"
+key = "{DEMO_DKE_KEY}"
+emails = ["{DEV_DKE_USER}"]
 "#
     );
     fs::write(&config_path, config)?;
@@ -150,12 +250,32 @@ role = "auditor"
         Ok(_) | Err(Error::AlreadyExists) => {}
         Err(e) => return Err(e.into()),
     }
+    // DKE's demo key: RSA-2048, as Office clients use; DKE may publish and decrypt.
+    let dke_grant = Grant::new(
+        DEV_DKE_IDENTITY,
+        &[GrantOperation::Wrap, GrantOperation::Unwrap],
+    );
+    match keyring.create_key(
+        DEV_TENANT,
+        DEMO_DKE_KEY,
+        Algorithm::RsaOaep2048Sha256,
+        None,
+        vec![dke_grant],
+    ) {
+        Ok(_) | Err(Error::AlreadyExists) => {}
+        Err(e) => return Err(e.into()),
+    }
     keyring.seal();
     Ok(config_path)
 }
 
 /// The banner with ready-to-paste commands.
-pub fn banner(dir: &Path, listen: SocketAddr, ops_listen: SocketAddr) -> String {
+pub fn banner(
+    dir: &Path,
+    listen: SocketAddr,
+    ops_listen: SocketAddr,
+    public_listen: SocketAddr,
+) -> String {
     let d = dir.display();
     let host = if listen.ip().is_unspecified() {
         "127.0.0.1".to_string()
@@ -165,6 +285,7 @@ pub fn banner(dir: &Path, listen: SocketAddr, ops_listen: SocketAddr) -> String 
         listen.ip().to_string()
     };
     let url = format!("https://{host}:{}", listen.port());
+    let public_port = public_listen.port();
     let app = format!(
         "curl -sS --cacert {d}/pki/ca.pem --cert {d}/pki/app.pem --key {d}/pki/app-key.pem -H 'content-type: application/json'"
     );
@@ -192,6 +313,12 @@ pub fn banner(dir: &Path, listen: SocketAddr, ops_listen: SocketAddr) -> String 
     {admin} -X POST {url}/v1/keys/{DEMO_KEY}/rotate
 
   Audit trail (auditor identity): kmsctl --dev {d} audit verify
+
+  Microsoft DKE on the public listener (https://localhost:{public_port}; no client
+  certificate; docs/microsoft-dke.md). The key, then a token for {DEV_DKE_USER}:
+
+    curl -sS --cacert {d}/pki/ca.pem https://localhost:{public_port}/dke/{DEMO_DKE_KEY}
+    T=$(kms-server dev token --data-dir {d} --email {DEV_DKE_USER})
 
   Health: curl -sS http://{ops_listen}/readyz
 ================================================================================

@@ -89,6 +89,11 @@ enum Command {
         /// Ops address (health, metrics).
         #[arg(long, default_value = "127.0.0.1:9443")]
         ops_listen: SocketAddr,
+        /// Public listener of the end-user protocols (Microsoft DKE).
+        #[arg(long, default_value = "127.0.0.1:8444")]
+        public_listen: SocketAddr,
+        #[command(subcommand)]
+        action: Option<DevAction>,
     },
     /// Probe a running server's ops listener (`GET /healthz`); exit 0 when it answers
     /// 200. For container health checks: the image has no shell or curl.
@@ -136,6 +141,34 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+}
+
+/// What `kms-server dev` can do besides serving.
+#[derive(Subcommand)]
+enum DevAction {
+    /// Print a bearer token from the dev token issuer (for trying the end-user protocols
+    /// with curl).
+    Token {
+        /// The dev data dir (as given to `kms-server dev`).
+        #[arg(long, default_value = "./keyhold-dev")]
+        data_dir: PathBuf,
+        /// The protocol the token is for.
+        #[arg(long, value_enum, default_value = "dke")]
+        protocol: DevProtocol,
+        /// The user (`email` claim).
+        #[arg(long)]
+        email: String,
+        /// Seconds until it expires.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
+    },
+}
+
+/// End-user protocols with dev tokens.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum DevProtocol {
+    /// Microsoft Double Key Encryption.
+    Dke,
 }
 
 fn init_logging(format: &str) {
@@ -525,9 +558,31 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Dev {
+            action:
+                Some(DevAction::Token {
+                    data_dir,
+                    protocol: DevProtocol::Dke,
+                    email,
+                    ttl_secs,
+                }),
+            ..
+        } => {
+            println!(
+                "{}",
+                kms_server::dev::token(
+                    &data_dir,
+                    &email,
+                    std::time::Duration::from_secs(ttl_secs)
+                )?
+            );
+            Ok(())
+        }
+        Command::Dev {
             data_dir,
             listen,
             ops_listen,
+            public_listen,
+            action: None,
         } => {
             // Hardened before the dev key file and store are touched, with the dev
             // config's `[process]` settings.
@@ -535,9 +590,12 @@ fn main() -> anyhow::Result<()> {
                 mlock: kms_server::process::Mlock::BestEffort,
                 allow_root: true,
             })?;
-            let config = kms_server::dev::prepare(&data_dir, listen, ops_listen)?;
+            let config = kms_server::dev::prepare(&data_dir, listen, ops_listen, public_listen)?;
             let settings = Settings::load(&config)?;
-            eprintln!("{}", kms_server::dev::banner(&data_dir, listen, ops_listen));
+            eprintln!(
+                "{}",
+                kms_server::dev::banner(&data_dir, listen, ops_listen, public_listen)
+            );
             rt.block_on(serve(settings))
         }
     }

@@ -150,6 +150,8 @@ fn dev_command(data: &std::path::Path) -> (Command, u16, u16) {
         .arg(format!("127.0.0.1:{api}"))
         .arg("--ops-listen")
         .arg(format!("127.0.0.1:{ops}"))
+        .arg("--public-listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
         .stdout(Stdio::null());
     (c, api, ops)
 }
@@ -224,6 +226,61 @@ fn dev_mode_banner_commands_work_when_pasted() {
         .output()
         .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"name\":\"demo\""));
+    // DKE on the public listener: the anonymous key GET, and a dev token that the
+    // decrypt endpoint accepts (a wrong blob: 400, not 401).
+    let dke_get = banner
+        .iter()
+        .find(|l| l.contains("/dke/demo-dke"))
+        .expect(&text);
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(dke_get.trim())
+        .env_remove("CURL_CA_BUNDLE")
+        .output()
+        .unwrap();
+    let key: serde_json::Value = serde_json::from_slice(&out.stdout).expect(dke_get);
+    assert_eq!(key["key"]["kty"], "RSA", "{key}");
+    let token_line = banner
+        .iter()
+        .find(|l| l.contains("dev token"))
+        .expect(&text);
+    let token_cmd = token_line
+        .trim()
+        .trim_start_matches("T=$(")
+        .trim_end_matches(')')
+        .replacen("kms-server", BIN, 1);
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&token_cmd)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    assert_eq!(token.split('.').count(), 3, "{token}");
+    let kid = key["key"]["kid"].as_str().unwrap();
+    let decrypt = format!(
+        "curl -sS -o /dev/null -w '%{{http_code}}' --cacert {d}/pki/ca.pem -H 'authorization: Bearer {token}' -H 'content-type: application/json' -d '{{\"alg\":\"RSA-OAEP-256\",\"value\":\"AAAA\"}}' {kid}/decrypt",
+        d = data.display()
+    );
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&decrypt)
+        .env_remove("CURL_CA_BUNDLE")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "400", "{decrypt}");
+    let no_token = decrypt.replace(&format!("-H 'authorization: Bearer {token}' "), "");
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&no_token)
+        .env_remove("CURL_CA_BUNDLE")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -45,6 +45,8 @@ fn no_key_material_in_logs_audit_metrics_or_files() {
         .arg(format!("127.0.0.1:{api}"))
         .arg("--ops-listen")
         .arg(format!("127.0.0.1:{ops}"))
+        .arg("--public-listen")
+        .arg(format!("127.0.0.1:{}", free_port()))
         .env("RUST_LOG", "trace")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap())

@@ -37,7 +37,9 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let config = kms_server::dev::prepare(&args.dir, args.listen, args.ops_listen)?;
+    // The store only: the public listener's address is written into the config unused.
+    let public: std::net::SocketAddr = "127.0.0.1:0".parse()?;
+    let config = kms_server::dev::prepare(&args.dir, args.listen, args.ops_listen, public)?;
     let settings = kms_server::config::Settings::load(&config)?;
     let keyring = kms_server::server::open_keyring(&settings, kms_server::clock::Clock::system())
         .context("opening the store")?;
