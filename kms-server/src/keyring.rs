@@ -2190,6 +2190,20 @@ impl Lookups<'_> {
         Ok(())
     }
 
+    /// The entry of key `name` if `who` may decrypt under its `version` with the protocol
+    /// adapters' detached operations: an `unwrap` grant (no context), an enabled key, a
+    /// version not retired (else the opaque `DecryptFailed`).
+    fn decryptable(&mut self, who: &Principal, name: &str, version: u32) -> Result<usize, Error> {
+        let i = self.by_name(&who.tenant, name)?;
+        let entry = &self.entries[i];
+        entry.check_grant(&who.identity, GrantOperation::Unwrap, &Context::new())?;
+        entry.check_usable()?;
+        if version < entry.record.min_decrypt_version {
+            return Err(Error::DecryptFailed);
+        }
+        Ok(i)
+    }
+
     /// Reverses [`Lookups::encrypt_detached`] with the version the caller kept. Needs an
     /// `unwrap` grant (no context) and an enabled key; a version below the key's minimum
     /// decrypt version, an unknown one, or any altered byte is the opaque `DecryptFailed`.
@@ -2204,14 +2218,8 @@ impl Lookups<'_> {
         tag: &[u8; crate::crypto::TAG_LEN],
         aad: &[u8],
     ) -> Result<Unwrapped, Error> {
-        let i = self.by_name(&who.tenant, name)?;
-        let entry = &self.entries[i];
-        entry.check_grant(&who.identity, GrantOperation::Unwrap, &Context::new())?;
-        entry.check_usable()?;
-        if version < entry.record.min_decrypt_version {
-            return Err(Error::DecryptFailed);
-        }
-        let key_name = entry.record.name.clone();
+        let i = self.decryptable(who, name, version)?;
+        let key_name = self.entries[i].record.name.clone();
         let (key, usage) = self.aes_version(i, version, Error::DecryptFailed)?;
         let mut buf = zeroize::Zeroizing::new(ciphertext.to_vec());
         crate::crypto::open_detached(key, iv, DETACHED_LABEL, aad, &mut buf, tag)
@@ -2234,13 +2242,8 @@ impl Lookups<'_> {
         version: u32,
         ciphertext: &[u8],
     ) -> Result<Unwrapped, Error> {
-        let i = self.by_name(&who.tenant, name)?;
+        let i = self.decryptable(who, name, version)?;
         let entry = &self.entries[i];
-        entry.check_grant(&who.identity, GrantOperation::Unwrap, &Context::new())?;
-        entry.check_usable()?;
-        if version < entry.record.min_decrypt_version {
-            return Err(Error::DecryptFailed);
-        }
         let key_name = entry.record.name.clone();
         let kek = entry.versions.get(&version).ok_or(Error::DecryptFailed)?;
         let plaintext = kek

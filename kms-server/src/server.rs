@@ -455,34 +455,45 @@ pub async fn run_with_clock(
         .keep_alive_interval(Duration::from_secs(30))
         .keep_alive_timeout(Duration::from_secs(20));
     let http = Arc::new(http);
-    let public_task = match (listeners.public, state.settings.public.clone()) {
+    // The other listeners: each started when both its table and its socket are there.
+    let start =
+        |table: &str, listener: Option<TcpListener>, configured: bool| match (listener, configured)
+        {
+            (Some(l), true) => Some(l),
+            (None, true) => {
+                tracing::warn!(
+                    "[{table}] is configured but no listener was given for it: it is off"
+                );
+                None
+            }
+            _ => None,
+        };
+    let public_task = match (
+        start("public", listeners.public, state.settings.public.is_some()),
+        &state.settings.public,
+    ) {
         (Some(listener), Some(public_settings)) => Some(start_public(
             listener,
-            &public_settings,
+            public_settings,
             state.clone(),
             http.clone(),
             handshake_timeout,
             stop_rx.clone(),
         )?),
-        (None, Some(_)) => {
-            tracing::warn!("[public] is configured but no public listener was given: it is off");
-            None
-        }
         _ => None,
     };
-    let xks_task = match (listeners.xks, state.settings.xks.clone()) {
+    let xks_task = match (
+        start("xks", listeners.xks, state.settings.xks.is_some()),
+        &state.settings.xks,
+    ) {
         (Some(listener), Some(xks_settings)) => Some(start_xks(
             listener,
-            &xks_settings,
+            xks_settings,
             state.clone(),
             http.clone(),
             handshake_timeout,
             stop_rx.clone(),
         )?),
-        (None, Some(_)) => {
-            tracing::warn!("[xks] is configured but no XKS listener was given: XKS is off");
-            None
-        }
         _ => None,
     };
     let sources: Arc<[crate::policy::IdentitySource]> = sources.into();

@@ -232,12 +232,16 @@ fn dev_mode_banner_commands_work_when_pasted() {
         .iter()
         .find(|l| l.contains("/dke/demo-dke"))
         .expect(&text);
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(dke_get.trim())
-        .env_remove("CURL_CA_BUNDLE")
-        .output()
-        .unwrap();
+    // What a person pasting the banner's commands runs (curl's CA from the command).
+    let sh = |script: &str| {
+        Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .env_remove("CURL_CA_BUNDLE")
+            .output()
+            .unwrap()
+    };
+    let out = sh(dke_get.trim());
     let key: serde_json::Value = serde_json::from_slice(&out.stdout).expect(dke_get);
     assert_eq!(key["key"]["kty"], "RSA", "{key}");
     let token_line = banner
@@ -266,20 +270,10 @@ fn dev_mode_banner_commands_work_when_pasted() {
         "curl -sS -o /dev/null -w '%{{http_code}}' --cacert {d}/pki/ca.pem -H 'authorization: Bearer {token}' -H 'content-type: application/json' -d '{{\"alg\":\"RSA-OAEP-256\",\"value\":\"AAAA\"}}' {kid}/decrypt",
         d = data.display()
     );
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(&decrypt)
-        .env_remove("CURL_CA_BUNDLE")
-        .output()
-        .unwrap();
+    let out = sh(&decrypt);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "400", "{decrypt}");
     let no_token = decrypt.replace(&format!("-H 'authorization: Bearer {token}' "), "");
-    let out = Command::new("sh")
-        .arg("-c")
-        .arg(&no_token)
-        .env_remove("CURL_CA_BUNDLE")
-        .output()
-        .unwrap();
+    let out = sh(&no_token);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
     child.kill().unwrap();
     child.wait().unwrap();
