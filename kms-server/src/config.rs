@@ -90,6 +90,8 @@ struct FileConfig {
     public: Option<crate::public::FilePublic>,
     #[serde(default)]
     dke: Option<crate::dke::settings::FileDke>,
+    #[serde(default)]
+    cse: Option<crate::cse::settings::FileCse>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -396,6 +398,9 @@ pub struct Settings {
     pub public: Option<crate::public::PublicSettings>,
     /// Microsoft Double Key Encryption on the public listener (`[dke]`), if configured.
     pub dke: Option<crate::dke::settings::DkeSettings>,
+    /// Google Workspace client-side encryption on the public listener (`[cse]`), if
+    /// configured.
+    pub cse: Option<crate::cse::settings::CseSettings>,
 }
 
 impl Settings {
@@ -643,10 +648,21 @@ impl Settings {
                 "DKE is served on the public listener: configure [public] too".into(),
             ));
         }
+        let cse = match raw.cse {
+            None => None,
+            Some(c) => Some(c.validate(resolve).map_err(|(f, m)| err(&f, m))?),
+        };
+        if cse.is_some() && public.is_none() {
+            return Err(err(
+                "cse",
+                "CSE is served on the public listener: configure [public] too".into(),
+            ));
+        }
         Ok(Settings {
             xks,
             public,
             dke,
+            cse,
             listen,
             ops_listen,
             max_body_bytes: raw.max_body_bytes,

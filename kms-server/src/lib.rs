@@ -48,6 +48,7 @@ pub mod backup;
 pub mod clock;
 pub mod config;
 pub mod crypto;
+pub mod cse;
 pub mod dev;
 pub mod dke;
 pub mod erasure;

@@ -2,7 +2,8 @@
 //! that are people's Office apps and browsers, not provider services, so no client
 //! certificate (they authenticate with bearer tokens), TLS 1.2 or 1.3 with the configured
 //! server certificate, and one route prefix per protocol: `/dke` (Microsoft Double Key
-//! Encryption, [`crate::dke`]). A protocol is served only when its table is configured.
+//! Encryption, [`crate::dke`]) and `/cse` (Google Workspace client-side encryption,
+//! [`crate::cse`]). A protocol is served only when its table is configured.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -77,6 +78,10 @@ pub fn router(state: &Arc<AppState>) -> Result<Router, String> {
     if let Some(dke) = &state.settings.dke {
         let dke = Arc::new(crate::dke::Dke::new(state.clone(), dke)?);
         router = router.merge(crate::dke::router(dke));
+    }
+    if let Some(cse) = &state.settings.cse {
+        let cse = Arc::new(crate::cse::Cse::new(state.clone(), cse));
+        router = router.merge(crate::cse::router(cse));
     }
     Ok(router.fallback(|| async {
         (

@@ -16,6 +16,7 @@ mod bad_input;
 mod client;
 mod crash;
 mod crypto;
+mod cse;
 mod curl;
 mod dke;
 mod faults;

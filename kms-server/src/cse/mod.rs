@@ -1,0 +1,626 @@
+//! Google Workspace client-side encryption (issue 11; `docs/google-cse.md`): Keyhold as
+//! the customer's key access control list service (KACLS) that Drive, Docs, Meet,
+//! Calendar and Gmail clients call from the user's browser, on the public listener
+//! ([`crate::public`]) under `/cse`.
+//!
+//! Built: `GET /status`, `POST /wrap`, `POST /unwrap`, `POST /digest`, CORS for Google's
+//! client origin, the structured error body. Every call checks what the protocol makes
+//! mandatory: both tokens (Google's authorization token, the IdP's authentication token)
+//! verified by [`crate::jwt`]; their emails equal (the authentication token's
+//! `google_email` wins over its `email`); guests (`google-visitor`, `customer-idp`)
+//! refused unless allowed; the role fits the operation; the token's `kacls_url` is ours;
+//! the perimeter allowed. A wrapped key binds the resource name and perimeter id
+//! (AES-256-GCM AAD); unwrap checks the token's resource name against the bound one and
+//! the perimeter rules against the bound perimeter. Not built yet: the privileged
+//! operations, `rewrap` and `certs` (KACLS migration).
+//!
+//! Wrapped key layout (at most 1 KiB, base64 on the wire):
+//! `b"khc\x01"` ‖ version (u32 BE) ‖ IV (16) ‖ tag (16) ‖ perimeter id length (u16 BE) ‖
+//! perimeter id ‖ ciphertext (the DEK, 1 to 128 bytes).
+
+pub mod settings;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::crypto::{DETACHED_SALT_LEN, TAG_LEN};
+use crate::error::Error;
+use crate::jwt::{JwtError, Verifier};
+use crate::policy::{Principal, Role};
+use crate::routes::AppState;
+use settings::CseSettings;
+
+/// The origin Google's clients run in.
+pub const GOOGLE_ORIGIN: &str = "https://client-side-encryption.google.com";
+/// Largest DEK a client may have wrapped.
+pub const MAX_KEY: usize = 128;
+/// Largest request body.
+pub const MAX_BODY: usize = 64 * 1024;
+const MAGIC: &[u8; 4] = b"khc\x01";
+
+/// A refusal in the protocol's error format.
+#[derive(Debug)]
+pub struct CseError {
+    status: StatusCode,
+    message: String,
+}
+
+impl CseError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for CseError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "code": self.status.as_u16(),
+            "message": self.message,
+            "details": self.status.canonical_reason().unwrap_or(""),
+        });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+fn bad(m: &str) -> CseError {
+    CseError::new(StatusCode::BAD_REQUEST, m)
+}
+fn denied(m: &str) -> CseError {
+    CseError::new(StatusCode::FORBIDDEN, m)
+}
+
+/// The resource key hash: base64(HMAC-SHA256(key = DEK, "ResourceKeyDigest:" ‖
+/// resource name ‖ ":" ‖ perimeter id)).
+pub fn resource_key_hash(dek: &[u8], resource_name: &str, perimeter_id: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, dek);
+    let msg = format!("ResourceKeyDigest:{resource_name}:{perimeter_id}");
+    B64.encode(ring::hmac::sign(&key, msg.as_bytes()).as_ref())
+}
+
+/// The AAD binding a wrapped key to its resource and perimeter (and version).
+fn aad(resource_name: &str, perimeter_id: &str, version: u32) -> Vec<u8> {
+    let mut out = b"keyhold-cse-wrap/v1\0".to_vec();
+    for part in [resource_name, perimeter_id] {
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part.as_bytes());
+    }
+    out.extend_from_slice(&version.to_be_bytes());
+    out
+}
+
+/// A parsed wrapped key.
+struct Wrapped<'a> {
+    version: u32,
+    iv: [u8; DETACHED_SALT_LEN],
+    tag: [u8; TAG_LEN],
+    perimeter_id: String,
+    ciphertext: &'a [u8],
+}
+
+fn parse_wrapped(b: &[u8]) -> Option<Wrapped<'_>> {
+    let rest = b.strip_prefix(MAGIC.as_slice())?;
+    let (version, rest) = rest.split_at_checked(4)?;
+    let (iv, rest) = rest.split_at_checked(DETACHED_SALT_LEN)?;
+    let (tag, rest) = rest.split_at_checked(TAG_LEN)?;
+    let (len, rest) = rest.split_at_checked(2)?;
+    let len = usize::from(u16::from_be_bytes(len.try_into().ok()?));
+    let (perimeter, ciphertext) = rest.split_at_checked(len)?;
+    if ciphertext.is_empty() || ciphertext.len() > MAX_KEY {
+        return None;
+    }
+    Some(Wrapped {
+        version: u32::from_be_bytes(version.try_into().ok()?),
+        iv: iv.try_into().ok()?,
+        tag: tag.try_into().ok()?,
+        perimeter_id: String::from_utf8(perimeter.to_vec()).ok()?,
+        ciphertext,
+    })
+}
+
+/// Google's authorization token, as far as the checks need it.
+#[derive(Debug, Deserialize)]
+struct Authz {
+    email: String,
+    #[serde(default)]
+    email_type: Option<String>,
+    resource_name: String,
+    role: String,
+    kacls_url: String,
+    #[serde(default)]
+    perimeter_id: Option<String>,
+}
+
+/// The IdP's authentication token.
+#[derive(Debug, Deserialize)]
+struct Authn {
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    google_email: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WrapRequest {
+    authentication: String,
+    authorization: String,
+    key: String,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnwrapRequest {
+    authentication: String,
+    authorization: String,
+    wrapped_key: String,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DigestRequest {
+    authorization: String,
+    wrapped_key: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// What a request leaves for its audit record.
+#[derive(Default)]
+struct Facts {
+    user: Option<String>,
+    resource: Option<String>,
+    reason: Option<String>,
+    version: Option<u32>,
+}
+
+/// The CSE endpoint.
+pub struct Cse {
+    app: Arc<AppState>,
+    settings: CseSettings,
+    authorization: Vec<(String, Verifier)>,
+    authentication: Vec<(String, Verifier)>,
+    principal: Principal,
+}
+
+/// The unverified `iss` of a token: only to choose which issuer's keys verify it.
+fn issuer_of(token: &str) -> Option<String> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(v.get("iss")?.as_str()?.to_owned())
+}
+
+fn verify<C: DeserializeOwned>(
+    verifiers: &[(String, Verifier)],
+    token: &str,
+    which: &str,
+) -> Result<C, CseError> {
+    let iss = issuer_of(token).ok_or_else(|| {
+        CseError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("the {which} token is malformed"),
+        )
+    })?;
+    let (_, v) = verifiers.iter().find(|(i, _)| *i == iss).ok_or_else(|| {
+        CseError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("the {which} token's issuer is not accepted"),
+        )
+    })?;
+    v.verify::<C>(token).map_err(|e| match e {
+        JwtError::KeySet(m) => {
+            tracing::error!(error = %m, "CSE: a token issuer's key set is unavailable");
+            CseError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "a token issuer's keys are unavailable",
+            )
+        }
+        other => CseError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("the {which} token: {other}"),
+        ),
+    })
+}
+
+impl Cse {
+    /// The endpoint for `settings`.
+    pub fn new(app: Arc<AppState>, settings: &CseSettings) -> Self {
+        let verifiers = |list: &[crate::jwt::JwtSettings]| {
+            list.iter()
+                .map(|s| (s.issuers[0].clone(), Verifier::new(s.clone())))
+                .collect()
+        };
+        Self {
+            app,
+            authorization: verifiers(&settings.authorization),
+            authentication: verifiers(&settings.authentication),
+            principal: Principal {
+                identity: settings.identity.clone(),
+                tenant: settings.tenant.clone(),
+                role: Role::App,
+            },
+            settings: settings.clone(),
+        }
+    }
+
+    /// The authorization token's checks that do not depend on the operation's other
+    /// inputs: valid, our `kacls_url`, no guest unless allowed, the role allowed.
+    fn authorize(&self, token: &str, roles: &[&str], facts: &mut Facts) -> Result<Authz, CseError> {
+        let authz: Authz = verify(&self.authorization, token, "authorization")?;
+        facts.user = Some(authz.email.to_lowercase());
+        facts.resource = Some(authz.resource_name.clone());
+        if authz.kacls_url.trim_end_matches('/') != self.settings.kacls_url {
+            return Err(denied(
+                "the authorization token is for another KACLS (kacls_url)",
+            ));
+        }
+        if matches!(
+            authz.email_type.as_deref(),
+            Some("google-visitor" | "customer-idp")
+        ) && !self.settings.allow_guests
+        {
+            return Err(denied("guest access is not allowed here"));
+        }
+        if !roles.contains(&authz.role.as_str()) {
+            return Err(denied(&format!("role {} may not do this", authz.role)));
+        }
+        Ok(authz)
+    }
+
+    /// The authentication token: valid, and the same user as the authorization token.
+    fn authenticate(&self, token: &str, authz: &Authz) -> Result<(), CseError> {
+        let authn: Authn = verify(&self.authentication, token, "authentication")?;
+        let email = authn.google_email.or(authn.email).ok_or_else(|| {
+            CseError::new(
+                StatusCode::UNAUTHORIZED,
+                "the authentication token has no email",
+            )
+        })?;
+        if email.to_lowercase() != authz.email.to_lowercase() {
+            return Err(denied(
+                "the authentication and authorization tokens name different users",
+            ));
+        }
+        Ok(())
+    }
+
+    fn perimeter(&self, perimeter_id: &str) -> Result<(), CseError> {
+        if perimeter_id.is_empty()
+            || self.settings.perimeters.is_empty()
+            || self.settings.perimeters.iter().any(|p| p == perimeter_id)
+        {
+            Ok(())
+        } else {
+            Err(denied("the perimeter does not allow this"))
+        }
+    }
+
+    fn keyring_error(e: &Error) -> CseError {
+        match e {
+            Error::PermissionDenied(_) => denied("this key may not be used here"),
+            Error::Sealed | Error::Storage(_) => CseError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the key service is unavailable",
+            ),
+            Error::DecryptFailed => denied("the wrapped key does not belong to this resource"),
+            _ => bad("the key is unknown or unusable"),
+        }
+    }
+
+    async fn wrap(
+        self: &Arc<Self>,
+        req: WrapRequest,
+        facts: &mut Facts,
+    ) -> Result<Response, CseError> {
+        facts.reason = Some(req.reason.clone());
+        let authz = self.authorize(&req.authorization, &["writer", "upgrader"], facts)?;
+        self.authenticate(&req.authentication, &authz)?;
+        let perimeter_id = authz.perimeter_id.clone().unwrap_or_default();
+        self.perimeter(&perimeter_id)?;
+        let dek = zeroize::Zeroizing::new(
+            B64.decode(req.key.as_bytes())
+                .map_err(|_| bad("key is not base64"))?,
+        );
+        if dek.is_empty() || dek.len() > MAX_KEY {
+            return Err(bad("key must be 1 to 128 bytes"));
+        }
+        let me = self.clone();
+        let resource = authz.resource_name.clone();
+        let perimeter = perimeter_id.clone();
+        let sealed = crate::routes::blocking(move || {
+            let mut lookups = me.app.keyring.lookups()?;
+            lookups.encrypt_detached(
+                &me.principal,
+                &me.settings.key,
+                |v| aad(&resource, &perimeter, v),
+                &dek,
+            )
+        })
+        .await
+        .map_err(|e| Self::keyring_error(&e))?;
+        facts.version = Some(sealed.version);
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&sealed.version.to_be_bytes());
+        out.extend_from_slice(&sealed.iv);
+        out.extend_from_slice(&sealed.tag);
+        out.extend_from_slice(&(perimeter_id.len() as u16).to_be_bytes());
+        out.extend_from_slice(perimeter_id.as_bytes());
+        out.extend_from_slice(&sealed.ciphertext);
+        Ok(Json(json!({"wrapped_key": B64.encode(out)})).into_response())
+    }
+
+    /// Opens a wrapped key for `authz`'s resource, with the perimeter check on the
+    /// perimeter bound into it.
+    async fn open(
+        self: &Arc<Self>,
+        wrapped_key: &str,
+        authz: &Authz,
+        facts: &mut Facts,
+    ) -> Result<(zeroize::Zeroizing<Vec<u8>>, String), CseError> {
+        let bytes = B64
+            .decode(wrapped_key.as_bytes())
+            .map_err(|_| bad("wrapped_key is not base64"))?;
+        let w =
+            parse_wrapped(&bytes).ok_or_else(|| bad("wrapped_key is not a Keyhold wrapped key"))?;
+        facts.version = Some(w.version);
+        self.perimeter(&w.perimeter_id)?;
+        let me = self.clone();
+        let aad = aad(&authz.resource_name, &w.perimeter_id, w.version);
+        let (version, iv, tag, ct) = (w.version, w.iv, w.tag, w.ciphertext.to_vec());
+        let opened = crate::routes::blocking(move || {
+            let mut lookups = me.app.keyring.lookups()?;
+            lookups.decrypt_detached(
+                &me.principal,
+                &me.settings.key,
+                version,
+                &iv,
+                &ct,
+                &tag,
+                &aad,
+            )
+        })
+        .await
+        .map_err(|e| Self::keyring_error(&e))?;
+        Ok((
+            zeroize::Zeroizing::new(opened.plaintext.expose_secret().to_vec()),
+            w.perimeter_id,
+        ))
+    }
+
+    async fn unwrap(
+        self: &Arc<Self>,
+        req: UnwrapRequest,
+        facts: &mut Facts,
+    ) -> Result<Response, CseError> {
+        facts.reason = Some(req.reason.clone());
+        let authz = self.authorize(&req.authorization, &["reader", "writer", "upgrader"], facts)?;
+        self.authenticate(&req.authentication, &authz)?;
+        let (dek, _) = self.open(&req.wrapped_key, &authz, facts).await?;
+        Ok(Json(json!({"key": B64.encode(&*dek)})).into_response())
+    }
+
+    async fn digest(
+        self: &Arc<Self>,
+        req: DigestRequest,
+        facts: &mut Facts,
+    ) -> Result<Response, CseError> {
+        facts.reason = Some(req.reason.clone());
+        let authz = self.authorize(&req.authorization, &["reader", "writer", "upgrader"], facts)?;
+        let (dek, perimeter_id) = self.open(&req.wrapped_key, &authz, facts).await?;
+        let hash = resource_key_hash(&dek, &authz.resource_name, &perimeter_id);
+        Ok(Json(json!({"resource_key_hash": hash})).into_response())
+    }
+
+    /// Audits and finishes one request (the record is durable before the answer leaves),
+    /// and adds the CORS header for Google's origin.
+    async fn finish(
+        &self,
+        op: &str,
+        origin: Option<&HeaderValue>,
+        started: Instant,
+        facts: Facts,
+        mut resp: Response,
+    ) -> Response {
+        let id = self.app.next_request_id();
+        let status = resp.status().as_u16();
+        let outcome = if resp.status().is_success() {
+            "ok".to_owned()
+        } else {
+            status.to_string()
+        };
+        let mut attributes = BTreeMap::new();
+        attributes.insert("protocol".to_owned(), "cse".to_owned());
+        for (k, v) in [
+            ("user", &facts.user),
+            ("resource", &facts.resource),
+            ("reason", &facts.reason),
+        ] {
+            if let Some(v) = v {
+                attributes.insert(k.to_owned(), v.chars().take(256).collect());
+            }
+        }
+        let elapsed = started.elapsed();
+        let draft = crate::audit::AuditDraft {
+            request_id: id,
+            identity: Some(self.principal.identity.clone()),
+            tenant: Some(self.principal.tenant.clone()),
+            operation: format!("CSE {op}"),
+            key: (op != "status").then(|| self.settings.key.clone()),
+            version: facts.version,
+            context_hash: None,
+            outcome: outcome.clone(),
+            status,
+            latency_us: elapsed.as_micros() as u64,
+            attributes: Some(attributes),
+        };
+        if let Err(e) = self.app.audit.append(draft).await {
+            tracing::error!(error = %e, "CSE: the audit record could not be written; response withheld");
+            resp = CseError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the audit trail is unavailable",
+            )
+            .into_response();
+        }
+        if origin.is_some_and(|o| o == GOOGLE_ORIGIN) {
+            resp.headers_mut().insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static(GOOGLE_ORIGIN),
+            );
+            resp.headers_mut()
+                .insert(header::VARY, HeaderValue::from_static("origin"));
+        }
+        let route = format!("cse {op}");
+        let method = if op == "status" { "GET" } else { "POST" };
+        self.app
+            .finish(&mut resp, id, &route, method, &outcome, elapsed);
+        resp
+    }
+}
+
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CseError> {
+    serde_json::from_slice(body).map_err(|e| bad(&format!("the request body: {e}")))
+}
+
+macro_rules! operation {
+    ($name:ident, $req:ty, $op:literal) => {
+        pub(super) async fn $name(
+            State(cse): State<Arc<Cse>>,
+            headers: HeaderMap,
+            body: axum::body::Bytes,
+        ) -> Response {
+            let started = Instant::now();
+            let mut facts = Facts::default();
+            let resp = match parse_body::<$req>(&body) {
+                Ok(req) => match cse.$name(req, &mut facts).await {
+                    Ok(r) => r,
+                    Err(e) => e.into_response(),
+                },
+                Err(e) => e.into_response(),
+            };
+            cse.finish($op, headers.get(header::ORIGIN), started, facts, resp)
+                .await
+        }
+    };
+}
+
+mod handlers {
+    use super::*;
+    operation!(wrap, WrapRequest, "wrap");
+    operation!(unwrap, UnwrapRequest, "unwrap");
+    operation!(digest, DigestRequest, "digest");
+}
+
+async fn status(State(cse): State<Arc<Cse>>, headers: HeaderMap) -> Response {
+    let started = Instant::now();
+    let resp = Json(json!({
+        "server_type": "KACLS",
+        "vendor_id": "Keyhold",
+        "version": env!("CARGO_PKG_VERSION"),
+        "name": "Keyhold KACLS",
+        "operations_supported": ["wrap", "unwrap", "digest"],
+    }))
+    .into_response();
+    cse.finish(
+        "status",
+        headers.get(header::ORIGIN),
+        started,
+        Facts::default(),
+        resp,
+    )
+    .await
+}
+
+/// CORS preflight: Google's origin may POST JSON with an authorization header.
+async fn preflight(headers: HeaderMap) -> Response {
+    let allowed = headers
+        .get(header::ORIGIN)
+        .is_some_and(|o| o == GOOGLE_ORIGIN);
+    if !allowed {
+        return CseError::new(StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static(GOOGLE_ORIGIN),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, content-type"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("3600"),
+    );
+    h.insert(header::VARY, HeaderValue::from_static("origin"));
+    resp
+}
+
+/// The routes of the public listener for CSE.
+pub fn router(cse: Arc<Cse>) -> Router {
+    Router::new()
+        .route("/cse/status", get(status).options(preflight))
+        .route("/cse/wrap", post(handlers::wrap).options(preflight))
+        .route("/cse/unwrap", post(handlers::unwrap).options(preflight))
+        .route("/cse/digest", post(handlers::digest).options(preflight))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(cse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Google's documented vector.
+    #[test]
+    fn resource_key_hash_vector() {
+        assert_eq!(
+            resource_key_hash(&[0xf0, 0x0d], "my_resource", "my_perimeter"),
+            "EfRLb/AKdtsPSfX+vZ/Pi8h6bmKhBTu4egOABRnEdCg="
+        );
+    }
+
+    #[test]
+    fn wrapped_keys_parse_only_whole() {
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&7u32.to_be_bytes());
+        b.extend_from_slice(&[1; DETACHED_SALT_LEN]);
+        b.extend_from_slice(&[2; TAG_LEN]);
+        b.extend_from_slice(&3u16.to_be_bytes());
+        b.extend_from_slice(b"per");
+        b.extend_from_slice(&[9; 32]);
+        let w = parse_wrapped(&b).unwrap();
+        assert_eq!(
+            (w.version, w.perimeter_id.as_str(), w.ciphertext.len()),
+            (7, "per", 32)
+        );
+        for cut in 0..b.len() - 32 {
+            assert!(parse_wrapped(&b[..cut]).is_none(), "{cut}");
+        }
+        assert!(parse_wrapped(&b[..b.len() - 32]).is_none(), "no ciphertext");
+    }
+}
