@@ -107,29 +107,82 @@ fn prepare_issuer(layout: &DevLayout) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A token from the dev issuer for `email`, valid `ttl`, with the audience of the dev
-/// config's DKE (`kms-server dev token`).
-pub fn token(dir: &Path, email: &str, ttl: std::time::Duration) -> anyhow::Result<String> {
+/// What a dev token is for.
+#[derive(Debug, Clone)]
+pub enum DevToken {
+    /// Microsoft DKE: a bearer token for the dev config's DKE audience.
+    Dke,
+    /// Google Workspace CSE: the `authentication` (IdP) and `authorization` (Google)
+    /// tokens, as the JSON fields a CSE request carries, for `role` on `resource`.
+    Cse {
+        /// `reader`, `writer` or `upgrader`.
+        role: String,
+        /// The resource name.
+        resource: String,
+    },
+}
+
+/// The Google authorization issuer dev mode plays (its tokens are signed by the dev key).
+pub const DEV_GOOGLE_ISSUER: &str = "gsuitecse-tokenissuer-drive@system.gserviceaccount.com";
+/// The audience of the dev IdP's CSE authentication tokens.
+pub const DEV_CSE_AUDIENCE: &str = "keyhold-dev-kacls";
+/// The AES key dev-mode CSE wraps with.
+pub const DEMO_CSE_KEY: &str = "demo-cse";
+/// The identity CSE calls run as in dev mode.
+pub const DEV_CSE_IDENTITY: &str = "cse:dev";
+
+/// A token (DKE), or the two tokens of a CSE request as JSON fields, from the dev issuer
+/// for `email`, valid `ttl` (`kms-server dev token`).
+pub fn token(
+    dir: &Path,
+    email: &str,
+    ttl: std::time::Duration,
+    what: &DevToken,
+) -> anyhow::Result<String> {
     let config = dir.join("kms-server.toml");
     let settings = Settings::load(&config)?;
-    let dke = settings.dke.ok_or_else(|| {
-        anyhow::anyhow!("{}: no [dke]: run `kms-server dev` once", config.display())
-    })?;
     let pem = fs::read(dir.join("dev-issuer-key.pem"))?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
-    let claims = serde_json::json!({
-        "iss": DEV_ISSUER, "aud": dke.url, "email": email,
-        "iat": now, "exp": now + ttl.as_secs(),
-    });
-    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
-    header.kid = Some(DEV_ISSUER_KID.to_owned());
-    Ok(jsonwebtoken::encode(
-        &header,
-        &claims,
-        &jsonwebtoken::EncodingKey::from_rsa_pem(&pem)?,
-    )?)
+    let sign = |claims: serde_json::Value| -> anyhow::Result<String> {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(DEV_ISSUER_KID.to_owned());
+        Ok(jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_rsa_pem(&pem)?,
+        )?)
+    };
+    let missing =
+        |t: &str| anyhow::anyhow!("{}: no [{t}]: run `kms-server dev` once", config.display());
+    match what {
+        DevToken::Dke => {
+            let dke = settings.dke.ok_or_else(|| missing("dke"))?;
+            sign(serde_json::json!({
+                "iss": DEV_ISSUER, "aud": dke.url, "email": email,
+                "iat": now, "exp": now + ttl.as_secs(),
+            }))
+        }
+        DevToken::Cse { role, resource } => {
+            let cse = settings.cse.ok_or_else(|| missing("cse"))?;
+            let authentication = sign(serde_json::json!({
+                "iss": DEV_ISSUER, "aud": DEV_CSE_AUDIENCE, "email": email,
+                "iat": now, "exp": now + ttl.as_secs(),
+            }))?;
+            let authorization = sign(serde_json::json!({
+                "iss": DEV_GOOGLE_ISSUER, "aud": crate::cse::settings::AUTHZ_AUDIENCE,
+                "email": email, "email_type": "google", "role": role,
+                "resource_name": resource, "kacls_url": cse.kacls_url, "perimeter_id": "",
+                "iat": now, "exp": now + ttl.as_secs(),
+            }))?;
+            Ok(serde_json::json!({
+                "authentication": authentication,
+                "authorization": authorization,
+            })
+            .to_string())
+        }
+    }
 }
 
 /// Creates (or reuses) the dev PKI, key file, token issuer, config, store and demo keys
@@ -228,6 +281,21 @@ identity = "{DEV_DKE_IDENTITY}"
 name = "{DEMO_DKE_KEY}"
 key = "{DEMO_DKE_KEY}"
 emails = ["{DEV_DKE_USER}"]
+
+[cse]
+kacls_url = "https://localhost:{public_port}/cse"
+tenant = "{DEV_TENANT}"
+identity = "{DEV_CSE_IDENTITY}"
+key = "{DEMO_CSE_KEY}"
+
+[[cse.authorization]]
+issuer = "{DEV_GOOGLE_ISSUER}"
+jwks = "dev-jwks.json"
+
+[[cse.authentication]]
+issuer = "{DEV_ISSUER}"
+audience = "{DEV_CSE_AUDIENCE}"
+jwks = "dev-jwks.json"
 "#
     );
     fs::write(&config_path, config)?;
@@ -261,6 +329,21 @@ emails = ["{DEV_DKE_USER}"]
         Algorithm::RsaOaep2048Sha256,
         None,
         vec![dke_grant],
+    ) {
+        Ok(_) | Err(Error::AlreadyExists) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // CSE's demo key: AES-256; CSE may wrap and unwrap with it.
+    let cse_grant = Grant::new(
+        DEV_CSE_IDENTITY,
+        &[GrantOperation::Wrap, GrantOperation::Unwrap],
+    );
+    match keyring.create_key(
+        DEV_TENANT,
+        DEMO_CSE_KEY,
+        Algorithm::Aes256Gcm,
+        None,
+        vec![cse_grant],
     ) {
         Ok(_) | Err(Error::AlreadyExists) => {}
         Err(e) => return Err(e.into()),
@@ -319,6 +402,10 @@ pub fn banner(
 
     curl -sS --cacert {d}/pki/ca.pem https://localhost:{public_port}/dke/{DEMO_DKE_KEY}
     T=$(kms-server dev token --data-dir {d} --email {DEV_DKE_USER})
+
+  Google Workspace CSE there too (docs/google-cse.md): wrap a key as a writer.
+
+    kms-server dev token --data-dir {d} --protocol cse --role writer --resource doc1 --email {DEV_DKE_USER} | python3 -c 'import json,sys; t=json.load(sys.stdin); t.update(key="AAECAwQFBgcICQoLDA0ODw==", reason="try"); print(json.dumps(t))' | curl -sS --cacert {d}/pki/ca.pem -H 'content-type: application/json' -d @- https://localhost:{public_port}/cse/wrap
 
   Health: curl -sS http://{ops_listen}/readyz
 ================================================================================

@@ -161,14 +161,22 @@ enum DevAction {
         /// Seconds until it expires.
         #[arg(long, default_value_t = 3600)]
         ttl_secs: u64,
+        /// CSE: the role in the authorization token (reader, writer, upgrader).
+        #[arg(long, default_value = "reader")]
+        role: String,
+        /// CSE: the resource name in the authorization token.
+        #[arg(long, default_value = "dev-resource")]
+        resource: String,
     },
 }
 
 /// End-user protocols with dev tokens.
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum DevProtocol {
-    /// Microsoft Double Key Encryption.
+    /// Microsoft Double Key Encryption: one bearer token.
     Dke,
+    /// Google Workspace CSE: `{"authentication": ..., "authorization": ...}`.
+    Cse,
 }
 
 fn init_logging(format: &str) {
@@ -561,20 +569,20 @@ fn main() -> anyhow::Result<()> {
             action:
                 Some(DevAction::Token {
                     data_dir,
-                    protocol: DevProtocol::Dke,
+                    protocol,
                     email,
                     ttl_secs,
+                    role,
+                    resource,
                 }),
             ..
         } => {
-            println!(
-                "{}",
-                kms_server::dev::token(
-                    &data_dir,
-                    &email,
-                    std::time::Duration::from_secs(ttl_secs)
-                )?
-            );
+            let what = match protocol {
+                DevProtocol::Dke => kms_server::dev::DevToken::Dke,
+                DevProtocol::Cse => kms_server::dev::DevToken::Cse { role, resource },
+            };
+            let ttl = std::time::Duration::from_secs(ttl_secs);
+            println!("{}", kms_server::dev::token(&data_dir, &email, ttl, &what)?);
             Ok(())
         }
         Command::Dev {

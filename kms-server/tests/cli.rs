@@ -275,6 +275,16 @@ fn dev_mode_banner_commands_work_when_pasted() {
     let no_token = decrypt.replace(&format!("-H 'authorization: Bearer {token}' "), "");
     let out = sh(&no_token);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+    // The CSE wrap line: dev tokens for a writer, through curl.
+    let cse_wrap = banner
+        .iter()
+        .find(|l| l.contains("/cse/wrap"))
+        .expect(&text)
+        .trim()
+        .replacen("kms-server", BIN, 1);
+    let out = sh(&cse_wrap);
+    let wrapped: serde_json::Value = serde_json::from_slice(&out.stdout).expect(&cse_wrap);
+    assert!(wrapped["wrapped_key"].is_string(), "{wrapped}");
     child.kill().unwrap();
     child.wait().unwrap();
 }
