@@ -173,100 +173,12 @@ fn fetch(source: &JwksSource) -> Result<JwkSet, JwtError> {
     serde_json::from_slice(&bytes).map_err(|e| JwtError::KeySet(format!("not a JWK set: {e}")))
 }
 
-/// GET over HTTPS (HTTP/1.1, rustls, 10 s overall, 1 MiB at most): blocking, for the
-/// refresh, run off the async workers.
+/// GET over HTTPS, expecting 200 ([`crate::https::request`]).
 fn fetch_https(url: &str, ca: Option<&std::path::Path>) -> Result<Vec<u8>, JwtError> {
-    use std::io::{Read, Write};
-    let err = |m: String| JwtError::KeySet(m);
-    let rest = url
-        .strip_prefix("https://")
-        .ok_or_else(|| err("the key set URL must be https://".into()))?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) => (
-            h,
-            p.parse::<u16>()
-                .map_err(|_| err(format!("bad port in {url}")))?,
-        ),
-        None => (authority, 443),
-    };
-    let ca_path = ca
-        .map(std::path::Path::to_path_buf)
-        .unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt"));
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in crate::tls::load_certs(&ca_path).map_err(|e| err(e.to_string()))? {
-        let _ = roots.add(cert);
-    }
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| err(e.to_string()))?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
-        .map_err(|_| err(format!("bad host in {url}")))?;
-    let conn = rustls::ClientConnection::new(std::sync::Arc::new(config), name)
-        .map_err(|e| err(e.to_string()))?;
-    let addr = std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
-        .map_err(|e| err(format!("{host}: {e}")))?
-        .next()
-        .ok_or_else(|| err(format!("{host}: no address")))?;
-    let timeout = Duration::from_secs(10);
-    let tcp = std::net::TcpStream::connect_timeout(&addr, timeout)
-        .map_err(|e| err(format!("{url}: {e}")))?;
-    tcp.set_read_timeout(Some(timeout))
-        .and_then(|()| tcp.set_write_timeout(Some(timeout)))
-        .map_err(|e| err(e.to_string()))?;
-    let mut tls = rustls::StreamOwned::new(conn, tcp);
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {authority}\r\nAccept: application/json\r\nConnection: close\r\n\r\n"
-    );
-    tls.write_all(request.as_bytes())
-        .and_then(|()| tls.flush())
-        .map_err(|e| err(format!("{url}: {e}")))?;
-    let mut response = Vec::new();
-    let read = tls.take(1 << 20).read_to_end(&mut response);
-    // A server that closes without close_notify still sent its whole answer.
-    if let Err(e) = read {
-        if response.is_empty() {
-            return Err(err(format!("{url}: {e}")));
-        }
-    }
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| err(format!("{url}: not an HTTP answer")))?;
-    let head = String::from_utf8_lossy(&response[..split]).to_string();
-    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-        let status = head.lines().next().unwrap_or_default().to_owned();
-        return Err(err(format!("{url}: {status}")));
-    }
-    let body = response[split + 4..].to_vec();
-    if head.lines().any(|l| {
-        l.to_ascii_lowercase()
-            .starts_with("transfer-encoding: chunked")
-    }) {
-        return dechunk(&body).ok_or_else(|| err(format!("{url}: bad chunked body")));
-    }
-    Ok(body)
-}
-
-/// The body of a chunked HTTP/1.1 answer.
-fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let line_end = body.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&body[..line_end]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        body = &body[line_end + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(body.get(..size)?);
-        body = body.get(size + 2..)?;
+    match crate::https::request("GET", url, ca, None) {
+        Ok((200, body)) => Ok(body),
+        Ok((status, _)) => Err(JwtError::KeySet(format!("{url}: HTTP {status}"))),
+        Err(e) => Err(JwtError::KeySet(e)),
     }
 }
 
@@ -681,13 +593,4 @@ mod tests {
         assert!(matches!(plain.refresh(), Err(JwtError::KeySet(_))));
     }
 
-    #[test]
-    fn chunked_bodies_are_read_whole() {
-        assert_eq!(
-            dechunk(b"4\r\n{\"ke\r\n8;x=y\r\nys\":[]}\n\r\n0\r\n\r\n").unwrap(),
-            b"{\"keys\":[]}\n".to_vec()
-        );
-        assert!(dechunk(b"zz\r\n").is_none());
-        assert!(dechunk(b"10\r\nshort\r\n").is_none());
-    }
 }

@@ -55,6 +55,7 @@ pub mod erasure;
 pub mod error;
 pub mod format;
 pub mod fuzzing;
+pub mod https;
 pub mod jwt;
 pub mod kek;
 pub mod keyring;
