@@ -123,7 +123,6 @@ fn dechunk(mut body: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

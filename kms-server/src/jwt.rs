@@ -592,5 +592,4 @@ mod tests {
         });
         assert!(matches!(plain.refresh(), Err(JwtError::KeySet(_))));
     }
-
 }

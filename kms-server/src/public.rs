@@ -80,7 +80,7 @@ pub fn router(state: &Arc<AppState>) -> Result<Router, String> {
         router = router.merge(crate::dke::router(dke));
     }
     if let Some(cse) = &state.settings.cse {
-        let cse = Arc::new(crate::cse::Cse::new(state.clone(), cse));
+        let cse = Arc::new(crate::cse::Cse::new(state.clone(), cse)?);
         router = router.merge(crate::cse::router(cse));
     }
     Ok(router.fallback(|| async {

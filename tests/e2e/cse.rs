@@ -490,3 +490,248 @@ jwks = "{i}"
     let all = serde_json::to_string(&page.records).unwrap();
     assert!(!all.contains(&B64.encode(dek)));
 }
+
+/// The privileged operations and a migration between two key services: A (the original)
+/// and B (the new one) trust the same Google and IdP issuers; B's `rewrap` asks A's
+/// `privilegedunwrap` with a KACLS-to-KACLS token it signs, which A verifies with B's
+/// published key set; the migrated key unwraps on B with its resource key hash. Each
+/// refusal on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cse_privileged_operations_and_migration_between_key_services() {
+    let keys = tempfile::tempdir().unwrap();
+    let google = issuer(keys.path(), "google");
+    let idp = issuer(keys.path(), "idp");
+    // B's signing key, and the key set A will accept B's migration tokens under.
+    let b_signer = issuer(keys.path(), "b-signer");
+    let b_key = keys.path().join("b-signing.pem");
+    std::fs::write(&b_key, &b_signer.pem).unwrap();
+    let b_jwks = kms_server::cse::signing_jwks(&b_key).unwrap();
+    std::fs::write(keys.path().join("b-certs.json"), b_jwks.to_string()).unwrap();
+    let b_kid = b_jwks["keys"][0]["kid"].as_str().unwrap().to_owned();
+    let (pa, pb) = keyhold_tests::free_ports();
+    let (url_a, url_b) = (
+        format!("https://localhost:{pa}/cse"),
+        format!("https://localhost:{pb}/cse"),
+    );
+    let common = |port: u16, url: &str, extra: &str| {
+        format!(
+            r#"
+[public]
+listen = "127.0.0.1:{port}"
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+
+[cse]
+kacls_url = "{url}"
+tenant = "acme"
+identity = "{CSE_IDENTITY}"
+key = "cse-kek"
+{extra}
+[[cse.authorization]]
+issuer = "{GOOGLE}"
+jwks = "{g}"
+
+[[cse.authentication]]
+issuer = "{IDP}"
+audience = "{IDP_AUD}"
+jwks = "{i}"
+"#,
+            g = keys.path().join("google.json").display(),
+            i = keys.path().join("idp.json").display(),
+        )
+    };
+    // A: a privileged user, and B as a migration peer (its table after every [cse] key).
+    let a_config = format!(
+        "{}\n[[cse.migration_peers]]\nissuer = \"{url_b}\"\njwks = \"{}\"\n",
+        common(pa, &url_a, "privileged_users = [\"Admin@Example.com\"]"),
+        keys.path().join("b-certs.json").display()
+    );
+    let a = TestServer::start_with(TestSeal::KeyFile, &a_config).await;
+    let b_extra = format!(
+        "signing_key = \"{}\"\nmigration_sources = [\"{url_a}\"]\nmigration_ca = \"{}\"",
+        b_key.display(),
+        a.pki.ca().display()
+    );
+    let b = TestServer::start_with(TestSeal::KeyFile, &common(pb, &url_b, &b_extra)).await;
+    for s in [&a, &b] {
+        let r = post(
+            &s.client(Some("admin-a")),
+            &s.url("/v1/keys"),
+            json!({"name": "cse-kek", "grants": [{"identity": CSE_IDENTITY, "operations": ["wrap", "unwrap"]}]}),
+        )
+        .await;
+        assert_eq!(r.0, 201, "{r:?}");
+    }
+    let call = |s: &TestServer, url: &str, op: &str, body: Value| {
+        let client = keyhold_tests::client_for(&s.pki, None, false);
+        let url = format!("{url}/{op}");
+        async move {
+            let r = client.post(url).json(&body).send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let dek = [0x33u8; 32];
+    let resource = "//googleapis.com/drive/files/migrating";
+    let at = |kacls: &str, role: &str, res: &str| authz(role, res, json!({"kacls_url": kacls}));
+
+    // Privileged operations on A: its privileged user (any case), not Alice.
+    let admin_authn = sign(&idp, &authn(json!({"email": "admin@example.com"})));
+    let (st, pw) = call(
+        &a,
+        &url_a,
+        "privilegedwrap",
+        json!({"authentication": admin_authn, "key": B64.encode(dek),
+        "perimeter_id": "", "resource_name": resource, "reason": "import"}),
+    )
+    .await;
+    assert_eq!(st, 200, "{pw}");
+    let (st, pu) = call(
+        &a,
+        &url_a,
+        "privilegedunwrap",
+        json!({"authentication": admin_authn,
+        "wrapped_key": pw["wrapped_key"], "resource_name": resource, "reason": "export"}),
+    )
+    .await;
+    assert_eq!(st, 200, "{pu}");
+    assert_eq!(B64.decode(pu["key"].as_str().unwrap()).unwrap(), dek);
+    let alice_authn = sign(&idp, &authn(json!({})));
+    let (st, err) = call(
+        &a,
+        &url_a,
+        "privilegedunwrap",
+        json!({"authentication": alice_authn,
+        "wrapped_key": pw["wrapped_key"], "resource_name": resource, "reason": ""}),
+    )
+    .await;
+    assert_eq!((st, err["code"].clone()), (403, json!(403)), "{err}");
+    let (st, _) = call(
+        &a,
+        &url_a,
+        "privilegedunwrap",
+        json!({"authentication": admin_authn,
+        "wrapped_key": pw["wrapped_key"], "resource_name": "//other", "reason": ""}),
+    )
+    .await;
+    assert_eq!(st, 403, "another resource");
+
+    // A user's key, wrapped on A.
+    let (st, w) = call(
+        &a,
+        &url_a,
+        "wrap",
+        json!({"authentication": alice_authn,
+        "authorization": sign(&google, &at(&url_a, "writer", resource)),
+        "key": B64.encode(dek), "reason": ""}),
+    )
+    .await;
+    assert_eq!(st, 200, "{w}");
+
+    // B publishes its signing key.
+    let certs: Value = keyhold_tests::client_for(&b.pki, None, false)
+        .get(format!("{url_b}/certs"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(certs["keys"][0]["kid"], b_kid.as_str());
+
+    // Migrated to B: rewrap, then unwrap on B.
+    let rewrap = |authz_claims: Value, original: &str| {
+        json!({"authorization": sign(&google, &authz_claims), "original_kacls_url": original,
+               "wrapped_key": w["wrapped_key"], "reason": "migration"})
+    };
+    let (st, m) = call(
+        &b,
+        &url_b,
+        "rewrap",
+        rewrap(at(&url_b, "migrator", resource), &url_a),
+    )
+    .await;
+    assert_eq!(st, 200, "{m}");
+    assert_eq!(
+        m["resource_key_hash"],
+        kms_server::cse::resource_key_hash(&dek, resource, "")
+    );
+    let (st, u) = call(
+        &b,
+        &url_b,
+        "unwrap",
+        json!({"authentication": alice_authn,
+        "authorization": sign(&google, &at(&url_b, "reader", resource)),
+        "wrapped_key": m["wrapped_key"], "reason": ""}),
+    )
+    .await;
+    assert_eq!(st, 200, "{u}");
+    assert_eq!(B64.decode(u["key"].as_str().unwrap()).unwrap(), dek);
+
+    // Refusals: a source not configured; a token for A presented to B; A refusing a
+    // migration token for another resource, or one signed by a key it does not trust.
+    let (st, _) = call(
+        &b,
+        &url_b,
+        "rewrap",
+        rewrap(
+            at(&url_b, "migrator", resource),
+            "https://elsewhere.test/cse",
+        ),
+    )
+    .await;
+    assert_eq!(st, 403, "unconfigured source");
+    let (st, _) = call(
+        &b,
+        &url_b,
+        "rewrap",
+        rewrap(at(&url_a, "migrator", resource), &url_a),
+    )
+    .await;
+    assert_eq!(st, 403, "authorization for another KACLS");
+    let k2k = |signer: &Issuer, kid: &str, res: &str| {
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = Some(kid.into());
+        jsonwebtoken::encode(
+            &header,
+            &json!({"iss": url_b, "aud": url_a, "email": "alice@example.com",
+                    "resource_name": res, "iat": now(), "exp": now() + 300}),
+            &EncodingKey::from_rsa_pem(signer.pem.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    };
+    let direct = |token: String| json!({"authentication": token, "wrapped_key": w["wrapped_key"], "resource_name": resource, "reason": ""});
+    let (st, _) = call(
+        &a,
+        &url_a,
+        "privilegedunwrap",
+        direct(k2k(&b_signer, &b_kid, resource)),
+    )
+    .await;
+    assert_eq!(st, 200, "B's token for this resource");
+    let (st, _) = call(
+        &a,
+        &url_a,
+        "privilegedunwrap",
+        direct(k2k(&b_signer, &b_kid, "//other")),
+    )
+    .await;
+    assert_eq!(st, 403, "B's token for another resource");
+    let (st, _) = call(
+        &a,
+        &url_a,
+        "privilegedunwrap",
+        direct(k2k(&google, &b_kid, resource)),
+    )
+    .await;
+    assert_eq!(st, 401, "a token B did not sign");
+
+    // Audited on both sides.
+    for s in [&a, &b] {
+        let page = s.kms_client("auditor-a").audit_page(0, 1000).await.unwrap();
+        assert!(page
+            .records
+            .iter()
+            .any(|r| r.operation == "CSE privilegedunwrap" || r.operation == "CSE rewrap"));
+    }
+}

@@ -419,7 +419,10 @@ impl TestServer {
             None => None,
         };
         self.xks_addr = xks.as_ref().map(|l| l.local_addr().unwrap());
+        // The public listener on the configured port when the test chose one (its URL is
+        // in the config, e.g. a CSE kacls_url another server calls), else any.
         let public = match &settings.public {
+            Some(p) if p.listen.port() != 0 => Some(TcpListener::bind(p.listen).await.unwrap()),
             Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
             None => None,
         };

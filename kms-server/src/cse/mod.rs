@@ -3,16 +3,20 @@
 //! Calendar and Gmail clients call from the user's browser, on the public listener
 //! ([`crate::public`]) under `/cse`.
 //!
-//! Built: `GET /status`, `POST /wrap`, `POST /unwrap`, `POST /digest`, CORS for Google's
-//! client origin, the structured error body. Every call checks what the protocol makes
+//! Built: `GET /status`, `POST /wrap`, `/unwrap`, `/digest`, `/privilegedwrap`,
+//! `/privilegedunwrap`, `/rewrap` (migration from another key service, with a
+//! KACLS-to-KACLS token this service signs), `GET /certs`, CORS for Google's client
+//! origin, the structured error body. Every call checks what the protocol makes
 //! mandatory: both tokens (Google's authorization token, the IdP's authentication token)
 //! verified by [`crate::jwt`]; their emails equal (the authentication token's
 //! `google_email` wins over its `email`); guests (`google-visitor`, `customer-idp`)
 //! refused unless allowed; the role fits the operation; the token's `kacls_url` is ours;
 //! the perimeter allowed. A wrapped key binds the resource name and perimeter id
 //! (AES-256-GCM AAD); unwrap checks the token's resource name against the bound one and
-//! the perimeter rules against the bound perimeter. Not built yet: the privileged
-//! operations, `rewrap` and `certs` (KACLS migration).
+//! the perimeter rules against the bound perimeter. The privileged operations take the
+//! IdP's token of a user in `privileged_users`; `privilegedunwrap` also takes a migration
+//! peer's KACLS-to-KACLS token for the same resource. Not built: Gmail's private-key
+//! operations.
 //!
 //! Wrapped key layout (at most 1 KiB, base64 on the wire):
 //! `b"khc\x01"` ‖ version (u32 BE) ‖ IV (16) ‖ tag (16) ‖ perimeter id length (u16 BE) ‖
@@ -82,6 +86,12 @@ fn bad(m: &str) -> CseError {
 }
 fn denied(m: &str) -> CseError {
     CseError::new(StatusCode::FORBIDDEN, m)
+}
+
+/// The JWK set `/cse/certs` publishes for the signing key at `path` (what a key service
+/// that accepts this one's migration tokens configures as its `migration_peers` key set).
+pub fn signing_jwks(path: &std::path::Path) -> Result<serde_json::Value, String> {
+    Ok(json!({"keys": [Signer::load(path)?.jwk]}))
 }
 
 /// The resource key hash: base64(HMAC-SHA256(key = DEK, "ResourceKeyDigest:" ‖
@@ -183,6 +193,110 @@ struct DigestRequest {
     reason: String,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrivilegedWrapRequest {
+    authentication: String,
+    key: String,
+    #[serde(default)]
+    perimeter_id: String,
+    resource_name: String,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrivilegedUnwrapRequest {
+    authentication: String,
+    wrapped_key: String,
+    resource_name: String,
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RewrapRequest {
+    authorization: String,
+    original_kacls_url: String,
+    wrapped_key: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// A KACLS-to-KACLS token's claims (`rewrap` on the new key service, `privilegedunwrap`
+/// on the original): who asks, for which resource, for which key service (`aud`).
+#[derive(Debug, Deserialize)]
+struct Migration {
+    email: String,
+    resource_name: String,
+}
+
+/// This KACLS's signing key: `/certs` and the KACLS-to-KACLS tokens of `rewrap`.
+struct Signer {
+    key: aws_lc_rs::signature::RsaKeyPair,
+    kid: String,
+    jwk: serde_json::Value,
+}
+
+impl Signer {
+    fn load(path: &std::path::Path) -> Result<Self, String> {
+        use rsa::pkcs8::DecodePublicKey as _;
+        use rsa::traits::PublicKeyParts as _;
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        );
+        let b64: zeroize::Zeroizing<String> = zeroize::Zeroizing::new(
+            text.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<String>(),
+        );
+        let der = zeroize::Zeroizing::new(
+            B64.decode(b64.as_bytes())
+                .map_err(|_| format!("{}: not a PEM key", path.display()))?,
+        );
+        let key = aws_lc_rs::signature::RsaKeyPair::from_pkcs8(&der)
+            .map_err(|_| format!("{}: not an RSA PKCS#8 key", path.display()))?;
+        let spki = aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::PublicKeyX509Der>::as_der(
+            aws_lc_rs::signature::KeyPair::public_key(&key),
+        )
+        .map_err(|_| "the signing key's public half".to_owned())?;
+        let public = rsa::RsaPublicKey::from_public_key_der(spki.as_ref())
+            .map_err(|_| "the signing key's public half".to_owned())?;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let n = URL_SAFE_NO_PAD.encode(public.n().to_bytes_be());
+        // The key id: a digest of the modulus, stable across restarts.
+        let kid = crate::seal::hex(
+            &ring::digest::digest(&ring::digest::SHA256, n.as_bytes()).as_ref()[..8],
+        );
+        let jwk = json!({"kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
+                         "n": n, "e": URL_SAFE_NO_PAD.encode(public.e().to_bytes_be())});
+        Ok(Self { key, kid, jwk })
+    }
+
+    /// An RS256 JWT of `claims`.
+    fn sign(&self, claims: &serde_json::Value) -> Result<String, CseError> {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header = json!({"alg": "RS256", "typ": "JWT", "kid": self.kid});
+        let message = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let mut sig = vec![0u8; self.key.public_modulus_len()];
+        self.key
+            .sign(
+                &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+                &aws_lc_rs::rand::SystemRandom::new(),
+                message.as_bytes(),
+                &mut sig,
+            )
+            .map_err(|_| CseError::new(StatusCode::INTERNAL_SERVER_ERROR, "signing failed"))?;
+        Ok(format!("{message}.{}", URL_SAFE_NO_PAD.encode(sig)))
+    }
+}
+
 /// What a request leaves for its audit record.
 #[derive(Default)]
 struct Facts {
@@ -198,6 +312,8 @@ pub struct Cse {
     settings: CseSettings,
     authorization: Vec<(String, Verifier)>,
     authentication: Vec<(String, Verifier)>,
+    migration_peers: Vec<(String, Verifier)>,
+    signer: Option<Signer>,
     principal: Principal,
 }
 
@@ -243,24 +359,30 @@ fn verify<C: DeserializeOwned>(
 }
 
 impl Cse {
-    /// The endpoint for `settings`.
-    pub fn new(app: Arc<AppState>, settings: &CseSettings) -> Self {
+    /// The endpoint for `settings`; fails when the signing key does not load.
+    pub fn new(app: Arc<AppState>, settings: &CseSettings) -> Result<Self, String> {
         let verifiers = |list: &[crate::jwt::JwtSettings]| {
             list.iter()
                 .map(|s| (s.issuers[0].clone(), Verifier::new(s.clone())))
                 .collect()
         };
-        Self {
+        let signer = match &settings.signing_key {
+            Some(p) => Some(Signer::load(p).map_err(|e| format!("cse.signing_key: {e}"))?),
+            None => None,
+        };
+        Ok(Self {
             app,
             authorization: verifiers(&settings.authorization),
             authentication: verifiers(&settings.authentication),
+            migration_peers: verifiers(&settings.migration_peers),
+            signer,
             principal: Principal {
                 identity: settings.identity.clone(),
                 tenant: settings.tenant.clone(),
                 role: Role::App,
             },
             settings: settings.clone(),
-        }
+        })
     }
 
     /// The authorization token's checks that do not depend on the operation's other
@@ -344,8 +466,21 @@ impl Cse {
         if dek.is_empty() || dek.len() > MAX_KEY {
             return Err(bad("key must be 1 to 128 bytes"));
         }
+        let out = self
+            .seal(dek, authz.resource_name.clone(), perimeter_id, facts)
+            .await?;
+        Ok(Json(json!({"wrapped_key": B64.encode(out)})).into_response())
+    }
+
+    /// Wraps `dek` bound to `resource` and `perimeter_id`: the wrapped key's bytes.
+    async fn seal(
+        self: &Arc<Self>,
+        dek: zeroize::Zeroizing<Vec<u8>>,
+        resource: String,
+        perimeter_id: String,
+        facts: &mut Facts,
+    ) -> Result<Vec<u8>, CseError> {
         let me = self.clone();
-        let resource = authz.resource_name.clone();
         let perimeter = perimeter_id.clone();
         let sealed = crate::routes::blocking(move || {
             let mut lookups = me.app.keyring.lookups()?;
@@ -366,7 +501,7 @@ impl Cse {
         out.extend_from_slice(&(perimeter_id.len() as u16).to_be_bytes());
         out.extend_from_slice(perimeter_id.as_bytes());
         out.extend_from_slice(&sealed.ciphertext);
-        Ok(Json(json!({"wrapped_key": B64.encode(out)})).into_response())
+        Ok(out)
     }
 
     /// Opens a wrapped key for `authz`'s resource, with the perimeter check on the
@@ -374,7 +509,7 @@ impl Cse {
     async fn open(
         self: &Arc<Self>,
         wrapped_key: &str,
-        authz: &Authz,
+        resource_name: &str,
         facts: &mut Facts,
     ) -> Result<(zeroize::Zeroizing<Vec<u8>>, String), CseError> {
         let bytes = B64
@@ -385,7 +520,7 @@ impl Cse {
         facts.version = Some(w.version);
         self.perimeter(&w.perimeter_id)?;
         let me = self.clone();
-        let aad = aad(&authz.resource_name, &w.perimeter_id, w.version);
+        let aad = aad(resource_name, &w.perimeter_id, w.version);
         let (version, iv, tag, ct) = (w.version, w.iv, w.tag, w.ciphertext.to_vec());
         let opened = crate::routes::blocking(move || {
             let mut lookups = me.app.keyring.lookups()?;
@@ -415,7 +550,9 @@ impl Cse {
         facts.reason = Some(req.reason.clone());
         let authz = self.authorize(&req.authorization, &["reader", "writer", "upgrader"], facts)?;
         self.authenticate(&req.authentication, &authz)?;
-        let (dek, _) = self.open(&req.wrapped_key, &authz, facts).await?;
+        let (dek, _) = self
+            .open(&req.wrapped_key, &authz.resource_name, facts)
+            .await?;
         Ok(Json(json!({"key": B64.encode(&*dek)})).into_response())
     }
 
@@ -426,9 +563,162 @@ impl Cse {
     ) -> Result<Response, CseError> {
         facts.reason = Some(req.reason.clone());
         let authz = self.authorize(&req.authorization, &["reader", "writer", "upgrader"], facts)?;
-        let (dek, perimeter_id) = self.open(&req.wrapped_key, &authz, facts).await?;
+        let (dek, perimeter_id) = self
+            .open(&req.wrapped_key, &authz.resource_name, facts)
+            .await?;
         let hash = resource_key_hash(&dek, &authz.resource_name, &perimeter_id);
         Ok(Json(json!({"resource_key_hash": hash})).into_response())
+    }
+
+    /// The authentication token of a privileged operation: a user in `privileged_users`.
+    fn privileged(&self, token: &str, facts: &mut Facts) -> Result<(), CseError> {
+        let authn: Authn = verify(&self.authentication, token, "authentication")?;
+        let user = authn
+            .google_email
+            .or(authn.email)
+            .map(|u| u.to_lowercase())
+            .ok_or_else(|| {
+                CseError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "the authentication token has no email",
+                )
+            })?;
+        facts.user = Some(user.clone());
+        if !self.settings.privileged_users.contains(&user) {
+            return Err(denied("this user may not use the privileged operations"));
+        }
+        Ok(())
+    }
+
+    async fn privilegedwrap(
+        self: &Arc<Self>,
+        req: PrivilegedWrapRequest,
+        facts: &mut Facts,
+    ) -> Result<Response, CseError> {
+        facts.reason = Some(req.reason.clone());
+        facts.resource = Some(req.resource_name.clone());
+        self.privileged(&req.authentication, facts)?;
+        self.perimeter(&req.perimeter_id)?;
+        let dek = zeroize::Zeroizing::new(
+            B64.decode(req.key.as_bytes())
+                .map_err(|_| bad("key is not base64"))?,
+        );
+        if dek.is_empty() || dek.len() > MAX_KEY {
+            return Err(bad("key must be 1 to 128 bytes"));
+        }
+        let out = self
+            .seal(dek, req.resource_name, req.perimeter_id, facts)
+            .await?;
+        Ok(Json(json!({"wrapped_key": B64.encode(out)})).into_response())
+    }
+
+    /// A privileged user's, or a migration peer's KACLS-to-KACLS token for this resource.
+    async fn privilegedunwrap(
+        self: &Arc<Self>,
+        req: PrivilegedUnwrapRequest,
+        facts: &mut Facts,
+    ) -> Result<Response, CseError> {
+        facts.reason = Some(req.reason.clone());
+        facts.resource = Some(req.resource_name.clone());
+        let from_peer = issuer_of(&req.authentication)
+            .is_some_and(|iss| self.migration_peers.iter().any(|(i, _)| *i == iss));
+        if from_peer {
+            let m: Migration = verify(&self.migration_peers, &req.authentication, "migration")?;
+            facts.user = Some(m.email.to_lowercase());
+            if m.resource_name != req.resource_name {
+                return Err(denied("the migration token is for another resource"));
+            }
+        } else {
+            self.privileged(&req.authentication, facts)?;
+        }
+        let (dek, _) = self
+            .open(&req.wrapped_key, &req.resource_name, facts)
+            .await?;
+        Ok(Json(json!({"key": B64.encode(&*dek)})).into_response())
+    }
+
+    /// Migrates a key wrapped by another KACLS here: asks it to unwrap (its
+    /// `privilegedunwrap`, with a KACLS-to-KACLS token signed by this KACLS for that
+    /// service, that user and that resource), wraps the key here bound to the same
+    /// resource, and returns it with its resource key hash.
+    async fn rewrap(
+        self: &Arc<Self>,
+        req: RewrapRequest,
+        facts: &mut Facts,
+    ) -> Result<Response, CseError> {
+        facts.reason = Some(req.reason.clone());
+        let authz = self.authorize(
+            &req.authorization,
+            &["migrator", "upgrader", "writer", "reader"],
+            facts,
+        )?;
+        let original = req.original_kacls_url.trim_end_matches('/').to_owned();
+        if !self.settings.migration_sources.contains(&original) {
+            return Err(denied("keys are not migrated from that key service"));
+        }
+        let perimeter_id = authz.perimeter_id.clone().unwrap_or_default();
+        self.perimeter(&perimeter_id)?;
+        let signer = self
+            .signer
+            .as_ref()
+            .ok_or_else(|| denied("this key service has no signing key for migration"))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let token = signer.sign(&json!({
+            "iss": self.settings.kacls_url, "aud": original, "email": authz.email,
+            "resource_name": authz.resource_name, "iat": now, "exp": now + 300,
+        }))?;
+        let body = json!({"authentication": token, "wrapped_key": req.wrapped_key,
+                          "resource_name": authz.resource_name, "reason": req.reason})
+        .to_string();
+        let url = format!("{original}/privilegedunwrap");
+        let ca = self.settings.migration_ca.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            crate::https::request("POST", &url, ca.as_deref(), Some(body.as_bytes()))
+        })
+        .await
+        .map_err(|_| {
+            CseError::new(
+                StatusCode::BAD_GATEWAY,
+                "the original key service did not answer",
+            )
+        })?;
+        let (status, bytes) = answer.map_err(|e| {
+            tracing::warn!(error = %e, "CSE rewrap: the original key service is unreachable");
+            CseError::new(
+                StatusCode::BAD_GATEWAY,
+                "the original key service is unreachable",
+            )
+        })?;
+        let reply: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        if status != 200 {
+            let why = reply["message"].as_str().unwrap_or("no reason given");
+            return Err(CseError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("the original key service refused ({status}): {why}"),
+            ));
+        }
+        let dek = zeroize::Zeroizing::new(
+            reply["key"]
+                .as_str()
+                .and_then(|k| B64.decode(k).ok())
+                .filter(|k| !k.is_empty() && k.len() <= MAX_KEY)
+                .ok_or_else(|| {
+                    CseError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "the original key service gave no key",
+                    )
+                })?,
+        );
+        let hash = resource_key_hash(&dek, &authz.resource_name, &perimeter_id);
+        let out = self
+            .seal(dek, authz.resource_name.clone(), perimeter_id, facts)
+            .await?;
+        Ok(
+            Json(json!({"resource_key_hash": hash, "wrapped_key": B64.encode(out)}))
+                .into_response(),
+        )
     }
 
     /// Audits and finishes one request (the record is durable before the answer leaves),
@@ -465,7 +755,7 @@ impl Cse {
             identity: Some(self.principal.identity.clone()),
             tenant: Some(self.principal.tenant.clone()),
             operation: format!("CSE {op}"),
-            key: (op != "status").then(|| self.settings.key.clone()),
+            key: (!matches!(op, "status" | "certs")).then(|| self.settings.key.clone()),
             version: facts.version,
             context_hash: None,
             outcome: outcome.clone(),
@@ -490,7 +780,11 @@ impl Cse {
                 .insert(header::VARY, HeaderValue::from_static("origin"));
         }
         let route = format!("cse {op}");
-        let method = if op == "status" { "GET" } else { "POST" };
+        let method = if matches!(op, "status" | "certs") {
+            "GET"
+        } else {
+            "POST"
+        };
         self.app
             .finish(&mut resp, id, &route, method, &outcome, elapsed);
         resp
@@ -528,6 +822,31 @@ mod handlers {
     operation!(wrap, WrapRequest, "wrap");
     operation!(unwrap, UnwrapRequest, "unwrap");
     operation!(digest, DigestRequest, "digest");
+    operation!(privilegedwrap, PrivilegedWrapRequest, "privilegedwrap");
+    operation!(
+        privilegedunwrap,
+        PrivilegedUnwrapRequest,
+        "privilegedunwrap"
+    );
+    operation!(rewrap, RewrapRequest, "rewrap");
+}
+
+/// `GET /cse/certs`: this key service's signing key as a JWK set (404 without one).
+async fn certs(State(cse): State<Arc<Cse>>, headers: HeaderMap) -> Response {
+    let started = Instant::now();
+    let resp = match &cse.signer {
+        Some(s) => Json(json!({"keys": [s.jwk.clone()]})).into_response(),
+        None => CseError::new(StatusCode::NOT_FOUND, "this key service has no signing key")
+            .into_response(),
+    };
+    cse.finish(
+        "certs",
+        headers.get(header::ORIGIN),
+        started,
+        Facts::default(),
+        resp,
+    )
+    .await
 }
 
 async fn status(State(cse): State<Arc<Cse>>, headers: HeaderMap) -> Response {
@@ -537,7 +856,7 @@ async fn status(State(cse): State<Arc<Cse>>, headers: HeaderMap) -> Response {
         "vendor_id": "Keyhold",
         "version": env!("CARGO_PKG_VERSION"),
         "name": "Keyhold KACLS",
-        "operations_supported": ["wrap", "unwrap", "digest"],
+        "operations_supported": ["wrap", "unwrap", "digest", "privilegedwrap", "privilegedunwrap", "rewrap"],
     }))
     .into_response();
     cse.finish(
@@ -587,6 +906,16 @@ pub fn router(cse: Arc<Cse>) -> Router {
         .route("/cse/wrap", post(handlers::wrap).options(preflight))
         .route("/cse/unwrap", post(handlers::unwrap).options(preflight))
         .route("/cse/digest", post(handlers::digest).options(preflight))
+        .route(
+            "/cse/privilegedwrap",
+            post(handlers::privilegedwrap).options(preflight),
+        )
+        .route(
+            "/cse/privilegedunwrap",
+            post(handlers::privilegedunwrap).options(preflight),
+        )
+        .route("/cse/rewrap", post(handlers::rewrap).options(preflight))
+        .route("/cse/certs", get(certs).options(preflight))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(cse)
 }

@@ -53,6 +53,23 @@ pub(crate) struct FileCse {
     perimeters: Vec<String>,
     #[serde(default = "default_leeway")]
     leeway_secs: u64,
+    /// Users (authentication token email) allowed the privileged operations.
+    #[serde(default)]
+    privileged_users: Vec<String>,
+    /// This KACLS's signing key (RSA, PKCS#8 PEM, mode 600): `/certs` publishes its public
+    /// half, and `rewrap` signs its KACLS-to-KACLS tokens with it.
+    #[serde(default)]
+    signing_key: Option<PathBuf>,
+    /// Key services whose keys `rewrap` may migrate from (their KACLS URLs).
+    #[serde(default)]
+    migration_sources: Vec<String>,
+    /// The CA bundle those services' certificates chain to (default: the system's).
+    #[serde(default)]
+    migration_ca: Option<PathBuf>,
+    /// Key services allowed to migrate keys away from here (`privilegedunwrap` with their
+    /// KACLS-to-KACLS tokens): their URL (the tokens' issuer) and key set (their `/certs`).
+    #[serde(default)]
+    migration_peers: Vec<FileIssuer>,
 }
 
 /// `[cse]`, validated.
@@ -74,6 +91,16 @@ pub struct CseSettings {
     pub allow_guests: bool,
     /// Allowed perimeter ids (empty: any).
     pub perimeters: Vec<String>,
+    /// Users allowed the privileged operations, lower-cased.
+    pub privileged_users: Vec<String>,
+    /// The signing key file.
+    pub signing_key: Option<PathBuf>,
+    /// Where `rewrap` may migrate from.
+    pub migration_sources: Vec<String>,
+    /// Their CA bundle.
+    pub migration_ca: Option<PathBuf>,
+    /// Who may migrate away from here (audience: our `kacls_url`).
+    pub migration_peers: Vec<JwtSettings>,
 }
 
 impl FileCse {
@@ -91,8 +118,11 @@ impl FileCse {
             return e("tenant", "tenant, identity and key are required");
         }
         let leeway = Duration::from_secs(self.leeway_secs);
-        let issuers = |list: Vec<FileIssuer>, field: &str, authz: bool| {
-            if list.is_empty() {
+        let kacls = kacls_url.clone();
+        // `audience`: Google's fixed one (authorization), required (authentication), or
+        // our URL (migration peers).
+        let issuers = |list: Vec<FileIssuer>, field: &str, kind: u8| {
+            if list.is_empty() && kind != 2 {
                 return Err((format!("cse.{field}"), "at least one issuer".to_owned()));
             }
             let mut out = Vec::new();
@@ -112,11 +142,12 @@ impl FileCse {
                     }
                     JwksSource::File(p)
                 };
-                let audience = match (authz, f.audience) {
-                    (true, None) => AUTHZ_AUDIENCE.to_owned(),
-                    (true, Some(_)) => return Err(at("audience: Google's is fixed")),
-                    (false, Some(a)) if !a.is_empty() => a,
-                    (false, _) => return Err(at("audience is required")),
+                let audience = match (kind, f.audience) {
+                    (0, None) => AUTHZ_AUDIENCE.to_owned(),
+                    (2, None) => kacls.clone(),
+                    (0 | 2, Some(_)) => return Err(at("audience: fixed, not configurable")),
+                    (_, Some(a)) if !a.is_empty() => a,
+                    (_, _) => return Err(at("audience is required")),
                 };
                 if f.issuer.is_empty() {
                     return Err(at("issuer is required"));
@@ -131,9 +162,44 @@ impl FileCse {
             }
             Ok(out)
         };
+        let signing_key = self.signing_key.as_deref().map(&resolve);
+        if let Some(p) = &signing_key {
+            if !p.is_file() {
+                return e(
+                    "signing_key",
+                    &format!("{} is not a readable file", p.display()),
+                );
+            }
+        }
+        if self
+            .migration_sources
+            .iter()
+            .any(|u| !u.starts_with("https://"))
+        {
+            return e("migration_sources", "https:// URLs only");
+        }
+        if !self.migration_sources.is_empty() && signing_key.is_none() {
+            return e(
+                "signing_key",
+                "rewrap (migration_sources) needs a signing key",
+            );
+        }
         Ok(CseSettings {
-            authorization: issuers(self.authorization, "authorization", true)?,
-            authentication: issuers(self.authentication, "authentication", false)?,
+            authorization: issuers(self.authorization, "authorization", 0)?,
+            authentication: issuers(self.authentication, "authentication", 1)?,
+            migration_peers: issuers(self.migration_peers, "migration_peers", 2)?,
+            privileged_users: self
+                .privileged_users
+                .iter()
+                .map(|u| u.to_lowercase())
+                .collect(),
+            signing_key,
+            migration_sources: self
+                .migration_sources
+                .iter()
+                .map(|u| u.trim_end_matches('/').to_owned())
+                .collect(),
+            migration_ca: self.migration_ca.as_deref().map(&resolve),
             kacls_url,
             tenant: self.tenant,
             identity: self.identity,
