@@ -92,6 +92,8 @@ struct FileConfig {
     dke: Option<crate::dke::settings::FileDke>,
     #[serde(default)]
     cse: Option<crate::cse::settings::FileCse>,
+    #[serde(default)]
+    ekm: Option<crate::ekm::settings::FileEkm>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -401,6 +403,8 @@ pub struct Settings {
     /// Google Workspace client-side encryption on the public listener (`[cse]`), if
     /// configured.
     pub cse: Option<crate::cse::settings::CseSettings>,
+    /// Google Cloud EKM on the public listener (`[ekm]`), if configured.
+    pub ekm: Option<crate::ekm::settings::EkmSettings>,
 }
 
 impl Settings {
@@ -658,11 +662,22 @@ impl Settings {
                 "CSE is served on the public listener: configure [public] too".into(),
             ));
         }
+        let ekm = match raw.ekm {
+            None => None,
+            Some(c) => Some(c.validate(resolve).map_err(|(f, m)| err(&f, m))?),
+        };
+        if ekm.is_some() && public.is_none() {
+            return Err(err(
+                "ekm",
+                "EKM is served on the public listener: configure [public] too".into(),
+            ));
+        }
         Ok(Settings {
             xks,
             public,
             dke,
             cse,
+            ekm,
             listen,
             ops_listen,
             max_body_bytes: raw.max_body_bytes,

@@ -112,6 +112,9 @@ fn prepare_issuer(layout: &DevLayout) -> anyhow::Result<()> {
 pub enum DevToken {
     /// Microsoft DKE: a bearer token for the dev config's DKE audience.
     Dke,
+    /// Google Cloud EKM: a bearer token of Cloud KMS's service agent (`email`) for the
+    /// dev config's EKM audience.
+    Ekm,
     /// Google Workspace CSE: the `authentication` (IdP) and `authorization` (Google)
     /// tokens, as the JSON fields a CSE request carries, for `role` on `resource`.
     Cse {
@@ -130,6 +133,12 @@ pub const DEV_CSE_AUDIENCE: &str = "keyhold-dev-kacls";
 pub const DEMO_CSE_KEY: &str = "demo-cse";
 /// The identity CSE calls run as in dev mode.
 pub const DEV_CSE_IDENTITY: &str = "cse:dev";
+/// The AES key dev-mode EKM wraps with, and its key path.
+pub const DEMO_EKM_KEY: &str = "demo-ekm";
+/// The identity EKM calls run as in dev mode.
+pub const DEV_EKM_IDENTITY: &str = "ekm:dev";
+/// The caller dev-mode EKM allows (a Cloud KMS service agent's form).
+pub const DEV_EKM_CALLER: &str = "service-0@gcp-sa-ekms.iam.gserviceaccount.com";
 
 /// A token (DKE), or the two tokens of a CSE request as JSON fields, from the dev issuer
 /// for `email`, valid `ttl` (`kms-server dev token`).
@@ -161,6 +170,14 @@ pub fn token(
             let dke = settings.dke.ok_or_else(|| missing("dke"))?;
             sign(serde_json::json!({
                 "iss": DEV_ISSUER, "aud": dke.url, "email": email,
+                "iat": now, "exp": now + ttl.as_secs(),
+            }))
+        }
+        DevToken::Ekm => {
+            let ekm = settings.ekm.ok_or_else(|| missing("ekm"))?;
+            let aud = ekm.jwt.audiences.first().cloned().unwrap_or_default();
+            sign(serde_json::json!({
+                "iss": DEV_ISSUER, "aud": aud, "email": email,
                 "iat": now, "exp": now + ttl.as_secs(),
             }))
         }
@@ -296,6 +313,19 @@ jwks = "dev-jwks.json"
 issuer = "{DEV_ISSUER}"
 audience = "{DEV_CSE_AUDIENCE}"
 jwks = "dev-jwks.json"
+
+[ekm]
+url = "https://localhost:{public_port}/ekm"
+issuers = ["{DEV_ISSUER}"]
+jwks = "dev-jwks.json"
+tenant = "{DEV_TENANT}"
+identity = "{DEV_EKM_IDENTITY}"
+
+[[ekm.keys]]
+path = "v0/{DEMO_EKM_KEY}"
+key = "{DEMO_EKM_KEY}"
+callers = ["{DEV_EKM_CALLER}"]
+allow_missing_reason = true
 "#
     );
     fs::write(&config_path, config)?;
@@ -344,6 +374,21 @@ jwks = "dev-jwks.json"
         Algorithm::Aes256Gcm,
         None,
         vec![cse_grant],
+    ) {
+        Ok(_) | Err(Error::AlreadyExists) => {}
+        Err(e) => return Err(e.into()),
+    }
+    // EKM's demo key: AES-256; EKM may wrap and unwrap with it.
+    let ekm_grant = Grant::new(
+        DEV_EKM_IDENTITY,
+        &[GrantOperation::Wrap, GrantOperation::Unwrap],
+    );
+    match keyring.create_key(
+        DEV_TENANT,
+        DEMO_EKM_KEY,
+        Algorithm::Aes256Gcm,
+        None,
+        vec![ekm_grant],
     ) {
         Ok(_) | Err(Error::AlreadyExists) => {}
         Err(e) => return Err(e.into()),
@@ -402,6 +447,10 @@ pub fn banner(
 
     curl -sS --cacert {d}/pki/ca.pem https://localhost:{public_port}/dke/{DEMO_DKE_KEY}
     T=$(kms-server dev token --data-dir {d} --email {DEV_DKE_USER})
+
+  Google Cloud EKM there too (docs/google-cloud-ekm.md): wrap as Cloud KMS would.
+
+    curl -sS --cacert {d}/pki/ca.pem -H "authorization: Bearer $(kms-server dev token --data-dir {d} --protocol ekm --email {DEV_EKM_CALLER})" -H 'content-type: application/json' -d '{{"plaintext":"AAECAwQFBgcICQoLDA0ODw==","additionalAuthenticatedData":"YWFk"}}' https://localhost:{public_port}/ekm/v0/{DEMO_EKM_KEY}:wrap
 
   Google Workspace CSE there too (docs/google-cse.md): wrap a key as a writer.
 

@@ -51,6 +51,7 @@ pub mod crypto;
 pub mod cse;
 pub mod dev;
 pub mod dke;
+pub mod ekm;
 pub mod erasure;
 pub mod error;
 pub mod format;

@@ -177,6 +177,8 @@ enum DevProtocol {
     Dke,
     /// Google Workspace CSE: `{"authentication": ..., "authorization": ...}`.
     Cse,
+    /// Google Cloud EKM: one bearer token (`--email`: the caller, a service agent).
+    Ekm,
 }
 
 fn init_logging(format: &str) {
@@ -580,6 +582,7 @@ fn main() -> anyhow::Result<()> {
             let what = match protocol {
                 DevProtocol::Dke => kms_server::dev::DevToken::Dke,
                 DevProtocol::Cse => kms_server::dev::DevToken::Cse { role, resource },
+                DevProtocol::Ekm => kms_server::dev::DevToken::Ekm,
             };
             let ttl = std::time::Duration::from_secs(ttl_secs);
             println!("{}", kms_server::dev::token(&data_dir, &email, ttl, &what)?);

@@ -2,8 +2,8 @@
 //! that are people's Office apps and browsers, not provider services, so no client
 //! certificate (they authenticate with bearer tokens), TLS 1.2 or 1.3 with the configured
 //! server certificate, and one route prefix per protocol: `/dke` (Microsoft Double Key
-//! Encryption, [`crate::dke`]) and `/cse` (Google Workspace client-side encryption,
-//! [`crate::cse`]). A protocol is served only when its table is configured.
+//! Encryption, [`crate::dke`]), `/cse` (Google Workspace client-side encryption,
+//! [`crate::cse`]) and `/ekm` (Google Cloud External Key Manager, [`crate::ekm`]). A protocol is served only when its table is configured.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -82,6 +82,10 @@ pub fn router(state: &Arc<AppState>) -> Result<Router, String> {
     if let Some(cse) = &state.settings.cse {
         let cse = Arc::new(crate::cse::Cse::new(state.clone(), cse)?);
         router = router.merge(crate::cse::router(cse));
+    }
+    if let Some(ekm) = &state.settings.ekm {
+        let ekm = Arc::new(crate::ekm::Ekm::new(state.clone(), ekm));
+        router = router.merge(crate::ekm::router(ekm));
     }
     Ok(router.fallback(|| async {
         (

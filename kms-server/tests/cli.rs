@@ -285,6 +285,16 @@ fn dev_mode_banner_commands_work_when_pasted() {
     let out = sh(&cse_wrap);
     let wrapped: serde_json::Value = serde_json::from_slice(&out.stdout).expect(&cse_wrap);
     assert!(wrapped["wrapped_key"].is_string(), "{wrapped}");
+    // The EKM wrap line: a dev token for the service agent, through curl.
+    let ekm_wrap = banner
+        .iter()
+        .find(|l| l.contains("/ekm/"))
+        .expect(&text)
+        .trim()
+        .replacen("kms-server", BIN, 1);
+    let out = sh(&ekm_wrap);
+    let blob: serde_json::Value = serde_json::from_slice(&out.stdout).expect(&ekm_wrap);
+    assert!(blob["wrappedBlob"].is_string(), "{blob}");
     child.kill().unwrap();
     child.wait().unwrap();
 }

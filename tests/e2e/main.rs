@@ -19,6 +19,7 @@ mod crypto;
 mod cse;
 mod curl;
 mod dke;
+mod ekm;
 mod faults;
 mod hardening;
 mod hostile;

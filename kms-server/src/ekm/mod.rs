@@ -1,0 +1,509 @@
+//! Google Cloud External Key Manager (issue 12; `docs/google-cloud-ekm.md`): Keyhold as
+//! the external key manager Cloud KMS calls for `EXTERNAL` and `EXTERNAL_VPC` keys, on the
+//! public listener ([`crate::public`]) under `/ekm`.
+//!
+//! The partner API is not published; the wire mapping below follows the public STET
+//! messages (`confidential_wrap.proto`) and lives in this one module ([`wire`]), to be
+//! corrected against the partner specification:
+//!
+//! - `POST /ekm/{keyPath}:wrap`: `{plaintext, additionalAuthenticatedData,
+//!   additionalContext}` → `{wrappedBlob}`;
+//! - `POST /ekm/{keyPath}:unwrap`: `{wrappedBlob, additionalAuthenticatedData,
+//!   additionalContext}` → `{plaintext, allowedCacheDuration}`.
+//!
+//! Every call: a Google OIDC bearer token (issuer, audience = `[ekm] url`, expiry) whose
+//! `email` is on the key path's caller list; the Key Access Justification policy of the
+//! key path (allowed reasons, a missing reason allowed or not; health checks are
+//! authenticated but not held to it); the AAD bound into the wrapped blob; an audit
+//! record with the caller, the justification and the resource.
+//!
+//! Errors never say "permission denied" for what is not a permanent refusal: Cloud EKM
+//! disables the key version on `PERMISSION_DENIED`. A caller not on the list is
+//! `PERMISSION_DENIED` (403); a justification refused by policy is `FAILED_PRECONDITION`
+//! (400), so a refused access does not disable the key for allowed ones; a bad token is
+//! `UNAUTHENTICATED` (401); an unknown key path `NOT_FOUND` (404); a blob that does not
+//! open `INVALID_ARGUMENT` (400); a sealed server, an unreachable store or token key set,
+//! a disabled key `UNAVAILABLE` (503) or `FAILED_PRECONDITION` (disabled key, 400).
+
+pub mod settings;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde_json::json;
+
+use crate::error::Error;
+use crate::jwt::{JwtError, Verifier};
+use crate::policy::{Principal, Role};
+use crate::routes::AppState;
+use settings::{EkmSettings, KeyPolicy};
+
+/// Largest request body.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Largest plaintext (a data key, or a small secret).
+pub const MAX_PLAINTEXT: usize = 8192;
+
+/// The wire messages (protojson: lowerCamelCase, base64 bytes, durations as "300s").
+/// Unknown fields are ignored, as protojson readers do.
+pub mod wire {
+    use serde::Deserialize;
+
+    /// `RequestContext`.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    pub struct RequestContext {
+        /// The Cloud KMS key version's full resource name.
+        pub full_resource_name: String,
+        /// Its relative name.
+        pub relative_resource_name: String,
+        /// The justification.
+        pub access_reason_context: Option<AccessReasonContext>,
+        /// A health check (no customer data).
+        pub is_key_health_check: bool,
+    }
+
+    /// `AccessReasonContext`.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(rename_all = "camelCase", default)]
+    pub struct AccessReasonContext {
+        /// One of [`super::settings::REASONS`].
+        pub reason: String,
+    }
+
+    /// `WrapRequest`.
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct WrapRequest {
+        /// Base64.
+        pub plaintext: String,
+        /// Base64.
+        #[serde(default)]
+        pub additional_authenticated_data: String,
+        /// The context.
+        #[serde(default)]
+        pub additional_context: RequestContext,
+    }
+
+    /// `UnwrapRequest`.
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct UnwrapRequest {
+        /// Base64.
+        pub wrapped_blob: String,
+        /// Base64.
+        #[serde(default)]
+        pub additional_authenticated_data: String,
+        /// The context.
+        #[serde(default)]
+        pub additional_context: RequestContext,
+    }
+}
+
+/// A refusal, Google style: `{"error": {"code", "message", "status"}}`.
+#[derive(Debug)]
+pub struct EkmError {
+    status: StatusCode,
+    name: &'static str,
+    message: String,
+}
+
+impl EkmError {
+    fn new(status: StatusCode, name: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            name,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for EkmError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.status.as_u16(), "message": self.message, "status": self.name}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+fn invalid(m: &str) -> EkmError {
+    EkmError::new(StatusCode::BAD_REQUEST, "INVALID_ARGUMENT", m)
+}
+fn unavailable(m: &str) -> EkmError {
+    EkmError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", m)
+}
+
+const MAGIC: &[u8; 4] = b"khe\x01";
+
+/// The AAD of a wrapped blob: the key path, the caller's AAD, the version.
+fn aad(path: &str, aad: &[u8], version: u32) -> Vec<u8> {
+    let mut out = b"keyhold-ekm-wrap/v1\0".to_vec();
+    out.extend_from_slice(&(path.len() as u32).to_be_bytes());
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(&(aad.len() as u32).to_be_bytes());
+    out.extend_from_slice(aad);
+    out.extend_from_slice(&version.to_be_bytes());
+    out
+}
+
+#[derive(Default)]
+struct Facts {
+    caller: Option<String>,
+    reason: Option<String>,
+    resource: Option<String>,
+    health: bool,
+    key: Option<String>,
+    version: Option<u32>,
+}
+
+/// The EKM endpoint.
+pub struct Ekm {
+    app: Arc<AppState>,
+    verifier: Verifier,
+    principal: Principal,
+    keys: BTreeMap<String, KeyPolicy>,
+}
+
+#[derive(serde::Deserialize)]
+struct Claims {
+    #[serde(default)]
+    email: Option<String>,
+}
+
+impl Ekm {
+    /// The endpoint for `settings`.
+    pub fn new(app: Arc<AppState>, settings: &EkmSettings) -> Self {
+        Self {
+            app,
+            verifier: Verifier::new(settings.jwt.clone()),
+            principal: Principal {
+                identity: settings.identity.clone(),
+                tenant: settings.tenant.clone(),
+                role: Role::App,
+            },
+            keys: settings
+                .keys
+                .iter()
+                .map(|k| (k.path.clone(), k.clone()))
+                .collect(),
+        }
+    }
+
+    fn keyring_error(e: &Error) -> EkmError {
+        match e {
+            Error::Sealed | Error::Storage(_) => unavailable("the key manager is unavailable"),
+            Error::DecryptFailed => invalid("the wrapped blob does not open with this AAD and key"),
+            Error::KeyDisabled(_) => EkmError::new(
+                StatusCode::BAD_REQUEST,
+                "FAILED_PRECONDITION",
+                "the key is disabled in the key manager",
+            ),
+            // The grant of the EKM identity: a configuration refusal, permanent.
+            Error::PermissionDenied(_) => EkmError::new(
+                StatusCode::FORBIDDEN,
+                "PERMISSION_DENIED",
+                "the key manager's policy does not let this key be used here",
+            ),
+            _ => EkmError::new(
+                StatusCode::BAD_REQUEST,
+                "FAILED_PRECONDITION",
+                "the key is unusable",
+            ),
+        }
+    }
+
+    /// Token, caller list, justification policy: the key path's policy when all pass.
+    async fn admit(
+        self: &Arc<Self>,
+        path: &str,
+        headers: &HeaderMap,
+        context: &wire::RequestContext,
+        facts: &mut Facts,
+    ) -> Result<KeyPolicy, EkmError> {
+        facts.resource = Some(context.full_resource_name.clone()).filter(|r| !r.is_empty());
+        facts.health = context.is_key_health_check;
+        let reason = context
+            .access_reason_context
+            .as_ref()
+            .map(|r| r.reason.clone())
+            .filter(|r| !r.is_empty() && r != "REASON_UNSPECIFIED");
+        facts.reason = reason.clone();
+        let token = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_owned())
+            .ok_or_else(|| {
+                EkmError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHENTICATED",
+                    "a bearer token is required",
+                )
+            })?;
+        let me = self.clone();
+        let verified = tokio::task::spawn_blocking(move || me.verifier.verify::<Claims>(&token))
+            .await
+            .unwrap_or(Err(JwtError::Malformed));
+        let claims = match verified {
+            Ok(c) => c,
+            Err(JwtError::KeySet(e)) => {
+                tracing::error!(error = %e, "EKM: the token issuer's key set is unavailable");
+                return Err(unavailable("the token issuer's keys are unavailable"));
+            }
+            Err(e) => {
+                return Err(EkmError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "UNAUTHENTICATED",
+                    e.to_string(),
+                ))
+            }
+        };
+        let caller = claims.email.map(|e| e.to_lowercase());
+        facts.caller = caller.clone();
+        let policy =
+            self.keys.get(path).cloned().ok_or_else(|| {
+                EkmError::new(StatusCode::NOT_FOUND, "NOT_FOUND", "unknown key path")
+            })?;
+        facts.key = Some(policy.key.clone());
+        if !caller.as_ref().is_some_and(|c| policy.callers.contains(c)) {
+            self.app.alerts.raise(crate::alert::AlertEvent::new(
+                "denied",
+                caller.as_deref(),
+                format!("EKM {path}: caller not allowed"),
+            ));
+            return Err(EkmError::new(
+                StatusCode::FORBIDDEN,
+                "PERMISSION_DENIED",
+                "this caller may not use this key",
+            ));
+        }
+        if !context.is_key_health_check {
+            let allowed = match &reason {
+                None => policy.allow_missing_reason,
+                Some(r) => policy.allowed_reasons.is_empty() || policy.allowed_reasons.contains(r),
+            };
+            if !allowed {
+                self.app.alerts.raise(crate::alert::AlertEvent::new(
+                    "denied",
+                    caller.as_deref(),
+                    format!(
+                        "EKM {path}: justification {} refused by policy",
+                        reason.as_deref().unwrap_or("(none)")
+                    ),
+                ));
+                return Err(EkmError::new(
+                    StatusCode::BAD_REQUEST,
+                    "FAILED_PRECONDITION",
+                    format!(
+                        "the key manager's justification policy refuses {}",
+                        reason
+                            .as_deref()
+                            .unwrap_or("a request without a justification")
+                    ),
+                ));
+            }
+        }
+        Ok(policy)
+    }
+
+    async fn wrap(
+        self: &Arc<Self>,
+        path: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+        facts: &mut Facts,
+    ) -> Result<Response, EkmError> {
+        let req: wire::WrapRequest =
+            serde_json::from_slice(body).map_err(|e| invalid(&format!("the request body: {e}")))?;
+        let policy = self
+            .admit(path, headers, &req.additional_context, facts)
+            .await?;
+        let plaintext = zeroize::Zeroizing::new(
+            B64.decode(req.plaintext.as_bytes())
+                .map_err(|_| invalid("plaintext is not base64"))?,
+        );
+        if plaintext.len() > MAX_PLAINTEXT {
+            return Err(invalid("plaintext is too long"));
+        }
+        let extra = B64
+            .decode(req.additional_authenticated_data.as_bytes())
+            .map_err(|_| invalid("additionalAuthenticatedData is not base64"))?;
+        let (me, path) = (self.clone(), path.to_owned());
+        let sealed = crate::routes::blocking(move || {
+            let mut lookups = me.app.keyring.lookups()?;
+            lookups.encrypt_detached(
+                &me.principal,
+                &policy.key,
+                |v| aad(&path, &extra, v),
+                &plaintext,
+            )
+        })
+        .await
+        .map_err(|e| Self::keyring_error(&e))?;
+        facts.version = Some(sealed.version);
+        let mut blob = MAGIC.to_vec();
+        blob.extend_from_slice(&sealed.version.to_be_bytes());
+        blob.extend_from_slice(&sealed.iv);
+        blob.extend_from_slice(&sealed.tag);
+        blob.extend_from_slice(&sealed.ciphertext);
+        Ok(Json(json!({"wrappedBlob": B64.encode(blob)})).into_response())
+    }
+
+    async fn unwrap(
+        self: &Arc<Self>,
+        path: &str,
+        headers: &HeaderMap,
+        body: &[u8],
+        facts: &mut Facts,
+    ) -> Result<Response, EkmError> {
+        use crate::crypto::{DETACHED_SALT_LEN, TAG_LEN};
+        let req: wire::UnwrapRequest =
+            serde_json::from_slice(body).map_err(|e| invalid(&format!("the request body: {e}")))?;
+        let policy = self
+            .admit(path, headers, &req.additional_context, facts)
+            .await?;
+        let blob = B64
+            .decode(req.wrapped_blob.as_bytes())
+            .map_err(|_| invalid("wrappedBlob is not base64"))?;
+        let rest = blob
+            .strip_prefix(MAGIC.as_slice())
+            .ok_or_else(|| invalid("not a Keyhold wrapped blob"))?;
+        let parsed = (|| {
+            let (v, rest) = rest.split_at_checked(4)?;
+            let (iv, rest) = rest.split_at_checked(DETACHED_SALT_LEN)?;
+            let (tag, ct) = rest.split_at_checked(TAG_LEN)?;
+            Some((
+                u32::from_be_bytes(v.try_into().ok()?),
+                <[u8; DETACHED_SALT_LEN]>::try_from(iv).ok()?,
+                <[u8; TAG_LEN]>::try_from(tag).ok()?,
+                ct.to_vec(),
+            ))
+        })();
+        let (version, iv, tag, ct) = parsed.ok_or_else(|| invalid("not a Keyhold wrapped blob"))?;
+        facts.version = Some(version);
+        let extra = B64
+            .decode(req.additional_authenticated_data.as_bytes())
+            .map_err(|_| invalid("additionalAuthenticatedData is not base64"))?;
+        let (me, path, key) = (self.clone(), path.to_owned(), policy.key.clone());
+        let opened = crate::routes::blocking(move || {
+            let mut lookups = me.app.keyring.lookups()?;
+            lookups.decrypt_detached(
+                &me.principal,
+                &key,
+                version,
+                &iv,
+                &ct,
+                &tag,
+                &aad(&path, &extra, version),
+            )
+        })
+        .await
+        .map_err(|e| Self::keyring_error(&e))?;
+        Ok(Json(json!({
+            "plaintext": B64.encode(opened.plaintext.expose_secret()),
+            "allowedCacheDuration": format!("{}s", policy.cache.as_secs()),
+        }))
+        .into_response())
+    }
+
+    async fn finish(
+        &self,
+        op: &str,
+        started: Instant,
+        facts: Facts,
+        mut resp: Response,
+    ) -> Response {
+        let id = self.app.next_request_id();
+        let status = resp.status().as_u16();
+        let outcome = if resp.status().is_success() {
+            "ok".to_owned()
+        } else {
+            status.to_string()
+        };
+        let mut attributes = BTreeMap::new();
+        attributes.insert("protocol".to_owned(), "ekm".to_owned());
+        for (k, v) in [
+            ("caller", &facts.caller),
+            ("justification", &facts.reason),
+            ("resource", &facts.resource),
+        ] {
+            if let Some(v) = v {
+                attributes.insert(k.to_owned(), v.chars().take(256).collect());
+            }
+        }
+        if facts.health {
+            attributes.insert("healthCheck".to_owned(), "true".to_owned());
+        }
+        let elapsed = started.elapsed();
+        let draft = crate::audit::AuditDraft {
+            request_id: id,
+            identity: Some(self.principal.identity.clone()),
+            tenant: Some(self.principal.tenant.clone()),
+            operation: format!("EKM {op}"),
+            key: facts.key.clone(),
+            version: facts.version,
+            context_hash: None,
+            outcome: outcome.clone(),
+            status,
+            latency_us: elapsed.as_micros() as u64,
+            attributes: Some(attributes),
+        };
+        if let Err(e) = self.app.audit.append(draft).await {
+            tracing::error!(error = %e, "EKM: the audit record could not be written; response withheld");
+            resp = unavailable("the audit trail is unavailable").into_response();
+        }
+        self.app.finish(
+            &mut resp,
+            id,
+            &format!("ekm {op}"),
+            "POST",
+            &outcome,
+            elapsed,
+        );
+        resp
+    }
+}
+
+/// `POST /ekm/{keyPath}:wrap|:unwrap`.
+async fn call(
+    State(ekm): State<Arc<Ekm>>,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let started = Instant::now();
+    let mut facts = Facts::default();
+    let (path, op) = match rest.rsplit_once(':') {
+        Some((p, o)) if o == "wrap" || o == "unwrap" => (p.trim_matches('/').to_owned(), o),
+        _ => {
+            let resp = EkmError::new(
+                StatusCode::NOT_FOUND,
+                "NOT_FOUND",
+                "expected {keyPath}:wrap or :unwrap",
+            )
+            .into_response();
+            return ekm.finish("unknown", started, facts, resp).await;
+        }
+    };
+    let result = if op == "wrap" {
+        ekm.wrap(&path, &headers, &body, &mut facts).await
+    } else {
+        ekm.unwrap(&path, &headers, &body, &mut facts).await
+    };
+    let resp = result.unwrap_or_else(IntoResponse::into_response);
+    ekm.finish(op, started, facts, resp).await
+}
+
+/// The routes of the public listener for EKM.
+pub fn router(ekm: Arc<Ekm>) -> Router {
+    Router::new()
+        .route("/ekm/{*rest}", post(call))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(ekm)
+}

@@ -1,0 +1,377 @@
+//! Google Cloud EKM over real TLS (issue 12): a local OIDC issuer standing in for Google,
+//! protojson bodies from the public STET messages. Round trip with AAD, AAD mismatch,
+//! unknown key path, the justification policy (each reason allowed or refused, a missing
+//! one), health checks, bad tokens, a caller not on the list, a disabled key (never
+//! PERMISSION_DENIED), the audit records.
+
+use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
+use base64::Engine as _;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use keyhold_tests::{TestSeal, TestServer};
+use serde_json::{json, Value};
+
+use crate::post;
+
+const ISS: &str = "https://accounts.google.com";
+const URL: &str = "https://ekm.test";
+const AGENT: &str = "service-123456@gcp-sa-ekms.iam.gserviceaccount.com";
+const EKM_IDENTITY: &str = "spiffe://test/acme/ekm";
+
+fn issuer(dir: &std::path::Path) -> String {
+    use aws_lc_rs::encoding::AsDer as _;
+    use rsa::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
+    use rsa::traits::PublicKeyParts as _;
+    let generated =
+        aws_lc_rs::rsa::PrivateDecryptingKey::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
+    let key = rsa::RsaPrivateKey::from_pkcs8_der(generated.as_der().unwrap().as_ref()).unwrap();
+    let jwks = json!({"keys": [{"kty": "RSA", "kid": "g1", "use": "sig",
+        "n": B64URL.encode(key.n().to_bytes_be()), "e": B64URL.encode(key.e().to_bytes_be())}]});
+    std::fs::write(dir.join("google.json"), jwks.to_string()).unwrap();
+    key.to_pkcs8_pem(Default::default()).unwrap().to_string()
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn token(pem: &str, extra: Value) -> String {
+    let mut c = json!({"iss": ISS, "aud": URL, "email": AGENT, "exp": now() + 600, "iat": now()});
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = Some("g1".into());
+    jsonwebtoken::encode(
+        &header,
+        &c,
+        &EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+fn context(reason: Option<&str>, health: bool) -> Value {
+    let mut c = json!({"fullResourceName": "//cloudkms.googleapis.com/projects/p/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/1",
+                       "isKeyHealthCheck": health});
+    if let Some(r) = reason {
+        c["accessReasonContext"] = json!({"reason": r});
+    }
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ekm_wraps_and_unwraps_for_cloud_kms_under_the_justification_policy() {
+    let keys = tempfile::tempdir().unwrap();
+    let pem = issuer(keys.path());
+    let extra = format!(
+        r#"
+[public]
+listen = "127.0.0.1:0"
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+
+[ekm]
+url = "{URL}"
+jwks = "{j}"
+tenant = "acme"
+identity = "{EKM_IDENTITY}"
+
+[[ekm.keys]]
+path = "v0/strict"
+key = "ekm-kek"
+callers = ["{AGENT}"]
+allowed_reasons = ["CUSTOMER_INITIATED_ACCESS", "GOOGLE_INITIATED_SYSTEM_OPERATION"]
+cache_secs = 120
+
+[[ekm.keys]]
+path = "v0/lenient"
+key = "ekm-kek"
+callers = ["{AGENT}"]
+allow_missing_reason = true
+"#,
+        j = keys.path().join("google.json").display()
+    );
+    let s = TestServer::start_with(TestSeal::KeyFile, &extra).await;
+    let admin = s.client(Some("admin-a"));
+    let r = post(&admin, &s.url("/v1/keys"),
+        json!({"name": "ekm-kek", "grants": [{"identity": EKM_IDENTITY, "operations": ["wrap", "unwrap"]}]})).await;
+    assert_eq!(r.0, 201, "{r:?}");
+    let client = keyhold_tests::client_for(&s.pki, None, false);
+    let base = format!("https://localhost:{}/ekm", s.public_addr.unwrap().port());
+    let call = |path: &str, tok: Option<String>, body: Value| {
+        let (client, url) = (client.clone(), format!("{base}/{path}"));
+        async move {
+            let mut req = client.post(url).json(&body);
+            if let Some(t) = tok {
+                req = req.bearer_auth(t);
+            }
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let good = || Some(token(&pem, json!({})));
+    let dek = B64.encode([0x42u8; 32]);
+    let aad = B64.encode(b"projects/p/bucket/object-7");
+    let wrap_body = |reason: Option<&str>, health: bool| {
+        json!({"plaintext": dek, "additionalAuthenticatedData": aad, "additionalContext": context(reason, health),
+               "keyUriPrefix": "", "keyPath": "v0/strict"})
+    };
+
+    // Round trip with AAD, with an allowed justification.
+    let (st, w) = call(
+        "v0/strict:wrap",
+        good(),
+        wrap_body(Some("CUSTOMER_INITIATED_ACCESS"), false),
+    )
+    .await;
+    assert_eq!(st, 200, "{w}");
+    let blob = w["wrappedBlob"].as_str().unwrap().to_owned();
+    let unwrap_body = |aad: &str, reason: Option<&str>, health: bool| json!({"wrappedBlob": blob, "additionalAuthenticatedData": aad, "additionalContext": context(reason, health)});
+    let (st, u) = call(
+        "v0/strict:unwrap",
+        good(),
+        unwrap_body(&aad, Some("GOOGLE_INITIATED_SYSTEM_OPERATION"), false),
+    )
+    .await;
+    assert_eq!(st, 200, "{u}");
+    assert_eq!(u["plaintext"], dek);
+    assert_eq!(u["allowedCacheDuration"], "120s");
+
+    // Each failure on its own: (what, path, token, body, status, status name).
+    let expired = token(&pem, json!({"exp": now() - 3600}));
+    let wrong_aud = token(&pem, json!({"aud": "https://other.test"}));
+    let other_caller = token(
+        &pem,
+        json!({"email": "service-999@gcp-sa-ekms.iam.gserviceaccount.com"}),
+    );
+    let parts: Vec<String> = good().unwrap().split('.').map(str::to_owned).collect();
+    let none = format!(
+        "{}.{}.",
+        B64URL.encode(r#"{"alg":"none","kid":"g1"}"#),
+        parts[1]
+    );
+    let tampered = format!(
+        "{}.{}.{}",
+        parts[0],
+        B64URL.encode(
+            json!({"iss": ISS, "aud": URL, "email": AGENT, "exp": now() + 9999}).to_string()
+        ),
+        parts[2]
+    );
+    // (what, path, token, body, status, status name)
+    type Case<'a> = (&'a str, &'a str, Option<String>, Value, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "AAD mismatch",
+            "v0/strict:unwrap",
+            good(),
+            unwrap_body(
+                &B64.encode(b"other"),
+                Some("CUSTOMER_INITIATED_ACCESS"),
+                false,
+            ),
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "unknown key path",
+            "v0/nope:unwrap",
+            good(),
+            unwrap_body(&aad, Some("CUSTOMER_INITIATED_ACCESS"), false),
+            404,
+            "NOT_FOUND",
+        ),
+        (
+            "refused justification",
+            "v0/strict:unwrap",
+            good(),
+            unwrap_body(&aad, Some("GOOGLE_INITIATED_REVIEW"), false),
+            400,
+            "FAILED_PRECONDITION",
+        ),
+        (
+            "refused justification (third party)",
+            "v0/strict:unwrap",
+            good(),
+            unwrap_body(&aad, Some("THIRD_PARTY_DATA_REQUEST"), false),
+            400,
+            "FAILED_PRECONDITION",
+        ),
+        (
+            "missing justification",
+            "v0/strict:unwrap",
+            good(),
+            unwrap_body(&aad, None, false),
+            400,
+            "FAILED_PRECONDITION",
+        ),
+        (
+            "unspecified justification",
+            "v0/strict:unwrap",
+            good(),
+            unwrap_body(&aad, Some("REASON_UNSPECIFIED"), false),
+            400,
+            "FAILED_PRECONDITION",
+        ),
+        (
+            "no token",
+            "v0/strict:unwrap",
+            None,
+            unwrap_body(&aad, Some("CUSTOMER_INITIATED_ACCESS"), false),
+            401,
+            "UNAUTHENTICATED",
+        ),
+        (
+            "expired",
+            "v0/strict:unwrap",
+            Some(expired),
+            unwrap_body(&aad, Some("CUSTOMER_INITIATED_ACCESS"), false),
+            401,
+            "UNAUTHENTICATED",
+        ),
+        (
+            "wrong audience",
+            "v0/strict:unwrap",
+            Some(wrong_aud),
+            unwrap_body(&aad, Some("CUSTOMER_INITIATED_ACCESS"), false),
+            401,
+            "UNAUTHENTICATED",
+        ),
+        (
+            "alg none",
+            "v0/strict:unwrap",
+            Some(none),
+            unwrap_body(&aad, Some("CUSTOMER_INITIATED_ACCESS"), false),
+            401,
+            "UNAUTHENTICATED",
+        ),
+        (
+            "bad signature",
+            "v0/strict:unwrap",
+            Some(tampered),
+            unwrap_body(&aad, Some("CUSTOMER_INITIATED_ACCESS"), false),
+            401,
+            "UNAUTHENTICATED",
+        ),
+        (
+            "caller not on the list",
+            "v0/strict:unwrap",
+            Some(other_caller),
+            unwrap_body(&aad, Some("CUSTOMER_INITIATED_ACCESS"), false),
+            403,
+            "PERMISSION_DENIED",
+        ),
+        (
+            "not base64",
+            "v0/strict:wrap",
+            good(),
+            json!({"plaintext": "***", "additionalContext": context(Some("CUSTOMER_INITIATED_ACCESS"), false)}),
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "not ours",
+            "v0/strict:unwrap",
+            good(),
+            json!({"wrappedBlob": B64.encode([1u8; 40]), "additionalContext": context(Some("CUSTOMER_INITIATED_ACCESS"), false)}),
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "another key path's blob",
+            "v0/lenient:unwrap",
+            good(),
+            unwrap_body(&aad, None, false),
+            400,
+            "INVALID_ARGUMENT",
+        ),
+        (
+            "not an operation",
+            "v0/strict:destroy",
+            good(),
+            json!({}),
+            404,
+            "NOT_FOUND",
+        ),
+    ];
+    for (what, path, tok, body, status, name) in cases {
+        let (st, err) = call(path, tok, body).await;
+        assert_eq!(st, status, "{what}: {err}");
+        assert_eq!(err["error"]["status"], name, "{what}: {err}");
+        assert_eq!(err["error"]["code"], status, "{what}");
+    }
+    // Every allowed reason passes; a health check passes without one (still authenticated).
+    for reason in [
+        "CUSTOMER_INITIATED_ACCESS",
+        "GOOGLE_INITIATED_SYSTEM_OPERATION",
+    ] {
+        assert_eq!(
+            call(
+                "v0/strict:unwrap",
+                good(),
+                unwrap_body(&aad, Some(reason), false)
+            )
+            .await
+            .0,
+            200,
+            "{reason}"
+        );
+    }
+    let (st, h) = call("v0/strict:wrap", good(), wrap_body(None, true)).await;
+    assert_eq!(st, 200, "health check: {h}");
+    assert_eq!(
+        call("v0/strict:wrap", None, wrap_body(None, true)).await.0,
+        401
+    );
+    // A key path that allows a missing justification.
+    let (st, lw) = call(
+        "v0/lenient:wrap",
+        good(),
+        json!({"plaintext": dek, "additionalContext": {}}),
+    )
+    .await;
+    assert_eq!(st, 200, "{lw}");
+
+    // Disabled in Keyhold: refused, and never as PERMISSION_DENIED.
+    let r = post(&admin, &s.url("/v1/keys/ekm-kek/disable"), json!({})).await;
+    assert_eq!(r.0, 200);
+    let (st, err) = call(
+        "v0/strict:unwrap",
+        good(),
+        unwrap_body(&aad, Some("CUSTOMER_INITIATED_ACCESS"), false),
+    )
+    .await;
+    assert_eq!(
+        (st, err["error"]["status"].as_str()),
+        (400, Some("FAILED_PRECONDITION")),
+        "{err}"
+    );
+
+    // Audited: the caller, the justification, the resource, health checks marked.
+    let page = s.kms_client("auditor-a").audit_page(0, 1000).await.unwrap();
+    let unwrap = page
+        .records
+        .iter()
+        .find(|r| r.operation == "EKM unwrap" && r.outcome == "ok")
+        .unwrap();
+    let a = unwrap.attributes.as_ref().unwrap();
+    assert_eq!(a["caller"], AGENT);
+    assert_eq!(a["justification"], "GOOGLE_INITIATED_SYSTEM_OPERATION");
+    assert!(a["resource"].contains("cryptoKeys/k"));
+    assert!(page.records.iter().any(|r| r
+        .attributes
+        .as_ref()
+        .is_some_and(|a| a.get("healthCheck").is_some())));
+    assert!(page.records.iter().any(|r| r.operation == "EKM unwrap"
+        && r.status == 400
+        && r.attributes
+            .as_ref()
+            .and_then(|a| a.get("justification"))
+            .map(String::as_str)
+            == Some("GOOGLE_INITIATED_REVIEW")));
+    let all = serde_json::to_string(&page.records).unwrap();
+    assert!(!all.contains(&dek));
+}
