@@ -94,6 +94,8 @@ struct FileConfig {
     cse: Option<crate::cse::settings::FileCse>,
     #[serde(default)]
     ekm: Option<crate::ekm::settings::FileEkm>,
+    #[serde(default)]
+    salesforce: Option<crate::salesforce::settings::FileSalesforce>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -405,6 +407,8 @@ pub struct Settings {
     pub cse: Option<crate::cse::settings::CseSettings>,
     /// Google Cloud EKM on the public listener (`[ekm]`), if configured.
     pub ekm: Option<crate::ekm::settings::EkmSettings>,
+    /// Salesforce cache-only keys on the public listener (`[salesforce]`), if configured.
+    pub salesforce: Option<crate::salesforce::settings::SalesforceSettings>,
 }
 
 impl Settings {
@@ -672,12 +676,23 @@ impl Settings {
                 "EKM is served on the public listener: configure [public] too".into(),
             ));
         }
+        let salesforce = match raw.salesforce {
+            None => None,
+            Some(c) => Some(c.validate(resolve).map_err(|(f, m)| err(&f, m))?),
+        };
+        if salesforce.is_some() && public.is_none() {
+            return Err(err(
+                "salesforce",
+                "Salesforce is served on the public listener: configure [public] too".into(),
+            ));
+        }
         Ok(Settings {
             xks,
             public,
             dke,
             cse,
             ekm,
+            salesforce,
             listen,
             ops_listen,
             max_body_bytes: raw.max_body_bytes,

@@ -140,6 +140,44 @@ pub const DEV_EKM_IDENTITY: &str = "ekm:dev";
 /// The caller dev-mode EKM allows (a Cloud KMS service agent's form).
 pub const DEV_EKM_CALLER: &str = "service-0@gcp-sa-ekms.iam.gserviceaccount.com";
 
+/// Salesforce in dev mode: the identity of its callouts, its Keyhold key and key id.
+pub const DEV_SF_IDENTITY: &str = "salesforce:dev";
+/// The Keyhold key dev-mode Salesforce data keys are made under.
+pub const DEMO_SF_KEY: &str = "demo-salesforce";
+/// The key identifier dev mode serves.
+pub const DEV_SF_KID: &str = "dev-sf-1";
+
+/// The dev stand-ins for Salesforce's side, once: a 4096-bit RSA test certificate (its key
+/// beside it, to open the JWE with) and the callout credential.
+fn prepare_salesforce(layout: &DevLayout) -> anyhow::Result<()> {
+    use aws_lc_rs::encoding::AsDer as _;
+    if layout.path("dev-salesforce.crt").exists() {
+        return Ok(());
+    }
+    let key = aws_lc_rs::rsa::PrivateDecryptingKey::generate(aws_lc_rs::rsa::KeySize::Rsa4096)
+        .map_err(|_| anyhow::anyhow!("RSA key generation failed"))?;
+    let der = key
+        .as_der()
+        .map_err(|_| anyhow::anyhow!("RSA key encoding failed"))?;
+    let pkcs8 = rustls::pki_types::PrivatePkcs8KeyDer::from(der.as_ref().to_vec());
+    let pair = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_RSA_SHA256)?;
+    let cert = rcgen::CertificateParams::new(vec!["salesforce-dev-byok".to_owned()])?
+        .self_signed(&pair)?;
+    write_private(
+        &layout.path("dev-salesforce-key.pem"),
+        &pair.serialize_pem(),
+    )?;
+    fs::write(layout.path("dev-salesforce.crt"), cert.pem())?;
+    let mut secret = [0u8; 24];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+        .map_err(|_| anyhow::anyhow!("random"))?;
+    write_private(
+        &layout.path("dev-salesforce-credential"),
+        &format!("{}\n", crate::seal::hex(&secret)),
+    )?;
+    Ok(())
+}
+
 /// A token (DKE), or the two tokens of a CSE request as JSON fields, from the dev issuer
 /// for `email`, valid `ttl` (`kms-server dev token`).
 pub fn token(
@@ -239,6 +277,7 @@ pub fn prepare(
         KeyFileSealer::generate(&key_file)?;
     }
     prepare_issuer(&layout)?;
+    prepare_salesforce(&layout)?;
     let public_port = public_listen.port();
     let config_path = layout.path("kms-server.toml");
     let config = format!(
@@ -326,6 +365,12 @@ path = "v0/{DEMO_EKM_KEY}"
 key = "{DEMO_EKM_KEY}"
 callers = ["{DEV_EKM_CALLER}"]
 allow_missing_reason = true
+
+[salesforce]
+tenant = "{DEV_TENANT}"
+identity = "{DEV_SF_IDENTITY}"
+credential_file = "dev-salesforce-credential"
+certificate = "dev-salesforce.crt"
 "#
     );
     fs::write(&config_path, config)?;
@@ -393,6 +438,48 @@ allow_missing_reason = true
         Ok(_) | Err(Error::AlreadyExists) => {}
         Err(e) => return Err(e.into()),
     }
+    // Salesforce's demo key, and the data key it serves (made once, kept wrapped).
+    let sf_grant = Grant::new(
+        DEV_SF_IDENTITY,
+        &[GrantOperation::Datakey, GrantOperation::Unwrap],
+    );
+    match keyring.create_key(
+        DEV_TENANT,
+        DEMO_SF_KEY,
+        Algorithm::Aes256Gcm,
+        None,
+        vec![sf_grant],
+    ) {
+        Ok(_) | Err(Error::AlreadyExists) => {}
+        Err(e) => return Err(e.into()),
+    }
+    let wrapped_file = layout.path("dev-salesforce.wrapped");
+    if !wrapped_file.exists() {
+        let who = crate::policy::Principal {
+            identity: DEV_SF_IDENTITY.to_owned(),
+            tenant: DEV_TENANT.to_owned(),
+            role: crate::policy::Role::App,
+        };
+        let context: kms_client::api::Context = [(
+            crate::salesforce::CONTEXT_KEY.to_owned(),
+            DEV_SF_KID.to_owned(),
+        )]
+        .into_iter()
+        .collect();
+        let dk = keyring.datakey(&who, DEMO_SF_KEY, &context)?;
+        use base64::Engine as _;
+        fs::write(
+            &wrapped_file,
+            base64::engine::general_purpose::STANDARD.encode(&dk.wrapped),
+        )?;
+    }
+    let wrapped = fs::read_to_string(&wrapped_file)?;
+    let mut text = fs::read_to_string(&config_path)?;
+    text.push_str(&format!(
+        "\n[[salesforce.keys]]\nkid = \"{DEV_SF_KID}\"\nkey = \"{DEMO_SF_KEY}\"\nwrapped = \"{}\"\n",
+        wrapped.trim()
+    ));
+    fs::write(&config_path, text)?;
     keyring.seal();
     Ok(config_path)
 }
@@ -451,6 +538,11 @@ pub fn banner(
   Google Cloud EKM there too (docs/google-cloud-ekm.md): wrap as Cloud KMS would.
 
     curl -sS --cacert {d}/pki/ca.pem -H "authorization: Bearer $(kms-server dev token --data-dir {d} --protocol ekm --email {DEV_EKM_CALLER})" -H 'content-type: application/json' -d '{{"plaintext":"AAECAwQFBgcICQoLDA0ODw==","additionalAuthenticatedData":"YWFk"}}' https://localhost:{public_port}/ekm/v0/{DEMO_EKM_KEY}:wrap
+
+  Salesforce cache-only key callout (docs/salesforce.md; test certificate and its key in
+  the data dir):
+
+    curl -sS --cacert {d}/pki/ca.pem -H "authorization: Bearer $(cat {d}/dev-salesforce-credential)" "https://localhost:{public_port}/salesforce/{DEV_SF_KID}?nonce=n1"
 
   Google Workspace CSE there too (docs/google-cse.md): wrap a key as a writer.
 

@@ -69,6 +69,7 @@ pub mod policy;
 pub mod process;
 pub mod public;
 pub mod routes;
+pub mod salesforce;
 pub mod seal;
 pub mod secret;
 pub mod server;

@@ -3,7 +3,8 @@
 //! certificate (they authenticate with bearer tokens), TLS 1.2 or 1.3 with the configured
 //! server certificate, and one route prefix per protocol: `/dke` (Microsoft Double Key
 //! Encryption, [`crate::dke`]), `/cse` (Google Workspace client-side encryption,
-//! [`crate::cse`]) and `/ekm` (Google Cloud External Key Manager, [`crate::ekm`]). A protocol is served only when its table is configured.
+//! [`crate::cse`]), `/ekm` (Google Cloud External Key Manager, [`crate::ekm`]) and
+//! `/salesforce` (Salesforce cache-only keys, [`crate::salesforce`]). A protocol is served only when its table is configured.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -86,6 +87,10 @@ pub fn router(state: &Arc<AppState>) -> Result<Router, String> {
     if let Some(ekm) = &state.settings.ekm {
         let ekm = Arc::new(crate::ekm::Ekm::new(state.clone(), ekm));
         router = router.merge(crate::ekm::router(ekm));
+    }
+    if let Some(sf) = &state.settings.salesforce {
+        let sf = Arc::new(crate::salesforce::Salesforce::new(state.clone(), sf)?);
+        router = router.merge(crate::salesforce::router(sf));
     }
     Ok(router.fallback(|| async {
         (

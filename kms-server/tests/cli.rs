@@ -295,6 +295,15 @@ fn dev_mode_banner_commands_work_when_pasted() {
     let out = sh(&ekm_wrap);
     let blob: serde_json::Value = serde_json::from_slice(&out.stdout).expect(&ekm_wrap);
     assert!(blob["wrappedBlob"].is_string(), "{blob}");
+    // The Salesforce callout line.
+    let callout = banner
+        .iter()
+        .find(|l| l.contains("/salesforce/"))
+        .expect(&text);
+    let out = sh(callout.trim());
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).expect(callout);
+    assert_eq!(answer["kid"], "dev-sf-1", "{answer}");
+    assert_eq!(answer["jwe"].as_str().unwrap().split('.').count(), 5);
     child.kill().unwrap();
     child.wait().unwrap();
 }

@@ -32,6 +32,7 @@ mod pkcs11;
 mod postgres;
 mod quickstart;
 mod rsa;
+mod salesforce;
 mod seal;
 mod tls;
 mod xks;

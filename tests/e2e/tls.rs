@@ -207,8 +207,13 @@ async fn a_revoked_certificate_is_refused_after_the_crl_changes_while_others_kee
     assert_eq!(post(&app_a, &datakey, json!({})).await.0, 200);
 }
 
+/// The tests that send SIGHUP to this whole process take turns: one's signal would
+/// reload the other's server in the middle of its "no reload without the signal" check.
+static SIGHUP_TESTS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_crl() {
+    let _turn = SIGHUP_TESTS.lock().await;
     // Polling off: only the signal reloads.
     let s = TestServer::start_with_tls("crl_poll_secs = 0\n").await;
     s.pki.revoke(&["app-a"], 2);
@@ -235,6 +240,7 @@ async fn sighup_reloads_the_crl() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_rotates_the_server_certificate_and_the_client_ca() {
+    let _turn = SIGHUP_TESTS.lock().await;
     // Polling off: only the signal reloads.
     let s = TestServer::start_with_tls("crl_poll_secs = 0\n").await;
     // A new CA, with a client certificate for app A under it, in a directory of its own.

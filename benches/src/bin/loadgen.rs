@@ -32,9 +32,12 @@ struct Args {
     /// Request path.
     #[arg(long)]
     path: String,
-    /// File with the JSON request body.
+    /// File with the JSON request body (ignored with `--get`).
     #[arg(long)]
     body: PathBuf,
+    /// Send GETs without a body instead of POSTs (keep-alive runs only).
+    #[arg(long)]
+    get: bool,
     /// The body file holds one request body per line; requests cycle through them (each
     /// connection from its own offset), e.g. wrapped DEKs of many different keys.
     #[arg(long)]
@@ -180,10 +183,16 @@ async fn worker(
         if Instant::now() >= stop {
             break;
         }
-        let mut req = hyper::Request::post(uri.as_str())
-            .header("host", "localhost")
-            .header("content-type", "application/json")
-            .body(Full::new(body.clone()))?;
+        let mut req = if args.get {
+            hyper::Request::get(uri.as_str())
+                .header("host", "localhost")
+                .body(Full::new(Bytes::new()))?
+        } else {
+            hyper::Request::post(uri.as_str())
+                .header("host", "localhost")
+                .header("content-type", "application/json")
+                .body(Full::new(body.clone()))?
+        };
         for (name, value) in &extra {
             req.headers_mut().insert(name.clone(), value.clone());
         }

@@ -1,0 +1,299 @@
+//! Salesforce Shield Platform Encryption cache-only keys (issue 12; `docs/salesforce.md`):
+//! Salesforce's callout fetches a data key by its key identifier from Keyhold, on the public
+//! listener ([`crate::public`]) under `/salesforce`, and keeps it only in its cache.
+//!
+//! `GET /salesforce/{kid}[?nonce=...]` with the configured credential (`Authorization:
+//! Bearer <secret>`, compared in constant time) answers `{"kid", "jwe"}`: the 32-byte
+//! data key in a JWE compact serialization, protected header exactly
+//! `{"alg":"RSA-OAEP","enc":"A256GCM","kid":<kid>}` (plus `"jti":<nonce>` when the
+//! callout sends one, for replay detection), the content key wrapped with RSAES-OAEP
+//! (SHA-1, as JOSE `RSA-OAEP` defines) under the public key of Salesforce's BYOK
+//! certificate, a 96-bit IV, AAD = the ASCII of the encoded header, a 128-bit tag.
+//!
+//! The data key itself is a Keyhold data key: made under an AES-256 Keyhold key with the
+//! context `{"salesforce": <kid>}` and configured in wrapped form; each callout unwraps it
+//! through the keyring as `[salesforce] identity`. So disabling the Keyhold key refuses
+//! every callout (Salesforce loses the key at its next fetch), destroying it shreds every
+//! data key made under it, and rotation is a new key identifier with a new data key.
+
+pub mod settings;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
+use base64::Engine as _;
+use serde_json::json;
+
+use crate::error::Error;
+use crate::policy::{Principal, Role};
+use crate::routes::AppState;
+use settings::SalesforceSettings;
+
+/// The context a served data key is made under.
+pub const CONTEXT_KEY: &str = "salesforce";
+/// The data key's length.
+pub const KEY_LEN: usize = 32;
+
+/// The Salesforce endpoint.
+pub struct Salesforce {
+    app: Arc<AppState>,
+    settings: SalesforceSettings,
+    principal: Principal,
+    /// Salesforce's certificate's public key (RSA-OAEP, SHA-1).
+    certificate: aws_lc_rs::rsa::OaepPublicEncryptingKey,
+    secret: zeroize::Zeroizing<Vec<u8>>,
+}
+
+fn refuse(status: StatusCode, message: &str) -> Response {
+    (status, Json(json!({"error": message}))).into_response()
+}
+
+impl Salesforce {
+    /// The endpoint for `settings`; fails when the certificate or credential do not load.
+    pub fn new(app: Arc<AppState>, settings: &SalesforceSettings) -> Result<Self, String> {
+        use x509_parser::prelude::{FromDer, X509Certificate};
+        let certs = crate::tls::load_certs(&settings.certificate)
+            .map_err(|e| format!("salesforce.certificate: {e}"))?;
+        let der = certs
+            .first()
+            .ok_or_else(|| "salesforce.certificate: no certificate in the file".to_owned())?;
+        let (_, cert) = X509Certificate::from_der(der.as_ref())
+            .map_err(|_| "salesforce.certificate: not an X.509 certificate".to_owned())?;
+        let public = aws_lc_rs::rsa::PublicEncryptingKey::from_der(cert.public_key().raw)
+            .map_err(|_| "salesforce.certificate: not an RSA public key".to_owned())?;
+        let certificate = aws_lc_rs::rsa::OaepPublicEncryptingKey::new(public)
+            .map_err(|_| "salesforce.certificate: unusable RSA key".to_owned())?;
+        let secret = zeroize::Zeroizing::new(
+            std::fs::read_to_string(&settings.credential_file)
+                .map_err(|e| format!("salesforce.credential_file: {e}"))?
+                .trim()
+                .as_bytes()
+                .to_vec(),
+        );
+        if secret.len() < 16 {
+            return Err(
+                "salesforce.credential_file: the secret must be at least 16 characters".into(),
+            );
+        }
+        Ok(Self {
+            app,
+            principal: Principal {
+                identity: settings.identity.clone(),
+                tenant: settings.tenant.clone(),
+                role: Role::App,
+            },
+            certificate,
+            secret,
+            settings: settings.clone(),
+        })
+    }
+
+    fn authenticated(&self, headers: &HeaderMap) -> bool {
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default()
+            .trim()
+            .as_bytes();
+        subtle::ConstantTimeEq::ct_eq(given, self.secret.as_slice()).into()
+    }
+
+    /// The JWE of `dek` for `kid` (and `nonce` as `jti`).
+    fn jwe(&self, kid: &str, nonce: Option<&str>, dek: &[u8]) -> Result<String, &'static str> {
+        use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
+        use ring::rand::SecureRandom as _;
+        let header = match nonce {
+            Some(n) => json!({"alg": "RSA-OAEP", "enc": "A256GCM", "kid": kid, "jti": n}),
+            None => json!({"alg": "RSA-OAEP", "enc": "A256GCM", "kid": kid}),
+        };
+        let encoded_header = B64URL.encode(header.to_string());
+        let rng = ring::rand::SystemRandom::new();
+        let mut cek = zeroize::Zeroizing::new([0u8; 32]);
+        let mut iv = [0u8; 12];
+        rng.fill(&mut cek[..]).map_err(|_| "random")?;
+        rng.fill(&mut iv).map_err(|_| "random")?;
+        let mut encrypted_key = vec![0u8; self.certificate.ciphertext_size()];
+        let written = self
+            .certificate
+            .encrypt(
+                &aws_lc_rs::rsa::OAEP_SHA1_MGF1SHA1,
+                &cek[..],
+                &mut encrypted_key,
+                None,
+            )
+            .map_err(|_| "RSA-OAEP")?
+            .len();
+        encrypted_key.truncate(written);
+        let key = LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &cek[..]).map_err(|_| "AES")?);
+        let mut payload = dek.to_vec();
+        let tag = key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(iv),
+                Aad::from(encoded_header.as_bytes()),
+                &mut payload,
+            )
+            .map_err(|_| "AES-GCM")?;
+        Ok(format!(
+            "{encoded_header}.{}.{}.{}.{}",
+            B64URL.encode(&encrypted_key),
+            B64URL.encode(iv),
+            B64URL.encode(&payload),
+            B64URL.encode(tag.as_ref())
+        ))
+    }
+
+    async fn callout(
+        self: &Arc<Self>,
+        kid: &str,
+        nonce: Option<String>,
+        headers: &HeaderMap,
+        facts: &mut (Option<String>, Option<u32>),
+    ) -> Response {
+        if !self.authenticated(headers) {
+            self.app.alerts.raise(crate::alert::AlertEvent::new(
+                "denied",
+                None,
+                format!("Salesforce callout for {kid}: wrong credential"),
+            ));
+            return refuse(
+                StatusCode::UNAUTHORIZED,
+                "the callout's credential is not accepted",
+            );
+        }
+        let Some(entry) = self.settings.keys.iter().find(|k| k.kid == kid).cloned() else {
+            return refuse(StatusCode::NOT_FOUND, "unknown key identifier");
+        };
+        if nonce
+            .as_ref()
+            .is_some_and(|n| n.len() > 256 || n.chars().any(char::is_control))
+        {
+            return refuse(StatusCode::BAD_REQUEST, "bad nonce");
+        }
+        facts.0 = Some(entry.key.clone());
+        let me = self.clone();
+        let kid_owned = kid.to_owned();
+        let opened = crate::routes::blocking(move || {
+            let context: kms_client::api::Context =
+                [(CONTEXT_KEY.to_owned(), kid_owned)].into_iter().collect();
+            let mut lookups = me.app.keyring.lookups()?;
+            lookups.unwrap(&me.principal, &entry.wrapped, &context)
+        })
+        .await;
+        let dek = match opened {
+            Ok(u) if u.plaintext.expose_secret().len() == KEY_LEN => {
+                facts.1 = Some(u.version);
+                u
+            }
+            Ok(_) => {
+                return refuse(
+                    StatusCode::CONFLICT,
+                    "the configured data key is not 32 bytes",
+                )
+            }
+            Err(Error::Sealed | Error::Storage(_)) => {
+                return refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the key service is unavailable",
+                )
+            }
+            Err(e) => {
+                tracing::warn!(kid, error = %e, "Salesforce callout refused");
+                return refuse(
+                    StatusCode::FORBIDDEN,
+                    "this key is not served (disabled, destroyed or not granted)",
+                );
+            }
+        };
+        match self.jwe(kid, nonce.as_deref(), dek.plaintext.expose_secret()) {
+            Ok(jwe) => Json(json!({"kid": kid, "jwe": jwe})).into_response(),
+            Err(what) => {
+                tracing::error!(what, "Salesforce: building the JWE failed");
+                refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the key could not be packaged",
+                )
+            }
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct CalloutQuery {
+    #[serde(default)]
+    nonce: Option<String>,
+}
+
+async fn callout(
+    State(sf): State<Arc<Salesforce>>,
+    Path(kid): Path<String>,
+    query: Result<Query<CalloutQuery>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let mut facts = (None, None);
+    let nonce = query.ok().and_then(|Query(q)| q.nonce);
+    let mut resp = sf.callout(&kid, nonce.clone(), &headers, &mut facts).await;
+    let id = sf.app.next_request_id();
+    let status = resp.status().as_u16();
+    let outcome = if resp.status().is_success() {
+        "ok".to_owned()
+    } else {
+        status.to_string()
+    };
+    let mut attributes = BTreeMap::new();
+    attributes.insert("protocol".to_owned(), "salesforce".to_owned());
+    attributes.insert("kid".to_owned(), kid.chars().take(128).collect());
+    if nonce.is_some() {
+        attributes.insert("nonce".to_owned(), "echoed".to_owned());
+    }
+    let elapsed = started.elapsed();
+    let draft = crate::audit::AuditDraft {
+        request_id: id,
+        identity: Some(sf.principal.identity.clone()),
+        tenant: Some(sf.principal.tenant.clone()),
+        operation: "SALESFORCE callout".to_owned(),
+        key: facts.0,
+        version: facts.1,
+        context_hash: None,
+        outcome: outcome.clone(),
+        status,
+        latency_us: elapsed.as_micros() as u64,
+        attributes: Some(attributes),
+    };
+    if let Err(e) = sf.app.audit.append(draft).await {
+        tracing::error!(error = %e, "Salesforce: the audit record could not be written; response withheld");
+        resp = refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the audit trail is unavailable",
+        );
+    }
+    sf.app.finish(
+        &mut resp,
+        id,
+        "salesforce callout",
+        "GET",
+        &outcome,
+        elapsed,
+    );
+    resp
+}
+
+/// The routes of the public listener for Salesforce.
+pub fn router(sf: Arc<Salesforce>) -> Router {
+    Router::new()
+        .route("/salesforce/{kid}", get(callout))
+        .with_state(sf)
+}
+
+/// The wrapped data keys' bytes, from the configuration's base64.
+pub(crate) fn decode_wrapped(s: &str) -> Option<Vec<u8>> {
+    B64.decode(s.trim().as_bytes()).ok()
+}

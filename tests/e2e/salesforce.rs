@@ -1,0 +1,225 @@
+//! Salesforce cache-only keys over real TLS (issue 12): the callout with its credential
+//! gets `{"kid","jwe"}`; the JWE's header is exactly alg/enc/kid (+ jti echoing the nonce);
+//! a JOSE library we did not write (Python's jwcrypto) opens it with the test
+//! certificate's private key and finds the 32 bytes Keyhold holds; wrong credential,
+//! unknown key identifier, a data key made for another identifier, rotation to a new
+//! identifier, a disabled key.
+
+use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
+use base64::Engine as _;
+use keyhold_tests::{TestSeal, TestServer};
+use serde_json::{json, Value};
+
+use crate::post;
+
+const SF_IDENTITY: &str = "spiffe://test/acme/salesforce";
+const SECRET: &str = "named-credential-secret-0123456789";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salesforce_callouts_get_a_jwe_only_salesforce_can_open() {
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key) = (files.path().join("sf.crt"), files.path().join("sf.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:4096",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=salesforce-byok-test",
+            "-keyout",
+        ])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = files.path().join("credential");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let table = |keys: &str| {
+        format!(
+            "\n[public]\nlisten = \"127.0.0.1:0\"\ncert = \"pki/server.pem\"\nkey = \"pki/server-key.pem\"\n\n[salesforce]\ntenant = \"acme\"\nidentity = \"{SF_IDENTITY}\"\ncredential_file = \"{}\"\ncertificate = \"{}\"\n{keys}",
+            secret.display(),
+            cert.display()
+        )
+    };
+    let mut s = TestServer::start_with(TestSeal::KeyFile, &table("")).await;
+    // The Keyhold key, and data keys made for two key identifiers (as an app would).
+    let admin = s.client(Some("admin-a"));
+    let r = post(
+        &admin,
+        &s.url("/v1/keys"),
+        json!({"name": "sf-kek", "grants": [
+        {"identity": SF_IDENTITY, "operations": ["unwrap"]},
+        {"identity": keyhold_tests::APP_A, "operations": ["datakey"]}]}),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{r:?}");
+    let app = s.client(Some("app-a"));
+    let mut made = Vec::new();
+    for kid in ["sf-2026-11", "sf-2027-02"] {
+        let dk = post(
+            &app,
+            &s.url("/v1/keys/sf-kek/datakey"),
+            json!({"context": {"salesforce": kid}}),
+        )
+        .await;
+        assert_eq!(dk.0, 200, "{dk:?}");
+        made.push((
+            kid,
+            dk.1["wrapped"].as_str().unwrap().to_owned(),
+            B64.decode(dk.1["plaintext"].as_str().unwrap()).unwrap(),
+        ));
+    }
+    // A third entry whose data key was made for another identifier: never served.
+    let keys = format!(
+        "[[salesforce.keys]]\nkid = \"{}\"\nkey = \"sf-kek\"\nwrapped = \"{}\"\n\n[[salesforce.keys]]\nkid = \"{}\"\nkey = \"sf-kek\"\nwrapped = \"{}\"\n\n[[salesforce.keys]]\nkid = \"sf-mismatch\"\nkey = \"sf-kek\"\nwrapped = \"{}\"\n",
+        made[0].0, made[0].1, made[1].0, made[1].1, made[0].1
+    );
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let start = text.find("\n[public]").unwrap();
+    std::fs::write(&s.config, format!("{}{}", &text[..start], table(&keys))).unwrap();
+    s.restart().await;
+    s.wait_ready().await;
+
+    let client = keyhold_tests::client_for(&s.pki, None, false);
+    let base = format!(
+        "https://localhost:{}/salesforce",
+        s.public_addr.unwrap().port()
+    );
+    let get = |path: String, secret: Option<&'static str>| {
+        let client = client.clone();
+        async move {
+            let mut req = client.get(path);
+            if let Some(sec) = secret {
+                req = req.bearer_auth(sec);
+            }
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let header_of = |jwe: &str| -> Value {
+        serde_json::from_slice(&B64URL.decode(jwe.split('.').next().unwrap()).unwrap()).unwrap()
+    };
+    let open = |jwe: &str| -> Vec<u8> {
+        let script = "import sys\nfrom jwcrypto import jwk, jwe\nk = jwk.JWK.from_pem(open(sys.argv[1], 'rb').read())\nt = jwe.JWE()\nt.allowed_algs = ['RSA-OAEP', 'A256GCM']\nt.deserialize(sys.argv[2], key=k)\nprint(t.payload.hex())";
+        let out = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&key)
+            .arg(jwe)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "jwcrypto: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let hex = String::from_utf8(out.stdout).unwrap();
+        (0..64)
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex.trim()[i..i + 2], 16).unwrap())
+            .collect()
+    };
+    let have_jwcrypto = std::process::Command::new("python3")
+        .args(["-c", "import jwcrypto"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        have_jwcrypto || std::env::var_os("CI").is_none(),
+        "CI must install jwcrypto"
+    );
+
+    // With a nonce: header exactly alg, enc, kid, jti; the payload is the data key.
+    let (st, body) = get(format!("{base}/{}?nonce=n-42", made[0].0), Some(SECRET)).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["kid"], made[0].0);
+    let jwe = body["jwe"].as_str().unwrap();
+    assert_eq!(jwe.split('.').count(), 5);
+    assert_eq!(
+        header_of(jwe),
+        json!({"alg": "RSA-OAEP", "enc": "A256GCM", "kid": made[0].0, "jti": "n-42"})
+    );
+    assert_eq!(
+        B64URL.decode(jwe.split('.').nth(2).unwrap()).unwrap().len(),
+        12,
+        "96-bit IV"
+    );
+    assert_eq!(
+        B64URL.decode(jwe.split('.').nth(4).unwrap()).unwrap().len(),
+        16,
+        "128-bit tag"
+    );
+    assert_eq!(
+        B64URL.decode(jwe.split('.').nth(1).unwrap()).unwrap().len(),
+        512,
+        "RSA-4096 wrapped content key"
+    );
+    if have_jwcrypto {
+        assert_eq!(
+            open(jwe),
+            made[0].2,
+            "jwcrypto opens the JWE to the data key"
+        );
+    }
+    // Without a nonce: exactly alg, enc, kid.
+    let (st, body) = get(format!("{base}/{}", made[0].0), Some(SECRET)).await;
+    assert_eq!(st, 200);
+    assert_eq!(
+        header_of(body["jwe"].as_str().unwrap()),
+        json!({"alg": "RSA-OAEP", "enc": "A256GCM", "kid": made[0].0})
+    );
+    // Rotation: the new identifier serves its own, different key.
+    let (st, body) = get(format!("{base}/{}", made[1].0), Some(SECRET)).await;
+    assert_eq!(st, 200);
+    if have_jwcrypto {
+        let second = open(body["jwe"].as_str().unwrap());
+        assert_eq!(second, made[1].2);
+        assert_ne!(second, made[0].2);
+    }
+    // Refusals.
+    assert_eq!(get(format!("{base}/{}", made[0].0), None).await.0, 401);
+    assert_eq!(
+        get(
+            format!("{base}/{}", made[0].0),
+            Some("named-credential-secret-0123456788")
+        )
+        .await
+        .0,
+        401
+    );
+    assert_eq!(get(format!("{base}/nope"), Some(SECRET)).await.0, 404);
+    assert_eq!(
+        get(format!("{base}/sf-mismatch"), Some(SECRET)).await.0,
+        403,
+        "a data key made for another identifier"
+    );
+    // Disabled in Keyhold: every callout refused.
+    let r = post(
+        &s.client(Some("admin-a")),
+        &s.url("/v1/keys/sf-kek/disable"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(r.0, 200);
+    assert_eq!(
+        get(format!("{base}/{}", made[0].0), Some(SECRET)).await.0,
+        403
+    );
+    // Audited, without key bytes.
+    let page = s.kms_client("auditor-a").audit_page(0, 1000).await.unwrap();
+    assert!(page
+        .records
+        .iter()
+        .any(|r| r.operation == "SALESFORCE callout" && r.outcome == "ok"));
+    let all = serde_json::to_string(&page.records).unwrap();
+    assert!(!all.contains(&B64.encode(&made[0].2)));
+}
