@@ -56,6 +56,32 @@ pub enum JwksSource {
     },
 }
 
+impl JwksSource {
+    /// From a configuration value: an `https://` URL (with `ca`, resolved), or a file
+    /// (resolved; it must exist). The error says what is wrong, for the caller's field.
+    pub fn from_config(
+        value: &str,
+        ca: Option<&std::path::Path>,
+        resolve: impl Fn(&std::path::Path) -> PathBuf,
+    ) -> Result<Self, String> {
+        if value.starts_with("https://") {
+            Ok(JwksSource::Url {
+                url: value.to_owned(),
+                ca: ca.map(&resolve),
+            })
+        } else if value.contains("://") {
+            Err("a file, or an https:// URL".to_owned())
+        } else {
+            let p = resolve(std::path::Path::new(value));
+            if p.is_file() {
+                Ok(JwksSource::File(p))
+            } else {
+                Err(format!("{} is not a readable file", p.display()))
+            }
+        }
+    }
+}
+
 /// What a [`Verifier`] checks.
 #[derive(Debug, Clone)]
 pub struct JwtSettings {

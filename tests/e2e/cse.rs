@@ -18,29 +18,13 @@ const KACLS: &str = "https://kacls.test/cse";
 const CSE_IDENTITY: &str = "spiffe://test/acme/cse";
 const ORIGIN: &str = "https://client-side-encryption.google.com";
 
-struct Issuer {
-    pem: String,
-    kid: String,
-}
+use keyhold_tests::TokenIssuer as Issuer;
 
+/// An issuer named `name`, its JWK set written to `dir/<name>.json`.
 fn issuer(dir: &std::path::Path, name: &str) -> Issuer {
-    use aws_lc_rs::encoding::AsDer as _;
-    use rsa::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
-    use rsa::traits::PublicKeyParts as _;
-    let generated =
-        aws_lc_rs::rsa::PrivateDecryptingKey::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
-    let key = rsa::RsaPrivateKey::from_pkcs8_der(generated.as_der().unwrap().as_ref()).unwrap();
-    let kid = format!("{name}-1");
-    let jwks = json!({"keys": [{
-        "kty": "RSA", "kid": kid, "use": "sig",
-        "n": B64URL.encode(key.n().to_bytes_be()),
-        "e": B64URL.encode(key.e().to_bytes_be()),
-    }]});
-    std::fs::write(dir.join(format!("{name}.json")), jwks.to_string()).unwrap();
-    Issuer {
-        pem: key.to_pkcs8_pem(Default::default()).unwrap().to_string(),
-        kid,
-    }
+    let issuer = Issuer::new(&format!("{name}-1"));
+    issuer.write_jwks(&dir.join(format!("{name}.json")));
+    issuer
 }
 
 fn now() -> i64 {
@@ -51,14 +35,7 @@ fn now() -> i64 {
 }
 
 fn sign(issuer: &Issuer, claims: &Value) -> String {
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = Some(issuer.kid.clone());
-    jsonwebtoken::encode(
-        &header,
-        claims,
-        &EncodingKey::from_rsa_pem(issuer.pem.as_bytes()).unwrap(),
-    )
-    .unwrap()
+    issuer.sign(claims)
 }
 
 /// Google's authorization claims for `role` on `resource`, changed by `extra`.

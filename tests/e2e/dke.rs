@@ -8,7 +8,6 @@
 
 use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
 use base64::Engine as _;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use keyhold_tests::{TestSeal, TestServer};
 use serde_json::{json, Value};
 
@@ -19,26 +18,10 @@ const URL: &str = "https://localhost/dke";
 const DKE_IDENTITY: &str = "spiffe://test/acme/dke";
 const CHALLENGE: &str = "Bearer resource=\"https://localhost/dke\", authorization=\"https://login.windows.net/common/oauth2/authorize\", realm=\"https://localhost/dke\"";
 
-struct Issuer {
-    pem: String,
-    jwks: Value,
-}
+use keyhold_tests::TokenIssuer as Issuer;
 
 fn issuer() -> Issuer {
-    use aws_lc_rs::encoding::AsDer as _;
-    use rsa::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
-    use rsa::traits::PublicKeyParts as _;
-    let generated =
-        aws_lc_rs::rsa::PrivateDecryptingKey::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
-    let key = rsa::RsaPrivateKey::from_pkcs8_der(generated.as_der().unwrap().as_ref()).unwrap();
-    Issuer {
-        pem: key.to_pkcs8_pem(Default::default()).unwrap().to_string(),
-        jwks: json!({"keys": [{
-            "kty": "RSA", "kid": "issuer-1", "use": "sig",
-            "n": B64URL.encode(key.n().to_bytes_be()),
-            "e": B64URL.encode(key.e().to_bytes_be()),
-        }]}),
-    }
+    Issuer::new("issuer-1")
 }
 
 fn now() -> i64 {
@@ -57,14 +40,7 @@ fn claims(extra: Value) -> Value {
 }
 
 fn token(issuer: &Issuer, claims: &Value) -> String {
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = Some("issuer-1".into());
-    jsonwebtoken::encode(
-        &header,
-        claims,
-        &EncodingKey::from_rsa_pem(issuer.pem.as_bytes()).unwrap(),
-    )
-    .unwrap()
+    issuer.sign(claims)
 }
 
 /// Encrypts `plain` with the public key of a DKE GET answer, with OpenSSL.
@@ -113,7 +89,7 @@ impl Dke {
         let keys = tempfile::tempdir().unwrap();
         let issuer = issuer();
         let jwks = keys.path().join("jwks.json");
-        std::fs::write(&jwks, issuer.jwks.to_string()).unwrap();
+        issuer.write_jwks(&jwks);
         let extra = format!(
             r#"
 [public]

@@ -6,7 +6,6 @@
 
 use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
 use base64::Engine as _;
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use keyhold_tests::{TestSeal, TestServer};
 use serde_json::{json, Value};
 
@@ -17,17 +16,11 @@ const URL: &str = "https://ekm.test";
 const AGENT: &str = "service-123456@gcp-sa-ekms.iam.gserviceaccount.com";
 const EKM_IDENTITY: &str = "spiffe://test/acme/ekm";
 
-fn issuer(dir: &std::path::Path) -> String {
-    use aws_lc_rs::encoding::AsDer as _;
-    use rsa::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
-    use rsa::traits::PublicKeyParts as _;
-    let generated =
-        aws_lc_rs::rsa::PrivateDecryptingKey::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
-    let key = rsa::RsaPrivateKey::from_pkcs8_der(generated.as_der().unwrap().as_ref()).unwrap();
-    let jwks = json!({"keys": [{"kty": "RSA", "kid": "g1", "use": "sig",
-        "n": B64URL.encode(key.n().to_bytes_be()), "e": B64URL.encode(key.e().to_bytes_be())}]});
-    std::fs::write(dir.join("google.json"), jwks.to_string()).unwrap();
-    key.to_pkcs8_pem(Default::default()).unwrap().to_string()
+/// Google's stand-in: its JWK set written to `dir/google.json`.
+fn issuer(dir: &std::path::Path) -> keyhold_tests::TokenIssuer {
+    let issuer = keyhold_tests::TokenIssuer::new("g1");
+    issuer.write_jwks(&dir.join("google.json"));
+    issuer
 }
 
 fn now() -> i64 {
@@ -37,19 +30,12 @@ fn now() -> i64 {
         .as_secs() as i64
 }
 
-fn token(pem: &str, extra: Value) -> String {
+fn token(issuer: &keyhold_tests::TokenIssuer, extra: Value) -> String {
     let mut c = json!({"iss": ISS, "aud": URL, "email": AGENT, "exp": now() + 600, "iat": now()});
     for (k, v) in extra.as_object().unwrap() {
         c[k] = v.clone();
     }
-    let mut header = Header::new(Algorithm::RS256);
-    header.kid = Some("g1".into());
-    jsonwebtoken::encode(
-        &header,
-        &c,
-        &EncodingKey::from_rsa_pem(pem.as_bytes()).unwrap(),
-    )
-    .unwrap()
+    issuer.sign(&c)
 }
 
 fn context(reason: Option<&str>, health: bool) -> Value {
@@ -64,7 +50,7 @@ fn context(reason: Option<&str>, health: bool) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ekm_wraps_and_unwraps_for_cloud_kms_under_the_justification_policy() {
     let keys = tempfile::tempdir().unwrap();
-    let pem = issuer(keys.path());
+    let pem = &issuer(keys.path());
     let extra = format!(
         r#"
 [public]
@@ -112,7 +98,7 @@ allow_missing_reason = true
             (status, r.json::<Value>().await.unwrap_or(Value::Null))
         }
     };
-    let good = || Some(token(&pem, json!({})));
+    let good = || Some(token(pem, json!({})));
     let dek = B64.encode([0x42u8; 32]);
     let aad = B64.encode(b"projects/p/bucket/object-7");
     let wrap_body = |reason: Option<&str>, health: bool| {
@@ -141,10 +127,10 @@ allow_missing_reason = true
     assert_eq!(u["allowedCacheDuration"], "120s");
 
     // Each failure on its own: (what, path, token, body, status, status name).
-    let expired = token(&pem, json!({"exp": now() - 3600}));
-    let wrong_aud = token(&pem, json!({"aud": "https://other.test"}));
+    let expired = token(pem, json!({"exp": now() - 3600}));
+    let wrong_aud = token(pem, json!({"aud": "https://other.test"}));
     let other_caller = token(
-        &pem,
+        pem,
         json!({"email": "service-999@gcp-sa-ekms.iam.gserviceaccount.com"}),
     );
     let parts: Vec<String> = good().unwrap().split('.').map(str::to_owned).collect();

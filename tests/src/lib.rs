@@ -756,3 +756,55 @@ pub fn client_for(pki: &TestPki, who: Option<&str>, h2: bool) -> reqwest::Client
     }
     b.build().unwrap()
 }
+
+/// A local token issuer for the end-user protocols' tests (DKE, CSE, EKM): an RSA-2048
+/// key, its JWK set, and RS256 tokens signed with it (by `jsonwebtoken`).
+pub struct TokenIssuer {
+    /// The private key, PKCS#8 PEM (for tools we did not write, e.g. PyJWT).
+    pub pem: String,
+    /// The key id in the JWK set and in every token's header.
+    pub kid: String,
+    /// The JWK set (`{"keys": [...]}`) verifiers are given.
+    pub jwks: serde_json::Value,
+}
+
+impl TokenIssuer {
+    /// A new issuer whose key is `kid`.
+    pub fn new(kid: &str) -> TokenIssuer {
+        use aws_lc_rs::encoding::AsDer as _;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        use base64::Engine as _;
+        use rsa::pkcs8::{DecodePrivateKey as _, EncodePrivateKey as _};
+        use rsa::traits::PublicKeyParts as _;
+        let generated =
+            aws_lc_rs::rsa::PrivateDecryptingKey::generate(aws_lc_rs::rsa::KeySize::Rsa2048)
+                .unwrap();
+        let key = rsa::RsaPrivateKey::from_pkcs8_der(generated.as_der().unwrap().as_ref()).unwrap();
+        TokenIssuer {
+            pem: key.to_pkcs8_pem(Default::default()).unwrap().to_string(),
+            kid: kid.to_owned(),
+            jwks: serde_json::json!({"keys": [{
+                "kty": "RSA", "kid": kid, "use": "sig",
+                "n": URL_SAFE_NO_PAD.encode(key.n().to_bytes_be()),
+                "e": URL_SAFE_NO_PAD.encode(key.e().to_bytes_be()),
+            }]}),
+        }
+    }
+
+    /// Writes the JWK set to `path`.
+    pub fn write_jwks(&self, path: &Path) {
+        std::fs::write(path, self.jwks.to_string()).unwrap();
+    }
+
+    /// An RS256 token of `claims`, under this issuer's key id.
+    pub fn sign(&self, claims: &serde_json::Value) -> String {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::RS256);
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(
+            &header,
+            claims,
+            &jsonwebtoken::EncodingKey::from_rsa_pem(self.pem.as_bytes()).unwrap(),
+        )
+        .unwrap()
+    }
+}

@@ -729,15 +729,8 @@ impl Cse {
         origin: Option<&HeaderValue>,
         started: Instant,
         facts: Facts,
-        mut resp: Response,
+        resp: Response,
     ) -> Response {
-        let id = self.app.next_request_id();
-        let status = resp.status().as_u16();
-        let outcome = if resp.status().is_success() {
-            "ok".to_owned()
-        } else {
-            status.to_string()
-        };
         let mut attributes = BTreeMap::new();
         attributes.insert("protocol".to_owned(), "cse".to_owned());
         for (k, v) in [
@@ -749,28 +742,27 @@ impl Cse {
                 attributes.insert(k.to_owned(), v.chars().take(256).collect());
             }
         }
-        let elapsed = started.elapsed();
-        let draft = crate::audit::AuditDraft {
-            request_id: id,
-            identity: Some(self.principal.identity.clone()),
-            tenant: Some(self.principal.tenant.clone()),
+        let get = matches!(op, "status" | "certs");
+        let call = crate::routes::AdapterCall {
             operation: format!("CSE {op}"),
-            key: (!matches!(op, "status" | "certs")).then(|| self.settings.key.clone()),
+            route: format!("cse {op}"),
+            method: if get { "GET" } else { "POST" },
+            principal: &self.principal,
+            key: (!get).then(|| self.settings.key.clone()),
             version: facts.version,
-            context_hash: None,
-            outcome: outcome.clone(),
-            status,
-            latency_us: elapsed.as_micros() as u64,
-            attributes: Some(attributes),
+            attributes,
+            started,
         };
-        if let Err(e) = self.app.audit.append(draft).await {
-            tracing::error!(error = %e, "CSE: the audit record could not be written; response withheld");
-            resp = CseError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the audit trail is unavailable",
-            )
-            .into_response();
-        }
+        let mut resp = self
+            .app
+            .finish_call(call, resp, || {
+                CseError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the audit trail is unavailable",
+                )
+                .into_response()
+            })
+            .await;
         if origin.is_some_and(|o| o == GOOGLE_ORIGIN) {
             resp.headers_mut().insert(
                 header::ACCESS_CONTROL_ALLOW_ORIGIN,
@@ -779,14 +771,6 @@ impl Cse {
             resp.headers_mut()
                 .insert(header::VARY, HeaderValue::from_static("origin"));
         }
-        let route = format!("cse {op}");
-        let method = if matches!(op, "status" | "certs") {
-            "GET"
-        } else {
-            "POST"
-        };
-        self.app
-            .finish(&mut resp, id, &route, method, &outcome, elapsed);
         resp
     }
 }

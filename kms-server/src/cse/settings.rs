@@ -128,20 +128,8 @@ impl FileCse {
             let mut out = Vec::new();
             for (i, f) in list.into_iter().enumerate() {
                 let at = |m: &str| (format!("cse.{field}[{i}]"), m.to_owned());
-                let jwks = if f.jwks.starts_with("https://") {
-                    JwksSource::Url {
-                        url: f.jwks,
-                        ca: f.jwks_ca.as_deref().map(&resolve),
-                    }
-                } else if f.jwks.contains("://") {
-                    return Err(at("jwks: a file, or an https:// URL"));
-                } else {
-                    let p = resolve(Path::new(&f.jwks));
-                    if !p.is_file() {
-                        return Err(at(&format!("jwks: {} is not a readable file", p.display())));
-                    }
-                    JwksSource::File(p)
-                };
+                let jwks = JwksSource::from_config(&f.jwks, f.jwks_ca.as_deref(), &resolve)
+                    .map_err(|m| at(&format!("jwks: {m}")))?;
                 let audience = match (kind, f.audience) {
                     (0, None) => AUTHZ_AUDIENCE.to_owned(),
                     (2, None) => kacls.clone(),

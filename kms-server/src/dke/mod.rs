@@ -295,20 +295,7 @@ impl Dke {
     }
 
     /// Audits and finishes one request (the record is durable before the response leaves).
-    async fn finish(
-        &self,
-        op: &str,
-        started: Instant,
-        facts: Facts,
-        mut resp: Response,
-    ) -> Response {
-        let id = self.app.next_request_id();
-        let status = resp.status().as_u16();
-        let outcome = if resp.status().is_success() {
-            "ok".to_owned()
-        } else {
-            status.to_string()
-        };
+    async fn finish(&self, op: &str, started: Instant, facts: Facts, resp: Response) -> Response {
         let mut attributes = std::collections::BTreeMap::new();
         attributes.insert("protocol".to_owned(), "dke".to_owned());
         if let Some(u) = &facts.user {
@@ -317,32 +304,24 @@ impl Dke {
         if let Some(k) = &facts.dke_key {
             attributes.insert("dkeKey".to_owned(), k.clone());
         }
-        let elapsed = started.elapsed();
-        let draft = crate::audit::AuditDraft {
-            request_id: id,
-            identity: Some(self.principal.identity.clone()),
-            tenant: Some(self.principal.tenant.clone()),
+        let call = crate::routes::AdapterCall {
             operation: format!("DKE {op}"),
-            key: facts.key.clone(),
+            route: format!("dke {op}"),
+            method: if op == "decrypt" { "POST" } else { "GET" },
+            principal: &self.principal,
+            key: facts.key,
             version: facts.version,
-            context_hash: None,
-            outcome: outcome.clone(),
-            status,
-            latency_us: elapsed.as_micros() as u64,
-            attributes: Some(attributes),
+            attributes,
+            started,
         };
-        if let Err(e) = self.app.audit.append(draft).await {
-            tracing::error!(error = %e, "DKE: the audit record could not be written; response withheld");
-            resp = refuse(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the audit trail is unavailable",
-            );
-        }
-        let route = format!("dke {op}");
-        let method = if op == "decrypt" { "POST" } else { "GET" };
         self.app
-            .finish(&mut resp, id, &route, method, &outcome, elapsed);
-        resp
+            .finish_call(call, resp, || {
+                refuse(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the audit trail is unavailable",
+                )
+            })
+            .await
     }
 }
 

@@ -412,20 +412,8 @@ impl Ekm {
         .into_response())
     }
 
-    async fn finish(
-        &self,
-        op: &str,
-        started: Instant,
-        facts: Facts,
-        mut resp: Response,
-    ) -> Response {
-        let id = self.app.next_request_id();
-        let status = resp.status().as_u16();
-        let outcome = if resp.status().is_success() {
-            "ok".to_owned()
-        } else {
-            status.to_string()
-        };
+    /// Audits and finishes one request (the record is durable before the answer leaves).
+    async fn finish(&self, op: &str, started: Instant, facts: Facts, resp: Response) -> Response {
         let mut attributes = BTreeMap::new();
         attributes.insert("protocol".to_owned(), "ekm".to_owned());
         for (k, v) in [
@@ -440,33 +428,21 @@ impl Ekm {
         if facts.health {
             attributes.insert("healthCheck".to_owned(), "true".to_owned());
         }
-        let elapsed = started.elapsed();
-        let draft = crate::audit::AuditDraft {
-            request_id: id,
-            identity: Some(self.principal.identity.clone()),
-            tenant: Some(self.principal.tenant.clone()),
+        let call = crate::routes::AdapterCall {
             operation: format!("EKM {op}"),
-            key: facts.key.clone(),
+            route: format!("ekm {op}"),
+            method: "POST",
+            principal: &self.principal,
+            key: facts.key,
             version: facts.version,
-            context_hash: None,
-            outcome: outcome.clone(),
-            status,
-            latency_us: elapsed.as_micros() as u64,
-            attributes: Some(attributes),
+            attributes,
+            started,
         };
-        if let Err(e) = self.app.audit.append(draft).await {
-            tracing::error!(error = %e, "EKM: the audit record could not be written; response withheld");
-            resp = unavailable("the audit trail is unavailable").into_response();
-        }
-        self.app.finish(
-            &mut resp,
-            id,
-            &format!("ekm {op}"),
-            "POST",
-            &outcome,
-            elapsed,
-        );
-        resp
+        self.app
+            .finish_call(call, resp, || {
+                unavailable("the audit trail is unavailable").into_response()
+            })
+            .await
     }
 }
 

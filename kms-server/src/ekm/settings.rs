@@ -115,19 +115,9 @@ impl FileEkm {
         if !url.starts_with("https://") || url.len() <= "https://".len() {
             return e("url", "must be this service's https:// URL");
         }
-        let jwks = if self.jwks.starts_with("https://") {
-            JwksSource::Url {
-                url: self.jwks.clone(),
-                ca: self.jwks_ca.as_deref().map(&resolve),
-            }
-        } else if self.jwks.contains("://") {
-            return e("jwks", "a file, or an https:// URL");
-        } else {
-            let p = resolve(Path::new(&self.jwks));
-            if !p.is_file() {
-                return e("jwks", &format!("{} is not a readable file", p.display()));
-            }
-            JwksSource::File(p)
+        let jwks = match JwksSource::from_config(&self.jwks, self.jwks_ca.as_deref(), &resolve) {
+            Ok(j) => j,
+            Err(m) => return e("jwks", &m),
         };
         if self.tenant.is_empty() || self.identity.is_empty() {
             return e("tenant", "tenant and identity are required");

@@ -143,10 +143,69 @@ impl AppState {
         }
     }
 
+    /// Writes a protocol adapter call's audit record (durable before the answer leaves:
+    /// when it cannot be written, the answer is `unavailable()` instead), then records the
+    /// metrics and `x-request-id` ([`AppState::finish`]). One place for every adapter of
+    /// the public listener.
+    pub async fn finish_call(
+        &self,
+        call: AdapterCall<'_>,
+        mut resp: Response,
+        unavailable: impl FnOnce() -> Response,
+    ) -> Response {
+        let id = self.next_request_id();
+        let status = resp.status().as_u16();
+        let outcome = if resp.status().is_success() {
+            "ok".to_owned()
+        } else {
+            status.to_string()
+        };
+        let elapsed = call.started.elapsed();
+        let draft = crate::audit::AuditDraft {
+            request_id: id,
+            identity: Some(call.principal.identity.clone()),
+            tenant: Some(call.principal.tenant.clone()),
+            operation: call.operation,
+            key: call.key,
+            version: call.version,
+            context_hash: None,
+            outcome: outcome.clone(),
+            status,
+            latency_us: elapsed.as_micros() as u64,
+            attributes: Some(call.attributes),
+        };
+        if let Err(e) = self.audit.append(draft).await {
+            tracing::error!(error = %e, route = %call.route, "the audit record could not be written; response withheld");
+            resp = unavailable();
+        }
+        self.finish(&mut resp, id, &call.route, call.method, &outcome, elapsed);
+        resp
+    }
+
     /// A fresh request id (shared by every listener, so ids are unique in the audit trail).
     pub fn next_request_id(&self) -> u64 {
         self.next_request_id.fetch_add(1, Ordering::Relaxed)
     }
+}
+
+/// A protocol adapter's call, as [`AppState::finish_call`] records it.
+pub struct AdapterCall<'a> {
+    /// The audit operation (`DKE decrypt`, `CSE wrap`, ...).
+    pub operation: String,
+    /// The metrics route (`dke decrypt`).
+    pub route: String,
+    /// The HTTP method, for the metrics.
+    pub method: &'static str,
+    /// Whom the adapter acts as.
+    pub principal: &'a Principal,
+    /// The Keyhold key, when one was reached.
+    pub key: Option<String>,
+    /// Its version, when one was used.
+    pub version: Option<u32>,
+    /// The protocol's facts (`protocol`, the user, the resource, ...).
+    pub attributes: std::collections::BTreeMap<String, String>,
+    /// When the call began.
+    pub started: std::time::Instant,
 }
 
 /// The API router.

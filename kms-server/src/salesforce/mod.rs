@@ -240,50 +240,31 @@ async fn callout(
     let started = Instant::now();
     let mut facts = (None, None);
     let nonce = query.ok().and_then(|Query(q)| q.nonce);
-    let mut resp = sf.callout(&kid, nonce.clone(), &headers, &mut facts).await;
-    let id = sf.app.next_request_id();
-    let status = resp.status().as_u16();
-    let outcome = if resp.status().is_success() {
-        "ok".to_owned()
-    } else {
-        status.to_string()
-    };
+    let resp = sf.callout(&kid, nonce.clone(), &headers, &mut facts).await;
     let mut attributes = BTreeMap::new();
     attributes.insert("protocol".to_owned(), "salesforce".to_owned());
     attributes.insert("kid".to_owned(), kid.chars().take(128).collect());
     if nonce.is_some() {
         attributes.insert("nonce".to_owned(), "echoed".to_owned());
     }
-    let elapsed = started.elapsed();
-    let draft = crate::audit::AuditDraft {
-        request_id: id,
-        identity: Some(sf.principal.identity.clone()),
-        tenant: Some(sf.principal.tenant.clone()),
+    let call = crate::routes::AdapterCall {
         operation: "SALESFORCE callout".to_owned(),
+        route: "salesforce callout".to_owned(),
+        method: "GET",
+        principal: &sf.principal,
         key: facts.0,
         version: facts.1,
-        context_hash: None,
-        outcome: outcome.clone(),
-        status,
-        latency_us: elapsed.as_micros() as u64,
-        attributes: Some(attributes),
+        attributes,
+        started,
     };
-    if let Err(e) = sf.app.audit.append(draft).await {
-        tracing::error!(error = %e, "Salesforce: the audit record could not be written; response withheld");
-        resp = refuse(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the audit trail is unavailable",
-        );
-    }
-    sf.app.finish(
-        &mut resp,
-        id,
-        "salesforce callout",
-        "GET",
-        &outcome,
-        elapsed,
-    );
-    resp
+    sf.app
+        .finish_call(call, resp, || {
+            refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the audit trail is unavailable",
+            )
+        })
+        .await
 }
 
 /// The routes of the public listener for Salesforce.
