@@ -58,6 +58,16 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// Whom a protocol adapter (XKS, DKE, CSE, EKM, Salesforce) acts as: its configured
+    /// identity, as an app of its tenant, so the key's grants decide what it may do.
+    pub fn adapter(identity: &str, tenant: &str) -> Self {
+        Self {
+            identity: identity.to_owned(),
+            tenant: tenant.to_owned(),
+            role: Role::App,
+        }
+    }
+
     /// Allows or denies `op` for this principal's role.
     pub fn authorize(&self, op: Operation) -> Result<(), Error> {
         let allowed = match op {

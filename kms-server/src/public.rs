@@ -58,6 +58,28 @@ impl FilePublic {
     }
 }
 
+/// The bearer token of a request (`Authorization: Bearer <token>`, the scheme in any
+/// case), trimmed; `None` without one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+        .filter(|t| !t.is_empty())
+}
+
+/// A protocol's own URL from the configuration (`[dke] url`, `[cse] kacls_url`,
+/// `[ekm] url`): an `https://` URL with a host, without a trailing slash.
+pub(crate) fn service_url(value: &str) -> Option<String> {
+    let url = value.trim_end_matches('/');
+    let host = url.strip_prefix("https://")?;
+    (!host.is_empty()).then(|| url.to_owned())
+}
+
 /// TLS of the public listener: its server certificate, TLS 1.2 and 1.3, no client
 /// certificate.
 pub fn server_config(
@@ -99,4 +121,35 @@ pub fn router(state: &Arc<AppState>) -> Result<Router, String> {
         )
             .into_response()
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_and_service_urls() {
+        let mut h = axum::http::HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        for (value, want) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer  abc ", Some("abc")),
+            ("BEARER abc", Some("abc")),
+            ("Basic abc", None),
+            ("Bearer ", None),
+            ("Bearerabc", None),
+        ] {
+            h.insert(
+                axum::http::header::AUTHORIZATION,
+                axum::http::HeaderValue::from_static(value),
+            );
+            assert_eq!(bearer(&h).as_deref(), want, "{value}");
+        }
+        assert_eq!(
+            service_url("https://kms.example/dke/").as_deref(),
+            Some("https://kms.example/dke")
+        );
+        assert_eq!(service_url("https://"), None);
+        assert_eq!(service_url("http://kms.example"), None);
+    }
 }

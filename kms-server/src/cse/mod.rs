@@ -42,7 +42,7 @@ use serde_json::json;
 use crate::crypto::{DETACHED_SALT_LEN, TAG_LEN};
 use crate::error::Error;
 use crate::jwt::{JwtError, Verifier};
-use crate::policy::{Principal, Role};
+use crate::policy::Principal;
 use crate::routes::AppState;
 use settings::CseSettings;
 
@@ -376,11 +376,7 @@ impl Cse {
             authentication: verifiers(&settings.authentication),
             migration_peers: verifiers(&settings.migration_peers),
             signer,
-            principal: Principal {
-                identity: settings.identity.clone(),
-                tenant: settings.tenant.clone(),
-                role: Role::App,
-            },
+            principal: Principal::adapter(&settings.identity, &settings.tenant),
             settings: settings.clone(),
         })
     }

@@ -110,10 +110,9 @@ impl FileCse {
         resolve: impl Fn(&Path) -> PathBuf,
     ) -> Result<CseSettings, (String, String)> {
         let e = |f: &str, m: &str| Err((format!("cse.{f}"), m.to_owned()));
-        let kacls_url = self.kacls_url.trim_end_matches('/').to_owned();
-        if !kacls_url.starts_with("https://") || kacls_url.len() <= "https://".len() {
+        let Some(kacls_url) = crate::public::service_url(&self.kacls_url) else {
             return e("kacls_url", "must be this KACLS's https:// URL");
-        }
+        };
         if self.tenant.is_empty() || self.identity.is_empty() || self.key.is_empty() {
             return e("tenant", "tenant, identity and key are required");
         }

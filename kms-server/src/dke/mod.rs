@@ -31,7 +31,7 @@ use serde_json::json;
 
 use crate::error::Error;
 use crate::jwt::{JwtError, Verifier};
-use crate::policy::{Principal, Role};
+use crate::policy::Principal;
 use crate::routes::AppState;
 use settings::{DkeSettings, KeyMapping};
 
@@ -125,11 +125,7 @@ impl Dke {
         Ok(Self {
             app,
             verifier: Verifier::new(settings.jwt.clone()),
-            principal: Principal {
-                identity: settings.identity.clone(),
-                tenant: settings.tenant.clone(),
-                role: Role::App,
-            },
+            principal: Principal::adapter(&settings.identity, &settings.tenant),
             keys: settings
                 .keys
                 .iter()
@@ -210,15 +206,7 @@ impl Dke {
         body: &[u8],
         facts: &mut Facts,
     ) -> Response {
-        let Some(token) = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| {
-                v.strip_prefix("Bearer ")
-                    .or_else(|| v.strip_prefix("bearer "))
-            })
-            .map(|t| t.trim().to_owned())
-        else {
+        let Some(token) = crate::public::bearer(headers) else {
             return self.unauthorized("a bearer token is required");
         };
         let me = self.clone();

@@ -116,10 +116,9 @@ impl FileDke {
         resolve: impl Fn(&Path) -> PathBuf,
     ) -> Result<DkeSettings, (String, String)> {
         let e = |f: &str, m: &str| Err((format!("dke.{f}"), m.to_owned()));
-        let url = self.url.trim_end_matches('/').to_owned();
-        if !url.starts_with("https://") || url.len() <= "https://".len() {
+        let Some(url) = crate::public::service_url(&self.url) else {
             return e("url", "must be the service's https:// URL");
-        }
+        };
         if self.issuers.is_empty() || self.issuers.iter().any(String::is_empty) {
             return e("issuers", "at least one token issuer (`iss`)");
         }

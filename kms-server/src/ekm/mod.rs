@@ -32,7 +32,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Path, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
@@ -42,7 +42,7 @@ use serde_json::json;
 
 use crate::error::Error;
 use crate::jwt::{JwtError, Verifier};
-use crate::policy::{Principal, Role};
+use crate::policy::Principal;
 use crate::routes::AppState;
 use settings::{EkmSettings, KeyPolicy};
 
@@ -182,11 +182,7 @@ impl Ekm {
         Self {
             app,
             verifier: Verifier::new(settings.jwt.clone()),
-            principal: Principal {
-                identity: settings.identity.clone(),
-                tenant: settings.tenant.clone(),
-                role: Role::App,
-            },
+            principal: Principal::adapter(&settings.identity, &settings.tenant),
             keys: settings
                 .keys
                 .iter()
@@ -234,18 +230,13 @@ impl Ekm {
             .map(|r| r.reason.clone())
             .filter(|r| !r.is_empty() && r != "REASON_UNSPECIFIED");
         facts.reason = reason.clone();
-        let token = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| t.trim().to_owned())
-            .ok_or_else(|| {
-                EkmError::new(
-                    StatusCode::UNAUTHORIZED,
-                    "UNAUTHENTICATED",
-                    "a bearer token is required",
-                )
-            })?;
+        let token = crate::public::bearer(headers).ok_or_else(|| {
+            EkmError::new(
+                StatusCode::UNAUTHORIZED,
+                "UNAUTHENTICATED",
+                "a bearer token is required",
+            )
+        })?;
         let me = self.clone();
         let verified = tokio::task::spawn_blocking(move || me.verifier.verify::<Claims>(&token))
             .await

@@ -111,10 +111,9 @@ impl FileEkm {
         resolve: impl Fn(&Path) -> PathBuf,
     ) -> Result<EkmSettings, (String, String)> {
         let e = |f: &str, m: &str| Err((format!("ekm.{f}"), m.to_owned()));
-        let url = self.url.trim_end_matches('/').to_owned();
-        if !url.starts_with("https://") || url.len() <= "https://".len() {
+        let Some(url) = crate::public::service_url(&self.url) else {
             return e("url", "must be this service's https:// URL");
-        }
+        };
         let jwks = match JwksSource::from_config(&self.jwks, self.jwks_ca.as_deref(), &resolve) {
             Ok(j) => j,
             Err(m) => return e("jwks", &m),

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -32,7 +32,7 @@ use base64::Engine as _;
 use serde_json::json;
 
 use crate::error::Error;
-use crate::policy::{Principal, Role};
+use crate::policy::Principal;
 use crate::routes::AppState;
 use settings::SalesforceSettings;
 
@@ -84,11 +84,7 @@ impl Salesforce {
         }
         Ok(Self {
             app,
-            principal: Principal {
-                identity: settings.identity.clone(),
-                tenant: settings.tenant.clone(),
-                role: Role::App,
-            },
+            principal: Principal::adapter(&settings.identity, &settings.tenant),
             certificate,
             secret,
             settings: settings.clone(),
@@ -96,14 +92,8 @@ impl Salesforce {
     }
 
     fn authenticated(&self, headers: &HeaderMap) -> bool {
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or_default()
-            .trim()
-            .as_bytes();
-        subtle::ConstantTimeEq::ct_eq(given, self.secret.as_slice()).into()
+        let given = crate::public::bearer(headers).unwrap_or_default();
+        subtle::ConstantTimeEq::ct_eq(given.as_bytes(), self.secret.as_slice()).into()
     }
 
     /// The JWE of `dek` for `kid` (and `nonce` as `jti`).

@@ -25,7 +25,7 @@ use super::health::HealthCache;
 use super::settings::{KeyMapping, StoreSettings, XksSettings, API_ROOT};
 use super::sigv4::{self, SignedRequest};
 use super::throttle::Bucket;
-use crate::policy::{Principal, Role};
+use crate::policy::Principal;
 use crate::routes::AppState;
 
 /// The SigV4 service name of the XKS API.
@@ -123,11 +123,7 @@ impl Xks {
             stores.insert(
                 s.prefix.clone(),
                 Store {
-                    principal: Principal {
-                        identity: s.identity.clone(),
-                        tenant: s.tenant.clone(),
-                        role: Role::App,
-                    },
+                    principal: Principal::adapter(&s.identity, &s.tenant),
                     credentials,
                     bucket: Bucket::new(s.rate_limit, s.burst),
                     keys: s
