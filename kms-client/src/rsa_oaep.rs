@@ -1,7 +1,8 @@
 //! Wrapped DEKs under RSA KEKs (suite 2 of the wrapped-DEK format), shared by the server
 //! and clients so the layout and the OAEP label are defined once.
 //!
-//! An RSA KEK (`rsa-oaep-3072-sha256`, `rsa-oaep-4096-sha256`) exports its public key
+//! An RSA KEK (`rsa-oaep-3072-sha256`, `rsa-oaep-4096-sha256`, and `rsa-oaep-2048-sha256`
+//! for Microsoft DKE keys) exports its public key
 //! (`GET /v1/keys/{name}/public-key`), so a client can wrap a DEK **offline**, without a
 //! round trip; only unwrap needs the server, which holds the private key and decrypts
 //! with a constant-time implementation (aws-lc-rs, see `kms-server`'s `kek` module).
