@@ -245,6 +245,35 @@ mod tests {
         }
     }
 
+    /// DKE's unlabelled OAEP and suite 2's labelled OAEP never open each other's
+    /// ciphertexts under the same key.
+    #[test]
+    fn unlabelled_and_suite_2_ciphertexts_do_not_cross() {
+        let (kek, _) = Kek::generate(Algorithm::RsaOaep2048Sha256).unwrap();
+        let Kek::Rsa(rsa) = &kek else { panic!("RSA") };
+        let dek = [3u8; 32];
+        let wrapped = kek.wrap(&header(), &dek, b"ctx").unwrap();
+        let (head, ct) = wrapped.split_at(rsa_oaep::HEADER_LEN);
+        assert!(kek.decrypt_unlabelled(ct).unwrap().is_err());
+        let mut plain = vec![0u8; rsa.public.ciphertext_size()];
+        let n = rsa
+            .public
+            .encrypt(&OAEP_SHA256_MGF1SHA256, &dek, &mut plain, None)
+            .unwrap()
+            .len();
+        let unlabelled = &plain[..n];
+        assert_eq!(
+            kek.decrypt_unlabelled(unlabelled)
+                .unwrap()
+                .unwrap()
+                .expose_secret(),
+            &dek
+        );
+        let mut as_suite_2 = head.to_vec();
+        as_suite_2.extend_from_slice(unlabelled);
+        assert!(kek.unwrap(&as_suite_2, b"ctx").is_err());
+    }
+
     #[test]
     fn rsa_round_trip_binds_header_and_context_and_reloads() {
         let (kek, stored) = Kek::generate(Algorithm::RsaOaep3072Sha256).unwrap();
