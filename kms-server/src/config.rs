@@ -232,6 +232,23 @@ struct FileStore {
     listen: bool,
     #[serde(default)]
     node_id: Option<String>,
+    /// `engine = "postgres"`: where erasure keys live (`crate::erasure::shared`).
+    #[serde(default)]
+    erasure: Option<ErasureMode>,
+    #[serde(default)]
+    erasure_retention_secs: Option<u64>,
+}
+
+/// Where a shared store keeps its keys' erasure keys (`[store] erasure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErasureMode {
+    /// In the database under epoch keys rooted in the sealing HSM (the default when
+    /// `[seal] method = "pkcs11"`).
+    Token,
+    /// None: keys are sealed under the master key alone, and destruction is only as final
+    /// as the database's WAL and backup retention (the default with any other seal).
+    None,
 }
 
 fn default_pool() -> usize {
@@ -316,6 +333,10 @@ pub struct StoreSettings {
     /// This node's id among the nodes of a shared store (`[store] node_id`, else the
     /// environment's `KEYHOLD_NODE_ID`; `None`: `<host>:<API port>`).
     pub node_id: Option<String>,
+    /// On a shared store with `[store] erasure = "token"`: how long a retired erasure
+    /// epoch's HSM key is kept, seconds ([`crate::erasure::shared`]). `None`: no erasure
+    /// keys in the database.
+    pub shared_erasure_retention_secs: Option<u64>,
 }
 
 /// How the server unseals.
@@ -551,6 +572,43 @@ impl Settings {
             }
             _ => {}
         }
+        let shared_erasure_retention_secs = match (raw.store.engine, raw.store.erasure) {
+            (Engine::Postgres, Some(ErasureMode::Token)) if seal.method != SealMethod::Pkcs11 => {
+                return Err(err(
+                    "store.erasure",
+                    "\"token\" keeps the erasure epoch keys in the sealing HSM: it needs seal.method = \"pkcs11\"".into(),
+                ))
+            }
+            (Engine::Postgres, Some(ErasureMode::Token) | None)
+                if seal.method == SealMethod::Pkcs11 =>
+            {
+                let secs = raw
+                    .store
+                    .erasure_retention_secs
+                    .unwrap_or(crate::erasure::shared::DEFAULT_RETENTION_SECS);
+                if secs > 366 * 86_400 {
+                    return Err(err(
+                        "store.erasure_retention_secs",
+                        "must be at most a year (31622400)".into(),
+                    ));
+                }
+                Some(secs)
+            }
+            (Engine::Postgres, _) if raw.store.erasure_retention_secs.is_some() => {
+                return Err(err(
+                    "store.erasure_retention_secs",
+                    "only with erasure keys in the database (store.erasure = \"token\")".into(),
+                ))
+            }
+            (Engine::Postgres, _) => None,
+            (_, None) if raw.store.erasure_retention_secs.is_none() => None,
+            _ => {
+                return Err(err(
+                    "store.erasure",
+                    "only for engine = \"postgres\" (the embedded store keeps its erasure file beside it)".into(),
+                ))
+            }
+        };
         let argon2 = seal.argon2.unwrap_or_default();
         argon2.validate().map_err(|m| err("seal.argon2", m))?;
         if !(1..=1000).contains(&raw.lockout.threshold) {
@@ -709,6 +767,7 @@ impl Settings {
                         .ok()
                         .filter(|id| !id.trim().is_empty())
                 }),
+                shared_erasure_retention_secs,
             },
             seal: SealSettings {
                 method: seal.method,

@@ -90,6 +90,10 @@ pub struct KeyRecord {
     /// master key alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub erasure_slot: Option<u32>,
+    /// Slot of the key's erasure key in the cluster's erasure table, on a shared store
+    /// ([`crate::erasure::shared`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_erasure_slot: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -384,6 +388,9 @@ pub struct Keyring {
     /// Per-key erasure keys (`None`: keys are sealed under the master key alone, as in
     /// stores of earlier versions and in tools that open a store without it).
     erasure: Option<Arc<crate::erasure::ErasureFile>>,
+    /// Erasure keys in the shared store's table under HSM-rooted epoch keys: new keys get
+    /// theirs there.
+    shared_erasure: Option<crate::erasure::SharedErasure>,
     /// Whether new keys get an erasure key (off on a store shared by several nodes: the
     /// erasure file is local to one node).
     new_erasure_keys: bool,
@@ -485,6 +492,7 @@ impl Keyring {
         Self {
             clock,
             erasure: None,
+            shared_erasure: None,
             new_erasure_keys: true,
             freshness: None,
             invalidations: std::sync::atomic::AtomicU64::new(0),
@@ -500,6 +508,18 @@ impl Keyring {
     pub fn with_erasure(mut self, erasure: Arc<crate::erasure::ErasureFile>) -> Self {
         self.erasure = Some(erasure);
         self
+    }
+
+    /// New keys get their erasure key in the shared store's erasure table
+    /// ([`crate::erasure::shared`]) rather than in the local file.
+    pub fn with_shared_erasure(mut self, shared: crate::erasure::SharedErasure) -> Self {
+        self.shared_erasure = Some(shared);
+        self
+    }
+
+    /// The shared store's erasure keys, when this keyring has them.
+    pub fn shared_erasure(&self) -> Option<&crate::erasure::SharedErasure> {
+        self.shared_erasure.as_ref()
     }
 
     /// New keys get no erasure key (keys that have one still open while the file is
@@ -1036,9 +1056,14 @@ impl Keyring {
             deletion_date: None,
             grants,
             erasure_slot: None,
+            shared_erasure_slot: None,
         };
         let mut record = record;
-        if let Some(erasure) = self.erasure.as_ref().filter(|_| self.new_erasure_keys) {
+        if let Some(shared) = &self.shared_erasure {
+            // Durable before the record that names it (see `erasure::shared`).
+            let (slot, _) = shared.allocate(created_at)?;
+            record.shared_erasure_slot = Some(slot);
+        } else if let Some(erasure) = self.erasure.as_ref().filter(|_| self.new_erasure_keys) {
             // Durable before the record that names it (see `erasure`).
             let (slot, _) = erasure.allocate()?;
             record.erasure_slot = Some(slot);
@@ -1099,6 +1124,15 @@ impl Keyring {
         master: &SecretKey,
         record: &KeyRecord,
     ) -> Result<Option<SecretKey>, Error> {
+        if let Some(slot) = record.shared_erasure_slot {
+            let shared = self.shared_erasure.as_ref().ok_or(Error::InvalidState(
+                "the key's erasure key is in the cluster's erasure table, which needs [seal] method = \"pkcs11\"",
+            ))?;
+            let ek = shared
+                .get(slot)?
+                .ok_or(Error::Corrupt("the key's erasure key is erased"))?;
+            return crypto::bind_key(master, &ek, ERASURE_LABEL).map(Some);
+        }
         let Some(slot) = record.erasure_slot else {
             return Ok(None);
         };
@@ -1424,6 +1458,11 @@ impl Keyring {
             let record: KeyRecord =
                 serde_json::from_slice(bytes).map_err(|_| Error::Corrupt("key record"))?;
             let id = KeyId(id.try_into().map_err(|_| Error::Corrupt("key id"))?);
+            if record.shared_erasure_slot.is_some() {
+                return Err(Error::InvalidState(
+                    "the backup names erasure keys of a shared store's erasure table: restore a database backup instead",
+                ));
+            }
             let bound = match record.erasure_slot {
                 Some(slot) => {
                     let at = 64 + 32 * slot as usize;
@@ -1766,6 +1805,7 @@ impl Keyring {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let mut destroyed = Vec::new();
+        let mut finished = Vec::new();
         for (index_key, _) in self.store.scan_prefix(Table::Deletions, b"")? {
             let (Some(date), Some(id)) = (
                 index_key.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()),
@@ -1810,7 +1850,27 @@ impl Keyring {
                     ))?;
                     erasure.erase(slot)?;
                 }
+                if let (KeyState::Destroyed, Some(slot)) =
+                    (record.state, record.shared_erasure_slot)
+                {
+                    let shared = self.shared_erasure.as_ref().ok_or(Error::InvalidState(
+                        "cannot finish a destruction: the cluster's erasure keys need [seal] method = \"pkcs11\"",
+                    ))?;
+                    shared.erase(slot)?;
+                }
             }
+            finished.push((index_key, id));
+        }
+        // On a shared store the row deletions above are final only once the epoch they
+        // were sealed under is gone: re-seal the rest under a new epoch (also after a
+        // crash left one pending), then destroy the epochs whose retention has passed.
+        // The deletion-index entries go after the rotation, so a crash repeats it.
+        if let Some(shared) = &self.shared_erasure {
+            shared.rotate(now)?;
+            shared.retire(now)?;
+            shared.forget_stale();
+        }
+        for (index_key, id) in finished {
             let mut batch = WriteBatch::new();
             batch.delete(Table::Deletions, &index_key);
             self.store.commit(&batch)?;

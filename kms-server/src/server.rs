@@ -101,6 +101,7 @@ pub fn open_keyring(
     clock: crate::clock::Clock,
 ) -> Result<Keyring, StartError> {
     let store = open_store(settings)?;
+    let pool = store.postgres();
     let erasure =
         crate::erasure::ErasureFile::open(&settings.store.path.with_extension("erasure"))?;
     let keyring = Keyring::with_clock(store, clock)
@@ -109,9 +110,24 @@ pub fn open_keyring(
     Ok(if settings.store.engine == keystore::Engine::Postgres {
         // Shared by several nodes: a local erasure file would make new keys unreadable on
         // every other node, and a cached key must not outlive a change made elsewhere.
-        keyring
+        let keyring = keyring
             .without_new_erasure_keys()
-            .with_freshness_bound(SHARED_STORE_BOUND)
+            .with_freshness_bound(SHARED_STORE_BOUND);
+        match (settings.store.shared_erasure_retention_secs, pool) {
+            (Some(retention), Some(pool)) => {
+                let token = crate::seal::Pkcs11Sealer::from_settings(settings.seal.pkcs11.clone());
+                keyring
+                    .with_shared_erasure(crate::erasure::SharedErasure::new(pool, token, retention))
+            }
+            _ => {
+                tracing::warn!(
+                    "shared store without erasure keys ([store] erasure needs [seal] method = \"pkcs11\"): \
+                     a destroyed key stays recoverable from database backups and WAL by whoever holds the master key, \
+                     until they expire (docs/ha.md)"
+                );
+                keyring
+            }
+        }
     } else {
         keyring
     })

@@ -512,14 +512,92 @@ impl TestServer {
         s
     }
 
-    /// Another node over this server's PostgreSQL store: the same config, master key and
-    /// PKI, its own local files (audit chain) and ports.
+    /// Another node over this server's PostgreSQL store: the same config, master key (or
+    /// token PIN) and PKI, its own local files (audit chain) and ports.
     pub async fn another_node(&self) -> TestServer {
+        self.node_on(None).await
+    }
+
+    /// Like [`TestServer::another_node`], over the PostgreSQL database at `url` (e.g. a
+    /// restored copy of this server's).
+    pub async fn node_on_database(&self, url: &str) -> TestServer {
+        self.node_on(Some(url)).await
+    }
+
+    async fn node_on(&self, url: Option<&str>) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
         copy_dir(&self.dir.path().join("pki"), &dir.path().join("pki"));
-        for f in ["kms-server.toml", "master.key"] {
-            std::fs::copy(self.dir.path().join(f), dir.path().join(f)).unwrap();
+        for f in ["kms-server.toml", "master.key", "hsm.pin"] {
+            if self.dir.path().join(f).exists() {
+                std::fs::copy(self.dir.path().join(f), dir.path().join(f)).unwrap();
+            }
         }
+        if let Some(url) = url {
+            let config = dir.path().join("kms-server.toml");
+            let text = std::fs::read_to_string(&config).unwrap();
+            let moved: String = text
+                .lines()
+                .map(|l| {
+                    if l.starts_with("url = ") {
+                        format!("url = \"{url}\"\n")
+                    } else {
+                        format!("{l}\n")
+                    }
+                })
+                .collect();
+            assert_ne!(moved, text, "no store url in the config");
+            std::fs::write(&config, moved).unwrap();
+        }
+        let node = Self::open_dir(dir).await;
+        node.wait_ready().await;
+        node
+    }
+
+    /// A server on a fresh PostgreSQL database, sealed with the SoftHSM token `hsm` (so its
+    /// keys' erasure keys live in the database under epoch keys in the token), initialized
+    /// by `kms-server init`. The process must already see the token: set `SOFTHSM2_CONF`
+    /// to `hsm.conf` before anything in it uses PKCS#11.
+    pub async fn start_on_postgres_with_token(hsm: &softhsm::SoftHsm, extra: &str) -> TestServer {
+        assert_eq!(
+            std::env::var_os("SOFTHSM2_CONF").as_deref(),
+            Some(hsm.conf.as_os_str()),
+            "set SOFTHSM2_CONF to the token's configuration first"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        generate_pki(&dir.path().join("pki"));
+        let config = write_config(dir.path(), TestSeal::KeyFile, extra, "");
+        std::fs::write(dir.path().join("hsm.pin"), format!("{}\n", hsm.pin)).unwrap();
+        let url = pg::fresh_database();
+        let text = std::fs::read_to_string(&config)
+            .unwrap()
+            .replacen(
+                "method = \"key-file\"\nkey_file = \"master.key\"\n",
+                &format!(
+                    "method = \"pkcs11\"\n[seal.pkcs11]\nmodule = \"{}\"\n\
+                     token_label = \"{}\"\npin_file = \"hsm.pin\"\n",
+                    softhsm::MODULE,
+                    hsm.token_label
+                ),
+                1,
+            )
+            .replacen(
+                "[store]\npath = \"store.redb\"",
+                &format!("[store]\nengine = \"postgres\"\npath = \"node\"\nurl = \"{url}\"\npool_size = 4"),
+                1,
+            );
+        assert!(text.contains("method = \"pkcs11\"") && text.contains("engine = \"postgres\""));
+        std::fs::write(&config, text).unwrap();
+        let out = std::process::Command::new(workspace_bin("kms-server"))
+            .args(["init", "--config"])
+            .arg(&config)
+            .env(hsm.env().0, hsm.env().1)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "kms-server init: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let node = Self::open_dir(dir).await;
         node.wait_ready().await;
         node

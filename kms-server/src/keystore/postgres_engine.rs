@@ -78,6 +78,27 @@ const MIGRATIONS: &[&str] = &[
     // runtime identities and lockouts (`keystore::followed`). Earlier entries were all
     // key records (table 1).
     "ALTER TABLE keyhold_changes ADD COLUMN tbl smallint NOT NULL DEFAULT 1",
+    // 6: erasure keys under epoch keys rooted in the sealing HSM (`crate::erasure::shared`):
+    // the epochs (each one's key wrapped by a token key; times in Unix seconds), the head
+    // (current epoch; dirty: a destruction awaits a rotation), and the erasure keys.
+    "CREATE TABLE keyhold_erasure_epochs (
+        epoch bigint PRIMARY KEY,
+        wrapped bytea NOT NULL,
+        created_at bigint NOT NULL,
+        retired_at bigint,
+        destroyed_at bigint
+    );
+    CREATE TABLE keyhold_erasure_head (
+        id smallint PRIMARY KEY CHECK (id = 1),
+        epoch bigint NOT NULL,
+        dirty boolean NOT NULL
+    );
+    INSERT INTO keyhold_erasure_head (id, epoch, dirty) VALUES (1, 0, false);
+    CREATE TABLE keyhold_erasure (
+        slot bigserial PRIMARY KEY,
+        epoch bigint NOT NULL,
+        sealed bytea NOT NULL
+    )",
 ];
 
 /// The advisory lock that orders the change feed: taken by every commit that changes a

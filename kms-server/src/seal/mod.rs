@@ -19,7 +19,9 @@ mod shamir;
 
 pub use keyfile::KeyFileSealer;
 pub use passphrase::{Argon2Params, PassphraseSealer};
-pub use pkcs11::{Pkcs11Params, Pkcs11Sealer, Pkcs11Settings, PIN_ENV as PKCS11_PIN_ENV};
+pub use pkcs11::{
+    Pkcs11Params, Pkcs11Sealer, Pkcs11Settings, TokenSession, PIN_ENV as PKCS11_PIN_ENV,
+};
 pub use shamir::{ShamirParams, ShamirSealer, ShareInput};
 
 /// Label for the master key sealed under a key-encryption key (see `crypto`).

@@ -191,50 +191,161 @@ impl Pkcs11Sealer {
     }
 
     fn find_key(&self, session: &Session) -> Result<Option<ObjectHandle>, SealError> {
-        let found = session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::KeyType(KeyType::AES),
-                Attribute::Label(self.settings.key_label.as_bytes().to_vec()),
-            ])
-            .map_err(p11("finding the wrapping key"))?;
-        match found.as_slice() {
-            [] => Ok(None),
-            [one] => Ok(Some(*one)),
-            _ => Err(SealError::Pkcs11(format!(
-                "{} keys are labelled {:?}: refusing to guess",
-                found.len(),
-                self.settings.key_label
-            ))),
-        }
+        find_labelled(session, &self.settings.key_label)
     }
 
-    /// Creates the wrapping key in the token: AES-256, a token object, private,
-    /// sensitive, never extractable, for encrypt/decrypt only.
+    /// Creates the wrapping key in the token (see [`create_labelled`]).
     fn create_key(&self, session: &Session) -> Result<ObjectHandle, SealError> {
-        session
-            .generate_key(
-                &Mechanism::AesKeyGen,
-                &[
-                    Attribute::Token(true),
-                    Attribute::Private(true),
-                    Attribute::Sensitive(true),
-                    Attribute::Extractable(false),
-                    Attribute::Encrypt(true),
-                    Attribute::Decrypt(true),
-                    Attribute::Wrap(false),
-                    Attribute::Unwrap(false),
-                    Attribute::ValueLen(32.into()),
-                    Attribute::Label(self.settings.key_label.as_bytes().to_vec()),
-                ],
-            )
-            .map_err(p11("creating the wrapping key"))
+        create_labelled(session, &self.settings.key_label)
+    }
+
+    /// The configured wrapping key's label (other keys this service keeps in the token
+    /// are named after it, e.g. the erasure epoch keys of [`crate::erasure::shared`]).
+    pub fn key_label(&self) -> &str {
+        &self.settings.key_label
+    }
+
+    /// A logged-in session on the configured token, for keys other than the master
+    /// wrapping key ([`TokenSession`]).
+    pub fn token_session(&self) -> Result<TokenSession, SealError> {
+        Ok(TokenSession {
+            session: self.session()?,
+        })
     }
 
     fn aad(key_label: &str) -> Vec<u8> {
         let mut aad = b"keyhold/master-key/v1/pkcs11\0".to_vec();
         aad.extend_from_slice(key_label.as_bytes());
         aad
+    }
+}
+
+/// The AES key labelled `label`, if the token has exactly one.
+fn find_labelled(session: &Session, label: &str) -> Result<Option<ObjectHandle>, SealError> {
+    let found = session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::KeyType(KeyType::AES),
+            Attribute::Label(label.as_bytes().to_vec()),
+        ])
+        .map_err(p11("finding a key"))?;
+    match found.as_slice() {
+        [] => Ok(None),
+        [one] => Ok(Some(*one)),
+        _ => Err(SealError::Pkcs11(format!(
+            "{} keys are labelled {label:?}: refusing to guess",
+            found.len()
+        ))),
+    }
+}
+
+/// Creates an AES-256 key labelled `label` in the token: a token object, private,
+/// sensitive, never extractable, for encrypt/decrypt only.
+fn create_labelled(session: &Session, label: &str) -> Result<ObjectHandle, SealError> {
+    session
+        .generate_key(
+            &Mechanism::AesKeyGen,
+            &[
+                Attribute::Token(true),
+                Attribute::Private(true),
+                Attribute::Sensitive(true),
+                Attribute::Extractable(false),
+                Attribute::Encrypt(true),
+                Attribute::Decrypt(true),
+                Attribute::Wrap(false),
+                Attribute::Unwrap(false),
+                Attribute::ValueLen(32.into()),
+                Attribute::Label(label.as_bytes().to_vec()),
+            ],
+        )
+        .map_err(p11("creating a key"))
+}
+
+/// A logged-in session on the sealing token, for the other non-extractable AES keys the
+/// service keeps there, each named by its label: encrypt and decrypt (AES-256-GCM, the
+/// nonce in front of the ciphertext) inside the token, create, destroy.
+pub struct TokenSession {
+    session: Session,
+}
+
+impl std::fmt::Debug for TokenSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TokenSession")
+    }
+}
+
+impl TokenSession {
+    /// Whether the token holds a key labelled `label`.
+    pub fn has_key(&self, label: &str) -> Result<bool, SealError> {
+        Ok(find_labelled(&self.session, label)?.is_some())
+    }
+
+    /// Creates the key labelled `label` unless the token has it already.
+    pub fn ensure_key(&self, label: &str) -> Result<(), SealError> {
+        if find_labelled(&self.session, label)?.is_none() {
+            create_labelled(&self.session, label)?;
+        }
+        Ok(())
+    }
+
+    /// Encrypts `plaintext` under the key labelled `label`: nonce ‖ ciphertext ‖ tag.
+    pub fn encrypt(&self, label: &str, aad: &[u8], plaintext: &[u8]) -> Result<Vec<u8>, SealError> {
+        let key = find_labelled(&self.session, label)?
+            .ok_or_else(|| SealError::Pkcs11(format!("the token has no key labelled {label:?}")))?;
+        let mut iv = [0u8; IV_LEN];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut iv)
+            .map_err(|_| SealError::Random)?;
+        let mut out = iv.to_vec();
+        let params =
+            GcmParams::new(&mut iv, aad, TAG_BITS.into()).map_err(p11("GCM parameters"))?;
+        let sealed = self
+            .session
+            .encrypt(&Mechanism::AesGcm(params), key, plaintext)
+            .map_err(p11("encrypting in the token"))?;
+        out.extend_from_slice(&sealed);
+        Ok(out)
+    }
+
+    /// Opens an [`TokenSession::encrypt`] result. `Ok(None)`: the token has no key
+    /// labelled `label` (destroyed); a blob that fails authentication is an error.
+    pub fn decrypt(
+        &self,
+        label: &str,
+        aad: &[u8],
+        blob: &[u8],
+    ) -> Result<Option<Zeroizing<Vec<u8>>>, SealError> {
+        let Some(key) = find_labelled(&self.session, label)? else {
+            return Ok(None);
+        };
+        let (iv, ciphertext) = blob
+            .split_first_chunk::<IV_LEN>()
+            .ok_or(SealError::Malformed)?;
+        let mut iv = *iv;
+        let gcm = GcmParams::new(&mut iv, aad, TAG_BITS.into()).map_err(p11("GCM parameters"))?;
+        let plain = self
+            .session
+            .decrypt(&Mechanism::AesGcm(gcm), key, ciphertext)
+            .map_err(|e| match e {
+                P11Error::Pkcs11(
+                    RvError::EncryptedDataInvalid | RvError::EncryptedDataLenRange,
+                    _,
+                ) => SealError::Malformed,
+                e => p11("decrypting in the token")(e),
+            })?;
+        Ok(Some(Zeroizing::new(plain)))
+    }
+
+    /// Destroys the key labelled `label`; `false` when the token has none.
+    pub fn destroy_key(&self, label: &str) -> Result<bool, SealError> {
+        match find_labelled(&self.session, label)? {
+            Some(key) => {
+                self.session
+                    .destroy_object(key)
+                    .map_err(p11("destroying a key"))?;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 }
 

@@ -1,4 +1,4 @@
-//! Erasure keys: what makes destroying a KEK real (crypto-shredding).
+//! The erasure file: where the embedded store keeps its erasure keys.
 //!
 //! The store (redb, copy-on-write) does not overwrite data when a record is deleted: the
 //! pages of a deleted KEK version may survive in the file, free but readable, until reused.

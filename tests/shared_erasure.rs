@@ -1,0 +1,248 @@
+//! Erasure keys on PostgreSQL, rooted in the sealing HSM (`kms_server::erasure::shared`),
+//! through real nodes over mTLS: two nodes on one database and one SoftHSM token; a key
+//! destroyed on the cluster; then the database backup taken before the destruction is
+//! restored and a node started on it, with the same token and master key: within the
+//! retention it still opens the destroyed key (the retention is what lets database
+//! backups restore), and once the retention has passed and the old epoch's token key is
+//! destroyed, nothing in that backup opens any more, while the live cluster still serves
+//! its remaining keys.
+//!
+//! Its own process: a PKCS#11 module is initialized once per process, and SoftHSM reads
+//! `SOFTHSM2_CONF` then.
+
+#![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use keyhold_tests::softhsm::SoftHsm;
+use keyhold_tests::{pg, TestServer, APP_A};
+use serde_json::{json, Value};
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+async fn post(c: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
+    let r = c.post(url).json(&body).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+async fn get(c: &reqwest::Client, url: &str) -> (u16, Value) {
+    let r = c.get(url).send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+/// The status of an unwrap of `wrapped` on `node`.
+async fn unwrap_status(node: &TestServer, wrapped: &Value) -> (u16, Value) {
+    post(
+        &node.client(Some("app-a")),
+        &node.url("/v1/unwrap"),
+        json!({"wrapped": wrapped}),
+    )
+    .await
+}
+
+/// A copy of `url`'s database as `pg_dump` sees it now, restored into a fresh database;
+/// returns the copy's connection string. (What a database backup holds.)
+fn dump(url: &str, file: &std::path::Path) {
+    let out = std::process::Command::new("pg_dump")
+        .args(["--no-owner", "-f"])
+        .arg(file)
+        .args(["-d", url])
+        .output()
+        .expect("pg_dump (PostgreSQL's client) must be installed");
+    assert!(
+        out.status.success(),
+        "pg_dump: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn restore(file: &std::path::Path) -> String {
+    let url = pg::fresh_database();
+    let out = std::process::Command::new("psql")
+        .args(["-q", "-v", "ON_ERROR_STOP=1", "-d", &url, "-f"])
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    url
+}
+
+fn database_url(node: &TestServer) -> String {
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("url = \""))
+        .and_then(|l| l.strip_suffix('"'))
+        .unwrap()
+        .to_owned()
+}
+
+/// Polls `f` every 100 ms until it holds (at most 15 s).
+async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destroyed_keys_do_not_come_back_from_database_backups() {
+    if !pg::available("destroyed_keys_do_not_come_back_from_database_backups") {
+        return;
+    }
+    let tokens = tempfile::tempdir().unwrap();
+    let hsm = SoftHsm::new(tokens.path(), "keyhold-erasure", "4321-user-pin");
+    // Before anything in this process loads the PKCS#11 module (this test is alone in it).
+    std::env::set_var(hsm.env().0, hsm.env().1);
+    let extra = "[keys]\nsweep_interval_secs = 1\n";
+    let a = TestServer::start_on_postgres_with_token(&hsm, extra).await;
+    let b = a.another_node().await;
+    let url = database_url(&a);
+    let db = url
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix("dbname="))
+        .unwrap()
+        .to_owned();
+
+    let admin = a.client(Some("admin-a"));
+    for name in ["doomed", "kept"] {
+        let (st, info) = post(
+            &admin,
+            &a.url("/v1/keys"),
+            json!({"name": name, "grants": [{"identity": APP_A, "operations": ["datakey", "unwrap"]}]}),
+        )
+        .await;
+        assert_eq!(st, 201, "{info}");
+    }
+    let mut wrapped = Vec::new();
+    for name in ["doomed", "kept"] {
+        let (st, dk) = post(
+            &a.client(Some("app-a")),
+            &a.url(&format!("/v1/keys/{name}/datakey")),
+            json!({}),
+        )
+        .await;
+        assert_eq!(st, 200, "{dk}");
+        wrapped.push((dk["wrapped"].clone(), dk["plaintext"].clone()));
+    }
+    let (doomed, kept) = (&wrapped[0], &wrapped[1]);
+    // B opens keys made on A: their erasure keys are in the database, under the epoch
+    // key in the token both nodes reach.
+    for w in [doomed, kept] {
+        let (st, body) = unwrap_status(&b, &w.0).await;
+        assert_eq!((st, &body["plaintext"]), (200, &w.1), "{body}");
+    }
+    assert_eq!(
+        pg::sql_on(
+            Some(&db),
+            "SELECT count(*), min(epoch), max(epoch) FROM keyhold_erasure"
+        ),
+        "2|1|1"
+    );
+    // Nothing in the database is an erasure key in the clear: each row is a sealed box.
+    assert_eq!(
+        pg::sql_on(
+            Some(&db),
+            "SELECT count(*) FROM keyhold_erasure WHERE length(sealed) = 32 + 32 + 16"
+        ),
+        "2"
+    );
+    assert_eq!(hsm.probe("keyhold-master-wrap/erasure/1")["count"], 1);
+
+    // The backup an operator takes before the destruction.
+    let backup = tokens.path().join("before.sql");
+    dump(&url, &backup);
+
+    let (st, info) = post(
+        &admin,
+        &a.url("/v1/keys/doomed/schedule-deletion"),
+        json!({"pending_days": 7}),
+    )
+    .await;
+    assert_eq!(st, 200, "{info}");
+    a.advance_clock(8 * DAY);
+    b.advance_clock(8 * DAY);
+    until(
+        "the sweep destroys the key and moves to epoch 2",
+        async || pg::sql_on(Some(&db), "SELECT epoch, dirty FROM keyhold_erasure_head") == "2|f",
+    )
+    .await;
+    let (_, info) = get(&admin, &b.url("/v1/keys/doomed")).await;
+    assert_eq!(info["state"], "destroyed", "{info}");
+    assert_eq!(
+        pg::sql_on(
+            Some(&db),
+            "SELECT count(*), min(epoch) FROM keyhold_erasure"
+        ),
+        "1|2",
+        "the destroyed key's row is gone, the other re-sealed under epoch 2"
+    );
+    // Epoch 1 is retired, not yet destroyed: the default retention is 7 days.
+    assert_eq!(
+        pg::sql_on(
+            Some(&db),
+            "SELECT epoch, retired_at IS NOT NULL, destroyed_at IS NULL FROM keyhold_erasure_epochs ORDER BY epoch"
+        ),
+        "1|t|t\n2|f|t"
+    );
+    for node in [&a, &b] {
+        let (st, body) = unwrap_status(node, &kept.0).await;
+        assert_eq!((st, &body["plaintext"]), (200, &kept.1), "{body}");
+        let (st, body) = unwrap_status(node, &doomed.0).await;
+        assert_eq!(st, 409, "{body}");
+    }
+
+    // Within the retention, the database backup restores whole: a node on it opens both
+    // keys (the destroyed one was alive when the backup was taken).
+    let restored = restore(&backup);
+    let c = a.node_on_database(&restored).await;
+    for w in [doomed, kept] {
+        let (st, body) = unwrap_status(&c, &w.0).await;
+        assert_eq!((st, &body["plaintext"]), (200, &w.1), "{body}");
+    }
+    drop(c);
+
+    // After the retention the sweep destroys epoch 1's token key: the destruction is now
+    // final. The same backup, restored again, with the same token and master key, opens
+    // nothing: its erasure keys are under an epoch key no one has.
+    a.advance_clock(8 * DAY);
+    until("the sweep destroys epoch 1's token key", async || {
+        pg::sql_on(
+            Some(&db),
+            "SELECT destroyed_at IS NOT NULL FROM keyhold_erasure_epochs WHERE epoch = 1",
+        ) == "t"
+    })
+    .await;
+    assert_eq!(hsm.probe("keyhold-master-wrap/erasure/1")["count"], 0);
+    assert_eq!(hsm.probe("keyhold-master-wrap/erasure/2")["count"], 1);
+    assert_eq!(
+        pg::sql_on(
+            Some(&db),
+            "SELECT length(wrapped) FROM keyhold_erasure_epochs WHERE epoch = 1"
+        ),
+        "0"
+    );
+    let restored = restore(&backup);
+    let d = a.node_on_database(&restored).await;
+    // It unseals (the master key's token key is untouched) ...
+    let (st, status) = get(&d.client(Some("admin-a")), &d.url("/v1/sys/status")).await;
+    assert_eq!(st, 200, "{status}");
+    // ... but neither key in the old backup opens: not the destroyed one, and (the price of
+    // a finished retention) not the other either.
+    for w in [doomed, kept] {
+        let (st, body) = unwrap_status(&d, &w.0).await;
+        assert_eq!(st, 409, "{body}");
+        assert_eq!(body["error"]["code"], "InvalidState", "{body}");
+    }
+    // The live cluster still serves what it kept.
+    for node in [&a, &b] {
+        let (st, body) = unwrap_status(node, &kept.0).await;
+        assert_eq!((st, &body["plaintext"]), (200, &kept.1), "{body}");
+    }
+}
