@@ -7,8 +7,11 @@
 //! destroyed, nothing in that backup opens any more, while the live cluster still serves
 //! its remaining keys.
 //!
+//! Also: `migrate-store` from an embedded store moves its erasure keys into the database,
+//! so a node without the old erasure file opens the migrated keys.
+//!
 //! Its own process: a PKCS#11 module is initialized once per process, and SoftHSM reads
-//! `SOFTHSM2_CONF` then.
+//! `SOFTHSM2_CONF` then; both tests share one token ([`token`]).
 
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
@@ -19,6 +22,27 @@ use keyhold_tests::{pg, TestServer, APP_A};
 use serde_json::{json, Value};
 
 const DAY: Duration = Duration::from_secs(86_400);
+
+/// The process's one SoftHSM token, made (and `SOFTHSM2_CONF` set) before anything here
+/// loads the PKCS#11 module.
+fn token() -> &'static SoftHsm {
+    static TOKEN: std::sync::OnceLock<(tempfile::TempDir, SoftHsm)> = std::sync::OnceLock::new();
+    &TOKEN
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let hsm = SoftHsm::new(dir.path(), "keyhold-erasure", "4321-user-pin");
+            std::env::set_var(hsm.env().0, hsm.env().1);
+            (dir, hsm)
+        })
+        .1
+}
+
+/// The token label of `epoch`'s key on the cluster in database `db`.
+fn epoch_label(db: &str, epoch: u64) -> String {
+    let cluster = pg::sql_on(Some(db), "SELECT cluster FROM keyhold_erasure_head");
+    assert_eq!(cluster.len(), 16, "{cluster}");
+    format!("keyhold-master-wrap/erasure/{cluster}/{epoch}")
+}
 
 async fn post(c: &reqwest::Client, url: &str, body: Value) -> (u16, Value) {
     let r = c.post(url).json(&body).send().await.unwrap();
@@ -96,12 +120,10 @@ async fn destroyed_keys_do_not_come_back_from_database_backups() {
     if !pg::available("destroyed_keys_do_not_come_back_from_database_backups") {
         return;
     }
+    let hsm = token();
     let tokens = tempfile::tempdir().unwrap();
-    let hsm = SoftHsm::new(tokens.path(), "keyhold-erasure", "4321-user-pin");
-    // Before anything in this process loads the PKCS#11 module (this test is alone in it).
-    std::env::set_var(hsm.env().0, hsm.env().1);
     let extra = "[keys]\nsweep_interval_secs = 1\n";
-    let a = TestServer::start_on_postgres_with_token(&hsm, extra).await;
+    let a = TestServer::start_on_postgres_with_token(hsm, extra).await;
     let b = a.another_node().await;
     let url = database_url(&a);
     let db = url
@@ -153,7 +175,7 @@ async fn destroyed_keys_do_not_come_back_from_database_backups() {
         ),
         "2"
     );
-    assert_eq!(hsm.probe("keyhold-master-wrap/erasure/1")["count"], 1);
+    assert_eq!(hsm.probe(&epoch_label(&db, 1))["count"], 1);
 
     // The backup an operator takes before the destruction.
     let backup = tokens.path().join("before.sql");
@@ -197,6 +219,13 @@ async fn destroyed_keys_do_not_come_back_from_database_backups() {
         let (st, body) = unwrap_status(node, &doomed.0).await;
         assert_eq!(st, 409, "{body}");
     }
+    // Operators see it in the status: epoch 2, epoch 1 kept for the retention.
+    until("the status reports the retained epoch", async || {
+        let (_, st) = get(&admin, &b.url("/v1/sys/status")).await;
+        st["cluster"]["erasure"]
+            == json!({"epoch": 2, "rotation_pending": false, "retained_epochs": [1], "retention_secs": 7 * 86_400})
+    })
+    .await;
 
     // Within the retention, the database backup restores whole: a node on it opens both
     // keys (the destroyed one was alive when the backup was taken).
@@ -219,8 +248,8 @@ async fn destroyed_keys_do_not_come_back_from_database_backups() {
         ) == "t"
     })
     .await;
-    assert_eq!(hsm.probe("keyhold-master-wrap/erasure/1")["count"], 0);
-    assert_eq!(hsm.probe("keyhold-master-wrap/erasure/2")["count"], 1);
+    assert_eq!(hsm.probe(&epoch_label(&db, 1))["count"], 0);
+    assert_eq!(hsm.probe(&epoch_label(&db, 2))["count"], 1);
     assert_eq!(
         pg::sql_on(
             Some(&db),
@@ -245,4 +274,105 @@ async fn destroyed_keys_do_not_come_back_from_database_backups() {
         let (st, body) = unwrap_status(node, &kept.0).await;
         assert_eq!((st, &body["plaintext"]), (200, &kept.1), "{body}");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrating_into_postgres_moves_the_erasure_keys_into_the_database() {
+    if !pg::available("migrating_into_postgres_moves_the_erasure_keys_into_the_database") {
+        return;
+    }
+    let hsm = token();
+    let mut s = TestServer::start_with_token(hsm, "", false).await;
+    let (st, info) = post(
+        &s.client(Some("admin-a")),
+        &s.url("/v1/keys"),
+        json!({"name": "moved", "grants": [{"identity": APP_A, "operations": ["datakey", "unwrap"]}]}),
+    )
+    .await;
+    assert_eq!(st, 201, "{info}");
+    let (st, dk) = post(
+        &s.client(Some("app-a")),
+        &s.url("/v1/keys/moved/datakey"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(st, 200, "{dk}");
+    s.stop().await;
+
+    // The embedded config stays as `embedded.toml`; `kms-server.toml` becomes the
+    // PostgreSQL one, which the nodes below copy.
+    let config = s.dir.path().join("kms-server.toml");
+    let embedded = s.dir.path().join("embedded.toml");
+    std::fs::copy(&config, &embedded).unwrap();
+    let url = pg::fresh_database();
+    let text = std::fs::read_to_string(&embedded).unwrap().replacen(
+        "[store]\npath = \"store.redb\"",
+        &format!("[store]\nengine = \"postgres\"\npath = \"node\"\nurl = \"{url}\"\npool_size = 4"),
+        1,
+    );
+    std::fs::write(&config, text).unwrap();
+    let out = std::process::Command::new(keyhold_tests::workspace_bin("kms-server"))
+        .arg("migrate-store")
+        .arg("--from-config")
+        .arg(&embedded)
+        .arg("--config")
+        .arg(&config)
+        .env(hsm.env().0, hsm.env().1)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("1 keys moved from"), "{stdout}");
+    // No erasure key went into a file on the new node (the file there, if any, is an
+    // empty header).
+    let local = s.dir.path().join("node.erasure");
+    assert!(std::fs::metadata(&local).map_or(0, |m| m.len()) <= 64);
+    let db = url
+        .split_whitespace()
+        .find_map(|p| p.strip_prefix("dbname="))
+        .unwrap();
+    assert_eq!(
+        pg::sql_on(Some(db), "SELECT count(*) FROM keyhold_erasure"),
+        "1"
+    );
+
+    // This node and another (with no file of the old store) open the migrated key.
+    s.config = config;
+    s.start_again().await;
+    s.wait_ready().await;
+    let b = s.another_node().await;
+    for node in [&s, &b] {
+        let (st, body) = unwrap_status(node, &dk["wrapped"]).await;
+        assert_eq!((st, &body["plaintext"]), (200, &dk["plaintext"]), "{body}");
+    }
+    // Back into an embedded store is refused: it could not open these keys.
+    let back = s.dir.path().join("back.toml");
+    std::fs::write(
+        &back,
+        std::fs::read_to_string(&embedded).unwrap().replacen(
+            "path = \"store.redb\"",
+            "path = \"back.redb\"",
+            1,
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(keyhold_tests::workspace_bin("kms-server"))
+        .arg("migrate-store")
+        .arg("--from-config")
+        .arg(&s.config)
+        .arg("--config")
+        .arg(&back)
+        .env(hsm.env().0, hsm.env().1)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("the target cannot"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

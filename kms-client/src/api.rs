@@ -847,6 +847,23 @@ pub struct ClusterStatus {
     pub node: String,
     /// Every node that reported in the last 10 s, this one included, by id.
     pub peers: Vec<PeerStatus>,
+    /// The cluster's erasure keys, when they live in the database under HSM epoch keys.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erasure: Option<ErasureStatus>,
+}
+
+/// The erasure epochs of a shared store (`[store] erasure = "token"`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ErasureStatus {
+    /// The current epoch (0: no key made yet).
+    pub epoch: u64,
+    /// Whether a destruction awaits the next sweep's rotation.
+    pub rotation_pending: bool,
+    /// Retired epochs whose HSM key is kept until the retention passes: database backups
+    /// from their time still restore, and keys destroyed then are not final yet.
+    pub retained_epochs: Vec<u64>,
+    /// The retention, seconds.
+    pub retention_secs: u64,
 }
 
 /// One node of a cluster.

@@ -75,6 +75,14 @@ fn aad(format: &str, created_at: &str, sealed: &SealedMasterKey) -> Result<Vec<u
 /// Exports everything a restore needs. Needs the keyring unsealed; holds its write lock
 /// so the tables are read as one consistent state.
 pub fn export(keyring: &Keyring) -> Result<Backup, Error> {
+    if keyring.shared_erasure().is_some() {
+        // Such a backup would have to carry the erasure keys in a form the master key
+        // opens, so a key destroyed after it could come back from it forever: back up
+        // the database, whose copies the erasure epochs make expire (docs/ha.md).
+        return Err(Error::InvalidState(
+            "this store keeps its erasure keys in the database under HSM epoch keys: back up the database instead (docs/ha.md)",
+        ));
+    }
     keyring.with_master_locked(|master, erasure| {
         let store = keyring.store();
         let sealed_master = keyring

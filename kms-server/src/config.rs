@@ -897,6 +897,55 @@ role = "app"
     }
 
     #[test]
+    fn erasure_keys_in_the_database_need_postgres_and_an_hsm() {
+        let (dir, text) = base();
+        let pg = text.replace(
+            "path = \"s.redb\"",
+            "engine = \"postgres\"\npath = \"n\"\nurl = \"host=/tmp dbname=k\"",
+        );
+        let hsm = pg.replace(
+            "method = \"key-file\"\nkey_file = \"m.key\"",
+            "method = \"pkcs11\"\n[seal.pkcs11]\nmodule = \"/m.so\"\ntoken_label = \"t\"",
+        );
+        let parse = |t: &str| Settings::parse(t, dir.path(), "t.toml");
+        // With an HSM: on by default, 7 days of retention; "none" turns it off.
+        let s = parse(&hsm).unwrap();
+        assert_eq!(s.store.shared_erasure_retention_secs, Some(7 * 86_400));
+        let s = parse(&hsm.replace("url =", "erasure_retention_secs = 0\nurl =")).unwrap();
+        assert_eq!(s.store.shared_erasure_retention_secs, Some(0));
+        let s = parse(&hsm.replace("url =", "erasure = \"none\"\nurl =")).unwrap();
+        assert_eq!(s.store.shared_erasure_retention_secs, None);
+        // Without one: off, and asking for it is an error naming the field.
+        assert_eq!(
+            parse(&pg).unwrap().store.shared_erasure_retention_secs,
+            None
+        );
+        for (t, field) in [
+            (
+                pg.replace("url =", "erasure = \"token\"\nurl ="),
+                "store.erasure",
+            ),
+            (
+                pg.replace("url =", "erasure_retention_secs = 5\nurl ="),
+                "store.erasure_retention_secs",
+            ),
+            (
+                text.replace(
+                    "path = \"s.redb\"",
+                    "path = \"s.redb\"\nerasure = \"token\"",
+                ),
+                "store.erasure",
+            ),
+            (
+                hsm.replace("url =", "erasure_retention_secs = 99999999\nurl ="),
+                "store.erasure_retention_secs",
+            ),
+        ] {
+            assert_eq!(parse(&t).unwrap_err().field, field, "{t}");
+        }
+    }
+
+    #[test]
     fn public_and_dke_tables_are_validated_field_by_field() {
         let (dir, text) = base();
         std::fs::write(dir.path().join("jwks.json"), "{\"keys\": []}").unwrap();

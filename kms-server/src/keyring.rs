@@ -522,6 +522,41 @@ impl Keyring {
         self.shared_erasure.as_ref()
     }
 
+    /// Moves the erasure keys that key records name in `file` (an embedded store's erasure
+    /// file, after `migrate-store` copied its records here) into the shared store's
+    /// erasure table, and makes each record name its new slot; the versions stay sealed as
+    /// they were (the erasure keys are the same). Keys whose erasure key is already erased
+    /// (destroyed) are left as they are. Returns how many moved. Needs no master key.
+    pub fn adopt_erasure_keys(&self, file: &crate::erasure::ErasureFile) -> Result<usize, Error> {
+        let shared = self.shared_erasure.as_ref().ok_or(Error::InvalidState(
+            "this store keeps no erasure keys in the database",
+        ))?;
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut moved = 0;
+        for (id, bytes) in self.store.scan_prefix(Table::Keys, b"")? {
+            let mut record: KeyRecord =
+                serde_json::from_slice(&bytes).map_err(|_| Error::Corrupt("key record"))?;
+            let Some(slot) = record.erasure_slot else {
+                continue;
+            };
+            let Some(ek) = file.get(slot)? else {
+                continue;
+            };
+            record.shared_erasure_slot = Some(shared.import(&ek, self.clock.now())?);
+            record.erasure_slot = None;
+            let mut batch = WriteBatch::new();
+            batch
+                .require(Table::Keys, &id, Some(&bytes))
+                .put(Table::Keys, &id, &to_json(&record)?);
+            self.store.commit(&batch)?;
+            moved += 1;
+        }
+        Ok(moved)
+    }
+
     /// New keys get no erasure key (keys that have one still open while the file is
     /// there): for a store several nodes share, where a local erasure file would make a
     /// key unreadable on every other node.

@@ -199,10 +199,25 @@ fn migrate_store(from_config: &Path, config: &Path) -> anyhow::Result<()> {
     let to = load_hardened(config)?;
     // The files beside the store go first, and only into places that are free: a failed
     // copy leaves the target store empty, so the command can simply be run again.
-    let files = [(
-        from.store.path.with_extension("erasure"),
-        to.store.path.with_extension("erasure"),
-    )];
+    let from_erasure = from.store.path.with_extension("erasure");
+    // Into a shared store with erasure keys in the database, the erasure keys move into
+    // its table (below) rather than into a file on this node.
+    let adopt = to.store.engine == kms_server::keystore::Engine::Postgres
+        && to.store.shared_erasure_retention_secs.is_some();
+    if from.store.shared_erasure_retention_secs.is_some() && !adopt {
+        anyhow::bail!(
+            "the source keeps its erasure keys in the database under HSM epoch keys, and the target cannot: \
+             migrate into a PostgreSQL store sealed with the same HSM (docs/ha.md)"
+        );
+    }
+    let files: Vec<(PathBuf, PathBuf)> = if adopt {
+        Vec::new()
+    } else {
+        vec![(
+            from_erasure.clone(),
+            to.store.path.with_extension("erasure"),
+        )]
+    };
     if to.store.engine != kms_server::keystore::Engine::Postgres && to.audit_path.exists() {
         anyhow::bail!(
             "{} exists: the new store's files must not (remove it if it is left from a failed run)",
@@ -247,6 +262,16 @@ fn migrate_store(from_config: &Path, config: &Path) -> anyhow::Result<()> {
         println!("  {table:<10} {n:>9} entries  sha256 {}", &hash[..16]);
     }
     println!("  audit      {records:>9} records, chain head and MAC kept");
+    if adopt && from_erasure.exists() {
+        drop(target);
+        let file = kms_server::erasure::ErasureFile::open(&from_erasure)?;
+        let keyring = server::open_keyring(&to, kms_server::clock::Clock::system())?;
+        let moved = keyring.adopt_erasure_keys(&file)?;
+        println!(
+            "  erasure    {moved:>9} keys moved from {} into the database, under the HSM's epoch key",
+            from_erasure.display()
+        );
+    }
     for (src, dst) in &files {
         if src != dst && src.exists() {
             println!("  {} -> {}", src.display(), dst.display());

@@ -632,12 +632,16 @@ async fn change_follower(
             last_heartbeat = Some(std::time::Instant::now());
             let store = keyring.store().clone();
             let id = node_id.clone();
+            let k = keyring.clone();
             let beat = tokio::task::spawn_blocking(move || {
-                store.heartbeat(&id, env!("CARGO_PKG_VERSION"))
+                let erasure = k.shared_erasure().and_then(|e| e.status().ok());
+                store
+                    .heartbeat(&id, env!("CARGO_PKG_VERSION"))
+                    .map(|peers| peers.map(|p| (p, erasure)))
             })
             .await;
             let cluster = match beat {
-                Ok(Ok(Some(peers))) => {
+                Ok(Ok(Some((peers, erasure)))) => {
                     metrics.set_cluster_nodes(peers.len());
                     Some(kms_client::api::ClusterStatus {
                         node: node_id.clone(),
@@ -649,6 +653,7 @@ async fn change_follower(
                                 seen_ms_ago,
                             })
                             .collect(),
+                        erasure,
                     })
                 }
                 _ => None,

@@ -558,6 +558,16 @@ impl TestServer {
     /// by `kms-server init`. The process must already see the token: set `SOFTHSM2_CONF`
     /// to `hsm.conf` before anything in it uses PKCS#11.
     pub async fn start_on_postgres_with_token(hsm: &softhsm::SoftHsm, extra: &str) -> TestServer {
+        Self::start_with_token(hsm, extra, true).await
+    }
+
+    /// A server sealed with the SoftHSM token `hsm`, on a fresh PostgreSQL database
+    /// (`on_postgres`) or an embedded store; see [`TestServer::start_on_postgres_with_token`].
+    pub async fn start_with_token(
+        hsm: &softhsm::SoftHsm,
+        extra: &str,
+        on_postgres: bool,
+    ) -> TestServer {
         assert_eq!(
             std::env::var_os("SOFTHSM2_CONF").as_deref(),
             Some(hsm.conf.as_os_str()),
@@ -567,25 +577,27 @@ impl TestServer {
         generate_pki(&dir.path().join("pki"));
         let config = write_config(dir.path(), TestSeal::KeyFile, extra, "");
         std::fs::write(dir.path().join("hsm.pin"), format!("{}\n", hsm.pin)).unwrap();
-        let url = pg::fresh_database();
-        let text = std::fs::read_to_string(&config)
-            .unwrap()
-            .replacen(
-                "method = \"key-file\"\nkey_file = \"master.key\"\n",
-                &format!(
-                    "method = \"pkcs11\"\n[seal.pkcs11]\nmodule = \"{}\"\n\
-                     token_label = \"{}\"\npin_file = \"hsm.pin\"\n",
-                    softhsm::MODULE,
-                    hsm.token_label
-                ),
-                1,
-            )
-            .replacen(
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        if on_postgres {
+            let url = pg::fresh_database();
+            text = text.replacen(
                 "[store]\npath = \"store.redb\"",
                 &format!("[store]\nengine = \"postgres\"\npath = \"node\"\nurl = \"{url}\"\npool_size = 4"),
                 1,
             );
-        assert!(text.contains("method = \"pkcs11\"") && text.contains("engine = \"postgres\""));
+            assert!(text.contains("engine = \"postgres\""));
+        }
+        let text = text.replacen(
+            "method = \"key-file\"\nkey_file = \"master.key\"\n",
+            &format!(
+                "method = \"pkcs11\"\n[seal.pkcs11]\nmodule = \"{}\"\n\
+                     token_label = \"{}\"\npin_file = \"hsm.pin\"\n",
+                softhsm::MODULE,
+                hsm.token_label
+            ),
+            1,
+        );
+        assert!(text.contains("method = \"pkcs11\""));
         std::fs::write(&config, text).unwrap();
         let out = std::process::Command::new(workspace_bin("kms-server"))
             .args(["init", "--config"])

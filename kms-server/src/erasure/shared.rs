@@ -7,7 +7,7 @@
 //! happens in the one place that can forget on demand, the HSM:
 //!
 //! ```text
-//! token key "<key_label>/erasure/<n>"   AES-256, in the HSM, never extractable
+//! token key "<key_label>/erasure/<cluster>/<n>"   AES-256, in the HSM, never extractable
 //!   └─ epoch key n (random, 256 bits)    keyhold_erasure_epochs.wrapped  (AES-GCM in the HSM)
 //!        └─ erasure key of each KEK      keyhold_erasure.sealed          (seal_box, AAD = slot ‖ n)
 //!             └─ HKDF(erasure key, master key) seals the KEK's versions (keyring)
@@ -95,6 +95,9 @@ struct Inner {
     retention_secs: u64,
     /// The epoch key last read: (epoch, key, when).
     cached: Mutex<Option<(i64, SecretKey, Instant)>>,
+    /// The cluster's id (names its token keys, so clusters sharing a token and a key
+    /// label never touch each other's epochs); read once.
+    cluster: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for SharedErasure {
@@ -105,22 +108,26 @@ impl std::fmt::Debug for SharedErasure {
     }
 }
 
-/// What [`SharedErasure::status`] reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ErasureStatus {
-    /// The current epoch.
-    pub epoch: u64,
-    /// Whether a destruction awaits the next rotation.
-    pub dirty: bool,
-    /// Retired epochs whose token key still exists (waiting out the retention).
-    pub retained: Vec<u64>,
-    /// Erasure keys held.
-    pub keys: u64,
-}
-
 impl Inner {
-    fn label(&self, epoch: i64) -> String {
-        format!("{}/erasure/{epoch}", self.token.key_label())
+    /// The token key label of `epoch` on this cluster.
+    fn label(&self, c: &mut impl postgres::GenericClient, epoch: i64) -> Result<String, Error> {
+        let cluster = match self.cluster.get() {
+            Some(id) => id.clone(),
+            None => {
+                let id: String = c
+                    .query_one("SELECT cluster FROM keyhold_erasure_head WHERE id = 1", &[])
+                    .map_err(store_err)?
+                    .get(0);
+                if id.is_empty() {
+                    return Err(Error::InvalidState("the cluster has no erasure epoch yet"));
+                }
+                self.cluster.get_or_init(|| id).clone()
+            }
+        };
+        Ok(format!(
+            "{}/erasure/{cluster}/{epoch}",
+            self.token.key_label()
+        ))
     }
 
     fn session(&self) -> Result<TokenSession, Error> {
@@ -160,9 +167,10 @@ impl Inner {
             return Ok(None);
         };
         let wrapped: Vec<u8> = row.get(0);
-        let Some(plain) =
-            self.session()?
-                .decrypt(&self.label(epoch), &epoch_aad(epoch), &wrapped)?
+        let label = self.label(c, epoch)?;
+        let Some(plain) = self
+            .session()?
+            .decrypt(&label, &epoch_aad(epoch), &wrapped)?
         else {
             return Ok(None);
         };
@@ -179,8 +187,8 @@ impl Inner {
         epoch: i64,
         now: i64,
     ) -> Result<SecretKey, Error> {
+        let label = self.label(tx, epoch)?;
         let session = self.session()?;
-        let label = self.label(epoch);
         session.ensure_key(&label)?;
         let key = SecretKey::generate()?;
         let wrapped = session.encrypt(&label, &epoch_aad(epoch), key.expose_secret())?;
@@ -217,6 +225,7 @@ impl SharedErasure {
                 token,
                 retention_secs,
                 cached: Mutex::new(None),
+                cluster: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -234,6 +243,17 @@ impl SharedErasure {
                 .map_err(store_err)?
                 .get(0);
             if epoch == 0 {
+                let mut id = [0u8; 8];
+                ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
+                    .map_err(|_| Error::Internal("random"))?;
+                let id: String = id.iter().map(|b| format!("{b:02x}")).collect();
+                // (A crash before the commit leaves an unused token key under a name no
+                // cluster will use again.)
+                tx.execute(
+                    "UPDATE keyhold_erasure_head SET cluster = $1 WHERE id = 1 AND cluster = ''",
+                    &[&id],
+                )
+                .map_err(store_err)?;
                 let key = inner.new_epoch(&mut tx, 1, now)?;
                 tx.execute(
                     "UPDATE keyhold_erasure_head SET epoch = 1 WHERE id = 1",
@@ -252,9 +272,16 @@ impl SharedErasure {
     /// slot and the key.
     pub fn allocate(&self, now: u64) -> Result<(u64, Zeroizing<[u8; 32]>), Error> {
         let ek = Zeroizing::new(crate::crypto::random_salt()?);
+        let slot = self.import(&ek, now)?;
+        Ok((slot, ek))
+    }
+
+    /// Stores the erasure key `ek` (one a key brought from an embedded store's erasure
+    /// file already has) under the current epoch, durably; returns its slot.
+    pub fn import(&self, ek: &Zeroizing<[u8; 32]>, now: u64) -> Result<u64, Error> {
         for _ in 0..2 {
-            if let Some(slot) = self.try_allocate(&ek)? {
-                return Ok((slot, ek));
+            if let Some(slot) = self.try_allocate(ek)? {
+                return Ok(slot);
             }
             self.first_epoch(now)?;
         }
@@ -471,7 +498,8 @@ impl SharedErasure {
             let session = inner.session()?;
             for epoch in epochs {
                 // The token first: once it has forgotten, the row only records it.
-                session.destroy_key(&inner.label(epoch))?;
+                let label = inner.label(c, epoch)?;
+                session.destroy_key(&label)?;
                 c.execute(
                     "UPDATE keyhold_erasure_epochs SET destroyed_at = $2, wrapped = ''::bytea WHERE epoch = $1",
                     &[&epoch, &now],
@@ -507,28 +535,29 @@ impl SharedErasure {
         }
     }
 
-    /// The current epoch, whether a rotation is pending, the retained epochs, the count.
-    pub fn status(&self) -> Result<ErasureStatus, Error> {
-        call(&self.inner, |_, c| {
+    /// The current epoch, whether a rotation is pending, and the retained epochs.
+    pub fn status(&self) -> Result<kms_client::api::ErasureStatus, Error> {
+        let retention_secs = self.inner.retention_secs;
+        call(&self.inner, move |_, c| {
             let row = c
                 .query_one(
-                    "SELECT h.epoch, h.dirty, (SELECT count(*) FROM keyhold_erasure),
+                    "SELECT h.epoch, h.dirty,
                         ARRAY(SELECT epoch FROM keyhold_erasure_epochs
                               WHERE retired_at IS NOT NULL AND destroyed_at IS NULL ORDER BY epoch)
                      FROM keyhold_erasure_head h WHERE h.id = 1",
                     &[],
                 )
                 .map_err(store_err)?;
-            let (epoch, dirty, keys, retained): (i64, bool, i64, Vec<i64>) =
-                (row.get(0), row.get(1), row.get(2), row.get(3));
-            Ok(ErasureStatus {
+            let (epoch, dirty, retained): (i64, bool, Vec<i64>) =
+                (row.get(0), row.get(1), row.get(2));
+            Ok(kms_client::api::ErasureStatus {
                 epoch: u64::try_from(epoch).unwrap_or(0),
-                dirty,
-                retained: retained
+                rotation_pending: dirty,
+                retained_epochs: retained
                     .into_iter()
                     .filter_map(|e| u64::try_from(e).ok())
                     .collect(),
-                keys: u64::try_from(keys).unwrap_or(0),
+                retention_secs,
             })
         })
     }

@@ -80,7 +80,8 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE keyhold_changes ADD COLUMN tbl smallint NOT NULL DEFAULT 1",
     // 6: erasure keys under epoch keys rooted in the sealing HSM (`crate::erasure::shared`):
     // the epochs (each one's key wrapped by a token key; times in Unix seconds), the head
-    // (current epoch; dirty: a destruction awaits a rotation), and the erasure keys.
+    // (current epoch; dirty: a destruction awaits a rotation; the cluster's random id,
+    // which names its token keys), and the erasure keys.
     "CREATE TABLE keyhold_erasure_epochs (
         epoch bigint PRIMARY KEY,
         wrapped bytea NOT NULL,
@@ -91,9 +92,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE keyhold_erasure_head (
         id smallint PRIMARY KEY CHECK (id = 1),
         epoch bigint NOT NULL,
-        dirty boolean NOT NULL
+        dirty boolean NOT NULL,
+        cluster text NOT NULL
     );
-    INSERT INTO keyhold_erasure_head (id, epoch, dirty) VALUES (1, 0, false);
+    INSERT INTO keyhold_erasure_head (id, epoch, dirty, cluster) VALUES (1, 0, false, '');
     CREATE TABLE keyhold_erasure (
         slot bigserial PRIMARY KEY,
         epoch bigint NOT NULL,
