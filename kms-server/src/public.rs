@@ -80,19 +80,58 @@ pub(crate) fn service_url(value: &str) -> Option<String> {
     (!host.is_empty()).then(|| url.to_owned())
 }
 
-/// TLS of the public listener: its server certificate, TLS 1.2 and 1.3, no client
-/// certificate.
+/// TLS of the public listener: its server certificate, TLS 1.2 and 1.3. With
+/// `client_ca` (a route prefix that wants client certificates, e.g. `[salesforce]
+/// client_ca`), a client *may* present a certificate, and one it presents must chain to
+/// `client_ca`; whether a route requires one is the route's check ([`ClientCertificate`]).
+/// Without it, no certificate is asked for.
 pub fn server_config(
     settings: &PublicSettings,
+    client_ca: Option<&std::path::Path>,
 ) -> Result<Arc<rustls::ServerConfig>, crate::tls::TlsError> {
     use crate::tls::{load_certs, load_key};
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_no_client_auth()
-        .with_single_cert(load_certs(&settings.cert)?, load_key(&settings.key)?)?;
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(crate::tls::root_store(ca)?),
+                provider,
+            )
+            .allow_unauthenticated()
+            .build()
+            .map_err(|e| crate::tls::TlsError::Verifier(e.to_string()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config =
+        builder.with_single_cert(load_certs(&settings.cert)?, load_key(&settings.key)?)?;
     crate::tls::finish_server_config(&mut config);
     Ok(Arc::new(config))
+}
+
+/// The client certificate a public-listener connection presented (verified against the
+/// listener's client CA during the handshake), as the SHA-256 of its DER; a request
+/// extension on every request of the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCertificate(pub Option<[u8; 32]>);
+
+impl ClientCertificate {
+    /// What `conn`'s handshake presented.
+    pub fn of(conn: &rustls::ServerConnection) -> Self {
+        Self(
+            conn.peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| {
+                    let digest = ring::digest::digest(&ring::digest::SHA256, leaf.as_ref());
+                    let mut out = [0u8; 32];
+                    out.copy_from_slice(digest.as_ref());
+                    out
+                }),
+        )
+    }
 }
 
 /// The routes of every configured protocol, each under its prefix.

@@ -886,7 +886,12 @@ fn start_public(
     stop_rx: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, StartError> {
     let app = crate::public::router(&state).map_err(StartError::Public)?;
-    let config = crate::public::server_config(settings)?;
+    let client_ca = state
+        .settings
+        .salesforce
+        .as_ref()
+        .and_then(|sf| sf.client_ca.clone());
+    let config = crate::public::server_config(settings, client_ca.as_deref())?;
     tracing::info!(
         addr = ?listener.local_addr().ok(),
         dke = state.settings.dke.is_some(),
@@ -901,9 +906,11 @@ fn start_public(
         async move {
             let _ = rx.wait_for(|s| *s).await;
         },
-        Arc::new(move |_: &rustls::ServerConnection| {
+        Arc::new(move |conn: &rustls::ServerConnection| {
             let app = app.clone();
-            hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let presented = crate::public::ClientCertificate::of(conn);
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(presented);
                 app.clone().oneshot(req)
             })
         }),

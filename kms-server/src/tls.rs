@@ -138,17 +138,21 @@ pub fn server_config(settings: &TlsSettings) -> Result<Arc<ServerConfig>, TlsErr
     server_config_with(settings, crls)
 }
 
+/// The trust roots in the PEM bundle at `path`.
+pub fn root_store(path: &Path) -> Result<RootCertStore, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in load_certs(path)? {
+        roots.add(cert).map_err(|e| file_err(path, e))?;
+    }
+    Ok(roots)
+}
+
 fn server_config_with(
     settings: &TlsSettings,
     crls: Vec<CertificateRevocationListDer<'static>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(&settings.client_ca)? {
-        roots
-            .add(cert)
-            .map_err(|e| file_err(&settings.client_ca, e))?;
-    }
+    let roots = root_store(&settings.client_ca)?;
     let mut builder =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     if !crls.is_empty() {

@@ -3,7 +3,7 @@
 //! a JOSE library we did not write (Python's jwcrypto) opens it with the test
 //! certificate's private key and finds the 32 bytes Keyhold holds; wrong credential,
 //! unknown key identifier, a data key made for another identifier, rotation to a new
-//! identifier, a disabled key.
+//! identifier, a disabled key; and the optional client certificate on the route.
 
 use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
 use base64::Engine as _;
@@ -222,4 +222,146 @@ async fn salesforce_callouts_get_a_jwe_only_salesforce_can_open() {
         .any(|r| r.operation == "SALESFORCE callout" && r.outcome == "ok"));
     let all = serde_json::to_string(&page.records).unwrap();
     assert!(!all.contains(&B64.encode(&made[0].2)));
+}
+
+/// The optional client certificate on the Salesforce route (`[salesforce] client_ca`,
+/// optionally pinned): without a certificate a callout is refused even with the right
+/// secret (the handshake itself accepts clients without one, as the other protocols'
+/// callers are); one from another CA fails the handshake; with pins, only the pinned one
+/// passes; and both credentials are needed when both are configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salesforce_callouts_can_require_a_client_certificate() {
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key) = (files.path().join("sf.crt"), files.path().join("sf.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=salesforce-byok-test", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secret = files.path().join("credential");
+    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    // Salesforce's mutual-authentication certificate is played by app-a's, from the
+    // test CA; first without any HTTP credential: the certificate is the credential.
+    let table = |auth: &str, keys: &str| {
+        format!(
+            "\n[public]\nlisten = \"127.0.0.1:0\"\ncert = \"pki/server.pem\"\nkey = \"pki/server-key.pem\"\n\n[salesforce]\ntenant = \"acme\"\nidentity = \"{SF_IDENTITY}\"\nclient_ca = \"pki/ca.pem\"\n{auth}certificate = \"{}\"\n{keys}",
+            cert.display()
+        )
+    };
+    let mut s = TestServer::start_with(TestSeal::KeyFile, &table("", "")).await;
+    let r = post(
+        &s.client(Some("admin-a")),
+        &s.url("/v1/keys"),
+        json!({"name": "sf-kek", "grants": [
+        {"identity": SF_IDENTITY, "operations": ["unwrap"]},
+        {"identity": keyhold_tests::APP_A, "operations": ["datakey"]}]}),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{r:?}");
+    let dk = post(
+        &s.client(Some("app-a")),
+        &s.url("/v1/keys/sf-kek/datakey"),
+        json!({"context": {"salesforce": "sf-mtls"}}),
+    )
+    .await;
+    assert_eq!(dk.0, 200, "{dk:?}");
+    let keys = format!(
+        "[[salesforce.keys]]\nkid = \"sf-mtls\"\nkey = \"sf-kek\"\nwrapped = \"{}\"\n",
+        dk.1["wrapped"].as_str().unwrap()
+    );
+    let reconfigure = |s: &TestServer, auth: &str| {
+        let text = std::fs::read_to_string(&s.config).unwrap();
+        let start = text.find("\n[public]").unwrap();
+        std::fs::write(
+            &s.config,
+            format!("{}{}", &text[..start], table(auth, &keys)),
+        )
+        .unwrap();
+    };
+    reconfigure(&s, "");
+    s.restart().await;
+    s.wait_ready().await;
+
+    let callout = |who: Option<&'static str>,
+                   secret: Option<&'static str>,
+                   port: u16,
+                   pki: keyhold_tests::TestPki| async move {
+        let client = keyhold_tests::client_for(&pki, who, false);
+        let mut req = client.get(format!("https://localhost:{port}/salesforce/sf-mtls"));
+        if let Some(sec) = secret {
+            req = req.bearer_auth(sec);
+        }
+        match req.send().await {
+            Ok(r) => Some(r.status().as_u16()),
+            Err(_) => None, // the handshake failed
+        }
+    };
+    let pki_dir = s.pki.dir.clone();
+    let pki = || keyhold_tests::TestPki {
+        dir: pki_dir.clone(),
+        ca: None,
+    };
+    let port = s.public_addr.unwrap().port();
+    assert_eq!(
+        callout(None, None, port, pki()).await,
+        Some(401),
+        "no certificate"
+    );
+    assert_eq!(callout(Some("app-a"), None, port, pki()).await, Some(200));
+    assert_eq!(
+        callout(Some("foreign"), None, port, pki()).await,
+        None,
+        "another CA"
+    );
+
+    // Both credentials, and a pin on admin-a's certificate.
+    let der = kms_server::tls::load_certs(&s.pki.cert("admin-a")).unwrap();
+    let pin: String = ring_sha256(der[0].as_ref());
+    reconfigure(
+        &s,
+        &format!(
+            "credential_file = \"{}\"\nclient_certificate_sha256 = [\"{pin}\"]\n",
+            secret.display()
+        ),
+    );
+    s.restart().await;
+    s.wait_ready().await;
+    let port = s.public_addr.unwrap().port();
+    assert_eq!(
+        callout(Some("app-a"), Some(SECRET), port, pki()).await,
+        Some(401),
+        "not pinned"
+    );
+    assert_eq!(
+        callout(Some("admin-a"), None, port, pki()).await,
+        Some(401),
+        "no secret"
+    );
+    assert_eq!(
+        callout(None, Some(SECRET), port, pki()).await,
+        Some(401),
+        "no certificate"
+    );
+    assert_eq!(
+        callout(Some("admin-a"), Some(SECRET), port, pki()).await,
+        Some(200)
+    );
+}
+
+fn ring_sha256(der: &[u8]) -> String {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(der)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -2,8 +2,11 @@
 //! Salesforce's callout fetches a data key by its key identifier from Keyhold, on the public
 //! listener ([`crate::public`]) under `/salesforce`, and keeps it only in its cache.
 //!
-//! `GET /salesforce/{kid}[?nonce=...]` with the configured credential (`Authorization:
-//! Bearer <secret>`, compared in constant time) answers `{"kid", "jwe"}`: the 32-byte
+//! `GET /salesforce/{kid}[?nonce=...]` with the configured credentials (`Authorization:
+//! Bearer <secret>`, compared in constant time, and/or, with `client_ca`, a client
+//! certificate from that CA, optionally pinned by SHA-256; the public listener then asks
+//! every client for a certificate but lets those without one through to the routes that
+//! do not need one) answers `{"kid", "jwe"}`: the 32-byte
 //! data key in a JWE compact serialization, protected header exactly
 //! `{"alg":"RSA-OAEP","enc":"A256GCM","kid":<kid>}` (plus `"jti":<nonce>` when the
 //! callout sends one, for replay detection), the content key wrapped with RSAES-OAEP
@@ -48,7 +51,8 @@ pub struct Salesforce {
     principal: Principal,
     /// Salesforce's certificate's public key (RSA-OAEP, SHA-1).
     certificate: aws_lc_rs::rsa::OaepPublicEncryptingKey,
-    secret: zeroize::Zeroizing<Vec<u8>>,
+    /// The Named Credential's secret, when one is configured.
+    secret: Option<zeroize::Zeroizing<Vec<u8>>>,
 }
 
 fn refuse(status: StatusCode, message: &str) -> Response {
@@ -70,18 +74,25 @@ impl Salesforce {
             .map_err(|_| "salesforce.certificate: not an RSA public key".to_owned())?;
         let certificate = aws_lc_rs::rsa::OaepPublicEncryptingKey::new(public)
             .map_err(|_| "salesforce.certificate: unusable RSA key".to_owned())?;
-        let secret = zeroize::Zeroizing::new(
-            std::fs::read_to_string(&settings.credential_file)
-                .map_err(|e| format!("salesforce.credential_file: {e}"))?
-                .trim()
-                .as_bytes()
-                .to_vec(),
-        );
-        if secret.len() < 16 {
-            return Err(
-                "salesforce.credential_file: the secret must be at least 16 characters".into(),
-            );
-        }
+        let secret = match &settings.credential_file {
+            None => None,
+            Some(path) => {
+                let secret = zeroize::Zeroizing::new(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| format!("salesforce.credential_file: {e}"))?
+                        .trim()
+                        .as_bytes()
+                        .to_vec(),
+                );
+                if secret.len() < 16 {
+                    return Err(
+                        "salesforce.credential_file: the secret must be at least 16 characters"
+                            .into(),
+                    );
+                }
+                Some(secret)
+            }
+        };
         Ok(Self {
             app,
             principal: Principal::adapter(&settings.identity, &settings.tenant),
@@ -91,9 +102,38 @@ impl Salesforce {
         })
     }
 
-    fn authenticated(&self, headers: &HeaderMap) -> bool {
-        let given = crate::public::bearer(headers).unwrap_or_default();
-        subtle::ConstantTimeEq::ct_eq(given.as_bytes(), self.secret.as_slice()).into()
+    /// Whether the callout carries every configured credential: the Named Credential's
+    /// secret, and a client certificate from `client_ca` (pinned, when pins are set);
+    /// otherwise what is missing, for the alert.
+    fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        presented: crate::public::ClientCertificate,
+    ) -> Result<(), &'static str> {
+        if let Some(secret) = &self.secret {
+            let given = crate::public::bearer(headers).unwrap_or_default();
+            if !bool::from(subtle::ConstantTimeEq::ct_eq(
+                given.as_bytes(),
+                secret.as_slice(),
+            )) {
+                return Err("wrong credential");
+            }
+        }
+        if self.settings.client_ca.is_some() {
+            // The handshake verified a presented certificate against client_ca.
+            let Some(fingerprint) = presented.0 else {
+                return Err("no client certificate");
+            };
+            let pins = &self.settings.client_certificate_sha256;
+            if !pins.is_empty()
+                && !pins.iter().any(|pin| {
+                    bool::from(subtle::ConstantTimeEq::ct_eq(&pin[..], &fingerprint[..]))
+                })
+            {
+                return Err("client certificate not pinned");
+            }
+        }
+        Ok(())
     }
 
     /// The JWE of `dek` for `kid` (and `nonce` as `jti`).
@@ -145,13 +185,14 @@ impl Salesforce {
         kid: &str,
         nonce: Option<String>,
         headers: &HeaderMap,
+        presented: crate::public::ClientCertificate,
         facts: &mut (Option<String>, Option<u32>),
     ) -> Response {
-        if !self.authenticated(headers) {
+        if let Err(why) = self.authenticate(headers, presented) {
             self.app.alerts.raise(crate::alert::AlertEvent::new(
                 "denied",
                 None,
-                format!("Salesforce callout for {kid}: wrong credential"),
+                format!("Salesforce callout for {kid}: {why}"),
             ));
             return refuse(
                 StatusCode::UNAUTHORIZED,
@@ -226,11 +267,15 @@ async fn callout(
     Path(kid): Path<String>,
     query: Result<Query<CalloutQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
+    presented: Option<axum::Extension<crate::public::ClientCertificate>>,
 ) -> Response {
     let started = Instant::now();
     let mut facts = (None, None);
     let nonce = query.ok().and_then(|Query(q)| q.nonce);
-    let resp = sf.callout(&kid, nonce.clone(), &headers, &mut facts).await;
+    let presented = presented.map_or(crate::public::ClientCertificate(None), |e| e.0);
+    let resp = sf
+        .callout(&kid, nonce.clone(), &headers, presented, &mut facts)
+        .await;
     let mut attributes = BTreeMap::new();
     attributes.insert("protocol".to_owned(), "salesforce".to_owned());
     attributes.insert("kid".to_owned(), kid.chars().take(128).collect());

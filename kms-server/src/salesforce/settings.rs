@@ -24,7 +24,15 @@ pub(crate) struct FileSalesforce {
     tenant: String,
     identity: String,
     /// The secret the Named Credential sends (`Authorization: Bearer`), mode 600.
-    credential_file: PathBuf,
+    #[serde(default)]
+    credential_file: Option<PathBuf>,
+    /// CA bundle (PEM) that Salesforce's mutual-authentication client certificate chains
+    /// to: with it, a callout must present such a certificate.
+    #[serde(default)]
+    client_ca: Option<PathBuf>,
+    /// SHA-256 fingerprints (hex) of the accepted client certificates (optional pins).
+    #[serde(default)]
+    client_certificate_sha256: Vec<String>,
     /// The BYOK-compatible certificate downloaded from Salesforce (PEM).
     certificate: PathBuf,
     #[serde(default)]
@@ -49,8 +57,12 @@ pub struct SalesforceSettings {
     pub tenant: String,
     /// Identity of the callouts (grant: `unwrap` under the context above).
     pub identity: String,
-    /// The credential file.
-    pub credential_file: PathBuf,
+    /// The credential file (`None`: the client certificate is the credential).
+    pub credential_file: Option<PathBuf>,
+    /// The client certificates' CA (`None`: no client certificate is asked for).
+    pub client_ca: Option<PathBuf>,
+    /// Pinned client certificates (SHA-256 of the DER); empty: any from `client_ca`.
+    pub client_certificate_sha256: Vec<[u8; 32]>,
     /// Salesforce's certificate.
     pub certificate: PathBuf,
     /// Served keys.
@@ -64,14 +76,39 @@ impl FileSalesforce {
         resolve: impl Fn(&Path) -> PathBuf,
     ) -> Result<SalesforceSettings, (String, String)> {
         let e = |f: &str, m: &str| Err((format!("salesforce.{f}"), m.to_owned()));
-        let (credential_file, certificate) =
-            (resolve(&self.credential_file), resolve(&self.certificate));
+        let credential_file = self.credential_file.as_deref().map(&resolve);
+        let client_ca = self.client_ca.as_deref().map(&resolve);
+        let certificate = resolve(&self.certificate);
+        if credential_file.is_none() && client_ca.is_none() {
+            return e(
+                "credential_file",
+                "a callout needs a credential: credential_file, client_ca, or both",
+            );
+        }
         for (f, p) in [
-            ("credential_file", &credential_file),
-            ("certificate", &certificate),
+            ("credential_file", credential_file.as_ref()),
+            ("client_ca", client_ca.as_ref()),
+            ("certificate", Some(&certificate)),
         ] {
-            if !p.is_file() {
+            if let Some(p) = p.filter(|p| !p.is_file()) {
                 return e(f, &format!("{} is not a readable file", p.display()));
+            }
+        }
+        if client_ca.is_none() && !self.client_certificate_sha256.is_empty() {
+            return e("client_certificate_sha256", "only with client_ca");
+        }
+        let mut pins = Vec::new();
+        for (i, hex) in self.client_certificate_sha256.iter().enumerate() {
+            let bytes = crate::seal::unhex(&hex.replace(':', "").to_ascii_lowercase())
+                .and_then(|b| <[u8; 32]>::try_from(b).ok());
+            match bytes {
+                Some(b) => pins.push(b),
+                None => {
+                    return e(
+                        &format!("client_certificate_sha256[{i}]"),
+                        "64 hex digits (colons allowed)",
+                    )
+                }
             }
         }
         if self.tenant.is_empty() || self.identity.is_empty() {
@@ -106,6 +143,8 @@ impl FileSalesforce {
             tenant: self.tenant,
             identity: self.identity,
             credential_file,
+            client_ca,
+            client_certificate_sha256: pins,
             certificate,
             keys,
         })
