@@ -7,6 +7,7 @@
 //! destroyed, nothing in that backup opens any more, while the live cluster still serves
 //! its remaining keys.
 //!
+//! A rotation that fails after the destruction committed is finished by the next sweep.
 //! Also: `migrate-store` from an embedded store moves its erasure keys into the database,
 //! so a node without the old erasure file opens the migrated keys.
 //!
@@ -188,8 +189,30 @@ async fn destroyed_keys_do_not_come_back_from_database_backups() {
     )
     .await;
     assert_eq!(st, 200, "{info}");
+    // The first sweeps fail at the rotation, after the destruction committed (as a crash
+    // or a lost database would leave it): the key is destroyed and its row gone, the epoch
+    // stays dirty, and the next sweep (on either node) finishes the rotation.
+    fail::cfg("erasure-rotate", "return").unwrap();
     a.advance_clock(8 * DAY);
     b.advance_clock(8 * DAY);
+    until(
+        "the destruction commits with the rotation pending",
+        async || pg::sql_on(Some(&db), "SELECT epoch, dirty FROM keyhold_erasure_head") == "1|t",
+    )
+    .await;
+    assert_eq!(
+        pg::sql_on(Some(&db), "SELECT count(*) FROM keyhold_erasure"),
+        "1"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        pg::sql_on(Some(&db), "SELECT epoch, dirty FROM keyhold_erasure_head"),
+        "1|t",
+        "the failpoint holds the rotation"
+    );
+    let (_, info) = get(&admin, &a.url("/v1/keys/doomed")).await;
+    assert_eq!(info["state"], "destroyed", "{info}");
+    fail::remove("erasure-rotate");
     until(
         "the sweep destroys the key and moves to epoch 2",
         async || pg::sql_on(Some(&db), "SELECT epoch, dirty FROM keyhold_erasure_head") == "2|f",
@@ -219,6 +242,23 @@ async fn destroyed_keys_do_not_come_back_from_database_backups() {
         let (st, body) = unwrap_status(node, &doomed.0).await;
         assert_eq!(st, 409, "{body}");
     }
+    // The destruction was audited once (by the sweep that committed it, though its
+    // rotation failed), in the cluster's one chain.
+    let page = a.kms_client("auditor-a").audit_page(0, 1000).await.unwrap();
+    let destroys = page
+        .records
+        .iter()
+        .filter(|r| r.operation == "SYSTEM destroy-key")
+        .count();
+    assert_eq!(
+        destroys,
+        1,
+        "{:?}",
+        page.records
+            .iter()
+            .map(|r| &r.operation)
+            .collect::<Vec<_>>()
+    );
     // Operators see it in the status: epoch 2, epoch 1 kept for the retention.
     until("the status reports the retained epoch", async || {
         let (_, st) = get(&admin, &b.url("/v1/sys/status")).await;

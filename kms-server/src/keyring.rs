@@ -1901,8 +1901,15 @@ impl Keyring {
         // crash left one pending), then destroy the epochs whose retention has passed.
         // The deletion-index entries go after the rotation, so a crash repeats it.
         if let Some(shared) = &self.shared_erasure {
-            shared.rotate(now)?;
-            shared.retire(now)?;
+            if let Err(e) = shared.rotate(now).and_then(|_| shared.retire(now)) {
+                // The destructions above are committed (and reported, for their audit
+                // records); the epoch stays dirty and the next sweep, on any node, retries.
+                tracing::error!(
+                    error = %e,
+                    "erasure epoch rotation failed; will retry (until it succeeds, older database copies still hold the destroyed keys' erasure keys)"
+                );
+                return Ok(destroyed);
+            }
             shared.forget_stale();
         }
         for (index_key, id) in finished {

@@ -401,6 +401,11 @@ impl SharedErasure {
             if !dirty {
                 return Ok(None);
             }
+            // Tests fail the rotation here (feature `failpoints`), as a crash or a lost
+            // database would: the destruction is committed, the epoch still dirty.
+            fail::fail_point!("erasure-rotate", |_| Err(Error::Storage(store_err(
+                "erasure rotation failed (failpoint)"
+            ))));
             let new = old + 1;
             let new_key = inner.new_epoch(&mut tx, new, now)?;
             let rows = tx
