@@ -71,7 +71,10 @@ pub const CRASH_READER: &str = "spiffe://test/crash/reader";
 ///
 /// For [`Engine::Postgres`](kms_server::keystore::Engine::Postgres), `store_path` is a
 /// file holding the database's connection string, and the keyring is opened as a node of
-/// a shared store is (no new erasure keys: see `docs/ha.md`).
+/// a shared store is: with no new erasure keys (`docs/ha.md`), or, when a file
+/// `<store_path>.token` names a PKCS#11 token (its label, its PIN file and the module,
+/// one per line), with erasure keys in the database under epoch keys in that token,
+/// retained for no time.
 pub fn keyring_with_erasure(engine: kms_server::keystore::Engine, store_path: &Path) -> Keyring {
     if engine == kms_server::keystore::Engine::Postgres {
         let url = std::fs::read_to_string(store_path).unwrap();
@@ -84,7 +87,24 @@ pub fn keyring_with_erasure(engine: kms_server::keystore::Engine, store_path: &P
         };
         let store = kms_server::keystore::open_with(engine, store_path, Some(&settings))
             .unwrap_or_else(|e| panic!("open the PostgreSQL store: {e:?}"));
-        return Keyring::new(store).without_new_erasure_keys();
+        let ring = Keyring::new(store.clone()).without_new_erasure_keys();
+        let Ok(token) = std::fs::read_to_string(store_path.with_extension("token")) else {
+            return ring;
+        };
+        let mut lines = token.lines();
+        let (label, pin_file, module) = (
+            lines.next().unwrap(),
+            lines.next().unwrap(),
+            lines.next().unwrap(),
+        );
+        let sealer = kms_server::seal::Pkcs11Sealer::new(kms_server::seal::Pkcs11Settings {
+            module: module.into(),
+            token_label: label.to_owned(),
+            key_label: "keyhold-crash".into(),
+            pin_file: Some(pin_file.into()),
+        });
+        let pool = store.postgres().unwrap();
+        return ring.with_shared_erasure(kms_server::erasure::SharedErasure::new(pool, sealer, 0));
     }
     let mut tries = 0;
     let store = loop {

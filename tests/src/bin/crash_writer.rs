@@ -3,7 +3,7 @@
 //! is durable). The parent kills it with SIGKILL at a random moment and checks that every
 //! acknowledged write survived.
 //!
-//! Usage: crash-writer <redb|sled|postgres> <store-path> <key-file> <cycle> (for
+//! Usage: crash-writer <redb|sled|postgres|postgres-hsm> <store-path> <key-file> <cycle> (for
 //! postgres, <store-path> is a file holding the connection string)
 //! Prints: `ACK <name> <wrapped-b64> <dek-b64>` after a key is created and a canary DEK
 //! wrapped under it, `ROT <name> <version>` after a rotation, `DIS <name>` after a
@@ -31,8 +31,9 @@ fn main() {
     let engine = match args[1].as_str() {
         "redb" => Engine::Redb,
         "sled" => Engine::Sled,
-        // <store-path> is then a file holding the connection string.
-        "postgres" => Engine::Postgres,
+        // <store-path> is then a file holding the connection string (and, for
+        // postgres-hsm, `<store-path>.token` names the token: `keyring_with_erasure`).
+        "postgres" | "postgres-hsm" => Engine::Postgres,
         other => panic!("unknown engine {other}"),
     };
     // As the server opens it: every key gets an erasure key, written before its record.
