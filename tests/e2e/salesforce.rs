@@ -15,23 +15,25 @@ use crate::post;
 const SF_IDENTITY: &str = "spiffe://test/acme/salesforce";
 const SECRET: &str = "named-credential-secret-0123456789";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn salesforce_callouts_get_a_jwe_only_salesforce_can_open() {
-    let files = tempfile::tempdir().unwrap();
-    let (cert, key) = (files.path().join("sf.crt"), files.path().join("sf.key"));
+/// A self-signed RSA certificate standing in for Salesforce's BYOK certificate (made by
+/// `openssl req`, 4096 bits as Salesforce's), its private key, and the Named Credential's
+/// secret in a file: (certificate, key, secret file) under `dir`.
+fn byok_files(
+    dir: &std::path::Path,
+    bits: u32,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let (cert, key) = (dir.join("sf.crt"), dir.join("sf.key"));
     let out = std::process::Command::new("openssl")
         .args([
             "req",
             "-x509",
             "-newkey",
-            "rsa:4096",
+            &format!("rsa:{bits}"),
             "-nodes",
             "-days",
             "2",
-            "-subj",
-            "/CN=salesforce-byok-test",
-            "-keyout",
         ])
+        .args(["-subj", "/CN=salesforce-byok-test", "-keyout"])
         .arg(&key)
         .arg("-out")
         .arg(&cert)
@@ -42,8 +44,15 @@ async fn salesforce_callouts_get_a_jwe_only_salesforce_can_open() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let secret = files.path().join("credential");
+    let secret = dir.join("credential");
     std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    (cert, key, secret)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salesforce_callouts_get_a_jwe_only_salesforce_can_open() {
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key, secret) = byok_files(files.path(), 4096);
     let table = |keys: &str| {
         format!(
             "\n[public]\nlisten = \"127.0.0.1:0\"\ncert = \"pki/server.pem\"\nkey = \"pki/server-key.pem\"\n\n[salesforce]\ntenant = \"acme\"\nidentity = \"{SF_IDENTITY}\"\ncredential_file = \"{}\"\ncertificate = \"{}\"\n{keys}",
@@ -232,24 +241,7 @@ async fn salesforce_callouts_get_a_jwe_only_salesforce_can_open() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn salesforce_callouts_can_require_a_client_certificate() {
     let files = tempfile::tempdir().unwrap();
-    let (cert, key) = (files.path().join("sf.crt"), files.path().join("sf.key"));
-    let out = std::process::Command::new("openssl")
-        .args([
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        ])
-        .args(["-subj", "/CN=salesforce-byok-test", "-keyout"])
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let secret = files.path().join("credential");
-    std::fs::write(&secret, format!("{SECRET}\n")).unwrap();
+    let (cert, _, secret) = byok_files(files.path(), 2048);
     // Salesforce's mutual-authentication certificate is played by app-a's, from the
     // test CA; first without any HTTP credential: the certificate is the credential.
     let table = |auth: &str, keys: &str| {
