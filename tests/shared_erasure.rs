@@ -127,11 +127,7 @@ async fn destroyed_keys_do_not_come_back_from_database_backups() {
     let a = TestServer::start_on_postgres_with_token(hsm, extra).await;
     let b = a.another_node().await;
     let url = database_url(&a);
-    let db = url
-        .split_whitespace()
-        .find_map(|p| p.strip_prefix("dbname="))
-        .unwrap()
-        .to_owned();
+    let db = pg::database_of(&a.config);
 
     let admin = a.client(Some("admin-a"));
     for name in ["doomed", "kept"] {
@@ -371,12 +367,9 @@ async fn migrating_into_postgres_moves_the_erasure_keys_into_the_database() {
     // empty header).
     let local = s.dir.path().join("node.erasure");
     assert!(std::fs::metadata(&local).map_or(0, |m| m.len()) <= 64);
-    let db = url
-        .split_whitespace()
-        .find_map(|p| p.strip_prefix("dbname="))
-        .unwrap();
+    let db = pg::database_of(&config);
     assert_eq!(
-        pg::sql_on(Some(db), "SELECT count(*) FROM keyhold_erasure"),
+        pg::sql_on(Some(&db), "SELECT count(*) FROM keyhold_erasure"),
         "1"
     );
 
