@@ -11,15 +11,6 @@
 //! overwrites blocks that already exist and its `fdatasync` flushes data only: no inode or
 //! extent update, one write request and one cache flush per batch.
 //!
-//! Appends go through a second descriptor opened `O_DIRECT | O_DSYNC` where the file
-//! system allows it ([`Direct`]): each batch is one write of the 4 KiB blocks it touches
-//! (the partial last block rewritten from memory, zeros after the records as on disk), made
-//! durable by the write itself, with no copy into the page cache and no writeback pass. On
-//! this project's VM that cut a group commit's CPU from ~110 µs to ~45 µs and its time
-//! from ~300 µs to ~125 µs (`BENCHMARKS.md`). Elsewhere (tmpfs, some network file
-//! systems) appends fall back to `write` + `fdatasync`. The header is written the same
-//! way as block 0.
-//!
 //! Why a file and not the key store: one group-commit batch costs one `write` and one
 //! `fdatasync` here, against a B-tree copy-on-write transaction with two syncs in redb
 //! (see `BENCHMARKS.md`, audit section).
@@ -113,122 +104,9 @@ struct View {
     last_indexed: u64,
 }
 
-/// Block size of direct writes (a multiple of any logical block size in use).
-const BLOCK: u64 = 4096;
-
-/// The chain file opened `O_DIRECT | O_DSYNC`, with what its writes need from memory.
-struct Direct {
-    file: File,
-    state: std::sync::Mutex<DirectState>,
-}
-
-/// The file's bytes that a direct write must rewrite around new records.
-struct DirectState {
-    /// Bytes `[0, 4096)`: the header and the first records (the header's block).
-    block0: Vec<u8>,
-    /// Start of the block holding the end of the records (a multiple of [`BLOCK`]).
-    tail_start: u64,
-    /// The file's bytes `[tail_start, end)`.
-    tail: Vec<u8>,
-}
-
-/// Writes `data` (a whole number of blocks) at `offset` (block-aligned) through `file`,
-/// from a block-aligned copy, as `O_DIRECT` requires.
-fn write_direct(file: &File, data: &[u8], offset: u64) -> std::io::Result<()> {
-    let block = BLOCK as usize;
-    let mut buf = vec![0u8; data.len() + block];
-    let skip = buf.as_ptr().align_offset(block);
-    if skip >= block {
-        return Err(std::io::Error::other("cannot align a buffer"));
-    }
-    let aligned = &mut buf[skip..skip + data.len()];
-    aligned.copy_from_slice(data);
-    let n = file.write_at(aligned, offset)?;
-    if n != data.len() {
-        return Err(std::io::Error::other("short direct write"));
-    }
-    Ok(())
-}
-
-impl Direct {
-    /// Opens `path` for direct, synchronous writes, and reads what they will rewrite;
-    /// `None` when the file system refuses `O_DIRECT`.
-    fn open(path: &Path, file: &File, end: u64) -> Option<Self> {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        let flags = rustix::fs::OFlags::DIRECT | rustix::fs::OFlags::DSYNC;
-        let direct = OpenOptions::new()
-            .write(true)
-            .custom_flags(i32::try_from(flags.bits()).ok()?)
-            .open(path);
-        let direct = match direct {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::info!(path = %path.display(), error = %e, "audit file: no O_DIRECT here; appends use write + fdatasync");
-                return None;
-            }
-        };
-        let mut block0 = vec![0u8; BLOCK as usize];
-        let len = file.metadata().ok()?.len();
-        let have = usize::try_from(len.min(BLOCK)).ok()?;
-        file.read_exact_at(&mut block0[..have], 0).ok()?;
-        let tail_start = end / BLOCK * BLOCK;
-        let mut tail = vec![0u8; usize::try_from(end - tail_start).ok()?];
-        file.read_exact_at(&mut tail, tail_start).ok()?;
-        Some(Self {
-            file: direct,
-            state: std::sync::Mutex::new(DirectState {
-                block0,
-                tail_start,
-                tail,
-            }),
-        })
-    }
-
-    /// Writes `lines` at `end` and makes them durable: the blocks from the one holding
-    /// `end` to the one holding the new end, rebuilt from memory.
-    fn append(&self, end: u64, lines: &[u8]) -> std::io::Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        if st.tail_start + st.tail.len() as u64 != end {
-            return Err(std::io::Error::other(
-                "audit file: direct state out of step",
-            ));
-        }
-        let start = st.tail_start;
-        let mut buf = Vec::with_capacity(st.tail.len() + lines.len() + BLOCK as usize);
-        buf.extend_from_slice(&st.tail);
-        buf.extend_from_slice(lines);
-        let used = buf.len();
-        buf.resize(used.div_ceil(BLOCK as usize) * BLOCK as usize, 0);
-        write_direct(&self.file, &buf, start)?;
-        if start == 0 {
-            let n = BLOCK as usize;
-            st.block0.copy_from_slice(&buf[..n]);
-        }
-        let new_end = end + lines.len() as u64;
-        let new_start = new_end / BLOCK * BLOCK;
-        let from = usize::try_from(new_start - start).map_err(std::io::Error::other)?;
-        st.tail = buf[from..used].to_vec();
-        st.tail_start = new_start;
-        Ok(())
-    }
-
-    /// Rewrites the header (block 0), durably.
-    fn write_header(&self, header: &[u8]) -> std::io::Result<()> {
-        let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        st.block0[..header.len()].copy_from_slice(header);
-        if st.tail_start == 0 {
-            let n = header.len().min(st.tail.len());
-            st.tail[..n].copy_from_slice(&header[..n]);
-        }
-        write_direct(&self.file, &st.block0, 0)
-    }
-}
-
 /// The open chain file, shared by the writer and readers.
 pub struct ChainFile {
     file: File,
-    /// Appends, when the file system takes `O_DIRECT` (see the module docs).
-    direct: Option<Direct>,
     path: PathBuf,
     view: RwLock<View>,
     /// Set by any failed append: after a failed `fdatasync` the kernel may have dropped
@@ -348,11 +226,9 @@ impl ChainFile {
         } else {
             Finding::Consistent
         };
-        let direct = Direct::open(path, &file, view.end);
         Ok((
             Self {
                 file,
-                direct,
                 path: path.to_owned(),
                 view: RwLock::new(view),
                 poisoned: std::sync::atomic::AtomicBool::new(false),
@@ -399,28 +275,14 @@ impl ChainFile {
                 return Err(io_err(&self.path, "allocate", e));
             }
         }
-        let written = match &self.direct {
-            Some(direct) => {
-                // The grown zeros (buffered) must be on disk before the direct write
-                // extends into them.
-                let grown = if new_allocated > allocated {
-                    self.file.sync_data()
-                } else {
-                    Ok(())
-                };
-                grown.and_then(|()| direct.append(end, lines))
-            }
-            None => self
-                .file
-                .write_all_at(lines, end)
-                .and_then(|()| self.file.sync_data()),
-        };
+        let written = self
+            .file
+            .write_all_at(lines, end)
+            .and_then(|()| self.file.sync_data());
         if let Err(e) = written {
             self.poisoned.store(true, Ordering::SeqCst);
             // Best effort: leave no partial batch behind (a restart rescans anyway).
-            if self.direct.is_none() {
-                let _ = self.file.write_all_at(&vec![0u8; lines.len()], end);
-            }
+            let _ = self.file.write_all_at(&vec![0u8; lines.len()], end);
             return Err(io_err(&self.path, "append", e));
         }
         let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);
@@ -435,12 +297,9 @@ impl ChainFile {
     /// [`ChainFile::sync`]) carries it.
     pub fn set_head(&self, head: Head, persist: bool) -> Result<(), Error> {
         if persist {
-            let header = header_bytes(&head)?;
-            match &self.direct {
-                Some(direct) => direct.write_header(&header),
-                None => self.file.write_all_at(&header, 0),
-            }
-            .map_err(|e| io_err(&self.path, "write header", e))?;
+            self.file
+                .write_all_at(&header_bytes(&head)?, 0)
+                .map_err(|e| io_err(&self.path, "write header", e))?;
         }
         self.view
             .write()
