@@ -7,7 +7,8 @@
 //! destroyed, nothing in that backup opens any more, while the live cluster still serves
 //! its remaining keys.
 //!
-//! A rotation that fails after the destruction committed is finished by the next sweep.
+//! A rotation that fails after the destruction committed raises an alert and a gauge, and
+//! is finished by the next sweep.
 //! Also: `migrate-store` from an embedded store moves its erasure keys into the database,
 //! so a node without the old erasure file opens the migrated keys.
 //!
@@ -107,6 +108,16 @@ fn database_url(node: &TestServer) -> String {
         .to_owned()
 }
 
+/// The node's metrics (ops listener).
+async fn metrics(node: &TestServer) -> String {
+    reqwest::get(node.ops_url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// Polls `f` every 100 ms until it holds (at most 15 s).
 async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -123,8 +134,12 @@ async fn destroyed_keys_do_not_come_back_from_database_backups() {
     }
     let hsm = token();
     let tokens = tempfile::tempdir().unwrap();
-    let extra = "[keys]\nsweep_interval_secs = 1\n";
-    let a = TestServer::start_on_postgres_with_token(hsm, extra).await;
+    let alerts = tokens.path().join("alerts.jsonl");
+    let extra = format!(
+        "[keys]\nsweep_interval_secs = 1\n[alerts]\ncommand = [\"sh\", \"-c\", \"cat >> {0}; echo >> {0}\"]\n",
+        alerts.display()
+    );
+    let a = TestServer::start_on_postgres_with_token(hsm, &extra).await;
     let b = a.another_node().await;
     let url = database_url(&a);
     let db = pg::database_of(&a.config);
@@ -206,6 +221,17 @@ async fn destroyed_keys_do_not_come_back_from_database_backups() {
         "1|t",
         "the failpoint holds the rotation"
     );
+    // Operators hear of it: an alert every sweep, and the gauge.
+    until("the rotation-pending alert", async || {
+        std::fs::read_to_string(&alerts).is_ok_and(|t| t.contains("erasure_rotation_pending"))
+    })
+    .await;
+    until("the rotation-pending gauge", async || {
+        metrics(&b)
+            .await
+            .contains("keyhold_erasure_rotation_pending 1")
+    })
+    .await;
     let (_, info) = get(&admin, &a.url("/v1/keys/doomed")).await;
     assert_eq!(info["state"], "destroyed", "{info}");
     fail::remove("erasure-rotate");
@@ -255,6 +281,12 @@ async fn destroyed_keys_do_not_come_back_from_database_backups() {
             .map(|r| &r.operation)
             .collect::<Vec<_>>()
     );
+    until("the gauges after the rotation", async || {
+        let m = metrics(&a).await;
+        m.contains("keyhold_erasure_rotation_pending 0")
+            && m.contains("keyhold_erasure_epochs_retained 1")
+    })
+    .await;
     // Operators see it in the status: epoch 2, epoch 1 kept for the retention.
     until("the status reports the retained epoch", async || {
         let (_, st) = get(&admin, &b.url("/v1/sys/status")).await;

@@ -24,6 +24,8 @@ pub struct Metrics {
     latency: Family<RequestLabels, Histogram>,
     sealed: Gauge<i64, std::sync::atomic::AtomicI64>,
     cluster_nodes: Gauge<i64, std::sync::atomic::AtomicI64>,
+    erasure_rotation_pending: Gauge<i64, std::sync::atomic::AtomicI64>,
+    erasure_epochs_retained: Gauge<i64, std::sync::atomic::AtomicI64>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -65,13 +67,35 @@ impl Metrics {
             "Nodes of the shared store seen in the last 10 s (0: not a shared store)",
             cluster_nodes.clone(),
         );
+        let erasure_rotation_pending = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "erasure_rotation_pending",
+            "1 while a destruction on the shared store awaits its erasure epoch rotation",
+            erasure_rotation_pending.clone(),
+        );
+        let erasure_epochs_retained = Gauge::<i64, std::sync::atomic::AtomicI64>::default();
+        registry.register(
+            "erasure_epochs_retained",
+            "Retired erasure epochs whose HSM key is kept for the retention (destructions in them are not final yet)",
+            erasure_epochs_retained.clone(),
+        );
         Self {
             registry,
             requests,
             latency,
             sealed,
             cluster_nodes,
+            erasure_rotation_pending,
+            erasure_epochs_retained,
         }
+    }
+
+    /// Sets the erasure gauges from the shared store's erasure status.
+    pub fn set_erasure(&self, status: &kms_client::api::ErasureStatus) {
+        self.erasure_rotation_pending
+            .set(i64::from(status.rotation_pending));
+        self.erasure_epochs_retained
+            .set(i64::try_from(status.retained_epochs.len()).unwrap_or(i64::MAX));
     }
 
     /// Records one request.

@@ -273,11 +273,29 @@ async fn key_sweeper(
             if let Err(e) = k.flush_usage() {
                 tracing::warn!(error = %e, "usage counters not saved; will retry");
             }
-            (k.destroy_due(now), k.rotate_due(now))
+            let destroyed = k.destroy_due(now);
+            // A destruction whose erasure epoch could not be rotated is committed but not
+            // yet final (`erasure::shared`): say so every sweep until a rotation succeeds.
+            let pending = k
+                .shared_erasure()
+                .and_then(|e| e.status().ok())
+                .filter(|s| s.rotation_pending);
+            (destroyed, k.rotate_due(now), pending)
         })
         .await;
         match swept {
-            Ok((destroyed, rotated)) => {
+            Ok((destroyed, rotated, pending)) => {
+                if let Some(status) = pending {
+                    tracing::error!(epoch = status.epoch, "erasure epoch rotation pending: destroyed keys stay recoverable from older database copies until it succeeds");
+                    alerts.raise(crate::alert::AlertEvent::new(
+                        "erasure_rotation_pending",
+                        None,
+                        format!(
+                            "erasure epoch {} awaits its rotation after a destruction; retrying every sweep",
+                            status.epoch
+                        ),
+                    ));
+                }
                 match destroyed {
                     Ok(destroyed) => {
                         for (tenant, name) in destroyed {
@@ -643,6 +661,9 @@ async fn change_follower(
             let cluster = match beat {
                 Ok(Ok(Some((peers, erasure)))) => {
                     metrics.set_cluster_nodes(peers.len());
+                    if let Some(e) = &erasure {
+                        metrics.set_erasure(e);
+                    }
                     Some(kms_client::api::ClusterStatus {
                         node: node_id.clone(),
                         peers: peers
