@@ -938,10 +938,17 @@ impl Keyring {
             usage.insert(version, r);
         }
         let mut versions = BTreeMap::new();
+        // The key the versions are sealed under, found once per key (on a shared store an
+        // erasure key is a database read), and only if there is a version to open.
+        let mut bound: Option<Option<SecretKey>> = None;
         for (_, bytes) in self.store.scan_prefix(Table::Versions, &id.0)? {
             let v: VersionRecord =
                 serde_json::from_slice(&bytes).map_err(|_| Error::Corrupt("version record"))?;
-            let mut entry = self.open_version(un, &record, &id, &v)?;
+            let under = match &bound {
+                Some(b) => b,
+                None => bound.insert(self.version_sealing_key(un, &record)?),
+            };
+            let mut entry = self.open_version_under(un, under.as_ref(), &record, &id, &v)?;
             if let Some(r) = usage.get(&v.version) {
                 entry.usage = crate::usage::Usage::from_record(r);
             }
@@ -963,6 +970,7 @@ impl Keyring {
         Ok(Some(entry))
     }
 
+    #[cfg(test)]
     fn open_version(
         &self,
         un: &Unsealed,
@@ -970,11 +978,24 @@ impl Keyring {
         id: &KeyId,
         v: &VersionRecord,
     ) -> Result<VersionEntry, Error> {
+        let bound = self.version_sealing_key(un, record)?;
+        self.open_version_under(un, bound.as_ref(), record, id, v)
+    }
+
+    /// Opens version `v` of `record` under `bound` (its sealing key: see
+    /// [`Keyring::version_sealing_key`]), or the master key when `None`.
+    fn open_version_under(
+        &self,
+        un: &Unsealed,
+        bound: Option<&SecretKey>,
+        record: &KeyRecord,
+        id: &KeyId,
+        v: &VersionRecord,
+    ) -> Result<VersionEntry, Error> {
         let sealed =
             crate::seal::unhex(&v.material).ok_or(Error::Corrupt("version record material"))?;
-        let bound = self.version_sealing_key(un, record)?;
         let plain = crypto::open_box(
-            bound.as_ref().unwrap_or(&un.master),
+            bound.unwrap_or(&un.master),
             KEK_LABEL,
             &kek_aad(&record.tenant, id, v.version),
             &sealed,

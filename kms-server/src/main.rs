@@ -544,7 +544,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    match cli.command {
+    let result = match cli.command {
         Command::Init {
             config,
             passphrase_file,
@@ -634,5 +634,10 @@ fn main() -> anyhow::Result<()> {
             );
             rt.block_on(serve(settings))
         }
-    }
+    };
+    // Nothing uses the HSM once the runtime has stopped: finalize its module before exit
+    // (see `seal::pkcs11::finalize`).
+    drop(rt);
+    kms_server::seal::pkcs11_finalize();
+    result
 }

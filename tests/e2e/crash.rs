@@ -466,4 +466,5 @@ fn crash_postgres_hsm() {
         Some(&db),
         Some((&hsm.token_label, &pin)),
     );
+    kms_server::seal::pkcs11_finalize();
 }

@@ -20,7 +20,8 @@ mod shamir;
 pub use keyfile::KeyFileSealer;
 pub use passphrase::{Argon2Params, PassphraseSealer};
 pub use pkcs11::{
-    Pkcs11Params, Pkcs11Sealer, Pkcs11Settings, TokenSession, PIN_ENV as PKCS11_PIN_ENV,
+    finalize as pkcs11_finalize, Pkcs11Params, Pkcs11Sealer, Pkcs11Settings, TokenSession,
+    PIN_ENV as PKCS11_PIN_ENV,
 };
 pub use shamir::{ShamirParams, ShamirSealer, ShareInput};
 

@@ -96,9 +96,27 @@ fn p11(what: &'static str) -> impl Fn(P11Error) -> SealError {
     }
 }
 
+/// The process's PKCS#11 module and context, once loaded.
+static CONTEXT: OnceLock<Mutex<Option<(PathBuf, Pkcs11)>>> = OnceLock::new();
+
+/// Finalizes the process's PKCS#11 module (`C_Finalize`), if one was loaded; call it once
+/// nothing uses the token any more, before the process exits. Modules written in C++
+/// (SoftHSM among them) free their global state in exit-time destructors, and those have
+/// been seen to crash ("double free") when the application never called `C_Finalize`.
+/// A later use loads the module again.
+pub fn finalize() {
+    let taken = CONTEXT
+        .get()
+        .and_then(|m| m.lock().unwrap_or_else(PoisonError::into_inner).take());
+    if let Some((module, ctx)) = taken {
+        if let Err(e) = ctx.finalize() {
+            tracing::warn!(module = %module.display(), error = %e, "PKCS#11 C_Finalize failed");
+        }
+    }
+}
+
 /// The process's PKCS#11 context for `module` (initialized on first use).
 fn context(module: &Path) -> Result<Pkcs11, SealError> {
-    static CONTEXT: OnceLock<Mutex<Option<(PathBuf, Pkcs11)>>> = OnceLock::new();
     let mut slot = CONTEXT
         .get_or_init(|| Mutex::new(None))
         .lock()
