@@ -1,4 +1,4 @@
-//! The PostgreSQL engine (issue 10, first step): the store's tables as rows of one
+//! The PostgreSQL engine: the store's tables as rows of one
 //! relation in a database several nodes can share, with the same contract as the embedded
 //! engines: reads see committed data; a batch applies atomically after its conditions,
 //! and `commit` returns once PostgreSQL reports the transaction committed (durable under
