@@ -1,7 +1,7 @@
 //! An independent reader of a stopped server's files, for tests that look for key material
 //! where it must not be: decrypts every KEK version as the records are documented in
 //! `kms-server/src/keyring.rs` (material sealed under the master key bound to the key's
-//! erasure key, AAD tenant ‖ id ‖ version) and `kms-server/src/erasure.rs` (slots of 32
+//! erasure key, AAD tenant ‖ id ‖ version) and `kms-server/src/erasure/file.rs` (slots of 32
 //! bytes after a 64-byte header).
 
 use std::path::Path;
