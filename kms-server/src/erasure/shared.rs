@@ -95,9 +95,6 @@ struct Inner {
     retention_secs: u64,
     /// The epoch key last read: (epoch, key, when).
     cached: Mutex<Option<(i64, SecretKey, Instant)>>,
-    /// The cluster's id (names its token keys, so clusters sharing a token and a key
-    /// label never touch each other's epochs); read once.
-    cluster: std::sync::OnceLock<String>,
 }
 
 impl std::fmt::Debug for SharedErasure {
@@ -109,21 +106,20 @@ impl std::fmt::Debug for SharedErasure {
 }
 
 impl Inner {
-    /// The token key label of `epoch` on this cluster.
+    /// The token key label of `epoch` on this cluster, read through `c` (inside a
+    /// transaction that chose the cluster's id, the id it chose). The id names the
+    /// cluster's token keys, so clusters sharing a token and a key label never touch each
+    /// other's epochs. Read each time, not cached: token keys are used rarely (an epoch
+    /// key's unwrap about once a minute, rotations), and a cached id from a transaction
+    /// that then failed would name keys no other node looks for.
     fn label(&self, c: &mut impl postgres::GenericClient, epoch: i64) -> Result<String, Error> {
-        let cluster = match self.cluster.get() {
-            Some(id) => id.clone(),
-            None => {
-                let id: String = c
-                    .query_one("SELECT cluster FROM keyhold_erasure_head WHERE id = 1", &[])
-                    .map_err(store_err)?
-                    .get(0);
-                if id.is_empty() {
-                    return Err(Error::InvalidState("the cluster has no erasure epoch yet"));
-                }
-                self.cluster.get_or_init(|| id).clone()
-            }
-        };
+        let cluster: String = c
+            .query_one("SELECT cluster FROM keyhold_erasure_head WHERE id = 1", &[])
+            .map_err(store_err)?
+            .get(0);
+        if cluster.is_empty() {
+            return Err(Error::InvalidState("the cluster has no erasure epoch yet"));
+        }
         Ok(format!(
             "{}/erasure/{cluster}/{epoch}",
             self.token.key_label()
@@ -225,7 +221,6 @@ impl SharedErasure {
                 token,
                 retention_secs,
                 cached: Mutex::new(None),
-                cluster: std::sync::OnceLock::new(),
             }),
         }
     }
