@@ -29,14 +29,7 @@ use postgres::types::ToSql;
 
 use super::file::{Finding, Head};
 use crate::error::Error;
-use crate::keystore::{PgPool, StoreError};
-
-fn store_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Engine {
-        engine: "postgres",
-        source: e.to_string().into(),
-    }
-}
+use crate::keystore::{pg_err, PgPool, StoreError};
 
 fn read_head(c: &mut impl postgres::GenericClient, lock: bool) -> Result<Head, StoreError> {
     let sql = if lock {
@@ -46,17 +39,17 @@ fn read_head(c: &mut impl postgres::GenericClient, lock: bool) -> Result<Head, S
     };
     let row = c
         .query_opt(sql, &[])
-        .map_err(store_err)?
-        .ok_or_else(|| store_err("the audit chain's head row is missing"))?;
+        .map_err(pg_err)?
+        .ok_or_else(|| pg_err("the audit chain's head row is missing"))?;
     Ok(Head {
-        seq: u64::try_from(row.get::<_, i64>(0)).map_err(store_err)?,
+        seq: u64::try_from(row.get::<_, i64>(0)).map_err(pg_err)?,
         hash: row.get(1),
         mac: row.get(2),
     })
 }
 
 fn parse(rec: &str) -> Result<AuditRecord, StoreError> {
-    serde_json::from_str(rec).map_err(|_| store_err("an audit record in the database is not valid"))
+    serde_json::from_str(rec).map_err(|_| pg_err("an audit record in the database is not valid"))
 }
 
 /// What a batch's sealing step returns: the record lines (each ending in `\n`), the seq
@@ -91,7 +84,7 @@ impl PgChain {
                     "SELECT seq, rec, (SELECT count(*) FROM keyhold_audit) FROM keyhold_audit ORDER BY seq DESC LIMIT 1",
                     &[],
                 )
-                .map_err(store_err)?;
+                .map_err(pg_err)?;
             let consistent = match row {
                 None => head.seq == 0,
                 Some(row) => {
@@ -120,22 +113,22 @@ impl PgChain {
     ) -> Result<Vec<u8>, Error> {
         // Tests cut the chain's database here (feature `failpoints`): the batch fails as
         // it does when PostgreSQL is unreachable.
-        fail::fail_point!("audit-append", |_| Err(Error::Storage(store_err(
+        fail::fail_point!("audit-append", |_| Err(Error::Storage(pg_err(
             "audit append failed (failpoint)"
         ))));
         Ok(self.pool.call(move |c| {
-            let engine = store_err;
+            let engine = pg_err;
             let mut tx = c.transaction().map_err(engine)?;
             let tip = read_head(&mut tx, true)?;
-            let sealed = seal(tip.seq, tip.hash).map_err(store_err)?;
+            let sealed = seal(tip.seq, tip.hash).map_err(pg_err)?;
             let mut seqs: Vec<i64> = Vec::new();
             let mut recs: Vec<&str> = Vec::new();
-            let text = std::str::from_utf8(&sealed.lines).map_err(store_err)?;
+            let text = std::str::from_utf8(&sealed.lines).map_err(pg_err)?;
             for (i, line) in text.split_terminator('\n').enumerate() {
-                seqs.push(i64::try_from(sealed.first_seq + i as u64).map_err(store_err)?);
+                seqs.push(i64::try_from(sealed.first_seq + i as u64).map_err(pg_err)?);
                 recs.push(line);
             }
-            let seq = i64::try_from(sealed.head.seq).map_err(store_err)?;
+            let seq = i64::try_from(sealed.head.seq).map_err(pg_err)?;
             let params: [&(dyn ToSql + Sync); 5] =
                 [&seqs, &recs, &seq, &sealed.head.hash, &sealed.head.mac];
             // The records and the head in one statement (one round trip under the lock).
@@ -159,13 +152,13 @@ impl PgChain {
         Ok(self.pool.call(move |c| {
             // The head first: a record at or below it committed with it or before.
             let head = read_head(c, false)?;
-            let upto = i64::try_from(head.seq).map_err(store_err)?;
+            let upto = i64::try_from(head.seq).map_err(pg_err)?;
             let rows = c
                 .query(
                     "SELECT rec FROM keyhold_audit WHERE seq > $1 AND seq <= $2 ORDER BY seq LIMIT $3",
                     &[&after, &upto, &limit],
                 )
-                .map_err(store_err)?;
+                .map_err(pg_err)?;
             let records = rows
                 .iter()
                 .map(|r| parse(r.get(0)))
@@ -184,7 +177,7 @@ impl PgChain {
         head: Head,
     ) -> Result<u64, Error> {
         Ok(self.pool.call(move |c| {
-            let engine = store_err;
+            let engine = pg_err;
             let mut tx = c.transaction().map_err(engine)?;
             let tip = read_head(&mut tx, true)?;
             let any: Option<i64> = tx
@@ -192,22 +185,22 @@ impl PgChain {
                 .map_err(engine)?
                 .get(0);
             if tip.seq != 0 || any.is_some() {
-                return Err(store_err(
+                return Err(pg_err(
                     "the database already holds an audit chain: migrate into an empty store",
                 ));
             }
             let mut after = 0u64;
             loop {
-                let page = next(after).map_err(store_err)?;
+                let page = next(after).map_err(pg_err)?;
                 let Some(last) = page.last() else { break };
                 after = last.seq;
                 let seqs = page
                     .iter()
-                    .map(|r| i64::try_from(r.seq).map_err(store_err))
+                    .map(|r| i64::try_from(r.seq).map_err(pg_err))
                     .collect::<Result<Vec<_>, _>>()?;
                 let recs = page
                     .iter()
-                    .map(|r| serde_json::to_string(r).map_err(store_err))
+                    .map(|r| serde_json::to_string(r).map_err(pg_err))
                     .collect::<Result<Vec<_>, _>>()?;
                 let params: [&(dyn ToSql + Sync); 2] = [&seqs, &recs];
                 tx.execute(
@@ -217,12 +210,12 @@ impl PgChain {
                 .map_err(engine)?;
             }
             if after != head.seq {
-                return Err(store_err(format!(
+                return Err(pg_err(format!(
                     "the source chain ends at record {after} but its head names {}",
                     head.seq
                 )));
             }
-            let seq = i64::try_from(head.seq).map_err(store_err)?;
+            let seq = i64::try_from(head.seq).map_err(pg_err)?;
             tx.execute(
                 "UPDATE keyhold_audit_head SET seq = $1, hash = $2, mac = $3 WHERE id = 1",
                 &[&seq, &head.hash, &head.mac],

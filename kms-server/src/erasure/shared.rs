@@ -45,7 +45,7 @@ use postgres::types::ToSql;
 use zeroize::Zeroizing;
 
 use crate::error::Error;
-use crate::keystore::{PgPool, StoreError};
+use crate::keystore::{pg_err, PgPool};
 use crate::seal::{Pkcs11Sealer, TokenSession};
 use crate::secret::SecretKey;
 
@@ -62,13 +62,6 @@ const ROW_LABEL: &[u8] = b"keyhold/erasure-key/v1";
 const EPOCH_AAD: &[u8] = b"keyhold/erasure-epoch/v1\0";
 /// Rows re-sealed per statement during a rotation.
 const ROTATE_CHUNK: usize = 10_000;
-
-fn store_err(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Engine {
-        engine: "postgres",
-        source: e.to_string().into(),
-    }
-}
 
 fn row_aad(slot: i64, epoch: i64) -> [u8; 16] {
     let mut aad = [0u8; 16];
@@ -115,7 +108,7 @@ impl Inner {
     fn label(&self, c: &mut impl postgres::GenericClient, epoch: i64) -> Result<String, Error> {
         let cluster: String = c
             .query_one("SELECT cluster FROM keyhold_erasure_head WHERE id = 1", &[])
-            .map_err(store_err)?
+            .map_err(pg_err)?
             .get(0);
         if cluster.is_empty() {
             return Err(Error::InvalidState("the cluster has no erasure epoch yet"));
@@ -158,7 +151,7 @@ impl Inner {
                 "SELECT wrapped FROM keyhold_erasure_epochs WHERE epoch = $1 AND destroyed_at IS NULL",
                 &[&epoch],
             )
-            .map_err(store_err)?;
+            .map_err(pg_err)?;
         let Some(row) = row else {
             return Ok(None);
         };
@@ -192,7 +185,7 @@ impl Inner {
             "INSERT INTO keyhold_erasure_epochs (epoch, wrapped, created_at) VALUES ($1, $2, $3)",
             &[&epoch, &wrapped, &now],
         )
-        .map_err(store_err)?;
+        .map_err(pg_err)?;
         Ok(key)
     }
 }
@@ -229,13 +222,13 @@ impl SharedErasure {
     fn first_epoch(&self, now: u64) -> Result<(), Error> {
         let now = i64::try_from(now).map_err(|_| Error::Internal("clock out of range"))?;
         call(&self.inner, move |inner, c| {
-            let mut tx = c.transaction().map_err(store_err)?;
+            let mut tx = c.transaction().map_err(pg_err)?;
             let epoch: i64 = tx
                 .query_one(
                     "SELECT epoch FROM keyhold_erasure_head WHERE id = 1 FOR UPDATE",
                     &[],
                 )
-                .map_err(store_err)?
+                .map_err(pg_err)?
                 .get(0);
             if epoch == 0 {
                 let mut id = [0u8; 8];
@@ -248,14 +241,14 @@ impl SharedErasure {
                     "UPDATE keyhold_erasure_head SET cluster = $1 WHERE id = 1 AND cluster = ''",
                     &[&id],
                 )
-                .map_err(store_err)?;
+                .map_err(pg_err)?;
                 let key = inner.new_epoch(&mut tx, 1, now)?;
                 tx.execute(
                     "UPDATE keyhold_erasure_head SET epoch = 1 WHERE id = 1",
                     &[],
                 )
-                .map_err(store_err)?;
-                tx.commit().map_err(store_err)?;
+                .map_err(pg_err)?;
+                tx.commit().map_err(pg_err)?;
                 inner.remember(1, &key);
                 tracing::info!("erasure keys: the first epoch key is made in the token");
             }
@@ -287,14 +280,14 @@ impl SharedErasure {
     fn try_allocate(&self, ek: &Zeroizing<[u8; 32]>) -> Result<Option<u64>, Error> {
         let key = ek.clone();
         call(&self.inner, move |inner, c| {
-            let mut tx = c.transaction().map_err(store_err)?;
+            let mut tx = c.transaction().map_err(pg_err)?;
             // FOR SHARE: no rotation can retire this epoch before the row is in.
             let epoch: i64 = tx
                 .query_one(
                     "SELECT epoch FROM keyhold_erasure_head WHERE id = 1 FOR SHARE",
                     &[],
                 )
-                .map_err(store_err)?
+                .map_err(pg_err)?
                 .get(0);
             if epoch == 0 {
                 return Ok(None);
@@ -307,7 +300,7 @@ impl SharedErasure {
                     "SELECT nextval(pg_get_serial_sequence('keyhold_erasure', 'slot'))",
                     &[],
                 )
-                .map_err(store_err)?
+                .map_err(pg_err)?
                 .get(0);
             let sealed =
                 crate::crypto::seal_box(&epoch_key, ROW_LABEL, &row_aad(slot, epoch), &key[..])?;
@@ -315,8 +308,8 @@ impl SharedErasure {
                 "INSERT INTO keyhold_erasure (slot, epoch, sealed) VALUES ($1, $2, $3)",
                 &[&slot, &epoch, &sealed],
             )
-            .map_err(store_err)?;
-            tx.commit().map_err(store_err)?;
+            .map_err(pg_err)?;
+            tx.commit().map_err(pg_err)?;
             u64::try_from(slot)
                 .map(Some)
                 .map_err(|_| Error::Corrupt("erasure slot"))
@@ -335,7 +328,7 @@ impl SharedErasure {
                         "SELECT epoch, sealed FROM keyhold_erasure WHERE slot = $1",
                         &[&slot],
                     )
-                    .map_err(store_err)?
+                    .map_err(pg_err)?
                 else {
                     return Ok(None);
                 };
@@ -374,7 +367,7 @@ impl SharedErasure {
                  WHERE id = 1 AND EXISTS (SELECT 1 FROM gone)",
                 &[&slot],
             )
-            .map_err(store_err)?;
+            .map_err(pg_err)?;
             Ok(())
         })
     }
@@ -385,20 +378,20 @@ impl SharedErasure {
     pub fn rotate(&self, now: u64) -> Result<Option<u64>, Error> {
         let now = i64::try_from(now).map_err(|_| Error::Internal("clock out of range"))?;
         call(&self.inner, move |inner, c| {
-            let mut tx = c.transaction().map_err(store_err)?;
+            let mut tx = c.transaction().map_err(pg_err)?;
             let row = tx
                 .query_one(
                     "SELECT epoch, dirty FROM keyhold_erasure_head WHERE id = 1 FOR UPDATE",
                     &[],
                 )
-                .map_err(store_err)?;
+                .map_err(pg_err)?;
             let (old, dirty): (i64, bool) = (row.get(0), row.get(1));
             if !dirty {
                 return Ok(None);
             }
             // Tests fail the rotation here (feature `failpoints`), as a crash or a lost
             // database would: the destruction is committed, the epoch still dirty.
-            fail::fail_point!("erasure-rotate", |_| Err(Error::Storage(store_err(
+            fail::fail_point!("erasure-rotate", |_| Err(Error::Storage(pg_err(
                 "erasure rotation failed (failpoint)"
             ))));
             let new = old + 1;
@@ -408,7 +401,7 @@ impl SharedErasure {
                     "SELECT slot, epoch, sealed FROM keyhold_erasure ORDER BY slot",
                     &[],
                 )
-                .map_err(store_err)?;
+                .map_err(pg_err)?;
             let mut old_keys: Vec<(i64, SecretKey)> = Vec::new();
             let mut slots: Vec<i64> = Vec::with_capacity(rows.len());
             let mut resealed: Vec<Vec<u8>> = Vec::with_capacity(rows.len());
@@ -449,19 +442,19 @@ impl SharedErasure {
                      WHERE e.slot = u.slot",
                     &params,
                 )
-                .map_err(store_err)?;
+                .map_err(pg_err)?;
             }
             tx.execute(
                 "UPDATE keyhold_erasure_epochs SET retired_at = $2 WHERE epoch < $1 AND retired_at IS NULL",
                 &[&new, &now],
             )
-            .map_err(store_err)?;
+            .map_err(pg_err)?;
             tx.execute(
                 "UPDATE keyhold_erasure_head SET epoch = $1, dirty = false WHERE id = 1",
                 &[&new],
             )
-            .map_err(store_err)?;
-            tx.commit().map_err(store_err)?;
+            .map_err(pg_err)?;
+            tx.commit().map_err(pg_err)?;
             inner.remember(new, &new_key);
             tracing::info!(
                 epoch = new,
@@ -487,7 +480,7 @@ impl SharedErasure {
                      ORDER BY epoch",
                     &[&due],
                 )
-                .map_err(store_err)?
+                .map_err(pg_err)?
                 .iter()
                 .map(|r| r.get(0))
                 .collect();
@@ -504,7 +497,7 @@ impl SharedErasure {
                     "UPDATE keyhold_erasure_epochs SET destroyed_at = $2, wrapped = ''::bytea WHERE epoch = $1",
                     &[&epoch, &now],
                 )
-                .map_err(store_err)?;
+                .map_err(pg_err)?;
                 let mut cached = inner.cached.lock().unwrap_or_else(PoisonError::into_inner);
                 if cached.as_ref().is_some_and(|(e, _, _)| *e == epoch) {
                     *cached = None;
@@ -547,7 +540,7 @@ impl SharedErasure {
                      FROM keyhold_erasure_head h WHERE h.id = 1",
                     &[],
                 )
-                .map_err(store_err)?;
+                .map_err(pg_err)?;
             let (epoch, dirty, retained): (i64, bool, Vec<i64>) =
                 (row.get(0), row.get(1), row.get(2));
             Ok(kms_client::api::ErasureStatus {

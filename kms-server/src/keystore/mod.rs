@@ -20,6 +20,7 @@ mod redb_engine;
 #[cfg(feature = "sled")]
 mod sled_engine;
 
+pub(crate) use postgres_engine::pg_err;
 pub use postgres_engine::{PgPool, PgSettings, PgStore};
 pub use redb_engine::RedbStore;
 #[cfg(feature = "sled")]

@@ -139,6 +139,16 @@ fn engine_err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     }
 }
 
+/// A PostgreSQL failure (or any failure on a PostgreSQL path) as a store error, by its
+/// message: for the code that keeps tables of its own beside the store's (the cluster's
+/// audit chain, the erasure keys).
+pub(crate) fn pg_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Engine {
+        engine: ENGINE,
+        source: e.to_string().into(),
+    }
+}
+
 fn msg_err(m: impl Into<String>) -> StoreError {
     let m: String = m.into();
     StoreError::Engine {
