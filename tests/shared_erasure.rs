@@ -296,6 +296,23 @@ async fn destroyed_keys_do_not_come_back_from_database_backups() {
             && m.contains("keyhold_erasure_epochs_retained 1")
     })
     .await;
+    // ... and in `kmsctl sys status`.
+    let out = keyhold_tests::stdout_of(
+        std::process::Command::new(keyhold_tests::workspace_bin("kmsctl"))
+            .args(["--endpoint", &b.url(""), "--tls-ca"])
+            .arg(b.pki.ca())
+            .arg("--tls-cert")
+            .arg(b.pki.cert("admin-a"))
+            .arg("--tls-key")
+            .arg(b.pki.key("admin-a"))
+            .args(["sys", "status"])
+            .env_remove("KMSCTL_ENDPOINT")
+            .env("XDG_CONFIG_HOME", "/nonexistent-xdg-config-for-tests"),
+    );
+    assert!(
+        out.contains("erasure epoch") && out.contains("cluster nodes"),
+        "{out}"
+    );
     // Operators see it in the status: epoch 2, epoch 1 kept for the retention.
     until("the status reports the retained epoch", async || {
         let (_, st) = get(&admin, &b.url("/v1/sys/status")).await;

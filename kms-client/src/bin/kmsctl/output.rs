@@ -454,6 +454,43 @@ impl Printer {
                         format!("{} of {} received", p.received, p.threshold),
                     ]);
                 }
+                if let Some(c) = &s.cluster {
+                    rows.push(vec!["node".into(), c.node.clone()]);
+                    let peers: Vec<&str> = c.peers.iter().map(|p| p.id.as_str()).collect();
+                    rows.push(vec![
+                        "cluster nodes".into(),
+                        format!("{}: {}", peers.len(), peers.join(", ")),
+                    ]);
+                    if let Some(e) = &c.erasure {
+                        let pending = if e.rotation_pending {
+                            " (rotation pending: a destruction is not final yet)"
+                        } else {
+                            ""
+                        };
+                        rows.push(vec![
+                            "erasure epoch".into(),
+                            format!("{}{pending}", e.epoch),
+                        ]);
+                        let retained: Vec<String> =
+                            e.retained_epochs.iter().map(u64::to_string).collect();
+                        rows.push(vec![
+                            "retained epochs".into(),
+                            format!(
+                                "{} (each kept {} after it is replaced)",
+                                if retained.is_empty() {
+                                    "none".to_owned()
+                                } else {
+                                    retained.join(", ")
+                                },
+                                match e.retention_secs {
+                                    0 => "no time".to_owned(),
+                                    s if s % 86_400 == 0 => format!("{} days", s / 86_400),
+                                    s => format!("{s} s"),
+                                }
+                            ),
+                        ]);
+                    }
+                }
                 print!("{}", table(&["FIELD", "VALUE"], &rows));
                 Ok(())
             }
