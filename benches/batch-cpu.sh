@@ -8,10 +8,8 @@
 duration=${1:-10}
 conc=${2:-64}
 source "$(dirname "$0")/common.sh"
-api=$(free_port); ops=$(free_port)
-start_dev "$work/dev" "$api" "$ops"
+start_bench_dev
 spid=${pids[0]}
-pki="$work/dev/pki"
 unwrap_body "$pki" "$api" '{"tenant":"acme","object":"invoices/42"}' "$work/unwrap.json"
 python3 - "$work/unwrap.json" "$work/batch.json" <<'PY'
 import json, sys

@@ -5,9 +5,7 @@
 duration=${1:-10}
 rounds=${2:-2}
 source "$(dirname "$0")/common.sh"
-api=$(free_port); ops=$(free_port)
-start_dev "$work/dev" "$api" "$ops"
-pki="$work/dev/pki"
+start_bench_dev
 unwrap_body "$pki" "$api" '{"tenant":"acme","object":"invoices/42"}' "$work/unwrap.json"
 echo "| protocol | round | loadgen p50 / p99 (µs) | Client::unwrap p50 / p99 (µs) | client / loadgen p50 |"
 echo "|---|---|---|---|---|"

@@ -27,6 +27,14 @@ start_dev() {
   wait_ready "$3"
 }
 
+# start_bench_dev: `start_dev` in $work/dev on two free ports, which it leaves in $api and
+# $ops, with the dev PKI's directory in $pki (and the public port in $dev_public).
+start_bench_dev() {
+  api=$(free_port); ops=$(free_port)
+  start_dev "$work/dev" "$api" "$ops"
+  pki="$work/dev/pki"
+}
+
 # strip_public CONFIG: drops the end-user protocols (the public listener and what it serves,
 # the last part of a dev config) from CONFIG, for servers started from copies of it.
 strip_public() {

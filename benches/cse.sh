@@ -12,9 +12,7 @@ duration=${1:-10}
 shift || true
 levels=${*:-16}
 source "$(dirname "$0")/common.sh"
-api=$(free_port); ops=$(free_port)
-start_dev "$work/dev" "$api" "$ops"
-pki="$work/dev/pki"
+start_bench_dev
 pub=$dev_public
 tok() { "$bin/kms-server" dev token --data-dir "$work/dev" --protocol cse --role "$1" --resource "docs/42" --email alice@example.com; }
 # A data key wrapped once by a writer; the unwrap body a reader sends.

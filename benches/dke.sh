@@ -15,9 +15,7 @@ shift || true
 levels=${*:-16}
 source "$(dirname "$0")/common.sh"
 cargo build --release -q -p keyhold-benches --bin rsa_rate
-api=$(free_port); ops=$(free_port)
-start_dev "$work/dev" "$api" "$ops"
-pki="$work/dev/pki"
+start_bench_dev
 dke=$dev_public
 token=$("$bin/kms-server" dev token --data-dir "$work/dev" --email alice@example.com)
 # The public key from the DKE GET, a blob encrypted with it as Office would.

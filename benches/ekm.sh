@@ -11,9 +11,7 @@ duration=${1:-10}
 shift || true
 levels=${*:-16}
 source "$(dirname "$0")/common.sh"
-api=$(free_port); ops=$(free_port)
-start_dev "$work/dev" "$api" "$ops"
-pki="$work/dev/pki"
+start_bench_dev
 pub=$dev_public
 token=$("$bin/kms-server" dev token --data-dir "$work/dev" --protocol ekm --email service-0@gcp-sa-ekms.iam.gserviceaccount.com)
 ctx='"additionalContext":{"fullResourceName":"//cloudkms.googleapis.com/projects/p/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/1","accessReasonContext":{"reason":"CUSTOMER_INITIATED_ACCESS"}}'

@@ -16,9 +16,8 @@ source "$(dirname "$0")/common.sh"
 out_dir=bench-results
 mkdir -p "$out_dir"
 out="$out_dir/load-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
-api=$(free_port); ops=$(free_port); base=$(free_port)
-start_dev "$work/dev" "$api" "$ops"
-pki="$work/dev/pki"
+start_bench_dev
+base=$(free_port)
 "$bin/baseline" --listen "127.0.0.1:$base" --cert "$pki/server.pem" --key "$pki/server-key.pem" --client-ca "$pki/ca.pem" &
 pids+=($!)
 sleep 0.5

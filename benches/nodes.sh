@@ -22,9 +22,7 @@ db="keyhold_bench_$(date +%s)"
 psql "$conn" -qtAc "CREATE DATABASE $db"
 url=$(sed "s/dbname=[^ ]*/dbname=$db/" <<<"$conn")
 
-api=$(free_port); ops=$(free_port)
-start_dev "$work/dev" "$api" "$ops"
-pki="$work/dev/pki"
+start_bench_dev
 ctx='{"tenant":"acme","object":"invoices/42"}'
 unwrap_body "$pki" "$api" "$ctx" "$work/unwrap-embedded.json"
 

@@ -7,9 +7,7 @@ shift || true
 sizes=${*:-10 100 1000}
 source "$(dirname "$0")/common.sh"
 cargo build --release -q -p kms-client --features cli
-api=$(free_port); ops=$(free_port)
-start_dev "$work/dev" "$api" "$ops"
-pki="$work/dev/pki"
+start_bench_dev
 kmsctl() { "$bin/kmsctl" --endpoint "https://127.0.0.1:$api" --tls-ca "$pki/ca.pem" "$@"; }
 as_app=(--tls-cert "$pki/app.pem" --tls-key "$pki/app-key.pem")
 as_admin=(--tls-cert "$pki/admin.pem" --tls-key "$pki/admin-key.pem")

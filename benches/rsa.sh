@@ -9,9 +9,7 @@ duration=${1:-10}
 shift || true
 levels=${*:-1 2 16}
 source "$(dirname "$0")/common.sh"
-api=$(free_port); ops=$(free_port)
-start_dev "$work/dev" "$api" "$ops"
-pki="$work/dev/pki"
+start_bench_dev
 curl -sS --cacert "$pki/ca.pem" --cert "$pki/admin.pem" --key "$pki/admin-key.pem" -H 'content-type: application/json' \
   -d '{"name":"rsa3072","algorithm":"rsa-oaep-3072-sha256","grants":[{"identity":"spiffe://keyhold.dev/app","operations":["datakey","unwrap"]}]}' \
   "https://127.0.0.1:$api/v1/keys" >/dev/null

@@ -13,9 +13,7 @@ duration=${1:-10}
 shift || true
 levels=${*:-16}
 source "$(dirname "$0")/common.sh"
-api=$(free_port); ops=$(free_port)
-start_dev "$work/dev" "$api" "$ops"
-pki="$work/dev/pki"
+start_bench_dev
 pub=$dev_public
 secret=$(cat "$work/dev/dev-salesforce-credential")
 echo '{}' > "$work/empty.json"

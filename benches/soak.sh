@@ -11,10 +11,8 @@
 minutes=${1:-30}
 fraction=${2:-0.7}
 source "$(dirname "$0")/common.sh"
-api=$(free_port); ops=$(free_port)
-start_dev "$work/dev" "$api" "$ops"
+start_bench_dev
 spid=${pids[0]}
-pki="$work/dev/pki"
 ctx='{"tenant":"acme","object":"invoices/42"}'
 unwrap_body "$pki" "$api" "$ctx" "$work/unwrap.json"
 printf '{"context":%s}' "$ctx" > "$work/datakey.json"
