@@ -127,9 +127,10 @@ async fn until(what: &str, mut f: impl AsyncFnMut() -> bool) {
     }
 }
 
-/// Both scenarios in one test, one after the other, each stopping its servers; then the
+/// Both scenarios in one test, one after the other, each stopping its servers; then no
+/// thread of theirs may be left (their connection pools ran the token calls), and the
 /// PKCS#11 module is finalized before the process exits (SoftHSM's exit-time destructors
-/// were seen to crash, once in a dozen runs, without it: `seal::pkcs11::finalize`).
+/// crashed with "double free", in CI, while a pool thread was still exiting).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erasure_keys_rooted_in_the_hsm() {
     if !pg::available("erasure_keys_rooted_in_the_hsm") {
@@ -137,6 +138,7 @@ async fn erasure_keys_rooted_in_the_hsm() {
     }
     destroyed_keys_do_not_come_back_from_database_backups().await;
     migrating_into_postgres_moves_the_erasure_keys_into_the_database().await;
+    pg::assert_store_threads_stopped();
     kms_server::seal::pkcs11_finalize();
 }
 

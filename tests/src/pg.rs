@@ -201,3 +201,33 @@ impl Drop for PrivateServer {
             .output();
     }
 }
+
+/// The store's threads in this process (`keyhold-pg-*`: the connection pool and the
+/// LISTEN thread), by the names Linux keeps for them.
+pub fn store_threads() -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(Result::ok)
+                .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+                .filter(|name| name.starts_with("keyhold-pg-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits (at most 10 s) until no store thread is left in this process, and fails the test
+/// otherwise: once its servers are stopped nothing of theirs may outlive them (a pool
+/// thread that ran PKCS#11 calls, still exiting while the process exits, races the
+/// module's teardown).
+pub fn assert_store_threads_stopped() {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while store_threads() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} store threads still run after every server stopped",
+            store_threads()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

@@ -213,11 +213,50 @@ impl Connector {
 }
 
 /// A handle to the connection pool of a [`PgStore`], for the code that keeps tables of
-/// its own beside the store's (the cluster's audit chain).
+/// its own beside the store's (the cluster's audit chain, the erasure keys).
 #[derive(Clone)]
 pub struct PgPool {
-    jobs: mpsc::Sender<Job>,
+    inner: Arc<PoolThreads>,
 }
+
+/// The pool's connection threads and the channel that feeds them. Dropped with the last
+/// [`PgPool`]: the channel closes and every thread is joined, so none outlives the pool.
+/// Jobs run code beside the SQL (the erasure keys' PKCS#11 calls): a thread still
+/// exiting while the process finalizes the token or exits would race the module's own
+/// teardown (SoftHSM's exit-time destructors crashed with "double free" that way).
+/// Every job has a caller waiting for its answer, so once the last handle is gone the
+/// threads are idle and the joins return at once.
+struct PoolThreads {
+    jobs: Option<mpsc::Sender<Job>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for PoolThreads {
+    fn drop(&mut self) {
+        self.jobs = None;
+        let me = std::thread::current().id();
+        for t in self.threads.drain(..) {
+            // A job that held the last handle would be dropped on a pool thread; that
+            // thread cannot join itself, and exits on its own once the job returns.
+            if t.thread().id() != me {
+                let _ = t.join();
+            }
+        }
+    }
+}
+
+/// Tells the listener thread to stop (it checks every [`LISTEN_POLL`]) when its store is
+/// dropped, closing its connection.
+struct StopListener(Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopListener {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// How often the listener thread checks for a stop between notifications.
+const LISTEN_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl std::fmt::Debug for PgPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -231,13 +270,19 @@ pub struct PgStore {
     threads: usize,
     /// Notifications counted by the listener thread, and the condition it signals.
     notified: Arc<(Mutex<u64>, std::sync::Condvar)>,
+    _listener: Option<StopListener>,
 }
 
 /// LISTENs on the change channel on a connection of its own and counts notifications,
 /// reconnecting after a failure; the change feed itself stays the truth (a notification
 /// only says "read it now").
-fn listen(connector: Arc<Connector>, notified: Arc<(Mutex<u64>, std::sync::Condvar)>) {
-    loop {
+fn listen(
+    connector: Arc<Connector>,
+    notified: Arc<(Mutex<u64>, std::sync::Condvar)>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
+    let stopped = || stop.load(std::sync::atomic::Ordering::Relaxed);
+    while !stopped() {
         let mut client = match connector.connect() {
             Ok(c) => c,
             Err(_) => {
@@ -252,11 +297,11 @@ fn listen(connector: Arc<Connector>, notified: Arc<(Mutex<u64>, std::sync::Condv
             std::thread::sleep(std::time::Duration::from_millis(500));
             continue;
         }
-        loop {
+        while !stopped() {
             let got = {
                 use postgres::fallible_iterator::FallibleIterator as _;
                 let mut n = client.notifications();
-                let mut it = n.timeout_iter(std::time::Duration::from_secs(5));
+                let mut it = n.timeout_iter(LISTEN_POLL);
                 it.next()
             };
             match got {
@@ -336,11 +381,17 @@ impl PgStore {
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
         let threads = settings.pool_size.max(1);
+        // Made before the threads, so a failed spawn below still closes and joins the
+        // ones already started.
+        let mut pool = PoolThreads {
+            jobs: Some(tx),
+            threads: Vec::with_capacity(threads),
+        };
         for i in 0..threads {
             let rx = rx.clone();
             let connector = connector.clone();
             let mut conn: Option<postgres::Client> = None;
-            std::thread::Builder::new()
+            let thread = std::thread::Builder::new()
                 .name(format!("keyhold-pg-{i}"))
                 .spawn(move || loop {
                     let job = match rx.lock().unwrap_or_else(PoisonError::into_inner).recv() {
@@ -350,19 +401,27 @@ impl PgStore {
                     job(&mut conn, &connector);
                 })
                 .map_err(engine_err)?;
+            pool.threads.push(thread);
         }
         let notified = Arc::new((Mutex::new(0u64), std::sync::Condvar::new()));
-        if settings.listen {
-            let (connector, notified) = (connector.clone(), notified.clone());
+        let listener = if settings.listen {
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let (connector, notified, flag) = (connector.clone(), notified.clone(), stop.clone());
             std::thread::Builder::new()
                 .name("keyhold-pg-listen".into())
-                .spawn(move || listen(connector, notified))
+                .spawn(move || listen(connector, notified, flag))
                 .map_err(engine_err)?;
-        }
+            Some(StopListener(stop))
+        } else {
+            None
+        };
         let store = Self {
-            pool: PgPool { jobs: tx },
+            pool: PgPool {
+                inner: Arc::new(pool),
+            },
             threads,
             notified,
+            _listener: listener,
         };
         // On a pool thread: the caller may be inside tokio, where the driver's own
         // runtime must not run.
@@ -414,7 +473,10 @@ impl PgPool {
             }
             let _ = reply.send(result);
         });
-        self.jobs
+        self.inner
+            .jobs
+            .as_ref()
+            .ok_or_else(|| msg_err("the connection pool has stopped"))?
             .send(job)
             .map_err(|_| msg_err("the connection pool has stopped"))?;
         answer

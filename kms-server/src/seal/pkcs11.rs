@@ -104,13 +104,30 @@ static CONTEXT: OnceLock<Mutex<Option<(PathBuf, Pkcs11)>>> = OnceLock::new();
 /// (SoftHSM among them) free their global state in exit-time destructors, and those have
 /// been seen to crash ("double free") when the application never called `C_Finalize`.
 /// A later use loads the module again.
+///
+/// `C_Finalize` runs on a thread of its own, joined here: a module that keeps per-thread
+/// state (SoftHSM through OpenSSL) has then freed it before this returns, instead of in
+/// the caller's thread-exit destructors, which could run while the process exits.
 pub fn finalize() {
     let taken = CONTEXT
         .get()
         .and_then(|m| m.lock().unwrap_or_else(PoisonError::into_inner).take());
     if let Some((module, ctx)) = taken {
-        if let Err(e) = ctx.finalize() {
-            tracing::warn!(module = %module.display(), error = %e, "PKCS#11 C_Finalize failed");
+        let done = std::thread::scope(|s| {
+            std::thread::Builder::new()
+                .name("keyhold-pkcs11-finalize".into())
+                .spawn_scoped(s, move || ctx.finalize())
+                .map(|t| t.join())
+        });
+        match done {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(module = %module.display(), error = %e, "PKCS#11 C_Finalize failed")
+            }
+            Ok(Err(_)) => tracing::warn!(module = %module.display(), "PKCS#11 C_Finalize panicked"),
+            Err(e) => {
+                tracing::warn!(module = %module.display(), error = %e, "PKCS#11 C_Finalize: no thread")
+            }
         }
     }
 }
