@@ -2085,7 +2085,19 @@ impl Keyring {
             keyring: self,
             un: self.unsealed()?,
             entries: Vec::new(),
+            unwraps: Vec::new(),
         })
+    }
+}
+
+impl Drop for Lookups<'_> {
+    fn drop(&mut self) {
+        if self.unwraps.iter().any(|&(_, n)| n > 0) {
+            let now = self.keyring.clock.now();
+            for i in 0..self.entries.len() {
+                self.count_unwraps(i, now);
+            }
+        }
     }
 }
 
@@ -2098,19 +2110,54 @@ const LOOKUPS_KEPT: usize = 16;
 /// written by every worker; touched once per item they cost a batch a tenth of its CPU
 /// (`BENCHMARKS.md`, batch section). A key disabled or destroyed while a batch runs is
 /// seen by the next request, as for any request already past its lookup.
+///
+/// Unwraps are counted in the usage counters once per key version when the scope ends
+/// (or its entry is let go), not once per item, for the same reason.
 pub struct Lookups<'k> {
     keyring: &'k Keyring,
     un: Arc<Unsealed>,
     entries: Vec<Arc<KeyEntry>>,
+    /// Beside each of `entries`: unwraps not yet counted, (version, count).
+    unwraps: Vec<(u32, u32)>,
 }
 
 impl Lookups<'_> {
     fn remember(&mut self, entry: Arc<KeyEntry>) -> usize {
         if self.entries.len() == LOOKUPS_KEPT {
+            let now = self.keyring.clock.now();
+            self.count_unwraps(self.entries.len() - 1, now);
             self.entries.pop();
+            self.unwraps.pop();
         }
         self.entries.push(entry);
+        self.unwraps.push((0, 0));
         self.entries.len() - 1
+    }
+
+    /// Counts the unwraps held for `entries[i]` at `now`.
+    fn count_unwraps(&mut self, i: usize, now: u64) {
+        if let (Some(entry), Some(pending)) = (self.entries.get(i), self.unwraps.get_mut(i)) {
+            let (version, n) = std::mem::take(pending);
+            if let Some(kek) = entry.versions.get(&version) {
+                kek.usage.unwraps_at(now, n);
+            }
+        }
+    }
+
+    /// Holds one unwrap under `version` of `entries[i]`, to be counted when the scope ends.
+    fn held_unwrap(&mut self, i: usize, version: u32) {
+        let held = self.unwraps.get(i).copied();
+        match held {
+            Some((v, n)) if v == version || n == 0 => {
+                self.unwraps[i] = (version, n.saturating_add(1))
+            }
+            Some(_) => {
+                let now = self.keyring.clock.now();
+                self.count_unwraps(i, now);
+                self.unwraps[i] = (version, 1);
+            }
+            None => {}
+        }
     }
 
     /// The index in `entries` of key `id` of `tenant`; `None`: no such key there.
@@ -2211,7 +2258,7 @@ impl Lookups<'_> {
             .material
             .unwrap(wrapped, &canonical)
             .map_err(|_| Error::DecryptFailed)?;
-        kek.usage.unwrap(self.keyring.clock.now());
+        self.held_unwrap(i, header.version);
         Ok((i, header.version, dek, canonical))
     }
 

@@ -134,15 +134,26 @@ impl Usage {
 
     /// Counts an unwrap at `now`.
     pub fn unwrap(&self, now: u64) {
-        self.unwraps.fetch_add(1, Ordering::Relaxed);
+        self.unwraps_at(now, 1);
+    }
+
+    /// Counts `n` unwraps at `now` (a request's unwraps under this version, counted once:
+    /// the counters are shared by every worker, and each write takes their cache line).
+    pub fn unwraps_at(&self, now: u64, n: u32) {
+        if n == 0 {
+            return;
+        }
+        self.unwraps.fetch_add(u64::from(n), Ordering::Relaxed);
         let day = now / DAY;
         let slot = &self.days[(day % DAYS) as usize];
         let mut cur = slot.load(Ordering::Relaxed);
         loop {
             let next = if cur >> 32 == day {
-                cur + u64::from((cur & 0xffff_ffff) < u64::from(u32::MAX))
+                // The day's count saturates at u32::MAX.
+                let count = (cur & 0xffff_ffff).saturating_add(u64::from(n));
+                day << 32 | count.min(u64::from(u32::MAX))
             } else {
-                day << 32 | 1
+                day << 32 | u64::from(n)
             };
             match slot.compare_exchange_weak(cur, next, Ordering::Relaxed, Ordering::Relaxed) {
                 Ok(_) => break,
@@ -226,6 +237,24 @@ mod tests {
         assert!(u.take_dirty() && !u.take_dirty());
         let back = Usage::from_record(&r);
         assert_eq!(back.record(t0 + DAYS * DAY), r);
+    }
+
+    #[test]
+    fn counts_several_unwraps_at_once_and_saturates_the_day() {
+        let u = Usage::default();
+        let t0 = 1_000 * DAY;
+        u.unwraps_at(t0, 0);
+        assert!(!u.take_dirty());
+        u.unwraps_at(t0, 5);
+        u.unwrap(t0);
+        assert_eq!(u.unwraps_within(t0, 1), 6);
+        assert_eq!(u.totals(), (0, 6, t0));
+        u.unwraps_at(t0, u32::MAX);
+        assert_eq!(u.unwraps_within(t0, 1), u64::from(u32::MAX));
+        // The next day starts from the batch's count.
+        u.unwraps_at(t0 + DAY, 7);
+        assert_eq!(u.unwraps_within(t0 + DAY, 1), 7);
+        assert_eq!(u.totals().1, 6 + u64::from(u32::MAX) + 7);
     }
 
     /// Two nodes load the same stored record, count, and flush in turn: the store ends up

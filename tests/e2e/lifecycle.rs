@@ -258,4 +258,29 @@ async fn usage_counters_and_the_min_decrypt_version_dry_run() {
     };
     assert_eq!(dry(7).await.1["unwraps_refused"], 0);
     assert_eq!(dry(30).await.1["unwraps_refused"], 3);
+    // A batch's unwraps are counted per version once the request is done (not per
+    // item): v1, v2, v1, a failing item, v1.
+    let app = s.client(Some("app-a"));
+    let item = |w: &Value| json!({"op": "unwrap", "wrapped": w});
+    let (st, batch) = post(
+        &app,
+        &s.url("/v1/batch"),
+        json!({"items": [item(&v1[0]), item(&re["wrapped"]), item(&v1[1]),
+                         item(&json!("AAAA")), item(&v1[2])]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{batch}");
+    let versions: Vec<Value> = batch["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["unwrap"]["version"].clone())
+        .collect();
+    assert_eq!(
+        versions,
+        [json!(1), json!(2), json!(1), Value::Null, json!(1)]
+    );
+    let (_, info) = get(&s.client(Some("auditor-a")), &s.url("/v1/keys/k")).await;
+    assert_eq!(counts(&info), [(3, 6, true), (1, 1, true)], "{info}");
+    assert_eq!(dry(7).await.1["unwraps_refused"], 3);
 }
