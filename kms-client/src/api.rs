@@ -62,8 +62,20 @@ impl PartialEq for SecretBytes {
 
 impl Eq for SecretBytes {}
 
+/// Secrets up to this many bytes are base64-encoded on the stack (DEKs are 32 bytes; one
+/// heap allocation less per answer, and per batch item).
+const STACK_ENCODED: usize = 48;
+
 impl Serialize for SecretBytes {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        if self.0.len() <= STACK_ENCODED {
+            let mut buf = Zeroizing::new([0u8; STACK_ENCODED / 3 * 4]);
+            let n = B64
+                .encode_slice(self.0.as_slice(), &mut buf[..])
+                .map_err(serde::ser::Error::custom)?;
+            let text = std::str::from_utf8(&buf[..n]).map_err(serde::ser::Error::custom)?;
+            return serializer.serialize_str(text);
+        }
         let encoded = Zeroizing::new(B64.encode(self.0.as_slice()));
         serializer.serialize_str(&encoded)
     }
@@ -1468,6 +1480,31 @@ mod tests {
         assert!(dbg.contains("REDACTED"));
         let p = Passphrase::new("correct horse".into());
         assert!(!format!("{p:?}").contains("horse"));
+    }
+
+    /// Every length round-trips through JSON, on both sides of the stack-encoding limit,
+    /// as the standard base64 any client decodes.
+    #[test]
+    fn secret_bytes_serialize_as_standard_base64_at_every_length() {
+        for len in [
+            0,
+            1,
+            2,
+            3,
+            31,
+            32,
+            33,
+            STACK_ENCODED - 1,
+            STACK_ENCODED,
+            STACK_ENCODED + 1,
+            100,
+        ] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 37 + 11) as u8).collect();
+            let json = serde_json::to_string(&SecretBytes::new(bytes.clone())).unwrap();
+            assert_eq!(json, format!("\"{}\"", B64.encode(&bytes)), "length {len}");
+            let back: SecretBytes = serde_json::from_str(&json).unwrap();
+            assert_eq!(back.expose_secret(), &bytes[..], "length {len}");
+        }
     }
 
     #[test]

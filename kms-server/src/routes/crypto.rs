@@ -12,7 +12,7 @@ use kms_client::api::{
     RewrapRequest, UnwrapRequest, UnwrapResponse, WrapRequest, WrapResponse,
 };
 
-use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName};
+use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName, SecretJson};
 use crate::error::Error;
 use crate::keyring::{DataKey, Keyring, Lookups, Unwrapped, Wrapped};
 use crate::policy::{Operation, Principal};
@@ -42,6 +42,12 @@ fn unwrap_response(u: Unwrapped) -> UnwrapResponse {
     }
 }
 
+/// Bytes to set aside for an unwrap answer (a 32-byte DEK, the key name, the version);
+/// a longer one grows its buffer ([`SecretJson`]).
+const UNWRAP_ANSWER: usize = 128;
+/// The same for a datakey answer (the DEK and the wrapped DEK).
+const DATAKEY_ANSWER: usize = 320;
+
 /// `POST /v1/keys/{name}/datakey`.
 pub async fn datakey(
     State(state): State<Arc<AppState>>,
@@ -49,13 +55,16 @@ pub async fn datakey(
     note: AuditNote,
     KeyName(name): KeyName,
     ApiJson(req): ApiJson<DatakeyRequest>,
-) -> Result<Json<DatakeyResponse>, Error> {
+) -> Result<SecretJson<DatakeyResponse>, Error> {
     note.key(&name);
     caller.authorize(Operation::UseKeys)?;
     note.context(&state.keyring, &req.context);
     let d = state.keyring.datakey(&caller, &name, &req.context)?;
     note.key_version(&d.key, d.version);
-    Ok(Json(datakey_response(d)))
+    Ok(SecretJson {
+        value: datakey_response(d),
+        capacity: DATAKEY_ANSWER,
+    })
 }
 
 /// `POST /v1/keys/{name}/wrap`.
@@ -78,7 +87,7 @@ pub async fn unwrap(
     Caller(caller): Caller,
     note: AuditNote,
     ApiJson(req): ApiJson<UnwrapRequest>,
-) -> Result<Json<UnwrapResponse>, Error> {
+) -> Result<SecretJson<UnwrapResponse>, Error> {
     caller.authorize(Operation::UseKeys)?;
     note.context(&state.keyring, &req.context);
     let u = if crate::format::is_rsa(req.wrapped.as_bytes()) {
@@ -94,7 +103,10 @@ pub async fn unwrap(
             .unwrap(&caller, req.wrapped.as_bytes(), &req.context)?
     };
     note.key_version(&u.key, u.version);
-    Ok(Json(unwrap_response(u)))
+    Ok(SecretJson {
+        value: unwrap_response(u),
+        capacity: UNWRAP_ANSWER,
+    })
 }
 
 /// `POST /v1/rewrap`: the DEK stays in the server.
@@ -158,7 +170,7 @@ pub async fn batch(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
     ApiJson(req): ApiJson<BatchRequest>,
-) -> Result<Json<BatchResponse>, Error> {
+) -> Result<SecretJson<BatchResponse>, Error> {
     caller.authorize(Operation::UseKeys)?;
     let max = state.settings.max_batch_items;
     if req.items.is_empty() || req.items.len() > max {
@@ -173,13 +185,25 @@ pub async fn batch(
         }
         _ => false,
     });
+    let capacity = req
+        .items
+        .iter()
+        .map(|item| match item {
+            BatchItem::Unwrap { .. } => UNWRAP_ANSWER,
+            _ => DATAKEY_ANSWER,
+        })
+        .sum::<usize>()
+        + 16;
     let results = if any_rsa {
         let st = state.clone();
         blocking(move || run_batch(&st.keyring, &caller, &req.items)).await?
     } else {
         run_batch(&state.keyring, &caller, &req.items)?
     };
-    Ok(Json(BatchResponse { results }))
+    Ok(SecretJson {
+        value: BatchResponse { results },
+        capacity,
+    })
 }
 
 /// The items in order, sharing one [`Lookups`]. Sealed: the whole batch fails (503).
