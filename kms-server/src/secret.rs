@@ -1,7 +1,8 @@
 //! Secret key types. Every byte of key material in the server lives in one of these.
 //!
 //! Rules (STYLE.md): zeroized on drop; no `Clone`, `Serialize` or `Display`; `Debug` prints
-//! `[REDACTED]`; the accessor's name says "secret"; equality is constant time.
+//! `[REDACTED]`; the accessor's name says "secret"; equality is constant time. An answer
+//! that hands key material to a caller is written through [`SecretJson`].
 
 use std::fmt;
 
@@ -99,9 +100,64 @@ impl PartialEq for SecretVec {
 
 impl Eq for SecretVec {}
 
+/// A JSON answer that carries key material (DEKs): serialized once into a buffer sized
+/// for it up front (`capacity`, grown by copying and zeroizing the old buffer if the guess
+/// was short), and handed to hyper as `Bytes` whose owner zeroizes the buffer once the
+/// last reference is gone, after the answer is written. axum's `Json` grows its buffer by
+/// reallocation, leaving partial copies of the keys in freed memory, and frees the final
+/// one unwiped. (Copies the HTTP and TLS layers make on the way out are theirs.)
+pub struct SecretJson<T> {
+    /// The answer.
+    pub value: T,
+    /// Bytes expected (a guess: enough for a typical answer of this shape).
+    pub capacity: usize,
+}
+
+impl<T: serde::Serialize> axum::response::IntoResponse for SecretJson<T> {
+    fn into_response(self) -> axum::response::Response {
+        let mut out = ZeroizingWriter(zeroize::Zeroizing::new(Vec::with_capacity(self.capacity)));
+        match serde_json::to_writer(&mut out, &self.value) {
+            Ok(()) => (
+                [(
+                    axum::http::header::CONTENT_TYPE,
+                    axum::http::HeaderValue::from_static("application/json"),
+                )],
+                axum::body::Bytes::from_owner(out.0),
+            )
+                .into_response(),
+            // Serializing Keyhold's own answer types does not fail; if it did, no key
+            // leaves (the API's error body, whichever protocol asked).
+            Err(_) => Error::Internal("the answer could not be serialized").into_response(),
+        }
+    }
+}
+
+/// A `Write` into a zeroizing buffer that never reallocates in place: when full it moves
+/// to a buffer twice the size and wipes the old one.
+struct ZeroizingWriter(zeroize::Zeroizing<Vec<u8>>);
+
+impl std::io::Write for ZeroizingWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let needed = self.0.len() + buf.len();
+        if needed > self.0.capacity() {
+            let mut bigger = Vec::with_capacity(needed.max(self.0.capacity() * 2));
+            bigger.extend_from_slice(&self.0);
+            // The old buffer is wiped (its whole capacity) when the `Zeroizing` is dropped.
+            self.0 = zeroize::Zeroizing::new(bigger);
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::response::IntoResponse as _;
 
     #[test]
     fn debug_prints_no_key_bytes() {
@@ -120,5 +176,31 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a, SecretKey::from_slice(a.expose_secret()).unwrap());
         assert!(SecretKey::from_slice(&[0; 31]).is_none());
+    }
+
+    /// The body is exactly what `serde_json` writes, whatever the capacity guessed (too
+    /// small: the buffer moves, possibly several times), with the JSON content type.
+    #[tokio::test]
+    async fn secret_json_answers_the_serialized_value_whatever_the_capacity() {
+        let value = serde_json::json!({
+            "results": (0..50).map(|i| serde_json::json!({"unwrap": {"plaintext": "A".repeat(44), "key": format!("k{i}"), "version": i}})).collect::<Vec<_>>(),
+        });
+        let expected = serde_json::to_vec(&value).unwrap();
+        for capacity in [0, 1, 100, expected.len(), expected.len() * 2] {
+            let response = SecretJson {
+                value: value.clone(),
+                capacity,
+            }
+            .into_response();
+            assert_eq!(response.status(), axum::http::StatusCode::OK);
+            assert_eq!(
+                response.headers()[axum::http::header::CONTENT_TYPE],
+                "application/json"
+            );
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .unwrap();
+            assert_eq!(&body[..], &expected[..], "capacity {capacity}");
+        }
     }
 }

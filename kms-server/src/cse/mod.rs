@@ -44,6 +44,8 @@ use crate::error::Error;
 use crate::jwt::{JwtError, Verifier};
 use crate::policy::Principal;
 use crate::routes::AppState;
+use crate::secret::SecretJson;
+use kms_client::api::SecretBytes;
 use settings::CseSettings;
 
 /// The origin Google's clients run in.
@@ -86,6 +88,22 @@ fn bad(m: &str) -> CseError {
 }
 fn denied(m: &str) -> CseError {
     CseError::new(StatusCode::FORBIDDEN, m)
+}
+
+/// `{"key": <the DEK, base64>}`, the answer of `unwrap` and `privilegedunwrap`, written
+/// through [`SecretJson`].
+fn key_answer(dek: &[u8]) -> Response {
+    #[derive(serde::Serialize)]
+    struct KeyAnswer {
+        key: SecretBytes,
+    }
+    SecretJson {
+        value: KeyAnswer {
+            key: SecretBytes::new(dek.to_vec()),
+        },
+        capacity: 64,
+    }
+    .into_response()
 }
 
 /// The JWK set `/cse/certs` publishes for the signing key at `path` (what a key service
@@ -549,7 +567,7 @@ impl Cse {
         let (dek, _) = self
             .open(&req.wrapped_key, &authz.resource_name, facts)
             .await?;
-        Ok(Json(json!({"key": B64.encode(&*dek)})).into_response())
+        Ok(key_answer(&dek))
     }
 
     async fn digest(
@@ -630,7 +648,7 @@ impl Cse {
         let (dek, _) = self
             .open(&req.wrapped_key, &req.resource_name, facts)
             .await?;
-        Ok(Json(json!({"key": B64.encode(&*dek)})).into_response())
+        Ok(key_answer(&dek))
     }
 
     /// Migrates a key wrapped by another KACLS here: asks it to unwrap (its

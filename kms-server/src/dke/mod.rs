@@ -33,6 +33,8 @@ use crate::error::Error;
 use crate::jwt::{JwtError, Verifier};
 use crate::policy::Principal;
 use crate::routes::AppState;
+use crate::secret::SecretJson;
+use kms_client::api::SecretBytes;
 use settings::{DkeSettings, KeyMapping};
 
 /// The one algorithm of `decrypt`.
@@ -276,7 +278,18 @@ impl Dke {
         .await;
         match opened {
             Ok(u) => {
-                Json(json!({"value": B64.encode(u.plaintext.expose_secret())})).into_response()
+                // `{"value": <the plaintext, base64>}`.
+                #[derive(serde::Serialize)]
+                struct Decrypted {
+                    value: SecretBytes,
+                }
+                SecretJson {
+                    value: Decrypted {
+                        value: SecretBytes::new(u.plaintext.expose_secret().to_vec()),
+                    },
+                    capacity: 64,
+                }
+                .into_response()
             }
             Err(e) => Self::keyring_error(&e),
         }

@@ -44,6 +44,8 @@ use crate::error::Error;
 use crate::jwt::{JwtError, Verifier};
 use crate::policy::Principal;
 use crate::routes::AppState;
+use crate::secret::SecretJson;
+use kms_client::api::SecretBytes;
 use settings::{EkmSettings, KeyPolicy};
 
 /// Largest request body.
@@ -396,10 +398,19 @@ impl Ekm {
         })
         .await
         .map_err(|e| Self::keyring_error(&e))?;
-        Ok(Json(json!({
-            "plaintext": B64.encode(opened.plaintext.expose_secret()),
-            "allowedCacheDuration": format!("{}s", policy.cache.as_secs()),
-        }))
+        #[derive(serde::Serialize)]
+        #[serde(rename_all = "camelCase")]
+        struct Unwrapped {
+            plaintext: SecretBytes,
+            allowed_cache_duration: String,
+        }
+        Ok(SecretJson {
+            value: Unwrapped {
+                plaintext: SecretBytes::new(opened.plaintext.expose_secret().to_vec()),
+                allowed_cache_duration: format!("{}s", policy.cache.as_secs()),
+            },
+            capacity: 128,
+        }
         .into_response())
     }
 

@@ -12,10 +12,11 @@ use kms_client::api::{
     RewrapRequest, UnwrapRequest, UnwrapResponse, WrapRequest, WrapResponse,
 };
 
-use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName, SecretJson};
+use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName};
 use crate::error::Error;
 use crate::keyring::{DataKey, Keyring, Lookups, Unwrapped, Wrapped};
 use crate::policy::{Operation, Principal};
+use crate::secret::SecretJson;
 
 fn datakey_response(d: DataKey) -> DatakeyResponse {
     DatakeyResponse {

@@ -510,59 +510,6 @@ where
     }
 }
 
-/// A JSON answer that carries key material (DEKs): serialized once into a buffer sized
-/// for it up front (`capacity`, grown by copying and zeroizing the old buffer if the guess
-/// was short), and handed to hyper as `Bytes` whose owner zeroizes the buffer once the
-/// last reference is gone, after the answer is written. axum's `Json` grows its buffer by
-/// reallocation, leaving partial copies of the keys in freed memory, and frees the final
-/// one unwiped. (Copies the HTTP and TLS layers make on the way out are theirs.)
-pub struct SecretJson<T> {
-    /// The answer.
-    pub value: T,
-    /// Bytes expected (a guess: enough for a typical answer of this shape).
-    pub capacity: usize,
-}
-
-impl<T: serde::Serialize> IntoResponse for SecretJson<T> {
-    fn into_response(self) -> Response {
-        let mut out = ZeroizingWriter(zeroize::Zeroizing::new(Vec::with_capacity(self.capacity)));
-        match serde_json::to_writer(&mut out, &self.value) {
-            Ok(()) => (
-                [(
-                    axum::http::header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                )],
-                axum::body::Bytes::from_owner(out.0),
-            )
-                .into_response(),
-            // Serializing the API's own types does not fail; if it did, no key leaves.
-            Err(_) => Error::Internal("the answer could not be serialized").into_response(),
-        }
-    }
-}
-
-/// A `Write` into a zeroizing buffer that never reallocates in place: when full it moves
-/// to a buffer twice the size and wipes the old one.
-struct ZeroizingWriter(zeroize::Zeroizing<Vec<u8>>);
-
-impl std::io::Write for ZeroizingWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let needed = self.0.len() + buf.len();
-        if needed > self.0.capacity() {
-            let mut bigger = Vec::with_capacity(needed.max(self.0.capacity() * 2));
-            bigger.extend_from_slice(&self.0);
-            // The old buffer is wiped (its whole capacity) when the `Zeroizing` is dropped.
-            self.0 = zeroize::Zeroizing::new(bigger);
-        }
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// `application/json` or `application/<something>+json`, as axum's `Json` accepts.
 mod media_type {
     /// A parsed media type: type, subtype (parameters ignored).
@@ -634,35 +581,4 @@ where
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|_| Error::Internal("blocking task failed"))?
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The body is exactly what `serde_json` writes, whatever the capacity guessed (too
-    /// small: the buffer moves, possibly several times), with the JSON content type.
-    #[tokio::test]
-    async fn secret_json_answers_the_serialized_value_whatever_the_capacity() {
-        let value = serde_json::json!({
-            "results": (0..50).map(|i| serde_json::json!({"unwrap": {"plaintext": "A".repeat(44), "key": format!("k{i}"), "version": i}})).collect::<Vec<_>>(),
-        });
-        let expected = serde_json::to_vec(&value).unwrap();
-        for capacity in [0, 1, 100, expected.len(), expected.len() * 2] {
-            let response = SecretJson {
-                value: value.clone(),
-                capacity,
-            }
-            .into_response();
-            assert_eq!(response.status(), StatusCode::OK);
-            assert_eq!(
-                response.headers()[axum::http::header::CONTENT_TYPE],
-                "application/json"
-            );
-            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-                .await
-                .unwrap();
-            assert_eq!(&body[..], &expected[..], "capacity {capacity}");
-        }
-    }
 }

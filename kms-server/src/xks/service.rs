@@ -626,9 +626,12 @@ impl Xks {
                 e => XksError::from_keyring(&e, op),
             })?;
         facts.version = Some(u.version);
-        Ok(axum::Json(DecryptResponse {
-            plaintext: SecretBytes::new(u.plaintext.expose_secret().to_vec()),
-        })
+        Ok(crate::secret::SecretJson {
+            value: DecryptResponse {
+                plaintext: SecretBytes::new(u.plaintext.expose_secret().to_vec()),
+            },
+            capacity: 128,
+        }
         .into_response())
     }
 }
