@@ -89,6 +89,67 @@ impl<'de> Deserialize<'de> for SecretBytes {
     }
 }
 
+/// A buffer for bytes that may carry key material (a JSON body with a DEK in it): it
+/// grows by moving to a new allocation and wiping the old one, never by a `realloc` that
+/// would leave a copy in freed memory, and it is wiped when dropped. The server writes
+/// the answers that hand over keys through it, the client the requests and answers.
+#[derive(Default)]
+pub struct ZeroizingBuf(Zeroizing<Vec<u8>>);
+
+impl ZeroizingBuf {
+    /// An empty buffer with room for `capacity` bytes.
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self(Zeroizing::new(Vec::with_capacity(capacity)))
+    }
+
+    /// `value` as JSON, in a buffer of `capacity` bytes to start with.
+    pub fn json<T: Serialize + ?Sized>(value: &T, capacity: usize) -> serde_json::Result<Self> {
+        let mut buf = Self::with_capacity(capacity);
+        serde_json::to_writer(&mut buf, value)?;
+        Ok(buf)
+    }
+
+    /// Appends `data`.
+    pub fn extend(&mut self, data: &[u8]) {
+        let needed = self.0.len().saturating_add(data.len());
+        if needed > self.0.capacity() {
+            let mut bigger = Vec::with_capacity(needed.max(self.0.capacity().saturating_mul(2)));
+            bigger.extend_from_slice(&self.0);
+            // The old buffer is wiped (its whole capacity) as its `Zeroizing` drops here.
+            self.0 = Zeroizing::new(bigger);
+        }
+        self.0.extend_from_slice(data);
+    }
+
+    /// The bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl AsRef<[u8]> for ZeroizingBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::io::Write for ZeroizingBuf {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.extend(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ZeroizingBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ZeroizingBuf([REDACTED; {} bytes])", self.0.len())
+    }
+}
+
 /// A wrapped (encrypted) DEK: opaque bytes to callers, base64 in JSON.
 ///
 /// Not secret, but `Debug` shows only its length and first bytes so logs never carry one
@@ -1505,6 +1566,26 @@ mod tests {
             let back: SecretBytes = serde_json::from_str(&json).unwrap();
             assert_eq!(back.expose_secret(), &bytes[..], "length {len}");
         }
+    }
+
+    /// Appends across many moves keep every byte in order; `Debug` shows only the length.
+    #[test]
+    fn zeroizing_buf_grows_by_moving_and_keeps_the_bytes() {
+        let mut buf = ZeroizingBuf::with_capacity(1);
+        let mut expected = Vec::new();
+        for i in 0..200u8 {
+            let chunk = vec![i; usize::from(i % 7) + 1];
+            buf.extend(&chunk);
+            expected.extend_from_slice(&chunk);
+        }
+        assert_eq!(buf.as_slice(), &expected[..]);
+        let dbg = format!("{buf:?}");
+        assert!(dbg.contains("REDACTED") && !dbg.contains("199,"), "{dbg}");
+        let json = ZeroizingBuf::json(&SecretBytes::new(vec![7; 32]), 0).unwrap();
+        assert_eq!(
+            json.as_slice(),
+            serde_json::to_vec(&B64.encode([7u8; 32])).unwrap()
+        );
     }
 
     #[test]

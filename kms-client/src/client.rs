@@ -25,6 +25,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::api::ZeroizingBuf;
 use crate::api::{
     AuditChain, AuditPage, BatchItem, BatchRequest, BatchResponse, BatchResult, Context,
     CreateKeyRequest, DatakeyRequest, DatakeyResponse, ErrorCode, ErrorResponse, KeyInfo, KeyList,
@@ -303,7 +304,7 @@ impl Client {
         method: &Method,
         path: &str,
         body: &Bytes,
-    ) -> Result<(StatusCode, Bytes), Attempt> {
+    ) -> Result<(StatusCode, ZeroizingBuf), Attempt> {
         let endpoint = &self.inner.endpoints[idx];
         let fut = self.inner.transport.send(idx, method, path, body);
         match tokio::time::timeout(self.inner.request_timeout, fut).await {
@@ -324,10 +325,9 @@ impl Client {
         &self,
         method: Method,
         path: &str,
-        body: Option<Vec<u8>>,
+        body: Bytes,
         repeat: Repeat,
     ) -> Result<T, Error> {
-        let body = Bytes::from(body.unwrap_or_default());
         let n = self.inner.endpoints.len();
         let policy = self.inner.retry;
         let mut last: Option<Error> = None;
@@ -345,7 +345,7 @@ impl Client {
             for i in 0..n {
                 let idx = (first + i) % n;
                 match self.attempt(idx, &method, path, &body).await {
-                    Ok((status, bytes)) => match decode::<T>(status, &bytes) {
+                    Ok((status, bytes)) => match decode::<T>(status, bytes.as_slice()) {
                         Ok(v) => {
                             self.inner.preferred.store(idx, Ordering::Relaxed);
                             return Ok(v);
@@ -388,12 +388,13 @@ impl Client {
         body: &B,
         repeat: Repeat,
     ) -> Result<T, Error> {
-        let bytes = serde_json::to_vec(body).map_err(|e| Error::Config(e.to_string()))?;
-        self.call(Method::POST, path, Some(bytes), repeat).await
+        self.call(Method::POST, path, json_body(body)?, repeat)
+            .await
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
-        self.call(Method::GET, path, None, Repeat::Safe).await
+        self.call(Method::GET, path, Bytes::new(), Repeat::Safe)
+            .await
     }
 
     // ---- keys ----
@@ -473,10 +474,8 @@ impl Client {
         version: u32,
     ) -> Result<KeyInfo, Error> {
         let path = format!("/v1/keys/{}/min-decrypt-version", check_name(name)?);
-        let body = serde_json::to_vec(&MinDecryptVersionRequest { version })
-            .map_err(|e| Error::Config(e.to_string()))?;
-        self.call(Method::PUT, &path, Some(body), Repeat::Safe)
-            .await
+        let body = json_body(&MinDecryptVersionRequest { version })?;
+        self.call(Method::PUT, &path, body, Repeat::Safe).await
     }
 
     /// `POST /v1/keys/{name}/min-decrypt-version/dry-run`: how many unwraps in the last
@@ -498,10 +497,8 @@ impl Client {
     /// `PUT /v1/keys/{name}/grants`: replaces the key's grants (idempotent).
     pub async fn set_grants(&self, name: &str, grants: Vec<Grant>) -> Result<KeyInfo, Error> {
         let path = format!("/v1/keys/{}/grants", check_name(name)?);
-        let body = serde_json::to_vec(&SetGrantsRequest { grants })
-            .map_err(|e| Error::Config(e.to_string()))?;
-        self.call(Method::PUT, &path, Some(body), Repeat::Safe)
-            .await
+        let body = json_body(&SetGrantsRequest { grants })?;
+        self.call(Method::PUT, &path, body, Repeat::Safe).await
     }
 
     // ---- key use ----
@@ -640,12 +637,11 @@ impl Client {
     /// `PUT /v1/sys/identities`: maps `identity` to `role` in the caller's tenant
     /// (idempotent).
     pub async fn set_identity(&self, identity: &str, role: Role) -> Result<IdentityList, Error> {
-        let body = serde_json::to_vec(&SetIdentityRequest {
+        let body = json_body(&SetIdentityRequest {
             identity: identity.to_owned(),
             role,
-        })
-        .map_err(|e| Error::Config(e.to_string()))?;
-        self.call(Method::PUT, "/v1/sys/identities", Some(body), Repeat::Safe)
+        })?;
+        self.call(Method::PUT, "/v1/sys/identities", body, Repeat::Safe)
             .await
     }
 
@@ -697,6 +693,13 @@ impl Client {
         self.post("/v1/sys/seal", &serde_json::json!({}), Repeat::Safe)
             .await
     }
+}
+
+/// A request body as JSON, in a buffer that is wiped once hyper has sent it (a wrap's
+/// body holds the DEK).
+fn json_body<B: Serialize + ?Sized>(body: &B) -> Result<Bytes, Error> {
+    let buf = ZeroizingBuf::json(body, 256).map_err(|e| Error::Config(e.to_string()))?;
+    Ok(Bytes::from_owner(buf))
 }
 
 fn decode<T: DeserializeOwned>(status: StatusCode, bytes: &[u8]) -> Result<T, Error> {

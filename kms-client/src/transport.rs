@@ -17,6 +17,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 
+use crate::api::ZeroizingBuf;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A failed attempt.
@@ -183,7 +185,7 @@ impl Transport {
         method: &Method,
         path: &str,
         body: &Bytes,
-    ) -> Result<(StatusCode, Bytes), SendError> {
+    ) -> Result<(StatusCode, ZeroizingBuf), SendError> {
         let pool = &self.pools[idx];
         // A pooled connection may turn out closed; then one fresh connection is tried.
         let mut sender = match self.checkout(pool) {
@@ -225,12 +227,16 @@ impl Transport {
             match result {
                 Ok(resp) => {
                     let status = resp.status();
-                    let bytes = resp
-                        .into_body()
-                        .collect()
-                        .await
-                        .map_err(|e| SendError::MaybeSent(Box::new(e)))?
-                        .to_bytes();
+                    // Read into a buffer that is wiped when the caller is done with it
+                    // (answers carry DEKs); the frames go as they are copied.
+                    let mut body = resp.into_body();
+                    let mut bytes = ZeroizingBuf::with_capacity(256);
+                    while let Some(frame) = body.frame().await {
+                        let frame = frame.map_err(|e| SendError::MaybeSent(Box::new(e)))?;
+                        if let Some(data) = frame.data_ref() {
+                            bytes.extend(data);
+                        }
+                    }
                     match sender {
                         (Sender::H1(h1), _) if !h1.is_closed() => {
                             let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);

@@ -101,8 +101,8 @@ impl PartialEq for SecretVec {
 impl Eq for SecretVec {}
 
 /// A JSON answer that carries key material (DEKs): serialized once into a buffer sized
-/// for it up front (`capacity`, grown by copying and zeroizing the old buffer if the guess
-/// was short), and handed to hyper as `Bytes` whose owner zeroizes the buffer once the
+/// for it up front (`capacity`; a [`kms_client::api::ZeroizingBuf`], which wipes what it
+/// leaves if the guess was short), and handed to hyper as `Bytes` whose owner zeroizes the buffer once the
 /// last reference is gone, after the answer is written. axum's `Json` grows its buffer by
 /// reallocation, leaving partial copies of the keys in freed memory, and frees the final
 /// one unwiped. (Copies the HTTP and TLS layers make on the way out are theirs.)
@@ -115,42 +115,19 @@ pub struct SecretJson<T> {
 
 impl<T: serde::Serialize> axum::response::IntoResponse for SecretJson<T> {
     fn into_response(self) -> axum::response::Response {
-        let mut out = ZeroizingWriter(zeroize::Zeroizing::new(Vec::with_capacity(self.capacity)));
-        match serde_json::to_writer(&mut out, &self.value) {
-            Ok(()) => (
+        match kms_client::api::ZeroizingBuf::json(&self.value, self.capacity) {
+            Ok(buf) => (
                 [(
                     axum::http::header::CONTENT_TYPE,
                     axum::http::HeaderValue::from_static("application/json"),
                 )],
-                axum::body::Bytes::from_owner(out.0),
+                axum::body::Bytes::from_owner(buf),
             )
                 .into_response(),
             // Serializing Keyhold's own answer types does not fail; if it did, no key
             // leaves (the API's error body, whichever protocol asked).
             Err(_) => Error::Internal("the answer could not be serialized").into_response(),
         }
-    }
-}
-
-/// A `Write` into a zeroizing buffer that never reallocates in place: when full it moves
-/// to a buffer twice the size and wipes the old one.
-struct ZeroizingWriter(zeroize::Zeroizing<Vec<u8>>);
-
-impl std::io::Write for ZeroizingWriter {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let needed = self.0.len() + buf.len();
-        if needed > self.0.capacity() {
-            let mut bigger = Vec::with_capacity(needed.max(self.0.capacity() * 2));
-            bigger.extend_from_slice(&self.0);
-            // The old buffer is wiped (its whole capacity) when the `Zeroizing` is dropped.
-            self.0 = zeroize::Zeroizing::new(bigger);
-        }
-        self.0.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
     }
 }
 
