@@ -2144,20 +2144,18 @@ impl Lookups<'_> {
         }
     }
 
-    /// Holds one unwrap under `version` of `entries[i]`, to be counted when the scope ends.
+    /// Holds one unwrap under `version` of `entries[i]`, to be counted when the scope ends
+    /// (at once for the unwraps held under another version of the same key).
     fn held_unwrap(&mut self, i: usize, version: u32) {
-        let held = self.unwraps.get(i).copied();
-        match held {
-            Some((v, n)) if v == version || n == 0 => {
-                self.unwraps[i] = (version, n.saturating_add(1))
-            }
-            Some(_) => {
-                let now = self.keyring.clock.now();
-                self.count_unwraps(i, now);
-                self.unwraps[i] = (version, 1);
-            }
-            None => {}
+        let Some(&(v, n)) = self.unwraps.get(i) else {
+            return;
+        };
+        if v != version && n > 0 {
+            let now = self.keyring.clock.now();
+            self.count_unwraps(i, now);
         }
+        let n = if v == version { n } else { 0 };
+        self.unwraps[i] = (version, n.saturating_add(1));
     }
 
     /// The index in `entries` of key `id` of `tenant`; `None`: no such key there.
@@ -2390,11 +2388,11 @@ impl Lookups<'_> {
     ) -> Result<Unwrapped, Error> {
         let i = self.decryptable(who, name, version)?;
         let key_name = self.entries[i].record.name.clone();
-        let (key, usage) = self.aes_version(i, version, Error::DecryptFailed)?;
+        let (key, _) = self.aes_version(i, version, Error::DecryptFailed)?;
         let mut buf = zeroize::Zeroizing::new(ciphertext.to_vec());
         crate::crypto::open_detached(key, iv, DETACHED_LABEL, aad, &mut buf, tag)
             .map_err(|_| Error::DecryptFailed)?;
-        usage.unwrap(self.keyring.clock.now());
+        self.held_unwrap(i, version);
         Ok(Unwrapped {
             plaintext: SecretVec::new(std::mem::take(&mut *buf)),
             key: key_name,
@@ -2421,7 +2419,7 @@ impl Lookups<'_> {
             .decrypt_unlabelled(ciphertext)
             .ok_or_else(|| Error::InvalidRequest(format!("key {key_name} is not an RSA key")))?
             .map_err(|_| Error::DecryptFailed)?;
-        kek.usage.unwrap(self.keyring.clock.now());
+        self.held_unwrap(i, version);
         Ok(Unwrapped {
             plaintext,
             key: key_name,

@@ -132,11 +132,6 @@ impl Usage {
         self.touch(now);
     }
 
-    /// Counts an unwrap at `now`.
-    pub fn unwrap(&self, now: u64) {
-        self.unwraps_at(now, 1);
-    }
-
     /// Counts `n` unwraps at `now` (a request's unwraps under this version, counted once:
     /// the counters are shared by every worker, and each write takes their cache line).
     pub fn unwraps_at(&self, now: u64, n: u32) {
@@ -224,13 +219,13 @@ mod tests {
         let t0 = 1_000 * DAY;
         u.wrap(t0);
         for _ in 0..3 {
-            u.unwrap(t0);
+            u.unwraps_at(t0, 1);
         }
-        u.unwrap(t0 + DAY);
+        u.unwraps_at(t0 + DAY, 1);
         assert_eq!(u.unwraps_within(t0 + DAY, 1), 1);
         assert_eq!(u.unwraps_within(t0 + DAY, 2), 4);
         // A day DAYS later reuses the slot of t0 and forgets t0's three.
-        u.unwrap(t0 + DAYS * DAY);
+        u.unwraps_at(t0 + DAYS * DAY, 1);
         assert_eq!(u.unwraps_within(t0 + DAYS * DAY, DAYS), 2);
         let r = u.record(t0 + DAYS * DAY);
         assert_eq!((r.wraps, r.unwraps, r.last_use), (1, 5, t0 + DAYS * DAY));
@@ -246,7 +241,7 @@ mod tests {
         u.unwraps_at(t0, 0);
         assert!(!u.take_dirty());
         u.unwraps_at(t0, 5);
-        u.unwrap(t0);
+        u.unwraps_at(t0, 1);
         assert_eq!(u.unwraps_within(t0, 1), 6);
         assert_eq!(u.totals(), (0, 6, t0));
         u.unwraps_at(t0, u32::MAX);
@@ -266,11 +261,11 @@ mod tests {
         let a = Usage::from_record(&stored);
         let b = Usage::from_record(&stored);
         for _ in 0..3 {
-            a.unwrap(t0);
+            a.unwraps_at(t0, 1);
         }
         a.wrap(t0);
-        b.unwrap(t0);
-        b.unwrap(t0 + DAY);
+        b.unwraps_at(t0, 1);
+        b.unwraps_at(t0 + DAY, 1);
         for node in [&a, &b] {
             let (current, delta) = node.unflushed(t0 + DAY);
             stored.add(&delta, t0 + DAY);
@@ -285,7 +280,7 @@ mod tests {
         let (_, delta) = a.unflushed(t0 + DAY);
         assert_eq!((delta.wraps, delta.unwraps), (0, 0));
         assert!(delta.days.is_empty());
-        a.unwrap(t0 + DAY);
+        a.unwraps_at(t0 + DAY, 1);
         let (_, delta) = a.unflushed(t0 + DAY);
         stored.add(&delta, t0 + DAY);
         assert_eq!(stored.unwraps, 6);
