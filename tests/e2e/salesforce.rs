@@ -49,6 +49,20 @@ fn byok_files(
     (cert, key, secret)
 }
 
+/// The Keyhold key `sf-kek`: the Salesforce identity may unwrap under it, the app make
+/// data keys (the keys served to Salesforce).
+async fn create_sf_kek(s: &TestServer) {
+    let r = post(
+        &s.client(Some("admin-a")),
+        &s.url("/v1/keys"),
+        json!({"name": "sf-kek", "grants": [
+        {"identity": SF_IDENTITY, "operations": ["unwrap"]},
+        {"identity": keyhold_tests::APP_A, "operations": ["datakey"]}]}),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{r:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn salesforce_callouts_get_a_jwe_only_salesforce_can_open() {
     let files = tempfile::tempdir().unwrap();
@@ -62,16 +76,7 @@ async fn salesforce_callouts_get_a_jwe_only_salesforce_can_open() {
     };
     let mut s = TestServer::start_with(TestSeal::KeyFile, &table("")).await;
     // The Keyhold key, and data keys made for two key identifiers (as an app would).
-    let admin = s.client(Some("admin-a"));
-    let r = post(
-        &admin,
-        &s.url("/v1/keys"),
-        json!({"name": "sf-kek", "grants": [
-        {"identity": SF_IDENTITY, "operations": ["unwrap"]},
-        {"identity": keyhold_tests::APP_A, "operations": ["datakey"]}]}),
-    )
-    .await;
-    assert_eq!(r.0, 201, "{r:?}");
+    create_sf_kek(&s).await;
     let app = s.client(Some("app-a"));
     let mut made = Vec::new();
     for kid in ["sf-2026-11", "sf-2027-02"] {
@@ -251,15 +256,7 @@ async fn salesforce_callouts_can_require_a_client_certificate() {
         )
     };
     let mut s = TestServer::start_with(TestSeal::KeyFile, &table("", "")).await;
-    let r = post(
-        &s.client(Some("admin-a")),
-        &s.url("/v1/keys"),
-        json!({"name": "sf-kek", "grants": [
-        {"identity": SF_IDENTITY, "operations": ["unwrap"]},
-        {"identity": keyhold_tests::APP_A, "operations": ["datakey"]}]}),
-    )
-    .await;
-    assert_eq!(r.0, 201, "{r:?}");
+    create_sf_kek(&s).await;
     let dk = post(
         &s.client(Some("app-a")),
         &s.url("/v1/keys/sf-kek/datakey"),
