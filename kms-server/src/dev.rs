@@ -466,7 +466,7 @@ certificate = "dev-salesforce.crt"
         )]
         .into_iter()
         .collect();
-        let dk = keyring.datakey(&who, DEMO_SF_KEY, &context)?;
+        let dk = keyring.lookups()?.datakey(&who, DEMO_SF_KEY, &context)?;
         use base64::Engine as _;
         fs::write(
             &wrapped_file,

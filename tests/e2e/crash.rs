@@ -82,7 +82,10 @@ fn verify<'a>(
                 .collect();
             if info.state != KeyState::Destroyed
                 || !info.versions.is_empty()
-                || ring.unwrap(&who, &a.wrapped, &ctx).is_ok()
+                || ring
+                    .lookups()
+                    .and_then(|mut keys| keys.unwrap(&who, &a.wrapped, &ctx))
+                    .is_ok()
             {
                 eprintln!("LOST destruction of {name}: {info:?}");
                 lost += 1;
@@ -130,7 +133,10 @@ fn verify<'a>(
             tenant: "crash".into(),
             role: Role::App,
         };
-        match ring.unwrap(&who, &a.wrapped, &ctx) {
+        match ring
+            .lookups()
+            .and_then(|mut keys| keys.unwrap(&who, &a.wrapped, &ctx))
+        {
             Ok(u) if u.plaintext.expose_secret() == a.dek.as_slice() => {}
             _ => {
                 eprintln!("LOST canary of {name}");

@@ -65,7 +65,7 @@ fn main() -> anyhow::Result<()> {
         )?;
         if i % every == 0 {
             let ctx: Context = [("i".to_string(), i.to_string())].into();
-            let d = keyring.datakey(&app, &name, &ctx)?;
+            let d = keyring.lookups()?.datakey(&app, &name, &ctx)?;
             let wrapped = base64::engine::general_purpose::STANDARD.encode(&d.wrapped);
             writeln!(
                 bodies,

@@ -60,7 +60,10 @@ pub async fn datakey(
     note.key(&name);
     caller.authorize(Operation::UseKeys)?;
     note.context(&state.keyring, &req.context);
-    let d = state.keyring.datakey(&caller, &name, &req.context)?;
+    let d = state
+        .keyring
+        .lookups()?
+        .datakey(&caller, &name, &req.context)?;
     note.key_version(&d.key, d.version);
     Ok(SecretJson {
         value: datakey_response(d),
@@ -76,9 +79,12 @@ pub async fn wrap(
     ApiJson(req): ApiJson<WrapRequest>,
 ) -> Result<Json<WrapResponse>, Error> {
     caller.authorize(Operation::UseKeys)?;
-    let w = state
-        .keyring
-        .wrap(&caller, &name, req.plaintext.expose_secret(), &req.context)?;
+    let w = state.keyring.lookups()?.wrap(
+        &caller,
+        &name,
+        req.plaintext.expose_secret(),
+        &req.context,
+    )?;
     Ok(Json(wrap_response(w)))
 }
 
@@ -95,12 +101,14 @@ pub async fn unwrap(
         let st = state.clone();
         blocking(move || {
             st.keyring
+                .lookups()?
                 .unwrap(&caller, req.wrapped.as_bytes(), &req.context)
         })
         .await?
     } else {
         state
             .keyring
+            .lookups()?
             .unwrap(&caller, req.wrapped.as_bytes(), &req.context)?
     };
     note.key_version(&u.key, u.version);
@@ -123,12 +131,14 @@ pub async fn rewrap(
         let st = state.clone();
         blocking(move || {
             st.keyring
+                .lookups()?
                 .rewrap(&caller, req.wrapped.as_bytes(), &req.context)
         })
         .await?
     } else {
         state
             .keyring
+            .lookups()?
             .rewrap(&caller, req.wrapped.as_bytes(), &req.context)?
     };
     note.key_version(&w.key, w.version);

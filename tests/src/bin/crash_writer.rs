@@ -81,7 +81,11 @@ fn main() {
                 vec![Grant::new(CRASH_WRITER, &GrantOperation::ALL)],
             )
             .unwrap();
-        let dk = keyring.datakey(&who, &name, &ctx).unwrap();
+        let dk = keyring
+            .lookups()
+            .unwrap()
+            .datakey(&who, &name, &ctx)
+            .unwrap();
         writeln!(
             out,
             "ACK {name} {} {}",

@@ -1,0 +1,185 @@
+//! The keyring: KEKs and their versions, the master key, and the key operations.
+//!
+//! Everything here is tenant-scoped: a caller names keys within its tenant, and another
+//! tenant's key behaves exactly like a missing one (`NotFound` by name, `DecryptFailed` by
+//! wrapped DEK). Authorization (roles, grants) happens before these calls, in
+//! [`crate::policy`]; the keyring enforces key state and tenancy.
+//!
+//! Records at rest (JSON in the [`KeyStore`] tables):
+//! - `keys[id]` — [`KeyRecord`]: name, tenant, algorithm, state, current version, ...
+//! - `key_names[tenant ‖ 0 ‖ name]` — the id.
+//! - `versions[id ‖ version]` — one record per version: creation time and the material
+//!   sealed under the master key with AAD (tenant, id, version), so a record moved to
+//!   another key, tenant or version, or rolled back to another key's, fails to open.
+//!   Rotation writes one new version record and updates the key record: its cost does not
+//!   grow with the number of versions.
+//!
+//! Decrypted KEK material is cached in memory while unsealed and wiped on `seal`.
+//!
+//! The files, one concept each:
+//! - `mod.rs` — [`Keyring`] and its builders.
+//! - `records.rs` — the stored records, table-key encodings, name and grant checks.
+//! - `vault.rs` — the master key: initialize, unseal/seal, master-key rotation, the audit
+//!   keys, the sealing of KEK versions, the self-test.
+//! - `cache.rs` — decrypted keys in memory: loading, bound, invalidation, freshness.
+//! - `admin.rs` — key lifecycle: create, rotate, state changes, grants, public key.
+//! - `sweeps.rs` — usage flush, min_decrypt_version dry run, due rotations, destruction.
+//! - `restore.rs` — backup export under the lock, restore verification and install.
+//! - `lookups.rs` — the data plane, [`Lookups`]: the only entry for datakey, wrap, unwrap,
+//!   rewrap and the adapters' operations (`keyring.lookups()?.datakey(...)`).
+
+use std::sync::{Arc, Mutex, RwLock};
+
+use crate::keystore::KeyStore;
+
+mod admin;
+mod cache;
+mod lookups;
+mod records;
+mod restore;
+mod sweeps;
+mod vault;
+
+pub use lookups::{DataKey, DetachedCiphertext, KeyUse, Lookups, Unwrapped, Wrapped, DATAKEY_LEN};
+pub use records::{
+    validate_grants, validate_name, KeyRecord, DELETION_WINDOW_DAYS, MAX_GRANTS, MAX_IDENTITY_LEN,
+    MAX_NAME_LEN,
+};
+
+use cache::Freshness;
+use vault::Unsealed;
+
+/// Default of [`Keyring::with_cache_limit`] (`[keys] cache_keys`): with one version a
+/// cached key takes about 1 KiB, so 100 000 keys stay near 100 MiB.
+pub const DEFAULT_CACHE_KEYS: usize = 100_000;
+
+/// The keyring over one store.
+pub struct Keyring {
+    store: Arc<dyn KeyStore>,
+    clock: crate::clock::Clock,
+    /// Per-key erasure keys (`None`: keys are sealed under the master key alone, as in
+    /// stores of earlier versions and in tools that open a store without it).
+    erasure: Option<Arc<crate::erasure::ErasureFile>>,
+    /// Erasure keys in the shared store's table under HSM-rooted epoch keys: new keys get
+    /// theirs there.
+    shared_erasure: Option<crate::erasure::SharedErasure>,
+    /// Whether new keys get an erasure key (off on a store shared by several nodes: the
+    /// erasure file is local to one node).
+    new_erasure_keys: bool,
+    /// On a shared store: when the node last confirmed its cache against the store's
+    /// change feed (milliseconds on [`Keyring::freshness_clock`]), and how old that may
+    /// be before key use fails closed. `None`: the store has no other writer.
+    freshness: Option<Freshness>,
+    /// Bumped by every invalidation (see `load_entry`).
+    invalidations: std::sync::atomic::AtomicU64,
+    unsealed: RwLock<Option<Arc<Unsealed>>>,
+    /// Serializes this process's mutations (the store's conditions guard against others).
+    write_lock: Mutex<()>,
+    /// Most keys in the cache.
+    cache_limit: usize,
+}
+
+impl Keyring {
+    /// A sealed keyring over `store`, on the system clock.
+    pub fn new(store: Arc<dyn KeyStore>) -> Self {
+        Self::with_clock(store, crate::clock::Clock::system())
+    }
+
+    /// A sealed keyring over `store`, reading time from `clock` (creation times, rotation
+    /// and deletion deadlines).
+    pub fn with_clock(store: Arc<dyn KeyStore>, clock: crate::clock::Clock) -> Self {
+        Self {
+            clock,
+            erasure: None,
+            shared_erasure: None,
+            new_erasure_keys: true,
+            freshness: None,
+            invalidations: std::sync::atomic::AtomicU64::new(0),
+            store,
+            unsealed: RwLock::new(None),
+            write_lock: Mutex::new(()),
+            cache_limit: DEFAULT_CACHE_KEYS,
+        }
+    }
+
+    /// Gives new keys an erasure key in `erasure` ([`crate::erasure`]): their versions are
+    /// sealed under the master key bound to it, and destruction erases it.
+    pub fn with_erasure(mut self, erasure: Arc<crate::erasure::ErasureFile>) -> Self {
+        self.erasure = Some(erasure);
+        self
+    }
+
+    /// New keys get their erasure key in the shared store's erasure table
+    /// ([`crate::erasure::shared`]) rather than in the local file.
+    pub fn with_shared_erasure(mut self, shared: crate::erasure::SharedErasure) -> Self {
+        self.shared_erasure = Some(shared);
+        self
+    }
+
+    /// The shared store's erasure keys, when this keyring has them.
+    pub fn shared_erasure(&self) -> Option<&crate::erasure::SharedErasure> {
+        self.shared_erasure.as_ref()
+    }
+
+    /// New keys get no erasure key (keys that have one still open while the file is
+    /// there): for a store several nodes share, where a local erasure file would make a
+    /// key unreadable on every other node.
+    pub fn without_new_erasure_keys(mut self) -> Self {
+        self.new_erasure_keys = false;
+        self
+    }
+
+    /// Keeps at most `keys` keys decrypted in memory (at least 1).
+    pub fn with_cache_limit(mut self, keys: usize) -> Self {
+        self.cache_limit = keys.max(1);
+        self
+    }
+
+    /// The underlying store.
+    pub fn store(&self) -> &Arc<dyn KeyStore> {
+        &self.store
+    }
+
+    /// The clock it reads time from.
+    pub fn clock(&self) -> &crate::clock::Clock {
+        &self.clock
+    }
+}
+
+/// What the unit tests of every file here share.
+#[cfg(test)]
+mod testing {
+    use kms_client::api::{Context, Grant, GrantOperation};
+
+    use super::*;
+    use crate::keystore::RedbStore;
+    use crate::policy::Principal;
+    use crate::seal::KeyFileSealer;
+
+    pub(super) fn setup() -> (tempfile::TempDir, Keyring, KeyFileSealer) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let kf = dir.path().join("m.key");
+        KeyFileSealer::generate(&kf).unwrap();
+        let sealer = KeyFileSealer::new(kf);
+        let ring = Keyring::new(store);
+        ring.initialize(&sealer).unwrap();
+        (dir, ring, sealer)
+    }
+
+    pub(super) fn who(tenant: &str) -> Principal {
+        Principal {
+            identity: "app".into(),
+            tenant: tenant.into(),
+            role: crate::policy::Role::App,
+        }
+    }
+
+    pub(super) fn all_grant() -> Vec<Grant> {
+        vec![Grant::new("app", &GrantOperation::ALL)]
+    }
+
+    pub(super) fn ctx(k: &str, v: &str) -> Context {
+        [(k.to_string(), v.to_string())].into_iter().collect()
+    }
+}

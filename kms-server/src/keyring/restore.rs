@@ -1,0 +1,114 @@
+//! Backup and restore: the master key under the write lock (an export reads the tables
+//! as one state), the check that every KEK version of a restore opens, and its install.
+
+use std::sync::PoisonError;
+
+use super::records::{
+    kek_aad, to_json, KeyRecord, VersionRecord, META_FORMAT, META_SEALED_MASTER, STORE_FORMAT,
+};
+use super::vault::{ERASURE_LABEL, KEK_LABEL};
+use super::Keyring;
+use crate::crypto;
+use crate::error::Error;
+use crate::format::KeyId;
+use crate::keystore::{StoreError, Table, WriteBatch};
+use crate::seal::SealedMasterKey;
+use crate::secret::SecretKey;
+
+impl Keyring {
+    /// Runs `f` with the master key and the erasure file while no key changes (for
+    /// backups: the tables are read as one state).
+    pub fn with_master_locked<T>(
+        &self,
+        f: impl FnOnce(&SecretKey, Option<&crate::erasure::ErasureFile>) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let un = self.unsealed()?;
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        f(&un.master, self.erasure.as_deref())
+    }
+
+    /// Checks that every KEK version in `batch` (a restore) opens under `master` and the
+    /// erasure keys in `erasure` (the erasure file's bytes).
+    pub fn verify_restorable(
+        &self,
+        master: &SecretKey,
+        batch: &WriteBatch,
+        erasure: &[u8],
+    ) -> Result<(), Error> {
+        let rows = |table: Table| {
+            batch
+                .writes
+                .iter()
+                .filter(move |(t, _, v)| *t == table && v.is_some())
+                .map(|(_, k, v)| (k.as_slice(), v.as_deref().unwrap_or_default()))
+        };
+        for (id, bytes) in rows(Table::Keys) {
+            let record: KeyRecord =
+                serde_json::from_slice(bytes).map_err(|_| Error::Corrupt("key record"))?;
+            let id = KeyId(id.try_into().map_err(|_| Error::Corrupt("key id"))?);
+            if record.shared_erasure_slot.is_some() {
+                return Err(Error::InvalidState(
+                    "the backup names erasure keys of a shared store's erasure table: restore a database backup instead",
+                ));
+            }
+            let bound = match record.erasure_slot {
+                Some(slot) => {
+                    let at = 64 + 32 * slot as usize;
+                    let ek: [u8; 32] = erasure
+                        .get(at..at + 32)
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or(Error::Corrupt("erasure key missing from the backup"))?;
+                    if ek.iter().all(|b| *b == 0) {
+                        None // destroyed: no versions may follow
+                    } else {
+                        Some(crypto::bind_key(master, &ek, ERASURE_LABEL)?)
+                    }
+                }
+                None => None,
+            };
+            for (vk, vbytes) in rows(Table::Versions).filter(|(k, _)| k.starts_with(&id.0)) {
+                let _ = vk;
+                let v: VersionRecord =
+                    serde_json::from_slice(vbytes).map_err(|_| Error::Corrupt("version record"))?;
+                let sealed = crate::seal::unhex(&v.material)
+                    .ok_or(Error::Corrupt("version record material"))?;
+                let key = match (&bound, record.erasure_slot) {
+                    (Some(k), _) => k,
+                    (None, None) => master,
+                    (None, Some(_)) => {
+                        return Err(Error::Corrupt(
+                            "a version of a key whose erasure key is erased",
+                        ))
+                    }
+                };
+                crypto::open_box(
+                    key,
+                    KEK_LABEL,
+                    &kek_aad(&record.tenant, &id, v.version),
+                    &sealed,
+                )
+                .map_err(|_| Error::Corrupt("a KEK version in the backup does not open"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes a verified restore: the sealed master key, the format, and `batch`, in one
+    /// transaction that requires the store to be uninitialized.
+    pub fn install(&self, sealed: &SealedMasterKey, mut batch: WriteBatch) -> Result<(), Error> {
+        batch
+            .require(Table::Meta, META_SEALED_MASTER, None)
+            .put(Table::Meta, META_SEALED_MASTER, &to_json(sealed)?)
+            .put(Table::Meta, META_FORMAT, STORE_FORMAT);
+        match self.store.commit(&batch) {
+            Ok(()) => Ok(()),
+            Err(StoreError::Conflict(_)) => Err(Error::InvalidState(
+                "the store is already initialized; refusing to replace its master key",
+            )),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
