@@ -487,6 +487,22 @@ pub struct SetGrantsRequest {
     pub grants: Vec<Grant>,
 }
 
+/// `PATCH /v1/keys/{name}/grants`: adds and removes grants in one atomic change, so two
+/// operators editing one key's grants at once never undo each other's edit (a
+/// read-modify-write of the whole set with `PUT` can). Removals apply first, then
+/// additions; an addition identical to a grant already there is not added twice, so a
+/// retried request changes nothing more.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditGrantsRequest {
+    /// Grants to add.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<Grant>,
+    /// Identities whose every grant on the key is removed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<String>,
+}
+
 /// `POST /v1/keys/{name}/schedule-deletion`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -35,7 +35,7 @@ use crate::api::{
 use crate::api::{
     Grant, IdentityList, LiftLockoutRequest, LiftLockoutResponse, LockoutList,
     MinDecryptVersionRequest, MinVersionDryRun, MinVersionDryRunRequest, RemoveIdentityRequest,
-    Role, ScheduleDeletionRequest, SetGrantsRequest, SetIdentityRequest,
+    Role, ScheduleDeletionRequest, SetGrantsRequest, EditGrantsRequest, SetIdentityRequest,
 };
 use crate::transport::{parse_endpoint, SendError, Transport};
 use crate::Error;
@@ -499,6 +499,20 @@ impl Client {
         let path = format!("/v1/keys/{}/grants", check_name(name)?);
         let body = json_body(&SetGrantsRequest { grants })?;
         self.call(Method::PUT, &path, body, Repeat::Safe).await
+    }
+
+    /// `PATCH /v1/keys/{name}/grants`: removes every grant of the identities in `remove`,
+    /// then adds `add`, in one atomic change on the server (retried safely: an addition
+    /// already there is not added twice).
+    pub async fn edit_grants(
+        &self,
+        name: &str,
+        add: Vec<Grant>,
+        remove: Vec<String>,
+    ) -> Result<KeyInfo, Error> {
+        let path = format!("/v1/keys/{}/grants", check_name(name)?);
+        let body = json_body(&EditGrantsRequest { add, remove })?;
+        self.call(Method::PATCH, &path, body, Repeat::Safe).await
     }
 
     // ---- key use ----

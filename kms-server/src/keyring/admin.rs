@@ -402,6 +402,31 @@ impl Keyring {
         })
     }
 
+    /// Removes every grant of the identities in `remove`, then adds `add` (an addition
+    /// equal to a grant already there is not repeated), in one compare-and-swap of the key
+    /// record: two operators editing one key's grants at once both see their edit hold.
+    pub fn edit_grants(
+        &self,
+        tenant: &str,
+        name: &str,
+        add: Vec<Grant>,
+        remove: &[String],
+    ) -> Result<KeyInfo, Error> {
+        validate_grants(&add)?;
+        self.update_key(tenant, name, |_, record, _| {
+            if record.state == KeyState::Destroyed {
+                return Err(Error::InvalidState("the key is destroyed"));
+            }
+            record.grants.retain(|g| !remove.contains(&g.identity));
+            for g in add {
+                if !record.grants.contains(&g) {
+                    record.grants.push(g);
+                }
+            }
+            validate_grants(&record.grants)
+        })
+    }
+
     /// The public key of an RSA KEK's `version` (the current one when `None`), for
     /// offline wrapping. Readers of the key's metadata (admin, auditor) may fetch it; an
     /// app needs a grant that lets it wrap (`wrap` or `datakey`, under any context: a

@@ -206,6 +206,18 @@ pub trait KeyStore: Send + Sync + 'static {
     /// The committed entry with the greatest key ≤ `key`, if any.
     fn get_floor(&self, table: Table, key: &[u8]) -> Result<Option<Entry>, StoreError>;
 
+    /// Several prefix scans, all read from one snapshot of the store (one committed
+    /// state: a backup's tables and the sealed master key beside them agree). The default
+    /// reads them one after the other, which is one state only while no other writer can
+    /// commit: engines that other processes write override it (PostgreSQL), and so do
+    /// those that have snapshots anyway (redb).
+    fn scan_snapshot(&self, scans: &[(Table, &[u8])]) -> Result<Vec<Vec<Entry>>, StoreError> {
+        scans
+            .iter()
+            .map(|(table, prefix)| self.scan_prefix(*table, prefix))
+            .collect()
+    }
+
     /// Applies `batch` atomically after checking its conditions. Returns once the batch is
     /// durable (fsync'd, or the engine's documented equivalent).
     fn commit(&self, batch: &WriteBatch) -> Result<(), StoreError>;
@@ -372,6 +384,12 @@ pub(crate) mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(got, vec![b"p\x02".to_vec(), b"q\x00".to_vec()]);
+        // A snapshot's scans read what the single scans read.
+        let snap = store
+            .scan_snapshot(&[(Table::Versions, b"p"), (Table::Keys, b"")])
+            .unwrap();
+        assert_eq!(snap[0], store.scan_prefix(Table::Versions, b"p").unwrap());
+        assert_eq!(snap[1], store.scan_prefix(Table::Keys, b"").unwrap());
         let floor = store.get_floor(Table::Versions, b"p\x03").unwrap().unwrap();
         assert_eq!(floor.0, b"p\x02".to_vec());
         assert!(store.get_floor(Table::Versions, b"a").unwrap().is_none());

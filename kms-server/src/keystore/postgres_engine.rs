@@ -557,6 +557,40 @@ impl KeyStore for PgStore {
         })
     }
 
+    fn scan_snapshot(&self, scans: &[(Table, &[u8])]) -> Result<Vec<Vec<Entry>>, StoreError> {
+        let scans: Vec<(i16, Vec<u8>, Option<Vec<u8>>)> = scans
+            .iter()
+            .map(|(t, p)| (table_id(*t), p.to_vec(), successor(p)))
+            .collect();
+        self.call(move |c| {
+            // One REPEATABLE READ transaction: every query reads the snapshot its first
+            // query took, whatever other nodes commit meanwhile.
+            let mut tx = c
+                .build_transaction()
+                .isolation_level(postgres::IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .map_err(engine_err)?;
+            let mut all = Vec::with_capacity(scans.len());
+            for (table, start, end) in &scans {
+                let rows = match end {
+                    Some(end) => tx.query(
+                        "SELECT k, v FROM keyhold_kv WHERE tbl = $1 AND k >= $2 AND k < $3 ORDER BY k",
+                        &[table, start, end],
+                    ),
+                    None => tx.query(
+                        "SELECT k, v FROM keyhold_kv WHERE tbl = $1 AND k >= $2 ORDER BY k",
+                        &[table, start],
+                    ),
+                }
+                .map_err(engine_err)?;
+                all.push(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect());
+            }
+            tx.commit().map_err(engine_err)?;
+            Ok(all)
+        })
+    }
+
     fn scan_from(
         &self,
         table: Table,

@@ -74,6 +74,25 @@ impl KeyStore for RedbStore {
         Ok(out)
     }
 
+    fn scan_snapshot(&self, scans: &[(Table, &[u8])]) -> Result<Vec<Vec<Entry>>, StoreError> {
+        // One read transaction: every scan sees the same committed state.
+        let txn = self.db.begin_read().map_err(engine_err)?;
+        let mut all = Vec::with_capacity(scans.len());
+        for (table, prefix) in scans {
+            let t = txn.open_table(def(*table)).map_err(engine_err)?;
+            let mut out = Vec::new();
+            for entry in t.range(*prefix..).map_err(engine_err)? {
+                let (k, v) = entry.map_err(engine_err)?;
+                if !k.value().starts_with(prefix) {
+                    break;
+                }
+                out.push((k.value().to_vec(), v.value().to_vec()));
+            }
+            all.push(out);
+        }
+        Ok(all)
+    }
+
     fn scan_from(
         &self,
         table: Table,

@@ -10,7 +10,7 @@ use axum::Json;
 use kms_client::api::{
     CreateKeyRequest, Jwk, KeyInfo, KeyList, MinDecryptVersionRequest, MinVersionDryRun,
     MinVersionDryRunRequest, PublicKeyQuery, PublicKeyResponse, ScheduleDeletionRequest,
-    SetGrantsRequest,
+    EditGrantsRequest, SetGrantsRequest,
 };
 
 use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName};
@@ -270,6 +270,26 @@ pub async fn set_grants(
     caller.authorize(Operation::ManageKeys)?;
     let info =
         blocking(move || state.keyring.set_grants(&caller.tenant, &name, req.grants)).await?;
+    Ok(Json(info))
+}
+
+/// `PATCH /v1/keys/{name}/grants`: removes and adds grants in one atomic change (see
+/// [`EditGrantsRequest`]), so concurrent edits by two operators both hold.
+pub async fn edit_grants(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    note: AuditNote,
+    KeyName(name): KeyName,
+    ApiJson(req): ApiJson<EditGrantsRequest>,
+) -> Result<Json<KeyInfo>, Error> {
+    note.key(&name);
+    caller.authorize(Operation::ManageKeys)?;
+    let info = blocking(move || {
+        state
+            .keyring
+            .edit_grants(&caller.tenant, &name, req.add, &req.remove)
+    })
+    .await?;
     Ok(Json(info))
 }
 

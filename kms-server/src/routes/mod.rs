@@ -233,7 +233,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/keys/{name}/min-decrypt-version/dry-run",
             post(keys::min_version_dry_run),
         )
-        .route("/v1/keys/{name}/grants", put(keys::set_grants))
+        .route(
+            "/v1/keys/{name}/grants",
+            put(keys::set_grants).patch(keys::edit_grants),
+        )
         .route("/v1/keys/{name}/public-key", get(keys::public_key))
         .route("/v1/keys/{name}/datakey", post(crypto::datakey))
         .route("/v1/keys/{name}/wrap", post(crypto::wrap))

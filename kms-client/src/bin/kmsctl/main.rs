@@ -563,19 +563,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if !context_equals.is_empty() {
                     grant.constraints.context_equals = Some(ctx(context_equals));
                 }
-                // Read-modify-write: the server replaces the whole set.
-                let mut grants = client.get_key(name).await?.grants;
-                grants.push(grant);
-                out.grants(&client.set_grants(name, grants).await?)
+                // One atomic change on the server: a concurrent grant or ungrant by
+                // another operator is never undone by this one.
+                out.grants(&client.edit_grants(name, vec![grant], Vec::new()).await?)
             }
             KeysCmd::Ungrant { name, identity } => {
-                let mut grants = client.get_key(name).await?.grants;
-                let before = grants.len();
-                grants.retain(|g| &g.identity != identity);
-                if grants.len() == before {
+                // The read only decides the message; the removal itself is atomic.
+                let grants = client.get_key(name).await?.grants;
+                if !grants.iter().any(|g| &g.identity == identity) {
                     anyhow::bail!("{identity} has no grant on key {name}: nothing to remove");
                 }
-                out.grants(&client.set_grants(name, grants).await?)
+                let info = client
+                    .edit_grants(name, Vec::new(), vec![identity.clone()])
+                    .await?;
+                if info.grants.iter().any(|g| &g.identity == identity) {
+                    // Another operator granted it again meanwhile.
+                    anyhow::bail!("{identity} was granted {name} again by a concurrent change");
+                }
+                out.grants(&info)
             }
             KeysCmd::SetGrants { name, input } => {
                 let text = files::read_all(input.as_deref())?;
