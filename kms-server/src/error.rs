@@ -69,6 +69,9 @@ pub enum Error {
     /// A stored record is unreadable: corruption or tampering at rest.
     #[error("stored record is corrupt: {0}")]
     Corrupt(&'static str),
+    /// (Stub for reproducing on main.)
+    #[error("the master key changed")]
+    MasterKeyChanged,
     /// An invariant failed; details in the log.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -112,6 +115,7 @@ impl Error {
             Error::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, ErrorCode::InvalidRequest),
             Error::LockedOut => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::LockedOut),
             Error::Sealed => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Sealed),
+            Error::MasterKeyChanged => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::StorageUnavailable),
             Error::Storage(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::StorageUnavailable,

@@ -844,3 +844,118 @@ fn hostname() -> String {
         .trim()
         .to_owned()
 }
+
+/// `post`, retried while the node answers 503 (it is following a change made on another
+/// node) for up to 3 s; a 500 is never acceptable.
+async fn post_settled(c: &reqwest::Client, url: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+    let t = std::time::Instant::now();
+    loop {
+        let r = post(c, url, body.clone()).await;
+        assert_ne!(r.0, 500, "{url}: {r:?}");
+        if r.0 != 503 || t.elapsed() > std::time::Duration::from_secs(3) {
+            return r;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// Issue 21, finding 1: `rotate-master` on node A; then on node B a key is created, used,
+/// rotated by hand and by the rotation sweep. B follows the new master key before it
+/// writes: nothing is sealed under the retired one, every DEK unwraps on both nodes, also
+/// after both restart, and no answer is a 500.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_rotation_on_one_node_loses_nothing_written_on_another() {
+    if !keyhold_tests::pg::available("a_master_rotation_on_one_node_loses_nothing") {
+        return;
+    }
+    let mut a = TestServer::start_on_postgres_with("[keys]\nsweep_interval_secs = 1\n").await;
+    a.wait_ready().await;
+    let mut b = a.another_node().await;
+    b.wait_ready().await;
+    create_key(&a, "admin-a", "before").await;
+    let (admin_a, admin_b) = (a.client(Some("admin-a")), b.client(Some("admin-a")));
+    let (app_a, app_b) = (a.client(Some("app-a")), b.client(Some("app-a")));
+    // B has "before" cached.
+    let mut deks = Vec::new();
+    let dk = post_settled(&app_b, &b.url("/v1/keys/before/datakey"), json!({})).await;
+    assert_eq!(dk.0, 200, "{dk:?}");
+    deks.push(dk.1);
+
+    let r = post(&admin_a, &a.url("/v1/sys/rotate-master"), json!({})).await;
+    assert_eq!(r.0, 200, "{r:?}");
+
+    // On B: create (with automatic rotation), use, rotate by hand.
+    let created = post_settled(
+        &admin_b,
+        &b.url("/v1/keys"),
+        json!({ "name": "after", "rotation_period": "30d", "grants": [{
+            "identity": keyhold_tests::app_of("admin-a"),
+            "operations": ["datakey", "wrap", "unwrap", "rewrap"],
+        }] }),
+    )
+    .await;
+    assert_eq!(created.0, 201, "{created:?}");
+    for (key, rotate) in [("after", true), ("before", true)] {
+        let dk = post_settled(&app_b, &b.url(&format!("/v1/keys/{key}/datakey")), json!({})).await;
+        assert_eq!(dk.0, 200, "{dk:?}");
+        deks.push(dk.1);
+        if rotate {
+            let r = post_settled(&admin_b, &b.url(&format!("/v1/keys/{key}/rotate")), json!({})).await;
+            assert_eq!(r.0, 200, "{r:?}");
+            let dk = post_settled(&app_b, &b.url(&format!("/v1/keys/{key}/datakey")), json!({})).await;
+            assert_eq!(dk.0, 200, "{dk:?}");
+            deks.push(dk.1);
+        }
+    }
+    // The rotation sweep on B rotates "after" (its period has passed on B's clock).
+    b.advance_clock(std::time::Duration::from_secs(31 * 86_400));
+    let t = std::time::Instant::now();
+    loop {
+        let info = crate::get(&admin_b, &b.url("/v1/keys/after")).await;
+        assert_ne!(info.0, 500, "{info:?}");
+        if info.1["current_version"].as_u64() == Some(3) {
+            break;
+        }
+        assert!(t.elapsed() < std::time::Duration::from_secs(10), "no automatic rotation: {info:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let dk = post_settled(&app_b, &b.url("/v1/keys/after/datakey"), json!({})).await;
+    assert_eq!(dk.0, 200, "{dk:?}");
+    deks.push(dk.1);
+
+    // Every DEK unwraps on both nodes; the tenant's keys list on both.
+    let check = |nodes: Vec<(String, reqwest::Client, reqwest::Client)>, deks: Vec<serde_json::Value>| async move {
+        for (base, app, admin) in &nodes {
+            let list = crate::get(admin, &format!("{base}/v1/keys")).await;
+            assert_eq!(list.0, 200, "{base}: {list:?}");
+            for dk in &deks {
+                let un = post_settled(app, &format!("{base}/v1/unwrap"), json!({"wrapped": dk["wrapped"]})).await;
+                assert_eq!(un.0, 200, "{base}: {un:?}");
+                assert_eq!(un.1["plaintext"], dk["plaintext"]);
+            }
+        }
+    };
+    check(
+        vec![
+            (a.url(""), app_a.clone(), admin_a.clone()),
+            (b.url(""), app_b.clone(), admin_b.clone()),
+        ],
+        deks.clone(),
+    )
+    .await;
+    a.restart().await;
+    a.wait_ready().await;
+    b.restart().await;
+    b.wait_ready().await;
+    check(
+        vec![
+            (a.url(""), a.client(Some("app-a")), a.client(Some("admin-a"))),
+            (b.url(""), b.client(Some("app-a")), b.client(Some("admin-a"))),
+        ],
+        deks,
+    )
+    .await;
+    // And the master key rotates again, from B this time.
+    let r = post(&b.client(Some("admin-a")), &b.url("/v1/sys/rotate-master"), json!({})).await;
+    assert_eq!(r.0, 200, "{r:?}");
+}

@@ -71,6 +71,7 @@ impl Keyring {
         let un = self.unsealed()?;
         // Before the lock: RSA generation can take seconds.
         let (material, stored) = crate::kek::Kek::generate(algorithm)?;
+        fail::fail_point!("keyring-create-before-lock");
         let _guard = self
             .write_lock
             .lock()
@@ -223,6 +224,7 @@ impl Keyring {
                     b"",
                 );
         }
+        fail::fail_point!("keyring-rotate-before-commit");
         self.commit_update(&un, &id, &batch)?;
         let mut versions = entry.versions.clone();
         versions.insert(
@@ -294,6 +296,7 @@ impl Keyring {
             versions,
         });
         self.cache_put(&un, updated.clone());
+        fail::fail_point!("keyring-update-committed");
         Ok(updated.info())
     }
 

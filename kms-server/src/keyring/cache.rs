@@ -296,6 +296,7 @@ impl Keyring {
             record_bytes,
             versions,
         });
+        fail::fail_point!("keyring-load-before-put");
         if self
             .invalidations
             .load(std::sync::atomic::Ordering::Acquire)

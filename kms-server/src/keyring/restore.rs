@@ -23,6 +23,7 @@ impl Keyring {
         f: impl FnOnce(&SecretKey, Option<&crate::erasure::ErasureFile>) -> Result<T, Error>,
     ) -> Result<T, Error> {
         let un = self.unsealed()?;
+        fail::fail_point!("keyring-backup-before-lock");
         let _guard = self
             .write_lock
             .lock()

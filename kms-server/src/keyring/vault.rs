@@ -110,6 +110,11 @@ impl Keyring {
         Ok(self.sealed_master_key()?.map(|s| s.method))
     }
 
+    /// (Stub for reproducing on main) follows a master-key rotation made elsewhere.
+    pub fn follow_master(&self, sealer: &dyn Sealer) -> Result<(), Error> {
+        self.unseal(sealer)
+    }
+
     /// Unseals with `sealer`. A no-op when already unsealed.
     pub fn unseal(&self, sealer: &dyn Sealer) -> Result<(), Error> {
         if !self.is_sealed() {
@@ -226,6 +231,7 @@ impl Keyring {
                 resealed += 1;
             }
         }
+        fail::fail_point!("keyring-rotate-master-before-commit");
         match self.store.commit(&batch) {
             Ok(()) => {}
             Err(StoreError::Conflict(_)) => {
