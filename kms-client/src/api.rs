@@ -537,6 +537,11 @@ pub struct KeyVersionInfo {
     /// Last wrap or unwrap, RFC 3339; absent when never used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_used_at: Option<String>,
+    /// The version's stored material does not open (altered or damaged at rest): it
+    /// neither wraps nor unwraps; the key's other versions are unaffected. Absent when
+    /// false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unreadable: bool,
 }
 
 /// `POST /v1/keys/{name}/min-decrypt-version/dry-run`.

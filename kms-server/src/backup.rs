@@ -21,6 +21,7 @@ use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::keystore::{Table, WriteBatch};
 use crate::seal::{hex, unhex, SealedMasterKey, Sealer};
+use crate::secret::SecretKey;
 
 const FORMAT: &str = "keyhold-backup/1";
 const LABEL: &[u8] = b"keyhold/backup/v1";
@@ -72,8 +73,20 @@ fn aad(format: &str, created_at: &str, sealed: &SealedMasterKey) -> Result<Vec<u
     Ok(aad)
 }
 
-/// Exports everything a restore needs. Needs the keyring unsealed; holds its write lock
-/// so the tables are read as one consistent state.
+/// Whether a `meta` entry travels in a backup: runtime identities, the audit keys (so the
+/// restored store keeps them, sealed under the same master key) and the master-key epoch
+/// record (the epoch the versions name).
+fn carried_meta(key: &[u8]) -> bool {
+    key.starts_with(META_PREFIX)
+        || key == crate::keyring::META_AUDIT_KEYS
+        || key == crate::keyring::META_MASTER_EPOCH
+}
+
+/// Exports everything a restore needs. Needs the keyring unsealed. The tables and the
+/// sealed master key come from one snapshot of the store; the snapshot's epoch record must
+/// name the master key in use (else another node rotated it meanwhile: 503, retry); and
+/// the backup is opened and every KEK version in it checked, as a restore would, before it
+/// is returned (a version that does not open is named).
 pub fn export(keyring: &Keyring) -> Result<Backup, Error> {
     if keyring.shared_erasure().is_some() {
         // Such a backup would have to carry the erasure keys in a form the master key
@@ -83,24 +96,41 @@ pub fn export(keyring: &Keyring) -> Result<Backup, Error> {
             "this store keeps its erasure keys in the database under HSM epoch keys: back up the database instead (docs/ha.md)",
         ));
     }
-    keyring.with_master_locked(|master, erasure| {
-        let store = keyring.store();
-        let sealed_master = keyring
-            .sealed_master_key()?
-            .ok_or(Error::InvalidState("the store is not initialized"))?;
-        let mut tables = Vec::new();
-        for table in TABLES {
-            let rows = store
-                .scan_prefix(table, b"")?
-                .into_iter()
-                .map(|(k, v)| (hex(&k), hex(&v)))
-                .collect();
-            tables.push((table.name().to_owned(), rows));
+    keyring.with_master_locked(|master, epoch, erasure| {
+        let mut scans: Vec<(Table, &[u8])> = TABLES.iter().map(|t| (*t, &b""[..])).collect();
+        scans.push((Table::Meta, b""));
+        let mut snapshot = keyring.store().scan_snapshot(&scans)?;
+        let meta_rows = snapshot.pop().unwrap_or_default();
+        let meta_value = |key: &[u8]| {
+            meta_rows
+                .iter()
+                .find(|(k, _)| k.as_slice() == key)
+                .map(|(_, v)| v.as_slice())
+        };
+        let sealed_master: SealedMasterKey = serde_json::from_slice(
+            meta_value(crate::keyring::META_SEALED_MASTER)
+                .ok_or(Error::InvalidState("the store is not initialized"))?,
+        )
+        .map_err(|_| Error::Corrupt("sealed master key record"))?;
+        if !keyring.epoch_record_names(
+            meta_value(crate::keyring::META_MASTER_EPOCH),
+            master,
+            epoch,
+        )? {
+            return Err(Error::MasterKeyChanged);
         }
-        let meta = store
-            .scan_prefix(Table::Meta, META_PREFIX)?
-            .into_iter()
-            .map(|(k, v)| (hex(&k), hex(&v)))
+        let tables = TABLES
+            .iter()
+            .zip(snapshot)
+            .map(|(table, rows)| {
+                let rows = rows.into_iter().map(|(k, v)| (hex(&k), hex(&v))).collect();
+                (table.name().to_owned(), rows)
+            })
+            .collect();
+        let meta = meta_rows
+            .iter()
+            .filter(|(k, _)| carried_meta(k))
+            .map(|(k, v)| (hex(k), hex(v)))
             .collect();
         let erasure = match erasure {
             Some(e) => hex(&e.contents()?),
@@ -122,40 +152,29 @@ pub fn export(keyring: &Keyring) -> Result<Backup, Error> {
             &aad(FORMAT, &created_at, &sealed_master)?,
             &payload,
         )?;
-        Ok(Backup {
+        let backup = Backup {
             format: FORMAT.to_owned(),
             created_at,
             sealed_master,
             payload: hex(&sealed),
-        })
+        };
+        // Restorable before it is answered: the payload opens under this master key and
+        // every KEK version in it opens.
+        let (batch, _, erasure) = open_payload(&backup, master)?;
+        keyring.verify_restorable(master, &batch, &erasure)?;
+        Ok(backup)
     })
 }
 
-/// Restores `backup` into `keyring`'s store, which must never have been initialized,
-/// unsealing with `sealer` (the same seal secret as the backed-up server). Verifies
-/// everything — the payload's integrity and every KEK version — before writing; writes
-/// the store in one transaction and the erasure file beside it (`erasure_path`).
-pub fn restore(
-    keyring: &Keyring,
-    sealer: &dyn Sealer,
+/// Opens `backup`'s payload under `master` into the batch a restore writes, with its row
+/// count and the erasure file's bytes. Refuses any entry a backup does not carry.
+fn open_payload(
     backup: &Backup,
-    erasure_path: &std::path::Path,
-) -> Result<usize, Error> {
-    if backup.format != FORMAT {
-        return Err(Error::InvalidRequest(format!(
-            "not a {FORMAT} backup: {}",
-            backup.format
-        )));
-    }
-    if keyring.sealed_master_key()?.is_some() {
-        return Err(Error::InvalidState(
-            "the target store is already initialized: restore into a new, empty store",
-        ));
-    }
-    let master = sealer.unseal(&backup.sealed_master)?;
+    master: &SecretKey,
+) -> Result<(WriteBatch, usize, Vec<u8>), Error> {
     let sealed = unhex(&backup.payload).ok_or(Error::Corrupt("backup payload encoding"))?;
     let plain = crypto::open_box(
-        &master,
+        master,
         LABEL,
         &aad(&backup.format, &backup.created_at, &backup.sealed_master)?,
         &sealed,
@@ -187,11 +206,37 @@ pub fn restore(
             unhex(k).ok_or(Error::Corrupt("backup key"))?,
             unhex(v).ok_or(Error::Corrupt("backup value"))?,
         );
-        if !k.starts_with(META_PREFIX) {
+        if !carried_meta(&k) {
             return Err(Error::Corrupt("backup meta entry"));
         }
         batch.put(Table::Meta, &k, &v);
     }
+    Ok((batch, rows, erasure))
+}
+
+/// Restores `backup` into `keyring`'s store, which must never have been initialized,
+/// unsealing with `sealer` (the same seal secret as the backed-up server). Verifies
+/// everything — the payload's integrity and every KEK version — before writing; writes
+/// the store in one transaction and the erasure file beside it (`erasure_path`).
+pub fn restore(
+    keyring: &Keyring,
+    sealer: &dyn Sealer,
+    backup: &Backup,
+    erasure_path: &std::path::Path,
+) -> Result<usize, Error> {
+    if backup.format != FORMAT {
+        return Err(Error::InvalidRequest(format!(
+            "not a {FORMAT} backup: {}",
+            backup.format
+        )));
+    }
+    if keyring.sealed_master_key()?.is_some() {
+        return Err(Error::InvalidState(
+            "the target store is already initialized: restore into a new, empty store",
+        ));
+    }
+    let master = sealer.unseal(&backup.sealed_master)?;
+    let (batch, rows, erasure) = open_payload(backup, &master)?;
     // Every KEK version must open before anything is written.
     keyring.verify_restorable(&master, &batch, &erasure)?;
     if !erasure.is_empty() {

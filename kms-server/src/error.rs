@@ -69,9 +69,14 @@ pub enum Error {
     /// A stored record is unreadable: corruption or tampering at rest.
     #[error("stored record is corrupt: {0}")]
     Corrupt(&'static str),
-    /// (Stub for reproducing on main.)
-    #[error("the master key changed")]
+    /// The master key was rotated by another node and this node has not followed yet:
+    /// nothing was written; retry (the node follows within the change feed's bound).
+    #[error("the master key was rotated on another node; this node is following it: retry")]
     MasterKeyChanged,
+    /// A stored record that blocks an operation does not open or parse; the message names
+    /// it (key, version) and what to do.
+    #[error("{0}")]
+    Unreadable(String),
     /// An invariant failed; details in the log.
     #[error("internal error: {0}")]
     Internal(&'static str),
@@ -115,7 +120,11 @@ impl Error {
             Error::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, ErrorCode::InvalidRequest),
             Error::LockedOut => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::LockedOut),
             Error::Sealed => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Sealed),
-            Error::MasterKeyChanged => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::StorageUnavailable),
+            Error::MasterKeyChanged => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::StorageUnavailable,
+            ),
+            Error::Unreadable(_) => (StatusCode::CONFLICT, ErrorCode::InvalidState),
             Error::Storage(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::StorageUnavailable,

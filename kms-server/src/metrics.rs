@@ -17,6 +17,11 @@ struct RequestLabels {
     outcome: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
 /// The server's metrics.
 pub struct Metrics {
     registry: Registry,
@@ -26,6 +31,7 @@ pub struct Metrics {
     cluster_nodes: Gauge<i64, std::sync::atomic::AtomicI64>,
     erasure_rotation_pending: Gauge<i64, std::sync::atomic::AtomicI64>,
     erasure_epochs_retained: Gauge<i64, std::sync::atomic::AtomicI64>,
+    integrity_events: Family<KindLabel, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -79,7 +85,14 @@ impl Metrics {
             "Retired erasure epochs whose HSM key is kept for the retention (destructions in them are not final yet)",
             erasure_epochs_retained.clone(),
         );
+        let integrity_events = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "integrity_events",
+            "Stored records refused by the keyring: KEK versions that do not open, records that fail authentication (by kind)",
+            integrity_events.clone(),
+        );
         Self {
+            integrity_events,
             registry,
             requests,
             latency,
@@ -109,6 +122,13 @@ impl Metrics {
         self.latency
             .get_or_create(&labels)
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one integrity event of `kind` (a fixed set: see `keyring`).
+    pub fn integrity_event(&self, kind: &'static str) {
+        self.integrity_events
+            .get_or_create(&KindLabel { kind })
+            .inc();
     }
 
     /// Sets the cluster-size gauge.

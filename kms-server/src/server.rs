@@ -82,6 +82,18 @@ pub enum StartError {
 
 /// Opens the configured store.
 pub fn open_store(settings: &Settings) -> Result<Arc<dyn keystore::KeyStore>, StartError> {
+    // A new sled store only with the operator's acceptance; an existing one with a warning.
+    #[cfg(feature = "sled")]
+    if settings.store.engine == keystore::Engine::Sled {
+        keystore::SledStore::check_store(&settings.store.path, settings.store.accept_sled_risks)
+            .map_err(
+            |source| StartError::Store {
+                engine: "sled".into(),
+                path: settings.store.path.display().to_string(),
+                source,
+            },
+        )?;
+    }
     keystore::open_with(
         settings.store.engine,
         &settings.store.path,
@@ -390,6 +402,15 @@ pub async fn run_with_clock(
     let handshake_timeout = settings.tls.handshake_timeout;
     let sources = settings.identity_sources.clone();
     let alerts = crate::alert::Alerter::start(&settings.alerts);
+    {
+        // A stored record the keyring refuses (a version that does not open, a record
+        // that fails authentication) is alerted and counted, at once.
+        let (alerts, metrics) = (alerts.clone(), metrics.clone());
+        keyring.on_integrity_event(Box::new(move |kind, detail| {
+            metrics.integrity_event(kind);
+            alerts.raise(crate::alert::AlertEvent::new(kind, None, detail));
+        }));
+    }
     let node_id = settings.store.node_id.clone().unwrap_or_else(|| {
         let host = crate::process::hostname();
         let port = listeners.api.local_addr().map(|a| a.port()).unwrap_or(0);
@@ -591,6 +612,12 @@ pub async fn run_with_clock(
 /// Applies runtime-identity and lockout changes made on other nodes (`Meta` keys from the
 /// change feed).
 fn apply_meta_changes(state: &AppState, keys: &[Vec<u8>]) -> Result<(), Error> {
+    if keys
+        .iter()
+        .any(|k| k.starts_with(keystore::META_MASTER_PREFIX))
+    {
+        follow_master(state);
+    }
     for key in keys {
         if let Some(id) = key.strip_prefix(keystore::META_IDENTITY_PREFIX) {
             if let Ok(identity) = std::str::from_utf8(id) {
@@ -605,8 +632,38 @@ fn apply_meta_changes(state: &AppState, keys: &[Vec<u8>]) -> Result<(), Error> {
     Ok(())
 }
 
+/// The master key was rotated on another node (its epoch record changed): re-open the new
+/// sealed master key with this node's configured seal source (key file, HSM, passphrase
+/// file), or, when that cannot open it by itself (Shamir shares, a passphrase given at
+/// unseal), seal this node and say why: until then its sealing writes are refused by the
+/// store, never committed under the retired key.
+fn follow_master(state: &AppState) {
+    let sealer = (state.sealer)(None);
+    match state.keyring.follow_master(sealer.as_ref()) {
+        Ok(true) => state.alerts.raise(crate::alert::AlertEvent::new(
+            "master_key_followed",
+            None,
+            "the master key was rotated on another node; this node re-opened it",
+        )),
+        Ok(false) => {}
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "the master key was rotated on another node and this node's seal source cannot open the new one: sealing; unseal this node again"
+            );
+            state.keyring.seal();
+            state.alerts.raise(crate::alert::AlertEvent::new(
+                "sealed",
+                None,
+                "the master key was rotated on another node; this node could not open the new one and sealed itself: unseal it",
+            ));
+        }
+    }
+}
+
 /// After a gap in the change feed: every runtime identity and lockout, from the store.
 fn reload_meta(state: &AppState) -> Result<(), Error> {
+    follow_master(state);
     let store = state.keyring.store();
     let mut keys: Vec<Vec<u8>> = Vec::new();
     for prefix in [
@@ -984,3 +1041,4 @@ async fn xks_reloader(
         }
     }
 }
+

@@ -47,6 +47,7 @@ impl Keyring {
             };
             record.shared_erasure_slot = Some(shared.import(&ek, self.clock.now())?);
             record.erasure_slot = None;
+            record.next_generation();
             let mut batch = WriteBatch::new();
             batch
                 .require(Table::Keys, &id, Some(&bytes))
@@ -68,14 +69,12 @@ impl Keyring {
     ) -> Result<KeyInfo, Error> {
         validate_name(name)?;
         validate_grants(&grants)?;
-        let un = self.unsealed()?;
+        self.unsealed()?;
         // Before the lock: RSA generation can take seconds.
         let (material, stored) = crate::kek::Kek::generate(algorithm)?;
         fail::fail_point!("keyring-create-before-lock");
-        let _guard = self
-            .write_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        // The master key to seal under is taken under the lock (a rotation may have run).
+        let (_guard, un) = self.writer()?;
         let mut id = [0u8; 16];
         id.copy_from_slice(&crypto::random_salt()?[..16]);
         let id = KeyId(id);
@@ -94,6 +93,7 @@ impl Keyring {
             grants,
             erasure_slot: None,
             shared_erasure_slot: None,
+            generation: 1,
         };
         let mut record = record;
         if let Some(shared) = &self.shared_erasure {
@@ -106,6 +106,7 @@ impl Keyring {
             record.erasure_slot = Some(slot);
         }
         let version = self.seal_version(&un, &record, &id, 1, created_at, &stored)?;
+        debug_assert_eq!(version.epoch, un.epoch);
         let record_bytes = to_json(&record)?;
         let mut batch = WriteBatch::new();
         batch
@@ -121,10 +122,12 @@ impl Keyring {
                 b"",
             );
         }
-        match self.store.commit(&batch) {
-            Ok(()) => {}
-            Err(StoreError::Conflict("key_names")) => return Err(Error::AlreadyExists),
-            Err(e) => return Err(e.into()),
+        match self.commit_sealed(&un, &batch) {
+            Ok(()) => self.note_commit(),
+            Err(Error::Storage(StoreError::Conflict("key_names"))) => {
+                return Err(Error::AlreadyExists)
+            }
+            Err(e) => return Err(e),
         }
         let mut versions = BTreeMap::new();
         versions.insert(
@@ -141,6 +144,7 @@ impl Keyring {
             record,
             record_bytes,
             versions,
+            unreadable: Vec::new(),
         });
         self.cache_put(&un, entry.clone());
         Ok(entry.info())
@@ -172,15 +176,19 @@ impl Keyring {
     /// Adds a new version, which becomes the wrapping version. Older versions keep
     /// unwrapping.
     pub fn rotate(&self, tenant: &str, name: &str) -> Result<KeyInfo, Error> {
-        let un = self.unsealed()?;
         // New material before the lock (RSA generation can take seconds).
-        let algorithm = self.entry_by_name(&un, tenant, name)?.record.algorithm;
+        let algorithm = {
+            let un = self.unsealed()?;
+            self.entry_by_name(&un, tenant, name)?.record.algorithm
+        };
         let (material, stored) = crate::kek::Kek::generate(algorithm)?;
-        let _guard = self
-            .write_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let (_guard, un) = self.writer()?;
         let entry = self.entry_by_name(&un, tenant, name)?;
+        if entry.record.algorithm != algorithm {
+            return Err(Error::InvalidState(
+                "the key was replaced meanwhile; try again",
+            ));
+        }
         if matches!(
             entry.record.state,
             KeyState::PendingDeletion | KeyState::Destroyed
@@ -197,6 +205,7 @@ impl Keyring {
             .ok_or(Error::InvalidState("version counter exhausted"))?;
         let mut record = entry.record.clone();
         record.current_version = new_version;
+        record.next_generation();
         let created_at = self.clock.now();
         let version = self.seal_version(&un, &record, &id, new_version, created_at, &stored)?;
         let record_bytes = to_json(&record)?;
@@ -225,7 +234,11 @@ impl Keyring {
                 );
         }
         fail::fail_point!("keyring-rotate-before-commit");
-        self.commit_update(&un, &id, &batch)?;
+        if let Err(e) = self.commit_sealed(&un, &batch) {
+            self.cache_evict(&un, &id);
+            return Err(e);
+        }
+        self.note_commit();
         let mut versions = entry.versions.clone();
         versions.insert(
             new_version,
@@ -241,6 +254,7 @@ impl Keyring {
             record,
             record_bytes,
             versions,
+            unreadable: entry.unreadable.clone(),
         });
         self.cache_put(&un, updated.clone());
         Ok(updated.info())
@@ -250,7 +264,10 @@ impl Keyring {
     /// is dropped and the next read reloads from the store.
     fn commit_update(&self, un: &Unsealed, id: &KeyId, batch: &WriteBatch) -> Result<(), Error> {
         match self.store.commit(batch) {
-            Ok(()) => Ok(()),
+            Ok(()) => {
+                self.note_commit();
+                Ok(())
+            }
             Err(e) => {
                 self.cache_evict(un, id);
                 Err(e.into())
@@ -267,19 +284,16 @@ impl Keyring {
         name: &str,
         change: impl FnOnce(&KeyEntry, &mut KeyRecord, &mut WriteBatch) -> Result<(), Error>,
     ) -> Result<KeyInfo, Error> {
-        let un = self.unsealed()?;
-        let _guard = self
-            .write_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let (_guard, un) = self.writer()?;
         let entry = self.entry_by_name(&un, tenant, name)?;
         let mut record = entry.record.clone();
         let mut batch = WriteBatch::new();
         change(&entry, &mut record, &mut batch)?;
-        let record_bytes = to_json(&record)?;
-        if record_bytes == entry.record_bytes && batch.writes.is_empty() {
+        if to_json(&record)? == entry.record_bytes && batch.writes.is_empty() {
             return Ok(entry.info());
         }
+        record.next_generation();
+        let record_bytes = to_json(&record)?;
         batch
             .require(Table::Keys, &entry.key_id.0, Some(&entry.record_bytes))
             .put(Table::Keys, &entry.key_id.0, &record_bytes);
@@ -294,6 +308,7 @@ impl Keyring {
             record,
             record_bytes,
             versions,
+            unreadable: entry.unreadable.clone(),
         });
         self.cache_put(&un, updated.clone());
         fail::fail_point!("keyring-update-committed");

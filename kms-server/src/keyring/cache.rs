@@ -34,6 +34,9 @@ pub(super) struct KeyEntry {
     /// The exact stored bytes, for compare-and-swap on update.
     pub(super) record_bytes: Vec<u8>,
     pub(super) versions: BTreeMap<u32, Arc<VersionEntry>>,
+    /// Versions whose stored material did not open when the key was loaded, with their
+    /// creation time (reported, never used; the other versions serve).
+    pub(super) unreadable: Vec<(u32, u64)>,
 }
 
 impl KeyEntry {
@@ -60,8 +63,22 @@ impl KeyEntry {
                         wraps,
                         unwraps,
                         last_used_at: (last_use > 0).then(|| rfc3339(last_use)),
+                        unreadable: false,
                     }
                 })
+                .chain(
+                    self.unreadable
+                        .iter()
+                        .map(|&(v, created_at)| KeyVersionInfo {
+                            version: v,
+                            created_at: rfc3339(created_at),
+                            can_unwrap: false,
+                            wraps: 0,
+                            unwraps: 0,
+                            last_used_at: None,
+                            unreadable: true,
+                        }),
+                )
                 .collect(),
             deletion_date: r.deletion_date.map(rfc3339),
             grants: r.grants.clone(),
@@ -73,6 +90,15 @@ impl KeyEntry {
         self.versions
             .get(&self.record.current_version)
             .map_or(self.record.created_at, |v| v.created_at)
+    }
+
+    /// The error of a wrap when the current version is not there to wrap with (its
+    /// stored material did not open, see [`KeyEntry::unreadable`]).
+    pub(super) fn current_unreadable(&self) -> Error {
+        Error::Unreadable(format!(
+            "key {}'s current version {} does not open at rest (reported to the operators): it cannot wrap until the key is rotated or the version restored",
+            self.record.name, self.record.current_version
+        ))
     }
 
     pub(super) fn check_usable(&self) -> Result<(), Error> {
@@ -249,8 +275,45 @@ impl Keyring {
             self.cache_put(un, e.clone());
             return Ok(Some(e));
         }
-        // A change seen on the shared store's feed while this read runs must not leave the
-        // old record cached: cache it only if no invalidation happened meanwhile.
+        // One load of a key at a time: the others wait for it and take what it cached.
+        let flight = self
+            .flights
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .entry(id)
+            .or_default()
+            .clone();
+        let held = match flight.try_lock() {
+            Ok(held) => held,
+            Err(_) => {
+                fail::fail_point!("keyring-load-wait");
+                flight.lock().unwrap_or_else(PoisonError::into_inner)
+            }
+        };
+        let loaded = self.load_uncached(un, id);
+        drop(held);
+        let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
+        // Ours and the map's: nobody else waits on it (clones are made under this lock).
+        if Arc::strong_count(&flight) <= 2 {
+            flights.remove(&id);
+        }
+        loaded
+    }
+
+    /// The cache, else the store, for [`Keyring::load_entry`]'s one load in flight.
+    fn load_uncached(&self, un: &Unsealed, id: KeyId) -> Result<Option<Arc<KeyEntry>>, Error> {
+        if let Some(e) = un
+            .cache
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .by_id
+            .get(&id)
+        {
+            return Ok(Some(e.clone()));
+        }
+        // A change committed here or seen on the shared store's feed while this read runs
+        // must not leave the old record cached: cache it only if no invalidation happened
+        // meanwhile (every commit counts as one, see `note_commit`).
         let epoch = self
             .invalidations
             .load(std::sync::atomic::Ordering::Acquire);
@@ -274,27 +337,56 @@ impl Keyring {
             usage.insert(version, r);
         }
         let mut versions = BTreeMap::new();
+        let mut unreadable = Vec::new();
         // The key the versions are sealed under, found once per key (on a shared store an
         // erasure key is a database read), and only if there is a version to open.
         let mut bound: Option<Option<SecretKey>> = None;
-        for (_, bytes) in self.store.scan_prefix(Table::Versions, &id.0)? {
-            let v: VersionRecord =
-                serde_json::from_slice(&bytes).map_err(|_| Error::Corrupt("version record"))?;
+        for (vk, bytes) in self.store.scan_prefix(Table::Versions, &id.0)? {
+            let Ok(v) = serde_json::from_slice::<VersionRecord>(&bytes) else {
+                let version = vk
+                    .get(16..20)
+                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                    .map_or(0, u32::from_be_bytes);
+                self.report_unreadable(&record, version, "the version record does not parse");
+                unreadable.push((version, record.created_at));
+                continue;
+            };
+            if v.epoch > un.epoch {
+                // Re-sealed by another node's master-key rotation this node has not
+                // followed yet: its follower catches up; the caller retries.
+                return Err(Error::MasterKeyChanged);
+            }
             let under = match &bound {
                 Some(b) => b,
                 None => bound.insert(self.version_sealing_key(un, &record)?),
             };
-            let mut entry = self.open_version_under(un, under.as_ref(), &record, &id, &v)?;
-            if let Some(r) = usage.get(&v.version) {
-                entry.usage = crate::usage::Usage::from_record(r);
+            let opened = if v.epoch == un.epoch {
+                self.open_version_under(un, under.as_ref(), &record, &id, &v)
+            } else {
+                Err(Error::Corrupt("sealed under a retired master-key epoch"))
+            };
+            match opened {
+                Ok(mut entry) => {
+                    if let Some(r) = usage.get(&v.version) {
+                        entry.usage = crate::usage::Usage::from_record(r);
+                    }
+                    versions.insert(v.version, Arc::new(entry));
+                }
+                // One bad version takes down only itself: reported, and the key's other
+                // versions serve.
+                Err(Error::Corrupt(why)) => {
+                    self.report_unreadable(&record, v.version, why);
+                    unreadable.push((v.version, v.created_at));
+                }
+                Err(e) => return Err(e),
             }
-            versions.insert(v.version, Arc::new(entry));
         }
         let entry = Arc::new(KeyEntry {
             key_id: id,
             record,
             record_bytes,
             versions,
+            unreadable,
         });
         fail::fail_point!("keyring-load-before-put");
         if self
@@ -347,8 +439,44 @@ impl Keyring {
         })
     }
 
+    /// Counts a commit of this node's as an invalidation: a load that read the store
+    /// before it does not cache what it read (it may be older than the commit).
+    pub(super) fn note_commit(&self) {
+        self.invalidations
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Reports a version whose material does not open: the log, and the integrity hook
+    /// (an alert and a metric in the server).
+    fn report_unreadable(&self, record: &KeyRecord, version: u32, why: &str) {
+        tracing::error!(
+            tenant = %record.tenant,
+            key = %record.name,
+            id = %record.id,
+            version,
+            why,
+            "a KEK version does not open: it is not used; the key's other versions serve"
+        );
+        self.integrity_event(
+            "version_unreadable",
+            format!(
+                "key {}/{} ({}) version {version}: {why}",
+                record.tenant, record.name, record.id
+            ),
+        );
+    }
+
+    /// Caches `entry`, unless the cache holds a newer generation of the key (a put never
+    /// goes back in time).
     pub(super) fn cache_put(&self, un: &Unsealed, entry: Arc<KeyEntry>) {
         let mut cache = un.cache.write().unwrap_or_else(PoisonError::into_inner);
+        if cache
+            .by_id
+            .get(&entry.key_id)
+            .is_some_and(|cur| cur.record.generation > entry.record.generation)
+        {
+            return;
+        }
         if cache.by_id.len() >= self.cache_limit && !cache.by_id.contains_key(&entry.key_id) {
             let drop_n = (self.cache_limit / 16).max(1);
             let victims: Vec<KeyId> = cache.by_id.keys().take(drop_n).copied().collect();

@@ -91,7 +91,7 @@ impl Keyring {
         let kek = entry
             .versions
             .get(&version)
-            .ok_or(Error::Corrupt("current version missing"))?;
+            .ok_or_else(|| entry.current_unreadable())?;
         let header = Header {
             key_id: entry.key_id,
             version,
@@ -338,8 +338,7 @@ impl Lookups<'_> {
         entry.check_usable()?;
         let version = entry.record.current_version;
         let key_name = entry.record.name.clone();
-        let (key, usage) =
-            self.aes_version(i, version, Error::Corrupt("current version missing"))?;
+        let (key, usage) = self.aes_version(i, version, entry.current_unreadable())?;
         let mut iv = [0u8; crate::crypto::DETACHED_SALT_LEN];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut iv)
             .map_err(|_| Error::Internal("system random generator failed"))?;

@@ -19,6 +19,8 @@
 //! The files, one concept each:
 //! - `mod.rs` — [`Keyring`] and its builders.
 //! - `records.rs` — the stored records, table-key encodings, name and grant checks.
+//! - `epoch.rs` — the master key's epoch: the store condition that keeps every sealing
+//!   write on the current master key, on one node or many.
 //! - `vault.rs` — the master key: initialize, unseal/seal, master-key rotation, the audit
 //!   keys, the sealing of KEK versions, the self-test.
 //! - `cache.rs` — decrypted keys in memory: loading, bound, invalidation, freshness.
@@ -28,12 +30,19 @@
 //! - `lookups.rs` — the data plane, [`Lookups`]: the only entry for datakey, wrap, unwrap,
 //!   rewrap and the adapters' operations (`keyring.lookups()?.datakey(...)`).
 
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
+use crate::error::Error;
+use crate::format::KeyId;
 use crate::keystore::KeyStore;
+
+/// See [`Keyring::on_integrity_event`].
+pub type IntegrityHook = Box<dyn Fn(&'static str, String) + Send + Sync>;
 
 mod admin;
 mod cache;
+mod epoch;
 mod lookups;
 mod records;
 mod restore;
@@ -45,6 +54,9 @@ pub use records::{
     validate_grants, validate_name, KeyRecord, DELETION_WINDOW_DAYS, MAX_GRANTS, MAX_IDENTITY_LEN,
     MAX_NAME_LEN,
 };
+
+pub(crate) use epoch::META_MASTER_EPOCH;
+pub(crate) use records::{META_AUDIT_KEYS, META_SEALED_MASTER};
 
 use cache::Freshness;
 use vault::Unsealed;
@@ -70,8 +82,14 @@ pub struct Keyring {
     /// change feed (milliseconds on [`Keyring::freshness_clock`]), and how old that may
     /// be before key use fails closed. `None`: the store has no other writer.
     freshness: Option<Freshness>,
-    /// Bumped by every invalidation (see `load_entry`).
+    /// Bumped by every invalidation and every local commit of a key record (see
+    /// `load_entry`).
     invalidations: std::sync::atomic::AtomicU64,
+    /// Cold loads in flight, one per key (see `load_entry`).
+    flights: Mutex<HashMap<KeyId, Arc<Mutex<()>>>>,
+    /// Called with integrity events (a version that does not open, a record that fails
+    /// authentication): the server raises an alert and counts them.
+    integrity_hook: std::sync::OnceLock<IntegrityHook>,
     unsealed: RwLock<Option<Arc<Unsealed>>>,
     /// Serializes this process's mutations (the store's conditions guard against others).
     write_lock: Mutex<()>,
@@ -95,6 +113,8 @@ impl Keyring {
             new_erasure_keys: true,
             freshness: None,
             invalidations: std::sync::atomic::AtomicU64::new(0),
+            flights: Mutex::new(HashMap::new()),
+            integrity_hook: std::sync::OnceLock::new(),
             store,
             unsealed: RwLock::new(None),
             write_lock: Mutex::new(()),
@@ -143,6 +163,29 @@ impl Keyring {
     /// The clock it reads time from.
     pub fn clock(&self) -> &crate::clock::Clock {
         &self.clock
+    }
+
+    /// Sets what is called with each integrity event: its kind (`version_unreadable`,
+    /// `record_tampered`) and a detail naming the record (never key material). Once.
+    pub fn on_integrity_event(&self, hook: IntegrityHook) {
+        let _ = self.integrity_hook.set(hook);
+    }
+
+    fn integrity_event(&self, kind: &'static str, detail: String) {
+        if let Some(hook) = self.integrity_hook.get() {
+            hook(kind, detail);
+        }
+    }
+
+    /// This node's write lock, then the unsealed state: every writer takes both in this
+    /// order, so none holds a master key that a rotation (which takes the lock first)
+    /// has retired.
+    fn writer(&self) -> Result<(MutexGuard<'_, ()>, Arc<Unsealed>), Error> {
+        let guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        Ok((guard, self.unsealed()?))
     }
 }
 

@@ -9,14 +9,14 @@ use serde::{Deserialize, Serialize};
 use crate::error::Error;
 use crate::format::{self, KeyId};
 
-pub(super) const META_SEALED_MASTER: &[u8] = b"sealed-master-key";
+pub(crate) const META_SEALED_MASTER: &[u8] = b"sealed-master-key";
 pub(super) const META_FORMAT: &[u8] = b"store-format";
 /// The audit keys (head MAC key ‖ context-hash key), sealed under the master key. Absent
 /// until the first master-key rotation: until then they are derived from the master key.
 /// Rotation keeps their value and stores it sealed under the new master key in the same
 /// transaction, so the audit chain's head MAC and context hashes survive the rotation
 /// (and a crash right after it).
-pub(super) const META_AUDIT_KEYS: &[u8] = b"audit/keys/v1";
+pub(crate) const META_AUDIT_KEYS: &[u8] = b"audit/keys/v1";
 pub(super) const STORE_FORMAT: &[u8] = b"1";
 /// Meta entry saying the rotation index is complete (stores from before it get it built
 /// by the first sweep).
@@ -67,6 +67,17 @@ pub struct KeyRecord {
     /// ([`crate::erasure::shared`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_erasure_slot: Option<u64>,
+    /// Bumped by every write of the record: the cache never replaces a newer generation
+    /// with an older one. 0 in records from before generations.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u64,
+}
+
+impl KeyRecord {
+    /// The record as the next write stores it: one generation on.
+    pub(super) fn next_generation(&mut self) {
+        self.generation = self.generation.wrapping_add(1);
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -76,6 +87,14 @@ pub(super) struct VersionRecord {
     pub(super) created_at: u64,
     /// Hex of the sealed box (salt ‖ ciphertext ‖ tag).
     pub(super) material: String,
+    /// The master-key epoch it is sealed under ([`super::epoch`]); 0 in stores from
+    /// before epochs.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub(super) epoch: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 pub(super) fn rfc3339(secs: u64) -> String {

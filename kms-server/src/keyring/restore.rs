@@ -1,8 +1,6 @@
 //! Backup and restore: the master key under the write lock (an export reads the tables
 //! as one state), the check that every KEK version of a restore opens, and its install.
 
-use std::sync::PoisonError;
-
 use super::records::{
     kek_aad, to_json, KeyRecord, VersionRecord, META_FORMAT, META_SEALED_MASTER, STORE_FORMAT,
 };
@@ -16,19 +14,31 @@ use crate::seal::SealedMasterKey;
 use crate::secret::SecretKey;
 
 impl Keyring {
-    /// Runs `f` with the master key and the erasure file while no key changes (for
-    /// backups: the tables are read as one state).
+    /// Runs `f` under this node's write lock with the master key in use, its epoch, and
+    /// the erasure file (for backups). The lock is taken before the master key is read,
+    /// so a rotation that held it is over and its new key is the one `f` gets. Other
+    /// nodes of a shared store may still write: `f` reads the store through one snapshot
+    /// and checks that the snapshot's epoch record names this key
+    /// ([`Keyring::epoch_record_names`]).
     pub fn with_master_locked<T>(
         &self,
-        f: impl FnOnce(&SecretKey, Option<&crate::erasure::ErasureFile>) -> Result<T, Error>,
+        f: impl FnOnce(&SecretKey, u64, Option<&crate::erasure::ErasureFile>) -> Result<T, Error>,
     ) -> Result<T, Error> {
-        let un = self.unsealed()?;
         fail::fail_point!("keyring-backup-before-lock");
-        let _guard = self
-            .write_lock
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        f(&un.master, self.erasure.as_deref())
+        let (_guard, un) = self.writer()?;
+        f(&un.master, un.epoch, self.erasure.as_deref())
+    }
+
+    /// Whether `bytes`, an epoch record as read from a snapshot (`None`: absent), names
+    /// `master` at `epoch`.
+    pub fn epoch_record_names(
+        &self,
+        bytes: Option<&[u8]>,
+        master: &SecretKey,
+        epoch: u64,
+    ) -> Result<bool, Error> {
+        let stored = super::epoch::StoredEpoch::parse(bytes.map(<[u8]>::to_vec))?;
+        Ok(stored.record.epoch == epoch && stored.is_of(master)?)
     }
 
     /// Checks that every KEK version in `batch` (a restore) opens under `master` and the
@@ -47,9 +57,10 @@ impl Keyring {
                 .map(|(_, k, v)| (k.as_slice(), v.as_deref().unwrap_or_default()))
         };
         for (id, bytes) in rows(Table::Keys) {
-            let record: KeyRecord =
-                serde_json::from_slice(bytes).map_err(|_| Error::Corrupt("key record"))?;
             let id = KeyId(id.try_into().map_err(|_| Error::Corrupt("key id"))?);
+            let record: KeyRecord = serde_json::from_slice(bytes).map_err(|_| {
+                Error::Unreadable(format!("key record {} does not parse", id.to_hex()))
+            })?;
             if record.shared_erasure_slot.is_some() {
                 return Err(Error::InvalidState(
                     "the backup names erasure keys of a shared store's erasure table: restore a database backup instead",
@@ -71,11 +82,21 @@ impl Keyring {
                 None => None,
             };
             for (vk, vbytes) in rows(Table::Versions).filter(|(k, _)| k.starts_with(&id.0)) {
-                let _ = vk;
-                let v: VersionRecord =
-                    serde_json::from_slice(vbytes).map_err(|_| Error::Corrupt("version record"))?;
+                let blocked = |why: &str| {
+                    Error::Unreadable(format!(
+                        "key {}/{} ({}) version {}: {why}",
+                        record.tenant,
+                        record.name,
+                        record.id,
+                        vk.get(16..20)
+                            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                            .map_or(0, u32::from_be_bytes),
+                    ))
+                };
+                let v: VersionRecord = serde_json::from_slice(vbytes)
+                    .map_err(|_| blocked("the version record does not parse"))?;
                 let sealed = crate::seal::unhex(&v.material)
-                    .ok_or(Error::Corrupt("version record material"))?;
+                    .ok_or_else(|| blocked("the material is not hex"))?;
                 let key = match (&bound, record.erasure_slot) {
                     (Some(k), _) => k,
                     (None, None) => master,
@@ -91,7 +112,7 @@ impl Keyring {
                     &kek_aad(&record.tenant, &id, v.version),
                     &sealed,
                 )
-                .map_err(|_| Error::Corrupt("a KEK version in the backup does not open"))?;
+                .map_err(|_| blocked("it does not open under the backup's master key"))?;
             }
         }
         Ok(())

@@ -332,12 +332,17 @@ impl Keyring {
                     // Grants stay, as metadata: a granted caller learns `destroyed` (409),
                     // not a denial that would count toward its lockout.
                     record.state = KeyState::Destroyed;
+                    record.next_generation();
                     batch.require(Table::Keys, &id.0, Some(&bytes)).put(
                         Table::Keys,
                         &id.0,
                         &to_json(&record)?,
                     );
                     self.store.commit(&batch)?;
+                    self.note_commit();
+                    if let Ok(un) = self.unsealed() {
+                        self.cache_evict(&un, &id);
+                    }
                     destroyed.push((record.tenant.clone(), record.name.clone()));
                 }
                 if let (KeyState::Destroyed, Some(slot)) = (record.state, record.erasure_slot) {

@@ -9,6 +9,7 @@ use kms_client::api::Context;
 use zeroize::Zeroizing;
 
 use super::cache::Cache;
+use super::epoch::{self, EpochRecord, META_MASTER_EPOCH};
 use super::records::{
     kek_aad, to_json, KeyRecord, VersionRecord, META_AUDIT_KEYS, META_FORMAT, META_ROTATION_INDEX,
     META_SEALED_MASTER, STORE_FORMAT,
@@ -29,6 +30,8 @@ pub(super) const ERASURE_LABEL: &[u8] = b"keyhold/kek-erasure/v1";
 /// under them (wiped together on `seal`).
 pub(super) struct Unsealed {
     pub(super) master: SecretKey,
+    /// The epoch of `master` ([`super::epoch`]): what every sealing write requires.
+    pub(super) epoch: u64,
     pub(super) cache: RwLock<Cache>,
     /// MACs the audit chain head.
     audit_mac: ring::hmac::Key,
@@ -39,9 +42,10 @@ pub(super) struct Unsealed {
 }
 
 impl Unsealed {
-    fn new(master: SecretKey, audit_keys: Zeroizing<[u8; 64]>, cache: Cache) -> Self {
+    fn new(master: SecretKey, epoch: u64, audit_keys: Zeroizing<[u8; 64]>, cache: Cache) -> Self {
         let hmac = |k: &[u8]| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k);
         Self {
+            epoch,
             audit_mac: hmac(&audit_keys[..32]),
             audit_context: hmac(&audit_keys[32..]),
             audit_keys,
@@ -84,6 +88,11 @@ impl Keyring {
             .require(Table::Meta, META_SEALED_MASTER, None)
             .put(Table::Meta, META_SEALED_MASTER, &to_json(&sealed)?)
             .put(Table::Meta, META_FORMAT, STORE_FORMAT)
+            .put(
+                Table::Meta,
+                META_MASTER_EPOCH,
+                &epoch::first_record(&master)?,
+            )
             // A new store keeps its rotation index complete from the first key.
             .put(Table::Meta, META_ROTATION_INDEX, b"1");
         match self.store.commit(&batch) {
@@ -110,20 +119,12 @@ impl Keyring {
         Ok(self.sealed_master_key()?.map(|s| s.method))
     }
 
-    /// (Stub for reproducing on main) follows a master-key rotation made elsewhere.
-    pub fn follow_master(&self, sealer: &dyn Sealer) -> Result<(), Error> {
-        self.unseal(sealer)
-    }
-
     /// Unseals with `sealer`. A no-op when already unsealed.
     pub fn unseal(&self, sealer: &dyn Sealer) -> Result<(), Error> {
         if !self.is_sealed() {
             return Ok(());
         }
-        let sealed = self.sealed_master_key()?.ok_or(Error::InvalidState(
-            "the store is not initialized: run `kms-server init`",
-        ))?;
-        let master = sealer.unseal(&sealed)?;
+        let (master, epoch) = self.open_current_master(sealer)?;
         let audit_keys = self.audit_keys_under(&master)?;
         let mut slot = self
             .unsealed
@@ -131,10 +132,64 @@ impl Keyring {
             .unwrap_or_else(PoisonError::into_inner);
         *slot = Some(Arc::new(Unsealed::new(
             master,
+            epoch,
             audit_keys,
             Cache::default(),
         )));
         Ok(())
+    }
+
+    /// Opens the stored sealed master key with `sealer`, with its epoch: the two are read
+    /// apart, so the epoch record's check must name the key opened (else a rotation
+    /// committed between the reads, and both are read again).
+    fn open_current_master(&self, sealer: &dyn Sealer) -> Result<(SecretKey, u64), Error> {
+        for _ in 0..4 {
+            let sealed = self.sealed_master_key()?.ok_or(Error::InvalidState(
+                "the store is not initialized: run `kms-server init`",
+            ))?;
+            let master = sealer.unseal(&sealed)?;
+            let stored = self.stored_epoch()?;
+            if stored.is_of(&master)? {
+                return Ok((master, stored.record.epoch));
+            }
+        }
+        Err(Error::Corrupt(
+            "the master-key epoch record does not name the stored master key",
+        ))
+    }
+
+    /// Follows a master-key rotation another node of a shared store made: when the
+    /// store's epoch is not the one in memory, opens the new sealed master key with
+    /// `sealer` and puts it in place (the KEKs did not change: the decrypted keys stay
+    /// cached). Until then this node's sealing writes are refused
+    /// ([`Error::MasterKeyChanged`]), never committed under the retired key. Returns
+    /// whether the master key changed. An error (a `sealer` that cannot open the new key
+    /// by itself, such as Shamir shares) leaves the node as it was: the caller seals it.
+    pub fn follow_master(&self, sealer: &dyn Sealer) -> Result<bool, Error> {
+        let Ok(un) = self.unsealed() else {
+            return Ok(false);
+        };
+        if self.stored_epoch()?.record.epoch == un.epoch {
+            return Ok(false);
+        }
+        let _guard = self
+            .write_lock
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let un = self.unsealed()?;
+        let (master, epoch) = self.open_current_master(sealer)?;
+        if epoch == un.epoch {
+            return Ok(false);
+        }
+        let audit_keys = self.audit_keys_under(&master)?;
+        let cache = std::mem::take(&mut *un.cache.write().unwrap_or_else(PoisonError::into_inner));
+        let mut slot = self
+            .unsealed
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        *slot = Some(Arc::new(Unsealed::new(master, epoch, audit_keys, cache)));
+        tracing::info!(epoch, "followed a master-key rotation made on another node");
+        Ok(true)
     }
 
     /// The audit keys: stored (sealed under `master`) once the master key has rotated,
@@ -159,12 +214,18 @@ impl Keyring {
     /// sealed master key, so a mistyped passphrase cannot lock the store away. KEK material
     /// does not change: wrapped DEKs keep unwrapping. Returns how many versions were
     /// re-sealed.
+    ///
+    /// The transaction requires the epoch record ([`super::epoch`]) and every version it
+    /// re-seals to be as read: a version added or destroyed meanwhile (by this node or
+    /// another) makes it read them again. A version that does not open under the master
+    /// key in use stops it, named ([`Error::Unreadable`]): rotating would lose it.
     pub fn rotate_master(&self, sealer: &dyn Sealer) -> Result<usize, Error> {
-        let un = self.unsealed()?;
+        // The lock before the unsealed state: no writer of this node holds the old key.
         let _guard = self
             .write_lock
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
+        let un = self.unsealed()?;
         let old_bytes = self
             .store
             .get(Table::Meta, META_SEALED_MASTER)?
@@ -174,84 +235,146 @@ impl Keyring {
         let check = sealer.unseal(&old)?;
         // Constant-time comparison (SecretKey's PartialEq).
         if check != un.master {
-            return Err(Error::InvalidState(
-                "the seal secret given opens another master key than the one in use",
-            ));
+            return Err(if self.stored_epoch()?.record.epoch != un.epoch {
+                Error::MasterKeyChanged
+            } else {
+                Error::InvalidState(
+                    "the seal secret given opens another master key than the one in use",
+                )
+            });
         }
         let new_master = SecretKey::generate()?;
         let sealed_new = sealer.seal(&new_master)?;
-        let mut batch = WriteBatch::new();
-        batch
-            .require(Table::Meta, META_SEALED_MASTER, Some(&old_bytes))
-            .put(Table::Meta, META_SEALED_MASTER, &to_json(&sealed_new)?)
-            // The audit keys keep their value: the chain head's MAC stays valid.
-            .put(
-                Table::Meta,
-                META_AUDIT_KEYS,
-                &crypto::seal_box(&new_master, AUDIT_KEYS_LABEL, b"", &un.audit_keys[..])?,
-            );
+        let next_epoch = un
+            .epoch
+            .checked_add(1)
+            .ok_or(Error::InvalidState("master-key epoch exhausted"))?;
+        for _ in 0..4 {
+            let stored = self.stored_epoch()?;
+            if stored.record.epoch != un.epoch {
+                return Err(Error::MasterKeyChanged);
+            }
+            let mut batch = WriteBatch::new();
+            batch
+                .require(Table::Meta, META_SEALED_MASTER, Some(&old_bytes))
+                .put(Table::Meta, META_SEALED_MASTER, &to_json(&sealed_new)?)
+                .require(Table::Meta, META_MASTER_EPOCH, stored.bytes.as_deref())
+                .put(
+                    Table::Meta,
+                    META_MASTER_EPOCH,
+                    &to_json(&EpochRecord {
+                        epoch: next_epoch,
+                        writes: 0,
+                        check: epoch::check_of(&new_master, next_epoch)?,
+                    })?,
+                )
+                // The audit keys keep their value: the chain head's MAC stays valid.
+                .put(
+                    Table::Meta,
+                    META_AUDIT_KEYS,
+                    &crypto::seal_box(&new_master, AUDIT_KEYS_LABEL, b"", &un.audit_keys[..])?,
+                );
+            let resealed = self.reseal_all(&un, &new_master, next_epoch, &mut batch)?;
+            fail::fail_point!("keyring-rotate-master-before-commit");
+            match self.store.commit(&batch) {
+                Ok(()) => {
+                    // The decrypted KEKs did not change: keep the cache, swap the keys.
+                    let cache = std::mem::take(
+                        &mut *un.cache.write().unwrap_or_else(PoisonError::into_inner),
+                    );
+                    let mut slot = self
+                        .unsealed
+                        .write()
+                        .unwrap_or_else(PoisonError::into_inner);
+                    *slot = Some(Arc::new(Unsealed::new(
+                        new_master,
+                        next_epoch,
+                        un.audit_keys.clone(),
+                        cache,
+                    )));
+                    return Ok(resealed);
+                }
+                // A key written or destroyed meanwhile: read the versions again.
+                Err(StoreError::Conflict(_)) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(Error::InvalidState(
+            "keys kept changing during the master-key rotation; try again",
+        ))
+    }
+
+    /// Adds to `batch` every KEK version re-sealed under `new_master` (epoch
+    /// `next_epoch`), each on condition that its record is unchanged. Returns how many.
+    fn reseal_all(
+        &self,
+        un: &Unsealed,
+        new_master: &SecretKey,
+        next_epoch: u64,
+        batch: &mut WriteBatch,
+    ) -> Result<usize, Error> {
         let mut resealed = 0;
         for (id, bytes) in self.store.scan_prefix(Table::Keys, b"")? {
-            let record: KeyRecord =
-                serde_json::from_slice(&bytes).map_err(|_| Error::Corrupt("key record"))?;
             let key_id = KeyId(
                 id.as_slice()
                     .try_into()
                     .map_err(|_| Error::Corrupt("key id"))?,
             );
+            let record: KeyRecord = serde_json::from_slice(&bytes).map_err(|_| {
+                Error::Unreadable(format!(
+                    "key record {} does not parse: rotating the master key would lose its versions",
+                    key_id.to_hex()
+                ))
+            })?;
             let versions = self.store.scan_prefix(Table::Versions, &id)?;
             if versions.is_empty() {
                 continue;
             }
             let old_key = self.sealing_key_under(&un.master, &record)?;
-            let new_key = self.sealing_key_under(&new_master, &record)?;
+            let new_key = self.sealing_key_under(new_master, &record)?;
             for (vk, vbytes) in versions {
+                let blocked = |why: &str| {
+                    Error::Unreadable(format!(
+                        "key {}/{} ({}) version {}: {why}; rotating the master key would lose it (restore it from a backup, or destroy the key)",
+                        record.tenant,
+                        record.name,
+                        record.id,
+                        vk.get(16..20)
+                            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                            .map_or(0, u32::from_be_bytes),
+                    ))
+                };
                 let mut v: VersionRecord = serde_json::from_slice(&vbytes)
-                    .map_err(|_| Error::Corrupt("version record"))?;
+                    .map_err(|_| blocked("the version record does not parse"))?;
+                if v.epoch != un.epoch {
+                    return Err(blocked("sealed under another master-key epoch"));
+                }
                 let aad = kek_aad(&record.tenant, &key_id, v.version);
                 let sealed = crate::seal::unhex(&v.material)
-                    .ok_or(Error::Corrupt("version record material"))?;
+                    .ok_or_else(|| blocked("the material is not hex"))?;
                 let plain = crypto::open_box(
                     old_key.as_ref().unwrap_or(&un.master),
                     KEK_LABEL,
                     &aad,
                     &sealed,
                 )
-                .map_err(|_| {
-                    Error::Corrupt("KEK version fails authentication under the master key")
-                })?;
+                .map_err(|_| blocked("it fails authentication under the master key"))?;
                 let resealed_box = crypto::seal_box(
-                    new_key.as_ref().unwrap_or(&new_master),
+                    new_key.as_ref().unwrap_or(new_master),
                     KEK_LABEL,
                     &aad,
                     plain.expose_secret(),
                 )?;
                 v.material = crate::seal::hex(&resealed_box);
-                batch.put(Table::Versions, &vk, &to_json(&v)?);
+                v.epoch = next_epoch;
+                batch.require(Table::Versions, &vk, Some(&vbytes)).put(
+                    Table::Versions,
+                    &vk,
+                    &to_json(&v)?,
+                );
                 resealed += 1;
             }
         }
-        fail::fail_point!("keyring-rotate-master-before-commit");
-        match self.store.commit(&batch) {
-            Ok(()) => {}
-            Err(StoreError::Conflict(_)) => {
-                return Err(Error::InvalidState(
-                    "the master key changed meanwhile; try again",
-                ))
-            }
-            Err(e) => return Err(e.into()),
-        }
-        // The decrypted KEKs did not change: keep the cache, swap the keys.
-        let cache = std::mem::take(&mut *un.cache.write().unwrap_or_else(PoisonError::into_inner));
-        let mut slot = self
-            .unsealed
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        *slot = Some(Arc::new(Unsealed::new(
-            new_master,
-            un.audit_keys.clone(),
-            cache,
-        )));
         Ok(resealed)
     }
 
@@ -363,6 +486,7 @@ impl Keyring {
             version,
             created_at,
             material: crate::seal::hex(&sealed),
+            epoch: un.epoch,
         })
     }
 
@@ -418,7 +542,7 @@ mod tests {
     }
 
     #[test]
-    fn swapped_version_record_fails_to_open() {
+    fn a_swapped_version_record_fails_to_open_and_takes_down_only_itself() {
         let (_d, ring, sealer) = setup();
         ring.unseal(&sealer).unwrap();
         let a = ring
@@ -438,10 +562,45 @@ mod tests {
         let mut batch = WriteBatch::new();
         batch.put(Table::Versions, &version_key(&ida, 1), &vb);
         ring.store().commit(&batch).unwrap();
+        let events = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = events.clone();
+        ring.on_integrity_event(Box::new(move |kind, detail| {
+            seen.lock().unwrap().push((kind, detail));
+        }));
         ring.seal();
         ring.unseal(&sealer).unwrap();
-        assert!(matches!(ring.key_info("t", "a"), Err(Error::Corrupt(_))));
-        assert!(ring.key_info("t", "b").is_ok());
+        // One bad version takes down only itself: the key reports it, the tenant's keys
+        // list, the other key serves.
+        let info = ring.key_info("t", "a").unwrap();
+        assert_eq!(info.versions.len(), 1);
+        assert!(info.versions[0].unreadable && !info.versions[0].can_unwrap);
+        assert_eq!(ring.list_keys("t").unwrap().len(), 2);
+        assert!(ring
+            .lookups()
+            .and_then(|mut l| l.datakey(&who("t"), "b", &Context::new()))
+            .is_ok());
+        // Its key cannot wrap with it, and says so (a 409, not a 500).
+        let refused = ring
+            .lookups()
+            .and_then(|mut l| l.datakey(&who("t"), "a", &Context::new()));
+        assert!(matches!(&refused, Err(Error::Unreadable(m)) if m.contains("current version 1")));
+        // Reported: the integrity hook (an alert and a metric in the server) names it.
+        let events = events.lock().unwrap().clone();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert_eq!(events[0].0, "version_unreadable");
+        assert!(events[0].1.contains(&a.id) && events[0].1.contains("version 1"));
+        // A master-key rotation would lose it: refused, naming the record.
+        let blocked = ring.rotate_master(&sealer);
+        assert!(
+            matches!(&blocked, Err(Error::Unreadable(m)) if m.contains("t/a") && m.contains("version 1")),
+            "{blocked:?}"
+        );
+        // Rotating the key gives it a current version that opens.
+        ring.rotate("t", "a").unwrap();
+        assert!(ring
+            .lookups()
+            .and_then(|mut l| l.datakey(&who("t"), "a", &Context::new()))
+            .is_ok());
     }
 
     #[test]

@@ -262,18 +262,23 @@ pub type Changes = (u64, Option<Vec<(Table, Vec<u8>)>>);
 
 /// Runtime identities (`crate::policy`): `Meta` keys under this prefix.
 pub const META_IDENTITY_PREFIX: &[u8] = b"policy/identity/";
+/// The master key's records (its epoch: see `keyring::epoch`): `Meta` keys under this
+/// prefix. Followed, so every node of a shared store re-opens a rotated master key.
+pub const META_MASTER_PREFIX: &[u8] = b"master/";
 /// Lockouts shared by the nodes of a shared store (`crate::lockout`): `Meta` keys under
 /// this prefix.
 pub const META_LOCKOUT_PREFIX: &[u8] = b"lockout/";
 
 /// Whether other nodes of a shared store must learn of a change to this record: the ones
 /// they cache. Key records (every key state, version, grant and policy change goes
-/// through the key record), runtime identities and lockouts.
+/// through the key record), the master key's epoch, runtime identities and lockouts.
 pub fn followed(table: Table, key: &[u8]) -> bool {
     match table {
         Table::Keys => true,
         Table::Meta => {
-            key.starts_with(META_IDENTITY_PREFIX) || key.starts_with(META_LOCKOUT_PREFIX)
+            key.starts_with(META_IDENTITY_PREFIX)
+                || key.starts_with(META_LOCKOUT_PREFIX)
+                || key.starts_with(META_MASTER_PREFIX)
         }
         _ => false,
     }
