@@ -33,9 +33,9 @@ use crate::api::{
     UnwrapRequest, UnwrapResponse, WrapRequest, WrapResponse, WrappedKey,
 };
 use crate::api::{
-    Grant, IdentityList, LiftLockoutRequest, LiftLockoutResponse, LockoutList,
+    EditGrantsRequest, Grant, IdentityList, LiftLockoutRequest, LiftLockoutResponse, LockoutList,
     MinDecryptVersionRequest, MinVersionDryRun, MinVersionDryRunRequest, RemoveIdentityRequest,
-    Role, ScheduleDeletionRequest, SetGrantsRequest, EditGrantsRequest, SetIdentityRequest,
+    Role, ScheduleDeletionRequest, SetGrantsRequest, SetIdentityRequest,
 };
 use crate::transport::{parse_endpoint, SendError, Transport};
 use crate::Error;

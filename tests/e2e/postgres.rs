@@ -847,7 +847,11 @@ fn hostname() -> String {
 
 /// `post`, retried while the node answers 503 (it is following a change made on another
 /// node) for up to 3 s; a 500 is never acceptable.
-async fn post_settled(c: &reqwest::Client, url: &str, body: serde_json::Value) -> (u16, serde_json::Value) {
+async fn post_settled(
+    c: &reqwest::Client,
+    url: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
     let t = std::time::Instant::now();
     loop {
         let r = post(c, url, body.clone()).await;
@@ -896,13 +900,28 @@ async fn a_master_rotation_on_one_node_loses_nothing_written_on_another() {
     .await;
     assert_eq!(created.0, 201, "{created:?}");
     for (key, rotate) in [("after", true), ("before", true)] {
-        let dk = post_settled(&app_b, &b.url(&format!("/v1/keys/{key}/datakey")), json!({})).await;
+        let dk = post_settled(
+            &app_b,
+            &b.url(&format!("/v1/keys/{key}/datakey")),
+            json!({}),
+        )
+        .await;
         assert_eq!(dk.0, 200, "{dk:?}");
         deks.push(dk.1);
         if rotate {
-            let r = post_settled(&admin_b, &b.url(&format!("/v1/keys/{key}/rotate")), json!({})).await;
+            let r = post_settled(
+                &admin_b,
+                &b.url(&format!("/v1/keys/{key}/rotate")),
+                json!({}),
+            )
+            .await;
             assert_eq!(r.0, 200, "{r:?}");
-            let dk = post_settled(&app_b, &b.url(&format!("/v1/keys/{key}/datakey")), json!({})).await;
+            let dk = post_settled(
+                &app_b,
+                &b.url(&format!("/v1/keys/{key}/datakey")),
+                json!({}),
+            )
+            .await;
             assert_eq!(dk.0, 200, "{dk:?}");
             deks.push(dk.1);
         }
@@ -916,7 +935,10 @@ async fn a_master_rotation_on_one_node_loses_nothing_written_on_another() {
         if info.1["current_version"].as_u64() == Some(3) {
             break;
         }
-        assert!(t.elapsed() < std::time::Duration::from_secs(10), "no automatic rotation: {info:?}");
+        assert!(
+            t.elapsed() < std::time::Duration::from_secs(10),
+            "no automatic rotation: {info:?}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
     let dk = post_settled(&app_b, &b.url("/v1/keys/after/datakey"), json!({})).await;
@@ -924,12 +946,18 @@ async fn a_master_rotation_on_one_node_loses_nothing_written_on_another() {
     deks.push(dk.1);
 
     // Every DEK unwraps on both nodes; the tenant's keys list on both.
-    let check = |nodes: Vec<(String, reqwest::Client, reqwest::Client)>, deks: Vec<serde_json::Value>| async move {
+    let check = |nodes: Vec<(String, reqwest::Client, reqwest::Client)>,
+                 deks: Vec<serde_json::Value>| async move {
         for (base, app, admin) in &nodes {
             let list = crate::get(admin, &format!("{base}/v1/keys")).await;
             assert_eq!(list.0, 200, "{base}: {list:?}");
             for dk in &deks {
-                let un = post_settled(app, &format!("{base}/v1/unwrap"), json!({"wrapped": dk["wrapped"]})).await;
+                let un = post_settled(
+                    app,
+                    &format!("{base}/v1/unwrap"),
+                    json!({"wrapped": dk["wrapped"]}),
+                )
+                .await;
                 assert_eq!(un.0, 200, "{base}: {un:?}");
                 assert_eq!(un.1["plaintext"], dk["plaintext"]);
             }
@@ -949,13 +977,26 @@ async fn a_master_rotation_on_one_node_loses_nothing_written_on_another() {
     b.wait_ready().await;
     check(
         vec![
-            (a.url(""), a.client(Some("app-a")), a.client(Some("admin-a"))),
-            (b.url(""), b.client(Some("app-a")), b.client(Some("admin-a"))),
+            (
+                a.url(""),
+                a.client(Some("app-a")),
+                a.client(Some("admin-a")),
+            ),
+            (
+                b.url(""),
+                b.client(Some("app-a")),
+                b.client(Some("admin-a")),
+            ),
         ],
         deks,
     )
     .await;
     // And the master key rotates again, from B this time.
-    let r = post(&b.client(Some("admin-a")), &b.url("/v1/sys/rotate-master"), json!({})).await;
+    let r = post(
+        &b.client(Some("admin-a")),
+        &b.url("/v1/sys/rotate-master"),
+        json!({}),
+    )
+    .await;
     assert_eq!(r.0, 200, "{r:?}");
 }

@@ -8,9 +8,9 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::Json;
 use kms_client::api::{
-    CreateKeyRequest, Jwk, KeyInfo, KeyList, MinDecryptVersionRequest, MinVersionDryRun,
-    MinVersionDryRunRequest, PublicKeyQuery, PublicKeyResponse, ScheduleDeletionRequest,
-    EditGrantsRequest, SetGrantsRequest,
+    CreateKeyRequest, EditGrantsRequest, Jwk, KeyInfo, KeyList, MinDecryptVersionRequest,
+    MinVersionDryRun, MinVersionDryRunRequest, PublicKeyQuery, PublicKeyResponse,
+    ScheduleDeletionRequest, SetGrantsRequest,
 };
 
 use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName};
