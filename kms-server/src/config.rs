@@ -237,6 +237,11 @@ struct FileStore {
     erasure: Option<ErasureMode>,
     #[serde(default)]
     erasure_retention_secs: Option<u64>,
+    /// `engine = "sled"`: the operator accepts sled's known risks (a kill -9 can leave a
+    /// store that no longer opens: `keystore/STORAGE.md`). Without it the server refuses to
+    /// create a new sled store; an existing one still opens, with a warning.
+    #[serde(default)]
+    accept_sled_risks: bool,
 }
 
 /// Where a shared store keeps its keys' erasure keys (`[store] erasure`).
@@ -337,6 +342,9 @@ pub struct StoreSettings {
     /// epoch's HSM key is kept, seconds ([`crate::erasure::shared`]). `None`: no erasure
     /// keys in the database.
     pub shared_erasure_retention_secs: Option<u64>,
+    /// `[store] accept_sled_risks`: whether a new sled store may be created
+    /// (`crate::server::open_store`; see `keystore/STORAGE.md`).
+    pub accept_sled_risks: bool,
 }
 
 /// How the server unseals.
@@ -658,6 +666,12 @@ impl Settings {
                 ));
             }
         }
+        if raw.store.accept_sled_risks && raw.store.engine != Engine::Sled {
+            return Err(err(
+                "store.accept_sled_risks",
+                "only for engine = \"sled\"".into(),
+            ));
+        }
         let postgres_settings = match (raw.store.engine, &raw.store.url) {
             (Engine::Postgres, Some(url)) => {
                 if !(1..=64).contains(&raw.store.pool_size) {
@@ -768,6 +782,7 @@ impl Settings {
                         .filter(|id| !id.trim().is_empty())
                 }),
                 shared_erasure_retention_secs,
+                accept_sled_risks: raw.store.accept_sled_risks,
             },
             seal: SealSettings {
                 method: seal.method,
@@ -894,6 +909,27 @@ role = "app"
         )
         .unwrap_err();
         assert_eq!(e.field, "identities[0].tenant");
+    }
+
+    /// `accept_sled_risks` is read for sled and refused elsewhere (the refusal to create a
+    /// sled store without it is `keystore::sled_engine::tests`).
+    #[test]
+    fn accept_sled_risks_is_only_for_sled() {
+        let (dir, text) = base();
+        let s = Settings::parse(&text, dir.path(), "t.toml").unwrap();
+        assert!(!s.store.accept_sled_risks);
+        let sled = text.replace(
+            "path = \"s.redb\"",
+            "engine = \"sled\"\npath = \"s.sled\"\naccept_sled_risks = true",
+        );
+        let s = Settings::parse(&sled, dir.path(), "t.toml").unwrap();
+        assert!(s.store.accept_sled_risks);
+        let redb = text.replace(
+            "path = \"s.redb\"",
+            "path = \"s.redb\"\naccept_sled_risks = true",
+        );
+        let e = Settings::parse(&redb, dir.path(), "t.toml").unwrap_err();
+        assert_eq!(e.field, "store.accept_sled_risks");
     }
 
     #[test]

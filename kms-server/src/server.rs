@@ -86,13 +86,11 @@ pub fn open_store(settings: &Settings) -> Result<Arc<dyn keystore::KeyStore>, St
     #[cfg(feature = "sled")]
     if settings.store.engine == keystore::Engine::Sled {
         keystore::SledStore::check_store(&settings.store.path, settings.store.accept_sled_risks)
-            .map_err(
-            |source| StartError::Store {
+            .map_err(|source| StartError::Store {
                 engine: "sled".into(),
                 path: settings.store.path.display().to_string(),
                 source,
-            },
-        )?;
+            })?;
     }
     keystore::open_with(
         settings.store.engine,

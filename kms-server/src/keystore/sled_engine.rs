@@ -16,6 +16,18 @@ fn engine_err(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     }
 }
 
+/// Why a new sled store was refused ([`SledStore::check_store`]).
+#[derive(Debug)]
+struct Refused(String);
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refused {}
+
 /// A sled database directory. Commits run as one multi-tree transaction followed by
 /// `flush()`; the write is acknowledged only after the flush returns.
 pub struct SledStore {
@@ -31,7 +43,12 @@ impl SledStore {
             .mode(sled::Mode::HighThroughput)
             .open()
             .map_err(|e| match e {
-                sled::Error::Io(ref io) if io.kind() == std::io::ErrorKind::WouldBlock => {
+                // sled 0.34.7 reports a held lock as `ErrorKind::Other` "could not acquire
+                // lock on ...", not as the `WouldBlock` it got from the OS.
+                sled::Error::Io(ref io)
+                    if io.kind() == std::io::ErrorKind::WouldBlock
+                        || io.to_string().contains("could not acquire lock") =>
+                {
                     StoreError::Locked(path.display().to_string())
                 }
                 other => engine_err(other),
@@ -48,6 +65,40 @@ impl SledStore {
             open(Table::Rotations)?,
         ];
         Ok(Self { db, trees })
+    }
+
+    /// What the server does before opening a sled store (`server::open_store`): sled
+    /// 0.34.7 can leave a store that no longer opens after a kill -9 (`STORAGE.md`, "sled
+    /// under kill -9"). An existing store (its `db` or `conf` file is there) still opens,
+    /// with a warning that names the way out, `kms-server migrate-store` to redb. A new one
+    /// is created only when the operator accepted the risk (`[store] accept_sled_risks`).
+    pub fn check_store(path: &Path, accepted: bool) -> Result<(), StoreError> {
+        if path.join("db").is_file() || path.join("conf").is_file() {
+            tracing::warn!(
+                path = %path.display(),
+                "this store uses sled 0.34.7, which can leave a store that no longer opens \
+                 after a kill -9 (keystore/STORAGE.md, \"sled under kill -9\"). Move it to \
+                 redb, the default engine: stop the server, then run `kms-server \
+                 migrate-store --from-config <this config> --config <a config with [store] \
+                 engine = \"redb\">`"
+            );
+            return Ok(());
+        }
+        if !accepted {
+            return Err(engine_err(Refused(format!(
+                "refusing to create a new sled store at {}: sled 0.34.7 can leave a store \
+                 that no longer opens after a kill -9 (keystore/STORAGE.md, \"sled under \
+                 kill -9\"). Use engine = \"redb\" (the default), or set [store] \
+                 accept_sled_risks = true to accept that risk",
+                path.display()
+            ))));
+        }
+        tracing::warn!(
+            path = %path.display(),
+            "creating a new sled store ([store] accept_sled_risks = true): sled 0.34.7 can \
+             leave a store that no longer opens after a kill -9 (keystore/STORAGE.md)"
+        );
+        Ok(())
     }
 
     fn tree(&self, table: Table) -> &sled::Tree {
@@ -146,5 +197,42 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = SledStore::open(&dir.path().join("k.sled")).unwrap();
         super::super::tests::contract(&store);
+    }
+
+    /// A new sled store needs the operator's `accept_sled_risks`; an existing one opens
+    /// without it.
+    #[test]
+    fn a_new_store_needs_the_operators_acceptance() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.sled");
+        let refused = match SledStore::check_store(&path, false).unwrap_err() {
+            StoreError::Engine { engine, source } => format!("{engine}: {source}"),
+            other => panic!("{other:?}"),
+        };
+        assert!(
+            refused.starts_with("sled: refusing to create a new sled store")
+                && refused.contains("accept_sled_risks = true")
+                && refused.contains("redb"),
+            "{refused}"
+        );
+        assert!(!path.exists(), "nothing is created when refused");
+        SledStore::check_store(&path, true).unwrap();
+        drop(SledStore::open(&path).unwrap());
+        // Now it exists: it opens without the setting (with a warning).
+        SledStore::check_store(&path, false).unwrap();
+    }
+
+    /// A store another handle holds is reported as `Locked`, not as an engine failure.
+    #[test]
+    fn a_held_store_is_locked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.sled");
+        let first = SledStore::open(&path).unwrap();
+        match SledStore::open(&path) {
+            Err(StoreError::Locked(p)) => assert_eq!(p, path.display().to_string()),
+            Err(other) => panic!("{other:?}"),
+            Ok(_) => panic!("a second handle opened the store"),
+        }
+        drop(first);
     }
 }
