@@ -102,14 +102,39 @@ impl Cluster {
         self.urls.len()
     }
 
-    /// Waits until every node is ready.
-    pub async fn wait_ready(&self) {
+    /// The ops listener's `/readyz` of every node.
+    async fn readyz_urls(&self) -> Vec<String> {
         if self.nodes.is_empty() {
-            self.origin.wait_ready().await;
+            return vec![self.origin.ops_url("/readyz")];
         }
+        let mut urls = Vec::new();
         for n in &self.nodes {
-            n.lock().await.wait_ready().await;
+            urls.push(format!("http://127.0.0.1:{}/readyz", n.lock().await.ops));
         }
+        urls
+    }
+
+    /// Waits (at most `limit`) until every node answers ready; returns those that never
+    /// did.
+    pub async fn wait_ready(&self, limit: Duration) -> Vec<usize> {
+        let deadline = Instant::now() + limit;
+        let client = reqwest::Client::new();
+        let mut pending: Vec<(usize, String)> =
+            self.readyz_urls().await.into_iter().enumerate().collect();
+        while !pending.is_empty() && Instant::now() < deadline {
+            let mut still = Vec::new();
+            for (i, url) in pending {
+                let ok = matches!(client.get(&url).send().await, Ok(r) if r.status() == 200);
+                if !ok {
+                    still.push((i, url));
+                }
+            }
+            pending = still;
+            if !pending.is_empty() {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        pending.into_iter().map(|(i, _)| i).collect()
     }
 }
 

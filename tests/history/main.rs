@@ -21,7 +21,8 @@
 //! on a private PostgreSQL with kill -9/restart and PostgreSQL stops and crashes
 //! (`three_nodes_postgres`, when `KEYHOLD_TEST_PG` is set).
 //!
-//! - `KEYHOLD_HISTORY_SECS` (default 12): workload seconds per set-up (long run: 1800).
+//! - `KEYHOLD_HISTORY_SECS` (default 12 on one node, 20 on three): workload seconds per
+//!   set-up (long run: 1800).
 //! - `KEYHOLD_HISTORY_SEED`: the seed of every client's choices and of the fault schedule
 //!   (printed at the start of each run; the timing, hence the interleaving, is not
 //!   reproducible, the choices are).
@@ -52,11 +53,11 @@ use faults::Cluster;
 use model::{FinalUnwrap, History, NodeRead, Phase, B64};
 use workload::{Shared, Who, ADMIN, APP, APP2};
 
-fn secs_env() -> u64 {
+fn secs_env(default: u64) -> u64 {
     std::env::var("KEYHOLD_HISTORY_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(12)
+        .unwrap_or(default)
 }
 
 fn seed_env() -> u64 {
@@ -82,11 +83,13 @@ struct Plan {
     /// Upper bound of a data client's pause between operations.
     think_ms: u64,
     bound: Duration,
+    /// Workload seconds unless `KEYHOLD_HISTORY_SECS` says otherwise.
+    default_secs: u64,
 }
 
 async fn run(cluster: Cluster, plan: Plan) {
     let seed = seed_env();
-    let secs = secs_env();
+    let secs = secs_env(plan.default_secs);
     eprintln!(
         "history: {}: seed {seed} (KEYHOLD_HISTORY_SEED={seed}), {secs} s, {} data + {} admin clients, {} node(s)",
         plan.setup,
@@ -180,10 +183,10 @@ async fn run(cluster: Cluster, plan: Plan) {
         faults.len()
     );
 
-    // Final phase. Every node up and unsealed, then the propagation bound passes.
-    cluster.wait_ready().await;
+    // Final phase. Every node unsealed (a seal whose unseal failed in a fault leaves it
+    // sealed) and ready, then the propagation bound passes.
     let admin = who("final".into(), ADMIN);
-    for i in 0..n {
+    for (i, c) in admin.nodes.iter().enumerate() {
         shared
             .rec
             .run(
@@ -191,10 +194,17 @@ async fn run(cluster: Cluster, plan: Plan) {
                 i,
                 Phase::Final,
                 model::OpKind::Unseal,
-                admin.nodes[i].unseal(None),
+                c.unseal(None),
                 |_| model::OkValue::default(),
             )
             .await;
+    }
+    let not_ready = cluster.wait_ready(Duration::from_secs(30)).await;
+    if !not_ready.is_empty() {
+        eprintln!(
+            "history: {}: nodes {not_ready:?} not ready 30 s after the faults ended",
+            plan.setup
+        );
     }
     tokio::time::sleep(plan.bound + Duration::from_millis(500)).await;
     // e: what every node reports.
@@ -382,6 +392,15 @@ fn save(cluster: &Cluster, h: &History, violations: &[model::Violation]) -> std:
     std::fs::create_dir_all(&dir).unwrap();
     let copy = dir.join(&name);
     std::fs::write(&copy, &text).unwrap();
+    // The node processes' logs beside it (why a node sealed itself, what it logged).
+    for (i, n) in cluster.nodes.iter().enumerate() {
+        if let Ok(p) = n.try_lock() {
+            let _ = std::fs::copy(
+                p.dir.path().join("server.log"),
+                copy.with_extension(format!("node{i}.log")),
+            );
+        }
+    }
     let report: Vec<String> = violations.iter().map(|v| v.to_string()).collect();
     std::fs::write(copy.with_extension("violations.txt"), report.join("\n")).unwrap();
     eprintln!(
@@ -403,6 +422,7 @@ async fn single_node_embedded() {
             admin_clients: 2,
             think_ms: 5,
             bound: Duration::ZERO,
+            default_secs: 12,
         },
     )
     .await;
@@ -422,6 +442,7 @@ async fn three_nodes_postgres() {
             admin_clients: 2,
             think_ms: 5,
             bound: Duration::from_secs(1),
+            default_secs: 20,
         },
     )
     .await;

@@ -455,7 +455,9 @@ pub trait BackupVerifier {
 ///   the end of the next `unseal` of it that succeeded;
 /// - `503 StorageUnavailable`: the store cannot be reached or confirmed fresh — only on a
 ///   shared store, while PostgreSQL is down and for `STORE_GRACE_US` after it is back
-///   (nodes reconnect and confirm freshness), and on a node between its restart and ready.
+///   (nodes reconnect and confirm freshness), on a node between its restart and ready, and
+///   (`MasterKeyChanged`: "nothing was written; retry") from the start of a master-key
+///   rotation until the propagation bound after its end.
 ///
 /// Any other 5xx (`500 Internal` above all) is a violation, as is any status the API does
 /// not document for the code, a `429` (the test's lockout policy is far out of reach), a
@@ -811,21 +813,37 @@ fn sealed_windows(h: &History, node: usize) -> Vec<(u64, u64)> {
 }
 
 fn store_windows(h: &History, node: usize) -> Vec<(u64, u64)> {
-    h.faults
+    let mut w: Vec<(u64, u64)> = h
+        .faults
         .iter()
         .filter_map(|f| match f.kind {
             FaultKind::PostgresOutage => Some((f.start, f.end.saturating_add(STORE_GRACE_US))),
             FaultKind::RestartNode if f.node == Some(node) => Some((f.start, f.end)),
             _ => None,
         })
-        .collect()
+        .collect();
+    if h.bound_us > 0 {
+        // `MasterKeyChanged`: a node that has not yet followed a master-key rotation made
+        // on another node refuses, "nothing was written; retry", within the bound.
+        w.extend(
+            h.ops
+                .iter()
+                .filter(|o| {
+                    matches!(o.kind, OpKind::RotateMaster) && o.outcome.applied() != Applied::No
+                })
+                .map(|o| (o.start, o.effect_end().saturating_add(h.bound_us))),
+        );
+    }
+    w
 }
 
 fn overlaps(windows: &[(u64, u64)], start: u64, end: u64) -> bool {
     windows.iter().any(|(a, b)| start < *b && end >= *a)
 }
 
-/// d. No answer outside the documented error table (see [`STORE_GRACE_US`]).
+/// d. No answer outside the documented error table (see [`STORE_GRACE_US`]). Runs of
+/// misplaced 503s on one node (answers less than 2 s apart) are reported as one violation
+/// each, with their first and last operation and what may explain them.
 fn check_d(h: &History, v: &mut Vec<Violation>) {
     let documented: &[(&str, u16)] = &[
         ("InvalidRequest", 400),
@@ -838,28 +856,33 @@ fn check_d(h: &History, v: &mut Vec<Violation>) {
         ("Sealed", 503),
         ("StorageUnavailable", 503),
     ];
-    for op in &h.ops {
+    // (node, code) -> misplaced 503s, in time order.
+    let mut runs: BTreeMap<(usize, String), Vec<&Op>> = BTreeMap::new();
+    let mut ops: Vec<&Op> = h.ops.iter().collect();
+    ops.sort_by_key(|o| (o.start, o.id));
+    for op in ops {
         match &op.outcome {
             Outcome::Fail {
                 status,
                 code,
                 message,
             } => {
-                let why = if !documented.contains(&(code.as_str(), *status)) {
-                    Some(format!("answered {status} {code} ({message}), which no request of this workload may get"))
-                } else if code == "Sealed"
-                    && !overlaps(&sealed_windows(h, op.node), op.start, op.end)
+                if !documented.contains(&(code.as_str(), *status)) {
+                    violation(
+                        v,
+                        "d",
+                        Some(op),
+                        format!(
+                            "{}: answered {status} {code} ({message}), which no request of this workload may get",
+                            op.describe()
+                        ),
+                    );
+                } else if (code == "Sealed"
+                    && !overlaps(&sealed_windows(h, op.node), op.start, op.end))
+                    || (code == "StorageUnavailable"
+                        && !overlaps(&store_windows(h, op.node), op.start, op.end))
                 {
-                    Some(format!("answered 503 Sealed ({message}) while no seal of node {} was in progress or in force", op.node))
-                } else if code == "StorageUnavailable"
-                    && !overlaps(&store_windows(h, op.node), op.start, op.end)
-                {
-                    Some(format!("answered 503 StorageUnavailable ({message}) outside every store outage (and its {:.1}s grace)", secs(STORE_GRACE_US)))
-                } else {
-                    None
-                };
-                if let Some(why) = why {
-                    violation(v, "d", Some(op), format!("{}: {why}", op.describe()));
+                    runs.entry((op.node, code.clone())).or_default().push(op);
                 }
             }
             Outcome::Indeterminate { detail } if detail.starts_with("malformed") => {
@@ -867,6 +890,71 @@ fn check_d(h: &History, v: &mut Vec<Violation>) {
             }
             _ => {}
         }
+    }
+    for ((node, code), list) in runs {
+        let mut group: Vec<&Op> = Vec::new();
+        let flush = |group: &mut Vec<&Op>, v: &mut Vec<Violation>| {
+            let (Some(first), Some(last)) = (group.first(), group.last()) else {
+                return;
+            };
+            let why = if code == "Sealed" {
+                let suspects: Vec<String> = h
+                    .ops
+                    .iter()
+                    .filter(|s| {
+                        s.node == node
+                            && matches!(s.kind, OpKind::Seal)
+                            && s.outcome.ok().is_none()
+                            && s.start < first.end
+                    })
+                    .map(|s| s.describe())
+                    .collect();
+                format!(
+                    "node {node} was sealed while no seal of it was acknowledged and in force; {}",
+                    if suspects.is_empty() {
+                        "no seal of it was even attempted: the node sealed itself".to_owned()
+                    } else {
+                        format!(
+                            "either a seal whose answer said it failed took effect ({}), or the node sealed itself",
+                            suspects.join("; ")
+                        )
+                    }
+                )
+            } else {
+                format!(
+                    "outside every store outage (and its {:.1}s grace), node restart, and master-key rotation (within the bound)",
+                    secs(STORE_GRACE_US)
+                )
+            };
+            let messages: BTreeSet<String> = group
+                .iter()
+                .filter_map(|o| match &o.outcome {
+                    Outcome::Fail { message, .. } => Some(message.clone()),
+                    _ => None,
+                })
+                .collect();
+            violation(
+                v,
+                "d",
+                Some(first),
+                format!(
+                    "{} answers 503 {code} {messages:?} from node {node} between {:.3}s and {:.3}s: {why}; first {}; last {}",
+                    group.len(),
+                    secs(first.start),
+                    secs(last.end),
+                    first.describe(),
+                    last.describe()
+                ),
+            );
+            group.clear();
+        };
+        for op in list {
+            if group.last().is_some_and(|l| op.start > l.end + 2_000_000) {
+                flush(&mut group, v);
+            }
+            group.push(op);
+        }
+        flush(&mut group, v);
     }
 }
 
