@@ -1,7 +1,8 @@
 //! The sled kill -9 reliability run: cheaper cycles than `tests/e2e/crash.rs`, and with
 //! Keyhold's own code optional, so that a store sled cannot reopen can be attributed.
 //!
-//! Not in the default run (both tests are `#[ignore]`d). Run it with, for example:
+//! The kill -9 run (`sled_kill9`, with its child `sled_crash_child`) is not in the default
+//! run (`#[ignore]`). Run it with, for example:
 //!
 //! ```text
 //! KEYHOLD_SLED_CYCLES=2000 KEYHOLD_SLED_MODE=keyhold \
@@ -9,6 +10,11 @@
 //! ```
 //!
 //! (`RELIABILITY.md`, "sled under kill -9", has the results and the load it ran under.)
+//! In the default run: the failure that run looks for, built by hand
+//! (`sled_does_not_open_a_store_with_an_unfinished_snapshot`), and the server's side
+//! (`a_new_sled_store_needs_acceptance_and_migrate_store_moves_it_to_redb`). The same
+//! failure from a real kill -9, deterministically: `sh kms-server/tests/sled_snapshot_kill.sh`
+//! (gdb kills the child at the one syscall that breaks the store).
 //!
 //! Each cycle the parent starts this same test binary as a child (the `sled_crash_child`
 //! test, which does nothing unless `KEYHOLD_SLED_CHILD` is set). The child opens the store
@@ -16,7 +22,7 @@
 //! rotation entry; every third batch also updates the previous key and adds a version;
 //! every seventh adds and removes a deletion entry; every 25th rewrites the versions of
 //! the last 50 keys), printing `ACK <n>` only after each commit returned. The parent kills
-//! it with SIGKILL after a random 20–250 ms, reopens the store, and checks every batch
+//! it with SIGKILL after a random delay (`KEYHOLD_SLED_KILL_MS`), reopens the store, and checks every batch
 //! acknowledged in that cycle. A store that does not reopen, or that lost an acknowledged
 //! batch, is counted, copied to `KEYHOLD_SLED_KEEP` (if set) and replaced by a new one.
 //!
@@ -27,6 +33,14 @@
 //!   transaction-then-flush, the same `Mode::HighThroughput`.
 //! - `single`: sled alone with its default config and one tree: plain `insert`/`remove`,
 //!   then `flush` (no transaction, no other tree).
+//!
+//! `KEYHOLD_SLED_KILL_MS` (`<min>-<max>`, default `20-250`): when to kill, counted from
+//! the spawn, or with `KEYHOLD_SLED_KILL_FROM=opening` from the child's `OPENING` line
+//! (printed just before it opens the store); `auto` (with `opening`) kills at 60–100 % of
+//! the median time the children's opens took so far, where sled writes its snapshot.
+//! `KEYHOLD_SLED_PARENT_WRITES=0`: the parent only reads (by default it commits one small
+//! batch after each check, as the e2e test's keyring does; then each child's open writes a
+//! snapshot, the step a kill can break).
 //!
 //! `KEYHOLD_SLED_REOPEN`: `wait` (default) reaps the killed child before reopening, as
 //! `tests/e2e/crash.rs` does; `early` reopens right after sending SIGKILL, while the
@@ -440,6 +454,8 @@ fn listing(dir: &Path) -> String {
 /// The parent: `KEYHOLD_SLED_CYCLES` kill -9 cycles (default 200).
 #[test]
 #[ignore = "the sled kill -9 reliability run: see the module comment and RELIABILITY.md"]
+// Every child is waited for, before the reopen or (with `early`) after it.
+#[allow(clippy::zombie_processes)]
 fn sled_kill9() {
     let mode = mode();
     let early = std::env::var("KEYHOLD_SLED_REOPEN").as_deref() == Ok("early");
@@ -448,6 +464,10 @@ fn sled_kill9() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let keep = std::env::var_os("KEYHOLD_SLED_KEEP").map(PathBuf::from);
+    // `auto` (with KEYHOLD_SLED_KILL_FROM=opening): 60–100 % of the median open so far,
+    // where sled writes its snapshot.
+    let auto = std::env::var("KEYHOLD_SLED_KILL_MS").as_deref() == Ok("auto");
+    let parent_writes = std::env::var("KEYHOLD_SLED_PARENT_WRITES").as_deref() != Ok("0");
     let (kill_min, kill_max) = std::env::var("KEYHOLD_SLED_KILL_MS")
         .ok()
         .and_then(|v| {
@@ -513,7 +533,16 @@ fn sled_kill9() {
             // Count the delay from the moment the child starts opening the store.
             let _ = opening.recv_timeout(Duration::from_secs(10));
         }
-        let delay_us = kill_min * 1000 + rng.below((kill_max - kill_min) * 1000 + 1);
+        let delay_us = if auto {
+            let mut sorted = open_times.clone();
+            sorted.sort();
+            let median = sorted
+                .get(sorted.len() / 2)
+                .map_or(90_000, |d| d.as_micros() as u64);
+            median * 6 / 10 + rng.below(median * 4 / 10 + 1)
+        } else {
+            kill_min * 1000 + rng.below((kill_max - kill_min) * 1000 + 1)
+        };
         std::thread::sleep(Duration::from_micros(delay_us));
         child.kill().unwrap(); // SIGKILL
         let reopened = if early {
@@ -521,7 +550,10 @@ fn sled_kill9() {
             let deadline = Instant::now() + Duration::from_secs(10);
             loop {
                 match open(mode, &store_path) {
-                    Err(e) if e.contains("could not acquire lock") && Instant::now() < deadline => {
+                    Err(e)
+                        if (e.contains("could not acquire lock") || e.starts_with("Locked("))
+                            && Instant::now() < deadline =>
+                    {
                         lock_retries += 1;
                         std::thread::sleep(Duration::from_millis(1));
                     }
@@ -549,12 +581,23 @@ fn sled_kill9() {
                 no_open += 1;
                 Some(format!("cycle {cycle}: the store does not open: {e}"))
             }
-            Ok(store) => (0..acked)
-                .find_map(|i| check(&store, cycle, i, acked - 1).err())
-                .map(|e| {
-                    lost += 1;
-                    format!("cycle {cycle}: {e}")
-                }),
+            Ok(store) => {
+                let lost_one = (0..acked)
+                    .find_map(|i| check(&store, cycle, i, acked - 1).err())
+                    .map(|e| {
+                        lost += 1;
+                        format!("cycle {cycle}: {e}")
+                    });
+                // As the e2e parent's keyring does: a write of its own, so that the next
+                // child's open has log to recover and writes a new snapshot (else sled
+                // writes it here, in the parent, which is never killed).
+                if parent_writes && lost_one.is_none() {
+                    let mut b = WriteBatch::new();
+                    b.put(Table::Meta, b"parent", &cycle.to_be_bytes());
+                    store.commit(&b).expect("parent write");
+                }
+                lost_one
+            }
         };
         if let Some(p) = problem {
             let files = listing(&store_path);
@@ -595,10 +638,11 @@ fn sled_kill9() {
         }
     }
     eprintln!(
-        "sled crash: DONE mode={mode:?} reopen={} kill_ms={kill_min}-{kill_max} from={} cycles={cycles} \
-         acked={acked_total} no_open={no_open} lost={lost} generating={generating} \
+        "sled crash: DONE mode={mode:?} reopen={} kill_ms={} from={} parent_writes={parent_writes} \
+         cycles={cycles} acked={acked_total} no_open={no_open} lost={lost} generating={generating} \
          killed_opening={killed_opening} failed_opening={failed_opening} lock_retries={lock_retries} secs={:.0}",
         if early { "early" } else { "wait" },
+        if auto { "auto".to_string() } else { format!("{kill_min}-{kill_max}") },
         if from_opening { "opening" } else { "spawn" },
         started.elapsed().as_secs_f64()
     );

@@ -110,7 +110,14 @@ pub fn keyring_with_erasure(engine: kms_server::keystore::Engine, store_path: &P
     let store = loop {
         match kms_server::keystore::open(engine, store_path) {
             Ok(store) => break store,
-            Err(e) if tries < 100 && format!("{e:?}").contains("lock") => {
+            // A sled store stays locked for a moment after its last handle is dropped (its
+            // background threads hold the file): `Locked`, or sled's own "could not acquire
+            // lock" from builds that did not map it.
+            Err(e)
+                if tries < 100
+                    && (matches!(e, kms_server::keystore::StoreError::Locked(_))
+                        || format!("{e:?}").contains("lock")) =>
+            {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
