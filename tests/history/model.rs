@@ -498,6 +498,12 @@ fn ops_on<'a>(h: &'a History, key: &'a str) -> impl Iterator<Item = &'a Op> + 'a
 /// in the final sweep on every node, once the keys were enabled and every version brought
 /// back.
 fn check_a(h: &History, deks: &BTreeMap<u64, Dek>, v: &mut Vec<Violation>) {
+    let mut mins: HashMap<&str, Vec<&Op>> = HashMap::new();
+    for op in &h.ops {
+        if let OpKind::SetMinDecrypt { key, .. } = &op.kind {
+            mins.entry(key).or_default().push(op);
+        }
+    }
     for op in &h.ops {
         let (dek_id, is_unwrap) = match &op.kind {
             OpKind::Unwrap { dek, .. } => (*dek, true),
@@ -562,7 +568,7 @@ fn check_a(h: &History, deks: &BTreeMap<u64, Dek>, v: &mut Vec<Violation>) {
                 }
             }
             Outcome::Fail { code, .. } if code == "DecryptFailed" => {
-                let retired = ops_on(h, &dek.key).any(|m| {
+                let retired = mins.get(dek.key.as_str()).into_iter().flatten().any(|m| {
                     matches!(m.kind, OpKind::SetMinDecrypt { version, .. } if version > dek.version)
                         && m.outcome.applied() != Applied::No
                         && m.start < op.end
@@ -646,7 +652,7 @@ fn check_b(h: &History, deks: &BTreeMap<u64, Dek>, v: &mut Vec<Violation>) {
     let mut by_key: HashMap<&str, Vec<&Op>> = HashMap::new();
     for op in &h.ops {
         if let Some(k) = op.kind.key() {
-            if !op.kind.is_data() {
+            if !op.kind.is_data() && op.outcome.applied() != Applied::No {
                 by_key.entry(k).or_default().push(op);
             }
         }
@@ -658,73 +664,97 @@ fn check_b(h: &History, deks: &BTreeMap<u64, Dek>, v: &mut Vec<Violation>) {
         }
         let Some(key) = d.kind.key() else { continue };
         let admin = by_key.get(key).unwrap_or(&empty);
-        // `r` revoked and nothing may have undone it between r and d.
-        let undone_by = |r: &Op, undo: &dyn Fn(&OpKind) -> bool| {
-            admin.iter().any(|e| {
-                undo(&e.kind)
-                    && e.outcome.applied() != Applied::No
-                    && e.start < d.end
-                    && e.effect_end() > r.start
-            })
+        let dek_version = match &d.kind {
+            OpKind::Unwrap { dek, .. } | OpKind::Rewrap { dek, .. } => {
+                deks.get(dek).map(|x| x.version)
+            }
+            _ => None,
         };
+        let answered = d.outcome.ok().and_then(|x| x.version);
+        let me = d.identity.as_str();
+        // Per kind of revocation, the acknowledged one (ended more than the bound before d
+        // began) that began last: whether *some* revocation of a kind was never undone
+        // before d is decided by it alone, since an undo must be able to follow the
+        // revocation (`e.effect_end() > r.start`), which is hardest for the latest start.
+        let mut latest: [Option<&Op>; 4] = [None; 4];
         for r in admin {
             if r.outcome.ok().is_none() || d.start <= r.end.saturating_add(h.bound_us) {
                 continue;
             }
-            let what = match &r.kind {
-                OpKind::Disable { .. } | OpKind::ScheduleDeletion { .. } => {
-                    if undone_by(r, &|k| matches!(k, OpKind::Enable { .. })) {
+            let slot = match &r.kind {
+                OpKind::Disable { .. } | OpKind::ScheduleDeletion { .. } => 0,
+                OpKind::SetGrants { grants, .. } | OpKind::Create { grants, .. }
+                    if !grant_identities(grants).contains(me) =>
+                {
+                    1
+                }
+                OpKind::SetMinDecrypt { version, .. }
+                    if dek_version.is_some_and(|dv| dv < *version) =>
+                {
+                    2
+                }
+                OpKind::Rotate { .. } if !matches!(d.kind, OpKind::Unwrap { .. }) => {
+                    let rv = r.outcome.ok().and_then(|x| x.version);
+                    match (rv, answered) {
+                        (Some(rv), Some(dv)) if dv < rv => 3,
+                        _ => continue,
+                    }
+                }
+                _ => continue,
+            };
+            let better = match (slot, latest[slot]) {
+                (_, None) => true,
+                // The newest version a rotation acknowledged.
+                (3, Some(l)) => {
+                    r.outcome.ok().and_then(|x| x.version) > l.outcome.ok().and_then(|x| x.version)
+                }
+                (_, Some(l)) => r.start > l.start,
+            };
+            if better {
+                latest[slot] = Some(r);
+            }
+        }
+        for (slot, r) in latest.iter().enumerate() {
+            let Some(r) = r else { continue };
+            // Could `e` have taken effect after `r` and before `d`?
+            let undone = |undo: &dyn Fn(&OpKind) -> bool| {
+                admin.iter().any(|e| {
+                    undo(&e.kind) && e.start < d.end && e.effect_end() > r.start && e.id != r.id
+                })
+            };
+            let what = match slot {
+                0 => {
+                    if undone(&|k| matches!(k, OpKind::Enable { .. })) {
                         continue;
                     }
                     "the key was disabled (or scheduled for deletion)".to_owned()
                 }
-                OpKind::SetGrants { grants, .. } | OpKind::Create { grants, .. } => {
-                    if grant_identities(grants).contains(d.identity.as_str()) {
-                        continue;
-                    }
-                    let me = d.identity.clone();
-                    if undone_by(
-                        r,
-                        &|k| matches!(k, OpKind::SetGrants { grants, .. } if grant_identities(grants).contains(me.as_str())),
+                1 => {
+                    if undone(
+                        &|k| matches!(k, OpKind::SetGrants { grants, .. } if grant_identities(grants).contains(me)),
                     ) {
                         continue;
                     }
-                    format!("the grant of {} was removed", d.identity)
+                    format!("the grant of {me} was removed")
                 }
-                OpKind::SetMinDecrypt { version: m, .. } => {
-                    let dv = match &d.kind {
-                        OpKind::Unwrap { dek, .. } | OpKind::Rewrap { dek, .. } => {
-                            match deks.get(dek) {
-                                Some(x) => x.version,
-                                None => continue,
-                            }
-                        }
-                        _ => continue,
-                    };
-                    if dv >= *m {
-                        continue;
-                    }
-                    if undone_by(
-                        r,
+                2 => {
+                    let dv = dek_version.unwrap_or(0);
+                    if undone(
                         &|k| matches!(k, OpKind::SetMinDecrypt { version, .. } if *version <= dv),
                     ) {
                         continue;
                     }
+                    let m = match r.kind {
+                        OpKind::SetMinDecrypt { version, .. } => version,
+                        _ => 0,
+                    };
                     format!("version {dv} was retired (min-decrypt-version {m})")
                 }
-                OpKind::Rotate { .. } => {
-                    let (Some(rv), Some(dv)) = (
-                        r.outcome.ok().and_then(|x| x.version),
-                        d.outcome.ok().and_then(|x| x.version),
-                    ) else {
-                        continue;
-                    };
-                    if matches!(d.kind, OpKind::Unwrap { .. }) || dv >= rv {
-                        continue;
-                    }
-                    format!("it wrapped under version {dv}, but version {rv} was current")
-                }
-                _ => continue,
+                _ => format!(
+                    "it wrapped under version {}, but version {} was current",
+                    answered.unwrap_or(0),
+                    r.outcome.ok().and_then(|x| x.version).unwrap_or(0)
+                ),
             };
             violation(
                 v,
@@ -856,6 +886,9 @@ fn check_d(h: &History, v: &mut Vec<Violation>) {
         ("Sealed", 503),
         ("StorageUnavailable", 503),
     ];
+    let sealed: Vec<Vec<(u64, u64)>> = (0..h.nodes).map(|n| sealed_windows(h, n)).collect();
+    let store: Vec<Vec<(u64, u64)>> = (0..h.nodes).map(|n| store_windows(h, n)).collect();
+    let none = Vec::new();
     // (node, code) -> misplaced 503s, in time order.
     let mut runs: BTreeMap<(usize, String), Vec<&Op>> = BTreeMap::new();
     let mut ops: Vec<&Op> = h.ops.iter().collect();
@@ -878,9 +911,9 @@ fn check_d(h: &History, v: &mut Vec<Violation>) {
                         ),
                     );
                 } else if (code == "Sealed"
-                    && !overlaps(&sealed_windows(h, op.node), op.start, op.end))
+                    && !overlaps(sealed.get(op.node).unwrap_or(&none), op.start, op.end))
                     || (code == "StorageUnavailable"
-                        && !overlaps(&store_windows(h, op.node), op.start, op.end))
+                        && !overlaps(store.get(op.node).unwrap_or(&none), op.start, op.end))
                 {
                     runs.entry((op.node, code.clone())).or_default().push(op);
                 }
