@@ -67,11 +67,16 @@ fn seed_env() -> u64 {
         .unwrap_or_else(rand::random)
 }
 
-/// The shared target directory (`target/`), from this test binary's place in it.
+/// The target directory: `CARGO_TARGET_DIR`, else the `target` this test binary runs from
+/// (`target/<profile>/deps/history-*`).
 fn target_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
+        return dir.into();
+    }
     let exe = std::env::current_exe().unwrap();
     exe.ancestors()
         .find(|p| p.file_name().is_some_and(|n| n == "target"))
+        .or_else(|| exe.ancestors().nth(3))
         .map(std::path::Path::to_path_buf)
         .unwrap_or_else(|| exe.parent().unwrap().to_path_buf())
 }
