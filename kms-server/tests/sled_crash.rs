@@ -36,7 +36,7 @@
 //!
 //! `KEYHOLD_SLED_KILL_MS` (`<min>-<max>`, default `20-250`): when to kill, counted from
 //! the spawn, or with `KEYHOLD_SLED_KILL_FROM=opening` from the child's `OPENING` line
-//! (printed just before it opens the store); `auto` (with `opening`) kills at 60–100 % of
+//! (printed just before it opens the store); `auto` (with `opening`) kills at 70–130 % of
 //! the median time the children's opens took so far, where sled writes its snapshot.
 //! `KEYHOLD_SLED_PARENT_WRITES=0`: the parent only reads (by default it commits one small
 //! batch after each check, as the e2e test's keyring does; then each child's open writes a
@@ -464,7 +464,7 @@ fn sled_kill9() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let keep = std::env::var_os("KEYHOLD_SLED_KEEP").map(PathBuf::from);
-    // `auto` (with KEYHOLD_SLED_KILL_FROM=opening): 60–100 % of the median open so far,
+    // `auto` (with KEYHOLD_SLED_KILL_FROM=opening): 70–130 % of the median open so far,
     // where sled writes its snapshot.
     let auto = std::env::var("KEYHOLD_SLED_KILL_MS").as_deref() == Ok("auto");
     let parent_writes = std::env::var("KEYHOLD_SLED_PARENT_WRITES").as_deref() != Ok("0");
@@ -539,7 +539,7 @@ fn sled_kill9() {
             let median = sorted
                 .get(sorted.len() / 2)
                 .map_or(90_000, |d| d.as_micros() as u64);
-            median * 6 / 10 + rng.below(median * 4 / 10 + 1)
+            median * 7 / 10 + rng.below(median * 6 / 10 + 1)
         } else {
             kill_min * 1000 + rng.below((kill_max - kill_min) * 1000 + 1)
         };
