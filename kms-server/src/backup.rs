@@ -80,6 +80,7 @@ fn carried_meta(key: &[u8]) -> bool {
     key.starts_with(META_PREFIX)
         || key == crate::keyring::META_AUDIT_KEYS
         || key == crate::keyring::META_MASTER_EPOCH
+        || key == crate::keyring::META_RECORDS_MARKER
 }
 
 /// Exports everything a restore needs. Needs the keyring unsealed. The tables and the

@@ -257,7 +257,8 @@ async fn tls_reloader(
 
 /// The key sweep: at start, then every `[keys] sweep_interval_secs`, saves the usage
 /// counters that changed, destroys keys whose
-/// deletion window has ended (works sealed) and rotates keys whose rotation period has
+/// deletion window has ended (once unsealed: a record must authenticate before a key is
+/// erased, see `keyring::integrity`) and rotates keys whose rotation period has
 /// passed (needs the master key). Each gets an audit record (`SYSTEM destroy-key`,
 /// `SYSTEM rotate-key`); each destruction also a `key_destroyed` alert.
 async fn key_sweeper(
@@ -614,7 +615,7 @@ fn apply_meta_changes(state: &AppState, keys: &[Vec<u8>]) -> Result<(), Error> {
         .iter()
         .any(|k| k.starts_with(keystore::META_MASTER_PREFIX))
     {
-        follow_master(state);
+        follow_master(state)?;
     }
     for key in keys {
         if let Some(id) = key.strip_prefix(keystore::META_IDENTITY_PREFIX) {
@@ -635,7 +636,7 @@ fn apply_meta_changes(state: &AppState, keys: &[Vec<u8>]) -> Result<(), Error> {
 /// file), or, when that cannot open it by itself (Shamir shares, a passphrase given at
 /// unseal), seal this node and say why: until then its sealing writes are refused by the
 /// store, never committed under the retired key.
-fn follow_master(state: &AppState) {
+fn follow_master(state: &AppState) -> Result<(), Error> {
     let sealer = (state.sealer)(None);
     match state.keyring.follow_master(sealer.as_ref()) {
         Ok(true) => state.alerts.raise(crate::alert::AlertEvent::new(
@@ -644,6 +645,9 @@ fn follow_master(state: &AppState) {
             "the master key was rotated on another node; this node re-opened it",
         )),
         Ok(false) => {}
+        // The store could not be read: not a reason to seal; the follower tries again
+        // (meanwhile the store refuses this node's sealing writes).
+        Err(e @ Error::Storage(_)) => return Err(e),
         Err(e) => {
             tracing::error!(
                 error = %e,
@@ -657,11 +661,12 @@ fn follow_master(state: &AppState) {
             ));
         }
     }
+    Ok(())
 }
 
 /// After a gap in the change feed: every runtime identity and lockout, from the store.
 fn reload_meta(state: &AppState) -> Result<(), Error> {
-    follow_master(state);
+    follow_master(state)?;
     let store = state.keyring.store();
     let mut keys: Vec<Vec<u8>> = Vec::new();
     for prefix in [
@@ -1039,4 +1044,3 @@ async fn xks_reloader(
         }
     }
 }
-

@@ -47,7 +47,6 @@ impl Keyring {
             };
             record.shared_erasure_slot = Some(shared.import(&ek, self.clock.now())?);
             record.erasure_slot = None;
-            record.next_generation();
             let mut batch = WriteBatch::new();
             batch
                 .require(Table::Keys, &id, Some(&bytes))
@@ -94,6 +93,7 @@ impl Keyring {
             erasure_slot: None,
             shared_erasure_slot: None,
             generation: 1,
+            mac: None,
         };
         let mut record = record;
         if let Some(shared) = &self.shared_erasure {
@@ -105,6 +105,7 @@ impl Keyring {
             let (slot, _) = erasure.allocate()?;
             record.erasure_slot = Some(slot);
         }
+        un.sign_record(&mut record)?;
         let version = self.seal_version(&un, &record, &id, 1, created_at, &stored)?;
         debug_assert_eq!(version.epoch, un.epoch);
         let record_bytes = to_json(&record)?;
@@ -166,8 +167,13 @@ impl Keyring {
                 .as_slice()
                 .try_into()
                 .map_err(|_| Error::Corrupt("key name index"))?;
-            if let Some(entry) = self.load_entry(&un, KeyId(id))? {
-                out.push(entry.info());
+            match self.load_entry(&un, KeyId(id)) {
+                Ok(Some(entry)) => out.push(entry.info()),
+                Ok(None) => {}
+                // One bad record takes down only itself: it was reported when refused;
+                // the tenant's other keys list.
+                Err(Error::Unreadable(_)) => {}
+                Err(e) => return Err(e),
             }
         }
         Ok(out)
@@ -206,6 +212,7 @@ impl Keyring {
         let mut record = entry.record.clone();
         record.current_version = new_version;
         record.next_generation();
+        un.sign_record(&mut record)?;
         let created_at = self.clock.now();
         let version = self.seal_version(&un, &record, &id, new_version, created_at, &stored)?;
         let record_bytes = to_json(&record)?;
@@ -293,6 +300,7 @@ impl Keyring {
             return Ok(entry.info());
         }
         record.next_generation();
+        un.sign_record(&mut record)?;
         let record_bytes = to_json(&record)?;
         batch
             .require(Table::Keys, &entry.key_id.0, Some(&entry.record_bytes))

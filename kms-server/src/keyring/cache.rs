@@ -325,6 +325,7 @@ impl Keyring {
         if KeyId::from_hex(&record.id) != Some(id) {
             return Err(Error::Corrupt("key record id mismatch"));
         }
+        self.check_record(un, &record)?;
         let mut usage = HashMap::new();
         for (key, bytes) in self.store.scan_prefix(Table::Usage, &id.0)? {
             let version = key

@@ -21,6 +21,7 @@
 //! - `records.rs` — the stored records, table-key encodings, name and grant checks.
 //! - `epoch.rs` — the master key's epoch: the store condition that keeps every sealing
 //!   write on the current master key, on one node or many.
+//! - `integrity.rs` — authenticated authorization state: the MAC every key record carries.
 //! - `vault.rs` — the master key: initialize, unseal/seal, master-key rotation, the audit
 //!   keys, the sealing of KEK versions, the self-test.
 //! - `cache.rs` — decrypted keys in memory: loading, bound, invalidation, freshness.
@@ -43,6 +44,7 @@ pub type IntegrityHook = Box<dyn Fn(&'static str, String) + Send + Sync>;
 mod admin;
 mod cache;
 mod epoch;
+mod integrity;
 mod lookups;
 mod records;
 mod restore;
@@ -56,6 +58,7 @@ pub use records::{
 };
 
 pub(crate) use epoch::META_MASTER_EPOCH;
+pub(crate) use integrity::META_RECORDS_MARKER;
 pub(crate) use records::{META_AUDIT_KEYS, META_SEALED_MASTER};
 
 use cache::Freshness;

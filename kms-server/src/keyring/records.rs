@@ -71,6 +71,10 @@ pub struct KeyRecord {
     /// with an older one. 0 in records from before generations.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub generation: u64,
+    /// HMAC of the record under the record-MAC key (hex; [`super::integrity`]): a row
+    /// changed outside Keyhold is refused. Set last, by every writer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 impl KeyRecord {

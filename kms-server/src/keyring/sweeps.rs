@@ -187,7 +187,12 @@ impl Keyring {
                     id.try_into()
                         .map_err(|_| Error::Corrupt("rotation index"))?,
                 );
-                let entry = match self.load_entry(&un, id)? {
+                let loaded = match self.load_entry(&un, id) {
+                    // A refused record (reported) waits; the others rotate.
+                    Err(Error::Unreadable(_)) => continue,
+                    other => other?,
+                };
+                let entry = match loaded {
                     Some(e) if e.record.state != KeyState::Destroyed => e,
                     _ => {
                         fixes.delete(Table::Rotations, index_key);
@@ -293,8 +298,10 @@ impl Keyring {
     /// `destroyed`; then its erasure key is overwritten in place ([`crate::erasure`]), so
     /// copies of the sealed versions left in the store's free pages cannot be opened even
     /// with the master key. The deletion-index entry goes last: after a crash the next
-    /// sweep finishes the erasure. Returns the keys destroyed now as (tenant, name). Works
-    /// sealed too: destruction needs no key material.
+    /// sweep finishes the erasure. Returns the keys destroyed now as (tenant, name). A key
+    /// is destroyed only once its record authenticates ([`super::integrity`]): while
+    /// sealed, due destructions wait for the unseal (finishing an erasure already
+    /// committed does not).
     pub fn destroy_due(&self, now: u64) -> Result<Vec<(String, String)>, Error> {
         let _guard = self
             .write_lock
@@ -325,6 +332,15 @@ impl Keyring {
             };
             if let Some((mut record, bytes)) = record {
                 if record.state == KeyState::PendingDeletion {
+                    // Only an authenticated record is obeyed: a forged `pending-deletion`
+                    // must not erase a key. Sealed, nothing can be checked: the
+                    // destruction waits for the unseal (its index entry stays).
+                    let Ok(un) = self.unsealed() else {
+                        continue;
+                    };
+                    if self.check_record(&un, &record).is_err() {
+                        continue;
+                    }
                     let mut batch = WriteBatch::new();
                     for (version_key, _) in self.store.scan_prefix(Table::Versions, &id.0)? {
                         batch.delete(Table::Versions, &version_key);
@@ -333,6 +349,7 @@ impl Keyring {
                     // not a denial that would count toward its lockout.
                     record.state = KeyState::Destroyed;
                     record.next_generation();
+                    un.sign_record(&mut record)?;
                     batch.require(Table::Keys, &id.0, Some(&bytes)).put(
                         Table::Keys,
                         &id.0,
@@ -340,9 +357,7 @@ impl Keyring {
                     );
                     self.store.commit(&batch)?;
                     self.note_commit();
-                    if let Ok(un) = self.unsealed() {
-                        self.cache_evict(&un, &id);
-                    }
+                    self.cache_evict(&un, &id);
                     destroyed.push((record.tenant.clone(), record.name.clone()));
                 }
                 if let (KeyState::Destroyed, Some(slot)) = (record.state, record.erasure_slot) {
@@ -500,13 +515,15 @@ mod tests {
         );
         // Not yet due.
         assert!(ring.destroy_due(t0 + 7 * 86_400 - 1).unwrap().is_empty());
-        // Due: a goes (b later, c cancelled); sealed does not matter.
+        // Due: a goes (b later, c cancelled), once unsealed: sealed, its record cannot
+        // be authenticated, so the destruction waits.
         ring.seal();
+        assert!(ring.destroy_due(t0 + 7 * 86_400).unwrap().is_empty());
+        ring.unseal(&sealer).unwrap();
         assert_eq!(
             ring.destroy_due(t0 + 7 * 86_400).unwrap(),
             vec![("t".to_string(), "a".to_string())]
         );
-        ring.unseal(&sealer).unwrap();
         let a = ring.key_info("t", "a").unwrap();
         assert_eq!(a.state, KeyState::Destroyed);
         assert!(a.versions.is_empty());

@@ -10,6 +10,7 @@ use zeroize::Zeroizing;
 
 use super::cache::Cache;
 use super::epoch::{self, EpochRecord, META_MASTER_EPOCH};
+use super::integrity::{self, META_RECORDS_MARKER};
 use super::records::{
     kek_aad, to_json, KeyRecord, VersionRecord, META_AUDIT_KEYS, META_FORMAT, META_ROTATION_INDEX,
     META_SEALED_MASTER, STORE_FORMAT,
@@ -39,19 +40,37 @@ pub(super) struct Unsealed {
     audit_context: ring::hmac::Key,
     /// Both audit keys' bytes (MAC ‖ context), for re-sealing at master-key rotation.
     audit_keys: Zeroizing<[u8; 64]>,
+    /// MACs key records ([`super::integrity`]), derived from the audit keys.
+    pub(super) record_mac: ring::hmac::Key,
+    /// Whether key records must carry a valid MAC (set once the store's are signed).
+    records_signed: std::sync::atomic::AtomicBool,
 }
 
 impl Unsealed {
-    fn new(master: SecretKey, epoch: u64, audit_keys: Zeroizing<[u8; 64]>, cache: Cache) -> Self {
+    fn new(
+        master: SecretKey,
+        epoch: u64,
+        audit_keys: Zeroizing<[u8; 64]>,
+        cache: Cache,
+        records_signed: bool,
+    ) -> Result<Self, Error> {
         let hmac = |k: &[u8]| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k);
-        Self {
+        Ok(Self {
+            record_mac: integrity::record_mac_key(&audit_keys)?,
+            records_signed: std::sync::atomic::AtomicBool::new(records_signed),
             epoch,
             audit_mac: hmac(&audit_keys[..32]),
             audit_context: hmac(&audit_keys[32..]),
             audit_keys,
             master,
             cache: RwLock::new(cache),
-        }
+        })
+    }
+
+    /// Whether key records must carry a valid MAC.
+    pub(super) fn records_signed(&self) -> bool {
+        self.records_signed
+            .load(std::sync::atomic::Ordering::Acquire)
     }
 }
 
@@ -93,6 +112,19 @@ impl Keyring {
                 META_MASTER_EPOCH,
                 &epoch::first_record(&master)?,
             )
+            // Every key record of a new store is signed from the first.
+            .put(
+                Table::Meta,
+                META_RECORDS_MARKER,
+                &Unsealed::new(
+                    SecretKey::generate()?,
+                    0,
+                    derived_audit_keys(&master)?,
+                    Cache::default(),
+                    true,
+                )?
+                .marker(),
+            )
             // A new store keeps its rotation index complete from the first key.
             .put(Table::Meta, META_ROTATION_INDEX, b"1");
         match self.store.commit(&batch) {
@@ -126,16 +158,15 @@ impl Keyring {
         }
         let (master, epoch) = self.open_current_master(sealer)?;
         let audit_keys = self.audit_keys_under(&master)?;
+        let un = Unsealed::new(master, epoch, audit_keys, Cache::default(), false)?;
+        let signed = self.sign_legacy_records(&un)?;
+        un.records_signed
+            .store(signed, std::sync::atomic::Ordering::Release);
         let mut slot = self
             .unsealed
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        *slot = Some(Arc::new(Unsealed::new(
-            master,
-            epoch,
-            audit_keys,
-            Cache::default(),
-        )));
+        *slot = Some(Arc::new(un));
         Ok(())
     }
 
@@ -187,7 +218,13 @@ impl Keyring {
             .unsealed
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        *slot = Some(Arc::new(Unsealed::new(master, epoch, audit_keys, cache)));
+        *slot = Some(Arc::new(Unsealed::new(
+            master,
+            epoch,
+            audit_keys,
+            cache,
+            un.records_signed(),
+        )?));
         tracing::info!(epoch, "followed a master-key rotation made on another node");
         Ok(true)
     }
@@ -291,7 +328,8 @@ impl Keyring {
                         next_epoch,
                         un.audit_keys.clone(),
                         cache,
-                    )));
+                        un.records_signed(),
+                    )?));
                     return Ok(resealed);
                 }
                 // A key written or destroyed meanwhile: read the versions again.
