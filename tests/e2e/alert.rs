@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use crate::{create_key, get, post};
 
 /// A minimal HTTP receiver: every POST body is sent on the channel, answered 200.
-async fn receiver() -> (String, mpsc::UnboundedReceiver<Value>) {
+pub(crate) async fn receiver() -> (String, mpsc::UnboundedReceiver<Value>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let (tx, rx) = mpsc::unbounded_channel();
@@ -55,7 +55,7 @@ async fn receiver() -> (String, mpsc::UnboundedReceiver<Value>) {
     (url, rx)
 }
 
-async fn expect(rx: &mut mpsc::UnboundedReceiver<Value>, kind: &str, started: Instant) -> Value {
+pub(crate) async fn expect(rx: &mut mpsc::UnboundedReceiver<Value>, kind: &str, started: Instant) -> Value {
     loop {
         let left = Duration::from_secs(2).saturating_sub(started.elapsed());
         let ev = tokio::time::timeout(left, rx.recv())

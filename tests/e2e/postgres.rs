@@ -1000,3 +1000,56 @@ async fn a_master_rotation_on_one_node_loses_nothing_written_on_another() {
     .await;
     assert_eq!(r.0, 200, "{r:?}");
 }
+
+/// Issue 21, must-show 3: a grant added to a key's row by hand in the PostgreSQL table
+/// (as whoever can write the table could) is refused, alerted and audited: the record
+/// fails authentication, so the key is not used at all until an operator looks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_added_by_hand_in_the_table_is_refused_alerted_and_audited() {
+    use std::time::Instant;
+    if !keyhold_tests::pg::available("a_grant_added_by_hand_in_the_table") {
+        return;
+    }
+    let (url, mut alerts) = crate::alert::receiver().await;
+    let mut s =
+        TestServer::start_on_postgres_with(&format!("[alerts]\nwebhook = \"{url}\"\n")).await;
+    s.wait_ready().await;
+    create_key(&s, "admin-a", "k").await;
+    create_key(&s, "admin-a", "other").await;
+    let db = keyhold_tests::pg::database_of(&s.config);
+    // The row of key k (table 1: key records): one more grant, written by hand.
+    let changed = keyhold_tests::pg::sql_on(
+        Some(&db),
+        r#"UPDATE keyhold_kv SET v = convert_to(replace(convert_from(v, 'UTF8'), '"grants":[', '"grants":[{"identity":"spiffe://test/intruder","operations":["unwrap"]},'), 'UTF8')
+           WHERE tbl = 1 AND convert_from(v, 'UTF8') LIKE '%"name":"k"%' RETURNING 1"#,
+    );
+    assert_eq!(changed, "1", "one row edited");
+    // The node reads it again (a restart here; another node would read it at once).
+    s.restart().await;
+    s.wait_ready().await;
+    let app = s.client(Some("app-a"));
+    let started = Instant::now();
+    let r = post(&app, &s.url("/v1/keys/k/datakey"), json!({})).await;
+    assert_eq!(r.0, 409, "{r:?}");
+    assert_eq!(r.1["error"]["code"], "InvalidState", "{r:?}");
+    let ev = crate::alert::expect(&mut alerts, "record_tampered", started).await;
+    assert!(ev["detail"].as_str().unwrap().contains("/k ("), "{ev}");
+    // The other key serves; the tenant's keys list (without the refused one).
+    let ok = post(&app, &s.url("/v1/keys/other/datakey"), json!({})).await;
+    assert_eq!(ok.0, 200, "{ok:?}");
+    let list = crate::get(&s.client(Some("admin-a")), &s.url("/v1/keys")).await;
+    assert_eq!(list.0, 200, "{list:?}");
+    // Audited: the refused request has its record, with the outcome.
+    let auditor = s.kms_client("auditor-a");
+    let verified = auditor.audit_verify(true).await.unwrap().unwrap();
+    let page = auditor
+        .audit_page(verified.saturating_sub(50), 1000)
+        .await
+        .unwrap();
+    assert!(
+        page.records.iter().any(|rec| rec.key.as_deref() == Some("k")
+            && rec.operation == "POST /v1/keys/{name}/datakey"
+            && rec.outcome == "InvalidState"),
+        "no audit record of the refusal"
+    );
+}
