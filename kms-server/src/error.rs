@@ -73,6 +73,11 @@ pub enum Error {
     /// nothing was written; retry (the node follows within the change feed's bound).
     #[error("the master key was rotated on another node; this node is following it: retry")]
     MasterKeyChanged,
+    /// The request's audit record could not be made durable, so its answer is withheld;
+    /// the handler ran first, so what it changed may have taken effect (a seal always
+    /// does: an operator must be able to seal during an outage).
+    #[error("the audit record could not be made durable: the answer is withheld, and the request may have taken effect; check before retrying")]
+    AuditUnavailable,
     /// A stored record that blocks an operation does not open or parse; the message names
     /// it (key, version) and what to do.
     #[error("{0}")]
@@ -125,6 +130,10 @@ impl Error {
                 ErrorCode::StorageUnavailable,
             ),
             Error::Unreadable(_) => (StatusCode::CONFLICT, ErrorCode::InvalidState),
+            Error::AuditUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::StorageUnavailable,
+            ),
             Error::Storage(_) => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::StorageUnavailable,

@@ -212,6 +212,13 @@ impl Outcome {
     pub fn applied(&self) -> Applied {
         match self {
             Outcome::Ok(_) => Applied::Yes,
+            // The audit record of a request that ran could not be made durable: its answer
+            // is withheld, its effect may stand (the server says so).
+            Outcome::Fail {
+                status: 503,
+                message,
+                ..
+            } if message.contains("may have taken effect") => Applied::Maybe,
             // 503 Sealed / StorageUnavailable: documented as "nothing changed".
             Outcome::Fail { status: 503, .. } => Applied::No,
             Outcome::Fail { status, .. } if *status >= 500 => Applied::Maybe,

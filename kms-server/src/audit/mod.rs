@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::alert::{AlertEvent, Alerter};
 use crate::error::Error;
 use crate::keyring::Keyring;
-use crate::keystore::{KeyStore, StoreError, Table, WriteBatch};
+use crate::keystore::{KeyStore, Table, WriteBatch};
 pub use file::{ChainFile, Finding, Head};
 pub use postgres::PgChain;
 
@@ -555,10 +555,7 @@ impl AuditLog {
             .map_err(|_| Error::Internal("audit writer stopped"))?;
         match done.await {
             Ok(Ok(())) => Ok(()),
-            _ => Err(Error::Storage(StoreError::Engine {
-                engine: "audit",
-                source: "the audit record could not be made durable".into(),
-            })),
+            _ => Err(Error::AuditUnavailable),
         }
     }
 

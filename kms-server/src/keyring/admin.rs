@@ -21,6 +21,9 @@ use crate::format::KeyId;
 use crate::keystore::{StoreError, Table, WriteBatch};
 use crate::policy::Principal;
 
+/// How often a key update is applied again after another writer's commit came first.
+const UPDATE_TRIES: usize = 8;
+
 impl Keyring {
     /// Moves the erasure keys that key records name in `file` (an embedded store's erasure
     /// file, after `migrate-store` copied its records here) into the shared store's
@@ -289,10 +292,29 @@ impl Keyring {
         &self,
         tenant: &str,
         name: &str,
-        change: impl FnOnce(&KeyEntry, &mut KeyRecord, &mut WriteBatch) -> Result<(), Error>,
+        change: impl Fn(&KeyEntry, &mut KeyRecord, &mut WriteBatch) -> Result<(), Error>,
     ) -> Result<KeyInfo, Error> {
         let (_guard, un) = self.writer()?;
-        let entry = self.entry_by_name(&un, tenant, name)?;
+        // Another node changed the record between the read and the commit: the change is
+        // applied again to what it wrote (the cache entry was dropped on the conflict).
+        for _ in 0..UPDATE_TRIES {
+            match self.update_once(&un, tenant, name, &change) {
+                Err(Error::Storage(StoreError::Conflict("keys"))) => continue,
+                other => return other,
+            }
+        }
+        Err(Error::Storage(StoreError::Conflict("keys")))
+    }
+
+    fn update_once(
+        &self,
+        un: &Arc<Unsealed>,
+        tenant: &str,
+        name: &str,
+        change: &impl Fn(&KeyEntry, &mut KeyRecord, &mut WriteBatch) -> Result<(), Error>,
+    ) -> Result<KeyInfo, Error> {
+        let un = un.as_ref();
+        let entry = self.entry_by_name(un, tenant, name)?;
         let mut record = entry.record.clone();
         let mut batch = WriteBatch::new();
         change(&entry, &mut record, &mut batch)?;
@@ -305,7 +327,7 @@ impl Keyring {
         batch
             .require(Table::Keys, &entry.key_id.0, Some(&entry.record_bytes))
             .put(Table::Keys, &entry.key_id.0, &record_bytes);
-        self.commit_update(&un, &entry.key_id, &batch)?;
+        self.commit_update(un, &entry.key_id, &batch)?;
         let versions = if record.state == KeyState::Destroyed {
             BTreeMap::new()
         } else {
@@ -318,7 +340,7 @@ impl Keyring {
             versions,
             unreadable: entry.unreadable.clone(),
         });
-        self.cache_put(&un, updated.clone());
+        self.cache_put(un, updated.clone());
         fail::fail_point!("keyring-update-committed");
         Ok(updated.info())
     }
@@ -423,7 +445,7 @@ impl Keyring {
             if record.state == KeyState::Destroyed {
                 return Err(Error::InvalidState("the key is destroyed"));
             }
-            record.grants = grants;
+            record.grants = grants.clone();
             Ok(())
         })
     }
@@ -444,9 +466,9 @@ impl Keyring {
                 return Err(Error::InvalidState("the key is destroyed"));
             }
             record.grants.retain(|g| !remove.contains(&g.identity));
-            for g in add {
-                if !record.grants.contains(&g) {
-                    record.grants.push(g);
+            for g in &add {
+                if !record.grants.contains(g) {
+                    record.grants.push(g.clone());
                 }
             }
             validate_grants(&record.grants)

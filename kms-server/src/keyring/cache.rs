@@ -290,7 +290,17 @@ impl Keyring {
                 flight.lock().unwrap_or_else(PoisonError::into_inner)
             }
         };
-        let loaded = self.load_uncached(un, id);
+        let mut loaded = self.load_uncached(un, id);
+        if matches!(loaded, Err(Error::MasterKeyChanged)) {
+            // A request that began before this node's own master-key rotation (or its
+            // following of another node's) holds the previous unsealed state: load
+            // under the current one, whose epoch the versions name.
+            if let Ok(current) = self.unsealed() {
+                if current.epoch > un.epoch {
+                    loaded = self.load_uncached(&current, id);
+                }
+            }
+        }
         drop(held);
         let mut flights = self.flights.lock().unwrap_or_else(PoisonError::into_inner);
         // Ours and the map's: nobody else waits on it (clones are made under this lock).
