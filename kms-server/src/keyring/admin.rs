@@ -192,7 +192,28 @@ impl Keyring {
         };
         let (material, stored) = crate::kek::Kek::generate(algorithm)?;
         let (_guard, un) = self.writer()?;
-        let entry = self.entry_by_name(&un, tenant, name)?;
+        let mut material = Some(material);
+        // Another node's commit came first (its own rotation, a state change): the
+        // rotation is made again on what it wrote, with the same new material.
+        for _ in 0..UPDATE_TRIES {
+            match self.rotate_once(&un, tenant, name, algorithm, &mut material, &stored) {
+                Err(Error::Storage(StoreError::Conflict("keys" | "versions"))) => continue,
+                other => return other,
+            }
+        }
+        Err(Error::Storage(StoreError::Conflict("keys")))
+    }
+
+    fn rotate_once(
+        &self,
+        un: &Arc<Unsealed>,
+        tenant: &str,
+        name: &str,
+        algorithm: Algorithm,
+        material: &mut Option<crate::kek::Kek>,
+        stored: &crate::secret::SecretVec,
+    ) -> Result<KeyInfo, Error> {
+        let entry = self.entry_by_name(un, tenant, name)?;
         if entry.record.algorithm != algorithm {
             return Err(Error::InvalidState(
                 "the key was replaced meanwhile; try again",
@@ -217,7 +238,7 @@ impl Keyring {
         record.next_generation();
         un.sign_record(&mut record)?;
         let created_at = self.clock.now();
-        let version = self.seal_version(&un, &record, &id, new_version, created_at, &stored)?;
+        let version = self.seal_version(un, &record, &id, new_version, created_at, stored)?;
         let record_bytes = to_json(&record)?;
         let mut batch = WriteBatch::new();
         batch
@@ -244,11 +265,15 @@ impl Keyring {
                 );
         }
         fail::fail_point!("keyring-rotate-before-commit");
-        if let Err(e) = self.commit_sealed(&un, &batch) {
-            self.cache_evict(&un, &id);
+        if let Err(e) = self.commit_sealed(un, &batch) {
+            self.cache_evict(un, &id);
             return Err(e);
         }
         self.note_commit();
+        // Taken once: the loop above retries only when nothing was committed.
+        let material = material
+            .take()
+            .ok_or(Error::Internal("rotation material already used"))?;
         let mut versions = entry.versions.clone();
         versions.insert(
             new_version,
@@ -266,7 +291,7 @@ impl Keyring {
             versions,
             unreadable: entry.unreadable.clone(),
         });
-        self.cache_put(&un, updated.clone());
+        self.cache_put(un, updated.clone());
         Ok(updated.info())
     }
 
