@@ -788,6 +788,20 @@ async fn change_follower(
                     // First read, or the feed no longer reaches back: forget everything.
                     None => {
                         keyring.invalidate_all();
+                        // A master-key rotation committed between this node's unseal and
+                        // the feed's first position is in no change it will read: look.
+                        if cursor.is_none() {
+                            let s = state.clone();
+                            let followed =
+                                tokio::task::spawn_blocking(move || follow_master(&s)).await;
+                            if !matches!(followed, Ok(Ok(()))) {
+                                tracing::error!(
+                                    "the master key's epoch could not be read: retrying"
+                                );
+                                tokio::time::sleep(CHANGE_POLL).await;
+                                continue;
+                            }
+                        }
                         if cursor.is_some() {
                             let s = state.clone();
                             let reloaded =
@@ -798,6 +812,17 @@ async fn change_follower(
                                 continue;
                             }
                         }
+                    }
+                }
+                // A request found the store's master key newer than this node's, and no
+                // change on the feed said so (a rotation while it was sealed): look now.
+                if keyring.take_master_behind() {
+                    let s = state.clone();
+                    if !matches!(
+                        tokio::task::spawn_blocking(move || follow_master(&s)).await,
+                        Ok(Ok(()))
+                    ) {
+                        tracing::error!("the master key's epoch could not be read: retrying");
                     }
                 }
                 cursor = Some(next);

@@ -365,7 +365,7 @@ impl Keyring {
             if v.epoch > un.epoch {
                 // Re-sealed by another node's master-key rotation this node has not
                 // followed yet: its follower catches up; the caller retries.
-                return Err(Error::MasterKeyChanged);
+                return Err(self.master_behind());
             }
             let under = match &bound {
                 Some(b) => b,

@@ -104,6 +104,22 @@ impl StoredEpoch {
 }
 
 impl Keyring {
+    /// Notes that this node found the store's master key newer than its own (its follower
+    /// looks at once, see [`Keyring::take_master_behind`]) and returns the error to answer.
+    pub(super) fn master_behind(&self) -> Error {
+        self.master_behind
+            .store(true, std::sync::atomic::Ordering::Release);
+        Error::MasterKeyChanged
+    }
+
+    /// Whether a request found this node behind a master-key rotation since the last
+    /// call: the change follower then re-opens the master key even if no change on the
+    /// feed said so (a rotation committed while this node was sealed or unsealing).
+    pub fn take_master_behind(&self) -> bool {
+        self.master_behind
+            .swap(false, std::sync::atomic::Ordering::AcqRel)
+    }
+
     /// The stored epoch record (epoch 0 when the store has none yet).
     pub(super) fn stored_epoch(&self) -> Result<StoredEpoch, Error> {
         StoredEpoch::parse(self.store.get(Table::Meta, META_MASTER_EPOCH)?)
@@ -122,7 +138,7 @@ impl Keyring {
         for _ in 0..SEALING_TRIES {
             let stored = self.stored_epoch()?;
             if stored.record.epoch != un.epoch {
-                return Err(Error::MasterKeyChanged);
+                return Err(self.master_behind());
             }
             let mut next = stored.record.clone();
             next.writes = next.writes.wrapping_add(1);

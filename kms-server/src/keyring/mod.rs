@@ -93,6 +93,8 @@ pub struct Keyring {
     /// Called with integrity events (a version that does not open, a record that fails
     /// authentication): the server raises an alert and counts them.
     integrity_hook: std::sync::OnceLock<IntegrityHook>,
+    /// Set when a request found the store's master key newer than this node's.
+    master_behind: std::sync::atomic::AtomicBool,
     unsealed: RwLock<Option<Arc<Unsealed>>>,
     /// Serializes this process's mutations (the store's conditions guard against others).
     write_lock: Mutex<()>,
@@ -118,6 +120,7 @@ impl Keyring {
             invalidations: std::sync::atomic::AtomicU64::new(0),
             flights: Mutex::new(HashMap::new()),
             integrity_hook: std::sync::OnceLock::new(),
+            master_behind: std::sync::atomic::AtomicBool::new(false),
             store,
             unsealed: RwLock::new(None),
             write_lock: Mutex::new(()),
