@@ -55,7 +55,11 @@ pub(crate) async fn receiver() -> (String, mpsc::UnboundedReceiver<Value>) {
     (url, rx)
 }
 
-pub(crate) async fn expect(rx: &mut mpsc::UnboundedReceiver<Value>, kind: &str, started: Instant) -> Value {
+pub(crate) async fn expect(
+    rx: &mut mpsc::UnboundedReceiver<Value>,
+    kind: &str,
+    started: Instant,
+) -> Value {
     loop {
         let left = Duration::from_secs(2).saturating_sub(started.elapsed());
         let ev = tokio::time::timeout(left, rx.recv())

@@ -1047,9 +1047,11 @@ async fn a_grant_added_by_hand_in_the_table_is_refused_alerted_and_audited() {
         .await
         .unwrap();
     assert!(
-        page.records.iter().any(|rec| rec.key.as_deref() == Some("k")
-            && rec.operation == "POST /v1/keys/{name}/datakey"
-            && rec.outcome == "InvalidState"),
+        page.records
+            .iter()
+            .any(|rec| rec.key.as_deref() == Some("k")
+                && rec.operation == "POST /v1/keys/{name}/datakey"
+                && rec.outcome == "InvalidState"),
         "no audit record of the refusal"
     );
 }
