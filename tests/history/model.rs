@@ -384,7 +384,7 @@ impl std::fmt::Display for Violation {
 }
 
 /// An acknowledged DEK: from an `ok` datakey, wrap or rewrap.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Dek {
     pub op: u64,
     pub key: String,
@@ -394,6 +394,18 @@ pub struct Dek {
     pub context: Context,
     /// When it was acknowledged.
     pub acked: u64,
+}
+
+/// Ids only: a DEK's bytes never reach a log or a panic message.
+impl std::fmt::Debug for Dek {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dek")
+            .field("op", &self.op)
+            .field("key", &self.key)
+            .field("version", &self.version)
+            .field("plaintext", &"[REDACTED]")
+            .finish_non_exhaustive()
+    }
 }
 
 /// The DEKs a history acknowledged, by the id of the op that produced them.

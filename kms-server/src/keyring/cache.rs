@@ -9,7 +9,8 @@ use std::time::Duration;
 use kms_client::api::{Context, GrantOperation, KeyInfo, KeyState, KeyVersionInfo};
 
 use super::records::{
-    format_period, kek_aad, name_key, rfc3339, validate_name, KeyRecord, VersionRecord,
+    format_period, kek_aad, name_key, rfc3339, validate_name, version_of_key, KeyRecord,
+    VersionRecord,
 };
 use super::vault::{Unsealed, KEK_LABEL};
 use super::Keyring;
@@ -246,14 +247,8 @@ impl Keyring {
         un: &Unsealed,
         id: KeyId,
     ) -> Result<Option<Arc<KeyEntry>>, Error> {
-        if let Some(e) = un
-            .cache
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .by_id
-            .get(&id)
-        {
-            return Ok(Some(e.clone()));
+        if let Some(e) = Self::cached(un, &id) {
+            return Ok(Some(e));
         }
         // Evicted with counts not yet saved: take it back, counts and all.
         let parked = if un
@@ -310,16 +305,19 @@ impl Keyring {
         loaded
     }
 
-    /// The cache, else the store, for [`Keyring::load_entry`]'s one load in flight.
-    fn load_uncached(&self, un: &Unsealed, id: KeyId) -> Result<Option<Arc<KeyEntry>>, Error> {
-        if let Some(e) = un
-            .cache
+    fn cached(un: &Unsealed, id: &KeyId) -> Option<Arc<KeyEntry>> {
+        un.cache
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .by_id
-            .get(&id)
-        {
-            return Ok(Some(e.clone()));
+            .get(id)
+            .cloned()
+    }
+
+    /// The cache, else the store, for [`Keyring::load_entry`]'s one load in flight.
+    fn load_uncached(&self, un: &Unsealed, id: KeyId) -> Result<Option<Arc<KeyEntry>>, Error> {
+        if let Some(e) = Self::cached(un, &id) {
+            return Ok(Some(e));
         }
         // A change committed here or seen on the shared store's feed while this read runs
         // must not leave the old record cached: cache it only if no invalidation happened
@@ -338,11 +336,7 @@ impl Keyring {
         self.check_record(un, &record)?;
         let mut usage = HashMap::new();
         for (key, bytes) in self.store.scan_prefix(Table::Usage, &id.0)? {
-            let version = key
-                .get(16..20)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(u32::from_be_bytes)
-                .ok_or(Error::Corrupt("usage key"))?;
+            let version = version_of_key(&key).ok_or(Error::Corrupt("usage key"))?;
             let r: crate::usage::UsageRecord =
                 serde_json::from_slice(&bytes).map_err(|_| Error::Corrupt("usage record"))?;
             usage.insert(version, r);
@@ -354,10 +348,7 @@ impl Keyring {
         let mut bound: Option<Option<SecretKey>> = None;
         for (vk, bytes) in self.store.scan_prefix(Table::Versions, &id.0)? {
             let Ok(v) = serde_json::from_slice::<VersionRecord>(&bytes) else {
-                let version = vk
-                    .get(16..20)
-                    .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                    .map_or(0, u32::from_be_bytes);
+                let version = version_of_key(&vk).unwrap_or(0);
                 self.report_unreadable(&record, version, "the version record does not parse");
                 unreadable.push((version, record.created_at));
                 continue;

@@ -97,6 +97,24 @@ pub(super) struct VersionRecord {
     pub(super) epoch: u64,
 }
 
+/// The version a `versions` or `usage` table key (key id ‖ version) names.
+pub(super) fn version_of_key(key: &[u8]) -> Option<u32> {
+    key.get(16..20)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map(u32::from_be_bytes)
+}
+
+/// The error naming a stored version (by its table key) that blocks an operation.
+pub(super) fn unreadable_version(record: &KeyRecord, key: &[u8], why: &str) -> Error {
+    Error::Unreadable(format!(
+        "key {}/{} ({}) version {}: {why}",
+        record.tenant,
+        record.name,
+        record.id,
+        version_of_key(key).unwrap_or(0),
+    ))
+}
+
 fn is_zero(n: &u64) -> bool {
     *n == 0
 }

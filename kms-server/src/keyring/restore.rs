@@ -2,7 +2,8 @@
 //! as one state), the check that every KEK version of a restore opens, and its install.
 
 use super::records::{
-    kek_aad, to_json, KeyRecord, VersionRecord, META_FORMAT, META_SEALED_MASTER, STORE_FORMAT,
+    kek_aad, to_json, unreadable_version, KeyRecord, VersionRecord, META_FORMAT,
+    META_SEALED_MASTER, STORE_FORMAT,
 };
 use super::vault::{ERASURE_LABEL, KEK_LABEL};
 use super::Keyring;
@@ -82,17 +83,7 @@ impl Keyring {
                 None => None,
             };
             for (vk, vbytes) in rows(Table::Versions).filter(|(k, _)| k.starts_with(&id.0)) {
-                let blocked = |why: &str| {
-                    Error::Unreadable(format!(
-                        "key {}/{} ({}) version {}: {why}",
-                        record.tenant,
-                        record.name,
-                        record.id,
-                        vk.get(16..20)
-                            .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                            .map_or(0, u32::from_be_bytes),
-                    ))
-                };
+                let blocked = |why: &str| unreadable_version(&record, vk, why);
                 let v: VersionRecord = serde_json::from_slice(vbytes)
                     .map_err(|_| blocked("the version record does not parse"))?;
                 let sealed = crate::seal::unhex(&v.material)

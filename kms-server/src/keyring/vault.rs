@@ -12,8 +12,8 @@ use super::cache::Cache;
 use super::epoch::{self, EpochRecord, META_MASTER_EPOCH};
 use super::integrity::{self, META_RECORDS_MARKER};
 use super::records::{
-    kek_aad, to_json, KeyRecord, VersionRecord, META_AUDIT_KEYS, META_FORMAT, META_ROTATION_INDEX,
-    META_SEALED_MASTER, STORE_FORMAT,
+    kek_aad, to_json, unreadable_version, KeyRecord, VersionRecord, META_AUDIT_KEYS, META_FORMAT,
+    META_ROTATION_INDEX, META_SEALED_MASTER, STORE_FORMAT,
 };
 use super::Keyring;
 use crate::crypto;
@@ -372,15 +372,11 @@ impl Keyring {
             let new_key = self.sealing_key_under(new_master, &record)?;
             for (vk, vbytes) in versions {
                 let blocked = |why: &str| {
-                    Error::Unreadable(format!(
-                        "key {}/{} ({}) version {}: {why}; rotating the master key would lose it (restore it from a backup, or destroy the key)",
-                        record.tenant,
-                        record.name,
-                        record.id,
-                        vk.get(16..20)
-                            .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                            .map_or(0, u32::from_be_bytes),
-                    ))
+                    unreadable_version(
+                        &record,
+                        &vk,
+                        &format!("{why}; rotating the master key would lose it (restore it from a backup, or destroy the key)"),
+                    )
                 };
                 let mut v: VersionRecord = serde_json::from_slice(&vbytes)
                     .map_err(|_| blocked("the version record does not parse"))?;
