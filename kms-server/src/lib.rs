@@ -44,6 +44,7 @@
 
 pub mod alert;
 pub mod audit;
+pub mod authstate;
 pub mod backup;
 pub mod clock;
 pub mod config;

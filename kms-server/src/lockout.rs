@@ -4,16 +4,22 @@
 //! State is in memory: a restart lifts every lockout.
 //!
 //! On a shared store ([`Lockouts::shared`]) a lockout is also written to the store
-//! (`Meta` `lockout/<identity>` → the unix time in ms it ends), and lifting one deletes
-//! it; the change feed carries both to every other node, which applies them
+//! (`Meta` `lockout/<identity>` → the unix time in ms it ends, then its MAC), and lifting
+//! one deletes it; the change feed carries both to every other node, which applies them
 //! ([`Lockouts::refresh`]) within the feed's bound (1 s). The denials leading to a lockout
 //! are counted by each node alone: spread over N nodes, an identity can collect up to
 //! N × threshold denials before the first lockout, and is then refused by all of them.
+//!
+//! A stored lockout carries a MAC ([`crate::authstate`]): one written into the table by
+//! hand (to lock an admin out) is ignored and reported. While a node is sealed it can
+//! neither sign nor check one: its own lockouts then hold on it alone, and the stored ones
+//! are read again at the next unseal ([`Lockouts::reload`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::authstate::StateSigner;
 use crate::error::Error;
 use crate::keystore::{KeyStore, Table, WriteBatch, META_LOCKOUT_PREFIX};
 
@@ -49,8 +55,16 @@ struct Entry {
 pub struct Lockouts {
     policy: LockoutPolicy,
     state: Mutex<HashMap<String, Entry>>,
-    /// A store shared with other nodes: lockouts are written there too.
-    shared: Option<Arc<dyn KeyStore>>,
+    /// A store shared with other nodes (lockouts are written there too), and what signs
+    /// and checks them there.
+    shared: Option<(Arc<dyn KeyStore>, Arc<dyn StateSigner>)>,
+}
+
+const MAC_DOMAIN: &str = "lockout/v1";
+
+/// What a stored lockout's MAC covers: the identity and the end of its lockout.
+fn mac_message(identity: &str, until_ms: u64) -> Vec<u8> {
+    [identity.as_bytes(), b"\0", &until_ms.to_be_bytes()].concat()
 }
 
 fn lockout_key(identity: &str) -> Vec<u8> {
@@ -75,14 +89,14 @@ impl Lockouts {
     }
 
     /// Shares lockouts with the other nodes of `store` (see the module documentation),
-    /// starting with those in force there now.
-    pub fn shared(mut self, store: Arc<dyn KeyStore>) -> Result<Self, Error> {
-        for (key, _) in store.scan_prefix(Table::Meta, META_LOCKOUT_PREFIX)? {
-            if let Ok(identity) = std::str::from_utf8(&key[META_LOCKOUT_PREFIX.len()..]) {
-                self.apply(identity, store.get(Table::Meta, &key)?);
-            }
-        }
-        self.shared = Some(store);
+    /// starting with those in force there now; `signer` signs and checks them.
+    pub fn shared(
+        mut self,
+        store: Arc<dyn KeyStore>,
+        signer: Arc<dyn StateSigner>,
+    ) -> Result<Self, Error> {
+        self.shared = Some((store, signer));
+        self.reload()?;
         Ok(self)
     }
 
@@ -92,11 +106,45 @@ impl Lockouts {
         self.shared.is_some()
     }
 
-    /// Applies the stored lockout of `identity` (`None`: none, or lifted).
+    /// Applies every lockout stored now (at start, and at each unseal: those a sealed node
+    /// could not check).
+    pub fn reload(&self) -> Result<(), Error> {
+        let Some((store, _)) = &self.shared else {
+            return Ok(());
+        };
+        for (key, value) in store.scan_prefix(Table::Meta, META_LOCKOUT_PREFIX)? {
+            if let Ok(identity) = std::str::from_utf8(&key[META_LOCKOUT_PREFIX.len()..]) {
+                self.apply(identity, Some(value));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the stored lockout of `identity` (`None`: none, or lifted). One that fails
+    /// authentication is ignored and reported; while sealed, nothing is applied.
     fn apply(&self, identity: &str, stored: Option<Vec<u8>>) {
-        let until = stored
-            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
-            .map(u64::from_be_bytes);
+        let until = match stored {
+            None => None,
+            Some(value) => match self.verified_until(identity, &value) {
+                Ok(Some(until)) => Some(until),
+                Ok(None) => {
+                    tracing::error!(
+                        identity,
+                        "a stored lockout fails authentication (written outside Keyhold?): ignored"
+                    );
+                    if let Some((_, signer)) = &self.shared {
+                        signer.report(
+                            "lockout_tampered",
+                            format!(
+                                "the stored lockout of {identity} fails authentication: ignored"
+                            ),
+                        );
+                    }
+                    return;
+                }
+                Err(_) => return, // sealed: read again at the next unseal
+            },
+        };
         let now_ms = unix_ms(SystemTime::now());
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         match until {
@@ -111,9 +159,27 @@ impl Lockouts {
         }
     }
 
+    /// The end (unix ms) of a stored lockout whose MAC verifies, `None` if it does not;
+    /// [`Error::Sealed`] while sealed.
+    fn verified_until(&self, identity: &str, value: &[u8]) -> Result<Option<u64>, Error> {
+        let Some((_, signer)) = &self.shared else {
+            return Ok(None);
+        };
+        let Some((until, tag)) = value.split_at_checked(8) else {
+            return Ok(None);
+        };
+        let until = u64::from_be_bytes(until.try_into().unwrap_or([0; 8]));
+        let Ok(tag) = std::str::from_utf8(tag) else {
+            return Ok(None);
+        };
+        Ok(signer
+            .verify(MAC_DOMAIN, &mac_message(identity, until), tag)?
+            .then_some(until))
+    }
+
     /// Reloads `identity`'s lockout from the shared store, after another node changed it.
     pub fn refresh(&self, identity: &str) -> Result<(), Error> {
-        let Some(store) = &self.shared else {
+        let Some((store, _)) = &self.shared else {
             return Ok(());
         };
         let stored = store.get(Table::Meta, &lockout_key(identity))?;
@@ -121,18 +187,21 @@ impl Lockouts {
         Ok(())
     }
 
-    /// Writes `identity`'s lockout (just recorded here) to the shared store, so the other
-    /// nodes refuse it too. Blocking (a store commit); a no-op without a shared store.
+    /// Writes `identity`'s lockout (just recorded here) to the shared store, signed, so the
+    /// other nodes refuse it too. Blocking (a store commit); a no-op without a shared
+    /// store; [`Error::Sealed`] while sealed (the lockout holds on this node only).
     pub fn publish(&self, identity: &str) -> Result<(), Error> {
-        let Some(store) = &self.shared else {
+        let Some((store, signer)) = &self.shared else {
             return Ok(());
         };
         let Some(left) = self.locked(identity) else {
             return Ok(());
         };
         let until = unix_ms(SystemTime::now() + left);
+        let tag = signer.sign(MAC_DOMAIN, &mac_message(identity, until))?;
+        let value = [&until.to_be_bytes()[..], tag.as_bytes()].concat();
         let mut batch = WriteBatch::new();
-        batch.put(Table::Meta, &lockout_key(identity), &until.to_be_bytes());
+        batch.put(Table::Meta, &lockout_key(identity), &value);
         store.commit(&batch)?;
         Ok(())
     }
@@ -183,7 +252,7 @@ impl Lockouts {
     /// a shared store the lift is written there first (blocking), for every node.
     pub fn lift(&self, identity: &str) -> Result<bool, Error> {
         let mut shared_lock = false;
-        if let Some(store) = &self.shared {
+        if let Some((store, _)) = &self.shared {
             let key = lockout_key(identity);
             shared_lock = store.get(Table::Meta, &key)?.is_some();
             let mut batch = WriteBatch::new();
@@ -234,5 +303,90 @@ mod tests {
         assert!(l.lift("a").unwrap());
         assert!(l.locked("a").is_none());
         assert!(!l.lift("a").unwrap());
+    }
+
+    fn two_nodes() -> (
+        tempfile::TempDir,
+        Arc<crate::authstate::testing::TestSigner>,
+        Lockouts,
+        Lockouts,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn KeyStore> =
+            Arc::new(crate::keystore::RedbStore::open(&dir.path().join("s.redb")).unwrap());
+        let signer = Arc::new(crate::authstate::testing::TestSigner::new());
+        let policy = LockoutPolicy {
+            threshold: 2,
+            ..LockoutPolicy::default()
+        };
+        let a = Lockouts::new(policy)
+            .shared(store.clone(), signer.clone())
+            .unwrap();
+        let b = Lockouts::new(policy).shared(store, signer.clone()).unwrap();
+        (dir, signer, a, b)
+    }
+
+    #[test]
+    fn a_published_lockout_holds_on_the_other_node() {
+        let (_dir, signer, a, b) = two_nodes();
+        a.record_denial("x");
+        assert!(a.record_denial("x"));
+        a.publish("x").unwrap();
+        b.refresh("x").unwrap();
+        assert!(b.locked("x").is_some());
+        assert!(signer.kinds().is_empty());
+    }
+
+    #[test]
+    fn a_lockout_written_by_hand_is_ignored_and_reported() {
+        let (_dir, signer, a, b) = two_nodes();
+        let until = unix_ms(SystemTime::now()) + 600_000;
+        let Some((store, _)) = &a.shared else {
+            unreachable!()
+        };
+        // The old format (no MAC), a MAC of another identity, and garbage.
+        a.record_denial("other");
+        a.record_denial("other");
+        a.publish("other").unwrap();
+        let other = store
+            .get(Table::Meta, &lockout_key("other"))
+            .unwrap()
+            .unwrap();
+        for value in [until.to_be_bytes().to_vec(), other, b"junk".to_vec()] {
+            let mut batch = WriteBatch::new();
+            batch.put(Table::Meta, &lockout_key("admin"), &value);
+            store.commit(&batch).unwrap();
+            b.refresh("admin").unwrap();
+            assert!(
+                b.locked("admin").is_none(),
+                "a forged lockout is not obeyed"
+            );
+        }
+        assert_eq!(signer.kinds(), vec!["lockout_tampered"; 3]);
+        // Nor at start.
+        let c = Lockouts::new(LockoutPolicy::default())
+            .shared(store.clone(), signer.clone())
+            .unwrap();
+        assert!(c.locked("admin").is_none());
+        assert!(c.locked("other").is_some(), "the authentic one holds");
+    }
+
+    #[test]
+    fn a_sealed_node_keeps_its_lockouts_and_reads_the_stored_ones_at_unseal() {
+        let (_dir, signer, a, b) = two_nodes();
+        a.record_denial("x");
+        a.record_denial("x");
+        a.publish("x").unwrap();
+        signer.set_sealed(true);
+        b.refresh("x").unwrap();
+        assert!(b.locked("x").is_none(), "not checked while sealed");
+        b.record_denial("y");
+        assert!(b.record_denial("y"));
+        assert!(matches!(b.publish("y"), Err(Error::Sealed)));
+        assert!(b.locked("y").is_some(), "holds here while sealed");
+        signer.set_sealed(false);
+        b.reload().unwrap();
+        assert!(b.locked("x").is_some(), "read at unseal");
+        assert!(signer.kinds().is_empty());
     }
 }

@@ -430,10 +430,16 @@ pub async fn run_with_clock(
         );
         crate::audit::AuditLog::disabled()
     };
-    let policy = crate::policy::Policy::with_store(&settings.identities, keyring.store().clone())?;
+    // Runtime identities and shared lockouts are signed and checked by the keyring.
+    let signer: Arc<dyn crate::authstate::StateSigner> = keyring.clone();
+    let policy = crate::policy::Policy::with_store(
+        &settings.identities,
+        keyring.store().clone(),
+        signer.clone(),
+    )?;
     let lockouts = crate::lockout::Lockouts::new(settings.lockout);
     let lockouts = if settings.store.engine == keystore::Engine::Postgres {
-        lockouts.shared(keyring.store().clone())?
+        lockouts.shared(keyring.store().clone(), signer)?
     } else {
         lockouts
     };
@@ -450,6 +456,22 @@ pub async fn run_with_clock(
             lockouts,
         },
     ));
+    {
+        // At each unseal: sign a store's runtime identities from before identity MACs,
+        // and apply the stored lockouts a sealed node could not check.
+        let state = Arc::downgrade(&state);
+        keyring.on_unseal(Box::new(move || {
+            let Some(state) = state.upgrade() else {
+                return;
+            };
+            if let Err(e) = state.policy.sign_legacy() {
+                tracing::error!(error = %e, "runtime identities not checked at unseal");
+            }
+            if let Err(e) = state.lockouts.reload() {
+                tracing::error!(error = %e, "stored lockouts not read at unseal");
+            }
+        }));
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reloader = tokio::spawn(tls_reloader(
         tls.clone(),

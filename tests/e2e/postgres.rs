@@ -1055,3 +1055,80 @@ async fn a_grant_added_by_hand_in_the_table_is_refused_alerted_and_audited() {
         "no audit record of the refusal"
     );
 }
+
+/// Issue 21: runtime identities and lockouts are authenticated like key records. A
+/// runtime admin written into the table by hand is refused (403), alerted and audited; a
+/// lockout written by hand (to lock an app out) is ignored and alerted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_or_lockout_written_by_hand_in_the_table_is_refused_and_alerted() {
+    use std::time::Instant;
+    if !keyhold_tests::pg::available("an_identity_or_lockout_written_by_hand") {
+        return;
+    }
+    let (url, mut alerts) = crate::alert::receiver().await;
+    let mut s =
+        TestServer::start_on_postgres_with(&format!("[alerts]\nwebhook = \"{url}\"\n")).await;
+    s.wait_ready().await;
+    create_key(&s, "admin-a", "k").await;
+    let intruder = "spiffe://test/acme/intruder";
+    s.pki.issue("intruder", intruder);
+    // An admin of tenant acme, and a lockout of app-a until the year 2100: rows of the
+    // meta table (0), in the format Keyhold writes them, without a valid MAC.
+    let db = keyhold_tests::pg::database_of(&s.config);
+    keyhold_tests::pg::sql_on(
+        Some(&db),
+        &format!(
+            r#"INSERT INTO keyhold_kv (tbl, k, v) VALUES
+               (0, convert_to('policy/identity/{intruder}', 'UTF8'),
+                   convert_to('{{"tenant":"acme","role":"admin"}}', 'UTF8')),
+               (0, convert_to('lockout/{}', 'UTF8'), int8send(4102444800000))"#,
+            keyhold_tests::APP_A
+        ),
+    );
+    // The node reads them again (a restart here; another node would at once).
+    s.restart().await;
+    s.wait_ready().await;
+    let started = Instant::now();
+    // The forged lockout was read (and refused) at start.
+    crate::alert::expect(&mut alerts, "lockout_tampered", started).await;
+    let (st, body) = get(&s.client(Some("intruder")), &s.url("/v1/keys")).await;
+    assert_eq!(st, 403, "{body}");
+    let ev = crate::alert::expect(&mut alerts, "identity_tampered", started).await;
+    assert!(ev["detail"].as_str().unwrap().contains(intruder), "{ev}");
+    // Nor can it map itself (or anyone) through the API.
+    let put = s
+        .client(Some("intruder"))
+        .put(s.url("/v1/sys/identities"))
+        .json(&json!({"identity": "spiffe://test/acme/x", "role": "admin"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 403);
+    // The forged lockout is not obeyed.
+    let ok = post(
+        &s.client(Some("app-a")),
+        &s.url("/v1/keys/k/datakey"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(ok.0, 200, "{ok:?}");
+    // The tenant's identity list does not show the forged admin.
+    let (st, list) = get(&s.client(Some("admin-a")), &s.url("/v1/sys/identities")).await;
+    assert_eq!(st, 200);
+    assert!(!list.to_string().contains(intruder), "{list}");
+    // Audited: the refused request has its record, with its identity and outcome.
+    let auditor = s.kms_client("auditor-a");
+    let verified = auditor.audit_verify(true).await.unwrap().unwrap();
+    let page = auditor
+        .audit_page(verified.saturating_sub(50), 1000)
+        .await
+        .unwrap();
+    assert!(
+        page.records
+            .iter()
+            .any(|rec| rec.identity.as_deref() == Some(intruder)
+                && rec.operation == "GET /v1/keys"
+                && rec.outcome == "PermissionDenied"),
+        "no audit record of the refusal"
+    );
+}

@@ -28,6 +28,7 @@ use kms_client::api::KeyState;
 use super::records::{to_json, KeyRecord};
 use super::vault::Unsealed;
 use super::Keyring;
+use crate::authstate::StateSigner;
 use crate::error::Error;
 use crate::keystore::{Table, WriteBatch};
 
@@ -36,8 +37,9 @@ pub(crate) const META_RECORDS_MARKER: &[u8] = b"integrity/records/v1";
 const RECORD_MAC_LABEL: &[u8] = b"keyhold/record-mac/v1";
 const MARKER_MESSAGE: &[u8] = b"keyhold/record-mac/v1: every key record is signed";
 
-/// The record-MAC key, derived from the audit keys.
-pub(super) fn record_mac_key(audit_keys: &[u8; 64]) -> Result<ring::hmac::Key, Error> {
+/// A record-MAC key, derived from the audit keys: `info` `key-records` for key records,
+/// `authorization-state` for [`StateSigner`].
+pub(super) fn record_mac_key(audit_keys: &[u8; 64], info: &[u8]) -> Result<ring::hmac::Key, Error> {
     struct Len32;
     impl ring::hkdf::KeyType for Len32 {
         fn len(&self) -> usize {
@@ -46,7 +48,7 @@ pub(super) fn record_mac_key(audit_keys: &[u8; 64]) -> Result<ring::hmac::Key, E
     }
     let prk = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, RECORD_MAC_LABEL).extract(audit_keys);
     let mut key = zeroize::Zeroizing::new([0u8; 32]);
-    prk.expand(&[b"key-records"], Len32)
+    prk.expand(&[info], Len32)
         .and_then(|okm| okm.fill(&mut key[..]))
         .map_err(|_| Error::Internal("key derivation failed"))?;
     Ok(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &key[..]))
@@ -164,6 +166,33 @@ impl Keyring {
                 .is_some_and(|m| m == un.marker())),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// What a [`StateSigner`] MAC covers: its domain, then the message.
+fn state_input(domain: &str, message: &[u8]) -> Vec<u8> {
+    [domain.as_bytes(), b"\0", message].concat()
+}
+
+/// Runtime identities and lockouts ([`crate::authstate`]): MACs under a key derived, like
+/// the key records', from the audit keys (`Error::Sealed` while sealed).
+impl StateSigner for Keyring {
+    fn sign(&self, domain: &'static str, message: &[u8]) -> Result<String, Error> {
+        let un = self.unsealed()?;
+        let tag = ring::hmac::sign(&un.state_mac, &state_input(domain, message));
+        Ok(crate::seal::hex(tag.as_ref()))
+    }
+
+    fn verify(&self, domain: &'static str, message: &[u8], tag: &str) -> Result<bool, Error> {
+        let un = self.unsealed()?;
+        let Some(tag) = crate::seal::unhex(tag) else {
+            return Ok(false);
+        };
+        Ok(ring::hmac::verify(&un.state_mac, &state_input(domain, message), &tag).is_ok())
+    }
+
+    fn report(&self, kind: &'static str, detail: String) {
+        self.integrity_event(kind, detail);
     }
 }
 

@@ -40,6 +40,8 @@ use crate::keystore::KeyStore;
 
 /// See [`Keyring::on_integrity_event`].
 pub type IntegrityHook = Box<dyn Fn(&'static str, String) + Send + Sync>;
+/// See [`Keyring::on_unseal`].
+pub type UnsealHook = Box<dyn Fn() + Send + Sync>;
 
 mod admin;
 mod cache;
@@ -93,6 +95,8 @@ pub struct Keyring {
     /// Called with integrity events (a version that does not open, a record that fails
     /// authentication): the server raises an alert and counts them.
     integrity_hook: std::sync::OnceLock<IntegrityHook>,
+    /// Called after each unseal (see [`Keyring::on_unseal`]).
+    unseal_hooks: Mutex<Vec<UnsealHook>>,
     /// Set when a request found the store's master key newer than this node's.
     master_behind: std::sync::atomic::AtomicBool,
     unsealed: RwLock<Option<Arc<Unsealed>>>,
@@ -120,6 +124,7 @@ impl Keyring {
             invalidations: std::sync::atomic::AtomicU64::new(0),
             flights: Mutex::new(HashMap::new()),
             integrity_hook: std::sync::OnceLock::new(),
+            unseal_hooks: Mutex::new(Vec::new()),
             master_behind: std::sync::atomic::AtomicBool::new(false),
             store,
             unsealed: RwLock::new(None),
@@ -175,6 +180,26 @@ impl Keyring {
     /// `record_tampered`) and a detail naming the record (never key material). Once.
     pub fn on_integrity_event(&self, hook: IntegrityHook) {
         let _ = self.integrity_hook.set(hook);
+    }
+
+    /// Runs `hook` after every later unseal (not after following another node's master
+    /// rotation: the keys derived from the audit keys stay the same). The server checks
+    /// and signs the authorization state kept outside the keyring then.
+    pub fn on_unseal(&self, hook: UnsealHook) {
+        self.unseal_hooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(hook);
+    }
+
+    fn unsealed_now(&self) {
+        let hooks = self
+            .unseal_hooks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for hook in hooks.iter() {
+            hook();
+        }
     }
 
     fn integrity_event(&self, kind: &'static str, detail: String) {

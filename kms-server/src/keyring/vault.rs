@@ -42,6 +42,8 @@ pub(super) struct Unsealed {
     audit_keys: Zeroizing<[u8; 64]>,
     /// MACs key records ([`super::integrity`]), derived from the audit keys.
     pub(super) record_mac: ring::hmac::Key,
+    /// MACs runtime identities and lockouts (`impl StateSigner for Keyring`).
+    pub(super) state_mac: ring::hmac::Key,
     /// Whether key records must carry a valid MAC (set once the store's are signed).
     records_signed: std::sync::atomic::AtomicBool,
 }
@@ -56,7 +58,8 @@ impl Unsealed {
     ) -> Result<Self, Error> {
         let hmac = |k: &[u8]| ring::hmac::Key::new(ring::hmac::HMAC_SHA256, k);
         Ok(Self {
-            record_mac: integrity::record_mac_key(&audit_keys)?,
+            record_mac: integrity::record_mac_key(&audit_keys, b"key-records")?,
+            state_mac: integrity::record_mac_key(&audit_keys, b"authorization-state")?,
             records_signed: std::sync::atomic::AtomicBool::new(records_signed),
             epoch,
             audit_mac: hmac(&audit_keys[..32]),
@@ -167,6 +170,8 @@ impl Keyring {
             .write()
             .unwrap_or_else(PoisonError::into_inner);
         *slot = Some(Arc::new(un));
+        drop(slot);
+        self.unsealed_now();
         Ok(())
     }
 
