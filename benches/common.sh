@@ -17,11 +17,12 @@ wait_ready() {
   echo "server on ops port $1 did not become ready" >&2; return 1
 }
 
-# start_dev DATA_DIR API_PORT OPS_PORT: a background `kms-server dev`, ready on return; its
-# public listener (Microsoft DKE) on a free port, left in $dev_public.
+# start_dev DATA_DIR API_PORT OPS_PORT [BINARY]: a background `kms-server dev` (BINARY, by
+# default this build's), ready on return; its public listener (Microsoft DKE) on a free
+# port, left in $dev_public.
 start_dev() {
   dev_public=$(free_port)
-  RUST_LOG=warn "$bin/kms-server" dev --data-dir "$1" --listen "127.0.0.1:$2" --ops-listen "127.0.0.1:$3" \
+  RUST_LOG=warn "${4:-$bin/kms-server}" dev --data-dir "$1" --listen "127.0.0.1:$2" --ops-listen "127.0.0.1:$3" \
     --public-listen "127.0.0.1:$dev_public" 2>"$1.log" &
   pids+=($!)
   wait_ready "$3"
@@ -46,12 +47,12 @@ open(path, "w").write(text.split("\n# The end-user protocols")[0] + "\n")
 PY
 }
 
-# twin_dev_dirs FIRST SECOND API OPS API2 OPS2: a dev data dir (PKI, store, demo key) made
-# in FIRST by a dev server that is then stopped, and its copy in SECOND listening on the
-# second pair of ports: two servers over the same keys, started by the caller with
-# `kms-server serve --config DIR/kms-server.toml`.
+# twin_dev_dirs FIRST SECOND API OPS API2 OPS2 [BINARY]: a dev data dir (PKI, store, demo
+# key) made in FIRST by a dev server (BINARY, by default this build's) that is then stopped,
+# and its copy in SECOND listening on the second pair of ports: two servers over the same
+# keys, started by the caller with `kms-server serve --config DIR/kms-server.toml`.
 twin_dev_dirs() {
-  start_dev "$1" "$3" "$4"
+  start_dev "$1" "$3" "$4" "${7:-}"
   kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
   pids=()
   strip_public "$1/kms-server.toml"
