@@ -13,8 +13,15 @@ use prometheus_client::registry::Registry;
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     route: String,
-    method: String,
+    method: &'static str,
     outcome: String,
+}
+
+/// The method label: a closed set, so a caller cannot grow the label sets (each kept until
+/// the process ends) or the scrape by sending made-up methods.
+fn method_label(method: &str) -> &'static str {
+    const KNOWN: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+    KNOWN.into_iter().find(|m| *m == method).unwrap_or("other")
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -115,7 +122,7 @@ impl Metrics {
     pub fn observe(&self, route: &str, method: &str, outcome: &str, elapsed: Duration) {
         let labels = RequestLabels {
             route: route.to_owned(),
-            method: method.to_owned(),
+            method: method_label(method),
             outcome: outcome.to_owned(),
         };
         self.requests.get_or_create(&labels).inc();
