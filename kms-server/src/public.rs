@@ -153,13 +153,31 @@ pub fn router(state: &Arc<AppState>) -> Result<Router, String> {
         let sf = Arc::new(crate::salesforce::Salesforce::new(state.clone(), sf)?);
         router = router.merge(crate::salesforce::router(sf));
     }
-    Ok(router.fallback(|| async {
-        (
-            StatusCode::NOT_FOUND,
-            Json(serde_json::json!({"error": "no such endpoint"})),
-        )
-            .into_response()
-    }))
+    Ok(router
+        .fallback(|| async {
+            (
+                StatusCode::NOT_FOUND,
+                Json(serde_json::json!({"error": "no such endpoint"})),
+            )
+                .into_response()
+        })
+        .layer(axum::middleware::map_response(browser_headers)))
+}
+
+/// Browsers call this listener (Google CSE from the Workspace web apps): HTTPS only from
+/// now on for this host (HSTS, one year; not its subdomains, which are the customer's),
+/// and no content sniffing of the answers.
+async fn browser_headers(mut resp: axum::response::Response) -> axum::response::Response {
+    let headers = resp.headers_mut();
+    headers.insert(
+        axum::http::header::STRICT_TRANSPORT_SECURITY,
+        axum::http::HeaderValue::from_static("max-age=31536000"),
+    );
+    headers.insert(
+        axum::http::header::X_CONTENT_TYPE_OPTIONS,
+        axum::http::HeaderValue::from_static("nosniff"),
+    );
+    resp
 }
 
 #[cfg(test)]

@@ -116,11 +116,18 @@ pub struct SecretJson<T> {
 impl<T: serde::Serialize> axum::response::IntoResponse for SecretJson<T> {
     fn into_response(self) -> axum::response::Response {
         match kms_client::api::ZeroizingBuf::json(&self.value, self.capacity) {
+            // Never stored by a cache or a browser: the answer carries key material.
             Ok(buf) => (
-                [(
-                    axum::http::header::CONTENT_TYPE,
-                    axum::http::HeaderValue::from_static("application/json"),
-                )],
+                [
+                    (
+                        axum::http::header::CONTENT_TYPE,
+                        axum::http::HeaderValue::from_static("application/json"),
+                    ),
+                    (
+                        axum::http::header::CACHE_CONTROL,
+                        axum::http::HeaderValue::from_static("no-store"),
+                    ),
+                ],
                 axum::body::Bytes::from_owner(buf),
             )
                 .into_response(),

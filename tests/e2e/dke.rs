@@ -391,3 +391,68 @@ async fn dke_accepts_tokens_minted_by_pyjwt() {
     assert_eq!(st, 401);
     assert_eq!(challenge.as_deref(), Some(CHALLENGE));
 }
+
+/// Issue 22: browsers call the public listener. Every answer there says HTTPS only (HSTS)
+/// and no content sniffing; an answer carrying key material (here a DKE decrypt) says it
+/// must not be stored. The `/v1` answers with DEKs say the same (`datakey`, `unwrap`,
+/// `batch`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn public_answers_carry_browser_headers_and_key_material_is_never_stored() {
+    let d = Dke::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    for path in ["/dke/finance", "/nowhere"] {
+        let r = d
+            .client
+            .get(format!("{}{path}", d.base))
+            .send()
+            .await
+            .unwrap();
+        let h = r.headers();
+        assert_eq!(h["strict-transport-security"], "max-age=31536000", "{path}");
+        assert_eq!(h["x-content-type-options"], "nosniff", "{path}");
+    }
+    let (_, got) = d.get_key("finance").await;
+    let key = &got["key"];
+    let value = openssl_encrypt(dir.path(), key, &[42u8; 32]);
+    let alice = token(&d.issuer, &claims(json!({"email": "alice@example.com"})));
+    let r = d
+        .client
+        .post(format!("{}{}/decrypt", d.base, kid_path(key)))
+        .bearer_auth(alice)
+        .json(&json!({"alg": "RSA-OAEP-256", "value": value}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["cache-control"], "no-store");
+
+    // The mTLS API's answers with DEKs.
+    let s = &d.s;
+    let app = s.client(Some("app-a"));
+    let r = post(
+        &s.client(Some("admin-a")),
+        &s.url("/v1/keys"),
+        json!({"name": "k", "grants": [{"identity": keyhold_tests::APP_A, "operations": ["datakey", "unwrap"]}]}),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{r:?}");
+    let dk = app
+        .post(s.url("/v1/keys/k/datakey"))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(dk.headers()["cache-control"], "no-store");
+    let wrapped = dk.json::<Value>().await.unwrap()["wrapped"].clone();
+    for (path, body) in [
+        ("/v1/unwrap", json!({"wrapped": wrapped})),
+        (
+            "/v1/batch",
+            json!({"items": [{"op": "unwrap", "wrapped": wrapped}]}),
+        ),
+    ] {
+        let r = app.post(s.url(path)).json(&body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert_eq!(r.headers()["cache-control"], "no-store", "{path}");
+    }
+}
