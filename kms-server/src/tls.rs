@@ -175,10 +175,13 @@ fn server_config_with(
     Ok(Arc::new(config))
 }
 
-/// What every Keyhold listener's TLS does: HTTP/2 and HTTP/1.1 by ALPN, and no session
-/// resumption — a resumed session would skip the client-certificate check (and the CRL
-/// check): keep-alive connections carry the load instead.
+/// What every Keyhold listener's TLS does: HTTP/2 and HTTP/1.1 by ALPN; the server's
+/// order of cipher suites, not the client's (AES-256-GCM first, as the provider lists
+/// them); and no session resumption — a resumed session would skip the
+/// client-certificate check (and the CRL check): keep-alive connections carry the load
+/// instead.
 pub fn finish_server_config(config: &mut ServerConfig) {
+    config.ignore_client_order = true;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     config.send_tls13_tickets = 0;

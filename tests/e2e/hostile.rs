@@ -669,3 +669,36 @@ async fn made_up_http_methods_do_not_grow_the_metrics() {
         scrape.len()
     );
 }
+
+/// Issue 22: the server, not the client, chooses the cipher suite. A client offering
+/// ChaCha20 before AES-256-GCM gets AES-256-GCM (the server's first choice), on the mTLS
+/// API (here) as on every listener (one `tls::finish_server_config`). Checked with
+/// OpenSSL's client, which sends the suites in the order given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_chooses_the_cipher_suite() {
+    let s = TestServer::start().await;
+    s.wait_ready().await;
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-brief", "-connect"])
+        .arg(s.addr.to_string())
+        .args([
+            "-ciphersuites",
+            "TLS_CHACHA20_POLY1305_SHA256:TLS_AES_256_GCM_SHA384",
+        ])
+        .arg("-CAfile")
+        .arg(s.pki.ca())
+        .arg("-cert")
+        .arg(s.pki.cert("app-a"))
+        .arg("-key")
+        .arg(s.pki.key("app-a"))
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl runs");
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    let suite = text
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Ciphersuite: "))
+        .unwrap_or_else(|| panic!("no handshake: {text}"));
+    assert_eq!(suite, "TLS_AES_256_GCM_SHA384", "{text}");
+}
