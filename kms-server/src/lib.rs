@@ -69,6 +69,7 @@ pub mod pki;
 pub mod policy;
 pub mod process;
 pub mod public;
+pub mod request_body;
 pub mod routes;
 pub mod salesforce;
 pub mod seal;

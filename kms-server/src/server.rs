@@ -597,10 +597,12 @@ pub async fn run_with_clock(
                     .map(Arc::<[u8]>::from),
             };
             let app = app.clone();
-            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(peer_identity.clone());
-                app.clone().oneshot(req)
-            })
+            hyper::service::service_fn(
+                move |mut req: hyper::Request<crate::request_body::RequestBody>| {
+                    req.extensions_mut().insert(peer_identity.clone());
+                    app.clone().oneshot(req)
+                },
+            )
         }),
     )
     .await;
@@ -887,9 +889,10 @@ async fn serve_tls<M, S, B>(
 ) where
     M: Fn(&rustls::ServerConnection) -> S + Send + Sync + 'static,
     S: hyper::service::Service<
-            hyper::Request<hyper::body::Incoming>,
+            hyper::Request<crate::request_body::RequestBody>,
             Response = hyper::Response<B>,
         > + Send
+        + Sync
         + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
@@ -938,7 +941,15 @@ async fn serve_tls<M, S, B>(
                     return;
                 }
             };
-            let svc = make(tls.get_ref().1);
+            let svc = Arc::new(make(tls.get_ref().1));
+            // Every handler gets a body drained when it answers before reading it all.
+            let svc =
+                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    hyper::service::Service::call(
+                        &*svc,
+                        req.map(crate::request_body::RequestBody::new),
+                    )
+                });
             let conn = http
                 .serve_connection_with_upgrades(TokioIo::new(tls), svc)
                 .into_owned();
@@ -1037,10 +1048,12 @@ fn start_public(
         Arc::new(move |conn: &rustls::ServerConnection| {
             let app = app.clone();
             let presented = crate::public::ClientCertificate::of(conn);
-            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                req.extensions_mut().insert(presented);
-                app.clone().oneshot(req)
-            })
+            hyper::service::service_fn(
+                move |mut req: hyper::Request<crate::request_body::RequestBody>| {
+                    req.extensions_mut().insert(presented);
+                    app.clone().oneshot(req)
+                },
+            )
         }),
     )))
 }

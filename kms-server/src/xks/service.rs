@@ -13,6 +13,8 @@ use axum::http::{HeaderValue, Method, Request};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use kms_client::api::{Algorithm, KeyState, SecretBytes};
+
+use crate::request_body::RequestBody;
 use serde::de::DeserializeOwned;
 
 use super::api::{
@@ -157,7 +159,7 @@ impl Xks {
     }
 
     /// Serves one request.
-    pub async fn handle(self: Arc<Self>, req: Request<hyper::body::Incoming>) -> Response {
+    pub async fn handle(self: Arc<Self>, req: Request<RequestBody>) -> Response {
         let started = Instant::now();
         let id = self.app.next_request_id();
         let mut facts = Facts::default();
@@ -236,7 +238,7 @@ impl Xks {
 
     async fn serve(
         &self,
-        req: Request<hyper::body::Incoming>,
+        req: Request<RequestBody>,
         path: &str,
         facts: &mut Facts,
     ) -> Result<Response, XksError> {
@@ -376,7 +378,7 @@ impl Xks {
     async fn read_body(
         &self,
         headers: &axum::http::HeaderMap,
-        body: hyper::body::Incoming,
+        body: RequestBody,
     ) -> Result<axum::body::Bytes, XksError> {
         let too_large = || {
             XksError::new(
@@ -684,7 +686,7 @@ fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, XksError> {
 pub fn service(
     xks: Arc<Xks>,
 ) -> impl hyper::service::Service<
-    Request<hyper::body::Incoming>,
+    Request<RequestBody>,
     Response = Response<Body>,
     Error = std::convert::Infallible,
     Future = impl std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>> + Send,
