@@ -1009,3 +1009,110 @@ async fn bulk_rewrap_of_a_file_keeps_each_items_context() {
     assert!(err.contains("line 1"), "{err}");
     assert!(!nothing.exists());
 }
+
+/// Issue 22: every file kmsctl writes is its owner's only (0600): decrypted data, backups,
+/// ciphertext. A decrypt stopped by Ctrl-C (SIGINT) mid-stream leaves neither the output
+/// nor its temporary file of partial plaintext.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_written_0600_and_an_interrupted_decrypt_leaves_nothing() {
+    use std::io::Write as _;
+    use std::os::unix::fs::PermissionsExt as _;
+    let s = TestServer::start().await;
+    ok(
+        &s,
+        "admin-a",
+        &["keys", "create", "files", "--grant", APP_A],
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let p = |x: &Path| x.to_str().unwrap().to_string();
+    let mode = |x: &Path| std::fs::metadata(x).unwrap().permissions().mode() & 0o777;
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    let input = write(&dir.path().join("in.bin"), &data);
+    let sealed = dir.path().join("in.khev");
+    let out = dir.path().join("out.bin");
+    let ctx = ["--context", "file=in.bin"];
+    let (i, o, sl) = (p(&input), p(&out), p(&sealed));
+    ok(
+        &s,
+        "app-a",
+        &[
+            &["encrypt", "--key", "files", "--in", &i, "--out", &sl][..],
+            &ctx,
+        ]
+        .concat(),
+    )
+    .await;
+    ok(
+        &s,
+        "app-a",
+        &[&["decrypt", "--in", &sl, "--out", &o][..], &ctx].concat(),
+    )
+    .await;
+    let backup = dir.path().join("backup.json");
+    ok(&s, "admin-a", &["sys", "backup", "--out", &p(&backup)]).await;
+    for f in [&sealed, &out, &backup] {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+
+    // Half the envelope on stdin, then nothing: kmsctl has written partial plaintext to
+    // its temporary file when SIGINT arrives.
+    let envelope_bytes = std::fs::read(&sealed).unwrap();
+    let interrupted = dir.path().join("interrupted.bin");
+    let mut args = conn(&s, "app-a");
+    args.extend(
+        [&["decrypt", "--out", &p(&interrupted)][..], &ctx]
+            .concat()
+            .iter()
+            .map(|a| a.to_string()),
+    );
+    let folder = dir.path().to_path_buf();
+    let (code, left) = tokio::task::spawn_blocking(move || {
+        let mut child = std::process::Command::new(workspace_bin("kmsctl"))
+            .args(&args)
+            .env("XDG_CONFIG_HOME", "/nonexistent-xdg-config-for-tests")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin
+            .write_all(&envelope_bytes[..envelope_bytes.len() / 2])
+            .unwrap();
+        stdin.flush().unwrap();
+        let partial = || {
+            std::fs::read_dir(&folder)
+                .unwrap()
+                .filter_map(Result::ok)
+                .filter(|e| e.file_name().to_string_lossy().ends_with(".partial"))
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
+        };
+        let started = std::time::Instant::now();
+        while partial()
+            .iter()
+            .all(|f| std::fs::metadata(f).map_or(true, |m| m.len() == 0))
+        {
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(20),
+                "kmsctl wrote no partial plaintext"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert_eq!(mode(&partial()[0]), 0o600);
+        let kill = std::process::Command::new("kill")
+            .args(["-INT", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(kill.success());
+        let status = child.wait().unwrap();
+        drop(stdin);
+        (status.code(), partial())
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, Some(130));
+    assert!(left.is_empty(), "left behind: {left:?}");
+    assert!(!interrupted.exists());
+}

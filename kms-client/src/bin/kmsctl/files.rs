@@ -2,11 +2,14 @@
 //! progress bar on large files. Output files are written to a temporary file in the same
 //! folder and renamed only on success: an interrupted or failed run never leaves a
 //! partial file under the output name, and `decrypt` never leaves unauthenticated
-//! plaintext behind.
+//! plaintext behind. Every file kmsctl writes (decrypted data, backups, ciphertext) is
+//! created readable by its owner only (0600), and a run stopped by Ctrl-C or SIGTERM
+//! removes its temporary file before it exits ([`remove_partial_files_on_interrupt`]).
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 use anyhow::{bail, Context as _};
 use envelope::{Decryptor, Encryptor};
@@ -63,6 +66,44 @@ pub(crate) fn progress_over(len: Option<u64>, min: u64) -> ProgressBar {
     }
 }
 
+/// Temporary files of [`Staged`] not committed yet: a process stopped by a signal runs no
+/// destructors, so the signal handler removes them.
+static PENDING: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn pending() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    PENDING.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// On Ctrl-C (SIGINT) or SIGTERM: removes the temporary files of unfinished writes and
+/// exits with 130. A thread of its own, so it runs while the main thread blocks on a read.
+pub(crate) fn remove_partial_files_on_interrupt() {
+    std::thread::spawn(|| {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(async {
+            #[cfg(unix)]
+            if let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                return;
+            }
+            let _ = tokio::signal::ctrl_c().await;
+        });
+        for path in pending().drain(..) {
+            let _ = std::fs::remove_file(path);
+        }
+        std::process::exit(130);
+    });
+}
+
 /// A file written beside its final name and renamed into place by `commit`.
 pub(crate) struct Staged {
     tmp: PathBuf,
@@ -80,9 +121,12 @@ impl Staged {
             name.to_string_lossy(),
             std::process::id()
         ));
-        let file = File::options()
-            .write(true)
-            .create_new(true)
+        pending().push(tmp.clone());
+        let mut options = File::options();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let file = options
             .open(&tmp)
             .with_context(|| format!("creating {}", tmp.display()))?;
         Ok(Self {
@@ -105,6 +149,7 @@ impl Staged {
         }
         std::fs::rename(&self.tmp, &self.target)
             .with_context(|| format!("renaming into {}", self.target.display()))?;
+        pending().retain(|p| *p != self.tmp);
         Ok(())
     }
 }
@@ -115,6 +160,7 @@ impl Drop for Staged {
             self.file = None;
             let _ = std::fs::remove_file(&self.tmp);
         }
+        pending().retain(|p| *p != self.tmp);
     }
 }
 

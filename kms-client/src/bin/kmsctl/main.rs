@@ -758,6 +758,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    files::remove_partial_files_on_interrupt();
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
