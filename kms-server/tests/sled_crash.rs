@@ -257,14 +257,23 @@ fn check(store: &Store, cycle: u32, i: u64, last: u64) -> Result<(), String> {
 /// default config, one tree, no Keyhold code. Moving the file aside opens the store again
 /// with everything in it (`STORAGE.md`, recovery). If a sled upgrade fixes this, this test
 /// fails: then update `STORAGE.md` and `RELIABILITY.md`.
+/// Held by a test while it spawns processes, and by the test that reopens a sled store in
+/// this process (see there).
+static SPAWNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn sled_does_not_open_a_store_with_an_unfinished_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("plain.sled");
-    // Without the background flusher: its thread can keep the directory's file lock for a
-    // moment after the `Db` is dropped, so that the next open here failed with "could not
-    // acquire lock" (once in ten runs of the suite under load). Without it, dropping the
-    // `Db` releases the lock. The snapshot logic below is the same either way.
+    // The reopens below failed now and then with "could not acquire lock" (once in ten
+    // runs of the suite, with two busy loops on the cores). sled's lock is a `flock` on the
+    // directory's `db` file: it outlives the `Db` while another copy of that descriptor
+    // exists. Two holders: sled's background flusher thread, gone with `flush_every_ms(None)`;
+    // and a process being spawned by the other test of this binary (between its fork and
+    // its exec it holds a copy of every descriptor), kept out by `SPAWNS`.
+    let _spawns = SPAWNS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let open_unthreaded = || {
         sled::Config::new()
             .path(&path)
@@ -317,6 +326,9 @@ fn a_new_sled_store_needs_acceptance_and_migrate_store_moves_it_to_redb() {
     use kms_server::keystore::Engine;
     use kms_server::seal::KeyFileSealer;
 
+    let _spawns = SPAWNS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let bin = env!("CARGO_BIN_EXE_kms-server");
     let dir = tempfile::tempdir().unwrap();
     for f in ["c.pem", "k.pem", "ca.pem"] {
