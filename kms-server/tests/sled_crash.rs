@@ -257,39 +257,18 @@ fn check(store: &Store, cycle: u32, i: u64, last: u64) -> Result<(), String> {
 /// default config, one tree, no Keyhold code. Moving the file aside opens the store again
 /// with everything in it (`STORAGE.md`, recovery). If a sled upgrade fixes this, this test
 /// fails: then update `STORAGE.md` and `RELIABILITY.md`.
-/// Held by a test while it spawns processes, and by the test that reopens a sled store in
-/// this process (see there).
-static SPAWNS: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 #[test]
 fn sled_does_not_open_a_store_with_an_unfinished_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("plain.sled");
-    // The reopens below failed now and then with "could not acquire lock" (once in ten
-    // runs of the suite, with two busy loops on the cores). sled's lock is a `flock` on the
-    // directory's `db` file: it outlives the `Db` while another copy of that descriptor
-    // exists. Two holders: sled's background flusher thread, gone with `flush_every_ms(None)`;
-    // and a process being spawned by the other test of this binary (between its fork and
-    // its exec it holds a copy of every descriptor), kept out by `SPAWNS`.
-    let _spawns = SPAWNS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    let open_unthreaded = || {
-        sled::Config::new()
-            .path(&path)
-            .flush_every_ms(None)
-            .open()
-            .unwrap()
-    };
-    {
-        let db = open_unthreaded();
-        for i in 0u32..1000 {
-            db.insert(i.to_be_bytes(), &[7u8; 100][..]).unwrap();
-        }
-        db.flush().unwrap();
-    }
+    // The writes, and the open that writes the snapshot, run in a child process: sled lets
+    // go of its directory lock (a `flock` on `db`) only when its background threads drop
+    // the file, some time after the `Db` is dropped, so a reopen in this process met
+    // "could not acquire lock" now and then (1 run in 10 of the suite with two busy loops
+    // on the cores, even without sled's flusher thread). A process's exit releases it.
+    snapshot_child("write", &path);
     // Reopened once after the writes: sled writes its snapshot on this open.
-    drop(open_unthreaded());
+    snapshot_child("reopen", &path);
     let snap = std::fs::read_dir(&path)
         .unwrap()
         .filter_map(Result::ok)
@@ -312,8 +291,52 @@ fn sled_does_not_open_a_store_with_an_unfinished_snapshot() {
     );
     // The recovery: move the unfinished snapshot aside; the store opens, all there.
     std::fs::rename(&unfinished, dir.path().join("unfinished-snapshot")).unwrap();
-    let db = sled::open(&path).unwrap();
-    assert_eq!(db.len(), 1000);
+    snapshot_child("check", &path);
+}
+
+/// Runs [`sled_snapshot_child`] in a child process (`what`: `write`, `reopen` or `check`)
+/// on `path`.
+fn snapshot_child(what: &str, path: &Path) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "sled_snapshot_child", "--ignored", "--nocapture"])
+        .env("KEYHOLD_SLED_SNAPSHOT", what)
+        .env("KEYHOLD_SLED_SNAPSHOT_PATH", path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+        "child {what}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The child of `sled_does_not_open_a_store_with_an_unfinished_snapshot`: does nothing
+/// unless `KEYHOLD_SLED_SNAPSHOT` says what to do. `write`: 1 000 records with sled's
+/// default config. `reopen`: one more open (sled writes its snapshot then). `check`: the
+/// store opens with all 1 000.
+#[test]
+#[ignore = "the child of sled_does_not_open_a_store_with_an_unfinished_snapshot"]
+fn sled_snapshot_child() {
+    let (Ok(what), Some(path)) = (
+        std::env::var("KEYHOLD_SLED_SNAPSHOT"),
+        std::env::var_os("KEYHOLD_SLED_SNAPSHOT_PATH"),
+    ) else {
+        return;
+    };
+    if what == "write" {
+        {
+            let db = sled::open(&path).unwrap();
+            for i in 0u32..1000 {
+                db.insert(i.to_be_bytes(), &[7u8; 100][..]).unwrap();
+            }
+            db.flush().unwrap();
+        }
+    } else if what == "reopen" {
+        drop(sled::open(&path).unwrap());
+    } else {
+        assert_eq!(sled::open(&path).unwrap().len(), 1000);
+    }
 }
 
 /// The server's side of it: `kms-server init` refuses to create a sled store unless
@@ -326,9 +349,6 @@ fn a_new_sled_store_needs_acceptance_and_migrate_store_moves_it_to_redb() {
     use kms_server::keystore::Engine;
     use kms_server::seal::KeyFileSealer;
 
-    let _spawns = SPAWNS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let bin = env!("CARGO_BIN_EXE_kms-server");
     let dir = tempfile::tempdir().unwrap();
     for f in ["c.pem", "k.pem", "ca.pem"] {
