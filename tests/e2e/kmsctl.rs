@@ -1101,8 +1101,9 @@ async fn files_are_written_0600_and_an_interrupted_decrypt_leaves_nothing() {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         assert_eq!(mode(&partial()[0]), 0o600);
-        let kill = std::process::Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
+        // The shell's own `kill`: no procps package needed.
+        let kill = std::process::Command::new("sh")
+            .args(["-c", &format!("kill -INT {}", child.id())])
             .status()
             .unwrap();
         assert!(kill.success());
