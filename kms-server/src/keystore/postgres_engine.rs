@@ -186,12 +186,88 @@ fn successor(prefix: &[u8]) -> Option<Vec<u8>> {
     None
 }
 
-type Job = Box<dyn FnOnce(&mut Option<postgres::Client>, &Connector) + Send>;
+type Job = Box<dyn FnOnce(&mut Option<Pooled>, &Connector) + Send>;
+
+/// A pool thread's connection, and what says whether it may have died unnoticed.
+struct Pooled {
+    client: postgres::Client,
+    /// [`Connector::breaks`] when this connection was last known good.
+    breaks: u64,
+    last_used: std::time::Instant,
+}
+
+/// A connection idle longer than this is checked (one round trip) before its next use:
+/// a server restart, a failover or an idle timeout on the way may have closed it, and
+/// the client library only finds out when it next writes to it.
+const IDLE_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long that check may take before the connection is given up for a new one.
+const CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+impl Pooled {
+    /// Whether this connection may be used as it is. It is checked first when another
+    /// connection of the pool broke (or could not be opened) since it was last known good
+    /// (what one broke, say a database restart or outage, usually broke all), or when it
+    /// sat idle for [`IDLE_CHECK`]. Otherwise, under load, no request pays a round trip.
+    fn usable(&mut self, breaks: u64) -> bool {
+        if self.client.is_closed() {
+            return false;
+        }
+        // Reads, without waiting and without a round trip, what the server sent while
+        // the connection sat in the pool: a server that ended the session (a restart, a
+        // failover, `pg_terminate_backend`) said so before closing, and the connection is
+        // found dead here rather than by a request's first statement.
+        {
+            use postgres::fallible_iterator::FallibleIterator as _;
+            if self.client.notifications().iter().next().is_err() || self.client.is_closed() {
+                return false;
+            }
+        }
+        if self.breaks == breaks && self.last_used.elapsed() < IDLE_CHECK {
+            return true;
+        }
+        let ok = self.client.is_valid(CHECK_TIMEOUT).is_ok();
+        if ok {
+            self.breaks = breaks;
+        }
+        ok
+    }
+}
 
 /// Opens connections.
 struct Connector {
     settings: PgSettings,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    /// How many times a connection of this pool broke or could not be opened.
+    breaks: std::sync::atomic::AtomicU64,
+}
+
+impl Connector {
+    fn breaks(&self) -> u64 {
+        self.breaks.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn broke(&self) {
+        self.breaks
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Opens a connection for a pool thread.
+    fn open_pooled(&self) -> Result<Pooled, StoreError> {
+        // Read first: a break counted while this one opens makes it suspect, not trusted.
+        let breaks = self.breaks();
+        match self.connect() {
+            Ok(client) => Ok(Pooled {
+                client,
+                breaks,
+                last_used: std::time::Instant::now(),
+            }),
+            Err(e) => {
+                self.broke();
+                Err(e)
+            }
+        }
+    }
 }
 
 impl Connector {
@@ -377,6 +453,7 @@ impl PgStore {
         let connector = Arc::new(Connector {
             settings: settings.clone(),
             tls,
+            breaks: std::sync::atomic::AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
@@ -390,7 +467,7 @@ impl PgStore {
         for i in 0..threads {
             let rx = rx.clone();
             let connector = connector.clone();
-            let mut conn: Option<postgres::Client> = None;
+            let mut conn: Option<Pooled> = None;
             let thread = std::thread::Builder::new()
                 .name(format!("keyhold-pg-{i}"))
                 .spawn(move || loop {
@@ -458,18 +535,24 @@ impl PgPool {
     ) -> Result<T, StoreError> {
         let (reply, answer) = mpsc::sync_channel(1);
         let job: Job = Box::new(move |conn, connector| {
-            if conn.as_ref().is_some_and(postgres::Client::is_closed) {
+            if conn.as_mut().is_some_and(|c| !c.usable(connector.breaks())) {
                 *conn = None;
+                connector.broke();
             }
             let result = match conn {
-                Some(c) => f(c),
-                None => match connector.connect() {
-                    Ok(c) => f(conn.insert(c)),
+                Some(c) => f(&mut c.client),
+                None => match connector.open_pooled() {
+                    Ok(c) => f(&mut conn.insert(c).client),
                     Err(e) => Err(e),
                 },
             };
-            if conn.as_ref().is_some_and(postgres::Client::is_closed) {
-                *conn = None;
+            match conn {
+                Some(c) if c.client.is_closed() => {
+                    *conn = None;
+                    connector.broke();
+                }
+                Some(c) => c.last_used = std::time::Instant::now(),
+                None => {}
             }
             let _ = reply.send(result);
         });
@@ -918,6 +1001,87 @@ mod tests {
             store.scan_prefix(Table::Rotations, b"").unwrap().len(),
             MAX_KEY_LOCKS + 9
         );
+    }
+
+    /// The database cut every connection (a restart, a failover, an administrator's
+    /// `pg_terminate_backend`): each pooled connection is dead, and the client library
+    /// only finds out when it next uses it. The next calls still succeed: no request
+    /// pays for a connection that died while idle (after an outage, one did: the first
+    /// audit append after `/readyz` said ready answered 503).
+    #[test]
+    fn calls_after_the_server_closed_every_pooled_connection_succeed() {
+        let Ok(url) = std::env::var("KEYHOLD_TEST_PG") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "CI must set KEYHOLD_TEST_PG"
+            );
+            return;
+        };
+        const THREADS: usize = 3;
+        let store = Arc::new(
+            PgStore::open(&PgSettings {
+                url: url.clone(),
+                password_file: None,
+                tls_ca: None,
+                pool_size: THREADS,
+                listen: false,
+            })
+            .unwrap(),
+        );
+        // One call per pool thread, at the same time (each holds its thread for a
+        // moment), so every thread opens its connection; their backend pids.
+        let barrier = Arc::new(std::sync::Barrier::new(THREADS));
+        let pids: std::collections::BTreeSet<i32> = (0..THREADS)
+            .map(|_| {
+                let (store, barrier) = (store.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    store
+                        .call(|c| {
+                            let row = c
+                                .query_one("SELECT pg_backend_pid(), pg_sleep(0.3)::text", &[])
+                                .map_err(engine_err)?;
+                            Ok(row.get::<_, i32>(0))
+                        })
+                        .unwrap()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        assert_eq!(
+            pids.len(),
+            THREADS,
+            "each pool thread holds its own connection"
+        );
+        let mut admin = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+        let pids: Vec<i32> = pids.into_iter().collect();
+        admin
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid",
+                &[&pids],
+            )
+            .unwrap();
+        while admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&pids],
+            )
+            .unwrap()
+            .get::<_, i64>(0)
+            > 0
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        for i in 0..2 * THREADS {
+            let got = store.call(|c| {
+                Ok(c.query_one("SELECT 1", &[])
+                    .map_err(engine_err)?
+                    .get::<_, i32>(0))
+            });
+            assert_eq!(got.ok(), Some(1), "call {i} after the connections were cut");
+        }
     }
 
     #[test]
