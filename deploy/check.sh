@@ -4,10 +4,15 @@
 # ExecStart names the binary just built) and its sandbox (`systemd-analyze security
 # --offline=yes`: exposure must be at most 2.0, "OK"), and the install script staged into
 # a scratch root (files, modes); the AppArmor profile parses (`apparmor_parser -Q -K`), and
-# the denial forwarder turns a kernel denial line into an alert on a local webhook; the
-# Dockerfile passes hadolint and `kms-server health` (its HEALTHCHECK) works against a
-# running dev server; the Kubernetes manifests pass `kubernetes-validate --strict` and
-# deploy/kubernetes/check.py, and their embedded config passes `kms-server check-config`.
+# the denial forwarder turns denials into alerts on a local webhook, from every place the
+# kernel's lines land (kernel log without auditd, /var/log/audit/audit.log with it); the
+# Dockerfile passes hadolint, the build context leaves key material out and every base
+# image is pinned by digest (deploy/docker/check.py), and `kms-server health` (its
+# HEALTHCHECK) works against a running dev server; the Kubernetes manifests pass
+# `kubernetes-validate --strict` and deploy/kubernetes/check.py (the ops port on no public
+# Service), and their embedded config passes `kms-server check-config`; make-certs.sh
+# makes owner-only keys and the compose services see none but the server's; deny.toml
+# reports duplicate crate versions, as deploy/README.md says.
 #
 # Usage: bash deploy/check.sh [path/to/kms-server]   (default target/debug/kms-server)
 set -euo pipefail
@@ -63,22 +68,83 @@ PY
 receiver=$!
 trap 'kill $receiver 2>/dev/null; rm -rf "$tmp"' EXIT
 for _ in $(seq 50); do python3 -c "import socket; socket.create_connection(('127.0.0.1', $port))" 2>/dev/null && break; sleep 0.1; done
+watcher=deploy/apparmor/denials-to-alert.py
+alerts() { [ -f "$tmp/alerts.jsonl" ] && wc -l < "$tmp/alerts.jsonl" || echo 0; }
+wait_alerts() { # wait until the webhook has received $1 alerts in all
+  for _ in $(seq 100); do [ "$(alerts)" -ge "$1" ] && return 0; sleep 0.1; done
+  echo "deploy/check.sh: the webhook got $(alerts) alerts, want $1" >&2; cat "$tmp/watcher.err" >&2 2>/dev/null; exit 1
+}
+# Without auditd: the kernel log's lines, piped in.
 printf '%s\n' \
   'audit: type=1400 audit(1700000000.1:45): apparmor="DENIED" operation="open" class="file" profile="kms-server" name="/home/alice/.ssh/id_rsa" pid=4242 comm="tokio-rt-worker" requested_mask="r" denied_mask="r"' \
   'audit: type=1400 audit(1700000000.2:46): apparmor="DENIED" operation="exec" profile="another" name="/bin/sh" pid=1' \
   'audit: type=1400 audit(1700000000.3:47): apparmor="ALLOWED" operation="open" profile="kms-server" name="/etc/keyhold/x"' \
-  | python3 deploy/apparmor/denials-to-alert.py --webhook "http://127.0.0.1:$port/alerts"
-python3 - "$tmp/alerts.jsonl" <<'PY'
+  | python3 "$watcher" --webhook "http://127.0.0.1:$port/alerts"
+wait_alerts 1
+# With auditd the kernel log has no denial: they are in /var/log/audit/audit.log (auditd's
+# format, names with spaces hex-encoded, "enriched" lines). The watcher follows that file
+# across a rotation and the kernel log (journalctl, faked here: it prints one event also
+# in the audit log, one of its own, exits, and must be restarted after its last cursor);
+# an event seen in both is sent once.
+mkdir -p "$tmp/audit" "$tmp/bin"
+echo 'type=AVC msg=audit(1700000099.1:99): apparmor="DENIED" operation="open" profile="kms-server" name="/old" pid=1 comm="kms-server"' > "$tmp/audit/audit.log"
+cat > "$tmp/bin/journalctl" <<'SH'
+#!/bin/sh
+echo "$*" >> "$JOURNALCTL_ARGS"
+case "$*" in *--after-cursor=c2*) exec sleep 30 ;; esac
+echo '{"__CURSOR":"c1","_TRANSPORT":"kernel","MESSAGE":"audit: type=1400 audit(1700000100.100:100): apparmor=\"DENIED\" operation=\"open\" class=\"file\" profile=\"kms-server\" name=\"/home/alice/.ssh/id_rsa\" pid=4242 comm=\"tokio-rt-worker\" requested_mask=\"r\" denied_mask=\"r\""}'
+echo '{"__CURSOR":"c2","_TRANSPORT":"kernel","MESSAGE":"audit: type=1400 audit(1700000100.500:105): apparmor=\"DENIED\" operation=\"capable\" class=\"cap\" profile=\"kms-server\" pid=4242 comm=\"kms-server\" capability=19 capname=\"sys_ptrace\""}'
+SH
+chmod 0755 "$tmp/bin/journalctl"
+JOURNALCTL_ARGS="$tmp/journalctl.args" PATH="$tmp/bin:$PATH" python3 "$watcher" --journal \
+  --audit-log "$tmp/audit/audit.log" --webhook "http://127.0.0.1:$port/alerts" 2> "$tmp/watcher.err" &
+watch=$!
+trap 'kill $receiver $watch 2>/dev/null; rm -rf "$tmp"' EXIT
+for _ in $(seq 100); do grep -q "following $tmp/audit/audit.log" "$tmp/watcher.err" 2>/dev/null && break; sleep 0.1; done
+gs=$(printf '\035')
+{
+  echo 'type=AVC msg=audit(1700000100.100:100): apparmor="DENIED" operation="open" class="file" profile="kms-server" name="/home/alice/.ssh/id_rsa" pid=4242 comm="tokio-rt-worker" requested_mask="r" denied_mask="r" fsuid=999 ouid=1000'
+  echo 'type=AVC msg=audit(1700000100.200:101): apparmor="DENIED" operation="open" class="file" profile="kms-server" name=2F746D702F6D792066696C65 pid=4242 comm="kms-server" requested_mask="r" denied_mask="r"'
+  echo 'type=SYSCALL msg=audit(1700000100.200:101): arch=c000003e syscall=257 success=no exit=-13 comm="kms-server" exe="/usr/local/bin/kms-server"'
+  echo 'type=AVC msg=audit(1700000100.300:102): apparmor="DENIED" operation="exec" profile="another" name="/bin/sh" pid=1'
+  echo 'type=AVC msg=audit(1700000100.400:103): apparmor="ALLOWED" operation="open" profile="kms-server" name="/etc/keyhold/x"'
+  echo "type=AVC msg=audit(1700000100.450:104): apparmor=\"DENIED\" operation=\"exec\" profile=\"kms-server\" name=\"/bin/sh\" pid=4243 comm=\"kms-server\"${gs}FSUID=\"keyhold\" OUID=\"root\""
+} >> "$tmp/audit/audit.log"
+wait_alerts 5
+# Rotation as auditd does it: the old file renamed (written to until auditd reopens), a new one.
+mv "$tmp/audit/audit.log" "$tmp/audit/audit.log.1"
+echo 'type=AVC msg=audit(1700000100.600:106): apparmor="DENIED" operation="mknod" profile="kms-server" name="/var/tmp/x" pid=4242 comm="kms-server"' >> "$tmp/audit/audit.log.1"
+echo 'type=AVC msg=audit(1700000100.700:107): apparmor="DENIED" operation="connect" profile="kms-server" name="/run/dbus/system_bus_socket" pid=4242 comm="kms-server"' > "$tmp/audit/audit.log"
+wait_alerts 7
+for _ in $(seq 50); do grep -q -- "--after-cursor=c2" "$tmp/journalctl.args" 2>/dev/null && break; sleep 0.1; done
+sleep 0.5
+kill $watch; wait $watch 2>/dev/null || true
+python3 - "$tmp/alerts.jsonl" "$tmp/journalctl.args" <<'PY'
 import json, sys
 events = [json.loads(l) for l in open(sys.argv[1])]
-assert len(events) == 1, events
-e = events[0]
-assert e["kind"] == "apparmor_denied" and "name=/home/alice/.ssh/id_rsa" in e["detail"], e
+assert all(e["kind"] == "apparmor_denied" for e in events), events
+details = [e["detail"] for e in events]
+want = ["name=/home/alice/.ssh/id_rsa", "name=/home/alice/.ssh/id_rsa", "name=/tmp/my file", "name=/bin/sh",
+        "capname=sys_ptrace", "name=/var/tmp/x", "name=/run/dbus/system_bus_socket"]
+for w in want:
+    assert sum(w in d for d in details) == want.count(w), (w, details)
+assert len(events) == len(want), details
+assert not any("name=/old" in d or "FSUID" in d for d in details), details
+args = open(sys.argv[2]).read().splitlines()
+assert len(args) >= 2 and "_TRANSPORT=kernel" in args[0] and "--after-cursor=c2" in args[1], args
 PY
-echo "deploy/check.sh: an AppArmor denial of kms-server reaches the alert webhook (others ignored)"
+echo "deploy/check.sh: AppArmor denials of kms-server reach the alert webhook from the kernel log and from auditd's log (rotated, hex names; each event once, others ignored)"
 
 hadolint deploy/docker/Dockerfile
 echo "deploy/check.sh: the Dockerfile passes hadolint"
+
+# Duplicate crate versions are reported, not allowed silently (deploy/README.md, "Supply chain").
+python3 - <<'PY'
+import tomllib
+bans = tomllib.load(open("deny.toml", "rb")).get("bans", {})
+assert bans.get("multiple-versions", "warn") in ("warn", "deny"), f"deny.toml: multiple-versions = {bans['multiple-versions']!r}"
+PY
+echo "deploy/check.sh: deny.toml reports duplicate crate versions"
 
 kubernetes-validate --strict --quiet deploy/kubernetes/*.yaml deploy/kubernetes/shared-store/*.yaml
 python3 deploy/kubernetes/check.py "$tmp/k8s.toml" "$tmp/k8s-shared.toml"
@@ -97,14 +163,24 @@ echo "deploy/check.sh: the Kubernetes manifests (StatefulSet, shared-store Deplo
 cp -r deploy/compose "$tmp/compose"
 bash "$tmp/compose/make-certs.sh" >/dev/null
 pki="$tmp/compose/pki"
-openssl verify -CAfile "$pki/ca.pem" "$pki/server.pem" "$pki/admin.pem" >/dev/null
-openssl x509 -in "$pki/server.pem" -noout -ext subjectAltName | grep -q "DNS:node-b"
+openssl verify -CAfile "$pki/ca.pem" "$pki/node/server.pem" "$pki/admin.pem" >/dev/null
+cmp -s "$pki/ca.pem" "$pki/node/ca.pem"
+openssl x509 -in "$pki/node/server.pem" -noout -ext subjectAltName | grep -q "DNS:node-b"
 openssl x509 -in "$pki/app.pem" -noout -ext subjectAltName | grep -q "URI:spiffe://keyhold.example/app"
+openssl pkey -in "$pki/node/server-key.pem" -pubout | cmp -s - <(openssl x509 -in "$pki/node/server.pem" -noout -pubkey)
+cmp -s "$pki/db-password" "$pki/node/db-password"
 mkdir -p "$tmp/compose/seal" "$tmp/compose/scratch"
 touch "$tmp/compose/seal/master.key"
+# (keys owner-only, the CA key and client keys mounted into no service: compose/check.py)
 python3 "$tmp/compose/check.py" "$pki" "$tmp/compose.toml"
 "$bin" check-config --config "$tmp/compose.toml" >/dev/null
 echo "deploy/check.sh: the compose example's certificates, services and config check out"
+# The build context and the image pins (the PKI just made must stay out of the context);
+# --strict, for operators' rendered manifests, refuses Keyhold's own unpinned image too.
+python3 deploy/docker/check.py --pki "$pki"
+if python3 deploy/docker/check.py --strict deploy/kubernetes/statefulset.yaml >/dev/null 2>&1; then
+  echo "deploy/check.sh: docker/check.py --strict accepted an image without a digest" >&2; exit 1
+fi
 
 # The image's HEALTHCHECK command against a real server (dev mode), and against nothing.
 ports=$(python3 -c 'import socket

@@ -2,7 +2,10 @@
 """Checks the Kubernetes manifests beyond their schema (kubernetes-validate --strict does
 that): every pod template meets the Pod Security "restricted" profile, probes use the ops
 listener, certificates and the seal secret are read-only Secret mounts, the root file
-system is read-only, and the embedded server configs are ones `kms-server check-config`
+system is read-only, the API Service carries no ops port (only the metrics ClusterIP
+Service does, and the NetworkPolicy admits it from monitoring alone), every manifest that
+mounts the seal Secret points at what a key in a Secret means (deploy/README.md), and the
+embedded server configs are ones `kms-server check-config`
 accepts (written to the paths given as the first and second arguments: the StatefulSet's,
 then the shared-store Deployment's)."""
 
@@ -43,6 +46,38 @@ for d in docs:
 
 np = next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "kms-server")
 assert set(np["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+
+# The ops listener is plain HTTP (/healthz, /readyz, /metrics): it is not on the Service
+# clients use. Kubelet probes reach the pod directly; Prometheus scrapes through the
+# separate ClusterIP Service `kms-server-metrics`, and the NetworkPolicy admits the ops
+# port from the monitoring namespace only.
+OPS = {"ops", 9443}
+services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+api = services["kms-server"]["spec"]
+assert [(p["port"], p.get("targetPort")) for p in api["ports"]] == [(8443, "api")], api["ports"]
+for name, s in services.items():
+    targets = {p.get("targetPort", p["port"]) for p in s["spec"]["ports"]} | {p["port"] for p in s["spec"]["ports"]}
+    if targets & OPS:
+        assert name == "kms-server-metrics", f"Service {name} exposes the ops port"
+metrics = services["kms-server-metrics"]["spec"]
+assert metrics.get("type", "ClusterIP") == "ClusterIP" and metrics.get("clusterIP") != "None", metrics
+assert [p.get("targetPort") for p in metrics["ports"]] == ["ops"], metrics["ports"]
+assert metrics["selector"] == services["kms-server"]["spec"]["selector"]
+for rule in np["spec"]["ingress"]:
+    ports = {p["port"] for p in rule.get("ports", [])}
+    assert ports and rule.get("from"), f"an ingress rule admits every port or every peer: {rule}"
+    if ports & OPS:
+        assert ports <= OPS and rule["from"] == [
+            {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}], rule
+
+# A key file in a Secret is as safe as the cluster's Secrets: every manifest that mounts
+# the seal Secret points at what that means (deploy/README.md).
+readme = open("deploy/README.md").read()
+assert "\n### The master key in a Kubernetes Secret\n" in readme
+for f in files:
+    text = open(f).read()
+    if "kms-server-seal" in text:
+        assert "deploy/README.md#the-master-key-in-a-kubernetes-secret" in text, f
 
 # The shared-store Deployment: stateless (no PVC), several replicas that the disruption
 # budget keeps serving, each named by its pod, spread over hosts, allowed out to the
