@@ -80,8 +80,13 @@ pub(crate) fn hkdf_sha256<const N: usize>(
 }
 
 /// An AES-256-GCM key, ready for use. The raw key bytes are not kept here (the caller's
-/// copy is zeroizing); ring's expanded key schedule is not zeroized on drop (a ring
-/// limitation), the RustCrypto one is (its `zeroize` feature).
+/// copy is zeroizing). What is left in memory after drop depends on the backend:
+/// - ring: its expanded key schedule and GHASH key are not zeroized (a ring limitation).
+/// - RustCrypto: the AES round keys are (the `aes` crate's `zeroize` feature, enabled in
+///   `Cargo.toml` for this reason; `rustcrypto_key_schedule_zeroizes_on_drop` checks it).
+///   The GHASH key `H = AES_K(0^128)` inside `polyval` 0.6 is not: its CPU-dispatching
+///   backend has no zeroizing drop. `H` is authentication-key material (with it, tags
+///   can be forged under this data key), not the encryption key.
 pub(crate) struct Aes256Gcm {
     #[cfg(feature = "rustcrypto")]
     key: aes_gcm::Aes256Gcm,
@@ -250,6 +255,15 @@ mod tests {
             hex,
             "3cb25f25faacd57a90434f64d0362f2a2d2d0a90cf1a5a4c5db02d56ecc4c5bf"
         );
+    }
+
+    /// The RustCrypto AES key schedule (the round keys inside `aes_gcm::Aes256Gcm`) is
+    /// wiped on drop: this only compiles when the `aes` crate's `zeroize` feature is on.
+    #[cfg(feature = "rustcrypto")]
+    #[test]
+    fn rustcrypto_key_schedule_zeroizes_on_drop() {
+        fn zeroizes_on_drop<T: zeroize::ZeroizeOnDrop>() {}
+        zeroizes_on_drop::<aes_gcm::aes::Aes256>();
     }
 
     #[test]

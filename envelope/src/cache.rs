@@ -17,16 +17,26 @@
 //!
 //! Entries never serve past a limit: a use that would exceed `max_messages` or
 //! `max_bytes`, or comes at or after `max_age`, evicts the entry and goes to the provider.
-//! Seal entries are keyed by key name and context (a wrapped DEK is bound to its context);
-//! they record the key version they hold. Open entries are keyed by the wrapped DEK, which
-//! names key and version, and the context. Evicted DEKs are zeroized when the last
-//! operation using them ends.
+//!
+//! An entry stands for one provider call with the same inputs, and is keyed by them:
+//! the provider's [`ProviderId`] (so one cache shared by several key services never
+//! crosses them; a provider without an id bypasses the cache), then for the seal side the
+//! key name and context (the entry records the key version it holds), for the open side
+//! the KEK named in the header, the wrapped DEK and the context. The open side stores a
+//! DEK only after the envelope's key commitment verified it, so a wrong DEK from a faulty
+//! or hostile provider is never served again from the cache.
+//!
+//! **Expiry.** Every lookup and insert first drops the entries that reached `max_age`
+//! (oldest first, a cost proportional to what it removes). An idle cache keeps them until
+//! its next operation: call [`DekCache::purge_expired`] from a timer to bound that too.
+//! Evicted DEKs are zeroized when the last operation using them ends.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::format::KeyRef;
+use crate::provider::ProviderId;
 use crate::secret::Dek;
 use crate::Error;
 
@@ -60,22 +70,91 @@ struct Entry {
     wrapped: Vec<u8>,
     key: KeyRef,
     created: Instant,
+    /// Insertion number: with `created`, the entry's place in `Entries::by_age`.
+    seq: u64,
     messages: u64,
     bytes: u64,
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
+/// The inputs of the provider call an entry stands for.
+#[derive(PartialEq, Eq, Hash)]
 enum Slot {
-    Seal { key: String, context: [u8; 32] },
-    Open { wrapped: Vec<u8>, context: [u8; 32] },
+    Seal {
+        provider: ProviderId,
+        key: String,
+        context: [u8; 32],
+    },
+    Open {
+        provider: ProviderId,
+        key: KeyRef,
+        wrapped: Vec<u8>,
+        context: [u8; 32],
+    },
+}
+
+/// The entries, indexed by slot and by age.
+#[derive(Default)]
+struct Entries {
+    by_slot: HashMap<Arc<Slot>, Entry>,
+    /// Every entry's slot under (creation time, insertion number): oldest first.
+    by_age: BTreeMap<(Instant, u64), Arc<Slot>>,
+    next_seq: u64,
+}
+
+impl Entries {
+    fn remove(&mut self, slot: &Slot) {
+        if let Some(e) = self.by_slot.remove(slot) {
+            self.by_age.remove(&(e.created, e.seq));
+        }
+    }
+
+    /// Drops the oldest entry; false when there is none.
+    fn evict_oldest(&mut self) -> bool {
+        match self.by_age.pop_first() {
+            Some((_, slot)) => {
+                self.by_slot.remove(&*slot);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops every entry that reached `max_age` at `now`.
+    fn purge(&mut self, now: Instant, max_age: Duration) {
+        while let Some(oldest) = self.by_age.first_entry() {
+            let (created, _) = *oldest.key();
+            if now.saturating_duration_since(created) < max_age {
+                break;
+            }
+            let slot = oldest.remove();
+            self.by_slot.remove(&*slot);
+        }
+    }
+
+    fn insert(&mut self, slot: Slot, mut entry: Entry) {
+        self.remove(&slot);
+        entry.seq = self.next_seq;
+        self.next_seq += 1;
+        let slot = Arc::new(slot);
+        self.by_age.insert((entry.created, entry.seq), slot.clone());
+        self.by_slot.insert(slot, entry);
+    }
+
+    fn clear(&mut self) {
+        self.by_slot.clear();
+        self.by_age.clear();
+    }
 }
 
 type Clock = Box<dyn Fn() -> Instant + Send + Sync>;
 
+/// What an entry holds: the DEK, its wrapped form and the KEK (name and version).
+pub(crate) type Held = (Arc<Dek>, Vec<u8>, KeyRef);
+
 /// A bounded DEK cache; share it between operations with `Arc`.
 pub struct DekCache {
     limits: CacheLimits,
-    entries: Mutex<HashMap<Slot, Entry>>,
+    entries: Mutex<Entries>,
     clock: Clock,
 }
 
@@ -103,17 +182,20 @@ impl DekCache {
         }
         Ok(Self {
             limits,
-            entries: Mutex::new(HashMap::new()),
+            entries: Mutex::new(Entries::default()),
             clock,
         })
     }
 
-    /// Entries held now.
+    fn lock(&self) -> MutexGuard<'_, Entries> {
+        // Nothing panics while the lock is held (allocation failure aborts), so the
+        // entries behind a poisoned lock are still consistent.
+        self.entries.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Entries held now, including expired ones that no operation has swept yet.
     pub fn len(&self) -> usize {
-        self.entries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        self.lock().by_slot.len()
     }
 
     /// Whether the cache holds nothing.
@@ -123,20 +205,25 @@ impl DekCache {
 
     /// Drops every entry.
     pub fn clear(&self) {
-        self.entries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        self.lock().clear();
     }
 
-    fn take(&self, slot: &Slot, len: u64) -> Option<(Arc<Dek>, Vec<u8>, KeyRef)> {
+    /// Drops the entries that reached `max_age`. Lookups and inserts do it anyway; call
+    /// this from a timer so that an idle cache holds no expired DEK either.
+    pub fn purge_expired(&self) {
         let now = (self.clock)();
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        let e = entries.get_mut(slot)?;
-        let fresh = now.saturating_duration_since(e.created) < self.limits.max_age;
+        self.lock().purge(now, self.limits.max_age);
+    }
+
+    fn take(&self, slot: &Slot, len: u64) -> Option<Held> {
+        let now = (self.clock)();
+        let mut entries = self.lock();
+        entries.purge(now, self.limits.max_age);
+        let e = entries.by_slot.get_mut(slot)?;
+        // Fresh: the purge left only entries younger than `max_age`.
         let within = e.messages < self.limits.max_messages
             && e.bytes.saturating_add(len) <= self.limits.max_bytes;
-        if !(fresh && within) {
+        if !within {
             entries.remove(slot);
             return None;
         }
@@ -145,22 +232,17 @@ impl DekCache {
         Some((e.dek.clone(), e.wrapped.clone(), e.key.clone()))
     }
 
-    fn put(&self, slot: Slot, dek: Arc<Dek>, wrapped: Vec<u8>, key: KeyRef, len: u64) {
+    fn put(&self, slot: Slot, (dek, wrapped, key): Held, len: u64) {
+        let now = (self.clock)();
+        let mut entries = self.lock();
+        entries.purge(now, self.limits.max_age);
         if len > self.limits.max_bytes {
             return;
         }
-        let now = (self.clock)();
-        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
-        while entries.len() >= self.limits.capacity {
-            let oldest = entries
-                .iter()
-                .min_by_key(|(_, e)| e.created)
-                .map(|(s, _)| s.clone());
-            match oldest {
-                Some(s) => {
-                    entries.remove(&s);
-                }
-                None => break,
+        entries.remove(&slot);
+        while entries.by_slot.len() >= self.limits.capacity {
+            if !entries.evict_oldest() {
+                break;
             }
         }
         entries.insert(
@@ -170,6 +252,7 @@ impl DekCache {
                 wrapped,
                 key,
                 created: now,
+                seq: 0,
                 messages: 1,
                 bytes: len,
             },
@@ -178,73 +261,68 @@ impl DekCache {
 
     pub(crate) fn seal_take(
         &self,
+        provider: &ProviderId,
         key: &str,
         context: &[u8; 32],
         len: u64,
-    ) -> Option<(Arc<Dek>, Vec<u8>, KeyRef)> {
-        self.take(
-            &Slot::Seal {
-                key: key.to_owned(),
-                context: *context,
-            },
-            len,
-        )
+    ) -> Option<Held> {
+        let slot = Slot::Seal {
+            provider: provider.clone(),
+            key: key.to_owned(),
+            context: *context,
+        };
+        self.take(&slot, len)
     }
 
     pub(crate) fn seal_put(
         &self,
+        provider: &ProviderId,
         key: &str,
         context: &[u8; 32],
-        dek: Arc<Dek>,
-        wrapped: Vec<u8>,
-        key_ref: KeyRef,
+        held: Held,
         len: u64,
     ) {
-        self.put(
-            Slot::Seal {
-                key: key.to_owned(),
-                context: *context,
-            },
-            dek,
-            wrapped,
-            key_ref,
-            len,
-        );
+        let slot = Slot::Seal {
+            provider: provider.clone(),
+            key: key.to_owned(),
+            context: *context,
+        };
+        self.put(slot, held, len);
     }
 
     pub(crate) fn open_take(
         &self,
+        provider: &ProviderId,
+        key: &KeyRef,
         wrapped: &[u8],
         context: &[u8; 32],
         len: u64,
     ) -> Option<Arc<Dek>> {
-        self.take(
-            &Slot::Open {
-                wrapped: wrapped.to_vec(),
-                context: *context,
-            },
-            len,
-        )
-        .map(|(dek, _, _)| dek)
+        let slot = Slot::Open {
+            provider: provider.clone(),
+            key: key.clone(),
+            wrapped: wrapped.to_vec(),
+            context: *context,
+        };
+        self.take(&slot, len).map(|(dek, _, _)| dek)
     }
 
+    /// Stores a DEK for the open side. Only for a DEK the key commitment verified.
     pub(crate) fn open_put(
         &self,
+        provider: &ProviderId,
+        key: &KeyRef,
         wrapped: &[u8],
         context: &[u8; 32],
         dek: Arc<Dek>,
-        key: KeyRef,
         len: u64,
     ) {
-        self.put(
-            Slot::Open {
-                wrapped: wrapped.to_vec(),
-                context: *context,
-            },
-            dek,
-            wrapped.to_vec(),
-            key,
-            len,
-        );
+        let slot = Slot::Open {
+            provider: provider.clone(),
+            key: key.clone(),
+            wrapped: wrapped.to_vec(),
+            context: *context,
+        };
+        self.put(slot, (dek, wrapped.to_vec(), key.clone()), len);
     }
 }

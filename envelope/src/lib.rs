@@ -21,7 +21,8 @@
 //!   truncated or foreign envelope, wrong context or wrong key. No panics on bad input.
 //! - **Bounded memory** when streaming (sync [`std::io`] and tokio), and **seekable**
 //!   decryption of a byte range that reads only the segments it needs.
-//! - No API takes a nonce. DEKs and derived keys are zeroized on drop.
+//! - No API takes a nonce. DEKs and derived key bytes are zeroized on drop; so is the
+//!   AES key schedule with the `rustcrypto` backend, not with ring (a ring limitation).
 //!
 //! What it does not do: hide the plaintext length (an envelope reveals it exactly), or
 //! protect a DEK while it is in use in this process.
@@ -72,7 +73,7 @@ pub use cache::{CacheLimits, DekCache};
 pub use context::Context;
 pub use error::{Error, ProviderError, ProviderErrorKind};
 pub use format::{Header, KeyRef};
-pub use provider::{DataKeyPair, KeyProvider, LocalProvider};
+pub use provider::{DataKeyPair, KeyProvider, LocalProvider, ProviderId};
 pub use secret::{Dek, DEK_LEN};
 pub use stream::{
     DecryptingReader, Decryptor, EncryptingWriter, Encryptor, Options, SeekableReader,

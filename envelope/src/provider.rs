@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{PoisonError, RwLock};
 
 use zeroize::Zeroizing;
@@ -34,12 +35,52 @@ impl std::fmt::Debug for DataKeyPair {
     }
 }
 
+/// Who a [`KeyProvider`] is, as far as a [`crate::DekCache`] is concerned: a cached DEK
+/// serves only a provider whose id equals that of the provider it came from.
+///
+/// Two providers may share an id only if they are interchangeable: the same keys, and the
+/// same caller with the same permissions (for a key service: its endpoint *and* the
+/// client identity used to call it). Not secret: it appears in `Debug` output.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProviderId(IdKind);
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum IdKind {
+    Unique(u64),
+    Named(Box<[u8]>),
+}
+
+impl ProviderId {
+    /// An id that no other call returns in this process: for a provider whose keys live
+    /// in the instance itself (like [`LocalProvider`]). Never equal to a
+    /// [`ProviderId::named`] id.
+    pub fn unique() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        Self(IdKind::Unique(NEXT.fetch_add(1, Ordering::Relaxed)))
+    }
+
+    /// An id from a stable description of the provider, for example a key service's
+    /// endpoint and the caller's certificate fingerprint. Equal descriptions must mean
+    /// interchangeable providers (see the type docs); put no secret in it.
+    pub fn named(description: impl Into<Vec<u8>>) -> Self {
+        Self(IdKind::Named(description.into().into_boxed_slice()))
+    }
+}
+
 /// A source of DEKs: a key service (remote) or local KEKs.
 ///
 /// Both methods bind the wrapped DEK to `context`: `unwrap` must fail (with
 /// [`ProviderErrorKind::DecryptFailed`]) for any other context. The futures are `Send` so
 /// envelopes can be sealed and opened from any tokio task.
 pub trait KeyProvider: Send + Sync {
+    /// This provider's identity for a [`crate::DekCache`], which keys every entry by it
+    /// so that one cache shared by several providers never hands one provider's DEK to
+    /// another. `None` (the default) keeps this provider out of every cache: operations
+    /// with a cache configured then always ask the provider.
+    fn cache_id(&self) -> Option<ProviderId> {
+        None
+    }
+
     /// A fresh DEK under the current version of the KEK `key`.
     fn datakey(
         &self,
@@ -60,9 +101,21 @@ pub trait KeyProvider: Send + Sync {
 /// KEK versions held in process memory. Wrapped DEKs: `salt(32) ‖ AES-256-GCM(k, 0^96,
 /// aad, DEK) ‖ tag` with `k = HKDF-SHA256(salt, KEK, "keyhold-envelope/local-wrap/v1")` and
 /// `aad = u8 len ‖ key name ‖ u32 version ‖ canonical context`.
-#[derive(Default)]
+///
+/// Each instance is its own provider for a [`crate::DekCache`] (a
+/// [`ProviderId::unique`] id), since each holds its own KEKs.
 pub struct LocalProvider {
     keys: RwLock<HashMap<String, Vec<Zeroizing<[u8; 32]>>>>,
+    id: ProviderId,
+}
+
+impl Default for LocalProvider {
+    fn default() -> Self {
+        Self {
+            keys: RwLock::default(),
+            id: ProviderId::unique(),
+        }
+    }
 }
 
 const LOCAL_LABEL: &[u8] = b"keyhold-envelope/local-wrap/v1";
@@ -142,6 +195,10 @@ impl LocalProvider {
 }
 
 impl KeyProvider for LocalProvider {
+    fn cache_id(&self) -> Option<ProviderId> {
+        Some(self.id.clone())
+    }
+
     async fn datakey(&self, key: &str, context: &Context) -> Result<DataKeyPair, ProviderError> {
         let key = self.current(key).ok_or(err(ProviderErrorKind::NotFound))?;
         let dek = Dek::generate().map_err(|_| err(ProviderErrorKind::Other))?;

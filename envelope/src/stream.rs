@@ -90,23 +90,17 @@ impl Encryptor {
         format::check_key_name(key)?;
         format::check_segment_size(segment_size)?;
         let digest = context::digest(context)?;
-        let hit = cached.and_then(|(c, len)| c.seal_take(key, &digest, len));
+        // A provider without a cache id stays out of the cache.
+        let cached = cached.and_then(|(c, len)| Some((c, provider.cache_id()?, len)));
+        let hit = cached
+            .as_ref()
+            .and_then(|(c, id, len)| c.seal_take(id, key, &digest, *len));
+        let from_cache = hit.is_some();
         let (dek, wrapped, key_ref) = match hit {
             Some(hit) => hit,
             None => {
                 let pair = provider.datakey(key, context).await?;
-                let dek = Arc::new(pair.dek);
-                if let Some((c, len)) = cached {
-                    c.seal_put(
-                        key,
-                        &digest,
-                        dek.clone(),
-                        pair.wrapped.clone(),
-                        pair.key.clone(),
-                        len,
-                    );
-                }
-                (dek, pair.wrapped, pair.key)
+                (Arc::new(pair.dek), pair.wrapped, pair.key)
             }
         };
         if wrapped.is_empty() || wrapped.len() > format::MAX_WRAPPED_LEN {
@@ -115,6 +109,15 @@ impl Encryptor {
             ));
         }
         format::check_key_name(&key_ref.name)?;
+        if let (false, Some((c, id, len))) = (from_cache, &cached) {
+            c.seal_put(
+                id,
+                key,
+                &digest,
+                (dek.clone(), wrapped.clone(), key_ref.clone()),
+                *len,
+            );
+        }
         let mut salt = [0u8; 32];
         backend::random(&mut salt).map_err(|_| Error::Random)?;
         Ok(Self::from_parts(
@@ -197,6 +200,7 @@ impl Encryptor {
             cipher: self.cipher,
             segment_size: self.segment_size,
             index: 0,
+            poisoned: false,
         }
     }
 
@@ -215,6 +219,11 @@ impl Encryptor {
 }
 
 /// Encrypts everything written to it into `inner`, one segment at a time.
+///
+/// An error from `inner` poisons the writer: how much of the header or segment reached
+/// `inner` is unknown, so every later `write`, `flush` and `finish` fails
+/// (`io::ErrorKind::Other`) rather than produce an envelope with a gap, a repeated
+/// segment or no header. Start the object again with a new [`Encryptor`].
 pub struct EncryptingWriter<W: Write> {
     inner: W,
     pending: Vec<u8>,
@@ -222,23 +231,40 @@ pub struct EncryptingWriter<W: Write> {
     cipher: SegmentCipher,
     segment_size: usize,
     index: u64,
+    poisoned: bool,
+}
+
+fn poisoned() -> io::Error {
+    io::Error::other("envelope writer failed earlier: its output is incomplete")
 }
 
 impl<W: Write> EncryptingWriter<W> {
-    fn write_header(&mut self) -> io::Result<()> {
-        if let Some(h) = self.header.take() {
-            self.inner.write_all(&h)?;
+    /// Runs `op` on the inner writer unless poisoned; poisons on error.
+    fn inner_io(&mut self, op: impl FnOnce(&mut Self) -> io::Result<()>) -> io::Result<()> {
+        if self.poisoned {
+            return Err(poisoned());
         }
-        Ok(())
+        let res = op(self);
+        self.poisoned = res.is_err();
+        res
+    }
+
+    fn write_header(&mut self) -> io::Result<()> {
+        self.inner_io(|w| match w.header.take() {
+            Some(h) => w.inner.write_all(&h),
+            None => Ok(()),
+        })
     }
 
     /// Writes the final segment and returns the inner writer (flushed).
     pub fn finish(mut self) -> io::Result<W> {
         self.write_header()?;
-        let mut seg = std::mem::take(&mut self.pending);
-        self.cipher.seal(self.index, true, &mut seg);
-        self.inner.write_all(&seg)?;
-        self.inner.flush()?;
+        self.inner_io(|w| {
+            let mut seg = std::mem::take(&mut w.pending);
+            w.cipher.seal(w.index, true, &mut seg);
+            w.inner.write_all(&seg)?;
+            w.inner.flush()
+        })?;
         Ok(self.inner)
     }
 }
@@ -251,10 +277,13 @@ impl<W: Write> Write for EncryptingWriter<W> {
         }
         if self.pending.len() == self.segment_size {
             // More data follows, so the buffered segment is not the last one.
-            self.cipher.seal(self.index, false, &mut self.pending);
-            self.inner.write_all(&self.pending)?;
-            self.pending.clear();
-            self.index += 1;
+            self.inner_io(|w| {
+                w.cipher.seal(w.index, false, &mut w.pending);
+                w.inner.write_all(&w.pending)?;
+                w.pending.clear();
+                w.index += 1;
+                Ok(())
+            })?;
         }
         let n = (self.segment_size - self.pending.len()).min(data.len());
         self.pending.extend_from_slice(&data[..n]);
@@ -265,7 +294,7 @@ impl<W: Write> Write for EncryptingWriter<W> {
     /// segment stays until more data or `finish`.
     fn flush(&mut self) -> io::Result<()> {
         self.write_header()?;
-        self.inner.flush()
+        self.inner_io(|w| w.inner.flush())
     }
 }
 
@@ -320,28 +349,29 @@ impl Decryptor {
         if !bool::from(digest.ct_eq(&header.context_digest)) {
             return Err(Error::DecryptFailed);
         }
-        let hit = cached.and_then(|(c, len)| c.open_take(&header.wrapped_dek, &digest, len));
-        let dek = match hit {
-            Some(d) => d,
-            None => {
-                let dek = Arc::new(
-                    provider
-                        .unwrap(&header.key, &header.wrapped_dek, context)
-                        .await?,
-                );
-                if let Some((c, len)) = cached {
-                    c.open_put(
-                        &header.wrapped_dek,
-                        &digest,
-                        dek.clone(),
-                        header.key.clone(),
-                        len,
-                    );
-                }
-                dek
+        // A provider without a cache id stays out of the cache.
+        let cached = cached.and_then(|(c, len)| Some((c, provider.cache_id()?, len)));
+        if let Some((c, id, len)) = &cached {
+            if let Some(dek) = c.open_take(id, &header.key, &header.wrapped_dek, &digest, *len) {
+                return Self::from_dek(&dek, header, raw);
             }
-        };
-        Self::from_dek(&dek, header, raw)
+        }
+        let dek = provider
+            .unwrap(&header.key, &header.wrapped_dek, context)
+            .await?;
+        // Checks the key commitment: only a DEK that passed it may enter the cache.
+        let dec = Self::from_dek(&dek, header, raw)?;
+        if let Some((c, id, len)) = cached {
+            c.open_put(
+                &id,
+                &header.key,
+                &header.wrapped_dek,
+                &digest,
+                Arc::new(dek),
+                len,
+            );
+        }
+        Ok(dec)
     }
 
     pub(crate) fn from_dek(dek: &Dek, header: &Header, raw: &[u8]) -> Result<Self, Error> {
@@ -421,6 +451,7 @@ impl Decryptor {
             plaintext_len: (n - 1) * seg + last - TAG_LEN as u64,
             pos: 0,
             current: None,
+            end_verified: false,
             buf: Vec::with_capacity(self.segment_size + TAG_LEN),
         })
     }
@@ -597,6 +628,12 @@ impl<R: Read> Read for DecryptingReader<R> {
 }
 
 /// Random access to an envelope's plaintext: `Read + Seek` in plaintext positions.
+///
+/// The number of segments comes from the envelope's length, which an attacker can cut at
+/// a segment boundary. So a read reports end of file (`Ok(0)`) only once the last
+/// segment has authenticated *as the last one* (its nonce's last flag): a read at or past
+/// the end opens it if no earlier read did, and a truncated envelope fails there with
+/// [`io::ErrorKind::InvalidData`] instead of reading as a shorter plaintext.
 pub struct SeekableReader<R: Read + Seek> {
     inner: R,
     cipher: SegmentCipher,
@@ -606,14 +643,26 @@ pub struct SeekableReader<R: Read + Seek> {
     plaintext_len: u64,
     pos: u64,
     current: Option<(u64, usize)>,
+    /// Whether the last segment opened with the last flag set: the length is genuine.
+    end_verified: bool,
     buf: Vec<u8>,
 }
 
 impl<R: Read + Seek> SeekableReader<R> {
-    /// Length of the whole plaintext (from the envelope's length; authenticated when the
-    /// last segment is read).
+    /// Length of the whole plaintext, computed from the envelope's length. Not
+    /// authenticated until the last segment is read (any read that reaches the end does
+    /// it): until then, a truncated envelope shows a shorter length here.
     pub fn plaintext_len(&self) -> u64 {
         self.plaintext_len
+    }
+
+    /// Authenticates the last segment, with its last flag, unless already done.
+    fn verify_end(&mut self) -> io::Result<()> {
+        if !self.end_verified {
+            // `segments` is at least 1 (`segment::layout`).
+            self.load(self.segments.saturating_sub(1))?;
+        }
+        Ok(())
     }
 
     fn load(&mut self, index: u64) -> io::Result<usize> {
@@ -642,17 +691,20 @@ impl<R: Read + Seek> SeekableReader<R> {
         })?;
         let pt = self.cipher.open(index, last, &mut self.buf)?;
         self.current = Some((index, pt));
+        self.end_verified |= last;
         Ok(pt)
     }
 }
 
 impl<R: Read + Seek> Read for SeekableReader<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-        if out.is_empty() || self.pos >= self.plaintext_len {
-            // An empty plaintext still authenticates its one segment on first read.
-            if self.plaintext_len == 0 && self.current.is_none() {
-                self.load(0)?;
-            }
+        if self.pos >= self.plaintext_len {
+            // End of file only if the end is genuine (see the type docs); this also
+            // authenticates the one segment of an empty plaintext.
+            self.verify_end()?;
+            return Ok(0);
+        }
+        if out.is_empty() {
             return Ok(0);
         }
         let index = self.pos / self.segment_size;

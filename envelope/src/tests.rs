@@ -55,6 +55,9 @@ struct Counting {
 }
 
 impl KeyProvider for Counting {
+    fn cache_id(&self) -> Option<ProviderId> {
+        self.inner.cache_id()
+    }
     async fn datakey(&self, key: &str, context: &Context) -> Result<DataKeyPair, ProviderError> {
         self.datakeys.fetch_add(1, Ordering::SeqCst);
         self.inner.datakey(key, context).await
@@ -505,6 +508,342 @@ fn cache_serves_within_limits_only() {
         ..CacheLimits::default()
     })
     .is_err());
+}
+
+/// A file cut at a segment boundary must not read as a clean, shorter plaintext: a read
+/// at or past the (forged) end has to authenticate the last segment, with its last flag,
+/// before it may report end of file.
+#[test]
+fn seekable_reader_refuses_end_of_file_when_cut_at_a_segment_boundary() {
+    let rt = rt();
+    let p = provider();
+    let c = Context::new();
+    let pt = data(4 * SEG as usize + 5);
+    let sealed = rt.block_on(seal_with(&p, "k", &pt, &c, &small())).unwrap();
+    let (_, h) = Header::parse(&sealed).unwrap();
+    let seekable = |bytes: Vec<u8>| {
+        let mut src = Cursor::new(bytes);
+        let dec = rt
+            .block_on(Decryptor::from_reader(&p, &mut src, &c))
+            .unwrap();
+        dec.into_seekable(src).unwrap()
+    };
+    for segments in 1..=4 {
+        let cut = sealed[..h + segments * (SEG as usize + 16)].to_vec();
+        for at in [SeekFrom::End(0), SeekFrom::End(3)] {
+            let mut r = seekable(cut.clone());
+            r.seek(at).unwrap();
+            let res = r.read(&mut [0u8; 8]);
+            assert!(
+                matches!(&res, Err(e) if e.kind() == std::io::ErrorKind::InvalidData),
+                "cut after {segments} segments, read at {at:?}: got {res:?}, not an error"
+            );
+        }
+        // An empty read buffer at the end is no way around it either.
+        let mut r = seekable(cut.clone());
+        r.seek(SeekFrom::End(0)).unwrap();
+        assert!(
+            r.read(&mut []).is_err(),
+            "cut after {segments} segments: empty read at the end"
+        );
+    }
+    // The whole envelope still ends cleanly, at and past its end.
+    for at in [SeekFrom::End(0), SeekFrom::End(7)] {
+        let mut r = seekable(sealed.clone());
+        r.seek(at).unwrap();
+        assert_eq!(r.read(&mut [0u8; 8]).unwrap(), 0, "{at:?}");
+        assert_eq!(r.read(&mut [0u8; 8]).unwrap(), 0, "{at:?}, again");
+    }
+    let mut r = seekable(sealed.clone());
+    let mut out = Vec::new();
+    r.read_to_end(&mut out).unwrap();
+    assert_eq!(out, pt);
+}
+
+/// Two key services sharing one cache: a DEK (or wrapped DEK) from one is never used
+/// for the other, on the seal side or the open side.
+#[test]
+fn cache_shared_by_two_providers_never_crosses_them() {
+    let rt = rt();
+    let cache = Arc::new(DekCache::new(CacheLimits::default()).unwrap());
+    let opts = Options {
+        segment_size: SEG,
+        cache: Some(cache.clone()),
+    };
+    // Same key name, same context, different KEKs: two independent key services.
+    let (p1, p2) = (Counting::default(), Counting::default());
+    p1.inner.rotate("k").unwrap();
+    p2.inner.rotate("k").unwrap();
+    let c = ctx(&[("tenant", "acme")]);
+    let for_p1 = rt.block_on(seal_with(&p1, "k", b"one", &c, &opts)).unwrap();
+    let for_p2 = rt.block_on(seal_with(&p2, "k", b"two", &c, &opts)).unwrap();
+    assert_eq!(
+        p2.datakeys.load(Ordering::SeqCst),
+        1,
+        "seal for provider 2 was served provider 1's cached DEK"
+    );
+    assert_eq!(
+        rt.block_on(open(&p2.inner, &for_p2, &c)).unwrap(),
+        b"two",
+        "sealed for provider 2, must open there"
+    );
+    assert!(
+        rt.block_on(open(&p1.inner, &for_p2, &c)).is_err(),
+        "sealed for provider 2, must not open at provider 1"
+    );
+    // Open side: provider 1's entry must not answer for provider 2, which cannot unwrap.
+    assert_eq!(
+        rt.block_on(open_with(&p1, &for_p1, &c, &opts)).unwrap(),
+        b"one"
+    );
+    assert!(
+        matches!(
+            rt.block_on(open_with(&p2, &for_p1, &c, &opts)),
+            Err(Error::DecryptFailed)
+        ),
+        "provider 2 opened provider 1's envelope through the shared cache"
+    );
+    assert_eq!(p2.unwraps.load(Ordering::SeqCst), 1, "provider 2 was asked");
+    // The cache does work for each provider on its own.
+    let _ = rt.block_on(seal_with(&p1, "k", b"1", &c, &opts)).unwrap();
+    let _ = rt.block_on(seal_with(&p2, "k", b"2", &c, &opts)).unwrap();
+    assert_eq!(p1.datakeys.load(Ordering::SeqCst), 1);
+    assert_eq!(p2.datakeys.load(Ordering::SeqCst), 1);
+    let _ = rt.block_on(open_with(&p1, &for_p1, &c, &opts)).unwrap();
+    assert_eq!(p1.unwraps.load(Ordering::SeqCst), 1);
+    // Ids: unique per instance, never equal to a named one.
+    assert_ne!(p1.cache_id(), p2.cache_id());
+    assert_ne!(ProviderId::unique(), ProviderId::unique());
+    assert_eq!(ProviderId::named("kms-a"), ProviderId::named("kms-a"));
+    assert_ne!(ProviderId::named("kms-a"), ProviderId::named("kms-b"));
+}
+
+/// A provider without a cache id (the trait's default) never uses the cache.
+#[test]
+fn cache_is_bypassed_for_a_provider_without_an_id() {
+    struct NoId(Counting);
+    impl KeyProvider for NoId {
+        async fn datakey(&self, key: &str, c: &Context) -> Result<DataKeyPair, ProviderError> {
+            self.0.datakey(key, c).await
+        }
+        async fn unwrap(&self, k: &KeyRef, w: &[u8], c: &Context) -> Result<Dek, ProviderError> {
+            self.0.unwrap(k, w, c).await
+        }
+    }
+    let rt = rt();
+    let cache = Arc::new(DekCache::new(CacheLimits::default()).unwrap());
+    let opts = Options {
+        segment_size: SEG,
+        cache: Some(cache.clone()),
+    };
+    let p = NoId(Counting::default());
+    p.0.inner.rotate("k").unwrap();
+    let c = Context::new();
+    for _ in 0..2 {
+        let sealed = rt.block_on(seal_with(&p, "k", b"x", &c, &opts)).unwrap();
+        assert_eq!(
+            rt.block_on(open_with(&p, &sealed, &c, &opts)).unwrap(),
+            b"x"
+        );
+    }
+    assert_eq!(p.0.datakeys.load(Ordering::SeqCst), 2);
+    assert_eq!(p.0.unwraps.load(Ordering::SeqCst), 2);
+    assert!(cache.is_empty());
+}
+
+/// A provider that answers its first unwrap with a wrong DEK, then honestly.
+#[derive(Default)]
+struct LiesOnce {
+    inner: LocalProvider,
+    lied: std::sync::atomic::AtomicBool,
+    unwraps: AtomicUsize,
+}
+
+impl KeyProvider for LiesOnce {
+    fn cache_id(&self) -> Option<ProviderId> {
+        self.inner.cache_id()
+    }
+    async fn datakey(&self, key: &str, context: &Context) -> Result<DataKeyPair, ProviderError> {
+        self.inner.datakey(key, context).await
+    }
+    async fn unwrap(
+        &self,
+        key: &KeyRef,
+        wrapped: &[u8],
+        context: &Context,
+    ) -> Result<Dek, ProviderError> {
+        self.unwraps.fetch_add(1, Ordering::SeqCst);
+        if !self.lied.swap(true, Ordering::SeqCst) {
+            return Ok(Dek::generate().unwrap());
+        }
+        self.inner.unwrap(key, wrapped, context).await
+    }
+}
+
+/// The open side caches a DEK only after the key commitment verified it.
+#[test]
+fn cache_keeps_no_dek_that_failed_the_commitment() {
+    let rt = rt();
+    let cache = Arc::new(DekCache::new(CacheLimits::default()).unwrap());
+    let opts = Options {
+        segment_size: SEG,
+        cache: Some(cache.clone()),
+    };
+    let p = LiesOnce::default();
+    p.inner.rotate("k").unwrap();
+    let c = ctx(&[("tenant", "acme")]);
+    let sealed = rt.block_on(seal(&p, "k", b"hello", &c)).unwrap();
+    assert!(matches!(
+        rt.block_on(open_with(&p, &sealed, &c, &opts)),
+        Err(Error::DecryptFailed)
+    ));
+    assert_eq!(
+        cache.len(),
+        0,
+        "a DEK that failed the commitment was cached"
+    );
+    assert_eq!(
+        rt.block_on(open_with(&p, &sealed, &c, &opts)).ok(),
+        Some(b"hello".to_vec()),
+        "a later open was served the bad cached DEK"
+    );
+    assert_eq!(p.unwraps.load(Ordering::SeqCst), 2);
+    // The verified DEK is cached and serves the next open.
+    assert_eq!(cache.len(), 1);
+    assert_eq!(
+        rt.block_on(open_with(&p, &sealed, &c, &opts)).unwrap(),
+        b"hello"
+    );
+    assert_eq!(p.unwraps.load(Ordering::SeqCst), 2, "served from the cache");
+}
+
+/// Expired entries leave memory at the next cache operation, not only when their own
+/// slot is used again.
+#[test]
+fn cache_purges_expired_entries() {
+    let rt = rt();
+    let now = Arc::new(Mutex::new(Instant::now()));
+    let clock_now = now.clone();
+    let limits = CacheLimits {
+        max_age: Duration::from_secs(10),
+        capacity: 100,
+        ..CacheLimits::default()
+    };
+    let cache = Arc::new(
+        DekCache::with_clock(limits, Box::new(move || *clock_now.lock().unwrap())).unwrap(),
+    );
+    let opts = Options {
+        segment_size: SEG,
+        cache: Some(cache.clone()),
+    };
+    let p = provider();
+    let seal_for = |tenant: &str| {
+        rt.block_on(seal_with(&p, "k", b"x", &ctx(&[("tenant", tenant)]), &opts))
+            .unwrap()
+    };
+    let a = seal_for("a");
+    let _ = seal_for("b");
+    assert_eq!(cache.len(), 2);
+    *now.lock().unwrap() += Duration::from_secs(9);
+    let _ = seal_for("c");
+    assert_eq!(cache.len(), 3, "nothing has expired yet");
+    // "a" and "b" reach max_age; an insert for another slot sweeps them.
+    *now.lock().unwrap() += Duration::from_secs(1);
+    let _ = seal_for("d");
+    assert_eq!(
+        cache.len(),
+        2,
+        "entries past max_age are still in memory after an insert"
+    );
+    // A lookup (here a miss on the open side, then its insert) sweeps too.
+    *now.lock().unwrap() += Duration::from_secs(10);
+    let _ = rt
+        .block_on(open_with(&p, &a, &ctx(&[("tenant", "a")]), &opts))
+        .unwrap();
+    assert_eq!(cache.len(), 1, "only the new open entry is left");
+    // An idle cache: `purge_expired` (from a timer) empties it once max_age has passed.
+    *now.lock().unwrap() += Duration::from_secs(9);
+    cache.purge_expired();
+    assert_eq!(cache.len(), 1, "not expired yet");
+    *now.lock().unwrap() += Duration::from_secs(1);
+    cache.purge_expired();
+    assert!(cache.is_empty(), "purge_expired left an expired entry");
+}
+
+/// A writer whose `fail_at`-th call to `write` (0-based) fails; the others succeed.
+struct FailsOnce {
+    out: Vec<u8>,
+    calls: usize,
+    fail_at: usize,
+}
+
+impl Write for FailsOnce {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let call = self.calls;
+        self.calls += 1;
+        if call == self.fail_at {
+            return Err(std::io::Error::other("disk full"));
+        }
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// After the inner writer failed, the encrypting writer refuses everything: a retry
+/// would skip the header, rewrite a sealed segment, or underflow.
+#[test]
+fn encrypting_writer_is_poisoned_by_an_inner_write_error() {
+    let rt = rt();
+    let p = provider();
+    let c = Context::new();
+    // Inner write 0 is the header, 1 the first segment, 2 the second.
+    for fail_at in 0..3 {
+        let enc = rt
+            .block_on(Encryptor::with_options(&p, "k", &c, &small()))
+            .unwrap();
+        let mut w = enc.into_writer(FailsOnce {
+            out: Vec::new(),
+            calls: 0,
+            fail_at,
+        });
+        let mut failed = false;
+        for _ in 0..3 * SEG {
+            if w.write(&[7]).is_err() {
+                failed = true;
+                break;
+            }
+        }
+        assert!(
+            failed,
+            "fail_at {fail_at}: the inner error was not reported"
+        );
+        assert!(
+            w.write(&[7]).is_err(),
+            "fail_at {fail_at}: a write after the inner error succeeded"
+        );
+        assert!(
+            w.flush().is_err(),
+            "fail_at {fail_at}: a flush after the inner error succeeded"
+        );
+        assert!(
+            w.finish().is_err(),
+            "fail_at {fail_at}: finish after the inner error succeeded"
+        );
+    }
+    // The final segment's write failing makes finish fail (and nothing is retried).
+    let enc = rt
+        .block_on(Encryptor::with_options(&p, "k", &c, &small()))
+        .unwrap();
+    let mut w = enc.into_writer(FailsOnce {
+        out: Vec::new(),
+        calls: 0,
+        fail_at: 1,
+    });
+    w.write_all(b"short").unwrap();
+    assert!(w.finish().is_err());
 }
 
 // ---- golden files ----
