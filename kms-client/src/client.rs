@@ -225,9 +225,21 @@ impl ClientBuilder {
             &targets,
         )
         .map_err(Error::Config)?;
+        // What makes two clients interchangeable for a DEK cache: the same servers, the
+        // same trust and the same identity (public parts only).
+        let mut cache_id = endpoints.join("\n").into_bytes();
+        for pem in &self.ca_pem {
+            cache_id.extend_from_slice(b"\n--ca--\n");
+            cache_id.extend_from_slice(pem);
+        }
+        if let Some((cert, _)) = &self.identity {
+            cache_id.extend_from_slice(b"\n--identity--\n");
+            cache_id.extend_from_slice(cert);
+        }
         Ok(Client {
             inner: Arc::new(Inner {
                 transport,
+                cache_id: envelope::ProviderId::named(cache_id),
                 endpoints,
                 preferred: AtomicUsize::new(0),
                 request_timeout: self.request_timeout.unwrap_or(Duration::from_secs(30)),
@@ -243,6 +255,8 @@ fn read(path: &Path) -> Result<Vec<u8>, Error> {
 
 struct Inner {
     transport: Transport,
+    /// This client's identity for an `envelope::DekCache`.
+    cache_id: envelope::ProviderId,
     endpoints: Vec<String>,
     /// The endpoint that answered last; tried first.
     preferred: AtomicUsize,
@@ -254,6 +268,13 @@ struct Inner {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+}
+
+impl Client {
+    /// This client's identity for an `envelope::DekCache`.
+    pub(crate) fn provider_id(&self) -> &envelope::ProviderId {
+        &self.inner.cache_id
+    }
 }
 
 impl std::fmt::Debug for Client {

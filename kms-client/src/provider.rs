@@ -27,6 +27,12 @@ fn provider_error(e: Error) -> ProviderError {
 }
 
 impl envelope::KeyProvider for Client {
+    /// The endpoints, the trusted CAs and the client certificate: clients that agree on
+    /// all three reach the same keys as the same identity, and may share cached DEKs.
+    fn cache_id(&self) -> Option<envelope::ProviderId> {
+        Some(self.provider_id().clone())
+    }
+
     async fn datakey(&self, key: &str, context: &Context) -> Result<DataKeyPair, ProviderError> {
         let resp = Client::datakey(self, key, context)
             .await

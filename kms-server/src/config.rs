@@ -36,6 +36,21 @@ fn default_max_body() -> usize {
 fn default_body_timeout() -> u64 {
     10
 }
+fn default_header_timeout() -> u64 {
+    10
+}
+fn default_idle_timeout() -> u64 {
+    60
+}
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_handshakes() -> usize {
+    1024
+}
+fn default_per_source() -> usize {
+    256
+}
 
 fn default_max_batch() -> usize {
     1000
@@ -67,6 +82,16 @@ struct FileConfig {
     max_batch_items: usize,
     #[serde(default = "default_body_timeout")]
     body_timeout_secs: u64,
+    #[serde(default = "default_header_timeout")]
+    header_timeout_secs: u64,
+    #[serde(default = "default_idle_timeout")]
+    idle_timeout_secs: u64,
+    #[serde(default = "default_max_connections")]
+    max_connections: usize,
+    #[serde(default = "default_max_handshakes")]
+    max_handshakes: usize,
+    #[serde(default = "default_per_source")]
+    per_source_connections: usize,
     store: FileStore,
     seal: FileSeal,
     tls: FileTls,
@@ -397,6 +422,16 @@ pub struct Settings {
     /// How long a request body may take to arrive once its headers have (a client that
     /// stalls mid-body gets 408 and the connection is freed).
     pub body_timeout: std::time::Duration,
+    /// How long an HTTP/1.1 request's headers may take to arrive.
+    pub header_timeout: std::time::Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: std::time::Duration,
+    /// Established connections per listener.
+    pub max_connections: usize,
+    /// TLS handshakes in progress per listener.
+    pub max_handshakes: usize,
+    /// Connections per listener from one IPv4 address or IPv6 /64; 0: unbounded.
+    pub per_source_connections: usize,
     /// Store.
     pub store: StoreSettings,
     /// Seal.
@@ -500,6 +535,24 @@ impl Settings {
         }
         if !(1..=300).contains(&raw.body_timeout_secs) {
             return Err(err("body_timeout_secs", "must be 1 to 300".into()));
+        }
+        if !(1..=300).contains(&raw.header_timeout_secs) {
+            return Err(err("header_timeout_secs", "must be 1 to 300".into()));
+        }
+        if !(1..=3600).contains(&raw.idle_timeout_secs) {
+            return Err(err("idle_timeout_secs", "must be 1 to 3600".into()));
+        }
+        if !(1..=1_000_000).contains(&raw.max_connections) {
+            return Err(err("max_connections", "must be 1 to 1000000".into()));
+        }
+        if !(1..=100_000).contains(&raw.max_handshakes) {
+            return Err(err("max_handshakes", "must be 1 to 100000".into()));
+        }
+        if raw.per_source_connections > raw.max_connections {
+            return Err(err(
+                "per_source_connections",
+                "must be 0 (unbounded) or at most max_connections".into(),
+            ));
         }
         if !(1..=10_000).contains(&raw.max_batch_items) {
             return Err(err("max_batch_items", "must be between 1 and 10000".into()));
@@ -770,6 +823,11 @@ impl Settings {
             max_body_bytes: raw.max_body_bytes,
             max_batch_items: raw.max_batch_items,
             body_timeout: std::time::Duration::from_secs(raw.body_timeout_secs),
+            header_timeout: std::time::Duration::from_secs(raw.header_timeout_secs),
+            idle_timeout: std::time::Duration::from_secs(raw.idle_timeout_secs),
+            max_connections: raw.max_connections,
+            max_handshakes: raw.max_handshakes,
+            per_source_connections: raw.per_source_connections,
             store: StoreSettings {
                 engine: raw.store.engine,
                 path: resolve(&raw.store.path),

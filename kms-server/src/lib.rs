@@ -62,6 +62,7 @@ pub mod jwt;
 pub mod kek;
 pub mod keyring;
 pub mod keystore;
+pub mod listen;
 pub mod lockout;
 pub mod metrics;
 pub mod ops;

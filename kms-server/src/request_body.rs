@@ -9,7 +9,13 @@
 //! before the client reads the answer. So an unread body is read to its end and thrown
 //! away, off the request's task, within bounds: [`DRAIN_BYTES`] and [`DRAIN_TIME`]; past
 //! either it is dropped (the reset is then the client's due).
+//!
+//! A body also has a deadline, on every listener: it must have arrived in full within the
+//! body timeout of the request's headers, or reading it fails with [`TimedOut`] (a client
+//! that announces a body and stalls holds a connection no longer than that). The timer is
+//! only armed when a read has to wait: a body that came with its headers costs none.
 
+use std::future::Future as _;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -23,29 +29,75 @@ pub const DRAIN_BYTES: usize = 8 << 20;
 /// Longest an unread body is read for.
 pub const DRAIN_TIME: Duration = Duration::from_secs(5);
 
-/// hyper's request body, drained on drop when unread (see the module documentation).
+/// hyper's request body, with a deadline, drained on drop when unread (see the module
+/// documentation).
 pub struct RequestBody {
     inner: Option<Incoming>,
+    /// When the whole body must have arrived.
+    deadline: tokio::time::Instant,
+    /// Armed at the first read that has to wait.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// A request body that did not arrive within its deadline.
+#[derive(Debug, Clone, Copy)]
+pub struct TimedOut;
+
+impl std::fmt::Display for TimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the request body did not arrive in time")
+    }
+}
+
+impl std::error::Error for TimedOut {}
+
+/// Whether `e`, or an error in its chain of sources, is [`TimedOut`].
+pub fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(e) = next {
+        if e.is::<TimedOut>() {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 impl RequestBody {
-    /// Wraps a request's body.
-    pub fn new(inner: Incoming) -> Self {
-        Self { inner: Some(inner) }
+    /// Wraps a request's body, which must arrive within `timeout` from now.
+    pub fn new(inner: Incoming, timeout: Duration) -> Self {
+        Self {
+            inner: Some(inner),
+            deadline: tokio::time::Instant::now() + timeout,
+            timer: None,
+        }
     }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut().inner.as_mut() {
-            Some(body) => Pin::new(body).poll_frame(cx),
-            None => Poll::Ready(None),
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let Some(body) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(body).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => {
+                let deadline = this.deadline;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(TimedOut)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
         }
     }
 
@@ -65,7 +117,8 @@ impl Drop for RequestBody {
         let Some(body) = self.inner.take() else {
             return;
         };
-        if body.is_end_stream() {
+        // A body past its deadline is not waited for any longer.
+        if body.is_end_stream() || tokio::time::Instant::now() >= self.deadline {
             return;
         }
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {

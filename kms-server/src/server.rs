@@ -5,10 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 use zeroize::Zeroizing;
 
@@ -20,9 +17,6 @@ use crate::metrics::Metrics;
 use crate::routes::{self, AppState, PeerIdentity, SealerFactory};
 use crate::seal::{KeyFileSealer, PassphraseSealer, SealMethod, Sealer};
 use crate::tls::{self, TlsError};
-
-/// Most client connections served at once (each holds a task and TLS buffers).
-pub const MAX_CONNECTIONS: usize = 4096;
 
 /// On a store shared by several nodes: how long a change made by one node may stay
 /// unseen by another before the other fails closed (key use answers 503).
@@ -398,7 +392,15 @@ pub async fn run_with_clock(
         }
     }
     let metrics = Arc::new(Metrics::new());
-    let handshake_timeout = settings.tls.handshake_timeout;
+    let limits = crate::listen::Limits {
+        max_connections: settings.max_connections,
+        max_handshakes: settings.max_handshakes,
+        per_source: settings.per_source_connections,
+        handshake_timeout: settings.tls.handshake_timeout,
+        header_timeout: settings.header_timeout,
+        body_timeout: settings.body_timeout,
+        idle_timeout: settings.idle_timeout,
+    };
     let sources = settings.identity_sources.clone();
     let alerts = crate::alert::Alerter::start(&settings.alerts);
     {
@@ -508,29 +510,23 @@ pub async fn run_with_clock(
     let ops_task = listeners.ops.map(|ops| {
         let router = crate::ops::router(keyring.clone(), metrics.clone());
         let mut rx = stop_rx.clone();
-        tokio::spawn(async move {
-            let stop = async move {
+        tokio::spawn(crate::listen::serve(
+            ops,
+            crate::listen::Plain,
+            limits,
+            async move {
                 let _ = rx.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(ops, router).with_graceful_shutdown(stop).await {
-                tracing::error!(error = %e, "ops listener failed");
-            }
-        })
+            },
+            move |_: &tokio::net::TcpStream| {
+                let router = router.clone();
+                hyper::service::service_fn(
+                    move |req: hyper::Request<crate::request_body::RequestBody>| {
+                        router.clone().oneshot(req)
+                    },
+                )
+            },
+        ))
     });
-
-    // HTTP limits: a client that sends headers slowly (or idles on a keep-alive
-    // connection) is dropped after 30 s; HTTP/2 connections are pinged and capped in
-    // streams.
-    let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    http.http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(256)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20));
-    let http = Arc::new(http);
     // The other listeners: each started when both its table and its socket are there.
     let start =
         |table: &str, listener: Option<TcpListener>, configured: bool| match (listener, configured)
@@ -552,8 +548,7 @@ pub async fn run_with_clock(
             listener,
             public_settings,
             state.clone(),
-            http.clone(),
-            handshake_timeout,
+            limits,
             stop_rx.clone(),
         )?),
         _ => None,
@@ -566,8 +561,7 @@ pub async fn run_with_clock(
             listener,
             xks_settings,
             state.clone(),
-            http.clone(),
-            handshake_timeout,
+            limits,
             stop_rx.clone(),
         )?),
         _ => None,
@@ -580,13 +574,13 @@ pub async fn run_with_clock(
         tracing::info!("shutting down: draining connections");
         let _ = stop_tx.send(true);
     };
-    serve_tls(
+    crate::listen::serve(
         listeners.api,
-        move || api_tls.config(),
-        handshake_timeout,
-        http,
+        crate::listen::Tls(move || api_tls.config()),
+        limits,
         stop,
-        Arc::new(move |conn: &rustls::ServerConnection| {
+        move |tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
+            let conn = tls.get_ref().1;
             let leaf = conn.peer_certificates().and_then(|chain| chain.first());
             let peer_identity = PeerIdentity {
                 identity: leaf
@@ -603,7 +597,7 @@ pub async fn run_with_clock(
                     app.clone().oneshot(req)
                 },
             )
-        }),
+        },
     )
     .await;
     if let Some(t) = public_task {
@@ -874,99 +868,6 @@ async fn change_follower(
     }
 }
 
-/// Accepts TLS connections on `listener` until `stop` completes, serving each with the
-/// service `make` builds from the finished handshake; then stops accepting (the listener
-/// is dropped, so new connections are refused at once and clients move to another node)
-/// and drains the open connections for up to 10 s. At most [`MAX_CONNECTIONS`] at once:
-/// beyond that, connections wait in the kernel's accept queue.
-async fn serve_tls<M, S, B>(
-    listener: TcpListener,
-    config: impl Fn() -> Arc<rustls::ServerConfig>,
-    handshake_timeout: Duration,
-    http: Arc<auto::Builder<TokioExecutor>>,
-    stop: impl Future<Output = ()>,
-    make: Arc<M>,
-) where
-    M: Fn(&rustls::ServerConnection) -> S + Send + Sync + 'static,
-    S: hyper::service::Service<
-            hyper::Request<crate::request_body::RequestBody>,
-            Response = hyper::Response<B>,
-        > + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    tokio::pin!(stop);
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            () = &mut stop => break,
-        };
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(conn) => conn,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off briefly, keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = &mut stop => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let acceptor = TlsAcceptor::from(config());
-        let make = make.clone();
-        let watcher = graceful.watcher();
-        let http = http.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::info!(%peer, error = %e, "TLS handshake refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let svc = Arc::new(make(tls.get_ref().1));
-            // Every handler gets a body drained when it answers before reading it all.
-            let svc =
-                hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    hyper::service::Service::call(
-                        &*svc,
-                        req.map(crate::request_body::RequestBody::new),
-                    )
-                });
-            let conn = http
-                .serve_connection_with_upgrades(TokioIo::new(tls), svc)
-                .into_owned();
-            if let Err(e) = watcher.watch(conn).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("connections still open after 10 s; closing");
-    }
-}
-
 /// Starts the XKS listener ([`crate::xks`]) and its reloader (credential files on change
 /// and SIGHUP; the TLS files on SIGHUP). Fails when a credentials file or the TLS files do
 /// not load.
@@ -974,8 +875,7 @@ fn start_xks(
     listener: TcpListener,
     settings: &crate::xks::settings::XksSettings,
     state: Arc<AppState>,
-    http: Arc<auto::Builder<TokioExecutor>>,
-    handshake_timeout: Duration,
+    limits: crate::listen::Limits,
     stop_rx: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, StartError> {
     let xks = Arc::new(crate::xks::Xks::new(state.clone(), settings).map_err(StartError::Xks)?);
@@ -997,20 +897,21 @@ fn start_xks(
     ));
     let current = config.clone();
     let mut rx = stop_rx;
-    Ok(tokio::spawn(serve_tls(
+    Ok(tokio::spawn(crate::listen::serve(
         listener,
-        move || {
+        crate::listen::Tls(move || {
             current
                 .read()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone()
-        },
-        handshake_timeout,
-        http,
+        }),
+        limits,
         async move {
             let _ = rx.wait_for(|s| *s).await;
         },
-        Arc::new(move |_: &rustls::ServerConnection| crate::xks::service::service(xks.clone())),
+        move |_: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
+            crate::xks::service::service(xks.clone())
+        },
     )))
 }
 
@@ -1020,8 +921,7 @@ fn start_public(
     listener: TcpListener,
     settings: &crate::public::PublicSettings,
     state: Arc<AppState>,
-    http: Arc<auto::Builder<TokioExecutor>>,
-    handshake_timeout: Duration,
+    limits: crate::listen::Limits,
     stop_rx: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, StartError> {
     let app = crate::public::router(&state).map_err(StartError::Public)?;
@@ -1037,24 +937,23 @@ fn start_public(
         "listening (public: end-user protocols)"
     );
     let mut rx = stop_rx;
-    Ok(tokio::spawn(serve_tls(
+    Ok(tokio::spawn(crate::listen::serve(
         listener,
-        move || config.clone(),
-        handshake_timeout,
-        http,
+        crate::listen::Tls(move || config.clone()),
+        limits,
         async move {
             let _ = rx.wait_for(|s| *s).await;
         },
-        Arc::new(move |conn: &rustls::ServerConnection| {
+        move |tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
             let app = app.clone();
-            let presented = crate::public::ClientCertificate::of(conn);
+            let presented = crate::public::ClientCertificate::of(tls.get_ref().1);
             hyper::service::service_fn(
                 move |mut req: hyper::Request<crate::request_body::RequestBody>| {
                     req.extensions_mut().insert(presented);
                     app.clone().oneshot(req)
                 },
             )
-        }),
+        },
     )))
 }
 

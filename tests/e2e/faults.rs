@@ -53,9 +53,16 @@ async fn serve_meanwhile(s: &TestServer, body: &serde_json::Value, n: usize, lim
 }
 
 async fn tls_stream(s: &TestServer) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    tls_stream_from(s, [127, 0, 0, 1]).await
+}
+
+async fn tls_stream_from(
+    s: &TestServer,
+    from: [u8; 4],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut cfg = keyhold_tests::rustls_client(&s.pki, Some("app-a"));
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(s.addr).await.unwrap();
+    let tcp = keyhold_tests::connect_from(from, s.addr).await.unwrap();
     tokio_rustls::TlsConnector::from(Arc::new(cfg))
         .connect("localhost".try_into().unwrap(), tcp)
         .await
@@ -118,8 +125,8 @@ async fn stalled_clients_are_shed_and_others_are_served() {
             "a silent connection stayed open: {r:?}"
         );
     }
-    // Mid-headers: hyper's header timeout (30 s) closes them; they hold nothing else. They
-    // are still open here, and the server still serves.
+    // Mid-headers: the header timeout (10 s by default) closes them; they hold nothing
+    // else. They are still open here, and the server still serves.
     serve_meanwhile(&s, &body, 10, Duration::from_secs(1)).await;
     drop(mid_headers);
 }
@@ -153,14 +160,20 @@ async fn a_connection_flood_does_not_stop_service_and_memory_stays_bounded() {
     };
     assert!(per_kind >= 100, "too few file descriptors for a flood test");
     let before = rss();
-    // Connections at once, half of them through a full mTLS handshake, then idle.
+    // Connections at once, half of them through a full mTLS handshake, then idle, from
+    // many sources (100 per address: one source gets a bounded share, `connections.rs`).
+    let source = |i: usize, net: u8| [127, net, (i / 100) as u8, 2];
     let mut idle = Vec::new();
-    for _ in 0..per_kind {
-        idle.push(tokio::net::TcpStream::connect(s.addr).await.unwrap());
+    for i in 0..per_kind {
+        idle.push(
+            keyhold_tests::connect_from(source(i, 1), s.addr)
+                .await
+                .unwrap(),
+        );
     }
     let mut tls = Vec::new();
-    for _ in 0..per_kind {
-        tls.push(tls_stream(&s).await);
+    for i in 0..per_kind {
+        tls.push(tls_stream_from(&s, source(i, 2)).await);
     }
     serve_meanwhile(&s, &body, 50, Duration::from_secs(2)).await;
     let during = rss();

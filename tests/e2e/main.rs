@@ -14,6 +14,7 @@ mod authz;
 mod backup;
 mod bad_input;
 mod client;
+mod connections;
 mod crash;
 mod crypto;
 mod cse;

@@ -361,6 +361,11 @@ impl TestServer {
         Self::start_full(TestSeal::KeyFile, "", tls_extra, StoreChoice::Embedded).await
     }
 
+    /// Extra config and lines added to the `[tls]` table.
+    pub async fn start_with_both(extra: &str, tls_extra: &str) -> TestServer {
+        Self::start_full(TestSeal::KeyFile, extra, tls_extra, StoreChoice::Embedded).await
+    }
+
     /// A server whose store is a fresh PostgreSQL database ([`pg::fresh_database`]).
     pub async fn start_on_postgres() -> TestServer {
         Self::start_on_postgres_with("").await
@@ -833,6 +838,17 @@ pub fn kms_client_for(pki: &TestPki, who: &str, endpoints: &[String]) -> kms_cli
         .request_timeout(std::time::Duration::from_secs(30))
         .build()
         .unwrap()
+}
+
+/// A TCP connection to `to` from the source address `from` (Linux routes all of 127/8 to
+/// loopback: tests play several network sources with 127.0.0.x).
+pub async fn connect_from(
+    from: [u8; 4],
+    to: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind(std::net::SocketAddr::from((from, 0)))?;
+    socket.connect(to).await
 }
 
 /// A rustls client config trusting the test CA, with `who`'s identity if given.

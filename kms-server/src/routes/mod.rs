@@ -481,12 +481,15 @@ where
         if !is_json {
             return Err(Error::UnsupportedMediaType);
         }
-        let timeout = state.settings.body_timeout;
-        let bytes = tokio::time::timeout(timeout, axum::body::Bytes::from_request(req, state))
+        // The body's deadline is the listener's (`request_body`): a stalled body fails
+        // the read with `TimedOut`, answered 408.
+        let bytes = axum::body::Bytes::from_request(req, state)
             .await
-            .map_err(|_| Error::BodyTimeout(timeout.as_secs()))?
             .map_err(|r| match r.status() {
                 StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge(limit),
+                _ if crate::request_body::timed_out(&r) => {
+                    Error::BodyTimeout(state.settings.body_timeout.as_secs())
+                }
                 _ => Error::InvalidRequest("the request body could not be read".into()),
             })?;
         // Every request body is a JSON object. serde would also build a struct from an

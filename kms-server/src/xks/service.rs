@@ -393,21 +393,20 @@ impl Xks {
         if declared.is_some_and(|n| n > api::MAX_BODY as u64) {
             return Err(too_large());
         }
-        let timeout = self.app.settings.body_timeout;
-        Ok(tokio::time::timeout(
-            timeout,
-            http_body_util::Limited::new(body, api::MAX_BODY).collect(),
-        )
-        .await
-        .map_err(|_| XksError::validation("the request body did not arrive in time"))?
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                too_large()
-            } else {
-                XksError::validation("the request body could not be read")
-            }
-        })?
-        .to_bytes())
+        // The body's deadline is the listener's (`request_body`).
+        Ok(http_body_util::Limited::new(body, api::MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| {
+                if e.is::<http_body_util::LengthLimitError>() {
+                    too_large()
+                } else if crate::request_body::timed_out(&*e) {
+                    XksError::validation("the request body did not arrive in time")
+                } else {
+                    XksError::validation("the request body could not be read")
+                }
+            })?
+            .to_bytes())
     }
 
     /// The mapping of `external_id` (404 otherwise) and the secondary-authorization

@@ -1,0 +1,485 @@
+//! How every listener (the mTLS API, the public and XKS listeners, the plain-HTTP ops
+//! listener) accepts connections, and what a hostile network can hold of it.
+//!
+//! ```text
+//! accept ─► per-source share ─► handshake budget ─► TLS handshake ─► connection slot ─► HTTP
+//!           (refused past it)    (refused past it)   (timed out)       (waits ≤ handshake
+//!                                                                       timeout, else closed)
+//! ```
+//!
+//! - **Accepting never waits.** A connection past its source's share
+//!   ([`Limits::per_source`], counted per IPv4 address or IPv6 /64, over connections in
+//!   handshake and established) or past the handshake budget ([`Limits::max_handshakes`])
+//!   is closed at once. A source holding thousands of idle TCP connections thus holds its
+//!   share, not the listener: before, a permit was taken before the handshake, so 4 096
+//!   idle connections held every slot until their handshakes timed out.
+//! - **A connection slot is taken after the handshake** ([`Limits::max_connections`]).
+//! - **Every phase has a deadline**: the handshake ([`Limits::handshake_timeout`]), the
+//!   request headers ([`Limits::header_timeout`], HTTP/1.1), the request body
+//!   ([`crate::request_body`], on every listener), and idleness: a connection with no
+//!   request in flight for [`Limits::idle_timeout`] is shut down gracefully (HTTP/2 gets a
+//!   GOAWAY; HTTP/2 pings alone no longer keep a connection), and a connection still open
+//!   [`CLOSE_GRACE`] after that is dropped.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::request_body::RequestBody;
+
+/// Longest a connection may take to close after it was asked to (idle, or the server
+/// stopping) before it is dropped.
+pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// How long a stopping listener waits for its connections to finish.
+pub const DRAIN: Duration = Duration::from_secs(10);
+
+/// What one listener lets a network hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Established connections served at once.
+    pub max_connections: usize,
+    /// TLS handshakes in progress at once.
+    pub max_handshakes: usize,
+    /// Connections (in handshake or established) from one source address (IPv4) or /64
+    /// (IPv6); 0: no per-source bound.
+    pub per_source: usize,
+    /// Deadline of the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Deadline for an HTTP/1.1 request's headers.
+    pub header_timeout: Duration,
+    /// Deadline for a request's body, from its headers.
+    pub body_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    pub idle_timeout: Duration,
+}
+
+/// What turns an accepted TCP connection into the stream HTTP is served on.
+pub trait Handshake: Send + Sync + 'static {
+    /// The stream after the handshake.
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// Runs the handshake (the caller bounds it in time).
+    fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Self::Io>> + Send + 'static>>;
+
+    /// Whether a handshake is needed at all (plain HTTP takes no handshake budget).
+    fn needs_budget(&self) -> bool {
+        true
+    }
+}
+
+/// TLS, with the server configuration in force when each connection arrives (the XKS
+/// listener's is reloaded on SIGHUP).
+pub struct Tls<F>(pub F);
+
+impl<F> Handshake for Tls<F>
+where
+    F: Fn() -> Arc<rustls::ServerConfig> + Send + Sync + 'static,
+{
+    type Io = tokio_rustls::server::TlsStream<TcpStream>;
+
+    fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Self::Io>> + Send + 'static>> {
+        Box::pin(tokio_rustls::TlsAcceptor::from((self.0)()).accept(tcp))
+    }
+}
+
+/// Plain TCP (the ops listener: loopback or a private network, no key material).
+pub struct Plain;
+
+impl Handshake for Plain {
+    type Io = TcpStream;
+
+    fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<TcpStream>> + Send + 'static>> {
+        Box::pin(std::future::ready(Ok(tcp)))
+    }
+
+    fn needs_budget(&self) -> bool {
+        false
+    }
+}
+
+/// The connections open per source.
+struct Sources {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One connection's place in its source's share; given back on drop.
+struct SourceGuard {
+    sources: Arc<Sources>,
+    key: IpAddr,
+}
+
+impl Sources {
+    /// The key a source is counted under: the IPv4 address (an IPv4-mapped IPv6 address
+    /// counts as its IPv4 address), or the IPv6 /64 (one host usually holds a whole /64).
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => {
+                    let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                    IpAddr::V6(bits.into())
+                }
+            },
+        }
+    }
+
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<SourceGuard> {
+        let key = Self::key(ip);
+        if self.max > 0 {
+            let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+            let n = open.entry(key).or_insert(0);
+            if *n >= self.max {
+                return None;
+            }
+            *n += 1;
+        }
+        Some(SourceGuard {
+            sources: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        if self.sources.max == 0 {
+            return;
+        }
+        let mut open = self
+            .sources
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = open.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// When a connection last had a request in flight.
+struct Activity {
+    started: Instant,
+    in_flight: AtomicUsize,
+    /// Milliseconds from `started` to the end of the last request.
+    last_ms: AtomicU64,
+}
+
+/// One request in flight; its end is the connection's last activity.
+struct InFlight(Arc<Activity>);
+
+impl Activity {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            started: Instant::now(),
+            in_flight: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// How long the connection has had no request in flight (zero while one is).
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Acquire));
+        self.started.elapsed().saturating_sub(last)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = u64::try_from(self.0.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.0.last_ms.fetch_max(now, Ordering::AcqRel);
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The HTTP settings every listener shares, with `limits`' header timeout.
+pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
+    let mut http = auto::Builder::new(TokioExecutor::new());
+    http.http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(64 * 1024);
+    http.http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(256)
+        .max_header_list_size(64 * 1024)
+        .keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(20));
+    http
+}
+
+/// Accepts connections on `listener` until `stop` completes, serving each with the
+/// service `make` builds from the finished handshake, within `limits` (see the module
+/// documentation); then stops accepting (the listener is dropped, so new connections are
+/// refused at once and clients move to another node) and drains the open connections for
+/// up to [`DRAIN`].
+pub async fn serve<H, M, S, B>(
+    listener: TcpListener,
+    handshake: H,
+    limits: Limits,
+    stop: impl Future<Output = ()>,
+    make: M,
+) where
+    H: Handshake,
+    M: Fn(&H::Io) -> S + Send + Sync + 'static,
+    S: hyper::service::Service<hyper::Request<RequestBody>, Response = hyper::Response<B>>
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let http = Arc::new(http_builder(&limits));
+    let handshake = Arc::new(handshake);
+    let make = Arc::new(make);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let sources = Arc::new(Sources {
+        max: limits.per_source,
+        open: Mutex::new(HashMap::new()),
+    });
+    // Every connection task holds a receiver: `closed()` tells when the last one ended.
+    let (stopping, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::pin!(stop);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off briefly, keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let Some(source) = sources.admit(peer.ip()) else {
+            tracing::debug!(%peer, "connection refused: its source holds its share");
+            continue;
+        };
+        let budget = if handshake.needs_budget() {
+            match handshakes.clone().try_acquire_owned() {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    tracing::debug!(%peer, "connection refused: the handshake budget is spent");
+                    continue;
+                }
+            }
+        } else {
+            None
+        };
+        let _ = stream.set_nodelay(true);
+        let conn = Connection {
+            peer,
+            limits,
+            http: http.clone(),
+            slots: slots.clone(),
+            stop: stop_rx.clone(),
+        };
+        let (handshake, make) = (handshake.clone(), make.clone());
+        tokio::spawn(async move {
+            let _source = source;
+            conn.run(stream, budget, &*handshake, &*make).await;
+        });
+    }
+    drop(listener);
+    drop(stop_rx);
+    let _ = stopping.send(true);
+    if tokio::time::timeout(DRAIN, stopping.closed())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "connections still open after {} s; closing",
+            DRAIN.as_secs()
+        );
+    }
+}
+
+/// One accepted connection.
+struct Connection {
+    peer: SocketAddr,
+    limits: Limits,
+    http: Arc<auto::Builder<TokioExecutor>>,
+    slots: Arc<tokio::sync::Semaphore>,
+    stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl Connection {
+    async fn run<H, M, S, B>(
+        mut self,
+        tcp: TcpStream,
+        budget: Option<tokio::sync::OwnedSemaphorePermit>,
+        handshake: &H,
+        make: &M,
+    ) where
+        H: Handshake,
+        M: Fn(&H::Io) -> S,
+        S: hyper::service::Service<hyper::Request<RequestBody>, Response = hyper::Response<B>>
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let peer = self.peer;
+        let deadline = tokio::time::Instant::now() + self.limits.handshake_timeout;
+        // The handshake, then a slot, both before the handshake deadline; the budget is
+        // held until a slot is found.
+        let slots = self.slots.clone();
+        let established = async move {
+            let io = handshake.handshake(tcp).await.map_err(|e| e.to_string())?;
+            let slot = slots
+                .acquire_owned()
+                .await
+                .map_err(|_| "the listener stopped".to_string())?;
+            Ok::<_, String>((io, slot))
+        };
+        let (io, _slot) = tokio::select! {
+            r = tokio::time::timeout_at(deadline, established) => match r {
+                Ok(Ok(done)) => done,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::info!(%peer, "handshake (or a free connection slot) timed out");
+                    return;
+                }
+            },
+            _ = self.stop.wait_for(|s| *s) => return,
+        };
+        drop(budget);
+        let activity = Activity::new();
+        let svc = Arc::new(make(&io));
+        let body_timeout = self.limits.body_timeout;
+        let tracked = activity.clone();
+        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+            let in_flight = tracked.begin();
+            let answer = hyper::service::Service::call(
+                &*svc,
+                req.map(|body| RequestBody::new(body, body_timeout)),
+            );
+            async move {
+                let answer = answer.await;
+                drop(in_flight);
+                answer
+            }
+        });
+        let conn = self
+            .http
+            .serve_connection_with_upgrades(TokioIo::new(io), svc)
+            .into_owned();
+        tokio::pin!(conn);
+        let idle = self.limits.idle_timeout;
+        let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closing: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                r = conn.as_mut() => {
+                    if let Err(e) = r {
+                        tracing::debug!(%peer, error = %e, "connection ended with an error");
+                    }
+                    return;
+                }
+                _ = self.stop.wait_for(|s| *s), if closing.is_none() => {
+                    conn.as_mut().graceful_shutdown();
+                    closing = Some(tokio::time::Instant::now() + CLOSE_GRACE);
+                }
+                _ = tick.tick() => match closing {
+                    Some(at) if tokio::time::Instant::now() >= at => {
+                        tracing::debug!(%peer, "connection dropped: it did not close in time");
+                        return;
+                    }
+                    Some(_) => {}
+                    None if activity.idle_for() >= idle => {
+                        tracing::debug!(%peer, "idle connection closed");
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some(tokio::time::Instant::now() + CLOSE_GRACE);
+                    }
+                    None => {}
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sources_are_counted_per_ipv4_address_and_ipv6_64() {
+        let s = Arc::new(Sources {
+            max: 2,
+            open: Mutex::new(HashMap::new()),
+        });
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let g1 = s.admit(a).unwrap();
+        let g2 = s.admit("::ffff:192.0.2.1".parse().unwrap()).unwrap();
+        assert!(s.admit(a).is_none(), "a third from one address");
+        assert!(s.admit("192.0.2.2".parse().unwrap()).is_some());
+        drop(g1);
+        assert!(s.admit(a).is_some(), "a place given back is free again");
+        drop(g2);
+        let v6 = |t: &str| -> IpAddr { t.parse().unwrap() };
+        let _h1 = s.admit(v6("2001:db8::1")).unwrap();
+        let _h2 = s.admit(v6("2001:db8::ffff:2")).unwrap();
+        assert!(
+            s.admit(v6("2001:db8::3")).is_none(),
+            "one /64 is one source"
+        );
+        assert!(s.admit(v6("2001:db8:0:1::1")).is_some());
+    }
+
+    #[test]
+    fn the_source_table_forgets_sources_with_nothing_open() {
+        let s = Arc::new(Sources {
+            max: 8,
+            open: Mutex::new(HashMap::new()),
+        });
+        for i in 0..=255u8 {
+            drop(s.admit(IpAddr::from([10, 0, 0, i])).unwrap());
+        }
+        assert!(s.open.lock().unwrap().is_empty());
+    }
+}
