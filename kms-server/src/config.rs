@@ -160,13 +160,32 @@ fn default_sweep() -> u64 {
     60
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileAlerts {
     #[serde(default)]
     webhook: Option<String>,
     #[serde(default)]
+    webhook_ca: Option<PathBuf>,
+    #[serde(default)]
     command: Option<Vec<String>>,
+    #[serde(default = "default_coalesce")]
+    coalesce_secs: u64,
+}
+
+fn default_coalesce() -> u64 {
+    crate::alert::DEFAULT_COALESCE.as_secs()
+}
+
+impl Default for FileAlerts {
+    fn default() -> Self {
+        Self {
+            webhook: None,
+            webhook_ca: None,
+            command: None,
+            coalesce_secs: default_coalesce(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -684,6 +703,21 @@ impl Settings {
         if let Some(url) = &raw.alerts.webhook {
             crate::alert::check_webhook(url).map_err(|m| err("alerts.webhook", m))?;
         }
+        if !(1..=3600).contains(&raw.alerts.coalesce_secs) {
+            return Err(err("alerts.coalesce_secs", "must be 1 to 3600".into()));
+        }
+        if raw.alerts.webhook_ca.is_some()
+            && !raw
+                .alerts
+                .webhook
+                .as_deref()
+                .is_some_and(|u| u.starts_with("https://"))
+        {
+            return Err(err(
+                "alerts.webhook_ca",
+                "only for an https:// webhook".into(),
+            ));
+        }
         if raw.alerts.command.as_ref().is_some_and(Vec::is_empty) {
             return Err(err("alerts.command", "must name a program".into()));
         }
@@ -886,7 +920,9 @@ impl Settings {
             },
             alerts: crate::alert::AlertSettings {
                 webhook: raw.alerts.webhook,
+                webhook_ca: raw.alerts.webhook_ca.as_deref().map(resolve),
                 command: raw.alerts.command,
+                coalesce: std::time::Duration::from_secs(raw.alerts.coalesce_secs),
             },
             process: crate::process::ProcessSettings {
                 mlock: raw.process.mlock,
