@@ -159,8 +159,7 @@ impl Keyring {
         if !self.is_sealed() {
             return Ok(());
         }
-        let (master, epoch) = self.open_current_master(sealer)?;
-        let audit_keys = self.audit_keys_under(&master)?;
+        let (master, epoch, audit_keys) = self.open_current_master(sealer)?;
         let un = Unsealed::new(master, epoch, audit_keys, Cache::default(), false)?;
         let signed = self.sign_legacy_records(&un)?;
         un.records_signed
@@ -178,15 +177,23 @@ impl Keyring {
     /// Opens the stored sealed master key with `sealer`, with its epoch: the two are read
     /// apart, so the epoch record's check must name the key opened (else a rotation
     /// committed between the reads, and both are read again).
-    fn open_current_master(&self, sealer: &dyn Sealer) -> Result<(SecretKey, u64), Error> {
+    fn open_current_master(
+        &self,
+        sealer: &dyn Sealer,
+    ) -> Result<(SecretKey, u64, Zeroizing<[u8; 64]>), Error> {
         for _ in 0..4 {
             let sealed = self.sealed_master_key()?.ok_or(Error::InvalidState(
                 "the store is not initialized: run `kms-server init`",
             ))?;
             let master = sealer.unseal(&sealed)?;
+            fail::fail_point!("keyring-follow-master-opened");
+            // Read after the master key and before the epoch: a rotation committed after
+            // the master key was read shows in the epoch (all three commit together).
+            let audit = self.store.get(Table::Meta, META_AUDIT_KEYS)?;
             let stored = self.stored_epoch()?;
             if stored.is_of(&master)? {
-                return Ok((master, stored.record.epoch));
+                let audit_keys = audit_keys_under(&master, audit.as_deref())?;
+                return Ok((master, stored.record.epoch, audit_keys));
             }
         }
         Err(Error::Corrupt(
@@ -213,11 +220,10 @@ impl Keyring {
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let un = self.unsealed()?;
-        let (master, epoch) = self.open_current_master(sealer)?;
+        let (master, epoch, audit_keys) = self.open_current_master(sealer)?;
         if epoch == un.epoch {
             return Ok(false);
         }
-        let audit_keys = self.audit_keys_under(&master)?;
         let cache = std::mem::take(&mut *un.cache.write().unwrap_or_else(PoisonError::into_inner));
         let mut slot = self
             .unsealed
@@ -233,23 +239,28 @@ impl Keyring {
         tracing::info!(epoch, "followed a master-key rotation made on another node");
         Ok(true)
     }
+}
 
-    /// The audit keys: stored (sealed under `master`) once the master key has rotated,
-    /// else derived from it.
-    fn audit_keys_under(&self, master: &SecretKey) -> Result<Zeroizing<[u8; 64]>, Error> {
-        let Some(sealed) = self.store.get(Table::Meta, META_AUDIT_KEYS)? else {
-            return derived_audit_keys(master);
-        };
-        let plain = crypto::open_box(master, AUDIT_KEYS_LABEL, b"", &sealed)
-            .map_err(|_| Error::Corrupt("audit keys fail authentication under the master key"))?;
-        let mut keys = Zeroizing::new([0u8; 64]);
-        if plain.expose_secret().len() != 64 {
-            return Err(Error::Corrupt("audit keys length"));
-        }
-        keys.copy_from_slice(plain.expose_secret());
-        Ok(keys)
+/// The audit keys: stored (`sealed` under `master`) once the master key has rotated,
+/// else derived from it.
+fn audit_keys_under(
+    master: &SecretKey,
+    sealed: Option<&[u8]>,
+) -> Result<Zeroizing<[u8; 64]>, Error> {
+    let Some(sealed) = sealed else {
+        return derived_audit_keys(master);
+    };
+    let plain = crypto::open_box(master, AUDIT_KEYS_LABEL, b"", sealed)
+        .map_err(|_| Error::Corrupt("audit keys fail authentication under the master key"))?;
+    let mut keys = Zeroizing::new([0u8; 64]);
+    if plain.expose_secret().len() != 64 {
+        return Err(Error::Corrupt("audit keys length"));
     }
+    keys.copy_from_slice(plain.expose_secret());
+    Ok(keys)
+}
 
+impl Keyring {
     /// Replaces the master key with a new one: every KEK version is re-sealed under it and
     /// the new master key sealed by `sealer`, all in one store transaction (a crash leaves
     /// the old state or the new one, never a mix). `sealer` must also open the current
