@@ -343,7 +343,7 @@ fn a_node_following_a_master_rotation_survives_a_second_rotation_meanwhile() {
     let follower = {
         let (two, sealer) = (
             two.clone(),
-            KeyFileSealer::new(&fx.dir.path().join("master.key")),
+            KeyFileSealer::new(fx.dir.path().join("master.key")),
         );
         std::thread::spawn(move || two.follow_master(&sealer))
     };
