@@ -23,6 +23,7 @@
 
 pub mod file;
 pub mod postgres;
+pub mod volume;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -190,6 +191,8 @@ struct Writer {
     /// When the header was last rewritten, and whether the current head is newer.
     header_written: std::time::Instant,
     header_stale: bool,
+    /// Unauthenticated refusals of the current interval ([`volume`]).
+    refusals: volume::Refusals,
 }
 
 pub use kms_client::api::{
@@ -438,6 +441,7 @@ impl AuditLog {
             finding: Some(finding),
             header_written: std::time::Instant::now(),
             header_stale: false,
+            refusals: volume::Refusals::default(),
         };
         // What opening found (records after a stale head after an unclean stop, a head
         // that does not match) goes into the chain now, before anything reads it: readers
@@ -462,6 +466,11 @@ impl AuditLog {
                     let first = match rx.blocking_recv() {
                         Some(Msg::Job(j)) => j,
                         Some(Msg::Tick) => {
+                            if let Some(summary) = writer.refusals.close_if_due() {
+                                if let Err(e) = writer.commit(vec![summary]) {
+                                    tracing::error!(error = %e, "audit write failed: a summary of refusals was lost");
+                                }
+                            }
                             writer.flush_header();
                             continue;
                         }
@@ -479,7 +488,25 @@ impl AuditLog {
                             Err(_) => break,
                         }
                     }
-                    let (drafts, acks): (Vec<AuditDraft>, Vec<_>) = jobs.into_iter().unzip();
+                    let mut drafts = Vec::with_capacity(jobs.len() + 1);
+                    let mut acks = Vec::with_capacity(jobs.len());
+                    if let Some(summary) = writer.refusals.close_if_due() {
+                        drafts.push(summary);
+                    }
+                    for (mut draft, ack) in jobs {
+                        volume::bound(&mut draft);
+                        if writer.refusals.record(&draft) {
+                            drafts.push(draft);
+                            acks.push(ack);
+                        } else {
+                            // Counted into the interval's summary; the answer carries
+                            // nothing and does not wait for the disk.
+                            let _ = ack.send(Ok(()));
+                        }
+                    }
+                    if drafts.is_empty() {
+                        continue;
+                    }
                     let result = writer.commit(drafts);
                     if let Err(e) = &result {
                         tracing::error!(error = %e, records = acks.len(), "audit write failed: failing the requests");
@@ -491,6 +518,11 @@ impl AuditLog {
                     }
                     for ack in acks {
                         let _ = ack.send(result.as_ref().map(|_| ()).map_err(|_| ()));
+                    }
+                }
+                if let Some(summary) = writer.refusals.close_now() {
+                    if let Err(e) = writer.commit(vec![summary]) {
+                        tracing::error!(error = %e, "audit write failed: a summary of refusals was lost");
                     }
                 }
                 writer.flush_header();
