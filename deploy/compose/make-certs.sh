@@ -38,7 +38,7 @@ issue() { # directory name subject-alt-name extended-key-usage
   chmod 0644 "$dir/$name.pem"
 }
 issue node server "DNS:node-a,DNS:node-b,DNS:node-c,DNS:localhost,IP:127.0.0.1" serverAuth
-for who in admin app auditor; do
+for who in admin app auditor sys; do
   issue . "$who" "URI:spiffe://keyhold.example/$who" clientAuth
 done
 rm -f ca.srl

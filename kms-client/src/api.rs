@@ -1045,12 +1045,16 @@ pub struct LockoutList {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// Operators: key management, seal/unseal, the policy.
+    /// A tenant's operators: its keys, its identity policy, its identities' lockouts.
     Admin,
     /// Applications: key use (with a grant on the key).
     App,
     /// Auditors: key metadata and the audit trail, read-only.
     Auditor,
+    /// The service's operators: seal, unseal, backup, master-key rotation and every
+    /// tenant's lockouts. No key management or key use in any tenant. Given in the
+    /// configuration file only.
+    Sys,
 }
 
 /// One identity of the caller's tenant.

@@ -26,6 +26,9 @@ pub const DEV_ADMIN: &str = "spiffe://keyhold.dev/admin";
 pub const DEV_APP: &str = "spiffe://keyhold.dev/app";
 /// The auditor identity (URI SAN of `pki/auditor.pem`).
 pub const DEV_AUDITOR: &str = "spiffe://keyhold.dev/auditor";
+/// The service operator identity, role `sys` (URI SAN of `pki/sys.pem`): seal, unseal,
+/// backup, master-key rotation.
+pub const DEV_SYS: &str = "spiffe://keyhold.dev/sys";
 /// The demo key.
 pub const DEMO_KEY: &str = "demo";
 
@@ -258,11 +261,13 @@ pub fn prepare(
         let admin = ca.issue_client("keyhold-dev-admin", Some(DEV_ADMIN))?;
         let app = ca.issue_client("keyhold-dev-app", Some(DEV_APP))?;
         let auditor = ca.issue_client("keyhold-dev-auditor", Some(DEV_AUDITOR))?;
+        let sys = ca.issue_client("keyhold-dev-sys", Some(DEV_SYS))?;
         for (name, issued) in [
             ("server", &server),
             ("admin", &admin),
             ("app", &app),
             ("auditor", &auditor),
+            ("sys", &sys),
         ] {
             fs::write(layout.path(&format!("pki/{name}.pem")), &issued.cert_pem)?;
             write_private(
@@ -271,6 +276,12 @@ pub fn prepare(
             )?;
         }
         fs::write(layout.path("pki/ca.pem"), ca.ca_pem())?;
+    }
+    if !layout.path("pki/sys.pem").exists() {
+        tracing::warn!(
+            "this dev data dir was made before the sys role: seal, unseal, backup and master-key rotation need it; remove {} to issue new dev certificates",
+            layout.path("pki").display()
+        );
     }
     let key_file = layout.path("master.key");
     if !key_file.exists() {
@@ -319,6 +330,11 @@ role = "app"
 identity = "{DEV_AUDITOR}"
 tenant = "{DEV_TENANT}"
 role = "auditor"
+
+[[identities]]
+identity = "{DEV_SYS}"
+tenant = "{DEV_TENANT}"
+role = "sys"
 
 # The end-user protocols, with a local token issuer (`kms-server dev token`).
 [public]

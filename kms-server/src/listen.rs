@@ -9,8 +9,11 @@
 //!
 //! - **Accepting never waits.** A connection past its source's share
 //!   ([`Limits::per_source`], counted per IPv4 address or IPv6 /64, over connections in
-//!   handshake and established) or past the handshake budget ([`Limits::max_handshakes`])
-//!   is closed at once. A source holding thousands of idle TCP connections thus holds its
+//!   handshake and established) is closed at once. When the handshake budget
+//!   ([`Limits::max_handshakes`]) is spent, the oldest handshake still in progress (older
+//!   than [`EVICT_AFTER`]: a real client's handshake takes milliseconds) is dropped to
+//!   make room, so connections that never finish their handshake, from however many
+//!   sources, cannot keep a new client out; with none that old, the new one is closed. A source holding thousands of idle TCP connections thus holds its
 //!   share, not the listener: before, a permit was taken before the handshake, so 4 096
 //!   idle connections held every slot until their handshakes timed out.
 //! - **A connection slot is taken after the handshake** ([`Limits::max_connections`]).
@@ -39,6 +42,13 @@ use crate::request_body::RequestBody;
 /// Longest a connection may take to close after it was asked to (idle, or the server
 /// stopping) before it is dropped.
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// A handshake in progress for longer than this is dropped when a new connection needs
+/// its place in the handshake budget.
+pub const EVICT_AFTER: Duration = Duration::from_millis(500);
+
+/// How long a connection that evicted an old handshake waits for the place it freed.
+const EVICT_WAIT: Duration = Duration::from_secs(1);
 
 /// How long a stopping listener waits for its connections to finish.
 pub const DRAIN: Duration = Duration::from_secs(10);
@@ -180,6 +190,56 @@ impl Drop for SourceGuard {
     }
 }
 
+/// The handshakes in progress, oldest first, each with the means to stop it.
+#[derive(Default)]
+struct Handshaking {
+    queue: Mutex<std::collections::VecDeque<(Instant, tokio::sync::oneshot::Sender<()>)>>,
+}
+
+impl Handshaking {
+    /// Registers a handshake starting now; it stops when the receiver fires.
+    fn register(&self, limit: usize) -> tokio::sync::oneshot::Receiver<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        // Finished handshakes (receiver gone) leave from the front; if an old one still
+        // in progress holds the front, the rest are swept once the queue grows.
+        while q.front().is_some_and(|(_, t)| t.is_closed()) {
+            q.pop_front();
+        }
+        if q.len() > 4 * limit.max(16) {
+            q.retain(|(_, t)| !t.is_closed());
+        }
+        q.push_back((Instant::now(), tx));
+        rx
+    }
+
+    /// Stops the oldest handshake in progress for at least `age`; whether there was one.
+    fn evict_oldest(&self, age: Duration) -> bool {
+        let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some((since, _)) = q.front() {
+            if since.elapsed() < age {
+                return false;
+            }
+            if let Some((_, stop)) = q.pop_front() {
+                if stop.send(()).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// A connection's place in the handshake budget.
+enum Budget {
+    /// Plain TCP: no handshake.
+    None,
+    /// Held.
+    Held(tokio::sync::OwnedSemaphorePermit),
+    /// Freed by evicting an old handshake: to be taken (within [`EVICT_WAIT`]).
+    Freed(Arc<tokio::sync::Semaphore>),
+}
+
 /// When a connection last had a request in flight.
 struct Activity {
     started: Instant,
@@ -272,6 +332,7 @@ pub async fn serve<H, M, S, B>(
         max: limits.per_source,
         open: Mutex::new(HashMap::new()),
     });
+    let handshaking = Handshaking::default();
     // Every connection task holds a receiver: `closed()` tells when the last one ended.
     let (stopping, stop_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(stop);
@@ -292,16 +353,20 @@ pub async fn serve<H, M, S, B>(
             tracing::debug!(%peer, "connection refused: its source holds its share");
             continue;
         };
-        let budget = if handshake.needs_budget() {
-            match handshakes.clone().try_acquire_owned() {
-                Ok(p) => Some(p),
-                Err(_) => {
-                    tracing::debug!(%peer, "connection refused: the handshake budget is spent");
-                    continue;
-                }
-            }
+        let budget = if !handshake.needs_budget() {
+            Budget::None
+        } else if let Ok(p) = handshakes.clone().try_acquire_owned() {
+            Budget::Held(p)
+        } else if handshaking.evict_oldest(EVICT_AFTER) {
+            tracing::debug!(%peer, "handshake budget spent: the oldest handshake was dropped");
+            Budget::Freed(handshakes.clone())
         } else {
-            None
+            tracing::debug!(%peer, "connection refused: the handshake budget is spent");
+            continue;
+        };
+        let evicted = match budget {
+            Budget::None => None,
+            _ => Some(handshaking.register(limits.max_handshakes)),
         };
         let _ = stream.set_nodelay(true);
         let conn = Connection {
@@ -314,7 +379,7 @@ pub async fn serve<H, M, S, B>(
         let (handshake, make) = (handshake.clone(), make.clone());
         tokio::spawn(async move {
             let _source = source;
-            conn.run(stream, budget, &*handshake, &*make).await;
+            conn.run(stream, budget, evicted, &*handshake, &*make).await;
         });
     }
     drop(listener);
@@ -344,7 +409,8 @@ impl Connection {
     async fn run<H, M, S, B>(
         mut self,
         tcp: TcpStream,
-        budget: Option<tokio::sync::OwnedSemaphorePermit>,
+        budget: Budget,
+        evicted: Option<tokio::sync::oneshot::Receiver<()>>,
         handshake: &H,
         make: &M,
     ) where
@@ -362,6 +428,27 @@ impl Connection {
     {
         let peer = self.peer;
         let deadline = tokio::time::Instant::now() + self.limits.handshake_timeout;
+        let budget = match budget {
+            Budget::Freed(handshakes) => {
+                match tokio::time::timeout(EVICT_WAIT, handshakes.acquire_owned()).await {
+                    Ok(Ok(p)) => Some(p),
+                    _ => return,
+                }
+            }
+            Budget::Held(p) => Some(p),
+            Budget::None => None,
+        };
+        let evicted = async move {
+            match evicted {
+                // Fired (evicted), or its sender dropped: only the first stops it.
+                Some(rx) => {
+                    if rx.await.is_err() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
         // The handshake, then a slot, both before the handshake deadline; the budget is
         // held until a slot is found.
         let slots = self.slots.clone();
@@ -386,6 +473,10 @@ impl Connection {
                 }
             },
             _ = self.stop.wait_for(|s| *s) => return,
+            () = evicted => {
+                tracing::debug!(%peer, "handshake dropped: the budget was spent and it was the oldest");
+                return;
+            }
         };
         drop(budget);
         let activity = Activity::new();

@@ -42,8 +42,13 @@ pub enum Operation {
     ManageKeys,
     /// datakey, wrap, unwrap, rewrap, batch.
     UseKeys,
-    /// Seal status, seal, unseal.
+    /// The tenant's identity policy and its identities' lockouts.
     System,
+    /// The whole service: seal, unseal, backup, master-key rotation, every tenant's
+    /// lockouts.
+    Service,
+    /// Seal status.
+    Status,
     /// Read the audit trail.
     ReadAudit,
 }
@@ -77,6 +82,8 @@ impl Principal {
             Operation::ManageKeys | Operation::System => self.role == Role::Admin,
             Operation::UseKeys => self.role == Role::App,
             Operation::ReadAudit => self.role == Role::Auditor,
+            Operation::Service => self.role == Role::Sys,
+            Operation::Status => matches!(self.role, Role::Admin | Role::Sys),
         };
         if allowed {
             Ok(())
@@ -85,7 +92,11 @@ impl Principal {
                 Operation::ReadKeys => "reading key metadata needs the admin or auditor role",
                 Operation::ManageKeys => "managing keys needs the admin role",
                 Operation::UseKeys => "using keys needs the app role",
-                Operation::System => "seal operations need the admin role",
+                Operation::System => "the identity policy needs the admin role",
+                Operation::Service => {
+                    "seal, unseal, backup and master-key rotation need the sys role"
+                }
+                Operation::Status => "the seal status needs the admin or sys role",
                 Operation::ReadAudit => "reading the audit trail needs the auditor role",
             }))
         }
@@ -313,6 +324,11 @@ impl Policy {
     /// sealed). Identities of the configuration file, and runtime identities of other
     /// tenants, cannot be changed here.
     pub fn set(&self, tenant: &str, identity: &str, role: Role) -> Result<(), Error> {
+        if role == Role::Sys {
+            return Err(Error::PermissionDenied(
+                "the sys role is given in the configuration file only",
+            ));
+        }
         if identity.is_empty()
             || identity.len() > MAX_IDENTITY_LEN
             || identity.chars().any(char::is_control)
@@ -555,14 +571,20 @@ mod tests {
     fn role_matrix() {
         use Operation::*;
         let table = [
-            (Role::Admin, [true, true, false, true]),
-            (Role::App, [false, false, true, false]),
-            (Role::Auditor, [true, false, false, false]),
+            (Role::Admin, [true, true, false, true, false, true, false]),
+            (Role::App, [false, false, true, false, false, false, false]),
+            (
+                Role::Auditor,
+                [true, false, false, false, false, false, true],
+            ),
+            (Role::Sys, [false, false, false, false, true, true, false]),
         ];
         for (role, expect) in table {
-            for (op, ok) in [ReadKeys, ManageKeys, UseKeys, System]
-                .into_iter()
-                .zip(expect)
+            for (op, ok) in [
+                ReadKeys, ManageKeys, UseKeys, System, Service, Status, ReadAudit,
+            ]
+            .into_iter()
+            .zip(expect)
             {
                 assert_eq!(p(role).authorize(op).is_ok(), ok, "{role:?} {op:?}");
             }

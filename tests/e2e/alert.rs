@@ -123,7 +123,7 @@ async fn denials_seal_and_disable_reach_the_webhook_within_two_seconds() {
         (json!(ADMIN_A), json!("k"))
     );
     let t = Instant::now();
-    post(&admin, &s.url("/v1/sys/seal"), json!({})).await;
+    post(&s.client(Some("sys")), &s.url("/v1/sys/seal"), json!({})).await;
     expect(&mut rx, "sealed", t).await;
     // The command got the same events.
     let deadline = Instant::now() + Duration::from_secs(2);

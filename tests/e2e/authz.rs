@@ -296,16 +296,63 @@ async fn run_caller(s: &TestServer, who: Who, wrapped: &[Wrapped]) -> Vec<Cell> 
         expect_manage(&who, None, &["auditor"]),
         get(&c, &s.url("/v1/audit?limit=1")).await,
     );
+    // The service (issue 22): the sys role, and only it, seals, unseals, exports backups
+    // and rotates the master key; tenant admins and sys read the status and lockouts (an
+    // admin its tenant's); no one gives the sys role at run time; an admin lifts only
+    // its own tenant's lockouts.
     check(
         "sys status".into(),
-        expect_manage(&who, None, &["admin"]),
+        expect_manage(&who, None, &["admin", "sys"]),
         get(&c, &s.url("/v1/sys/status")).await,
     );
     check(
         "lockouts".into(),
-        expect_manage(&who, None, &["admin"]),
+        expect_manage(&who, None, &["admin", "sys"]),
         get(&c, &s.url("/v1/sys/lockouts")).await,
     );
+    check(
+        "unseal (already unsealed)".into(),
+        expect_manage(&who, None, &["sys"]),
+        post(&c, &s.url("/v1/sys/unseal"), json!({})).await,
+    );
+    check(
+        "backup".into(),
+        expect_manage(&who, None, &["sys"]),
+        get(&c, &s.url("/v1/sys/backup")).await,
+    );
+    check(
+        "rotate-master".into(),
+        expect_manage(&who, None, &["sys"]),
+        post(&c, &s.url("/v1/sys/rotate-master"), json!({})).await,
+    );
+    check(
+        "give the sys role".into(),
+        DENIED,
+        put(
+            &c,
+            &s.url("/v1/sys/identities"),
+            json!({"identity": format!("spiffe://test/new-sys-{}", who.stem), "role": "sys"}),
+        )
+        .await,
+    );
+    for t in TENANTS {
+        let expected =
+            if role_is(&who, &["sys"]) || (role_is(&who, &["admin"]) && who.tenant == Some(t)) {
+                OK
+            } else {
+                DENIED
+            };
+        check(
+            format!("lift the lockout of app-{t}"),
+            expected,
+            post(
+                &c,
+                &s.url("/v1/sys/lockouts/lift"),
+                json!({"identity": IDENTITIES.iter().find(|i| i.0 == format!("app-{t}")).map(|i| i.1)}),
+            )
+            .await,
+        );
+    }
     // Key use.
     let dek = B64.encode([7u8; 32]);
     for context in CONTEXTS {

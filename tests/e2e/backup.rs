@@ -34,7 +34,7 @@ async fn backup_then_restore_into_a_new_store_unwraps_the_old_deks() {
     let work = tempfile::tempdir().unwrap();
     let backup = work.path().join("keyhold.backup");
     let url = s.url("");
-    let (ca, cert, key) = (s.pki.ca(), s.pki.cert("admin-a"), s.pki.key("admin-a"));
+    let (ca, cert, key) = (s.pki.ca(), s.pki.cert("sys"), s.pki.key("sys"));
     let backup_arg = backup.clone();
     let out = tokio::task::spawn_blocking(move || {
         run(Command::new(workspace_bin("kmsctl"))
@@ -149,9 +149,9 @@ async fn backup_then_restore_into_a_new_store_unwraps_the_old_deks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shamir_sealed_server_restores_with_its_shares() {
     let mut s = TestServer::start_with(TestSeal::Shamir, "").await;
-    let admin = s.kms_client("admin-a");
+    let sys = s.kms_client("sys");
     for share in &s.shares[..3] {
-        admin.unseal_share(share).await.unwrap();
+        sys.unseal_share(share).await.unwrap();
     }
     crate::create_key(&s, "admin-a", "k").await;
     let dk = s
@@ -159,7 +159,7 @@ async fn a_shamir_sealed_server_restores_with_its_shares() {
         .datakey("k", &Context::new())
         .await
         .unwrap();
-    let backup = admin.backup().await.unwrap();
+    let backup = s.kms_client("sys").backup().await.unwrap();
     s.stop().await;
 
     let fresh = tempfile::tempdir().unwrap();
@@ -211,9 +211,9 @@ async fn a_shamir_sealed_server_restores_with_its_shares() {
         String::from_utf8_lossy(&out.stderr)
     );
     let r = TestServer::open_dir(fresh).await;
-    let radmin = r.kms_client("admin-a");
+    let rsys = r.kms_client("sys");
     for share in &s.shares[2..5] {
-        radmin.unseal_share(share).await.unwrap();
+        rsys.unseal_share(share).await.unwrap();
     }
     let un = r
         .kms_client("app-a")

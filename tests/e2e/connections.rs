@@ -194,6 +194,40 @@ async fn thousands_of_idle_connections_from_one_source_do_not_keep_another_out()
     }
 }
 
+/// More idle connections than the handshake budget (1 024), from many sources (each
+/// under its share): a new client is still served at once, on every TLS listener. The
+/// oldest handshake still in progress gives up its place; before, with the budget spent,
+/// every new connection was closed until the idle ones timed out (60 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_from_many_sources_do_not_keep_a_new_client_out() {
+    let (s, _files) = every_listener("", "handshake_timeout_secs = 60").await;
+    const IDLE: usize = 1100;
+    for l in [Listener::Api, Listener::Public, Listener::Xks] {
+        let to = addr_of(&s, l);
+        let mut junk = Vec::with_capacity(IDLE);
+        for i in 0..IDLE {
+            // 100 per source address: 127.0.1.0, 127.0.1.1, ...
+            let from = [127, 0, 1, (i / 100) as u8];
+            if let Ok(c) = connect_from(from, to).await {
+                junk.push(c);
+            }
+        }
+        // Old enough to give way.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let t0 = Instant::now();
+        let status = tokio::time::timeout(Duration::from_secs(20), status_of(&dial(&s, l), LEGIT))
+            .await
+            .unwrap_or_else(|_| panic!("{l:?}: no answer within 20 s"));
+        assert!(status > 0, "{l:?}");
+        eprintln!(
+            "{l:?}: served in {:?} beside {} idle connections from 11 sources",
+            t0.elapsed(),
+            junk.len()
+        );
+        drop(junk);
+    }
+}
+
 /// A connection that stalls is closed after its timeout, on every listener: no TLS
 /// handshake; request headers never finished; a body announced and never sent; an
 /// HTTP/1.1 keep-alive connection left idle after an answer; an HTTP/2 connection with no

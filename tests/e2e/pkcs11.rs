@@ -185,6 +185,7 @@ async fn pkcs11_unseal_with_softhsm() {
     n.start().await;
     assert_eq!(n.ops_status("/readyz").await, Some(200), "{}", n.log());
     let admin = n.client("admin-a");
+    let sys = n.client("sys");
     let app = n.client("app-a");
     admin
         .create_key(&keyhold_tests::create_granted("k", keyhold_tests::APP_A))
@@ -195,7 +196,7 @@ async fn pkcs11_unseal_with_softhsm() {
     let unwrap_body = json!({"wrapped": dk.wrapped, "context": ctx});
 
     // Seal wipes the keys; unseal with an empty body asks the token again.
-    let status = admin.seal().await.unwrap();
+    let status = sys.seal().await.unwrap();
     assert!(status.sealed);
     assert_eq!(n.ops_status("/readyz").await, Some(503));
     assert_error(
@@ -203,7 +204,7 @@ async fn pkcs11_unseal_with_softhsm() {
         503,
         "Sealed",
     );
-    let status = admin.unseal(None).await.unwrap();
+    let status = sys.unseal(None).await.unwrap();
     assert!(
         !status.sealed && status.seal_method == "pkcs11",
         "{status:?}"
@@ -213,7 +214,7 @@ async fn pkcs11_unseal_with_softhsm() {
 
     // Master-key rotation under the token: re-sealed with a fresh nonce, keys unchanged.
     let before = sealed_record_while_running(&n);
-    assert_eq!(admin.rotate_master(None).await.unwrap(), 1);
+    assert_eq!(sys.rotate_master(None).await.unwrap(), 1);
     n.stop();
     let after = sealed_record(&store_path);
     assert_ne!(before["sealed"], after["sealed"]);
@@ -238,7 +239,7 @@ async fn pkcs11_unseal_with_softhsm() {
     n.start().await;
     assert_eq!(n.ops_status("/readyz").await, Some(503));
     assert!(n.log().contains("PKCS#11 user PIN"), "{}", n.log());
-    let r = post(&n.raw("admin-a"), &n.url("/v1/sys/unseal"), json!({})).await;
+    let r = post(&n.raw("sys"), &n.url("/v1/sys/unseal"), json!({})).await;
     assert_error(&r, 400, "InvalidRequest");
     assert!(
         r.1["error"]["message"]
@@ -248,7 +249,7 @@ async fn pkcs11_unseal_with_softhsm() {
         "{r:?}"
     );
     std::fs::write(n.dir.path().join("hsm.pin"), "1234-user-pin\n").unwrap();
-    let r = post(&n.raw("admin-a"), &n.url("/v1/sys/unseal"), json!({})).await;
+    let r = post(&n.raw("sys"), &n.url("/v1/sys/unseal"), json!({})).await;
     assert_eq!((r.0, r.1["sealed"].clone()), (200, json!(false)), "{r:?}");
     n.stop();
 
@@ -264,7 +265,7 @@ async fn pkcs11_unseal_with_softhsm() {
     .unwrap();
     n.start().await;
     assert_eq!(n.ops_status("/readyz").await, Some(503));
-    let r = post(&n.raw("admin-a"), &n.url("/v1/sys/unseal"), json!({})).await;
+    let r = post(&n.raw("sys"), &n.url("/v1/sys/unseal"), json!({})).await;
     assert_eq!(r.0, 503, "{r:?}");
     n.stop();
     assert_eq!(sealed_record(&store_path)["sealed"], after["sealed"]);

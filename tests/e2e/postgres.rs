@@ -885,7 +885,12 @@ async fn a_master_rotation_on_one_node_loses_nothing_written_on_another() {
     assert_eq!(dk.0, 200, "{dk:?}");
     deks.push(dk.1);
 
-    let r = post(&admin_a, &a.url("/v1/sys/rotate-master"), json!({})).await;
+    let r = post(
+        &a.client(Some("sys")),
+        &a.url("/v1/sys/rotate-master"),
+        json!({}),
+    )
+    .await;
     assert_eq!(r.0, 200, "{r:?}");
 
     // On B: create (with automatic rotation), use, rotate by hand.

@@ -28,9 +28,10 @@ async fn passphrase_server_starts_sealed_and_unseals_over_the_api() {
         503,
         "Sealed",
     );
-    // The wrong passphrase, no passphrase, and a non-admin are all refused.
+    // The wrong passphrase, no passphrase, an app and a tenant admin are all refused:
+    // unsealing is the sys role's.
     let r = post(
-        &admin,
+        &s.client(Some("sys")),
         &s.url("/v1/sys/unseal"),
         json!({"passphrase": "wrong horse"}),
     )
@@ -38,23 +39,25 @@ async fn passphrase_server_starts_sealed_and_unseals_over_the_api() {
     assert_error(&r, 400, "InvalidRequest");
     assert!(!r.1.to_string().contains("wrong horse"));
     assert_error(
-        &post(&admin, &s.url("/v1/sys/unseal"), json!({})).await,
+        &post(&s.client(Some("sys")), &s.url("/v1/sys/unseal"), json!({})).await,
         400,
         "InvalidRequest",
     );
-    assert_error(
-        &post(
-            &app,
-            &s.url("/v1/sys/unseal"),
-            json!({"passphrase": TEST_PASSPHRASE}),
-        )
-        .await,
-        403,
-        "PermissionDenied",
-    );
+    for not_sys in [&app, &admin] {
+        assert_error(
+            &post(
+                not_sys,
+                &s.url("/v1/sys/unseal"),
+                json!({"passphrase": TEST_PASSPHRASE}),
+            )
+            .await,
+            403,
+            "PermissionDenied",
+        );
+    }
     // The right one unseals.
     let (st, status) = post(
-        &admin,
+        &s.client(Some("sys")),
         &s.url("/v1/sys/unseal"),
         json!({"passphrase": TEST_PASSPHRASE}),
     )
@@ -69,7 +72,7 @@ async fn passphrase_server_starts_sealed_and_unseals_over_the_api() {
     let (st, dk) = post(&app, &s.url("/v1/keys/k/datakey"), json!({})).await;
     assert_eq!(st, 200);
     // Seal: key operations stop until the next unseal.
-    let (st, status) = post(&admin, &s.url("/v1/sys/seal"), json!({})).await;
+    let (st, status) = post(&s.client(Some("sys")), &s.url("/v1/sys/seal"), json!({})).await;
     assert_eq!((st, status["sealed"].clone()), (200, json!(true)));
     assert_error(
         &post(
@@ -82,7 +85,7 @@ async fn passphrase_server_starts_sealed_and_unseals_over_the_api() {
         "Sealed",
     );
     post(
-        &admin,
+        &s.client(Some("sys")),
         &s.url("/v1/sys/unseal"),
         json!({"passphrase": TEST_PASSPHRASE}),
     )
@@ -112,7 +115,12 @@ async fn shamir_server_unseals_with_exactly_m_shares_over_mtls() {
     );
     // Two shares (M-1): still sealed; the second counts.
     for (i, share) in s.shares[..2].iter().enumerate() {
-        let (st, status) = post(&admin, &s.url("/v1/sys/unseal"), unseal(share)).await;
+        let (st, status) = post(
+            &s.client(Some("sys")),
+            &s.url("/v1/sys/unseal"),
+            unseal(share),
+        )
+        .await;
         assert_eq!(st, 200, "{status}");
         assert_eq!(status["sealed"], true);
         assert_eq!(status["unseal_progress"]["received"], i + 1);
@@ -128,28 +136,43 @@ async fn shamir_server_unseals_with_exactly_m_shares_over_mtls() {
         "Sealed",
     );
     // A duplicate and a share of another set are refused and do not count.
-    let dup = post(&admin, &s.url("/v1/sys/unseal"), unseal(&s.shares[1])).await;
+    let dup = post(
+        &s.client(Some("sys")),
+        &s.url("/v1/sys/unseal"),
+        unseal(&s.shares[1]),
+    )
+    .await;
     assert_error(&dup, 400, "InvalidRequest");
     assert!(dup.1["error"]["message"]
         .as_str()
         .unwrap()
         .contains("already given"));
     let (_, foreign) = kms_server::seal::ShamirSealer::deal(5, 3).unwrap();
-    let other = post(&admin, &s.url("/v1/sys/unseal"), unseal(&foreign[2])).await;
+    let other = post(
+        &s.client(Some("sys")),
+        &s.url("/v1/sys/unseal"),
+        unseal(&foreign[2]),
+    )
+    .await;
     assert_error(&other, 400, "InvalidRequest");
     assert!(other.1["error"]["message"]
         .as_str()
         .unwrap()
         .contains("another set"));
     assert_error(
-        &post(&admin, &s.url("/v1/sys/unseal"), unseal("not a share")).await,
+        &post(
+            &s.client(Some("sys")),
+            &s.url("/v1/sys/unseal"),
+            unseal("not a share"),
+        )
+        .await,
         400,
         "InvalidRequest",
     );
-    // Only admins submit shares.
+    // Only the sys role submits shares (a tenant admin is refused).
     assert_error(
         &post(
-            &s.client(Some("app-a")),
+            &s.client(Some("admin-a")),
             &s.url("/v1/sys/unseal"),
             unseal(&s.shares[3]),
         )
@@ -158,14 +181,24 @@ async fn shamir_server_unseals_with_exactly_m_shares_over_mtls() {
         "PermissionDenied",
     );
     // Sealing while sealed discards the shares received so far (a reset); give them again.
-    let (_, status) = post(&admin, &s.url("/v1/sys/seal"), json!({})).await;
+    let (_, status) = post(&s.client(Some("sys")), &s.url("/v1/sys/seal"), json!({})).await;
     assert_eq!(status["unseal_progress"]["received"], 0, "{status}");
     for share in &s.shares[..2] {
-        let (st, _) = post(&admin, &s.url("/v1/sys/unseal"), unseal(share)).await;
+        let (st, _) = post(
+            &s.client(Some("sys")),
+            &s.url("/v1/sys/unseal"),
+            unseal(share),
+        )
+        .await;
         assert_eq!(st, 200);
     }
     // The third distinct share unseals.
-    let (st, status) = post(&admin, &s.url("/v1/sys/unseal"), unseal(&s.shares[4])).await;
+    let (st, status) = post(
+        &s.client(Some("sys")),
+        &s.url("/v1/sys/unseal"),
+        unseal(&s.shares[4]),
+    )
+    .await;
     assert_eq!(
         (st, status["sealed"].clone()),
         (200, json!(false)),
@@ -201,9 +234,9 @@ async fn shamir_server_unseals_with_exactly_m_shares_over_mtls() {
                 "--tls-ca".into(),
                 s.pki.ca().display().to_string(),
                 "--tls-cert".into(),
-                s.pki.cert("admin-a").display().to_string(),
+                s.pki.cert("sys").display().to_string(),
                 "--tls-key".into(),
-                s.pki.key("admin-a").display().to_string(),
+                s.pki.key("sys").display().to_string(),
                 "--output".into(),
                 "json".into(),
                 "sys".into(),
@@ -258,7 +291,7 @@ async fn master_key_rotation_keeps_every_dek_and_survives_restarts() {
         .unwrap()
         .len();
     assert!(sealed_before > 0);
-    let n = admin.rotate_master(None).await.unwrap();
+    let n = s.kms_client("sys").rotate_master(None).await.unwrap();
     assert_eq!(n, 3, "a has two versions, b one");
     for dk in &before {
         let un = app.unwrap(dk.wrapped.as_bytes(), &ctx).await.unwrap();
@@ -276,27 +309,61 @@ async fn master_key_rotation_keeps_every_dek_and_survives_restarts() {
 
     // Passphrase server: the passphrase must open the current key (no lock-out by typo).
     let mut p = TestServer::start_with(TestSeal::Passphrase, "").await;
-    let padmin = p.kms_client("admin-a");
-    padmin.unseal(Some(TEST_PASSPHRASE)).await.unwrap();
+    let psys = p.kms_client("sys");
+    psys.unseal(Some(TEST_PASSPHRASE)).await.unwrap();
     crate::create_key(&p, "admin-a", "k").await;
     let pdk = p.kms_client("app-a").datakey("k", &ctx).await.unwrap();
-    let e = padmin.rotate_master(Some("wrong horse")).await.unwrap_err();
+    let e = psys.rotate_master(Some("wrong horse")).await.unwrap_err();
     assert_eq!(
         e.code(),
         Some(kms_client::api::ErrorCode::InvalidRequest),
         "{e}"
     );
-    assert_eq!(
-        padmin.rotate_master(Some(TEST_PASSPHRASE)).await.unwrap(),
-        1
-    );
+    assert_eq!(psys.rotate_master(Some(TEST_PASSPHRASE)).await.unwrap(), 1);
     p.restart().await;
-    let padmin = p.kms_client("admin-a");
-    padmin.unseal(Some(TEST_PASSPHRASE)).await.unwrap();
+    let psys = p.kms_client("sys");
+    psys.unseal(Some(TEST_PASSPHRASE)).await.unwrap();
     let un = p
         .kms_client("app-a")
         .unwrap(pdk.wrapped.as_bytes(), &ctx)
         .await
         .unwrap();
     assert_eq!(un.plaintext.expose_secret(), pdk.plaintext.expose_secret());
+}
+
+/// Issue 22: a wrong passphrase (to unseal or to rotate the master key) and a bad unseal
+/// share count toward the caller's lockout, as denials do; before, they were 400s that
+/// never counted, so the passphrase could be guessed at the server's speed.
+#[tokio::test]
+async fn wrong_passphrases_count_toward_the_lockout() {
+    let s = TestServer::start_with(TestSeal::Passphrase, "[lockout]\nthreshold = 3\n").await;
+    let sys = s.client(Some("sys"));
+    let unseal = |p: &str| json!({ "passphrase": p });
+    for guess in ["guess one", "guess two"] {
+        assert_error(
+            &post(&sys, &s.url("/v1/sys/unseal"), unseal(guess)).await,
+            400,
+            "InvalidRequest",
+        );
+    }
+    // Unsealed with the right one (a failure count is not a lockout yet).
+    let (st, body) = post(&sys, &s.url("/v1/sys/unseal"), unseal(TEST_PASSPHRASE)).await;
+    assert_eq!(st, 200, "{body}");
+    // The third wrong one (to rotate-master this time) locks the identity out: even the
+    // right passphrase is refused now.
+    assert_error(
+        &post(&sys, &s.url("/v1/sys/rotate-master"), unseal("guess three")).await,
+        400,
+        "InvalidRequest",
+    );
+    assert_error(
+        &post(
+            &sys,
+            &s.url("/v1/sys/rotate-master"),
+            unseal(TEST_PASSPHRASE),
+        )
+        .await,
+        429,
+        "LockedOut",
+    );
 }

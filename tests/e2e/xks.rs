@@ -661,7 +661,12 @@ async fn xks_conformance() {
     }
 
     // Sealed: the deep check says UNAVAILABLE (after the cache), key operations 503.
-    assert_eq!(post(&admin, &s.url("/v1/sys/seal"), json!({})).await.0, 200);
+    assert_eq!(
+        post(&s.client(Some("sys")), &s.url("/v1/sys/seal"), json!({}))
+            .await
+            .0,
+        200
+    );
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let h = new_client.post(HEALTH, &health).await;
     assert_eq!(

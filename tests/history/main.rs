@@ -107,6 +107,7 @@ async fn run(cluster: Cluster, plan: Plan) {
         client,
         identity,
         nodes: (0..n).map(|i| cluster.client(i, stem)).collect(),
+        sys: (0..n).map(|i| cluster.client(i, "sys")).collect(),
     };
     let shared = Arc::new(Shared {
         rec: workload::Recorder::new(),
@@ -191,7 +192,7 @@ async fn run(cluster: Cluster, plan: Plan) {
     // Final phase. Every node unsealed (a seal whose unseal failed in a fault leaves it
     // sealed) and ready, then the propagation bound passes.
     let admin = who("final".into(), ADMIN);
-    for (i, c) in admin.nodes.iter().enumerate() {
+    for (i, c) in admin.sys.iter().enumerate() {
         shared
             .rec
             .run(

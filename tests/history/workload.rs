@@ -162,6 +162,9 @@ pub struct Who {
     pub client: String,
     pub identity: &'static str,
     pub nodes: Vec<kms_client::Client>,
+    /// The same client's service operations (seal, unseal, backup, master-key rotation)
+    /// go out with the sys identity, one client per node.
+    pub sys: Vec<kms_client::Client>,
 }
 
 /// What the clients share.
@@ -340,6 +343,7 @@ pub async fn admin_client(who: Who, shared: Arc<Shared>, seed: u64, seal: bool) 
     while Instant::now() < shared.deadline {
         let node = rng.gen_range(0..who.nodes.len());
         let c = &who.nodes[node];
+        let sys = &who.sys[node];
         let keys = shared.keys.lock().unwrap().clone();
         let key = keys[rng.gen_range(0..keys.len())].clone();
         let rec = &shared.rec;
@@ -481,14 +485,14 @@ pub async fn admin_client(who: Who, shared: Arc<Shared>, seed: u64, seal: bool) 
                     node,
                     w,
                     OpKind::RotateMaster,
-                    c.rotate_master(None),
+                    sys.rotate_master(None),
                     |_| OkValue::default(),
                 )
                 .await;
                 None
             }
             80..86 => {
-                rec.run(&who, node, w, OpKind::Backup, c.backup(), |b| OkValue {
+                rec.run(&who, node, w, OpKind::Backup, sys.backup(), |b| OkValue {
                     backup: Some(b.clone()),
                     ..OkValue::default()
                 })
@@ -496,12 +500,12 @@ pub async fn admin_client(who: Who, shared: Arc<Shared>, seed: u64, seal: bool) 
                 None
             }
             86..89 if seal => {
-                rec.run(&who, node, w, OpKind::Seal, c.seal(), |_| {
+                rec.run(&who, node, w, OpKind::Seal, sys.seal(), |_| {
                     OkValue::default()
                 })
                 .await;
                 tokio::time::sleep(Duration::from_millis(rng.gen_range(50..300))).await;
-                rec.run(&who, node, w, OpKind::Unseal, c.unseal(None), |_| {
+                rec.run(&who, node, w, OpKind::Unseal, sys.unseal(None), |_| {
                     OkValue::default()
                 })
                 .await;

@@ -30,6 +30,8 @@ pub const APP_B: &str = "spiffe://test/globex/app";
 pub const AUDITOR_A: &str = "spiffe://test/acme/auditor";
 pub const STRANGER: &str = "spiffe://test/nobody";
 pub const TENANT_C: &str = "initech";
+/// The service operator (role `sys`: seal, unseal, backup, master-key rotation).
+pub const SYS: &str = "spiffe://test/ops/sys";
 
 /// Every mapped test identity: (certificate file stem, identity, tenant, role). Three
 /// tenants, each with an admin, two apps and an auditor.
@@ -47,6 +49,7 @@ pub const IDENTITIES: &[(&str, &str, &str, &str)] = &[
         TENANT_B,
         "auditor",
     ),
+    ("sys", SYS, "ops", "sys"),
     ("admin-c", "spiffe://test/initech/admin", TENANT_C, "admin"),
     ("app-c", "spiffe://test/initech/app", TENANT_C, "app"),
     ("app2-c", "spiffe://test/initech/app2", TENANT_C, "app"),
@@ -198,12 +201,19 @@ impl TestPki {
 }
 
 fn write_issued(dir: &Path, name: &str, issued: &Issued) {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     std::fs::write(dir.join(format!("{name}.pem")), &issued.cert_pem).unwrap();
-    std::fs::write(
-        dir.join(format!("{name}-key.pem")),
-        issued.key_pem.as_bytes(),
-    )
-    .unwrap();
+    // Private keys are their owner's only, as everywhere (kmsctl refuses others).
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(dir.join(format!("{name}-key.pem")))
+        .unwrap()
+        .write_all(issued.key_pem.as_bytes())
+        .unwrap();
 }
 
 /// Generates the test PKI: server, every [`IDENTITIES`] entry, a stranger (valid CA, no

@@ -329,6 +329,30 @@ impl<S: Send + Sync> FromRequestParts<S> for AuditNote {
     }
 }
 
+/// Counts a failure of `identity` (a denial, a wrong passphrase or unseal share) toward
+/// its lockout; at the threshold it is locked out (on every node of a shared store) and
+/// `locked_out` is raised.
+pub(crate) fn count_failure(state: &Arc<AppState>, identity: &str) {
+    if !state.lockouts.record_denial(identity) {
+        return;
+    }
+    tracing::warn!(identity, "identity locked out after repeated denials");
+    if state.lockouts.is_shared() {
+        // To the other nodes of the shared store, off the request path.
+        let (s, who) = (state.clone(), identity.to_owned());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = s.lockouts.publish(&who) {
+                tracing::error!(error = %e, identity = %who, "lockout not shared with the other nodes");
+            }
+        });
+    }
+    state.alerts.raise(crate::alert::AlertEvent::new(
+        "locked_out",
+        Some(identity),
+        "repeated denials",
+    ));
+}
+
 /// Counts and times every request by route and outcome, gives it an id, writes its audit
 /// record (and withholds the response if that fails), and logs one line (ids and codes
 /// only, never bodies).
@@ -376,23 +400,7 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
             Some(id),
             format!("{method} {route}"),
         ));
-        if state.lockouts.record_denial(id) {
-            tracing::warn!(identity = id, "identity locked out after repeated denials");
-            if state.lockouts.is_shared() {
-                // To the other nodes of the shared store, off the request path.
-                let (s, who) = (state.clone(), id.to_owned());
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = s.lockouts.publish(&who) {
-                        tracing::error!(error = %e, identity = %who, "lockout not shared with the other nodes");
-                    }
-                });
-            }
-            state.alerts.raise(crate::alert::AlertEvent::new(
-                "locked_out",
-                Some(id),
-                "repeated denials",
-            ));
-        }
+        count_failure(&state, id);
     }
     let elapsed = started.elapsed();
     let info = std::mem::take(

@@ -1,5 +1,6 @@
-//! System (admin): seal state (status, unseal, seal), lockouts, and the runtime identity
-//! policy of the caller's tenant.
+//! System: the service (sys role: seal, unseal, backup, master-key rotation, every
+//! tenant's lockouts), and a tenant's own (admin role: its runtime identity policy, its
+//! identities' lockouts). The seal status is for both.
 
 use std::sync::Arc;
 
@@ -89,12 +90,32 @@ fn accept_share(state: &AppState, text: &str) -> Result<(), Error> {
     state.keyring.unseal(&sealer)
 }
 
+/// A wrong passphrase or unseal share counts toward the caller's lockout, as a denial
+/// does: guessing is not free.
+fn count_bad_secret(state: &Arc<AppState>, identity: &str, e: &Error) {
+    if matches!(
+        e,
+        Error::Seal(crate::seal::SealError::WrongSecret(_) | crate::seal::SealError::BadShare(_))
+    ) {
+        crate::routes::count_failure(state, identity);
+    }
+}
+
+/// Whether `identity` belongs to `tenant` (an identity that maps to no tenant belongs to
+/// none: only the sys role sees it).
+fn in_tenant(state: &AppState, identity: &str, tenant: &str) -> bool {
+    state
+        .policy
+        .resolve(identity)
+        .is_ok_and(|p| p.tenant == tenant)
+}
+
 /// `GET /v1/sys/status`.
 pub async fn status(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
 ) -> Result<Json<SysStatus>, Error> {
-    caller.authorize(Operation::System)?;
+    caller.authorize(Operation::Status)?;
     Ok(Json(status_of(&state)))
 }
 
@@ -105,11 +126,13 @@ pub async fn unseal(
     Caller(caller): Caller,
     ApiJson(req): ApiJson<UnsealRequest>,
 ) -> Result<Json<SysStatus>, Error> {
-    caller.authorize(Operation::System)?;
+    caller.authorize(Operation::Service)?;
     let was_sealed = state.keyring.is_sealed();
     let st = state.clone();
     if let Some(share) = req.share {
-        blocking(move || accept_share(&st, share.expose_secret())).await?;
+        blocking(move || accept_share(&st, share.expose_secret()))
+            .await
+            .inspect_err(|e| count_bad_secret(&state, &caller.identity, e))?;
         if state.keyring.is_sealed() || !was_sealed {
             return Ok(Json(status_of(&state)));
         }
@@ -121,7 +144,8 @@ pub async fn unseal(
             let sealer = (st.sealer)(passphrase);
             st.keyring.unseal(sealer.as_ref())
         })
-        .await?;
+        .await
+        .inspect_err(|e| count_bad_secret(&state, &caller.identity, e))?;
     }
     tracing::warn!(identity = %caller.identity, "server unsealed");
     state.alerts.raise(crate::alert::AlertEvent::new(
@@ -138,7 +162,7 @@ pub async fn seal(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
 ) -> Result<Json<SysStatus>, Error> {
-    caller.authorize(Operation::System)?;
+    caller.authorize(Operation::Service)?;
     state.keyring.seal();
     state
         .pending_shares
@@ -159,11 +183,15 @@ pub async fn lockouts(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
 ) -> Result<Json<LockoutList>, Error> {
-    caller.authorize(Operation::System)?;
+    let every_tenant = caller.authorize(Operation::Service).is_ok();
+    if !every_tenant {
+        caller.authorize(Operation::System)?;
+    }
     let lockouts = state
         .lockouts
         .list()
         .into_iter()
+        .filter(|(identity, _)| every_tenant || in_tenant(&state, identity, &caller.tenant))
         .map(|(identity, seconds_left)| LockoutInfo {
             identity,
             seconds_left,
@@ -178,7 +206,14 @@ pub async fn lift_lockout(
     Caller(caller): Caller,
     ApiJson(req): ApiJson<LiftLockoutRequest>,
 ) -> Result<Json<LiftLockoutResponse>, Error> {
-    caller.authorize(Operation::System)?;
+    if caller.authorize(Operation::Service).is_err() {
+        caller.authorize(Operation::System)?;
+        if !in_tenant(&state, &req.identity, &caller.tenant) {
+            return Err(Error::PermissionDenied(
+                "an admin lifts the lockouts of its own tenant's identities (the sys role lifts any)",
+            ));
+        }
+    }
     let identity = req.identity.clone();
     let s = state.clone();
     let lifted = crate::routes::blocking(move || s.lockouts.lift(&identity)).await?;
@@ -251,7 +286,7 @@ pub async fn backup(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
 ) -> Result<Json<crate::backup::Backup>, Error> {
-    caller.authorize(Operation::System)?;
+    caller.authorize(Operation::Service)?;
     let st = state.clone();
     let backup = blocking(move || crate::backup::export(&st.keyring)).await?;
     tracing::warn!(identity = %caller.identity, "backup exported");
@@ -265,7 +300,7 @@ pub async fn rotate_master(
     Caller(caller): Caller,
     ApiJson(req): ApiJson<kms_client::api::RotateMasterRequest>,
 ) -> Result<Json<kms_client::api::RotateMasterResponse>, Error> {
-    caller.authorize(Operation::System)?;
+    caller.authorize(Operation::Service)?;
     let passphrase = req
         .passphrase
         .map(|p| zeroize::Zeroizing::new(p.expose_secret().to_owned()));
@@ -274,7 +309,8 @@ pub async fn rotate_master(
         let sealer = (st.sealer)(passphrase);
         st.keyring.rotate_master(sealer.as_ref())
     })
-    .await?;
+    .await
+    .inspect_err(|e| count_bad_secret(&state, &caller.identity, e))?;
     tracing::warn!(identity = %caller.identity, versions = n, "master key rotated");
     state.alerts.raise(crate::alert::AlertEvent::new(
         "master_key_rotated",
