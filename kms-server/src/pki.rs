@@ -83,8 +83,29 @@ impl Pki {
     /// A CRL (PEM) revoking the certificates given as PEM, valid for a day, with CRL number
     /// `number` (increase it with every new list).
     pub fn revocation_list(&self, revoked_pems: &[&str], number: u64) -> Result<String, PkiError> {
+        let now = std::time::SystemTime::now();
+        self.revocation_list_between(
+            revoked_pems,
+            number,
+            now,
+            now + std::time::Duration::from_secs(86_400),
+        )
+    }
+
+    /// [`Pki::revocation_list`] with its own `thisUpdate` and `nextUpdate`.
+    pub fn revocation_list_between(
+        &self,
+        revoked_pems: &[&str],
+        number: u64,
+        this_update: std::time::SystemTime,
+        next_update: std::time::SystemTime,
+    ) -> Result<String, PkiError> {
         use rustls::pki_types::pem::PemObject;
-        let now = time::OffsetDateTime::now_utc();
+        let (this_update, next_update) = (
+            time::OffsetDateTime::from(this_update),
+            time::OffsetDateTime::from(next_update),
+        );
+        let now = this_update;
         let mut revoked_certs = Vec::new();
         for pem in revoked_pems {
             let der = rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
@@ -99,8 +120,8 @@ impl Pki {
             });
         }
         let params = CertificateRevocationListParams {
-            this_update: now,
-            next_update: now + time::Duration::days(1),
+            this_update,
+            next_update,
             crl_number: SerialNumber::from(number),
             issuing_distribution_point: None,
             revoked_certs,

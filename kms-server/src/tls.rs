@@ -111,6 +111,19 @@ pub fn leaf_revocation_key(cert: &[u8]) -> Option<Vec<u8>> {
     ))
 }
 
+/// The earliest `nextUpdate` of `crls` (a CRL without one never expires).
+pub fn crls_valid_until(crls: &[CertificateRevocationListDer<'_>]) -> Option<SystemTime> {
+    crls.iter()
+        .filter_map(|crl| {
+            let (_, crl) =
+                x509_parser::revocation_list::CertificateRevocationList::from_der(crl.as_ref())
+                    .ok()?;
+            let next = crl.next_update()?.timestamp();
+            Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(next).ok()?))
+        })
+        .min()
+}
+
 /// The revocation keys of every certificate the CRLs list.
 pub fn revoked_set(crls: &[CertificateRevocationListDer<'_>]) -> HashSet<Vec<u8>> {
     let mut set = HashSet::new();
@@ -157,7 +170,12 @@ fn server_config_with(
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
     if !crls.is_empty() {
         // Leaf certificates only: the CA itself is trusted by configuration.
-        builder = builder.with_crls(crls).only_check_end_entity_revocation();
+        // A CRL past its nextUpdate says nothing about certificates revoked since:
+        // handshakes fail until a fresh one is loaded (fail closed).
+        builder = builder
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .enforce_revocation_expiration();
     }
     let verifier = builder
         .build()
@@ -191,7 +209,7 @@ pub fn finish_server_config(config: &mut ServerConfig) {
 pub struct TlsReloader {
     settings: TlsSettings,
     config: RwLock<Arc<ServerConfig>>,
-    revoked: RwLock<Arc<HashSet<Vec<u8>>>>,
+    revoked: RwLock<Arc<Revoked>>,
     /// (modified, length) of each CRL file at the last load.
     stamps: Mutex<Vec<Option<(SystemTime, u64)>>>,
 }
@@ -199,6 +217,12 @@ pub struct TlsReloader {
 fn stamp(path: &PathBuf) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
+}
+
+/// What the CRLs in force say.
+struct Revoked {
+    keys: HashSet<Vec<u8>>,
+    valid_until: Option<SystemTime>,
 }
 
 impl TlsReloader {
@@ -214,14 +238,20 @@ impl TlsReloader {
         })
     }
 
-    fn load(settings: &TlsSettings) -> Result<(Arc<ServerConfig>, HashSet<Vec<u8>>), TlsError> {
+    fn load(settings: &TlsSettings) -> Result<(Arc<ServerConfig>, Revoked), TlsError> {
         let crls = settings
             .crls
             .iter()
             .map(|p| load_crls(p))
             .collect::<Result<Vec<_>, _>>()?
             .concat();
-        let revoked = revoked_set(&crls);
+        let revoked = Revoked {
+            keys: revoked_set(&crls),
+            valid_until: crls_valid_until(&crls),
+        };
+        if revoked.valid_until.is_some_and(|t| t <= SystemTime::now()) {
+            tracing::error!("a certificate revocation list is past its nextUpdate: every client certificate is refused until a fresh one is loaded");
+        }
         Ok((server_config_with(settings, crls)?, revoked))
     }
 
@@ -233,14 +263,16 @@ impl TlsReloader {
             .clone()
     }
 
-    /// Whether a connection's leaf certificate (by [`leaf_revocation_key`]) is revoked now.
+    /// Whether a connection's leaf certificate (by [`leaf_revocation_key`]) is revoked now,
+    /// or cannot be known not to be: the CRLs in force are past their `nextUpdate`.
     pub fn is_revoked(&self, key: &[u8]) -> bool {
-        let set = self
+        let r = self
             .revoked
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
-        !set.is_empty() && set.contains(key)
+        r.valid_until.is_some_and(|t| t <= SystemTime::now())
+            || (!r.keys.is_empty() && r.keys.contains(key))
     }
 
     /// Whether a CRL file changed since the last load.
@@ -256,7 +288,7 @@ impl TlsReloader {
         let stamps: Vec<_> = self.settings.crls.iter().map(stamp).collect();
         *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) = stamps;
         let (config, revoked) = Self::load(&self.settings)?;
-        let n = revoked.len();
+        let n = revoked.keys.len();
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = config;
         *self.revoked.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(revoked);
         Ok(n)

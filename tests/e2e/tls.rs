@@ -308,3 +308,35 @@ async fn sighup_rotates_the_server_certificate_and_the_client_ca() {
         .await
         .is_ok());
 }
+
+/// Issue 22: a CRL past its `nextUpdate` is not trusted. It says nothing about what was
+/// revoked since, so every client certificate is refused, on new handshakes and on open
+/// connections, until a fresh CRL is loaded. Before, an expired CRL kept serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crl_past_its_next_update_refuses_every_client_until_a_fresh_one() {
+    let s = TestServer::start().await;
+    create_key(&s, "admin-a", "k").await;
+    let app_a = s.client(Some("app-a"));
+    let datakey = s.url("/v1/keys/k/datakey");
+    assert_eq!(post(&app_a, &datakey, json!({})).await.0, 200);
+    s.pki.expired_crl(2);
+    eventually("the open connection refused", || async {
+        post(&app_a, &datakey, json!({})).await.0 == 403
+    })
+    .await;
+    assert!(
+        raw_request(&s, rustls_client(&s.pki, Some("app-b")))
+            .await
+            .is_err(),
+        "a new handshake under an expired CRL must fail"
+    );
+    // A fresh CRL: served again.
+    s.pki.revoke(&[], 3);
+    eventually("served again under a fresh CRL", || async {
+        raw_request(&s, rustls_client(&s.pki, Some("app-b")))
+            .await
+            .is_ok()
+    })
+    .await;
+    assert_eq!(post(&app_a, &datakey, json!({})).await.0, 200);
+}

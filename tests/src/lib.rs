@@ -180,6 +180,25 @@ impl TestPki {
     pub fn crl(&self) -> PathBuf {
         self.dir.join("crl.pem")
     }
+    /// Writes a CRL revoking nothing whose `nextUpdate` passed a minute ago.
+    pub fn expired_crl(&self, number: u64) {
+        let now = std::time::SystemTime::now();
+        let crl = self
+            .ca
+            .as_ref()
+            .expect("a generated PKI")
+            .revocation_list_between(
+                &[],
+                number,
+                now - std::time::Duration::from_secs(2 * 86_400),
+                now - std::time::Duration::from_secs(60),
+            )
+            .unwrap();
+        let tmp = self.dir.join("crl.pem.tmp");
+        std::fs::write(&tmp, crl).unwrap();
+        std::fs::rename(tmp, self.crl()).unwrap();
+    }
+
     /// Revokes these certificates (by file stem): writes a new CRL listing exactly them.
     pub fn revoke(&self, whos: &[&str], number: u64) {
         let pems: Vec<String> = whos
