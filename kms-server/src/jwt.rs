@@ -17,18 +17,41 @@
 //! `refresh`, and at once (at most every [`MIN_REFETCH`]) when a token names a key id the
 //! cache does not know, so an issuer's key rotation is picked up without a restart and a
 //! flood of unknown ids cannot turn into a flood of fetches.
+//!
+//! Reading the key set is the one part that may block (a file, or an HTTPS fetch of up to
+//! 10 s a step), and the tokens arrive anonymously, so an issuer's outage must not become
+//! the server's:
+//! - [`Verifier::verify_async`] (the listeners' path) never blocks an async worker: the
+//!   fetch runs on the blocking pool, and a call that needs its result awaits it (at most
+//!   [`FETCH_WAIT`]); a due refresh of a set whose key the token names runs in the
+//!   background while the cached key verifies;
+//! - single flight: one fetch at a time per verifier; concurrent calls needing it wait for
+//!   that one;
+//! - negative caching: after a failed fetch none is started for a back-off of
+//!   [`BACKOFF_MIN`], doubling with each further failure up to [`BACKOFF_MAX`]; a token
+//!   whose key is not cached meanwhile fails at once with [`JwtError::KeySet`] (the
+//!   protocols answer 503, with [`Verifier::retry_after`]), while the keys already cached
+//!   keep verifying.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Header, Validation};
 use serde::de::DeserializeOwned;
+use tokio::sync::watch;
 
 /// The least time between two fetches caused by unknown key ids.
 pub const MIN_REFETCH: Duration = Duration::from_secs(30);
+/// The back-off after a failed fetch; it doubles with each further failure.
+pub const BACKOFF_MIN: Duration = Duration::from_secs(5);
+/// The longest back-off while the key set stays unavailable.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// How long a verification waits for a fetch under way before it gives up.
+pub const FETCH_WAIT: Duration = Duration::from_secs(15);
 
 /// Algorithms a token may be signed with: asymmetric ones only.
 pub const ALLOWED: [Algorithm; 8] = [
@@ -142,16 +165,250 @@ struct Key {
 }
 
 struct Cache {
-    keys: HashMap<String, Key>,
+    keys: HashMap<String, Arc<Key>>,
+    /// Last good read.
     fetched: Option<Instant>,
     /// Last fetch forced by an unknown key id.
     forced: Option<Instant>,
+    /// A fetch is under way (single flight: at most one).
+    fetching: bool,
+    /// Failed fetches since the last good one.
+    failures: u32,
+    /// Why the last fetch failed; cleared by a good one.
+    last_error: Option<String>,
+    /// No fetch starts before this (the back-off after a failure).
+    retry_at: Option<Instant>,
+}
+
+impl Cache {
+    /// Why a key id the cache does not hold cannot be had now: the key set is
+    /// unavailable (its last fetch failed), or the id is unknown.
+    fn missing(&self) -> JwtError {
+        match &self.last_error {
+            Some(e) => JwtError::KeySet(e.clone()),
+            None => JwtError::UnknownKey,
+        }
+    }
+}
+
+/// A verifier's state, shared with the fetch it runs on the blocking pool.
+struct Shared {
+    source: JwksSource,
+    /// The issuer, for the log.
+    issuer: String,
+    /// The back-off after a first failure, and its ceiling.
+    backoff: (Duration, Duration),
+    cache: Mutex<Cache>,
+    /// Wakes the blocking waiters when a fetch ends.
+    ended_blocking: Condvar,
+    /// Wakes the async waiters when a fetch ends (its value: fetches ended).
+    ended: watch::Sender<u64>,
+    /// Fetches started.
+    attempts: AtomicU64,
+}
+
+/// What a verification does next.
+enum Plan {
+    /// Verify with this cached key.
+    Use(Arc<Key>),
+    /// Verify with this cached key; the refresh that is due is this call's to run.
+    UseAndRefresh(Arc<Key>, Flight),
+    /// Run this fetch, wait for it, and look again.
+    Lead(Flight, watch::Receiver<u64>),
+    /// Wait for the fetch under way, and look again.
+    Wait(watch::Receiver<u64>),
+    /// Fail.
+    Fail(JwtError),
+}
+
+/// The one fetch under way. Dropped, it ends the flight (records the result, clears
+/// the single-flight flag, wakes the waiters), also when it never ran (its task dropped
+/// at shutdown) or panicked.
+struct Flight {
+    shared: Arc<Shared>,
+    result: Option<Result<HashMap<String, Arc<Key>>, JwtError>>,
+}
+
+impl Flight {
+    /// Reads the key set (blocking); the number of usable keys.
+    fn run(mut self) -> Result<usize, JwtError> {
+        self.shared.attempts.fetch_add(1, Ordering::Relaxed);
+        let result = fetch(&self.shared.source).map(|set| usable(&set));
+        let out = match &result {
+            Ok(keys) => Ok(keys.len()),
+            Err(e) => Err(e.clone()),
+        };
+        self.result = Some(result);
+        out
+    }
+}
+
+impl Drop for Flight {
+    fn drop(&mut self) {
+        let result = self.result.take().unwrap_or_else(|| {
+            Err(JwtError::KeySet(
+                "the key set fetch was interrupted".to_owned(),
+            ))
+        });
+        self.shared.end(result);
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Cache> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The back-off after `failures` failed fetches in a row: the first, doubled for each
+    /// further failure, at most the ceiling.
+    fn backoff_after(&self, failures: u32) -> Duration {
+        let (first, ceiling) = self.backoff;
+        let doublings = failures.saturating_sub(1).min(16);
+        first.saturating_mul(1u32 << doublings).min(ceiling)
+    }
+
+    /// Starts a flight; the caller holds the lock and has checked none is under way.
+    fn take_off(self: &Arc<Self>, cache: &mut Cache) -> Flight {
+        cache.fetching = true;
+        Flight {
+            shared: self.clone(),
+            result: None,
+        }
+    }
+
+    /// What a verification of a token naming `kid` does next. `may_fetch`: false once it
+    /// has waited for a fetch (it looks once more, and fetches no more).
+    fn plan(self: &Arc<Self>, kid: &str, refresh: Duration, may_fetch: bool) -> Plan {
+        let now = Instant::now();
+        let mut cache = self.lock();
+        let stale = cache
+            .fetched
+            .is_none_or(|t| now.duration_since(t) >= refresh);
+        let backing_off = cache.retry_at.is_some_and(|t| now < t);
+        if let Some(key) = cache.keys.get(kid).cloned() {
+            if stale && may_fetch && !cache.fetching && !backing_off {
+                let flight = self.take_off(&mut cache);
+                return Plan::UseAndRefresh(key, flight);
+            }
+            return Plan::Use(key);
+        }
+        if !may_fetch {
+            return Plan::Fail(cache.missing());
+        }
+        if cache.fetching {
+            // Subscribed under the lock: the fetch's end cannot slip by unseen.
+            return Plan::Wait(self.ended.subscribe());
+        }
+        if backing_off {
+            return Plan::Fail(cache.missing());
+        }
+        // Perhaps a key the issuer just added: read the set again, not too often.
+        let may_force = cache
+            .forced
+            .is_none_or(|t| now.duration_since(t) >= MIN_REFETCH);
+        if !(stale || may_force) {
+            return Plan::Fail(cache.missing());
+        }
+        if !stale {
+            cache.forced = Some(now);
+        }
+        let flight = self.take_off(&mut cache);
+        Plan::Lead(flight, self.ended.subscribe())
+    }
+
+    /// Ends the flight under way with its result, and wakes its waiters.
+    fn end(&self, result: Result<HashMap<String, Arc<Key>>, JwtError>) {
+        let now = Instant::now();
+        let mut cache = self.lock();
+        cache.fetching = false;
+        match result {
+            Ok(keys) => {
+                if cache.failures > 0 {
+                    tracing::info!(issuer = %self.issuer, keys = keys.len(), "JWT key set available again");
+                }
+                cache.keys = keys;
+                cache.fetched = Some(now);
+                cache.failures = 0;
+                cache.last_error = None;
+                cache.retry_at = None;
+            }
+            Err(e) => {
+                cache.failures = cache.failures.saturating_add(1);
+                let wait = self.backoff_after(cache.failures);
+                cache.retry_at = Some(now + wait);
+                let message = match e {
+                    JwtError::KeySet(m) => m,
+                    other => other.to_string(),
+                };
+                // Once a fetch, not once a request.
+                tracing::warn!(
+                    issuer = %self.issuer,
+                    error = %message,
+                    failures = cache.failures,
+                    retry_in_secs = wait.as_secs(),
+                    "JWT key set fetch failed: the cached keys stay in use; no fetch before the back-off ends"
+                );
+                cache.last_error = Some(message);
+            }
+        }
+        drop(cache);
+        self.ended_blocking.notify_all();
+        self.ended.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Blocks until no fetch is under way, at most [`FETCH_WAIT`].
+    fn wait_blocking(&self) -> Result<(), JwtError> {
+        let deadline = Instant::now() + FETCH_WAIT;
+        let mut cache = self.lock();
+        while cache.fetching {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(too_long());
+            }
+            cache = match self.ended_blocking.wait_timeout(cache, left) {
+                Ok((guard, _)) => guard,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+        }
+        Ok(())
+    }
+}
+
+fn too_long() -> JwtError {
+    JwtError::KeySet(format!(
+        "the key set fetch under way took more than {} s",
+        FETCH_WAIT.as_secs()
+    ))
+}
+
+/// Runs a fetch on the blocking pool (inline when there is no runtime). Detached: it
+/// completes, and its result is cached, even if the request that started it is dropped.
+fn start(flight: Flight) {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) => {
+            runtime.spawn_blocking(move || flight.run());
+        }
+        Err(_) => {
+            let _ = flight.run();
+        }
+    }
+}
+
+/// Waits for the fetch under way to end, at most [`FETCH_WAIT`], without blocking.
+async fn wait(mut ended: watch::Receiver<u64>) -> Result<(), JwtError> {
+    match tokio::time::timeout(FETCH_WAIT, ended.changed()).await {
+        // `changed` fails only when the sender (in `Shared`) is gone: look again anyway.
+        Ok(_) => Ok(()),
+        Err(_) => Err(too_long()),
+    }
 }
 
 /// Verifies tokens against one issuer configuration.
 pub struct Verifier {
     settings: JwtSettings,
-    cache: RwLock<Cache>,
+    shared: Arc<Shared>,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -165,7 +422,7 @@ impl std::fmt::Debug for Verifier {
 
 /// The usable keys of a key set: RSA and EC keys with a `kid`; symmetric and
 /// unidentified keys are left out.
-fn usable(set: &JwkSet) -> HashMap<String, Key> {
+fn usable(set: &JwkSet) -> HashMap<String, Arc<Key>> {
     let mut keys = HashMap::new();
     for jwk in &set.keys {
         let Some(kid) = jwk.common.key_id.clone() else {
@@ -184,7 +441,7 @@ fn usable(set: &JwkSet) -> HashMap<String, Key> {
             .common
             .key_algorithm
             .and_then(|a| a.to_string().parse::<Algorithm>().ok());
-        keys.insert(kid, Key { decoding, rsa, alg });
+        keys.insert(kid, Arc::new(Key { decoding, rsa, alg }));
     }
     keys
 }
@@ -208,90 +465,139 @@ fn fetch_https(url: &str, ca: Option<&std::path::Path>) -> Result<Vec<u8>, JwtEr
     }
 }
 
+/// The header of a token, and its key id, if its algorithm is allowed.
+fn header_of(token: &str) -> Result<(Header, String), JwtError> {
+    let header = jsonwebtoken::decode_header(token).map_err(|e| {
+        // `none` and unknown algorithms fail while the header is read.
+        if e.to_string().contains("unknown variant") {
+            JwtError::Algorithm
+        } else {
+            JwtError::Malformed
+        }
+    })?;
+    if !ALLOWED.contains(&header.alg) {
+        return Err(JwtError::Algorithm);
+    }
+    let kid = header.kid.clone().ok_or(JwtError::UnknownKey)?;
+    Ok((header, kid))
+}
+
 impl Verifier {
     /// A verifier; the key set is read at the first token (or [`Verifier::refresh`]).
     pub fn new(settings: JwtSettings) -> Self {
+        Self::with_backoff(settings, BACKOFF_MIN, BACKOFF_MAX)
+    }
+
+    fn with_backoff(settings: JwtSettings, first: Duration, ceiling: Duration) -> Self {
+        let (ended, _) = watch::channel(0);
         Self {
-            settings,
-            cache: RwLock::new(Cache {
-                keys: HashMap::new(),
-                fetched: None,
-                forced: None,
+            shared: Arc::new(Shared {
+                source: settings.jwks.clone(),
+                issuer: settings.issuers.join(" "),
+                backoff: (first, ceiling),
+                cache: Mutex::new(Cache {
+                    keys: HashMap::new(),
+                    fetched: None,
+                    forced: None,
+                    fetching: false,
+                    failures: 0,
+                    last_error: None,
+                    retry_at: None,
+                }),
+                ended_blocking: Condvar::new(),
+                ended,
+                attempts: AtomicU64::new(0),
             }),
+            settings,
         }
     }
 
-    /// Reads the key set now. Blocking (a file or an HTTPS fetch). On failure the keys
+    /// Reads the key set now, back-off or not; if a read is under way, waits for it and
+    /// reports its outcome. Blocking (a file or an HTTPS fetch). On failure the keys
     /// already cached stay in use.
     pub fn refresh(&self) -> Result<usize, JwtError> {
-        let set = fetch(&self.settings.jwks)?;
-        let keys = usable(&set);
-        let n = keys.len();
-        let mut cache = self
-            .cache
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        cache.keys = keys;
-        cache.fetched = Some(Instant::now());
-        Ok(n)
+        let flight = {
+            let mut cache = self.shared.lock();
+            (!cache.fetching).then(|| self.shared.take_off(&mut cache))
+        };
+        if let Some(flight) = flight {
+            return flight.run();
+        }
+        self.shared.wait_blocking()?;
+        let cache = self.shared.lock();
+        match &cache.last_error {
+            Some(e) => Err(JwtError::KeySet(e.clone())),
+            None => Ok(cache.keys.len()),
+        }
     }
 
-    fn stale(&self) -> bool {
-        self.cache
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .fetched
-            .is_none_or(|t| t.elapsed() >= self.settings.refresh)
+    /// How long a caller refused for an unavailable key set ([`JwtError::KeySet`]) should
+    /// wait before it asks again: the rest of the back-off in whole seconds (rounded up),
+    /// at least one.
+    pub fn retry_after(&self) -> Duration {
+        let left = self.shared.lock().retry_at.map_or(Duration::ZERO, |t| {
+            t.saturating_duration_since(Instant::now())
+        });
+        let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+        Duration::from_secs(secs.max(1))
     }
 
-    /// Verifies `token` and returns its claims. Blocking when the key set must be read
-    /// (stale, or an unknown `kid`): call it off the async workers.
+    /// Verifies `token` and returns its claims, blocking while the key set is read (or a
+    /// read under way is waited for): call it off the async workers. The listeners use
+    /// [`Verifier::verify_async`].
     pub fn verify<C: DeserializeOwned>(&self, token: &str) -> Result<C, JwtError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| {
-            // `none` and unknown algorithms fail while the header is read.
-            if e.to_string().contains("unknown variant") {
-                JwtError::Algorithm
-            } else {
-                JwtError::Malformed
-            }
-        })?;
-        if !ALLOWED.contains(&header.alg) {
-            return Err(JwtError::Algorithm);
-        }
-        let kid = header.kid.ok_or(JwtError::UnknownKey)?;
-        if self.stale() {
-            if let Err(e) = self.refresh() {
-                tracing::warn!(error = %e, "JWT key set refresh failed: using the cached keys");
-            }
-        }
-        let known = self
-            .cache
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .keys
-            .contains_key(&kid);
-        if !known {
-            // Perhaps a key the issuer just added: read the set again, not too often.
-            let may = {
-                let mut cache = self
-                    .cache
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let may = cache.forced.is_none_or(|t| t.elapsed() >= MIN_REFETCH);
-                if may {
-                    cache.forced = Some(Instant::now());
+        let (header, kid) = header_of(token)?;
+        let mut may_fetch = true;
+        loop {
+            match self.shared.plan(&kid, self.settings.refresh, may_fetch) {
+                Plan::Use(key) => return self.check(token, &header, &key),
+                Plan::UseAndRefresh(_, flight) | Plan::Lead(flight, _) => {
+                    let _ = flight.run();
                 }
-                may
-            };
-            if may {
-                let _ = self.refresh();
+                Plan::Wait(_) => self.shared.wait_blocking()?,
+                Plan::Fail(e) => return Err(e),
             }
+            may_fetch = false;
         }
-        let cache = self
-            .cache
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let key = cache.keys.get(&kid).ok_or(JwtError::UnknownKey)?;
+    }
+
+    /// Verifies `token` and returns its claims without blocking the async worker: a key
+    /// set read runs on the blocking pool; the call waits for it only when the token's key
+    /// is not cached (a due refresh of a cached key runs in the background).
+    pub async fn verify_async<C: DeserializeOwned>(&self, token: &str) -> Result<C, JwtError> {
+        let (header, kid) = header_of(token)?;
+        let mut may_fetch = true;
+        loop {
+            match self.shared.plan(&kid, self.settings.refresh, may_fetch) {
+                Plan::Use(key) => return self.check(token, &header, &key),
+                Plan::UseAndRefresh(key, flight) => {
+                    start(flight);
+                    return self.check(token, &header, &key);
+                }
+                Plan::Lead(flight, ended) => {
+                    start(flight);
+                    wait(ended).await?;
+                }
+                Plan::Wait(ended) => wait(ended).await?,
+                Plan::Fail(e) => return Err(e),
+            }
+            may_fetch = false;
+        }
+    }
+
+    /// Fetches started so far.
+    #[cfg(test)]
+    fn attempts(&self) -> u64 {
+        self.shared.attempts.load(Ordering::Relaxed)
+    }
+
+    /// The checks of a token against the key its header names.
+    fn check<C: DeserializeOwned>(
+        &self,
+        token: &str,
+        header: &Header,
+        key: &Key,
+    ) -> Result<C, JwtError> {
         let rsa_alg = !matches!(header.alg, Algorithm::ES256 | Algorithm::ES384);
         if key.rsa != rsa_alg || key.alg.is_some_and(|a| a != header.alg) {
             return Err(JwtError::KeyMismatch);
@@ -599,15 +905,15 @@ mod tests {
         assert_eq!(v.refresh().unwrap(), 1);
         v.verify::<Value>(&sign(&a, "a", Algorithm::RS256, &claims(300)))
             .unwrap();
-        // The system's CAs do not vouch for this server: no keys.
+        // The system's CAs do not vouch for this server: no keys, and during the back-off
+        // a token fails as "key set unavailable" without another fetch.
         let untrusted = Verifier::new(settings(None));
         assert!(matches!(untrusted.refresh(), Err(JwtError::KeySet(_))));
-        assert_eq!(
-            untrusted
-                .verify::<Value>(&sign(&a, "a", Algorithm::RS256, &claims(300)))
-                .unwrap_err(),
-            JwtError::UnknownKey
-        );
+        assert!(matches!(
+            untrusted.verify::<Value>(&sign(&a, "a", Algorithm::RS256, &claims(300))),
+            Err(JwtError::KeySet(_))
+        ));
+        assert_eq!(untrusted.attempts(), 1);
         // Plain http is refused outright.
         let plain = Verifier::new(JwtSettings {
             jwks: JwksSource::Url {
@@ -617,5 +923,132 @@ mod tests {
             ..settings(None)
         });
         assert!(matches!(plain.refresh(), Err(JwtError::KeySet(_))));
+    }
+
+    fn missing_file_verifier(dir: &std::path::Path, refresh: Duration) -> Verifier {
+        Verifier::with_backoff(
+            JwtSettings {
+                issuers: vec![ISS.into()],
+                audiences: vec![AUD.into()],
+                jwks: JwksSource::File(dir.join("jwks.json")),
+                leeway: Duration::from_secs(60),
+                refresh,
+            },
+            Duration::from_secs(1),
+            Duration::from_secs(4),
+        )
+    }
+
+    #[test]
+    fn the_back_off_doubles_from_5_s_to_at_most_60_s() {
+        let dir = tempfile::tempdir().unwrap();
+        let v = verifier(dir.path(), &[]);
+        let secs: Vec<u64> = (1..=7)
+            .map(|n| v.shared.backoff_after(n).as_secs())
+            .collect();
+        assert_eq!(secs, [5, 10, 20, 40, 60, 60, 60]);
+        assert_eq!(v.shared.backoff_after(u32::MAX), BACKOFF_MAX);
+        // Not backing off: "ask again in a second".
+        assert_eq!(v.retry_after(), Duration::from_secs(1));
+    }
+
+    /// An unreadable key set is read once per back-off, not once per token; tokens whose
+    /// key is not cached fail meanwhile as "key set unavailable"; the set is read again
+    /// after the back-off, and a good read ends the outage.
+    #[test]
+    fn a_failed_fetch_is_not_retried_before_its_back_off_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rsa_issuer("a");
+        let v = missing_file_verifier(dir.path(), Duration::from_secs(3600));
+        let token = sign(&a, "a", Algorithm::RS256, &claims(300));
+        for _ in 0..5 {
+            assert!(matches!(
+                v.verify::<Value>(&token),
+                Err(JwtError::KeySet(_))
+            ));
+        }
+        assert_eq!(v.attempts(), 1, "one fetch for five tokens");
+        assert!(v.retry_after() <= Duration::from_secs(1) && v.shared.lock().retry_at.is_some());
+        // After the back-off: one more fetch (failing again), then again none.
+        std::thread::sleep(Duration::from_millis(1100));
+        for _ in 0..5 {
+            assert!(v.verify::<Value>(&token).is_err());
+        }
+        assert_eq!(v.attempts(), 2);
+        // The issuer is back; after the (doubled) back-off the next token reads the set.
+        std::fs::write(
+            dir.path().join("jwks.json"),
+            json!({"keys": [&a.jwk]}).to_string(),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(2100));
+        v.verify::<Value>(&token).unwrap();
+        assert_eq!(v.attempts(), 3);
+        assert!(v.shared.lock().last_error.is_none());
+    }
+
+    /// A cached key keeps verifying while its set's refresh fails, and the failing
+    /// refresh is not retried by every token.
+    #[test]
+    fn cached_keys_verify_through_an_outage_without_a_fetch_per_token() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = rsa_issuer("a");
+        std::fs::write(
+            dir.path().join("jwks.json"),
+            json!({"keys": [&a.jwk]}).to_string(),
+        )
+        .unwrap();
+        // Every read is immediately stale: each token would refresh.
+        let v = missing_file_verifier(dir.path(), Duration::ZERO);
+        let token = sign(&a, "a", Algorithm::RS256, &claims(300));
+        v.verify::<Value>(&token).unwrap();
+        std::fs::remove_file(dir.path().join("jwks.json")).unwrap();
+        for _ in 0..10 {
+            v.verify::<Value>(&token).unwrap();
+        }
+        // The first read, then one failed refresh; the back-off holds the others.
+        assert_eq!(v.attempts(), 2);
+        assert!(v.shared.lock().last_error.is_some());
+    }
+
+    /// Concurrent tokens needing the key set share one read, which runs on the blocking
+    /// pool: the async worker stays free while it hangs. The source is a FIFO, so the
+    /// read hangs until the test writes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn concurrent_tokens_share_one_fetch_off_the_async_workers() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let a = rsa_issuer("a");
+        let v = std::sync::Arc::new(missing_file_verifier(dir.path(), Duration::from_secs(3600)));
+        let token = sign(&a, "a", Algorithm::RS256, &claims(300));
+        let calls: Vec<_> = (0..8)
+            .map(|_| {
+                let (v, token) = (v.clone(), token.clone());
+                tokio::spawn(async move { v.verify_async::<Value>(&token).await })
+            })
+            .collect();
+        let t = Instant::now();
+        while v.attempts() == 0 && t.elapsed() < Duration::from_secs(5) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The one worker still runs other tasks while the read hangs.
+        let other = tokio::time::timeout(Duration::from_secs(5), tokio::spawn(async { 7 })).await;
+        let attempts_while_hanging = v.attempts();
+        let jwks = json!({"keys": [&a.jwk]}).to_string();
+        tokio::task::spawn_blocking(move || std::fs::write(path, jwks))
+            .await
+            .unwrap()
+            .unwrap();
+        for c in calls {
+            c.await.unwrap().unwrap();
+        }
+        assert_eq!(other.unwrap().unwrap(), 7);
+        assert_eq!(attempts_while_hanging, 1);
+        assert_eq!(v.attempts(), 1);
     }
 }

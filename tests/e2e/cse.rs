@@ -1,7 +1,8 @@
 //! Google Workspace client-side encryption over real TLS (issue 11): two local token
 //! issuers (one playing Google's authorization service, one the customer's IdP), each
 //! with its JWK set file. Status, wrap, unwrap, digest; each mandatory check failing on
-//! its own, with the protocol's error body; the CORS preflight; the audit records.
+//! its own, with the protocol's error body; the CORS preflight; the audit records; an
+//! identity provider's outage (a key set URL that hangs) costing 503s, not the server.
 
 use base64::engine::general_purpose::{STANDARD as B64, URL_SAFE_NO_PAD as B64URL};
 use base64::Engine as _;
@@ -710,5 +711,241 @@ jwks = "{i}"
             .records
             .iter()
             .any(|r| r.operation == "CSE privilegedunwrap" || r.operation == "CSE rewrap"));
+    }
+}
+
+/// A TCP listener that accepts connections and never answers: an identity provider's
+/// key-set endpoint in an outage that does not refuse connections but hangs them. It
+/// counts the connections (one per key-set fetch) and holds them open until dropped.
+struct BlackHole {
+    port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BlackHole {
+    fn start() -> BlackHole {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (count, halt) = (accepted.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !halt.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        held.push(stream);
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        });
+        BlackHole {
+            port,
+            accepted,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Connections accepted so far.
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for BlackHole {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// How long one mTLS API call (`GET /v1/keys` as admin-a) and one ops health check take,
+/// from a thread and runtime of their own, so that the server's async workers (the
+/// test's runtime) are the only thing they wait on. An error (e.g. the client's 20 s
+/// timeout) is reported, not panicked on.
+type Timed = Result<std::time::Duration, String>;
+fn time_other_listeners(s: &TestServer) -> (Timed, Timed) {
+    let (api, ops) = (s.url("/v1/keys"), s.ops_url("/healthz"));
+    let client = s.client(Some("admin-a"));
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let timed = |r: Result<reqwest::Response, reqwest::Error>, t: std::time::Instant| match r {
+            Ok(r) if r.status() == 200 => Ok(t.elapsed()),
+            Ok(r) => Err(format!("HTTP {} after {:?}", r.status(), t.elapsed())),
+            Err(e) => Err(format!("{e} after {:?}", t.elapsed())),
+        };
+        rt.block_on(async {
+            let t = std::time::Instant::now();
+            let api = timed(client.get(api).send().await, t);
+            let ops_client = reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(20))
+                .build()
+                .unwrap();
+            let t = std::time::Instant::now();
+            (api, timed(ops_client.get(ops).send().await, t))
+        })
+    })
+    .join()
+    .unwrap()
+}
+
+/// An identity provider's outage that hangs instead of refusing: Google's key set URL is
+/// a black hole (connections accepted, never answered; the fetch gives up after 10 s).
+/// Eight concurrent anonymous CSE calls with Google tokens must not stall the server's
+/// other listeners (the key-set fetch runs off the async workers: two here, as on a
+/// two-core host), must cause one fetch between them (single flight), and
+/// the calls that follow during the back-off must be answered 503 at once without
+/// another fetch (negative caching).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cse_an_unreachable_token_key_set_stalls_no_listener_and_is_fetched_once() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    let keys = tempfile::tempdir().unwrap();
+    let google = Issuer::new("google-1");
+    let idp = issuer(keys.path(), "idp");
+    let hole = BlackHole::start();
+    let extra = format!(
+        r#"
+[public]
+listen = "127.0.0.1:0"
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+
+[cse]
+kacls_url = "{KACLS}"
+tenant = "acme"
+identity = "{CSE_IDENTITY}"
+key = "cse-kek"
+
+[[cse.authorization]]
+issuer = "{GOOGLE}"
+jwks = "https://127.0.0.1:{port}/jwks"
+jwks_ca = "pki/ca.pem"
+
+[[cse.authentication]]
+issuer = "{IDP}"
+audience = "{IDP_AUD}"
+jwks = "{i}"
+"#,
+        port = hole.port,
+        i = keys.path().join("idp.json").display(),
+    );
+    let s = TestServer::start_with(TestSeal::KeyFile, &extra).await;
+    let (api_before, ops_before) = time_other_listeners(&s);
+    let client = keyhold_tests::client_for(&s.pki, None, false);
+    let url = format!(
+        "https://localhost:{}/cse/wrap",
+        s.public_addr.unwrap().port()
+    );
+    let body = json!({
+        "authentication": sign(&idp, &authn(json!({}))),
+        "authorization": sign(&google, &authz("writer", "//googleapis.com/drive/files/x", json!({}))),
+        "key": B64.encode([7u8; 32]), "reason": "",
+    });
+    let call = {
+        let (client, url, body) = (client.clone(), url.clone(), body.clone());
+        move || {
+            let (client, url, body) = (client.clone(), url.clone(), body.clone());
+            async move {
+                let t = Instant::now();
+                let r = match client.post(url).json(&body).send().await {
+                    Ok(r) => r,
+                    // Reported (status 0), not panicked on: the evidence is the point.
+                    Err(e) => return (0, json!(e.to_string()), None, t.elapsed()),
+                };
+                let status = r.status().as_u16();
+                let retry_after = r
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let body: Value = r.json().await.unwrap_or(Value::Null);
+                (status, body, retry_after, t.elapsed())
+            }
+        }
+    };
+
+    // Eight concurrent calls; the first fetch hangs in the black hole.
+    let finished = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let (call, finished) = (call.clone(), finished.clone());
+            tokio::spawn(async move {
+                let out = call().await;
+                finished.fetch_add(1, Ordering::SeqCst);
+                out
+            })
+        })
+        .collect();
+    while hole.accepted() == 0 && started.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(hole.accepted() > 0, "the key set fetch did not start");
+    std::thread::sleep(Duration::from_millis(200));
+    let (api_during, ops_during) = time_other_listeners(&s);
+    let finished_before_probe = finished.load(Ordering::SeqCst);
+    let mut answers = Vec::new();
+    for c in calls {
+        answers.push(c.await.unwrap());
+    }
+    let all_answered = started.elapsed();
+    let fetches_for_eight = hole.accepted();
+
+    // During the back-off: answered at once, no new fetch.
+    let mut later = Vec::new();
+    for _ in 0..3 {
+        later.push(call().await);
+    }
+    let fetches_total = hole.accepted();
+    let evidence = format!(
+        "other listeners before the outage: api {api_before:?}, ops {ops_before:?}; \
+         while the key set hangs: api {api_during:?}, ops {ops_during:?} \
+         ({finished_before_probe} of 8 CSE calls answered by then); \
+         8 concurrent calls answered in {all_answered:?} with {fetches_for_eight} fetches: {:?}; \
+         3 calls after them: {:?}; fetches in all: {fetches_total}",
+        answers
+            .iter()
+            .map(|(st, _, ra, t)| (*st, ra.clone(), *t))
+            .collect::<Vec<_>>(),
+        later
+            .iter()
+            .map(|(st, _, ra, t)| (*st, ra.clone(), *t))
+            .collect::<Vec<_>>(),
+    );
+    eprintln!("{evidence}");
+
+    // The other listeners answered while every CSE call still waited on the key set. The
+    // bound is not a performance target: the fetch hangs 10 s, and a listener blocked
+    // behind it would take at least that.
+    assert_eq!(finished_before_probe, 0, "{evidence}");
+    let prompt = |t: &Timed| t.as_ref().is_ok_and(|t| *t < Duration::from_secs(2));
+    assert!(prompt(&api_during) && prompt(&ops_during), "{evidence}");
+    // One fetch for the eight calls and none during the back-off.
+    assert_eq!(fetches_for_eight, 1, "{evidence}");
+    assert_eq!(fetches_total, 1, "{evidence}");
+    // Each call: 503 in the protocol's error body, with a Retry-After.
+    for (st, body, retry_after, _) in answers.iter().chain(&later) {
+        assert_eq!(*st, 503, "{body} / {evidence}");
+        assert_eq!(body["code"], 503, "{body}");
+        assert!(
+            retry_after
+                .as_deref()
+                .and_then(|v| v.parse::<u64>().ok())
+                .is_some_and(|s| (1..=60).contains(&s)),
+            "Retry-After: {retry_after:?}"
+        );
     }
 }

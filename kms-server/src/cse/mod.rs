@@ -61,6 +61,8 @@ const MAGIC: &[u8; 4] = b"khc\x01";
 pub struct CseError {
     status: StatusCode,
     message: String,
+    /// `Retry-After` (seconds), for a 503 that will pass.
+    retry_after: Option<u64>,
 }
 
 impl CseError {
@@ -68,6 +70,7 @@ impl CseError {
         Self {
             status,
             message: message.into(),
+            retry_after: None,
         }
     }
 }
@@ -79,7 +82,12 @@ impl IntoResponse for CseError {
             "message": self.message,
             "details": self.status.canonical_reason().unwrap_or(""),
         });
-        (self.status, Json(body)).into_response()
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
     }
 }
 
@@ -344,7 +352,10 @@ fn issuer_of(token: &str) -> Option<String> {
     Some(v.get("iss")?.as_str()?.to_owned())
 }
 
-fn verify<C: DeserializeOwned>(
+/// Verifies a token with its issuer's verifier, off the async workers' blocking paths
+/// ([`Verifier::verify_async`]): an issuer whose key set is unreachable costs a 503 with
+/// `Retry-After`, not a stalled listener.
+async fn verify<C: DeserializeOwned>(
     verifiers: &[(String, Verifier)],
     token: &str,
     which: &str,
@@ -361,13 +372,17 @@ fn verify<C: DeserializeOwned>(
             format!("the {which} token's issuer is not accepted"),
         )
     })?;
-    v.verify::<C>(token).map_err(|e| match e {
+    v.verify_async::<C>(token).await.map_err(|e| match e {
         JwtError::KeySet(m) => {
-            tracing::error!(error = %m, "CSE: a token issuer's key set is unavailable");
-            CseError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "a token issuer's keys are unavailable",
-            )
+            // The fetch's failure is logged once by the verifier; this, once per request.
+            tracing::debug!(error = %m, issuer = %iss, "CSE: a token issuer's key set is unavailable");
+            CseError {
+                retry_after: Some(v.retry_after().as_secs().max(1)),
+                ..CseError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "a token issuer's keys are unavailable",
+                )
+            }
         }
         other => CseError::new(
             StatusCode::UNAUTHORIZED,
@@ -401,8 +416,13 @@ impl Cse {
 
     /// The authorization token's checks that do not depend on the operation's other
     /// inputs: valid, our `kacls_url`, no guest unless allowed, the role allowed.
-    fn authorize(&self, token: &str, roles: &[&str], facts: &mut Facts) -> Result<Authz, CseError> {
-        let authz: Authz = verify(&self.authorization, token, "authorization")?;
+    async fn authorize(
+        &self,
+        token: &str,
+        roles: &[&str],
+        facts: &mut Facts,
+    ) -> Result<Authz, CseError> {
+        let authz: Authz = verify(&self.authorization, token, "authorization").await?;
         facts.user = Some(authz.email.to_lowercase());
         facts.resource = Some(authz.resource_name.clone());
         if authz.kacls_url.trim_end_matches('/') != self.settings.kacls_url {
@@ -424,8 +444,8 @@ impl Cse {
     }
 
     /// The authentication token: valid, and the same user as the authorization token.
-    fn authenticate(&self, token: &str, authz: &Authz) -> Result<(), CseError> {
-        let authn: Authn = verify(&self.authentication, token, "authentication")?;
+    async fn authenticate(&self, token: &str, authz: &Authz) -> Result<(), CseError> {
+        let authn: Authn = verify(&self.authentication, token, "authentication").await?;
         let email = authn.google_email.or(authn.email).ok_or_else(|| {
             CseError::new(
                 StatusCode::UNAUTHORIZED,
@@ -469,8 +489,10 @@ impl Cse {
         facts: &mut Facts,
     ) -> Result<Response, CseError> {
         facts.reason = Some(req.reason.clone());
-        let authz = self.authorize(&req.authorization, &["writer", "upgrader"], facts)?;
-        self.authenticate(&req.authentication, &authz)?;
+        let authz = self
+            .authorize(&req.authorization, &["writer", "upgrader"], facts)
+            .await?;
+        self.authenticate(&req.authentication, &authz).await?;
         let perimeter_id = authz.perimeter_id.clone().unwrap_or_default();
         self.perimeter(&perimeter_id)?;
         let dek = zeroize::Zeroizing::new(
@@ -562,8 +584,10 @@ impl Cse {
         facts: &mut Facts,
     ) -> Result<Response, CseError> {
         facts.reason = Some(req.reason.clone());
-        let authz = self.authorize(&req.authorization, &["reader", "writer", "upgrader"], facts)?;
-        self.authenticate(&req.authentication, &authz)?;
+        let authz = self
+            .authorize(&req.authorization, &["reader", "writer", "upgrader"], facts)
+            .await?;
+        self.authenticate(&req.authentication, &authz).await?;
         let (dek, _) = self
             .open(&req.wrapped_key, &authz.resource_name, facts)
             .await?;
@@ -576,7 +600,9 @@ impl Cse {
         facts: &mut Facts,
     ) -> Result<Response, CseError> {
         facts.reason = Some(req.reason.clone());
-        let authz = self.authorize(&req.authorization, &["reader", "writer", "upgrader"], facts)?;
+        let authz = self
+            .authorize(&req.authorization, &["reader", "writer", "upgrader"], facts)
+            .await?;
         let (dek, perimeter_id) = self
             .open(&req.wrapped_key, &authz.resource_name, facts)
             .await?;
@@ -585,8 +611,8 @@ impl Cse {
     }
 
     /// The authentication token of a privileged operation: a user in `privileged_users`.
-    fn privileged(&self, token: &str, facts: &mut Facts) -> Result<(), CseError> {
-        let authn: Authn = verify(&self.authentication, token, "authentication")?;
+    async fn privileged(&self, token: &str, facts: &mut Facts) -> Result<(), CseError> {
+        let authn: Authn = verify(&self.authentication, token, "authentication").await?;
         let user = authn
             .google_email
             .or(authn.email)
@@ -611,7 +637,7 @@ impl Cse {
     ) -> Result<Response, CseError> {
         facts.reason = Some(req.reason.clone());
         facts.resource = Some(req.resource_name.clone());
-        self.privileged(&req.authentication, facts)?;
+        self.privileged(&req.authentication, facts).await?;
         self.perimeter(&req.perimeter_id)?;
         let dek = zeroize::Zeroizing::new(
             B64.decode(req.key.as_bytes())
@@ -637,13 +663,14 @@ impl Cse {
         let from_peer = issuer_of(&req.authentication)
             .is_some_and(|iss| self.migration_peers.iter().any(|(i, _)| *i == iss));
         if from_peer {
-            let m: Migration = verify(&self.migration_peers, &req.authentication, "migration")?;
+            let m: Migration =
+                verify(&self.migration_peers, &req.authentication, "migration").await?;
             facts.user = Some(m.email.to_lowercase());
             if m.resource_name != req.resource_name {
                 return Err(denied("the migration token is for another resource"));
             }
         } else {
-            self.privileged(&req.authentication, facts)?;
+            self.privileged(&req.authentication, facts).await?;
         }
         let (dek, _) = self
             .open(&req.wrapped_key, &req.resource_name, facts)
@@ -661,11 +688,13 @@ impl Cse {
         facts: &mut Facts,
     ) -> Result<Response, CseError> {
         facts.reason = Some(req.reason.clone());
-        let authz = self.authorize(
-            &req.authorization,
-            &["migrator", "upgrader", "writer", "reader"],
-            facts,
-        )?;
+        let authz = self
+            .authorize(
+                &req.authorization,
+                &["migrator", "upgrader", "writer", "reader"],
+                facts,
+            )
+            .await?;
         let original = req.original_kacls_url.trim_end_matches('/').to_owned();
         if !self.settings.migration_sources.contains(&original) {
             return Err(denied("keys are not migrated from that key service"));

@@ -211,18 +211,22 @@ impl Dke {
         let Some(token) = crate::public::bearer(headers) else {
             return self.unauthorized("a bearer token is required");
         };
-        let me = self.clone();
-        let verified = tokio::task::spawn_blocking(move || me.verifier.verify::<Claims>(&token))
-            .await
-            .unwrap_or(Err(JwtError::Malformed));
-        let claims = match verified {
+        // Never blocks the async worker: a key set read runs on the blocking pool, once at
+        // a time, and not again during the back-off after a failure.
+        let claims = match self.verifier.verify_async::<Claims>(&token).await {
             Ok(c) => c,
             Err(JwtError::KeySet(e)) => {
-                tracing::error!(error = %e, "DKE: the token issuer's key set is unavailable");
-                return refuse(
+                // The fetch's failure is logged once by the verifier; this, once per request.
+                tracing::debug!(error = %e, "DKE: the token issuer's key set is unavailable");
+                let mut resp = refuse(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "the token issuer's keys are unavailable",
                 );
+                resp.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(self.verifier.retry_after().as_secs().max(1)),
+                );
+                return resp;
             }
             Err(e) => return self.unauthorized(&e.to_string()),
         };
