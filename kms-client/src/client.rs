@@ -11,6 +11,9 @@
 //!   datakey, wrap, unwrap, rewrap, batch, enable/disable, seal/unseal. Never `create` or
 //!   `rotate`, whose repetition would change the outcome.
 //! - Every other refusal (4xx) is returned at once, with the server's code.
+//! - An answer larger than the limit ([`ClientBuilder::max_response_bytes`], 64 MiB by
+//!   default; [`ClientBuilder::max_backup_bytes`], 1 GiB, for backups) is
+//!   [`Error::ResponseTooLarge`] at once: not read further, not retried.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -62,6 +65,21 @@ impl Default for RetryPolicy {
     }
 }
 
+/// The default limit on an answer's body: 64 MiB. The largest answers are an audit page
+/// (1 000 records, each under about 20 KiB with the server's caps on fields and
+/// attributes, so at most about 20 MiB, usually under 1 MiB) and a tenant's key list (not
+/// paged: a few KiB per key with its versions and up to 100 grants). Backups have their
+/// own limit, [`DEFAULT_MAX_BACKUP`].
+pub const DEFAULT_MAX_RESPONSE: usize = 64 << 20;
+
+/// The default limit on a backup's body: 1 GiB. A backup holds every key of the store
+/// (hex, about 3 KiB per AES key, more for RSA versions), so some 300 000 keys; the server
+/// builds it in memory too.
+pub const DEFAULT_MAX_BACKUP: usize = 1 << 30;
+
+/// The smallest limit accepted: every error body and key-use answer fits.
+const MIN_MAX_RESPONSE: usize = 4 << 10;
+
 /// Builds a [`Client`].
 #[derive(Debug, Default)]
 pub struct ClientBuilder {
@@ -72,6 +90,8 @@ pub struct ClientBuilder {
     request_timeout: Option<Duration>,
     retry: RetryPolicy,
     http1_only: bool,
+    max_response: Option<usize>,
+    max_backup: Option<usize>,
 }
 
 /// Whether an operation may be repeated when its first attempt may have reached the
@@ -157,6 +177,21 @@ impl ClientBuilder {
         self
     }
 
+    /// The most bytes of body read from an answer (default [`DEFAULT_MAX_RESPONSE`],
+    /// at least 4 KiB); past it the call fails with [`Error::ResponseTooLarge`]. Backups
+    /// have their own limit ([`ClientBuilder::max_backup_bytes`]).
+    pub fn max_response_bytes(mut self, limit: usize) -> Self {
+        self.max_response = Some(limit);
+        self
+    }
+
+    /// The most bytes of body read from `GET /v1/sys/backup` (default
+    /// [`DEFAULT_MAX_BACKUP`], at least 4 KiB).
+    pub fn max_backup_bytes(mut self, limit: usize) -> Self {
+        self.max_backup = Some(limit);
+        self
+    }
+
     /// Builds the client (no connection is made yet).
     pub fn build(self) -> Result<Client, Error> {
         if self.endpoints.is_empty() {
@@ -176,6 +211,13 @@ impl ClientBuilder {
         }
         if self.retry.max_rounds == 0 {
             return Err(Error::Config("retry.max_rounds must be at least 1".into()));
+        }
+        let max_response = self.max_response.unwrap_or(DEFAULT_MAX_RESPONSE);
+        let max_backup = self.max_backup.unwrap_or(DEFAULT_MAX_BACKUP);
+        if max_response.min(max_backup) < MIN_MAX_RESPONSE {
+            return Err(Error::Config(format!(
+                "answer size limits must be at least {MIN_MAX_RESPONSE} bytes"
+            )));
         }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let mut roots = rustls::RootCertStore::empty();
@@ -244,6 +286,8 @@ impl ClientBuilder {
                 preferred: AtomicUsize::new(0),
                 request_timeout: self.request_timeout.unwrap_or(Duration::from_secs(30)),
                 retry: self.retry,
+                max_response,
+                max_backup,
             }),
         })
     }
@@ -262,6 +306,9 @@ struct Inner {
     preferred: AtomicUsize,
     request_timeout: Duration,
     retry: RetryPolicy,
+    /// Most bytes of body read from an answer; from a backup.
+    max_response: usize,
+    max_backup: usize,
 }
 
 /// A Keyhold client. Cheap to clone; clones share the connection pool.
@@ -291,6 +338,8 @@ enum Attempt {
     NotSent(Box<dyn std::error::Error + Send + Sync>),
     /// It may have reached the server.
     MaybeSent(Error),
+    /// Not to be tried again, anywhere.
+    Final(Error),
 }
 
 fn check_name(name: &str) -> Result<&str, Error> {
@@ -325,12 +374,17 @@ impl Client {
         method: &Method,
         path: &str,
         body: &Bytes,
+        limit: usize,
     ) -> Result<(StatusCode, ZeroizingBuf), Attempt> {
         let endpoint = &self.inner.endpoints[idx];
-        let fut = self.inner.transport.send(idx, method, path, body);
+        let fut = self.inner.transport.send(idx, method, path, body, limit);
         match tokio::time::timeout(self.inner.request_timeout, fut).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(SendError::NotSent(e))) => Err(Attempt::NotSent(e)),
+            Ok(Err(SendError::TooLarge)) => Err(Attempt::Final(Error::ResponseTooLarge {
+                endpoint: endpoint.clone(),
+                limit,
+            })),
             Ok(Err(SendError::MaybeSent(e))) => Err(Attempt::MaybeSent(Error::Transport {
                 endpoint: endpoint.clone(),
                 source: e,
@@ -349,6 +403,19 @@ impl Client {
         body: Bytes,
         repeat: Repeat,
     ) -> Result<T, Error> {
+        self.call_limited(method, path, body, repeat, self.inner.max_response)
+            .await
+    }
+
+    /// [`Client::call`], reading at most `limit` bytes of answer.
+    async fn call_limited<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Bytes,
+        repeat: Repeat,
+        limit: usize,
+    ) -> Result<T, Error> {
         let n = self.inner.endpoints.len();
         let policy = self.inner.retry;
         let mut last: Option<Error> = None;
@@ -365,7 +432,7 @@ impl Client {
             let first = self.inner.preferred.load(Ordering::Relaxed);
             for i in 0..n {
                 let idx = (first + i) % n;
-                match self.attempt(idx, &method, path, &body).await {
+                match self.attempt(idx, &method, path, &body, limit).await {
                     Ok((status, bytes)) => match decode::<T>(status, bytes.as_slice()) {
                         Ok(v) => {
                             self.inner.preferred.store(idx, Ordering::Relaxed);
@@ -384,6 +451,7 @@ impl Client {
                         }
                     },
                     Err(Attempt::NotSent(e)) => unreachable = Some(e),
+                    Err(Attempt::Final(e)) => return Err(e),
                     Err(Attempt::MaybeSent(e)) => {
                         if repeat == Repeat::Unsafe {
                             return Err(e);
@@ -605,8 +673,18 @@ impl Client {
         let mut chain = AuditChain::new();
         let mut warnings = Vec::new();
         let mut after = 0;
+        let mut page_size = 1000;
         loop {
-            let page = self.audit_page(after, 1000).await?;
+            let page = match self.audit_page(after, page_size).await {
+                Ok(page) => page,
+                // Long records (adapters' attributes) can take a page past the answer
+                // limit: fewer records per page then, down to one.
+                Err(Error::ResponseTooLarge { .. }) if page_size > 1 => {
+                    page_size /= 10;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             // Every page's head is checked: the first one predates any record this
             // verification itself causes.
             if page.head.mac_valid == Some(false) {
@@ -704,7 +782,15 @@ impl Client {
     /// `GET /v1/sys/backup`: the server's encrypted export, as a JSON document to store
     /// as is (restore it with `kms-server restore`).
     pub async fn backup(&self) -> Result<serde_json::Value, Error> {
-        self.get("/v1/sys/backup").await
+        let limit = self.inner.max_backup;
+        self.call_limited(
+            Method::GET,
+            "/v1/sys/backup",
+            Bytes::new(),
+            Repeat::Safe,
+            limit,
+        )
+        .await
     }
 
     /// `GET /v1/sys/lockouts`: identities locked out now.

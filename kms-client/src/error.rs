@@ -50,6 +50,16 @@ pub enum Error {
         /// What was wrong.
         detail: String,
     },
+    /// The answer was larger than this client reads (see
+    /// [`crate::ClientBuilder::max_response_bytes`]): reading stopped at the limit, and the
+    /// request is not repeated.
+    #[error("the answer from {endpoint} is larger than {}, the limit for this request", size_text(*.limit))]
+    ResponseTooLarge {
+        /// The endpoint.
+        endpoint: String,
+        /// The limit, bytes.
+        limit: usize,
+    },
     /// The client configuration is invalid (files, URLs, names).
     #[error("client configuration: {0}")]
     Config(String),
@@ -62,5 +72,14 @@ impl Error {
             Error::Api { code, .. } => Some(*code),
             _ => None,
         }
+    }
+}
+
+/// A size for people: whole MiB when it is some, else bytes.
+fn size_text(bytes: usize) -> String {
+    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else {
+        format!("{bytes} bytes")
     }
 }

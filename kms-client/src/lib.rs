@@ -67,6 +67,6 @@ pub mod rsa_oaep;
 mod transport;
 
 #[cfg(feature = "client")]
-pub use client::{Client, ClientBuilder, RetryPolicy};
+pub use client::{Client, ClientBuilder, RetryPolicy, DEFAULT_MAX_BACKUP, DEFAULT_MAX_RESPONSE};
 #[cfg(feature = "client")]
 pub use error::Error;

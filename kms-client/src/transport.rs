@@ -5,6 +5,10 @@
 //! It reports precisely whether a failed request left the process ([`SendError::NotSent`]:
 //! connect or TLS failure, or a pooled connection that had closed before the request was
 //! written) so the client retries only what is safe.
+//!
+//! Answers are read up to a limit given per request ([`SendError::TooLarge`] past it): a
+//! size declared above it is refused before any of the body is read, and a body that
+//! keeps coming is cut off there.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -27,6 +31,9 @@ pub(crate) enum SendError {
     NotSent(BoxError),
     /// It may have reached the server.
     MaybeSent(BoxError),
+    /// The answer declared, or reached, more than the limit: reading stopped there and the
+    /// connection is dropped.
+    TooLarge,
 }
 
 enum Sender {
@@ -178,13 +185,15 @@ impl Transport {
             .body(Full::new(body.clone()))?)
     }
 
-    /// Sends one request to endpoint `idx` and reads the whole answer.
+    /// Sends one request to endpoint `idx` and reads the whole answer, at most `limit`
+    /// bytes of body.
     pub(crate) async fn send(
         &self,
         idx: usize,
         method: &Method,
         path: &str,
         body: &Bytes,
+        limit: usize,
     ) -> Result<(StatusCode, ZeroizingBuf), SendError> {
         let pool = &self.pools[idx];
         // A pooled connection may turn out closed; then one fresh connection is tried.
@@ -227,13 +236,27 @@ impl Transport {
             match result {
                 Ok(resp) => {
                     let status = resp.status();
+                    let declared = resp
+                        .headers()
+                        .get(hyper::header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.parse::<u64>().ok());
+                    let declared = match declared.map(usize::try_from) {
+                        Some(Ok(n)) if n <= limit => Some(n),
+                        Some(_) => return Err(SendError::TooLarge),
+                        None => None,
+                    };
                     // Read into a buffer that is wiped when the caller is done with it
-                    // (answers carry DEKs); the frames go as they are copied.
+                    // (answers carry DEKs); the frames go as they are copied. A declared
+                    // size (within the limit) is allocated at once: no copies while growing.
                     let mut body = resp.into_body();
-                    let mut bytes = ZeroizingBuf::with_capacity(256);
+                    let mut bytes = ZeroizingBuf::with_capacity(declared.unwrap_or(256));
                     while let Some(frame) = body.frame().await {
                         let frame = frame.map_err(|e| SendError::MaybeSent(Box::new(e)))?;
                         if let Some(data) = frame.data_ref() {
+                            if data.len() > limit.saturating_sub(bytes.as_slice().len()) {
+                                return Err(SendError::TooLarge);
+                            }
                             bytes.extend(data);
                         }
                     }

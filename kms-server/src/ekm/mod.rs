@@ -239,10 +239,9 @@ impl Ekm {
                 "a bearer token is required",
             )
         })?;
-        let me = self.clone();
-        let verified = tokio::task::spawn_blocking(move || me.verifier.verify::<Claims>(&token))
-            .await
-            .unwrap_or(Err(JwtError::Malformed));
+        // Never blocks the async worker nor holds a blocking thread per request: a key set
+        // read runs on the blocking pool, once at a time, with a back-off after a failure.
+        let verified = self.verifier.verify_async::<Claims>(&token).await;
         let claims = match verified {
             Ok(c) => c,
             Err(JwtError::KeySet(e)) => {

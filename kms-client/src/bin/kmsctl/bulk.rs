@@ -2,8 +2,10 @@
 //! lines `{"wrapped": "<base64>", "context": {...}, ...}`, sends them in `POST /v1/batch`
 //! requests of `rewrap` items (each item keeps its own context), and writes one JSON line
 //! per input line, in order: the input's other fields (an `id`, say) unchanged, `wrapped`
-//! replaced by the new wrapped DEK, plus `key` and `version`; or, for an item that failed,
-//! the input unchanged plus `error`. The output file appears only when complete.
+//! replaced by the new wrapped DEK, plus `key` and `version`, and without any `error`; or,
+//! for an item that failed, the input unchanged plus `error`. So a run's output can be fed
+//! back in once the failures are dealt with: a line that rewraps then loses the earlier
+//! run's `error`. The output file appears only when complete.
 
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::Path;
@@ -47,6 +49,8 @@ fn parse_line(n: usize, line: &str) -> anyhow::Result<(Map<String, Value>, Batch
 fn result_line(mut obj: Map<String, Value>, result: BatchResult) -> (Value, bool) {
     match result {
         BatchResult::Rewrap(w) => {
+            // Left by an earlier run over this line; it no longer holds.
+            obj.remove("error");
             obj.insert(
                 "wrapped".into(),
                 Value::String(B64.encode(w.wrapped.as_bytes())),

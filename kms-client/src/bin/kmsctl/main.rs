@@ -12,6 +12,7 @@ use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 mod bulk;
 mod files;
 mod output;
+mod secrets;
 mod settings;
 
 use settings::Role;
@@ -53,6 +54,15 @@ pub(crate) struct Cli {
     /// Per-request timeout, seconds.
     #[arg(long, global = true, default_value_t = 30)]
     pub(crate) timeout: u64,
+    /// Largest answer read from the server, MiB (backups: at least 1 GiB). Past it the
+    /// command fails rather than fill memory.
+    #[arg(
+        long,
+        global = true,
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u32).range(1..=4096)
+    )]
+    pub(crate) max_response_mib: u32,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -81,7 +91,10 @@ pub(crate) enum Command {
         #[arg(long = "context", value_parser = parse_kv)]
         context: Vec<(String, String)>,
     },
-    /// Wrap a DEK you supply (base64).
+    /// Wrap a DEK you supply, read from stdin or a file (standard base64).
+    ///
+    /// The DEK is never taken on the command line: every user of the machine can read
+    /// command lines (`ps`), and shells keep them in their history.
     ///
     /// With --public-key FILE (the JSON of `kmsctl keys public-key NAME -o json`), wraps
     /// offline under that RSA key version: no server is contacted.
@@ -89,9 +102,17 @@ pub(crate) enum Command {
         /// Key name.
         #[arg(long)]
         key: String,
-        /// The DEK, standard base64 (16 to 64 bytes).
-        #[arg(long)]
-        plaintext: String,
+        /// Read the DEK (standard base64, 16 to 64 bytes) from this file, or from stdin
+        /// with `-`.
+        #[arg(
+            long = "plaintext-file",
+            value_name = "FILE|-",
+            required_unless_present = "plaintext"
+        )]
+        plaintext_file: Option<PathBuf>,
+        /// Removed (refused with the reason): the DEK on the command line.
+        #[arg(long, hide = true)]
+        plaintext: Option<String>,
         /// Encryption context entry, key=value (repeatable).
         #[arg(long = "context", value_parser = parse_kv)]
         context: Vec<(String, String)>,
@@ -321,7 +342,7 @@ pub(crate) enum SysCmd {
     /// Unseal: asks for the passphrase (or reads --passphrase-file); without a passphrase
     /// method, retries the server's configured source.
     Unseal {
-        /// Read the passphrase from this file.
+        /// Read the passphrase from this file (`-`: stdin).
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
         /// Do not ask for a passphrase (key-file servers).
@@ -346,7 +367,8 @@ pub(crate) enum SysCmd {
     /// Replace the master key: every KEK version is re-sealed under a new one, in one
     /// transaction; wrapped DEKs keep working. Take a new backup afterwards.
     RotateMaster {
-        /// Passphrase servers: read the passphrase from this file (else asked).
+        /// Passphrase servers: read the passphrase from this file, `-` for stdin (else
+        /// asked).
         #[arg(long)]
         passphrase_file: Option<PathBuf>,
         /// Key-file servers: do not ask for a passphrase.
@@ -432,6 +454,14 @@ impl Command {
     fn role(&self) -> Role {
         match self {
             Command::Keys(KeysCmd::PublicKey { .. }) => Role::App,
+            // The service's operations belong to the sys role; a tenant admin also reads
+            // the status and its tenant's lockouts.
+            Command::Sys(
+                SysCmd::Seal
+                | SysCmd::Unseal { .. }
+                | SysCmd::Backup { .. }
+                | SysCmd::RotateMaster { .. },
+            ) => Role::Sys,
             Command::Keys(_) | Command::Sys(_) => Role::Admin,
             Command::Audit(_) => Role::Auditor,
             _ => Role::App,
@@ -439,11 +469,37 @@ impl Command {
     }
 }
 
+/// Why `wrap --plaintext` is refused.
+const PLAINTEXT_ON_THE_COMMAND_LINE: &str = "--plaintext is refused: a DEK on the command line \
+     is visible to other users of this machine (ps, /proc/PID/cmdline) and stays in your shell \
+     history (consider this one exposed). Give it on stdin with --plaintext-file - \
+     (for example `kmsctl wrap --key NAME --plaintext-file - < dek.b64`) or in a file with \
+     --plaintext-file FILE";
+
+/// The passphrase for `sys unseal` and `sys rotate-master`: from `file` (`-`: stdin),
+/// else asked for on a terminal, else none (the server's own source).
+fn passphrase(
+    file: Option<&std::path::Path>,
+    no_passphrase: bool,
+) -> anyhow::Result<Option<zeroize::Zeroizing<String>>> {
+    if no_passphrase {
+        Ok(None)
+    } else if let Some(f) = file {
+        secrets::read_secret(f, "passphrase", secrets::MAX_PASSPHRASE).map(Some)
+    } else if std::io::stdin().is_terminal() {
+        Ok(Some(zeroize::Zeroizing::new(rpassword::prompt_password(
+            "Unseal passphrase: ",
+        )?)))
+    } else {
+        Ok(None)
+    }
+}
+
 /// `kmsctl wrap --public-key FILE`: wraps under an exported RSA public key, no server.
 fn wrap_offline(
     cli: &Cli,
     key: &str,
-    plaintext: &str,
+    dek: &[u8],
     context: &[(String, String)],
     file: &std::path::Path,
 ) -> anyhow::Result<()> {
@@ -465,9 +521,8 @@ fn wrap_offline(
         );
     }
     let wrapper = kms_client::rsa_oaep::OfflineWrapper::from_response(&exported)?;
-    let dek = zeroize::Zeroizing::new(output::b64_decode(plaintext, "--plaintext")?);
     let ctx: kms_client::api::Context = context.iter().cloned().collect();
-    let wrapped = wrapper.wrap(&dek, &ctx)?;
+    let wrapped = wrapper.wrap(dek, &ctx)?;
     output::Printer::new(cli.output.unwrap_or(Output::Table)).wrapped(
         &kms_client::api::WrapResponse {
             wrapped: wrapped.into(),
@@ -483,21 +538,43 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         clap_complete::generate(*shell, &mut cmd, "kmsctl", &mut std::io::stdout());
         return Ok(());
     }
-    if let Command::Wrap {
-        key,
-        plaintext,
-        context,
-        public_key: Some(file),
-    } = &cli.command
+    // The DEK to wrap is read first: a refusal comes before any connection.
+    let dek = match &cli.command {
+        Command::Wrap {
+            plaintext: Some(_), ..
+        } => anyhow::bail!(PLAINTEXT_ON_THE_COMMAND_LINE),
+        Command::Wrap {
+            plaintext_file: Some(source),
+            ..
+        } => Some(secrets::read_dek(source)?),
+        Command::Wrap { .. } => anyhow::bail!("give the DEK with --plaintext-file FILE|-"),
+        _ => None,
+    };
+    if let (
+        Command::Wrap {
+            key,
+            context,
+            public_key: Some(file),
+            ..
+        },
+        Some(dek),
+    ) = (&cli.command, &dek)
     {
-        return wrap_offline(&cli, key, plaintext, context, file);
+        return wrap_offline(&cli, key, dek, context, file);
     }
     let resolved = settings::resolve(&cli, cli.command.role())?;
+    let cert = std::fs::read(&resolved.tls_cert)
+        .with_context(|| format!("reading {}", resolved.tls_cert.display()))?;
+    let mut client_key = secrets::read_private_key(&resolved.tls_key)?;
+    let max_response = usize::try_from(u64::from(cli.max_response_mib) << 20)?;
     let client = kms_client::Client::builder()
         .endpoints(resolved.endpoints.clone())
         .ca_pem_file(&resolved.tls_ca)?
-        .identity_pem_files(&resolved.tls_cert, &resolved.tls_key)?
+        // The key moves into the builder, which wipes it in turn.
+        .identity_pem(cert, std::mem::take(&mut *client_key))
         .request_timeout(Duration::from_secs(cli.timeout))
+        .max_response_bytes(max_response)
+        .max_backup_bytes(max_response.max(kms_client::DEFAULT_MAX_BACKUP))
         .build()?;
     let out = output::Printer::new(resolved.output);
     let ctx =
@@ -592,14 +669,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Datakey { key, context } => {
             out.datakey(&client.datakey(key, &ctx(context)).await?)
         }
-        Command::Wrap {
-            key,
-            plaintext,
-            context,
-            ..
-        } => {
-            let dek = zeroize::Zeroizing::new(output::b64_decode(plaintext, "--plaintext")?);
-            out.wrapped(&client.wrap(key, &dek, &ctx(context)).await?)
+        Command::Wrap { key, context, .. } => {
+            let Some(dek) = &dek else {
+                anyhow::bail!("give the DEK with --plaintext-file FILE|-")
+            };
+            out.wrapped(&client.wrap(key, dek, &ctx(context)).await?)
         }
         Command::Unwrap { wrapped, context } => {
             let w = output::b64_decode(wrapped, "--wrapped")?;
@@ -670,36 +744,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 let share = if source.as_os_str() == "-" {
                     zeroize::Zeroizing::new(rpassword::prompt_password("Unseal share: ")?)
                 } else {
-                    zeroize::Zeroizing::new(
-                        std::fs::read_to_string(source)
-                            .with_context(|| format!("reading {}", source.display()))?,
-                    )
+                    secrets::read_secret(source, "unseal share", secrets::MAX_PASSPHRASE)?
                 };
-                out.status(&client.unseal_share(share.trim()).await?)
+                let status = client.unseal_share(share.trim()).await;
+                drop(share);
+                out.status(&status?)
             }
             SysCmd::Unseal {
                 passphrase_file,
                 no_passphrase,
                 ..
             } => {
-                let pass = if *no_passphrase {
-                    None
-                } else if let Some(f) = passphrase_file {
-                    let text = zeroize::Zeroizing::new(
-                        std::fs::read_to_string(f)
-                            .with_context(|| format!("reading {}", f.display()))?,
-                    );
-                    Some(zeroize::Zeroizing::new(
-                        text.trim_end_matches(['\n', '\r']).to_owned(),
-                    ))
-                } else if std::io::stdin().is_terminal() {
-                    Some(zeroize::Zeroizing::new(rpassword::prompt_password(
-                        "Unseal passphrase: ",
-                    )?))
-                } else {
-                    None
-                };
-                out.status(&client.unseal(pass.as_ref().map(|p| p.as_str())).await?)
+                let pass = passphrase(passphrase_file.as_deref(), *no_passphrase)?;
+                let status = client.unseal(pass.as_deref().map(String::as_str)).await;
+                // Wiped now, before anything else runs.
+                drop(pass);
+                out.status(&status?)
             }
             SysCmd::Seal => out.status(&client.seal().await?),
             SysCmd::Lockouts => out.lockouts(&client.lockouts().await?),
@@ -708,25 +768,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 passphrase_file,
                 no_passphrase,
             } => {
-                let pass = if *no_passphrase {
-                    None
-                } else if let Some(f) = passphrase_file {
-                    Some(zeroize::Zeroizing::new(
-                        std::fs::read_to_string(f)
-                            .with_context(|| format!("reading {}", f.display()))?
-                            .trim_end_matches(['\n', '\r'])
-                            .to_owned(),
-                    ))
-                } else if std::io::stdin().is_terminal() {
-                    Some(zeroize::Zeroizing::new(rpassword::prompt_password(
-                        "Unseal passphrase: ",
-                    )?))
-                } else {
-                    None
-                };
-                let n = client
-                    .rotate_master(pass.as_ref().map(|p| p.as_str()))
-                    .await?;
+                let pass = passphrase(passphrase_file.as_deref(), *no_passphrase)?;
+                let rotated = client
+                    .rotate_master(pass.as_deref().map(String::as_str))
+                    .await;
+                // Wiped now, before anything else runs.
+                drop(pass);
+                let n = rotated?;
                 println!("master key rotated: {n} KEK versions re-sealed (take a new backup)");
                 Ok(())
             }

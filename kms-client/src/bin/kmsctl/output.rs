@@ -521,7 +521,8 @@ pub(crate) fn explain(e: &anyhow::Error) -> String {
         kms_client::Error::Timeout { .. } => Some("the server did not answer in time; try --timeout or check its health (/readyz)"),
         kms_client::Error::Api { code, .. } => Some(match code {
             ErrorCode::PermissionDenied => {
-                "this identity may not do this: keys and sys need an admin certificate; key use needs an app certificate \
+                "this identity may not do this: keys, identities and lockouts need an admin certificate; seal, unseal, backup \
+                 and rotate-master need a sys certificate; key use needs an app certificate \
                  and a grant on the key for this operation and context (`kmsctl keys grants <name>` shows them)"
             }
             ErrorCode::NotFound => "no such key for your tenant: `kmsctl keys list` (admin) shows them",
@@ -538,6 +539,10 @@ pub(crate) fn explain(e: &anyhow::Error) -> String {
             _ => "see the server log for details (the request id is in the x-request-id header)",
         }),
         kms_client::Error::Config(_) => Some("check the certificate, key and CA files and the endpoint URLs"),
+        kms_client::Error::ResponseTooLarge { .. } => Some(
+            "a Keyhold answer is this large only for a very long key list or audit page: ask for less \
+             (`audit list --limit`), or raise the limit with --max-response-mib if this endpoint is yours",
+        ),
         _ => None,
     });
     let hint = hint.or(envelope_failed.then_some(

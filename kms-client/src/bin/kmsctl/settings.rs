@@ -1,6 +1,10 @@
 //! Where kmsctl's connection settings come from, in order of precedence: flags, then
 //! environment variables (`KMSCTL_*`, merged into the flags by clap), then the profile
 //! in the config file, then `--dev <data-dir>`.
+//!
+//! Relative paths in flags and variables are the working directory's; relative paths in a
+//! profile (`tls_ca`, `tls_cert`, `tls_key`, `dev`) are the config file's folder's, so a
+//! profile names the same files wherever kmsctl runs.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +20,7 @@ pub(crate) enum Role {
     Admin,
     App,
     Auditor,
+    Sys,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -37,6 +42,26 @@ struct Profile {
     tls_key: Option<PathBuf>,
     output: Option<Output>,
     dev: Option<PathBuf>,
+}
+
+impl Profile {
+    /// The profile with its relative paths taken from `dir` (its config file's folder).
+    fn relative_to(mut self, dir: &Path) -> Self {
+        for path in [
+            &mut self.tls_ca,
+            &mut self.tls_cert,
+            &mut self.tls_key,
+            &mut self.dev,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if path.is_relative() {
+                *path = dir.join(&*path);
+            }
+        }
+        self
+    }
 }
 
 /// The settings a command runs with.
@@ -82,16 +107,18 @@ fn load_profile(cli: &Cli) -> anyhow::Result<Profile> {
         },
         Some((path, cfg)) => {
             let name = wanted.or(cfg.default_profile.clone());
-            match name {
-                None => Ok(cfg.profiles.get("default").cloned().unwrap_or_default()),
+            let profile = match name {
+                None => cfg.profiles.get("default").cloned().unwrap_or_default(),
                 Some(name) => cfg.profiles.get(&name).cloned().with_context(|| {
                     format!(
                         "no profile `{name}` in {} (profiles: {})",
                         path.display(),
                         cfg.profiles.keys().cloned().collect::<Vec<_>>().join(", ")
                     )
-                }),
-            }
+                })?,
+            };
+            let dir = path.parent().unwrap_or(Path::new(""));
+            Ok(profile.relative_to(dir))
         }
     }
 }
@@ -135,6 +162,7 @@ pub(crate) fn resolve(cli: &Cli, role: Role) -> anyhow::Result<Resolved> {
         Role::Admin => "admin",
         Role::App => "app",
         Role::Auditor => "auditor",
+        Role::Sys => "sys",
     };
     let dev_file = |f: String| dev.as_ref().map(|d| d.join("pki").join(f));
     let endpoints = if !cli.endpoints.is_empty() {
