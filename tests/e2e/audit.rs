@@ -279,3 +279,97 @@ async fn jsonl_sink_gets_every_record() {
     assert_eq!(lines.len(), 2);
     assert_eq!(lines[1].prev, lines[0].hash);
 }
+
+/// Issue 22 (point 7): the `wrap` and `batch` records name the key and version used (and
+/// `wrap` the context hash), as DESIGN.md asks of every key use; a batch's record lists its
+/// items' keys, versions and outcomes. A denied batch item is a denial: it counts toward
+/// the lockout (threshold 3 here). Before: both records carried no key, and denials inside
+/// a batch never counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrap_and_batch_records_name_their_keys_and_denied_items_count() {
+    use serde_json::json;
+    let s = TestServer::start_with(TestSeal::KeyFile, "[lockout]\nthreshold = 3\n").await;
+    client(&s, "admin-a")
+        .create_key(&create("k"))
+        .await
+        .unwrap();
+    client(&s, "admin-a")
+        .create_key(&CreateKeyRequest {
+            name: "closed".into(),
+            algorithm: None,
+            rotation_period: None,
+            grants: vec![],
+        })
+        .await
+        .unwrap();
+    let app = s.client(Some("app-a"));
+    let dek = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let (st, _) = crate::post(
+        &app,
+        &s.url("/v1/keys/k/wrap"),
+        json!({"plaintext": dek, "context": {"doc": "1"}}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (st, body) = crate::post(
+        &app,
+        &s.url("/v1/batch"),
+        json!({"items": [
+            {"op": "datakey", "key": "k", "context": {"doc": "2"}},
+            {"op": "wrap", "key": "k", "plaintext": dek, "context": {"doc": "3"}},
+        ]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let records = client(&s, "auditor-a")
+        .audit_page(0, 1000)
+        .await
+        .unwrap()
+        .records;
+    let wrap = records
+        .iter()
+        .find(|r| r.operation == "POST /v1/keys/{name}/wrap")
+        .expect("a wrap record");
+    assert_eq!(
+        (
+            wrap.key.as_deref(),
+            wrap.version,
+            wrap.context_hash.is_some()
+        ),
+        (Some("k"), Some(1), true),
+        "{wrap:?}"
+    );
+    let batch = records
+        .iter()
+        .find(|r| r.operation == "POST /v1/batch")
+        .expect("a batch record");
+    assert_eq!(
+        (batch.key.as_deref(), batch.version),
+        (Some("k"), Some(1)),
+        "{batch:?}"
+    );
+    assert_eq!(batch.attributes.as_ref().unwrap()["items"], "k@1 k@1");
+
+    // Three denied items (no grant on `closed`) lock app-a out.
+    let (st, body) = crate::post(
+        &app,
+        &s.url("/v1/batch"),
+        json!({"items": [
+            {"op": "datakey", "key": "closed", "context": {}},
+            {"op": "datakey", "key": "closed", "context": {}},
+            {"op": "datakey", "key": "closed", "context": {}},
+        ]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(
+        body["results"][0]["error"]["code"], "PermissionDenied",
+        "{body}"
+    );
+    let (st, body) = crate::post(&app, &s.url("/v1/keys/k/datakey"), json!({"context": {}})).await;
+    assert_eq!(
+        (st, body["error"]["code"].as_str()),
+        (429, Some("LockedOut")),
+        "{body}"
+    );
+}

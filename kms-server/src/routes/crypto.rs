@@ -75,16 +75,20 @@ pub async fn datakey(
 pub async fn wrap(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    note: AuditNote,
     KeyName(name): KeyName,
     ApiJson(req): ApiJson<WrapRequest>,
 ) -> Result<Json<WrapResponse>, Error> {
+    note.key(&name);
     caller.authorize(Operation::UseKeys)?;
+    note.context(&state.keyring, &req.context);
     let w = state.keyring.lookups()?.wrap(
         &caller,
         &name,
         req.plaintext.expose_secret(),
         &req.context,
     )?;
+    note.key_version(&w.key, w.version);
     Ok(Json(wrap_response(w)))
 }
 
@@ -180,6 +184,7 @@ fn run_item(
 pub async fn batch(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    note: AuditNote,
     ApiJson(req): ApiJson<BatchRequest>,
 ) -> Result<SecretJson<BatchResponse>, Error> {
     caller.authorize(Operation::UseKeys)?;
@@ -205,16 +210,57 @@ pub async fn batch(
         })
         .sum::<usize>()
         + 16;
+    let identity = caller.identity.clone();
     let results = if any_rsa {
         let st = state.clone();
         blocking(move || run_batch(&st.keyring, &caller, &req.items)).await?
     } else {
         run_batch(&state.keyring, &caller, &req.items)?
     };
+    note_batch(&state, &note, &identity, &results);
     Ok(SecretJson {
         value: BatchResponse { results },
         capacity,
     })
+}
+
+/// What a batch's record says: the key and version when every item used one; each item's
+/// key, version and outcome (`items`, in order; the audit trail bounds its length). A
+/// denied item is a denial like any other: alerted and counted toward the lockout.
+fn note_batch(state: &Arc<AppState>, note: &AuditNote, identity: &str, results: &[BatchResult]) {
+    let mut used: Option<(&str, u32)> = None;
+    let mut mixed = false;
+    let mut items = Vec::with_capacity(results.len());
+    for r in results {
+        let (key, version) = match r {
+            BatchResult::Datakey(d) => (d.key.as_str(), d.version),
+            BatchResult::Wrap(w) | BatchResult::Rewrap(w) => (w.key.as_str(), w.version),
+            BatchResult::Unwrap(u) => (u.key.as_str(), u.version),
+            BatchResult::Error(e) => {
+                let code = format!("{:?}", e.code);
+                if e.code == kms_client::api::ErrorCode::PermissionDenied {
+                    state.alerts.raise(crate::alert::AlertEvent::new(
+                        "denied",
+                        Some(identity),
+                        "POST /v1/batch (an item)",
+                    ));
+                    crate::routes::count_failure(state, identity);
+                }
+                items.push(code);
+                continue;
+            }
+        };
+        items.push(format!("{key}@{version}"));
+        match used {
+            None => used = Some((key, version)),
+            Some(u) if u != (key, version) => mixed = true,
+            Some(_) => {}
+        }
+    }
+    if let (Some((key, version)), false) = (used, mixed) {
+        note.key_version(key, version);
+    }
+    note.attribute("items", items.join(" "));
 }
 
 /// The items in order, sharing one [`Lookups`]. Sealed: the whole batch fails (503).

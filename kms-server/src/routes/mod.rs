@@ -279,6 +279,8 @@ pub struct AuditInfo {
     pub context_hash: Option<String>,
     /// The caller's tenant, once its identity was resolved.
     pub tenant: Option<String>,
+    /// What else the record says (a batch: its items' keys, versions and outcomes).
+    pub attributes: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// A handle to this request's [`AuditInfo`].
@@ -292,6 +294,15 @@ impl AuditNote {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut info);
+    }
+
+    /// Records an attribute.
+    pub fn attribute(&self, name: &str, value: String) {
+        self.with(|i| {
+            i.attributes
+                .get_or_insert_with(Default::default)
+                .insert(name.to_owned(), value);
+        });
     }
 
     /// Records the key name.
@@ -426,7 +437,7 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         outcome: outcome.clone(),
         status: resp.status().as_u16(),
         latency_us: elapsed.as_micros() as u64,
-        attributes: None,
+        attributes: info.attributes,
     };
     if let Err(e) = state.audit.append(draft).await {
         // Fail closed: nothing unaudited leaves, whatever the handler produced.
