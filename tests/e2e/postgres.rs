@@ -998,7 +998,7 @@ async fn a_master_rotation_on_one_node_loses_nothing_written_on_another() {
     .await;
     // And the master key rotates again, from B this time.
     let r = post(
-        &b.client(Some("admin-a")),
+        &b.client(Some("sys")),
         &b.url("/v1/sys/rotate-master"),
         json!({}),
     )
