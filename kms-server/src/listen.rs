@@ -12,8 +12,10 @@
 //!   handshake and established) is closed at once. When the handshake budget
 //!   ([`Limits::max_handshakes`]) is spent, the oldest handshake still in progress (older
 //!   than [`EVICT_AFTER`]: a real client's handshake takes milliseconds) is dropped to
-//!   make room, so connections that never finish their handshake, from however many
-//!   sources, cannot keep a new client out; with none that old, the new one is closed. A source holding thousands of idle TCP connections thus holds its
+//!   make room (it hands its permit straight to the newcomer), so connections that never
+//!   finish their handshake, from however many sources, cannot keep a new client out.
+//!   With none that old yet, the newcomer waits, within its handshake deadline, in a
+//!   waiting room as large as the budget; past that room it is closed. A source holding thousands of idle TCP connections thus holds its
 //!   share, not the listener: before, a permit was taken before the handshake, so 4 096
 //!   idle connections held every slot until their handshakes timed out.
 //! - **A connection slot is taken after the handshake** ([`Limits::max_connections`]).
@@ -47,8 +49,14 @@ pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// its place in the handshake budget.
 pub const EVICT_AFTER: Duration = Duration::from_millis(500);
 
-/// How long a connection that evicted an old handshake waits for the place it freed.
-const EVICT_WAIT: Duration = Duration::from_secs(1);
+/// How long a connection that evicted an old handshake waits for the place it freed (the
+/// evicted one hands it over directly).
+const EVICT_WAIT: Duration = Duration::from_secs(5);
+
+/// A handshake budget permit.
+type Permit = tokio::sync::OwnedSemaphorePermit;
+/// Where an evicted handshake hands its permit over.
+type Handover = tokio::sync::oneshot::Sender<Permit>;
 
 /// How long a stopping listener waits for its connections to finish.
 pub const DRAIN: Duration = Duration::from_secs(10);
@@ -193,12 +201,13 @@ impl Drop for SourceGuard {
 /// The handshakes in progress, oldest first, each with the means to stop it.
 #[derive(Default)]
 struct Handshaking {
-    queue: Mutex<std::collections::VecDeque<(Instant, tokio::sync::oneshot::Sender<()>)>>,
+    queue: Mutex<std::collections::VecDeque<(Instant, tokio::sync::oneshot::Sender<Handover>)>>,
 }
 
 impl Handshaking {
-    /// Registers a handshake starting now; it stops when the receiver fires.
-    fn register(&self, limit: usize) -> tokio::sync::oneshot::Receiver<()> {
+    /// Registers a handshake starting now; when it is evicted, the receiver yields where
+    /// to hand its permit over.
+    fn register(&self, limit: usize) -> tokio::sync::oneshot::Receiver<Handover> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         // Finished handshakes (receiver gone) leave from the front; if an old one still
@@ -213,20 +222,22 @@ impl Handshaking {
         rx
     }
 
-    /// Stops the oldest handshake in progress for at least `age`; whether there was one.
-    fn evict_oldest(&self, age: Duration) -> bool {
+    /// Stops the oldest handshake in progress for at least `age`; its permit comes
+    /// through the returned receiver (directly: no other connection can take it first).
+    fn evict_oldest(&self, age: Duration) -> Option<tokio::sync::oneshot::Receiver<Permit>> {
         let mut q = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some((since, _)) = q.front() {
             if since.elapsed() < age {
-                return false;
+                return None;
             }
             if let Some((_, stop)) = q.pop_front() {
-                if stop.send(()).is_ok() {
-                    return true;
+                let (handover, freed) = tokio::sync::oneshot::channel();
+                if stop.send(handover).is_ok() {
+                    return Some(freed);
                 }
             }
         }
-        false
+        None
     }
 }
 
@@ -235,9 +246,13 @@ enum Budget {
     /// Plain TCP: no handshake.
     None,
     /// Held.
-    Held(tokio::sync::OwnedSemaphorePermit),
-    /// Freed by evicting an old handshake: to be taken (within [`EVICT_WAIT`]).
-    Freed(Arc<tokio::sync::Semaphore>),
+    Held(Permit),
+    /// Being handed over by an evicted handshake (within [`EVICT_WAIT`]).
+    Freed(tokio::sync::oneshot::Receiver<Permit>),
+    /// None free and none old enough to evict: waits (holding a place in the bounded
+    /// waiting room) for a permit or for the oldest handshake to become evictable, until
+    /// its handshake deadline.
+    Waiting(Permit),
 }
 
 /// When a connection last had a request in flight.
@@ -332,7 +347,9 @@ pub async fn serve<H, M, S, B>(
         max: limits.per_source,
         open: Mutex::new(HashMap::new()),
     });
-    let handshaking = Handshaking::default();
+    let handshaking = Arc::new(Handshaking::default());
+    // Connections waiting for a place in the handshake budget, at most.
+    let waiting = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
     // Every connection task holds a receiver: `closed()` tells when the last one ended.
     let (stopping, stop_rx) = tokio::sync::watch::channel(false);
     tokio::pin!(stop);
@@ -357,16 +374,14 @@ pub async fn serve<H, M, S, B>(
             Budget::None
         } else if let Ok(p) = handshakes.clone().try_acquire_owned() {
             Budget::Held(p)
-        } else if handshaking.evict_oldest(EVICT_AFTER) {
+        } else if let Some(freed) = handshaking.evict_oldest(EVICT_AFTER) {
             tracing::debug!(%peer, "handshake budget spent: the oldest handshake was dropped");
-            Budget::Freed(handshakes.clone())
+            Budget::Freed(freed)
+        } else if let Ok(place) = waiting.clone().try_acquire_owned() {
+            Budget::Waiting(place)
         } else {
-            tracing::debug!(%peer, "connection refused: the handshake budget is spent");
+            tracing::debug!(%peer, "connection refused: the handshake budget and its waiting room are full");
             continue;
-        };
-        let evicted = match budget {
-            Budget::None => None,
-            _ => Some(handshaking.register(limits.max_handshakes)),
         };
         let _ = stream.set_nodelay(true);
         let conn = Connection {
@@ -375,11 +390,13 @@ pub async fn serve<H, M, S, B>(
             http: http.clone(),
             slots: slots.clone(),
             stop: stop_rx.clone(),
+            handshakes: handshakes.clone(),
+            handshaking: handshaking.clone(),
         };
         let (handshake, make) = (handshake.clone(), make.clone());
         tokio::spawn(async move {
             let _source = source;
-            conn.run(stream, budget, evicted, &*handshake, &*make).await;
+            conn.run(stream, budget, &*handshake, &*make).await;
         });
     }
     drop(listener);
@@ -403,17 +420,30 @@ struct Connection {
     http: Arc<auto::Builder<TokioExecutor>>,
     slots: Arc<tokio::sync::Semaphore>,
     stop: tokio::sync::watch::Receiver<bool>,
+    handshakes: Arc<tokio::sync::Semaphore>,
+    handshaking: Arc<Handshaking>,
 }
 
 impl Connection {
-    async fn run<H, M, S, B>(
-        mut self,
-        tcp: TcpStream,
-        budget: Budget,
-        evicted: Option<tokio::sync::oneshot::Receiver<()>>,
-        handshake: &H,
-        make: &M,
-    ) where
+    /// A permit of the handshake budget for a connection that found it spent: a permit
+    /// given back, or one handed over by the oldest handshake once it may be evicted;
+    /// `None` at `deadline`.
+    async fn wait_for_budget(&self, deadline: tokio::time::Instant) -> Option<Permit> {
+        loop {
+            tokio::select! {
+                p = self.handshakes.clone().acquire_owned() => return p.ok(),
+                () = tokio::time::sleep(EVICT_AFTER / 5) => {
+                    if let Some(freed) = self.handshaking.evict_oldest(EVICT_AFTER) {
+                        return tokio::time::timeout(EVICT_WAIT, freed).await.ok()?.ok();
+                    }
+                }
+                () = tokio::time::sleep_until(deadline) => return None,
+            }
+        }
+    }
+
+    async fn run<H, M, S, B>(mut self, tcp: TcpStream, budget: Budget, handshake: &H, make: &M)
+    where
         H: Handshake,
         M: Fn(&H::Io) -> S,
         S: hyper::service::Service<hyper::Request<RequestBody>, Response = hyper::Response<B>>
@@ -428,25 +458,35 @@ impl Connection {
     {
         let peer = self.peer;
         let deadline = tokio::time::Instant::now() + self.limits.handshake_timeout;
-        let budget = match budget {
-            Budget::Freed(handshakes) => {
-                match tokio::time::timeout(EVICT_WAIT, handshakes.acquire_owned()).await {
-                    Ok(Ok(p)) => Some(p),
-                    _ => return,
-                }
+        let mut budget = match budget {
+            Budget::Freed(freed) => match tokio::time::timeout(EVICT_WAIT, freed).await {
+                Ok(Ok(p)) => Some(p),
+                _ => return,
+            },
+            Budget::Waiting(place) => {
+                let Some(p) = self.wait_for_budget(deadline).await else {
+                    tracing::debug!(%peer, "connection closed: no place in the handshake budget in time");
+                    return;
+                };
+                drop(place);
+                Some(p)
             }
             Budget::Held(p) => Some(p),
             Budget::None => None,
         };
+        // In the queue of handshakes in progress from the moment it holds a permit.
+        let evicted = budget
+            .as_ref()
+            .map(|_| self.handshaking.register(self.limits.max_handshakes));
         let evicted = async move {
             match evicted {
-                // Fired (evicted), or its sender dropped: only the first stops it.
-                Some(rx) => {
-                    if rx.await.is_err() {
-                        std::future::pending::<()>().await;
-                    }
-                }
-                None => std::future::pending::<()>().await,
+                // Evicted: where to hand the permit over. A sender dropped without a word
+                // (the listener stopping) stops nothing.
+                Some(rx) => match rx.await {
+                    Ok(handover) => handover,
+                    Err(_) => std::future::pending().await,
+                },
+                None => std::future::pending().await,
             }
         };
         // The handshake, then a slot, both before the handshake deadline; the budget is
@@ -473,8 +513,11 @@ impl Connection {
                 }
             },
             _ = self.stop.wait_for(|s| *s) => return,
-            () = evicted => {
+            handover = evicted => {
                 tracing::debug!(%peer, "handshake dropped: the budget was spent and it was the oldest");
+                if let Some(permit) = budget.take() {
+                    let _ = handover.send(permit);
+                }
                 return;
             }
         };
