@@ -61,6 +61,23 @@ emails = ["alice@example.com"]
     (s, files)
 }
 
+/// Raises this process's open-file limit to its hard limit (both ends of every connection
+/// live in this process) and returns how many connections at once fit, keeping 1 024
+/// descriptors for the rest of the suite.
+fn connections_that_fit(wanted: usize) -> usize {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    lim.current = lim.maximum;
+    let _ = setrlimit(Resource::Nofile, lim);
+    let have = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    let fit = usize::try_from(have.saturating_sub(1024) / 2).unwrap_or(wanted);
+    assert!(
+        fit >= 600,
+        "too few file descriptors ({have}) for this test"
+    );
+    wanted.min(fit)
+}
+
 #[derive(Clone, Copy, Debug)]
 enum Listener {
     Api,
@@ -169,11 +186,11 @@ async fn status_of(d: &Dial, from: [u8; 4]) -> u16 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_idle_connections_from_one_source_do_not_keep_another_out() {
     let (s, _files) = every_listener("", "handshake_timeout_secs = 60").await;
-    const IDLE: usize = 4200;
+    let idle = connections_that_fit(4200);
     for l in LISTENERS {
         let to = addr_of(&s, l);
-        let mut junk = Vec::with_capacity(IDLE);
-        for _ in 0..IDLE {
+        let mut junk = Vec::with_capacity(idle);
+        for _ in 0..idle {
             // Refused or reset at once past the source's share: that is the point.
             if let Ok(c) = connect_from(JUNK, to).await {
                 junk.push(c);
@@ -183,11 +200,11 @@ async fn thousands_of_idle_connections_from_one_source_do_not_keep_another_out()
         let status = tokio::time::timeout(Duration::from_secs(20), status_of(&dial(&s, l), LEGIT))
             .await
             .unwrap_or_else(|_| {
-                panic!("{l:?}: the legitimate client waited 20 s behind {IDLE} idle connections")
+                panic!("{l:?}: the legitimate client waited 20 s behind {idle} idle connections")
             });
         assert!(status > 0, "{l:?}");
         eprintln!(
-            "{l:?}: served in {:?} beside {IDLE} idle connections",
+            "{l:?}: served in {:?} beside {idle} idle connections",
             t0.elapsed()
         );
         drop(junk);
@@ -202,6 +219,11 @@ async fn thousands_of_idle_connections_from_one_source_do_not_keep_another_out()
 async fn idle_connections_from_many_sources_do_not_keep_a_new_client_out() {
     let (s, _files) = every_listener("", "handshake_timeout_secs = 60").await;
     const IDLE: usize = 1100;
+    assert_eq!(
+        connections_that_fit(IDLE),
+        IDLE,
+        "too few file descriptors for this test"
+    );
     for l in [Listener::Api, Listener::Public, Listener::Xks] {
         let to = addr_of(&s, l);
         let mut junk = Vec::with_capacity(IDLE);
