@@ -343,19 +343,7 @@ async fn a_flood_of_denials_is_counted_into_summaries_and_critical_alerts_still_
 async fn alerts_reach_an_https_webhook_that_chains_to_the_configured_ca() {
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = keyhold_tests::generate_pki(pki_dir.path());
-    let server_tls = || {
-        let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(
-                kms_server::tls::load_certs(&pki.cert("server")).unwrap(),
-                kms_server::tls::load_key(&pki.key("server")).unwrap(),
-            )
-            .unwrap();
-        Some(std::sync::Arc::new(tls))
-    };
+    let server_tls = || Some(std::sync::Arc::new(keyhold_tests::rustls_server(&pki)));
     let (url, mut rx) = receiver_with(server_tls()).await;
     let extra = format!(
         "[alerts]\nwebhook = \"{url}\"\nwebhook_ca = \"{}\"\n",

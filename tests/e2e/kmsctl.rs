@@ -1473,16 +1473,7 @@ where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     use tokio::io::AsyncReadExt as _;
-    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            kms_server::tls::load_certs(&pki.cert("server")).unwrap(),
-            kms_server::tls::load_key(&pki.key("server")).unwrap(),
-        )
-        .unwrap();
+    let mut tls = keyhold_tests::rustls_server(pki);
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
     let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(tls));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -880,6 +880,21 @@ pub async fn connect_from(
     socket.connect(to).await
 }
 
+/// A rustls server config with the test PKI's server certificate (no client
+/// authentication): for test peers that play a remote service (a webhook, a fake server).
+pub fn rustls_server(pki: &TestPki) -> rustls::ServerConfig {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            kms_server::tls::load_certs(&pki.cert("server")).unwrap(),
+            kms_server::tls::load_key(&pki.key("server")).unwrap(),
+        )
+        .unwrap()
+}
+
 /// A rustls client config trusting the test CA, with `who`'s identity if given.
 pub fn rustls_client(pki: &TestPki, who: Option<&str>) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
