@@ -735,6 +735,19 @@ impl Settings {
                     "must not be empty".into(),
                 ));
             }
+            let source = crate::tls::source_of_name(&m.identity);
+            if !raw.identity.sources.contains(&source) {
+                return Err(err(
+                    &format!("identities[{i}].identity"),
+                    format!(
+                        "`{}` can only be presented in a certificate's {source:?}, which \
+                         [identity] sources does not read (a common name shaped like a host \
+                         name or URI is written `subject-cn:NAME`, a single-label DNS name \
+                         `dns-san:NAME`)",
+                        m.identity
+                    ),
+                ));
+            }
             if !seen.insert(m.identity.as_str()) {
                 return Err(err(
                     &format!("identities[{i}].identity"),
@@ -1003,6 +1016,13 @@ role = "app"
         )
         .unwrap_err();
         assert_eq!(e.field, "identities[0].tenant");
+        // An identity no configured source can carry is a mistake, said at start.
+        let cn_only = format!("{text}\n[identity]\nsources = [\"subject-cn\"]\n");
+        let e = Settings::parse(&cn_only, dir.path(), "t.toml").unwrap_err();
+        assert_eq!(e.field, "identities[0].identity");
+        assert!(e.message.contains("subject-cn:"), "{e}");
+        let named = cn_only.replace("spiffe://x/app", "subject-cn:spiffe://x/app");
+        Settings::parse(&named, dir.path(), "t.toml").unwrap();
     }
 
     /// `accept_sled_risks` is read for sled and refused elsewhere (the refusal to create a

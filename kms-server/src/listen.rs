@@ -96,11 +96,34 @@ pub trait Handshake: Send + Sync + 'static {
     fn needs_budget(&self) -> bool {
         true
     }
+
+    /// For an established connection, what says whether its peer's certificate has been
+    /// revoked since the handshake; `None`: nothing to watch.
+    fn revocation(&self, _io: &Self::Io) -> Option<Revocation> {
+        None
+    }
+}
+
+/// Whether a connection's peer certificate is revoked now, and when to ask again.
+pub struct Revocation {
+    /// Revoked now (or the revocation lists in force are out of date).
+    pub revoked: Box<dyn Fn() -> bool + Send + Sync>,
+    /// Changes when the revocation lists are reloaded.
+    pub reloads: tokio::sync::watch::Receiver<u64>,
+}
+
+/// What tells which client certificates are revoked (the listener's CRLs).
+pub trait Revoker: Send + Sync + 'static {
+    /// The connection's leaf certificate is revoked, or its CRLs are out of date.
+    fn revoked(&self, leaf: &[u8]) -> Box<dyn Fn() -> bool + Send + Sync>;
+    /// Changes on every reload of the CRLs.
+    fn reloads(&self) -> tokio::sync::watch::Receiver<u64>;
 }
 
 /// TLS, with the server configuration in force when each connection arrives (the XKS
-/// listener's is reloaded on SIGHUP).
-pub struct Tls<F>(pub F);
+/// listener's is reloaded on SIGHUP), and the CRLs that revoke client certificates of
+/// established connections, if any.
+pub struct Tls<F>(pub F, pub Option<Arc<dyn Revoker>>);
 
 impl<F> Handshake for Tls<F>
 where
@@ -113,6 +136,15 @@ where
         tcp: TcpStream,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<Self::Io>> + Send + 'static>> {
         Box::pin(tokio_rustls::TlsAcceptor::from((self.0)()).accept(tcp))
+    }
+
+    fn revocation(&self, io: &Self::Io) -> Option<Revocation> {
+        let revoker = self.1.as_ref()?;
+        let leaf = io.get_ref().1.peer_certificates()?.first()?;
+        Some(Revocation {
+            revoked: revoker.revoked(leaf),
+            reloads: revoker.reloads(),
+        })
     }
 }
 
@@ -522,6 +554,11 @@ impl Connection {
             }
         };
         drop(budget);
+        let revocation = handshake.revocation(&io);
+        let (revoked, mut reloads) = match revocation {
+            Some(r) => (Some(r.revoked), Some(r.reloads)),
+            None => (None, None),
+        };
         let activity = Activity::new();
         let svc = Arc::new(make(&io));
         let body_timeout = self.limits.body_timeout;
@@ -559,12 +596,27 @@ impl Connection {
                     conn.as_mut().graceful_shutdown();
                     closing = Some(tokio::time::Instant::now() + CLOSE_GRACE);
                 }
+                // A certificate revoked since the handshake: the connection is shut down
+                // (its requests meanwhile are refused by the service).
+                Ok(()) = async { match reloads.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } }, if closing.is_none() => {
+                    if revoked.as_ref().is_some_and(|r| r()) {
+                        tracing::info!(%peer, "connection closed: its client certificate was revoked");
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some(tokio::time::Instant::now() + CLOSE_GRACE);
+                    }
+                }
                 _ = tick.tick() => match closing {
                     Some(at) if tokio::time::Instant::now() >= at => {
                         tracing::debug!(%peer, "connection dropped: it did not close in time");
                         return;
                     }
                     Some(_) => {}
+                    // The CRLs in force went out of date since the last reload.
+                    None if revoked.as_ref().is_some_and(|r| r()) => {
+                        tracing::info!(%peer, "connection closed: its client certificate can no longer be checked against a current CRL");
+                        conn.as_mut().graceful_shutdown();
+                        closing = Some(tokio::time::Instant::now() + CLOSE_GRACE);
+                    }
                     None if activity.idle_for() >= idle => {
                         tracing::debug!(%peer, "idle connection closed");
                         conn.as_mut().graceful_shutdown();

@@ -576,7 +576,10 @@ pub async fn run_with_clock(
     };
     crate::listen::serve(
         listeners.api,
-        crate::listen::Tls(move || api_tls.config()),
+        crate::listen::Tls(
+            move || api_tls.config(),
+            Some(tls.clone() as Arc<dyn crate::listen::Revoker>),
+        ),
         limits,
         stop,
         move |tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
@@ -899,12 +902,15 @@ fn start_xks(
     let mut rx = stop_rx;
     Ok(tokio::spawn(crate::listen::serve(
         listener,
-        crate::listen::Tls(move || {
-            current
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone()
-        }),
+        crate::listen::Tls(
+            move || {
+                current
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone()
+            },
+            None,
+        ),
         limits,
         async move {
             let _ = rx.wait_for(|s| *s).await;
@@ -939,7 +945,7 @@ fn start_public(
     let mut rx = stop_rx;
     Ok(tokio::spawn(crate::listen::serve(
         listener,
-        crate::listen::Tls(move || config.clone()),
+        crate::listen::Tls(move || config.clone(), None),
         limits,
         async move {
             let _ = rx.wait_for(|s| *s).await;

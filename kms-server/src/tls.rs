@@ -102,6 +102,25 @@ fn revocation_key(issuer: &[u8], serial: &[u8]) -> Vec<u8> {
     k
 }
 
+/// The name a revoked certificate's denials are counted and alerted under:
+/// `revoked-certificate:<serial in hex>@<hash of the issuer>`.
+pub fn revoked_certificate_name(key: &[u8]) -> String {
+    let issuer_len = key
+        .get(..2)
+        .map_or(0, |l| usize::from(u16::from_be_bytes([l[0], l[1]])));
+    let (issuer, serial) = key
+        .get(2..)
+        .unwrap_or_default()
+        .split_at(issuer_len.min(key.len().saturating_sub(2)));
+    let issuer = ring::digest::digest(&ring::digest::SHA256, issuer);
+    let hex = |b: &[u8]| b.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    format!(
+        "revoked-certificate:{}@{}",
+        hex(serial),
+        hex(&issuer.as_ref()[..6])
+    )
+}
+
 /// The revocation key of a (verified) leaf certificate.
 pub fn leaf_revocation_key(cert: &[u8]) -> Option<Vec<u8>> {
     let (_, cert) = X509Certificate::from_der(cert).ok()?;
@@ -209,7 +228,9 @@ pub fn finish_server_config(config: &mut ServerConfig) {
 pub struct TlsReloader {
     settings: TlsSettings,
     config: RwLock<Arc<ServerConfig>>,
-    revoked: RwLock<Arc<Revoked>>,
+    revoked: Arc<RwLock<Arc<Revoked>>>,
+    /// Counts reloads (established connections re-check their certificates on each).
+    reloads: tokio::sync::watch::Sender<u64>,
     /// (modified, length) of each CRL file at the last load.
     stamps: Mutex<Vec<Option<(SystemTime, u64)>>>,
 }
@@ -233,7 +254,8 @@ impl TlsReloader {
         Ok(Self {
             settings: settings.clone(),
             config: RwLock::new(config),
-            revoked: RwLock::new(Arc::new(revoked)),
+            revoked: Arc::new(RwLock::new(Arc::new(revoked))),
+            reloads: tokio::sync::watch::channel(0).0,
             stamps: Mutex::new(stamps),
         })
     }
@@ -266,13 +288,7 @@ impl TlsReloader {
     /// Whether a connection's leaf certificate (by [`leaf_revocation_key`]) is revoked now,
     /// or cannot be known not to be: the CRLs in force are past their `nextUpdate`.
     pub fn is_revoked(&self, key: &[u8]) -> bool {
-        let r = self
-            .revoked
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        r.valid_until.is_some_and(|t| t <= SystemTime::now())
-            || (!r.keys.is_empty() && r.keys.contains(key))
+        revoked_in(&self.revoked, key)
     }
 
     /// Whether a CRL file changed since the last load.
@@ -291,7 +307,32 @@ impl TlsReloader {
         let n = revoked.keys.len();
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = config;
         *self.revoked.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(revoked);
+        self.reloads.send_modify(|n| *n += 1);
         Ok(n)
+    }
+}
+
+fn revoked_in(revoked: &RwLock<Arc<Revoked>>, key: &[u8]) -> bool {
+    let r = revoked
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    r.valid_until.is_some_and(|t| t <= SystemTime::now())
+        || (!r.keys.is_empty() && r.keys.contains(key))
+}
+
+impl crate::listen::Revoker for TlsReloader {
+    fn revoked(&self, leaf: &[u8]) -> Box<dyn Fn() -> bool + Send + Sync> {
+        let revoked = self.revoked.clone();
+        match leaf_revocation_key(leaf) {
+            Some(key) => Box::new(move || revoked_in(&revoked, &key)),
+            // Verified in the handshake, so it parses; if not, it cannot be checked.
+            None => Box::new(|| true),
+        }
+    }
+
+    fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.reloads.subscribe()
     }
 }
 
@@ -322,10 +363,84 @@ pub fn identity_of(cert: &[u8], sources: &[IdentitySource]) -> Option<String> {
                 .map(str::to_owned),
         };
         if let Some(id) = found.filter(|s| !s.is_empty()) {
-            return Some(id);
+            return Some(canonical_identity(*source, &id));
         }
     }
     None
+}
+
+/// The name an identity read from `source` goes by, so that the three sources never share
+/// a name: the value itself when its shape is that of its source (a URI, `scheme:...`, from
+/// the URI SAN; a dotted host name from the DNS SAN; anything else from the common name),
+/// else the value prefixed with its source (`subject-cn:`, `dns-san:`, `uri-san:`). A
+/// common name `spiffe://bank/admin` is thus `subject-cn:spiffe://bank/admin`, never the
+/// URI identity; a value that itself starts with one of the prefixes is always prefixed.
+/// Configured identities, grants and lockouts use these names.
+pub fn canonical_identity(source: IdentitySource, value: &str) -> String {
+    if shape_of(value) == Some(source) {
+        value.to_owned()
+    } else {
+        format!("{}:{value}", source_prefix(source))
+    }
+}
+
+/// The source a certificate must carry `name` in to go by it (see [`canonical_identity`]).
+pub fn source_of_name(name: &str) -> IdentitySource {
+    shape_of(name).unwrap_or_else(|| {
+        [
+            IdentitySource::UriSan,
+            IdentitySource::DnsSan,
+            IdentitySource::SubjectCn,
+        ]
+        .into_iter()
+        .find(|s| name.starts_with(&format!("{}:", source_prefix(*s))))
+        .unwrap_or(IdentitySource::SubjectCn)
+    })
+}
+
+fn source_prefix(source: IdentitySource) -> &'static str {
+    match source {
+        IdentitySource::UriSan => "uri-san",
+        IdentitySource::DnsSan => "dns-san",
+        IdentitySource::SubjectCn => "subject-cn",
+    }
+}
+
+/// The source whose names look like `value`; `None` for a value that starts with a source
+/// prefix.
+fn shape_of(value: &str) -> Option<IdentitySource> {
+    let sources = [
+        IdentitySource::UriSan,
+        IdentitySource::DnsSan,
+        IdentitySource::SubjectCn,
+    ];
+    if sources
+        .iter()
+        .any(|s| value.starts_with(&format!("{}:", source_prefix(*s))))
+    {
+        return None;
+    }
+    let scheme = value.split_once(':').map(|(scheme, _)| scheme);
+    if scheme.is_some_and(|s| {
+        s.starts_with(|c: char| c.is_ascii_alphabetic())
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    }) {
+        return Some(IdentitySource::UriSan);
+    }
+    let host = value.strip_suffix('.').unwrap_or(value);
+    let labels: Vec<&str> = host.split('.').collect();
+    if labels.len() >= 2
+        && labels.iter().all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '*')
+        })
+    {
+        return Some(IdentitySource::DnsSan);
+    }
+    Some(IdentitySource::SubjectCn)
 }
 
 #[cfg(test)]
@@ -354,5 +469,69 @@ mod tests {
             Some("only-cn")
         );
         assert_eq!(identity_of(b"not a cert", &all), None);
+    }
+
+    #[test]
+    fn the_three_sources_never_share_a_name() {
+        let ca = Pki::generate("test ca").unwrap();
+        let all = [
+            IdentitySource::UriSan,
+            IdentitySource::DnsSan,
+            IdentitySource::SubjectCn,
+        ];
+        // A common name shaped like a URI identity or a host name is not that identity.
+        for (cn, name) in [
+            ("spiffe://t/admin", "subject-cn:spiffe://t/admin"),
+            ("db.bank.example", "subject-cn:db.bank.example"),
+            (
+                "dns-san:db.bank.example",
+                "subject-cn:dns-san:db.bank.example",
+            ),
+            ("app", "app"),
+        ] {
+            let cert = ca.issue_client(cn, None).unwrap().cert_der().unwrap();
+            assert_eq!(identity_of(&cert, &all).as_deref(), Some(name), "{cn}");
+        }
+        use IdentitySource::*;
+        assert_eq!(
+            canonical_identity(UriSan, "spiffe://t/app"),
+            "spiffe://t/app"
+        );
+        assert_eq!(canonical_identity(UriSan, "urn:uuid:1"), "urn:uuid:1");
+        assert_eq!(
+            canonical_identity(UriSan, "subject-cn:app"),
+            "uri-san:subject-cn:app"
+        );
+        assert_eq!(
+            canonical_identity(DnsSan, "db.bank.example"),
+            "db.bank.example"
+        );
+        assert_eq!(canonical_identity(DnsSan, "localhost"), "dns-san:localhost");
+        assert_eq!(
+            canonical_identity(SubjectCn, "Payments App"),
+            "Payments App"
+        );
+        for s in all {
+            for v in ["a", "a.b", "x:y", "subject-cn:a"] {
+                assert_eq!(source_of_name(&canonical_identity(s, v)), s, "{s:?} {v}");
+            }
+        }
+        // No two (source, value) pairs share a name.
+        let values = [
+            "a",
+            "a.b",
+            "x:y",
+            "subject-cn:a",
+            "dns-san:a.b",
+            "uri-san:x:y",
+        ];
+        let mut seen = std::collections::HashMap::new();
+        for s in all {
+            for v in values {
+                if let Some(prev) = seen.insert(canonical_identity(s, v), (s, v)) {
+                    panic!("{prev:?} and {:?} share a name", (s, v));
+                }
+            }
+        }
     }
 }

@@ -763,3 +763,29 @@ async fn an_over_limit_body_gets_413_over_http2_too() {
     }
     assert!(failures.is_empty(), "{failures:#?}");
 }
+
+/// Issue 22, point 7: a certificate's URI SAN, DNS SAN and common name do not share one
+/// namespace. Before, a certificate whose only name was the common name
+/// `spiffe://test/acme/app` (a CA lets a requester choose a common name far more freely
+/// than a URI SAN) was the app identity of tenant A; now its identity is
+/// `subject-cn:spiffe://test/acme/app`, which nobody configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_common_name_shaped_like_a_uri_identity_is_not_that_identity() {
+    let s = TestServer::start().await;
+    create_key(&s, "admin-a", "k").await;
+    s.pki
+        .issue_common_name_only("cn-impostor", keyhold_tests::APP_A);
+    let impostor = s.client(Some("cn-impostor"));
+    let (st, body) = post(&impostor, &s.url("/v1/keys/k/datakey"), json!({})).await;
+    assert_eq!(st, 403, "{body}");
+    // Its denials are its own, under its own name: they lock out nothing of the real
+    // identity (the threshold is 5).
+    for _ in 0..6 {
+        post(&impostor, &s.url("/v1/keys/k/datakey"), json!({})).await;
+    }
+    let real = s.client(Some("app-a"));
+    assert_eq!(
+        post(&real, &s.url("/v1/keys/k/datakey"), json!({})).await.0,
+        200
+    );
+}

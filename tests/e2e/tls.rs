@@ -151,6 +151,25 @@ where
     }
 }
 
+/// Whether a request on `client`'s open connection is refused: a 403 naming the revoked
+/// certificate (the per-request check), or the connection closed and a new handshake
+/// refused.
+async fn refused(client: &reqwest::Client, url: &str) -> bool {
+    match client.post(url).json(&json!({})).send().await {
+        Err(_) => true,
+        Ok(r) if r.status() == 403 => {
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            let message = body["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains("revoked") || message.contains("revocation"),
+                "{body}"
+            );
+            true
+        }
+        Ok(_) => false,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revoked_certificate_is_refused_after_the_crl_changes_while_others_keep_working() {
     let s = TestServer::start().await;
@@ -164,20 +183,9 @@ async fn a_revoked_certificate_is_refused_after_the_crl_changes_while_others_kee
     assert_eq!(post(&app_b, &datakey, json!({})).await.0, 200);
 
     s.pki.revoke(&["app-a"], 2);
-    // The open connection is refused from the reload on (per-request check) ...
-    eventually("the open connection refused", || async {
-        post(&app_a, &datakey, json!({})).await.0 == 403
-    })
-    .await;
-    let (st, body) = post(&app_a, &datakey, json!({})).await;
-    assert_eq!(st, 403);
-    assert!(
-        body["error"]["message"]
-            .as_str()
-            .unwrap()
-            .contains("revoked"),
-        "{body}"
-    );
+    // The open connection is refused from the reload on (per-request check, then the
+    // connection is closed) ...
+    eventually("the open connection refused", || refused(&app_a, &datakey)).await;
     // ... and a new handshake with the revoked certificate fails.
     let err = raw_request(&s, rustls_client(&s.pki, Some("app-a")))
         .await
@@ -320,10 +328,7 @@ async fn a_crl_past_its_next_update_refuses_every_client_until_a_fresh_one() {
     let datakey = s.url("/v1/keys/k/datakey");
     assert_eq!(post(&app_a, &datakey, json!({})).await.0, 200);
     s.pki.expired_crl(2);
-    eventually("the open connection refused", || async {
-        post(&app_a, &datakey, json!({})).await.0 == 403
-    })
-    .await;
+    eventually("the open connection refused", || refused(&app_a, &datakey)).await;
     assert!(
         raw_request(&s, rustls_client(&s.pki, Some("app-b")))
             .await
@@ -339,4 +344,49 @@ async fn a_crl_past_its_next_update_refuses_every_client_until_a_fresh_one() {
     })
     .await;
     assert_eq!(post(&app_a, &datakey, json!({})).await.0, 200);
+}
+
+/// A stolen certificate, revoked: its open connection is closed at the CRL reload, and
+/// what it tries meanwhile counts against that certificate, never against its identity,
+/// so the certificate re-issued to the owner keeps working (issue 22, point 6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_certificate_loses_its_connection_and_cannot_lock_out_the_reissued_one() {
+    let s = TestServer::start().await;
+    create_key(&s, "admin-a", "k").await;
+    let stolen = s.client(Some("app-a"));
+    let datakey = s.url("/v1/keys/k/datakey");
+    assert_eq!(post(&stolen, &datakey, json!({})).await.0, 200);
+    s.pki.issue("app-a-reissued", keyhold_tests::APP_A);
+    s.pki.revoke(&["app-a"], 2);
+    // The thief keeps asking on its open connection until the server closes it (and new
+    // handshakes fail).
+    let started = std::time::Instant::now();
+    let mut denied = 0;
+    let closed = loop {
+        match stolen.post(&datakey).json(&json!({})).send().await {
+            Err(_) => break true,
+            Ok(r) => {
+                if r.status() == 403 {
+                    denied += 1;
+                }
+            }
+        }
+        if started.elapsed() > std::time::Duration::from_secs(15) {
+            break false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert!(
+        closed,
+        "the revoked certificate's connection was still served 15 s after the revocation ({denied} denials)"
+    );
+    // The owner's new certificate works: the identity was never locked out.
+    let reissued = s.client(Some("app-a-reissued"));
+    assert_eq!(post(&reissued, &datakey, json!({})).await.0, 200);
+    let (st, body) = crate::get(&s.client(Some("admin-a")), &s.url("/v1/sys/lockouts")).await;
+    assert_eq!(st, 200, "{body}");
+    assert!(
+        !body.to_string().contains(keyhold_tests::APP_A),
+        "the identity is locked out: {body}"
+    );
 }

@@ -176,6 +176,11 @@ impl TestPki {
         let ca = self.ca.as_ref().expect("a generated PKI");
         write_issued(&self.dir, stem, &ca.issue_client(stem, Some(uri)).unwrap());
     }
+    /// Issues a new client certificate `stem`.pem whose only name is the common name `cn`.
+    pub fn issue_common_name_only(&self, stem: &str, cn: &str) {
+        let ca = self.ca.as_ref().expect("a generated PKI");
+        write_issued(&self.dir, stem, &ca.issue_client(cn, None).unwrap());
+    }
     /// The CRL file the server watches (`[tls] crls`).
     pub fn crl(&self) -> PathBuf {
         self.dir.join("crl.pem")

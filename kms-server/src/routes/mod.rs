@@ -386,12 +386,15 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         .unwrap_or_default();
     let identity = peer.identity;
     // A certificate revoked after its connection opened is refused from the reload on.
+    // Its denials count against the certificate, not the identity: a stolen, revoked
+    // certificate must not lock out the one re-issued to its owner.
     let revoked = peer
         .revocation_key
-        .is_some_and(|k| state.tls.is_revoked(&k));
+        .filter(|k| state.tls.is_revoked(k))
+        .map(|k| crate::tls::revoked_certificate_name(&k));
     // A locked-out identity gets nothing but its 429 (and an audit record).
     let locked = identity.as_deref().and_then(|i| state.lockouts.locked(i));
-    let mut resp = if revoked {
+    let mut resp = if revoked.is_some() {
         Error::PermissionDenied("this client certificate has been revoked").into_response()
     } else if locked.is_some() {
         Error::LockedOut.into_response()
@@ -403,9 +406,10 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         None if resp.status().is_success() => "ok".to_owned(),
         None => resp.status().as_str().to_owned(),
     };
-    if let (Some(ErrorCode::PermissionDenied), Some(id)) =
-        (resp.extensions().get::<ErrorCode>(), identity.as_deref())
-    {
+    if let (Some(ErrorCode::PermissionDenied), Some(id)) = (
+        resp.extensions().get::<ErrorCode>(),
+        revoked.as_deref().or(identity.as_deref()),
+    ) {
         state.alerts.raise(crate::alert::AlertEvent::new(
             "denied",
             Some(id),
