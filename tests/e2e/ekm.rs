@@ -312,6 +312,31 @@ allow_missing_reason = true
         call("v0/strict:wrap", None, wrap_body(None, true)).await.0,
         401
     );
+    // A health check's blob unwraps as a health check, with no justification ...
+    let health_blob = h["wrappedBlob"].as_str().unwrap().to_owned();
+    let health_unwrap = |blob: &str, health: bool| json!({"wrappedBlob": blob, "additionalAuthenticatedData": aad, "additionalContext": context(None, health)});
+    let (st, hu) = call(
+        "v0/strict:unwrap",
+        good(),
+        health_unwrap(&health_blob, true),
+    )
+    .await;
+    assert_eq!(st, 200, "health check unwrap: {hu}");
+    assert_eq!(hu["plaintext"], dek);
+    // ... but the caller's health-check flag is no way around the justification policy
+    // (issue 22, point 7): customer data (a blob wrapped outside a health check) does not
+    // unwrap as a health check, and a health check's blob does not unwrap as data.
+    let (st, err) = call("v0/strict:unwrap", good(), health_unwrap(&blob, true)).await;
+    assert_eq!(st, 400, "customer data unwrapped as a health check: {err}");
+    assert_eq!(err["error"]["status"], "INVALID_ARGUMENT", "{err}");
+    let (st, err) = call(
+        "v0/strict:unwrap",
+        good(),
+        json!({"wrappedBlob": health_blob, "additionalAuthenticatedData": aad,
+               "additionalContext": context(Some("CUSTOMER_INITIATED_ACCESS"), false)}),
+    )
+    .await;
+    assert_eq!(st, 400, "a health check's blob unwrapped as data: {err}");
     // A key path that allows a missing justification.
     let (st, lw) = call(
         "v0/lenient:wrap",

@@ -143,9 +143,17 @@ fn unavailable(m: &str) -> EkmError {
 
 const MAGIC: &[u8; 4] = b"khe\x01";
 
-/// The AAD of a wrapped blob: the key path, the caller's AAD, the version.
-fn aad(path: &str, aad: &[u8], version: u32) -> Vec<u8> {
-    let mut out = b"keyhold-ekm-wrap/v1\0".to_vec();
+/// The AAD of a wrapped blob: the key path, the caller's AAD, the version, and whether it
+/// is a health check's. The justification policy is not applied to health checks (Cloud
+/// EKM sends them with no justification); binding the flag into the AAD makes that no way
+/// around the policy: a health check's blob unwraps only as a health check, and a blob of
+/// customer data never does.
+fn aad(path: &str, aad: &[u8], version: u32, health: bool) -> Vec<u8> {
+    let mut out = if health {
+        b"keyhold-ekm-health-check/v1\0".to_vec()
+    } else {
+        b"keyhold-ekm-wrap/v1\0".to_vec()
+    };
     out.extend_from_slice(&(path.len() as u32).to_be_bytes());
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(&(aad.len() as u32).to_be_bytes());
@@ -327,12 +335,13 @@ impl Ekm {
             .decode(req.additional_authenticated_data.as_bytes())
             .map_err(|_| invalid("additionalAuthenticatedData is not base64"))?;
         let (me, path) = (self.clone(), path.to_owned());
+        let health = req.additional_context.is_key_health_check;
         let sealed = crate::routes::blocking(move || {
             let mut lookups = me.app.keyring.lookups()?;
             lookups.encrypt_detached(
                 &me.principal,
                 &policy.key,
-                |v| aad(&path, &extra, v),
+                |v| aad(&path, &extra, v, health),
                 &plaintext,
             )
         })
@@ -383,6 +392,7 @@ impl Ekm {
             .decode(req.additional_authenticated_data.as_bytes())
             .map_err(|_| invalid("additionalAuthenticatedData is not base64"))?;
         let (me, path, key) = (self.clone(), path.to_owned(), policy.key.clone());
+        let health = req.additional_context.is_key_health_check;
         let opened = crate::routes::blocking(move || {
             let mut lookups = me.app.keyring.lookups()?;
             lookups.decrypt_detached(
@@ -392,7 +402,7 @@ impl Ekm {
                 &iv,
                 &ct,
                 &tag,
-                &aad(&path, &extra, version),
+                &aad(&path, &extra, version, health),
             )
         })
         .await
