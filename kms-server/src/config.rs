@@ -495,6 +495,43 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// Every configured certificate identity can be carried by a source `[identity]
+    /// sources` reads (see [`crate::tls::canonical_identity`]); the identities the
+    /// protocol adapters act as are not certificate names and are not checked.
+    fn check_identity_sources(&self) -> Result<(), (String, String)> {
+        let adapters: HashSet<&str> = [
+            self.dke.as_ref().map(|d| d.identity.as_str()),
+            self.cse.as_ref().map(|c| c.identity.as_str()),
+            self.ekm.as_ref().map(|e| e.identity.as_str()),
+            self.salesforce.as_ref().map(|s| s.identity.as_str()),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(
+            self.xks
+                .iter()
+                .flat_map(|x| x.stores.iter().map(|s| s.identity.as_str())),
+        )
+        .collect();
+        for (i, m) in self.identities.iter().enumerate() {
+            let source = crate::tls::source_of_name(&m.identity);
+            if adapters.contains(m.identity.as_str()) || self.identity_sources.contains(&source) {
+                continue;
+            }
+            return Err((
+                format!("identities[{i}].identity"),
+                format!(
+                    "`{}` can only be presented in a certificate's {source:?}, which \
+                     [identity] sources does not read (a common name shaped like a host \
+                     name or URI is written `subject-cn:NAME`, a single-label DNS name \
+                     `dns-san:NAME`)",
+                    m.identity
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Reads and validates `path`. Relative paths inside are relative to its folder.
     pub fn load(path: &Path) -> Result<Settings, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
@@ -735,19 +772,6 @@ impl Settings {
                     "must not be empty".into(),
                 ));
             }
-            let source = crate::tls::source_of_name(&m.identity);
-            if !raw.identity.sources.contains(&source) {
-                return Err(err(
-                    &format!("identities[{i}].identity"),
-                    format!(
-                        "`{}` can only be presented in a certificate's {source:?}, which \
-                         [identity] sources does not read (a common name shaped like a host \
-                         name or URI is written `subject-cn:NAME`, a single-label DNS name \
-                         `dns-san:NAME`)",
-                        m.identity
-                    ),
-                ));
-            }
             if !seen.insert(m.identity.as_str()) {
                 return Err(err(
                     &format!("identities[{i}].identity"),
@@ -858,7 +882,7 @@ impl Settings {
                 "Salesforce is served on the public listener: configure [public] too".into(),
             ));
         }
-        Ok(Settings {
+        let settings = Settings {
             xks,
             public,
             dke,
@@ -941,7 +965,11 @@ impl Settings {
                 mlock: raw.process.mlock,
                 allow_root: raw.process.allow_root,
             },
-        })
+        };
+        settings
+            .check_identity_sources()
+            .map_err(|(field, message)| err(&field, message))?;
+        Ok(settings)
     }
 }
 

@@ -83,11 +83,12 @@ pub(crate) fn service_url(value: &str) -> Option<String> {
 /// TLS of the public listener: its server certificate, TLS 1.2 and 1.3. With
 /// `client_ca` (a route prefix that wants client certificates, e.g. `[salesforce]
 /// client_ca`), a client *may* present a certificate, and one it presents must chain to
-/// `client_ca`; whether a route requires one is the route's check ([`ClientCertificate`]).
+/// `client_ca` and not be revoked by `crls`; whether a route requires one is the route's check ([`ClientCertificate`]).
 /// Without it, no certificate is asked for.
 pub fn server_config(
     settings: &PublicSettings,
     client_ca: Option<&std::path::Path>,
+    crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
 ) -> Result<Arc<rustls::ServerConfig>, crate::tls::TlsError> {
     use crate::tls::{load_certs, load_key};
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -95,16 +96,8 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
     let builder = match client_ca {
         None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-                Arc::new(crate::tls::root_store(ca)?),
-                provider,
-            )
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| crate::tls::TlsError::Verifier(e.to_string()))?;
-            builder.with_client_cert_verifier(verifier)
-        }
+        Some(ca) => builder
+            .with_client_cert_verifier(crate::tls::client_verifier(ca, crls, true, provider)?),
     };
     let mut config =
         builder.with_single_cert(load_certs(&settings.cert)?, load_key(&settings.key)?)?;

@@ -931,21 +931,41 @@ fn start_public(
     stop_rx: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, StartError> {
     let app = crate::public::router(&state).map_err(StartError::Public)?;
-    let client_ca = state
-        .settings
-        .salesforce
-        .as_ref()
-        .and_then(|sf| sf.client_ca.clone());
-    let config = crate::public::server_config(settings, client_ca.as_deref())?;
+    let salesforce = state.settings.salesforce.as_ref();
+    let client_ca = salesforce.and_then(|sf| sf.client_ca.clone());
+    let crls = salesforce
+        .map(|sf| sf.client_crls.clone())
+        .unwrap_or_default();
+    // Reloaded like the API's: on a CRL change and SIGHUP; a reload closes the open
+    // connections of the certificates it revokes.
+    let tls = {
+        let settings = settings.clone();
+        Arc::new(tls::TlsReloader::with_builder(
+            crls,
+            Box::new(move |crls| {
+                crate::public::server_config(&settings, client_ca.as_deref(), crls)
+            }),
+        )?)
+    };
     tracing::info!(
         addr = ?listener.local_addr().ok(),
         dke = state.settings.dke.is_some(),
         "listening (public: end-user protocols)"
     );
+    tokio::spawn(tls_reloader(
+        tls.clone(),
+        state.settings.tls.crl_poll,
+        state.alerts.clone(),
+        stop_rx.clone(),
+    ));
     let mut rx = stop_rx;
+    let current = tls.clone();
     Ok(tokio::spawn(crate::listen::serve(
         listener,
-        crate::listen::Tls(move || config.clone(), None),
+        crate::listen::Tls(
+            move || current.config(),
+            Some(tls as Arc<dyn crate::listen::Revoker>),
+        ),
         limits,
         async move {
             let _ = rx.wait_for(|s| *s).await;

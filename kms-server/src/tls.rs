@@ -184,21 +184,7 @@ fn server_config_with(
     crls: Vec<CertificateRevocationListDer<'static>>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let roots = root_store(&settings.client_ca)?;
-    let mut builder =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-    if !crls.is_empty() {
-        // Leaf certificates only: the CA itself is trusted by configuration.
-        // A CRL past its nextUpdate says nothing about certificates revoked since:
-        // handshakes fail until a fresh one is loaded (fail closed).
-        builder = builder
-            .with_crls(crls)
-            .only_check_end_entity_revocation()
-            .enforce_revocation_expiration();
-    }
-    let verifier = builder
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))?;
+    let verifier = client_verifier(&settings.client_ca, crls, false, provider.clone())?;
     let versions: &[&rustls::SupportedProtocolVersion] = if settings.allow_tls12 {
         &[&rustls::version::TLS13, &rustls::version::TLS12]
     } else {
@@ -210,6 +196,33 @@ fn server_config_with(
         .with_single_cert(load_certs(&settings.cert)?, load_key(&settings.key)?)?;
     finish_server_config(&mut config);
     Ok(Arc::new(config))
+}
+
+/// The verifier of client certificates chaining to the CA bundle at `ca`, checked against
+/// `crls`; `optional`: a client may also present none.
+pub fn client_verifier(
+    ca: &Path,
+    crls: Vec<CertificateRevocationListDer<'static>>,
+    optional: bool,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    let mut builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(ca)?), provider);
+    if !crls.is_empty() {
+        // Leaf certificates only: the CA itself is trusted by configuration.
+        // A CRL past its nextUpdate says nothing about certificates revoked since:
+        // handshakes fail until a fresh one is loaded (fail closed).
+        builder = builder
+            .with_crls(crls)
+            .only_check_end_entity_revocation()
+            .enforce_revocation_expiration();
+    }
+    if optional {
+        builder = builder.allow_unauthenticated();
+    }
+    builder
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))
 }
 
 /// What every Keyhold listener's TLS does: HTTP/2 and HTTP/1.1 by ALPN; the server's
@@ -224,9 +237,15 @@ pub fn finish_server_config(config: &mut ServerConfig) {
     config.send_tls13_tickets = 0;
 }
 
+/// What builds a listener's TLS configuration with the CRLs in force.
+pub type BuildConfig = dyn Fn(Vec<CertificateRevocationListDer<'static>>) -> Result<Arc<ServerConfig>, TlsError>
+    + Send
+    + Sync;
+
 /// The listener's TLS configuration and revoked set, swapped whole on reload.
 pub struct TlsReloader {
-    settings: TlsSettings,
+    crls: Vec<PathBuf>,
+    build: Box<BuildConfig>,
     config: RwLock<Arc<ServerConfig>>,
     revoked: Arc<RwLock<Arc<Revoked>>>,
     /// Counts reloads (established connections re-check their certificates on each).
@@ -247,12 +266,22 @@ struct Revoked {
 }
 
 impl TlsReloader {
-    /// Loads the configuration and CRLs.
+    /// Loads the mTLS API's configuration and CRLs.
     pub fn new(settings: &TlsSettings) -> Result<Self, TlsError> {
-        let stamps = settings.crls.iter().map(stamp).collect();
-        let (config, revoked) = Self::load(settings)?;
+        let s = settings.clone();
+        Self::with_builder(
+            settings.crls.clone(),
+            Box::new(move |crls| server_config_with(&s, crls)),
+        )
+    }
+
+    /// Loads the CRLs at `crls` and the configuration `build` makes with them.
+    pub fn with_builder(crls: Vec<PathBuf>, build: Box<BuildConfig>) -> Result<Self, TlsError> {
+        let stamps = crls.iter().map(stamp).collect();
+        let (config, revoked) = Self::load(&crls, &build)?;
         Ok(Self {
-            settings: settings.clone(),
+            crls,
+            build,
             config: RwLock::new(config),
             revoked: Arc::new(RwLock::new(Arc::new(revoked))),
             reloads: tokio::sync::watch::channel(0).0,
@@ -260,9 +289,11 @@ impl TlsReloader {
         })
     }
 
-    fn load(settings: &TlsSettings) -> Result<(Arc<ServerConfig>, Revoked), TlsError> {
-        let crls = settings
-            .crls
+    fn load(
+        paths: &[PathBuf],
+        build: &BuildConfig,
+    ) -> Result<(Arc<ServerConfig>, Revoked), TlsError> {
+        let crls = paths
             .iter()
             .map(|p| load_crls(p))
             .collect::<Result<Vec<_>, _>>()?
@@ -274,7 +305,7 @@ impl TlsReloader {
         if revoked.valid_until.is_some_and(|t| t <= SystemTime::now()) {
             tracing::error!("a certificate revocation list is past its nextUpdate: every client certificate is refused until a fresh one is loaded");
         }
-        Ok((server_config_with(settings, crls)?, revoked))
+        Ok((build(crls)?, revoked))
     }
 
     /// The configuration for the next handshake.
@@ -293,7 +324,7 @@ impl TlsReloader {
 
     /// Whether a CRL file changed since the last load.
     pub fn changed(&self) -> bool {
-        let now: Vec<_> = self.settings.crls.iter().map(stamp).collect();
+        let now: Vec<_> = self.crls.iter().map(stamp).collect();
         *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) != now
     }
 
@@ -301,9 +332,9 @@ impl TlsReloader {
     /// force (and the files are not retried until they change again). Returns how many
     /// certificates are revoked.
     pub fn reload(&self) -> Result<usize, TlsError> {
-        let stamps: Vec<_> = self.settings.crls.iter().map(stamp).collect();
+        let stamps: Vec<_> = self.crls.iter().map(stamp).collect();
         *self.stamps.lock().unwrap_or_else(PoisonError::into_inner) = stamps;
-        let (config, revoked) = Self::load(&self.settings)?;
+        let (config, revoked) = Self::load(&self.crls, &self.build)?;
         let n = revoked.keys.len();
         *self.config.write().unwrap_or_else(PoisonError::into_inner) = config;
         *self.revoked.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(revoked);

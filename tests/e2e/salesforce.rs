@@ -313,6 +313,33 @@ async fn salesforce_callouts_can_require_a_client_certificate() {
         "another CA"
     );
 
+    // Revocation (`client_crls`, here the test CA's CRL; issue 22): a revoked certificate
+    // fails the handshake, and its open connection is closed at the CRL reload. Before,
+    // Salesforce client certificates were never checked for revocation.
+    reconfigure(&s, "client_crls = [\"pki/crl.pem\"]\n");
+    s.restart().await;
+    s.wait_ready().await;
+    let port = s.public_addr.unwrap().port();
+    let url = format!("https://localhost:{port}/salesforce/sf-mtls");
+    let kept = keyhold_tests::client_for(&pki(), Some("app-a"), false);
+    assert_eq!(kept.get(&url).send().await.unwrap().status(), 200);
+    s.pki.revoke(&["app-a"], 2);
+    let started = std::time::Instant::now();
+    while kept.get(&url).send().await.is_ok() {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "a revoked certificate still served 15 s after the CRL changed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        callout(Some("app-a"), None, port, pki()).await,
+        None,
+        "revoked"
+    );
+    assert_eq!(callout(Some("admin-a"), None, port, pki()).await, Some(200));
+    s.pki.revoke(&[], 3);
+
     // Both credentials, and a pin on admin-a's certificate.
     let der = kms_server::tls::load_certs(&s.pki.cert("admin-a")).unwrap();
     let pin: String = ring_sha256(der[0].as_ref());

@@ -30,6 +30,10 @@ pub(crate) struct FileSalesforce {
     /// to: with it, a callout must present such a certificate.
     #[serde(default)]
     client_ca: Option<PathBuf>,
+    /// CRLs (PEM) of `client_ca`: a revoked client certificate is refused at the
+    /// handshake, and an open connection of one is closed at the reload.
+    #[serde(default)]
+    client_crls: Vec<PathBuf>,
     /// SHA-256 fingerprints (hex) of the accepted client certificates (optional pins).
     #[serde(default)]
     client_certificate_sha256: Vec<String>,
@@ -61,6 +65,8 @@ pub struct SalesforceSettings {
     pub credential_file: Option<PathBuf>,
     /// The client certificates' CA (`None`: no client certificate is asked for).
     pub client_ca: Option<PathBuf>,
+    /// CRLs of `client_ca` (reloaded on change and SIGHUP).
+    pub client_crls: Vec<PathBuf>,
     /// Pinned client certificates (SHA-256 of the DER); empty: any from `client_ca`.
     pub client_certificate_sha256: Vec<[u8; 32]>,
     /// Salesforce's certificate.
@@ -92,6 +98,18 @@ impl FileSalesforce {
         ] {
             if let Some(p) = p.filter(|p| !p.is_file()) {
                 return e(f, &format!("{} is not a readable file", p.display()));
+            }
+        }
+        let client_crls: Vec<PathBuf> = self.client_crls.iter().map(|p| resolve(p)).collect();
+        if client_ca.is_none() && !client_crls.is_empty() {
+            return e("client_crls", "only with client_ca");
+        }
+        for (i, p) in client_crls.iter().enumerate() {
+            if !p.is_file() {
+                return e(
+                    &format!("client_crls[{i}]"),
+                    &format!("{} is not a readable file", p.display()),
+                );
             }
         }
         if client_ca.is_none() && !self.client_certificate_sha256.is_empty() {
@@ -144,6 +162,7 @@ impl FileSalesforce {
             identity: self.identity,
             credential_file,
             client_ca,
+            client_crls,
             client_certificate_sha256: pins,
             certificate,
             keys,
