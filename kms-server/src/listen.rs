@@ -19,6 +19,12 @@
 //!   share, not the listener: before, a permit was taken before the handshake, so 4 096
 //!   idle connections held every slot until their handshakes timed out.
 //! - **A connection slot is taken after the handshake** ([`Limits::max_connections`]).
+//!   When none is free, the established connection that has held its slot for nothing the
+//!   longest — no request in flight, or every request in flight waiting on a body that
+//!   sends nothing — for at least [`EVICT_SLOT_AFTER`] is closed and hands its slot
+//!   straight to the newcomer; with none such, the newcomer waits for a slot within its
+//!   handshake deadline. So connections that hold slots without using them, from however
+//!   many sources, cannot keep a new client out; only connections doing work can.
 //! - **Every phase has a deadline**: the handshake ([`Limits::handshake_timeout`]), the
 //!   request headers ([`Limits::header_timeout`], HTTP/1.1), the request body
 //!   ([`crate::request_body`], on every listener), and idleness: a connection with no
@@ -39,7 +45,7 @@ use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::request_body::RequestBody;
+use crate::request_body::{BodyProgress, RequestBody};
 
 /// Longest a connection may take to close after it was asked to (idle, or the server
 /// stopping) before it is dropped.
@@ -57,6 +63,11 @@ const EVICT_WAIT: Duration = Duration::from_secs(5);
 type Permit = tokio::sync::OwnedSemaphorePermit;
 /// Where an evicted handshake hands its permit over.
 type Handover = tokio::sync::oneshot::Sender<Permit>;
+
+/// When every connection slot is taken, an established connection that has held its slot
+/// for nothing this long (no request in flight, or every request in flight waiting on a
+/// body that sends nothing) is closed to make room.
+pub const EVICT_SLOT_AFTER: Duration = Duration::from_secs(1);
 
 /// How long a stopping listener waits for its connections to finish.
 pub const DRAIN: Duration = Duration::from_secs(10);
@@ -322,6 +333,112 @@ impl Activity {
     }
 }
 
+impl Activity {
+    /// How long the connection has held its slot for nothing: idle, or with every request
+    /// in flight waiting on a stalled body (zero otherwise).
+    fn unused_for(&self, bodies: &BodyProgress) -> Duration {
+        let n = self.in_flight.load(Ordering::Acquire);
+        if n == 0 {
+            self.idle_for()
+        } else if bodies.waiting() >= n {
+            bodies.stalled_for()
+        } else {
+            Duration::ZERO
+        }
+    }
+}
+
+/// The established connections, each with the means to close it when a slot is needed.
+#[derive(Default)]
+struct Established {
+    open: Mutex<HashMap<u64, Holder>>,
+    next: AtomicU64,
+}
+
+/// One established connection, as [`Established`] sees it.
+struct Holder {
+    activity: Arc<Activity>,
+    bodies: Arc<BodyProgress>,
+    evict: tokio::sync::oneshot::Sender<Handover>,
+}
+
+/// A connection's entry in [`Established`], removed when it ends.
+struct Registration(Arc<Established>, u64);
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.1);
+    }
+}
+
+impl Established {
+    /// Registers a connection; when it is evicted, the receiver yields where to hand its
+    /// slot over.
+    fn register(
+        self: &Arc<Self>,
+        activity: Arc<Activity>,
+        bodies: Arc<BodyProgress>,
+    ) -> (Registration, tokio::sync::oneshot::Receiver<Handover>) {
+        let (evict, rx) = tokio::sync::oneshot::channel();
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(
+                id,
+                Holder {
+                    activity,
+                    bodies,
+                    evict,
+                },
+            );
+        (Registration(self.clone(), id), rx)
+    }
+
+    /// Closes the connection that has held its slot for nothing the longest, at least
+    /// `age`; its slot comes through the returned receiver (directly: no other connection
+    /// can take it first).
+    fn evict(&self, age: Duration) -> Option<tokio::sync::oneshot::Receiver<Permit>> {
+        let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
+        let (id, _) = open
+            .iter()
+            .map(|(id, h)| (*id, h.activity.unused_for(&h.bodies)))
+            .filter(|(_, unused)| *unused >= age)
+            .max_by_key(|(_, unused)| *unused)?;
+        let holder = open.remove(&id)?;
+        let (handover, freed) = tokio::sync::oneshot::channel();
+        holder.evict.send(handover).ok()?;
+        Some(freed)
+    }
+
+    /// A connection slot: a free one, else one handed over by the connection that has held
+    /// its slot for nothing the longest (once it has for [`EVICT_SLOT_AFTER`]), else the
+    /// first given back.
+    async fn take_slot(&self, slots: &Arc<tokio::sync::Semaphore>) -> Result<Permit, String> {
+        loop {
+            if let Ok(p) = slots.clone().try_acquire_owned() {
+                return Ok(p);
+            }
+            if let Some(freed) = self.evict(EVICT_SLOT_AFTER) {
+                if let Ok(Ok(p)) = tokio::time::timeout(EVICT_WAIT, freed).await {
+                    return Ok(p);
+                }
+                continue;
+            }
+            tokio::select! {
+                p = slots.clone().acquire_owned() => {
+                    return p.map_err(|_| "the listener stopped".to_string());
+                }
+                () = tokio::time::sleep(EVICT_SLOT_AFTER / 4) => {}
+            }
+        }
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         let now = u64::try_from(self.0.started.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -380,6 +497,7 @@ pub async fn serve<H, M, S, B>(
         open: Mutex::new(HashMap::new()),
     });
     let handshaking = Arc::new(Handshaking::default());
+    let established = Arc::new(Established::default());
     // Connections waiting for a place in the handshake budget, at most.
     let waiting = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
     // Every connection task holds a receiver: `closed()` tells when the last one ended.
@@ -424,6 +542,7 @@ pub async fn serve<H, M, S, B>(
             stop: stop_rx.clone(),
             handshakes: handshakes.clone(),
             handshaking: handshaking.clone(),
+            established: established.clone(),
         };
         let (handshake, make) = (handshake.clone(), make.clone());
         tokio::spawn(async move {
@@ -454,6 +573,7 @@ struct Connection {
     stop: tokio::sync::watch::Receiver<bool>,
     handshakes: Arc<tokio::sync::Semaphore>,
     handshaking: Arc<Handshaking>,
+    established: Arc<Established>,
 }
 
 impl Connection {
@@ -523,16 +643,13 @@ impl Connection {
         };
         // The handshake, then a slot, both before the handshake deadline; the budget is
         // held until a slot is found.
-        let slots = self.slots.clone();
+        let (slots, open) = (self.slots.clone(), self.established.clone());
         let established = async move {
             let io = handshake.handshake(tcp).await.map_err(|e| e.to_string())?;
-            let slot = slots
-                .acquire_owned()
-                .await
-                .map_err(|_| "the listener stopped".to_string())?;
+            let slot = open.take_slot(&slots).await?;
             Ok::<_, String>((io, slot))
         };
-        let (io, _slot) = tokio::select! {
+        let (io, slot) = tokio::select! {
             r = tokio::time::timeout_at(deadline, established) => match r {
                 Ok(Ok(done)) => done,
                 Ok(Err(e)) => {
@@ -560,14 +677,25 @@ impl Connection {
             None => (None, None),
         };
         let activity = Activity::new();
+        let bodies = Arc::new(BodyProgress::default());
+        let (_registration, evicted) = self.established.register(activity.clone(), bodies.clone());
+        // Evicted: where to hand the slot over (the sender only goes with a word).
+        let evicted = async move {
+            match evicted.await {
+                Ok(handover) => handover,
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::pin!(evicted);
         let svc = Arc::new(make(&io));
         let body_timeout = self.limits.body_timeout;
         let tracked = activity.clone();
         let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
             let in_flight = tracked.begin();
+            let watched = bodies.clone();
             let answer = hyper::service::Service::call(
                 &*svc,
-                req.map(|body| RequestBody::new(body, body_timeout)),
+                req.map(|body| RequestBody::new(body, body_timeout).watched(watched)),
             );
             async move {
                 let answer = answer.await;
@@ -579,7 +707,7 @@ impl Connection {
             .http
             .serve_connection_with_upgrades(TokioIo::new(io), svc)
             .into_owned();
-        tokio::pin!(conn);
+        let mut conn = Box::pin(conn);
         let idle = self.limits.idle_timeout;
         let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -590,6 +718,12 @@ impl Connection {
                     if let Err(e) = r {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
+                    return;
+                }
+                handover = &mut evicted => {
+                    tracing::debug!(%peer, "connection closed: every slot was taken and it held its slot for nothing the longest");
+                    drop(conn);
+                    let _ = handover.send(slot);
                     return;
                 }
                 _ = self.stop.wait_for(|s| *s), if closing.is_none() => {

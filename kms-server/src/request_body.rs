@@ -17,6 +17,8 @@
 
 use std::future::Future as _;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -37,6 +39,47 @@ pub struct RequestBody {
     deadline: tokio::time::Instant,
     /// Armed at the first read that has to wait.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The connection's account of bodies waiting for data, and whether this one is
+    /// counted in it now.
+    progress: Option<(Arc<BodyProgress>, bool)>,
+}
+
+/// A connection's request bodies: how many are waiting for data that has not come, and
+/// when data last came. A connection whose every request in flight waits on a stalled
+/// body holds its slot for nothing ([`crate::listen`] may evict it when slots run out).
+pub struct BodyProgress {
+    epoch: std::time::Instant,
+    waiting: AtomicUsize,
+    /// Milliseconds from `epoch` to the last start or end of a wait.
+    last_ms: AtomicU64,
+}
+
+impl Default for BodyProgress {
+    fn default() -> Self {
+        Self {
+            epoch: std::time::Instant::now(),
+            waiting: AtomicUsize::new(0),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl BodyProgress {
+    /// Bodies waiting for data now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// How long since a body of the connection last began to wait or received data.
+    pub fn stalled_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_ms.load(Ordering::Acquire));
+        self.epoch.elapsed().saturating_sub(last)
+    }
+
+    fn mark(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.fetch_max(now, Ordering::AcqRel);
+    }
 }
 
 /// A request body that did not arrive within its deadline.
@@ -70,6 +113,30 @@ impl RequestBody {
             inner: Some(inner),
             deadline: tokio::time::Instant::now() + timeout,
             timer: None,
+            progress: None,
+        }
+    }
+
+    /// Accounts this body's waits in `progress`.
+    pub fn watched(mut self, progress: Arc<BodyProgress>) -> Self {
+        self.progress = Some((progress, false));
+        self
+    }
+
+    /// Counts this body as waiting for data, or no longer.
+    fn set_waiting(&mut self, waiting: bool) {
+        if let Some((progress, counted)) = self.progress.as_mut() {
+            if *counted != waiting {
+                *counted = waiting;
+                // A wait starts the stall clock; its end (data, the end, an error) is
+                // progress.
+                progress.mark();
+                if waiting {
+                    progress.waiting.fetch_add(1, Ordering::AcqRel);
+                } else {
+                    progress.waiting.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
         }
     }
 }
@@ -87,8 +154,12 @@ impl Body for RequestBody {
             return Poll::Ready(None);
         };
         match Pin::new(body).poll_frame(cx) {
-            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Ready(frame) => {
+                this.set_waiting(false);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
             Poll::Pending => {
+                this.set_waiting(true);
                 let deadline = this.deadline;
                 let timer = this
                     .timer
@@ -114,6 +185,7 @@ impl Body for RequestBody {
 
 impl Drop for RequestBody {
     fn drop(&mut self) {
+        self.set_waiting(false);
         let Some(body) = self.inner.take() else {
             return;
         };

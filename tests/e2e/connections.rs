@@ -314,3 +314,51 @@ async fn stalled_and_idle_connections_are_closed_on_every_listener() {
         held.join("\n")
     );
 }
+
+/// Every connection slot taken (`max_connections = 200`) by established connections that
+/// hold it for nothing, half idle after their handshake and half stalled in a request
+/// body, with every timeout far away: a new client is still served at once, on every
+/// listener. The connection that has held its slot for nothing the longest (at least
+/// `listen::EVICT_SLOT_AFTER`) is closed and hands its slot over. Before, the new client
+/// waited for a slot until its handshake deadline (60 s here) and was then closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_set_of_slots_makes_room_for_a_new_client() {
+    let (s, _files) = every_listener(
+        "max_connections = 200\nper_source_connections = 100\nmax_handshakes = 200\nheader_timeout_secs = 120\nbody_timeout_secs = 120\nidle_timeout_secs = 600",
+        "handshake_timeout_secs = 60",
+    )
+    .await;
+    for (l, stalled) in LISTENERS.into_iter().flat_map(|l| [(l, false), (l, true)]) {
+        let d = dial(&s, l);
+        let mut held = Vec::new();
+        for i in 0..200usize {
+            // 50 per source address, under the per-source share.
+            let from = [127, 0, 2, (i / 50) as u8];
+            let mut io = d.open(from, b"http/1.1").await;
+            if stalled {
+                io.write_all(
+                    b"POST /v1/unwrap HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"wrapped\":",
+                )
+                .await
+                .unwrap();
+            }
+            held.push(io);
+        }
+        // Long enough to be evicted.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let t0 = Instant::now();
+        let status = tokio::time::timeout(Duration::from_secs(10), status_of(&d, LEGIT))
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{l:?}, stalled bodies {stalled}: the new client waited 10 s for one of 200 slots held for nothing")
+            });
+        assert!(status > 0, "{l:?}");
+        eprintln!(
+            "{l:?}, stalled bodies {stalled}: served in {:?} with every slot held",
+            t0.elapsed()
+        );
+        drop(held);
+        // The server lets go of the dropped ones before the next listener's round.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
