@@ -119,17 +119,20 @@ for name, port, cert, tls in [("mTLS API", api, "app", True), ("public", public,
         except OSError:
             pass
     opened = time.time() - t0
-    waits = []
+    waits, statuses = [], []
     for _ in range(5):
         t = time.time()
-        s = connect(port, "127.0.0.1", tls_context("app") if tls else None)
-        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        read_status(s)
-        s.close()
+        try:
+            s = connect(port, "127.0.0.1", tls_context("app") if tls else None)
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            statuses.append(read_status(s))
+            s.close()
+        except OSError as e:
+            statuses.append(f"failed ({e.__class__.__name__})")
         waits.append(time.time() - t)
     print(
         f"{name}: {len(idle)} idle + {len(stalled)} stalled opened in {opened:.1f} s; "
-        f"legitimate request: slowest of 5 {max(waits)*1000:.1f} ms; "
+        f"legitimate request: slowest of 5 {max(waits)*1000:.1f} ms (answers {', '.join(statuses)}); "
         f"still held by the server: {held(idle)} idle, {held(stalled)} stalled; RSS {rss_kib()/1024:.1f} MiB"
     )
     for s in idle + stalled:
