@@ -133,7 +133,7 @@ for name, port, cert, tls in [("mTLS API", api, "app", True), ("public", public,
     print(
         f"{name}: {len(idle)} idle + {len(stalled)} stalled opened in {opened:.1f} s; "
         f"legitimate request: slowest of 5 {max(waits)*1000:.1f} ms (answers {', '.join(statuses)}); "
-        f"still held by the server: {held(idle)} idle, {held(stalled)} stalled; RSS {rss_kib()/1024:.1f} MiB"
+        f"still open (not closed by the server; served, or waiting for a slot within the handshake deadline): {held(idle)} idle, {held(stalled)} stalled; RSS {rss_kib()/1024:.1f} MiB"
     )
     for s in idle + stalled:
         s.close()
