@@ -707,55 +707,73 @@ impl Connection {
             .http
             .serve_connection_with_upgrades(TokioIo::new(io), svc)
             .into_owned();
-        let mut conn = Box::pin(conn);
+        // The connection runs in a task of its own that hears only this connection's
+        // commands: a task is polled whole on every wake-up, and what this one watches
+        // (the stop signal, CRL reloads: channels every connection shares, whose waiting
+        // futures take a shared lock when polled) would be polled on every read and write.
+        // A message asks for a graceful close (requests in flight finish; HTTP/2: GOAWAY);
+        // closing at once is aborting the task.
+        let (commands, mut heard) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let mut served = tokio::spawn(async move {
+            let mut conn = std::pin::pin!(conn);
+            loop {
+                tokio::select! {
+                    r = conn.as_mut() => {
+                        if let Err(e) = r {
+                            tracing::debug!(%peer, error = %e, "connection ended with an error");
+                        }
+                        return;
+                    }
+                    command = heard.recv() => match command {
+                        Some(()) => conn.as_mut().graceful_shutdown(),
+                        None => return,
+                    },
+                }
+            }
+        });
         let idle = self.limits.idle_timeout;
         let mut tick = tokio::time::interval((idle / 4).max(Duration::from_millis(100)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut closing: Option<tokio::time::Instant> = None;
+        // Asks for a graceful close; the connection is dropped if still open at the
+        // returned deadline.
+        let close = |why: &str| {
+            tracing::debug!(%peer, "{why}");
+            let _ = commands.send(());
+            Some(tokio::time::Instant::now() + CLOSE_GRACE)
+        };
         loop {
             tokio::select! {
-                r = conn.as_mut() => {
-                    if let Err(e) = r {
-                        tracing::debug!(%peer, error = %e, "connection ended with an error");
-                    }
-                    return;
-                }
+                _ = &mut served => return,
                 handover = &mut evicted => {
                     tracing::debug!(%peer, "connection closed: every slot was taken and it held its slot for nothing the longest");
-                    drop(conn);
+                    served.abort();
+                    let _ = (&mut served).await;
                     let _ = handover.send(slot);
                     return;
                 }
-                _ = self.stop.wait_for(|s| *s), if closing.is_none() => {
-                    conn.as_mut().graceful_shutdown();
-                    closing = Some(tokio::time::Instant::now() + CLOSE_GRACE);
-                }
+                () = async { let _ = self.stop.wait_for(|s| *s).await; }, if closing.is_none() => closing = close("closing: the server stops"),
                 // A certificate revoked since the handshake: the connection is shut down
                 // (its requests meanwhile are refused by the service).
                 Ok(()) = async { match reloads.as_mut() { Some(r) => r.changed().await, None => std::future::pending().await } }, if closing.is_none() => {
                     if revoked.as_ref().is_some_and(|r| r()) {
                         tracing::info!(%peer, "connection closed: its client certificate was revoked");
-                        conn.as_mut().graceful_shutdown();
-                        closing = Some(tokio::time::Instant::now() + CLOSE_GRACE);
+                        closing = close("closing: revoked");
                     }
                 }
                 _ = tick.tick() => match closing {
                     Some(at) if tokio::time::Instant::now() >= at => {
                         tracing::debug!(%peer, "connection dropped: it did not close in time");
+                        served.abort();
                         return;
                     }
                     Some(_) => {}
                     // The CRLs in force went out of date since the last reload.
                     None if revoked.as_ref().is_some_and(|r| r()) => {
                         tracing::info!(%peer, "connection closed: its client certificate can no longer be checked against a current CRL");
-                        conn.as_mut().graceful_shutdown();
-                        closing = Some(tokio::time::Instant::now() + CLOSE_GRACE);
+                        closing = close("closing: no current CRL");
                     }
-                    None if activity.idle_for() >= idle => {
-                        tracing::debug!(%peer, "idle connection closed");
-                        conn.as_mut().graceful_shutdown();
-                        closing = Some(tokio::time::Instant::now() + CLOSE_GRACE);
-                    }
+                    None if activity.idle_for() >= idle => closing = close("idle connection closed"),
                     None => {}
                 },
             }
