@@ -564,6 +564,34 @@ pub async fn serve<H, M, S, B>(
     }
 }
 
+/// A request to the task serving a connection to close it gracefully (requests in flight
+/// finish; HTTP/2: GOAWAY); closing at once is aborting that task.
+#[derive(Default)]
+struct CloseSignal {
+    asked: std::sync::atomic::AtomicBool,
+    waker: Mutex<Option<std::task::Waker>>,
+}
+
+impl CloseSignal {
+    /// Registers the serving task's waker (it checks `asked` after).
+    fn register(&self, waker: &std::task::Waker) {
+        *self.waker.lock().unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
+    }
+
+    /// Asks for the close and wakes the serving task.
+    fn ask(&self) {
+        self.asked.store(true, Ordering::Release);
+        if let Some(w) = self
+            .waker
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            w.wake();
+        }
+    }
+}
+
 /// One accepted connection.
 struct Connection {
     peer: SocketAddr,
@@ -707,28 +735,34 @@ impl Connection {
             .http
             .serve_connection_with_upgrades(TokioIo::new(io), svc)
             .into_owned();
-        // The connection runs in a task of its own that hears only this connection's
-        // commands: a task is polled whole on every wake-up, and what this one watches
-        // (the stop signal, CRL reloads: channels every connection shares, whose waiting
-        // futures take a shared lock when polled) would be polled on every read and write.
-        // A message asks for a graceful close (requests in flight finish; HTTP/2: GOAWAY);
-        // closing at once is aborting the task.
-        let (commands, mut heard) = tokio::sync::mpsc::unbounded_channel::<()>();
+        // The connection runs in a task of its own that polls nothing else: a task is
+        // polled whole on every wake-up, and what the watching task below waits on (the
+        // stop signal, CRL reloads: channels every connection shares, whose waiting
+        // futures take a shared lock when polled) would otherwise be polled on every read
+        // and write. It hears a request to close gracefully through `signal`, which costs
+        // it one atomic load per poll.
+        let signal = Arc::new(CloseSignal::default());
+        let heard = signal.clone();
         let mut served = tokio::spawn(async move {
             let mut conn = std::pin::pin!(conn);
-            loop {
-                tokio::select! {
-                    r = conn.as_mut() => {
-                        if let Err(e) = r {
-                            tracing::debug!(%peer, error = %e, "connection ended with an error");
-                        }
-                        return;
+            let mut registered: Option<std::task::Waker> = None;
+            let mut shutting = false;
+            let r = std::future::poll_fn(|cx| {
+                if !shutting {
+                    if registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
+                        heard.register(cx.waker());
+                        registered = Some(cx.waker().clone());
                     }
-                    command = heard.recv() => match command {
-                        Some(()) => conn.as_mut().graceful_shutdown(),
-                        None => return,
-                    },
+                    if heard.asked.load(Ordering::Acquire) {
+                        shutting = true;
+                        conn.as_mut().graceful_shutdown();
+                    }
                 }
+                conn.as_mut().poll(cx)
+            })
+            .await;
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
         let idle = self.limits.idle_timeout;
@@ -739,7 +773,7 @@ impl Connection {
         // returned deadline.
         let close = |why: &str| {
             tracing::debug!(%peer, "{why}");
-            let _ = commands.send(());
+            signal.ask();
             Some(tokio::time::Instant::now() + CLOSE_GRACE)
         };
         loop {

@@ -34,6 +34,10 @@ pub const SUMMARY_OPERATION: &str = "summary: unauthenticated refusals";
 const SUMMARY_OPERATIONS: usize = 8;
 
 fn cut(text: &mut String, max: usize) {
+    // At most `max` bytes is at most `max` characters: the common case costs a comparison.
+    if text.len() <= max {
+        return;
+    }
     if let Some((at, _)) = text.char_indices().nth(max) {
         let dropped = text.len() - at;
         text.truncate(at);
@@ -63,7 +67,7 @@ pub fn bound(d: &mut AuditDraft) {
     }
     let long_keys: Vec<String> = attrs
         .keys()
-        .filter(|k| k.chars().count() > MAX_FIELD / 4)
+        .filter(|k| k.len() > MAX_FIELD / 4 && k.chars().count() > MAX_FIELD / 4)
         .cloned()
         .collect();
     for k in long_keys {
