@@ -9,8 +9,10 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::keystore::Engine;
-use crate::policy::{IdentitySource, Role};
+use crate::policy::IdentityMapping;
+use crate::policy::IdentitySource;
 use crate::seal::{Argon2Params, SealMethod};
+use crate::tls::TlsSettings;
 
 /// A configuration error: which file, which field, what is wrong.
 #[derive(Debug, thiserror::Error)]
@@ -357,18 +359,6 @@ impl Default for FileIdentity {
     }
 }
 
-/// One identity → tenant and role.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct IdentityMapping {
-    /// The identity string read from the certificate (URI SAN, DNS SAN or CN).
-    pub identity: String,
-    /// Tenant whose keys it works on.
-    pub tenant: String,
-    /// Role.
-    pub role: Role,
-}
-
 /// Where the store lives.
 #[derive(Debug, Clone)]
 pub struct StoreSettings {
@@ -405,26 +395,6 @@ pub struct SealSettings {
     pub argon2: Argon2Params,
     /// The token (method `pkcs11`), paths resolved.
     pub pkcs11: Option<crate::seal::Pkcs11Settings>,
-}
-
-/// TLS files and policy.
-#[derive(Debug, Clone)]
-pub struct TlsSettings {
-    /// Server certificate chain, PEM.
-    pub cert: PathBuf,
-    /// Server private key, PEM.
-    pub key: PathBuf,
-    /// CA bundle that client certificates must chain to, PEM.
-    pub client_ca: PathBuf,
-    /// Allow TLS 1.2 (default: 1.3 only).
-    pub allow_tls12: bool,
-    /// Handshake deadline.
-    pub handshake_timeout: std::time::Duration,
-    /// Certificate revocation lists (PEM or DER) for client certificates, re-read on
-    /// change and on SIGHUP.
-    pub crls: Vec<PathBuf>,
-    /// How often the CRL files are checked for change; `None`: only on SIGHUP.
-    pub crl_poll: Option<std::time::Duration>,
 }
 
 /// Validated settings.
@@ -1008,7 +978,7 @@ role = "app"
         assert_eq!(s.store.path, dir.path().join("s.redb"));
         assert_eq!(s.listen.port(), 8443);
         assert!(!s.tls.allow_tls12);
-        assert_eq!(s.identities[0].role, Role::App);
+        assert_eq!(s.identities[0].role, crate::policy::Role::App);
     }
 
     #[test]

@@ -1,12 +1,12 @@
-//! The server's error type and its one mapping to HTTP status and wire code.
+//! The server's error types — the core's [`Error`], the store's [`StoreError`] and the
+//! master-key sealing's [`SealError`] — and the one mapping of [`Error`] to HTTP status
+//! and wire code. The bottom layer: it imports no other module of the crate
+//! (`storage` and `seal` re-export their error types from here).
 
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use kms_client::api::{ErrorBody, ErrorCode, ErrorResponse, KeyState};
-
-use crate::keystore::StoreError;
-use crate::seal::SealError;
 
 /// Everything a key operation or a request can fail with.
 ///
@@ -184,5 +184,79 @@ impl IntoResponse for Error {
         let mut resp = (status, Json(ErrorResponse { error: self.body() })).into_response();
         resp.extensions_mut().insert(code);
         resp
+    }
+}
+
+/// Store failures. Never carries record contents.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A precondition of the batch did not hold; nothing was written.
+    #[error("write conflict on table {0}")]
+    Conflict(&'static str),
+    /// The database is locked by another process.
+    #[error("the store at {0} is in use by another process")]
+    Locked(String),
+    /// The engine failed (I/O, corruption, full disk); nothing was written.
+    #[error("{engine} error")]
+    Engine {
+        /// Engine name.
+        engine: &'static str,
+        /// The engine's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+/// Sealing failures.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealError {
+    /// The secret (key file, passphrase) does not open the sealed master key.
+    #[error("the {0} does not unseal this store")]
+    WrongSecret(&'static str),
+    /// The sealed record was made by another method.
+    #[error("the store was sealed with {stored}, but the configuration says {configured}")]
+    MethodMismatch {
+        /// In the store.
+        stored: &'static str,
+        /// In the configuration.
+        configured: &'static str,
+    },
+    /// No secret is available (for example no passphrase given yet).
+    #[error("no {0} available")]
+    NoSecret(&'static str),
+    /// The key file is unusable.
+    #[error("key file {path}: {reason}")]
+    KeyFile {
+        /// Path.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The sealed record is malformed.
+    #[error("sealed master key record is malformed")]
+    Malformed,
+    /// The KDF failed (bad parameters).
+    #[error("key derivation failed: {0}")]
+    Kdf(String),
+    /// Randomness failed.
+    #[error("system random generator failed")]
+    Random,
+    /// An unseal share is malformed, of another set, or a duplicate.
+    #[error("unseal share refused: {0}")]
+    BadShare(&'static str),
+    /// The PKCS#11 token or module failed (not found, not logged in, ...).
+    #[error("PKCS#11: {0}")]
+    Pkcs11(String),
+}
+
+impl SealError {
+    /// Whether the caller supplied a wrong or missing secret (a 4xx, not a 5xx).
+    pub fn is_bad_secret(&self) -> bool {
+        matches!(
+            self,
+            SealError::WrongSecret(_) | SealError::NoSecret(_) | SealError::BadShare(_)
+        )
     }
 }

@@ -35,7 +35,7 @@ pub fn request(
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt"));
     let mut roots = rustls::RootCertStore::empty();
-    for cert in crate::tls::load_certs(&ca_path).map_err(|e| err(e.to_string()))? {
+    for cert in crate::pem::load_certs(&ca_path).map_err(|e| err(e.to_string()))? {
         let _ = roots.add(cert);
     }
     let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());

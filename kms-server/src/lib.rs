@@ -42,6 +42,7 @@
 //! assert!(format::unwrap(&kek, &wrapped, &other).is_err());
 //! ```
 
+pub mod adapter;
 pub mod alert;
 pub mod audit;
 pub mod authstate;
@@ -66,6 +67,7 @@ pub mod listen;
 pub mod lockout;
 pub mod metrics;
 pub mod ops;
+pub mod pem;
 pub mod pki;
 pub mod policy;
 pub mod process;

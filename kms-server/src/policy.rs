@@ -15,7 +15,6 @@ use kms_client::api::IdentityInfo;
 use serde::{Deserialize, Serialize};
 
 use crate::authstate::StateSigner;
-use crate::config::IdentityMapping;
 use crate::error::Error;
 use crate::keystore::{KeyStore, Table, WriteBatch};
 
@@ -32,6 +31,18 @@ pub enum IdentitySource {
 }
 
 pub use kms_client::api::Role;
+
+/// One identity → tenant and role.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityMapping {
+    /// The identity string read from the certificate (URI SAN, DNS SAN or CN).
+    pub identity: String,
+    /// Tenant whose keys it works on.
+    pub tenant: String,
+    /// Role.
+    pub role: Role,
+}
 
 /// What a request wants to do, for the role check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -58,39 +58,17 @@ impl FilePublic {
     }
 }
 
-/// The bearer token of a request (`Authorization: Bearer <token>`, the scheme in any
-/// case), trimmed; `None` without one.
-pub fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
-    let value = headers
-        .get(axum::http::header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    scheme
-        .eq_ignore_ascii_case("bearer")
-        .then(|| token.trim().to_owned())
-        .filter(|t| !t.is_empty())
-}
-
-/// A protocol's own URL from the configuration (`[dke] url`, `[cse] kacls_url`,
-/// `[ekm] url`): an `https://` URL with a host, without a trailing slash.
-pub(crate) fn service_url(value: &str) -> Option<String> {
-    let url = value.trim_end_matches('/');
-    let host = url.strip_prefix("https://")?;
-    (!host.is_empty()).then(|| url.to_owned())
-}
-
 /// TLS of the public listener: its server certificate, TLS 1.2 and 1.3. With
 /// `client_ca` (a route prefix that wants client certificates, e.g. `[salesforce]
 /// client_ca`), a client *may* present a certificate, and one it presents must chain to
-/// `client_ca` and not be revoked by `crls`; whether a route requires one is the route's check ([`ClientCertificate`]).
+/// `client_ca` and not be revoked by `crls`; whether a route requires one is the route's check ([`crate::adapter::ClientCertificate`]).
 /// Without it, no certificate is asked for.
 pub fn server_config(
     settings: &PublicSettings,
     client_ca: Option<&std::path::Path>,
     crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
 ) -> Result<Arc<rustls::ServerConfig>, crate::tls::TlsError> {
-    use crate::tls::{load_certs, load_key};
+    use crate::pem::{load_certs, load_key};
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
@@ -105,44 +83,22 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-/// The client certificate a public-listener connection presented (verified against the
-/// listener's client CA during the handshake), as the SHA-256 of its DER; a request
-/// extension on every request of the connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientCertificate(pub Option<[u8; 32]>);
-
-impl ClientCertificate {
-    /// What `conn`'s handshake presented.
-    pub fn of(conn: &rustls::ServerConnection) -> Self {
-        Self(
-            conn.peer_certificates()
-                .and_then(|chain| chain.first())
-                .map(|leaf| {
-                    let digest = ring::digest::digest(&ring::digest::SHA256, leaf.as_ref());
-                    let mut out = [0u8; 32];
-                    out.copy_from_slice(digest.as_ref());
-                    out
-                }),
-        )
-    }
-}
-
 /// The routes of every configured protocol, each under its prefix.
-pub fn router(state: &Arc<AppState>) -> Result<Router, String> {
+pub fn router(state: &Arc<AppState>, settings: &crate::config::Settings) -> Result<Router, String> {
     let mut router = Router::new();
-    if let Some(dke) = &state.settings.dke {
+    if let Some(dke) = &settings.dke {
         let dke = Arc::new(crate::dke::Dke::new(state.clone(), dke)?);
         router = router.merge(crate::dke::router(dke));
     }
-    if let Some(cse) = &state.settings.cse {
+    if let Some(cse) = &settings.cse {
         let cse = Arc::new(crate::cse::Cse::new(state.clone(), cse)?);
         router = router.merge(crate::cse::router(cse));
     }
-    if let Some(ekm) = &state.settings.ekm {
+    if let Some(ekm) = &settings.ekm {
         let ekm = Arc::new(crate::ekm::Ekm::new(state.clone(), ekm));
         router = router.merge(crate::ekm::router(ekm));
     }
-    if let Some(sf) = &state.settings.salesforce {
+    if let Some(sf) = &settings.salesforce {
         let sf = Arc::new(crate::salesforce::Salesforce::new(state.clone(), sf)?);
         router = router.merge(crate::salesforce::router(sf));
     }
@@ -171,35 +127,4 @@ async fn browser_headers(mut resp: axum::response::Response) -> axum::response::
         axum::http::HeaderValue::from_static("nosniff"),
     );
     resp
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bearer_tokens_and_service_urls() {
-        let mut h = axum::http::HeaderMap::new();
-        assert_eq!(bearer(&h), None);
-        for (value, want) in [
-            ("Bearer abc", Some("abc")),
-            ("bearer  abc ", Some("abc")),
-            ("BEARER abc", Some("abc")),
-            ("Basic abc", None),
-            ("Bearer ", None),
-            ("Bearerabc", None),
-        ] {
-            h.insert(
-                axum::http::header::AUTHORIZATION,
-                axum::http::HeaderValue::from_static(value),
-            );
-            assert_eq!(bearer(&h).as_deref(), want, "{value}");
-        }
-        assert_eq!(
-            service_url("https://kms.example/dke/").as_deref(),
-            Some("https://kms.example/dke")
-        );
-        assert_eq!(service_url("https://"), None);
-        assert_eq!(service_url("http://kms.example"), None);
-    }
 }

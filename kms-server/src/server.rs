@@ -445,9 +445,16 @@ pub async fn run_with_clock(
     } else {
         lockouts
     };
+    let api_settings = routes::ApiSettings {
+        max_body_bytes: settings.max_body_bytes,
+        body_timeout: settings.body_timeout,
+        max_batch_items: settings.max_batch_items,
+        seal_method: settings.seal.method,
+        store_engine: settings.store.engine,
+    };
     let state = Arc::new(AppState::new(
         keyring.clone(),
-        settings,
+        api_settings,
         routes::Services {
             metrics: metrics.clone(),
             sealer: factory,
@@ -477,18 +484,18 @@ pub async fn run_with_clock(
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let reloader = tokio::spawn(tls_reloader(
         tls.clone(),
-        state.settings.tls.crl_poll,
+        settings.tls.crl_poll,
         state.alerts.clone(),
         stop_rx.clone(),
     ));
     let sweeper = tokio::spawn(key_sweeper(
         keyring.clone(),
-        state.settings.sweep_interval,
+        settings.sweep_interval,
         audit.clone(),
         state.alerts.clone(),
         stop_rx.clone(),
     ));
-    let follower = (state.settings.store.engine == keystore::Engine::Postgres).then(|| {
+    let follower = (settings.store.engine == keystore::Engine::Postgres).then(|| {
         tokio::spawn(change_follower(
             state.clone(),
             metrics.clone(),
@@ -497,11 +504,11 @@ pub async fn run_with_clock(
         ))
     });
     // A shared store's chain is in the database: no local file to watch.
-    let local_chain = state.settings.store.engine != keystore::Engine::Postgres;
-    let disk_watcher = (state.settings.audit_enabled && local_chain).then(|| {
+    let local_chain = settings.store.engine != keystore::Engine::Postgres;
+    let disk_watcher = (settings.audit_enabled && local_chain).then(|| {
         tokio::spawn(crate::audit::watch_disk(
-            state.settings.audit_path.clone(),
-            state.settings.audit_min_free,
+            settings.audit_path.clone(),
+            settings.audit_min_free,
             state.alerts.clone(),
             stop_rx.clone(),
         ))
@@ -541,12 +548,13 @@ pub async fn run_with_clock(
             _ => None,
         };
     let public_task = match (
-        start("public", listeners.public, state.settings.public.is_some()),
-        &state.settings.public,
+        start("public", listeners.public, settings.public.is_some()),
+        &settings.public,
     ) {
         (Some(listener), Some(public_settings)) => Some(start_public(
             listener,
             public_settings,
+            &settings,
             state.clone(),
             limits,
             stop_rx.clone(),
@@ -554,8 +562,8 @@ pub async fn run_with_clock(
         _ => None,
     };
     let xks_task = match (
-        start("xks", listeners.xks, state.settings.xks.is_some()),
-        &state.settings.xks,
+        start("xks", listeners.xks, settings.xks.is_some()),
+        &settings.xks,
     ) {
         (Some(listener), Some(xks_settings)) => Some(start_xks(
             listener,
@@ -926,12 +934,13 @@ fn start_xks(
 fn start_public(
     listener: TcpListener,
     settings: &crate::public::PublicSettings,
+    config: &Settings,
     state: Arc<AppState>,
     limits: crate::listen::Limits,
     stop_rx: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, StartError> {
-    let app = crate::public::router(&state).map_err(StartError::Public)?;
-    let salesforce = state.settings.salesforce.as_ref();
+    let app = crate::public::router(&state, config).map_err(StartError::Public)?;
+    let salesforce = config.salesforce.as_ref();
     let client_ca = salesforce.and_then(|sf| sf.client_ca.clone());
     let crls = salesforce
         .map(|sf| sf.client_crls.clone())
@@ -949,12 +958,12 @@ fn start_public(
     };
     tracing::info!(
         addr = ?listener.local_addr().ok(),
-        dke = state.settings.dke.is_some(),
+        dke = config.dke.is_some(),
         "listening (public: end-user protocols)"
     );
     tokio::spawn(tls_reloader(
         tls.clone(),
-        state.settings.tls.crl_poll,
+        config.tls.crl_poll,
         state.alerts.clone(),
         stop_rx.clone(),
     ));
@@ -972,7 +981,7 @@ fn start_public(
         },
         move |tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
             let app = app.clone();
-            let presented = crate::public::ClientCertificate::of(tls.get_ref().1);
+            let presented = crate::adapter::ClientCertificate::of(tls.get_ref().1);
             hyper::service::service_fn(
                 move |mut req: hyper::Request<crate::request_body::RequestBody>| {
                     req.extensions_mut().insert(presented);

@@ -16,14 +16,34 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::SystemTime;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::pki_types::CertificateRevocationListDer;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::config::TlsSettings;
+use crate::pem::{load_certs, load_key};
 use crate::policy::IdentitySource;
+
+/// TLS files and policy.
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    /// Server certificate chain, PEM.
+    pub cert: PathBuf,
+    /// Server private key, PEM.
+    pub key: PathBuf,
+    /// CA bundle that client certificates must chain to, PEM.
+    pub client_ca: PathBuf,
+    /// Allow TLS 1.2 (default: 1.3 only).
+    pub allow_tls12: bool,
+    /// Handshake deadline.
+    pub handshake_timeout: std::time::Duration,
+    /// Certificate revocation lists (PEM or DER) for client certificates, re-read on
+    /// change and on SIGHUP.
+    pub crls: Vec<PathBuf>,
+    /// How often the CRL files are checked for change; `None`: only on SIGHUP.
+    pub crl_poll: Option<std::time::Duration>,
+}
 
 /// TLS set-up failures, naming the file at fault.
 #[derive(Debug, thiserror::Error)]
@@ -45,28 +65,20 @@ pub enum TlsError {
     Verifier(String),
 }
 
+impl From<crate::pem::PemError> for TlsError {
+    fn from(e: crate::pem::PemError) -> Self {
+        TlsError::File {
+            path: e.path,
+            reason: e.reason,
+        }
+    }
+}
+
 fn file_err(path: &Path, reason: impl ToString) -> TlsError {
     TlsError::File {
         path: path.display().to_string(),
         reason: reason.to_string(),
     }
-}
-
-/// Reads every certificate in a PEM file.
-pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| file_err(path, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_err(path, e))?;
-    if certs.is_empty() {
-        return Err(file_err(path, "no certificate found"));
-    }
-    Ok(certs)
-}
-
-/// Reads the first private key in a PEM file.
-pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|e| file_err(path, e))
 }
 
 /// Reads every CRL in a file: PEM (`X509 CRL` blocks), else the whole file as DER.

@@ -71,7 +71,7 @@ async fn handshake_refused_without_or_with_a_foreign_certificate() {
 async fn tls12_only_client_refused_by_default() {
     let s = TestServer::start().await;
     let mut roots = rustls::RootCertStore::empty();
-    for c in kms_server::tls::load_certs(&s.pki.ca()).unwrap() {
+    for c in kms_server::pem::load_certs(&s.pki.ca()).unwrap() {
         roots.add(c).unwrap();
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -81,8 +81,8 @@ async fn tls12_only_client_refused_by_default() {
     .unwrap()
     .with_root_certificates(roots)
     .with_client_auth_cert(
-        kms_server::tls::load_certs(&s.pki.cert("admin-a")).unwrap(),
-        kms_server::tls::load_key(&s.pki.key("admin-a")).unwrap(),
+        kms_server::pem::load_certs(&s.pki.cert("admin-a")).unwrap(),
+        kms_server::pem::load_key(&s.pki.key("admin-a")).unwrap(),
     )
     .unwrap();
     assert!(raw_request(&s, config).await.is_err());

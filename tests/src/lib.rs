@@ -894,8 +894,8 @@ pub fn rustls_server(pki: &TestPki) -> rustls::ServerConfig {
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(
-            kms_server::tls::load_certs(&pki.cert("server")).unwrap(),
-            kms_server::tls::load_key(&pki.key("server")).unwrap(),
+            kms_server::pem::load_certs(&pki.cert("server")).unwrap(),
+            kms_server::pem::load_key(&pki.key("server")).unwrap(),
         )
         .unwrap()
 }
@@ -904,7 +904,7 @@ pub fn rustls_server(pki: &TestPki) -> rustls::ServerConfig {
 pub fn rustls_client(pki: &TestPki, who: Option<&str>) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    for c in kms_server::tls::load_certs(&pki.ca()).unwrap() {
+    for c in kms_server::pem::load_certs(&pki.ca()).unwrap() {
         roots.add(c).unwrap();
     }
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -914,8 +914,8 @@ pub fn rustls_client(pki: &TestPki, who: Option<&str>) -> rustls::ClientConfig {
     match who {
         Some(who) => builder
             .with_client_auth_cert(
-                kms_server::tls::load_certs(&pki.cert(who)).unwrap(),
-                kms_server::tls::load_key(&pki.key(who)).unwrap(),
+                kms_server::pem::load_certs(&pki.cert(who)).unwrap(),
+                kms_server::pem::load_key(&pki.key(who)).unwrap(),
             )
             .unwrap(),
         None => builder.with_no_client_auth(),

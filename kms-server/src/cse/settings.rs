@@ -110,7 +110,7 @@ impl FileCse {
         resolve: impl Fn(&Path) -> PathBuf,
     ) -> Result<CseSettings, (String, String)> {
         let e = |f: &str, m: &str| Err((format!("cse.{f}"), m.to_owned()));
-        let Some(kacls_url) = crate::public::service_url(&self.kacls_url) else {
+        let Some(kacls_url) = crate::adapter::service_url(&self.kacls_url) else {
             return e("kacls_url", "must be this KACLS's https:// URL");
         };
         if self.tenant.is_empty() || self.identity.is_empty() || self.key.is_empty() {

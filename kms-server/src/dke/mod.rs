@@ -208,7 +208,7 @@ impl Dke {
         body: &[u8],
         facts: &mut Facts,
     ) -> Response {
-        let Some(token) = crate::public::bearer(headers) else {
+        let Some(token) = crate::adapter::bearer(headers) else {
             return self.unauthorized("a bearer token is required");
         };
         // Never blocks the async worker: a key set read runs on the blocking pool, once at

@@ -116,7 +116,7 @@ impl FileDke {
         resolve: impl Fn(&Path) -> PathBuf,
     ) -> Result<DkeSettings, (String, String)> {
         let e = |f: &str, m: &str| Err((format!("dke.{f}"), m.to_owned()));
-        let Some(url) = crate::public::service_url(&self.url) else {
+        let Some(url) = crate::adapter::service_url(&self.url) else {
             return e("url", "must be the service's https:// URL");
         };
         if self.issuers.is_empty() || self.issuers.iter().any(String::is_empty) {

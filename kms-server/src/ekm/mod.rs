@@ -240,7 +240,7 @@ impl Ekm {
             .map(|r| r.reason.clone())
             .filter(|r| !r.is_empty() && r != "REASON_UNSPECIFIED");
         facts.reason = reason.clone();
-        let token = crate::public::bearer(headers).ok_or_else(|| {
+        let token = crate::adapter::bearer(headers).ok_or_else(|| {
             EkmError::new(
                 StatusCode::UNAUTHORIZED,
                 "UNAUTHENTICATED",

@@ -111,7 +111,7 @@ impl FileEkm {
         resolve: impl Fn(&Path) -> PathBuf,
     ) -> Result<EkmSettings, (String, String)> {
         let e = |f: &str, m: &str| Err((format!("ekm.{f}"), m.to_owned()));
-        let Some(url) = crate::public::service_url(&self.url) else {
+        let Some(url) = crate::adapter::service_url(&self.url) else {
             return e("url", "must be this service's https:// URL");
         };
         let jwks = match JwksSource::from_config(&self.jwks, self.jwks_ca.as_deref(), &resolve) {

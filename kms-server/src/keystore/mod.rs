@@ -167,26 +167,7 @@ impl WriteBatch {
     }
 }
 
-/// Store failures. Never carries record contents.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum StoreError {
-    /// A precondition of the batch did not hold; nothing was written.
-    #[error("write conflict on table {0}")]
-    Conflict(&'static str),
-    /// The database is locked by another process.
-    #[error("the store at {0} is in use by another process")]
-    Locked(String),
-    /// The engine failed (I/O, corruption, full disk); nothing was written.
-    #[error("{engine} error")]
-    Engine {
-        /// Engine name.
-        engine: &'static str,
-        /// The engine's error.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-}
+pub use crate::error::StoreError;
 
 /// A durable, transactional table store.
 pub trait KeyStore: Send + Sync + 'static {

@@ -418,7 +418,7 @@ fn rustls_connector(
     ca: &std::path::Path,
 ) -> Result<tokio_postgres_rustls::MakeRustlsConnect, StoreError> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in crate::tls::load_certs(ca).map_err(|e| msg_err(e.to_string()))? {
+    for cert in crate::pem::load_certs(ca).map_err(|e| msg_err(e.to_string()))? {
         roots
             .add(cert)
             .map_err(|e| msg_err(format!("{}: {e}", ca.display())))?;

@@ -23,7 +23,6 @@ use axum::Router;
 use kms_client::api::ErrorCode;
 use serde::de::DeserializeOwned;
 
-use crate::config::Settings;
 use crate::error::Error;
 use crate::keyring::Keyring;
 use crate::metrics::Metrics;
@@ -56,8 +55,8 @@ pub struct AppState {
     pub keyring: Arc<Keyring>,
     /// Identities.
     pub policy: Policy,
-    /// Settings.
-    pub settings: Settings,
+    /// What the API and the adapters read of the configuration.
+    pub settings: ApiSettings,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Unseal source.
@@ -76,6 +75,22 @@ pub struct AppState {
     /// `server::change_follower`).
     pub cluster: std::sync::RwLock<Option<kms_client::api::ClusterStatus>>,
     next_request_id: AtomicU64,
+}
+
+/// What the native API and the protocol adapters read of the configuration; the app
+/// layer (`server`) builds it from [`crate::config::Settings`] and keeps the rest.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Request body limit.
+    pub max_body_bytes: usize,
+    /// Deadline for a request's body.
+    pub body_timeout: std::time::Duration,
+    /// Items per batch request, at most.
+    pub max_batch_items: usize,
+    /// How the master key is sealed.
+    pub seal_method: crate::seal::SealMethod,
+    /// The store's engine.
+    pub store_engine: crate::keystore::Engine,
 }
 
 /// The services behind the API, built by [`crate::server::run`].
@@ -98,7 +113,7 @@ pub struct Services {
 
 impl AppState {
     /// Shared state.
-    pub fn new(keyring: Arc<Keyring>, settings: Settings, services: Services) -> Self {
+    pub fn new(keyring: Arc<Keyring>, settings: ApiSettings, services: Services) -> Self {
         let Services {
             metrics,
             sealer,

@@ -18,7 +18,7 @@ use crate::seal::{SealError, SealMethod, ShamirSealer, ShareInput};
 
 fn status_of(state: &AppState) -> SysStatus {
     let sealed = state.keyring.is_sealed();
-    let unseal_progress = match (sealed, state.settings.seal.method) {
+    let unseal_progress = match (sealed, state.settings.seal_method) {
         (true, SealMethod::Shamir) => state
             .keyring
             .sealed_master_key()
@@ -40,7 +40,7 @@ fn status_of(state: &AppState) -> SysStatus {
     };
     SysStatus {
         sealed,
-        seal_method: state.settings.seal.method.as_str().to_owned(),
+        seal_method: state.settings.seal_method.as_str().to_owned(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         unseal_progress,
         process: Some(crate::process::current()),
@@ -55,7 +55,7 @@ fn status_of(state: &AppState) -> SysStatus {
 /// Takes one Shamir share: refused when malformed, of another set or a duplicate; once
 /// the threshold is reached, unseals with the shares received (all discarded either way).
 fn accept_share(state: &AppState, text: &str) -> Result<(), Error> {
-    if state.settings.seal.method != SealMethod::Shamir {
+    if state.settings.seal_method != SealMethod::Shamir {
         return Err(Error::InvalidRequest(
             "this server is not sealed with shares".into(),
         ));

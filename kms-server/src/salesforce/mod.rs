@@ -63,7 +63,7 @@ impl Salesforce {
     /// The endpoint for `settings`; fails when the certificate or credential do not load.
     pub fn new(app: Arc<AppState>, settings: &SalesforceSettings) -> Result<Self, String> {
         use x509_parser::prelude::{FromDer, X509Certificate};
-        let certs = crate::tls::load_certs(&settings.certificate)
+        let certs = crate::pem::load_certs(&settings.certificate)
             .map_err(|e| format!("salesforce.certificate: {e}"))?;
         let der = certs
             .first()
@@ -108,10 +108,10 @@ impl Salesforce {
     fn authenticate(
         &self,
         headers: &HeaderMap,
-        presented: crate::public::ClientCertificate,
+        presented: crate::adapter::ClientCertificate,
     ) -> Result<(), &'static str> {
         if let Some(secret) = &self.secret {
-            let given = crate::public::bearer(headers).unwrap_or_default();
+            let given = crate::adapter::bearer(headers).unwrap_or_default();
             if !bool::from(subtle::ConstantTimeEq::ct_eq(
                 given.as_bytes(),
                 secret.as_slice(),
@@ -185,7 +185,7 @@ impl Salesforce {
         kid: &str,
         nonce: Option<String>,
         headers: &HeaderMap,
-        presented: crate::public::ClientCertificate,
+        presented: crate::adapter::ClientCertificate,
         facts: &mut (Option<String>, Option<u32>),
     ) -> Response {
         if let Err(why) = self.authenticate(headers, presented) {
@@ -267,12 +267,12 @@ async fn callout(
     Path(kid): Path<String>,
     query: Result<Query<CalloutQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
-    presented: Option<axum::Extension<crate::public::ClientCertificate>>,
+    presented: Option<axum::Extension<crate::adapter::ClientCertificate>>,
 ) -> Response {
     let started = Instant::now();
     let mut facts = (None, None);
     let nonce = query.ok().and_then(|Query(q)| q.nonce);
-    let presented = presented.map_or(crate::public::ClientCertificate(None), |e| e.0);
+    let presented = presented.map_or(crate::adapter::ClientCertificate(None), |e| e.0);
     let resp = sf
         .callout(&kid, nonce.clone(), &headers, presented, &mut facts)
         .await;

@@ -94,58 +94,7 @@ impl std::fmt::Debug for SealedMasterKey {
     }
 }
 
-/// Sealing failures.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum SealError {
-    /// The secret (key file, passphrase) does not open the sealed master key.
-    #[error("the {0} does not unseal this store")]
-    WrongSecret(&'static str),
-    /// The sealed record was made by another method.
-    #[error("the store was sealed with {stored}, but the configuration says {configured}")]
-    MethodMismatch {
-        /// In the store.
-        stored: &'static str,
-        /// In the configuration.
-        configured: &'static str,
-    },
-    /// No secret is available (for example no passphrase given yet).
-    #[error("no {0} available")]
-    NoSecret(&'static str),
-    /// The key file is unusable.
-    #[error("key file {path}: {reason}")]
-    KeyFile {
-        /// Path.
-        path: String,
-        /// Why.
-        reason: String,
-    },
-    /// The sealed record is malformed.
-    #[error("sealed master key record is malformed")]
-    Malformed,
-    /// The KDF failed (bad parameters).
-    #[error("key derivation failed: {0}")]
-    Kdf(String),
-    /// Randomness failed.
-    #[error("system random generator failed")]
-    Random,
-    /// An unseal share is malformed, of another set, or a duplicate.
-    #[error("unseal share refused: {0}")]
-    BadShare(&'static str),
-    /// The PKCS#11 token or module failed (not found, not logged in, ...).
-    #[error("PKCS#11: {0}")]
-    Pkcs11(String),
-}
-
-impl SealError {
-    /// Whether the caller supplied a wrong or missing secret (a 4xx, not a 5xx).
-    pub fn is_bad_secret(&self) -> bool {
-        matches!(
-            self,
-            SealError::WrongSecret(_) | SealError::NoSecret(_) | SealError::BadShare(_)
-        )
-    }
-}
+pub use crate::error::SealError;
 
 /// A way to seal and unseal the master key.
 pub trait Sealer: Send + Sync {

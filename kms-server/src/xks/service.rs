@@ -137,7 +137,7 @@ impl Xks {
                 },
             );
         }
-        let engine = format!("{:?}", app.settings.store.engine).to_lowercase();
+        let engine = format!("{:?}", app.settings.store_engine).to_lowercase();
         Ok(Self {
             max_skew: settings.max_skew,
             health: HealthCache::new(

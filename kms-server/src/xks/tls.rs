@@ -15,7 +15,8 @@ use rustls::{
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::settings::XksSettings;
-use crate::tls::{load_certs, load_key, TlsError};
+use crate::pem::{load_certs, load_key};
+use crate::tls::TlsError;
 
 /// Chain verification by webpki, then the subject common name.
 #[derive(Debug)]

@@ -1,0 +1,220 @@
+//! The crate's layers, as ARCHITECTURE.md's module table gives them, and the imports
+//! between them (issue 23).
+//!
+//! - Every module of `src/` is in the table, and every module of the table is in `src/`.
+//! - No module imports one of a higher layer: a `crate::NAME` path (in `use` or in code;
+//!   `kms_server::NAME` in `main.rs`) outside comments and `#[cfg(test)]` items names a
+//!   module of the same layer or a lower one. Imports go one way, so no cycle can form
+//!   between layers.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+const ARCHITECTURE: &str = "../ARCHITECTURE.md";
+
+/// The layers, lowest first, and the layer of each module, from ARCHITECTURE.md: the line
+/// "Layers, lowest first: a, b, ..." and the rows `| layer | module | concept |` of the
+/// module table.
+fn layers() -> (Vec<String>, BTreeMap<String, usize>) {
+    let text = std::fs::read_to_string(ARCHITECTURE).expect("ARCHITECTURE.md");
+    let order: Vec<String> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Layers, lowest first: "))
+        .expect("ARCHITECTURE.md names its layers: \"Layers, lowest first: ...\"")
+        .trim_end_matches('.')
+        .split(',')
+        .map(|s| s.trim().trim_matches('`').to_owned())
+        .collect();
+    let mut of = BTreeMap::new();
+    for line in text.lines() {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        // ["", layer, modules, concept, ""]
+        if cells.len() < 4 {
+            continue;
+        }
+        let Some(layer) = order.iter().position(|l| l == cells[1]) else {
+            continue;
+        };
+        // Code spans naming modules (`routes/` for a folder); others (`format.md`) are not.
+        for module in cells[2].split('`').skip(1).step_by(2) {
+            let name = module.trim_end_matches('/').to_owned();
+            if !name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            {
+                continue;
+            }
+            if let Some(prev) = of.insert(name.clone(), layer) {
+                assert_eq!(prev, layer, "`{name}` is in two layers of ARCHITECTURE.md");
+            }
+        }
+    }
+    (order, of)
+}
+
+/// The top-level module a file of `src/` belongs to (`routes/crypto.rs` → `routes`).
+fn module_of(src: &Path, file: &Path) -> String {
+    let rel = file.strip_prefix(src).expect("under src");
+    let first = rel
+        .components()
+        .next()
+        .expect("a path")
+        .as_os_str()
+        .to_string_lossy()
+        .into_owned();
+    first.strip_suffix(".rs").unwrap_or(&first).to_owned()
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).expect("readable") {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// `text` without `//` comments (doc comments name paths of every layer) and without the
+/// items under `#[cfg(test)]` (tests may reach anywhere).
+fn code_only(text: &str) -> String {
+    let mut code: String = text
+        .lines()
+        .map(|l| match l.find("//") {
+            Some(i) => &l[..i],
+            None => l,
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    const TEST: &str = "#[cfg(test)]";
+    while let Some(at) = code.find(TEST) {
+        let rest = &code[at + TEST.len()..];
+        let (brace, semi) = (rest.find('{'), rest.find(';'));
+        let end = match (brace, semi) {
+            (Some(b), Some(s)) if s < b => at + TEST.len() + s + 1,
+            (None, Some(s)) => at + TEST.len() + s + 1,
+            (Some(b), _) => {
+                let mut depth = 0usize;
+                let mut end = code.len();
+                for (i, c) in rest[b..].char_indices() {
+                    match c {
+                        '{' => depth += 1,
+                        '}' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                end = at + TEST.len() + b + i + 1;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                end
+            }
+            (None, None) => code.len(),
+        };
+        code.replace_range(at..end, "");
+    }
+    code
+}
+
+fn ident_at(s: &str) -> Option<&str> {
+    let end = s
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .unwrap_or(s.len());
+    let id = &s[..end];
+    (!id.is_empty() && id.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')).then_some(id)
+}
+
+/// The top-level modules `code` names through `prefix` (`crate::`): `crate::a::b`,
+/// `crate::a`, and each tree of `use crate::{a, b::{c}, d::e}`.
+fn named_modules(code: &str, prefix: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for (at, _) in code.match_indices(prefix) {
+        let rest = &code[at + prefix.len()..];
+        if let Some(tree) = rest.strip_prefix('{') {
+            let (mut depth, mut start) = (1usize, 0usize);
+            for (i, c) in tree.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' | ',' if depth == 1 => {
+                        if let Some(id) = ident_at(tree[start..i].trim_start()) {
+                            names.insert(id.to_owned());
+                        }
+                        start = i + 1;
+                        if c == '}' {
+                            break;
+                        }
+                    }
+                    '}' => depth -= 1,
+                    _ => {}
+                }
+            }
+        } else if let Some(id) = ident_at(rest) {
+            names.insert(id.to_owned());
+        }
+    }
+    names
+}
+
+#[test]
+fn every_module_is_in_a_layer_and_imports_go_down_only() {
+    let (order, layer_of) = layers();
+    let src = Path::new("src");
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    let mut modules = BTreeSet::new();
+    let mut upward = Vec::new();
+    for file in &files {
+        let module = module_of(src, file);
+        if module == "lib" {
+            continue;
+        }
+        modules.insert(module.clone());
+        let Some(&mine) = layer_of.get(&module) else {
+            continue;
+        };
+        let code = code_only(&std::fs::read_to_string(file).expect("readable"));
+        let mut named = named_modules(&code, "crate::");
+        if module == "main" {
+            named.extend(named_modules(&code, "kms_server::"));
+        }
+        for other in named {
+            match layer_of.get(&other) {
+                Some(&theirs) if theirs > mine => upward.push(format!(
+                    "{} ({}) imports `{other}` ({})",
+                    file.display(),
+                    order[mine],
+                    order[theirs]
+                )),
+                _ => {}
+            }
+        }
+    }
+    let listed: BTreeSet<String> = layer_of.keys().cloned().collect();
+    let unlisted: Vec<_> = modules.difference(&listed).collect();
+    let gone: Vec<_> = listed.difference(&modules).collect();
+    assert!(
+        unlisted.is_empty() && gone.is_empty(),
+        "ARCHITECTURE.md's module table and src/ disagree: not in the table {unlisted:?}, not in src/ {gone:?}"
+    );
+    assert!(
+        upward.is_empty(),
+        "imports against the layers (lowest first: {}):\n{}",
+        order.join(", "),
+        upward.join("\n")
+    );
+}
+
+#[test]
+fn the_scanner_sees_paths_and_trees_and_skips_comments_and_tests() {
+    let code = code_only(
+        "use crate::a::X;\nuse crate::{b, c::{D, e}, f::g};\n// crate::hidden\nfn x() { crate::h::y(); }\n#[cfg(test)]\nmod tests { use crate::t; }\n#[cfg(test)]\nuse crate::u;\n",
+    );
+    let names = named_modules(&code, "crate::");
+    let want: BTreeSet<String> = ["a", "b", "c", "f", "h"].map(String::from).into();
+    assert_eq!(names, want);
+}
