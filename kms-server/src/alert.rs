@@ -29,6 +29,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
+
+pub use crate::event::AlertKind;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
@@ -73,15 +75,15 @@ const ATTEMPTS: u32 = 3;
 
 /// Whether events of `kind` are ones a caller can cause at will by sending requests:
 /// they queue apart, behind every other kind.
-pub fn routine(kind: &str) -> bool {
-    matches!(kind, "denied" | "xks_auth_failed")
+pub fn routine(kind: AlertKind) -> bool {
+    kind.routine()
 }
 
 /// One alert.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct AlertEvent {
-    /// `denied`, `locked_out`, `sealed`, `unsealed`, `key_disabled`, …
-    pub kind: &'static str,
+    /// What it is about.
+    pub kind: AlertKind,
     /// RFC 3339.
     pub time: String,
     /// The identity concerned.
@@ -102,7 +104,7 @@ fn now_rfc3339() -> String {
 
 impl AlertEvent {
     /// An event of `kind` now.
-    pub fn new(kind: &'static str, identity: Option<&str>, detail: impl Into<String>) -> Self {
+    pub fn new(kind: AlertKind, identity: Option<&str>, detail: impl Into<String>) -> Self {
         Self {
             kind,
             time: now_rfc3339(),
@@ -120,7 +122,7 @@ pub struct Alerter {
 }
 
 struct Inner {
-    windows: Mutex<HashMap<&'static str, Window>>,
+    windows: Mutex<HashMap<AlertKind, Window>>,
     destinations: Vec<Destination>,
     dropped: AtomicU64,
 }
@@ -256,7 +258,7 @@ impl Target {
                     match post_webhook(url, ca.as_ref(), &body).await {
                         Ok(()) => return,
                         Err(e) if attempt == ATTEMPTS => {
-                            tracing::error!(kind = ev.kind, error = %e, "alert webhook failed")
+                            tracing::error!(kind = %ev.kind, error = %e, "alert webhook failed")
                         }
                         Err(_) => {
                             tokio::time::sleep(delay).await;
@@ -267,7 +269,7 @@ impl Target {
             }
             Target::Command(argv) => {
                 if let Err(e) = run_command(argv, &body).await {
-                    tracing::error!(kind = ev.kind, error = %e, "alert command failed");
+                    tracing::error!(kind = %ev.kind, error = %e, "alert command failed");
                 }
             }
         }
@@ -339,7 +341,7 @@ impl Inner {
             self.enqueue(AlertEvent {
                 count: Some(dropped),
                 ..AlertEvent::new(
-                    "alerts_dropped",
+                    crate::event::AlertKind::AlertsDropped,
                     None,
                     format!("{dropped} alerts found their queue full and were dropped"),
                 )

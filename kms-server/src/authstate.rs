@@ -23,7 +23,7 @@ pub trait StateSigner: Send + Sync {
     fn verify(&self, domain: &'static str, message: &[u8], tag: &str) -> Result<bool, Error>;
 
     /// Reports a record that fails (the server alerts and counts it, by `kind`).
-    fn report(&self, kind: &'static str, detail: String);
+    fn report(&self, kind: crate::event::AlertKind, detail: String);
 }
 
 /// A signer for tests: a fixed key, sealed or not at will, reports collected.
@@ -37,7 +37,7 @@ pub(crate) mod testing {
     pub(crate) struct TestSigner {
         key: ring::hmac::Key,
         pub(crate) sealed: AtomicBool,
-        pub(crate) reports: Mutex<Vec<(&'static str, String)>>,
+        pub(crate) reports: Mutex<Vec<(crate::event::AlertKind, String)>>,
     }
 
     impl TestSigner {
@@ -53,7 +53,7 @@ pub(crate) mod testing {
             self.sealed.store(sealed, Ordering::SeqCst);
         }
 
-        pub(crate) fn kinds(&self) -> Vec<&'static str> {
+        pub(crate) fn kinds(&self) -> Vec<crate::event::AlertKind> {
             self.reports.lock().unwrap().iter().map(|r| r.0).collect()
         }
 
@@ -81,7 +81,7 @@ pub(crate) mod testing {
             Ok(ring::hmac::verify(&self.key, &Self::input(domain, message), &tag).is_ok())
         }
 
-        fn report(&self, kind: &'static str, detail: String) {
+        fn report(&self, kind: crate::event::AlertKind, detail: String) {
             self.reports.lock().unwrap().push((kind, detail));
         }
     }

@@ -56,6 +56,7 @@ pub mod dke;
 pub mod ekm;
 pub mod erasure;
 pub mod error;
+pub mod event;
 pub mod format;
 pub mod fuzzing;
 pub mod https;

@@ -134,7 +134,7 @@ impl Lockouts {
                     );
                     if let Some((_, signer)) = &self.shared {
                         signer.report(
-                            "lockout_tampered",
+                            crate::event::AlertKind::LockoutTampered,
                             format!(
                                 "the stored lockout of {identity} fails authentication: ignored"
                             ),
@@ -362,7 +362,10 @@ mod tests {
                 "a forged lockout is not obeyed"
             );
         }
-        assert_eq!(signer.kinds(), vec!["lockout_tampered"; 3]);
+        assert_eq!(
+            signer.kinds(),
+            vec![crate::event::AlertKind::LockoutTampered; 3]
+        );
         // Nor at start.
         let c = Lockouts::new(LockoutPolicy::default())
             .shared(store.clone(), signer.clone())

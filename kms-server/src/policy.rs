@@ -288,7 +288,7 @@ impl Policy {
                 "a runtime identity's stored record fails authentication (changed outside Keyhold?): refused"
             );
             signer.report(
-                "identity_tampered",
+                crate::event::AlertKind::IdentityTampered,
                 format!(
                     "runtime identity {} (tenant {}, role {:?}): its stored record fails authentication",
                     p.identity, p.tenant, p.role
@@ -455,7 +455,7 @@ impl Policy {
                 .is_ok_and(|m| matches!(signer.verify(MARKER_DOMAIN, MARKER_MESSAGE, m), Ok(true)));
             if !valid {
                 signer.report(
-                    "identity_tampered",
+                    crate::event::AlertKind::IdentityTampered,
                     "the runtime-identity integrity marker does not verify: every unsigned runtime identity is refused".into(),
                 );
             }
@@ -475,7 +475,7 @@ impl Policy {
             if stored.mac.is_some() {
                 // Signed identities without the marker: it was removed. Sign nothing.
                 signer.report(
-                    "identity_tampered",
+                    crate::event::AlertKind::IdentityTampered,
                     "the runtime-identity integrity marker is missing from a store whose identities are signed: every unsigned runtime identity is refused".into(),
                 );
                 self.enforced.store(true, Ordering::Release);
@@ -517,7 +517,7 @@ impl Policy {
                 "signed the runtime identities of a store from before identity MACs: check them"
             );
             signer.report(
-                "identities_signed",
+                crate::event::AlertKind::IdentitiesSigned,
                 format!(
                     "signed {} runtime identities of a store from before identity MACs (check them): {}",
                     names.len(),
@@ -552,7 +552,7 @@ fn parse_row(
             let shown = String::from_utf8_lossy(key.get(..key.len().min(200)).unwrap_or(key));
             tracing::error!(key = %shown, "a runtime identity record does not parse: refused");
             signer.report(
-                "identity_tampered",
+                crate::event::AlertKind::IdentityTampered,
                 format!("runtime identity record {shown} does not parse: refused"),
             );
             None
@@ -654,7 +654,11 @@ mod tests {
                 );
             }
         }
-        assert_eq!(signer.kinds(), vec!["identity_tampered"; 2], "once each");
+        assert_eq!(
+            signer.kinds(),
+            vec![crate::event::AlertKind::IdentityTampered; 2],
+            "once each"
+        );
         assert!(policy.list("t").is_empty(), "not listed");
         // Nor obeyed by a node starting on this store.
         let fresh = Policy::with_store(&[], store.clone(), signer.clone()).unwrap();
@@ -662,7 +666,9 @@ mod tests {
         // Unparseable rows are reported, not a reason to fail the start.
         write_row(&store, "junk", "{");
         assert!(Policy::with_store(&[], store, signer.clone()).is_ok());
-        assert!(signer.kinds().contains(&"identity_tampered"));
+        assert!(signer
+            .kinds()
+            .contains(&crate::event::AlertKind::IdentityTampered));
     }
 
     #[test]
@@ -697,7 +703,10 @@ mod tests {
         );
         policy.sign_legacy().unwrap();
         assert_eq!(policy.resolve("old").unwrap().role, Role::App);
-        assert_eq!(signer.kinds(), vec!["identities_signed"]);
+        assert_eq!(
+            signer.kinds(),
+            vec![crate::event::AlertKind::IdentitiesSigned]
+        );
         assert!(row(&store, "old").contains("\"mac\""));
         // From now on, an unsigned row is refused, at this unseal and every later one.
         write_row(&store, "late", r#"{"tenant":"t","role":"admin"}"#);

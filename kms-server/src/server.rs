@@ -239,7 +239,7 @@ async fn tls_reloader(
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "CRL reload failed; the previous CRLs stay in force");
                 alerts.raise(crate::alert::AlertEvent::new(
-                    "tls_reload_failed",
+                    crate::event::AlertKind::TlsReloadFailed,
                     None,
                     e.to_string(),
                 ));
@@ -293,7 +293,7 @@ async fn key_sweeper(
                 if let Some(status) = pending {
                     tracing::error!(epoch = status.epoch, "erasure epoch rotation pending: destroyed keys stay recoverable from older database copies until it succeeds");
                     alerts.raise(crate::alert::AlertEvent::new(
-                        "erasure_rotation_pending",
+                        crate::event::AlertKind::ErasureRotationPending,
                         None,
                         format!(
                             "erasure epoch {} awaits its rotation after a destruction; retrying every sweep",
@@ -310,7 +310,7 @@ async fn key_sweeper(
                                 tracing::error!(error = %e, "could not audit a key destruction");
                             }
                             alerts.raise(crate::alert::AlertEvent::new(
-                                "key_destroyed",
+                                crate::event::AlertKind::KeyDestroyed,
                                 None,
                                 format!("{name} (tenant {tenant})"),
                             ));
@@ -408,7 +408,7 @@ pub async fn run_with_clock(
         // that fails authentication) is alerted and counted, at once.
         let (alerts, metrics) = (alerts.clone(), metrics.clone());
         keyring.on_integrity_event(Box::new(move |kind, detail| {
-            metrics.integrity_event(kind);
+            metrics.integrity_event(kind.as_str());
             alerts.raise(crate::alert::AlertEvent::new(kind, None, detail));
         }));
     }
@@ -669,7 +669,7 @@ fn follow_master(state: &AppState) -> Result<(), Error> {
     let sealer = (state.sealer)(None);
     match state.keyring.follow_master(sealer.as_ref()) {
         Ok(true) => state.alerts.raise(crate::alert::AlertEvent::new(
-            "master_key_followed",
+            crate::event::AlertKind::MasterKeyFollowed,
             None,
             "the master key was rotated on another node; this node re-opened it",
         )),
@@ -684,7 +684,7 @@ fn follow_master(state: &AppState) -> Result<(), Error> {
             );
             state.keyring.seal();
             state.alerts.raise(crate::alert::AlertEvent::new(
-                "sealed",
+                crate::event::AlertKind::Sealed,
                 None,
                 "the master key was rotated on another node; this node could not open the new one and sealed itself: unseal it",
             ));
@@ -1006,7 +1006,7 @@ async fn xks_reloader(
     let failed = |what: String| {
         tracing::error!(error = %what, "XKS reload failed; the previous configuration stays in force");
         alerts.raise(crate::alert::AlertEvent::new(
-            "xks_reload_failed",
+            crate::event::AlertKind::XksReloadFailed,
             None,
             what,
         ));

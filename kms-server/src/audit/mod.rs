@@ -205,7 +205,7 @@ impl Writer {
     fn event(&self, operation: &str, outcome: &str, detail: String) -> AuditDraft {
         tracing::error!(operation, outcome, %detail, "audit chain finding");
         self.alerts.raise(AlertEvent::new(
-            "audit_chain",
+            crate::event::AlertKind::AuditChain,
             None,
             format!("{operation}: {detail}"),
         ));
@@ -511,7 +511,7 @@ impl AuditLog {
                     if let Err(e) = &result {
                         tracing::error!(error = %e, records = acks.len(), "audit write failed: failing the requests");
                         writer.alerts.raise(AlertEvent::new(
-                            "audit_write_failed",
+                            crate::event::AlertKind::AuditWriteFailed,
                             None,
                             e.to_string(),
                         ));
@@ -737,7 +737,11 @@ pub async fn watch_disk(
                     min_free >> 20
                 );
                 tracing::warn!(free_mib = free >> 20, "audit disk low");
-                alerts.raise(AlertEvent::new("audit_disk_low", None, detail));
+                alerts.raise(AlertEvent::new(
+                    crate::event::AlertKind::AuditDiskLow,
+                    None,
+                    detail,
+                ));
             }
             Some(free) if low && free > min_free.saturating_add(min_free / 10) => low = false,
             _ => {}

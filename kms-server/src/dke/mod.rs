@@ -247,7 +247,7 @@ impl Dke {
             .any(|g| mapping.groups.contains(g));
         if !(by_user || by_group) {
             self.app.alerts.raise(crate::alert::AlertEvent::new(
-                "denied",
+                crate::event::AlertKind::Denied,
                 facts.user.as_deref(),
                 format!("DKE decrypt with {name}: user not allowed"),
             ));

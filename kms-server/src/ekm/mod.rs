@@ -273,7 +273,7 @@ impl Ekm {
         facts.key = Some(policy.key.clone());
         if !caller.as_ref().is_some_and(|c| policy.callers.contains(c)) {
             self.app.alerts.raise(crate::alert::AlertEvent::new(
-                "denied",
+                crate::event::AlertKind::Denied,
                 caller.as_deref(),
                 format!("EKM {path}: caller not allowed"),
             ));
@@ -290,7 +290,7 @@ impl Ekm {
             };
             if !allowed {
                 self.app.alerts.raise(crate::alert::AlertEvent::new(
-                    "denied",
+                    crate::event::AlertKind::Denied,
                     caller.as_deref(),
                     format!(
                         "EKM {path}: justification {} refused by policy",

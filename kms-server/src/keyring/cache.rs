@@ -460,7 +460,7 @@ impl Keyring {
             "a KEK version does not open: it is not used; the key's other versions serve"
         );
         self.integrity_event(
-            "version_unreadable",
+            crate::event::AlertKind::VersionUnreadable,
             format!(
                 "key {}/{} ({}) version {version}: {why}",
                 record.tenant, record.name, record.id

@@ -102,7 +102,7 @@ impl Keyring {
             "a key record fails authentication (changed outside Keyhold?): refused"
         );
         self.integrity_event(
-            "record_tampered",
+            crate::event::AlertKind::RecordTampered,
             format!(
                 "key {}/{} ({}): its record fails authentication",
                 record.tenant, record.name, record.id
@@ -123,7 +123,7 @@ impl Keyring {
                 return Ok(true);
             }
             self.integrity_event(
-                "record_tampered",
+                crate::event::AlertKind::RecordTampered,
                 "the key-record integrity marker does not verify: every unsigned record is refused"
                     .into(),
             );
@@ -146,7 +146,7 @@ impl Keyring {
             if record.mac.is_some() {
                 // Signed records without the marker: it was removed. Sign nothing.
                 self.integrity_event(
-                    "record_tampered",
+                    crate::event::AlertKind::RecordTampered,
                     "the key-record integrity marker is missing from a store whose records are signed: every unsigned record is refused".into(),
                 );
                 return Ok(true);
@@ -191,7 +191,7 @@ impl StateSigner for Keyring {
         Ok(ring::hmac::verify(&un.state_mac, &state_input(domain, message), &tag).is_ok())
     }
 
-    fn report(&self, kind: &'static str, detail: String) {
+    fn report(&self, kind: crate::event::AlertKind, detail: String) {
         self.integrity_event(kind, detail);
     }
 }
@@ -224,7 +224,7 @@ mod tests {
         KeyId(id.try_into().unwrap())
     }
 
-    fn events(ring: &Keyring) -> Arc<Mutex<Vec<(&'static str, String)>>> {
+    fn events(ring: &Keyring) -> Arc<Mutex<Vec<(crate::event::AlertKind, String)>>> {
         let events = Arc::new(Mutex::new(Vec::new()));
         let seen = events.clone();
         ring.on_integrity_event(Box::new(move |kind, detail| {
@@ -264,9 +264,11 @@ mod tests {
         // Refused for everyone (the record is not obeyed at all), reported once per load.
         assert!(ring.key_info("t", "k").is_err());
         let seen = events.lock().unwrap().clone();
-        assert!(seen
-            .iter()
-            .any(|(kind, d)| *kind == "record_tampered" && d.contains("t/k")));
+        assert!(
+            seen.iter()
+                .any(|(kind, d)| *kind == crate::event::AlertKind::RecordTampered
+                    && d.contains("t/k"))
+        );
         // One bad record takes down only itself.
         assert_eq!(ring.list_keys("t").unwrap().len(), 1);
         assert!(ring

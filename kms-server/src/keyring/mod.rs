@@ -39,7 +39,7 @@ use crate::format::KeyId;
 use crate::keystore::KeyStore;
 
 /// See [`Keyring::on_integrity_event`].
-pub type IntegrityHook = Box<dyn Fn(&'static str, String) + Send + Sync>;
+pub type IntegrityHook = Box<dyn Fn(crate::event::AlertKind, String) + Send + Sync>;
 /// See [`Keyring::on_unseal`].
 pub type UnsealHook = Box<dyn Fn() + Send + Sync>;
 
@@ -202,7 +202,7 @@ impl Keyring {
         }
     }
 
-    fn integrity_event(&self, kind: &'static str, detail: String) {
+    fn integrity_event(&self, kind: crate::event::AlertKind, detail: String) {
         if let Some(hook) = self.integrity_hook.get() {
             hook(kind, detail);
         }

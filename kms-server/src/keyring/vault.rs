@@ -637,7 +637,7 @@ mod tests {
         // Reported: the integrity hook (an alert and a metric in the server) names it.
         let events = events.lock().unwrap().clone();
         assert_eq!(events.len(), 1, "{events:?}");
-        assert_eq!(events[0].0, "version_unreadable");
+        assert_eq!(events[0].0, crate::event::AlertKind::VersionUnreadable);
         assert!(events[0].1.contains(&a.id) && events[0].1.contains("version 1"));
         // A master-key rotation would lose it: refused, naming the record.
         let blocked = ring.rotate_master(&sealer);

@@ -240,7 +240,7 @@ fn note_batch(state: &Arc<AppState>, note: &AuditNote, identity: &str, results: 
                 let code = format!("{:?}", e.code);
                 if e.code == kms_client::api::ErrorCode::PermissionDenied {
                     state.alerts.raise(crate::alert::AlertEvent::new(
-                        "denied",
+                        crate::event::AlertKind::Denied,
                         Some(identity),
                         "POST /v1/batch (an item)",
                     ));

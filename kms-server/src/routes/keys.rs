@@ -158,7 +158,7 @@ pub async fn disable(
     let identity = caller.identity.clone();
     let info = blocking(move || st.keyring.set_enabled(&caller.tenant, &name, false)).await?;
     state.alerts.raise(crate::alert::AlertEvent::new(
-        "key_disabled",
+        crate::event::AlertKind::KeyDisabled,
         Some(&identity),
         info.name.clone(),
     ));
@@ -196,7 +196,7 @@ pub async fn schedule_deletion(
     })
     .await?;
     state.alerts.raise(crate::alert::AlertEvent::new(
-        "key_deletion_scheduled",
+        crate::event::AlertKind::KeyDeletionScheduled,
         Some(&caller.identity),
         format!(
             "{} (tenant {}) destroyed at {}",

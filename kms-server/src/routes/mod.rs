@@ -373,7 +373,7 @@ pub(crate) fn count_failure(state: &Arc<AppState>, identity: &str) {
         });
     }
     state.alerts.raise(crate::alert::AlertEvent::new(
-        "locked_out",
+        crate::event::AlertKind::LockedOut,
         Some(identity),
         "repeated denials",
     ));
@@ -426,7 +426,7 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         revoked.as_deref().or(identity.as_deref()),
     ) {
         state.alerts.raise(crate::alert::AlertEvent::new(
-            "denied",
+            crate::event::AlertKind::Denied,
             Some(id),
             format!("{method} {route}"),
         ));

@@ -149,7 +149,7 @@ pub async fn unseal(
     }
     tracing::warn!(identity = %caller.identity, "server unsealed");
     state.alerts.raise(crate::alert::AlertEvent::new(
-        "unsealed",
+        crate::event::AlertKind::Unsealed,
         Some(&caller.identity),
         "POST /v1/sys/unseal",
     ));
@@ -171,7 +171,7 @@ pub async fn seal(
         .clear();
     tracing::warn!(identity = %caller.identity, "server sealed");
     state.alerts.raise(crate::alert::AlertEvent::new(
-        "sealed",
+        crate::event::AlertKind::Sealed,
         Some(&caller.identity),
         "POST /v1/sys/seal",
     ));
@@ -245,7 +245,7 @@ pub async fn set_identity(
     blocking(move || st.policy.set(&tenant, &identity, req.role)).await?;
     tracing::warn!(by = %caller.identity, identity = %req.identity, role = ?req.role, "identity mapped");
     state.alerts.raise(crate::alert::AlertEvent::new(
-        "identity_changed",
+        crate::event::AlertKind::IdentityChanged,
         Some(&caller.identity),
         format!(
             "{} is now {:?} in tenant {}",
@@ -271,7 +271,7 @@ pub async fn remove_identity(
     blocking(move || st.policy.remove(&tenant, &identity, &by)).await?;
     tracing::warn!(by = %caller.identity, identity = %req.identity, "identity removed");
     state.alerts.raise(crate::alert::AlertEvent::new(
-        "identity_changed",
+        crate::event::AlertKind::IdentityChanged,
         Some(&caller.identity),
         format!("{} removed from tenant {}", req.identity, caller.tenant),
     ));
@@ -313,7 +313,7 @@ pub async fn rotate_master(
     .inspect_err(|e| count_bad_secret(&state, &caller.identity, e))?;
     tracing::warn!(identity = %caller.identity, versions = n, "master key rotated");
     state.alerts.raise(crate::alert::AlertEvent::new(
-        "master_key_rotated",
+        crate::event::AlertKind::MasterKeyRotated,
         Some(&caller.identity),
         format!("{n} KEK versions re-sealed"),
     ));

@@ -190,7 +190,7 @@ impl Salesforce {
     ) -> Response {
         if let Err(why) = self.authenticate(headers, presented) {
             self.app.alerts.raise(crate::alert::AlertEvent::new(
-                "denied",
+                crate::event::AlertKind::Denied,
                 None,
                 format!("Salesforce callout for {kid}: {why}"),
             ));

@@ -176,14 +176,14 @@ impl Xks {
         let op_name = facts.operation.map_or("unrouted", Operation::name);
         if resp.extensions().get::<ErrorName>() == Some(&ErrorName::AccessDeniedException) {
             self.app.alerts.raise(crate::alert::AlertEvent::new(
-                "denied",
+                crate::event::AlertKind::Denied,
                 facts.identity.as_deref(),
                 format!("XKS {op_name}: no secondary-authorization rule matched"),
             ));
         }
         if resp.extensions().get::<ErrorName>() == Some(&ErrorName::AuthenticationFailedException) {
             self.app.alerts.raise(crate::alert::AlertEvent::new(
-                "xks_auth_failed",
+                crate::event::AlertKind::XksAuthFailed,
                 None,
                 format!("XKS {op_name} on {path}: SigV4 authentication failed"),
             ));
