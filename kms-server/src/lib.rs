@@ -4,26 +4,30 @@
 //! mutual TLS to get, wrap, unwrap and rewrap data keys (DEKs).
 //!
 //! What it guarantees:
-//! - The master key is never stored in clear ([`seal`]); the server starts sealed and
-//!   serves no key operation until unsealed.
-//! - KEK versions are stored encrypted under the master key, bound to their tenant, key
-//!   id and version ([`keyring`]); writes are acknowledged only once durable ([`keystore`]).
+//! - The master key is never stored in clear ([`seal`]: key file, passphrase, Shamir
+//!   shares or a PKCS#11 token); the server starts sealed and serves no key operation
+//!   until unsealed.
+//! - KEK versions (AES-256 or RSA) are stored encrypted under the master key, bound to
+//!   their tenant, key id and version, with authenticated key records ([`keyring`]);
+//!   writes are acknowledged only once durable ([`keystore`]: redb, or PostgreSQL shared
+//!   by several nodes).
 //! - Wrapped DEKs are bound to the caller's encryption context and safe for well over
 //!   2^40 wraps per KEK version ([`format`]).
-//! - Every caller is a verified client certificate mapped to a tenant and a role
-//!   ([`tls`], [`policy`]); another tenant's key looks like a missing one.
+//! - Every caller is a verified client certificate (checked against CRLs) mapped to a
+//!   tenant and a role, and per-key grants say who may use which key ([`tls`],
+//!   [`policy`]); another tenant's key looks like a missing one.
 //! - Bad input gets a 4xx with a stable error code ([`error`]), never a panic.
-//!
 //! - Every request leaves a hash-chained audit record, durable before the response
 //!   leaves ([`audit`]).
-//!
 //! - Identities denied repeatedly are locked out for a while ([`lockout`]).
+//! - Security events raise alerts to a webhook or a command ([`alert`], [`event`]).
+//! - Destroying a KEK crypto-shreds every DEK under it ([`erasure`]).
+//! - The cloud protocols — AWS XKS, Microsoft DKE, Google Workspace CSE, Google Cloud EKM,
+//!   Salesforce cache-only keys — are adapters over the same keyring ([`xks`], [`dke`],
+//!   [`cse`], [`ekm`], [`salesforce`]).
 //!
-//! - Denials, lockouts, seal/unseal and key disables raise alerts to a webhook or a
-//!   command ([`alert`]).
-//!
-//! What it does not do (yet): per-key grants, CRLs (issue 5); key
-//! deletion, Shamir/PKCS#11 unseal, RSA KEKs (issue 6).
+//! The modules form layers that import one way (ARCHITECTURE.md's module table;
+//! `tests/layers.rs` checks it).
 //!
 //! The library is what the binary runs; tests start it on port 0 with [`run`]:
 //!

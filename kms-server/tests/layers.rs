@@ -218,3 +218,31 @@ fn the_scanner_sees_paths_and_trees_and_skips_comments_and_tests() {
     let want: BTreeSet<String> = ["a", "b", "c", "f", "h"].map(String::from).into();
     assert_eq!(names, want);
 }
+
+/// ARCHITECTURE.md names every subcommand of the binary.
+#[test]
+fn architecture_names_every_subcommand() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kms-server"))
+        .arg("--help")
+        .output()
+        .expect("kms-server --help runs");
+    let help = String::from_utf8_lossy(&out.stdout);
+    let text = std::fs::read_to_string(ARCHITECTURE).expect("ARCHITECTURE.md");
+    let commands: Vec<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .collect();
+    assert!(commands.len() >= 9, "{help}");
+    let missing: Vec<_> = commands
+        .iter()
+        .filter(|c| !text.contains(&format!("`{c}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "ARCHITECTURE.md does not name {missing:?}"
+    );
+}
