@@ -260,3 +260,37 @@ impl SealError {
         )
     }
 }
+
+/// One error of each variant, split into the server's faults (an adapter must answer
+/// them 5xx) and the rest, for the adapters' tests of their error maps.
+#[cfg(test)]
+pub(crate) fn every_variant() -> (Vec<Error>, Vec<Error>) {
+    use kms_client::api::KeyState;
+    let server = vec![
+        Error::Sealed,
+        Error::Storage(StoreError::Conflict("keys")),
+        Error::Seal(SealError::Malformed),
+        Error::Corrupt("a record"),
+        Error::MasterKeyChanged,
+        Error::AuditUnavailable,
+        Error::Unreadable("k v1".into()),
+        Error::Internal("x"),
+    ];
+    let client = vec![
+        Error::InvalidRequest("x".into()),
+        Error::DecryptFailed,
+        Error::Unauthenticated,
+        Error::PermissionDenied("x"),
+        Error::NotFound,
+        Error::NoRoute,
+        Error::MethodNotAllowed,
+        Error::AlreadyExists,
+        Error::KeyDisabled(KeyState::Disabled),
+        Error::InvalidState("x"),
+        Error::PayloadTooLarge(1),
+        Error::UnsupportedMediaType,
+        Error::BodyTimeout(1),
+        Error::LockedOut,
+    ];
+    (server, client)
+}

@@ -190,7 +190,8 @@ struct Authn {
     google_email: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+// No `Debug`: it carries key material or tokens.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct WrapRequest {
     authentication: String,
@@ -200,7 +201,8 @@ struct WrapRequest {
     reason: String,
 }
 
-#[derive(Debug, Deserialize)]
+// No `Debug`: it carries key material or tokens.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UnwrapRequest {
     authentication: String,
@@ -210,7 +212,8 @@ struct UnwrapRequest {
     reason: String,
 }
 
-#[derive(Debug, Deserialize)]
+// No `Debug`: it carries key material or tokens.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DigestRequest {
     authorization: String,
@@ -219,7 +222,8 @@ struct DigestRequest {
     reason: String,
 }
 
-#[derive(Debug, Deserialize)]
+// No `Debug`: it carries key material or tokens.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PrivilegedWrapRequest {
     authentication: String,
@@ -231,7 +235,8 @@ struct PrivilegedWrapRequest {
     reason: String,
 }
 
-#[derive(Debug, Deserialize)]
+// No `Debug`: it carries key material or tokens.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PrivilegedUnwrapRequest {
     authentication: String,
@@ -241,7 +246,8 @@ struct PrivilegedUnwrapRequest {
     reason: String,
 }
 
-#[derive(Debug, Deserialize)]
+// No `Debug`: it carries key material or tokens.
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RewrapRequest {
     authorization: String,
@@ -253,7 +259,8 @@ struct RewrapRequest {
 
 /// A KACLS-to-KACLS token's claims (`rewrap` on the new key service, `privilegedunwrap`
 /// on the original): who asks, for which resource, for which key service (`aud`).
-#[derive(Debug, Deserialize)]
+// No `Debug`: it carries key material or tokens.
+#[derive(Deserialize)]
 struct Migration {
     email: String,
     resource_name: String,
@@ -471,15 +478,40 @@ impl Cse {
         }
     }
 
+    /// A core error as CSE answers it: every variant named (a new one must be placed
+    /// here), server faults as 5xx.
     fn keyring_error(e: &Error) -> CseError {
-        match e {
-            Error::PermissionDenied(_) => denied("this key may not be used here"),
-            Error::Sealed | Error::Storage(_) => CseError::new(
+        let unavailable = || {
+            CseError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the key service is unavailable",
-            ),
+            )
+        };
+        match e {
+            Error::PermissionDenied(_) | Error::LockedOut | Error::Unauthenticated => {
+                denied("this key may not be used here")
+            }
             Error::DecryptFailed => denied("the wrapped key does not belong to this resource"),
-            _ => bad("the key is unknown or unusable"),
+            Error::NotFound => bad("the key is unknown"),
+            Error::KeyDisabled(_) | Error::InvalidState(_) => bad("the key is unusable"),
+            Error::InvalidRequest(_)
+            | Error::AlreadyExists
+            | Error::PayloadTooLarge(_)
+            | Error::UnsupportedMediaType
+            | Error::BodyTimeout(_)
+            | Error::NoRoute
+            | Error::MethodNotAllowed => bad("the request is not valid"),
+            Error::Sealed
+            | Error::Storage(_)
+            | Error::AuditUnavailable
+            | Error::MasterKeyChanged => unavailable(),
+            // A stored version that does not open is the server's fault, not the caller's.
+            Error::Corrupt(_) | Error::Unreadable(_) | Error::Internal(_) | Error::Seal(_) => {
+                CseError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error; see the Keyhold log",
+                )
+            }
         }
     }
 
@@ -978,5 +1010,26 @@ mod tests {
             assert!(parse_wrapped(&b[..cut]).is_none(), "{cut}");
         }
         assert!(parse_wrapped(&b[..b.len() - 32]).is_none(), "no ciphertext");
+    }
+}
+
+/// Issue 23: every core error has its answer, and the server's faults are 5xx (the map
+/// ended in a wildcard answering 400, so a corrupt record or an internal fault reached
+/// the caller as the caller's error).
+#[cfg(test)]
+mod error_map_tests {
+    use super::*;
+
+    #[test]
+    fn server_faults_are_5xx_and_the_rest_4xx() {
+        let (server, client) = crate::error::every_variant();
+        for e in &server {
+            let status = Cse::keyring_error(e).status;
+            assert!(status.is_server_error(), "{e:?}: {status}");
+        }
+        for e in &client {
+            let status = Cse::keyring_error(e).status;
+            assert!(status.is_client_error(), "{e:?}: {status}");
+        }
     }
 }

@@ -145,18 +145,40 @@ impl Dke {
         resp
     }
 
-    /// A keyring error as DKE answers it.
+    /// A core error as DKE answers it: every variant named (a new one must be placed
+    /// here), server faults as 5xx.
     fn keyring_error(e: &Error) -> Response {
         match e {
-            Error::PermissionDenied(_) => {
+            Error::PermissionDenied(_) | Error::LockedOut | Error::Unauthenticated => {
                 refuse(StatusCode::FORBIDDEN, "this key may not be used here")
             }
-            Error::Sealed | Error::Storage(_) => refuse(
+            Error::DecryptFailed => refuse(StatusCode::BAD_REQUEST, "the value does not decrypt"),
+            Error::NotFound | Error::KeyDisabled(_) | Error::InvalidState(_) => {
+                refuse(StatusCode::BAD_REQUEST, "the key is unknown or unusable")
+            }
+            Error::InvalidRequest(_)
+            | Error::AlreadyExists
+            | Error::PayloadTooLarge(_)
+            | Error::UnsupportedMediaType
+            | Error::BodyTimeout(_)
+            | Error::NoRoute
+            | Error::MethodNotAllowed => {
+                refuse(StatusCode::BAD_REQUEST, "the request is not valid")
+            }
+            Error::Sealed
+            | Error::Storage(_)
+            | Error::AuditUnavailable
+            | Error::MasterKeyChanged => refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the key service is unavailable",
             ),
-            Error::DecryptFailed => refuse(StatusCode::BAD_REQUEST, "the value does not decrypt"),
-            _ => refuse(StatusCode::BAD_REQUEST, "the key is unknown or unusable"),
+            // A stored version that does not open is the server's fault, not the caller's.
+            Error::Corrupt(_) | Error::Unreadable(_) | Error::Internal(_) | Error::Seal(_) => {
+                refuse(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error; see the Keyhold log",
+                )
+            }
         }
     }
 
@@ -376,5 +398,26 @@ mod tests {
             ..Claims::default()
         };
         assert_eq!(claims.user().as_deref(), Some("alice@example.com"));
+    }
+}
+
+/// Issue 23: every core error has its answer, and the server's faults are 5xx (the map
+/// ended in a wildcard answering 400, so a corrupt record or an internal fault reached
+/// the caller as the caller's error).
+#[cfg(test)]
+mod error_map_tests {
+    use super::*;
+
+    #[test]
+    fn server_faults_are_5xx_and_the_rest_4xx() {
+        let (server, client) = crate::error::every_variant();
+        for e in &server {
+            let status = Dke::keyring_error(e).status();
+            assert!(status.is_server_error(), "{e:?}: {status}");
+        }
+        for e in &client {
+            let status = Dke::keyring_error(e).status();
+            assert!(status.is_client_error(), "{e:?}: {status}");
+        }
     }
 }

@@ -81,7 +81,8 @@ pub mod wire {
     }
 
     /// `WrapRequest`.
-    #[derive(Debug, Deserialize)]
+    // No `Debug`: it carries key material or tokens.
+    #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct WrapRequest {
         /// Base64.
@@ -95,7 +96,8 @@ pub mod wire {
     }
 
     /// `UnwrapRequest`.
-    #[derive(Debug, Deserialize)]
+    // No `Debug`: it carries key material or tokens.
+    #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct UnwrapRequest {
         /// Base64.
@@ -201,26 +203,42 @@ impl Ekm {
         }
     }
 
+    /// A core error as EKM answers it: every variant named (a new one must be placed
+    /// here), server faults as 5xx.
     fn keyring_error(e: &Error) -> EkmError {
+        let precondition =
+            |m: &str| EkmError::new(StatusCode::BAD_REQUEST, "FAILED_PRECONDITION", m);
         match e {
-            Error::Sealed | Error::Storage(_) => unavailable("the key manager is unavailable"),
+            Error::Sealed
+            | Error::Storage(_)
+            | Error::AuditUnavailable
+            | Error::MasterKeyChanged => unavailable("the key manager is unavailable"),
             Error::DecryptFailed => invalid("the wrapped blob does not open with this AAD and key"),
-            Error::KeyDisabled(_) => EkmError::new(
-                StatusCode::BAD_REQUEST,
-                "FAILED_PRECONDITION",
-                "the key is disabled in the key manager",
-            ),
+            Error::KeyDisabled(_) => precondition("the key is disabled in the key manager"),
             // The grant of the EKM identity: a configuration refusal, permanent.
-            Error::PermissionDenied(_) => EkmError::new(
-                StatusCode::FORBIDDEN,
-                "PERMISSION_DENIED",
-                "the key manager's policy does not let this key be used here",
-            ),
-            _ => EkmError::new(
-                StatusCode::BAD_REQUEST,
-                "FAILED_PRECONDITION",
-                "the key is unusable",
-            ),
+            Error::PermissionDenied(_) | Error::LockedOut | Error::Unauthenticated => {
+                EkmError::new(
+                    StatusCode::FORBIDDEN,
+                    "PERMISSION_DENIED",
+                    "the key manager's policy does not let this key be used here",
+                )
+            }
+            Error::NotFound | Error::InvalidState(_) => precondition("the key is unusable"),
+            Error::InvalidRequest(_)
+            | Error::AlreadyExists
+            | Error::PayloadTooLarge(_)
+            | Error::UnsupportedMediaType
+            | Error::BodyTimeout(_)
+            | Error::NoRoute
+            | Error::MethodNotAllowed => invalid("the request is not valid"),
+            // A stored version that does not open is the server's fault, not the caller's.
+            Error::Corrupt(_) | Error::Unreadable(_) | Error::Internal(_) | Error::Seal(_) => {
+                EkmError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "INTERNAL",
+                    "internal error; see the Keyhold log",
+                )
+            }
         }
     }
 
@@ -493,4 +511,25 @@ pub fn router(ekm: Arc<Ekm>) -> Router {
         .route("/ekm/{*rest}", post(call))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(ekm)
+}
+
+/// Issue 23: every core error has its answer, and the server's faults are 5xx (the map
+/// ended in a wildcard answering 400, so a corrupt record or an internal fault reached
+/// the caller as the caller's error).
+#[cfg(test)]
+mod error_map_tests {
+    use super::*;
+
+    #[test]
+    fn server_faults_are_5xx_and_the_rest_4xx() {
+        let (server, client) = crate::error::every_variant();
+        for e in &server {
+            let status = Ekm::keyring_error(e).status;
+            assert!(status.is_server_error(), "{e:?}: {status}");
+        }
+        for e in &client {
+            let status = Ekm::keyring_error(e).status;
+            assert!(status.is_client_error(), "{e:?}: {status}");
+        }
+    }
 }
