@@ -6,7 +6,7 @@ items=${1:-20000}
 shift || true
 sizes=${*:-10 100 1000}
 source "$(dirname "$0")/common.sh"
-cargo build --release -q -p kms-client --features cli
+cargo build --release -q -p kmsctl
 start_bench_dev
 kmsctl() { "$bin/kmsctl" --endpoint "https://127.0.0.1:$api" --tls-ca "$pki/ca.pem" "$@"; }
 as_app=(--tls-cert "$pki/app.pem" --tls-key "$pki/app-key.pem")

@@ -150,7 +150,7 @@ def check_context(root, pki):
     # Everything the build reads: the workspace manifests and each member's tracked files.
     tracked = subprocess.run(["git", "ls-files"], cwd=root, check=True, capture_output=True,
                              text=True).stdout.split("\n")
-    members = ["kms-server", "kms-client", "envelope", "tests", "benches"]
+    members = ["kms-server", "kms-client", "kmsctl", "envelope", "tests", "benches"]
     needed = [f for f in tracked if f in ("Cargo.toml", "Cargo.lock")
               or any(f.startswith(m + "/") for m in members)]
     assert "Cargo.lock" in needed and any(f.startswith("kms-server/src/") for f in needed)

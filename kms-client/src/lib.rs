@@ -14,7 +14,8 @@
 //! - [`rsa_oaep`]: wrapped DEKs under RSA KEKs; with feature `client`, wrapping offline
 //!   from an exported public key ([`rsa_oaep::OfflineWrapper`]) and an
 //!   `envelope::KeyProvider` that seals offline and opens through the server.
-//! - `kmsctl` (feature `cli`), the operator CLI, is a binary of this package.
+//! - `kmsctl`, the operator CLI, is its own package (`kmsctl/`), built on this library:
+//!   a library user gets no CLI parser.
 //!
 //! What the types guarantee:
 //! - Request types reject unknown fields (`deny_unknown_fields`), as the server must.

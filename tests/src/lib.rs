@@ -784,7 +784,7 @@ pub fn workspace_bin(name: &str) -> PathBuf {
     let bin = dir.join(name);
     assert!(
         bin.exists(),
-        "{} is missing: build it first (`cargo build -p kms-client -p kms-server`, or run `cargo test --workspace`)",
+        "{} is missing: build it first (`cargo build -p kmsctl -p kms-server`, or run `cargo test --workspace`)",
         bin.display()
     );
     bin
