@@ -622,31 +622,26 @@ impl Connection {
         }
     }
 
-    async fn run<H, M, S, B>(mut self, tcp: TcpStream, budget: Budget, handshake: &H, make: &M)
-    where
-        H: Handshake,
-        M: Fn(&H::Io) -> S,
-        S: hyper::service::Service<hyper::Request<RequestBody>, Response = hyper::Response<B>>
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        B: hyper::body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    {
+    /// The handshake (within the budget, evicted when the oldest and the budget is
+    /// spent), then a connection slot, both before the handshake deadline; `None` when
+    /// either fails or the listener stops.
+    async fn establish<H: Handshake>(
+        &mut self,
+        tcp: TcpStream,
+        budget: Budget,
+        handshake: &H,
+    ) -> Option<(H::Io, Permit)> {
         let peer = self.peer;
         let deadline = tokio::time::Instant::now() + self.limits.handshake_timeout;
         let mut budget = match budget {
             Budget::Freed(freed) => match tokio::time::timeout(EVICT_WAIT, freed).await {
                 Ok(Ok(p)) => Some(p),
-                _ => return,
+                _ => return None,
             },
             Budget::Waiting(place) => {
                 let Some(p) = self.wait_for_budget(deadline).await else {
                     tracing::debug!(%peer, "connection closed: no place in the handshake budget in time");
-                    return;
+                    return None;
                 };
                 drop(place);
                 Some(p)
@@ -677,28 +672,49 @@ impl Connection {
             let slot = open.take_slot(&slots).await?;
             Ok::<_, String>((io, slot))
         };
-        let (io, slot) = tokio::select! {
+        let established = tokio::select! {
             r = tokio::time::timeout_at(deadline, established) => match r {
                 Ok(Ok(done)) => done,
                 Ok(Err(e)) => {
                     tracing::info!(%peer, error = %e, "TLS handshake refused");
-                    return;
+                    return None;
                 }
                 Err(_) => {
                     tracing::info!(%peer, "handshake (or a free connection slot) timed out");
-                    return;
+                    return None;
                 }
             },
-            _ = self.stop.wait_for(|s| *s) => return,
+            _ = self.stop.wait_for(|s| *s) => return None,
             handover = evicted => {
                 tracing::debug!(%peer, "handshake dropped: the budget was spent and it was the oldest");
                 if let Some(permit) = budget.take() {
                     let _ = handover.send(permit);
                 }
-                return;
+                return None;
             }
         };
         drop(budget);
+        Some(established)
+    }
+
+    async fn run<H, M, S, B>(mut self, tcp: TcpStream, budget: Budget, handshake: &H, make: &M)
+    where
+        H: Handshake,
+        M: Fn(&H::Io) -> S,
+        S: hyper::service::Service<hyper::Request<RequestBody>, Response = hyper::Response<B>>
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let peer = self.peer;
+        let Some((io, slot)) = self.establish(tcp, budget, handshake).await else {
+            return;
+        };
         let revocation = handshake.revocation(&io);
         let (revoked, mut reloads) = match revocation {
             Some(r) => (Some(r.revoked), Some(r.reloads)),
