@@ -11,11 +11,11 @@ use std::sync::mpsc;
 use std::sync::{Arc, Barrier, Mutex};
 
 use kms_client::api::{Algorithm, Context, Grant, GrantOperation, KeyState};
-use kms_server::error::Error;
+use kms_server::access::policy::{Principal, Role};
+use kms_server::base::error::Error;
+use kms_server::crypto::seal::KeyFileSealer;
 use kms_server::keyring::Keyring;
-use kms_server::keystore::{KeyStore, RedbStore};
-use kms_server::policy::{Principal, Role};
-use kms_server::seal::KeyFileSealer;
+use kms_server::storage::{KeyStore, RedbStore};
 
 /// One test at a time touches the fail points.
 static FAULTS: Mutex<()> = Mutex::new(());
@@ -146,7 +146,7 @@ fn a_backup_taken_during_master_rotation_restores() {
     let (reached, release) = pause_first("keyring-backup-before-lock");
     let exporter = {
         let ring = ring.clone();
-        std::thread::spawn(move || kms_server::backup::export(&ring))
+        std::thread::spawn(move || kms_server::keyring::backup::export(&ring))
     };
     reached.wait();
     ring.rotate_master(&fx.sealer).unwrap();
@@ -157,7 +157,7 @@ fn a_backup_taken_during_master_rotation_restores() {
     let target = fx.dir.path().join("restored");
     let store: Arc<dyn KeyStore> = Arc::new(RedbStore::open(&target).unwrap());
     let restored = Keyring::new(store);
-    kms_server::backup::restore(
+    kms_server::keyring::backup::restore(
         &restored,
         &fx.sealer,
         &backup,

@@ -1,4 +1,4 @@
-//! Erasure keys on PostgreSQL, rooted in the sealing HSM (`kms_server::erasure::shared`),
+//! Erasure keys on PostgreSQL, rooted in the sealing HSM (`kms_server::storage::erasure::shared`),
 //! through real nodes over mTLS: two nodes on one database and one SoftHSM token; a key
 //! destroyed on the cluster; then the database backup taken before the destruction is
 //! restored and a node started on it, with the same token and master key: within the
@@ -139,7 +139,7 @@ async fn erasure_keys_rooted_in_the_hsm() {
     destroyed_keys_do_not_come_back_from_database_backups().await;
     migrating_into_postgres_moves_the_erasure_keys_into_the_database().await;
     pg::assert_store_threads_stopped();
-    kms_server::seal::pkcs11_finalize();
+    kms_server::crypto::seal::pkcs11_finalize();
 }
 
 async fn destroyed_keys_do_not_come_back_from_database_backups() {

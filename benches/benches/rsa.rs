@@ -1,5 +1,5 @@
 //! RSA-OAEP unwrap: the server's implementation (aws-lc-rs, constant time, through
-//! `kms_server::kek::Kek`, exactly what `POST /v1/unwrap` runs for an RSA-wrapped DEK)
+//! `kms_server::crypto::kek::Kek`, exactly what `POST /v1/unwrap` runs for an RSA-wrapped DEK)
 //! beside the `rsa` crate's decryption of the same ciphertext with the same key (which
 //! the server must not use: RUSTSEC-2023-0071). Also the offline wrap (`rsa` crate,
 //! public key) against the server-side wrap (aws-lc-rs).
@@ -10,8 +10,8 @@
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use kms_client::api::{Algorithm, Context, PublicKeyResponse};
-use kms_server::format::{self, Header, KeyId};
-use kms_server::kek::Kek;
+use kms_server::crypto::format::{self, Header, KeyId};
+use kms_server::crypto::kek::Kek;
 use rsa::pkcs8::DecodePrivateKey;
 
 fn bench(c: &mut Criterion) {

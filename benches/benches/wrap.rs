@@ -6,8 +6,8 @@
 #![allow(missing_docs, clippy::unwrap_used)]
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use kms_server::format::{self, Header, KeyId};
-use kms_server::secret::SecretKey;
+use kms_server::crypto::format::{self, Header, KeyId};
+use kms_server::crypto::secret::SecretKey;
 
 fn bench(c: &mut Criterion) {
     let kek = SecretKey::generate().unwrap();

@@ -4,27 +4,27 @@
 //! mutual TLS to get, wrap, unwrap and rewrap data keys (DEKs).
 //!
 //! What it guarantees:
-//! - The master key is never stored in clear ([`seal`]: key file, passphrase, Shamir
+//! - The master key is never stored in clear ([`seal`](crypto::seal): key file, passphrase, Shamir
 //!   shares or a PKCS#11 token); the server starts sealed and serves no key operation
 //!   until unsealed.
 //! - KEK versions (AES-256 or RSA) are stored encrypted under the master key, bound to
 //!   their tenant, key id and version, with authenticated key records ([`keyring`]);
-//!   writes are acknowledged only once durable ([`keystore`]: redb, or PostgreSQL shared
+//!   writes are acknowledged only once durable ([`keystore`](storage): redb, or PostgreSQL shared
 //!   by several nodes).
 //! - Wrapped DEKs are bound to the caller's encryption context and safe for well over
-//!   2^40 wraps per KEK version ([`format`]).
+//!   2^40 wraps per KEK version ([`format`](crypto::format)).
 //! - Every caller is a verified client certificate (checked against CRLs) mapped to a
-//!   tenant and a role, and per-key grants say who may use which key ([`tls`],
-//!   [`policy`]); another tenant's key looks like a missing one.
-//! - Bad input gets a 4xx with a stable error code ([`error`]), never a panic.
+//!   tenant and a role, and per-key grants say who may use which key ([`tls`](security::tls),
+//!   [`policy`](access::policy)); another tenant's key looks like a missing one.
+//! - Bad input gets a 4xx with a stable error code ([`error`](base::error)), never a panic.
 //! - Every request leaves a hash-chained audit record, durable before the response
-//!   leaves ([`audit`]).
-//! - Identities denied repeatedly are locked out for a while ([`lockout`]).
-//! - Security events raise alerts to a webhook or a command ([`alert`], [`event`]).
-//! - Destroying a KEK crypto-shreds every DEK under it ([`erasure`]).
+//!   leaves ([`audit`](security::audit)).
+//! - Identities denied repeatedly are locked out for a while ([`lockout`](access::lockout)).
+//! - Security events raise alerts to a webhook or a command ([`alert`](security::alert), [`event`](base::event)).
+//! - Destroying a KEK crypto-shreds every DEK under it ([`erasure`](storage::erasure)).
 //! - The cloud protocols — AWS XKS, Microsoft DKE, Google Workspace CSE, Google Cloud EKM,
-//!   Salesforce cache-only keys — are adapters over the same keyring ([`xks`], [`dke`],
-//!   [`cse`], [`ekm`], [`salesforce`]).
+//!   Salesforce cache-only keys — are adapters over the same keyring ([`xks`](adapters::xks), [`dke`](adapters::dke),
+//!   [`cse`](adapters::cse), [`ekm`](adapters::ekm), [`salesforce`](adapters::salesforce)).
 //!
 //! The modules form layers that import one way (ARCHITECTURE.md's module table;
 //! `tests/layers.rs` checks it).
@@ -32,8 +32,8 @@
 //! The library is what the binary runs; tests start it on port 0 with [`run`]:
 //!
 //! ```
-//! use kms_server::format::{self, Header, KeyId};
-//! use kms_server::secret::SecretKey;
+//! use kms_server::crypto::format::{self, Header, KeyId};
+//! use kms_server::crypto::secret::SecretKey;
 //!
 //! let kek = SecretKey::generate().unwrap();
 //! let ctx = [("tenant".to_string(), "acme".to_string())].into_iter().collect();
@@ -46,47 +46,18 @@
 //! assert!(format::unwrap(&kek, &wrapped, &other).is_err());
 //! ```
 
-pub mod adapter;
-pub mod alert;
-pub mod audit;
-pub mod authstate;
-pub mod backup;
-pub mod clock;
-pub mod config;
+pub mod access;
+pub mod adapters;
+pub mod api;
+pub mod app;
+pub mod base;
 pub mod crypto;
-pub mod cse;
-pub mod dev;
-pub mod dke;
-pub mod ekm;
-pub mod erasure;
-pub mod error;
-pub mod event;
-pub mod format;
-pub mod fuzzing;
-pub mod https;
-pub mod jwt;
-pub mod kek;
 pub mod keyring;
-pub mod keystore;
-pub mod listen;
-pub mod lockout;
-pub mod metrics;
-pub mod ops;
-pub mod pem;
-pub mod pki;
-pub mod policy;
-pub mod process;
-pub mod public;
-pub mod request_body;
-pub mod routes;
-pub mod salesforce;
-pub mod seal;
-pub mod secret;
-pub mod server;
-pub mod tls;
-pub mod usage;
-pub mod xks;
+pub mod security;
+pub mod storage;
+pub mod tools;
+pub mod transport;
 
-pub use config::Settings;
-pub use error::Error;
-pub use server::{run, Listeners};
+pub use app::config::Settings;
+pub use app::server::{run, Listeners};
+pub use base::error::Error;

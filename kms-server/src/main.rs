@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand};
-use kms_server::config::Settings;
+use kms_server::app::config::Settings;
+use kms_server::app::server::{self, Listeners};
+use kms_server::crypto::seal::{KeyFileSealer, SealMethod};
 use kms_server::keyring::Keyring;
-use kms_server::seal::{KeyFileSealer, SealMethod};
-use kms_server::server::{self, Listeners};
 use tokio::net::TcpListener;
 use zeroize::Zeroizing;
 
@@ -202,7 +202,7 @@ fn migrate_store(from_config: &Path, config: &Path) -> anyhow::Result<()> {
     let from_erasure = from.store.path.with_extension("erasure");
     // Into a shared store with erasure keys in the database, the erasure keys move into
     // its table (below) rather than into a file on this node.
-    let adopt = to.store.engine == kms_server::keystore::Engine::Postgres
+    let adopt = to.store.engine == kms_server::storage::Engine::Postgres
         && to.store.shared_erasure_retention_secs.is_some();
     if from.store.shared_erasure_retention_secs.is_some() && !adopt {
         anyhow::bail!(
@@ -218,7 +218,7 @@ fn migrate_store(from_config: &Path, config: &Path) -> anyhow::Result<()> {
             to.store.path.with_extension("erasure"),
         )]
     };
-    if to.store.engine != kms_server::keystore::Engine::Postgres && to.audit_path.exists() {
+    if to.store.engine != kms_server::storage::Engine::Postgres && to.audit_path.exists() {
         anyhow::bail!(
             "{} exists: the new store's files must not (remove it if it is left from a failed run)",
             to.audit_path.display()
@@ -237,10 +237,10 @@ fn migrate_store(from_config: &Path, config: &Path) -> anyhow::Result<()> {
     }
     let source = server::open_store(&from)?;
     let target = server::open_store(&to)?;
-    let copied = kms_server::keystore::migrate::migrate(source.as_ref(), target.as_ref())?;
+    let copied = kms_server::storage::migrate::migrate(source.as_ref(), target.as_ref())?;
     // Then the audit chain: into PostgreSQL in one transaction, refused if the database
     // already holds a chain; into a file, which must not exist.
-    let records = kms_server::audit::copy_chain(
+    let records = kms_server::security::audit::copy_chain(
         source.as_ref(),
         &from.audit_path,
         target.as_ref(),
@@ -264,8 +264,8 @@ fn migrate_store(from_config: &Path, config: &Path) -> anyhow::Result<()> {
     println!("  audit      {records:>9} records, chain head and MAC kept");
     if adopt && from_erasure.exists() {
         drop(target);
-        let file = kms_server::erasure::ErasureFile::open(&from_erasure)?;
-        let keyring = server::open_keyring(&to, kms_server::clock::Clock::system())?;
+        let file = kms_server::storage::erasure::ErasureFile::open(&from_erasure)?;
+        let keyring = server::open_keyring(&to, kms_server::base::clock::Clock::system())?;
         let moved = keyring.adopt_erasure_keys(&file)?;
         println!(
             "  erasure    {moved:>9} keys moved from {} into the database, under the HSM's epoch key",
@@ -281,7 +281,7 @@ fn migrate_store(from_config: &Path, config: &Path) -> anyhow::Result<()> {
 }
 
 fn xks_credential(credentials: &Path, console_json: &Path, prefix: &str) -> anyhow::Result<()> {
-    use kms_server::xks::credentials;
+    use kms_server::adapters::xks::credentials;
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let (id, secret) = credentials::generate()?;
@@ -387,7 +387,7 @@ fn read_new_passphrase(file: Option<PathBuf>) -> anyhow::Result<Zeroizing<String
 /// Loads the configuration and hardens the process (before any secret is read).
 fn load_hardened(config: &std::path::Path) -> anyhow::Result<Settings> {
     let settings = Settings::load(config)?;
-    kms_server::process::harden(&settings.process)?;
+    kms_server::base::process::harden(&settings.process)?;
     Ok(settings)
 }
 
@@ -410,9 +410,9 @@ fn init(
     let mut printed_shares = Vec::new();
     let sealer = match settings.seal.method {
         SealMethod::Shamir => {
-            let (sealer, dealt) = kms_server::seal::ShamirSealer::deal(shares, threshold)?;
+            let (sealer, dealt) = kms_server::crypto::seal::ShamirSealer::deal(shares, threshold)?;
             printed_shares = dealt;
-            Box::new(sealer) as Box<dyn kms_server::seal::Sealer>
+            Box::new(sealer) as Box<dyn kms_server::crypto::seal::Sealer>
         }
         SealMethod::KeyFile => {
             let path = settings
@@ -482,10 +482,10 @@ fn restore(
                     std::fs::read_to_string(f)
                         .with_context(|| format!("reading {}", f.display()))?,
                 );
-                let share = kms_server::seal::ShareInput::parse(&text)?;
+                let share = kms_server::crypto::seal::ShareInput::parse(&text)?;
                 if shares
                     .iter()
-                    .any(|s: &kms_server::seal::ShareInput| s.x() == share.x())
+                    .any(|s: &kms_server::crypto::seal::ShareInput| s.x() == share.x())
                 {
                     bail!("{}: the same share twice", f.display());
                 }
@@ -494,15 +494,15 @@ fn restore(
             if shares.is_empty() {
                 bail!("the shamir method needs the shares: --share-file <file>, once per share");
             }
-            Box::new(kms_server::seal::ShamirSealer::from_shares(shares))
+            Box::new(kms_server::crypto::seal::ShamirSealer::from_shares(shares))
         }
         _ => bail!("this seal method cannot restore yet"),
     };
     let text = std::fs::read(&input).with_context(|| format!("reading {}", input.display()))?;
-    let backup: kms_server::backup::Backup = serde_json::from_slice(&text)
+    let backup: kms_server::keyring::backup::Backup = serde_json::from_slice(&text)
         .with_context(|| format!("{} is not a Keyhold backup", input.display()))?;
     let keyring = Keyring::new(server::open_store(&settings)?);
-    let rows = kms_server::backup::restore(
+    let rows = kms_server::keyring::backup::restore(
         &keyring,
         sealer.as_ref(),
         &backup,
@@ -586,7 +586,7 @@ fn main() -> anyhow::Result<()> {
         Command::CheckConfig { config } => {
             let settings = Settings::load(&config)?;
             for store in settings.xks.iter().flat_map(|x| &x.stores) {
-                kms_server::xks::credentials::load(&store.credentials)
+                kms_server::adapters::xks::credentials::load(&store.credentials)
                     .map_err(|e| anyhow::anyhow!("xks store {}: credentials: {e}", store.name))?;
             }
             println!("{}: ok", config.display());
@@ -605,12 +605,15 @@ fn main() -> anyhow::Result<()> {
             ..
         } => {
             let what = match protocol {
-                DevProtocol::Dke => kms_server::dev::DevToken::Dke,
-                DevProtocol::Cse => kms_server::dev::DevToken::Cse { role, resource },
-                DevProtocol::Ekm => kms_server::dev::DevToken::Ekm,
+                DevProtocol::Dke => kms_server::tools::dev::DevToken::Dke,
+                DevProtocol::Cse => kms_server::tools::dev::DevToken::Cse { role, resource },
+                DevProtocol::Ekm => kms_server::tools::dev::DevToken::Ekm,
             };
             let ttl = std::time::Duration::from_secs(ttl_secs);
-            println!("{}", kms_server::dev::token(&data_dir, &email, ttl, &what)?);
+            println!(
+                "{}",
+                kms_server::tools::dev::token(&data_dir, &email, ttl, &what)?
+            );
             Ok(())
         }
         Command::Dev {
@@ -622,15 +625,16 @@ fn main() -> anyhow::Result<()> {
         } => {
             // Hardened before the dev key file and store are touched, with the dev
             // config's `[process]` settings.
-            kms_server::process::harden(&kms_server::process::ProcessSettings {
-                mlock: kms_server::process::Mlock::BestEffort,
+            kms_server::base::process::harden(&kms_server::base::process::ProcessSettings {
+                mlock: kms_server::base::process::Mlock::BestEffort,
                 allow_root: true,
             })?;
-            let config = kms_server::dev::prepare(&data_dir, listen, ops_listen, public_listen)?;
+            let config =
+                kms_server::tools::dev::prepare(&data_dir, listen, ops_listen, public_listen)?;
             let settings = Settings::load(&config)?;
             eprintln!(
                 "{}",
-                kms_server::dev::banner(&data_dir, listen, ops_listen, public_listen)
+                kms_server::tools::dev::banner(&data_dir, listen, ops_listen, public_listen)
             );
             rt.block_on(serve(settings))
         }
@@ -638,6 +642,6 @@ fn main() -> anyhow::Result<()> {
     // Nothing uses the HSM once the runtime has stopped: finalize its module before exit
     // (see `seal::pkcs11::finalize`).
     drop(rt);
-    kms_server::seal::pkcs11_finalize();
+    kms_server::crypto::seal::pkcs11_finalize();
     result
 }

@@ -113,8 +113,8 @@ fn init_with_shamir_prints_the_shares_once() {
     // With --if-uninitialized (an init step run before every start) it succeeds and does
     // nothing: no new shares, the same sealed master key.
     let sealed = || {
-        let store = kms_server::keystore::open(
-            kms_server::keystore::Engine::Redb,
+        let store = kms_server::storage::open(
+            kms_server::storage::Engine::Redb,
             &dir.path().join("s.redb"),
         )
         .unwrap();

@@ -1,6 +1,6 @@
 //! Replays the fuzz targets' seeds and corpus (`kms-server/fuzz/seeds/<target>/`,
 //! `kms-server/fuzz/corpus/<target>/`) through the same entry points the fuzzers drive
-//! (`kms_server::fuzzing`), on stable Rust, on every CI run: an input that once crashed a
+//! (`kms_server::tools::fuzzing`), on stable Rust, on every CI run: an input that once crashed a
 //! parser stays fixed. `cargo test -p kms-server --test fuzz_corpus -- --ignored` rewrites
 //! the seeds from real artifacts (run it after a format change).
 
@@ -17,7 +17,7 @@ fn dir(kind: &str, target: &str) -> PathBuf {
 
 #[test]
 fn every_seed_and_corpus_input_runs_without_panic() {
-    for (target, run) in kms_server::fuzzing::TARGETS {
+    for (target, run) in kms_server::tools::fuzzing::TARGETS {
         let mut n = 0;
         for kind in ["seeds", "corpus"] {
             let Ok(entries) = std::fs::read_dir(dir(kind, target)) else {
@@ -40,7 +40,7 @@ fn every_seed_and_corpus_input_runs_without_panic() {
 #[ignore = "writes the seed files; run by hand"]
 fn write_seeds() {
     use kms_client::api::{Algorithm, Context};
-    use kms_server::format::{Header, KeyId};
+    use kms_server::crypto::format::{Header, KeyId};
     let write = |target: &str, name: &str, bytes: &[u8]| {
         let d = dir("seeds", target);
         std::fs::create_dir_all(&d).unwrap();
@@ -48,12 +48,12 @@ fn write_seeds() {
     };
     // Wrapped DEKs of both suites (byte 0: context length, then the context, then the DEK).
     let ctx: Context = [("tenant".to_string(), "acme".to_string())].into();
-    let canonical = kms_server::format::canonical_context(&ctx).unwrap();
+    let canonical = kms_server::crypto::format::canonical_context(&ctx).unwrap();
     for (alg, name) in [
         (Algorithm::Aes256Gcm, "aes"),
         (Algorithm::RsaOaep3072Sha256, "rsa"),
     ] {
-        let (kek, _) = kms_server::kek::Kek::generate(alg).unwrap();
+        let (kek, _) = kms_server::crypto::kek::Kek::generate(alg).unwrap();
         let header = Header {
             key_id: KeyId([1; 16]),
             version: 1,
@@ -108,7 +108,7 @@ fn write_seeds() {
         b"listen = \"127.0.0.1:8443\"\n[store]\npath = \"s.redb\"\n[seal]\nmethod = \"pkcs11\"\n[seal.pkcs11]\nmodule = \"/m.so\"\ntoken_label = \"t\"\n[tls]\ncert = \"c\"\nkey = \"k\"\nclient_ca = \"ca\"\n[[identities]]\nidentity = \"i\"\ntenant = \"t\"\nrole = \"app\"\n",
     );
     // A CRL (PEM and DER) and client certificates.
-    let ca = kms_server::pki::Pki::generate("fuzz CA").unwrap();
+    let ca = kms_server::tools::pki::Pki::generate("fuzz CA").unwrap();
     let client = ca
         .issue_client("fuzz-client", Some("spiffe://fuzz/app"))
         .unwrap();
@@ -126,6 +126,6 @@ fn write_seeds() {
         rustls::pki_types::CertificateDer::from_pem_slice(server.cert_pem.as_bytes()).unwrap();
     write("client_cert", "dns", cert.as_ref());
     // Shamir shares.
-    let (_, shares) = kms_server::seal::ShamirSealer::deal(3, 2).unwrap();
+    let (_, shares) = kms_server::crypto::seal::ShamirSealer::deal(3, 2).unwrap();
     write("unseal_share", "share", shares[0].as_bytes());
 }

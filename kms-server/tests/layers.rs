@@ -1,11 +1,12 @@
 //! The crate's layers, as ARCHITECTURE.md's module table gives them, and the imports
 //! between them (issue 23).
 //!
-//! - Every module of `src/` is in the table, and every module of the table is in `src/`.
-//! - No module imports one of a higher layer: a `crate::NAME` path (in `use` or in code;
-//!   `kms_server::NAME` in `main.rs`) outside comments and `#[cfg(test)]` items names a
-//!   module of the same layer or a lower one. Imports go one way, so no cycle can form
-//!   between layers.
+//! - Each layer is a folder of `src/`; every module of a layer folder is in the table under
+//!   that layer, and every module of the table is in its folder.
+//! - No file imports from a higher layer: a `crate::LAYER` path (in `use` or in code;
+//!   `kms_server::LAYER` in `main.rs`, which is in `tools`) outside comments and
+//!   `#[cfg(test)]` items names the file's own layer or a lower one. Imports go one way, so
+//!   no cycle can form between layers.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -14,9 +15,10 @@ use std::path::{Path, PathBuf};
 
 const ARCHITECTURE: &str = "../ARCHITECTURE.md";
 
-/// The layers, lowest first, and the layer of each module, from ARCHITECTURE.md: the line
+/// The layers, lowest first, and the modules of each, from ARCHITECTURE.md: the line
 /// "Layers, lowest first: a, b, ..." and the rows `| layer | module | concept |` of the
-/// module table.
+/// module table. A layer is a folder of `src/`; a module is a file or folder in it
+/// (`main`, the binary's root, is `src/main.rs`).
 fn layers() -> (Vec<String>, BTreeMap<String, usize>) {
     let text = std::fs::read_to_string(ARCHITECTURE).expect("ARCHITECTURE.md");
     let order: Vec<String> = text
@@ -37,7 +39,7 @@ fn layers() -> (Vec<String>, BTreeMap<String, usize>) {
         let Some(layer) = order.iter().position(|l| l == cells[1]) else {
             continue;
         };
-        // Code spans naming modules (`routes/` for a folder); others (`format.md`) are not.
+        // Code spans naming modules (`xks/` for a folder); others (`format.md`) are not.
         for module in cells[2].split('`').skip(1).step_by(2) {
             let name = module.trim_end_matches('/').to_owned();
             if !name
@@ -46,25 +48,50 @@ fn layers() -> (Vec<String>, BTreeMap<String, usize>) {
             {
                 continue;
             }
-            if let Some(prev) = of.insert(name.clone(), layer) {
-                assert_eq!(prev, layer, "`{name}` is in two layers of ARCHITECTURE.md");
+            let path = if name == "main" {
+                name
+            } else {
+                format!("{}/{name}", order[layer])
+            };
+            if let Some(prev) = of.insert(path.clone(), layer) {
+                assert_eq!(prev, layer, "`{path}` is in two layers of ARCHITECTURE.md");
             }
         }
     }
     (order, of)
 }
 
-/// The top-level module a file of `src/` belongs to (`routes/crypto.rs` → `routes`).
-fn module_of(src: &Path, file: &Path) -> String {
+/// The module a file of `src/` belongs to, as `layer/module` (`api/crypto.rs` →
+/// `api/crypto`, `adapters/xks/sigv4.rs` → `adapters/xks`), `main`, or `None` for a
+/// layer's own `mod.rs` and `lib.rs`.
+fn module_of(src: &Path, file: &Path) -> Option<String> {
     let rel = file.strip_prefix(src).expect("under src");
-    let first = rel
+    let parts: Vec<String> = rel
         .components()
-        .next()
-        .expect("a path")
-        .as_os_str()
-        .to_string_lossy()
-        .into_owned();
-    first.strip_suffix(".rs").unwrap_or(&first).to_owned()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    match parts.as_slice() {
+        [root] if root == "main.rs" => Some("main".into()),
+        [_] => None,
+        [_, file] if file == "mod.rs" => None,
+        [layer, module, ..] => Some(format!(
+            "{layer}/{}",
+            module.strip_suffix(".rs").unwrap_or(module)
+        )),
+        [] => None,
+    }
+}
+
+/// The layer a file of `src/` is in: its folder (`main.rs` is in `tools`).
+fn layer_of_file(src: &Path, file: &Path) -> Option<String> {
+    let rel = file.strip_prefix(src).expect("under src");
+    let mut parts = rel.components();
+    let first = parts.next()?.as_os_str().to_string_lossy().into_owned();
+    match parts.next() {
+        Some(_) => Some(first),
+        None if first == "main.rs" => Some("tools".into()),
+        None => None,
+    }
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -162,45 +189,53 @@ fn named_modules(code: &str, prefix: &str) -> BTreeSet<String> {
 
 #[test]
 fn every_module_is_in_a_layer_and_imports_go_down_only() {
-    let (order, layer_of) = layers();
+    let (order, module_layer) = layers();
     let src = Path::new("src");
     let mut files = Vec::new();
     rust_files(src, &mut files);
     let mut modules = BTreeSet::new();
+    let mut misplaced = Vec::new();
     let mut upward = Vec::new();
     for file in &files {
-        let module = module_of(src, file);
-        if module == "lib" {
-            continue;
+        if let Some(module) = module_of(src, file) {
+            modules.insert(module);
         }
-        modules.insert(module.clone());
-        let Some(&mine) = layer_of.get(&module) else {
+        let Some(layer) = layer_of_file(src, file) else {
+            continue;
+        };
+        let Some(mine) = order.iter().position(|l| *l == layer) else {
+            misplaced.push(file.display().to_string());
             continue;
         };
         let code = code_only(&std::fs::read_to_string(file).expect("readable"));
         let mut named = named_modules(&code, "crate::");
-        if module == "main" {
+        if file.ends_with("main.rs") {
             named.extend(named_modules(&code, "kms_server::"));
         }
         for other in named {
-            match layer_of.get(&other) {
-                Some(&theirs) if theirs > mine => upward.push(format!(
-                    "{} ({}) imports `{other}` ({})",
+            match order.iter().position(|l| *l == other) {
+                Some(theirs) if theirs > mine => upward.push(format!(
+                    "{} ({}) imports `{other}`",
                     file.display(),
                     order[mine],
-                    order[theirs]
                 )),
-                _ => {}
+                Some(_) => {}
+                None if ["Settings", "Error", "run", "Listeners"].contains(&other.as_str()) => {}
+                None => misplaced.push(format!(
+                    "{} names `crate::{other}`, not a layer",
+                    file.display()
+                )),
             }
         }
     }
-    let listed: BTreeSet<String> = layer_of.keys().cloned().collect();
+    let listed: BTreeSet<String> = module_layer.keys().cloned().collect();
     let unlisted: Vec<_> = modules.difference(&listed).collect();
     let gone: Vec<_> = listed.difference(&modules).collect();
     assert!(
         unlisted.is_empty() && gone.is_empty(),
         "ARCHITECTURE.md's module table and src/ disagree: not in the table {unlisted:?}, not in src/ {gone:?}"
     );
+    assert!(misplaced.is_empty(), "outside the layers: {misplaced:?}");
     assert!(
         upward.is_empty(),
         "imports against the layers (lowest first: {}):\n{}",

@@ -28,7 +28,7 @@ fn documented() -> BTreeSet<(String, String)> {
 /// (method, path) pairs the router registers (read from the router's source; a
 /// `.route(...)` call may span lines, as rustfmt writes long ones).
 fn routed() -> BTreeSet<(String, String)> {
-    let text = include_str!("../src/routes/mod.rs");
+    let text = include_str!("../src/api/mod.rs");
     let mut out = BTreeSet::new();
     for call in text.split(".route(").skip(1) {
         let Some(rest) = call.trim_start().strip_prefix('"') else {

@@ -27,7 +27,7 @@
 //! batch, is counted, copied to `KEYHOLD_SLED_KEEP` (if set) and replaced by a new one.
 //!
 //! `KEYHOLD_SLED_MODE`:
-//! - `keyhold` (default): through `kms_server::keystore::SledStore`, Keyhold's engine (its
+//! - `keyhold` (default): through `kms_server::storage::SledStore`, Keyhold's engine (its
 //!   config, its eight trees, one multi-tree transaction then `Db::flush`).
 //! - `raw8`: sled alone, none of Keyhold's code: the same eight trees, the same
 //!   transaction-then-flush, the same `Mode::HighThroughput`.
@@ -55,7 +55,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kms_server::keystore::{KeyStore, SledStore, Table, WriteBatch};
+use kms_server::storage::{KeyStore, SledStore, Table, WriteBatch};
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Mode {
@@ -346,8 +346,8 @@ fn sled_snapshot_child() {
 #[test]
 fn a_new_sled_store_needs_acceptance_and_migrate_store_moves_it_to_redb() {
     use kms_client::api::{Algorithm, Grant, GrantOperation};
-    use kms_server::keystore::Engine;
-    use kms_server::seal::KeyFileSealer;
+    use kms_server::crypto::seal::KeyFileSealer;
+    use kms_server::storage::Engine;
 
     let bin = env!("CARGO_BIN_EXE_kms-server");
     let dir = tempfile::tempdir().unwrap();
@@ -387,7 +387,7 @@ fn a_new_sled_store_needs_acceptance_and_migrate_store_moves_it_to_redb() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert!(text(&out.stderr).contains("accept_sled_risks"));
     {
-        let store = kms_server::keystore::open(Engine::Sled, &dir.path().join("s.sled")).unwrap();
+        let store = kms_server::storage::open(Engine::Sled, &dir.path().join("s.sled")).unwrap();
         let ring = kms_server::keyring::Keyring::new(store);
         ring.unseal(&KeyFileSealer::new(dir.path().join("m.key")))
             .unwrap();
@@ -423,7 +423,7 @@ fn a_new_sled_store_needs_acceptance_and_migrate_store_moves_it_to_redb() {
         stderr.contains("sled 0.34.7") && stderr.contains("migrate-store"),
         "the warning on opening a sled store: {stderr}"
     );
-    let store = kms_server::keystore::open(Engine::Redb, &dir.path().join("s.redb")).unwrap();
+    let store = kms_server::storage::open(Engine::Redb, &dir.path().join("s.redb")).unwrap();
     let ring = kms_server::keyring::Keyring::new(store);
     ring.unseal(&KeyFileSealer::new(dir.path().join("m.key")))
         .unwrap();

@@ -5,7 +5,7 @@
 //! Engines: redb, sled (not in the default run: see `crash_sled`) and PostgreSQL (there the
 //! database itself also crashes every fifth cycle). Cycles per engine:
 //! `KEYHOLD_CRASH_CYCLES` (default 25 in CI; the documented long run uses 300 — see
-//! kms-server/src/keystore/STORAGE.md).
+//! kms-server/src/storage/STORAGE.md).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
@@ -16,9 +16,9 @@ use std::time::Duration;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use kms_client::api::{Context, KeyState};
-use kms_server::keystore::Engine;
-use kms_server::policy::{Principal, Role};
-use kms_server::seal::KeyFileSealer;
+use kms_server::access::policy::{Principal, Role};
+use kms_server::crypto::seal::KeyFileSealer;
+use kms_server::storage::Engine;
 use rand::Rng;
 
 struct Acked {
@@ -167,12 +167,12 @@ fn verify_audit(
         .build()
         .unwrap();
     let _rt = rt.enter();
-    let log = kms_server::audit::AuditLog::start(
+    let log = kms_server::security::audit::AuditLog::start(
         ring.store().clone(),
         ring.clone(),
         &store_path.with_extension("audit"),
-        &kms_server::audit::Sink::None,
-        kms_server::alert::Alerter::start(&Default::default()),
+        &kms_server::security::audit::Sink::None,
+        kms_server::security::alert::Alerter::start(&Default::default()),
         None,
     )
     .expect("the audit chain reopens after kill -9");
@@ -391,7 +391,7 @@ fn check_erasure_epochs(engine: Engine, store_path: &Path, key_file: &Path) {
     let mut live = 0;
     for (_, bytes) in ring
         .store()
-        .scan_prefix(kms_server::keystore::Table::Keys, b"")
+        .scan_prefix(kms_server::storage::Table::Keys, b"")
         .unwrap()
     {
         let record: kms_server::keyring::KeyRecord = serde_json::from_slice(&bytes).unwrap();
@@ -445,7 +445,7 @@ fn crash_postgres() {
 }
 
 /// The same with erasure keys in the database under epoch keys in a SoftHSM token
-/// (`kms_server::erasure::shared`): every key gets its erasure key row before its record,
+/// (`kms_server::storage::erasure::shared`): every key gets its erasure key row before its record,
 /// every destruction deletes the row and re-seals the rest under a new epoch, and the old
 /// epoch's token key is destroyed at once (no retention), all under kill -9 and database
 /// crashes. At the end: no rotation left pending once a sweep has run, an erasure key for
@@ -480,5 +480,5 @@ fn crash_postgres_hsm() {
         Some(&db),
         Some((&hsm.token_label, &pin)),
     );
-    kms_server::seal::pkcs11_finalize();
+    kms_server::crypto::seal::pkcs11_finalize();
 }

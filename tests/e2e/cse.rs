@@ -211,7 +211,7 @@ jwks = "{i}"
     assert_eq!(st, 200, "{d}");
     assert_eq!(
         d["resource_key_hash"],
-        kms_server::cse::resource_key_hash(&dek, resource, "")
+        kms_server::adapters::cse::resource_key_hash(&dek, resource, "")
     );
 
     // Each mandatory check failing on its own: (what, op, body, status).
@@ -422,7 +422,7 @@ jwks = "{i}"
     assert_eq!(st, 200);
     assert_eq!(
         pd["resource_key_hash"],
-        kms_server::cse::resource_key_hash(&dek, resource, "allowed-perimeter")
+        kms_server::adapters::cse::resource_key_hash(&dek, resource, "allowed-perimeter")
     );
     for (what, op, body, want) in cases.drain(..) {
         let (st, err, cors) = call(op, body).await;
@@ -483,7 +483,7 @@ async fn cse_privileged_operations_and_migration_between_key_services() {
     let b_signer = issuer(keys.path(), "b-signer");
     let b_key = keys.path().join("b-signing.pem");
     std::fs::write(&b_key, &b_signer.pem).unwrap();
-    let b_jwks = kms_server::cse::signing_jwks(&b_key).unwrap();
+    let b_jwks = kms_server::adapters::cse::signing_jwks(&b_key).unwrap();
     std::fs::write(keys.path().join("b-certs.json"), b_jwks.to_string()).unwrap();
     let b_kid = b_jwks["keys"][0]["kid"].as_str().unwrap().to_owned();
     let (pa, pb) = keyhold_tests::free_ports();
@@ -632,7 +632,7 @@ jwks = "{i}"
     assert_eq!(st, 200, "{m}");
     assert_eq!(
         m["resource_key_hash"],
-        kms_server::cse::resource_key_hash(&dek, resource, "")
+        kms_server::adapters::cse::resource_key_hash(&dek, resource, "")
     );
     let (st, u) = call(
         &b,

@@ -76,7 +76,7 @@ impl Node {
             .arg("--config")
             .arg(&self.config)
             .env(k, v)
-            .env_remove(kms_server::seal::PKCS11_PIN_ENV)
+            .env_remove(kms_server::crypto::seal::PKCS11_PIN_ENV)
             .output()
             .unwrap()
     }
@@ -88,7 +88,7 @@ impl Node {
             .arg("--config")
             .arg(&self.config)
             .env(k, v)
-            .env_remove(kms_server::seal::PKCS11_PIN_ENV)
+            .env_remove(kms_server::crypto::seal::PKCS11_PIN_ENV)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(self.dir.path().join("server.log")).unwrap())
             .spawn()
@@ -146,7 +146,7 @@ impl Drop for Node {
 }
 
 fn sealed_record(store: &Path) -> serde_json::Value {
-    let store = kms_server::keystore::open(kms_server::keystore::Engine::Redb, store).unwrap();
+    let store = kms_server::storage::open(kms_server::storage::Engine::Redb, store).unwrap();
     let sealed = kms_server::keyring::Keyring::new(store)
         .sealed_master_key()
         .unwrap()

@@ -341,7 +341,7 @@ async fn salesforce_callouts_can_require_a_client_certificate() {
     s.pki.revoke(&[], 3);
 
     // Both credentials, and a pin on admin-a's certificate.
-    let der = kms_server::pem::load_certs(&s.pki.cert("admin-a")).unwrap();
+    let der = kms_server::base::pem::load_certs(&s.pki.cert("admin-a")).unwrap();
     let pin: String = ring_sha256(der[0].as_ref());
     reconfigure(
         &s,

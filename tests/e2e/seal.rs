@@ -147,7 +147,7 @@ async fn shamir_server_unseals_with_exactly_m_shares_over_mtls() {
         .as_str()
         .unwrap()
         .contains("already given"));
-    let (_, foreign) = kms_server::seal::ShamirSealer::deal(5, 3).unwrap();
+    let (_, foreign) = kms_server::crypto::seal::ShamirSealer::deal(5, 3).unwrap();
     let other = post(
         &s.client(Some("sys")),
         &s.url("/v1/sys/unseal"),

@@ -71,7 +71,7 @@ async fn handshake_refused_without_or_with_a_foreign_certificate() {
 async fn tls12_only_client_refused_by_default() {
     let s = TestServer::start().await;
     let mut roots = rustls::RootCertStore::empty();
-    for c in kms_server::pem::load_certs(&s.pki.ca()).unwrap() {
+    for c in kms_server::base::pem::load_certs(&s.pki.ca()).unwrap() {
         roots.add(c).unwrap();
     }
     let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -81,8 +81,8 @@ async fn tls12_only_client_refused_by_default() {
     .unwrap()
     .with_root_certificates(roots)
     .with_client_auth_cert(
-        kms_server::pem::load_certs(&s.pki.cert("admin-a")).unwrap(),
-        kms_server::pem::load_key(&s.pki.key("admin-a")).unwrap(),
+        kms_server::base::pem::load_certs(&s.pki.cert("admin-a")).unwrap(),
+        kms_server::base::pem::load_key(&s.pki.key("admin-a")).unwrap(),
     )
     .unwrap();
     assert!(raw_request(&s, config).await.is_err());
@@ -252,7 +252,7 @@ async fn sighup_rotates_the_server_certificate_and_the_client_ca() {
     // Polling off: only the signal reloads.
     let s = TestServer::start_with_tls("crl_poll_secs = 0\n").await;
     // A new CA, with a client certificate for app A under it, in a directory of its own.
-    let new_ca = kms_server::pki::Pki::generate("keyhold rotated CA").unwrap();
+    let new_ca = kms_server::tools::pki::Pki::generate("keyhold rotated CA").unwrap();
     let new_dir = s.dir.path().join("pki-new");
     std::fs::create_dir_all(&new_dir).unwrap();
     std::fs::write(new_dir.join("ca.pem"), new_ca.ca_pem()).unwrap();

@@ -1,13 +1,13 @@
 //! Check c's restore: a backup document into a fresh embedded store, through the server's
-//! own `kms_server::backup::restore` (which opens every KEK version before it writes),
+//! own `kms_server::keyring::backup::restore` (which opens every KEK version before it writes),
 //! then the restored keys and DEKs read back through a `Keyring` on that store.
 
 use std::collections::BTreeMap;
 
 use kms_client::api::KeyState;
-use kms_server::keystore::Engine;
-use kms_server::policy::{Principal, Role};
-use kms_server::seal::KeyFileSealer;
+use kms_server::access::policy::{Principal, Role};
+use kms_server::crypto::seal::KeyFileSealer;
+use kms_server::storage::Engine;
 
 use crate::model::{BackupVerifier, Dek, History};
 
@@ -25,7 +25,7 @@ impl BackupVerifier for Restorer {
         expect: &BTreeMap<String, u32>,
         deks: &[&Dek],
     ) -> Result<(), String> {
-        let backup: kms_server::backup::Backup = serde_json::from_value(doc.clone())
+        let backup: kms_server::keyring::backup::Backup = serde_json::from_value(doc.clone())
             .map_err(|e| format!("not a backup document: {e}"))?;
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         let key_file = dir.path().join("master.key");
@@ -34,8 +34,13 @@ impl BackupVerifier for Restorer {
         let sealer = KeyFileSealer::new(&key_file);
         {
             let ring = keyhold_tests::keyring_with_erasure(Engine::Redb, &store);
-            kms_server::backup::restore(&ring, &sealer, &backup, &store.with_extension("erasure"))
-                .map_err(|e| format!("does not restore into a fresh store: {e}"))?;
+            kms_server::keyring::backup::restore(
+                &ring,
+                &sealer,
+                &backup,
+                &store.with_extension("erasure"),
+            )
+            .map_err(|e| format!("does not restore into a fresh store: {e}"))?;
         }
         let ring = keyhold_tests::keyring_with_erasure(Engine::Redb, &store);
         ring.unseal(&sealer)

@@ -1,13 +1,13 @@
 //! An independent reader of a stopped server's files, for tests that look for key material
 //! where it must not be: decrypts every KEK version as the records are documented in
-//! `kms-server/src/keyring.rs` (material sealed under the master key bound to the key's
-//! erasure key, AAD tenant ‖ id ‖ version) and `kms-server/src/erasure/file.rs` (slots of 32
+//! `kms-server/src/keyring/` (material sealed under the master key bound to the key's
+//! erasure key, AAD tenant ‖ id ‖ version) and `kms-server/src/storage/erasure/file.rs` (slots of 32
 //! bytes after a 64-byte header).
 
 use std::path::Path;
 
-use kms_server::keystore::{self, Engine, Table};
-use kms_server::seal::{KeyFileSealer, Sealer};
+use kms_server::crypto::seal::{KeyFileSealer, Sealer};
+use kms_server::storage::{self, Engine, Table};
 
 /// One KEK, as found on disk.
 pub struct KekOnDisk {
@@ -29,7 +29,7 @@ fn unhex(h: &str) -> Vec<u8> {
 /// Every KEK of the redb store at `store_path` (the erasure file beside it), decrypted with
 /// the key file; and the master key.
 pub fn keks(store_path: &Path, key_file: &Path) -> (Vec<KekOnDisk>, Vec<u8>) {
-    let store = keystore::open(Engine::Redb, store_path).unwrap();
+    let store = storage::open(Engine::Redb, store_path).unwrap();
     let keyring = kms_server::keyring::Keyring::new(store.clone());
     let sealed = keyring.sealed_master_key().unwrap().unwrap();
     let master = KeyFileSealer::new(key_file).unseal(&sealed).unwrap();
@@ -48,7 +48,10 @@ pub fn keks(store_path: &Path, key_file: &Path) -> (Vec<KekOnDisk>, Vec<u8>) {
         let sealing = match &erasure_key {
             Some(ek) if !erased => {
                 let ek: [u8; 32] = ek.as_slice().try_into().unwrap();
-                Some(kms_server::crypto::bind_key(&master, &ek, b"keyhold/kek-erasure/v1").unwrap())
+                Some(
+                    kms_server::crypto::aead::bind_key(&master, &ek, b"keyhold/kek-erasure/v1")
+                        .unwrap(),
+                )
             }
             _ => None,
         };
@@ -60,7 +63,7 @@ pub fn keks(store_path: &Path, key_file: &Path) -> (Vec<KekOnDisk>, Vec<u8>) {
             aad.extend_from_slice(tenant.as_bytes());
             aad.extend_from_slice(&id);
             aad.extend_from_slice(&version.to_be_bytes());
-            let kek = kms_server::crypto::open_box(
+            let kek = kms_server::crypto::aead::open_box(
                 sealing.as_ref().unwrap_or(&master),
                 b"keyhold/kek-version/v1",
                 &aad,

@@ -13,10 +13,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use kms_server::crypto::seal::KeyFileSealer;
 use kms_server::keyring::Keyring;
-use kms_server::pki::{Issued, Pki};
-use kms_server::seal::KeyFileSealer;
-use kms_server::{server, Settings};
+use kms_server::tools::pki::{Issued, Pki};
+use kms_server::{app::server, Settings};
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -72,23 +72,23 @@ pub const CRASH_READER: &str = "spiffe://test/crash/reader";
 /// background thread after the last handle is dropped, so the next opener (the parent's
 /// next check, or the next writer) can briefly find it still held.
 ///
-/// For [`Engine::Postgres`](kms_server::keystore::Engine::Postgres), `store_path` is a
+/// For [`Engine::Postgres`](kms_server::storage::Engine::Postgres), `store_path` is a
 /// file holding the database's connection string, and the keyring is opened as a node of
 /// a shared store is: with no new erasure keys (`docs/ha.md`), or, when a file
 /// `<store_path>.token` names a PKCS#11 token (its label, its PIN file and the module,
 /// one per line), with erasure keys in the database under epoch keys in that token,
 /// retained for no time.
-pub fn keyring_with_erasure(engine: kms_server::keystore::Engine, store_path: &Path) -> Keyring {
-    if engine == kms_server::keystore::Engine::Postgres {
+pub fn keyring_with_erasure(engine: kms_server::storage::Engine, store_path: &Path) -> Keyring {
+    if engine == kms_server::storage::Engine::Postgres {
         let url = std::fs::read_to_string(store_path).unwrap();
-        let settings = kms_server::keystore::PgSettings {
+        let settings = kms_server::storage::PgSettings {
             url: url.trim().to_owned(),
             password_file: None,
             tls_ca: None,
             pool_size: 2,
             listen: false,
         };
-        let store = kms_server::keystore::open_with(engine, store_path, Some(&settings))
+        let store = kms_server::storage::open_with(engine, store_path, Some(&settings))
             .unwrap_or_else(|e| panic!("open the PostgreSQL store: {e:?}"));
         let ring = Keyring::new(store.clone()).without_new_erasure_keys();
         let Ok(token) = std::fs::read_to_string(store_path.with_extension("token")) else {
@@ -100,25 +100,28 @@ pub fn keyring_with_erasure(engine: kms_server::keystore::Engine, store_path: &P
             lines.next().unwrap(),
             lines.next().unwrap(),
         );
-        let sealer = kms_server::seal::Pkcs11Sealer::new(kms_server::seal::Pkcs11Settings {
-            module: module.into(),
-            token_label: label.to_owned(),
-            key_label: "keyhold-crash".into(),
-            pin_file: Some(pin_file.into()),
-        });
+        let sealer =
+            kms_server::crypto::seal::Pkcs11Sealer::new(kms_server::crypto::seal::Pkcs11Settings {
+                module: module.into(),
+                token_label: label.to_owned(),
+                key_label: "keyhold-crash".into(),
+                pin_file: Some(pin_file.into()),
+            });
         let pool = store.postgres().unwrap();
-        return ring.with_shared_erasure(kms_server::erasure::SharedErasure::new(pool, sealer, 0));
+        return ring.with_shared_erasure(kms_server::storage::erasure::SharedErasure::new(
+            pool, sealer, 0,
+        ));
     }
     let mut tries = 0;
     let store = loop {
-        match kms_server::keystore::open(engine, store_path) {
+        match kms_server::storage::open(engine, store_path) {
             Ok(store) => break store,
             // A sled store stays locked for a moment after its last handle is dropped (its
             // background threads hold the file): `Locked`, or sled's own "could not acquire
             // lock" from builds that did not map it.
             Err(e)
                 if tries < 100
-                    && (matches!(e, kms_server::keystore::StoreError::Locked(_))
+                    && (matches!(e, kms_server::storage::StoreError::Locked(_))
                         || format!("{e:?}").contains("lock")) =>
             {
                 tries += 1;
@@ -128,7 +131,8 @@ pub fn keyring_with_erasure(engine: kms_server::keystore::Engine, store_path: &P
         }
     };
     let erasure =
-        kms_server::erasure::ErasureFile::open(&store_path.with_extension("erasure")).unwrap();
+        kms_server::storage::erasure::ErasureFile::open(&store_path.with_extension("erasure"))
+            .unwrap();
     Keyring::new(store).with_erasure(Arc::new(erasure))
 }
 
@@ -441,9 +445,9 @@ impl TestServer {
         let settings = Settings::load(&config).unwrap();
         let keyring = Keyring::new(server::open_store(&settings).unwrap());
         let mut shares = Vec::new();
-        let sealer: Box<dyn kms_server::seal::Sealer> = match seal {
+        let sealer: Box<dyn kms_server::crypto::seal::Sealer> = match seal {
             TestSeal::Shamir => {
-                let (sealer, dealt) = kms_server::seal::ShamirSealer::deal(5, 3).unwrap();
+                let (sealer, dealt) = kms_server::crypto::seal::ShamirSealer::deal(5, 3).unwrap();
                 shares = dealt.iter().map(|s| s.to_string()).collect();
                 Box::new(sealer)
             }
@@ -497,8 +501,8 @@ impl TestServer {
         self.ops_addr = ops.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let offset = self.clock_offset.clone();
-        let clock = kms_server::clock::Clock::from_fn(move || {
-            kms_server::clock::Clock::system().now()
+        let clock = kms_server::base::clock::Clock::from_fn(move || {
+            kms_server::base::clock::Clock::system().now()
                 + offset.load(std::sync::atomic::Ordering::SeqCst)
         });
         let task = tokio::spawn(server::run_with_clock(
@@ -894,8 +898,8 @@ pub fn rustls_server(pki: &TestPki) -> rustls::ServerConfig {
         .unwrap()
         .with_no_client_auth()
         .with_single_cert(
-            kms_server::pem::load_certs(&pki.cert("server")).unwrap(),
-            kms_server::pem::load_key(&pki.key("server")).unwrap(),
+            kms_server::base::pem::load_certs(&pki.cert("server")).unwrap(),
+            kms_server::base::pem::load_key(&pki.key("server")).unwrap(),
         )
         .unwrap()
 }
@@ -904,7 +908,7 @@ pub fn rustls_server(pki: &TestPki) -> rustls::ServerConfig {
 pub fn rustls_client(pki: &TestPki, who: Option<&str>) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    for c in kms_server::pem::load_certs(&pki.ca()).unwrap() {
+    for c in kms_server::base::pem::load_certs(&pki.ca()).unwrap() {
         roots.add(c).unwrap();
     }
     let builder = rustls::ClientConfig::builder_with_provider(provider)
@@ -914,8 +918,8 @@ pub fn rustls_client(pki: &TestPki, who: Option<&str>) -> rustls::ClientConfig {
     match who {
         Some(who) => builder
             .with_client_auth_cert(
-                kms_server::pem::load_certs(&pki.cert(who)).unwrap(),
-                kms_server::pem::load_key(&pki.key(who)).unwrap(),
+                kms_server::base::pem::load_certs(&pki.cert(who)).unwrap(),
+                kms_server::base::pem::load_key(&pki.key(who)).unwrap(),
             )
             .unwrap(),
         None => builder.with_no_client_auth(),

@@ -58,7 +58,7 @@ async fn seal(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let tls = kms_server::tls::server_config(&kms_server::tls::TlsSettings {
+    let tls = kms_server::security::tls::server_config(&kms_server::security::tls::TlsSettings {
         cert: args.cert,
         key: args.key,
         client_ca: args.client_ca,

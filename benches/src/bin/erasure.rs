@@ -1,4 +1,4 @@
-//! What erasure keys rooted in the HSM cost on PostgreSQL (`kms_server::erasure::shared`),
+//! What erasure keys rooted in the HSM cost on PostgreSQL (`kms_server::storage::erasure::shared`),
 //! beside keys sealed under the master key alone on the same store, in one run:
 //! key creation (median and p90 ms), reading one erasure key when a node loads a key into
 //! its cache (median µs), and a destruction sweep's rotation (re-sealing every remaining
@@ -16,10 +16,10 @@ use std::time::Instant;
 use anyhow::Context as _;
 use clap::Parser;
 use kms_client::api::{Algorithm, Grant, GrantOperation};
-use kms_server::erasure::SharedErasure;
+use kms_server::crypto::seal::{KeyFileSealer, Pkcs11Sealer, Pkcs11Settings};
 use kms_server::keyring::Keyring;
-use kms_server::keystore::{Engine, PgSettings};
-use kms_server::seal::{KeyFileSealer, Pkcs11Sealer, Pkcs11Settings};
+use kms_server::storage::erasure::SharedErasure;
+use kms_server::storage::{Engine, PgSettings};
 
 #[derive(Parser)]
 struct Args {
@@ -49,7 +49,7 @@ fn quantiles(mut v: Vec<f64>) -> (f64, f64) {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
-    let store = kms_server::keystore::open_with(
+    let store = kms_server::storage::open_with(
         Engine::Postgres,
         dir.path(),
         Some(&PgSettings {

@@ -249,15 +249,15 @@ fn main() -> anyhow::Result<()> {
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    for c in kms_server::pem::load_certs(&args.ca)? {
+    for c in kms_server::base::pem::load_certs(&args.ca)? {
         roots.add(c)?;
     }
     let mut tls = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_client_auth_cert(
-            kms_server::pem::load_certs(&args.cert)?,
-            kms_server::pem::load_key(&args.key)?,
+            kms_server::base::pem::load_certs(&args.cert)?,
+            kms_server::base::pem::load_key(&args.key)?,
         )?;
     if args.no_resume {
         tls.resumption = rustls::client::Resumption::disabled();

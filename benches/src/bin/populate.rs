@@ -17,9 +17,9 @@ use anyhow::Context as _;
 use base64::Engine as _;
 use clap::Parser;
 use kms_client::api::{Algorithm, Context, Grant, GrantOperation};
-use kms_server::dev::{DEV_APP, DEV_TENANT};
-use kms_server::policy::{Principal, Role};
-use kms_server::seal::KeyFileSealer;
+use kms_server::access::policy::{Principal, Role};
+use kms_server::crypto::seal::KeyFileSealer;
+use kms_server::tools::dev::{DEV_APP, DEV_TENANT};
 
 #[derive(Parser)]
 struct Args {
@@ -39,10 +39,11 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     // The store only: the public listener's address is written into the config unused.
     let public: std::net::SocketAddr = "127.0.0.1:0".parse()?;
-    let config = kms_server::dev::prepare(&args.dir, args.listen, args.ops_listen, public)?;
-    let settings = kms_server::config::Settings::load(&config)?;
-    let keyring = kms_server::server::open_keyring(&settings, kms_server::clock::Clock::system())
-        .context("opening the store")?;
+    let config = kms_server::tools::dev::prepare(&args.dir, args.listen, args.ops_listen, public)?;
+    let settings = kms_server::app::config::Settings::load(&config)?;
+    let keyring =
+        kms_server::app::server::open_keyring(&settings, kms_server::base::clock::Clock::system())
+            .context("opening the store")?;
     keyring.unseal(&KeyFileSealer::new(args.dir.join("master.key")))?;
     let grant = Grant::new(DEV_APP, &[GrantOperation::Datakey, GrantOperation::Unwrap]);
     let app = Principal {

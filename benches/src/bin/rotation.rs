@@ -11,10 +11,10 @@ use std::time::Instant;
 use anyhow::Context as _;
 use clap::Parser;
 use kms_client::api::{Algorithm, Grant, GrantOperation};
-use kms_server::erasure::ErasureFile;
+use kms_server::crypto::seal::KeyFileSealer;
 use kms_server::keyring::Keyring;
-use kms_server::keystore::RedbStore;
-use kms_server::seal::KeyFileSealer;
+use kms_server::storage::erasure::ErasureFile;
+use kms_server::storage::RedbStore;
 
 #[derive(Parser)]
 struct Args {

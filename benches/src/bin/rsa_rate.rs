@@ -1,5 +1,5 @@
 //! The raw RSA-OAEP-SHA-256 decryption rate of the server's RSA implementation
-//! (`kms_server::kek::Kek`, aws-lc-rs) on one thread: what a DKE decrypt costs at the
+//! (`kms_server::crypto::kek::Kek`, aws-lc-rs) on one thread: what a DKE decrypt costs at the
 //! least, for `benches/dke.sh` to compare the endpoint's throughput with.
 //!
 //! Usage: rsa_rate [bits (2048)] [seconds (5)]; prints one JSON line.
@@ -9,7 +9,7 @@
 use std::time::{Duration, Instant};
 
 use kms_client::api::Algorithm;
-use kms_server::kek::Kek;
+use kms_server::crypto::kek::Kek;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

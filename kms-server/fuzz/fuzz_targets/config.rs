@@ -1,3 +1,3 @@
-//! Fuzz target: `kms_server::fuzzing::config` (see that module). Seeds in `../seeds/config`.
+//! Fuzz target: `kms_server::tools::fuzzing::config` (see that module). Seeds in `../seeds/config`.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| kms_server::fuzzing::config(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kms_server::tools::fuzzing::config(data));

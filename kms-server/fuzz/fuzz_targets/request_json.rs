@@ -1,3 +1,3 @@
-//! Fuzz target: `kms_server::fuzzing::request_json` (see that module). Seeds in `../seeds/request_json`.
+//! Fuzz target: `kms_server::tools::fuzzing::request_json` (see that module). Seeds in `../seeds/request_json`.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| kms_server::fuzzing::request_json(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kms_server::tools::fuzzing::request_json(data));

@@ -1,3 +1,3 @@
-//! Fuzz target: `kms_server::fuzzing::unseal_share` (see that module). Seeds in `../seeds/unseal_share`.
+//! Fuzz target: `kms_server::tools::fuzzing::unseal_share` (see that module). Seeds in `../seeds/unseal_share`.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| kms_server::fuzzing::unseal_share(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kms_server::tools::fuzzing::unseal_share(data));

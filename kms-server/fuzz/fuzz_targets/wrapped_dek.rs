@@ -1,3 +1,3 @@
-//! Fuzz target: `kms_server::fuzzing::wrapped_dek` (see that module). Seeds in `../seeds/wrapped_dek`.
+//! Fuzz target: `kms_server::tools::fuzzing::wrapped_dek` (see that module). Seeds in `../seeds/wrapped_dek`.
 #![no_main]
-libfuzzer_sys::fuzz_target!(|data: &[u8]| kms_server::fuzzing::wrapped_dek(data));
+libfuzzer_sys::fuzz_target!(|data: &[u8]| kms_server::tools::fuzzing::wrapped_dek(data));

@@ -15,11 +15,11 @@ use super::records::{
 };
 use super::vault::Unsealed;
 use super::Keyring;
-use crate::crypto;
-use crate::error::Error;
-use crate::format::KeyId;
-use crate::keystore::{StoreError, Table, WriteBatch};
-use crate::policy::Principal;
+use crate::access::policy::Principal;
+use crate::base::error::Error;
+use crate::crypto::aead;
+use crate::crypto::format::KeyId;
+use crate::storage::{StoreError, Table, WriteBatch};
 
 /// How often a key update is applied again after another writer's commit came first.
 const UPDATE_TRIES: usize = 8;
@@ -30,7 +30,10 @@ impl Keyring {
     /// erasure table, and makes each record name its new slot; the versions stay sealed as
     /// they were (the erasure keys are the same). Keys whose erasure key is already erased
     /// (destroyed) are left as they are. Returns how many moved. Needs no master key.
-    pub fn adopt_erasure_keys(&self, file: &crate::erasure::ErasureFile) -> Result<usize, Error> {
+    pub fn adopt_erasure_keys(
+        &self,
+        file: &crate::storage::erasure::ErasureFile,
+    ) -> Result<usize, Error> {
         let shared = self.shared_erasure.as_ref().ok_or(Error::InvalidState(
             "this store keeps no erasure keys in the database",
         ))?;
@@ -73,12 +76,12 @@ impl Keyring {
         validate_grants(&grants)?;
         self.unsealed()?;
         // Before the lock: RSA generation can take seconds.
-        let (material, stored) = crate::kek::Kek::generate(algorithm)?;
+        let (material, stored) = crate::crypto::kek::Kek::generate(algorithm)?;
         fail::fail_point!("keyring-create-before-lock");
         // The master key to seal under is taken under the lock (a rotation may have run).
         let (_guard, un) = self.writer()?;
         let mut id = [0u8; 16];
-        id.copy_from_slice(&crypto::random_salt()?[..16]);
+        id.copy_from_slice(&aead::random_salt()?[..16]);
         let id = KeyId(id);
         let created_at = self.clock.now();
         let record = KeyRecord {
@@ -140,7 +143,7 @@ impl Keyring {
                 created_at,
                 created_at_text: rfc3339(created_at),
                 material,
-                usage: crate::usage::Usage::default(),
+                usage: crate::base::usage::Usage::default(),
             }),
         );
         let entry = Arc::new(KeyEntry {
@@ -190,7 +193,7 @@ impl Keyring {
             let un = self.unsealed()?;
             self.entry_by_name(&un, tenant, name)?.record.algorithm
         };
-        let (material, stored) = crate::kek::Kek::generate(algorithm)?;
+        let (material, stored) = crate::crypto::kek::Kek::generate(algorithm)?;
         let (_guard, un) = self.writer()?;
         let mut material = Some(material);
         // Another node's commit came first (its own rotation, a state change): the
@@ -210,8 +213,8 @@ impl Keyring {
         tenant: &str,
         name: &str,
         algorithm: Algorithm,
-        material: &mut Option<crate::kek::Kek>,
-        stored: &crate::secret::SecretVec,
+        material: &mut Option<crate::crypto::kek::Kek>,
+        stored: &crate::crypto::secret::SecretVec,
     ) -> Result<KeyInfo, Error> {
         let entry = self.entry_by_name(un, tenant, name)?;
         if entry.record.algorithm != algorithm {
@@ -281,7 +284,7 @@ impl Keyring {
                 created_at,
                 created_at_text: rfc3339(created_at),
                 material,
-                usage: crate::usage::Usage::default(),
+                usage: crate::base::usage::Usage::default(),
             }),
         );
         let updated = Arc::new(KeyEntry {
@@ -513,7 +516,7 @@ impl Keyring {
     ) -> Result<(KeyInfo, u32, Vec<u8>), Error> {
         let un = self.unsealed()?;
         let entry = self.entry_by_name(&un, &who.tenant, name)?;
-        if who.role == crate::policy::Role::App
+        if who.role == crate::access::policy::Role::App
             && !entry.record.grants.iter().any(|g| {
                 g.identity == who.identity
                     && (g.operations.contains(&GrantOperation::Wrap)

@@ -14,18 +14,18 @@ use super::records::{
 };
 use super::vault::{Unsealed, KEK_LABEL};
 use super::Keyring;
-use crate::crypto;
-use crate::error::Error;
-use crate::format::KeyId;
-use crate::keystore::{StoreError, Table};
-use crate::secret::SecretKey;
+use crate::base::error::Error;
+use crate::crypto::aead;
+use crate::crypto::format::KeyId;
+use crate::crypto::secret::SecretKey;
+use crate::storage::{StoreError, Table};
 
 pub(super) struct VersionEntry {
     pub(super) created_at: u64,
     /// `created_at` as RFC 3339, formatted once (KeyInfo lists every version).
     pub(super) created_at_text: String,
-    pub(super) material: crate::kek::Kek,
-    pub(super) usage: crate::usage::Usage,
+    pub(super) material: crate::crypto::kek::Kek,
+    pub(super) usage: crate::base::usage::Usage,
 }
 
 /// A key with its decrypted versions, as cached.
@@ -337,7 +337,7 @@ impl Keyring {
         let mut usage = HashMap::new();
         for (key, bytes) in self.store.scan_prefix(Table::Usage, &id.0)? {
             let version = version_of_key(&key).ok_or(Error::Corrupt("usage key"))?;
-            let r: crate::usage::UsageRecord =
+            let r: crate::base::usage::UsageRecord =
                 serde_json::from_slice(&bytes).map_err(|_| Error::Corrupt("usage record"))?;
             usage.insert(version, r);
         }
@@ -370,7 +370,7 @@ impl Keyring {
             match opened {
                 Ok(mut entry) => {
                     if let Some(r) = usage.get(&v.version) {
-                        entry.usage = crate::usage::Usage::from_record(r);
+                        entry.usage = crate::base::usage::Usage::from_record(r);
                     }
                     versions.insert(v.version, Arc::new(entry));
                 }
@@ -423,21 +423,22 @@ impl Keyring {
         id: &KeyId,
         v: &VersionRecord,
     ) -> Result<VersionEntry, Error> {
-        let sealed =
-            crate::seal::unhex(&v.material).ok_or(Error::Corrupt("version record material"))?;
-        let plain = crypto::open_box(
+        let sealed = crate::crypto::seal::unhex(&v.material)
+            .ok_or(Error::Corrupt("version record material"))?;
+        let plain = aead::open_box(
             bound.unwrap_or(&un.master),
             KEK_LABEL,
             &kek_aad(&record.tenant, id, v.version),
             &sealed,
         )
         .map_err(|_| Error::Corrupt("KEK version fails authentication under the master key"))?;
-        let material = crate::kek::Kek::from_stored(record.algorithm, plain.expose_secret())?;
+        let material =
+            crate::crypto::kek::Kek::from_stored(record.algorithm, plain.expose_secret())?;
         Ok(VersionEntry {
             created_at: v.created_at,
             created_at_text: rfc3339(v.created_at),
             material,
-            usage: crate::usage::Usage::default(),
+            usage: crate::base::usage::Usage::default(),
         })
     }
 
@@ -460,7 +461,7 @@ impl Keyring {
             "a KEK version does not open: it is not used; the key's other versions serve"
         );
         self.integrity_event(
-            crate::event::AlertKind::VersionUnreadable,
+            crate::base::event::AlertKind::VersionUnreadable,
             format!(
                 "key {}/{} ({}) version {version}: {why}",
                 record.tenant, record.name, record.id

@@ -28,10 +28,10 @@ use subtle::ConstantTimeEq;
 use super::records::to_json;
 use super::vault::Unsealed;
 use super::Keyring;
-use crate::crypto;
-use crate::error::Error;
-use crate::keystore::{StoreError, Table, WriteBatch};
-use crate::secret::SecretKey;
+use crate::base::error::Error;
+use crate::crypto::aead;
+use crate::crypto::secret::SecretKey;
+use crate::storage::{StoreError, Table, WriteBatch};
 
 /// The `meta` key of the epoch record.
 pub(crate) const META_MASTER_EPOCH: &[u8] = b"master/epoch";
@@ -60,12 +60,12 @@ pub(super) struct StoredEpoch {
 
 /// The check value of `epoch` under `master`.
 pub(super) fn check_of(master: &SecretKey, epoch: u64) -> Result<String, Error> {
-    let key = crypto::bind_key(master, &[0u8; crypto::SALT_LEN], CHECK_LABEL)?;
+    let key = aead::bind_key(master, &[0u8; aead::SALT_LEN], CHECK_LABEL)?;
     let mac = ring::hmac::sign(
         &ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.expose_secret()),
         &epoch.to_be_bytes(),
     );
-    Ok(crate::seal::hex(mac.as_ref()))
+    Ok(crate::crypto::seal::hex(mac.as_ref()))
 }
 
 /// A new store's epoch record: epoch 0 under `master`.
@@ -166,8 +166,8 @@ mod tests {
 
     #[test]
     fn the_epoch_record_is_followed_by_every_node() {
-        assert!(META_MASTER_EPOCH.starts_with(crate::keystore::META_MASTER_PREFIX));
-        assert!(crate::keystore::followed(Table::Meta, META_MASTER_EPOCH));
+        assert!(META_MASTER_EPOCH.starts_with(crate::storage::META_MASTER_PREFIX));
+        assert!(crate::storage::followed(Table::Meta, META_MASTER_EPOCH));
     }
 
     #[test]

@@ -28,9 +28,9 @@ use kms_client::api::KeyState;
 use super::records::{to_json, KeyRecord};
 use super::vault::Unsealed;
 use super::Keyring;
-use crate::authstate::StateSigner;
-use crate::error::Error;
-use crate::keystore::{Table, WriteBatch};
+use crate::base::error::Error;
+use crate::crypto::authstate::StateSigner;
+use crate::storage::{Table, WriteBatch};
 
 /// The `meta` key of the marker saying every key record carries its MAC.
 pub(crate) const META_RECORDS_MARKER: &[u8] = b"integrity/records/v1";
@@ -69,20 +69,21 @@ impl Unsealed {
     /// Sets `record`'s MAC (after every other change to it).
     pub(super) fn sign_record(&self, record: &mut KeyRecord) -> Result<(), Error> {
         let tag = ring::hmac::sign(&self.record_mac, &mac_input(record)?);
-        record.mac = Some(crate::seal::hex(tag.as_ref()));
+        record.mac = Some(crate::crypto::seal::hex(tag.as_ref()));
         Ok(())
     }
 
     /// Whether `record` carries a valid MAC.
     fn record_authentic(&self, record: &KeyRecord) -> Result<bool, Error> {
-        let Some(tag) = record.mac.as_deref().and_then(crate::seal::unhex) else {
+        let Some(tag) = record.mac.as_deref().and_then(crate::crypto::seal::unhex) else {
             return Ok(false);
         };
         Ok(ring::hmac::verify(&self.record_mac, &mac_input(record)?, &tag).is_ok())
     }
 
     pub(super) fn marker(&self) -> Vec<u8> {
-        crate::seal::hex(ring::hmac::sign(&self.record_mac, MARKER_MESSAGE).as_ref()).into_bytes()
+        crate::crypto::seal::hex(ring::hmac::sign(&self.record_mac, MARKER_MESSAGE).as_ref())
+            .into_bytes()
     }
 }
 
@@ -102,7 +103,7 @@ impl Keyring {
             "a key record fails authentication (changed outside Keyhold?): refused"
         );
         self.integrity_event(
-            crate::event::AlertKind::RecordTampered,
+            crate::base::event::AlertKind::RecordTampered,
             format!(
                 "key {}/{} ({}): its record fails authentication",
                 record.tenant, record.name, record.id
@@ -123,7 +124,7 @@ impl Keyring {
                 return Ok(true);
             }
             self.integrity_event(
-                crate::event::AlertKind::RecordTampered,
+                crate::base::event::AlertKind::RecordTampered,
                 "the key-record integrity marker does not verify: every unsigned record is refused"
                     .into(),
             );
@@ -146,7 +147,7 @@ impl Keyring {
             if record.mac.is_some() {
                 // Signed records without the marker: it was removed. Sign nothing.
                 self.integrity_event(
-                    crate::event::AlertKind::RecordTampered,
+                    crate::base::event::AlertKind::RecordTampered,
                     "the key-record integrity marker is missing from a store whose records are signed: every unsigned record is refused".into(),
                 );
                 return Ok(true);
@@ -160,7 +161,7 @@ impl Keyring {
             Ok(()) => Ok(true),
             // Another node signed them first (or a record changed): the next unseal, or
             // the other node's marker, settles it; records stay enforced only then.
-            Err(crate::keystore::StoreError::Conflict(_)) => Ok(self
+            Err(crate::storage::StoreError::Conflict(_)) => Ok(self
                 .store
                 .get(Table::Meta, META_RECORDS_MARKER)?
                 .is_some_and(|m| m == un.marker())),
@@ -174,24 +175,24 @@ fn state_input(domain: &str, message: &[u8]) -> Vec<u8> {
     [domain.as_bytes(), b"\0", message].concat()
 }
 
-/// Runtime identities and lockouts ([`crate::authstate`]): MACs under a key derived, like
+/// Runtime identities and lockouts ([`crate::crypto::authstate`]): MACs under a key derived, like
 /// the key records', from the audit keys (`Error::Sealed` while sealed).
 impl StateSigner for Keyring {
     fn sign(&self, domain: &'static str, message: &[u8]) -> Result<String, Error> {
         let un = self.unsealed()?;
         let tag = ring::hmac::sign(&un.state_mac, &state_input(domain, message));
-        Ok(crate::seal::hex(tag.as_ref()))
+        Ok(crate::crypto::seal::hex(tag.as_ref()))
     }
 
     fn verify(&self, domain: &'static str, message: &[u8], tag: &str) -> Result<bool, Error> {
         let un = self.unsealed()?;
-        let Some(tag) = crate::seal::unhex(tag) else {
+        let Some(tag) = crate::crypto::seal::unhex(tag) else {
             return Ok(false);
         };
         Ok(ring::hmac::verify(&un.state_mac, &state_input(domain, message), &tag).is_ok())
     }
 
-    fn report(&self, kind: crate::event::AlertKind, detail: String) {
+    fn report(&self, kind: crate::base::event::AlertKind, detail: String) {
         self.integrity_event(kind, detail);
     }
 }
@@ -203,9 +204,9 @@ mod tests {
     use kms_client::api::{Algorithm, Context, Grant, GrantOperation};
 
     use super::*;
-    use crate::format::KeyId;
+    use crate::access::policy::{Principal, Role};
+    use crate::crypto::format::KeyId;
     use crate::keyring::testing::{all_grant, setup, who};
-    use crate::policy::{Principal, Role};
 
     /// Rewrites key `name`'s stored record as someone with write access to the table
     /// would: parse, edit, write back (the MAC is left as it was).
@@ -224,7 +225,7 @@ mod tests {
         KeyId(id.try_into().unwrap())
     }
 
-    fn events(ring: &Keyring) -> Arc<Mutex<Vec<(crate::event::AlertKind, String)>>> {
+    fn events(ring: &Keyring) -> Arc<Mutex<Vec<(crate::base::event::AlertKind, String)>>> {
         let events = Arc::new(Mutex::new(Vec::new()));
         let seen = events.clone();
         ring.on_integrity_event(Box::new(move |kind, detail| {
@@ -264,11 +265,9 @@ mod tests {
         // Refused for everyone (the record is not obeyed at all), reported once per load.
         assert!(ring.key_info("t", "k").is_err());
         let seen = events.lock().unwrap().clone();
-        assert!(
-            seen.iter()
-                .any(|(kind, d)| *kind == crate::event::AlertKind::RecordTampered
-                    && d.contains("t/k"))
-        );
+        assert!(seen.iter().any(|(kind, d)| *kind
+            == crate::base::event::AlertKind::RecordTampered
+            && d.contains("t/k")));
         // One bad record takes down only itself.
         assert_eq!(ring.list_keys("t").unwrap().len(), 1);
         assert!(ring

@@ -11,10 +11,10 @@ use super::cache::KeyEntry;
 use super::records::validate_name;
 use super::vault::Unsealed;
 use super::Keyring;
-use crate::error::Error;
-use crate::format::{self, Header, KeyId};
-use crate::policy::Principal;
-use crate::secret::{SecretKey, SecretVec};
+use crate::access::policy::Principal;
+use crate::base::error::Error;
+use crate::crypto::format::{self, Header, KeyId};
+use crate::crypto::secret::{SecretKey, SecretVec};
 
 /// Length of a generated DEK.
 pub const DATAKEY_LEN: usize = 32;
@@ -63,12 +63,12 @@ pub struct DetachedCiphertext {
     pub key: String,
     /// The version that encrypted.
     pub version: u32,
-    /// The 16-byte IV (the single-use key's HKDF salt, see [`crate::crypto::seal_detached`]).
-    pub iv: [u8; crate::crypto::DETACHED_SALT_LEN],
+    /// The 16-byte IV (the single-use key's HKDF salt, see [`crate::crypto::aead::seal_detached`]).
+    pub iv: [u8; crate::crypto::aead::DETACHED_SALT_LEN],
     /// Ciphertext, as long as the plaintext.
     pub ciphertext: Vec<u8>,
     /// The 16-byte tag.
-    pub tag: [u8; crate::crypto::TAG_LEN],
+    pub tag: [u8; crate::crypto::aead::TAG_LEN],
 }
 
 /// What a principal may do with a key (for protocols that report it: XKS GetKeyMetadata).
@@ -310,11 +310,11 @@ impl Lookups<'_> {
         i: usize,
         version: u32,
         missing: Error,
-    ) -> Result<(&SecretKey, &crate::usage::Usage), Error> {
+    ) -> Result<(&SecretKey, &crate::base::usage::Usage), Error> {
         let kek = self.entries[i].versions.get(&version).ok_or(missing)?;
         match &kek.material {
-            crate::kek::Kek::Aes(key) => Ok((key, &kek.usage)),
-            crate::kek::Kek::Rsa(_) => Err(Error::InvalidRequest(
+            crate::crypto::kek::Kek::Aes(key) => Ok((key, &kek.usage)),
+            crate::crypto::kek::Kek::Rsa(_) => Err(Error::InvalidRequest(
                 "detached encryption needs an AES-256 key".into(),
             )),
         }
@@ -339,12 +339,13 @@ impl Lookups<'_> {
         let version = entry.record.current_version;
         let key_name = entry.record.name.clone();
         let (key, usage) = self.aes_version(i, version, entry.current_unreadable())?;
-        let mut iv = [0u8; crate::crypto::DETACHED_SALT_LEN];
+        let mut iv = [0u8; crate::crypto::aead::DETACHED_SALT_LEN];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut iv)
             .map_err(|_| Error::Internal("system random generator failed"))?;
         let mut ciphertext = plaintext.to_vec();
         let aad = aad_for(version);
-        let tag = crate::crypto::seal_detached(key, &iv, DETACHED_LABEL, &aad, &mut ciphertext)?;
+        let tag =
+            crate::crypto::aead::seal_detached(key, &iv, DETACHED_LABEL, &aad, &mut ciphertext)?;
         usage.wrap(self.keyring.clock.now());
         Ok(DetachedCiphertext {
             key: key_name,
@@ -374,7 +375,7 @@ impl Lookups<'_> {
         )?;
         let mut buf = zeroize::Zeroizing::new(c.ciphertext.clone());
         let opened =
-            crate::crypto::open_detached(key, &c.iv, DETACHED_LABEL, aad, &mut buf, &c.tag);
+            crate::crypto::aead::open_detached(key, &c.iv, DETACHED_LABEL, aad, &mut buf, &c.tag);
         let same: bool = subtle::ConstantTimeEq::ct_eq(&buf[..], plaintext).into();
         if opened.is_err() || !same {
             return Err(Error::Internal(
@@ -407,16 +408,16 @@ impl Lookups<'_> {
         who: &Principal,
         name: &str,
         version: u32,
-        iv: &[u8; crate::crypto::DETACHED_SALT_LEN],
+        iv: &[u8; crate::crypto::aead::DETACHED_SALT_LEN],
         ciphertext: &[u8],
-        tag: &[u8; crate::crypto::TAG_LEN],
+        tag: &[u8; crate::crypto::aead::TAG_LEN],
         aad: &[u8],
     ) -> Result<Unwrapped, Error> {
         let i = self.decryptable(who, name, version)?;
         let key_name = self.entries[i].record.name.clone();
         let (key, _) = self.aes_version(i, version, Error::DecryptFailed)?;
         let mut buf = zeroize::Zeroizing::new(ciphertext.to_vec());
-        crate::crypto::open_detached(key, iv, DETACHED_LABEL, aad, &mut buf, tag)
+        crate::crypto::aead::open_detached(key, iv, DETACHED_LABEL, aad, &mut buf, tag)
             .map_err(|_| Error::DecryptFailed)?;
         self.held_unwrap(i, version);
         Ok(Unwrapped {

@@ -3,7 +3,7 @@
 //! Everything here is tenant-scoped: a caller names keys within its tenant, and another
 //! tenant's key behaves exactly like a missing one (`NotFound` by name, `DecryptFailed` by
 //! wrapped DEK). Authorization (roles, grants) happens before these calls, in
-//! [`crate::policy`]; the keyring enforces key state and tenancy.
+//! [`crate::access::policy`]; the keyring enforces key state and tenancy.
 //!
 //! Records at rest (JSON in the [`KeyStore`] tables):
 //! - `keys[id]` — [`KeyRecord`]: name, tenant, algorithm, state, current version, ...
@@ -34,16 +34,17 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
-use crate::error::Error;
-use crate::format::KeyId;
-use crate::keystore::KeyStore;
+use crate::base::error::Error;
+use crate::crypto::format::KeyId;
+use crate::storage::KeyStore;
 
 /// See [`Keyring::on_integrity_event`].
-pub type IntegrityHook = Box<dyn Fn(crate::event::AlertKind, String) + Send + Sync>;
+pub type IntegrityHook = Box<dyn Fn(crate::base::event::AlertKind, String) + Send + Sync>;
 /// See [`Keyring::on_unseal`].
 pub type UnsealHook = Box<dyn Fn() + Send + Sync>;
 
 mod admin;
+pub mod backup;
 mod cache;
 mod epoch;
 mod integrity;
@@ -73,13 +74,13 @@ pub const DEFAULT_CACHE_KEYS: usize = 100_000;
 /// The keyring over one store.
 pub struct Keyring {
     store: Arc<dyn KeyStore>,
-    clock: crate::clock::Clock,
+    clock: crate::base::clock::Clock,
     /// Per-key erasure keys (`None`: keys are sealed under the master key alone, as in
     /// stores of earlier versions and in tools that open a store without it).
-    erasure: Option<Arc<crate::erasure::ErasureFile>>,
+    erasure: Option<Arc<crate::storage::erasure::ErasureFile>>,
     /// Erasure keys in the shared store's table under HSM-rooted epoch keys: new keys get
     /// theirs there.
-    shared_erasure: Option<crate::erasure::SharedErasure>,
+    shared_erasure: Option<crate::storage::erasure::SharedErasure>,
     /// Whether new keys get an erasure key (off on a store shared by several nodes: the
     /// erasure file is local to one node).
     new_erasure_keys: bool,
@@ -109,12 +110,12 @@ pub struct Keyring {
 impl Keyring {
     /// A sealed keyring over `store`, on the system clock.
     pub fn new(store: Arc<dyn KeyStore>) -> Self {
-        Self::with_clock(store, crate::clock::Clock::system())
+        Self::with_clock(store, crate::base::clock::Clock::system())
     }
 
     /// A sealed keyring over `store`, reading time from `clock` (creation times, rotation
     /// and deletion deadlines).
-    pub fn with_clock(store: Arc<dyn KeyStore>, clock: crate::clock::Clock) -> Self {
+    pub fn with_clock(store: Arc<dyn KeyStore>, clock: crate::base::clock::Clock) -> Self {
         Self {
             clock,
             erasure: None,
@@ -133,22 +134,22 @@ impl Keyring {
         }
     }
 
-    /// Gives new keys an erasure key in `erasure` ([`crate::erasure`]): their versions are
+    /// Gives new keys an erasure key in `erasure` ([`crate::storage::erasure`]): their versions are
     /// sealed under the master key bound to it, and destruction erases it.
-    pub fn with_erasure(mut self, erasure: Arc<crate::erasure::ErasureFile>) -> Self {
+    pub fn with_erasure(mut self, erasure: Arc<crate::storage::erasure::ErasureFile>) -> Self {
         self.erasure = Some(erasure);
         self
     }
 
     /// New keys get their erasure key in the shared store's erasure table
-    /// ([`crate::erasure::shared`]) rather than in the local file.
-    pub fn with_shared_erasure(mut self, shared: crate::erasure::SharedErasure) -> Self {
+    /// ([`crate::storage::erasure::shared`]) rather than in the local file.
+    pub fn with_shared_erasure(mut self, shared: crate::storage::erasure::SharedErasure) -> Self {
         self.shared_erasure = Some(shared);
         self
     }
 
     /// The shared store's erasure keys, when this keyring has them.
-    pub fn shared_erasure(&self) -> Option<&crate::erasure::SharedErasure> {
+    pub fn shared_erasure(&self) -> Option<&crate::storage::erasure::SharedErasure> {
         self.shared_erasure.as_ref()
     }
 
@@ -172,7 +173,7 @@ impl Keyring {
     }
 
     /// The clock it reads time from.
-    pub fn clock(&self) -> &crate::clock::Clock {
+    pub fn clock(&self) -> &crate::base::clock::Clock {
         &self.clock
     }
 
@@ -202,7 +203,7 @@ impl Keyring {
         }
     }
 
-    fn integrity_event(&self, kind: crate::event::AlertKind, detail: String) {
+    fn integrity_event(&self, kind: crate::base::event::AlertKind, detail: String) {
         if let Some(hook) = self.integrity_hook.get() {
             hook(kind, detail);
         }
@@ -226,9 +227,9 @@ mod testing {
     use kms_client::api::{Context, Grant, GrantOperation};
 
     use super::*;
-    use crate::keystore::RedbStore;
-    use crate::policy::Principal;
-    use crate::seal::KeyFileSealer;
+    use crate::access::policy::Principal;
+    use crate::crypto::seal::KeyFileSealer;
+    use crate::storage::RedbStore;
 
     pub(super) fn setup() -> (tempfile::TempDir, Keyring, KeyFileSealer) {
         let dir = tempfile::tempdir().unwrap();
@@ -245,7 +246,7 @@ mod testing {
         Principal {
             identity: "app".into(),
             tenant: tenant.into(),
-            role: crate::policy::Role::App,
+            role: crate::access::policy::Role::App,
         }
     }
 

@@ -6,8 +6,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use kms_client::api::{Algorithm, Grant, KeyState};
 use serde::{Deserialize, Serialize};
 
-use crate::error::Error;
-use crate::format::{self, KeyId};
+use crate::base::error::Error;
+use crate::crypto::format::{self, KeyId};
 
 pub(crate) const META_SEALED_MASTER: &[u8] = b"sealed-master-key";
 pub(super) const META_FORMAT: &[u8] = b"store-format";
@@ -59,12 +59,12 @@ pub struct KeyRecord {
     /// Who may use the key. Default deny: no grant, no use.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub grants: Vec<Grant>,
-    /// Slot of the key's erasure key ([`crate::erasure`]); `None`: sealed under the
+    /// Slot of the key's erasure key ([`crate::storage::erasure`]); `None`: sealed under the
     /// master key alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub erasure_slot: Option<u32>,
     /// Slot of the key's erasure key in the cluster's erasure table, on a shared store
-    /// ([`crate::erasure::shared`]).
+    /// ([`crate::storage::erasure::shared`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_erasure_slot: Option<u64>,
     /// Bumped by every write of the record: the cache never replaces a newer generation

@@ -7,12 +7,12 @@ use super::records::{
 };
 use super::vault::{ERASURE_LABEL, KEK_LABEL};
 use super::Keyring;
-use crate::crypto;
-use crate::error::Error;
-use crate::format::KeyId;
-use crate::keystore::{StoreError, Table, WriteBatch};
-use crate::seal::SealedMasterKey;
-use crate::secret::SecretKey;
+use crate::base::error::Error;
+use crate::crypto::aead;
+use crate::crypto::format::KeyId;
+use crate::crypto::seal::SealedMasterKey;
+use crate::crypto::secret::SecretKey;
+use crate::storage::{StoreError, Table, WriteBatch};
 
 impl Keyring {
     /// Runs `f` under this node's write lock with the master key in use, its epoch, and
@@ -23,7 +23,11 @@ impl Keyring {
     /// ([`Keyring::epoch_record_names`]).
     pub fn with_master_locked<T>(
         &self,
-        f: impl FnOnce(&SecretKey, u64, Option<&crate::erasure::ErasureFile>) -> Result<T, Error>,
+        f: impl FnOnce(
+            &SecretKey,
+            u64,
+            Option<&crate::storage::erasure::ErasureFile>,
+        ) -> Result<T, Error>,
     ) -> Result<T, Error> {
         fail::fail_point!("keyring-backup-before-lock");
         let (_guard, un) = self.writer()?;
@@ -77,7 +81,7 @@ impl Keyring {
                     if ek.iter().all(|b| *b == 0) {
                         None // destroyed: no versions may follow
                     } else {
-                        Some(crypto::bind_key(master, &ek, ERASURE_LABEL)?)
+                        Some(aead::bind_key(master, &ek, ERASURE_LABEL)?)
                     }
                 }
                 None => None,
@@ -86,7 +90,7 @@ impl Keyring {
                 let blocked = |why: &str| unreadable_version(&record, vk, why);
                 let v: VersionRecord = serde_json::from_slice(vbytes)
                     .map_err(|_| blocked("the version record does not parse"))?;
-                let sealed = crate::seal::unhex(&v.material)
+                let sealed = crate::crypto::seal::unhex(&v.material)
                     .ok_or_else(|| blocked("the material is not hex"))?;
                 let key = match (&bound, record.erasure_slot) {
                     (Some(k), _) => k,
@@ -97,7 +101,7 @@ impl Keyring {
                         ))
                     }
                 };
-                crypto::open_box(
+                aead::open_box(
                     key,
                     KEK_LABEL,
                     &kek_aad(&record.tenant, &id, v.version),

@@ -12,9 +12,9 @@ use super::records::{
     rotation_key, to_json, version_key, KeyRecord, VersionRecord, META_ROTATION_INDEX,
 };
 use super::Keyring;
-use crate::error::Error;
-use crate::format::KeyId;
-use crate::keystore::{StoreError, Table, WriteBatch};
+use crate::base::error::Error;
+use crate::crypto::format::KeyId;
+use crate::storage::{StoreError, Table, WriteBatch};
 
 impl Keyring {
     /// Adds the usage counted since the last flush to the stored counters (the key sweep
@@ -36,8 +36,8 @@ impl Keyring {
         };
         // Per stored record: the sum of what every copy counted, and the copies to mark.
         type Pending = (
-            crate::usage::UsageRecord,
-            Vec<(Arc<KeyEntry>, u32, crate::usage::UsageRecord)>,
+            crate::base::usage::UsageRecord,
+            Vec<(Arc<KeyEntry>, u32, crate::base::usage::UsageRecord)>,
         );
         let mut pending: BTreeMap<Vec<u8>, Pending> = BTreeMap::new();
         for (e, is_retired) in entries
@@ -66,7 +66,7 @@ impl Keyring {
                 let mut batch = WriteBatch::new();
                 for (key, (delta, _)) in &pending {
                     let stored = self.store.get(Table::Usage, key)?;
-                    let mut merged: crate::usage::UsageRecord = match &stored {
+                    let mut merged: crate::base::usage::UsageRecord = match &stored {
                         Some(b) => {
                             serde_json::from_slice(b).map_err(|_| Error::Corrupt("usage record"))?
                         }
@@ -131,7 +131,7 @@ impl Keyring {
         let now = self.clock.now();
         let mut by_version: Vec<kms_client::api::VersionUnwraps> = Vec::new();
         for v in entry.versions.range(..version).map(|(v, _)| *v) {
-            let stored: crate::usage::UsageRecord = match self
+            let stored: crate::base::usage::UsageRecord = match self
                 .store
                 .get(Table::Usage, &version_key(&entry.key_id, v))?
             {
@@ -142,7 +142,7 @@ impl Keyring {
             };
             by_version.push(kms_client::api::VersionUnwraps {
                 version: v,
-                unwraps: crate::usage::Usage::from_record(&stored)
+                unwraps: crate::base::usage::Usage::from_record(&stored)
                     .unwraps_within(now, u64::from(days)),
             });
         }
@@ -295,7 +295,7 @@ impl Keyring {
 
     /// Destroys every key whose deletion date is at or before `now`: in one transaction
     /// per key its version records (the sealed material) are deleted and its record says
-    /// `destroyed`; then its erasure key is overwritten in place ([`crate::erasure`]), so
+    /// `destroyed`; then its erasure key is overwritten in place ([`crate::storage::erasure`]), so
     /// copies of the sealed versions left in the store's free pages cannot be opened even
     /// with the master key. The deletion-index entry goes last: after a crash the next
     /// sweep finishes the erasure. Returns the keys destroyed now as (tenant, name). A key
@@ -412,7 +412,7 @@ mod tests {
     use kms_client::api::{Algorithm, Context};
 
     use super::*;
-    use crate::crypto;
+    use crate::crypto::aead;
     use crate::keyring::records::kek_aad;
     use crate::keyring::testing::{all_grant, setup, who};
     use crate::keyring::vault::KEK_LABEL;
@@ -420,8 +420,9 @@ mod tests {
     #[test]
     fn destruction_erases_the_erasure_key_so_leftover_copies_do_not_open() {
         let (d, ring, sealer) = setup();
-        let erasure = Arc::new(crate::erasure::ErasureFile::open(&d.path().join("e")).unwrap());
-        let ring = Keyring::with_clock(ring.store().clone(), crate::clock::Clock::system())
+        let erasure =
+            Arc::new(crate::storage::erasure::ErasureFile::open(&d.path().join("e")).unwrap());
+        let ring = Keyring::with_clock(ring.store().clone(), crate::base::clock::Clock::system())
             .with_erasure(erasure.clone());
         ring.unseal(&sealer).unwrap();
         let app = who("t");
@@ -462,8 +463,8 @@ mod tests {
             let v: VersionRecord = serde_json::from_slice(v).unwrap();
             assert!(ring.open_version(&un, &record, &id, &v).is_err());
             // Nor under the master key alone.
-            let sealed = crate::seal::unhex(&v.material).unwrap();
-            assert!(crypto::open_box(
+            let sealed = crate::crypto::seal::unhex(&v.material).unwrap();
+            assert!(aead::open_box(
                 &un.master,
                 KEK_LABEL,
                 &kek_aad("t", &id, v.version),
@@ -558,8 +559,9 @@ mod tests {
         let o = offset.clone();
         let ring = Keyring::with_clock(
             ring.store().clone(),
-            crate::clock::Clock::from_fn(move || {
-                crate::clock::Clock::system().now() + o.load(std::sync::atomic::Ordering::SeqCst)
+            crate::base::clock::Clock::from_fn(move || {
+                crate::base::clock::Clock::system().now()
+                    + o.load(std::sync::atomic::Ordering::SeqCst)
             }),
         );
         let advance = |secs: u64| offset.fetch_add(secs, std::sync::atomic::Ordering::SeqCst);

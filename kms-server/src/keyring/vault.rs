@@ -16,12 +16,12 @@ use super::records::{
     META_ROTATION_INDEX, META_SEALED_MASTER, STORE_FORMAT,
 };
 use super::Keyring;
-use crate::crypto;
-use crate::error::Error;
-use crate::format::{self, KeyId};
-use crate::keystore::{StoreError, Table, WriteBatch};
-use crate::seal::{SealMethod, SealedMasterKey, Sealer};
-use crate::secret::{SecretKey, SecretVec};
+use crate::base::error::Error;
+use crate::crypto::aead;
+use crate::crypto::format::{self, KeyId};
+use crate::crypto::seal::{SealMethod, SealedMasterKey, Sealer};
+use crate::crypto::secret::{SecretKey, SecretVec};
+use crate::storage::{StoreError, Table, WriteBatch};
 
 const AUDIT_KEYS_LABEL: &[u8] = b"keyhold/audit-keys/v1";
 pub(super) const KEK_LABEL: &[u8] = b"keyhold/kek-version/v1";
@@ -250,7 +250,7 @@ fn audit_keys_under(
     let Some(sealed) = sealed else {
         return derived_audit_keys(master);
     };
-    let plain = crypto::open_box(master, AUDIT_KEYS_LABEL, b"", sealed)
+    let plain = aead::open_box(master, AUDIT_KEYS_LABEL, b"", sealed)
         .map_err(|_| Error::Corrupt("audit keys fail authentication under the master key"))?;
     let mut keys = Zeroizing::new([0u8; 64]);
     if plain.expose_secret().len() != 64 {
@@ -325,7 +325,7 @@ impl Keyring {
                 .put(
                     Table::Meta,
                     META_AUDIT_KEYS,
-                    &crypto::seal_box(&new_master, AUDIT_KEYS_LABEL, b"", &un.audit_keys[..])?,
+                    &aead::seal_box(&new_master, AUDIT_KEYS_LABEL, b"", &un.audit_keys[..])?,
                 );
             let resealed = self.reseal_all(&un, &new_master, next_epoch, &mut batch)?;
             fail::fail_point!("keyring-rotate-master-before-commit");
@@ -400,22 +400,22 @@ impl Keyring {
                     return Err(blocked("sealed under another master-key epoch"));
                 }
                 let aad = kek_aad(&record.tenant, &key_id, v.version);
-                let sealed = crate::seal::unhex(&v.material)
+                let sealed = crate::crypto::seal::unhex(&v.material)
                     .ok_or_else(|| blocked("the material is not hex"))?;
-                let plain = crypto::open_box(
+                let plain = aead::open_box(
                     old_key.as_ref().unwrap_or(&un.master),
                     KEK_LABEL,
                     &aad,
                     &sealed,
                 )
                 .map_err(|_| blocked("it fails authentication under the master key"))?;
-                let resealed_box = crypto::seal_box(
+                let resealed_box = aead::seal_box(
                     new_key.as_ref().unwrap_or(new_master),
                     KEK_LABEL,
                     &aad,
                     plain.expose_secret(),
                 )?;
-                v.material = crate::seal::hex(&resealed_box);
+                v.material = crate::crypto::seal::hex(&resealed_box);
                 v.epoch = next_epoch;
                 batch.require(Table::Versions, &vk, Some(&vbytes)).put(
                     Table::Versions,
@@ -453,13 +453,13 @@ impl Keyring {
     pub fn audit_mac(&self, data: &[u8]) -> Option<String> {
         let un = self.unsealed().ok()?;
         let tag = ring::hmac::sign(&un.audit_mac, data);
-        Some(crate::seal::hex(tag.as_ref()))
+        Some(crate::crypto::seal::hex(tag.as_ref()))
     }
 
     /// Whether `mac` is the audit-head MAC of `data`; `None` while sealed.
     pub fn audit_mac_verify(&self, data: &[u8], mac: &str) -> Option<bool> {
         let un = self.unsealed().ok()?;
-        let tag = crate::seal::unhex(mac)?;
+        let tag = crate::crypto::seal::unhex(mac)?;
         Some(ring::hmac::verify(&un.audit_mac, data, &tag).is_ok())
     }
 
@@ -469,7 +469,7 @@ impl Keyring {
         let un = self.unsealed().ok()?;
         let canonical = format::canonical_context(context).ok()?;
         let tag = ring::hmac::sign(&un.audit_context, &canonical);
-        Some(crate::seal::hex(&tag.as_ref()[..16]))
+        Some(crate::crypto::seal::hex(&tag.as_ref()[..16]))
     }
 
     pub(super) fn unsealed(&self) -> Result<Arc<Unsealed>, Error> {
@@ -502,7 +502,7 @@ impl Keyring {
             let ek = shared
                 .get(slot)?
                 .ok_or(Error::Corrupt("the key's erasure key is erased"))?;
-            return crypto::bind_key(master, &ek, ERASURE_LABEL).map(Some);
+            return aead::bind_key(master, &ek, ERASURE_LABEL).map(Some);
         }
         let Some(slot) = record.erasure_slot else {
             return Ok(None);
@@ -513,7 +513,7 @@ impl Keyring {
         let ek = erasure
             .get(slot)?
             .ok_or(Error::Corrupt("the key's erasure key is erased"))?;
-        crypto::bind_key(master, &ek, ERASURE_LABEL).map(Some)
+        aead::bind_key(master, &ek, ERASURE_LABEL).map(Some)
     }
 
     pub(super) fn seal_version(
@@ -526,7 +526,7 @@ impl Keyring {
         material: &SecretVec,
     ) -> Result<VersionRecord, Error> {
         let bound = self.version_sealing_key(un, record)?;
-        let sealed = crypto::seal_box(
+        let sealed = aead::seal_box(
             bound.as_ref().unwrap_or(&un.master),
             KEK_LABEL,
             &kek_aad(&record.tenant, id, version),
@@ -535,7 +535,7 @@ impl Keyring {
         Ok(VersionRecord {
             version,
             created_at,
-            material: crate::seal::hex(&sealed),
+            material: crate::crypto::seal::hex(&sealed),
             epoch: un.epoch,
         })
     }
@@ -548,14 +548,10 @@ impl Keyring {
         let un = self.unsealed()?;
         self.sealed_master_key()?
             .ok_or(Error::Corrupt("the master key record is missing"))?;
-        let probe = crypto::bind_key(
-            &un.master,
-            &[0u8; crypto::SALT_LEN],
-            b"keyhold/self-test/v1",
-        )?;
+        let probe = aead::bind_key(&un.master, &[0u8; aead::SALT_LEN], b"keyhold/self-test/v1")?;
         let message = SecretVec::random(32)?;
-        let sealed = crypto::seal_box(&probe, b"self-test", b"", message.expose_secret())?;
-        let opened = crypto::open_box(&probe, b"self-test", b"", &sealed)
+        let sealed = aead::seal_box(&probe, b"self-test", b"", message.expose_secret())?;
+        let opened = aead::open_box(&probe, b"self-test", b"", &sealed)
             .map_err(|_| Error::Internal("self-test: the sealed probe did not open"))?;
         if opened != message {
             return Err(Error::Internal("self-test: the probe came back altered"));
@@ -637,7 +633,10 @@ mod tests {
         // Reported: the integrity hook (an alert and a metric in the server) names it.
         let events = events.lock().unwrap().clone();
         assert_eq!(events.len(), 1, "{events:?}");
-        assert_eq!(events[0].0, crate::event::AlertKind::VersionUnreadable);
+        assert_eq!(
+            events[0].0,
+            crate::base::event::AlertKind::VersionUnreadable
+        );
         assert!(events[0].1.contains(&a.id) && events[0].1.contains("version 1"));
         // A master-key rotation would lose it: refused, naming the record.
         let blocked = ring.rotate_master(&sealer);

@@ -1,4 +1,4 @@
-"""Independent reference implementation of the wrapped-DEK format v1 (kms-server/src/format.md),
+"""Independent reference implementation of the wrapped-DEK format v1 (kms-server/src/crypto/format.md),
 written from the spec with Python's `cryptography` package. It produced
 wrapped_dek_v1.json, the golden vector that kms-server's unit tests open.
 

@@ -22,9 +22,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use keyhold_tests::CRASH_WRITER;
 use kms_client::api::{Algorithm, Context, Grant, GrantOperation};
-use kms_server::keystore::Engine;
-use kms_server::policy::{Principal, Role};
-use kms_server::seal::KeyFileSealer;
+use kms_server::access::policy::{Principal, Role};
+use kms_server::crypto::seal::KeyFileSealer;
+use kms_server::storage::Engine;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -52,12 +52,12 @@ fn main() {
         .build()
         .unwrap();
     let _rt = rt.enter();
-    let audit = kms_server::audit::AuditLog::start(
+    let audit = kms_server::security::audit::AuditLog::start(
         keyring.store().clone(),
         keyring.clone(),
         &store_path.with_extension("audit"),
-        &kms_server::audit::Sink::None,
-        kms_server::alert::Alerter::start(&Default::default()),
+        &kms_server::security::audit::Sink::None,
+        kms_server::security::alert::Alerter::start(&Default::default()),
         None,
     )
     .unwrap();
@@ -94,7 +94,7 @@ fn main() {
         )
         .unwrap();
         out.flush().unwrap();
-        rt.block_on(audit.append(kms_server::audit::AuditDraft {
+        rt.block_on(audit.append(kms_server::security::audit::AuditDraft {
             tenant: Some("crash".into()),
             operation: "CRASH append".into(),
             key: Some(name.clone()),

@@ -1,0 +1,1035 @@
+//! Google Workspace client-side encryption (issue 11; `docs/google-cse.md`): Keyhold as
+//! the customer's key access control list service (KACLS) that Drive, Docs, Meet,
+//! Calendar and Gmail clients call from the user's browser, on the public listener
+//! ([`crate::app::public`]) under `/cse`.
+//!
+//! Built: `GET /status`, `POST /wrap`, `/unwrap`, `/digest`, `/privilegedwrap`,
+//! `/privilegedunwrap`, `/rewrap` (migration from another key service, with a
+//! KACLS-to-KACLS token this service signs), `GET /certs`, CORS for Google's client
+//! origin, the structured error body. Every call checks what the protocol makes
+//! mandatory: both tokens (Google's authorization token, the IdP's authentication token)
+//! verified by [`crate::adapters::jwt`]; their emails equal (the authentication token's
+//! `google_email` wins over its `email`); guests (`google-visitor`, `customer-idp`)
+//! refused unless allowed; the role fits the operation; the token's `kacls_url` is ours;
+//! the perimeter allowed. A wrapped key binds the resource name and perimeter id
+//! (AES-256-GCM AAD); unwrap checks the token's resource name against the bound one and
+//! the perimeter rules against the bound perimeter. The privileged operations take the
+//! IdP's token of a user in `privileged_users`; `privilegedunwrap` also takes a migration
+//! peer's KACLS-to-KACLS token for the same resource. Not built: Gmail's private-key
+//! operations.
+//!
+//! Wrapped key layout (at most 1 KiB, base64 on the wire):
+//! `b"khc\x01"` ‖ version (u32 BE) ‖ IV (16) ‖ tag (16) ‖ perimeter id length (u16 BE) ‖
+//! perimeter id ‖ ciphertext (the DEK, 1 to 128 bytes).
+
+pub mod settings;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine as _;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::access::policy::Principal;
+use crate::adapters::jwt::{JwtError, Verifier};
+use crate::api::AppState;
+use crate::base::error::Error;
+use crate::crypto::aead::{DETACHED_SALT_LEN, TAG_LEN};
+use crate::crypto::secret::SecretJson;
+use kms_client::api::SecretBytes;
+use settings::CseSettings;
+
+/// The origin Google's clients run in.
+pub const GOOGLE_ORIGIN: &str = "https://client-side-encryption.google.com";
+/// Largest DEK a client may have wrapped.
+pub const MAX_KEY: usize = 128;
+/// Largest request body.
+pub const MAX_BODY: usize = 64 * 1024;
+const MAGIC: &[u8; 4] = b"khc\x01";
+
+/// A refusal in the protocol's error format.
+#[derive(Debug)]
+pub struct CseError {
+    status: StatusCode,
+    message: String,
+    /// `Retry-After` (seconds), for a 503 that will pass.
+    retry_after: Option<u64>,
+}
+
+impl CseError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+}
+
+impl IntoResponse for CseError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "code": self.status.as_u16(),
+            "message": self.message,
+            "details": self.status.canonical_reason().unwrap_or(""),
+        });
+        let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+fn bad(m: &str) -> CseError {
+    CseError::new(StatusCode::BAD_REQUEST, m)
+}
+fn denied(m: &str) -> CseError {
+    CseError::new(StatusCode::FORBIDDEN, m)
+}
+
+/// `{"key": <the DEK, base64>}`, the answer of `unwrap` and `privilegedunwrap`, written
+/// through [`SecretJson`].
+fn key_answer(dek: &[u8]) -> Response {
+    #[derive(serde::Serialize)]
+    struct KeyAnswer {
+        key: SecretBytes,
+    }
+    SecretJson {
+        value: KeyAnswer {
+            key: SecretBytes::new(dek.to_vec()),
+        },
+        capacity: 64,
+    }
+    .into_response()
+}
+
+/// The JWK set `/cse/certs` publishes for the signing key at `path` (what a key service
+/// that accepts this one's migration tokens configures as its `migration_peers` key set).
+pub fn signing_jwks(path: &std::path::Path) -> Result<serde_json::Value, String> {
+    Ok(json!({"keys": [Signer::load(path)?.jwk]}))
+}
+
+/// The resource key hash: base64(HMAC-SHA256(key = DEK, "ResourceKeyDigest:" ‖
+/// resource name ‖ ":" ‖ perimeter id)).
+pub fn resource_key_hash(dek: &[u8], resource_name: &str, perimeter_id: &str) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, dek);
+    let msg = format!("ResourceKeyDigest:{resource_name}:{perimeter_id}");
+    B64.encode(ring::hmac::sign(&key, msg.as_bytes()).as_ref())
+}
+
+/// The AAD binding a wrapped key to its resource and perimeter (and version).
+fn aad(resource_name: &str, perimeter_id: &str, version: u32) -> Vec<u8> {
+    let mut out = b"keyhold-cse-wrap/v1\0".to_vec();
+    for part in [resource_name, perimeter_id] {
+        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        out.extend_from_slice(part.as_bytes());
+    }
+    out.extend_from_slice(&version.to_be_bytes());
+    out
+}
+
+/// A parsed wrapped key.
+struct Wrapped<'a> {
+    version: u32,
+    iv: [u8; DETACHED_SALT_LEN],
+    tag: [u8; TAG_LEN],
+    perimeter_id: String,
+    ciphertext: &'a [u8],
+}
+
+fn parse_wrapped(b: &[u8]) -> Option<Wrapped<'_>> {
+    let rest = b.strip_prefix(MAGIC.as_slice())?;
+    let (version, rest) = rest.split_at_checked(4)?;
+    let (iv, rest) = rest.split_at_checked(DETACHED_SALT_LEN)?;
+    let (tag, rest) = rest.split_at_checked(TAG_LEN)?;
+    let (len, rest) = rest.split_at_checked(2)?;
+    let len = usize::from(u16::from_be_bytes(len.try_into().ok()?));
+    let (perimeter, ciphertext) = rest.split_at_checked(len)?;
+    if ciphertext.is_empty() || ciphertext.len() > MAX_KEY {
+        return None;
+    }
+    Some(Wrapped {
+        version: u32::from_be_bytes(version.try_into().ok()?),
+        iv: iv.try_into().ok()?,
+        tag: tag.try_into().ok()?,
+        perimeter_id: String::from_utf8(perimeter.to_vec()).ok()?,
+        ciphertext,
+    })
+}
+
+/// Google's authorization token, as far as the checks need it.
+#[derive(Debug, Deserialize)]
+struct Authz {
+    email: String,
+    #[serde(default)]
+    email_type: Option<String>,
+    resource_name: String,
+    role: String,
+    kacls_url: String,
+    #[serde(default)]
+    perimeter_id: Option<String>,
+}
+
+/// The IdP's authentication token.
+#[derive(Debug, Deserialize)]
+struct Authn {
+    #[serde(default)]
+    email: Option<String>,
+    #[serde(default)]
+    google_email: Option<String>,
+}
+
+// No `Debug`: it carries key material or tokens.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WrapRequest {
+    authentication: String,
+    authorization: String,
+    key: String,
+    #[serde(default)]
+    reason: String,
+}
+
+// No `Debug`: it carries key material or tokens.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnwrapRequest {
+    authentication: String,
+    authorization: String,
+    wrapped_key: String,
+    #[serde(default)]
+    reason: String,
+}
+
+// No `Debug`: it carries key material or tokens.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DigestRequest {
+    authorization: String,
+    wrapped_key: String,
+    #[serde(default)]
+    reason: String,
+}
+
+// No `Debug`: it carries key material or tokens.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrivilegedWrapRequest {
+    authentication: String,
+    key: String,
+    #[serde(default)]
+    perimeter_id: String,
+    resource_name: String,
+    #[serde(default)]
+    reason: String,
+}
+
+// No `Debug`: it carries key material or tokens.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PrivilegedUnwrapRequest {
+    authentication: String,
+    wrapped_key: String,
+    resource_name: String,
+    #[serde(default)]
+    reason: String,
+}
+
+// No `Debug`: it carries key material or tokens.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RewrapRequest {
+    authorization: String,
+    original_kacls_url: String,
+    wrapped_key: String,
+    #[serde(default)]
+    reason: String,
+}
+
+/// A KACLS-to-KACLS token's claims (`rewrap` on the new key service, `privilegedunwrap`
+/// on the original): who asks, for which resource, for which key service (`aud`).
+// No `Debug`: it carries key material or tokens.
+#[derive(Deserialize)]
+struct Migration {
+    email: String,
+    resource_name: String,
+}
+
+/// This KACLS's signing key: `/certs` and the KACLS-to-KACLS tokens of `rewrap`.
+struct Signer {
+    key: aws_lc_rs::signature::RsaKeyPair,
+    kid: String,
+    jwk: serde_json::Value,
+}
+
+impl Signer {
+    fn load(path: &std::path::Path) -> Result<Self, String> {
+        use rsa::pkcs8::DecodePublicKey as _;
+        use rsa::traits::PublicKeyParts as _;
+        let text = zeroize::Zeroizing::new(
+            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        );
+        let b64: zeroize::Zeroizing<String> = zeroize::Zeroizing::new(
+            text.lines()
+                .filter(|l| !l.starts_with("-----"))
+                .collect::<String>(),
+        );
+        let der = zeroize::Zeroizing::new(
+            B64.decode(b64.as_bytes())
+                .map_err(|_| format!("{}: not a PEM key", path.display()))?,
+        );
+        let key = aws_lc_rs::signature::RsaKeyPair::from_pkcs8(&der)
+            .map_err(|_| format!("{}: not an RSA PKCS#8 key", path.display()))?;
+        let spki = aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::PublicKeyX509Der>::as_der(
+            aws_lc_rs::signature::KeyPair::public_key(&key),
+        )
+        .map_err(|_| "the signing key's public half".to_owned())?;
+        let public = rsa::RsaPublicKey::from_public_key_der(spki.as_ref())
+            .map_err(|_| "the signing key's public half".to_owned())?;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let n = URL_SAFE_NO_PAD.encode(public.n().to_bytes_be());
+        // The key id: a digest of the modulus, stable across restarts.
+        let kid = crate::crypto::seal::hex(
+            &ring::digest::digest(&ring::digest::SHA256, n.as_bytes()).as_ref()[..8],
+        );
+        let jwk = json!({"kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
+                         "n": n, "e": URL_SAFE_NO_PAD.encode(public.e().to_bytes_be())});
+        Ok(Self { key, kid, jwk })
+    }
+
+    /// An RS256 JWT of `claims`.
+    fn sign(&self, claims: &serde_json::Value) -> Result<String, CseError> {
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let header = json!({"alg": "RS256", "typ": "JWT", "kid": self.kid});
+        let message = format!(
+            "{}.{}",
+            URL_SAFE_NO_PAD.encode(header.to_string()),
+            URL_SAFE_NO_PAD.encode(claims.to_string())
+        );
+        let mut sig = vec![0u8; self.key.public_modulus_len()];
+        self.key
+            .sign(
+                &aws_lc_rs::signature::RSA_PKCS1_SHA256,
+                &aws_lc_rs::rand::SystemRandom::new(),
+                message.as_bytes(),
+                &mut sig,
+            )
+            .map_err(|_| CseError::new(StatusCode::INTERNAL_SERVER_ERROR, "signing failed"))?;
+        Ok(format!("{message}.{}", URL_SAFE_NO_PAD.encode(sig)))
+    }
+}
+
+/// What a request leaves for its audit record.
+#[derive(Default)]
+struct Facts {
+    user: Option<String>,
+    resource: Option<String>,
+    reason: Option<String>,
+    version: Option<u32>,
+}
+
+/// The CSE endpoint.
+pub struct Cse {
+    app: Arc<AppState>,
+    settings: CseSettings,
+    authorization: Vec<(String, Verifier)>,
+    authentication: Vec<(String, Verifier)>,
+    migration_peers: Vec<(String, Verifier)>,
+    signer: Option<Signer>,
+    principal: Principal,
+}
+
+/// The unverified `iss` of a token: only to choose which issuer's keys verify it.
+fn issuer_of(token: &str) -> Option<String> {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(v.get("iss")?.as_str()?.to_owned())
+}
+
+/// Verifies a token with its issuer's verifier, off the async workers' blocking paths
+/// ([`Verifier::verify_async`]): an issuer whose key set is unreachable costs a 503 with
+/// `Retry-After`, not a stalled listener.
+async fn verify<C: DeserializeOwned>(
+    verifiers: &[(String, Verifier)],
+    token: &str,
+    which: &str,
+) -> Result<C, CseError> {
+    let iss = issuer_of(token).ok_or_else(|| {
+        CseError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("the {which} token is malformed"),
+        )
+    })?;
+    let (_, v) = verifiers.iter().find(|(i, _)| *i == iss).ok_or_else(|| {
+        CseError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("the {which} token's issuer is not accepted"),
+        )
+    })?;
+    v.verify_async::<C>(token).await.map_err(|e| match e {
+        JwtError::KeySet(m) => {
+            // The fetch's failure is logged once by the verifier; this, once per request.
+            tracing::debug!(error = %m, issuer = %iss, "CSE: a token issuer's key set is unavailable");
+            CseError {
+                retry_after: Some(v.retry_after().as_secs().max(1)),
+                ..CseError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "a token issuer's keys are unavailable",
+                )
+            }
+        }
+        other => CseError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("the {which} token: {other}"),
+        ),
+    })
+}
+
+impl Cse {
+    /// The endpoint for `settings`; fails when the signing key does not load.
+    pub fn new(app: Arc<AppState>, settings: &CseSettings) -> Result<Self, String> {
+        let verifiers = |list: &[crate::adapters::jwt::JwtSettings]| {
+            list.iter()
+                .map(|s| (s.issuers[0].clone(), Verifier::new(s.clone())))
+                .collect()
+        };
+        let signer = match &settings.signing_key {
+            Some(p) => Some(Signer::load(p).map_err(|e| format!("cse.signing_key: {e}"))?),
+            None => None,
+        };
+        Ok(Self {
+            app,
+            authorization: verifiers(&settings.authorization),
+            authentication: verifiers(&settings.authentication),
+            migration_peers: verifiers(&settings.migration_peers),
+            signer,
+            principal: Principal::adapter(&settings.identity, &settings.tenant),
+            settings: settings.clone(),
+        })
+    }
+
+    /// The authorization token's checks that do not depend on the operation's other
+    /// inputs: valid, our `kacls_url`, no guest unless allowed, the role allowed.
+    async fn authorize(
+        &self,
+        token: &str,
+        roles: &[&str],
+        facts: &mut Facts,
+    ) -> Result<Authz, CseError> {
+        let authz: Authz = verify(&self.authorization, token, "authorization").await?;
+        facts.user = Some(authz.email.to_lowercase());
+        facts.resource = Some(authz.resource_name.clone());
+        if authz.kacls_url.trim_end_matches('/') != self.settings.kacls_url {
+            return Err(denied(
+                "the authorization token is for another KACLS (kacls_url)",
+            ));
+        }
+        if matches!(
+            authz.email_type.as_deref(),
+            Some("google-visitor" | "customer-idp")
+        ) && !self.settings.allow_guests
+        {
+            return Err(denied("guest access is not allowed here"));
+        }
+        if !roles.contains(&authz.role.as_str()) {
+            return Err(denied(&format!("role {} may not do this", authz.role)));
+        }
+        Ok(authz)
+    }
+
+    /// The authentication token: valid, and the same user as the authorization token.
+    async fn authenticate(&self, token: &str, authz: &Authz) -> Result<(), CseError> {
+        let authn: Authn = verify(&self.authentication, token, "authentication").await?;
+        let email = authn.google_email.or(authn.email).ok_or_else(|| {
+            CseError::new(
+                StatusCode::UNAUTHORIZED,
+                "the authentication token has no email",
+            )
+        })?;
+        if email.to_lowercase() != authz.email.to_lowercase() {
+            return Err(denied(
+                "the authentication and authorization tokens name different users",
+            ));
+        }
+        Ok(())
+    }
+
+    fn perimeter(&self, perimeter_id: &str) -> Result<(), CseError> {
+        if perimeter_id.is_empty()
+            || self.settings.perimeters.is_empty()
+            || self.settings.perimeters.iter().any(|p| p == perimeter_id)
+        {
+            Ok(())
+        } else {
+            Err(denied("the perimeter does not allow this"))
+        }
+    }
+
+    /// A core error as CSE answers it: every variant named (a new one must be placed
+    /// here), server faults as 5xx.
+    fn keyring_error(e: &Error) -> CseError {
+        let unavailable = || {
+            CseError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the key service is unavailable",
+            )
+        };
+        match e {
+            Error::PermissionDenied(_) | Error::LockedOut | Error::Unauthenticated => {
+                denied("this key may not be used here")
+            }
+            Error::DecryptFailed => denied("the wrapped key does not belong to this resource"),
+            Error::NotFound => bad("the key is unknown"),
+            Error::KeyDisabled(_) | Error::InvalidState(_) => bad("the key is unusable"),
+            Error::InvalidRequest(_)
+            | Error::AlreadyExists
+            | Error::PayloadTooLarge(_)
+            | Error::UnsupportedMediaType
+            | Error::BodyTimeout(_)
+            | Error::NoRoute
+            | Error::MethodNotAllowed => bad("the request is not valid"),
+            Error::Sealed
+            | Error::Storage(_)
+            | Error::AuditUnavailable
+            | Error::MasterKeyChanged => unavailable(),
+            // A stored version that does not open is the server's fault, not the caller's.
+            Error::Corrupt(_) | Error::Unreadable(_) | Error::Internal(_) | Error::Seal(_) => {
+                CseError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal error; see the Keyhold log",
+                )
+            }
+        }
+    }
+
+    async fn wrap(
+        self: &Arc<Self>,
+        req: WrapRequest,
+        facts: &mut Facts,
+    ) -> Result<Response, CseError> {
+        facts.reason = Some(req.reason.clone());
+        let authz = self
+            .authorize(&req.authorization, &["writer", "upgrader"], facts)
+            .await?;
+        self.authenticate(&req.authentication, &authz).await?;
+        let perimeter_id = authz.perimeter_id.clone().unwrap_or_default();
+        self.perimeter(&perimeter_id)?;
+        let dek = zeroize::Zeroizing::new(
+            B64.decode(req.key.as_bytes())
+                .map_err(|_| bad("key is not base64"))?,
+        );
+        if dek.is_empty() || dek.len() > MAX_KEY {
+            return Err(bad("key must be 1 to 128 bytes"));
+        }
+        let out = self
+            .seal(dek, authz.resource_name.clone(), perimeter_id, facts)
+            .await?;
+        Ok(Json(json!({"wrapped_key": B64.encode(out)})).into_response())
+    }
+
+    /// Wraps `dek` bound to `resource` and `perimeter_id`: the wrapped key's bytes.
+    async fn seal(
+        self: &Arc<Self>,
+        dek: zeroize::Zeroizing<Vec<u8>>,
+        resource: String,
+        perimeter_id: String,
+        facts: &mut Facts,
+    ) -> Result<Vec<u8>, CseError> {
+        let me = self.clone();
+        let perimeter = perimeter_id.clone();
+        let sealed = crate::api::blocking(move || {
+            let mut lookups = me.app.keyring.lookups()?;
+            lookups.encrypt_detached(
+                &me.principal,
+                &me.settings.key,
+                |v| aad(&resource, &perimeter, v),
+                &dek,
+            )
+        })
+        .await
+        .map_err(|e| Self::keyring_error(&e))?;
+        facts.version = Some(sealed.version);
+        let mut out = MAGIC.to_vec();
+        out.extend_from_slice(&sealed.version.to_be_bytes());
+        out.extend_from_slice(&sealed.iv);
+        out.extend_from_slice(&sealed.tag);
+        out.extend_from_slice(&(perimeter_id.len() as u16).to_be_bytes());
+        out.extend_from_slice(perimeter_id.as_bytes());
+        out.extend_from_slice(&sealed.ciphertext);
+        Ok(out)
+    }
+
+    /// Opens a wrapped key for `authz`'s resource, with the perimeter check on the
+    /// perimeter bound into it.
+    async fn open(
+        self: &Arc<Self>,
+        wrapped_key: &str,
+        resource_name: &str,
+        facts: &mut Facts,
+    ) -> Result<(zeroize::Zeroizing<Vec<u8>>, String), CseError> {
+        let bytes = B64
+            .decode(wrapped_key.as_bytes())
+            .map_err(|_| bad("wrapped_key is not base64"))?;
+        let w =
+            parse_wrapped(&bytes).ok_or_else(|| bad("wrapped_key is not a Keyhold wrapped key"))?;
+        facts.version = Some(w.version);
+        self.perimeter(&w.perimeter_id)?;
+        let me = self.clone();
+        let aad = aad(resource_name, &w.perimeter_id, w.version);
+        let (version, iv, tag, ct) = (w.version, w.iv, w.tag, w.ciphertext.to_vec());
+        let opened = crate::api::blocking(move || {
+            let mut lookups = me.app.keyring.lookups()?;
+            lookups.decrypt_detached(
+                &me.principal,
+                &me.settings.key,
+                version,
+                &iv,
+                &ct,
+                &tag,
+                &aad,
+            )
+        })
+        .await
+        .map_err(|e| Self::keyring_error(&e))?;
+        Ok((
+            zeroize::Zeroizing::new(opened.plaintext.expose_secret().to_vec()),
+            w.perimeter_id,
+        ))
+    }
+
+    async fn unwrap(
+        self: &Arc<Self>,
+        req: UnwrapRequest,
+        facts: &mut Facts,
+    ) -> Result<Response, CseError> {
+        facts.reason = Some(req.reason.clone());
+        let authz = self
+            .authorize(&req.authorization, &["reader", "writer", "upgrader"], facts)
+            .await?;
+        self.authenticate(&req.authentication, &authz).await?;
+        let (dek, _) = self
+            .open(&req.wrapped_key, &authz.resource_name, facts)
+            .await?;
+        Ok(key_answer(&dek))
+    }
+
+    async fn digest(
+        self: &Arc<Self>,
+        req: DigestRequest,
+        facts: &mut Facts,
+    ) -> Result<Response, CseError> {
+        facts.reason = Some(req.reason.clone());
+        let authz = self
+            .authorize(&req.authorization, &["reader", "writer", "upgrader"], facts)
+            .await?;
+        let (dek, perimeter_id) = self
+            .open(&req.wrapped_key, &authz.resource_name, facts)
+            .await?;
+        let hash = resource_key_hash(&dek, &authz.resource_name, &perimeter_id);
+        Ok(Json(json!({"resource_key_hash": hash})).into_response())
+    }
+
+    /// The authentication token of a privileged operation: a user in `privileged_users`.
+    async fn privileged(&self, token: &str, facts: &mut Facts) -> Result<(), CseError> {
+        let authn: Authn = verify(&self.authentication, token, "authentication").await?;
+        let user = authn
+            .google_email
+            .or(authn.email)
+            .map(|u| u.to_lowercase())
+            .ok_or_else(|| {
+                CseError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "the authentication token has no email",
+                )
+            })?;
+        facts.user = Some(user.clone());
+        if !self.settings.privileged_users.contains(&user) {
+            return Err(denied("this user may not use the privileged operations"));
+        }
+        Ok(())
+    }
+
+    async fn privilegedwrap(
+        self: &Arc<Self>,
+        req: PrivilegedWrapRequest,
+        facts: &mut Facts,
+    ) -> Result<Response, CseError> {
+        facts.reason = Some(req.reason.clone());
+        facts.resource = Some(req.resource_name.clone());
+        self.privileged(&req.authentication, facts).await?;
+        self.perimeter(&req.perimeter_id)?;
+        let dek = zeroize::Zeroizing::new(
+            B64.decode(req.key.as_bytes())
+                .map_err(|_| bad("key is not base64"))?,
+        );
+        if dek.is_empty() || dek.len() > MAX_KEY {
+            return Err(bad("key must be 1 to 128 bytes"));
+        }
+        let out = self
+            .seal(dek, req.resource_name, req.perimeter_id, facts)
+            .await?;
+        Ok(Json(json!({"wrapped_key": B64.encode(out)})).into_response())
+    }
+
+    /// A privileged user's, or a migration peer's KACLS-to-KACLS token for this resource.
+    async fn privilegedunwrap(
+        self: &Arc<Self>,
+        req: PrivilegedUnwrapRequest,
+        facts: &mut Facts,
+    ) -> Result<Response, CseError> {
+        facts.reason = Some(req.reason.clone());
+        facts.resource = Some(req.resource_name.clone());
+        let from_peer = issuer_of(&req.authentication)
+            .is_some_and(|iss| self.migration_peers.iter().any(|(i, _)| *i == iss));
+        if from_peer {
+            let m: Migration =
+                verify(&self.migration_peers, &req.authentication, "migration").await?;
+            facts.user = Some(m.email.to_lowercase());
+            if m.resource_name != req.resource_name {
+                return Err(denied("the migration token is for another resource"));
+            }
+        } else {
+            self.privileged(&req.authentication, facts).await?;
+        }
+        let (dek, _) = self
+            .open(&req.wrapped_key, &req.resource_name, facts)
+            .await?;
+        Ok(key_answer(&dek))
+    }
+
+    /// Migrates a key wrapped by another KACLS here: asks it to unwrap (its
+    /// `privilegedunwrap`, with a KACLS-to-KACLS token signed by this KACLS for that
+    /// service, that user and that resource), wraps the key here bound to the same
+    /// resource, and returns it with its resource key hash.
+    async fn rewrap(
+        self: &Arc<Self>,
+        req: RewrapRequest,
+        facts: &mut Facts,
+    ) -> Result<Response, CseError> {
+        facts.reason = Some(req.reason.clone());
+        let authz = self
+            .authorize(
+                &req.authorization,
+                &["migrator", "upgrader", "writer", "reader"],
+                facts,
+            )
+            .await?;
+        let original = req.original_kacls_url.trim_end_matches('/').to_owned();
+        if !self.settings.migration_sources.contains(&original) {
+            return Err(denied("keys are not migrated from that key service"));
+        }
+        let perimeter_id = authz.perimeter_id.clone().unwrap_or_default();
+        self.perimeter(&perimeter_id)?;
+        let signer = self
+            .signer
+            .as_ref()
+            .ok_or_else(|| denied("this key service has no signing key for migration"))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let token = signer.sign(&json!({
+            "iss": self.settings.kacls_url, "aud": original, "email": authz.email,
+            "resource_name": authz.resource_name, "iat": now, "exp": now + 300,
+        }))?;
+        let body = json!({"authentication": token, "wrapped_key": req.wrapped_key,
+                          "resource_name": authz.resource_name, "reason": req.reason})
+        .to_string();
+        let url = format!("{original}/privilegedunwrap");
+        let ca = self.settings.migration_ca.clone();
+        let answer = tokio::task::spawn_blocking(move || {
+            crate::transport::https::request("POST", &url, ca.as_deref(), Some(body.as_bytes()))
+        })
+        .await
+        .map_err(|_| {
+            CseError::new(
+                StatusCode::BAD_GATEWAY,
+                "the original key service did not answer",
+            )
+        })?;
+        let (status, bytes) = answer.map_err(|e| {
+            tracing::warn!(error = %e, "CSE rewrap: the original key service is unreachable");
+            CseError::new(
+                StatusCode::BAD_GATEWAY,
+                "the original key service is unreachable",
+            )
+        })?;
+        let reply: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+        if status != 200 {
+            let why = reply["message"].as_str().unwrap_or("no reason given");
+            return Err(CseError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("the original key service refused ({status}): {why}"),
+            ));
+        }
+        let dek = zeroize::Zeroizing::new(
+            reply["key"]
+                .as_str()
+                .and_then(|k| B64.decode(k).ok())
+                .filter(|k| !k.is_empty() && k.len() <= MAX_KEY)
+                .ok_or_else(|| {
+                    CseError::new(
+                        StatusCode::BAD_GATEWAY,
+                        "the original key service gave no key",
+                    )
+                })?,
+        );
+        let hash = resource_key_hash(&dek, &authz.resource_name, &perimeter_id);
+        let out = self
+            .seal(dek, authz.resource_name.clone(), perimeter_id, facts)
+            .await?;
+        Ok(
+            Json(json!({"resource_key_hash": hash, "wrapped_key": B64.encode(out)}))
+                .into_response(),
+        )
+    }
+
+    /// Audits and finishes one request (the record is durable before the answer leaves),
+    /// and adds the CORS header for Google's origin.
+    async fn finish(
+        &self,
+        op: &str,
+        origin: Option<&HeaderValue>,
+        started: Instant,
+        facts: Facts,
+        resp: Response,
+    ) -> Response {
+        let mut attributes = BTreeMap::new();
+        attributes.insert("protocol".to_owned(), "cse".to_owned());
+        for (k, v) in [
+            ("user", &facts.user),
+            ("resource", &facts.resource),
+            ("reason", &facts.reason),
+        ] {
+            if let Some(v) = v {
+                attributes.insert(k.to_owned(), v.chars().take(256).collect());
+            }
+        }
+        let get = matches!(op, "status" | "certs");
+        let call = crate::api::AdapterCall {
+            operation: format!("CSE {op}"),
+            route: format!("cse {op}"),
+            method: if get { "GET" } else { "POST" },
+            principal: &self.principal,
+            key: (!get).then(|| self.settings.key.clone()),
+            version: facts.version,
+            attributes,
+            started,
+        };
+        let mut resp = self
+            .app
+            .finish_call(call, resp, || {
+                CseError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the audit trail is unavailable",
+                )
+                .into_response()
+            })
+            .await;
+        if origin.is_some_and(|o| o == GOOGLE_ORIGIN) {
+            resp.headers_mut().insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static(GOOGLE_ORIGIN),
+            );
+            resp.headers_mut()
+                .insert(header::VARY, HeaderValue::from_static("origin"));
+        }
+        resp
+    }
+}
+
+fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CseError> {
+    serde_json::from_slice(body).map_err(|e| bad(&format!("the request body: {e}")))
+}
+
+macro_rules! operation {
+    ($name:ident, $req:ty, $op:literal) => {
+        pub(super) async fn $name(
+            State(cse): State<Arc<Cse>>,
+            headers: HeaderMap,
+            body: axum::body::Bytes,
+        ) -> Response {
+            let started = Instant::now();
+            let mut facts = Facts::default();
+            let resp = match parse_body::<$req>(&body) {
+                Ok(req) => match cse.$name(req, &mut facts).await {
+                    Ok(r) => r,
+                    Err(e) => e.into_response(),
+                },
+                Err(e) => e.into_response(),
+            };
+            cse.finish($op, headers.get(header::ORIGIN), started, facts, resp)
+                .await
+        }
+    };
+}
+
+mod handlers {
+    use super::*;
+    operation!(wrap, WrapRequest, "wrap");
+    operation!(unwrap, UnwrapRequest, "unwrap");
+    operation!(digest, DigestRequest, "digest");
+    operation!(privilegedwrap, PrivilegedWrapRequest, "privilegedwrap");
+    operation!(
+        privilegedunwrap,
+        PrivilegedUnwrapRequest,
+        "privilegedunwrap"
+    );
+    operation!(rewrap, RewrapRequest, "rewrap");
+}
+
+/// `GET /cse/certs`: this key service's signing key as a JWK set (404 without one).
+async fn certs(State(cse): State<Arc<Cse>>, headers: HeaderMap) -> Response {
+    let started = Instant::now();
+    let resp = match &cse.signer {
+        Some(s) => Json(json!({"keys": [s.jwk.clone()]})).into_response(),
+        None => CseError::new(StatusCode::NOT_FOUND, "this key service has no signing key")
+            .into_response(),
+    };
+    cse.finish(
+        "certs",
+        headers.get(header::ORIGIN),
+        started,
+        Facts::default(),
+        resp,
+    )
+    .await
+}
+
+async fn status(State(cse): State<Arc<Cse>>, headers: HeaderMap) -> Response {
+    let started = Instant::now();
+    let resp = Json(json!({
+        "server_type": "KACLS",
+        "vendor_id": "Keyhold",
+        "version": env!("CARGO_PKG_VERSION"),
+        "name": "Keyhold KACLS",
+        "operations_supported": ["wrap", "unwrap", "digest", "privilegedwrap", "privilegedunwrap", "rewrap"],
+    }))
+    .into_response();
+    cse.finish(
+        "status",
+        headers.get(header::ORIGIN),
+        started,
+        Facts::default(),
+        resp,
+    )
+    .await
+}
+
+/// CORS preflight: Google's origin may POST JSON with an authorization header.
+async fn preflight(headers: HeaderMap) -> Response {
+    let allowed = headers
+        .get(header::ORIGIN)
+        .is_some_and(|o| o == GOOGLE_ORIGIN);
+    if !allowed {
+        return CseError::new(StatusCode::FORBIDDEN, "origin not allowed").into_response();
+    }
+    let mut resp = StatusCode::NO_CONTENT.into_response();
+    let h = resp.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static(GOOGLE_ORIGIN),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("GET, POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("authorization, content-type"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("3600"),
+    );
+    h.insert(header::VARY, HeaderValue::from_static("origin"));
+    resp
+}
+
+/// The routes of the public listener for CSE.
+pub fn router(cse: Arc<Cse>) -> Router {
+    Router::new()
+        .route("/cse/status", get(status).options(preflight))
+        .route("/cse/wrap", post(handlers::wrap).options(preflight))
+        .route("/cse/unwrap", post(handlers::unwrap).options(preflight))
+        .route("/cse/digest", post(handlers::digest).options(preflight))
+        .route(
+            "/cse/privilegedwrap",
+            post(handlers::privilegedwrap).options(preflight),
+        )
+        .route(
+            "/cse/privilegedunwrap",
+            post(handlers::privilegedunwrap).options(preflight),
+        )
+        .route("/cse/rewrap", post(handlers::rewrap).options(preflight))
+        .route("/cse/certs", get(certs).options(preflight))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .with_state(cse)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Google's documented vector.
+    #[test]
+    fn resource_key_hash_vector() {
+        assert_eq!(
+            resource_key_hash(&[0xf0, 0x0d], "my_resource", "my_perimeter"),
+            "EfRLb/AKdtsPSfX+vZ/Pi8h6bmKhBTu4egOABRnEdCg="
+        );
+    }
+
+    #[test]
+    fn wrapped_keys_parse_only_whole() {
+        let mut b = MAGIC.to_vec();
+        b.extend_from_slice(&7u32.to_be_bytes());
+        b.extend_from_slice(&[1; DETACHED_SALT_LEN]);
+        b.extend_from_slice(&[2; TAG_LEN]);
+        b.extend_from_slice(&3u16.to_be_bytes());
+        b.extend_from_slice(b"per");
+        b.extend_from_slice(&[9; 32]);
+        let w = parse_wrapped(&b).unwrap();
+        assert_eq!(
+            (w.version, w.perimeter_id.as_str(), w.ciphertext.len()),
+            (7, "per", 32)
+        );
+        for cut in 0..b.len() - 32 {
+            assert!(parse_wrapped(&b[..cut]).is_none(), "{cut}");
+        }
+        assert!(parse_wrapped(&b[..b.len() - 32]).is_none(), "no ciphertext");
+    }
+}
+
+/// Issue 23: every core error has its answer, and the server's faults are 5xx (the map
+/// ended in a wildcard answering 400, so a corrupt record or an internal fault reached
+/// the caller as the caller's error).
+#[cfg(test)]
+mod error_map_tests {
+    use super::*;
+
+    #[test]
+    fn server_faults_are_5xx_and_the_rest_4xx() {
+        let (server, client) = crate::base::error::every_variant();
+        for e in &server {
+            let status = Cse::keyring_error(e).status;
+            assert!(status.is_server_error(), "{e:?}: {status}");
+        }
+        for e in &client {
+            let status = Cse::keyring_error(e).status;
+            assert!(status.is_client_error(), "{e:?}: {status}");
+        }
+    }
+}

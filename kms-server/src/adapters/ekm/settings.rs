@@ -1,0 +1,177 @@
+//! The `[ekm]` table: Google Cloud External Key Manager on the public listener (`/ekm`):
+//! the service URL Cloud KMS calls (the tokens' audience), the token issuer, and per key
+//! path the Keyhold key, the callers allowed and the Key Access Justification policy.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::adapters::jwt::{JwksSource, JwtSettings};
+
+/// The justification reasons Cloud KMS sends (`accessReasonContext.reason`).
+pub const REASONS: &[&str] = &[
+    "REASON_UNSPECIFIED",
+    "CUSTOMER_INITIATED_SUPPORT",
+    "GOOGLE_INITIATED_SERVICE",
+    "THIRD_PARTY_DATA_REQUEST",
+    "GOOGLE_INITIATED_REVIEW",
+    "CUSTOMER_INITIATED_ACCESS",
+    "GOOGLE_INITIATED_SYSTEM_OPERATION",
+    "REASON_NOT_EXPECTED",
+    "GOOGLE_RESPONSE_TO_PRODUCTION_ALERT",
+    "CUSTOMER_AUTHORIZED_WORKFLOW_SERVICING",
+];
+
+fn default_issuers() -> Vec<String> {
+    vec!["https://accounts.google.com".to_owned()]
+}
+fn default_leeway() -> u64 {
+    300
+}
+fn default_cache() -> u64 {
+    300
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileKey {
+    /// The key path Cloud KMS calls with (`v0/my/key`: the EkmConnection key path, or the
+    /// path of the external key URI after this service's URL).
+    path: String,
+    /// The AES-256 Keyhold key.
+    key: String,
+    /// Callers allowed (the token's `email`: Cloud KMS's service agent of a project).
+    callers: Vec<String>,
+    /// Justifications allowed; empty: every reason.
+    #[serde(default)]
+    allowed_reasons: Vec<String>,
+    /// Whether a request without a justification is allowed.
+    #[serde(default)]
+    allow_missing_reason: bool,
+    /// `allowedCacheDuration` answered with unwrap (seconds).
+    #[serde(default = "default_cache")]
+    cache_secs: u64,
+}
+
+/// `[ekm]` as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct FileEkm {
+    /// This service's URL as Cloud KMS calls it: the tokens' audience.
+    url: String,
+    #[serde(default = "default_issuers")]
+    issuers: Vec<String>,
+    /// A file, or an `https://` URL (Google's: `https://www.googleapis.com/oauth2/v3/certs`).
+    jwks: String,
+    #[serde(default)]
+    jwks_ca: Option<PathBuf>,
+    #[serde(default = "default_leeway")]
+    leeway_secs: u64,
+    tenant: String,
+    identity: String,
+    #[serde(default)]
+    keys: Vec<FileKey>,
+}
+
+/// One key path.
+#[derive(Debug, Clone)]
+pub struct KeyPolicy {
+    /// Key path.
+    pub path: String,
+    /// Keyhold key.
+    pub key: String,
+    /// Allowed callers, lower-cased.
+    pub callers: Vec<String>,
+    /// Allowed reasons (empty: all).
+    pub allowed_reasons: Vec<String>,
+    /// Missing reason allowed.
+    pub allow_missing_reason: bool,
+    /// `allowedCacheDuration`.
+    pub cache: Duration,
+}
+
+/// `[ekm]`, validated.
+#[derive(Debug, Clone)]
+pub struct EkmSettings {
+    /// Token checks (audience: the service URL).
+    pub jwt: JwtSettings,
+    /// Tenant of the keys.
+    pub tenant: String,
+    /// Identity of the calls (grants: `wrap`, `unwrap`).
+    pub identity: String,
+    /// Key paths.
+    pub keys: Vec<KeyPolicy>,
+}
+
+impl FileEkm {
+    /// Validates; errors are (dotted field under `ekm`, message).
+    pub(crate) fn validate(
+        self,
+        resolve: impl Fn(&Path) -> PathBuf,
+    ) -> Result<EkmSettings, (String, String)> {
+        let e = |f: &str, m: &str| Err((format!("ekm.{f}"), m.to_owned()));
+        let Some(url) = crate::adapters::service_url(&self.url) else {
+            return e("url", "must be this service's https:// URL");
+        };
+        let jwks = match JwksSource::from_config(&self.jwks, self.jwks_ca.as_deref(), &resolve) {
+            Ok(j) => j,
+            Err(m) => return e("jwks", &m),
+        };
+        if self.tenant.is_empty() || self.identity.is_empty() {
+            return e("tenant", "tenant and identity are required");
+        }
+        let mut keys: Vec<KeyPolicy> = Vec::new();
+        for (i, k) in self.keys.into_iter().enumerate() {
+            let at = |f: &str| format!("keys[{i}]{f}");
+            let path = k.path.trim_matches('/').to_owned();
+            if path.is_empty()
+                || path.contains(':')
+                || path
+                    .split('/')
+                    .any(|seg| seg.is_empty() || seg == "." || seg == "..")
+            {
+                return e(
+                    &at(".path"),
+                    "segments of letters, digits, '-', '_', '.' joined by '/'",
+                );
+            }
+            if keys.iter().any(|p| p.path == path) {
+                return e(&at(".path"), "used twice");
+            }
+            if k.callers.is_empty() {
+                return e(
+                    &at(".callers"),
+                    "at least one caller (a service agent's email)",
+                );
+            }
+            if let Some(r) = k
+                .allowed_reasons
+                .iter()
+                .find(|r| !REASONS.contains(&r.as_str()))
+            {
+                return e(&at(".allowed_reasons"), &format!("unknown reason {r}"));
+            }
+            keys.push(KeyPolicy {
+                path,
+                key: k.key,
+                callers: k.callers.iter().map(|c| c.to_lowercase()).collect(),
+                allowed_reasons: k.allowed_reasons,
+                allow_missing_reason: k.allow_missing_reason,
+                cache: Duration::from_secs(k.cache_secs),
+            });
+        }
+        Ok(EkmSettings {
+            jwt: JwtSettings {
+                issuers: self.issuers,
+                audiences: vec![url.clone(), format!("{url}/")],
+                jwks,
+                leeway: Duration::from_secs(self.leeway_secs),
+                refresh: Duration::from_secs(3600),
+            },
+            tenant: self.tenant,
+            identity: self.identity,
+            keys,
+        })
+    }
+}

@@ -1,0 +1,86 @@
+//! What the protocol adapters (XKS, DKE, CSE, EKM, Salesforce) share: reading a bearer
+//! token, checking a protocol's own URL, and the client certificate a public-listener
+//! connection presented. Below the adapters and the public listener that composes them:
+//! it imports no adapter.
+
+pub mod cse;
+pub mod dke;
+pub mod ekm;
+pub mod jwt;
+pub mod salesforce;
+pub mod xks;
+
+/// The bearer token of a request (`Authorization: Bearer <token>`, the scheme in any
+/// case), trimmed; `None` without one.
+pub fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {
+    let value = headers
+        .get(axum::http::header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_owned())
+        .filter(|t| !t.is_empty())
+}
+
+/// A protocol's own URL from the configuration (`[dke] url`, `[cse] kacls_url`,
+/// `[ekm] url`): an `https://` URL with a host, without a trailing slash.
+pub fn service_url(value: &str) -> Option<String> {
+    let url = value.trim_end_matches('/');
+    let host = url.strip_prefix("https://")?;
+    (!host.is_empty()).then(|| url.to_owned())
+}
+
+/// The client certificate a public-listener connection presented (verified against the
+/// listener's client CA during the handshake), as the SHA-256 of its DER; a request
+/// extension on every request of the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCertificate(pub Option<[u8; 32]>);
+
+impl ClientCertificate {
+    /// What `conn`'s handshake presented.
+    pub fn of(conn: &rustls::ServerConnection) -> Self {
+        Self(
+            conn.peer_certificates()
+                .and_then(|chain| chain.first())
+                .map(|leaf| {
+                    let digest = ring::digest::digest(&ring::digest::SHA256, leaf.as_ref());
+                    let mut out = [0u8; 32];
+                    out.copy_from_slice(digest.as_ref());
+                    out
+                }),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens_and_service_urls() {
+        let mut h = axum::http::HeaderMap::new();
+        assert_eq!(bearer(&h), None);
+        for (value, want) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer  abc ", Some("abc")),
+            ("BEARER abc", Some("abc")),
+            ("Basic abc", None),
+            ("Bearer ", None),
+            ("Bearerabc", None),
+        ] {
+            h.insert(
+                axum::http::header::AUTHORIZATION,
+                axum::http::HeaderValue::from_static(value),
+            );
+            assert_eq!(bearer(&h).as_deref(), want, "{value}");
+        }
+        assert_eq!(
+            service_url("https://kms.example/dke/").as_deref(),
+            Some("https://kms.example/dke")
+        );
+        assert_eq!(service_url("https://"), None);
+        assert_eq!(service_url("http://kms.example"), None);
+    }
+}

@@ -1,0 +1,629 @@
+//! The native v1 API: the router, the shared state, and the extractors every handler
+//! uses. One file per group of routes: [`keys`] (management), [`crypto`] (key use),
+//! [`sys`] (seal state).
+//!
+//! The request path, in order: the TLS layer has already verified the client certificate
+//! and attached its identity ([`PeerIdentity`]); [`track`] counts and times the request
+//! and gives it an id; the [`Caller`] extractor resolves the identity to a principal;
+//! the handler checks the role, validates the body ([`ApiJson`]) and calls the keyring.
+//! Grants, lockout and audit slot in at [`Caller`] and [`track`].
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::rejection::{JsonRejection, PathRejection};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::Router;
+use kms_client::api::ErrorCode;
+use serde::de::DeserializeOwned;
+
+use crate::access::policy::{Policy, Principal};
+use crate::base::error::Error;
+use crate::base::metrics::Metrics;
+use crate::crypto::seal::Sealer;
+use crate::keyring::Keyring;
+
+pub mod audit;
+pub mod crypto;
+pub mod keys;
+pub mod ops;
+pub mod sys;
+
+/// The verified client certificate of the connection, attached by the accept loop to
+/// every request on that connection.
+#[derive(Debug, Clone, Default)]
+pub struct PeerIdentity {
+    /// Its identity; `None`: the certificate chained to the CA but carried no identity in
+    /// the configured sources.
+    pub identity: Option<Arc<str>>,
+    /// Its (issuer, serial), checked against the current CRLs on every request.
+    pub revocation_key: Option<Arc<[u8]>>,
+}
+
+/// Builds the unseal source from settings plus an optional operator-supplied passphrase.
+pub type SealerFactory =
+    dyn Fn(Option<zeroize::Zeroizing<String>>) -> Box<dyn Sealer> + Send + Sync;
+
+/// State shared by every handler.
+pub struct AppState {
+    /// Keys.
+    pub keyring: Arc<Keyring>,
+    /// Identities.
+    pub policy: Policy,
+    /// What the API and the adapters read of the configuration.
+    pub settings: ApiSettings,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Unseal source.
+    pub sealer: Box<SealerFactory>,
+    /// The audit trail.
+    pub audit: crate::security::audit::AuditLog,
+    /// Lockouts after repeated denials.
+    pub lockouts: crate::access::lockout::Lockouts,
+    /// Alerts.
+    pub alerts: crate::security::alert::Alerter,
+    /// TLS configuration and revoked certificates (reloadable).
+    pub tls: Arc<crate::security::tls::TlsReloader>,
+    /// Unseal shares received so far (Shamir method), in memory only.
+    pub pending_shares: std::sync::Mutex<Vec<crate::crypto::seal::ShareInput>>,
+    /// On a shared store: this node and its peers, as last reported (see
+    /// `server::change_follower`).
+    pub cluster: std::sync::RwLock<Option<kms_client::api::ClusterStatus>>,
+    next_request_id: AtomicU64,
+}
+
+/// What the native API and the protocol adapters read of the configuration; the app
+/// layer (`server`) builds it from [`crate::app::config::Settings`] and keeps the rest.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Request body limit.
+    pub max_body_bytes: usize,
+    /// Deadline for a request's body.
+    pub body_timeout: std::time::Duration,
+    /// Items per batch request, at most.
+    pub max_batch_items: usize,
+    /// How the master key is sealed.
+    pub seal_method: crate::crypto::seal::SealMethod,
+    /// The store's engine.
+    pub store_engine: crate::storage::Engine,
+}
+
+/// The services behind the API, built by [`crate::app::server::run`].
+pub struct Services {
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Unseal source.
+    pub sealer: Box<SealerFactory>,
+    /// The audit trail.
+    pub audit: crate::security::audit::AuditLog,
+    /// TLS configuration and revoked certificates.
+    pub tls: Arc<crate::security::tls::TlsReloader>,
+    /// Identities.
+    pub policy: Policy,
+    /// Alerts.
+    pub alerts: crate::security::alert::Alerter,
+    /// Lockouts (shared through the store on a shared store).
+    pub lockouts: crate::access::lockout::Lockouts,
+}
+
+impl AppState {
+    /// Shared state.
+    pub fn new(keyring: Arc<Keyring>, settings: ApiSettings, services: Services) -> Self {
+        let Services {
+            metrics,
+            sealer,
+            audit,
+            tls,
+            policy,
+            alerts,
+            lockouts,
+        } = services;
+        Self {
+            tls,
+            policy,
+            keyring,
+            lockouts,
+            alerts,
+            settings,
+            metrics,
+            sealer,
+            audit,
+            pending_shares: std::sync::Mutex::new(Vec::new()),
+            cluster: std::sync::RwLock::new(None),
+            next_request_id: AtomicU64::new(1),
+        }
+    }
+}
+
+impl AppState {
+    /// What every listener does with a finished request: count and time it by route and
+    /// outcome, and put its id in the `x-request-id` header (the audit record has it too).
+    pub fn finish(
+        &self,
+        resp: &mut Response,
+        id: u64,
+        route: &str,
+        method: &str,
+        outcome: &str,
+        elapsed: std::time::Duration,
+    ) {
+        self.metrics.observe(route, method, outcome, elapsed);
+        if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
+            resp.headers_mut().insert("x-request-id", v);
+        }
+    }
+
+    /// Writes a protocol adapter call's audit record (durable before the answer leaves:
+    /// when it cannot be written, the answer is `unavailable()` instead), then records the
+    /// metrics and `x-request-id` ([`AppState::finish`]). One place for every adapter of
+    /// the public listener.
+    pub async fn finish_call(
+        &self,
+        call: AdapterCall<'_>,
+        mut resp: Response,
+        unavailable: impl FnOnce() -> Response,
+    ) -> Response {
+        let id = self.next_request_id();
+        let status = resp.status().as_u16();
+        let outcome = if resp.status().is_success() {
+            "ok".to_owned()
+        } else {
+            status.to_string()
+        };
+        let elapsed = call.started.elapsed();
+        let draft = crate::security::audit::AuditDraft {
+            request_id: id,
+            identity: Some(call.principal.identity.clone()),
+            tenant: Some(call.principal.tenant.clone()),
+            operation: call.operation,
+            key: call.key,
+            version: call.version,
+            context_hash: None,
+            outcome: outcome.clone(),
+            status,
+            latency_us: elapsed.as_micros() as u64,
+            attributes: Some(call.attributes),
+        };
+        if let Err(e) = self.audit.append(draft).await {
+            tracing::error!(error = %e, route = %call.route, "the audit record could not be written; response withheld");
+            resp = unavailable();
+        }
+        self.finish(&mut resp, id, &call.route, call.method, &outcome, elapsed);
+        resp
+    }
+
+    /// A fresh request id (shared by every listener, so ids are unique in the audit trail).
+    pub fn next_request_id(&self) -> u64 {
+        self.next_request_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// A protocol adapter's call, as [`AppState::finish_call`] records it.
+pub struct AdapterCall<'a> {
+    /// The audit operation (`DKE decrypt`, `CSE wrap`, ...).
+    pub operation: String,
+    /// The metrics route (`dke decrypt`).
+    pub route: String,
+    /// The HTTP method, for the metrics.
+    pub method: &'static str,
+    /// Whom the adapter acts as.
+    pub principal: &'a Principal,
+    /// The Keyhold key, when one was reached.
+    pub key: Option<String>,
+    /// Its version, when one was used.
+    pub version: Option<u32>,
+    /// The protocol's facts (`protocol`, the user, the resource, ...).
+    pub attributes: std::collections::BTreeMap<String, String>,
+    /// When the call began.
+    pub started: std::time::Instant,
+}
+
+/// The API router.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.settings.max_body_bytes;
+    Router::new()
+        .route("/v1/keys", post(keys::create).get(keys::list))
+        .route("/v1/keys/{name}", get(keys::get))
+        .route("/v1/keys/{name}/rotate", post(keys::rotate))
+        .route("/v1/keys/{name}/disable", post(keys::disable))
+        .route("/v1/keys/{name}/enable", post(keys::enable))
+        .route(
+            "/v1/keys/{name}/schedule-deletion",
+            post(keys::schedule_deletion),
+        )
+        .route(
+            "/v1/keys/{name}/cancel-deletion",
+            post(keys::cancel_deletion),
+        )
+        .route(
+            "/v1/keys/{name}/min-decrypt-version",
+            put(keys::min_decrypt_version),
+        )
+        .route(
+            "/v1/keys/{name}/min-decrypt-version/dry-run",
+            post(keys::min_version_dry_run),
+        )
+        .route(
+            "/v1/keys/{name}/grants",
+            put(keys::set_grants).patch(keys::edit_grants),
+        )
+        .route("/v1/keys/{name}/public-key", get(keys::public_key))
+        .route("/v1/keys/{name}/datakey", post(crypto::datakey))
+        .route("/v1/keys/{name}/wrap", post(crypto::wrap))
+        .route("/v1/unwrap", post(crypto::unwrap))
+        .route("/v1/rewrap", post(crypto::rewrap))
+        .route("/v1/batch", post(crypto::batch))
+        .route("/v1/sys/status", get(sys::status))
+        .route("/v1/sys/unseal", post(sys::unseal))
+        .route("/v1/sys/seal", post(sys::seal))
+        .route("/v1/sys/lockouts", get(sys::lockouts))
+        .route("/v1/sys/lockouts/lift", post(sys::lift_lockout))
+        .route(
+            "/v1/sys/identities",
+            get(sys::identities).put(sys::set_identity),
+        )
+        .route("/v1/sys/identities/remove", post(sys::remove_identity))
+        .route("/v1/sys/backup", get(sys::backup))
+        .route("/v1/sys/rotate-master", post(sys::rotate_master))
+        .route("/v1/audit", get(audit::list))
+        .fallback(|| async { Error::NoRoute })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), track))
+        .with_state(state)
+}
+
+/// The request id, for logs and (later) the audit record.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestId(pub u64);
+
+/// What a handler learned about the request, for its audit record (key, version,
+/// context hash). Handlers fill it through the [`AuditNote`] extractor.
+#[derive(Debug, Default)]
+pub struct AuditInfo {
+    /// Key name.
+    pub key: Option<String>,
+    /// Key version.
+    pub version: Option<u32>,
+    /// Keyed context hash.
+    pub context_hash: Option<String>,
+    /// The caller's tenant, once its identity was resolved.
+    pub tenant: Option<String>,
+    /// What else the record says (a batch: its items' keys, versions and outcomes).
+    pub attributes: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// A handle to this request's [`AuditInfo`].
+#[derive(Debug, Clone, Default)]
+pub struct AuditNote(Arc<std::sync::Mutex<AuditInfo>>);
+
+impl AuditNote {
+    fn with(&self, f: impl FnOnce(&mut AuditInfo)) {
+        let mut info = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut info);
+    }
+
+    /// Records an attribute.
+    pub fn attribute(&self, name: &str, value: String) {
+        self.with(|i| {
+            i.attributes
+                .get_or_insert_with(Default::default)
+                .insert(name.to_owned(), value);
+        });
+    }
+
+    /// Records the key name.
+    pub fn key(&self, name: &str) {
+        self.with(|i| i.key = Some(name.to_owned()));
+    }
+
+    /// Records the key name and version used.
+    pub fn key_version(&self, name: &str, version: u32) {
+        self.with(|i| {
+            i.key = Some(name.to_owned());
+            i.version = Some(version);
+        });
+    }
+
+    /// Records the keyed hash of the context.
+    pub fn context(&self, keyring: &Keyring, context: &kms_client::api::Context) {
+        if context.is_empty() {
+            return;
+        }
+        let hash = keyring.audit_context_hash(context);
+        self.with(|i| i.context_hash = hash);
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for AuditNote {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<AuditNote>()
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+/// Counts a failure of `identity` (a denial, a wrong passphrase or unseal share) toward
+/// its lockout; at the threshold it is locked out (on every node of a shared store) and
+/// `locked_out` is raised.
+pub(crate) fn count_failure(state: &Arc<AppState>, identity: &str) {
+    if !state.lockouts.record_denial(identity) {
+        return;
+    }
+    tracing::warn!(identity, "identity locked out after repeated denials");
+    if state.lockouts.is_shared() {
+        // To the other nodes of the shared store, off the request path.
+        let (s, who) = (state.clone(), identity.to_owned());
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = s.lockouts.publish(&who) {
+                tracing::error!(error = %e, identity = %who, "lockout not shared with the other nodes");
+            }
+        });
+    }
+    state.alerts.raise(crate::security::alert::AlertEvent::new(
+        crate::base::event::AlertKind::LockedOut,
+        Some(identity),
+        "repeated denials",
+    ));
+}
+
+/// Counts and times every request by route and outcome, gives it an id, writes its audit
+/// record (and withholds the response if that fails), and logs one line (ids and codes
+/// only, never bodies).
+async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let id = state.next_request_id();
+    let note = AuditNote::default();
+    req.extensions_mut().insert(RequestId(id));
+    req.extensions_mut().insert(note.clone());
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let method = req.method().clone();
+    let peer = req
+        .extensions()
+        .get::<PeerIdentity>()
+        .cloned()
+        .unwrap_or_default();
+    let identity = peer.identity;
+    // A certificate revoked after its connection opened is refused from the reload on.
+    // Its denials count against the certificate, not the identity: a stolen, revoked
+    // certificate must not lock out the one re-issued to its owner.
+    let revoked = peer
+        .revocation_key
+        .filter(|k| state.tls.is_revoked(k))
+        .map(|k| crate::security::tls::revoked_certificate_name(&k));
+    // A locked-out identity gets nothing but its 429 (and an audit record).
+    let locked = identity.as_deref().and_then(|i| state.lockouts.locked(i));
+    let mut resp = if revoked.is_some() {
+        Error::PermissionDenied("this client certificate has been revoked").into_response()
+    } else if locked.is_some() {
+        Error::LockedOut.into_response()
+    } else {
+        next.run(req).await
+    };
+    let outcome = match resp.extensions().get::<ErrorCode>() {
+        Some(code) => format!("{code:?}"),
+        None if resp.status().is_success() => "ok".to_owned(),
+        None => resp.status().as_str().to_owned(),
+    };
+    if let (Some(ErrorCode::PermissionDenied), Some(id)) = (
+        resp.extensions().get::<ErrorCode>(),
+        revoked.as_deref().or(identity.as_deref()),
+    ) {
+        state.alerts.raise(crate::security::alert::AlertEvent::new(
+            crate::base::event::AlertKind::Denied,
+            Some(id),
+            format!("{method} {route}"),
+        ));
+        count_failure(&state, id);
+    }
+    let elapsed = started.elapsed();
+    let info = std::mem::take(
+        &mut *note
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    let draft = crate::security::audit::AuditDraft {
+        request_id: id,
+        // Resolved by the `Caller` extractor when the handler got that far.
+        tenant: info.tenant.or_else(|| {
+            identity
+                .as_deref()
+                .and_then(|i| state.policy.resolve(i).ok())
+                .map(|p| p.tenant)
+        }),
+        identity: identity.as_deref().map(str::to_owned),
+        operation: format!("{method} {route}"),
+        key: info.key,
+        version: info.version,
+        context_hash: info.context_hash,
+        outcome: outcome.clone(),
+        status: resp.status().as_u16(),
+        latency_us: elapsed.as_micros() as u64,
+        attributes: info.attributes,
+    };
+    if let Err(e) = state.audit.append(draft).await {
+        // Fail closed: nothing unaudited leaves, whatever the handler produced.
+        resp = e.into_response();
+    }
+    state.finish(&mut resp, id, &route, method.as_str(), &outcome, elapsed);
+    tracing::info!(
+        request_id = id,
+        %method,
+        route,
+        status = resp.status().as_u16(),
+        outcome,
+        identity = identity.as_deref().unwrap_or("-"),
+        micros = elapsed.as_micros() as u64,
+        "request"
+    );
+    resp
+}
+
+/// The authenticated caller of a request.
+pub struct Caller(pub Principal);
+
+impl FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = Error;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let identity = parts
+            .extensions
+            .get::<PeerIdentity>()
+            .and_then(|p| p.identity.clone())
+            .ok_or(Error::Unauthenticated)?;
+        let principal = state.policy.resolve(&identity)?;
+        if let Some(note) = parts.extensions.get::<AuditNote>() {
+            note.with(|i| i.tenant = Some(principal.tenant.clone()));
+        }
+        Ok(Caller(principal))
+    }
+}
+
+/// A JSON body whose rejections become the API's error body (400, 413, 415).
+pub struct ApiJson<T>(pub T);
+
+impl<T> FromRequest<Arc<AppState>> for ApiJson<T>
+where
+    T: DeserializeOwned,
+{
+    type Rejection = Error;
+
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let limit = state.settings.max_body_bytes;
+        let is_json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<media_type::MediaType>().ok())
+            .is_some_and(|m| m.is_json());
+        if !is_json {
+            return Err(Error::UnsupportedMediaType);
+        }
+        // The body's deadline is the listener's (`request_body`): a stalled body fails
+        // the read with `TimedOut`, answered 408.
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| match r.status() {
+                StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge(limit),
+                _ if crate::transport::request_body::timed_out(&r) => {
+                    Error::BodyTimeout(state.settings.body_timeout.as_secs())
+                }
+                _ => Error::InvalidRequest("the request body could not be read".into()),
+            })?;
+        // Every request body is a JSON object. serde would also build a struct from an
+        // array of its fields in order (`[]` → all defaults): refuse that shape.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(Error::InvalidRequest(
+                "the request body must be a JSON object".into(),
+            ));
+        }
+        // serde_json directly on the way in; only a body that fails is read again through
+        // axum's `Json`, whose rejection names the failing field's path (the path tracking
+        // costs on every request, so it is paid only for the error message).
+        // The body's UTF-8 is checked once, in bulk, rather than string by string.
+        if let Some(v) = std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|text| serde_json::from_str::<T>(text).ok())
+        {
+            return Ok(ApiJson(v));
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(rejection) => Err(json_rejection(rejection, limit)),
+        }
+    }
+}
+
+/// `application/json` or `application/<something>+json`, as axum's `Json` accepts.
+mod media_type {
+    /// A parsed media type: type, subtype (parameters ignored).
+    pub(super) struct MediaType {
+        essence: String,
+    }
+
+    impl std::str::FromStr for MediaType {
+        type Err = ();
+        fn from_str(s: &str) -> Result<Self, ()> {
+            let essence = s.split(';').next().ok_or(())?.trim().to_ascii_lowercase();
+            if essence.split('/').count() != 2 {
+                return Err(());
+            }
+            Ok(Self { essence })
+        }
+    }
+
+    impl MediaType {
+        pub(super) fn is_json(&self) -> bool {
+            self.essence == "application/json"
+                || (self.essence.starts_with("application/") && self.essence.ends_with("+json"))
+        }
+    }
+}
+
+fn json_rejection(rejection: JsonRejection, limit: usize) -> Error {
+    match rejection.status() {
+        StatusCode::PAYLOAD_TOO_LARGE => Error::PayloadTooLarge(limit),
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => Error::UnsupportedMediaType,
+        _ => {
+            // serde's message names the field and position; cap its length. Our base64
+            // and secret types never echo their input.
+            let mut text = rejection.body_text();
+            if text.len() > 300 {
+                let mut cut = 300;
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
+            }
+            Error::InvalidRequest(text)
+        }
+    }
+}
+
+/// A `{name}` path segment, validated as a key name.
+pub struct KeyName(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for KeyName {
+    type Rejection = Error;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Path(name) =
+            axum::extract::Path::<String>::from_request_parts(parts, state)
+                .await
+                .map_err(|e: PathRejection| Error::InvalidRequest(e.body_text()))?;
+        crate::keyring::validate_name(&name)?;
+        Ok(KeyName(name))
+    }
+}
+
+/// Runs blocking keyring work (store writes, fsync, KDF) off the async workers.
+pub async fn blocking<T, F>(f: F) -> Result<T, Error>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Result<T, Error> + Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|_| Error::Internal("blocking task failed"))?
+}

@@ -1,0 +1,326 @@
+//! System: the service (sys role: seal, unseal, backup, master-key rotation, every
+//! tenant's lockouts), and a tenant's own (admin role: its runtime identity policy, its
+//! identities' lockouts). The seal status is for both.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+use kms_client::api::{
+    IdentityList, LiftLockoutRequest, LiftLockoutResponse, LockoutInfo, LockoutList,
+    RemoveIdentityRequest, SetIdentityRequest, SysStatus, UnsealProgress, UnsealRequest,
+};
+
+use super::{blocking, ApiJson, AppState, Caller};
+use crate::access::policy::Operation;
+use crate::base::error::Error;
+use crate::crypto::seal::{SealError, SealMethod, ShamirSealer, ShareInput};
+
+fn status_of(state: &AppState) -> SysStatus {
+    let sealed = state.keyring.is_sealed();
+    let unseal_progress = match (sealed, state.settings.seal_method) {
+        (true, SealMethod::Shamir) => state
+            .keyring
+            .sealed_master_key()
+            .ok()
+            .flatten()
+            .and_then(|s| s.shamir)
+            .map(|p| UnsealProgress {
+                received: u8::try_from(
+                    state
+                        .pending_shares
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .len(),
+                )
+                .unwrap_or(u8::MAX),
+                threshold: p.threshold,
+            }),
+        _ => None,
+    };
+    SysStatus {
+        sealed,
+        seal_method: state.settings.seal_method.as_str().to_owned(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        unseal_progress,
+        process: Some(crate::base::process::current()),
+        cluster: state
+            .cluster
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone(),
+    }
+}
+
+/// Takes one Shamir share: refused when malformed, of another set or a duplicate; once
+/// the threshold is reached, unseals with the shares received (all discarded either way).
+fn accept_share(state: &AppState, text: &str) -> Result<(), Error> {
+    if state.settings.seal_method != SealMethod::Shamir {
+        return Err(Error::InvalidRequest(
+            "this server is not sealed with shares".into(),
+        ));
+    }
+    if !state.keyring.is_sealed() {
+        return Ok(());
+    }
+    let params = state
+        .keyring
+        .sealed_master_key()?
+        .and_then(|s| s.shamir)
+        .ok_or(Error::Corrupt("sealed master key without share parameters"))?;
+    let share = ShareInput::parse(text)?;
+    if share.set() != params.set {
+        return Err(SealError::BadShare("a share of another set").into());
+    }
+    let ready = {
+        let mut pending = state
+            .pending_shares
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if pending.iter().any(|s| s.x() == share.x()) {
+            return Err(SealError::BadShare("this share was already given").into());
+        }
+        pending.push(share);
+        if pending.len() < usize::from(params.threshold) {
+            return Ok(());
+        }
+        std::mem::take(&mut *pending)
+    };
+    let sealer = ShamirSealer::from_shares(ready);
+    state.keyring.unseal(&sealer)
+}
+
+/// A wrong passphrase or unseal share counts toward the caller's lockout, as a denial
+/// does: guessing is not free.
+fn count_bad_secret(state: &Arc<AppState>, identity: &str, e: &Error) {
+    if matches!(
+        e,
+        Error::Seal(
+            crate::crypto::seal::SealError::WrongSecret(_)
+                | crate::crypto::seal::SealError::BadShare(_)
+        )
+    ) {
+        crate::api::count_failure(state, identity);
+    }
+}
+
+/// Whether `identity` belongs to `tenant` (an identity that maps to no tenant belongs to
+/// none: only the sys role sees it).
+fn in_tenant(state: &AppState, identity: &str, tenant: &str) -> bool {
+    state
+        .policy
+        .resolve(identity)
+        .is_ok_and(|p| p.tenant == tenant)
+}
+
+/// `GET /v1/sys/status`.
+pub async fn status(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+) -> Result<Json<SysStatus>, Error> {
+    caller.authorize(Operation::Status)?;
+    Ok(Json(status_of(&state)))
+}
+
+/// `POST /v1/sys/unseal`: with a passphrase for the passphrase method, or with an empty
+/// object to retry the configured source (key file, passphrase file).
+pub async fn unseal(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<UnsealRequest>,
+) -> Result<Json<SysStatus>, Error> {
+    caller.authorize(Operation::Service)?;
+    let was_sealed = state.keyring.is_sealed();
+    let st = state.clone();
+    if let Some(share) = req.share {
+        blocking(move || accept_share(&st, share.expose_secret()))
+            .await
+            .inspect_err(|e| count_bad_secret(&state, &caller.identity, e))?;
+        if state.keyring.is_sealed() || !was_sealed {
+            return Ok(Json(status_of(&state)));
+        }
+    } else {
+        let passphrase = req
+            .passphrase
+            .map(|p| zeroize::Zeroizing::new(p.expose_secret().to_owned()));
+        blocking(move || {
+            let sealer = (st.sealer)(passphrase);
+            st.keyring.unseal(sealer.as_ref())
+        })
+        .await
+        .inspect_err(|e| count_bad_secret(&state, &caller.identity, e))?;
+    }
+    tracing::warn!(identity = %caller.identity, "server unsealed");
+    state.alerts.raise(crate::security::alert::AlertEvent::new(
+        crate::base::event::AlertKind::Unsealed,
+        Some(&caller.identity),
+        "POST /v1/sys/unseal",
+    ));
+    Ok(Json(status_of(&state)))
+}
+
+/// `POST /v1/sys/seal`: wipes the master key and every KEK from memory, and any unseal
+/// shares received so far (so, while sealed, it resets a Shamir unseal in progress).
+pub async fn seal(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+) -> Result<Json<SysStatus>, Error> {
+    caller.authorize(Operation::Service)?;
+    state.keyring.seal();
+    state
+        .pending_shares
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clear();
+    tracing::warn!(identity = %caller.identity, "server sealed");
+    state.alerts.raise(crate::security::alert::AlertEvent::new(
+        crate::base::event::AlertKind::Sealed,
+        Some(&caller.identity),
+        "POST /v1/sys/seal",
+    ));
+    Ok(Json(status_of(&state)))
+}
+
+/// `GET /v1/sys/lockouts`: identities locked out now.
+pub async fn lockouts(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+) -> Result<Json<LockoutList>, Error> {
+    let every_tenant = caller.authorize(Operation::Service).is_ok();
+    if !every_tenant {
+        caller.authorize(Operation::System)?;
+    }
+    let lockouts = state
+        .lockouts
+        .list()
+        .into_iter()
+        .filter(|(identity, _)| every_tenant || in_tenant(&state, identity, &caller.tenant))
+        .map(|(identity, seconds_left)| LockoutInfo {
+            identity,
+            seconds_left,
+        })
+        .collect();
+    Ok(Json(LockoutList { lockouts }))
+}
+
+/// `POST /v1/sys/lockouts/lift`: lets a locked-out identity in again.
+pub async fn lift_lockout(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<LiftLockoutRequest>,
+) -> Result<Json<LiftLockoutResponse>, Error> {
+    if caller.authorize(Operation::Service).is_err() {
+        caller.authorize(Operation::System)?;
+        if !in_tenant(&state, &req.identity, &caller.tenant) {
+            return Err(Error::PermissionDenied(
+                "an admin lifts the lockouts of its own tenant's identities (the sys role lifts any)",
+            ));
+        }
+    }
+    let identity = req.identity.clone();
+    let s = state.clone();
+    let lifted = crate::api::blocking(move || s.lockouts.lift(&identity)).await?;
+    tracing::warn!(identity = %caller.identity, lifted_for = %req.identity, lifted, "lockout lifted");
+    Ok(Json(LiftLockoutResponse { lifted }))
+}
+
+/// `GET /v1/sys/identities`: the caller's tenant's identities and roles.
+pub async fn identities(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+) -> Result<Json<IdentityList>, Error> {
+    caller.authorize(Operation::System)?;
+    Ok(Json(IdentityList {
+        identities: state.policy.list(&caller.tenant),
+    }))
+}
+
+/// `PUT /v1/sys/identities`: maps an identity to a role in the caller's tenant.
+pub async fn set_identity(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<SetIdentityRequest>,
+) -> Result<Json<IdentityList>, Error> {
+    caller.authorize(Operation::System)?;
+    let st = state.clone();
+    let tenant = caller.tenant.clone();
+    let identity = req.identity.clone();
+    blocking(move || st.policy.set(&tenant, &identity, req.role)).await?;
+    tracing::warn!(by = %caller.identity, identity = %req.identity, role = ?req.role, "identity mapped");
+    state.alerts.raise(crate::security::alert::AlertEvent::new(
+        crate::base::event::AlertKind::IdentityChanged,
+        Some(&caller.identity),
+        format!(
+            "{} is now {:?} in tenant {}",
+            req.identity, req.role, caller.tenant
+        ),
+    ));
+    Ok(Json(IdentityList {
+        identities: state.policy.list(&caller.tenant),
+    }))
+}
+
+/// `POST /v1/sys/identities/remove`: removes a runtime identity of the caller's tenant.
+pub async fn remove_identity(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<RemoveIdentityRequest>,
+) -> Result<Json<IdentityList>, Error> {
+    caller.authorize(Operation::System)?;
+    let st = state.clone();
+    let tenant = caller.tenant.clone();
+    let by = caller.identity.clone();
+    let identity = req.identity.clone();
+    blocking(move || st.policy.remove(&tenant, &identity, &by)).await?;
+    tracing::warn!(by = %caller.identity, identity = %req.identity, "identity removed");
+    state.alerts.raise(crate::security::alert::AlertEvent::new(
+        crate::base::event::AlertKind::IdentityChanged,
+        Some(&caller.identity),
+        format!("{} removed from tenant {}", req.identity, caller.tenant),
+    ));
+    Ok(Json(IdentityList {
+        identities: state.policy.list(&caller.tenant),
+    }))
+}
+
+/// `GET /v1/sys/backup`: an encrypted, integrity-checked export of the keys (see
+/// [`crate::keyring::backup`]).
+pub async fn backup(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+) -> Result<Json<crate::keyring::backup::Backup>, Error> {
+    caller.authorize(Operation::Service)?;
+    let st = state.clone();
+    let backup = blocking(move || crate::keyring::backup::export(&st.keyring)).await?;
+    tracing::warn!(identity = %caller.identity, "backup exported");
+    Ok(Json(backup))
+}
+
+/// `POST /v1/sys/rotate-master`: a new master key; every KEK version re-sealed under it in
+/// one transaction (see [`crate::keyring::Keyring::rotate_master`]).
+pub async fn rotate_master(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<kms_client::api::RotateMasterRequest>,
+) -> Result<Json<kms_client::api::RotateMasterResponse>, Error> {
+    caller.authorize(Operation::Service)?;
+    let passphrase = req
+        .passphrase
+        .map(|p| zeroize::Zeroizing::new(p.expose_secret().to_owned()));
+    let st = state.clone();
+    let n = blocking(move || {
+        let sealer = (st.sealer)(passphrase);
+        st.keyring.rotate_master(sealer.as_ref())
+    })
+    .await
+    .inspect_err(|e| count_bad_secret(&state, &caller.identity, e))?;
+    tracing::warn!(identity = %caller.identity, versions = n, "master key rotated");
+    state.alerts.raise(crate::security::alert::AlertEvent::new(
+        crate::base::event::AlertKind::MasterKeyRotated,
+        Some(&caller.identity),
+        format!("{n} KEK versions re-sealed"),
+    ));
+    Ok(Json(kms_client::api::RotateMasterResponse {
+        versions_resealed: n as u64,
+    }))
+}
