@@ -108,7 +108,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// `text` without `//` comments (doc comments name paths of every layer) and without the
 /// items under `#[cfg(test)]` (tests may reach anywhere).
 fn code_only(text: &str) -> String {
-    let mut code: String = text
+    let code: String = text
         .lines()
         .map(|l| match l.find("//") {
             Some(i) => &l[..i],
@@ -116,6 +116,11 @@ fn code_only(text: &str) -> String {
         })
         .collect::<Vec<_>>()
         .join("\n");
+    strip_tests(code)
+}
+
+/// `code` without the items under `#[cfg(test)]`.
+fn strip_tests(mut code: String) -> String {
     const TEST: &str = "#[cfg(test)]";
     while let Some(at) = code.find(TEST) {
         let rest = &code[at + TEST.len()..];
@@ -280,4 +285,100 @@ fn architecture_names_every_subcommand() {
         missing.is_empty(),
         "ARCHITECTURE.md does not name {missing:?}"
     );
+}
+
+/// `text` without the items under `#[cfg(test)]`, comments kept.
+fn without_tests(text: &str) -> String {
+    strip_tests(text.to_owned())
+}
+
+/// The functions of `code` (comments and tests removed) longer than `max` lines, as
+/// `(name, lines)`: from the line of `fn` to the line of its closing brace.
+fn long_functions(code: &str, max: usize) -> Vec<(String, usize)> {
+    let lines: Vec<&str> = code.lines().collect();
+    let mut found = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(at) = line.find("fn ") else { continue };
+        let before = line[..at].trim();
+        let is_item = before.is_empty()
+            || before.split_whitespace().all(|w| {
+                [
+                    "pub",
+                    "pub(crate)",
+                    "pub(super)",
+                    "async",
+                    "const",
+                    "unsafe",
+                    "extern",
+                ]
+                .contains(&w)
+            });
+        if !is_item {
+            continue;
+        }
+        let Some(name) = ident_at(&line[at + 3..]) else {
+            continue;
+        };
+        // The body: from the first `{` at depth 0 after the signature to its match.
+        let (mut depth, mut opened, mut end) = (0i64, false, None);
+        'scan: for (j, l) in lines.iter().enumerate().skip(i) {
+            for c in l.chars() {
+                match c {
+                    ';' if !opened && depth == 0 => break 'scan,
+                    '{' => {
+                        depth += 1;
+                        opened = true;
+                    }
+                    '}' => {
+                        depth -= 1;
+                        if opened && depth == 0 {
+                            end = Some(j);
+                            break 'scan;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(end) = end {
+            let len = end - i + 1;
+            if len > max {
+                found.push((name.to_owned(), len));
+            }
+        }
+    }
+    found
+}
+
+/// Issue 23, must-show 2: no non-test file over ~800 lines, no non-test function over ~120.
+#[test]
+fn no_file_over_800_lines_and_no_function_over_120() {
+    let src = Path::new("src");
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    let mut over = Vec::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("readable");
+        let code = without_tests(&text);
+        let n = code.lines().count();
+        if n > 800 {
+            over.push(format!("{}: {n} lines", file.display()));
+        }
+        for (name, len) in long_functions(&code_only(&text), 120) {
+            over.push(format!("{}: fn {name} is {len} lines", file.display()));
+        }
+    }
+    assert!(over.is_empty(), "too long:\n{}", over.join("\n"));
+}
+
+#[test]
+fn the_length_scanner_measures_bodies_not_signatures() {
+    let body = "x();\n".repeat(5);
+    let code = format!(
+        "pub fn long(\n    a: u8,\n) -> u8 {{\n{body}}}\nfn decl();\nfn short() {{ x() }}\n"
+    );
+    assert_eq!(long_functions(&code, 3), vec![("long".to_owned(), 9)]);
+    assert!(long_functions(&code, 9).is_empty());
+    let with_tests = "fn a() {}\n#[cfg(test)]\nmod tests {\n    fn b() {}\n}\nfn c() {}\n";
+    assert_eq!(without_tests(with_tests).lines().count(), 3);
 }
