@@ -382,3 +382,37 @@ fn the_length_scanner_measures_bodies_not_signatures() {
     let with_tests = "fn a() {}\n#[cfg(test)]\nmod tests {\n    fn b() {}\n}\nfn c() {}\n";
     assert_eq!(without_tests(with_tests).lines().count(), 3);
 }
+
+/// Issue 23: one request-completion path. Outside the audit module itself, only
+/// `api/completion.rs` builds a request's audit record and records its metrics; the app's
+/// background sweeps (`SYSTEM ...` records) are the one other writer, and they are not
+/// requests.
+#[test]
+fn requests_are_audited_and_measured_in_one_place() {
+    let src = Path::new("src");
+    let mut files = Vec::new();
+    rust_files(src, &mut files);
+    let mut elsewhere = Vec::new();
+    for file in &files {
+        let rel = file.strip_prefix(src).expect("under src");
+        let rel = rel.to_string_lossy();
+        let code = code_only(&std::fs::read_to_string(file).expect("readable"));
+        let builds_record = code.contains("AuditDraft {");
+        let measures = code.contains(".observe(");
+        let allowed_record = rel == "api/completion.rs"
+            || rel.starts_with("security/audit/")
+            || rel == "app/server.rs";
+        let allowed_metrics = rel == "api/completion.rs" || rel == "base/metrics.rs";
+        if builds_record && !allowed_record {
+            elsewhere.push(format!("{rel} builds an audit record"));
+        }
+        if measures && !allowed_metrics {
+            elsewhere.push(format!("{rel} records request metrics"));
+        }
+    }
+    assert!(
+        elsewhere.is_empty(),
+        "requests finish through api::completion only:\n{}",
+        elsewhere.join("\n")
+    );
+}

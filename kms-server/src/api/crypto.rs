@@ -12,7 +12,7 @@ use kms_client::api::{
     RewrapRequest, UnwrapRequest, UnwrapResponse, WrapRequest, WrapResponse,
 };
 
-use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName};
+use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName, Used};
 use crate::access::policy::{Operation, Principal};
 use crate::base::error::Error;
 use crate::crypto::secret::SecretJson;
@@ -56,19 +56,19 @@ pub async fn datakey(
     note: AuditNote,
     KeyName(name): KeyName,
     ApiJson(req): ApiJson<DatakeyRequest>,
-) -> Result<SecretJson<DatakeyResponse>, Error> {
-    note.key(&name);
+) -> Result<Used<SecretJson<DatakeyResponse>>, Error> {
     caller.authorize(Operation::UseKeys)?;
     note.context(&state.keyring, &req.context);
     let d = state
         .keyring
         .lookups()?
         .datakey(&caller, &name, &req.context)?;
-    note.key_version(&d.key, d.version);
-    Ok(SecretJson {
+    let (key, version) = (d.key.clone(), d.version);
+    let answer = SecretJson {
         value: datakey_response(d),
         capacity: DATAKEY_ANSWER,
-    })
+    };
+    Ok(Used::new(answer, &key, version))
 }
 
 /// `POST /v1/keys/{name}/wrap`.
@@ -78,8 +78,7 @@ pub async fn wrap(
     note: AuditNote,
     KeyName(name): KeyName,
     ApiJson(req): ApiJson<WrapRequest>,
-) -> Result<Json<WrapResponse>, Error> {
-    note.key(&name);
+) -> Result<Used<Json<WrapResponse>>, Error> {
     caller.authorize(Operation::UseKeys)?;
     note.context(&state.keyring, &req.context);
     let w = state.keyring.lookups()?.wrap(
@@ -88,8 +87,8 @@ pub async fn wrap(
         req.plaintext.expose_secret(),
         &req.context,
     )?;
-    note.key_version(&w.key, w.version);
-    Ok(Json(wrap_response(w)))
+    let (key, version) = (w.key.clone(), w.version);
+    Ok(Used::new(Json(wrap_response(w)), &key, version))
 }
 
 /// `POST /v1/unwrap`.
@@ -98,7 +97,7 @@ pub async fn unwrap(
     Caller(caller): Caller,
     note: AuditNote,
     ApiJson(req): ApiJson<UnwrapRequest>,
-) -> Result<SecretJson<UnwrapResponse>, Error> {
+) -> Result<Used<SecretJson<UnwrapResponse>>, Error> {
     caller.authorize(Operation::UseKeys)?;
     note.context(&state.keyring, &req.context);
     let u = if crate::crypto::format::is_rsa(req.wrapped.as_bytes()) {
@@ -115,11 +114,12 @@ pub async fn unwrap(
             .lookups()?
             .unwrap(&caller, req.wrapped.as_bytes(), &req.context)?
     };
-    note.key_version(&u.key, u.version);
-    Ok(SecretJson {
+    let (key, version) = (u.key.clone(), u.version);
+    let answer = SecretJson {
         value: unwrap_response(u),
         capacity: UNWRAP_ANSWER,
-    })
+    };
+    Ok(Used::new(answer, &key, version))
 }
 
 /// `POST /v1/rewrap`: the DEK stays in the server.
@@ -128,7 +128,7 @@ pub async fn rewrap(
     Caller(caller): Caller,
     note: AuditNote,
     ApiJson(req): ApiJson<RewrapRequest>,
-) -> Result<Json<WrapResponse>, Error> {
+) -> Result<Used<Json<WrapResponse>>, Error> {
     caller.authorize(Operation::UseKeys)?;
     note.context(&state.keyring, &req.context);
     let w = if crate::crypto::format::is_rsa(req.wrapped.as_bytes()) {
@@ -145,8 +145,8 @@ pub async fn rewrap(
             .lookups()?
             .rewrap(&caller, req.wrapped.as_bytes(), &req.context)?
     };
-    note.key_version(&w.key, w.version);
-    Ok(Json(wrap_response(w)))
+    let (key, version) = (w.key.clone(), w.version);
+    Ok(Used::new(Json(wrap_response(w)), &key, version))
 }
 
 fn run_item(

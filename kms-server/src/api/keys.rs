@@ -13,7 +13,7 @@ use kms_client::api::{
     ScheduleDeletionRequest, SetGrantsRequest,
 };
 
-use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName};
+use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName, Used};
 use crate::access::policy::Operation;
 use crate::base::error::Error;
 
@@ -71,10 +71,8 @@ pub async fn list(
 pub async fn get(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
-    note: AuditNote,
     KeyName(name): KeyName,
 ) -> Result<Json<KeyInfo>, Error> {
-    note.key(&name);
     caller.authorize(Operation::ReadKeys)?;
     Ok(Json(state.keyring.key_info(&caller.tenant, &name)?))
 }
@@ -85,18 +83,20 @@ pub async fn get(
 pub async fn public_key(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
-    note: AuditNote,
     KeyName(name): KeyName,
     query: Result<Query<PublicKeyQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<PublicKeyResponse>, Error> {
-    note.key(&name);
+) -> Result<Used<Json<PublicKeyResponse>>, Error> {
     caller
         .authorize(Operation::UseKeys)
         .or_else(|_| caller.authorize(Operation::ReadKeys))?;
     let Query(q) = query.map_err(|e| Error::InvalidRequest(e.body_text()))?;
     let (info, version, der) = state.keyring.public_key(&caller, &name, q.version)?;
-    note.key_version(&info.name, version);
-    Ok(Json(public_key_response(info, version, &der)?))
+    let key = info.name.clone();
+    Ok(Used::new(
+        Json(public_key_response(info, version, &der)?),
+        &key,
+        version,
+    ))
 }
 
 fn public_key_response(
@@ -136,10 +136,8 @@ fn public_key_response(
 pub async fn rotate(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
-    note: AuditNote,
     KeyName(name): KeyName,
 ) -> Result<Json<KeyInfo>, Error> {
-    note.key(&name);
     caller.authorize(Operation::ManageKeys)?;
     let info = blocking(move || state.keyring.rotate(&caller.tenant, &name)).await?;
     Ok(Json(info))
@@ -149,10 +147,8 @@ pub async fn rotate(
 pub async fn disable(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
-    note: AuditNote,
     KeyName(name): KeyName,
 ) -> Result<Json<KeyInfo>, Error> {
-    note.key(&name);
     caller.authorize(Operation::ManageKeys)?;
     let st = state.clone();
     let identity = caller.identity.clone();
@@ -169,10 +165,8 @@ pub async fn disable(
 pub async fn enable(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
-    note: AuditNote,
     KeyName(name): KeyName,
 ) -> Result<Json<KeyInfo>, Error> {
-    note.key(&name);
     caller.authorize(Operation::ManageKeys)?;
     let info = blocking(move || state.keyring.set_enabled(&caller.tenant, &name, true)).await?;
     Ok(Json(info))
@@ -182,11 +176,9 @@ pub async fn enable(
 pub async fn schedule_deletion(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
-    note: AuditNote,
     KeyName(name): KeyName,
     ApiJson(req): ApiJson<ScheduleDeletionRequest>,
 ) -> Result<Json<KeyInfo>, Error> {
-    note.key(&name);
     caller.authorize(Operation::ManageKeys)?;
     let st = state.clone();
     let tenant = caller.tenant.clone();
@@ -212,10 +204,8 @@ pub async fn schedule_deletion(
 pub async fn cancel_deletion(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
-    note: AuditNote,
     KeyName(name): KeyName,
 ) -> Result<Json<KeyInfo>, Error> {
-    note.key(&name);
     caller.authorize(Operation::ManageKeys)?;
     let info = blocking(move || state.keyring.cancel_deletion(&caller.tenant, &name)).await?;
     Ok(Json(info))
@@ -225,11 +215,9 @@ pub async fn cancel_deletion(
 pub async fn min_decrypt_version(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
-    note: AuditNote,
     KeyName(name): KeyName,
     ApiJson(req): ApiJson<MinDecryptVersionRequest>,
 ) -> Result<Json<KeyInfo>, Error> {
-    note.key(&name);
     caller.authorize(Operation::ManageKeys)?;
     let info = blocking(move || {
         state
@@ -245,11 +233,9 @@ pub async fn min_decrypt_version(
 pub async fn min_version_dry_run(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
-    note: AuditNote,
     KeyName(name): KeyName,
     ApiJson(req): ApiJson<MinVersionDryRunRequest>,
 ) -> Result<Json<MinVersionDryRun>, Error> {
-    note.key(&name);
     caller.authorize(Operation::ReadKeys)?;
     let days = req.window_days.unwrap_or(7);
     let report = state
@@ -262,11 +248,9 @@ pub async fn min_version_dry_run(
 pub async fn set_grants(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
-    note: AuditNote,
     KeyName(name): KeyName,
     ApiJson(req): ApiJson<SetGrantsRequest>,
 ) -> Result<Json<KeyInfo>, Error> {
-    note.key(&name);
     caller.authorize(Operation::ManageKeys)?;
     let info =
         blocking(move || state.keyring.set_grants(&caller.tenant, &name, req.grants)).await?;
@@ -278,11 +262,9 @@ pub async fn set_grants(
 pub async fn edit_grants(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
-    note: AuditNote,
     KeyName(name): KeyName,
     ApiJson(req): ApiJson<EditGrantsRequest>,
 ) -> Result<Json<KeyInfo>, Error> {
-    note.key(&name);
     caller.authorize(Operation::ManageKeys)?;
     let info = blocking(move || {
         state

@@ -10,17 +10,14 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
-use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderValue, StatusCode};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::middleware::{self};
 use axum::routing::{get, post, put};
 use axum::Router;
-use kms_client::api::ErrorCode;
 use serde::de::DeserializeOwned;
 
 use crate::access::policy::{Policy, Principal};
@@ -30,10 +27,15 @@ use crate::crypto::seal::Sealer;
 use crate::keyring::Keyring;
 
 pub mod audit;
+mod completion;
 pub mod crypto;
 pub mod keys;
 pub mod ops;
 pub mod sys;
+
+pub(crate) use completion::count_failure;
+use completion::track;
+pub use completion::{AdapterCall, Completion, Denial, KeyUsed, Used};
 
 /// The verified client certificate of the connection, attached by the accept loop to
 /// every request on that connection.
@@ -142,86 +144,10 @@ impl AppState {
 }
 
 impl AppState {
-    /// What every listener does with a finished request: count and time it by route and
-    /// outcome, and put its id in the `x-request-id` header (the audit record has it too).
-    pub fn finish(
-        &self,
-        resp: &mut Response,
-        id: u64,
-        route: &str,
-        method: &str,
-        outcome: &str,
-        elapsed: std::time::Duration,
-    ) {
-        self.metrics.observe(route, method, outcome, elapsed);
-        if let Ok(v) = HeaderValue::from_str(&id.to_string()) {
-            resp.headers_mut().insert("x-request-id", v);
-        }
-    }
-
-    /// Writes a protocol adapter call's audit record (durable before the answer leaves:
-    /// when it cannot be written, the answer is `unavailable()` instead), then records the
-    /// metrics and `x-request-id` ([`AppState::finish`]). One place for every adapter of
-    /// the public listener.
-    pub async fn finish_call(
-        &self,
-        call: AdapterCall<'_>,
-        mut resp: Response,
-        unavailable: impl FnOnce() -> Response,
-    ) -> Response {
-        let id = self.next_request_id();
-        let status = resp.status().as_u16();
-        let outcome = if resp.status().is_success() {
-            "ok".to_owned()
-        } else {
-            status.to_string()
-        };
-        let elapsed = call.started.elapsed();
-        let draft = crate::security::audit::AuditDraft {
-            request_id: id,
-            identity: Some(call.principal.identity.clone()),
-            tenant: Some(call.principal.tenant.clone()),
-            operation: call.operation,
-            key: call.key,
-            version: call.version,
-            context_hash: None,
-            outcome: outcome.clone(),
-            status,
-            latency_us: elapsed.as_micros() as u64,
-            attributes: Some(call.attributes),
-        };
-        if let Err(e) = self.audit.append(draft).await {
-            tracing::error!(error = %e, route = %call.route, "the audit record could not be written; response withheld");
-            resp = unavailable();
-        }
-        self.finish(&mut resp, id, &call.route, call.method, &outcome, elapsed);
-        resp
-    }
-
     /// A fresh request id (shared by every listener, so ids are unique in the audit trail).
     pub fn next_request_id(&self) -> u64 {
         self.next_request_id.fetch_add(1, Ordering::Relaxed)
     }
-}
-
-/// A protocol adapter's call, as [`AppState::finish_call`] records it.
-pub struct AdapterCall<'a> {
-    /// The audit operation (`DKE decrypt`, `CSE wrap`, ...).
-    pub operation: String,
-    /// The metrics route (`dke decrypt`).
-    pub route: String,
-    /// The HTTP method, for the metrics.
-    pub method: &'static str,
-    /// Whom the adapter acts as.
-    pub principal: &'a Principal,
-    /// The Keyhold key, when one was reached.
-    pub key: Option<String>,
-    /// Its version, when one was used.
-    pub version: Option<u32>,
-    /// The protocol's facts (`protocol`, the user, the resource, ...).
-    pub attributes: std::collections::BTreeMap<String, String>,
-    /// When the call began.
-    pub started: std::time::Instant,
 }
 
 /// The API router.
@@ -304,6 +230,16 @@ pub struct AuditInfo {
 pub struct AuditNote(Arc<std::sync::Mutex<AuditInfo>>);
 
 impl AuditNote {
+    /// What was noted, taken out (at completion).
+    fn take(&self) -> AuditInfo {
+        std::mem::take(
+            &mut *self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
     fn with(&self, f: impl FnOnce(&mut AuditInfo)) {
         let mut info = self
             .0
@@ -354,127 +290,6 @@ impl<S: Send + Sync> FromRequestParts<S> for AuditNote {
             .cloned()
             .unwrap_or_default())
     }
-}
-
-/// Counts a failure of `identity` (a denial, a wrong passphrase or unseal share) toward
-/// its lockout; at the threshold it is locked out (on every node of a shared store) and
-/// `locked_out` is raised.
-pub(crate) fn count_failure(state: &Arc<AppState>, identity: &str) {
-    if !state.lockouts.record_denial(identity) {
-        return;
-    }
-    tracing::warn!(identity, "identity locked out after repeated denials");
-    if state.lockouts.is_shared() {
-        // To the other nodes of the shared store, off the request path.
-        let (s, who) = (state.clone(), identity.to_owned());
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = s.lockouts.publish(&who) {
-                tracing::error!(error = %e, identity = %who, "lockout not shared with the other nodes");
-            }
-        });
-    }
-    state.alerts.raise(crate::security::alert::AlertEvent::new(
-        crate::base::event::AlertKind::LockedOut,
-        Some(identity),
-        "repeated denials",
-    ));
-}
-
-/// Counts and times every request by route and outcome, gives it an id, writes its audit
-/// record (and withholds the response if that fails), and logs one line (ids and codes
-/// only, never bodies).
-async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
-    let started = Instant::now();
-    let id = state.next_request_id();
-    let note = AuditNote::default();
-    req.extensions_mut().insert(RequestId(id));
-    req.extensions_mut().insert(note.clone());
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().clone();
-    let peer = req
-        .extensions()
-        .get::<PeerIdentity>()
-        .cloned()
-        .unwrap_or_default();
-    let identity = peer.identity;
-    // A certificate revoked after its connection opened is refused from the reload on.
-    // Its denials count against the certificate, not the identity: a stolen, revoked
-    // certificate must not lock out the one re-issued to its owner.
-    let revoked = peer
-        .revocation_key
-        .filter(|k| state.tls.is_revoked(k))
-        .map(|k| crate::security::tls::revoked_certificate_name(&k));
-    // A locked-out identity gets nothing but its 429 (and an audit record).
-    let locked = identity.as_deref().and_then(|i| state.lockouts.locked(i));
-    let mut resp = if revoked.is_some() {
-        Error::PermissionDenied("this client certificate has been revoked").into_response()
-    } else if locked.is_some() {
-        Error::LockedOut.into_response()
-    } else {
-        next.run(req).await
-    };
-    let outcome = match resp.extensions().get::<ErrorCode>() {
-        Some(code) => format!("{code:?}"),
-        None if resp.status().is_success() => "ok".to_owned(),
-        None => resp.status().as_str().to_owned(),
-    };
-    if let (Some(ErrorCode::PermissionDenied), Some(id)) = (
-        resp.extensions().get::<ErrorCode>(),
-        revoked.as_deref().or(identity.as_deref()),
-    ) {
-        state.alerts.raise(crate::security::alert::AlertEvent::new(
-            crate::base::event::AlertKind::Denied,
-            Some(id),
-            format!("{method} {route}"),
-        ));
-        count_failure(&state, id);
-    }
-    let elapsed = started.elapsed();
-    let info = std::mem::take(
-        &mut *note
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    );
-    let draft = crate::security::audit::AuditDraft {
-        request_id: id,
-        // Resolved by the `Caller` extractor when the handler got that far.
-        tenant: info.tenant.or_else(|| {
-            identity
-                .as_deref()
-                .and_then(|i| state.policy.resolve(i).ok())
-                .map(|p| p.tenant)
-        }),
-        identity: identity.as_deref().map(str::to_owned),
-        operation: format!("{method} {route}"),
-        key: info.key,
-        version: info.version,
-        context_hash: info.context_hash,
-        outcome: outcome.clone(),
-        status: resp.status().as_u16(),
-        latency_us: elapsed.as_micros() as u64,
-        attributes: info.attributes,
-    };
-    if let Err(e) = state.audit.append(draft).await {
-        // Fail closed: nothing unaudited leaves, whatever the handler produced.
-        resp = e.into_response();
-    }
-    state.finish(&mut resp, id, &route, method.as_str(), &outcome, elapsed);
-    tracing::info!(
-        request_id = id,
-        %method,
-        route,
-        status = resp.status().as_u16(),
-        outcome,
-        identity = identity.as_deref().unwrap_or("-"),
-        micros = elapsed.as_micros() as u64,
-        "request"
-    );
-    resp
 }
 
 /// The authenticated caller of a request.
@@ -613,6 +428,10 @@ impl<S: Send + Sync> FromRequestParts<S> for KeyName {
                 .await
                 .map_err(|e: PathRejection| Error::InvalidRequest(e.body_text()))?;
         crate::keyring::validate_name(&name)?;
+        // The key a route names is in its audit record, whatever the handler does next.
+        if let Some(note) = parts.extensions.get::<AuditNote>() {
+            note.key(&name);
+        }
         Ok(KeyName(name))
     }
 }

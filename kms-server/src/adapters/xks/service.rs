@@ -28,7 +28,7 @@ use super::settings::{KeyMapping, StoreSettings, XksSettings, API_ROOT};
 use super::sigv4::{self, SignedRequest};
 use super::throttle::Bucket;
 use crate::access::policy::Principal;
-use crate::api::AppState;
+use crate::api::{AppState, Completion, Denial};
 
 /// The SigV4 service name of the XKS API.
 pub const SERVICE: &str = "kms-xks-proxy";
@@ -165,7 +165,7 @@ impl Xks {
         let mut facts = Facts::default();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        let mut resp = match self.serve(req, &path, &mut facts).await {
+        let resp = match self.serve(req, &path, &mut facts).await {
             Ok(r) => r,
             Err(e) => e.into_response(),
         };
@@ -174,27 +174,21 @@ impl Xks {
             .get::<ErrorName>()
             .map_or("ok", |n| n.as_str());
         let op_name = facts.operation.map_or("unrouted", Operation::name);
-        if resp.extensions().get::<ErrorName>() == Some(&ErrorName::AccessDeniedException) {
-            self.app
-                .alerts
-                .raise(crate::security::alert::AlertEvent::new(
-                    crate::base::event::AlertKind::Denied,
-                    facts.identity.as_deref(),
-                    format!("XKS {op_name}: no secondary-authorization rule matched"),
-                ));
-        }
-        if resp.extensions().get::<ErrorName>() == Some(&ErrorName::AuthenticationFailedException) {
-            self.app
-                .alerts
-                .raise(crate::security::alert::AlertEvent::new(
-                    crate::base::event::AlertKind::XksAuthFailed,
-                    None,
-                    format!("XKS {op_name} on {path}: SigV4 authentication failed"),
-                ));
-        }
-        let elapsed = started.elapsed();
-        let status = resp.status().as_u16();
-        let kms_request_id = facts.attributes.get("kmsRequestId").cloned();
+        let denial = match resp.extensions().get::<ErrorName>() {
+            Some(ErrorName::AccessDeniedException) => Some(Denial {
+                kind: crate::base::event::AlertKind::Denied,
+                who: facts.identity.clone(),
+                detail: format!("XKS {op_name}: no secondary-authorization rule matched"),
+                counts_toward_lockout: false,
+            }),
+            Some(ErrorName::AuthenticationFailedException) => Some(Denial {
+                kind: crate::base::event::AlertKind::XksAuthFailed,
+                who: None,
+                detail: format!("XKS {op_name} on {path}: SigV4 authentication failed"),
+                counts_toward_lockout: false,
+            }),
+            _ => None,
+        };
         // The identity names the key store; the path is kept only when it matched none
         // (every byte of a record is written and synced before the response leaves).
         if facts.operation.is_none() {
@@ -202,42 +196,30 @@ impl Xks {
                 .attributes
                 .insert("path".into(), api::clean_message(&path));
         }
-        let draft = crate::security::audit::AuditDraft {
-            request_id: id,
+        let done = Completion {
+            id,
+            started,
+            method: method.to_string(),
+            route: format!("xks {op_name}"),
+            operation: format!("XKS {op_name}"),
             identity: facts.identity.clone(),
             tenant: facts.tenant.clone(),
-            operation: format!("XKS {op_name}"),
             key: facts.key.clone(),
             version: facts.version,
             context_hash: None,
-            outcome: outcome.to_owned(),
-            status,
-            latency_us: elapsed.as_micros() as u64,
             attributes: Some(std::mem::take(&mut facts.attributes)),
+            outcome: outcome.to_owned(),
+            denial,
         };
-        if let Err(e) = self.app.audit.append(draft).await {
-            tracing::error!(error = %e, "XKS: the audit record could not be written; response withheld");
-            resp = XksError::new(
-                ErrorName::DependencyTimeoutException,
-                "the audit trail is unavailable",
-            )
-            .into_response();
-        }
-        let route = format!("xks {op_name}");
         self.app
-            .finish(&mut resp, id, &route, method.as_str(), outcome, elapsed);
-        tracing::info!(
-            request_id = id,
-            %method,
-            route,
-            status,
-            outcome,
-            store = facts.store.as_deref().unwrap_or("-"),
-            kms_request_id = kms_request_id.as_deref().unwrap_or("-"),
-            micros = elapsed.as_micros() as u64,
-            "xks request"
-        );
-        resp
+            .complete(done, resp, |_| {
+                XksError::new(
+                    ErrorName::DependencyTimeoutException,
+                    "the audit trail is unavailable",
+                )
+                .into_response()
+            })
+            .await
     }
 
     async fn serve(
