@@ -456,12 +456,14 @@ fn fetch(source: &JwksSource) -> Result<JwkSet, JwtError> {
     serde_json::from_slice(&bytes).map_err(|e| JwtError::KeySet(format!("not a JWK set: {e}")))
 }
 
-/// GET over HTTPS, expecting 200 ([`crate::transport::https::request`]).
+/// GET over HTTPS within 10 s, expecting 200 ([`http_client::request_blocking`]).
 fn fetch_https(url: &str, ca: Option<&std::path::Path>) -> Result<Vec<u8>, JwtError> {
-    match crate::transport::https::request("GET", url, ca, None) {
+    use crate::transport::http_client::{self, Schemes};
+    let deadline = std::time::Duration::from_secs(10);
+    match http_client::request_blocking("GET", url, Schemes::Https, ca, None, deadline) {
         Ok((200, body)) => Ok(body),
         Ok((status, _)) => Err(JwtError::KeySet(format!("{url}: HTTP {status}"))),
-        Err(e) => Err(JwtError::KeySet(e)),
+        Err(e) => Err(JwtError::KeySet(e.to_string())),
     }
 }
 

@@ -249,6 +249,9 @@ pub enum SealError {
     /// The PKCS#11 token or module failed (not found, not logged in, ...).
     #[error("PKCS#11: {0}")]
     Pkcs11(String),
+    /// A new secret does not meet the rule for sealing (a passphrase too short).
+    #[error("{0}")]
+    WeakSecret(&'static str),
 }
 
 impl SealError {
@@ -256,7 +259,10 @@ impl SealError {
     pub fn is_bad_secret(&self) -> bool {
         matches!(
             self,
-            SealError::WrongSecret(_) | SealError::NoSecret(_) | SealError::BadShare(_)
+            SealError::WrongSecret(_)
+                | SealError::NoSecret(_)
+                | SealError::BadShare(_)
+                | SealError::WeakSecret(_)
         )
     }
 }

@@ -25,9 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper_util::rt::TokioIo;
+use crate::transport::http_client::{self, Schemes};
 use serde::Serialize;
 
 pub use crate::base::event::AlertKind;
@@ -147,77 +145,31 @@ enum Target {
     Command(Vec<String>),
 }
 
-fn parse_http(url: &str) -> Option<(String, String)> {
-    let rest = url.strip_prefix("http://")?;
-    let (authority, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    if authority.is_empty() {
-        return None;
-    }
-    let authority = if authority.contains(':') {
-        authority.to_owned()
-    } else {
-        format!("{authority}:80")
-    };
-    Some((authority, path.to_owned()))
-}
-
 /// Checks a webhook URL (for configuration validation).
 pub fn check_webhook(url: &str) -> Result<(), String> {
-    let https = url
-        .strip_prefix("https://")
-        .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'));
-    if https || parse_http(url).is_some() {
-        Ok(())
-    } else {
-        Err(format!(
-            "`{url}`: webhooks are https://host[:port]/path (or http:// on a private network)"
-        ))
-    }
+    http_client::check_url(url, Schemes::HttpOrHttps).map_err(|_| {
+        format!("`{url}`: webhooks are https://host[:port]/path (or http:// on a private network)")
+    })
 }
 
-async fn post_once(authority: &str, path: &str, body: &[u8]) -> Result<(), String> {
-    let tcp = tokio::time::timeout(
-        Duration::from_secs(1),
-        tokio::net::TcpStream::connect(authority),
+/// Posts one event to a webhook: `http://` within 3 s (a private receiver), `https://`
+/// within 10 s; any 2xx is delivery.
+async fn post_webhook(url: &str, ca: Option<&PathBuf>, body: &[u8]) -> Result<(), String> {
+    let deadline = if url.starts_with("http://") {
+        Duration::from_secs(3)
+    } else {
+        Duration::from_secs(10)
+    };
+    let (status, _) = http_client::request(
+        "POST",
+        url,
+        Schemes::HttpOrHttps,
+        ca.map(PathBuf::as_path),
+        Some(body),
+        deadline,
     )
     .await
-    .map_err(|_| "connect timed out".to_string())?
     .map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| e.to_string())?;
-    tokio::spawn(conn);
-    let req = hyper::Request::post(path)
-        .header("host", authority)
-        .header("content-type", "application/json")
-        .body(Full::new(Bytes::copy_from_slice(body)))
-        .map_err(|e| e.to_string())?;
-    let resp = tokio::time::timeout(Duration::from_secs(2), sender.send_request(req))
-        .await
-        .map_err(|_| "no answer in time".to_string())?
-        .map_err(|e| e.to_string())?;
-    let status = resp.status();
-    let _ = resp.into_body().collect().await;
-    if status.is_success() {
-        Ok(())
-    } else {
-        Err(format!("HTTP {status}"))
-    }
-}
-
-async fn post_webhook(url: &str, ca: Option<&PathBuf>, body: &[u8]) -> Result<(), String> {
-    if let Some((authority, path)) = parse_http(url) {
-        return post_once(&authority, &path, body).await;
-    }
-    let (url, ca, body) = (url.to_owned(), ca.cloned(), body.to_vec());
-    let (status, _) = tokio::task::spawn_blocking(move || {
-        crate::transport::https::request("POST", &url, ca.as_deref(), Some(&body))
-    })
-    .await
-    .map_err(|e| e.to_string())??;
     if (200..300).contains(&status) {
         Ok(())
     } else {
@@ -426,15 +378,8 @@ mod tests {
 
     #[test]
     fn webhook_urls() {
-        assert_eq!(
-            parse_http("http://127.0.0.1:9000/hook"),
-            Some(("127.0.0.1:9000".into(), "/hook".into()))
-        );
-        assert_eq!(
-            parse_http("http://siem"),
-            Some(("siem:80".into(), "/".into()))
-        );
-        assert!(parse_http("https://siem/x").is_none());
+        assert!(check_webhook("http://127.0.0.1:9000/hook").is_ok());
+        assert!(check_webhook("http://siem").is_ok());
         assert!(check_webhook("https://siem/x").is_ok());
         assert!(check_webhook("https://").is_err());
         assert!(check_webhook("ftp://x").is_err());

@@ -1,5 +1,12 @@
-//! The tools layer: dev mode, the throwaway PKI, and the fuzz targets' entry points.
+//! The tools layer: the subcommands of the binary other than `serve` (init, restore,
+//! migrate-store, health, xks-credential, dev mode), the throwaway PKI, and the fuzz
+//! targets' entry points.
 
 pub mod dev;
 pub mod fuzzing;
+pub mod health;
+pub mod init;
+pub mod migrate;
 pub mod pki;
+pub mod restore;
+pub mod xks_credential;

@@ -749,16 +749,15 @@ impl Cse {
         .to_string();
         let url = format!("{original}/privilegedunwrap");
         let ca = self.settings.migration_ca.clone();
-        let answer = tokio::task::spawn_blocking(move || {
-            crate::transport::https::request("POST", &url, ca.as_deref(), Some(body.as_bytes()))
-        })
-        .await
-        .map_err(|_| {
-            CseError::new(
-                StatusCode::BAD_GATEWAY,
-                "the original key service did not answer",
-            )
-        })?;
+        let answer = crate::transport::http_client::request(
+            "POST",
+            &url,
+            crate::transport::http_client::Schemes::Https,
+            ca.as_deref(),
+            Some(body.as_bytes()),
+            std::time::Duration::from_secs(10),
+        )
+        .await;
         let (status, bytes) = answer.map_err(|e| {
             tracing::warn!(error = %e, "CSE rewrap: the original key service is unreachable");
             CseError::new(

@@ -18,7 +18,7 @@ mod pkcs11;
 mod shamir;
 
 pub use keyfile::KeyFileSealer;
-pub use passphrase::{Argon2Params, PassphraseSealer};
+pub use passphrase::{check_new_passphrase, Argon2Params, PassphraseSealer, MIN_PASSPHRASE_CHARS};
 pub use pkcs11::{
     finalize as pkcs11_finalize, Pkcs11Params, Pkcs11Sealer, Pkcs11Settings, TokenSession,
     PIN_ENV as PKCS11_PIN_ENV,

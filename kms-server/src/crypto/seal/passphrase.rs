@@ -52,7 +52,22 @@ impl Argon2Params {
     }
 }
 
-/// Seals under Argon2id(passphrase).
+/// The fewest characters a passphrase may have to seal a master key.
+pub const MIN_PASSPHRASE_CHARS: usize = 12;
+
+/// The rule every passphrase that seals meets, whoever seals (`kms-server init`, a
+/// master-key rotation): at least [`MIN_PASSPHRASE_CHARS`] characters. Unsealing does not
+/// apply it: a store sealed before the rule still opens.
+pub fn check_new_passphrase(passphrase: &str) -> Result<(), SealError> {
+    if passphrase.chars().count() < MIN_PASSPHRASE_CHARS {
+        return Err(SealError::WeakSecret(
+            "the passphrase must be at least 12 characters",
+        ));
+    }
+    Ok(())
+}
+
+/// Seals the master key under a key derived from a passphrase (Argon2id).
 pub struct PassphraseSealer {
     passphrase: Option<Zeroizing<String>>,
     params: Argon2Params,
@@ -94,6 +109,11 @@ impl Sealer for PassphraseSealer {
     }
 
     fn seal(&self, master: &SecretKey) -> Result<SealedMasterKey, SealError> {
+        let pass = self
+            .passphrase
+            .as_ref()
+            .ok_or(SealError::NoSecret("passphrase"))?;
+        check_new_passphrase(pass)?;
         let mut params = self.params;
         params.salt = Some(aead::random_salt().map_err(|_| SealError::Random)?);
         let salt = params.salt.ok_or(SealError::Random)?;
@@ -132,10 +152,11 @@ mod tests {
     #[test]
     fn round_trip_and_wrong_passphrase() {
         let master = SecretKey::generate().unwrap();
-        let s = PassphraseSealer::new(Some(Zeroizing::new("open sesame".into())), cheap());
+        let s = PassphraseSealer::new(Some(Zeroizing::new("open sesame, please".into())), cheap());
         let sealed = s.seal(&master).unwrap();
         assert_eq!(s.unseal(&sealed).unwrap(), master);
-        let wrong = PassphraseSealer::new(Some(Zeroizing::new("open sesame!".into())), cheap());
+        let wrong =
+            PassphraseSealer::new(Some(Zeroizing::new("open sesame, please!".into())), cheap());
         assert!(matches!(
             wrong.unseal(&sealed),
             Err(SealError::WrongSecret(_))
@@ -148,6 +169,27 @@ mod tests {
             kf.unseal(&sealed),
             Err(SealError::MethodMismatch { .. })
         ));
+    }
+
+    #[test]
+    fn a_short_passphrase_does_not_seal_but_a_store_sealed_before_the_rule_opens() {
+        let master = SecretKey::generate().unwrap();
+        let short = PassphraseSealer::new(Some(Zeroizing::new("open sesame".into())), cheap());
+        assert!(matches!(short.seal(&master), Err(SealError::WeakSecret(_))));
+        // Sealed under a short passphrase by an older build (the same construction).
+        let mut params = cheap();
+        params.salt = Some([7u8; 32]);
+        let kek = short.derive(&params, &[7u8; 32]).unwrap();
+        let sealed = SealedMasterKey {
+            method: SealMethod::Passphrase,
+            argon2: Some(params),
+            shamir: None,
+            pkcs11: None,
+            sealed: seal_under(&kek, SealMethod::Passphrase, &master).unwrap(),
+        };
+        assert_eq!(short.unseal(&sealed).unwrap(), master);
+        assert!(check_new_passphrase("twelve chars").is_ok());
+        assert!(check_new_passphrase("eleven char").is_err());
     }
 
     #[test]
