@@ -2,5 +2,8 @@
 //! listener that composes the adapters.
 
 pub mod config;
+mod follower;
+mod listeners;
 pub mod public;
 pub mod server;
+mod tasks;
