@@ -259,140 +259,13 @@ impl FileXks {
         if self.stores.is_empty() {
             return e("stores", "name at least one [[xks.stores]]");
         }
-        let mut prefixes = HashSet::new();
-        let mut names = HashSet::new();
-        let mut identities = HashSet::new();
-        let mut stores = Vec::with_capacity(self.stores.len());
-        for (i, s) in self.stores.into_iter().enumerate() {
-            let f = |x: &str| format!("stores[{i}].{x}");
-            if s.name.is_empty()
-                || s.name.len() > 64
-                || !s
-                    .name
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-            {
-                return e(&f("name"), "must be 1 to 64 of A-Z a-z 0-9 . _ -");
-            }
-            if !names.insert(s.name.clone()) {
-                return e(&f("name"), "is used by another store");
-            }
-            let prefix_ok = s.prefix.is_empty()
-                || (s.prefix.starts_with('/')
-                    && !s.prefix.ends_with('/')
-                    && !s.prefix.contains("//")
-                    && s.prefix.bytes().all(is_prefix_char));
-            if !prefix_ok {
-                return e(
-                    &f("prefix"),
-                    "must be empty or /segments of A-Z a-z 0-9 _ - (no trailing /)",
-                );
-            }
-            if s.prefix.len() + API_ROOT.len() > MAX_URI_PATH {
-                return e(
-                    &f("prefix"),
-                    &format!("with {API_ROOT} it must fit in {MAX_URI_PATH} characters"),
-                );
-            }
-            if !prefixes.insert(s.prefix.clone()) {
-                return e(&f("prefix"), "is used by another store");
-            }
-            if s.region.is_empty()
-                || s.region.len() > 32
-                || !s
-                    .region
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            {
-                return e(&f("region"), "must be an AWS region name such as eu-west-1");
-            }
-            if !valid_tenant(&s.tenant) {
-                return e(
-                    &f("tenant"),
-                    "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
-                );
-            }
-            let identity = s.identity.unwrap_or_else(|| format!("xks:{}", s.name));
-            if identity.is_empty()
-                || identity.len() > 1024
-                || identity.chars().any(char::is_control)
-            {
-                return e(&f("identity"), "must be 1 to 1024 printable characters");
-            }
-            if !identities.insert(identity.clone()) {
-                return e(
-                    &f("identity"),
-                    "is used by another store (the identity names the store in grants and audit records)",
-                );
-            }
-            let credentials = resolve(&s.credentials);
-            if s.rate_limit == 0 || s.rate_limit > 1_000_000 {
-                return e(&f("rate_limit"), "must be 1 to 1000000 requests per second");
-            }
-            let burst = s.burst.unwrap_or(s.rate_limit);
-            if burst == 0 || burst > 10_000_000 {
-                return e(&f("burst"), "must be 1 to 10000000");
-            }
-            let mut ids = HashSet::new();
-            let mut keys = Vec::with_capacity(s.keys.len());
-            for (j, k) in s.keys.into_iter().enumerate() {
-                let g = |x: &str| f(&format!("keys[{j}].{x}"));
-                if !valid_external_id(&k.external_id) {
-                    return e(&g("external_id"), "must be 1 to 128 of A-Z a-z 0-9 . _ -");
-                }
-                if !ids.insert(k.external_id.clone()) {
-                    return e(&g("external_id"), "is mapped twice in this store");
-                }
-                if let Err(err) = crate::keyring::validate_name(&k.key) {
-                    return e(&g("key"), &err.to_string());
-                }
-                let mut rule_names = HashSet::new();
-                for (r, rule) in k.rules.iter().enumerate() {
-                    let h = g(&format!("rules[{r}].name"));
-                    if rule.name.is_empty()
-                        || rule.name.len() > 128
-                        || rule.name.chars().any(|c| !c.is_ascii_graphic())
-                    {
-                        return e(
-                            &h,
-                            "must be 1 to 128 printable ASCII characters without spaces",
-                        );
-                    }
-                    if !rule_names.insert(rule.name.clone()) {
-                        return e(&h, "is used by another rule of this key");
-                    }
-                    let lists = [
-                        &rule.principals,
-                        &rule.operations,
-                        &rule.via_services,
-                        &rule.source_vpcs,
-                        &rule.vpc_endpoints,
-                    ];
-                    if lists.iter().any(|l| l.as_ref().is_some_and(Vec::is_empty)) {
-                        return e(
-                            &g(&format!("rules[{r}]")),
-                            "a list, when given, names at least one value",
-                        );
-                    }
-                }
-                keys.push(KeyMapping {
-                    external_id: k.external_id,
-                    key: k.key,
-                    rules: k.rules,
-                });
-            }
-            stores.push(StoreSettings {
-                name: s.name,
-                prefix: s.prefix,
-                region: s.region,
-                tenant: s.tenant,
-                identity,
-                credentials,
-                rate_limit: s.rate_limit,
-                burst,
-                keys,
-            });
-        }
+        let mut seen = Seen::default();
+        let stores = self
+            .stores
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| s.validate(i, &resolve, &mut seen))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(XksSettings {
             listen,
             cert,
@@ -408,4 +281,161 @@ impl FileXks {
             stores,
         })
     }
+}
+
+/// Names, prefixes and identities already used by the stores before: each must be unique.
+#[derive(Default)]
+struct Seen {
+    names: HashSet<String>,
+    prefixes: HashSet<String>,
+    identities: HashSet<String>,
+}
+
+impl FileStore {
+    /// One `[[xks.stores]]` entry, the `i`th.
+    fn validate(
+        self,
+        i: usize,
+        resolve: &impl Fn(&Path) -> PathBuf,
+        seen: &mut Seen,
+    ) -> Result<StoreSettings, (String, String)> {
+        let e = |f: &str, m: &str| Err((format!("xks.{f}"), m.to_owned()));
+        let s = self;
+        let f = |x: &str| format!("stores[{i}].{x}");
+        if s.name.is_empty()
+            || s.name.len() > 64
+            || !s
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+        {
+            return e(&f("name"), "must be 1 to 64 of A-Z a-z 0-9 . _ -");
+        }
+        if !seen.names.insert(s.name.clone()) {
+            return e(&f("name"), "is used by another store");
+        }
+        let prefix_ok = s.prefix.is_empty()
+            || (s.prefix.starts_with('/')
+                && !s.prefix.ends_with('/')
+                && !s.prefix.contains("//")
+                && s.prefix.bytes().all(is_prefix_char));
+        if !prefix_ok {
+            return e(
+                &f("prefix"),
+                "must be empty or /segments of A-Z a-z 0-9 _ - (no trailing /)",
+            );
+        }
+        if s.prefix.len() + API_ROOT.len() > MAX_URI_PATH {
+            return e(
+                &f("prefix"),
+                &format!("with {API_ROOT} it must fit in {MAX_URI_PATH} characters"),
+            );
+        }
+        if !seen.prefixes.insert(s.prefix.clone()) {
+            return e(&f("prefix"), "is used by another store");
+        }
+        if s.region.is_empty()
+            || s.region.len() > 32
+            || !s
+                .region
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return e(&f("region"), "must be an AWS region name such as eu-west-1");
+        }
+        if !valid_tenant(&s.tenant) {
+            return e(
+                &f("tenant"),
+                "must be 1 to 64 characters of A-Z a-z 0-9 . _ -",
+            );
+        }
+        let identity = s.identity.unwrap_or_else(|| format!("xks:{}", s.name));
+        if identity.is_empty() || identity.len() > 1024 || identity.chars().any(char::is_control) {
+            return e(&f("identity"), "must be 1 to 1024 printable characters");
+        }
+        if !seen.identities.insert(identity.clone()) {
+            return e(
+                &f("identity"),
+                "is used by another store (the identity names the store in grants and audit records)",
+            );
+        }
+        let credentials = resolve(&s.credentials);
+        if s.rate_limit == 0 || s.rate_limit > 1_000_000 {
+            return e(&f("rate_limit"), "must be 1 to 1000000 requests per second");
+        }
+        let burst = s.burst.unwrap_or(s.rate_limit);
+        if burst == 0 || burst > 10_000_000 {
+            return e(&f("burst"), "must be 1 to 10000000");
+        }
+        let keys = validate_keys(&f, s.keys)?;
+        Ok(StoreSettings {
+            name: s.name,
+            prefix: s.prefix,
+            region: s.region,
+            tenant: s.tenant,
+            identity,
+            credentials,
+            rate_limit: s.rate_limit,
+            burst,
+            keys,
+        })
+    }
+}
+
+/// A store's `[[xks.stores.keys]]`: external ids unique, Keyhold key names valid, rules
+/// named once each and no empty list.
+fn validate_keys(
+    f: &dyn Fn(&str) -> String,
+    file_keys: Vec<FileKeyMap>,
+) -> Result<Vec<KeyMapping>, (String, String)> {
+    let e = |f: &str, m: &str| Err((format!("xks.{f}"), m.to_owned()));
+    let mut ids = HashSet::new();
+    let mut keys = Vec::with_capacity(file_keys.len());
+    for (j, k) in file_keys.into_iter().enumerate() {
+        let g = |x: &str| f(&format!("keys[{j}].{x}"));
+        if !valid_external_id(&k.external_id) {
+            return e(&g("external_id"), "must be 1 to 128 of A-Z a-z 0-9 . _ -");
+        }
+        if !ids.insert(k.external_id.clone()) {
+            return e(&g("external_id"), "is mapped twice in this store");
+        }
+        if let Err(err) = crate::keyring::validate_name(&k.key) {
+            return e(&g("key"), &err.to_string());
+        }
+        let mut rule_names = HashSet::new();
+        for (r, rule) in k.rules.iter().enumerate() {
+            let h = g(&format!("rules[{r}].name"));
+            if rule.name.is_empty()
+                || rule.name.len() > 128
+                || rule.name.chars().any(|c| !c.is_ascii_graphic())
+            {
+                return e(
+                    &h,
+                    "must be 1 to 128 printable ASCII characters without spaces",
+                );
+            }
+            if !rule_names.insert(rule.name.clone()) {
+                return e(&h, "is used by another rule of this key");
+            }
+            let lists = [
+                &rule.principals,
+                &rule.operations,
+                &rule.via_services,
+                &rule.source_vpcs,
+                &rule.vpc_endpoints,
+            ];
+            if lists.iter().any(|l| l.as_ref().is_some_and(Vec::is_empty)) {
+                return e(
+                    &g(&format!("rules[{r}]")),
+                    "a list, when given, names at least one value",
+                );
+            }
+        }
+        keys.push(KeyMapping {
+            external_id: k.external_id,
+            key: k.key,
+            rules: k.rules,
+        });
+    }
+    Ok(keys)
 }
