@@ -261,7 +261,19 @@ impl Xks {
         let (parts, body) = req.into_parts();
         let body = self.read_body(&parts.headers, body).await?;
 
-        // Authentication.
+        self.authenticate(store, &parts, &body, facts)?;
+        self.dispatch(store, target, &body, facts).await
+    }
+
+    /// SigV4 with the store's current credentials, then the store's rate limit; the
+    /// facts name the access key id, the identity and the tenant once it passes.
+    fn authenticate(
+        &self,
+        store: &Store,
+        parts: &axum::http::request::Parts,
+        body: &[u8],
+        facts: &mut Facts,
+    ) -> Result<(), XksError> {
         let credentials = store.credentials.current();
         let signed = SignedRequest {
             method: parts.method.as_str(),
@@ -269,7 +281,7 @@ impl Xks {
             query: parts.uri.query().unwrap_or(""),
             headers: &parts.headers,
             authority: parts.uri.authority().map(|a| a.as_str()),
-            body: &body,
+            body,
         };
         let expect = sigv4::Expect {
             region: &store.settings.region,
@@ -286,7 +298,7 @@ impl Xks {
             Err(e) => {
                 // Unauthenticated, so used for nothing but the record: the claimed
                 // kmsRequestId lets the operator find the call in CloudTrail.
-                note_claimed_metadata(facts, &body);
+                note_claimed_metadata(facts, body);
                 tracing::warn!(store = %store.settings.name, reason = %e, "XKS request refused: SigV4");
                 return Err(XksError::new(
                     ErrorName::AuthenticationFailedException,
@@ -297,7 +309,7 @@ impl Xks {
         facts.identity = Some(store.principal.identity.clone());
         facts.tenant = Some(store.principal.tenant.clone());
         if !store.bucket.take() {
-            note_claimed_metadata(facts, &body);
+            note_claimed_metadata(facts, body);
             return Err(XksError::new(
                 ErrorName::ThrottlingException,
                 format!(
@@ -307,9 +319,20 @@ impl Xks {
             ));
         }
 
+        Ok(())
+    }
+
+    /// The operation a routed, authenticated request names.
+    async fn dispatch(
+        &self,
+        store: &Store,
+        target: Target<'_>,
+        body: &[u8],
+        facts: &mut Facts,
+    ) -> Result<Response, XksError> {
         match target {
             Target::Health => {
-                let m: MetadataOnly = parse(&body)?;
+                let m: MetadataOnly = parse(body)?;
                 note_metadata(facts, &m.request_metadata);
                 m.request_metadata.check(Operation::Health)?;
                 let status = self.health.status(&self.app.keyring).await;
@@ -327,7 +350,7 @@ impl Xks {
                     .insert("externalKeyId".into(), external_id.to_owned());
                 match op {
                     Operation::Metadata => {
-                        let m: MetadataOnly = parse(&body)?;
+                        let m: MetadataOnly = parse(body)?;
                         note_metadata(facts, &m.request_metadata);
                         m.request_metadata.check(op)?;
                         let mapping =
@@ -335,7 +358,7 @@ impl Xks {
                         self.metadata(store, mapping)
                     }
                     Operation::Encrypt => {
-                        let r: EncryptRequest = parse(&body)?;
+                        let r: EncryptRequest = parse(body)?;
                         note_metadata(facts, &r.request_metadata);
                         r.request_metadata.check(op)?;
                         let mapping =
@@ -343,7 +366,7 @@ impl Xks {
                         self.encrypt(store, mapping, r, facts)
                     }
                     Operation::Decrypt => {
-                        let r: DecryptRequest = parse(&body)?;
+                        let r: DecryptRequest = parse(body)?;
                         note_metadata(facts, &r.request_metadata);
                         r.request_metadata.check(op)?;
                         let mapping =
