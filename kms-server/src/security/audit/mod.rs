@@ -202,6 +202,102 @@ pub use kms_client::api::{
 };
 
 impl Writer {
+    /// The writer thread: takes what is queued as one batch (up to [`MAX_BATCH`]), commits
+    /// it, answers each caller; on close, the last summary and a final sync.
+    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
+        // Below the request workers (nice +10): when the CPUs are busy, the writer runs
+        // when the workers wait, so batches grow and wake-ups and preemptions fall
+        // (measured in BENCHMARKS.md). CFS still gives it a share: requests waiting on it
+        // leave the workers idle, so it cannot starve.
+        let tid = rustix::thread::gettid();
+        if let Err(e) = rustix::process::setpriority_process(Some(tid), WRITER_NICE) {
+            tracing::debug!(error = %e, "audit writer: could not lower its priority");
+        }
+        let mut closing = false;
+        while !closing {
+            let first = match rx.blocking_recv() {
+                Some(Msg::Job(j)) => j,
+                Some(Msg::Tick) => {
+                    self.commit_summary();
+                    self.flush_header();
+                    continue;
+                }
+                Some(Msg::Close) | None => break,
+            };
+            let mut jobs = vec![first];
+            while jobs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(Msg::Job(j)) => jobs.push(j),
+                    Ok(Msg::Tick) => {}
+                    Ok(Msg::Close) => {
+                        closing = true;
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.write_batch(jobs);
+        }
+        if let Some(summary) = self.refusals.close_now() {
+            if let Err(e) = self.commit(vec![summary]) {
+                tracing::error!(error = %e, "audit write failed: a summary of refusals was lost");
+            }
+        }
+        self.flush_header();
+        if let Chain::File(chain) = &self.chain {
+            if let Err(e) = chain.sync() {
+                tracing::error!(error = %e, "audit file: final sync failed");
+            }
+        }
+    }
+
+    /// The summary of refusals, when its interval has ended.
+    fn commit_summary(&mut self) {
+        if let Some(summary) = self.refusals.close_if_due() {
+            if let Err(e) = self.commit(vec![summary]) {
+                tracing::error!(error = %e, "audit write failed: a summary of refusals was lost");
+            }
+        }
+    }
+
+    /// One batch: bounded, refusals past the volume limit counted into the summary (their
+    /// callers answered at once), the rest committed together and answered with the result.
+    fn write_batch(&mut self, jobs: Vec<Job>) {
+        let mut drafts = Vec::with_capacity(jobs.len() + 1);
+        let mut acks = Vec::with_capacity(jobs.len());
+        if let Some(summary) = self.refusals.close_if_due() {
+            drafts.push(summary);
+        }
+        for (mut draft, ack) in jobs {
+            volume::bound(&mut draft);
+            if self.refusals.record(&draft) {
+                drafts.push(draft);
+                acks.push(ack);
+            } else {
+                // Counted into the interval's summary; the answer carries nothing and does
+                // not wait for the disk.
+                let _ = ack.send(Ok(()));
+            }
+        }
+        if drafts.is_empty() {
+            return;
+        }
+        let result = self.commit(drafts);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, records = acks.len(), "audit write failed: failing the requests");
+            self.alerts.raise(AlertEvent::new(
+                crate::base::event::AlertKind::AuditWriteFailed,
+                None,
+                e.to_string(),
+            ));
+        }
+        for ack in acks {
+            let _ = ack.send(result.as_ref().map(|_| ()).map_err(|_| ()));
+        }
+    }
+}
+
+impl Writer {
     fn event(&self, operation: &str, outcome: &str, detail: String) -> AuditDraft {
         tracing::error!(operation, outcome, %detail, "audit chain finding");
         self.alerts.raise(AlertEvent::new(
@@ -449,89 +545,10 @@ impl AuditLog {
         if !matches!(writer.finding, Some(Finding::Consistent) | None) {
             writer.commit(Vec::new())?;
         }
-        let (tx, mut rx) = mpsc::unbounded_channel::<Msg>();
+        let (tx, rx) = mpsc::unbounded_channel::<Msg>();
         let thread = std::thread::Builder::new()
             .name("keyhold-audit".into())
-            .spawn(move || {
-                // Below the request workers (nice +10): when the CPUs are busy, the writer
-                // runs when the workers wait, so batches grow and wake-ups and preemptions
-                // fall (measured in BENCHMARKS.md). CFS still gives it a share: requests
-                // waiting on it leave the workers idle, so it cannot starve.
-                let tid = rustix::thread::gettid();
-                if let Err(e) = rustix::process::setpriority_process(Some(tid), WRITER_NICE) {
-                    tracing::debug!(error = %e, "audit writer: could not lower its priority");
-                }
-                let mut closing = false;
-                while !closing {
-                    let first = match rx.blocking_recv() {
-                        Some(Msg::Job(j)) => j,
-                        Some(Msg::Tick) => {
-                            if let Some(summary) = writer.refusals.close_if_due() {
-                                if let Err(e) = writer.commit(vec![summary]) {
-                                    tracing::error!(error = %e, "audit write failed: a summary of refusals was lost");
-                                }
-                            }
-                            writer.flush_header();
-                            continue;
-                        }
-                        Some(Msg::Close) | None => break,
-                    };
-                    let mut jobs = vec![first];
-                    while jobs.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(Msg::Job(j)) => jobs.push(j),
-                            Ok(Msg::Tick) => {}
-                            Ok(Msg::Close) => {
-                                closing = true;
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
-                    let mut drafts = Vec::with_capacity(jobs.len() + 1);
-                    let mut acks = Vec::with_capacity(jobs.len());
-                    if let Some(summary) = writer.refusals.close_if_due() {
-                        drafts.push(summary);
-                    }
-                    for (mut draft, ack) in jobs {
-                        volume::bound(&mut draft);
-                        if writer.refusals.record(&draft) {
-                            drafts.push(draft);
-                            acks.push(ack);
-                        } else {
-                            // Counted into the interval's summary; the answer carries
-                            // nothing and does not wait for the disk.
-                            let _ = ack.send(Ok(()));
-                        }
-                    }
-                    if drafts.is_empty() {
-                        continue;
-                    }
-                    let result = writer.commit(drafts);
-                    if let Err(e) = &result {
-                        tracing::error!(error = %e, records = acks.len(), "audit write failed: failing the requests");
-                        writer.alerts.raise(AlertEvent::new(
-                            crate::base::event::AlertKind::AuditWriteFailed,
-                            None,
-                            e.to_string(),
-                        ));
-                    }
-                    for ack in acks {
-                        let _ = ack.send(result.as_ref().map(|_| ()).map_err(|_| ()));
-                    }
-                }
-                if let Some(summary) = writer.refusals.close_now() {
-                    if let Err(e) = writer.commit(vec![summary]) {
-                        tracing::error!(error = %e, "audit write failed: a summary of refusals was lost");
-                    }
-                }
-                writer.flush_header();
-                if let Chain::File(chain) = &writer.chain {
-                    if let Err(e) = chain.sync() {
-                        tracing::error!(error = %e, "audit file: final sync failed");
-                    }
-                }
-            })
+            .spawn(move || writer.run(rx))
             .map_err(|_| Error::Internal("cannot start the audit writer"))?;
         // The header ticker: holds only a weak sender, so it stops once every handle is
         // gone or the writer has stopped.
