@@ -254,6 +254,30 @@ pub fn prepare(
     let layout = DevLayout {
         dir: dir.to_path_buf(),
     };
+    prepare_pki(&layout)?;
+    let key_file = layout.path("master.key");
+    if !key_file.exists() {
+        KeyFileSealer::generate(&key_file)?;
+    }
+    prepare_issuer(&layout)?;
+    prepare_salesforce(&layout)?;
+    let config_path = layout.path("kms-server.toml");
+    fs::write(&config_path, dev_config(listen, ops_listen, public_listen))?;
+    let settings = Settings::load(&config_path)?;
+    let keyring = server::open_keyring(&settings, crate::base::clock::Clock::system())?;
+    let sealer = KeyFileSealer::new(&key_file);
+    if keyring.sealed_master_key()?.is_none() {
+        keyring.initialize(&sealer)?;
+    }
+    keyring.unseal(&sealer)?;
+    create_demo_keys(&keyring)?;
+    add_salesforce_key(&layout, &keyring, &config_path)?;
+    keyring.seal();
+    Ok(config_path)
+}
+
+/// The dev CA and the server's and each role's certificate, once.
+fn prepare_pki(layout: &DevLayout) -> anyhow::Result<()> {
     fs::create_dir_all(layout.path("pki"))?;
     if !layout.path("pki/ca.pem").exists() {
         let ca = Pki::generate("Keyhold dev CA (NOT FOR PRODUCTION)")?;
@@ -283,15 +307,13 @@ pub fn prepare(
             layout.path("pki").display()
         );
     }
-    let key_file = layout.path("master.key");
-    if !key_file.exists() {
-        KeyFileSealer::generate(&key_file)?;
-    }
-    prepare_issuer(&layout)?;
-    prepare_salesforce(&layout)?;
+    Ok(())
+}
+
+/// The dev configuration: every listener on loopback, every protocol on the public one.
+fn dev_config(listen: SocketAddr, ops_listen: SocketAddr, public_listen: SocketAddr) -> String {
     let public_port = public_listen.port();
-    let config_path = layout.path("kms-server.toml");
-    let config = format!(
+    format!(
         r#"# Written by `kms-server dev`. NOT FOR PRODUCTION: the key file that unseals the
 # store sits beside it. See deploy/kms-server.toml for a production example.
 listen = "{listen}"
@@ -388,87 +410,63 @@ identity = "{DEV_SF_IDENTITY}"
 credential_file = "dev-salesforce-credential"
 certificate = "dev-salesforce.crt"
 "#
-    );
-    fs::write(&config_path, config)?;
-    let settings = Settings::load(&config_path)?;
-    let keyring = server::open_keyring(&settings, crate::base::clock::Clock::system())?;
-    let sealer = KeyFileSealer::new(&key_file);
-    if keyring.sealed_master_key()?.is_none() {
-        keyring.initialize(&sealer)?;
+    )
+}
+
+/// The demo keys, each granted to the one identity that uses it (default deny otherwise):
+/// the app's AES key; DKE's RSA-2048 (as Office clients use; DKE may publish and decrypt);
+/// CSE's and EKM's AES keys (wrap and unwrap); Salesforce's (a data key, then unwrap).
+fn create_demo_keys(keyring: &crate::keyring::Keyring) -> anyhow::Result<()> {
+    let wrap_unwrap = [GrantOperation::Wrap, GrantOperation::Unwrap];
+    let keys: [(&str, Algorithm, &str, &[GrantOperation]); 5] = [
+        (
+            DEMO_KEY,
+            Algorithm::Aes256Gcm,
+            DEV_APP,
+            &GrantOperation::ALL,
+        ),
+        (
+            DEMO_DKE_KEY,
+            Algorithm::RsaOaep2048Sha256,
+            DEV_DKE_IDENTITY,
+            &wrap_unwrap,
+        ),
+        (
+            DEMO_CSE_KEY,
+            Algorithm::Aes256Gcm,
+            DEV_CSE_IDENTITY,
+            &wrap_unwrap,
+        ),
+        (
+            DEMO_EKM_KEY,
+            Algorithm::Aes256Gcm,
+            DEV_EKM_IDENTITY,
+            &wrap_unwrap,
+        ),
+        (
+            DEMO_SF_KEY,
+            Algorithm::Aes256Gcm,
+            DEV_SF_IDENTITY,
+            &[GrantOperation::Datakey, GrantOperation::Unwrap],
+        ),
+    ];
+    for (name, algorithm, identity, operations) in keys {
+        let grant = Grant::new(identity, operations);
+        match keyring.create_key(DEV_TENANT, name, algorithm, None, vec![grant]) {
+            Ok(_) | Err(Error::AlreadyExists) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
-    keyring.unseal(&sealer)?;
-    // The demo key is granted to the dev app identity (default deny otherwise).
-    let grant = Grant::new(DEV_APP, &GrantOperation::ALL);
-    match keyring.create_key(
-        DEV_TENANT,
-        DEMO_KEY,
-        Algorithm::Aes256Gcm,
-        None,
-        vec![grant],
-    ) {
-        Ok(_) | Err(Error::AlreadyExists) => {}
-        Err(e) => return Err(e.into()),
-    }
-    // DKE's demo key: RSA-2048, as Office clients use; DKE may publish and decrypt.
-    let dke_grant = Grant::new(
-        DEV_DKE_IDENTITY,
-        &[GrantOperation::Wrap, GrantOperation::Unwrap],
-    );
-    match keyring.create_key(
-        DEV_TENANT,
-        DEMO_DKE_KEY,
-        Algorithm::RsaOaep2048Sha256,
-        None,
-        vec![dke_grant],
-    ) {
-        Ok(_) | Err(Error::AlreadyExists) => {}
-        Err(e) => return Err(e.into()),
-    }
-    // CSE's demo key: AES-256; CSE may wrap and unwrap with it.
-    let cse_grant = Grant::new(
-        DEV_CSE_IDENTITY,
-        &[GrantOperation::Wrap, GrantOperation::Unwrap],
-    );
-    match keyring.create_key(
-        DEV_TENANT,
-        DEMO_CSE_KEY,
-        Algorithm::Aes256Gcm,
-        None,
-        vec![cse_grant],
-    ) {
-        Ok(_) | Err(Error::AlreadyExists) => {}
-        Err(e) => return Err(e.into()),
-    }
-    // EKM's demo key: AES-256; EKM may wrap and unwrap with it.
-    let ekm_grant = Grant::new(
-        DEV_EKM_IDENTITY,
-        &[GrantOperation::Wrap, GrantOperation::Unwrap],
-    );
-    match keyring.create_key(
-        DEV_TENANT,
-        DEMO_EKM_KEY,
-        Algorithm::Aes256Gcm,
-        None,
-        vec![ekm_grant],
-    ) {
-        Ok(_) | Err(Error::AlreadyExists) => {}
-        Err(e) => return Err(e.into()),
-    }
-    // Salesforce's demo key, and the data key it serves (made once, kept wrapped).
-    let sf_grant = Grant::new(
-        DEV_SF_IDENTITY,
-        &[GrantOperation::Datakey, GrantOperation::Unwrap],
-    );
-    match keyring.create_key(
-        DEV_TENANT,
-        DEMO_SF_KEY,
-        Algorithm::Aes256Gcm,
-        None,
-        vec![sf_grant],
-    ) {
-        Ok(_) | Err(Error::AlreadyExists) => {}
-        Err(e) => return Err(e.into()),
-    }
+    Ok(())
+}
+
+/// The data key Salesforce's demo key serves (made once, kept wrapped), appended to the
+/// configuration as its `[[salesforce.keys]]` entry.
+fn add_salesforce_key(
+    layout: &DevLayout,
+    keyring: &crate::keyring::Keyring,
+    config_path: &Path,
+) -> anyhow::Result<()> {
     let wrapped_file = layout.path("dev-salesforce.wrapped");
     if !wrapped_file.exists() {
         let who = crate::access::policy::Principal {
@@ -490,14 +488,13 @@ certificate = "dev-salesforce.crt"
         )?;
     }
     let wrapped = fs::read_to_string(&wrapped_file)?;
-    let mut text = fs::read_to_string(&config_path)?;
+    let mut text = fs::read_to_string(config_path)?;
     text.push_str(&format!(
         "\n[[salesforce.keys]]\nkid = \"{DEV_SF_KID}\"\nkey = \"{DEMO_SF_KEY}\"\nwrapped = \"{}\"\n",
         wrapped.trim()
     ));
-    fs::write(&config_path, text)?;
-    keyring.seal();
-    Ok(config_path)
+    fs::write(config_path, text)?;
+    Ok(())
 }
 
 /// The banner with ready-to-paste commands.
