@@ -16,13 +16,13 @@ use std::sync::Arc;
 
 pub mod erasure;
 pub mod migrate;
-mod postgres_engine;
+mod postgres;
 mod redb_engine;
 #[cfg(feature = "sled")]
 mod sled_engine;
 
-pub(crate) use postgres_engine::pg_err;
-pub use postgres_engine::{PgPool, PgSettings, PgStore};
+pub(crate) use postgres::pg_err;
+pub use postgres::{PgPool, PgSettings, PgStore};
 pub use redb_engine::RedbStore;
 #[cfg(feature = "sled")]
 pub use sled_engine::SledStore;
