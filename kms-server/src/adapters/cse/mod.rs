@@ -18,35 +18,37 @@
 //! peer's KACLS-to-KACLS token for the same resource. Not built: Gmail's private-key
 //! operations.
 //!
-//! Wrapped key layout (at most 1 KiB, base64 on the wire):
-//! `b"khc\x01"` ‖ version (u32 BE) ‖ IV (16) ‖ tag (16) ‖ perimeter id length (u16 BE) ‖
-//! perimeter id ‖ ciphertext (the DEK, 1 to 128 bytes).
+//! The wire types and the wrapped-key layout are in `wire.rs`, the routes in `routes.rs`,
+//! the signing key in `signer.rs`.
 
+mod routes;
 pub mod settings;
+mod signer;
+mod wire;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::State;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::json;
 
 use crate::access::policy::Principal;
 use crate::adapters::jwt::{JwtError, Verifier};
 use crate::api::AppState;
 use crate::base::error::Error;
-use crate::crypto::aead::{DETACHED_SALT_LEN, TAG_LEN};
 use crate::crypto::secret::SecretJson;
 use kms_client::api::SecretBytes;
 use settings::CseSettings;
+use signer::Signer;
+use wire::*;
+
+pub use routes::router;
 
 /// The origin Google's clients run in.
 pub const GOOGLE_ORIGIN: &str = "https://client-side-encryption.google.com";
@@ -126,208 +128,6 @@ pub fn resource_key_hash(dek: &[u8], resource_name: &str, perimeter_id: &str) ->
     let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, dek);
     let msg = format!("ResourceKeyDigest:{resource_name}:{perimeter_id}");
     B64.encode(ring::hmac::sign(&key, msg.as_bytes()).as_ref())
-}
-
-/// The AAD binding a wrapped key to its resource and perimeter (and version).
-fn aad(resource_name: &str, perimeter_id: &str, version: u32) -> Vec<u8> {
-    let mut out = b"keyhold-cse-wrap/v1\0".to_vec();
-    for part in [resource_name, perimeter_id] {
-        out.extend_from_slice(&(part.len() as u32).to_be_bytes());
-        out.extend_from_slice(part.as_bytes());
-    }
-    out.extend_from_slice(&version.to_be_bytes());
-    out
-}
-
-/// A parsed wrapped key.
-struct Wrapped<'a> {
-    version: u32,
-    iv: [u8; DETACHED_SALT_LEN],
-    tag: [u8; TAG_LEN],
-    perimeter_id: String,
-    ciphertext: &'a [u8],
-}
-
-fn parse_wrapped(b: &[u8]) -> Option<Wrapped<'_>> {
-    let rest = b.strip_prefix(MAGIC.as_slice())?;
-    let (version, rest) = rest.split_at_checked(4)?;
-    let (iv, rest) = rest.split_at_checked(DETACHED_SALT_LEN)?;
-    let (tag, rest) = rest.split_at_checked(TAG_LEN)?;
-    let (len, rest) = rest.split_at_checked(2)?;
-    let len = usize::from(u16::from_be_bytes(len.try_into().ok()?));
-    let (perimeter, ciphertext) = rest.split_at_checked(len)?;
-    if ciphertext.is_empty() || ciphertext.len() > MAX_KEY {
-        return None;
-    }
-    Some(Wrapped {
-        version: u32::from_be_bytes(version.try_into().ok()?),
-        iv: iv.try_into().ok()?,
-        tag: tag.try_into().ok()?,
-        perimeter_id: String::from_utf8(perimeter.to_vec()).ok()?,
-        ciphertext,
-    })
-}
-
-/// Google's authorization token, as far as the checks need it.
-#[derive(Debug, Deserialize)]
-struct Authz {
-    email: String,
-    #[serde(default)]
-    email_type: Option<String>,
-    resource_name: String,
-    role: String,
-    kacls_url: String,
-    #[serde(default)]
-    perimeter_id: Option<String>,
-}
-
-/// The IdP's authentication token.
-#[derive(Debug, Deserialize)]
-struct Authn {
-    #[serde(default)]
-    email: Option<String>,
-    #[serde(default)]
-    google_email: Option<String>,
-}
-
-// No `Debug`: it carries key material or tokens.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct WrapRequest {
-    authentication: String,
-    authorization: String,
-    key: String,
-    #[serde(default)]
-    reason: String,
-}
-
-// No `Debug`: it carries key material or tokens.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UnwrapRequest {
-    authentication: String,
-    authorization: String,
-    wrapped_key: String,
-    #[serde(default)]
-    reason: String,
-}
-
-// No `Debug`: it carries key material or tokens.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DigestRequest {
-    authorization: String,
-    wrapped_key: String,
-    #[serde(default)]
-    reason: String,
-}
-
-// No `Debug`: it carries key material or tokens.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PrivilegedWrapRequest {
-    authentication: String,
-    key: String,
-    #[serde(default)]
-    perimeter_id: String,
-    resource_name: String,
-    #[serde(default)]
-    reason: String,
-}
-
-// No `Debug`: it carries key material or tokens.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PrivilegedUnwrapRequest {
-    authentication: String,
-    wrapped_key: String,
-    resource_name: String,
-    #[serde(default)]
-    reason: String,
-}
-
-// No `Debug`: it carries key material or tokens.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RewrapRequest {
-    authorization: String,
-    original_kacls_url: String,
-    wrapped_key: String,
-    #[serde(default)]
-    reason: String,
-}
-
-/// A KACLS-to-KACLS token's claims (`rewrap` on the new key service, `privilegedunwrap`
-/// on the original): who asks, for which resource, for which key service (`aud`).
-// No `Debug`: it carries key material or tokens.
-#[derive(Deserialize)]
-struct Migration {
-    email: String,
-    resource_name: String,
-}
-
-/// This KACLS's signing key: `/certs` and the KACLS-to-KACLS tokens of `rewrap`.
-struct Signer {
-    key: aws_lc_rs::signature::RsaKeyPair,
-    kid: String,
-    jwk: serde_json::Value,
-}
-
-impl Signer {
-    fn load(path: &std::path::Path) -> Result<Self, String> {
-        use rsa::pkcs8::DecodePublicKey as _;
-        use rsa::traits::PublicKeyParts as _;
-        let text = zeroize::Zeroizing::new(
-            std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
-        );
-        let b64: zeroize::Zeroizing<String> = zeroize::Zeroizing::new(
-            text.lines()
-                .filter(|l| !l.starts_with("-----"))
-                .collect::<String>(),
-        );
-        let der = zeroize::Zeroizing::new(
-            B64.decode(b64.as_bytes())
-                .map_err(|_| format!("{}: not a PEM key", path.display()))?,
-        );
-        let key = aws_lc_rs::signature::RsaKeyPair::from_pkcs8(&der)
-            .map_err(|_| format!("{}: not an RSA PKCS#8 key", path.display()))?;
-        let spki = aws_lc_rs::encoding::AsDer::<aws_lc_rs::encoding::PublicKeyX509Der>::as_der(
-            aws_lc_rs::signature::KeyPair::public_key(&key),
-        )
-        .map_err(|_| "the signing key's public half".to_owned())?;
-        let public = rsa::RsaPublicKey::from_public_key_der(spki.as_ref())
-            .map_err(|_| "the signing key's public half".to_owned())?;
-        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let n = URL_SAFE_NO_PAD.encode(public.n().to_bytes_be());
-        // The key id: a digest of the modulus, stable across restarts.
-        let kid = crate::crypto::seal::hex(
-            &ring::digest::digest(&ring::digest::SHA256, n.as_bytes()).as_ref()[..8],
-        );
-        let jwk = json!({"kty": "RSA", "use": "sig", "alg": "RS256", "kid": kid,
-                         "n": n, "e": URL_SAFE_NO_PAD.encode(public.e().to_bytes_be())});
-        Ok(Self { key, kid, jwk })
-    }
-
-    /// An RS256 JWT of `claims`.
-    fn sign(&self, claims: &serde_json::Value) -> Result<String, CseError> {
-        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let header = json!({"alg": "RS256", "typ": "JWT", "kid": self.kid});
-        let message = format!(
-            "{}.{}",
-            URL_SAFE_NO_PAD.encode(header.to_string()),
-            URL_SAFE_NO_PAD.encode(claims.to_string())
-        );
-        let mut sig = vec![0u8; self.key.public_modulus_len()];
-        self.key
-            .sign(
-                &aws_lc_rs::signature::RSA_PKCS1_SHA256,
-                &aws_lc_rs::rand::SystemRandom::new(),
-                message.as_bytes(),
-                &mut sig,
-            )
-            .map_err(|_| CseError::new(StatusCode::INTERNAL_SERVER_ERROR, "signing failed"))?;
-        Ok(format!("{message}.{}", URL_SAFE_NO_PAD.encode(sig)))
-    }
 }
 
 /// What a request leaves for its audit record.
@@ -849,138 +649,10 @@ impl Cse {
     }
 }
 
-fn parse_body<T: DeserializeOwned>(body: &[u8]) -> Result<T, CseError> {
-    serde_json::from_slice(body).map_err(|e| bad(&format!("the request body: {e}")))
-}
-
-macro_rules! operation {
-    ($name:ident, $req:ty, $op:literal) => {
-        pub(super) async fn $name(
-            State(cse): State<Arc<Cse>>,
-            headers: HeaderMap,
-            body: axum::body::Bytes,
-        ) -> Response {
-            let started = Instant::now();
-            let mut facts = Facts::default();
-            let resp = match parse_body::<$req>(&body) {
-                Ok(req) => match cse.$name(req, &mut facts).await {
-                    Ok(r) => r,
-                    Err(e) => e.into_response(),
-                },
-                Err(e) => e.into_response(),
-            };
-            cse.finish($op, headers.get(header::ORIGIN), started, facts, resp)
-                .await
-        }
-    };
-}
-
-mod handlers {
-    use super::*;
-    operation!(wrap, WrapRequest, "wrap");
-    operation!(unwrap, UnwrapRequest, "unwrap");
-    operation!(digest, DigestRequest, "digest");
-    operation!(privilegedwrap, PrivilegedWrapRequest, "privilegedwrap");
-    operation!(
-        privilegedunwrap,
-        PrivilegedUnwrapRequest,
-        "privilegedunwrap"
-    );
-    operation!(rewrap, RewrapRequest, "rewrap");
-}
-
-/// `GET /cse/certs`: this key service's signing key as a JWK set (404 without one).
-async fn certs(State(cse): State<Arc<Cse>>, headers: HeaderMap) -> Response {
-    let started = Instant::now();
-    let resp = match &cse.signer {
-        Some(s) => Json(json!({"keys": [s.jwk.clone()]})).into_response(),
-        None => CseError::new(StatusCode::NOT_FOUND, "this key service has no signing key")
-            .into_response(),
-    };
-    cse.finish(
-        "certs",
-        headers.get(header::ORIGIN),
-        started,
-        Facts::default(),
-        resp,
-    )
-    .await
-}
-
-async fn status(State(cse): State<Arc<Cse>>, headers: HeaderMap) -> Response {
-    let started = Instant::now();
-    let resp = Json(json!({
-        "server_type": "KACLS",
-        "vendor_id": "Keyhold",
-        "version": env!("CARGO_PKG_VERSION"),
-        "name": "Keyhold KACLS",
-        "operations_supported": ["wrap", "unwrap", "digest", "privilegedwrap", "privilegedunwrap", "rewrap"],
-    }))
-    .into_response();
-    cse.finish(
-        "status",
-        headers.get(header::ORIGIN),
-        started,
-        Facts::default(),
-        resp,
-    )
-    .await
-}
-
-/// CORS preflight: Google's origin may POST JSON with an authorization header.
-async fn preflight(headers: HeaderMap) -> Response {
-    let allowed = headers
-        .get(header::ORIGIN)
-        .is_some_and(|o| o == GOOGLE_ORIGIN);
-    if !allowed {
-        return CseError::new(StatusCode::FORBIDDEN, "origin not allowed").into_response();
-    }
-    let mut resp = StatusCode::NO_CONTENT.into_response();
-    let h = resp.headers_mut();
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_ORIGIN,
-        HeaderValue::from_static(GOOGLE_ORIGIN),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_METHODS,
-        HeaderValue::from_static("GET, POST, OPTIONS"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_ALLOW_HEADERS,
-        HeaderValue::from_static("authorization, content-type"),
-    );
-    h.insert(
-        header::ACCESS_CONTROL_MAX_AGE,
-        HeaderValue::from_static("3600"),
-    );
-    h.insert(header::VARY, HeaderValue::from_static("origin"));
-    resp
-}
-
-/// The routes of the public listener for CSE.
-pub fn router(cse: Arc<Cse>) -> Router {
-    Router::new()
-        .route("/cse/status", get(status).options(preflight))
-        .route("/cse/wrap", post(handlers::wrap).options(preflight))
-        .route("/cse/unwrap", post(handlers::unwrap).options(preflight))
-        .route("/cse/digest", post(handlers::digest).options(preflight))
-        .route(
-            "/cse/privilegedwrap",
-            post(handlers::privilegedwrap).options(preflight),
-        )
-        .route(
-            "/cse/privilegedunwrap",
-            post(handlers::privilegedunwrap).options(preflight),
-        )
-        .route("/cse/rewrap", post(handlers::rewrap).options(preflight))
-        .route("/cse/certs", get(certs).options(preflight))
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
-        .with_state(cse)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::crypto::aead::{DETACHED_SALT_LEN, TAG_LEN};
 
     /// Google's documented vector.
     #[test]
