@@ -637,6 +637,109 @@ impl Settings {
     }
 }
 
+/// `listen` and `ops_listen` (`"off"`: no ops listener).
+fn listen_addrs(
+    raw: &FileConfig,
+) -> Result<(SocketAddr, Option<SocketAddr>), (&'static str, String)> {
+    let listen: SocketAddr = raw
+        .listen
+        .parse()
+        .map_err(|e| ("listen", format!("`{}` is not host:port ({e})", raw.listen)))?;
+    let ops_listen = if raw.ops_listen == "off" {
+        None
+    } else {
+        Some(raw.ops_listen.parse().map_err(|e| {
+            (
+                "ops_listen",
+                format!("`{}` is not host:port or \"off\" ({e})", raw.ops_listen),
+            )
+        })?)
+    };
+    Ok((listen, ops_listen))
+}
+
+/// `[store]`: the engine and where its data lives.
+fn store_settings(
+    raw: &FileStore,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    shared_erasure_retention_secs: Option<u64>,
+) -> Result<StoreSettings, (&'static str, &'static str)> {
+    if raw.accept_sled_risks && raw.engine != Engine::Sled {
+        return Err(("store.accept_sled_risks", "only for engine = \"sled\""));
+    }
+    let postgres =
+        match (raw.engine, &raw.url) {
+            (Engine::Postgres, Some(url)) => Some(crate::storage::PgSettings {
+                url: url.clone(),
+                password_file: raw.password_file.as_deref().map(resolve),
+                tls_ca: raw.tls_ca.as_deref().map(resolve),
+                pool_size: raw.pool_size,
+                listen: raw.listen,
+            }),
+            (Engine::Postgres, None) => return Err((
+                "store.url",
+                "required with engine = \"postgres\" (a connection string without the password)",
+            )),
+            (_, Some(_)) => return Err(("store.url", "only for engine = \"postgres\"")),
+            (_, None) => None,
+        };
+    Ok(StoreSettings {
+        engine: raw.engine,
+        path: resolve(&raw.path),
+        postgres,
+        // In a Deployment the pod's name is the natural id, and one ConfigMap serves every
+        // pod: the environment may give it.
+        node_id: raw.node_id.clone().or_else(|| {
+            std::env::var("KEYHOLD_NODE_ID")
+                .ok()
+                .filter(|id| !id.trim().is_empty())
+        }),
+        shared_erasure_retention_secs,
+        accept_sled_risks: raw.accept_sled_risks,
+    })
+}
+
+/// `[seal]`, its paths resolved.
+fn seal_settings(
+    seal: &FileSeal,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    argon2: Argon2Params,
+) -> SealSettings {
+    SealSettings {
+        method: seal.method,
+        key_file: seal.key_file.as_deref().map(resolve),
+        passphrase_file: seal.passphrase_file.as_deref().map(resolve),
+        pkcs11: seal
+            .pkcs11
+            .as_ref()
+            .map(|p| crate::crypto::seal::Pkcs11Settings {
+                module: resolve(&p.module),
+                token_label: p.token_label.clone(),
+                key_label: p.key_label.clone(),
+                pin_file: p.pin_file.as_deref().map(resolve),
+            }),
+        argon2,
+    }
+}
+
+/// `[tls]`, its paths resolved.
+fn tls_settings(
+    tls: &FileTls,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    allow_tls12: bool,
+) -> TlsSettings {
+    TlsSettings {
+        cert: resolve(&tls.cert),
+        key: resolve(&tls.key),
+        client_ca: resolve(&tls.client_ca),
+        allow_tls12,
+        handshake_timeout: std::time::Duration::from_secs(tls.handshake_timeout_secs),
+        crls: tls.crls.iter().map(|p| resolve(p)).collect(),
+        crl_poll: (tls.crl_poll_secs > 0)
+            .then(|| std::time::Duration::from_secs(tls.crl_poll_secs)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -928,108 +1031,5 @@ key = "k1"
                 .field
                 .starts_with("xks.stores[1]."));
         }
-    }
-}
-
-/// `listen` and `ops_listen` (`"off"`: no ops listener).
-fn listen_addrs(
-    raw: &FileConfig,
-) -> Result<(SocketAddr, Option<SocketAddr>), (&'static str, String)> {
-    let listen: SocketAddr = raw
-        .listen
-        .parse()
-        .map_err(|e| ("listen", format!("`{}` is not host:port ({e})", raw.listen)))?;
-    let ops_listen = if raw.ops_listen == "off" {
-        None
-    } else {
-        Some(raw.ops_listen.parse().map_err(|e| {
-            (
-                "ops_listen",
-                format!("`{}` is not host:port or \"off\" ({e})", raw.ops_listen),
-            )
-        })?)
-    };
-    Ok((listen, ops_listen))
-}
-
-/// `[store]`: the engine and where its data lives.
-fn store_settings(
-    raw: &FileStore,
-    resolve: &dyn Fn(&Path) -> PathBuf,
-    shared_erasure_retention_secs: Option<u64>,
-) -> Result<StoreSettings, (&'static str, &'static str)> {
-    if raw.accept_sled_risks && raw.engine != Engine::Sled {
-        return Err(("store.accept_sled_risks", "only for engine = \"sled\""));
-    }
-    let postgres =
-        match (raw.engine, &raw.url) {
-            (Engine::Postgres, Some(url)) => Some(crate::storage::PgSettings {
-                url: url.clone(),
-                password_file: raw.password_file.as_deref().map(resolve),
-                tls_ca: raw.tls_ca.as_deref().map(resolve),
-                pool_size: raw.pool_size,
-                listen: raw.listen,
-            }),
-            (Engine::Postgres, None) => return Err((
-                "store.url",
-                "required with engine = \"postgres\" (a connection string without the password)",
-            )),
-            (_, Some(_)) => return Err(("store.url", "only for engine = \"postgres\"")),
-            (_, None) => None,
-        };
-    Ok(StoreSettings {
-        engine: raw.engine,
-        path: resolve(&raw.path),
-        postgres,
-        // In a Deployment the pod's name is the natural id, and one ConfigMap serves every
-        // pod: the environment may give it.
-        node_id: raw.node_id.clone().or_else(|| {
-            std::env::var("KEYHOLD_NODE_ID")
-                .ok()
-                .filter(|id| !id.trim().is_empty())
-        }),
-        shared_erasure_retention_secs,
-        accept_sled_risks: raw.accept_sled_risks,
-    })
-}
-
-/// `[seal]`, its paths resolved.
-fn seal_settings(
-    seal: &FileSeal,
-    resolve: &dyn Fn(&Path) -> PathBuf,
-    argon2: Argon2Params,
-) -> SealSettings {
-    SealSettings {
-        method: seal.method,
-        key_file: seal.key_file.as_deref().map(resolve),
-        passphrase_file: seal.passphrase_file.as_deref().map(resolve),
-        pkcs11: seal
-            .pkcs11
-            .as_ref()
-            .map(|p| crate::crypto::seal::Pkcs11Settings {
-                module: resolve(&p.module),
-                token_label: p.token_label.clone(),
-                key_label: p.key_label.clone(),
-                pin_file: p.pin_file.as_deref().map(resolve),
-            }),
-        argon2,
-    }
-}
-
-/// `[tls]`, its paths resolved.
-fn tls_settings(
-    tls: &FileTls,
-    resolve: &dyn Fn(&Path) -> PathBuf,
-    allow_tls12: bool,
-) -> TlsSettings {
-    TlsSettings {
-        cert: resolve(&tls.cert),
-        key: resolve(&tls.key),
-        client_ca: resolve(&tls.client_ca),
-        allow_tls12,
-        handshake_timeout: std::time::Duration::from_secs(tls.handshake_timeout_secs),
-        crls: tls.crls.iter().map(|p| resolve(p)).collect(),
-        crl_poll: (tls.crl_poll_secs > 0)
-            .then(|| std::time::Duration::from_secs(tls.crl_poll_secs)),
     }
 }
