@@ -4,32 +4,36 @@
 //! mutual TLS to get, wrap, unwrap and rewrap data keys (DEKs).
 //!
 //! What it guarantees:
-//! - The master key is never stored in clear ([`seal`](crypto::seal): key file, passphrase, Shamir
+//! - The master key is never stored in clear ([`crypto::seal`]: key file, passphrase, Shamir
 //!   shares or a PKCS#11 token); the server starts sealed and serves no key operation
 //!   until unsealed.
 //! - KEK versions (AES-256 or RSA) are stored encrypted under the master key, bound to
 //!   their tenant, key id and version, with authenticated key records ([`keyring`]);
-//!   writes are acknowledged only once durable ([`keystore`](storage): redb, or PostgreSQL shared
+//!   writes are acknowledged only once durable ([`storage`]: redb, or PostgreSQL shared
 //!   by several nodes).
 //! - Wrapped DEKs are bound to the caller's encryption context and safe for well over
-//!   2^40 wraps per KEK version ([`format`](crypto::format)).
+//!   2^40 wraps per KEK version ([`crypto::format`]).
 //! - Every caller is a verified client certificate (checked against CRLs) mapped to a
-//!   tenant and a role, and per-key grants say who may use which key ([`tls`](security::tls),
-//!   [`policy`](access::policy)); another tenant's key looks like a missing one.
-//! - Bad input gets a 4xx with a stable error code ([`error`](base::error)), never a panic.
+//!   tenant and a role, and per-key grants say who may use which key ([`security::tls`],
+//!   [`access::policy`]); another tenant's key looks like a missing one.
+//! - Bad input gets a 4xx with a stable error code ([`base::error`]), never a panic.
 //! - Every request leaves a hash-chained audit record, durable before the response
-//!   leaves ([`audit`](security::audit)).
-//! - Identities denied repeatedly are locked out for a while ([`lockout`](access::lockout)).
-//! - Security events raise alerts to a webhook or a command ([`alert`](security::alert), [`event`](base::event)).
-//! - Destroying a KEK crypto-shreds every DEK under it ([`erasure`](storage::erasure)).
+//!   leaves ([`security::audit`]), written
+//!   for every listener by one completion path ([`api::completion`]).
+//! - Identities denied repeatedly are locked out for a while ([`access::lockout`]).
+//! - Security events raise alerts to a webhook or a command ([`security::alert`], [`base::event`]).
+//! - Destroying a KEK crypto-shreds every DEK under it ([`storage::erasure`]).
 //! - The cloud protocols — AWS XKS, Microsoft DKE, Google Workspace CSE, Google Cloud EKM,
-//!   Salesforce cache-only keys — are adapters over the same keyring ([`xks`](adapters::xks), [`dke`](adapters::dke),
-//!   [`cse`](adapters::cse), [`ekm`](adapters::ekm), [`salesforce`](adapters::salesforce)).
+//!   Salesforce cache-only keys — are adapters over the same keyring ([`adapters`]: `xks`, `dke`, `cse`, `ekm`,
+//!   `salesforce`).
 //!
-//! The modules form layers that import one way (ARCHITECTURE.md's module table;
-//! `tests/layers.rs` checks it).
+//! The source is one folder per layer, each importing only the layers below it
+//! (ARCHITECTURE.md's module table; `tests/layers.rs` checks it): [`base`], [`transport`],
+//! [`crypto`], [`storage`], [`access`], [`keyring`], [`security`], [`api`], [`adapters`],
+//! [`app`], [`tools`].
 //!
-//! The library is what the binary runs; tests start it on port 0 with [`run`]:
+//! The library is what the binary runs; tests start it on port 0 with
+//! [`app::server::run`]. The wrapped-DEK format, in the library's own words:
 //!
 //! ```
 //! use kms_server::crypto::format::{self, Header, KeyId};

@@ -152,9 +152,32 @@ pub fn check_webhook(url: &str) -> Result<(), String> {
     })
 }
 
+/// Why an alert did not reach its destination (logged; the alert is retried, then
+/// dropped and counted).
+#[derive(Debug, thiserror::Error)]
+enum DeliveryError {
+    #[error("webhook: {0}")]
+    Http(#[from] http_client::HttpError),
+    #[error("the webhook answered HTTP {0}")]
+    Status(u16),
+    #[error("the alert command is empty")]
+    EmptyCommand,
+    #[error("the alert command could not start: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("the alert command could not be waited for: {0}")]
+    Wait(#[source] std::io::Error),
+    #[error("the alert command exited with {0}")]
+    Exit(std::process::ExitStatus),
+    #[error("the alert command did not finish within {} s", COMMAND_TIMEOUT.as_secs())]
+    Timeout,
+}
+
+/// How long an alert command may run.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Posts one event to a webhook: `http://` within 3 s (a private receiver), `https://`
 /// within 10 s; any 2xx is delivery.
-async fn post_webhook(url: &str, ca: Option<&PathBuf>, body: &[u8]) -> Result<(), String> {
+async fn post_webhook(url: &str, ca: Option<&PathBuf>, body: &[u8]) -> Result<(), DeliveryError> {
     let deadline = if url.starts_with("http://") {
         Duration::from_secs(3)
     } else {
@@ -168,17 +191,18 @@ async fn post_webhook(url: &str, ca: Option<&PathBuf>, body: &[u8]) -> Result<()
         Some(body),
         deadline,
     )
-    .await
-    .map_err(|e| e.to_string())?;
+    .await?;
     if (200..300).contains(&status) {
         Ok(())
     } else {
-        Err(format!("HTTP {status}"))
+        Err(DeliveryError::Status(status))
     }
 }
 
-async fn run_command(argv: &[String], body: &[u8]) -> Result<(), String> {
-    let (program, args) = argv.split_first().ok_or("empty command")?;
+/// Runs the alert command with the event on its standard input; exit status 0 is
+/// delivery.
+async fn run_command(argv: &[String], body: &[u8]) -> Result<(), DeliveryError> {
+    let (program, args) = argv.split_first().ok_or(DeliveryError::EmptyCommand)?;
     let mut child = tokio::process::Command::new(program)
         .args(args)
         .stdin(std::process::Stdio::piped())
@@ -186,15 +210,15 @@ async fn run_command(argv: &[String], body: &[u8]) -> Result<(), String> {
         .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| e.to_string())?;
+        .map_err(DeliveryError::Spawn)?;
     if let Some(mut stdin) = child.stdin.take() {
         let _ = stdin.write_all(body).await;
     }
-    match tokio::time::timeout(Duration::from_secs(10), child.wait()).await {
+    match tokio::time::timeout(COMMAND_TIMEOUT, child.wait()).await {
         Ok(Ok(s)) if s.success() => Ok(()),
-        Ok(Ok(s)) => Err(format!("exited with {s}")),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("timed out".into()),
+        Ok(Ok(s)) => Err(DeliveryError::Exit(s)),
+        Ok(Err(e)) => Err(DeliveryError::Wait(e)),
+        Err(_) => Err(DeliveryError::Timeout),
     }
 }
 

@@ -77,7 +77,7 @@ impl SledStore {
             tracing::warn!(
                 path = %path.display(),
                 "this store uses sled 0.34.7, which can leave a store that no longer opens \
-                 after a kill -9 (keystore/STORAGE.md, \"sled under kill -9\"). Move it to \
+                 after a kill -9 (storage/STORAGE.md, \"sled under kill -9\"). Move it to \
                  redb, the default engine: stop the server, then run `kms-server \
                  migrate-store --from-config <this config> --config <a config with [store] \
                  engine = \"redb\">`"
@@ -87,7 +87,7 @@ impl SledStore {
         if !accepted {
             return Err(engine_err(Refused(format!(
                 "refusing to create a new sled store at {}: sled 0.34.7 can leave a store \
-                 that no longer opens after a kill -9 (keystore/STORAGE.md, \"sled under \
+                 that no longer opens after a kill -9 (storage/STORAGE.md, \"sled under \
                  kill -9\"). Use engine = \"redb\" (the default), or set [store] \
                  accept_sled_risks = true to accept that risk",
                 path.display()
@@ -96,7 +96,7 @@ impl SledStore {
         tracing::warn!(
             path = %path.display(),
             "creating a new sled store ([store] accept_sled_risks = true): sled 0.34.7 can \
-             leave a store that no longer opens after a kill -9 (keystore/STORAGE.md)"
+             leave a store that no longer opens after a kill -9 (storage/STORAGE.md)"
         );
         Ok(())
     }

@@ -3,6 +3,7 @@
 //! targets' entry points.
 
 pub mod dev;
+#[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod health;
 pub mod init;

@@ -291,7 +291,7 @@ struct FileStore {
     #[serde(default)]
     erasure_retention_secs: Option<u64>,
     /// `engine = "sled"`: the operator accepts sled's known risks (a kill -9 can leave a
-    /// store that no longer opens: `keystore/STORAGE.md`). Without it the server refuses to
+    /// store that no longer opens: `storage/STORAGE.md`). Without it the server refuses to
     /// create a new sled store; an existing one still opens, with a warning.
     #[serde(default)]
     accept_sled_risks: bool,
@@ -384,7 +384,7 @@ pub struct StoreSettings {
     /// keys in the database.
     pub shared_erasure_retention_secs: Option<u64>,
     /// `[store] accept_sled_risks`: whether a new sled store may be created
-    /// (`crate::app::server::open_store`; see `keystore/STORAGE.md`).
+    /// (`crate::app::server::open_store`; see `storage/STORAGE.md`).
     pub accept_sled_risks: bool,
 }
 
@@ -836,7 +836,7 @@ role = "app"
     }
 
     /// `accept_sled_risks` is read for sled and refused elsewhere (the refusal to create a
-    /// sled store without it is `keystore::sled_engine::tests`).
+    /// sled store without it is `storage::sled_engine::tests`).
     #[test]
     fn accept_sled_risks_is_only_for_sled() {
         let (dir, text) = base();

@@ -40,7 +40,7 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO keyhold_audit_head (id, seq, hash, mac)
         VALUES (1, 0, '0000000000000000000000000000000000000000000000000000000000000000', NULL)",
     // 5: the change feed names each change's table: besides key records, nodes follow
-    // runtime identities and lockouts (`keystore::followed`). Earlier entries were all
+    // runtime identities and lockouts (`storage::followed`). Earlier entries were all
     // key records (table 1).
     "ALTER TABLE keyhold_changes ADD COLUMN tbl smallint NOT NULL DEFAULT 1",
     // 6: erasure keys under epoch keys rooted in the sealing HSM (`crate::storage::erasure::shared`):
