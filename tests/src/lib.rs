@@ -107,7 +107,7 @@ pub fn keyring_with_erasure(engine: kms_server::storage::Engine, store_path: &Pa
                 key_label: "keyhold-crash".into(),
                 pin_file: Some(pin_file.into()),
             });
-        let pool = store.postgres().unwrap();
+        let pool = store.cluster().map(|c| c.pool()).unwrap();
         return ring.with_shared_erasure(kms_server::storage::erasure::SharedErasure::new(
             pool, sealer, 0,
         ));

@@ -60,7 +60,10 @@ fn main() -> anyhow::Result<()> {
             listen: false,
         }),
     )?;
-    let pool = store.postgres().context("a PostgreSQL store")?;
+    let pool = store
+        .cluster()
+        .map(|c| c.pool())
+        .context("a PostgreSQL store")?;
     let token = || {
         Pkcs11Sealer::new(Pkcs11Settings {
             module: args.module.clone(),

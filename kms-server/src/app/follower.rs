@@ -121,9 +121,11 @@ pub(super) async fn change_follower(
         let started = std::time::Instant::now();
         let store = keyring.store().clone();
         let at = cursor;
-        let read = tokio::task::spawn_blocking(move || match at {
-            None => store.change_cursor().map(|c| (c.unwrap_or(0), None)),
-            Some(c) => store.changes_since(c),
+        let read = tokio::task::spawn_blocking(move || match (store.cluster(), at) {
+            // Not shared: nothing changes behind this node's back.
+            (None, _) => Ok((0, Some(Vec::new()))),
+            (Some(c), None) => c.change_cursor().map(|cursor| (cursor, None)),
+            (Some(c), Some(cursor)) => c.changes_since(cursor),
         })
         .await;
         match read {
@@ -156,7 +158,10 @@ pub(super) async fn change_follower(
         // missed notification costs at most one interval.
         let store = keyring.store().clone();
         tokio::select! {
-            _ = tokio::task::spawn_blocking(move || store.wait_for_change(CHANGE_POLL)) => {}
+            _ = tokio::task::spawn_blocking(move || match store.cluster() {
+                Some(c) => c.wait_for_change(CHANGE_POLL),
+                None => std::thread::sleep(CHANGE_POLL),
+            }) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
     }
@@ -176,13 +181,14 @@ async fn heartbeat(state: &AppState, metrics: &Metrics, node_id: &str) {
     let id = node_id.to_owned();
     let beat = tokio::task::spawn_blocking(move || {
         let erasure = keyring.shared_erasure().and_then(|e| e.status().ok());
-        store
-            .heartbeat(&id, env!("CARGO_PKG_VERSION"))
-            .map(|peers| peers.map(|p| (p, erasure)))
+        store.cluster().map(|c| {
+            c.heartbeat(&id, env!("CARGO_PKG_VERSION"))
+                .map(|peers| (peers, erasure))
+        })
     })
     .await;
     let cluster = match beat {
-        Ok(Ok(Some((peers, erasure)))) => {
+        Ok(Some(Ok((peers, erasure)))) => {
             metrics.set_cluster_nodes(peers.len());
             if let Some(e) = &erasure {
                 metrics.set_erasure(e);

@@ -104,7 +104,7 @@ pub fn open_keyring(
     clock: crate::base::clock::Clock,
 ) -> Result<Keyring, StartError> {
     let store = open_store(settings)?;
-    let pool = store.postgres();
+    let pool = store.cluster().map(|c| c.pool());
     let erasure =
         crate::storage::erasure::ErasureFile::open(&settings.store.path.with_extension("erasure"))?;
     let keyring = Keyring::with_clock(store, clock)
@@ -305,6 +305,11 @@ async fn unseal_at_start(keyring: &Arc<Keyring>, sealer: Box<dyn Sealer>) {
             if e.is_bad_secret() && matches!(e, crate::crypto::seal::SealError::NoSecret(_)) =>
         {
             tracing::warn!("starting sealed: no unseal secret given; POST /v1/sys/unseal to unseal")
+        }
+        // The seal error itself says what failed (a wrong PIN, a missing file); the
+        // `Error` around it only says "unseal failed".
+        Ok(Err(Error::Seal(e))) => {
+            tracing::error!(error = %e, "starting sealed: unseal from the configured source failed")
         }
         Ok(Err(e)) => {
             tracing::error!(error = %e, "starting sealed: unseal from the configured source failed")

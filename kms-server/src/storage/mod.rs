@@ -204,41 +204,39 @@ pub trait KeyStore: Send + Sync + 'static {
     /// durable (fsync'd, or the engine's documented equivalent).
     fn commit(&self, batch: &WriteBatch) -> Result<(), StoreError>;
 
-    /// For a PostgreSQL store: its connection pool, for the tables kept beside the store's
-    /// (the cluster's audit chain). `None` for the embedded engines.
-    fn postgres(&self) -> Option<PgPool> {
+    /// The store's side that other nodes share, for a store several nodes write
+    /// (PostgreSQL); `None` for the embedded engines, where no other writer can exist.
+    fn cluster(&self) -> Option<&dyn Cluster> {
         None
     }
+}
 
-    /// For a store other nodes write too: the position of its change feed now (`None`:
-    /// no other writer can exist, as for the embedded engines).
-    fn change_cursor(&self) -> Result<Option<u64>, StoreError> {
-        Ok(None)
-    }
+/// What a store several nodes share adds to [`KeyStore`]: its change feed, the nodes'
+/// heartbeats, and its connection pool for the tables kept beside the store's (the
+/// cluster's audit chain, the erasure keys). The change follower (`app/follower.rs`) is
+/// the one reader of the feed and the heartbeats.
+pub trait Cluster: Send + Sync {
+    /// The connection pool.
+    fn pool(&self) -> PgPool;
 
-    /// On a store several nodes share: records that node `id` (running `version`) is
-    /// alive, and returns every node that did so in the last 10 s as (id, version,
-    /// milliseconds since). `None`: no other node can exist.
-    fn heartbeat(&self, id: &str, version: &str) -> Result<Option<Vec<Peer>>, StoreError> {
-        let _ = (id, version);
-        Ok(None)
-    }
+    /// The position of the change feed now.
+    fn change_cursor(&self) -> Result<u64, StoreError>;
+
+    /// Records that node `id` (running `version`) is alive, and returns every node that
+    /// did so in the last 10 s as (id, version, milliseconds since).
+    fn heartbeat(&self, id: &str, version: &str) -> Result<Vec<Peer>, StoreError>;
 
     /// Waits up to `timeout` for a sign that another writer changed something (a
-    /// notification); returns early when one came. Embedded engines just wait.
-    fn wait_for_change(&self, timeout: std::time::Duration) {
-        std::thread::sleep(timeout);
-    }
+    /// notification); returns early when one came.
+    fn wait_for_change(&self, timeout: std::time::Duration);
 
     /// The records other writers changed after `cursor` that nodes follow ([`followed`]),
     /// in commit order, and the new cursor. `None` instead of the list: the feed no longer
     /// reaches back to `cursor`, so anything may have changed.
-    fn changes_since(&self, cursor: u64) -> Result<Changes, StoreError> {
-        Ok((cursor, Some(Vec::new())))
-    }
+    fn changes_since(&self, cursor: u64) -> Result<Changes, StoreError>;
 }
 
-/// What [`KeyStore::changes_since`] returns: the new cursor, and the changed records as
+/// What [`Cluster::changes_since`] returns: the new cursor, and the changed records as
 /// (table, key) (`None`: the feed cannot say; drop everything).
 pub type Changes = (u64, Option<Vec<(Table, Vec<u8>)>>);
 

@@ -476,7 +476,7 @@ impl AuditLog {
         alerts: Alerter,
         node: Option<String>,
     ) -> Result<Self, Error> {
-        if let Some(pool) = store.postgres() {
+        if let Some(pool) = store.cluster().map(|c| c.pool()) {
             let chain = PgChain::new(pool);
             let (head, finding) = chain.open()?;
             let last = (head.seq, head.hash.clone());
@@ -654,7 +654,7 @@ pub fn copy_chain(
     to: &dyn KeyStore,
     to_path: &Path,
 ) -> Result<u64, Error> {
-    let source = match from.postgres() {
+    let source = match from.cluster().map(|c| c.pool()) {
         Some(pool) => {
             let chain = PgChain::new(pool);
             let (head, finding) = chain.open()?;
@@ -682,7 +682,10 @@ pub fn copy_chain(
         records.retain(|r| r.seq <= upto);
         Ok(records)
     };
-    match (from.postgres(), to.postgres()) {
+    match (
+        from.cluster().map(|c| c.pool()),
+        to.cluster().map(|c| c.pool()),
+    ) {
         (Some(_), Some(_)) => Err(Error::InvalidState(
             "both stores are PostgreSQL: copy the database with PostgreSQL's own tools",
         )),

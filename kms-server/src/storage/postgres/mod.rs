@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use postgres::types::ToSql;
 use sha2::{Digest, Sha256};
 
-use super::{Entry, KeyStore, StoreError, Table, WriteBatch};
+use super::{Cluster, Entry, KeyStore, StoreError, Table, WriteBatch};
 
 mod pool;
 mod schema;
@@ -183,8 +183,8 @@ impl KeyStore for PgStore {
         ENGINE
     }
 
-    fn postgres(&self) -> Option<PgPool> {
-        Some(self.pool.clone())
+    fn cluster(&self) -> Option<&dyn Cluster> {
+        Some(self)
     }
 
     fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -290,6 +290,12 @@ impl KeyStore for PgStore {
         let batch = batch.clone();
         self.call(move |c| commit_batch(c, &batch))
     }
+}
+
+impl Cluster for PgStore {
+    fn pool(&self) -> PgPool {
+        self.pool.clone()
+    }
 
     fn wait_for_change(&self, timeout: std::time::Duration) {
         let (count, cv) = &*self.notified;
@@ -300,7 +306,7 @@ impl KeyStore for PgStore {
             .unwrap_or_else(PoisonError::into_inner);
     }
 
-    fn heartbeat(&self, id: &str, version: &str) -> Result<Option<Vec<super::Peer>>, StoreError> {
+    fn heartbeat(&self, id: &str, version: &str) -> Result<Vec<super::Peer>, StoreError> {
         let (id, version) = (id.to_owned(), version.to_owned());
         self.call(move |c| {
             c.execute(
@@ -320,21 +326,20 @@ impl KeyStore for PgStore {
                 "DELETE FROM keyhold_nodes WHERE last_seen < now() - interval '1 day'",
                 &[],
             );
-            Ok(Some(
-                rows.into_iter()
-                    .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2).max(0) as u64))
-                    .collect(),
-            ))
+            Ok(rows
+                .into_iter()
+                .map(|r| (r.get(0), r.get(1), r.get::<_, i64>(2).max(0) as u64))
+                .collect())
         })
     }
 
-    fn change_cursor(&self) -> Result<Option<u64>, StoreError> {
+    fn change_cursor(&self) -> Result<u64, StoreError> {
         self.call(|c| {
             let seq: i64 = c
                 .query_one("SELECT coalesce(max(seq), 0) FROM keyhold_changes", &[])
                 .map_err(engine_err)?
                 .get(0);
-            Ok(Some(seq as u64))
+            Ok(seq as u64)
         })
     }
 
