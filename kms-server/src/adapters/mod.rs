@@ -10,6 +10,27 @@ pub mod jwt;
 pub mod salesforce;
 pub mod xks;
 
+/// Why an adapter could not start: which setting, and what is wrong with what it names (a
+/// file that does not load, a certificate that is not RSA, ...). Checked at start, after
+/// the configuration's own checks, which cannot open files.
+#[derive(Debug, thiserror::Error)]
+#[error("{setting}: {reason}")]
+pub struct SetupError {
+    /// The setting, as the configuration file names it (`salesforce.certificate`).
+    pub setting: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+impl SetupError {
+    pub(crate) fn new(setting: impl Into<String>, reason: impl std::fmt::Display) -> Self {
+        Self {
+            setting: setting.into(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
 /// The bearer token of a request (`Authorization: Bearer <token>`, the scheme in any
 /// case), trimmed; `None` without one.
 pub fn bearer(headers: &axum::http::HeaderMap) -> Option<String> {

@@ -23,8 +23,7 @@ pub(super) fn start_xks(
     limits: crate::transport::listen::Limits,
     stop_rx: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, StartError> {
-    let xks =
-        Arc::new(crate::adapters::xks::Xks::new(state.clone(), settings).map_err(StartError::Xks)?);
+    let xks = Arc::new(crate::adapters::xks::Xks::new(state.clone(), settings)?);
     let config = Arc::new(std::sync::RwLock::new(
         crate::adapters::xks::tls::server_config(settings)?,
     ));
@@ -74,7 +73,7 @@ pub(super) fn start_public(
     limits: crate::transport::listen::Limits,
     stop_rx: tokio::sync::watch::Receiver<bool>,
 ) -> Result<tokio::task::JoinHandle<()>, StartError> {
-    let app = crate::app::public::router(&state, config).map_err(StartError::Public)?;
+    let app = crate::app::public::router(&state, config)?;
     let salesforce = config.salesforce.as_ref();
     let client_ca = salesforce.and_then(|sf| sf.client_ca.clone());
     let crls = salesforce

@@ -88,7 +88,7 @@ pub fn server_config(
 pub fn router(
     state: &Arc<AppState>,
     settings: &crate::app::config::Settings,
-) -> Result<Router, String> {
+) -> Result<Router, crate::adapters::SetupError> {
     let mut router = Router::new();
     if let Some(dke) = &settings.dke {
         let dke = Arc::new(crate::adapters::dke::Dke::new(state.clone(), dke)?);

@@ -65,12 +65,9 @@ pub enum StartError {
     /// I/O on a listener.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
-    /// The XKS endpoint could not start (a credentials file).
-    #[error("{0}")]
-    Xks(String),
-    /// The public listener could not start.
-    #[error("{0}")]
-    Public(String),
+    /// An adapter could not start (a credentials file, a signing key, a certificate).
+    #[error(transparent)]
+    Adapter(#[from] crate::adapters::SetupError),
 }
 
 /// Opens the configured store.

@@ -118,8 +118,12 @@ fn key_answer(dek: &[u8]) -> Response {
 
 /// The JWK set `/cse/certs` publishes for the signing key at `path` (what a key service
 /// that accepts this one's migration tokens configures as its `migration_peers` key set).
-pub fn signing_jwks(path: &std::path::Path) -> Result<serde_json::Value, String> {
-    Ok(json!({"keys": [Signer::load(path)?.jwk]}))
+pub fn signing_jwks(
+    path: &std::path::Path,
+) -> Result<serde_json::Value, crate::adapters::SetupError> {
+    let signer =
+        Signer::load(path).map_err(|e| crate::adapters::SetupError::new("cse.signing_key", e))?;
+    Ok(json!({"keys": [signer.jwk]}))
 }
 
 /// The resource key hash: base64(HMAC-SHA256(key = DEK, "ResourceKeyDigest:" ‖
@@ -200,14 +204,20 @@ async fn verify<C: DeserializeOwned>(
 
 impl Cse {
     /// The endpoint for `settings`; fails when the signing key does not load.
-    pub fn new(app: Arc<AppState>, settings: &CseSettings) -> Result<Self, String> {
+    pub fn new(
+        app: Arc<AppState>,
+        settings: &CseSettings,
+    ) -> Result<Self, crate::adapters::SetupError> {
         let verifiers = |list: &[crate::adapters::jwt::JwtSettings]| {
             list.iter()
                 .map(|s| (s.issuers[0].clone(), Verifier::new(s.clone())))
                 .collect()
         };
         let signer = match &settings.signing_key {
-            Some(p) => Some(Signer::load(p).map_err(|e| format!("cse.signing_key: {e}"))?),
+            Some(p) => Some(
+                Signer::load(p)
+                    .map_err(|e| crate::adapters::SetupError::new("cse.signing_key", e))?,
+            ),
             None => None,
         };
         Ok(Self {

@@ -117,13 +117,21 @@ fn cache_exp(after: std::time::Duration) -> String {
 
 impl Dke {
     /// The endpoint for `settings` (its key set is read at the first token).
-    pub fn new(app: Arc<AppState>, settings: &DkeSettings) -> Result<Self, String> {
+    pub fn new(
+        app: Arc<AppState>,
+        settings: &DkeSettings,
+    ) -> Result<Self, crate::adapters::SetupError> {
         let challenge = HeaderValue::from_str(&format!(
             "Bearer resource=\"{aud}\", authorization=\"{auth}\", realm=\"{aud}\"",
             aud = settings.jwt.audiences.first().cloned().unwrap_or_default(),
             auth = settings.authorization_url,
         ))
-        .map_err(|_| "dke: the challenge is not a valid header value".to_owned())?;
+        .map_err(|_| {
+            crate::adapters::SetupError::new(
+                "dke.authorization_url",
+                "the challenge it makes is not a valid header value",
+            )
+        })?;
         Ok(Self {
             app,
             verifier: Verifier::new(settings.jwt.clone()),

@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::adapters::SetupError;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -61,34 +62,35 @@ fn refuse(status: StatusCode, message: &str) -> Response {
 
 impl Salesforce {
     /// The endpoint for `settings`; fails when the certificate or credential do not load.
-    pub fn new(app: Arc<AppState>, settings: &SalesforceSettings) -> Result<Self, String> {
+    pub fn new(app: Arc<AppState>, settings: &SalesforceSettings) -> Result<Self, SetupError> {
+        let cert_error = |reason: &str| SetupError::new("salesforce.certificate", reason);
         use x509_parser::prelude::{FromDer, X509Certificate};
         let certs = crate::base::pem::load_certs(&settings.certificate)
-            .map_err(|e| format!("salesforce.certificate: {e}"))?;
+            .map_err(|e| SetupError::new("salesforce.certificate", e))?;
         let der = certs
             .first()
-            .ok_or_else(|| "salesforce.certificate: no certificate in the file".to_owned())?;
+            .ok_or_else(|| cert_error("no certificate in the file"))?;
         let (_, cert) = X509Certificate::from_der(der.as_ref())
-            .map_err(|_| "salesforce.certificate: not an X.509 certificate".to_owned())?;
+            .map_err(|_| cert_error("not an X.509 certificate"))?;
         let public = aws_lc_rs::rsa::PublicEncryptingKey::from_der(cert.public_key().raw)
-            .map_err(|_| "salesforce.certificate: not an RSA public key".to_owned())?;
+            .map_err(|_| cert_error("not an RSA public key"))?;
         let certificate = aws_lc_rs::rsa::OaepPublicEncryptingKey::new(public)
-            .map_err(|_| "salesforce.certificate: unusable RSA key".to_owned())?;
+            .map_err(|_| cert_error("unusable RSA key"))?;
         let secret = match &settings.credential_file {
             None => None,
             Some(path) => {
                 let secret = zeroize::Zeroizing::new(
                     std::fs::read_to_string(path)
-                        .map_err(|e| format!("salesforce.credential_file: {e}"))?
+                        .map_err(|e| SetupError::new("salesforce.credential_file", e))?
                         .trim()
                         .as_bytes()
                         .to_vec(),
                 );
                 if secret.len() < 16 {
-                    return Err(
-                        "salesforce.credential_file: the secret must be at least 16 characters"
-                            .into(),
-                    );
+                    return Err(SetupError::new(
+                        "salesforce.credential_file",
+                        "the secret must be at least 16 characters",
+                    ));
                 }
                 Some(secret)
             }

@@ -117,11 +117,18 @@ struct Facts {
 impl Xks {
     /// The endpoint over the native API's state; fails when a credentials file does not
     /// load.
-    pub fn new(app: Arc<AppState>, settings: &XksSettings) -> Result<Self, String> {
+    pub fn new(
+        app: Arc<AppState>,
+        settings: &XksSettings,
+    ) -> Result<Self, crate::adapters::SetupError> {
         let mut stores = HashMap::new();
         for s in &settings.stores {
-            let credentials = CredentialSet::open(&s.credentials)
-                .map_err(|e| format!("xks store {}: credentials: {e}", s.name))?;
+            let credentials = CredentialSet::open(&s.credentials).map_err(|e| {
+                crate::adapters::SetupError::new(
+                    format!("xks.stores[name = {}].credentials", s.name),
+                    e,
+                )
+            })?;
             stores.insert(
                 s.prefix.clone(),
                 Store {

@@ -94,6 +94,15 @@ pub struct Limits {
     pub idle_timeout: Duration,
 }
 
+/// Why an accepted connection was not established.
+#[derive(Debug, thiserror::Error)]
+enum EstablishError {
+    #[error("handshake refused: {0}")]
+    Handshake(#[source] std::io::Error),
+    #[error("the listener stopped")]
+    Stopped,
+}
+
 /// What turns an accepted TCP connection into the stream HTTP is served on.
 pub trait Handshake: Send + Sync + 'static {
     /// The stream after the handshake.
@@ -397,15 +406,21 @@ impl Connection {
         // held until a slot is found.
         let (slots, open) = (self.slots.clone(), self.established.clone());
         let established = async move {
-            let io = handshake.handshake(tcp).await.map_err(|e| e.to_string())?;
-            let slot = open.take_slot(&slots).await?;
-            Ok::<_, String>((io, slot))
+            let io = handshake
+                .handshake(tcp)
+                .await
+                .map_err(EstablishError::Handshake)?;
+            let slot = open
+                .take_slot(&slots)
+                .await
+                .map_err(|_| EstablishError::Stopped)?;
+            Ok::<_, EstablishError>((io, slot))
         };
         let established = tokio::select! {
             r = tokio::time::timeout_at(deadline, established) => match r {
                 Ok(Ok(done)) => done,
                 Ok(Err(e)) => {
-                    tracing::info!(%peer, error = %e, "TLS handshake refused");
+                    tracing::info!(%peer, error = %e, "connection not established");
                     return None;
                 }
                 Err(_) => {

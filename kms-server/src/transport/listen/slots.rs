@@ -267,7 +267,7 @@ impl Established {
     pub(super) async fn take_slot(
         &self,
         slots: &Arc<tokio::sync::Semaphore>,
-    ) -> Result<Permit, String> {
+    ) -> Result<Permit, tokio::sync::AcquireError> {
         loop {
             if let Ok(p) = slots.clone().try_acquire_owned() {
                 return Ok(p);
@@ -280,7 +280,7 @@ impl Established {
             }
             tokio::select! {
                 p = slots.clone().acquire_owned() => {
-                    return p.map_err(|_| "the listener stopped".to_string());
+                    return p;
                 }
                 () = tokio::time::sleep(EVICT_SLOT_AFTER / 4) => {}
             }
