@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Salesforce cache-only key callouts over TLS keep-alive: `GET /salesforce/{kid}?nonce=...`
+# Salesforce cache-only key callouts over TLS keep-alive: `GET /salesforce/{kid}?requestId=...`
 # with the Named Credential's secret; each answer unwraps the data key through the keyring,
 # wraps a fresh content key with RSA-OAEP under Salesforce's 4096-bit certificate, seals
 # the data key with AES-256-GCM into the JWE, and syncs the audit record. Issue 12's
@@ -18,11 +18,11 @@ pub=$dev_public
 secret=$(cat "$work/dev/dev-salesforce-credential")
 echo '{}' > "$work/empty.json"
 curl -sSf --cacert "$pki/ca.pem" --resolve "localhost:$pub:127.0.0.1" -H "authorization: Bearer $secret" \
-  "https://localhost:$pub/salesforce/dev-sf-1?nonce=n1" | grep -q '"jwe"'
+  "https://localhost:$pub/salesforce/dev-sf-1?requestId=e5ab58fd2ced013f2a46d5c8144dd439" | grep -q '"jwe"'
 echo "| c | callouts/s | p50 / p99 / p99.9 (ms) | errors |"
 echo "|---|---|---|---|"
 for c in $levels; do
-  r=$("$bin/loadgen" --addr "127.0.0.1:$pub" --path "/salesforce/dev-sf-1?nonce=bench" --get --body "$work/empty.json" \
+  r=$("$bin/loadgen" --addr "127.0.0.1:$pub" --path "/salesforce/dev-sf-1?requestId=0123456789abcdef0123456789abcdef" --get --body "$work/empty.json" \
     --ca "$pki/ca.pem" --cert "$pki/app.pem" --key "$pki/app-key.pem" --duration "$duration" --warmup 2 \
     --concurrency "$c" --label "salesforce-$c" --header "authorization: Bearer $secret")
   python3 - "$r" <<'PY'

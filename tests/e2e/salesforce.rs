@@ -14,6 +14,11 @@ use crate::post;
 
 const SF_IDENTITY: &str = "spiffe://test/acme/salesforce";
 const SECRET: &str = "named-credential-secret-0123456789";
+/// The nonce of Salesforce's replay detection, as its Security Implementation Guide shows
+/// it ("Replay Detection for Cache-Only Keys": 32 hex characters, echoed as the JWE's
+/// `jti`); sent as the `requestId` query parameter (p15r/distributey,
+/// `distributey/input_validation.py`, built against real orgs).
+const REQUEST_ID: &str = "e5ab58fd2ced013f2a46d5c8144dd439";
 
 /// A self-signed RSA certificate standing in for Salesforce's BYOK certificate (made by
 /// `openssl req`, 4096 bits as Salesforce's), its private key, and the Named Credential's
@@ -152,15 +157,20 @@ async fn salesforce_callouts_get_a_jwe_only_salesforce_can_open() {
         "CI must install jwcrypto"
     );
 
-    // With a nonce: header exactly alg, enc, kid, jti; the payload is the data key.
-    let (st, body) = get(format!("{base}/{}?nonce=n-42", made[0].0), Some(SECRET)).await;
+    // With replay detection's nonce (`requestId`, 32 hex): header exactly alg, enc, kid,
+    // jti; the payload is the data key.
+    let (st, body) = get(
+        format!("{base}/{}?requestId={REQUEST_ID}", made[0].0),
+        Some(SECRET),
+    )
+    .await;
     assert_eq!(st, 200, "{body}");
     assert_eq!(body["kid"], made[0].0);
     let jwe = body["jwe"].as_str().unwrap();
     assert_eq!(jwe.split('.').count(), 5);
     assert_eq!(
         header_of(jwe),
-        json!({"alg": "RSA-OAEP", "enc": "A256GCM", "kid": made[0].0, "jti": "n-42"})
+        json!({"alg": "RSA-OAEP", "enc": "A256GCM", "kid": made[0].0, "jti": REQUEST_ID})
     );
     assert_eq!(
         B64URL.decode(jwe.split('.').nth(2).unwrap()).unwrap().len(),
@@ -236,6 +246,145 @@ async fn salesforce_callouts_get_a_jwe_only_salesforce_can_open() {
         .any(|r| r.operation == "SALESFORCE callout" && r.outcome == "ok"));
     let all = serde_json::to_string(&page.records).unwrap();
     assert!(!all.contains(&B64.encode(&made[0].2)));
+}
+
+/// Issue 24: the callout as a stock Named Credential makes it. Salesforce's own sample
+/// (forcedotcom/CacheOnlyKeyWrapper, README) authenticates with Basic auth
+/// (`Authorization: Basic base64(user:password)`), and with replay detection on the nonce
+/// comes as `?requestId=<32 hex>` and must come back as the JWE header's `jti`, else
+/// Salesforce aborts the callout. The request carries what a captured callout carried
+/// (distributey, docs/key_consumer_setup.md): `User-Agent: SFDC-Callout/49.0`,
+/// `Connection: close`, a non-JSON `Accept`. jwcrypto opens the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salesforce_basic_auth_and_request_id_as_salesforce_sends_them() {
+    const USER: &str = "keyhold-callout";
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key, secret) = byok_files(files.path(), 2048);
+    let table = |keys: &str| {
+        format!(
+            "\n[public]\nlisten = \"127.0.0.1:0\"\ncert = \"pki/server.pem\"\nkey = \"pki/server-key.pem\"\n\n[salesforce]\ntenant = \"acme\"\nidentity = \"{SF_IDENTITY}\"\nusername = \"{USER}\"\ncredential_file = \"{}\"\ncertificate = \"{}\"\n{keys}",
+            secret.display(),
+            cert.display()
+        )
+    };
+    let mut s = TestServer::start_with(TestSeal::KeyFile, &table("")).await;
+    create_sf_kek(&s).await;
+    let kid = "982c375b-f46b-4423-8c2d-4d1a69152a0b";
+    let dk = post(
+        &s.client(Some("app-a")),
+        &s.url("/v1/keys/sf-kek/datakey"),
+        json!({"context": {"salesforce": kid}}),
+    )
+    .await;
+    assert_eq!(dk.0, 200, "{dk:?}");
+    let plaintext = B64.decode(dk.1["plaintext"].as_str().unwrap()).unwrap();
+    let keys = format!(
+        "[[salesforce.keys]]\nkid = \"{kid}\"\nkey = \"sf-kek\"\nwrapped = \"{}\"\n",
+        dk.1["wrapped"].as_str().unwrap()
+    );
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let start = text.find("\n[public]").unwrap();
+    std::fs::write(&s.config, format!("{}{}", &text[..start], table(&keys))).unwrap();
+    s.restart().await;
+    s.wait_ready().await;
+
+    let client = keyhold_tests::client_for(&s.pki, None, false);
+    let base = format!(
+        "https://localhost:{}/salesforce",
+        s.public_addr.unwrap().port()
+    );
+    let callout = |query: &str, authorization: Option<String>| {
+        let (client, url) = (client.clone(), format!("{base}/{kid}{query}"));
+        async move {
+            let mut req = client
+                .get(url)
+                .header("user-agent", "SFDC-Callout/49.0")
+                .header(
+                    "accept",
+                    "text/html, image/gif, image/jpeg, *; q=.2, */*; q=.2",
+                )
+                .header("connection", "close")
+                .header("cache-control", "no-cache");
+            if let Some(a) = authorization {
+                req = req.header("authorization", a);
+            }
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let basic = |user: &str, password: &str| {
+        Some(format!(
+            "Basic {}",
+            B64.encode(format!("{user}:{password}"))
+        ))
+    };
+
+    let (st, body) = callout(&format!("?requestId={REQUEST_ID}"), basic(USER, SECRET)).await;
+    assert_eq!(st, 200, "{body}");
+    assert_eq!(body["kid"], kid);
+    let jwe = body["jwe"].as_str().unwrap();
+    let header: Value =
+        serde_json::from_slice(&B64URL.decode(jwe.split('.').next().unwrap()).unwrap()).unwrap();
+    assert_eq!(
+        header,
+        json!({"alg": "RSA-OAEP", "enc": "A256GCM", "kid": kid, "jti": REQUEST_ID}),
+        "the nonce comes back as jti"
+    );
+    let have_jwcrypto = std::process::Command::new("python3")
+        .args(["-c", "import jwcrypto"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        have_jwcrypto || std::env::var_os("CI").is_none(),
+        "CI must install jwcrypto"
+    );
+    if have_jwcrypto {
+        // jwcrypto checks the header it is given against what it decrypts; it reads the
+        // nonce back as Salesforce does.
+        let script = "import sys\nfrom jwcrypto import jwk, jwe\nk = jwk.JWK.from_pem(open(sys.argv[1], 'rb').read())\nt = jwe.JWE()\nt.allowed_algs = ['RSA-OAEP', 'A256GCM']\nt.deserialize(sys.argv[2], key=k)\nprint(t.jose_header['jti'], t.payload.hex())";
+        let out = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&key)
+            .arg(jwe)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "jwcrypto: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (jti, hex) = text.trim().split_once(' ').unwrap();
+        assert_eq!(jti, REQUEST_ID);
+        let opened: Vec<u8> = (0..64)
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        assert_eq!(opened, plaintext, "jwcrypto opens the JWE to the data key");
+    }
+
+    // Refused: another password, another user, the secret as a bearer token (with a
+    // username configured, the Named Credential sends Basic), no credential.
+    for auth in [
+        basic(USER, "named-credential-secret-0123456788"),
+        basic("someone-else", SECRET),
+        Some(format!("Bearer {SECRET}")),
+        Some(format!("Basic {}", B64.encode(SECRET))),
+        None,
+    ] {
+        let (st, _) = callout(&format!("?requestId={REQUEST_ID}"), auth.clone()).await;
+        assert_eq!(st, 401, "{auth:?}");
+    }
+    // A requestId that is not Salesforce's 32 hex characters is refused, not echoed.
+    for bad in [
+        "n-42",
+        "E5AB58FD2CED013F2A46D5C8144DD43",
+        "e5ab58fd2ced013f2a46d5c8144dd439aa",
+    ] {
+        let (st, _) = callout(&format!("?requestId={bad}"), basic(USER, SECRET)).await;
+        assert_eq!(st, 400, "{bad}");
+    }
 }
 
 /// The optional client certificate on the Salesforce route (`[salesforce] client_ca`,

@@ -2,14 +2,16 @@
 //! Salesforce's callout fetches a data key by its key identifier from Keyhold, on the public
 //! listener ([`crate::app::public`]) under `/salesforce`, and keeps it only in its cache.
 //!
-//! `GET /salesforce/{kid}[?nonce=...]` with the configured credentials (`Authorization:
+//! `GET /salesforce/{kid}[?requestId=<32 hex>]` with the configured credentials (the Named
+//! Credential's `Authorization: Basic` with `username` and the secret, or `Authorization:
 //! Bearer <secret>`, compared in constant time, and/or, with `client_ca`, a client
 //! certificate from that CA, optionally pinned by SHA-256; the public listener then asks
 //! every client for a certificate but lets those without one through to the routes that
 //! do not need one) answers `{"kid", "jwe"}`: the 32-byte
 //! data key in a JWE compact serialization, protected header exactly
-//! `{"alg":"RSA-OAEP","enc":"A256GCM","kid":<kid>}` (plus `"jti":<nonce>` when the
-//! callout sends one, for replay detection), the content key wrapped with RSAES-OAEP
+//! `{"alg":"RSA-OAEP","enc":"A256GCM","kid":<kid>}` (plus `"jti":<requestId>` when the
+//! callout sends one: replay detection's nonce, without which Salesforce aborts the
+//! callout), the content key wrapped with RSAES-OAEP
 //! (SHA-1, as JOSE `RSA-OAEP` defines) under the public key of Salesforce's BYOK
 //! certificate, a 96-bit IV, AAD = the ASCII of the encoded header, a 128-bit tag.
 //!
@@ -113,11 +115,17 @@ impl Salesforce {
         presented: crate::adapters::ClientCertificate,
     ) -> Result<(), &'static str> {
         if let Some(secret) = &self.secret {
-            let given = crate::adapters::bearer(headers).unwrap_or_default();
-            if !bool::from(subtle::ConstantTimeEq::ct_eq(
-                given.as_bytes(),
-                secret.as_slice(),
-            )) {
+            let accepted = match &self.settings.username {
+                Some(user) => basic_matches(headers, user, secret),
+                None => {
+                    let given = crate::adapters::bearer(headers).unwrap_or_default();
+                    bool::from(subtle::ConstantTimeEq::ct_eq(
+                        given.as_bytes(),
+                        secret.as_slice(),
+                    ))
+                }
+            };
+            if !accepted {
                 return Err("wrong credential");
             }
         }
@@ -206,11 +214,11 @@ impl Salesforce {
         let Some(entry) = self.settings.keys.iter().find(|k| k.kid == kid).cloned() else {
             return refuse(StatusCode::NOT_FOUND, "unknown key identifier");
         };
-        if nonce
-            .as_ref()
-            .is_some_and(|n| n.len() > 256 || n.chars().any(char::is_control))
-        {
-            return refuse(StatusCode::BAD_REQUEST, "bad nonce");
+        if nonce.as_deref().is_some_and(|n| !valid_request_id(n)) {
+            return refuse(
+                StatusCode::BAD_REQUEST,
+                "requestId must be 32 lowercase hex characters",
+            );
         }
         facts.0 = Some(entry.key.clone());
         let me = self.clone();
@@ -260,10 +268,47 @@ impl Salesforce {
     }
 }
 
+/// The callout's query: replay detection's nonce, `requestId` (what Salesforce's guide
+/// calls the RequestIdentifier's nonce; the parameter name as p15r/distributey reads it
+/// from real orgs' callouts). Other parameters are ignored.
 #[derive(serde::Deserialize)]
 struct CalloutQuery {
-    #[serde(default)]
-    nonce: Option<String>,
+    #[serde(default, rename = "requestId")]
+    request_id: Option<String>,
+}
+
+/// Replay detection's nonce as Salesforce makes it: 32 lowercase hex characters (128 bits;
+/// Security Implementation Guide, "Replay Detection for Cache-Only Keys").
+fn valid_request_id(n: &str) -> bool {
+    n.len() == 32 && n.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Whether `Authorization: Basic` carries `user` and `password` (RFC 7617), both compared
+/// in constant time.
+fn basic_matches(headers: &HeaderMap, user: &str, password: &[u8]) -> bool {
+    let Some(value) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, encoded)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return false;
+    }
+    let Ok(decoded) = B64.decode(encoded.trim()) else {
+        return false;
+    };
+    let decoded = zeroize::Zeroizing::new(decoded);
+    let Some(colon) = decoded.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    let (given_user, given_password) = (&decoded[..colon], &decoded[colon + 1..]);
+    let user_ok = subtle::ConstantTimeEq::ct_eq(given_user, user.as_bytes());
+    let password_ok = subtle::ConstantTimeEq::ct_eq(given_password, password);
+    bool::from(user_ok & password_ok)
 }
 
 async fn callout(
@@ -275,7 +320,7 @@ async fn callout(
 ) -> Response {
     let started = Instant::now();
     let mut facts = (None, None);
-    let nonce = query.ok().and_then(|Query(q)| q.nonce);
+    let nonce = query.ok().and_then(|Query(q)| q.request_id);
     let presented = presented.map_or(crate::adapters::ClientCertificate(None), |e| e.0);
     let resp = sf
         .callout(&kid, nonce.clone(), &headers, presented, &mut facts)
@@ -316,4 +361,61 @@ pub fn router(sf: Arc<Salesforce>) -> Router {
 /// The wrapped data keys' bytes, from the configuration's base64.
 pub(crate) fn decode_wrapped(s: &str) -> Option<Vec<u8>> {
     B64.decode(s.trim().as_bytes()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_salesforce_nonces_only() {
+        // The nonce shown in Salesforce's guide ("Replay Detection for Cache-Only Keys").
+        assert!(valid_request_id("e5ab58fd2ced013f2a46d5c8144dd439"));
+        for bad in [
+            "",
+            "n-42",
+            "e5ab58fd2ced013f2a46d5c8144dd43",
+            "e5ab58fd2ced013f2a46d5c8144dd4390",
+            "E5AB58FD2CED013F2A46D5C8144DD439",
+            "e5ab58fd2ced013f2a46d5c8144dd43g",
+        ] {
+            assert!(!valid_request_id(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn basic_auth_needs_the_user_and_the_password() {
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                axum::http::header::AUTHORIZATION,
+                value.parse().expect("header value"),
+            );
+            h
+        };
+        // RFC 7617 section 2's example: "Aladdin" / "open sesame".
+        let good = with("Basic QWxhZGRpbjpvcGVuIHNlc2FtZQ==");
+        assert!(basic_matches(&good, "Aladdin", b"open sesame"));
+        assert!(basic_matches(
+            &with("basic QWxhZGRpbjpvcGVuIHNlc2FtZQ=="),
+            "Aladdin",
+            b"open sesame"
+        ));
+        assert!(!basic_matches(&good, "Aladdin", b"open sesame!"));
+        assert!(!basic_matches(&good, "aladdin", b"open sesame"));
+        assert!(!basic_matches(
+            &with("Bearer QWxhZGRpbjpvcGVuIHNlc2FtZQ=="),
+            "Aladdin",
+            b"open sesame"
+        ));
+        assert!(!basic_matches(
+            &with("Basic !!!"),
+            "Aladdin",
+            b"open sesame"
+        ));
+        // No colon: no user id.
+        let no_colon = format!("Basic {}", B64.encode("Aladdinopen sesame"));
+        assert!(!basic_matches(&with(&no_colon), "Aladdin", b"open sesame"));
+        assert!(!basic_matches(&HeaderMap::new(), "Aladdin", b"open sesame"));
+    }
 }

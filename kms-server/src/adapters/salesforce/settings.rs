@@ -23,9 +23,15 @@ struct FileKey {
 pub(crate) struct FileSalesforce {
     tenant: String,
     identity: String,
-    /// The secret the Named Credential sends (`Authorization: Bearer`), mode 600.
+    /// The secret the Named Credential sends, mode 600: its password with `username`
+    /// (Basic auth, as a Named Credential with password authentication sends it), else a
+    /// bearer token (`Authorization: Bearer`, a custom header).
     #[serde(default)]
     credential_file: Option<PathBuf>,
+    /// The Named Credential's user name: with it, a callout must carry
+    /// `Authorization: Basic base64(username ":" secret)`.
+    #[serde(default)]
+    username: Option<String>,
     /// CA bundle (PEM) that Salesforce's mutual-authentication client certificate chains
     /// to: with it, a callout must present such a certificate.
     #[serde(default)]
@@ -63,6 +69,8 @@ pub struct SalesforceSettings {
     pub identity: String,
     /// The credential file (`None`: the client certificate is the credential).
     pub credential_file: Option<PathBuf>,
+    /// The Basic-auth user name (`None`: the secret is a bearer token).
+    pub username: Option<String>,
     /// The client certificates' CA (`None`: no client certificate is asked for).
     pub client_ca: Option<PathBuf>,
     /// CRLs of `client_ca` (reloaded on change and SIGHUP).
@@ -98,6 +106,22 @@ impl FileSalesforce {
         ] {
             if let Some(p) = p.filter(|p| !p.is_file()) {
                 return e(f, &format!("{} is not a readable file", p.display()));
+            }
+        }
+        if let Some(user) = &self.username {
+            if credential_file.is_none() {
+                return e("username", "needs credential_file (the password)");
+            }
+            // RFC 7617: the user id cannot contain a colon.
+            if user.is_empty()
+                || user.len() > 128
+                || user.contains(':')
+                || user.chars().any(char::is_control)
+            {
+                return e(
+                    "username",
+                    "1 to 128 printable characters without ':' (RFC 7617)",
+                );
             }
         }
         let client_crls: Vec<PathBuf> = self.client_crls.iter().map(|p| resolve(p)).collect();
@@ -161,6 +185,7 @@ impl FileSalesforce {
             tenant: self.tenant,
             identity: self.identity,
             credential_file,
+            username: self.username,
             client_ca,
             client_crls,
             client_certificate_sha256: pins,
