@@ -386,3 +386,141 @@ allow_missing_reason = true
     let all = serde_json::to_string(&page.records).unwrap();
     assert!(!all.contains(&dek));
 }
+
+/// Issue 24: what Cloud EKM really sends, taken from public references.
+/// - The token's audience is the service's origin, `https://<host>` without path or port
+///   (GoogleCloudPlatform/stet, `client/jwt/jwt.go`: `fmt.Sprintf("%v://%v", u.Scheme,
+///   u.Hostname())`), while `[ekm] url` carries a path and a port as the docs show; its
+///   issuer may be `accounts.google.com` without the scheme (Google Identity, "Verify the
+///   Google ID token").
+/// - Bodies in protojson as other clients send them: STET's conformance `WrapRequest`
+///   (`cmd/conformance/main.go`: only `relativeResourceName`, empty fields left out),
+///   Thales's load-test body (ThalesGroup/k6client-ciphertrust, `ekm_wrap.js`: mixed
+///   casing and a `null`), a reason by number, and the two `MODIFIED_*` reasons of the
+///   `AccessReasonContext.Reason` enum.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ekm_takes_what_cloud_kms_sends() {
+    let keys = tempfile::tempdir().unwrap();
+    let pem = &issuer(keys.path());
+    let extra = format!(
+        r#"
+[public]
+listen = "127.0.0.1:0"
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+
+[ekm]
+url = "https://ekm.test:8443/ekm"
+jwks = "{j}"
+tenant = "acme"
+identity = "{EKM_IDENTITY}"
+
+[[ekm.keys]]
+path = "v0/kaj"
+key = "ekm-kek"
+callers = ["{AGENT}"]
+allowed_reasons = ["MODIFIED_CUSTOMER_INITIATED_ACCESS", "CUSTOMER_INITIATED_ACCESS", "CUSTOMER_INITIATED_SUPPORT"]
+"#,
+        j = keys.path().join("google.json").display()
+    );
+    let s = TestServer::start_with(TestSeal::KeyFile, &extra).await;
+    let r = post(&s.client(Some("admin-a")), &s.url("/v1/keys"),
+        json!({"name": "ekm-kek", "grants": [{"identity": EKM_IDENTITY, "operations": ["wrap", "unwrap"]}]})).await;
+    assert_eq!(r.0, 201, "{r:?}");
+    let client = keyhold_tests::client_for(&s.pki, None, false);
+    let base = format!("https://localhost:{}/ekm", s.public_addr.unwrap().port());
+    let call = |path: &str, tok: String, body: Value| {
+        let (client, url) = (client.clone(), format!("{base}/{path}"));
+        async move {
+            let r = client
+                .post(url)
+                .bearer_auth(tok)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let origin = || {
+        token(
+            pem,
+            json!({"aud": "https://ekm.test", "iss": "accounts.google.com"}),
+        )
+    };
+
+    // STET's conformance request, with the origin audience.
+    let (st, w) = call(
+        "v0/kaj:wrap",
+        origin(),
+        json!({"keyPath": "v0/kaj", "plaintext": "AQ==", "additionalContext": {
+            "relativeResourceName": "myresource",
+            "accessReasonContext": {"reason": "CUSTOMER_INITIATED_ACCESS"}}}),
+    )
+    .await;
+    assert_eq!(st, 200, "{w}");
+    let blob = w["wrappedBlob"].as_str().unwrap().to_owned();
+    // Unwrapped under a deprecated-but-valid reason, given by name and by number (8).
+    for reason in [json!("MODIFIED_CUSTOMER_INITIATED_ACCESS"), json!(8)] {
+        let (st, u) = call(
+            "v0/kaj:unwrap",
+            origin(),
+            json!({"wrappedBlob": blob, "additionalContext": {
+                "relativeResourceName": "myresource", "accessReasonContext": {"reason": reason}}}),
+        )
+        .await;
+        assert_eq!(st, 200, "{reason}: {u}");
+        assert_eq!(u["plaintext"], "AQ==");
+    }
+    // A reason number no policy knows is refused like a name it does not allow.
+    let (st, _) = call(
+        "v0/kaj:unwrap",
+        origin(),
+        json!({"wrappedBlob": blob, "additionalContext": {"accessReasonContext": {"reason": 99}}}),
+    )
+    .await;
+    assert_eq!(st, 400);
+    // Thales's body: snake_case beside camelCase, a null, a reason that is allowed.
+    let (st, w) = call(
+        "v0/kaj:wrap",
+        origin(),
+        json!({"plaintext": "dGVzdA==", "additionalContext": {
+            "accessReasonContext": {"reason": "CUSTOMER_INITIATED_SUPPORT"},
+            "relative_resource_name": "projects/test-ekm/locations/us/keyRings/n1/cryptoKeys/k/cryptoKeyVersions/16",
+            "is_key_health_check": null}}),
+    )
+    .await;
+    assert_eq!(st, 200, "{w}");
+    // An empty plaintext is left out by proto3 JSON: wrapped, and unwraps to nothing.
+    let (st, w) = call(
+        "v0/kaj:wrap",
+        origin(),
+        json!({"additionalContext": {"accessReasonContext": {"reason": "CUSTOMER_INITIATED_ACCESS"}}}),
+    )
+    .await;
+    assert_eq!(st, 200, "{w}");
+    let (st, u) = call(
+        "v0/kaj:unwrap",
+        origin(),
+        json!({"wrappedBlob": w["wrappedBlob"], "additionalContext": {"accessReasonContext": {"reason": 5}}}),
+    )
+    .await;
+    assert_eq!(st, 200, "{u}");
+    assert!(u["plaintext"].as_str().is_none_or(str::is_empty), "{u}");
+    // The configured URL stays an accepted audience; another origin does not.
+    let (st, _) = call(
+        "v0/kaj:unwrap",
+        token(pem, json!({"aud": "https://ekm.test:8443/ekm"})),
+        json!({"wrappedBlob": blob, "additionalContext": {"accessReasonContext": {"reason": 5}}}),
+    )
+    .await;
+    assert_eq!(st, 200);
+    let (st, _) = call(
+        "v0/kaj:unwrap",
+        token(pem, json!({"aud": "https://other.test"})),
+        json!({"wrappedBlob": blob, "additionalContext": {"accessReasonContext": {"reason": 5}}}),
+    )
+    .await;
+    assert_eq!(st, 401);
+}

@@ -53,22 +53,59 @@ pub const MAX_BODY: usize = 64 * 1024;
 /// Largest plaintext (a data key, or a small secret).
 pub const MAX_PLAINTEXT: usize = 8192;
 
-/// The wire messages (protojson: lowerCamelCase, base64 bytes, durations as "300s").
-/// Unknown fields are ignored, as protojson readers do.
+/// The wire messages of `google.cloud.ekms.v0` (as GoogleCloudPlatform/stet copies them
+/// in `proto/confidential_wrap.proto`) in protojson, read as a protojson reader does
+/// (protobuf.dev, "ProtoJSON Format"): lowerCamelCase or the proto's own snake_case names;
+/// a field left out or `null` is its default (proto3 leaves empty fields out, so an empty
+/// plaintext or blob may come as no field at all); an enum by name or number; unknown
+/// fields ignored. Bytes are base64; durations "300s".
 pub mod wire {
-    use serde::Deserialize;
+    use serde::{Deserialize, Deserializer};
+
+    /// A field that may be `null`: its default, as protojson reads it.
+    fn or_default<'de, D, T>(d: D) -> Result<T, D::Error>
+    where
+        D: Deserializer<'de>,
+        T: Default + Deserialize<'de>,
+    {
+        Ok(Option::<T>::deserialize(d)?.unwrap_or_default())
+    }
+
+    /// `AccessReasonContext.Reason` by name, or by number (its place in
+    /// [`super::settings::REASONS`], the enum's order); an unknown number becomes a name
+    /// no policy allows.
+    fn reason<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum NameOrNumber {
+            Name(String),
+            Number(u64),
+        }
+        Ok(match Option::<NameOrNumber>::deserialize(d)? {
+            None => String::new(),
+            Some(NameOrNumber::Name(n)) => n,
+            Some(NameOrNumber::Number(n)) => usize::try_from(n)
+                .ok()
+                .and_then(|i| super::settings::REASONS.get(i))
+                .map_or_else(|| format!("UNKNOWN_REASON_{n}"), |r| (*r).to_owned()),
+        })
+    }
 
     /// `RequestContext`.
     #[derive(Debug, Default, Deserialize)]
     #[serde(rename_all = "camelCase", default)]
     pub struct RequestContext {
         /// The Cloud KMS key version's full resource name.
+        #[serde(alias = "full_resource_name", deserialize_with = "or_default")]
         pub full_resource_name: String,
         /// Its relative name.
+        #[serde(alias = "relative_resource_name", deserialize_with = "or_default")]
         pub relative_resource_name: String,
         /// The justification.
+        #[serde(alias = "access_reason_context", deserialize_with = "or_default")]
         pub access_reason_context: Option<AccessReasonContext>,
         /// A health check (no customer data).
+        #[serde(alias = "is_key_health_check", deserialize_with = "or_default")]
         pub is_key_health_check: bool,
     }
 
@@ -77,6 +114,7 @@ pub mod wire {
     #[serde(rename_all = "camelCase", default)]
     pub struct AccessReasonContext {
         /// One of [`super::settings::REASONS`].
+        #[serde(deserialize_with = "reason")]
         pub reason: String,
     }
 
@@ -85,13 +123,18 @@ pub mod wire {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct WrapRequest {
-        /// Base64.
+        /// Base64 (left out when empty).
+        #[serde(default, deserialize_with = "or_default")]
         pub plaintext: String,
         /// Base64.
-        #[serde(default)]
+        #[serde(
+            default,
+            alias = "additional_authenticated_data",
+            deserialize_with = "or_default"
+        )]
         pub additional_authenticated_data: String,
         /// The context.
-        #[serde(default)]
+        #[serde(default, alias = "additional_context", deserialize_with = "or_default")]
         pub additional_context: RequestContext,
     }
 
@@ -100,13 +143,18 @@ pub mod wire {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct UnwrapRequest {
-        /// Base64.
+        /// Base64 (left out when empty: then it opens to nothing and is refused).
+        #[serde(default, alias = "wrapped_blob", deserialize_with = "or_default")]
         pub wrapped_blob: String,
         /// Base64.
-        #[serde(default)]
+        #[serde(
+            default,
+            alias = "additional_authenticated_data",
+            deserialize_with = "or_default"
+        )]
         pub additional_authenticated_data: String,
         /// The context.
-        #[serde(default)]
+        #[serde(default, alias = "additional_context", deserialize_with = "or_default")]
         pub additional_context: RequestContext,
     }
 }
@@ -250,7 +298,11 @@ impl Ekm {
         context: &wire::RequestContext,
         facts: &mut Facts,
     ) -> Result<KeyPolicy, EkmError> {
-        facts.resource = Some(context.full_resource_name.clone()).filter(|r| !r.is_empty());
+        // STET sends only the relative name.
+        facts.resource = [&context.full_resource_name, &context.relative_resource_name]
+            .into_iter()
+            .find(|r| !r.is_empty())
+            .cloned();
         facts.health = context.is_key_health_check;
         let reason = context
             .access_reason_context

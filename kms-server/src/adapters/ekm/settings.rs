@@ -9,7 +9,9 @@ use serde::Deserialize;
 
 use crate::adapters::jwt::{JwksSource, JwtSettings};
 
-/// The justification reasons Cloud KMS sends (`accessReasonContext.reason`).
+/// The justification reasons Cloud KMS sends (`accessReasonContext.reason`), in the order
+/// of the `AccessReasonContext.Reason` enum (index = its number; Google's KMS client
+/// libraries, `AccessReason`; 8 and 9 deprecated but still valid).
 pub const REASONS: &[&str] = &[
     "REASON_UNSPECIFIED",
     "CUSTOMER_INITIATED_SUPPORT",
@@ -19,12 +21,19 @@ pub const REASONS: &[&str] = &[
     "CUSTOMER_INITIATED_ACCESS",
     "GOOGLE_INITIATED_SYSTEM_OPERATION",
     "REASON_NOT_EXPECTED",
+    "MODIFIED_CUSTOMER_INITIATED_ACCESS",
+    "MODIFIED_GOOGLE_INITIATED_SYSTEM_OPERATION",
     "GOOGLE_RESPONSE_TO_PRODUCTION_ALERT",
     "CUSTOMER_AUTHORIZED_WORKFLOW_SERVICING",
 ];
 
+/// Google ID tokens carry either form of the issuer (Google Identity, "Verify the Google ID
+/// token").
 fn default_issuers() -> Vec<String> {
-    vec!["https://accounts.google.com".to_owned()]
+    vec![
+        "https://accounts.google.com".to_owned(),
+        "accounts.google.com".to_owned(),
+    ]
 }
 fn default_leeway() -> u64 {
     300
@@ -164,7 +173,18 @@ impl FileEkm {
         Ok(EkmSettings {
             jwt: JwtSettings {
                 issuers: self.issuers,
-                audiences: vec![url.clone(), format!("{url}/")],
+                // Cloud EKM's token audience is the origin, `https://<host>`, without the
+                // path or port (GoogleCloudPlatform/stet, client/jwt/jwt.go); the URL itself
+                // stays accepted.
+                audiences: {
+                    let mut a = origin(&url).into_iter().collect::<Vec<_>>();
+                    for u in [url.clone(), format!("{url}/")] {
+                        if !a.contains(&u) {
+                            a.push(u);
+                        }
+                    }
+                    a
+                },
                 jwks,
                 leeway: Duration::from_secs(self.leeway_secs),
                 refresh: Duration::from_secs(3600),
@@ -173,5 +193,51 @@ impl FileEkm {
             identity: self.identity,
             keys,
         })
+    }
+}
+
+/// `scheme://host` of a URL: no user info, port or path.
+fn origin(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority.rsplit('@').next()?;
+    let host = match host_port.strip_prefix('[') {
+        // An IPv6 literal keeps its brackets.
+        Some(v6) => format!("[{}]", v6.split(']').next()?),
+        None => host_port.split(':').next()?.to_owned(),
+    };
+    (!host.is_empty()).then(|| format!("{scheme}://{host}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_audience_is_the_origin() {
+        for (url, want) in [
+            ("https://ekm.example.com/ekm", "https://ekm.example.com"),
+            (
+                "https://ekm.example.com:8443/ekm/",
+                "https://ekm.example.com",
+            ),
+            ("https://ekm.example.com", "https://ekm.example.com"),
+            (
+                "https://u@ekm.example.com:1/x?y#z",
+                "https://ekm.example.com",
+            ),
+            ("https://[2001:db8::1]:8443/ekm", "https://[2001:db8::1]"),
+        ] {
+            assert_eq!(origin(url).as_deref(), Some(want), "{url}");
+        }
+        assert_eq!(origin("no scheme"), None);
+    }
+
+    #[test]
+    fn reasons_are_in_the_enums_order() {
+        assert_eq!(REASONS.len(), 12);
+        assert_eq!(REASONS[5], "CUSTOMER_INITIATED_ACCESS");
+        assert_eq!(REASONS[8], "MODIFIED_CUSTOMER_INITIATED_ACCESS");
+        assert_eq!(REASONS[11], "CUSTOMER_AUTHORIZED_WORKFLOW_SERVICING");
     }
 }
