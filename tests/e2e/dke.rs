@@ -249,6 +249,36 @@ async fn dke_serves_office_clients_and_refuses_each_bad_call_on_its_own() {
         assert_eq!(challenge.as_deref(), Some(CHALLENGE), "{what}");
     }
 
+    // Issue 24: the sample service's 401 also names the resource and the authorization
+    // server in headers of their own (Azure-Samples/DoubleKeyEncryptionService,
+    // src/customer-key-store/Startup.cs, JwtBearerEvents.OnChallenge).
+    let r = d
+        .client
+        .post(format!("{}{path}/decrypt", d.base))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let header = |name: &str| {
+        r.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(header("resource").as_deref(), Some(URL));
+    assert_eq!(
+        header("authorization").as_deref(),
+        Some("https://login.windows.net/common/oauth2/authorize")
+    );
+    // A field the sample's EncryptedData model does not know is ignored, as ASP.NET's
+    // model binding ignores it.
+    let mut extra = body.clone();
+    extra["cty"] = json!("application/octet-stream");
+    let (st, _, ok) = d.decrypt(&path, Some(&alice), extra).await;
+    assert_eq!(st, 200, "{ok:?}");
+    assert_eq!(B64.decode(ok["value"].as_str().unwrap()).unwrap(), secret);
+
     // Authenticated, but not allowed: 403. Bad requests: 400.
     let bob = token(&d.issuer, &claims(json!({"email": "bob@example.com"})));
     assert_eq!(d.decrypt(&path, Some(&bob), body.clone()).await.0, 403);

@@ -50,6 +50,10 @@ pub struct Dke {
     principal: Principal,
     keys: HashMap<String, KeyMapping>,
     challenge: HeaderValue,
+    /// The 401's `resource` and `authorization` headers, as the sample service sends them
+    /// beside `WWW-Authenticate`.
+    resource: HeaderValue,
+    authorization: HeaderValue,
 }
 
 /// The claims DKE reads (besides those [`Verifier`] checks).
@@ -78,8 +82,9 @@ impl Claims {
     }
 }
 
+/// The decrypt body (the sample service's `EncryptedData`); other fields are ignored, as
+/// the sample's model binding ignores them.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct DecryptRequest {
     alg: String,
     value: String,
@@ -132,8 +137,19 @@ impl Dke {
                 "the challenge it makes is not a valid header value",
             )
         })?;
+        let header = |value: &str, setting: &str| {
+            HeaderValue::from_str(value)
+                .map_err(|_| crate::adapters::SetupError::new(setting, "not a valid header value"))
+        };
+        let resource = header(
+            &settings.jwt.audiences.first().cloned().unwrap_or_default(),
+            "dke.url",
+        )?;
+        let authorization = header(&settings.authorization_url, "dke.authorization_url")?;
         Ok(Self {
             app,
+            resource,
+            authorization,
             verifier: Verifier::new(settings.jwt.clone()),
             principal: Principal::adapter(&settings.identity, &settings.tenant),
             keys: settings
@@ -148,8 +164,10 @@ impl Dke {
 
     fn unauthorized(&self, message: &str) -> Response {
         let mut resp = refuse(StatusCode::UNAUTHORIZED, message);
-        resp.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, self.challenge.clone());
+        let headers = resp.headers_mut();
+        headers.insert(header::WWW_AUTHENTICATE, self.challenge.clone());
+        headers.insert("resource", self.resource.clone());
+        headers.insert(header::AUTHORIZATION, self.authorization.clone());
         resp
     }
 
