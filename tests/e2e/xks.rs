@@ -402,12 +402,27 @@ async fn xks_conformance() {
         );
     }
 
-    // Grants decide key usage: the encrypt-only mapping cannot decrypt.
-    let eo = c
+    // Grants decide key usage: the encrypt-only mapping cannot decrypt. Nor can it give a
+    // ciphertext integrity value, which KMS reads as the proxy's assurance that a later
+    // Decrypt succeeds (specification, Encrypt, `ciphertextDataIntegrityValue`; issue 24).
+    let r = c
         .post(
             &keys_path("enc-only", "encrypt"),
             &encrypt_body(b"secret", b""),
         )
+        .await;
+    assert_eq!(
+        (r.status, r.error_name()),
+        (400, "InvalidKeyUsageException"),
+        "{r:?}"
+    );
+    let mut without_cdiv = encrypt_body(b"secret", b"");
+    without_cdiv
+        .as_object_mut()
+        .unwrap()
+        .remove("ciphertextDataIntegrityValueAlgorithm");
+    let eo = c
+        .post(&keys_path("enc-only", "encrypt"), &without_cdiv)
         .await;
     assert_eq!(eo.status, 200, "{eo:?}");
     let r = c
@@ -1050,4 +1065,30 @@ async fn unauthenticated_requests_cost_the_audit_disk_a_bounded_amount() {
     eprintln!(
         "{N} unauthenticated requests in {flood:.1?}: {one_by_one} audit records one by one + summaries counting {counted}, {bytes} bytes of audit records; {alerts} xks_auth_failed alert events (counting {alerted}), at most {peak} alert command at a time"
     );
+}
+
+/// Issue 24: AWS KMS connects to an XKS proxy on port 443 only and refuses an endpoint
+/// that names a port ("KMS communicates on port 443. Do not specify the port in the
+/// XksProxyUriEndpoint value": the `CreateCustomKeyStore` API reference). The guide's
+/// `create-custom-key-store` must give AWS an endpoint it accepts.
+#[test]
+fn the_xks_guide_gives_aws_an_endpoint_without_a_port() {
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/aws-xks.md"))
+        .unwrap();
+    let endpoints: Vec<&str> = guide
+        .lines()
+        .filter_map(|l| l.split("--xks-proxy-uri-endpoint ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next())
+        .collect();
+    assert!(!endpoints.is_empty(), "the guide creates a key store");
+    for endpoint in endpoints {
+        let host = endpoint
+            .strip_prefix("https://")
+            .unwrap_or_else(|| panic!("{endpoint}: AWS requires https://"));
+        assert!(
+            host.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-'),
+            "{endpoint}: letters, digits, dots and hyphens only (no port, no path)"
+        );
+    }
 }

@@ -534,6 +534,20 @@ impl Xks {
             .keyring
             .lookups()
             .map_err(|e| XksError::from_keyring(&e, op))?;
+        if want_cdiv {
+            // KMS reads a matching CDIV as the proxy's assurance that a later Decrypt of
+            // this ciphertext succeeds (specification, Encrypt, `ciphertextDataIntegrityValue`):
+            // a key this store may not decrypt with cannot give it.
+            let use_ = keys
+                .key_use(&store.principal, &mapping.key)
+                .map_err(|e| XksError::from_keyring(&e, op))?;
+            if !use_.can_decrypt {
+                return Err(XksError::new(
+                    ErrorName::InvalidKeyUsageException,
+                    "a ciphertext integrity value promises a later Decrypt, and this key store may not decrypt with this key",
+                ));
+            }
+        }
         let c = keys
             .encrypt_detached(
                 &store.principal,
