@@ -392,10 +392,12 @@ jwks = "{i}"
             ),
             400,
         ),
+        // (A field Keyhold does not know is ignored, as Google adds fields: issue 24,
+        // `cse_takes_google_id_tokens_and_fields_google_adds`. A missing one is not.)
         (
-            "unknown field",
+            "missing field",
             "wrap",
-            json!({"authentication": "", "authorization": "", "key": "", "reason": "", "extra": 1}),
+            json!({"authentication": "", "authorization": "", "reason": ""}),
             400,
         ),
     ];
@@ -948,4 +950,102 @@ jwks = "{i}"
             "Retry-After: {retry_after:?}"
         );
     }
+}
+
+/// Issue 24: what Google sends that Keyhold refused.
+/// - An IdP that is Google itself issues ID tokens whose `iss` is `accounts.google.com` or
+///   `https://accounts.google.com` (Google Identity, "Verify the Google ID token"); one
+///   configured entry accepts both.
+/// - Google's KACLS reference changes over time (its token schemas end in "...", and its
+///   pages gained `google_email` and `delegated_to`): a request field Keyhold does not
+///   know is ignored, not a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cse_takes_google_id_tokens_and_fields_google_adds() {
+    let keys = tempfile::tempdir().unwrap();
+    let google = issuer(keys.path(), "google");
+    let idp = issuer(keys.path(), "idp");
+    let extra = format!(
+        r#"
+[public]
+listen = "127.0.0.1:0"
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+
+[cse]
+kacls_url = "{KACLS}"
+tenant = "acme"
+identity = "{CSE_IDENTITY}"
+key = "cse-kek"
+
+[[cse.authorization]]
+issuer = "{GOOGLE}"
+jwks = "{g}"
+
+[[cse.authentication]]
+issuer = "https://accounts.google.com"
+audience = "{IDP_AUD}"
+jwks = "{i}"
+"#,
+        g = keys.path().join("google.json").display(),
+        i = keys.path().join("idp.json").display(),
+    );
+    let s = TestServer::start_with(TestSeal::KeyFile, &extra).await;
+    let r = post(
+        &s.client(Some("admin-a")),
+        &s.url("/v1/keys"),
+        json!({"name": "cse-kek", "grants": [{"identity": CSE_IDENTITY, "operations": ["wrap", "unwrap"]}]}),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{r:?}");
+    let client = keyhold_tests::client_for(&s.pki, None, false);
+    let base = format!("https://localhost:{}/cse", s.public_addr.unwrap().port());
+    let call = |op: &'static str, body: Value| {
+        let (client, url) = (client.clone(), format!("{base}/{op}"));
+        async move {
+            let r = client
+                .post(url)
+                .header("origin", ORIGIN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let resource = "//googleapis.com/drive/files/xyz";
+    let dek = [0x11u8; 32];
+    let (st, w) = call(
+        "wrap",
+        json!({
+            "authentication": sign(&idp, &authn(json!({"iss": "accounts.google.com"}))),
+            "authorization": sign(&google, &authz("writer", resource, json!({}))),
+            "key": B64.encode(dek), "reason": "",
+            "a_field_added_later": "keyhold does not know it",
+        }),
+    )
+    .await;
+    assert_eq!(st, 200, "{w}");
+    let (st, u) = call(
+        "unwrap",
+        json!({
+            "authentication": sign(&idp, &authn(json!({"iss": "https://accounts.google.com"}))),
+            "authorization": sign(&google, &authz("reader", resource, json!({}))),
+            "wrapped_key": w["wrapped_key"], "reason": "", "some_future_field": {"nested": true},
+        }),
+    )
+    .await;
+    assert_eq!(st, 200, "{u}");
+    assert_eq!(B64.decode(u["key"].as_str().unwrap()).unwrap(), dek);
+    // Another issuer is still refused.
+    let (st, _) = call(
+        "unwrap",
+        json!({
+            "authentication": sign(&idp, &authn(json!({"iss": "https://idp.elsewhere"}))),
+            "authorization": sign(&google, &authz("reader", resource, json!({}))),
+            "wrapped_key": w["wrapped_key"], "reason": "",
+        }),
+    )
+    .await;
+    assert_eq!(st, 401);
 }

@@ -147,9 +147,9 @@ struct Facts {
 pub struct Cse {
     app: Arc<AppState>,
     settings: CseSettings,
-    authorization: Vec<(String, Verifier)>,
-    authentication: Vec<(String, Verifier)>,
-    migration_peers: Vec<(String, Verifier)>,
+    authorization: Vec<(Vec<String>, Verifier)>,
+    authentication: Vec<(Vec<String>, Verifier)>,
+    migration_peers: Vec<(Vec<String>, Verifier)>,
     signer: Option<Signer>,
     principal: Principal,
 }
@@ -167,7 +167,7 @@ fn issuer_of(token: &str) -> Option<String> {
 /// ([`Verifier::verify_async`]): an issuer whose key set is unreachable costs a 503 with
 /// `Retry-After`, not a stalled listener.
 async fn verify<C: DeserializeOwned>(
-    verifiers: &[(String, Verifier)],
+    verifiers: &[(Vec<String>, Verifier)],
     token: &str,
     which: &str,
 ) -> Result<C, CseError> {
@@ -177,12 +177,15 @@ async fn verify<C: DeserializeOwned>(
             format!("the {which} token is malformed"),
         )
     })?;
-    let (_, v) = verifiers.iter().find(|(i, _)| *i == iss).ok_or_else(|| {
-        CseError::new(
-            StatusCode::UNAUTHORIZED,
-            format!("the {which} token's issuer is not accepted"),
-        )
-    })?;
+    let (_, v) = verifiers
+        .iter()
+        .find(|(i, _)| i.contains(&iss))
+        .ok_or_else(|| {
+            CseError::new(
+                StatusCode::UNAUTHORIZED,
+                format!("the {which} token's issuer is not accepted"),
+            )
+        })?;
     v.verify_async::<C>(token).await.map_err(|e| match e {
         JwtError::KeySet(m) => {
             // The fetch's failure is logged once by the verifier; this, once per request.
@@ -210,7 +213,7 @@ impl Cse {
     ) -> Result<Self, crate::adapters::SetupError> {
         let verifiers = |list: &[crate::adapters::jwt::JwtSettings]| {
             list.iter()
-                .map(|s| (s.issuers[0].clone(), Verifier::new(s.clone())))
+                .map(|s| (s.issuers.clone(), Verifier::new(s.clone())))
                 .collect()
         };
         let signer = match &settings.signing_key {
@@ -503,7 +506,7 @@ impl Cse {
         facts.reason = Some(req.reason.clone());
         facts.resource = Some(req.resource_name.clone());
         let from_peer = issuer_of(&req.authentication)
-            .is_some_and(|iss| self.migration_peers.iter().any(|(i, _)| *i == iss));
+            .is_some_and(|iss| self.migration_peers.iter().any(|(i, _)| i.contains(&iss)));
         if from_peer {
             let m: Migration =
                 verify(&self.migration_peers, &req.authentication, "migration").await?;

@@ -17,6 +17,9 @@ fn default_leeway() -> u64 {
     300
 }
 
+/// The two forms of Google's ID-token issuer.
+const GOOGLE_ISSUERS: [&str; 2] = ["https://accounts.google.com", "accounts.google.com"];
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileIssuer {
@@ -139,8 +142,15 @@ impl FileCse {
                 if f.issuer.is_empty() {
                     return Err(at("issuer is required"));
                 }
+                // Google ID tokens carry either form of Google's issuer (Google Identity,
+                // "Verify the Google ID token"): one entry accepts both.
+                let issuers = if GOOGLE_ISSUERS.contains(&f.issuer.as_str()) {
+                    GOOGLE_ISSUERS.iter().map(|i| (*i).to_owned()).collect()
+                } else {
+                    vec![f.issuer]
+                };
                 out.push(JwtSettings {
-                    issuers: vec![f.issuer],
+                    issuers,
                     audiences: vec![audience],
                     jwks,
                     leeway,

@@ -74,9 +74,8 @@ pub(super) struct Authn {
     pub(super) google_email: Option<String>,
 }
 
-// No `Debug`: it carries key material or tokens.
+// No `Debug`: it carries key material or tokens. Fields Google adds later are ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct WrapRequest {
     pub(super) authentication: String,
     pub(super) authorization: String,
@@ -85,9 +84,8 @@ pub(super) struct WrapRequest {
     pub(super) reason: String,
 }
 
-// No `Debug`: it carries key material or tokens.
+// No `Debug`: it carries key material or tokens. Fields Google adds later are ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct UnwrapRequest {
     pub(super) authentication: String,
     pub(super) authorization: String,
@@ -96,9 +94,8 @@ pub(super) struct UnwrapRequest {
     pub(super) reason: String,
 }
 
-// No `Debug`: it carries key material or tokens.
+// No `Debug`: it carries key material or tokens. Fields Google adds later are ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct DigestRequest {
     pub(super) authorization: String,
     pub(super) wrapped_key: String,
@@ -106,9 +103,8 @@ pub(super) struct DigestRequest {
     pub(super) reason: String,
 }
 
-// No `Debug`: it carries key material or tokens.
+// No `Debug`: it carries key material or tokens. Fields Google adds later are ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct PrivilegedWrapRequest {
     pub(super) authentication: String,
     pub(super) key: String,
@@ -119,9 +115,8 @@ pub(super) struct PrivilegedWrapRequest {
     pub(super) reason: String,
 }
 
-// No `Debug`: it carries key material or tokens.
+// No `Debug`: it carries key material or tokens. Fields Google adds later are ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct PrivilegedUnwrapRequest {
     pub(super) authentication: String,
     pub(super) wrapped_key: String,
@@ -130,9 +125,8 @@ pub(super) struct PrivilegedUnwrapRequest {
     pub(super) reason: String,
 }
 
-// No `Debug`: it carries key material or tokens.
+// No `Debug`: it carries key material or tokens. Fields Google adds later are ignored.
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct RewrapRequest {
     pub(super) authorization: String,
     pub(super) original_kacls_url: String,
