@@ -669,17 +669,25 @@ jwks = "{i}"
     )
     .await;
     assert_eq!(st, 403, "authorization for another KACLS");
-    let k2k = |signer: &Issuer, kid: &str, res: &str| {
+    // The KACLS-to-KACLS token as Google's KACLS reference defines it ("Authentication
+    // tokens", "KACLS authentication token for PrivilegedUnwrap"): iss = the requesting
+    // KACLS, aud = "kacls-migration", kacls_url = the KACLS the data is decrypted on,
+    // resource_name; no email.
+    let k2k_claims = |res: &str| {
+        json!({"iss": url_b, "aud": "kacls-migration", "kacls_url": url_a,
+                "resource_name": res, "iat": now(), "exp": now() + 300})
+    };
+    let sign_with = |signer: &Issuer, kid: &str, claims: &Value| {
         let mut header = Header::new(Algorithm::RS256);
         header.kid = Some(kid.into());
         jsonwebtoken::encode(
             &header,
-            &json!({"iss": url_b, "aud": url_a, "email": "alice@example.com",
-                    "resource_name": res, "iat": now(), "exp": now() + 300}),
+            claims,
             &EncodingKey::from_rsa_pem(signer.pem.as_bytes()).unwrap(),
         )
         .unwrap()
     };
+    let k2k = |signer: &Issuer, kid: &str, res: &str| sign_with(signer, kid, &k2k_claims(res));
     let direct = |token: String| json!({"authentication": token, "wrapped_key": w["wrapped_key"], "resource_name": resource, "reason": ""});
     let (st, _) = call(
         &a,
@@ -705,6 +713,59 @@ jwks = "{i}"
     )
     .await;
     assert_eq!(st, 401, "a token B did not sign");
+    // Issue 24: the claims as the reference has them, and nothing else: the token Keyhold
+    // minted before (aud = the original's URL, an email, no kacls_url) is refused, and so
+    // is one for another key service.
+    let mut old_style = k2k_claims(resource);
+    old_style["aud"] = json!(url_a);
+    old_style["email"] = json!("alice@example.com");
+    old_style.as_object_mut().unwrap().remove("kacls_url");
+    let (st, _) = call(
+        &a,
+        &url_a,
+        "privilegedunwrap",
+        direct(sign_with(&b_signer, &b_kid, &old_style)),
+    )
+    .await;
+    assert_eq!(st, 401, "aud is kacls-migration");
+    let mut elsewhere = k2k_claims(resource);
+    elsewhere["kacls_url"] = json!("https://elsewhere.test/cse");
+    let (st, _) = call(
+        &a,
+        &url_a,
+        "privilegedunwrap",
+        direct(sign_with(&b_signer, &b_kid, &elsewhere)),
+    )
+    .await;
+    assert_eq!(st, 403, "a token for another key service");
+    // Minted by PyJWT, a library Keyhold did not write, exactly as the reference
+    // describes: accepted.
+    let have_pyjwt = std::process::Command::new("python3")
+        .args(["-c", "import jwt, cryptography"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        have_pyjwt || std::env::var_os("CI").is_none(),
+        "CI must install PyJWT and cryptography"
+    );
+    if have_pyjwt {
+        let script = "import json, sys, time, jwt\nnow = int(time.time())\nclaims = {'iss': sys.argv[3], 'aud': 'kacls-migration', 'kacls_url': sys.argv[4], 'resource_name': sys.argv[5], 'iat': now, 'exp': now + 300}\nprint(jwt.encode(claims, open(sys.argv[1]).read(), algorithm='RS256', headers={'kid': sys.argv[2]}))";
+        let out = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&b_key)
+            .args([&b_kid, &url_b, &url_a, resource])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "PyJWT: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let token = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+        let (st, u) = call(&a, &url_a, "privilegedunwrap", direct(token)).await;
+        assert_eq!(st, 200, "a PyJWT migration token: {u}");
+        assert_eq!(B64.decode(u["key"].as_str().unwrap()).unwrap(), dek);
+    }
 
     // Audited on both sides.
     for s in [&a, &b] {

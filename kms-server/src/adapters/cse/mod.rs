@@ -510,7 +510,12 @@ impl Cse {
         if from_peer {
             let m: Migration =
                 verify(&self.migration_peers, &req.authentication, "migration").await?;
-            facts.user = Some(m.email.to_lowercase());
+            facts.user = m.email.as_deref().map(str::to_lowercase);
+            if m.kacls_url.trim_end_matches('/') != self.settings.kacls_url.trim_end_matches('/') {
+                return Err(denied(
+                    "the migration token is for another key service (kacls_url)",
+                ));
+            }
             if m.resource_name != req.resource_name {
                 return Err(denied("the migration token is for another resource"));
             }
@@ -553,9 +558,13 @@ impl Cse {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
+        // As Google's reference defines it: issued by this KACLS for the KACLS the data is
+        // decrypted on (`kacls_url`), audience `kacls-migration`. `email` is an extra claim
+        // ("free to use any other claims") for the original's record.
         let token = signer.sign(&json!({
-            "iss": self.settings.kacls_url, "aud": original, "email": authz.email,
-            "resource_name": authz.resource_name, "iat": now, "exp": now + 300,
+            "iss": self.settings.kacls_url, "aud": settings::MIGRATION_AUDIENCE,
+            "kacls_url": original, "resource_name": authz.resource_name,
+            "email": authz.email, "iat": now, "exp": now + 300,
         }))?;
         let body = json!({"authentication": token, "wrapped_key": req.wrapped_key,
                           "resource_name": authz.resource_name, "reason": req.reason})

@@ -17,6 +17,10 @@ fn default_leeway() -> u64 {
     300
 }
 
+/// The audience of a KACLS-to-KACLS migration token (Google's KACLS reference,
+/// "Authentication tokens": "KACLS authentication token for PrivilegedUnwrap").
+pub const MIGRATION_AUDIENCE: &str = "kacls-migration";
+
 /// The two forms of Google's ID-token issuer.
 const GOOGLE_ISSUERS: [&str; 2] = ["https://accounts.google.com", "accounts.google.com"];
 
@@ -120,9 +124,8 @@ impl FileCse {
             return e("tenant", "tenant, identity and key are required");
         }
         let leeway = Duration::from_secs(self.leeway_secs);
-        let kacls = kacls_url.clone();
         // `audience`: Google's fixed one (authorization), required (authentication), or
-        // our URL (migration peers).
+        // `kacls-migration` (migration peers).
         let issuers = |list: Vec<FileIssuer>, field: &str, kind: u8| {
             if list.is_empty() && kind != 2 {
                 return Err((format!("cse.{field}"), "at least one issuer".to_owned()));
@@ -134,7 +137,7 @@ impl FileCse {
                     .map_err(|m| at(&format!("jwks: {m}")))?;
                 let audience = match (kind, f.audience) {
                     (0, None) => AUTHZ_AUDIENCE.to_owned(),
-                    (2, None) => kacls.clone(),
+                    (2, None) => MIGRATION_AUDIENCE.to_owned(),
                     (0 | 2, Some(_)) => return Err(at("audience: fixed, not configurable")),
                     (_, Some(a)) if !a.is_empty() => a,
                     (_, _) => return Err(at("audience is required")),

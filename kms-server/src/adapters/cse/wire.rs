@@ -136,11 +136,16 @@ pub(super) struct RewrapRequest {
 }
 
 /// A KACLS-to-KACLS token's claims (`rewrap` on the new key service, `privilegedunwrap`
-/// on the original): who asks, for which resource, for which key service (`aud`).
+/// on the original; Google's KACLS reference, "Authentication tokens"): for which
+/// resource, for which key service (`kacls_url`); `aud` is `kacls-migration`.
 // No `Debug`: it carries key material or tokens.
 #[derive(Deserialize)]
 pub(super) struct Migration {
-    pub(super) email: String,
+    /// Not in Google's schema (the user is not named); kept for the record when sent.
+    #[serde(default)]
+    pub(super) email: Option<String>,
+    /// The KACLS the data is being decrypted on: the recipient of `privilegedunwrap`.
+    pub(super) kacls_url: String,
     pub(super) resource_name: String,
 }
 
