@@ -213,6 +213,15 @@ jwks = "{i}"
         d["resource_key_hash"],
         kms_server::adapters::cse::resource_key_hash(&dek, resource, "")
     );
+    // Issue 24: Google's migration service checks a key with the role `verifier`
+    // ("Allowed to call digest only", the reference's authorization tokens).
+    let (st, v, _) = call(
+        "digest",
+        json!({"authorization": sign(&google, &authz("verifier", resource, json!({}))), "wrapped_key": wrapped, "reason": "r"}),
+    )
+    .await;
+    assert_eq!(st, 200, "verifier: {v}");
+    assert_eq!(v["resource_key_hash"], d["resource_key_hash"]);
 
     // Each mandatory check failing on its own: (what, op, body, status).
     let tampered = {
@@ -669,6 +678,17 @@ jwks = "{i}"
     )
     .await;
     assert_eq!(st, 403, "authorization for another KACLS");
+    // Issue 24: only `migrator` may call rewrap.
+    for role in ["writer", "reader", "upgrader"] {
+        let (st, _) = call(
+            &b,
+            &url_b,
+            "rewrap",
+            rewrap(at(&url_b, role, resource), &url_a),
+        )
+        .await;
+        assert_eq!(st, 403, "rewrap as {role}");
+    }
     // The KACLS-to-KACLS token as Google's KACLS reference defines it ("Authentication
     // tokens", "KACLS authentication token for PrivilegedUnwrap"): iss = the requesting
     // KACLS, aud = "kacls-migration", kacls_url = the KACLS the data is decrypted on,

@@ -446,7 +446,13 @@ impl Cse {
     ) -> Result<Response, CseError> {
         facts.reason = Some(req.reason.clone());
         let authz = self
-            .authorize(&req.authorization, &["reader", "writer", "upgrader"], facts)
+            // `verifier`: Google's migration service checking a migrated key ("Allowed to
+            // call digest only": the reference's authorization tokens).
+            .authorize(
+                &req.authorization,
+                &["reader", "writer", "upgrader", "verifier"],
+                facts,
+            )
             .await?;
         let (dek, perimeter_id) = self
             .open(&req.wrapped_key, &authz.resource_name, facts)
@@ -541,7 +547,9 @@ impl Cse {
         let authz = self
             .authorize(
                 &req.authorization,
-                &["migrator", "upgrader", "writer", "reader"],
+                // "`migrator`: Allowed to call rewrap only" (the reference's
+                // authorization tokens): no other role migrates a key.
+                &["migrator"],
                 facts,
             )
             .await?;
