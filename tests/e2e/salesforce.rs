@@ -530,3 +530,158 @@ fn ring_sha256(der: &[u8]) -> String {
         .map(|b| format!("{b:02x}"))
         .collect()
 }
+
+/// Issue 24: a Named Credential with JWT authentication: Salesforce signs a fresh JWT per
+/// callout with a certificate of its Certificate and Key Management (header
+/// `{"kid": <its unique name>, "typ": "JWT", "alg": "RS256"}`, claims `iss`, `sub`, `aud`,
+/// `nbf`, `iat`, `exp`, as a callout captured by p15r/distributey shows them, and RS512
+/// for newer credentials) and sends it as `Authorization: Bearer`. Minted here by PyJWT,
+/// a library Keyhold did not write; the answer's JWE is opened by jwcrypto.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn salesforce_jwt_named_credential() {
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key, _) = byok_files(files.path(), 2048);
+    // Salesforce's JWT signing certificate (and, for the test, its private key).
+    let (jwt_cert, jwt_key) = (files.path().join("jwt.crt"), files.path().join("jwt.key"));
+    let out = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        ])
+        .args(["-subj", "/CN=jwtcert", "-keyout"])
+        .arg(&jwt_key)
+        .arg("-out")
+        .arg(&jwt_cert)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success());
+    let table = |keys: &str| {
+        format!(
+            "\n[public]\nlisten = \"127.0.0.1:0\"\ncert = \"pki/server.pem\"\nkey = \"pki/server-key.pem\"\n\n[salesforce]\ntenant = \"acme\"\nidentity = \"{SF_IDENTITY}\"\ncertificate = \"{}\"\n{keys}\n[salesforce.jwt]\ncertificate = \"{}\"\nkey_name = \"jwtcert\"\nissuer = \"issuer-myCA\"\naudience = \"urn:keyhold\"\nsubject = \"subject-salesforce\"\n",
+            cert.display(),
+            jwt_cert.display()
+        )
+    };
+    let mut s = TestServer::start_with(TestSeal::KeyFile, &table("")).await;
+    create_sf_kek(&s).await;
+    let kid = "sf-jwt-1";
+    let dk = post(
+        &s.client(Some("app-a")),
+        &s.url("/v1/keys/sf-kek/datakey"),
+        json!({"context": {"salesforce": kid}}),
+    )
+    .await;
+    assert_eq!(dk.0, 200, "{dk:?}");
+    let plaintext = B64.decode(dk.1["plaintext"].as_str().unwrap()).unwrap();
+    let keys = format!(
+        "[[salesforce.keys]]\nkid = \"{kid}\"\nkey = \"sf-kek\"\nwrapped = \"{}\"\n",
+        dk.1["wrapped"].as_str().unwrap()
+    );
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let start = text.find("\n[public]").unwrap();
+    std::fs::write(&s.config, format!("{}{}", &text[..start], table(&keys))).unwrap();
+    s.restart().await;
+    s.wait_ready().await;
+
+    let have_python = std::process::Command::new("python3")
+        .args(["-c", "import jwt, jwcrypto, cryptography"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        have_python || std::env::var_os("CI").is_none(),
+        "CI must install PyJWT, jwcrypto and cryptography"
+    );
+    if !have_python {
+        return;
+    }
+    // PyJWT: claims changed by `extra` (a JSON object), signed with `signing_key` by `alg`.
+    let mint = |signing_key: &std::path::Path, alg: &str, extra: Value| -> String {
+        let script = "import json, sys, time, jwt\nnow = int(time.time())\nclaims = {'iss': 'issuer-myCA', 'sub': 'subject-salesforce', 'aud': 'urn:keyhold', 'nbf': now, 'iat': now, 'exp': now + 300}\nclaims.update(json.loads(sys.argv[3]))\nprint(jwt.encode(claims, open(sys.argv[1]).read(), algorithm=sys.argv[2], headers={'kid': 'jwtcert', 'typ': 'JWT'}))";
+        let out = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(signing_key)
+            .args([alg, &extra.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "PyJWT: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let client = keyhold_tests::client_for(&s.pki, None, false);
+    let url = format!(
+        "https://localhost:{}/salesforce/{kid}?requestId={REQUEST_ID}",
+        s.public_addr.unwrap().port()
+    );
+    let callout = |token: Option<String>| {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let mut req = client.get(url).header("user-agent", "SFDC-Callout/64.0");
+            if let Some(t) = token {
+                req = req.bearer_auth(t);
+            }
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    for alg in ["RS256", "RS512"] {
+        let (st, body) = callout(Some(mint(&jwt_key, alg, json!({})))).await;
+        assert_eq!(st, 200, "{alg}: {body}");
+        let jwe = body["jwe"].as_str().unwrap();
+        let script = "import sys\nfrom jwcrypto import jwk, jwe\nk = jwk.JWK.from_pem(open(sys.argv[1], 'rb').read())\nt = jwe.JWE()\nt.allowed_algs = ['RSA-OAEP', 'A256GCM']\nt.deserialize(sys.argv[2], key=k)\nprint(t.jose_header['jti'], t.payload.hex())";
+        let out = std::process::Command::new("python3")
+            .args(["-c", script])
+            .arg(&key)
+            .arg(jwe)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "jwcrypto: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        let (jti, hex) = text.trim().split_once(' ').unwrap();
+        assert_eq!(jti, REQUEST_ID);
+        let opened: Vec<u8> = (0..64)
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        assert_eq!(opened, plaintext);
+    }
+    // Refused, each on its own: expired, another audience, issuer or subject, signed by
+    // another key (Salesforce's BYOK key here), no token.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for (what, token) in [
+        (
+            "expired",
+            Some(mint(
+                &jwt_key,
+                "RS256",
+                json!({"exp": now - 120, "iat": now - 420, "nbf": now - 420}),
+            )),
+        ),
+        (
+            "audience",
+            Some(mint(&jwt_key, "RS256", json!({"aud": "urn:elsewhere"}))),
+        ),
+        (
+            "issuer",
+            Some(mint(&jwt_key, "RS256", json!({"iss": "someone-else"}))),
+        ),
+        (
+            "subject",
+            Some(mint(&jwt_key, "RS256", json!({"sub": "another-user"}))),
+        ),
+        ("another key", Some(mint(&key, "RS256", json!({})))),
+        ("no token", None),
+    ] {
+        let (st, _) = callout(token).await;
+        assert_eq!(st, 401, "{what}");
+    }
+}

@@ -77,6 +77,15 @@ pub enum JwksSource {
         /// A CA bundle (PEM) the server must chain to; `None`: the system's.
         ca: Option<PathBuf>,
     },
+    /// An issuer that publishes a certificate, not a key set (Salesforce's JWT signing
+    /// certificate): its RSA public key under `kid`, the name the issuer puts in the
+    /// header. Read again at every refresh.
+    Certificate {
+        /// The certificate (PEM).
+        path: PathBuf,
+        /// The key id tokens carry.
+        kid: String,
+    },
 }
 
 impl JwksSource {
@@ -452,8 +461,30 @@ fn fetch(source: &JwksSource) -> Result<JwkSet, JwtError> {
             std::fs::read(path).map_err(|e| JwtError::KeySet(format!("{}: {e}", path.display())))?
         }
         JwksSource::Url { url, ca } => fetch_https(url, ca.as_deref())?,
+        JwksSource::Certificate { path, kid } => return certificate_key_set(path, kid),
     };
     serde_json::from_slice(&bytes).map_err(|e| JwtError::KeySet(format!("not a JWK set: {e}")))
+}
+
+/// The key set of one certificate: its RSA public key as a JWK under `kid`.
+fn certificate_key_set(path: &std::path::Path, kid: &str) -> Result<JwkSet, JwtError> {
+    use base64::Engine as _;
+    use rsa::pkcs8::DecodePublicKey as _;
+    use rsa::traits::PublicKeyParts as _;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let unusable = |why: &str| JwtError::KeySet(format!("{}: {why}", path.display()));
+    let certs = crate::base::pem::load_certs(path).map_err(|e| unusable(&e.to_string()))?;
+    let der = certs.first().ok_or_else(|| unusable("no certificate"))?;
+    let (_, cert) = X509Certificate::from_der(der.as_ref())
+        .map_err(|_| unusable("not an X.509 certificate"))?;
+    let public = rsa::RsaPublicKey::from_public_key_der(cert.public_key().raw)
+        .map_err(|_| unusable("not an RSA public key"))?;
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let jwk = serde_json::json!({"keys": [{
+        "kty": "RSA", "use": "sig", "kid": kid,
+        "n": b64.encode(public.n().to_bytes_be()), "e": b64.encode(public.e().to_bytes_be()),
+    }]});
+    serde_json::from_value(jwk).map_err(|e| unusable(&e.to_string()))
 }
 
 /// GET over HTTPS within 10 s, expecting 200 ([`http_client::request_blocking`]).

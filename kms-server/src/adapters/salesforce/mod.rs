@@ -56,6 +56,16 @@ pub struct Salesforce {
     certificate: aws_lc_rs::rsa::OaepPublicEncryptingKey,
     /// The Named Credential's secret, when one is configured.
     secret: Option<zeroize::Zeroizing<Vec<u8>>>,
+    /// The Named Credential's JWTs, when it authenticates with them: their verifier and
+    /// the subject they must name.
+    jwt: Option<(crate::adapters::jwt::Verifier, Option<String>)>,
+}
+
+/// The claims a Salesforce JWT is checked for besides those the verifier checks.
+#[derive(serde::Deserialize)]
+struct JwtClaims {
+    #[serde(default)]
+    sub: Option<String>,
 }
 
 fn refuse(status: StatusCode, message: &str) -> Response {
@@ -102,6 +112,10 @@ impl Salesforce {
             principal: Principal::adapter(&settings.identity, &settings.tenant),
             certificate,
             secret,
+            jwt: settings
+                .jwt
+                .as_ref()
+                .map(|(s, sub)| (crate::adapters::jwt::Verifier::new(s.clone()), sub.clone())),
             settings: settings.clone(),
         })
     }
@@ -109,7 +123,7 @@ impl Salesforce {
     /// Whether the callout carries every configured credential: the Named Credential's
     /// secret, and a client certificate from `client_ca` (pinned, when pins are set);
     /// otherwise what is missing, for the alert.
-    fn authenticate(
+    async fn authenticate(
         &self,
         headers: &HeaderMap,
         presented: crate::adapters::ClientCertificate,
@@ -127,6 +141,24 @@ impl Salesforce {
             };
             if !accepted {
                 return Err("wrong credential");
+            }
+        }
+        if let Some((verifier, subject)) = &self.jwt {
+            let token = crate::adapters::bearer(headers).ok_or("no JWT")?;
+            match verifier.verify_async::<JwtClaims>(&token).await {
+                Ok(claims) => {
+                    if subject
+                        .as_ref()
+                        .is_some_and(|s| claims.sub.as_ref() != Some(s))
+                    {
+                        return Err("JWT for another subject");
+                    }
+                }
+                Err(crate::adapters::jwt::JwtError::KeySet(e)) => {
+                    tracing::error!(error = %e, "Salesforce: the JWT signing certificate is unreadable");
+                    return Err("the JWT signing certificate is unreadable");
+                }
+                Err(_) => return Err("JWT not accepted"),
             }
         }
         if self.settings.client_ca.is_some() {
@@ -198,7 +230,7 @@ impl Salesforce {
         presented: crate::adapters::ClientCertificate,
         facts: &mut (Option<String>, Option<u32>),
     ) -> Response {
-        if let Err(why) = self.authenticate(headers, presented) {
+        if let Err(why) = self.authenticate(headers, presented).await {
             self.app
                 .alerts
                 .raise(crate::security::alert::AlertEvent::new(

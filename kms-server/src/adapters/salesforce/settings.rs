@@ -17,6 +17,25 @@ struct FileKey {
     wrapped: String,
 }
 
+/// `[salesforce.jwt]` as written: a Named Credential with JWT authentication signs a
+/// fresh token per callout with a certificate of Salesforce's Certificate and Key
+/// Management (RS256 or RS512; header `kid` = the certificate's unique name).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileJwt {
+    /// The JWT signing certificate, downloaded from Salesforce (PEM).
+    certificate: PathBuf,
+    /// Its unique name in Salesforce: the tokens' `kid`.
+    key_name: String,
+    /// The Named Credential's Issuer (`iss`).
+    issuer: String,
+    /// Its audience (`aud`).
+    audience: String,
+    /// Its Named Principal Subject (`sub`), when it sets one.
+    #[serde(default)]
+    subject: Option<String>,
+}
+
 /// `[salesforce]` as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -28,6 +47,9 @@ pub(crate) struct FileSalesforce {
     /// bearer token (`Authorization: Bearer`, a custom header).
     #[serde(default)]
     credential_file: Option<PathBuf>,
+    /// JWT authentication of the Named Credential (instead of `credential_file`).
+    #[serde(default)]
+    jwt: Option<FileJwt>,
     /// The Named Credential's user name: with it, a callout must carry
     /// `Authorization: Basic base64(username ":" secret)`.
     #[serde(default)]
@@ -71,6 +93,8 @@ pub struct SalesforceSettings {
     pub credential_file: Option<PathBuf>,
     /// The Basic-auth user name (`None`: the secret is a bearer token).
     pub username: Option<String>,
+    /// JWT authentication: the tokens' checks, and the subject they must name.
+    pub jwt: Option<(crate::adapters::jwt::JwtSettings, Option<String>)>,
     /// The client certificates' CA (`None`: no client certificate is asked for).
     pub client_ca: Option<PathBuf>,
     /// CRLs of `client_ca` (reloaded on change and SIGHUP).
@@ -93,12 +117,53 @@ impl FileSalesforce {
         let credential_file = self.credential_file.as_deref().map(&resolve);
         let client_ca = self.client_ca.as_deref().map(&resolve);
         let certificate = resolve(&self.certificate);
-        if credential_file.is_none() && client_ca.is_none() {
+        if credential_file.is_none() && client_ca.is_none() && self.jwt.is_none() {
             return e(
                 "credential_file",
-                "a callout needs a credential: credential_file, client_ca, or both",
+                "a callout needs a credential: credential_file, jwt or client_ca (with one of the others, or alone)",
             );
         }
+        if credential_file.is_some() && self.jwt.is_some() {
+            return e(
+                "jwt",
+                "a Named Credential sends a secret or a JWT: give credential_file or jwt, not both",
+            );
+        }
+        let jwt = match self.jwt {
+            None => None,
+            Some(j) => {
+                let certificate = resolve(&j.certificate);
+                if !certificate.is_file() {
+                    return e(
+                        "jwt.certificate",
+                        &format!("{} is not a readable file", certificate.display()),
+                    );
+                }
+                for (f, v) in [
+                    ("jwt.key_name", &j.key_name),
+                    ("jwt.issuer", &j.issuer),
+                    ("jwt.audience", &j.audience),
+                ] {
+                    if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) {
+                        return e(f, "1 to 256 printable characters");
+                    }
+                }
+                Some((
+                    crate::adapters::jwt::JwtSettings {
+                        issuers: vec![j.issuer],
+                        audiences: vec![j.audience],
+                        jwks: crate::adapters::jwt::JwksSource::Certificate {
+                            path: certificate,
+                            kid: j.key_name,
+                        },
+                        // Salesforce's tokens live 2 to 5 minutes; clocks may differ a little.
+                        leeway: std::time::Duration::from_secs(10),
+                        refresh: std::time::Duration::from_secs(3600),
+                    },
+                    j.subject,
+                ))
+            }
+        };
         for (f, p) in [
             ("credential_file", credential_file.as_ref()),
             ("client_ca", client_ca.as_ref()),
@@ -186,6 +251,7 @@ impl FileSalesforce {
             identity: self.identity,
             credential_file,
             username: self.username,
+            jwt,
             client_ca,
             client_crls,
             client_certificate_sha256: pins,
