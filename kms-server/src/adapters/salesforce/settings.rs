@@ -107,6 +107,47 @@ pub struct SalesforceSettings {
     pub keys: Vec<ServedKey>,
 }
 
+impl FileJwt {
+    /// Validates; errors are (dotted field under `salesforce`, message).
+    fn validate(
+        self,
+        resolve: &impl Fn(&Path) -> PathBuf,
+    ) -> Result<(crate::adapters::jwt::JwtSettings, Option<String>), (String, String)> {
+        let err = |f: &str, m: &str| Err((f.to_owned(), m.to_owned()));
+        let j = self;
+        let certificate = resolve(&j.certificate);
+        if !certificate.is_file() {
+            return err(
+                "jwt.certificate",
+                &format!("{} is not a readable file", certificate.display()),
+            );
+        }
+        for (f, v) in [
+            ("jwt.key_name", &j.key_name),
+            ("jwt.issuer", &j.issuer),
+            ("jwt.audience", &j.audience),
+        ] {
+            if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) {
+                return err(f, "1 to 256 printable characters");
+            }
+        }
+        Ok((
+            crate::adapters::jwt::JwtSettings {
+                issuers: vec![j.issuer],
+                audiences: vec![j.audience],
+                jwks: crate::adapters::jwt::JwksSource::Certificate {
+                    path: certificate,
+                    kid: j.key_name,
+                },
+                // Salesforce's tokens live 2 to 5 minutes; clocks may differ a little.
+                leeway: std::time::Duration::from_secs(10),
+                refresh: std::time::Duration::from_secs(3600),
+            },
+            j.subject,
+        ))
+    }
+}
+
 impl FileSalesforce {
     /// Validates; errors are (dotted field under `salesforce`, message).
     pub(crate) fn validate(
@@ -131,38 +172,10 @@ impl FileSalesforce {
         }
         let jwt = match self.jwt {
             None => None,
-            Some(j) => {
-                let certificate = resolve(&j.certificate);
-                if !certificate.is_file() {
-                    return e(
-                        "jwt.certificate",
-                        &format!("{} is not a readable file", certificate.display()),
-                    );
-                }
-                for (f, v) in [
-                    ("jwt.key_name", &j.key_name),
-                    ("jwt.issuer", &j.issuer),
-                    ("jwt.audience", &j.audience),
-                ] {
-                    if v.is_empty() || v.len() > 256 || v.chars().any(char::is_control) {
-                        return e(f, "1 to 256 printable characters");
-                    }
-                }
-                Some((
-                    crate::adapters::jwt::JwtSettings {
-                        issuers: vec![j.issuer],
-                        audiences: vec![j.audience],
-                        jwks: crate::adapters::jwt::JwksSource::Certificate {
-                            path: certificate,
-                            kid: j.key_name,
-                        },
-                        // Salesforce's tokens live 2 to 5 minutes; clocks may differ a little.
-                        leeway: std::time::Duration::from_secs(10),
-                        refresh: std::time::Duration::from_secs(3600),
-                    },
-                    j.subject,
-                ))
-            }
+            Some(j) => Some(
+                j.validate(&resolve)
+                    .map_err(|(f, m)| (format!("salesforce.{f}"), m))?,
+            ),
         };
         for (f, p) in [
             ("credential_file", credential_file.as_ref()),
@@ -204,20 +217,8 @@ impl FileSalesforce {
         if client_ca.is_none() && !self.client_certificate_sha256.is_empty() {
             return e("client_certificate_sha256", "only with client_ca");
         }
-        let mut pins = Vec::new();
-        for (i, hex) in self.client_certificate_sha256.iter().enumerate() {
-            let bytes = crate::crypto::seal::unhex(&hex.replace(':', "").to_ascii_lowercase())
-                .and_then(|b| <[u8; 32]>::try_from(b).ok());
-            match bytes {
-                Some(b) => pins.push(b),
-                None => {
-                    return e(
-                        &format!("client_certificate_sha256[{i}]"),
-                        "64 hex digits (colons allowed)",
-                    )
-                }
-            }
-        }
+        let pins = pins(&self.client_certificate_sha256)
+            .map_err(|(f, m)| (format!("salesforce.{f}"), m))?;
         if self.tenant.is_empty() || self.identity.is_empty() {
             return e("tenant", "tenant and identity are required");
         }
@@ -259,4 +260,22 @@ impl FileSalesforce {
             keys,
         })
     }
+}
+
+/// `client_certificate_sha256`: SHA-256 fingerprints, 64 hex digits each (colons allowed).
+fn pins(hexes: &[String]) -> Result<Vec<[u8; 32]>, (String, String)> {
+    hexes
+        .iter()
+        .enumerate()
+        .map(|(i, hex)| {
+            crate::crypto::seal::unhex(&hex.replace(':', "").to_ascii_lowercase())
+                .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                .ok_or_else(|| {
+                    (
+                        format!("client_certificate_sha256[{i}]"),
+                        "64 hex digits (colons allowed)".to_owned(),
+                    )
+                })
+        })
+        .collect()
 }
