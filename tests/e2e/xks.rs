@@ -1092,3 +1092,45 @@ fn the_xks_guide_gives_aws_an_endpoint_without_a_port() {
         );
     }
 }
+
+/// Issue 24: a refused client certificate ends the handshake with a TLS alert the client
+/// reads (AWS KMS reports a handshake failure, with its reason). curl (OpenSSL) over TLS
+/// 1.3 sends its request right after its certificate, before it can read the verdict;
+/// Keyhold closed the socket with that request unread, the kernel answered with a reset,
+/// and curl reported "not connected" instead of the alert.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_certificate_gets_an_alert_not_a_reset() {
+    const KMS_SUBJECT: &str = "cks.kms.eu-west-1.amazonaws.com";
+    let (s, _creds) = xks_server(
+        1000,
+        MAPPINGS,
+        &format!("client_ca = \"pki/ca.pem\"\nclient_subject = \"{KMS_SUBJECT}\""),
+    )
+    .await;
+    s.pki
+        .issue("cks.kms.us-east-1.amazonaws.com", "spiffe://aws/kms-other");
+    let url = format!("https://localhost:{}{HEALTH}", s.xks_addr.unwrap().port());
+    for (who, alert) in [
+        ("cks.kms.us-east-1.amazonaws.com", "alert access denied"),
+        ("foreign", "alert unknown ca"),
+    ] {
+        for round in 0..5 {
+            let out = std::process::Command::new("curl")
+                .args(["-sS", "--tlsv1.3", "-X", "POST", "-d", "{}", "--cacert"])
+                .arg(s.pki.ca())
+                .arg("--cert")
+                .arg(s.pki.cert(who))
+                .arg("--key")
+                .arg(s.pki.key(who))
+                .arg(&url)
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && err.contains(alert),
+                "{who}, round {round}: {} {err}",
+                out.status
+            );
+        }
+    }
+}

@@ -157,7 +157,18 @@ where
         &self,
         tcp: TcpStream,
     ) -> Pin<Box<dyn Future<Output = std::io::Result<Self::Io>> + Send + 'static>> {
-        Box::pin(tokio_rustls::TlsAcceptor::from((self.0)()).accept(tcp))
+        let accept = tokio_rustls::TlsAcceptor::from((self.0)())
+            .accept(tcp)
+            .into_fallible();
+        Box::pin(async move {
+            match accept.await {
+                Ok(tls) => Ok(tls),
+                Err((e, tcp)) => {
+                    close_after_refusal(tcp).await;
+                    Err(e)
+                }
+            }
+        })
     }
 
     fn revocation(&self, io: &Self::Io) -> Option<Revocation> {
@@ -168,6 +179,31 @@ where
             reloads: revoker.reloads(),
         })
     }
+}
+
+/// How long a refused handshake's socket stays open to read what the client still sends.
+const REFUSAL_LINGER: Duration = Duration::from_millis(250);
+
+/// Closes a connection whose handshake was refused, so that the client reads the alert
+/// rustls wrote (which says why: an unknown CA, a subject not allowed, no certificate).
+/// A TLS 1.3 client sends its first request right after its certificate, before it can
+/// read the verdict; closing the socket with those bytes unread makes the kernel answer
+/// with a reset, and the client reports "connection reset" instead of the alert. So: end
+/// the write side after the alert, and read (and drop) what arrives for a moment first.
+async fn close_after_refusal(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let _ = tcp.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+        let mut total = 0usize;
+        while total < 64 * 1024 {
+            match tcp.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => total += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// Plain TCP (the ops listener: loopback or a private network, no key material).
