@@ -524,3 +524,76 @@ allowed_reasons = ["MODIFIED_CUSTOMER_INITIATED_ACCESS", "CUSTOMER_INITIATED_ACC
     .await;
     assert_eq!(st, 401);
 }
+
+/// Issue 24: Cloud EKM over a VPC calls `https://<EkmConnection hostname>/<key path>:wrap`
+/// from the root of the host (GoogleCloudPlatform/stet, `client/vpc/vpc.go`), with key
+/// paths such as `v0/...` and the token audience `https://<hostname>`. `[ekm] mount = "/"`
+/// serves it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ekm_over_a_vpc_is_served_at_the_root() {
+    let keys = tempfile::tempdir().unwrap();
+    let pem = &issuer(keys.path());
+    let extra = format!(
+        r#"
+[public]
+listen = "127.0.0.1:0"
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+
+[ekm]
+url = "{URL}"
+mount = "/"
+jwks = "{j}"
+tenant = "acme"
+identity = "{EKM_IDENTITY}"
+
+[[ekm.keys]]
+path = "v0/cryptospaces/payments/keys/k1"
+key = "ekm-kek"
+callers = ["{AGENT}"]
+allow_missing_reason = true
+"#,
+        j = keys.path().join("google.json").display()
+    );
+    let s = TestServer::start_with(TestSeal::KeyFile, &extra).await;
+    let r = post(&s.client(Some("admin-a")), &s.url("/v1/keys"),
+        json!({"name": "ekm-kek", "grants": [{"identity": EKM_IDENTITY, "operations": ["wrap", "unwrap"]}]})).await;
+    assert_eq!(r.0, 201, "{r:?}");
+    let client = keyhold_tests::client_for(&s.pki, None, false);
+    let root = format!("https://localhost:{}", s.public_addr.unwrap().port());
+    let call = |path: &str, body: Value| {
+        let (client, url) = (client.clone(), format!("{root}/{path}"));
+        let tok = token(pem, json!({"aud": URL}));
+        async move {
+            let r = client
+                .post(url)
+                .bearer_auth(tok)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    let (st, w) = call(
+        "v0/cryptospaces/payments/keys/k1:wrap",
+        json!({"plaintext": B64.encode([7u8; 32])}),
+    )
+    .await;
+    assert_eq!(st, 200, "{w}");
+    let (st, u) = call(
+        "v0/cryptospaces/payments/keys/k1:unwrap",
+        json!({"wrappedBlob": w["wrappedBlob"]}),
+    )
+    .await;
+    assert_eq!(st, 200, "{u}");
+    assert_eq!(u["plaintext"], B64.encode([7u8; 32]));
+    // Not under /ekm any more, and an unknown path at the root is EKM's 404.
+    let (st, _) = call(
+        "ekm/v0/cryptospaces/payments/keys/k1:wrap",
+        json!({"plaintext": B64.encode([7u8; 32])}),
+    )
+    .await;
+    assert_eq!(st, 404);
+}

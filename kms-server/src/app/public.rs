@@ -98,9 +98,9 @@ pub fn router(
         let cse = Arc::new(crate::adapters::cse::Cse::new(state.clone(), cse)?);
         router = router.merge(crate::adapters::cse::router(cse));
     }
-    if let Some(ekm) = &settings.ekm {
-        let ekm = Arc::new(crate::adapters::ekm::Ekm::new(state.clone(), ekm));
-        router = router.merge(crate::adapters::ekm::router(ekm));
+    if let Some(ekm_settings) = &settings.ekm {
+        let ekm = Arc::new(crate::adapters::ekm::Ekm::new(state.clone(), ekm_settings));
+        router = router.merge(crate::adapters::ekm::router(ekm, &ekm_settings.mount));
     }
     if let Some(sf) = &settings.salesforce {
         let sf = Arc::new(crate::adapters::salesforce::Salesforce::new(

@@ -562,9 +562,14 @@ async fn call(
 }
 
 /// The routes of the public listener for EKM.
-pub fn router(ekm: Arc<Ekm>) -> Router {
+pub fn router(ekm: Arc<Ekm>, mount: &str) -> Router {
+    // At the root, every path the other protocols do not route is a key path.
+    let route = match mount {
+        "/" => "/{*rest}".to_owned(),
+        prefix => format!("{prefix}/{{*rest}}"),
+    };
     Router::new()
-        .route("/ekm/{*rest}", post(call))
+        .route(&route, post(call))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(ekm)
 }

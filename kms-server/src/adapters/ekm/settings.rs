@@ -35,6 +35,9 @@ fn default_issuers() -> Vec<String> {
         "accounts.google.com".to_owned(),
     ]
 }
+fn default_mount() -> String {
+    "/ekm".to_owned()
+}
 fn default_leeway() -> u64 {
     300
 }
@@ -69,6 +72,11 @@ struct FileKey {
 pub(crate) struct FileEkm {
     /// This service's URL as Cloud KMS calls it: the tokens' audience.
     url: String,
+    /// Where the EKM routes are mounted on the public listener: `/ekm` (the default), or
+    /// `/` for an EkmConnection over a VPC, which calls `https://<hostname>/<key path>`
+    /// from the root (GoogleCloudPlatform/stet, `client/vpc/vpc.go`).
+    #[serde(default = "default_mount")]
+    mount: String,
     #[serde(default = "default_issuers")]
     issuers: Vec<String>,
     /// A file, or an `https://` URL (Google's: `https://www.googleapis.com/oauth2/v3/certs`).
@@ -111,6 +119,8 @@ pub struct EkmSettings {
     pub identity: String,
     /// Key paths.
     pub keys: Vec<KeyPolicy>,
+    /// Where the routes are mounted (`/ekm`, or `/`).
+    pub mount: String,
 }
 
 impl FileEkm {
@@ -123,6 +133,21 @@ impl FileEkm {
         let Some(url) = crate::adapters::service_url(&self.url) else {
             return e("url", "must be this service's https:// URL");
         };
+        let mount_ok = self.mount == "/"
+            || (self.mount.starts_with('/')
+                && !self.mount.ends_with('/')
+                && !self.mount.contains("//")
+                && self.mount.len() <= 64
+                && self
+                    .mount
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.')));
+        if !mount_ok {
+            return e(
+                "mount",
+                "\"/\" (the root, as Cloud EKM over a VPC calls) or /segments of A-Z a-z 0-9 . _ -",
+            );
+        }
         let jwks = match JwksSource::from_config(&self.jwks, self.jwks_ca.as_deref(), &resolve) {
             Ok(j) => j,
             Err(m) => return e("jwks", &m),
@@ -192,6 +217,7 @@ impl FileEkm {
             tenant: self.tenant,
             identity: self.identity,
             keys,
+            mount: self.mount,
         })
     }
 }
