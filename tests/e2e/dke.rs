@@ -486,3 +486,84 @@ async fn public_answers_carry_browser_headers_and_key_material_is_never_stored()
         assert_eq!(r.headers()["cache-control"], "no-store", "{path}");
     }
 }
+
+/// Issue 24: Microsoft's deployment checklist puts the key URL at the root of its host
+/// (`https://<host>/<key name>`, as the sample service routes `{keyName}` and
+/// `{keyName}/{keyId}/Decrypt`). `[dke] mount = "/"` serves DKE there; the token audience
+/// and the key ids follow `[dke] url`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dke_is_served_at_the_root_of_its_host() {
+    const ROOT_URL: &str = "https://localhost";
+    let keys = tempfile::tempdir().unwrap();
+    let issuer = issuer();
+    let jwks = keys.path().join("jwks.json");
+    issuer.write_jwks(&jwks);
+    let extra = format!(
+        r#"
+[public]
+listen = "127.0.0.1:0"
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+
+[dke]
+url = "{ROOT_URL}"
+mount = "/"
+issuers = ["{ISS}"]
+jwks = "{jwks}"
+tenant = "acme"
+identity = "{DKE_IDENTITY}"
+
+[[dke.keys]]
+name = "finance"
+key = "finance-dke"
+emails = ["alice@example.com"]
+"#,
+        jwks = jwks.display()
+    );
+    let s = TestServer::start_with(TestSeal::KeyFile, &extra).await;
+    let r = post(
+        &s.client(Some("admin-a")),
+        &s.url("/v1/keys"),
+        json!({"name": "finance-dke", "algorithm": "rsa-oaep-2048-sha256",
+               "grants": [{"identity": DKE_IDENTITY, "operations": ["wrap", "unwrap"]}]}),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{r:?}");
+    let client = keyhold_tests::client_for(&s.pki, None, false);
+    let base = format!("https://localhost:{}", s.public_addr.unwrap().port());
+    let got: Value = client
+        .get(format!("{base}/finance"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let key = &got["key"];
+    let kid = key["kid"].as_str().unwrap();
+    assert!(kid.starts_with(&format!("{ROOT_URL}/finance/")), "{kid}");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = [9u8; 32];
+    let value = openssl_encrypt(dir.path(), key, &secret);
+    let mut c = claims(json!({"email": "alice@example.com"}));
+    c["aud"] = json!(ROOT_URL);
+    let alice = token(&issuer, &c);
+    let path = kid.strip_prefix(ROOT_URL).unwrap();
+    let r = client
+        .post(format!("{base}{path}/decrypt"))
+        .bearer_auth(alice)
+        .json(&json!({"alg": "RSA-OAEP-256", "value": value}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ok: Value = r.json().await.unwrap();
+    assert_eq!(B64.decode(ok["value"].as_str().unwrap()).unwrap(), secret);
+    // Not under /dke any more.
+    let r = client
+        .get(format!("{base}/dke/finance"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+}

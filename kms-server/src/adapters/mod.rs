@@ -10,6 +10,28 @@ pub mod jwt;
 pub mod salesforce;
 pub mod xks;
 
+/// Whether `mount` may place a protocol's routes on the public listener: `/` (the root of
+/// the host, where a vendor calls it so) or `/segments` of `A-Z a-z 0-9 . _ -`.
+pub(crate) fn valid_mount(mount: &str) -> bool {
+    mount == "/"
+        || (mount.starts_with('/')
+            && !mount.ends_with('/')
+            && !mount.contains("//")
+            && mount.len() <= 64
+            && mount
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.')))
+}
+
+/// The route pattern of `rest` under `mount` (`/{name}` at the root, `/dke/{name}` under
+/// `/dke`).
+pub(crate) fn mounted(mount: &str, rest: &str) -> String {
+    match mount {
+        "/" => rest.to_owned(),
+        prefix => format!("{prefix}{rest}"),
+    }
+}
+
 /// Why an adapter could not start: which setting, and what is wrong with what it names (a
 /// file that does not load, a certificate that is not RSA, ...). Checked at start, after
 /// the configuration's own checks, which cannot open files.
@@ -78,6 +100,18 @@ impl ClientCertificate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mounts_are_the_root_or_plain_prefixes() {
+        for good in ["/", "/dke", "/ekm", "/a/b-c_d.e"] {
+            assert!(valid_mount(good), "{good}");
+        }
+        for bad in ["", "dke", "/dke/", "//", "/a//b", "/a b", "/%2e"] {
+            assert!(!valid_mount(bad), "{bad}");
+        }
+        assert_eq!(mounted("/", "/{name}"), "/{name}");
+        assert_eq!(mounted("/dke", "/{name}"), "/dke/{name}");
+    }
 
     #[test]
     fn bearer_tokens_and_service_urls() {

@@ -90,9 +90,9 @@ pub fn router(
     settings: &crate::app::config::Settings,
 ) -> Result<Router, crate::adapters::SetupError> {
     let mut router = Router::new();
-    if let Some(dke) = &settings.dke {
-        let dke = Arc::new(crate::adapters::dke::Dke::new(state.clone(), dke)?);
-        router = router.merge(crate::adapters::dke::router(dke));
+    if let Some(dke_settings) = &settings.dke {
+        let dke = Arc::new(crate::adapters::dke::Dke::new(state.clone(), dke_settings)?);
+        router = router.merge(crate::adapters::dke::router(dke, &dke_settings.mount));
     }
     if let Some(cse) = &settings.cse {
         let cse = Arc::new(crate::adapters::cse::Cse::new(state.clone(), cse)?);

@@ -400,10 +400,13 @@ async fn decrypt(
 }
 
 /// The routes of the public listener for DKE.
-pub fn router(dke: Arc<Dke>) -> Router {
+pub fn router(dke: Arc<Dke>, mount: &str) -> Router {
     Router::new()
-        .route("/dke/{name}", get(get_key))
-        .route("/dke/{name}/{kid}/decrypt", post(decrypt))
+        .route(&crate::adapters::mounted(mount, "/{name}"), get(get_key))
+        .route(
+            &crate::adapters::mounted(mount, "/{name}/{kid}/decrypt"),
+            post(decrypt),
+        )
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(dke)
 }

@@ -12,6 +12,9 @@ use crate::adapters::jwt::{JwksSource, JwtSettings};
 /// Where Office clients get a token when they have none (the challenge's `authorization`).
 pub const ENTRA_AUTHORIZE: &str = "https://login.windows.net/common/oauth2/authorize";
 
+fn default_mount() -> String {
+    "/dke".to_owned()
+}
 fn default_leeway() -> u64 {
     300
 }
@@ -32,6 +35,11 @@ pub(crate) struct FileDke {
     /// The service's own URL (`https://dke.example.com`): the tokens' audience, the
     /// challenge's `resource` and `realm`, and the base of every key's `kid`.
     url: String,
+    /// Where the DKE routes are mounted on the public listener: `/dke` (the default), or
+    /// `/` for the key URL at the root of its host, as Microsoft's deployment checklist
+    /// asks (`https://<host>/<key name>`, the sample service's routes).
+    #[serde(default = "default_mount")]
+    mount: String,
     issuers: Vec<String>,
     /// A file, or an `https://` URL.
     jwks: String,
@@ -88,6 +96,8 @@ pub struct KeyMapping {
 pub struct DkeSettings {
     /// The service URL, without a trailing slash.
     pub url: String,
+    /// Where the routes are mounted (`/dke`, or `/`).
+    pub mount: String,
     /// Token checks.
     pub jwt: JwtSettings,
     /// `cache.exp` distance (None: no `cache`).
@@ -119,6 +129,12 @@ impl FileDke {
         let Some(url) = crate::adapters::service_url(&self.url) else {
             return e("url", "must be the service's https:// URL");
         };
+        if !crate::adapters::valid_mount(&self.mount) {
+            return e(
+                "mount",
+                "\"/\" (the key URL at the root of its host) or /segments of A-Z a-z 0-9 . _ -",
+            );
+        }
         if self.issuers.is_empty() || self.issuers.iter().any(String::is_empty) {
             return e("issuers", "at least one token issuer (`iss`)");
         }
@@ -162,6 +178,7 @@ impl FileDke {
                 refresh: Duration::from_secs(self.jwks_refresh_secs.max(60)),
             },
             url,
+            mount: self.mount,
             key_cache: (self.key_cache_secs > 0).then(|| Duration::from_secs(self.key_cache_secs)),
             authorization_url: self.authorization_url,
             tenant: self.tenant,

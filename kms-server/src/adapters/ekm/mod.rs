@@ -564,12 +564,8 @@ async fn call(
 /// The routes of the public listener for EKM.
 pub fn router(ekm: Arc<Ekm>, mount: &str) -> Router {
     // At the root, every path the other protocols do not route is a key path.
-    let route = match mount {
-        "/" => "/{*rest}".to_owned(),
-        prefix => format!("{prefix}/{{*rest}}"),
-    };
     Router::new()
-        .route(&route, post(call))
+        .route(&crate::adapters::mounted(mount, "/{*rest}"), post(call))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(ekm)
 }

@@ -133,16 +133,7 @@ impl FileEkm {
         let Some(url) = crate::adapters::service_url(&self.url) else {
             return e("url", "must be this service's https:// URL");
         };
-        let mount_ok = self.mount == "/"
-            || (self.mount.starts_with('/')
-                && !self.mount.ends_with('/')
-                && !self.mount.contains("//")
-                && self.mount.len() <= 64
-                && self
-                    .mount
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.')));
-        if !mount_ok {
+        if !crate::adapters::valid_mount(&self.mount) {
             return e(
                 "mount",
                 "\"/\" (the root, as Cloud EKM over a VPC calls) or /segments of A-Z a-z 0-9 . _ -",

@@ -131,6 +131,15 @@ impl Adapters {
                 "EKM is served on the public listener: configure [public] too".into(),
             ));
         }
+        // One host cannot serve two protocols at its root: the routes would overlap.
+        if dke.as_ref().is_some_and(|d| d.mount == "/")
+            && ekm.as_ref().is_some_and(|k| k.mount == "/")
+        {
+            return Err(e(
+                "ekm.mount",
+                "DKE is mounted at the root already: one host serves one protocol there (use another node or host for the other)".into(),
+            ));
+        }
         let salesforce = match raw.salesforce {
             None => None,
             Some(c) => Some(c.validate(resolve)?),
