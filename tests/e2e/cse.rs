@@ -12,35 +12,35 @@ use serde_json::{json, Value};
 
 use crate::post;
 
-const GOOGLE: &str = "gsuitecse-tokenissuer-drive@system.gserviceaccount.com";
-const IDP: &str = "https://idp.test/";
-const IDP_AUD: &str = "kacls-test";
+pub(crate) const GOOGLE: &str = "gsuitecse-tokenissuer-drive@system.gserviceaccount.com";
+pub(crate) const IDP: &str = "https://idp.test/";
+pub(crate) const IDP_AUD: &str = "kacls-test";
 const KACLS: &str = "https://kacls.test/cse";
-const CSE_IDENTITY: &str = "spiffe://test/acme/cse";
+pub(crate) const CSE_IDENTITY: &str = "spiffe://test/acme/cse";
 const ORIGIN: &str = "https://client-side-encryption.google.com";
 
 use keyhold_tests::TokenIssuer as Issuer;
 
 /// An issuer named `name`, its JWK set written to `dir/<name>.json`.
-fn issuer(dir: &std::path::Path, name: &str) -> Issuer {
+pub(crate) fn issuer(dir: &std::path::Path, name: &str) -> Issuer {
     let issuer = Issuer::new(&format!("{name}-1"));
     issuer.write_jwks(&dir.join(format!("{name}.json")));
     issuer
 }
 
-fn now() -> i64 {
+pub(crate) fn now() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs() as i64
 }
 
-fn sign(issuer: &Issuer, claims: &Value) -> String {
+pub(crate) fn sign(issuer: &Issuer, claims: &Value) -> String {
     issuer.sign(claims)
 }
 
 /// Google's authorization claims for `role` on `resource`, changed by `extra`.
-fn authz(role: &str, resource: &str, extra: Value) -> Value {
+pub(crate) fn authz(role: &str, resource: &str, extra: Value) -> Value {
     let mut c = json!({
         "iss": GOOGLE, "aud": "cse-authorization", "email": "alice@example.com",
         "email_type": "google", "resource_name": resource, "role": role,
@@ -52,7 +52,7 @@ fn authz(role: &str, resource: &str, extra: Value) -> Value {
     c
 }
 
-fn authn(extra: Value) -> Value {
+pub(crate) fn authn(extra: Value) -> Value {
     let mut c = json!({"iss": IDP, "aud": IDP_AUD, "email": "alice@example.com",
                        "exp": now() + 600, "iat": now()});
     for (k, v) in extra.as_object().unwrap() {

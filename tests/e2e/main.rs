@@ -18,6 +18,7 @@ mod connections;
 mod crash;
 mod crypto;
 mod cse;
+mod cse_delegate;
 mod curl;
 mod dke;
 mod ekm;

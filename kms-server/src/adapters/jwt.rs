@@ -86,6 +86,9 @@ pub enum JwksSource {
         /// The key id tokens carry.
         kid: String,
     },
+    /// A key set known when the verifier is built: this service's own signing key (the
+    /// delegated tokens CSE issues and later accepts).
+    Static(serde_json::Value),
 }
 
 impl JwksSource {
@@ -462,6 +465,10 @@ fn fetch(source: &JwksSource) -> Result<JwkSet, JwtError> {
         }
         JwksSource::Url { url, ca } => fetch_https(url, ca.as_deref())?,
         JwksSource::Certificate { path, kid } => return certificate_key_set(path, kid),
+        JwksSource::Static(set) => {
+            return serde_json::from_value(set.clone())
+                .map_err(|e| JwtError::KeySet(format!("not a JWK set: {e}")))
+        }
     };
     serde_json::from_slice(&bytes).map_err(|e| JwtError::KeySet(format!("not a JWK set: {e}")))
 }

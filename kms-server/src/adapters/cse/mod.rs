@@ -15,12 +15,14 @@
 //! (AES-256-GCM AAD); unwrap checks the token's resource name against the bound one and
 //! the perimeter rules against the bound perimeter. The privileged operations take the
 //! IdP's token of a user in `privileged_users`; `privilegedunwrap` also takes a migration
-//! peer's KACLS-to-KACLS token for the same resource. Not built: Gmail's private-key
-//! operations.
+//! peer's KACLS-to-KACLS token for the same resource. `/delegate` issues delegated
+//! authentication tokens that `wrap` and `unwrap` accept with a matching delegated
+//! authorization token (`delegate.rs`). Not built: Gmail's private-key operations.
 //!
 //! The wire types and the wrapped-key layout are in `wire.rs`, the routes in `routes.rs`,
 //! the signing key in `signer.rs`.
 
+mod delegate;
 mod routes;
 pub mod settings;
 mod signer;
@@ -141,6 +143,7 @@ struct Facts {
     resource: Option<String>,
     reason: Option<String>,
     version: Option<u32>,
+    delegated_to: Option<String>,
 }
 
 /// The CSE endpoint.
@@ -150,6 +153,8 @@ pub struct Cse {
     authorization: Vec<(Vec<String>, Verifier)>,
     authentication: Vec<(Vec<String>, Verifier)>,
     migration_peers: Vec<(Vec<String>, Verifier)>,
+    /// The delegated tokens this KACLS signed (issuer and audience: its URL, its key).
+    delegated: Vec<(Vec<String>, Verifier)>,
     signer: Option<Signer>,
     principal: Principal,
 }
@@ -223,8 +228,22 @@ impl Cse {
             ),
             None => None,
         };
+        let delegated = signer
+            .iter()
+            .map(|s| {
+                let own = crate::adapters::jwt::JwtSettings {
+                    issuers: vec![settings.kacls_url.clone()],
+                    audiences: vec![settings.kacls_url.clone()],
+                    jwks: delegate::own_key_set(&s.jwk),
+                    leeway: std::time::Duration::from_secs(60),
+                    refresh: std::time::Duration::from_secs(3600),
+                };
+                (own.issuers.clone(), Verifier::new(own))
+            })
+            .collect();
         Ok(Self {
             app,
+            delegated,
             authorization: verifiers(&settings.authorization),
             authentication: verifiers(&settings.authentication),
             migration_peers: verifiers(&settings.migration_peers),
@@ -235,7 +254,8 @@ impl Cse {
     }
 
     /// The authorization token's checks that do not depend on the operation's other
-    /// inputs: valid, our `kacls_url`, no guest unless allowed, the role allowed.
+    /// inputs: valid, our `kacls_url` and owner domain, no guest unless allowed, the role
+    /// allowed (`roles` empty: any role).
     async fn authorize(
         &self,
         token: &str,
@@ -245,10 +265,19 @@ impl Cse {
         let authz: Authz = verify(&self.authorization, token, "authorization").await?;
         facts.user = Some(authz.email.to_lowercase());
         facts.resource = Some(authz.resource_name.clone());
+        facts.delegated_to.clone_from(&authz.delegated_to);
         if authz.kacls_url.trim_end_matches('/') != self.settings.kacls_url {
             return Err(denied(
                 "the authorization token is for another KACLS (kacls_url)",
             ));
+        }
+        if let (Some(ours), Some(theirs)) = (&self.settings.owner_domain, &authz.kacls_owner_domain)
+        {
+            if theirs.to_lowercase() != *ours {
+                return Err(denied(
+                    "the authorization token is for another domain's KACLS (kacls_owner_domain)",
+                ));
+            }
         }
         if matches!(
             authz.email_type.as_deref(),
@@ -257,27 +286,46 @@ impl Cse {
         {
             return Err(denied("guest access is not allowed here"));
         }
-        if !roles.contains(&authz.role.as_str()) {
+        if !roles.is_empty() && !roles.contains(&authz.role.as_str()) {
             return Err(denied(&format!("role {} may not do this", authz.role)));
         }
         Ok(authz)
     }
 
-    /// The authentication token: valid, and the same user as the authorization token.
+    /// The authentication token of `wrap` and `unwrap`: [`Cse::identify`], and delegated
+    /// only together with a matching delegated authorization token.
     async fn authenticate(&self, token: &str, authz: &Authz) -> Result<(), CseError> {
-        let authn: Authn = verify(&self.authentication, token, "authentication").await?;
-        let email = authn.google_email.or(authn.email).ok_or_else(|| {
-            CseError::new(
-                StatusCode::UNAUTHORIZED,
-                "the authentication token has no email",
-            )
-        })?;
+        let authn = self.identify(token, authz).await?;
+        delegate::delegation_matches(&authn, authz)
+    }
+
+    /// The authentication token: valid (the IdP's, or a delegated one this KACLS signed),
+    /// and the same user as the authorization token.
+    async fn identify(&self, token: &str, authz: &Authz) -> Result<Authn, CseError> {
+        let own = issuer_of(token)
+            .is_some_and(|iss| self.delegated.iter().any(|(i, _)| i.contains(&iss)));
+        let verifiers = if own {
+            &self.delegated
+        } else {
+            &self.authentication
+        };
+        let authn: Authn = verify(verifiers, token, "authentication").await?;
+        let email = authn
+            .google_email
+            .as_ref()
+            .or(authn.email.as_ref())
+            .ok_or_else(|| {
+                CseError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "the authentication token has no email",
+                )
+            })?;
         if email.to_lowercase() != authz.email.to_lowercase() {
             return Err(denied(
                 "the authentication and authorization tokens name different users",
             ));
         }
-        Ok(())
+        Ok(authn)
     }
 
     fn perimeter(&self, perimeter_id: &str) -> Result<(), CseError> {
@@ -641,6 +689,7 @@ impl Cse {
             ("user", &facts.user),
             ("resource", &facts.resource),
             ("reason", &facts.reason),
+            ("delegated_to", &facts.delegated_to),
         ] {
             if let Some(v) = v {
                 attributes.insert(k.to_owned(), v.chars().take(256).collect());

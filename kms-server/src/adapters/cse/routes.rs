@@ -48,6 +48,7 @@ mod handlers {
         "privilegedunwrap"
     );
     operation!(rewrap, RewrapRequest, "rewrap");
+    operation!(delegate, DelegateRequest, "delegate");
 }
 
 /// `GET /cse/certs`: this key service's signing key as a JWK set (404 without one).
@@ -75,7 +76,7 @@ async fn status(State(cse): State<Arc<Cse>>, headers: HeaderMap) -> Response {
         "vendor_id": "Keyhold",
         "version": env!("CARGO_PKG_VERSION"),
         "name": "Keyhold KACLS",
-        "operations_supported": ["wrap", "unwrap", "digest", "privilegedwrap", "privilegedunwrap", "rewrap"],
+        "operations_supported": ["wrap", "unwrap", "digest", "privilegedwrap", "privilegedunwrap", "rewrap", "delegate"],
     }))
     .into_response();
     cse.finish(
@@ -134,6 +135,7 @@ pub fn router(cse: Arc<Cse>) -> Router {
             post(handlers::privilegedunwrap).options(preflight),
         )
         .route("/cse/rewrap", post(handlers::rewrap).options(preflight))
+        .route("/cse/delegate", post(handlers::delegate).options(preflight))
         .route("/cse/certs", get(certs).options(preflight))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
         .with_state(cse)

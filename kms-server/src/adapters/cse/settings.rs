@@ -77,6 +77,10 @@ pub(crate) struct FileCse {
     /// KACLS-to-KACLS tokens): their URL (the tokens' issuer) and key set (their `/certs`).
     #[serde(default)]
     migration_peers: Vec<FileIssuer>,
+    /// The Google Workspace domain that owns this KACLS: an authorization token that
+    /// carries `kacls_owner_domain` must name it (unset: the claim is not checked).
+    #[serde(default)]
+    owner_domain: Option<String>,
 }
 
 /// `[cse]`, validated.
@@ -108,6 +112,8 @@ pub struct CseSettings {
     pub migration_ca: Option<PathBuf>,
     /// Who may migrate away from here (audience: our `kacls_url`).
     pub migration_peers: Vec<JwtSettings>,
+    /// The Google Workspace domain that owns this KACLS, lower-cased.
+    pub owner_domain: Option<String>,
 }
 
 impl FileCse {
@@ -206,6 +212,7 @@ impl FileCse {
             key: self.key,
             allow_guests: self.allow_guests,
             perimeters: self.perimeters,
+            owner_domain: self.owner_domain.map(|d| d.to_lowercase()),
         })
     }
 }

@@ -63,15 +63,37 @@ pub(super) struct Authz {
     pub(super) kacls_url: String,
     #[serde(default)]
     pub(super) perimeter_id: Option<String>,
+    /// Delegation: the entity allowed to act for the user on `resource_name`.
+    #[serde(default)]
+    pub(super) delegated_to: Option<String>,
+    /// The Google Workspace domain the token was issued for this KACLS's owner.
+    #[serde(default)]
+    pub(super) kacls_owner_domain: Option<String>,
 }
 
-/// The IdP's authentication token.
+/// The IdP's authentication token, or a delegated one this KACLS signed.
 #[derive(Debug, Deserialize)]
 pub(super) struct Authn {
     #[serde(default)]
     pub(super) email: Option<String>,
     #[serde(default)]
     pub(super) google_email: Option<String>,
+    #[serde(default)]
+    pub(super) exp: Option<u64>,
+    /// A delegated token's: for whom, and for which resource.
+    #[serde(default)]
+    pub(super) delegated_to: Option<String>,
+    #[serde(default)]
+    pub(super) resource_name: Option<String>,
+}
+
+// No `Debug`: it carries tokens. Fields Google adds later are ignored.
+#[derive(Deserialize)]
+pub(super) struct DelegateRequest {
+    pub(super) authentication: String,
+    pub(super) authorization: String,
+    #[serde(default)]
+    pub(super) reason: String,
 }
 
 // No `Debug`: it carries key material or tokens. Fields Google adds later are ignored.
