@@ -32,6 +32,7 @@ mod lifecycle;
 mod ops;
 mod pkcs11;
 mod postgres;
+mod public_hosts;
 mod quickstart;
 mod rsa;
 mod salesforce;

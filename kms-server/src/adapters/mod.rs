@@ -23,6 +23,20 @@ pub(crate) fn valid_mount(mount: &str) -> bool {
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'/' | b'-' | b'_' | b'.')))
 }
 
+/// A protocol's own host name (`[dke] host`, `[ekm] host`), lower-cased: DNS labels of
+/// a-z 0-9 and inner hyphens, no trailing dot, no port, not an IP address.
+pub(crate) fn valid_host(value: &str) -> Option<String> {
+    let host = value.to_ascii_lowercase();
+    let label = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    let ip = host.parse::<std::net::IpAddr>().is_ok();
+    (host.len() <= 253 && !ip && host.split('.').all(label)).then_some(host)
+}
+
 /// The route pattern of `rest` under `mount` (`/{name}` at the root, `/dke/{name}` under
 /// `/dke`).
 pub(crate) fn mounted(mount: &str, rest: &str) -> String {
@@ -100,6 +114,29 @@ impl ClientCertificate {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_are_plain_dns_names() {
+        assert_eq!(
+            valid_host("DKE.Example.com").as_deref(),
+            Some("dke.example.com")
+        );
+        assert_eq!(valid_host("localhost").as_deref(), Some("localhost"));
+        for bad in [
+            "",
+            "a..b",
+            "-a.b",
+            "a-.b",
+            "a.b.",
+            "a.b:443",
+            "https://a.b",
+            "10.0.0.1",
+            "a b",
+            "*.a.b",
+        ] {
+            assert!(valid_host(bad).is_none(), "{bad}");
+        }
+    }
 
     #[test]
     fn mounts_are_the_root_or_plain_prefixes() {

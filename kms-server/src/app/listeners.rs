@@ -116,9 +116,11 @@ pub(super) fn start_public(
         move |tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
             let app = app.clone();
             let presented = crate::adapters::ClientCertificate::of(tls.get_ref().1);
+            let server_name = crate::app::public::ServerName::of(tls.get_ref().1);
             hyper::service::service_fn(
                 move |mut req: hyper::Request<crate::transport::request_body::RequestBody>| {
                     req.extensions_mut().insert(presented);
+                    req.extensions_mut().insert(server_name.clone());
                     app.clone().oneshot(req)
                 },
             )

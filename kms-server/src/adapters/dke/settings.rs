@@ -40,6 +40,11 @@ pub(crate) struct FileDke {
     /// asks (`https://<host>/<key name>`, the sample service's routes).
     #[serde(default = "default_mount")]
     mount: String,
+    /// The host name this protocol is served on, alone (SNI and `Host`): another protocol
+    /// can then sit at the root of another name on the same listener. Unset: every host
+    /// name the listener answers to.
+    #[serde(default)]
+    host: Option<String>,
     issuers: Vec<String>,
     /// A file, or an `https://` URL.
     jwks: String,
@@ -98,6 +103,8 @@ pub struct DkeSettings {
     pub url: String,
     /// Where the routes are mounted (`/dke`, or `/`).
     pub mount: String,
+    /// The host name it is served on alone (None: every host name of the listener).
+    pub host: Option<String>,
     /// Token checks.
     pub jwt: JwtSettings,
     /// `cache.exp` distance (None: no `cache`).
@@ -135,6 +142,16 @@ impl FileDke {
                 "\"/\" (the key URL at the root of its host) or /segments of A-Z a-z 0-9 . _ -",
             );
         }
+        let host = match self.host.as_deref().map(crate::adapters::valid_host) {
+            None => None,
+            Some(Some(h)) => Some(h),
+            Some(None) => {
+                return e(
+                    "host",
+                    "a DNS host name (dke.example.com), no port or scheme",
+                )
+            }
+        };
         if self.issuers.is_empty() || self.issuers.iter().any(String::is_empty) {
             return e("issuers", "at least one token issuer (`iss`)");
         }
@@ -179,6 +196,7 @@ impl FileDke {
             },
             url,
             mount: self.mount,
+            host,
             key_cache: (self.key_cache_secs > 0).then(|| Duration::from_secs(self.key_cache_secs)),
             authorization_url: self.authorization_url,
             tenant: self.tenant,

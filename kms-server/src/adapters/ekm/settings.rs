@@ -77,6 +77,11 @@ pub(crate) struct FileEkm {
     /// from the root (GoogleCloudPlatform/stet, `client/vpc/vpc.go`).
     #[serde(default = "default_mount")]
     mount: String,
+    /// The host name this protocol is served on, alone (SNI and `Host`): another protocol
+    /// can then sit at the root of another name on the same listener. Unset: every host
+    /// name the listener answers to.
+    #[serde(default)]
+    host: Option<String>,
     #[serde(default = "default_issuers")]
     issuers: Vec<String>,
     /// A file, or an `https://` URL (Google's: `https://www.googleapis.com/oauth2/v3/certs`).
@@ -121,6 +126,8 @@ pub struct EkmSettings {
     pub keys: Vec<KeyPolicy>,
     /// Where the routes are mounted (`/ekm`, or `/`).
     pub mount: String,
+    /// The host name it is served on alone (None: every host name of the listener).
+    pub host: Option<String>,
 }
 
 impl FileEkm {
@@ -139,6 +146,16 @@ impl FileEkm {
                 "\"/\" (the root, as Cloud EKM over a VPC calls) or /segments of A-Z a-z 0-9 . _ -",
             );
         }
+        let host = match self.host.as_deref().map(crate::adapters::valid_host) {
+            None => None,
+            Some(Some(h)) => Some(h),
+            Some(None) => {
+                return e(
+                    "host",
+                    "a DNS host name (ekm.example.com), no port or scheme",
+                )
+            }
+        };
         let jwks = match JwksSource::from_config(&self.jwks, self.jwks_ca.as_deref(), &resolve) {
             Ok(j) => j,
             Err(m) => return e("jwks", &m),
@@ -209,6 +226,7 @@ impl FileEkm {
             identity: self.identity,
             keys,
             mount: self.mount,
+            host,
         })
     }
 }

@@ -131,14 +131,15 @@ impl Adapters {
                 "EKM is served on the public listener: configure [public] too".into(),
             ));
         }
-        // One host cannot serve two protocols at its root: the routes would overlap.
-        if dke.as_ref().is_some_and(|d| d.mount == "/")
-            && ekm.as_ref().is_some_and(|k| k.mount == "/")
-        {
-            return Err(e(
-                "ekm.mount",
-                "DKE is mounted at the root already: one host serves one protocol there (use another node or host for the other)".into(),
-            ));
+        // One host cannot serve two protocols at its root: the routes would overlap. Two
+        // host names can (`host`: each protocol alone on its name).
+        if let (Some(d), Some(k)) = (&dke, &ekm) {
+            if d.mount == "/" && k.mount == "/" && d.host == k.host {
+                return Err(e(
+                    "ekm.mount",
+                    "DKE is mounted at the root of the same host: one host serves one protocol there (give each its own name: [dke] host and [ekm] host)".into(),
+                ));
+            }
         }
         let salesforce = match raw.salesforce {
             None => None,

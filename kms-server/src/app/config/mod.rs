@@ -905,6 +905,71 @@ role = "app"
         }
     }
 
+    /// Issue 24: DKE and EKM can both sit at the root of one listener only on two host
+    /// names; a host must be a plain DNS name.
+    #[test]
+    fn two_protocols_at_the_root_need_two_host_names() {
+        let (dir, text) = base();
+        std::fs::write(dir.path().join("jwks.json"), "{\"keys\": []}").unwrap();
+        let public = "\n[public]\nlisten = \"127.0.0.1:8444\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n";
+        let config = |dke_host: &str, ekm_host: &str| {
+            format!(
+                r#"{text}{public}
+[dke]
+url = "https://dke.example.com"
+mount = "/"
+{dke_host}
+issuers = ["https://sts.windows.net/t/"]
+jwks = "jwks.json"
+tenant = "acme"
+identity = "dke:office"
+[[dke.keys]]
+name = "confidential"
+key = "office-dke"
+emails = ["alice@example.com"]
+
+[ekm]
+url = "https://ekm.example.com"
+mount = "/"
+{ekm_host}
+jwks = "jwks.json"
+tenant = "acme"
+identity = "ekm:cloud"
+[[ekm.keys]]
+path = "v0/k1"
+key = "ekm-kek"
+callers = ["agent@example.com"]
+"#
+            )
+        };
+        let e = Settings::parse(&config("", ""), dir.path(), "t.toml").unwrap_err();
+        assert_eq!(e.field, "ekm.mount", "{e}");
+        assert!(e.message.contains("[dke] host"), "{e}");
+        let same = config("host = \"kms.example.com\"", "host = \"KMS.example.com\"");
+        let e = Settings::parse(&same, dir.path(), "t.toml").unwrap_err();
+        assert_eq!(e.field, "ekm.mount", "{e}");
+        let two = config("host = \"dke.example.com\"", "host = \"EKM.example.com\"");
+        let s = Settings::parse(&two, dir.path(), "t.toml").unwrap();
+        assert_eq!(s.dke.unwrap().host.as_deref(), Some("dke.example.com"));
+        assert_eq!(s.ekm.unwrap().host.as_deref(), Some("ekm.example.com"));
+        // One named, the other on every name: allowed (the named host is the named one's).
+        Settings::parse(
+            &config("host = \"dke.example.com\"", ""),
+            dir.path(),
+            "t.toml",
+        )
+        .unwrap();
+        for bad in ["https://dke.example.com", "dke.example.com:443", "10.0.0.1"] {
+            let e = Settings::parse(
+                &config(&format!("host = \"{bad}\""), ""),
+                dir.path(),
+                "t.toml",
+            )
+            .unwrap_err();
+            assert_eq!(e.field, "dke.host", "{bad}: {e}");
+        }
+    }
+
     #[test]
     fn public_and_dke_tables_are_validated_field_by_field() {
         let (dir, text) = base();
