@@ -22,6 +22,7 @@ mod cse_delegate;
 mod curl;
 mod dke;
 mod ekm;
+mod ekm_proto;
 mod faults;
 mod hardening;
 mod hostile;
