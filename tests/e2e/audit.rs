@@ -373,3 +373,100 @@ async fn wrap_and_batch_records_name_their_keys_and_denied_items_count() {
         "{body}"
     );
 }
+
+/// Issue 25: the two durability modes, counted in flushes of the chain file. Per request
+/// (the default): every acknowledged record was flushed first, so twenty sequential key
+/// uses cost twenty flushes. Bounded lag: key uses are acknowledged once written (a
+/// killed process cannot lose them: `crash::crash_redb_bounded_lag_audit`) and flushed
+/// within the lag, so twenty cost at most one or two; a key change is flushed before its
+/// answer in both modes; closing flushes what is left; the chain verifies after.
+#[test]
+fn durability_modes_flush_as_configured() {
+    use kms_server::security::audit::{AuditDraft, AuditLog, CommitPolicy, Durability, Sink};
+    use std::time::Duration;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let draft = |i: u64, key_use: bool| AuditDraft {
+        request_id: i,
+        operation: if key_use {
+            "POST /v1/unwrap".into()
+        } else {
+            "POST /v1/keys/{name}/rotate".into()
+        },
+        outcome: "ok".into(),
+        status: 200,
+        key_use,
+        ..Default::default()
+    };
+    for (durability, most_for_uses) in [
+        (Durability::PerRequest, None),
+        (Durability::BoundedLag(Duration::from_millis(1000)), Some(2)),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let store_path = dir.path().join("store.redb");
+        let ring = std::sync::Arc::new(keyhold_tests::keyring_with_erasure(
+            kms_server::storage::Engine::Redb,
+            &store_path,
+        ));
+        let key_file = dir.path().join("master.key");
+        kms_server::crypto::seal::KeyFileSealer::generate(&key_file).unwrap();
+        let sealer = kms_server::crypto::seal::KeyFileSealer::new(&key_file);
+        ring.initialize(&sealer).unwrap();
+        ring.unseal(&sealer).unwrap();
+        let _rt = rt.enter();
+        let log = AuditLog::start_with(
+            ring.store().clone(),
+            ring.clone(),
+            &store_path.with_extension("audit"),
+            &Sink::None,
+            kms_server::security::alert::Alerter::start(&Default::default()),
+            None,
+            CommitPolicy {
+                durability,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let f0 = log.flushes().unwrap();
+        for i in 0..20 {
+            rt.block_on(log.append(draft(i, true))).unwrap();
+        }
+        let uses = log.flushes().unwrap() - f0;
+        match most_for_uses {
+            None => assert!(uses >= 20, "{durability:?}: {uses} flushes for 20 key uses"),
+            Some(most) => assert!(
+                uses <= most,
+                "{durability:?}: {uses} flushes for 20 key uses"
+            ),
+        }
+        let f1 = log.flushes().unwrap();
+        rt.block_on(log.append(draft(100, false))).unwrap();
+        assert!(
+            log.flushes().unwrap() > f1,
+            "{durability:?}: a key change is flushed before its answer"
+        );
+        // A key use, then the lag passes: flushed without another request.
+        if let Durability::BoundedLag(lag) = durability {
+            rt.block_on(log.append(draft(101, true))).unwrap();
+            let f2 = log.flushes().unwrap();
+            std::thread::sleep(lag + Duration::from_millis(500));
+            assert!(
+                log.flushes().unwrap() > f2,
+                "the lag's flush came without a request"
+            );
+        }
+        log.close();
+        let page = log.read(&ring, 0, 1000).unwrap();
+        let mut chain = kms_client::api::AuditChain::new();
+        for r in &page.records {
+            chain.push(r).unwrap();
+        }
+        assert_eq!(
+            page.records.len(),
+            if most_for_uses.is_some() { 22 } else { 21 }
+        );
+        assert_eq!(page.head.mac_valid, Some(true));
+    }
+}

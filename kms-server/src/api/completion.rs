@@ -56,7 +56,21 @@ pub struct Completion {
     pub outcome: String,
     /// A refusal to alert on (and maybe count toward a lockout).
     pub denial: Option<Denial>,
+    /// A use of a key that changes nothing ([`AuditDraft::key_use`]): wrap, unwrap, a
+    /// protocol's encrypt or decrypt. Key changes and administration are `false`.
+    pub key_use: bool,
 }
+
+/// The native routes that use a key and change nothing: in bounded-lag mode their audit
+/// records may be answered before they are flushed ([`AuditDraft::key_use`]).
+const KEY_USE_ROUTES: [&str; 6] = [
+    "/v1/keys/{name}/datakey",
+    "/v1/keys/{name}/wrap",
+    "/v1/keys/{name}/public-key",
+    "/v1/unwrap",
+    "/v1/rewrap",
+    "/v1/batch",
+];
 
 /// A refusal the completion reports as a security event.
 #[derive(Debug)]
@@ -104,6 +118,7 @@ impl AppState {
             status: resp.status().as_u16(),
             latency_us: elapsed.as_micros() as u64,
             attributes: done.attributes,
+            key_use: done.key_use,
         };
         if let Err(e) = self.audit.append(draft).await {
             // Fail closed: nothing unaudited leaves, whatever the handler produced.
@@ -156,6 +171,8 @@ impl AppState {
             attributes: Some(call.attributes),
             outcome,
             denial: None,
+            // The protocols' calls use keys; none changes one.
+            key_use: true,
         };
         self.complete(done, resp, |_| unavailable()).await
     }
@@ -271,12 +288,14 @@ pub(super) async fn track(
         info.key = Some(used.key);
         info.version = Some(used.version);
     }
+    let key_use = KEY_USE_ROUTES.contains(&route.as_str());
     let done = Completion {
         id,
         started,
         method: method.to_string(),
         operation: format!("{method} {route}"),
         route,
+        key_use,
         // Resolved by the `Caller` extractor when the handler got that far.
         tenant: info.tenant.or_else(|| {
             identity

@@ -336,13 +336,14 @@ fn build_state(
         }));
     }
     let audit = if settings.audit_enabled {
-        crate::security::audit::AuditLog::start(
+        crate::security::audit::AuditLog::start_with(
             keyring.store().clone(),
             keyring.clone(),
             &settings.audit_path,
             &settings.audit_sink,
             alerts.clone(),
             Some(node_id.to_owned()),
+            settings.audit_policy,
         )?
     } else {
         tracing::warn!(

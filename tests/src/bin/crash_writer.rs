@@ -52,13 +52,28 @@ fn main() {
         .build()
         .unwrap();
     let _rt = rt.enter();
-    let audit = kms_server::security::audit::AuditLog::start(
+    // With KEYHOLD_CRASH_AUDIT_LAG_MS, in bounded-lag mode: records acknowledged once
+    // written, flushed within the lag.
+    let lag = std::env::var("KEYHOLD_CRASH_AUDIT_LAG_MS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok());
+    let policy = kms_server::security::audit::CommitPolicy {
+        durability: match lag {
+            None => kms_server::security::audit::Durability::PerRequest,
+            Some(ms) => kms_server::security::audit::Durability::BoundedLag(
+                std::time::Duration::from_millis(ms),
+            ),
+        },
+        ..Default::default()
+    };
+    let audit = kms_server::security::audit::AuditLog::start_with(
         keyring.store().clone(),
         keyring.clone(),
         &store_path.with_extension("audit"),
         &kms_server::security::audit::Sink::None,
         kms_server::security::alert::Alerter::start(&Default::default()),
         None,
+        policy,
     )
     .unwrap();
     let who = Principal {
@@ -100,6 +115,7 @@ fn main() {
             key: Some(name.clone()),
             outcome: "ok".into(),
             status: 200,
+            key_use: lag.is_some(),
             ..Default::default()
         }))
         .unwrap();

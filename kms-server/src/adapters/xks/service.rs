@@ -217,6 +217,8 @@ impl Xks {
             attributes: Some(std::mem::take(&mut facts.attributes)),
             outcome: outcome.to_owned(),
             denial,
+            // XKS uses keys (health, metadata, encrypt, decrypt); it changes none.
+            key_use: true,
         };
         self.app
             .complete(done, resp, |_| {

@@ -290,6 +290,19 @@ pub const POOL_SIZE: Bound = Bound {
     max: 64,
 };
 
+/// Milliseconds a bounded-lag audit record may wait for its flush.
+pub const AUDIT_MAX_LAG_MS: Bound = Bound {
+    field: "audit.max_lag_ms",
+    min: 1,
+    max: 1000,
+};
+/// Microseconds an audit batch may wait for the callers expected to join it.
+pub const AUDIT_COMMIT_WINDOW_US: Bound = Bound {
+    field: "audit.commit_window_us",
+    min: 0,
+    max: 10_000,
+};
+
 /// Every numeric setting within its [`Bound`]; `per_source_connections` at most
 /// `max_connections`.
 pub(super) fn check_bounds(raw: &FileConfig) -> Result<(), (String, String)> {
@@ -310,6 +323,8 @@ pub(super) fn check_bounds(raw: &FileConfig) -> Result<(), (String, String)> {
         (&LOCKOUT_WINDOW_SECS, raw.lockout.window_secs),
         (&LOCKOUT_DURATION_SECS, raw.lockout.duration_secs),
         (&ALERTS_COALESCE_SECS, raw.alerts.coalesce_secs),
+        (&AUDIT_MAX_LAG_MS, raw.audit.max_lag_ms),
+        (&AUDIT_COMMIT_WINDOW_US, raw.audit.commit_window_us),
     ];
     if raw.store.engine == Engine::Postgres {
         checks.push((&POOL_SIZE, n(raw.store.pool_size)));

@@ -235,8 +235,29 @@ impl Default for FileAudit {
             enabled: true,
             path: None,
             min_free_mib: default_audit_min_free(),
+            durability: AuditDurability::Request,
+            max_lag_ms: default_max_lag(),
+            commit_window_us: default_commit_window(),
         }
     }
+}
+
+/// `[audit] durability`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum AuditDurability {
+    /// Every record flushed before its answer (the default).
+    Request,
+    /// Key uses written before their answers and flushed within `max_lag_ms`.
+    BoundedLag,
+}
+
+fn default_max_lag() -> u64 {
+    10
+}
+
+fn default_commit_window() -> u64 {
+    crate::security::audit::DEFAULT_COMMIT_WINDOW.as_micros() as u64
 }
 
 #[derive(Debug, Deserialize)]
@@ -256,6 +277,22 @@ struct FileAudit {
     /// many MiB free (0: never). Once the disk is full the trail fails closed.
     #[serde(default = "default_audit_min_free")]
     min_free_mib: u64,
+    /// When records reach the disk: `request` (before each answer; the default) or
+    /// `bounded-lag` (key uses written before their answers, flushed within
+    /// `max_lag_ms`; key changes still flushed before theirs).
+    #[serde(default = "default_durability")]
+    durability: AuditDurability,
+    /// `bounded-lag`: the longest a written record waits for its flush (1 to 1000 ms).
+    #[serde(default = "default_max_lag")]
+    max_lag_ms: u64,
+    /// The longest a batch waits for the callers expected to join it (0 to 10000 µs; 0:
+    /// never). A caller who is alone is never delayed.
+    #[serde(default = "default_commit_window")]
+    commit_window_us: u64,
+}
+
+fn default_durability() -> AuditDurability {
+    AuditDurability::Request
 }
 
 fn default_audit_min_free() -> u64 {
@@ -446,6 +483,9 @@ pub struct Settings {
     pub audit_path: PathBuf,
     /// Free space under which `audit_disk_low` is raised, bytes (0: never).
     pub audit_min_free: u64,
+    /// The audit writer's commit window and durability (`[audit] durability`,
+    /// `max_lag_ms`, `commit_window_us`).
+    pub audit_policy: crate::security::audit::CommitPolicy,
     /// Lockout after repeated denials.
     pub lockout: crate::access::lockout::LockoutPolicy,
     /// How often automatic rotations and due destructions run.
@@ -607,6 +647,7 @@ impl Settings {
                 Some(p) => crate::security::audit::Sink::File(resolve(Path::new(p))),
             },
             audit_enabled: raw.audit.enabled,
+            audit_policy: audit_policy(&raw.audit),
             audit_min_free: raw.audit.min_free_mib.saturating_mul(1 << 20),
             audit_path: match &raw.audit.path {
                 Some(p) => resolve(p),
@@ -719,6 +760,20 @@ fn seal_settings(
                 pin_file: p.pin_file.as_deref().map(resolve),
             }),
         argon2,
+    }
+}
+
+/// `[audit]`'s commit window and durability.
+fn audit_policy(audit: &FileAudit) -> crate::security::audit::CommitPolicy {
+    use crate::security::audit::{CommitPolicy, Durability};
+    CommitPolicy {
+        window: std::time::Duration::from_micros(audit.commit_window_us),
+        durability: match audit.durability {
+            AuditDurability::Request => Durability::PerRequest,
+            AuditDurability::BoundedLag => {
+                Durability::BoundedLag(std::time::Duration::from_millis(audit.max_lag_ms))
+            }
+        },
     }
 }
 
@@ -902,6 +957,37 @@ role = "app"
             ),
         ] {
             assert_eq!(parse(&t).unwrap_err().field, field, "{t}");
+        }
+    }
+
+    /// Issue 25: the audit trail's durability and commit window.
+    #[test]
+    fn audit_durability_and_window_are_read_and_bounded() {
+        use crate::security::audit::{CommitPolicy, Durability};
+        let (dir, text) = base();
+        let s = Settings::parse(&text, dir.path(), "t.toml").unwrap();
+        assert_eq!(s.audit_policy, CommitPolicy::default());
+        assert_eq!(s.audit_policy.durability, Durability::PerRequest);
+        let lag = format!(
+            "{text}\n[audit]\ndurability = \"bounded-lag\"\nmax_lag_ms = 25\ncommit_window_us = 0\n"
+        );
+        let s = Settings::parse(&lag, dir.path(), "t.toml").unwrap();
+        assert_eq!(
+            s.audit_policy,
+            CommitPolicy {
+                window: std::time::Duration::ZERO,
+                durability: Durability::BoundedLag(std::time::Duration::from_millis(25)),
+            }
+        );
+        for (bad, field) in [
+            ("durability = \"never\"", "<syntax"),
+            ("max_lag_ms = 0", "audit.max_lag_ms"),
+            ("max_lag_ms = 1001", "audit.max_lag_ms"),
+            ("commit_window_us = 10001", "audit.commit_window_us"),
+        ] {
+            let e = Settings::parse(&format!("{text}\n[audit]\n{bad}\n"), dir.path(), "t.toml")
+                .unwrap_err();
+            assert!(e.field.starts_with(field), "{bad}: {e}");
         }
     }
 

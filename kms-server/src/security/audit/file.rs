@@ -114,6 +114,9 @@ pub struct ChainFile {
     /// to follow it. Every later append fails (fail closed) until a restart reopens and
     /// rescans the file.
     poisoned: std::sync::atomic::AtomicBool,
+    /// Flushes (`fdatasync`) since open: what the durability mode costs, for tests and
+    /// measurements.
+    flushes: std::sync::atomic::AtomicU64,
 }
 
 fn io_err(path: &Path, what: &str, e: std::io::Error) -> Error {
@@ -232,6 +235,7 @@ impl ChainFile {
                 path: path.to_owned(),
                 view: RwLock::new(view),
                 poisoned: std::sync::atomic::AtomicBool::new(false),
+                flushes: std::sync::atomic::AtomicU64::new(0),
             },
             head,
             last,
@@ -239,9 +243,11 @@ impl ChainFile {
         ))
     }
 
-    /// Appends a batch of record lines (`first_seq` is the first line's seq) and makes
-    /// them durable. On failure nothing is acknowledged and the partial batch is zeroed.
-    pub fn append(&self, first_seq: u64, lines: &[u8]) -> Result<(), Error> {
+    /// Appends a batch of record lines (`first_seq` is the first line's seq) and, with
+    /// `sync`, makes them durable (without: written to the page cache, where a killed
+    /// process cannot lose them; [`ChainFile::sync_or_poison`] flushes them later). On
+    /// failure nothing is acknowledged and the partial batch is zeroed.
+    pub fn append(&self, first_seq: u64, lines: &[u8], sync: bool) -> Result<(), Error> {
         use std::sync::atomic::Ordering;
         if self.poisoned.load(Ordering::SeqCst) {
             return Err(Error::Storage(crate::storage::StoreError::Engine {
@@ -275,10 +281,14 @@ impl ChainFile {
                 return Err(io_err(&self.path, "allocate", e));
             }
         }
-        let written = self
-            .file
-            .write_all_at(lines, end)
-            .and_then(|()| self.file.sync_data());
+        let written = self.file.write_all_at(lines, end).and_then(|()| {
+            if sync {
+                self.flushes.fetch_add(1, Ordering::Relaxed);
+                self.file.sync_data()
+            } else {
+                Ok(())
+            }
+        });
         if let Err(e) = written {
             self.poisoned.store(true, Ordering::SeqCst);
             // Best effort: leave no partial batch behind (a restart rescans anyway).
@@ -317,11 +327,28 @@ impl ChainFile {
             .clone()
     }
 
+    /// Flushes batches appended without a sync. A failure poisons the file, as a failed
+    /// append does: after a failed `fdatasync` the kernel may have dropped the pages, so
+    /// nothing more is acknowledged from this file.
+    pub fn sync_or_poison(&self) -> Result<(), Error> {
+        self.sync().inspect_err(|_| {
+            self.poisoned
+                .store(true, std::sync::atomic::Ordering::SeqCst);
+        })
+    }
+
     /// Syncs everything written (at close).
     pub fn sync(&self) -> Result<(), Error> {
+        self.flushes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.file
             .sync_data()
             .map_err(|e| io_err(&self.path, "sync", e))
+    }
+
+    /// Flushes since open.
+    pub fn flushes(&self) -> u64 {
+        self.flushes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records with `seq > after`, at most `limit`, in order.
@@ -488,7 +515,7 @@ mod tests {
         {
             let (f, ..) = ChainFile::open(&path).unwrap();
             for batch in recs.chunks(500) {
-                f.append(batch[0].seq, &lines(batch)).unwrap();
+                f.append(batch[0].seq, &lines(batch), true).unwrap();
             }
             f.sync().unwrap();
             assert!(f.view.read().unwrap().index.len() >= 4);
@@ -524,7 +551,7 @@ mod tests {
                 (Head::genesis(), 0, Finding::Consistent)
             );
             for batch in recs.chunks(100) {
-                f.append(batch[0].seq, &lines(batch)).unwrap();
+                f.append(batch[0].seq, &lines(batch), true).unwrap();
                 let h = batch.last().unwrap();
                 let head = Head {
                     seq: h.seq,

@@ -9,6 +9,24 @@
 //! either fails, the request fails with `503 StorageUnavailable` and its response (a DEK,
 //! say) never leaves.
 //!
+//! **Durability** ([`CommitPolicy`], `[audit] durability`): per request (the default),
+//! the batch is flushed before any of its answers, so an acknowledged record survives a
+//! crash and a power loss. In bounded-lag mode a batch of key uses only is written with
+//! `pwrite` (into the page cache, which a killed process cannot lose) and answered; the
+//! writer flushes within the lag (its receive waits until then), and any batch holding a
+//! key change, an event or a summary is flushed before its answers, which also flushes
+//! every earlier batch (one file, `fdatasync`). So a power loss can lose only key-use
+//! records answered within the last lag; a failed flush poisons the file (the kernel may
+//! have dropped the pages) and every later request fails closed. The argument rests on
+//! three facts: the answer is released only after `pwrite` returned (or the flush), the
+//! file is one append-only sequence so a later flush covers every earlier write, and the
+//! head in the header is only a hint that opening re-derives from the records.
+//!
+//! **Commit window**: the writer takes everything queued as one batch; when more callers
+//! waited at once lately than the batch holds, it sleeps up to `commit_window_us` (in
+//! quarter slices, so senders never wake it record by record) for them, as PostgreSQL's
+//! `commit_delay` with `commit_siblings`. A caller who is alone is never delayed.
+//!
 //! Chain: record `n` carries `prev` = hash of record `n−1` and `hash` = SHA-256 of its own
 //! JSON with `hash` empty (`kms_client::api::AuditRecord::compute_hash`, shared with the
 //! verifiers). The head `{seq, hash}` is stored with an HMAC under a key derived from the
@@ -24,14 +42,17 @@
 pub mod file;
 pub mod postgres;
 pub mod volume;
+mod writer;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use kms_client::api::{AuditHead, AuditPage, AuditRecord, AuditRecordRef};
-use tokio::sync::{mpsc, oneshot};
+use kms_client::api::{AuditHead, AuditPage, AuditRecord};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use tokio::sync::oneshot;
 
 use crate::base::error::Error;
 use crate::keyring::Keyring;
@@ -39,6 +60,7 @@ use crate::security::alert::{AlertEvent, Alerter};
 use crate::storage::{KeyStore, Table, WriteBatch};
 pub use file::{ChainFile, Finding, Head};
 pub use postgres::PgChain;
+use writer::Writer;
 
 /// Where the chain lives.
 #[derive(Clone)]
@@ -81,7 +103,45 @@ pub struct AuditDraft {
     pub latency_us: u64,
     /// What a protocol adapter adds ([`AuditRecord::attributes`]).
     pub attributes: Option<std::collections::BTreeMap<String, String>>,
+    /// A use of a key that changes nothing (wrap, unwrap, a protocol's encrypt or
+    /// decrypt): in bounded-lag mode its record may be answered before it is flushed.
+    /// Everything else (key changes, administration) is flushed first in every mode.
+    pub key_use: bool,
 }
+
+/// When a batch reaches the disk, relative to its answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Flushed (`fdatasync`, or a synchronous commit) before any answer leaves: the
+    /// default. Nothing acknowledged is lost to a crash or a power loss.
+    PerRequest,
+    /// Key uses are written before their answers (a killed process loses nothing) and
+    /// flushed within this lag (a power loss loses at most this window of key-use
+    /// records). Key changes are flushed before their answers.
+    BoundedLag(std::time::Duration),
+}
+
+/// How the writer forms and flushes batches (`[audit] commit_window_us`, `durability`,
+/// `max_lag_ms`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommitPolicy {
+    /// The longest a batch waits for callers expected to join it (0: never).
+    pub window: std::time::Duration,
+    /// When batches are flushed.
+    pub durability: Durability,
+}
+
+impl Default for CommitPolicy {
+    fn default() -> Self {
+        Self {
+            window: DEFAULT_COMMIT_WINDOW,
+            durability: Durability::PerRequest,
+        }
+    }
+}
+
+/// The default commit window: about one flush on a fast disk.
+pub const DEFAULT_COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_micros(200);
 
 fn head_mac_input(seq: u64, hash: &str) -> Vec<u8> {
     let mut v = b"keyhold-audit-head/v1".to_vec();
@@ -118,7 +178,11 @@ enum Msg {
 #[derive(Clone)]
 pub struct AuditLog {
     /// `None`: auditing turned off (`[audit] enabled = false`, for measurements only).
-    tx: Option<mpsc::UnboundedSender<Msg>>,
+    /// The header ticker holds only a weak reference: the writer stops when every handle
+    /// is gone.
+    tx: Option<Arc<mpsc::Sender<Msg>>>,
+    /// Callers waiting in [`AuditLog::append`] now (the writer's commit window reads it).
+    waiting: Arc<AtomicUsize>,
     chain: Option<Chain>,
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
@@ -152,7 +216,7 @@ fn migrate_from_store(store: &dyn KeyStore, chain: &ChainFile) -> Result<u64, Er
                 .and_then(|l| serde_json::from_slice::<AuditRecord>(l).ok())
                 .ok_or(Error::Corrupt("audit record in the store"))?;
             moved += v.iter().filter(|b| **b == b'\n').count() as u64;
-            chain.append(first.seq, v)?;
+            chain.append(first.seq, v, false)?;
             batch.delete(Table::Audit, k);
         }
         match values.last() {
@@ -174,294 +238,11 @@ fn migrate_from_store(store: &dyn KeyStore, chain: &ChainFile) -> Result<u64, Er
     Ok(moved)
 }
 
-struct Writer {
-    chain: Chain,
-    keyring: Arc<Keyring>,
-    alerts: Alerter,
-    sink: Option<Box<dyn Write + Send>>,
-    /// The chain's tip: last record's seq and hash (the file; a shared chain's tip is read
-    /// under its lock at every append).
-    last: (u64, String),
-    /// On a shared chain, this node's id: each record says which node served it.
-    node: Option<String>,
-    /// The head found in the header at open, until its MAC has been checked.
-    unchecked_head: Option<Head>,
-    /// What opening found, until recorded in the chain.
-    finding: Option<Finding>,
-    /// When the header was last rewritten, and whether the current head is newer.
-    header_written: std::time::Instant,
-    header_stale: bool,
-    /// Unauthenticated refusals of the current interval ([`volume`]).
-    refusals: volume::Refusals,
-}
-
 pub use kms_client::api::{
     AUDIT_EVENT_AFTER_HEAD as EVENT_AFTER_HEAD, AUDIT_EVENT_HEAD_INVALID as EVENT_HEAD_INVALID,
     AUDIT_EVENT_HEAD_MISMATCH as EVENT_HEAD_MISMATCH,
     AUDIT_EVENT_HEAD_UNVERIFIED as EVENT_HEAD_UNVERIFIED,
 };
-
-impl Writer {
-    /// The writer thread: takes what is queued as one batch (up to [`MAX_BATCH`]), commits
-    /// it, answers each caller; on close, the last summary and a final sync.
-    fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
-        // Below the request workers (nice +10): when the CPUs are busy, the writer runs
-        // when the workers wait, so batches grow and wake-ups and preemptions fall
-        // (measured in BENCHMARKS.md). CFS still gives it a share: requests waiting on it
-        // leave the workers idle, so it cannot starve.
-        let tid = rustix::thread::gettid();
-        if let Err(e) = rustix::process::setpriority_process(Some(tid), WRITER_NICE) {
-            tracing::debug!(error = %e, "audit writer: could not lower its priority");
-        }
-        let mut closing = false;
-        while !closing {
-            let first = match rx.blocking_recv() {
-                Some(Msg::Job(j)) => j,
-                Some(Msg::Tick) => {
-                    self.commit_summary();
-                    self.flush_header();
-                    continue;
-                }
-                Some(Msg::Close) | None => break,
-            };
-            let mut jobs = vec![first];
-            while jobs.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(Msg::Job(j)) => jobs.push(j),
-                    Ok(Msg::Tick) => {}
-                    Ok(Msg::Close) => {
-                        closing = true;
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-            self.write_batch(jobs);
-        }
-        if let Some(summary) = self.refusals.close_now() {
-            if let Err(e) = self.commit(vec![summary]) {
-                tracing::error!(error = %e, "audit write failed: a summary of refusals was lost");
-            }
-        }
-        self.flush_header();
-        if let Chain::File(chain) = &self.chain {
-            if let Err(e) = chain.sync() {
-                tracing::error!(error = %e, "audit file: final sync failed");
-            }
-        }
-    }
-
-    /// The summary of refusals, when its interval has ended.
-    fn commit_summary(&mut self) {
-        if let Some(summary) = self.refusals.close_if_due() {
-            if let Err(e) = self.commit(vec![summary]) {
-                tracing::error!(error = %e, "audit write failed: a summary of refusals was lost");
-            }
-        }
-    }
-
-    /// One batch: bounded, refusals past the volume limit counted into the summary (their
-    /// callers answered at once), the rest committed together and answered with the result.
-    fn write_batch(&mut self, jobs: Vec<Job>) {
-        let mut drafts = Vec::with_capacity(jobs.len() + 1);
-        let mut acks = Vec::with_capacity(jobs.len());
-        if let Some(summary) = self.refusals.close_if_due() {
-            drafts.push(summary);
-        }
-        for (mut draft, ack) in jobs {
-            volume::bound(&mut draft);
-            if self.refusals.record(&draft) {
-                drafts.push(draft);
-                acks.push(ack);
-            } else {
-                // Counted into the interval's summary; the answer carries nothing and does
-                // not wait for the disk.
-                let _ = ack.send(Ok(()));
-            }
-        }
-        if drafts.is_empty() {
-            return;
-        }
-        let result = self.commit(drafts);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, records = acks.len(), "audit write failed: failing the requests");
-            self.alerts.raise(AlertEvent::new(
-                crate::base::event::AlertKind::AuditWriteFailed,
-                None,
-                e.to_string(),
-            ));
-        }
-        for ack in acks {
-            let _ = ack.send(result.as_ref().map(|_| ()).map_err(|_| ()));
-        }
-    }
-}
-
-impl Writer {
-    fn event(&self, operation: &str, outcome: &str, detail: String) -> AuditDraft {
-        tracing::error!(operation, outcome, %detail, "audit chain finding");
-        self.alerts.raise(AlertEvent::new(
-            crate::base::event::AlertKind::AuditChain,
-            None,
-            format!("{operation}: {detail}"),
-        ));
-        AuditDraft {
-            operation: operation.to_owned(),
-            outcome: outcome.to_owned(),
-            ..AuditDraft::default()
-        }
-    }
-
-    /// Findings to put in the chain before the next records. The server never silently
-    /// re-MACs a head it cannot vouch for: it appends an event first, so the finding stays
-    /// in the trail (`kmsctl audit verify` reports it).
-    fn events(&mut self) -> Vec<AuditDraft> {
-        let mut out = Vec::new();
-        match self.finding.take() {
-            Some(Finding::HeadMismatch) => out.push(self.event(
-                EVENT_HEAD_MISMATCH,
-                "tampered",
-                "the stored head is past the last record or names another hash".into(),
-            )),
-            Some(Finding::RecordsAfterHead(n)) => out.push(self.event(
-                EVENT_AFTER_HEAD,
-                "unverified",
-                format!("{n} records after the MAC'd head (unclean stop)"),
-            )),
-            Some(Finding::Consistent) | None => {}
-        }
-        if let Some(head) = self.unchecked_head.take() {
-            if head.seq == 0 {
-                return out;
-            }
-            let input = head_mac_input(head.seq, &head.hash);
-            let verdict = match &head.mac {
-                Some(mac) => self.keyring.audit_mac_verify(&input, mac),
-                // Unverifiable for good once we can MAC (unsealed).
-                None => self.keyring.audit_mac(&input).map(|_| false),
-            };
-            match verdict {
-                // Sealed: cannot check yet; keep it for the next batch.
-                None => self.unchecked_head = Some(head),
-                Some(true) => {}
-                Some(false) => {
-                    let (op, outcome) = match head.mac {
-                        Some(_) => (EVENT_HEAD_INVALID, "tampered"),
-                        None => (EVENT_HEAD_UNVERIFIED, "unverified"),
-                    };
-                    out.push(self.event(op, outcome, format!("head at record {}", head.seq)));
-                }
-            }
-        }
-        out
-    }
-
-    fn commit(&mut self, mut drafts: Vec<AuditDraft>) -> Result<(), Error> {
-        let events = self.events();
-        if !events.is_empty() {
-            drafts.splice(0..0, events);
-        }
-        let time = now_rfc3339_ms();
-        let lines = match &self.chain {
-            Chain::File(chain) => {
-                let (lines, last) = seal_lines(&drafts, &time, self.last.clone());
-                chain.append(self.last.0 + 1, &lines)?;
-                self.last = last.clone();
-                let head = Head {
-                    mac: self.keyring.audit_mac(&head_mac_input(last.0, &last.1)),
-                    seq: last.0,
-                    hash: last.1,
-                };
-                let persist = self.header_written.elapsed() >= file::HEADER_EVERY;
-                chain.set_head(head, persist)?;
-                if persist {
-                    self.header_written = std::time::Instant::now();
-                    self.header_stale = false;
-                } else {
-                    self.header_stale = true;
-                }
-                lines
-            }
-            Chain::Shared(chain) => {
-                if let Some(node) = &self.node {
-                    for d in &mut drafts {
-                        d.attributes
-                            .get_or_insert_with(Default::default)
-                            .insert("node".to_owned(), node.clone());
-                    }
-                }
-                let keyring = self.keyring.clone();
-                chain.append(move |seq, hash| {
-                    let (lines, last) = seal_lines(&drafts, &time, (seq, hash));
-                    Ok(postgres::Sealed {
-                        first_seq: seq + 1,
-                        lines,
-                        head: Head {
-                            mac: keyring.audit_mac(&head_mac_input(last.0, &last.1)),
-                            seq: last.0,
-                            hash: last.1,
-                        },
-                    })
-                })?
-            }
-        };
-        if let Some(sink) = self.sink.as_mut() {
-            sink.write_all(&lines)
-                .and_then(|()| sink.flush())
-                .map_err(|_| Error::Internal("audit sink write failed"))?;
-        }
-        Ok(())
-    }
-}
-
-/// Seals `drafts` into chained record lines after the tip `(seq, hash)`: returns the
-/// lines (each ending in `\n`) and the new tip.
-fn seal_lines(drafts: &[AuditDraft], time: &str, tip: (u64, String)) -> (Vec<u8>, (u64, String)) {
-    let (mut seq, mut prev) = tip;
-    let mut lines: Vec<u8> = Vec::with_capacity(drafts.len() * 400);
-    for d in drafts {
-        seq += 1;
-        let r = AuditRecordRef {
-            seq,
-            time,
-            request_id: d.request_id,
-            identity: d.identity.as_deref(),
-            tenant: d.tenant.as_deref(),
-            operation: &d.operation,
-            key: d.key.as_deref(),
-            version: d.version,
-            context_hash: d.context_hash.as_deref(),
-            outcome: &d.outcome,
-            status: d.status,
-            latency_us: d.latency_us,
-            attributes: d.attributes.as_ref(),
-            prev: &prev,
-            hash: "",
-        };
-        prev = r.write_sealed(&mut lines);
-        lines.push(b'\n');
-    }
-    (lines, (seq, prev))
-}
-
-impl Writer {
-    /// Writes the current head into the header if it is newer than the header.
-    fn flush_header(&mut self) {
-        let Chain::File(chain) = &self.chain else {
-            return;
-        };
-        if !self.header_stale {
-            return;
-        }
-        match chain.set_head(chain.head(), true) {
-            Ok(()) => {
-                self.header_written = std::time::Instant::now();
-                self.header_stale = false;
-            }
-            Err(e) => tracing::error!(error = %e, "audit file: header update failed"),
-        }
-    }
-}
 
 impl AuditLog {
     /// Opens the chain and starts the writer thread. On a PostgreSQL store that is the
@@ -476,6 +257,27 @@ impl AuditLog {
         alerts: Alerter,
         node: Option<String>,
     ) -> Result<Self, Error> {
+        Self::start_with(
+            store,
+            keyring,
+            path,
+            sink,
+            alerts,
+            node,
+            CommitPolicy::default(),
+        )
+    }
+
+    /// [`AuditLog::start`] with a commit policy.
+    pub fn start_with(
+        store: Arc<dyn KeyStore>,
+        keyring: Arc<Keyring>,
+        path: &Path,
+        sink: &Sink,
+        alerts: Alerter,
+        node: Option<String>,
+        policy: CommitPolicy,
+    ) -> Result<Self, Error> {
         if let Some(pool) = store.cluster().map(|c| c.pool()) {
             let chain = PgChain::new(pool);
             let (head, finding) = chain.open()?;
@@ -486,7 +288,7 @@ impl AuditLog {
                 keyring,
                 sink,
                 alerts,
-                node,
+                (node, policy),
             );
         }
         let opened = ChainFile::open(path)?;
@@ -503,7 +305,7 @@ impl AuditLog {
             keyring,
             sink,
             alerts,
-            None,
+            (None, policy),
         )
     }
 
@@ -513,7 +315,7 @@ impl AuditLog {
         keyring: Arc<Keyring>,
         sink: &Sink,
         alerts: Alerter,
-        node: Option<String>,
+        (node, policy): (Option<String>, CommitPolicy),
     ) -> Result<Self, Error> {
         let sink: Option<Box<dyn Write + Send>> = match sink {
             Sink::None => None,
@@ -538,21 +340,27 @@ impl AuditLog {
             header_written: std::time::Instant::now(),
             header_stale: false,
             refusals: volume::Refusals::default(),
+            policy,
+            waiting: Arc::new(AtomicUsize::new(0)),
+            peak: 0,
+            unflushed_since: None,
         };
+        let waiting = writer.waiting.clone();
         // What opening found (records after a stale head after an unclean stop, a head
         // that does not match) goes into the chain now, before anything reads it: readers
         // then see every record on disk, and the chain says what happened.
         if !matches!(writer.finding, Some(Finding::Consistent) | None) {
-            writer.commit(Vec::new())?;
+            writer.commit(Vec::new(), true)?;
         }
-        let (tx, rx) = mpsc::unbounded_channel::<Msg>();
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let tx = Arc::new(tx);
         let thread = std::thread::Builder::new()
             .name("keyhold-audit".into())
             .spawn(move || writer.run(rx))
             .map_err(|_| Error::Internal("cannot start the audit writer"))?;
         // The header ticker: holds only a weak sender, so it stops once every handle is
         // gone or the writer has stopped.
-        let ticker = tx.downgrade();
+        let ticker = Arc::downgrade(&tx);
         std::thread::Builder::new()
             .name("keyhold-audit-tick".into())
             .spawn(move || {
@@ -566,6 +374,7 @@ impl AuditLog {
             .map_err(|_| Error::Internal("cannot start the audit ticker"))?;
         Ok(Self {
             tx: Some(tx),
+            waiting,
             chain: Some(chain),
             thread: Arc::new(std::sync::Mutex::new(Some(thread))),
         })
@@ -576,6 +385,7 @@ impl AuditLog {
     pub fn disabled() -> Self {
         Self {
             tx: None,
+            waiting: Arc::new(AtomicUsize::new(0)),
             chain: None,
             thread: Arc::new(std::sync::Mutex::new(None)),
         }
@@ -596,15 +406,25 @@ impl AuditLog {
         }
     }
 
-    /// Appends a record and waits until it is durable.
+    /// Appends a record and waits until it is durable (as the commit policy says).
     pub async fn append(&self, draft: AuditDraft) -> Result<(), Error> {
         let Some(tx) = &self.tx else { return Ok(()) };
         let (ack, done) = oneshot::channel();
+        let _waiting = Waiting::new(&self.waiting);
         tx.send(Msg::Job((draft, ack)))
             .map_err(|_| Error::Internal("audit writer stopped"))?;
         match done.await {
             Ok(Ok(())) => Ok(()),
             _ => Err(Error::AuditUnavailable),
+        }
+    }
+
+    /// How many times the chain file has been flushed since it was opened (`None`: no
+    /// chain file, i.e. disabled or on PostgreSQL).
+    pub fn flushes(&self) -> Option<u64> {
+        match &self.chain {
+            Some(Chain::File(f)) => Some(f.flushes()),
+            _ => None,
         }
     }
 
@@ -639,6 +459,23 @@ impl AuditLog {
                 mac_valid,
             },
         })
+    }
+}
+
+/// One caller counted in [`AuditLog::waiting`] while it waits (also when its future is
+/// dropped).
+struct Waiting<'a>(&'a AtomicUsize);
+
+impl<'a> Waiting<'a> {
+    fn new(n: &'a AtomicUsize) -> Self {
+        n.fetch_add(1, Ordering::Relaxed);
+        Self(n)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -709,7 +546,7 @@ pub fn copy_chain(
                         .map_err(|_| Error::Internal("audit record"))?;
                     lines.push(b'\n');
                 }
-                file.append(first, &lines)?;
+                file.append(first, &lines, false)?;
             }
             if after != head.seq {
                 return Err(Error::InvalidState(

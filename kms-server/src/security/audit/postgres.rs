@@ -109,6 +109,7 @@ impl PgChain {
     /// Returns the lines written (for the JSON-lines sink).
     pub fn append(
         &self,
+        durable: bool,
         seal: impl FnOnce(u64, String) -> Result<Sealed, Error> + Send + 'static,
     ) -> Result<Vec<u8>, Error> {
         // Tests cut the chain's database here (feature `failpoints`): the batch fails as
@@ -119,6 +120,13 @@ impl PgChain {
         Ok(self.pool.call(move |c| {
             let engine = pg_err;
             let mut tx = c.transaction().map_err(engine)?;
+            if !durable {
+                // Bounded lag: committed (visible, and kept by PostgreSQL through a kill
+                // of this process) before the answer, flushed by PostgreSQL's WAL writer
+                // within 3 x wal_writer_delay (200 ms by default).
+                tx.batch_execute("SET LOCAL synchronous_commit TO OFF")
+                    .map_err(engine)?;
+            }
             let tip = read_head(&mut tx, true)?;
             let sealed = seal(tip.seq, tip.hash).map_err(pg_err)?;
             let mut seqs: Vec<i64> = Vec::new();
