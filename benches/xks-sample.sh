@@ -1,0 +1,189 @@
+#!/usr/bin/env bash
+# Keyhold's XKS listener beside AWS's sample XKS proxy, same machine, same load generator,
+# same run (issue 25; replaces the cross-day anchor of benches/xks.sh).
+#
+# The sample proxy: aws-samples/aws-kms-xks-proxy (xks-axum), built in release mode from
+# the directory given in XKS_SAMPLE (a checkout of that repository), on SoftHSM2 (a fresh
+# token, AES-256 key labelled `ext-1` made with OpenSC's pkcs11-tool), TLS on with the
+# dev PKI's server certificate, SigV4 on, INFO logging to a file (as shipped, its stdout
+# writer off). Keyhold: `[xks]` with the same SigV4 credential, its trail flushed per
+# request ("keyhold") and in bounded-lag mode ("keyhold-lag", `max_lag_ms = 10`).
+#
+# Load: Encrypt of a 32-byte plaintext with 64 bytes of AAD and a ciphertext integrity
+# value (CDIV) requested, pre-signed as benches/xks.sh does, keep-alive, at each level.
+#
+# Usage: XKS_SAMPLE=/path/to/aws-kms-xks-proxy bash benches/xks-sample.sh [DURATION] [C...]
+# Needs softhsm2 and opensc (Debian) and a Rust toolchain for the sample proxy's build.
+duration=${1:-8}; shift || true
+if [ $# -gt 0 ]; then levels=("$@"); else levels=(1 16 64); fi
+: "${XKS_SAMPLE:?set XKS_SAMPLE to a checkout of aws-samples/aws-kms-xks-proxy}"
+command -v pkcs11-tool >/dev/null || { echo "pkcs11-tool not found: apt-get install opensc" >&2; exit 1; }
+source "$(dirname "$0")/common.sh"
+(cd "$XKS_SAMPLE/xks-axum" && cargo build --release -q)
+sample_bin="$XKS_SAMPLE/xks-axum/target/release/xks-proxy"
+
+access=AKIAI2SFODNN7EXAMPLE
+secret=FYtE5EFA5FT0mCc3DrGUe2sti527BitkQ0Zr9MO9fvE
+region=eu-west-1
+
+# Keyhold: a dev store with an XKS key, then two servers over copies of it.
+api=$(free_port); ops=$(free_port); api2=$(free_port); ops2=$(free_port)
+xks=$(free_port); xks2=$(free_port)
+start_dev "$work/kh" "$api" "$ops"
+pki="$work/kh/pki"
+curl -sSf --cacert "$pki/ca.pem" --cert "$pki/admin.pem" --key "$pki/admin-key.pem" \
+  -H 'content-type: application/json' \
+  -d '{"name":"xks-bench","grants":[{"identity":"xks:bench","operations":["wrap","unwrap"]}]}' \
+  "https://127.0.0.1:$api/v1/keys" >/dev/null
+kill "${pids[0]}"; wait "${pids[0]}" 2>/dev/null || true
+pids=()
+strip_public "$work/kh/kms-server.toml"
+printf '[[credential]]\naccess_key_id = "%s"\nsecret_access_key = "%s"\n' "$access" "$secret" > "$work/kh/xks-creds.toml"
+chmod 600 "$work/kh/xks-creds.toml"
+cat >> "$work/kh/kms-server.toml" <<EOF
+
+[xks]
+listen = "127.0.0.1:$xks"
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+
+[[xks.stores]]
+name = "bench"
+prefix = ""
+region = "$region"
+tenant = "dev"
+identity = "xks:bench"
+credentials = "xks-creds.toml"
+rate_limit = 1000000
+
+[[xks.stores.keys]]
+external_id = "ext-1"
+key = "xks-bench"
+EOF
+cp -r "$work/kh" "$work/lag"
+sed -i "s/^listen = \"127.0.0.1:$api\"/listen = \"127.0.0.1:$api2\"/; s/^ops_listen = .*/ops_listen = \"127.0.0.1:$ops2\"/; s/^listen = \"127.0.0.1:$xks\"/listen = \"127.0.0.1:$xks2\"/" "$work/lag/kms-server.toml"
+printf '\n[audit]\ndurability = "bounded-lag"\nmax_lag_ms = 10\n' >> "$work/lag/kms-server.toml"
+RUST_LOG=warn "$bin/kms-server" serve --config "$work/kh/kms-server.toml" 2>"$work/kh.log" & pids+=($!)
+RUST_LOG=warn "$bin/kms-server" serve --config "$work/lag/kms-server.toml" 2>"$work/lag.log" & pids+=($!)
+wait_ready "$ops"; wait_ready "$ops2"
+
+# The sample proxy on a fresh SoftHSM2 token.
+sample=$(free_port)
+mkdir -p "$work/hsm/tokens" "$work/sample/logs"
+export SOFTHSM2_CONF="$work/hsm/softhsm2.conf"
+printf 'directories.tokendir = %s\nobjectstore.backend = file\nlog.level = ERROR\n' "$work/hsm/tokens" > "$SOFTHSM2_CONF"
+softhsm2-util --init-token --free --label xks --pin 1234 --so-pin 5678 >/dev/null
+pkcs11-tool --module /usr/lib/softhsm/libsofthsm2.so --token-label xks --login --pin 1234 \
+  --keygen --key-type AES:32 --label ext-1 >/dev/null
+cat > "$work/sample/settings.toml" <<EOF
+[server]
+ip = "127.0.0.1"
+port = $sample
+region = "$region"
+service = "kms-xks-proxy"
+
+[server.tcp_keepalive]
+tcp_keepalive_secs = 60
+tcp_keepalive_retries = 3
+tcp_keepalive_interval_secs = 1
+
+[tracing]
+is_stdout_writer_enabled = false
+is_file_writer_enabled = true
+level = "INFO"
+directory = "$work/sample/logs"
+file_prefix = "xks-proxy.log"
+rotation_kind = "HOURLY"
+
+[security]
+is_sigv4_auth_enabled = true
+is_tls_enabled = true
+is_mtls_enabled = false
+
+[tls]
+tls_cert_pem = "$pki/server.pem"
+tls_key_pem = "$pki/server-key.pem"
+
+[[external_key_stores]]
+uri_path_prefix = ""
+sigv4_access_key_id = "$access"
+sigv4_secret_access_key = "$secret"
+xks_key_id_set = ["ext-1"]
+
+[pkcs11]
+session_pool_max_size = 30
+session_pool_timeout_milli = 0
+session_eager_close = false
+user_pin = "1234"
+PKCS11_HSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+context_read_timeout_milli = 10
+
+[limits]
+max_plaintext_in_base64 = 8192
+max_aad_in_base64 = 16384
+
+[hsm_capabilities]
+can_generate_iv = false
+is_zero_iv_required = false
+EOF
+XKS_PROXY_SETTINGS_TOML="$work/sample/settings.toml" "$sample_bin" > "$work/sample/out.log" 2>&1 & pids+=($!)
+
+# sign PATH BODY_FILE: the SigV4 headers (one per line) for a POST to https://localhost/PATH.
+sign() {
+  python3 - "$access" "$secret" "$region" "$1" "$2" <<'PY'
+import datetime, hashlib, hmac, sys
+ak, sk, region, path, body_file = sys.argv[1:]
+body = open(body_file, "rb").read()
+amz = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ"); day = amz[:8]
+canonical = "\n".join(["POST", path, "", "host:localhost", f"x-amz-date:{amz}", "",
+                       "host;x-amz-date", hashlib.sha256(body).hexdigest()])
+scope = f"{day}/{region}/kms-xks-proxy/aws4_request"
+to_sign = "\n".join(["AWS4-HMAC-SHA256", amz, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+k = ("AWS4" + sk).encode()
+for part in (day, region, "kms-xks-proxy", "aws4_request"):
+    k = hmac.new(k, part.encode(), hashlib.sha256).digest()
+sig = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
+print(f"x-amz-date: {amz}")
+print(f"authorization: AWS4-HMAC-SHA256 Credential={ak}/{scope}, SignedHeaders=host;x-amz-date, Signature={sig}")
+PY
+}
+python3 - "$work/encrypt.json" <<'PY'
+import base64, json, os, sys
+meta = {"awsPrincipalArn": "arn:aws:iam::111122223333:role/bench", "kmsKeyArn":
+        "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+        "kmsOperation": "GenerateDataKey", "kmsRequestId": "8c6b4f4e-0f1c-4d1e-9f3a-3b1f2e8a9d10",
+        "kmsViaService": "s3"}
+json.dump({"requestMetadata": meta, "plaintext": base64.b64encode(os.urandom(32)).decode(),
+           "additionalAuthenticatedData": base64.b64encode(os.urandom(64)).decode(),
+           "encryptionAlgorithm": "AES_GCM", "ciphertextDataIntegrityValueAlgorithm": "SHA_256"},
+          open(sys.argv[1], "w"))
+PY
+path=/kms/xks/v1/keys/ext-1/encrypt
+# Both answer one signed Encrypt before the run (the sample proxy opens its HSM sessions).
+for port in "$xks" "$xks2" "$sample"; do
+  mapfile -t h < <(sign "$path" "$work/encrypt.json")
+  for _ in $(seq 1 50); do
+    curl -sf --cacert "$pki/ca.pem" -H 'content-type: application/json' -H "${h[0]}" -H "${h[1]}" \
+      --data-binary @"$work/encrypt.json" --resolve "localhost:$port:127.0.0.1" \
+      "https://localhost:$port$path" >/dev/null && break
+    sleep 0.2
+  done
+done
+
+gen() { # port label
+  mapfile -t h < <(sign "$path" "$work/encrypt.json")
+  "$bin/loadgen" --addr "127.0.0.1:$1" --path "$path" --body "$work/encrypt.json" --ca "$pki/ca.pem" \
+    --cert "$pki/app.pem" --key "$pki/app-key.pem" --duration "$duration" --warmup 2 \
+    --concurrency "$c" --label "$2" --header "${h[0]}" --header "${h[1]}" > "$work/out.json"
+  python3 - "$work/out.json" "$c" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"c={sys.argv[2]:<3} {r['label']:12} rps={r['rps']:>8.0f} p50={r['p50_us']/1000:6.2f}ms p99={r['p99_us']/1000:6.2f}ms errors={r['errors']}")
+PY
+}
+echo "machine: $(nproc) CPUs, $(uname -r); sample proxy: $(git -C "$XKS_SAMPLE" log --oneline -1 2>/dev/null)"
+for c in "${levels[@]}"; do
+  gen "$sample" aws-sample
+  gen "$xks" keyhold
+  gen "$xks2" keyhold-lag
+done
