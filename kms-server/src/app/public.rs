@@ -293,6 +293,63 @@ async fn browser_headers(mut resp: axum::response::Response) -> axum::response::
 mod tests {
     use super::*;
 
+    /// Which routes a request reaches: by its authority (HTTP/2) or `Host` (any case, a
+    /// port or a trailing dot ignored), 421 when that is not the connection's SNI.
+    #[tokio::test]
+    async fn requests_reach_the_routes_of_the_name_they_ask_for() {
+        let named = |name: &'static str| {
+            Router::new().route("/x", axum::routing::get(move || async move { name }))
+        };
+        let hosts = Arc::new(Hosts {
+            default: with_fallback(named("default")),
+            named: vec![("dke.example.com".into(), with_fallback(named("dke")))],
+        });
+        let ask = |uri: &str, host: Option<&str>, sni: Option<&str>| {
+            let mut req = axum::http::Request::builder().uri(uri);
+            if let Some(h) = host {
+                req = req.header(axum::http::header::HOST, h);
+            }
+            let mut req = req.body(axum::body::Body::empty()).unwrap();
+            req.extensions_mut()
+                .insert(ServerName(sni.map(str::to_owned)));
+            let hosts = hosts.clone();
+            async move {
+                let resp = dispatch(hosts, req).await;
+                let status = resp.status().as_u16();
+                let body = axum::body::to_bytes(resp.into_body(), 1024).await.unwrap();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            }
+        };
+        let ok = |s: &str| (200, s.to_owned());
+        assert_eq!(ask("/x", Some("dke.example.com"), None).await, ok("dke"));
+        assert_eq!(
+            ask("/x", Some("DKE.Example.com.:8444"), None).await,
+            ok("dke")
+        );
+        assert_eq!(
+            ask("https://dke.example.com/x", None, None).await,
+            ok("dke")
+        );
+        assert_eq!(ask("/x", None, Some("dke.example.com")).await, ok("dke"));
+        assert_eq!(
+            ask("/x", Some("dke.example.com"), Some("dke.example.com")).await,
+            ok("dke")
+        );
+        assert_eq!(
+            ask("/x", Some("other.example.com"), None).await,
+            ok("default")
+        );
+        assert_eq!(ask("/x", Some("[::1]:8444"), None).await, ok("default"));
+        assert_eq!(ask("/x", None, None).await, ok("default"));
+        assert_eq!(
+            ask("/x", Some("ekm.example.com"), Some("dke.example.com"))
+                .await
+                .0,
+            421
+        );
+        assert_eq!(ask("/y", Some("dke.example.com"), None).await.0, 404);
+    }
+
     #[test]
     fn a_host_must_be_among_the_certificate_names() {
         let dir = tempfile::tempdir().unwrap();
