@@ -423,8 +423,11 @@ fn durability_modes_flush_as_configured() {
             &Sink::None,
             kms_server::security::alert::Alerter::start(&Default::default()),
             None,
-            CommitPolicy {
-                durability,
+            kms_server::security::audit::AuditOptions {
+                policy: CommitPolicy {
+                    durability,
+                    ..Default::default()
+                },
                 ..Default::default()
             },
         )
@@ -468,5 +471,68 @@ fn durability_modes_flush_as_configured() {
             if most_for_uses.is_some() { 22 } else { 21 }
         );
         assert_eq!(page.head.mac_valid, Some(true));
+    }
+}
+
+/// Issue 25, through the real server: `[audit] durability` as the ops listener counts it
+/// (`keyhold_audit_flushes_total`, `_records_total`, `_batches_total`). Per request:
+/// twenty sequential unwraps, twenty flushes at least. Bounded lag (`max_lag_ms = 1000`):
+/// twenty unwraps, at most one flush per second they took (the lag's), all twenty records
+/// written; a rotation (a key change) is flushed before its answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_flushes_as_its_durability_mode_says() {
+    async fn counter(s: &TestServer, name: &str) -> u64 {
+        let text = reqwest::get(s.ops_url("/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("keyhold_audit_{name}_total ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("keyhold_audit_{name}_total in {text}"))
+    }
+    let ctx: Context = [("doc".to_string(), "1".to_string())].into_iter().collect();
+    for (config, bounded) in [
+        ("", false),
+        (
+            "[audit]\ndurability = \"bounded-lag\"\nmax_lag_ms = 1000\n",
+            true,
+        ),
+    ] {
+        let s = TestServer::start_with(TestSeal::KeyFile, config).await;
+        let (admin, app) = (client(&s, "admin-a"), client(&s, "app-a"));
+        admin.create_key(&create("k")).await.unwrap();
+        let dk = app.datakey("k", &ctx).await.unwrap();
+        let (f0, r0) = (counter(&s, "flushes").await, counter(&s, "records").await);
+        let started = std::time::Instant::now();
+        for _ in 0..20 {
+            app.unwrap(dk.wrapped.as_bytes(), &ctx).await.unwrap();
+        }
+        let (f1, r1) = (counter(&s, "flushes").await, counter(&s, "records").await);
+        assert!(r1 - r0 >= 20, "{config}: {} records", r1 - r0);
+        if bounded {
+            // At most one lag flush per second of the run (the lag is 1 s), whatever the
+            // machine's speed.
+            let most = 1 + started.elapsed().as_secs();
+            assert!(
+                f1 - f0 <= most,
+                "bounded lag: {} flushes for 20 unwraps",
+                f1 - f0
+            );
+        } else {
+            assert!(
+                f1 - f0 >= 20,
+                "per request: {} flushes for 20 unwraps",
+                f1 - f0
+            );
+        }
+        admin.rotate_key("k").await.unwrap();
+        assert!(
+            counter(&s, "flushes").await > f1,
+            "{config}: a rotation is flushed before its answer"
+        );
+        assert!(counter(&s, "batches").await > 0);
     }
 }

@@ -343,7 +343,10 @@ fn build_state(
             &settings.audit_sink,
             alerts.clone(),
             Some(node_id.to_owned()),
-            settings.audit_policy,
+            crate::security::audit::AuditOptions {
+                policy: settings.audit_policy,
+                counters: metrics.audit_counters(),
+            },
         )?
     } else {
         tracing::warn!(

@@ -29,8 +29,21 @@ struct KindLabel {
     kind: &'static str,
 }
 
+/// The audit writer's counters (`keyhold_audit_batches_total`, `_records_total`,
+/// `_flushes_total`): how well group commit groups, and what the durability mode flushes.
+#[derive(Clone, Debug, Default)]
+pub struct AuditCounters {
+    /// Batches committed.
+    pub batches: Counter,
+    /// Records committed.
+    pub records: Counter,
+    /// Flushes to disk (`fdatasync`, or a synchronous commit on PostgreSQL).
+    pub flushes: Counter,
+}
+
 /// The server's metrics.
 pub struct Metrics {
+    audit: AuditCounters,
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     latency: Family<RequestLabels, Histogram>,
@@ -98,7 +111,24 @@ impl Metrics {
             "Stored records refused by the keyring: KEK versions that do not open, records that fail authentication (by kind)",
             integrity_events.clone(),
         );
+        let audit = AuditCounters::default();
+        registry.register(
+            "audit_batches",
+            "Audit batches committed (group commit: one write for the records of concurrent requests)",
+            audit.batches.clone(),
+        );
+        registry.register(
+            "audit_records",
+            "Audit records committed",
+            audit.records.clone(),
+        );
+        registry.register(
+            "audit_flushes",
+            "Audit flushes to disk (per request: one per batch; bounded lag: key changes, and the lag's)",
+            audit.flushes.clone(),
+        );
         Self {
+            audit,
             integrity_events,
             registry,
             requests,
@@ -108,6 +138,11 @@ impl Metrics {
             erasure_rotation_pending,
             erasure_epochs_retained,
         }
+    }
+
+    /// The audit writer's counters.
+    pub fn audit_counters(&self) -> AuditCounters {
+        self.audit.clone()
     }
 
     /// Sets the erasure gauges from the shared store's erasure status.

@@ -73,7 +73,10 @@ fn main() {
         &kms_server::security::audit::Sink::None,
         kms_server::security::alert::Alerter::start(&Default::default()),
         None,
-        policy,
+        kms_server::security::audit::AuditOptions {
+            policy,
+            ..Default::default()
+        },
     )
     .unwrap();
     let who = Principal {

@@ -140,6 +140,16 @@ impl Default for CommitPolicy {
     }
 }
 
+/// How the writer runs: its [`CommitPolicy`], and the counters it keeps
+/// (`keyhold_audit_*` on the ops listener).
+#[derive(Debug, Clone, Default)]
+pub struct AuditOptions {
+    /// The commit window and the durability mode.
+    pub policy: CommitPolicy,
+    /// Batches, records and flushes.
+    pub counters: crate::base::metrics::AuditCounters,
+}
+
 /// The default commit window: about one flush on a fast disk.
 pub const DEFAULT_COMMIT_WINDOW: std::time::Duration = std::time::Duration::from_micros(200);
 
@@ -264,11 +274,11 @@ impl AuditLog {
             sink,
             alerts,
             node,
-            CommitPolicy::default(),
+            AuditOptions::default(),
         )
     }
 
-    /// [`AuditLog::start`] with a commit policy.
+    /// [`AuditLog::start`] with a commit policy and counters.
     pub fn start_with(
         store: Arc<dyn KeyStore>,
         keyring: Arc<Keyring>,
@@ -276,7 +286,7 @@ impl AuditLog {
         sink: &Sink,
         alerts: Alerter,
         node: Option<String>,
-        policy: CommitPolicy,
+        options: AuditOptions,
     ) -> Result<Self, Error> {
         if let Some(pool) = store.cluster().map(|c| c.pool()) {
             let chain = PgChain::new(pool);
@@ -288,7 +298,7 @@ impl AuditLog {
                 keyring,
                 sink,
                 alerts,
-                (node, policy),
+                (node, options),
             );
         }
         let opened = ChainFile::open(path)?;
@@ -305,7 +315,7 @@ impl AuditLog {
             keyring,
             sink,
             alerts,
-            (None, policy),
+            (None, options),
         )
     }
 
@@ -315,7 +325,7 @@ impl AuditLog {
         keyring: Arc<Keyring>,
         sink: &Sink,
         alerts: Alerter,
-        (node, policy): (Option<String>, CommitPolicy),
+        (node, options): (Option<String>, AuditOptions),
     ) -> Result<Self, Error> {
         let sink: Option<Box<dyn Write + Send>> = match sink {
             Sink::None => None,
@@ -340,7 +350,8 @@ impl AuditLog {
             header_written: std::time::Instant::now(),
             header_stale: false,
             refusals: volume::Refusals::default(),
-            policy,
+            policy: options.policy,
+            counters: options.counters,
             waiting: Arc::new(AtomicUsize::new(0)),
             peak: 0,
             unflushed_since: None,

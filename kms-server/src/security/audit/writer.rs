@@ -38,6 +38,8 @@ pub(super) struct Writer {
     pub(super) refusals: volume::Refusals,
     /// The commit window and the durability mode.
     pub(super) policy: CommitPolicy,
+    /// Batches, records and flushes, for the metrics.
+    pub(super) counters: crate::base::metrics::AuditCounters,
     /// Callers waiting in [`super::AuditLog::append`] now.
     pub(super) waiting: Arc<AtomicUsize>,
     /// How many callers waited at once lately (decaying): the batch a window waits for.
@@ -163,7 +165,10 @@ impl Writer {
             return;
         };
         let result = match &self.chain {
-            Chain::File(chain) => chain.sync_or_poison(),
+            Chain::File(chain) => {
+                self.counters.flushes.inc();
+                chain.sync_or_poison()
+            }
             // PostgreSQL flushes asynchronous commits itself (wal_writer_delay).
             Chain::Shared(_) => Ok(()),
         };
@@ -220,6 +225,11 @@ impl Writer {
                     || self.flush_due().is_some_and(|due| due <= Instant::now())
             }
         };
+        self.counters.batches.inc();
+        self.counters.records.inc_by(drafts.len() as u64);
+        if durable {
+            self.counters.flushes.inc();
+        }
         let result = self.commit(drafts, durable);
         if let Err(e) = &result {
             tracing::error!(error = %e, records = acks.len(), "audit write failed: failing the requests");
