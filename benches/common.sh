@@ -69,3 +69,42 @@ unwrap_body() {
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["wrapped"])')
   printf '{"wrapped":"%s","context":%s}' "$wrapped" "$3" > "$4"
 }
+
+# xks_sign PATH BODY_FILE: prints the SigV4 headers (one per line, for loadgen's --header)
+# of a POST of the body to https://localhost/PATH, signed with $access, $secret and
+# $region over host and x-amz-date, as AWS KMS signs (benches/xks.sh, xks-sample.sh).
+xks_sign() {
+  python3 - "$access" "$secret" "$region" "$1" "$2" <<'PY'
+import datetime, hashlib, hmac, sys
+ak, sk, region, path, body_file = sys.argv[1:]
+body = open(body_file, "rb").read()
+now = datetime.datetime.now(datetime.timezone.utc)
+amz = now.strftime("%Y%m%dT%H%M%SZ"); day = amz[:8]
+canonical = "\n".join(["POST", path, "", "host:localhost", f"x-amz-date:{amz}", "",
+                       "host;x-amz-date", hashlib.sha256(body).hexdigest()])
+scope = f"{day}/{region}/kms-xks-proxy/aws4_request"
+to_sign = "\n".join(["AWS4-HMAC-SHA256", amz, scope, hashlib.sha256(canonical.encode()).hexdigest()])
+k = ("AWS4" + sk).encode()
+for part in (day, region, "kms-xks-proxy", "aws4_request"):
+    k = hmac.new(k, part.encode(), hashlib.sha256).digest()
+sig = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
+print(f"x-amz-date: {amz}")
+print(f"authorization: AWS4-HMAC-SHA256 Credential={ak}/{scope}, SignedHeaders=host;x-amz-date, Signature={sig}")
+PY
+}
+
+# xks_encrypt_body FILE: a KMS-like XKS Encrypt body: a 32-byte data key, 64 bytes of AAD
+# (the KMS encryption context digest is smaller; this is on the heavy side), CDIV requested.
+xks_encrypt_body() {
+  python3 - "$1" <<'PY'
+import base64, json, os, sys
+meta = {"awsPrincipalArn": "arn:aws:iam::111122223333:role/bench", "kmsKeyArn":
+        "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+        "kmsOperation": "GenerateDataKey", "kmsRequestId": "8c6b4f4e-0f1c-4d1e-9f3a-3b1f2e8a9d10",
+        "kmsViaService": "s3"}
+json.dump({"requestMetadata": meta, "plaintext": base64.b64encode(os.urandom(32)).decode(),
+           "additionalAuthenticatedData": base64.b64encode(os.urandom(64)).decode(),
+           "encryptionAlgorithm": "AES_GCM", "ciphertextDataIntegrityValueAlgorithm": "SHA_256"},
+          open(sys.argv[1], "w"))
+PY
+}

@@ -128,40 +128,11 @@ is_zero_iv_required = false
 EOF
 XKS_PROXY_SETTINGS_TOML="$work/sample/settings.toml" "$sample_bin" > "$work/sample/out.log" 2>&1 & pids+=($!)
 
-# sign PATH BODY_FILE: the SigV4 headers (one per line) for a POST to https://localhost/PATH.
-sign() {
-  python3 - "$access" "$secret" "$region" "$1" "$2" <<'PY'
-import datetime, hashlib, hmac, sys
-ak, sk, region, path, body_file = sys.argv[1:]
-body = open(body_file, "rb").read()
-amz = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ"); day = amz[:8]
-canonical = "\n".join(["POST", path, "", "host:localhost", f"x-amz-date:{amz}", "",
-                       "host;x-amz-date", hashlib.sha256(body).hexdigest()])
-scope = f"{day}/{region}/kms-xks-proxy/aws4_request"
-to_sign = "\n".join(["AWS4-HMAC-SHA256", amz, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-k = ("AWS4" + sk).encode()
-for part in (day, region, "kms-xks-proxy", "aws4_request"):
-    k = hmac.new(k, part.encode(), hashlib.sha256).digest()
-sig = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
-print(f"x-amz-date: {amz}")
-print(f"authorization: AWS4-HMAC-SHA256 Credential={ak}/{scope}, SignedHeaders=host;x-amz-date, Signature={sig}")
-PY
-}
-python3 - "$work/encrypt.json" <<'PY'
-import base64, json, os, sys
-meta = {"awsPrincipalArn": "arn:aws:iam::111122223333:role/bench", "kmsKeyArn":
-        "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
-        "kmsOperation": "GenerateDataKey", "kmsRequestId": "8c6b4f4e-0f1c-4d1e-9f3a-3b1f2e8a9d10",
-        "kmsViaService": "s3"}
-json.dump({"requestMetadata": meta, "plaintext": base64.b64encode(os.urandom(32)).decode(),
-           "additionalAuthenticatedData": base64.b64encode(os.urandom(64)).decode(),
-           "encryptionAlgorithm": "AES_GCM", "ciphertextDataIntegrityValueAlgorithm": "SHA_256"},
-          open(sys.argv[1], "w"))
-PY
+xks_encrypt_body "$work/encrypt.json"
 path=/kms/xks/v1/keys/ext-1/encrypt
 # Both answer one signed Encrypt before the run (the sample proxy opens its HSM sessions).
 for port in "$xks" "$xks2" "$sample"; do
-  mapfile -t h < <(sign "$path" "$work/encrypt.json")
+  mapfile -t h < <(xks_sign "$path" "$work/encrypt.json")
   for _ in $(seq 1 50); do
     curl -sf --cacert "$pki/ca.pem" -H 'content-type: application/json' -H "${h[0]}" -H "${h[1]}" \
       --data-binary @"$work/encrypt.json" --resolve "localhost:$port:127.0.0.1" \
@@ -171,7 +142,7 @@ for port in "$xks" "$xks2" "$sample"; do
 done
 
 gen() { # port label
-  mapfile -t h < <(sign "$path" "$work/encrypt.json")
+  mapfile -t h < <(xks_sign "$path" "$work/encrypt.json")
   "$bin/loadgen" --addr "127.0.0.1:$1" --path "$path" --body "$work/encrypt.json" --ca "$pki/ca.pem" \
     --cert "$pki/app.pem" --key "$pki/app-key.pem" --duration "$duration" --warmup 2 \
     --concurrency "$c" --label "$2" --header "${h[0]}" --header "${h[1]}" > "$work/out.json"

@@ -61,44 +61,11 @@ wait_ready "$ops"
 pids+=($!)
 sleep 0.5
 
-# sign PATH BODY_FILE: prints the SigV4 headers (as --header arguments, one per line) for
-# a POST of the body to https://localhost/PATH, signing host and x-amz-date as AWS KMS does.
-sign() {
-  python3 - "$access" "$secret" "$region" "$1" "$2" <<'PY'
-import datetime, hashlib, hmac, sys
-ak, sk, region, path, body_file = sys.argv[1:]
-body = open(body_file, "rb").read()
-now = datetime.datetime.now(datetime.timezone.utc)
-amz = now.strftime("%Y%m%dT%H%M%SZ"); day = amz[:8]
-canonical = "\n".join(["POST", path, "", "host:localhost", f"x-amz-date:{amz}", "",
-                       "host;x-amz-date", hashlib.sha256(body).hexdigest()])
-scope = f"{day}/{region}/kms-xks-proxy/aws4_request"
-to_sign = "\n".join(["AWS4-HMAC-SHA256", amz, scope, hashlib.sha256(canonical.encode()).hexdigest()])
-k = ("AWS4" + sk).encode()
-for part in (day, region, "kms-xks-proxy", "aws4_request"):
-    k = hmac.new(k, part.encode(), hashlib.sha256).digest()
-sig = hmac.new(k, to_sign.encode(), hashlib.sha256).hexdigest()
-print(f"x-amz-date: {amz}")
-print(f"authorization: AWS4-HMAC-SHA256 Credential={ak}/{scope}, SignedHeaders=host;x-amz-date, Signature={sig}")
-PY
-}
 
-# A KMS-like encrypt: a 32-byte data key, 64 bytes of AAD (the KMS encryption context
-# digest is smaller; this is on the heavy side), CDIV requested.
-python3 - "$work/encrypt.json" <<'PY'
-import base64, json, os, sys
-meta = {"awsPrincipalArn": "arn:aws:iam::111122223333:role/bench", "kmsKeyArn":
-        "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
-        "kmsOperation": "GenerateDataKey", "kmsRequestId": "8c6b4f4e-0f1c-4d1e-9f3a-3b1f2e8a9d10",
-        "kmsViaService": "s3"}
-json.dump({"requestMetadata": meta, "plaintext": base64.b64encode(os.urandom(32)).decode(),
-           "additionalAuthenticatedData": base64.b64encode(os.urandom(64)).decode(),
-           "encryptionAlgorithm": "AES_GCM", "ciphertextDataIntegrityValueAlgorithm": "SHA_256"},
-          open(sys.argv[1], "w"))
-PY
+xks_encrypt_body "$work/encrypt.json"
 enc_path=/bench/kms/xks/v1/keys/ext-1/encrypt
 dec_path=/bench/kms/xks/v1/keys/ext-1/decrypt
-mapfile -t hdrs < <(sign "$enc_path" "$work/encrypt.json")
+mapfile -t hdrs < <(xks_sign "$enc_path" "$work/encrypt.json")
 curl -sSf --cacert "$pki/ca.pem" -H 'content-type: application/json' -H "host: localhost" \
   -H "${hdrs[0]}" -H "${hdrs[1]}" --data-binary @"$work/encrypt.json" \
   --resolve "localhost:$xks:127.0.0.1" "https://localhost:$xks$enc_path" > "$work/encrypted.json"
@@ -129,9 +96,9 @@ echo "| c | baseline req/s | encrypt+CDIV req/s | p50 / p99 (ms) | decrypt req/s
 echo "|---|---|---|---|---|---|---|---|"
 for c in $levels; do
   b=$(gen "$base" /seal "$work/baseline.json" "$c" baseline); echo "$b" >> "$out"
-  mapfile -t eh < <(sign "$enc_path" "$work/encrypt.json")
+  mapfile -t eh < <(xks_sign "$enc_path" "$work/encrypt.json")
   e=$(gen "$xks" "$enc_path" "$work/encrypt.json" "$c" xks-encrypt "${eh[@]}"); echo "$e" >> "$out"
-  mapfile -t dh < <(sign "$dec_path" "$work/decrypt.json")
+  mapfile -t dh < <(xks_sign "$dec_path" "$work/decrypt.json")
   d=$(gen "$xks" "$dec_path" "$work/decrypt.json" "$c" xks-decrypt "${dh[@]}"); echo "$d" >> "$out"
   python3 - "$b" "$e" "$d" <<'PY'
 import json, sys
