@@ -61,6 +61,52 @@ pub(crate) fn authn(extra: Value) -> Value {
     c
 }
 
+/// A server with `[public]` and `[cse]` for `kacls`: Google's issuer and the IdP (issuer
+/// `authn_issuer`) with their key sets in `keys` (`google.json`, `idp.json`), `cse_extra`
+/// lines in `[cse]`, and the `cse-kek` key granted to the CSE identity.
+pub(crate) async fn cse_server(
+    keys: &std::path::Path,
+    kacls: &str,
+    authn_issuer: &str,
+    cse_extra: &str,
+) -> TestServer {
+    let extra = format!(
+        r#"
+[public]
+listen = "127.0.0.1:0"
+cert = "pki/server.pem"
+key = "pki/server-key.pem"
+
+[cse]
+kacls_url = "{kacls}"
+tenant = "acme"
+identity = "{CSE_IDENTITY}"
+key = "cse-kek"
+{cse_extra}
+
+[[cse.authorization]]
+issuer = "{GOOGLE}"
+jwks = "{g}"
+
+[[cse.authentication]]
+issuer = "{authn_issuer}"
+audience = "{IDP_AUD}"
+jwks = "{i}"
+"#,
+        g = keys.join("google.json").display(),
+        i = keys.join("idp.json").display(),
+    );
+    let s = TestServer::start_with(TestSeal::KeyFile, &extra).await;
+    let r = post(
+        &s.client(Some("admin-a")),
+        &s.url("/v1/keys"),
+        json!({"name": "cse-kek", "grants": [{"identity": CSE_IDENTITY, "operations": ["wrap", "unwrap"]}]}),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{r:?}");
+    s
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cse_wraps_and_unwraps_for_google_clients_and_refuses_each_bad_call_on_its_own() {
     let keys = tempfile::tempdir().unwrap();
@@ -1045,39 +1091,7 @@ async fn cse_takes_google_id_tokens_and_fields_google_adds() {
     let keys = tempfile::tempdir().unwrap();
     let google = issuer(keys.path(), "google");
     let idp = issuer(keys.path(), "idp");
-    let extra = format!(
-        r#"
-[public]
-listen = "127.0.0.1:0"
-cert = "pki/server.pem"
-key = "pki/server-key.pem"
-
-[cse]
-kacls_url = "{KACLS}"
-tenant = "acme"
-identity = "{CSE_IDENTITY}"
-key = "cse-kek"
-
-[[cse.authorization]]
-issuer = "{GOOGLE}"
-jwks = "{g}"
-
-[[cse.authentication]]
-issuer = "https://accounts.google.com"
-audience = "{IDP_AUD}"
-jwks = "{i}"
-"#,
-        g = keys.path().join("google.json").display(),
-        i = keys.path().join("idp.json").display(),
-    );
-    let s = TestServer::start_with(TestSeal::KeyFile, &extra).await;
-    let r = post(
-        &s.client(Some("admin-a")),
-        &s.url("/v1/keys"),
-        json!({"name": "cse-kek", "grants": [{"identity": CSE_IDENTITY, "operations": ["wrap", "unwrap"]}]}),
-    )
-    .await;
-    assert_eq!(r.0, 201, "{r:?}");
+    let s = cse_server(keys.path(), KACLS, "https://accounts.google.com", "").await;
     let client = keyhold_tests::client_for(&s.pki, None, false);
     let base = format!("https://localhost:{}/cse", s.public_addr.unwrap().port());
     let call = |op: &'static str, body: Value| {
