@@ -433,14 +433,16 @@ fn durability_modes_flush_as_configured() {
         )
         .unwrap();
         let f0 = log.flushes().unwrap();
+        let started = std::time::Instant::now();
         for i in 0..20 {
             rt.block_on(log.append(draft(i, true))).unwrap();
         }
         let uses = log.flushes().unwrap() - f0;
         match most_for_uses {
             None => assert!(uses >= 20, "{durability:?}: {uses} flushes for 20 key uses"),
+            // At most one lag flush per second the appends took (the lag is 1 s).
             Some(most) => assert!(
-                uses <= most,
+                uses <= most.max(1 + started.elapsed().as_secs()),
                 "{durability:?}: {uses} flushes for 20 key uses"
             ),
         }
@@ -454,7 +456,12 @@ fn durability_modes_flush_as_configured() {
         if let Durability::BoundedLag(lag) = durability {
             rt.block_on(log.append(draft(101, true))).unwrap();
             let f2 = log.flushes().unwrap();
-            std::thread::sleep(lag + Duration::from_millis(500));
+            std::thread::sleep(lag);
+            // The writer runs at nice +10: give it up to 10 s on a loaded machine.
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while log.flushes().unwrap() == f2 && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             assert!(
                 log.flushes().unwrap() > f2,
                 "the lag's flush came without a request"
