@@ -2,8 +2,9 @@
 # Keyhold's XKS listener beside AWS's sample XKS proxy, same machine, same load generator,
 # same run (issue 25; replaces the cross-day anchor of benches/xks.sh).
 #
-# The sample proxy: aws-samples/aws-kms-xks-proxy (xks-axum), built in release mode from
-# the directory given in XKS_SAMPLE (a checkout of that repository), on SoftHSM2 (a fresh
+# The sample proxy: aws-samples/aws-kms-xks-proxy (xks-axum), its release binary given in
+# XKS_SAMPLE_BIN (built by the person running the bench, from their own checkout: this
+# repository carries none of its code and no recipe to build it), on SoftHSM2 (a fresh
 # token, AES-256 key labelled `ext-1` made with OpenSC's pkcs11-tool), TLS on with the
 # dev PKI's server certificate, SigV4 on, INFO logging to a file (as shipped, its stdout
 # writer off). Keyhold: `[xks]` with the same SigV4 credential, its trail flushed per
@@ -12,15 +13,15 @@
 # Load: Encrypt of a 32-byte plaintext with 64 bytes of AAD and a ciphertext integrity
 # value (CDIV) requested, pre-signed as benches/xks.sh does, keep-alive, at each level.
 #
-# Usage: XKS_SAMPLE=/path/to/aws-kms-xks-proxy bash benches/xks-sample.sh [DURATION] [C...]
-# Needs softhsm2 and opensc (Debian) and a Rust toolchain for the sample proxy's build.
+# Usage: XKS_SAMPLE_BIN=/path/to/xks-proxy bash benches/xks-sample.sh [DURATION] [C...]
+# Needs softhsm2 and opensc (Debian).
 duration=${1:-8}; shift || true
 if [ $# -gt 0 ]; then levels=("$@"); else levels=(1 16 64); fi
-: "${XKS_SAMPLE:?set XKS_SAMPLE to a checkout of aws-samples/aws-kms-xks-proxy}"
+: "${XKS_SAMPLE_BIN:?set XKS_SAMPLE_BIN to the sample proxy's xks-proxy binary}"
+[ -x "$XKS_SAMPLE_BIN" ] || { echo "$XKS_SAMPLE_BIN is not an executable" >&2; exit 1; }
 command -v pkcs11-tool >/dev/null || { echo "pkcs11-tool not found: apt-get install opensc" >&2; exit 1; }
 source "$(dirname "$0")/common.sh"
-(cd "$XKS_SAMPLE/xks-axum" && cargo build --release -q)
-sample_bin="$XKS_SAMPLE/xks-axum/target/release/xks-proxy"
+sample_bin=$XKS_SAMPLE_BIN
 
 access=AKIAI2SFODNN7EXAMPLE
 secret=FYtE5EFA5FT0mCc3DrGUe2sti527BitkQ0Zr9MO9fvE
@@ -152,7 +153,7 @@ r = json.load(open(sys.argv[1]))
 print(f"c={sys.argv[2]:<3} {r['label']:12} rps={r['rps']:>8.0f} p50={r['p50_us']/1000:6.2f}ms p99={r['p99_us']/1000:6.2f}ms errors={r['errors']}")
 PY
 }
-echo "machine: $(nproc) CPUs, $(uname -r); sample proxy: $(git -C "$XKS_SAMPLE" log --oneline -1 2>/dev/null)"
+echo "machine: $(nproc) CPUs, $(uname -r); sample proxy: $sample_bin"
 for c in "${levels[@]}"; do
   gen "$sample" aws-sample
   gen "$xks" keyhold
