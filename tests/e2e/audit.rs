@@ -481,6 +481,81 @@ fn durability_modes_flush_as_configured() {
     }
 }
 
+/// Issue 25, power loss in bounded-lag mode: the header on disk names only records that
+/// were flushed. Were it rewritten to a head whose records are written but not yet
+/// flushed, a power cut during the next flush could keep the header and drop the records
+/// (a disk orders a flush's blocks as it likes), and the chain would read as cut or
+/// edited after an ordinary power loss.
+#[test]
+fn bounded_lag_never_puts_an_unflushed_head_in_the_header() {
+    use kms_server::security::audit::{AuditDraft, AuditLog, CommitPolicy, Durability, Sink};
+    use std::time::Duration;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("store.redb");
+    let ring = std::sync::Arc::new(keyhold_tests::keyring_with_erasure(
+        kms_server::storage::Engine::Redb,
+        &store_path,
+    ));
+    let key_file = dir.path().join("master.key");
+    kms_server::crypto::seal::KeyFileSealer::generate(&key_file).unwrap();
+    let sealer = kms_server::crypto::seal::KeyFileSealer::new(&key_file);
+    ring.initialize(&sealer).unwrap();
+    ring.unseal(&sealer).unwrap();
+    let _rt = rt.enter();
+    let audit_path = store_path.with_extension("audit");
+    let log = AuditLog::start_with(
+        ring.store().clone(),
+        ring.clone(),
+        &audit_path,
+        &Sink::None,
+        kms_server::security::alert::Alerter::start(&Default::default()),
+        None,
+        kms_server::security::audit::AuditOptions {
+            policy: CommitPolicy {
+                durability: Durability::BoundedLag(Duration::from_secs(30)),
+                ..Default::default()
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let draft = |i: u64, key_use: bool| AuditDraft {
+        request_id: i,
+        operation: "POST /v1/unwrap".into(),
+        outcome: "ok".into(),
+        status: 200,
+        key_use,
+        ..Default::default()
+    };
+    // A flushed record, then key uses further apart than the header's rewrite interval.
+    rt.block_on(log.append(draft(0, false))).unwrap();
+    let flushed = log.read(&ring, 0, 1000).unwrap().head.seq;
+    for i in 1..=4 {
+        std::thread::sleep(
+            kms_server::security::audit::file::HEADER_EVERY + Duration::from_millis(20),
+        );
+        rt.block_on(log.append(draft(i, true))).unwrap();
+    }
+    let on_disk = |path: &std::path::Path| -> u64 {
+        let bytes = std::fs::read(path).unwrap();
+        let header = std::str::from_utf8(&bytes[9..512]).unwrap().trim();
+        let head: serde_json::Value = serde_json::from_str(header).unwrap();
+        head["seq"].as_u64().unwrap()
+    };
+    let header_seq = on_disk(&audit_path);
+    assert!(
+        header_seq <= flushed,
+        "the header names record {header_seq}; only {flushed} were flushed"
+    );
+    log.close();
+    // Closed: everything flushed, and the header names the last record.
+    assert_eq!(on_disk(&audit_path), flushed + 4);
+}
+
 /// Issue 25, through the real server: `[audit] durability` as the ops listener counts it
 /// (`keyhold_audit_flushes_total`, `_records_total`, `_batches_total`). Per request:
 /// twenty sequential unwraps, twenty flushes at least. Bounded lag (`max_lag_ms = 1000`):

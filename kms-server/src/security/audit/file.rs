@@ -20,7 +20,10 @@
 //!    requests answered;
 //! 2. the header is rewritten with the new head (at most every [`HEADER_EVERY`], so that
 //!    most syncs flush one place of the file), and reaches the disk with a later sync (or
-//!    at close). Readers get the current head from memory.
+//!    at close). Readers get the current head from memory. The header only ever names
+//!    records already flushed: in bounded-lag mode it is rewritten after a flush, never
+//!    after a batch written without one (a power cut during the next flush could keep the
+//!    header and drop those records).
 //!
 //! So after a crash the header's head may lag the records by a fraction of a second
 //! (records after the head: acknowledged, but not yet covered by the MAC — the server says

@@ -106,10 +106,19 @@ impl Writer {
                 tracing::error!(error = %e, "audit write failed: a summary of refusals was lost");
             }
         }
-        self.flush_header();
+        // The records first, then the header that names them, each flushed.
         if let Chain::File(chain) = &self.chain {
-            if let Err(e) = chain.sync() {
-                tracing::error!(error = %e, "audit file: final sync failed");
+            match chain.sync() {
+                Ok(()) => self.unflushed_since = None,
+                Err(e) => tracing::error!(error = %e, "audit file: final sync failed"),
+            }
+        }
+        if self.header_stale && self.unflushed_since.is_none() {
+            self.flush_header();
+            if let Chain::File(chain) = &self.chain {
+                if let Err(e) = chain.sync() {
+                    tracing::error!(error = %e, "audit file: final sync failed");
+                }
             }
         }
     }
@@ -172,6 +181,10 @@ impl Writer {
             // PostgreSQL flushes asynchronous commits itself (wal_writer_delay).
             Chain::Shared(_) => Ok(()),
         };
+        if result.is_ok() && self.header_written.elapsed() >= file::HEADER_EVERY {
+            // What was written is flushed: the header may name it now.
+            self.flush_header();
+        }
         if let Err(e) = result {
             tracing::error!(error = %e, "audit flush failed: records answered in the last lag window may be lost");
             self.alerts.raise(AlertEvent::new(
@@ -331,7 +344,10 @@ impl Writer {
                     seq: last.0,
                     hash: last.1,
                 };
-                let persist = self.header_written.elapsed() >= file::HEADER_EVERY;
+                // The header names flushed records only: one rewritten to a head whose
+                // records are not yet on disk could reach the disk without them in the
+                // next flush (a power cut during it), and the chain would read as cut.
+                let persist = durable && self.header_written.elapsed() >= file::HEADER_EVERY;
                 chain.set_head(head, persist)?;
                 if persist {
                     self.header_written = Instant::now();
@@ -409,7 +425,7 @@ impl Writer {
         let Chain::File(chain) = &self.chain else {
             return;
         };
-        if !self.header_stale {
+        if !self.header_stale || self.unflushed_since.is_some() {
             return;
         }
         match chain.set_head(chain.head(), true) {
