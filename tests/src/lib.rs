@@ -5,6 +5,7 @@
 
 pub mod fault_proxy;
 pub mod forensics;
+pub mod lazyfs;
 pub mod pg;
 pub mod softhsm;
 pub mod xks;

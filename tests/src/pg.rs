@@ -86,6 +86,8 @@ pub fn database_of(config: &std::path::Path) -> String {
 /// disturbing the other tests' shared server. Stopped when dropped.
 pub struct PrivateServer {
     dir: tempfile::TempDir,
+    /// The data directory (in `dir`, or where [`PrivateServer::start_in`] put it).
+    data: std::path::PathBuf,
     bin: std::path::PathBuf,
     port: u16,
 }
@@ -103,6 +105,16 @@ fn as_postgres_user(cmd: &std::path::Path) -> std::process::Command {
 impl PrivateServer {
     /// Creates and starts one (Debian's packages under `/usr/lib/postgresql`).
     pub fn start() -> PrivateServer {
+        Self::start_with(None)
+    }
+
+    /// The same with its data directory at `data` (made here; its parent must let
+    /// PostgreSQL's user through), e.g. on a LazyFS mount for the power-loss run.
+    pub fn start_in(data: &std::path::Path) -> PrivateServer {
+        Self::start_with(Some(data))
+    }
+
+    fn start_with(data: Option<&std::path::Path>) -> PrivateServer {
         let versions = std::fs::read_dir("/usr/lib/postgresql").expect("PostgreSQL installed");
         let bin = versions
             .filter_map(|e| e.ok())
@@ -114,18 +126,20 @@ impl PrivateServer {
             .prefix("keyhold-pg")
             .tempdir()
             .unwrap();
-        std::fs::create_dir(dir.path().join("data")).unwrap();
+        let data = data.map_or_else(|| dir.path().join("data"), std::path::Path::to_owned);
+        std::fs::create_dir(&data).unwrap();
         if rustix::process::getuid().is_root() {
             let chown = std::process::Command::new("chown")
                 .args(["-R", "postgres:postgres"])
                 .arg(dir.path())
+                .arg(&data)
                 .status()
                 .unwrap();
             assert!(chown.success());
         }
         let out = as_postgres_user(&bin.join("initdb"))
             .args(["-A", "trust", "-U", "keyhold", "-D"])
-            .arg(dir.path().join("data"))
+            .arg(&data)
             .output()
             .unwrap();
         assert!(
@@ -137,7 +151,12 @@ impl PrivateServer {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let s = PrivateServer { dir, bin, port };
+        let s = PrivateServer {
+            dir,
+            data,
+            bin,
+            port,
+        };
         s.pg_ctl("start");
         s
     }
@@ -156,7 +175,7 @@ impl PrivateServer {
             .args([action, "-w", "-m", mode, "-o", &options, "-l"])
             .arg(self.dir.path().join("log"))
             .arg("-D")
-            .arg(self.dir.path().join("data"))
+            .arg(&self.data)
             .output()
             .unwrap();
         assert!(
@@ -197,7 +216,7 @@ impl Drop for PrivateServer {
     fn drop(&mut self) {
         let _ = as_postgres_user(&self.bin.join("pg_ctl"))
             .args(["stop", "-m", "immediate", "-D"])
-            .arg(self.dir.path().join("data"))
+            .arg(&self.data)
             .output();
     }
 }

@@ -11,7 +11,9 @@
 //! is destroyed (erasure key erased), `MST <n>` after a master-key rotation, `GRT <name>`
 //! after the key's grants were replaced (a second identity added), `AUD <name>` after an
 //! audit record naming the key is durable in the audit chain file (`<store>.audit`, the
-//! server's own writer). Keys `c<cycle>-k<i>` with `i % 7 == 6` are the ones destroyed.
+//! server's own writer; in bounded-lag mode: written, not yet flushed), with the time of
+//! the acknowledgement (µs since the epoch: the power-loss run counts records lost within
+//! the lag window against it). Keys `c<cycle>-k<i>` with `i % 7 == 6` are the ones destroyed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -122,7 +124,11 @@ fn main() {
             ..Default::default()
         }))
         .unwrap();
-        writeln!(out, "AUD {name}").unwrap();
+        let at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros();
+        writeln!(out, "AUD {name} {at}").unwrap();
         out.flush().unwrap();
         if i % 4 == 1 {
             keyring
