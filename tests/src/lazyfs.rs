@@ -4,7 +4,7 @@
 //!
 //! LazyFS is not built by this repository (nor is any recipe for it kept here): point
 //! `KEYHOLD_LAZYFS` at a `lazyfs` binary built from its sources (RELIABILITY.md, "Power
-//! loss", says how the documented run was made). The tests that need it are `#[ignore]`d
+//! loss", names the version the documented run used). The tests that need it are `#[ignore]`d
 //! and say so.
 //!
 //! Mounted with `allow_other`, so that PostgreSQL's own user can use a data directory
