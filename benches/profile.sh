@@ -8,12 +8,23 @@
 # Usage: bash benches/profile.sh [duration-seconds] [C] [unwrap|batch]
 # PERF_CALLGRAPH=dwarf gives callers through code built without frame pointers (costly:
 # the server then serves fewer requests while it is recorded).
+# EXTRA='\n[audit]\nenabled = false\n' is appended to the server's config (then the
+# server runs `serve` over a dev data dir instead of `dev`).
 duration=${1:-10}; c=${2:-64}; op=${3:-unwrap}; callgraph=${PERF_CALLGRAPH:-fp}
 source "$(dirname "$0")/common.sh"
 mkdir -p bench-results
 data="bench-results/perf-$op-$(date -u +%Y%m%dT%H%M%SZ).data"
-start_bench_dev
-pid=${pids[0]}
+if [ -n "${EXTRA:-}" ]; then
+  api=$(free_port); ops=$(free_port); api2=$(free_port); ops2=$(free_port)
+  twin_dev_dirs "$work/on" "$work/off" "$api" "$ops" "$api2" "$ops2"
+  printf "$EXTRA" >> "$work/on/kms-server.toml"
+  RUST_LOG=warn "$bin/kms-server" serve --config "$work/on/kms-server.toml" 2>"$work/on.log" & pids+=($!)
+  pki="$work/on/pki"
+  wait_ready "$ops"
+else
+  start_bench_dev
+fi
+pid=${pids[-1]}
 unwrap_body "$pki" "$api" '{"tenant":"acme","object":"invoices/42"}' "$work/unwrap.json"
 case "$op" in
   unwrap) path=/v1/unwrap; body="$work/unwrap.json" ;;
