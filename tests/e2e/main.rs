@@ -39,6 +39,7 @@ mod rsa;
 mod salesforce;
 mod seal;
 mod tls;
+mod transit;
 mod xks;
 
 use keyhold_tests::TestServer;

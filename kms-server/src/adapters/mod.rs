@@ -1,4 +1,4 @@
-//! What the protocol adapters (XKS, DKE, CSE, EKM, Salesforce) share: reading a bearer
+//! What the protocol adapters (XKS, DKE, CSE, EKM, Salesforce, Transit) share: reading a bearer
 //! token, checking a protocol's own URL, and the client certificate a public-listener
 //! connection presented. Below the adapters and the public listener that composes them:
 //! it imports no adapter.
@@ -8,6 +8,7 @@ pub mod dke;
 pub mod ekm;
 pub mod jwt;
 pub mod salesforce;
+pub mod transit;
 pub mod xks;
 
 /// Whether `mount` may place a protocol's routes on the public listener: `/` (the root of

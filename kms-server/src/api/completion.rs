@@ -63,13 +63,18 @@ pub struct Completion {
 
 /// The native routes that use a key and change nothing: in bounded-lag mode their audit
 /// records may be answered before they are flushed ([`AuditDraft::key_use`]).
-const KEY_USE_ROUTES: [&str; 6] = [
+/// (The Transit-compatible routes of `adapters::transit` are merged into this router.)
+const KEY_USE_ROUTES: [&str; 10] = [
     "/v1/keys/{name}/datakey",
     "/v1/keys/{name}/wrap",
     "/v1/keys/{name}/public-key",
     "/v1/unwrap",
     "/v1/rewrap",
     "/v1/batch",
+    "/v1/transit/encrypt/{name}",
+    "/v1/transit/decrypt/{name}",
+    "/v1/transit/rewrap/{name}",
+    "/v1/transit/datakey/{kind}/{name}",
 ];
 
 /// A refusal the completion reports as a security event.

@@ -150,10 +150,12 @@ impl AppState {
     }
 }
 
-/// The API router.
-pub fn router(state: Arc<AppState>) -> Router {
+/// The API router, with `more` routes (the app layer's: the Transit-compatible API)
+/// served under the same completion middleware and body limit.
+pub fn router(state: Arc<AppState>, more: Router<Arc<AppState>>) -> Router {
     let limit = state.settings.max_body_bytes;
     Router::new()
+        .merge(more)
         .route("/v1/keys", post(keys::create).get(keys::list))
         .route("/v1/keys/{name}", get(keys::get))
         .route("/v1/keys/{name}/rotate", post(keys::rotate))

@@ -165,7 +165,7 @@ pub(super) async fn serve_api(
     limits: crate::transport::listen::Limits,
     stop: impl std::future::Future<Output = ()> + Send,
 ) {
-    let app = crate::api::router(state);
+    let app = crate::api::router(state, crate::adapters::transit::routes());
     let api_tls = tls.clone();
     crate::transport::listen::serve(
         listener,
