@@ -152,6 +152,47 @@ async fn bao_cli_and_hvac_speak_transit_to_keyhold() {
     )
     .unwrap();
     assert!(wrapped["data"].get("plaintext").is_none(), "{wrapped}");
+    // OpenTofu's state encryption (opentofu/opentofu,
+    // internal/encryption/keyprovider/openbao/client.go) asks for a data key with
+    // `bits` and `associated_data`, and decrypts it with the same associated data.
+    let ad = B64.encode(b"tofu state meta");
+    let tofu = bao(
+        &s,
+        home.path(),
+        "app-a",
+        &[
+            "write",
+            &format!("transit/datakey/plaintext/{KEY}"),
+            "bits=256",
+            &format!("associated_data={ad}"),
+        ],
+    )
+    .unwrap();
+    let tofu_ct = tofu["data"]["ciphertext"].as_str().unwrap();
+    let with_ad = bao(
+        &s,
+        home.path(),
+        "app-a",
+        &[
+            "write",
+            &format!("transit/decrypt/{KEY}"),
+            &format!("ciphertext={tofu_ct}"),
+            &format!("associated_data={ad}"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(with_ad["data"]["plaintext"], tofu["data"]["plaintext"]);
+    bao(
+        &s,
+        home.path(),
+        "app-a",
+        &[
+            "write",
+            &format!("transit/decrypt/{KEY}"),
+            &format!("ciphertext={tofu_ct}"),
+        ],
+    )
+    .unwrap_err();
 
     // Rotation by the admin: the key reads at version 2, v1 still decrypts, rewrap moves
     // it to v2; then min_decryption_version 2 retires v1.

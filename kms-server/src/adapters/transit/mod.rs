@@ -586,6 +586,7 @@ async fn datakey(
         }
         let item = Item {
             context: req.context,
+            associated_data: req.associated_data,
             nonce: req.nonce,
             ..Item::default()
         };

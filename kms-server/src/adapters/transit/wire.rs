@@ -112,6 +112,10 @@ pub struct DatakeyRequest {
     /// Base64 context, bound to the ciphertext.
     #[serde(default)]
     pub context: Option<String>,
+    /// Base64 associated data, bound to the ciphertext (OpenTofu's state encryption
+    /// sends it).
+    #[serde(default)]
+    pub associated_data: Option<String>,
     /// Convergent encryption's nonce: not served.
     #[serde(default)]
     pub nonce: Option<String>,
