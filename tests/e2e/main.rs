@@ -28,6 +28,7 @@ mod hardening;
 mod hostile;
 mod keys;
 mod kmsctl;
+mod kubernetes;
 mod leak;
 mod lifecycle;
 mod ops;

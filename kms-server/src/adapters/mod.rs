@@ -1,12 +1,13 @@
-//! What the protocol adapters (XKS, DKE, CSE, EKM, Salesforce, Transit) share: reading a bearer
-//! token, checking a protocol's own URL, and the client certificate a public-listener
-//! connection presented. Below the adapters and the public listener that composes them:
+//! What the protocol adapters (XKS, DKE, CSE, EKM, Salesforce, Transit, Kubernetes KMS)
+//! share: reading a bearer token, checking a protocol's own URL, and the client
+//! certificate a public-listener connection presented. Below the adapters and the public listener that composes them:
 //! it imports no adapter.
 
 pub mod cse;
 pub mod dke;
 pub mod ekm;
 pub mod jwt;
+pub mod kubernetes;
 pub mod salesforce;
 pub mod transit;
 pub mod xks;

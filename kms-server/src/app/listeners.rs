@@ -128,6 +128,29 @@ pub(super) fn start_public(
     )))
 }
 
+/// Starts one Kubernetes KMS v2 plugin socket per `[[kubernetes]]` table
+/// ([`crate::adapters::kubernetes`]). Fails when a socket cannot be bound.
+pub(super) fn start_kubernetes(
+    config: &Settings,
+    state: &Arc<AppState>,
+    stop_rx: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, StartError> {
+    use crate::adapters::kubernetes::{socket, Plugin};
+    let mut tasks = Vec::with_capacity(config.kubernetes.len());
+    for k in &config.kubernetes {
+        let plugin = Arc::new(Plugin::new(state.clone(), k.clone()));
+        let listener = socket::bind(&plugin)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", k.socket.display())))?;
+        tracing::info!(socket = %k.socket.display(), key = %k.key, "listening (Kubernetes KMS v2)");
+        tasks.push(tokio::spawn(socket::serve(
+            listener,
+            plugin,
+            stop_rx.clone(),
+        )));
+    }
+    Ok(tasks)
+}
+
 /// Starts the plain-HTTP ops listener (`/healthz`, `/readyz`, `/metrics`).
 pub(super) fn start_ops(
     listener: TcpListener,

@@ -275,6 +275,7 @@ pub async fn run_with_clock(
             stop_rx.clone(),
         )?);
     }
+    tasks.extend(listeners::start_kubernetes(&settings, &state, &stop_rx)?);
     tracing::info!(addr = ?listeners.api.local_addr().ok(), "listening (mTLS)");
     let stop = async move {
         shutdown.await;

@@ -54,6 +54,7 @@ pub(super) struct FileAdapters {
     pub(super) cse: Option<crate::adapters::cse::settings::FileCse>,
     pub(super) ekm: Option<crate::adapters::ekm::settings::FileEkm>,
     pub(super) salesforce: Option<crate::adapters::salesforce::settings::FileSalesforce>,
+    pub(super) kubernetes: Vec<crate::adapters::kubernetes::settings::FileKubernetes>,
 }
 
 /// The protocol adapters, validated.
@@ -64,6 +65,28 @@ pub(super) struct Adapters {
     pub(super) cse: Option<crate::adapters::cse::settings::CseSettings>,
     pub(super) ekm: Option<crate::adapters::ekm::settings::EkmSettings>,
     pub(super) salesforce: Option<crate::adapters::salesforce::settings::SalesforceSettings>,
+    pub(super) kubernetes: Vec<crate::adapters::kubernetes::KubernetesSettings>,
+}
+
+/// `listen` and `ops_listen` (`"off"`: no ops listener).
+pub(super) fn listen_addrs(
+    listen: &str,
+    ops_listen: &str,
+) -> Result<(SocketAddr, Option<SocketAddr>), (&'static str, String)> {
+    let api: SocketAddr = listen
+        .parse()
+        .map_err(|e| ("listen", format!("`{listen}` is not host:port ({e})")))?;
+    let ops = if ops_listen == "off" {
+        None
+    } else {
+        Some(ops_listen.parse().map_err(|e| {
+            (
+                "ops_listen",
+                format!("`{ops_listen}` is not host:port or \"off\" ({e})"),
+            )
+        })?)
+    };
+    Ok((api, ops))
 }
 
 impl Adapters {
@@ -151,6 +174,8 @@ impl Adapters {
                 "Salesforce is served on the public listener: configure [public] too".into(),
             ));
         }
+        let kubernetes =
+            crate::adapters::kubernetes::settings::validate_all(raw.kubernetes, resolve)?;
         Ok(Self {
             xks,
             public,
@@ -158,6 +183,7 @@ impl Adapters {
             cse,
             ekm,
             salesforce,
+            kubernetes,
         })
     }
 }

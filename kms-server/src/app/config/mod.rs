@@ -130,6 +130,8 @@ struct FileConfig {
     ekm: Option<crate::adapters::ekm::settings::FileEkm>,
     #[serde(default)]
     salesforce: Option<crate::adapters::salesforce::settings::FileSalesforce>,
+    #[serde(default)]
+    kubernetes: Vec<crate::adapters::kubernetes::settings::FileKubernetes>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -509,6 +511,8 @@ pub struct Settings {
     pub ekm: Option<crate::adapters::ekm::settings::EkmSettings>,
     /// Salesforce cache-only keys on the public listener (`[salesforce]`), if configured.
     pub salesforce: Option<crate::adapters::salesforce::settings::SalesforceSettings>,
+    /// Kubernetes KMS v2 plugin sockets (`[[kubernetes]]`).
+    pub kubernetes: Vec<crate::adapters::kubernetes::KubernetesSettings>,
 }
 
 impl Settings {
@@ -524,6 +528,7 @@ impl Settings {
         ]
         .into_iter()
         .flatten()
+        .chain(self.kubernetes.iter().map(|k| k.identity.as_str()))
         .chain(
             self.xks
                 .iter()
@@ -586,7 +591,8 @@ impl Settings {
                 base.join(p)
             }
         };
-        let (listen, ops_listen) = listen_addrs(&raw).map_err(|(f, m)| err(f, m))?;
+        let (listen, ops_listen) =
+            checks::listen_addrs(&raw.listen, &raw.ops_listen).map_err(|(f, m)| err(f, m))?;
         check_bounds(&raw).map_err(|(f, m)| err(&f, m))?;
         let tls = &raw.tls;
         let allow_tls12 = check_tls_files(tls, &resolve).map_err(|(f, m)| err(&f, m))?;
@@ -605,6 +611,7 @@ impl Settings {
             cse,
             ekm,
             salesforce,
+            kubernetes,
         } = Adapters::validate(
             FileAdapters {
                 xks: raw.xks,
@@ -613,6 +620,7 @@ impl Settings {
                 cse: raw.cse,
                 ekm: raw.ekm,
                 salesforce: raw.salesforce,
+                kubernetes: raw.kubernetes,
             },
             &resolve,
             listen,
@@ -626,6 +634,7 @@ impl Settings {
             cse,
             ekm,
             salesforce,
+            kubernetes,
             listen,
             ops_listen,
             max_body_bytes: raw.max_body_bytes,
@@ -676,27 +685,6 @@ impl Settings {
             .map_err(|(field, message)| err(&field, message))?;
         Ok(settings)
     }
-}
-
-/// `listen` and `ops_listen` (`"off"`: no ops listener).
-fn listen_addrs(
-    raw: &FileConfig,
-) -> Result<(SocketAddr, Option<SocketAddr>), (&'static str, String)> {
-    let listen: SocketAddr = raw
-        .listen
-        .parse()
-        .map_err(|e| ("listen", format!("`{}` is not host:port ({e})", raw.listen)))?;
-    let ops_listen = if raw.ops_listen == "off" {
-        None
-    } else {
-        Some(raw.ops_listen.parse().map_err(|e| {
-            (
-                "ops_listen",
-                format!("`{}` is not host:port or \"off\" ({e})", raw.ops_listen),
-            )
-        })?)
-    };
-    Ok((listen, ops_listen))
 }
 
 /// `[store]`: the engine and where its data lives.
