@@ -37,6 +37,23 @@ if ! python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) <= 2.0 else 1)" "$
   exit 1
 fi
 echo "deploy/check.sh: $unit verifies; exposure $exposure (OK)"
+# The Kubernetes KMS drop-in: the unit with it applied verifies and stays at most 2.0.
+dropin=deploy/systemd/kubernetes-kms.conf
+python3 - "$tmp/keyhold.service" "$dropin" "$tmp/with-dropin.service" <<'PY'
+import sys
+unit = open(sys.argv[1]).read().split("\n")
+extra = [l for l in open(sys.argv[2]).read().split("\n") if l and not l.startswith("#") and l != "[Service]"]
+keys = {l.split("=", 1)[0] for l in extra}
+unit = [l for l in unit if l.split("=", 1)[0] not in keys]
+at = unit.index("[Service]") + 1
+open(sys.argv[3], "w").write("\n".join(unit[:at] + extra + unit[at:]))
+PY
+out=$(systemd-analyze verify "$tmp/with-dropin.service" 2>&1) || { echo "$out" >&2; exit 1; }
+[ -z "$out" ] || { echo "deploy/check.sh: $dropin applied: $out" >&2; exit 1; }
+exposure=$(systemd-analyze security --offline=yes "$tmp/with-dropin.service" | awk '/Overall exposure level/ {print $(NF-2)}')
+python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) <= 2.0 else 1)" "$exposure" \
+  || { echo "deploy/check.sh: with $dropin the exposure is $exposure, above 2.0" >&2; exit 1; }
+echo "deploy/check.sh: with $dropin it verifies; exposure $exposure (OK)"
 
 DESTDIR="$tmp/root" bash deploy/systemd/install.sh "$bin" >/dev/null
 for want in "755 usr/local/bin/kms-server" "750 etc/keyhold" "640 etc/keyhold/kms-server.toml" \
