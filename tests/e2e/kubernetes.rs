@@ -278,3 +278,52 @@ async fn a_grpc_client_from_the_upstream_proto_drives_the_plugin() {
     s.stop().await;
     assert!(!socket.exists());
 }
+
+/// Two API servers at once, while an operator rotates: every Encrypt names the version it
+/// sealed under (its ciphertext opens with that `key_id`), whatever rotation ran between
+/// the calls, and nothing fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypts_name_their_version_while_the_key_rotates() {
+    let extra =
+        format!("[[kubernetes]]\nsocket = \"kms.sock\"\nkey = \"{KEY}\"\nidentity = \"{APP_A}\"\n");
+    let s = TestServer::start_with(TestSeal::KeyFile, &extra).await;
+    let admin = s.client(Some("admin-a"));
+    let r = post(
+        &admin,
+        &s.url("/v1/keys"),
+        serde_json::to_value(keyhold_tests::create_granted(KEY, APP_A)).unwrap(),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{r:?}");
+    let socket = s.dir.path().join("kms.sock");
+    // Two clients (two API servers), each with 4 calls in flight.
+    let bursts: Vec<_> = (0..2)
+        .map(|_| {
+            let socket = socket.clone();
+            tokio::task::spawn_blocking(move || {
+                Kms::open(&socket).call(json!({"op": "burst", "threads": 4, "calls": 60}))
+            })
+        })
+        .collect();
+    // Rotations until both are done (they start after the client's own start-up).
+    while !bursts.iter().all(|b| b.is_finished()) {
+        let r = post(&admin, &s.url(&format!("/v1/keys/{KEY}/rotate")), json!({})).await;
+        assert_eq!(r.0, 200, "{r:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let mut versions = std::collections::BTreeSet::new();
+    for b in bursts {
+        let b = b.await.unwrap();
+        assert_eq!(b["failures"], json!([]), "{b}");
+        assert_eq!(b["opened"], 4 * 60, "{b}");
+        versions.extend(
+            b["key_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k.to_string()),
+        );
+    }
+    // The calls saw the key at several versions (the rotations ran among them).
+    assert!(versions.len() >= 2, "{versions:?}");
+}
