@@ -238,12 +238,21 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let kmip = match settings.kmip.as_ref().map(|k| k.listen) {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding the KMIP listener to {addr}"))?,
+        ),
+        None => None,
+    };
     server::run(
         Listeners {
             api,
             ops,
             xks,
             public,
+            kmip,
         },
         settings,
         shutdown_signal(),

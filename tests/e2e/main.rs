@@ -27,6 +27,7 @@ mod faults;
 mod hardening;
 mod hostile;
 mod keys;
+mod kmip;
 mod kmsctl;
 mod kubernetes;
 mod leak;

@@ -376,6 +376,8 @@ pub struct TestServer {
     pub xks_addr: Option<SocketAddr>,
     /// The public listener, when the config has `[public]`.
     pub public_addr: Option<SocketAddr>,
+    /// The KMIP listener, when the config has `[kmip]`.
+    pub kmip_addr: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<Result<(), server::StartError>>>,
     /// Seconds added to the system clock for this server (see [`TestServer::advance_clock`]).
@@ -470,6 +472,7 @@ impl TestServer {
             ops_addr: "127.0.0.1:0".parse().unwrap(),
             xks_addr: None,
             public_addr: None,
+            kmip_addr: None,
             stop: None,
             task: None,
             clock_offset: Default::default(),
@@ -498,6 +501,11 @@ impl TestServer {
             None => None,
         };
         self.public_addr = public.as_ref().map(|l| l.local_addr().unwrap());
+        let kmip = match &settings.kmip {
+            Some(_) => Some(TcpListener::bind("127.0.0.1:0").await.unwrap()),
+            None => None,
+        };
+        self.kmip_addr = kmip.as_ref().map(|l| l.local_addr().unwrap());
         self.addr = api.local_addr().unwrap();
         self.ops_addr = ops.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
@@ -512,6 +520,7 @@ impl TestServer {
                 ops: Some(ops),
                 xks,
                 public,
+                kmip,
             },
             settings,
             async move {
@@ -574,6 +583,7 @@ impl TestServer {
             ops_addr: "127.0.0.1:0".parse().unwrap(),
             xks_addr: None,
             public_addr: None,
+            kmip_addr: None,
             stop: None,
             task: None,
             clock_offset: Default::default(),

@@ -1,5 +1,5 @@
-//! What the protocol adapters (XKS, DKE, CSE, EKM, Salesforce, Transit, Kubernetes KMS)
-//! share: reading a bearer token, checking a protocol's own URL, and the client
+//! What the protocol adapters (XKS, DKE, CSE, EKM, Salesforce, Transit, Kubernetes KMS,
+//! KMIP) share: reading a bearer token, checking a protocol's own URL, and the client
 //! certificate a public-listener connection presented. Below the adapters and the public listener that composes them:
 //! it imports no adapter.
 
@@ -7,6 +7,7 @@ pub mod cse;
 pub mod dke;
 pub mod ekm;
 pub mod jwt;
+pub mod kmip;
 pub mod kubernetes;
 pub mod salesforce;
 pub mod transit;

@@ -36,6 +36,8 @@ pub struct Listeners {
     pub xks: Option<TcpListener>,
     /// The public listener of the end-user protocols (None: off; needs `[public]`).
     pub public: Option<TcpListener>,
+    /// The KMIP listener (None: off; needs `[kmip]`).
+    pub kmip: Option<TcpListener>,
 }
 
 /// Why the server could not start.
@@ -276,6 +278,19 @@ pub async fn run_with_clock(
         )?);
     }
     tasks.extend(listeners::start_kubernetes(&settings, &state, &stop_rx)?);
+    if let (Some(listener), Some(kmip)) = (
+        start("kmip", listeners.kmip, settings.kmip.is_some()),
+        &settings.kmip,
+    ) {
+        tracing::info!(addr = ?listener.local_addr().ok(), "listening (KMIP)");
+        tasks.push(tokio::spawn(crate::adapters::kmip::serve(
+            listener,
+            kmip.clone(),
+            state.clone(),
+            settings.identity_sources.clone().into(),
+            stop_rx.clone(),
+        )));
+    }
     tracing::info!(addr = ?listeners.api.local_addr().ok(), "listening (mTLS)");
     let stop = async move {
         shutdown.await;

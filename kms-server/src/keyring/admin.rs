@@ -72,6 +72,36 @@ impl Keyring {
         rotation_period: Option<Duration>,
         grants: Vec<Grant>,
     ) -> Result<KeyInfo, Error> {
+        self.create(tenant, name, algorithm, rotation_period, grants, false)
+    }
+
+    /// Creates a key with version 1, disabled and marked pre-active (unusable until its
+    /// first enable): KMIP's Create, whose Activate is that enable.
+    pub fn create_key_pre_active(
+        &self,
+        tenant: &str,
+        name: &str,
+        algorithm: Algorithm,
+    ) -> Result<KeyInfo, Error> {
+        self.create(tenant, name, algorithm, None, Vec::new(), true)
+    }
+
+    /// Whether key `name` has been disabled since its creation as pre-active
+    /// ([`Keyring::create_key_pre_active`]) and never enabled.
+    pub fn is_pre_active(&self, tenant: &str, name: &str) -> Result<bool, Error> {
+        let un = self.unsealed()?;
+        Ok(self.entry_by_name(&un, tenant, name)?.record.pre_active)
+    }
+
+    fn create(
+        &self,
+        tenant: &str,
+        name: &str,
+        algorithm: Algorithm,
+        rotation_period: Option<Duration>,
+        grants: Vec<Grant>,
+        pre_active: bool,
+    ) -> Result<KeyInfo, Error> {
         validate_name(name)?;
         validate_grants(&grants)?;
         self.unsealed()?;
@@ -89,7 +119,11 @@ impl Keyring {
             tenant: tenant.to_owned(),
             name: name.to_owned(),
             algorithm,
-            state: KeyState::Enabled,
+            state: if pre_active {
+                KeyState::Disabled
+            } else {
+                KeyState::Enabled
+            },
             created_at,
             current_version: 1,
             min_decrypt_version: 1,
@@ -99,6 +133,7 @@ impl Keyring {
             erasure_slot: None,
             shared_erasure_slot: None,
             generation: 1,
+            pre_active,
             mac: None,
         };
         let mut record = record;
@@ -383,6 +418,7 @@ impl Keyring {
         self.update_key(tenant, name, |_, record, _| match record.state {
             KeyState::Enabled | KeyState::Disabled => {
                 record.state = target;
+                record.pre_active &= !enabled;
                 Ok(())
             }
             KeyState::PendingDeletion => Err(Error::InvalidState(

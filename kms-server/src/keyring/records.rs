@@ -71,6 +71,10 @@ pub struct KeyRecord {
     /// with an older one. 0 in records from before generations.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub generation: u64,
+    /// Created disabled and never enabled since (KMIP's Pre-Active: a KMIP Create makes
+    /// the key, its Activate enables it). Cleared by the first enable.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pre_active: bool,
     /// HMAC of the record under the record-MAC key (hex; [`super::integrity`]): a row
     /// changed outside Keyhold is refused. Set last, by every writer.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -55,6 +55,7 @@ pub(super) struct FileAdapters {
     pub(super) ekm: Option<crate::adapters::ekm::settings::FileEkm>,
     pub(super) salesforce: Option<crate::adapters::salesforce::settings::FileSalesforce>,
     pub(super) kubernetes: Vec<crate::adapters::kubernetes::settings::FileKubernetes>,
+    pub(super) kmip: Option<crate::adapters::kmip::settings::FileKmip>,
 }
 
 /// The protocol adapters, validated.
@@ -66,6 +67,7 @@ pub(super) struct Adapters {
     pub(super) ekm: Option<crate::adapters::ekm::settings::EkmSettings>,
     pub(super) salesforce: Option<crate::adapters::salesforce::settings::SalesforceSettings>,
     pub(super) kubernetes: Vec<crate::adapters::kubernetes::KubernetesSettings>,
+    pub(super) kmip: Option<crate::adapters::kmip::KmipSettings>,
 }
 
 /// `listen` and `ops_listen` (`"off"`: no ops listener).
@@ -176,6 +178,21 @@ impl Adapters {
         }
         let kubernetes =
             crate::adapters::kubernetes::settings::validate_all(raw.kubernetes, resolve)?;
+        let kmip = raw.kmip.map(|k| k.validate()).transpose()?;
+        if let Some(k) = &kmip {
+            let taken = [
+                Some(listen),
+                ops_listen,
+                xks.as_ref().map(|x| x.listen),
+                public.as_ref().map(|p| p.listen),
+            ];
+            if k.listen.port() != 0 && taken.contains(&Some(k.listen)) {
+                return Err(e(
+                    "kmip.listen",
+                    "must differ from listen, ops_listen, xks.listen and public.listen".into(),
+                ));
+            }
+        }
         Ok(Self {
             xks,
             public,
@@ -184,6 +201,7 @@ impl Adapters {
             ekm,
             salesforce,
             kubernetes,
+            kmip,
         })
     }
 }

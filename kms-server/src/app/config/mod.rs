@@ -132,6 +132,8 @@ struct FileConfig {
     salesforce: Option<crate::adapters::salesforce::settings::FileSalesforce>,
     #[serde(default)]
     kubernetes: Vec<crate::adapters::kubernetes::settings::FileKubernetes>,
+    #[serde(default)]
+    kmip: Option<crate::adapters::kmip::settings::FileKmip>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -513,6 +515,8 @@ pub struct Settings {
     pub salesforce: Option<crate::adapters::salesforce::settings::SalesforceSettings>,
     /// Kubernetes KMS v2 plugin sockets (`[[kubernetes]]`).
     pub kubernetes: Vec<crate::adapters::kubernetes::KubernetesSettings>,
+    /// The KMIP listener (`[kmip]`), if configured.
+    pub kmip: Option<crate::adapters::kmip::KmipSettings>,
 }
 
 impl Settings {
@@ -612,6 +616,7 @@ impl Settings {
             ekm,
             salesforce,
             kubernetes,
+            kmip,
         } = Adapters::validate(
             FileAdapters {
                 xks: raw.xks,
@@ -621,6 +626,7 @@ impl Settings {
                 ekm: raw.ekm,
                 salesforce: raw.salesforce,
                 kubernetes: raw.kubernetes,
+                kmip: raw.kmip,
             },
             &resolve,
             listen,
@@ -635,6 +641,7 @@ impl Settings {
             ekm,
             salesforce,
             kubernetes,
+            kmip,
             listen,
             ops_listen,
             max_body_bytes: raw.max_body_bytes,
