@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 secs=${1:-600}
 shift || true
-targets=${*:-wrapped_dek request_json config pem_crl client_cert unseal_share}
+targets=${*:-wrapped_dek request_json config pem_crl client_cert unseal_share kmip}
 for t in $targets; do
   mkdir -p "corpus/$t" "work/$t"
   echo "== $t: ${secs}s" >&2

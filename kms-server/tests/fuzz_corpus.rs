@@ -129,3 +129,46 @@ fn write_seeds() {
     let (_, shares) = kms_server::crypto::seal::ShamirSealer::deal(3, 2).unwrap();
     write("unseal_share", "share", shares[0].as_bytes());
 }
+
+/// The KMIP seeds are PyKMIP 0.11's own encodings (captured from its client, source named
+/// in `kms-server/fuzz/seeds/kmip/README`): every request reads as a Request Message of
+/// the operation its name says, in the version it was made for.
+#[test]
+fn pykmip_requests_read_as_requests() {
+    use kms_server::adapters::kmip::{message::Request, ttlv};
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir("seeds", "kmip")).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.contains("-req-") {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let item = ttlv::Item::decode(&bytes, ttlv::Limits::default()).unwrap();
+        assert_eq!(item.encode(), bytes, "{name}: re-encoded differently");
+        let request = Request::of(&item).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let major = if name.starts_with("pykmip-20") { 2 } else { 1 };
+        assert_eq!(request.version.major, major, "{name}");
+        assert_eq!(request.items.len(), 1, "{name}");
+        let op = request.items[0].operation;
+        let expected = [
+            ("create", 0x01),
+            ("register", 0x03),
+            ("locate", 0x08),
+            ("get-attribute-list", 0x0C),
+            ("get-attributes", 0x0B),
+            ("get-", 0x0A),
+            ("activate", 0x12),
+            ("revoke", 0x13),
+            ("destroy", 0x14),
+            ("encrypt", 0x1F),
+            ("decrypt", 0x20),
+        ]
+        .iter()
+        .find(|(k, _)| name.contains(&format!("-{k}")))
+        .map(|(_, op)| *op);
+        assert_eq!(Some(op), expected, "{name}");
+        n += 1;
+    }
+    assert_eq!(n, 19, "PyKMIP request seeds");
+}

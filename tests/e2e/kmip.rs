@@ -210,3 +210,190 @@ async fn pykmip_drives_a_key_through_its_life() {
         );
     }
 }
+
+/// A raw KMIP connection as `who`.
+async fn raw(s: &TestServer, who: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let config = keyhold_tests::rustls_client(&s.pki, Some(who));
+    let tcp = tokio::net::TcpStream::connect(s.kmip_addr.unwrap())
+        .await
+        .unwrap();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap()
+}
+
+/// What the server did with what was sent: its answer (decoded), or that it closed.
+async fn exchange(
+    io: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    bytes: &[u8],
+) -> Option<kms_server::adapters::kmip::ttlv::Item> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    io.write_all(bytes).await.ok()?;
+    io.flush().await.ok()?;
+    let mut head = [0u8; 8];
+    tokio::time::timeout(std::time::Duration::from_secs(5), io.read_exact(&mut head))
+        .await
+        .expect("an answer or a close within 5 s")
+        .ok()?;
+    let len = kms_server::adapters::kmip::ttlv::message_length(&head) as usize;
+    let mut body = vec![0u8; 8 + len];
+    body[..8].copy_from_slice(&head);
+    io.read_exact(&mut body[8..]).await.ok()?;
+    Some(kms_server::adapters::kmip::ttlv::Item::decode(&body, Default::default()).unwrap())
+}
+
+/// The Result Reason of the first batch item of a response.
+fn reason(response: &kms_server::adapters::kmip::ttlv::Item) -> Option<u32> {
+    use kms_server::adapters::kmip::{tags as t, ttlv::Value};
+    match response
+        .child(t::BATCH_ITEM)?
+        .child(t::RESULT_REASON)?
+        .value
+    {
+        Value::Enumeration(r) => Some(r),
+        _ => None,
+    }
+}
+
+/// Malformed TTLV: truncated, oversized lengths, deep nesting, wrong types, bad padding.
+/// Each is answered Invalid Message or the connection is closed; never a crash, and the
+/// listener keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_ttlv_is_refused_and_the_listener_keeps_serving() {
+    use kms_server::adapters::kmip::message::Version;
+    use kms_server::adapters::kmip::tags as t;
+    use kms_server::adapters::kmip::ttlv::{Item, Value};
+    let s = TestServer::start_with(
+        keyhold_tests::TestSeal::KeyFile,
+        "[kmip]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let request = |header: Vec<Item>, items: Vec<Item>| {
+        let mut m = vec![Item::structure(t::REQUEST_HEADER, header)];
+        m.extend(items);
+        Item::structure(t::REQUEST_MESSAGE, m).encode()
+    };
+    let discover = || {
+        request(
+            vec![
+                Version::new(1, 2).item(),
+                Item::new(t::BATCH_COUNT, Value::Integer(1)),
+            ],
+            vec![Item::structure(
+                t::BATCH_ITEM,
+                vec![Item::new(
+                    t::OPERATION,
+                    Value::Enumeration(t::OP_DISCOVER_VERSIONS),
+                )],
+            )],
+        )
+    };
+
+    // Answered with Invalid Message (then closed): deep nesting, wrong types, bad padding,
+    // a batch count that lies.
+    let mut deep = Item::new(t::BATCH_COUNT, Value::Integer(1));
+    for _ in 0..100 {
+        deep = Item::structure(t::REQUEST_PAYLOAD, vec![deep]);
+    }
+    let deep = request(
+        vec![
+            Version::new(1, 2).item(),
+            Item::new(t::BATCH_COUNT, Value::Integer(1)),
+        ],
+        vec![deep],
+    );
+    let wrong_type = request(
+        vec![
+            Version::new(1, 2).item(),
+            Item::new(t::BATCH_COUNT, Value::TextString("1".into())),
+        ],
+        vec![],
+    );
+    let mut bad_padding = discover();
+    let n = bad_padding.len();
+    bad_padding[n - 1] = 0xff; // the Operation enumeration's padding
+    let lying_count = request(
+        vec![
+            Version::new(1, 2).item(),
+            Item::new(t::BATCH_COUNT, Value::Integer(5)),
+        ],
+        vec![],
+    );
+    for (what, bytes) in [
+        ("deep", deep),
+        ("wrong type", wrong_type),
+        ("bad padding", bad_padding),
+        ("batch count", lying_count),
+    ] {
+        let mut io = raw(&s, "app-a").await;
+        let answer = exchange(&mut io, &bytes)
+            .await
+            .unwrap_or_else(|| panic!("{what}: closed without an answer"));
+        assert_eq!(
+            reason(&answer),
+            Some(t::REASON_INVALID_MESSAGE),
+            "{what}: {answer:?}"
+        );
+    }
+
+    // Closed without an answer: a length over the bound, a head that is not a request,
+    // a message cut short.
+    let mut huge = discover()[..8].to_vec();
+    huge[4..8].copy_from_slice(&0x7fff_fff8u32.to_be_bytes());
+    let mut not_request = discover();
+    not_request[2] = 0x7b; // a Response Message's tag
+    let truncated = discover()[..20].to_vec();
+    for (what, bytes) in [("huge", huge), ("not a request", not_request)] {
+        let mut io = raw(&s, "app-a").await;
+        assert!(
+            exchange(&mut io, &bytes).await.is_none(),
+            "{what}: answered"
+        );
+    }
+    let mut io = raw(&s, "app-a").await;
+    {
+        use tokio::io::AsyncWriteExt;
+        io.write_all(&truncated).await.unwrap();
+        io.shutdown().await.unwrap();
+    }
+    assert!(
+        exchange(&mut io, &[]).await.is_none(),
+        "truncated: answered"
+    );
+
+    // An unsupported version is answered under it; then the listener still serves, on a
+    // connection that carries two requests.
+    let v3 = request(
+        vec![
+            Version::new(3, 0).item(),
+            Item::new(t::BATCH_COUNT, Value::Integer(1)),
+        ],
+        vec![Item::structure(
+            t::BATCH_ITEM,
+            vec![Item::new(t::OPERATION, Value::Enumeration(t::OP_QUERY))],
+        )],
+    );
+    let mut io = raw(&s, "app-a").await;
+    let answer = exchange(&mut io, &v3).await.unwrap();
+    assert_eq!(
+        reason(&answer),
+        Some(t::REASON_INVALID_MESSAGE),
+        "{answer:?}"
+    );
+    for _ in 0..2 {
+        let answer = exchange(&mut io, &discover()).await.unwrap();
+        let payload = answer
+            .child(t::BATCH_ITEM)
+            .unwrap()
+            .child(t::RESPONSE_PAYLOAD)
+            .unwrap();
+        let versions: Vec<Version> = payload
+            .all(t::PROTOCOL_VERSION)
+            .map(|v| Version::of(v).unwrap())
+            .collect();
+        assert_eq!(versions.first(), Some(&Version::new(1, 4)), "{answer:?}");
+        assert!(versions.contains(&Version::new(1, 0)));
+    }
+}

@@ -15,13 +15,14 @@ use crate::crypto::kek::Kek;
 pub type Target = fn(&[u8]);
 
 /// The targets, by name (the fuzz crate's binaries and the corpus directories).
-pub const TARGETS: [(&str, Target); 6] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("wrapped_dek", wrapped_dek),
     ("request_json", request_json),
     ("config", config),
     ("pem_crl", pem_crl),
     ("client_cert", client_cert),
     ("unseal_share", unseal_share),
+    ("kmip", kmip),
 ];
 
 fn keks() -> &'static (Kek, Kek) {
@@ -165,4 +166,20 @@ pub fn unseal_share(data: &[u8]) {
     if let Ok(text) = std::str::from_utf8(data) {
         let _ = crate::crypto::seal::ShareInput::parse(text);
     }
+}
+
+/// A KMIP message as the KMIP listener reads one after its framing: TTLV decoded under the
+/// listener's limits, read as a Request Message; whatever decodes must encode back to
+/// bytes that decode to the same item.
+pub fn kmip(data: &[u8]) {
+    use crate::adapters::kmip::{message::Request, ttlv};
+    let Ok(item) = ttlv::Item::decode(data, ttlv::Limits::default()) else {
+        return;
+    };
+    let again = ttlv::Item::decode(&item.encode(), ttlv::Limits::default());
+    assert!(
+        again.as_ref() == Ok(&item),
+        "TTLV round trip changed the item"
+    );
+    let _ = Request::of(&item);
 }

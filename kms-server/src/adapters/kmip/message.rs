@@ -143,7 +143,7 @@ impl Request {
             .child(t::PROTOCOL_VERSION)
             .map(Version::of)
             .transpose()
-            .map_err(|e| (None, e))?
+            .map_err(|e| (None, Failure::invalid_message(e.message)))?
             .ok_or_else(|| fail(None, "the Protocol Version is missing"))?;
         let v = Some(version);
         if header.child(t::AUTHENTICATION).is_some() {
@@ -167,10 +167,12 @@ impl Request {
                 ..
             })
         );
-        let count = int(header, t::BATCH_COUNT).map_err(|e| (v, e))?;
+        // A header or batch item that cannot be read makes the whole message invalid.
+        let invalid = |e: Failure| (v, Failure::invalid_message(e.message));
+        let count = int(header, t::BATCH_COUNT).map_err(invalid)?;
         let mut items = Vec::new();
         for b in message.all(t::BATCH_ITEM) {
-            let operation = enumeration(b, t::OPERATION).map_err(|e| (v, e))?;
+            let operation = enumeration(b, t::OPERATION).map_err(invalid)?;
             let id = match b.child(t::UNIQUE_BATCH_ITEM_ID) {
                 Some(Item {
                     value: Value::ByteString(id),
