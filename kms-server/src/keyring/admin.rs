@@ -11,7 +11,7 @@ use kms_client::api::{Algorithm, Grant, GrantOperation, KeyInfo, KeyState};
 use super::cache::{KeyEntry, VersionEntry};
 use super::records::{
     deletion_key, name_key, rfc3339, rotation_key, to_json, validate_grants, validate_name,
-    version_key, KeyRecord, DELETION_WINDOW_DAYS,
+    version_key, KeyRecord, Lifecycle, DELETION_WINDOW_DAYS,
 };
 use super::vault::Unsealed;
 use super::Keyring;
@@ -86,11 +86,33 @@ impl Keyring {
         self.create(tenant, name, algorithm, None, Vec::new(), true)
     }
 
-    /// Whether key `name` has been disabled since its creation as pre-active
-    /// ([`Keyring::create_key_pre_active`]) and never enabled.
-    pub fn is_pre_active(&self, tenant: &str, name: &str) -> Result<bool, Error> {
+    /// Key `name`'s KMIP lifecycle ([`Lifecycle`]).
+    pub fn lifecycle(&self, tenant: &str, name: &str) -> Result<Lifecycle, Error> {
         let un = self.unsealed()?;
-        Ok(self.entry_by_name(&un, tenant, name)?.record.pre_active)
+        Ok(self
+            .entry_by_name(&un, tenant, name)?
+            .record
+            .lifecycle
+            .clone())
+    }
+
+    /// Disables key `name` as KMIP's Revoke does, recording when (and, for a compromise,
+    /// that it was one).
+    pub fn revoke(&self, tenant: &str, name: &str, compromised: bool) -> Result<KeyInfo, Error> {
+        let now = self.clock.now();
+        self.update_key(tenant, name, |_, record, _| match record.state {
+            KeyState::Enabled | KeyState::Disabled => {
+                record.state = KeyState::Disabled;
+                let l = &mut record.lifecycle;
+                l.deactivated_at.get_or_insert(now);
+                if compromised {
+                    l.compromised_at.get_or_insert(now);
+                }
+                Ok(())
+            }
+            KeyState::PendingDeletion => Err(Error::InvalidState("the key is pending deletion")),
+            _ => Err(Error::InvalidState("the key is destroyed")),
+        })
     }
 
     fn create(
@@ -133,7 +155,10 @@ impl Keyring {
             erasure_slot: None,
             shared_erasure_slot: None,
             generation: 1,
-            pre_active,
+            lifecycle: Lifecycle {
+                pre_active,
+                ..Lifecycle::default()
+            },
             mac: None,
         };
         let mut record = record;
@@ -415,10 +440,15 @@ impl Keyring {
         } else {
             KeyState::Disabled
         };
+        let now = self.clock.now();
         self.update_key(tenant, name, |_, record, _| match record.state {
             KeyState::Enabled | KeyState::Disabled => {
                 record.state = target;
-                record.pre_active &= !enabled;
+                // The first enable of a pre-active key is its activation.
+                if enabled && record.lifecycle.pre_active {
+                    record.lifecycle.pre_active = false;
+                    record.lifecycle.activated_at = Some(now);
+                }
                 Ok(())
             }
             KeyState::PendingDeletion => Err(Error::InvalidState(

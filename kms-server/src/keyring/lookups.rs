@@ -454,6 +454,19 @@ impl Lookups<'_> {
         })
     }
 
+    /// KMIP's Digest of key `name` of `tenant`: SHA-256 of its current version's raw
+    /// AES key (a fingerprint; the material stays here). The caller checks who may read
+    /// the key's attributes.
+    pub fn digest(&mut self, tenant: &str, name: &str) -> Result<[u8; 32], Error> {
+        let i = self.by_name(tenant, name)?;
+        let version = self.entries[i].record.current_version;
+        let (key, _) = self.aes_version(i, version, Error::Internal("current version missing"))?;
+        let d = ring::digest::digest(&ring::digest::SHA256, key.expose_secret());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(d.as_ref());
+        Ok(out)
+    }
+
     /// The id (hex) of key `name` of `who`'s tenant.
     pub fn key_id(&mut self, who: &Principal, name: &str) -> Result<String, Error> {
         let i = self.by_name(&who.tenant, name)?;

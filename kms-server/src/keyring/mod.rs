@@ -56,8 +56,8 @@ mod vault;
 
 pub use lookups::{DataKey, DetachedCiphertext, KeyUse, Lookups, Unwrapped, Wrapped, DATAKEY_LEN};
 pub use records::{
-    validate_grants, validate_name, KeyRecord, DELETION_WINDOW_DAYS, MAX_GRANTS, MAX_IDENTITY_LEN,
-    MAX_NAME_LEN,
+    validate_grants, validate_name, KeyRecord, Lifecycle, DELETION_WINDOW_DAYS, MAX_GRANTS,
+    MAX_IDENTITY_LEN, MAX_NAME_LEN,
 };
 
 pub(crate) use epoch::META_MASTER_EPOCH;

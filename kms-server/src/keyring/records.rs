@@ -30,6 +30,32 @@ pub const MAX_IDENTITY_LEN: usize = 1024;
 /// The deletion window, in days (as AWS KMS).
 pub const DELETION_WINDOW_DAYS: std::ops::RangeInclusive<u32> = 7..=30;
 
+/// What KMIP's lifecycle adds to Keyhold's states: Pre-Active (created disabled, never
+/// enabled), and when the key was activated, deactivated and found compromised.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Lifecycle {
+    /// Created disabled and never enabled since (KMIP's Create; its Activate enables it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pre_active: bool,
+    /// When a pre-active key was first enabled, unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activated_at: Option<u64>,
+    /// When it was first revoked, unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deactivated_at: Option<u64>,
+    /// When it was revoked as compromised, unix seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compromised_at: Option<u64>,
+}
+
+impl Lifecycle {
+    /// Nothing recorded (a key of the native API).
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+}
+
 /// A KEK as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -71,10 +97,10 @@ pub struct KeyRecord {
     /// with an older one. 0 in records from before generations.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub generation: u64,
-    /// Created disabled and never enabled since (KMIP's Pre-Active: a KMIP Create makes
-    /// the key, its Activate enables it). Cleared by the first enable.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub pre_active: bool,
+    /// The lifecycle dates KMIP reports (written only by the KMIP paths: a record made
+    /// and changed through the native API stays as before).
+    #[serde(default, skip_serializing_if = "Lifecycle::is_empty")]
+    pub lifecycle: Lifecycle,
     /// HMAC of the record under the record-MAC key (hex; [`super::integrity`]): a row
     /// changed outside Keyhold is refused. Set last, by every writer.
     #[serde(default, skip_serializing_if = "Option::is_none")]

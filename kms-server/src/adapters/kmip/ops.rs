@@ -67,6 +67,9 @@ pub fn name(operation: u32) -> &'static str {
         t::OP_GET => "Get",
         t::OP_GET_ATTRIBUTES => "GetAttributes",
         t::OP_GET_ATTRIBUTE_LIST => "GetAttributeList",
+        t::OP_ADD_ATTRIBUTE => "AddAttribute",
+        t::OP_MODIFY_ATTRIBUTE => "ModifyAttribute",
+        t::OP_DELETE_ATTRIBUTE => "DeleteAttribute",
         t::OP_ACTIVATE => "Activate",
         t::OP_REVOKE => "Revoke",
         t::OP_DESTROY => "Destroy",
@@ -85,12 +88,15 @@ pub fn is_key_use(operation: u32) -> bool {
 }
 
 /// The operations served, as Query lists them.
-const SERVED: [u32; 12] = [
+const SERVED: [u32; 15] = [
     t::OP_CREATE,
     t::OP_LOCATE,
     t::OP_GET,
     t::OP_GET_ATTRIBUTES,
     t::OP_GET_ATTRIBUTE_LIST,
+    t::OP_ADD_ATTRIBUTE,
+    t::OP_MODIFY_ATTRIBUTE,
+    t::OP_DELETE_ATTRIBUTE,
     t::OP_ACTIVATE,
     t::OP_REVOKE,
     t::OP_DESTROY,
@@ -109,6 +115,9 @@ pub fn run(operation: u32, call: Call<'_>) -> Result<Vec<Item>, Failure> {
         t::OP_LOCATE => locate(call),
         t::OP_GET_ATTRIBUTES => get_attributes(call),
         t::OP_GET_ATTRIBUTE_LIST => get_attribute_list(call),
+        t::OP_ADD_ATTRIBUTE | t::OP_MODIFY_ATTRIBUTE | t::OP_DELETE_ATTRIBUTE => {
+            change_attribute(call)
+        }
         t::OP_ACTIVATE => activate(call),
         t::OP_REVOKE => revoke(call),
         t::OP_DESTROY => destroy(call),
@@ -276,8 +285,8 @@ fn random_hex() -> Result<String, Failure> {
 }
 
 /// Key `name` as `who` may read it (admin and auditor: every key of the tenant; an app:
-/// the keys granting it something), with its KMIP state.
-fn readable(call: &Call<'_>, name: &str) -> Result<(KeyInfo, u32), Failure> {
+/// the keys granting it something), with its KMIP lifecycle.
+fn readable(call: &Call<'_>, name: &str) -> Result<Object, Failure> {
     let kr = &call.state.keyring;
     let info = kr
         .key_info(&call.who.tenant, name)
@@ -293,28 +302,49 @@ fn readable(call: &Call<'_>, name: &str) -> Result<(KeyInfo, u32), Failure> {
             format!("{name} is not a symmetric key"),
         ));
     }
-    let pre_active = info.state == KeyState::Disabled
-        && kr
-            .is_pre_active(&call.who.tenant, name)
-            .map_err(|e| failure(&e, call.version))?;
+    let life = kr
+        .lifecycle(&call.who.tenant, name)
+        .map_err(|e| failure(&e, call.version))?;
     let state = match info.state {
         KeyState::Enabled => t::STATE_ACTIVE,
-        KeyState::Disabled if pre_active => t::STATE_PRE_ACTIVE,
+        KeyState::Disabled if life.pre_active => t::STATE_PRE_ACTIVE,
+        KeyState::Disabled | KeyState::PendingDeletion if life.compromised_at.is_some() => {
+            t::STATE_COMPROMISED
+        }
         KeyState::Disabled | KeyState::PendingDeletion => t::STATE_DEACTIVATED,
         // Destroyed, and any state a later version adds: not usable.
         _ => t::STATE_DESTROYED,
     };
-    Ok((info, state))
+    Ok(Object { info, life, state })
 }
 
-/// The attributes Keyhold keeps for an object, by KMIP 1.x name.
-fn attributes(info: &KeyInfo, state: u32) -> Vec<(&'static str, Value)> {
-    let seconds = |text: &str| {
-        humantime::parse_rfc3339(text)
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-    };
+/// A key as KMIP sees it.
+struct Object {
+    info: KeyInfo,
+    life: crate::keyring::Lifecycle,
+    state: u32,
+}
+
+fn seconds(text: &str) -> i64 {
+    humantime::parse_rfc3339(text)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+fn date(at: u64) -> Value {
+    Value::DateTime(i64::try_from(at).unwrap_or(i64::MAX))
+}
+
+/// The attributes Keyhold keeps for an object, by KMIP 1.x name (the Digest only when
+/// asked: it reads the key).
+fn attributes(
+    call: &Call<'_>,
+    o: &Object,
+    digest: bool,
+) -> Result<Vec<(&'static str, Value)>, Failure> {
+    let info = &o.info;
+    let created = seconds(&info.created_at);
     let mut out = vec![
         ("Unique Identifier", Value::TextString(info.name.clone())),
         ("Object Type", Value::Enumeration(t::OBJECT_SYMMETRIC_KEY)),
@@ -334,13 +364,62 @@ fn attributes(info: &KeyInfo, state: u32) -> Vec<(&'static str, Value)> {
                 enum_item(t::NAME_TYPE, t::NAME_TEXT),
             ]),
         ),
-        ("State", Value::Enumeration(state)),
-        ("Initial Date", Value::DateTime(seconds(&info.created_at))),
+        ("State", Value::Enumeration(o.state)),
+        ("Initial Date", Value::DateTime(created)),
     ];
+    // Keys of the native API were active from their creation.
+    let activated = match o.life.activated_at {
+        Some(at) => Some(date(at)),
+        None if !o.life.pre_active => Some(Value::DateTime(created)),
+        None => None,
+    };
+    let newest_version = info.versions.iter().map(|v| seconds(&v.created_at)).max();
+    let changed = [
+        Some(created),
+        newest_version,
+        o.life
+            .activated_at
+            .map(|a| i64::try_from(a).unwrap_or(i64::MAX)),
+        o.life
+            .deactivated_at
+            .map(|a| i64::try_from(a).unwrap_or(i64::MAX)),
+    ]
+    .into_iter()
+    .flatten()
+    .max()
+    .unwrap_or(created);
+    out.push(("Last Change Date", Value::DateTime(changed)));
+    if let Some(a) = activated {
+        out.push(("Activation Date", a));
+    }
+    if let Some(at) = o.life.deactivated_at {
+        out.push(("Deactivation Date", date(at)));
+    }
+    if let Some(at) = o.life.compromised_at {
+        out.push(("Compromise Date", date(at)));
+    }
     if let Some(d) = &info.deletion_date {
         out.push(("Destroy Date", Value::DateTime(seconds(d))));
     }
-    out
+    if digest {
+        let mut keys = call
+            .state
+            .keyring
+            .lookups()
+            .map_err(|e| failure(&e, call.version))?;
+        let d = keys
+            .digest(&call.who.tenant, &info.name)
+            .map_err(|e| failure(&e, call.version))?;
+        out.push((
+            "Digest",
+            Value::Structure(vec![
+                enum_item(t::HASHING_ALGORITHM, t::HASH_SHA_256),
+                Item::new(t::DIGEST_VALUE, Value::ByteString(d.to_vec().into())),
+                enum_item(t::KEY_FORMAT_TYPE, t::KEY_FORMAT_RAW),
+            ]),
+        ));
+    }
+    Ok(out)
 }
 
 fn attribute_item(name: &str, value: Value) -> Item {
@@ -356,7 +435,7 @@ fn attribute_item(name: &str, value: Value) -> Item {
 fn get_attributes(call: Call<'_>) -> Result<Vec<Item>, Failure> {
     let uid = unique_identifier(call.payload)?.to_owned();
     call.facts.key = Some(uid.clone());
-    let (info, state) = readable(&call, &uid)?;
+    let o = readable(&call, &uid)?;
     let asked: Vec<&str> = call
         .payload
         .all(t::ATTRIBUTE_NAME)
@@ -365,27 +444,55 @@ fn get_attributes(call: Call<'_>) -> Result<Vec<Item>, Failure> {
             _ => None,
         })
         .collect();
+    let digest = asked.is_empty() || asked.contains(&"Digest");
+    let mut all = attributes(&call, &o, digest)?;
     let mut out = vec![text_item(t::UNIQUE_IDENTIFIER, &uid)];
-    out.extend(
-        attributes(&info, state)
-            .into_iter()
-            .filter(|(n, _)| asked.is_empty() || asked.contains(n))
-            .map(|(n, v)| attribute_item(n, v)),
-    );
+    if asked.is_empty() {
+        out.extend(all.into_iter().map(|(n, v)| attribute_item(n, v)));
+    } else {
+        // In the order asked; what the object does not have is left out.
+        for name in asked {
+            if let Some(at) = all.iter().position(|(n, _)| *n == name) {
+                let (n, v) = all.swap_remove(at);
+                out.push(attribute_item(n, v));
+            }
+        }
+    }
     Ok(out)
 }
 
 fn get_attribute_list(call: Call<'_>) -> Result<Vec<Item>, Failure> {
     let uid = unique_identifier(call.payload)?.to_owned();
     call.facts.key = Some(uid.clone());
-    let (info, state) = readable(&call, &uid)?;
+    let o = readable(&call, &uid)?;
     let mut out = vec![text_item(t::UNIQUE_IDENTIFIER, &uid)];
     out.extend(
-        attributes(&info, state)
+        attributes(&call, &o, false)?
             .into_iter()
             .map(|(n, _)| text_item(t::ATTRIBUTE_NAME, n)),
     );
+    out.push(text_item(t::ATTRIBUTE_NAME, "Digest"));
     Ok(out)
+}
+
+/// Add, Modify and Delete Attribute: Keyhold keeps no client-set attributes; every one
+/// it reports is its own (dates, state, the name).
+fn change_attribute(call: Call<'_>) -> Result<Vec<Item>, Failure> {
+    authorize(call.who, Operation::ManageKeys, call.version)?;
+    let uid = unique_identifier(call.payload)?.to_owned();
+    call.facts.key = Some(uid.clone());
+    readable(&call, &uid)?;
+    let name = call
+        .payload
+        .child(t::ATTRIBUTE)
+        .map(attribute_name)
+        .transpose()?
+        .or(text(call.payload, t::ATTRIBUTE_NAME)?)
+        .unwrap_or("the attribute");
+    Err(Failure::new(
+        t::REASON_PERMISSION_DENIED,
+        format!("{name} is kept by Keyhold: it cannot be added, modified or deleted"),
+    ))
 }
 
 fn locate(call: Call<'_>) -> Result<Vec<Item>, Failure> {
@@ -431,10 +538,10 @@ fn locate(call: Call<'_>) -> Result<Vec<Item>, Failure> {
             continue;
         }
         // An app locates only what it may read.
-        let Ok((_, state)) = readable(&call, &k.name) else {
+        let Ok(o) = readable(&call, &k.name) else {
             continue;
         };
-        if want_state.is_some_and(|s| s != state) {
+        if want_state.is_some_and(|s| s != o.state) {
             continue;
         }
         found.push(k.name.clone());
@@ -462,7 +569,7 @@ fn activate(call: Call<'_>) -> Result<Vec<Item>, Failure> {
     authorize(call.who, Operation::ManageKeys, call.version)?;
     let uid = unique_identifier(call.payload)?.to_owned();
     call.facts.key = Some(uid.clone());
-    let (_, state) = readable(&call, &uid)?;
+    let state = readable(&call, &uid)?.state;
     if state != t::STATE_PRE_ACTIVE && state != t::STATE_ACTIVE {
         // Keyhold could enable a revoked key; KMIP's Deactivated is final. The native
         // API (`kmsctl keys enable`) is where a revocation is undone.
@@ -497,7 +604,7 @@ fn revoke(call: Call<'_>) -> Result<Vec<Item>, Failure> {
     }
     call.state
         .keyring
-        .set_enabled(&call.who.tenant, &uid, false)
+        .revoke(&call.who.tenant, &uid, code == t::REVOKE_KEY_COMPROMISE)
         .map_err(|e| failure(&e, call.version))?;
     Ok(vec![text_item(t::UNIQUE_IDENTIFIER, &uid)])
 }
@@ -506,7 +613,7 @@ fn destroy(call: Call<'_>) -> Result<Vec<Item>, Failure> {
     authorize(call.who, Operation::ManageKeys, call.version)?;
     let uid = unique_identifier(call.payload)?.to_owned();
     call.facts.key = Some(uid.clone());
-    let (_, state) = readable(&call, &uid)?;
+    let state = readable(&call, &uid)?.state;
     if state == t::STATE_ACTIVE {
         return Err(Failure::new(
             t::REASON_PERMISSION_DENIED,

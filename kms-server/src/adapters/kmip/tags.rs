@@ -23,6 +23,9 @@ pub const CRYPTOGRAPHIC_LENGTH: Tag = 0x42002A;
 pub const CRYPTOGRAPHIC_PARAMETERS: Tag = 0x42002B;
 pub const CRYPTOGRAPHIC_USAGE_MASK: Tag = 0x42002C;
 pub const DEACTIVATION_DATE: Tag = 0x42002F;
+pub const DIGEST: Tag = 0x420034;
+pub const DIGEST_VALUE: Tag = 0x420035;
+pub const HASHING_ALGORITHM: Tag = 0x420038;
 pub const DESTROY_DATE: Tag = 0x420033;
 pub const INITIAL_DATE: Tag = 0x420039;
 pub const IV_COUNTER_NONCE: Tag = 0x42003D;
@@ -85,6 +88,9 @@ pub const OP_LOCATE: u32 = 0x08;
 pub const OP_GET: u32 = 0x0A;
 pub const OP_GET_ATTRIBUTES: u32 = 0x0B;
 pub const OP_GET_ATTRIBUTE_LIST: u32 = 0x0C;
+pub const OP_ADD_ATTRIBUTE: u32 = 0x0D;
+pub const OP_MODIFY_ATTRIBUTE: u32 = 0x0E;
+pub const OP_DELETE_ATTRIBUTE: u32 = 0x0F;
 pub const OP_ACTIVATE: u32 = 0x12;
 pub const OP_REVOKE: u32 = 0x13;
 pub const OP_DESTROY: u32 = 0x14;
@@ -132,6 +138,7 @@ pub const MODE_GCM: u32 = 0x09;
 pub const PADDING_NONE: u32 = 0x01;
 pub const PADDING_PKCS5: u32 = 0x03;
 pub const KEY_FORMAT_RAW: u32 = 0x01;
+pub const HASH_SHA_256: u32 = 0x06;
 
 // Name Type.
 pub const NAME_TEXT: u32 = 0x01;
