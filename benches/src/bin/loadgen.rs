@@ -80,6 +80,11 @@ struct Args {
     /// `authorization` and `x-amz-date`. A `host` given here replaces `localhost`.
     #[arg(long = "header")]
     headers: Vec<String>,
+    /// Speak KMIP instead of HTTP: the body file is one TTLV Request Message, sent as it
+    /// is; an answer counts as a success when its first batch item's Result Status is
+    /// Success.
+    #[arg(long)]
+    kmip: bool,
 }
 
 enum Either {
@@ -131,6 +136,9 @@ async fn worker(
     let stream = tokio_rustls::TlsConnector::from(tls)
         .connect(name, tcp)
         .await?;
+    if args.kmip {
+        return kmip_worker(&args, stream, &bodies, offset, start_measure, stop).await;
+    }
     let io = TokioIo::new(stream);
     let mut sender = if args.http2 {
         let (s, conn) =
@@ -214,6 +222,51 @@ async fn worker(
     Ok(Outcome { hist, errors })
 }
 
+/// KMIP on one connection: one request after another, each answer read whole.
+async fn kmip_worker(
+    args: &Args,
+    mut stream: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    bodies: &[Bytes],
+    offset: usize,
+    start_measure: Instant,
+    stop: Instant,
+) -> anyhow::Result<Outcome> {
+    use kms_server::adapters::kmip::{tags, ttlv};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut errors = 0;
+    let mut answer = Vec::new();
+    for n in 0..args.max_requests {
+        let body = &bodies[(offset + n as usize * args.concurrency) % bodies.len()];
+        let t0 = Instant::now();
+        if t0 >= stop {
+            break;
+        }
+        stream.write_all(body).await?;
+        let mut head = [0u8; 8];
+        stream.read_exact(&mut head).await?;
+        answer.resize(8 + ttlv::message_length(&head) as usize, 0);
+        answer[..8].copy_from_slice(&head);
+        stream.read_exact(&mut answer[8..]).await?;
+        let t1 = Instant::now();
+        let ok = ttlv::Item::decode(&answer, ttlv::Limits::default())
+            .ok()
+            .and_then(|m| {
+                let status = m.child(tags::BATCH_ITEM)?.child(tags::RESULT_STATUS)?;
+                Some(status.value == ttlv::Value::Enumeration(tags::STATUS_SUCCESS))
+            })
+            .unwrap_or(false);
+        if t0 >= start_measure {
+            if ok {
+                hist.record((t1 - t0).as_micros().max(1) as u64)?;
+            } else {
+                errors += 1;
+            }
+        }
+    }
+    Ok(Outcome { hist, errors })
+}
+
 /// Connect, handshake, one request, close. Whether it succeeded.
 async fn one_connection(
     args: &Args,
@@ -262,14 +315,16 @@ fn main() -> anyhow::Result<()> {
     if args.no_resume {
         tls.resumption = rustls::client::Resumption::disabled();
     }
-    tls.alpn_protocols = if args.http2 {
+    tls.alpn_protocols = if args.kmip {
+        Vec::new()
+    } else if args.http2 {
         vec![b"h2".to_vec()]
     } else {
         vec![b"http/1.1".to_vec()]
     };
     let tls = Arc::new(tls);
     let text = std::fs::read(&args.body).context("reading the body file")?;
-    let bodies: Vec<Bytes> = if args.lines {
+    let bodies: Vec<Bytes> = if args.lines && !args.kmip {
         text.split(|b| *b == b'\n')
             .filter(|l| !l.is_empty())
             .map(Bytes::copy_from_slice)
