@@ -211,6 +211,93 @@ async fn pykmip_drives_a_key_through_its_life() {
     }
 }
 
+/// Register through PyKMIP: a client's AES-256 key becomes a Keyhold key (pre-active,
+/// then used through Encrypt and Decrypt); Get hands its material back only when it was
+/// registered with Extractable set, audited; otherwise refused. Secret Data and other
+/// sizes are refused with their reasons.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_and_get_only_what_is_extractable() {
+    let s = TestServer::start_with(
+        keyhold_tests::TestSeal::KeyFile,
+        "[kmip]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let mut kmip = PyKmip::open(&s, Some("1.4"));
+    let key: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37)).collect();
+    let key64 = B64.encode(&key);
+    let kept = kmip
+        .call(json!({"as": "admin-a", "op": "register_key", "name": "registered", "key": key64}));
+    assert_eq!(kept["uid"], "registered", "{kept}");
+    let out = kmip.call(json!({"as": "admin-a", "op": "register_key", "name": "extractable", "key": key64, "extractable": true}));
+    assert_eq!(out["uid"], "extractable", "{out}");
+    let attrs = kmip.call(
+        json!({"as": "admin-a", "op": "get_attributes", "uid": "registered", "names": ["State"]}),
+    );
+    assert_eq!(attrs["attributes"]["State"], "PRE_ACTIVE", "{attrs}");
+    refused(
+        &kmip.call(json!({"as": "app-a", "op": "register_key", "name": "by-app", "key": key64})),
+        "PERMISSION_DENIED",
+    );
+    let short = B64.encode([7u8; 16]);
+    refused(
+        &kmip.call(json!({"as": "admin-a", "op": "register_key", "name": "short", "key": short, "length": 128})),
+        "INVALID_FIELD",
+    );
+    let secret = kmip.call(json!({"as": "admin-a", "op": "register_secret", "name": "pw", "data": B64.encode(b"hunter2")}));
+    refused(&secret, "FEATURE_NOT_SUPPORTED");
+
+    // The registered key works in Keyhold once activated and granted.
+    kmip.call(json!({"as": "admin-a", "op": "activate", "uid": "registered"}));
+    let r = put(
+        &s.client(Some("admin-a")),
+        &s.url("/v1/keys/registered/grants"),
+        json!({"grants": [{"identity": APP_A, "operations": ["wrap", "unwrap"]}]}),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{r:?}");
+    let data = B64.encode(b"under a key the client brought");
+    let enc = kmip.call(json!({"as": "app-a", "op": "encrypt", "uid": "registered", "data": data}));
+    let dec = kmip.call(json!({"as": "app-a", "op": "decrypt", "uid": "registered", "data": enc["data"], "iv": enc["iv"]}));
+    assert_eq!(dec["data"], data.as_str(), "{dec}");
+
+    // Get: refused for the key registered without Extractable, handed back for the other.
+    refused(
+        &kmip.call(json!({"as": "admin-a", "op": "get_key", "uid": "registered"})),
+        "NOT_EXTRACTABLE",
+    );
+    let got = kmip.call(json!({"as": "admin-a", "op": "get_key", "uid": "extractable"}));
+    assert_eq!(got["key"], key64.as_str(), "{got}");
+    assert_eq!(
+        (got["algorithm"].as_str(), got["length"].as_i64()),
+        (Some("AES"), Some(256)),
+        "{got}"
+    );
+    // An app the key grants nothing cannot read it.
+    refused(
+        &kmip.call(json!({"as": "app-a", "op": "get_key", "uid": "extractable"})),
+        "PERMISSION_DENIED",
+    );
+
+    let (status, audit) = get(&s.client(Some("auditor-a")), &s.url("/v1/audit?limit=1000")).await;
+    assert_eq!(status, 200, "{audit}");
+    let records = audit["records"].as_array().unwrap();
+    let exported = records.iter().any(|r| {
+        r["operation"] == "KMIP Get"
+            && r["key"] == "extractable"
+            && r["outcome"] == "ok"
+            && r["attributes"]["exported"] == "true"
+    });
+    assert!(exported, "no audit record of the export: {audit}");
+    let refusal = records
+        .iter()
+        .any(|r| r["operation"] == "KMIP Get" && r["key"] == "registered" && r["outcome"] != "ok");
+    assert!(refusal, "no audit record of the refused Get: {audit}");
+    assert!(
+        !audit.to_string().contains(&key64),
+        "key material in the audit trail"
+    );
+}
+
 /// A raw KMIP connection as `who`.
 async fn raw(s: &TestServer, who: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let config = keyhold_tests::rustls_client(&s.pki, Some(who));

@@ -56,11 +56,13 @@ pub enum AlertKind {
     MasterKeyFollowed,
     /// Alerts dropped because a destination's queue was full (a count).
     AlertsDropped,
+    /// Key material handed out: a KMIP Get of a key registered or created extractable.
+    KeyExported,
 }
 
 impl AlertKind {
     /// Every kind.
-    pub const ALL: [AlertKind; 23] = [
+    pub const ALL: [AlertKind; 24] = [
         Self::Denied,
         Self::LockedOut,
         Self::Sealed,
@@ -84,6 +86,7 @@ impl AlertKind {
         Self::MasterKeyRotated,
         Self::MasterKeyFollowed,
         Self::AlertsDropped,
+        Self::KeyExported,
     ];
 
     /// Its name on the wire and in the docs.
@@ -112,6 +115,7 @@ impl AlertKind {
             Self::MasterKeyRotated => "master_key_rotated",
             Self::MasterKeyFollowed => "master_key_followed",
             Self::AlertsDropped => "alerts_dropped",
+            Self::KeyExported => "key_exported",
         }
     }
 

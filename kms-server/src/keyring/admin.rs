@@ -19,6 +19,7 @@ use crate::access::policy::Principal;
 use crate::base::error::Error;
 use crate::crypto::aead;
 use crate::crypto::format::KeyId;
+use crate::crypto::secret::SecretVec;
 use crate::storage::{StoreError, Table, WriteBatch};
 
 /// How often a key update is applied again after another writer's commit came first.
@@ -72,7 +73,14 @@ impl Keyring {
         rotation_period: Option<Duration>,
         grants: Vec<Grant>,
     ) -> Result<KeyInfo, Error> {
-        self.create(tenant, name, algorithm, rotation_period, grants, false)
+        self.create(
+            tenant,
+            name,
+            algorithm,
+            rotation_period,
+            grants,
+            Origin::default(),
+        )
     }
 
     /// Creates a key with version 1, disabled and marked pre-active (unusable until its
@@ -82,8 +90,33 @@ impl Keyring {
         tenant: &str,
         name: &str,
         algorithm: Algorithm,
+        extractable: bool,
     ) -> Result<KeyInfo, Error> {
-        self.create(tenant, name, algorithm, None, Vec::new(), true)
+        let origin = Origin {
+            pre_active: true,
+            extractable,
+            material: None,
+        };
+        self.create(tenant, name, algorithm, None, Vec::new(), origin)
+    }
+
+    /// Creates a pre-active AES-256 key from `material` a client brings (KMIP Register),
+    /// `extractable` if the client asked that it may be read back.
+    pub fn register_key(
+        &self,
+        tenant: &str,
+        name: &str,
+        material: &[u8],
+        extractable: bool,
+    ) -> Result<KeyInfo, Error> {
+        let key = crate::crypto::secret::SecretKey::from_slice(material)
+            .ok_or_else(|| Error::InvalidRequest("an AES-256 key is 32 bytes".into()))?;
+        let origin = Origin {
+            pre_active: true,
+            extractable,
+            material: Some(key),
+        };
+        self.create(tenant, name, Algorithm::Aes256Gcm, None, Vec::new(), origin)
     }
 
     /// Key `name`'s KMIP lifecycle ([`Lifecycle`]).
@@ -122,13 +155,20 @@ impl Keyring {
         algorithm: Algorithm,
         rotation_period: Option<Duration>,
         grants: Vec<Grant>,
-        pre_active: bool,
+        origin: Origin,
     ) -> Result<KeyInfo, Error> {
+        let pre_active = origin.pre_active;
         validate_name(name)?;
         validate_grants(&grants)?;
         self.unsealed()?;
         // Before the lock: RSA generation can take seconds.
-        let (material, stored) = crate::crypto::kek::Kek::generate(algorithm)?;
+        let (material, stored) = match origin.material {
+            Some(key) => {
+                let stored = SecretVec::new(key.expose_secret().to_vec());
+                (crate::crypto::kek::Kek::Aes(key), stored)
+            }
+            None => crate::crypto::kek::Kek::generate(algorithm)?,
+        };
         fail::fail_point!("keyring-create-before-lock");
         // The master key to seal under is taken under the lock (a rotation may have run).
         let (_guard, un) = self.writer()?;
@@ -157,6 +197,7 @@ impl Keyring {
             generation: 1,
             lifecycle: Lifecycle {
                 pre_active,
+                extractable: origin.extractable,
                 ..Lifecycle::default()
             },
             mac: None,
@@ -727,4 +768,13 @@ mod tests {
             .unwrap(&app, &old.wrapped, &Context::new())
             .is_ok());
     }
+}
+
+/// How a key comes to be: generated and enabled (the native API), or pre-active (KMIP),
+/// from a client's material (KMIP Register), extractable or not.
+#[derive(Default)]
+struct Origin {
+    pre_active: bool,
+    extractable: bool,
+    material: Option<crate::crypto::secret::SecretKey>,
 }

@@ -467,6 +467,24 @@ impl Lookups<'_> {
         Ok(out)
     }
 
+    /// The raw material of key `name`'s current version, if the key was registered or
+    /// created extractable ([`crate::keyring::Lifecycle::extractable`]) and is enabled or
+    /// disabled (not pending deletion). The caller checks who may read the key, audits
+    /// and alerts: the only way Keyhold hands key material out.
+    pub fn export_extractable(&mut self, tenant: &str, name: &str) -> Result<SecretVec, Error> {
+        let i = self.by_name(tenant, name)?;
+        let record = &self.entries[i].record;
+        if !record.lifecycle.extractable {
+            return Err(Error::PermissionDenied("the key is not extractable"));
+        }
+        if !matches!(record.state, KeyState::Enabled | KeyState::Disabled) {
+            return Err(Error::KeyDisabled(record.state));
+        }
+        let version = record.current_version;
+        let (key, _) = self.aes_version(i, version, Error::Internal("current version missing"))?;
+        Ok(SecretVec::new(key.expose_secret().to_vec()))
+    }
+
     /// The id (hex) of key `name` of `who`'s tenant.
     pub fn key_id(&mut self, who: &Principal, name: &str) -> Result<String, Error> {
         let i = self.by_name(&who.tenant, name)?;

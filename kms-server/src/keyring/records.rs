@@ -47,6 +47,10 @@ pub struct Lifecycle {
     /// When it was revoked as compromised, unix seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compromised_at: Option<u64>,
+    /// Registered or created with KMIP's Extractable set: a KMIP Get may hand its material
+    /// out (each one audited and alerted). No other key's material ever leaves.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub extractable: bool,
 }
 
 impl Lifecycle {

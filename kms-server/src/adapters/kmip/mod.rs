@@ -26,6 +26,8 @@ use tokio::net::TcpListener;
 use crate::api::{AppState, Completion, Denial};
 use crate::base::event::AlertKind;
 
+mod attributes;
+mod cipher;
 pub mod message;
 pub mod ops;
 pub mod settings;

@@ -32,6 +32,7 @@ pub const IV_COUNTER_NONCE: Tag = 0x42003D;
 pub const KEY_BLOCK: Tag = 0x420040;
 pub const KEY_FORMAT_TYPE: Tag = 0x420042;
 pub const KEY_MATERIAL: Tag = 0x420043;
+pub const KEY_WRAPPING_DATA: Tag = 0x420046;
 pub const KEY_VALUE: Tag = 0x420045;
 pub const LAST_CHANGE_DATE: Tag = 0x420048;
 pub const MAXIMUM_ITEMS: Tag = 0x42004F;

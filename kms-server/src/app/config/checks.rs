@@ -70,6 +70,18 @@ pub(super) struct Adapters {
     pub(super) kmip: Option<crate::adapters::kmip::KmipSettings>,
 }
 
+/// `[audit] jsonl`: none, `-` (stdout), or a file.
+pub(super) fn audit_sink(
+    jsonl: Option<&str>,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> crate::security::audit::Sink {
+    match jsonl {
+        None => crate::security::audit::Sink::None,
+        Some("-") => crate::security::audit::Sink::Stdout,
+        Some(p) => crate::security::audit::Sink::File(resolve(Path::new(p))),
+    }
+}
+
 /// `listen` and `ops_listen` (`"off"`: no ops listener).
 pub(super) fn listen_addrs(
     listen: &str,

@@ -657,11 +657,7 @@ impl Settings {
             tls: tls_settings(tls, &resolve, allow_tls12),
             identity_sources: raw.identity.sources,
             identities: raw.identities,
-            audit_sink: match raw.audit.jsonl.as_deref() {
-                None => crate::security::audit::Sink::None,
-                Some("-") => crate::security::audit::Sink::Stdout,
-                Some(p) => crate::security::audit::Sink::File(resolve(Path::new(p))),
-            },
+            audit_sink: checks::audit_sink(raw.audit.jsonl.as_deref(), &resolve),
             audit_enabled: raw.audit.enabled,
             audit_policy: audit_policy(&raw.audit),
             audit_min_free: raw.audit.min_free_mib.saturating_mul(1 << 20),
