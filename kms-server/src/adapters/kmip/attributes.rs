@@ -5,7 +5,9 @@
 use kms_client::api::{Algorithm, KeyInfo, KeyState};
 
 use super::message::{enum_item, int, text, text_item, unique_identifier, Failure, Version};
-use super::ops::{attribute_name, authorize, failure, Call, KEY_BITS};
+use super::ops::{
+    attribute_name, attributes_in, authorize, failure, name_of, tag_of, Call, KEY_BITS,
+};
 use super::tags as t;
 use super::ttlv::{Item, Value};
 use crate::access::policy::{Operation, Role};
@@ -148,41 +150,56 @@ pub(super) fn attributes(
     Ok(out)
 }
 
-pub(super) fn attribute_item(name: &str, value: Value) -> Item {
-    Item::structure(
-        t::ATTRIBUTE,
-        vec![
-            text_item(t::ATTRIBUTE_NAME, name),
-            Item::new(t::ATTRIBUTE_VALUE, value),
-        ],
-    )
+/// An attribute as `version` carries it: a 1.x Attribute structure, or the value under
+/// its own tag (2.x).
+pub(super) fn attribute_item(version: Version, name: &str, value: Value) -> Item {
+    match tag_of(name).filter(|_| version.major >= 2) {
+        Some(tag) => Item::new(tag, value),
+        None => Item::structure(
+            t::ATTRIBUTE,
+            vec![
+                text_item(t::ATTRIBUTE_NAME, name),
+                Item::new(t::ATTRIBUTE_VALUE, value),
+            ],
+        ),
+    }
 }
 
 pub(super) fn get_attributes(call: Call<'_>) -> Result<Vec<Item>, Failure> {
     let uid = unique_identifier(call.payload)?.to_owned();
     call.facts.key = Some(uid.clone());
     let o = readable(&call, &uid)?;
+    // 1.x asks by Attribute Name, 2.x by Attribute Reference (the attribute's tag).
     let asked: Vec<&str> = call
         .payload
-        .all(t::ATTRIBUTE_NAME)
-        .filter_map(|i| match &i.value {
-            Value::TextString(s) => Some(s.as_str()),
+        .children()
+        .iter()
+        .filter_map(|i| match (i.tag, &i.value) {
+            (t::ATTRIBUTE_NAME, Value::TextString(s)) => Some(s.as_str()),
+            (t::ATTRIBUTE_REFERENCE, Value::Enumeration(tag)) => name_of(*tag),
             _ => None,
         })
         .collect();
     let digest = asked.is_empty() || asked.contains(&"Digest");
     let mut all = attributes(&call, &o, digest)?;
-    let mut out = vec![text_item(t::UNIQUE_IDENTIFIER, &uid)];
+    let v = call.version;
+    let mut found = Vec::new();
     if asked.is_empty() {
-        out.extend(all.into_iter().map(|(n, v)| attribute_item(n, v)));
+        found.extend(all.into_iter().map(|(n, x)| attribute_item(v, n, x)));
     } else {
         // In the order asked; what the object does not have is left out.
         for name in asked {
             if let Some(at) = all.iter().position(|(n, _)| *n == name) {
-                let (n, v) = all.swap_remove(at);
-                out.push(attribute_item(n, v));
+                let (n, x) = all.swap_remove(at);
+                found.push(attribute_item(v, n, x));
             }
         }
+    }
+    let mut out = vec![text_item(t::UNIQUE_IDENTIFIER, &uid)];
+    if v.major >= 2 {
+        out.push(Item::structure(t::ATTRIBUTES, found));
+    } else {
+        out.extend(found);
     }
     Ok(out)
 }
@@ -191,13 +208,18 @@ pub(super) fn get_attribute_list(call: Call<'_>) -> Result<Vec<Item>, Failure> {
     let uid = unique_identifier(call.payload)?.to_owned();
     call.facts.key = Some(uid.clone());
     let o = readable(&call, &uid)?;
+    let mut names: Vec<&str> = attributes(&call, &o, false)?
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    names.push("Digest");
     let mut out = vec![text_item(t::UNIQUE_IDENTIFIER, &uid)];
-    out.extend(
-        attributes(&call, &o, false)?
-            .into_iter()
-            .map(|(n, _)| text_item(t::ATTRIBUTE_NAME, n)),
-    );
-    out.push(text_item(t::ATTRIBUTE_NAME, "Digest"));
+    for n in names {
+        out.push(match tag_of(n).filter(|_| call.version.major >= 2) {
+            Some(tag) => Item::new(t::ATTRIBUTE_REFERENCE, Value::Enumeration(tag)),
+            None => text_item(t::ATTRIBUTE_NAME, n),
+        });
+    }
     Ok(out)
 }
 
@@ -228,12 +250,10 @@ pub(super) fn locate(call: Call<'_>) -> Result<Vec<Item>, Failure> {
         .map_err(|e| failure(&e, call.version))?;
     let mut want_name = None;
     let mut want_state = None;
-    for a in call.payload.all(t::ATTRIBUTE) {
-        let value = a.child(t::ATTRIBUTE_VALUE).map(|v| &v.value);
-        match (attribute_name(a)?, value) {
+    for (name, item) in attributes_in(call.payload, call.version, None)? {
+        match (name.as_str(), Some(&item.value)) {
             ("Name", Some(Value::Structure(_))) => {
-                let v = a.child(t::ATTRIBUTE_VALUE).map(|v| text(v, t::NAME_VALUE));
-                want_name = v.transpose()?.flatten().map(str::to_owned);
+                want_name = text(item, t::NAME_VALUE)?.map(str::to_owned);
             }
             ("Object Type", Some(Value::Enumeration(t::OBJECT_SYMMETRIC_KEY))) => {}
             // Only symmetric keys here: another type matches nothing.

@@ -144,9 +144,7 @@ pub fn failure(e: &Error, version: Version) -> Failure {
         Error::PermissionDenied(_) | Error::Unauthenticated | Error::LockedOut => {
             t::REASON_PERMISSION_DENIED
         }
-        // KMIP 1.x has no reason for a wrong lifecycle state: Permission Denied, as the
-        // profiles' servers answer.
-        Error::KeyDisabled(_) | Error::InvalidState(_) => t::REASON_PERMISSION_DENIED,
+        Error::KeyDisabled(_) | Error::InvalidState(_) => wrong_state_reason(version),
         Error::InvalidRequest(_) | Error::PayloadTooLarge(_) => t::REASON_INVALID_FIELD,
         Error::DecryptFailed => t::REASON_CRYPTOGRAPHIC_FAILURE,
         Error::AlreadyExists if version >= Version::new(1, 4) => t::REASON_OBJECT_ALREADY_EXISTS,
@@ -154,6 +152,16 @@ pub fn failure(e: &Error, version: Version) -> Failure {
         _ => t::REASON_GENERAL_FAILURE,
     };
     Failure::new(reason, e.to_string())
+}
+
+/// The reason for an operation the object's state does not allow: KMIP 2.x has Wrong Key
+/// Lifecycle State; 1.x none, so Permission Denied, as the 1.4 profiles' test cases expect.
+pub(super) fn wrong_state_reason(version: Version) -> u32 {
+    if version.major >= 2 {
+        t::REASON_WRONG_KEY_LIFECYCLE_STATE
+    } else {
+        t::REASON_PERMISSION_DENIED
+    }
 }
 
 pub(super) fn authorize(who: &Principal, op: Operation, version: Version) -> Result<(), Failure> {
@@ -209,11 +217,81 @@ fn query(call: Call<'_>) -> Result<Vec<Item>, Failure> {
 }
 
 /// The attributes of a KMIP 1.x Template-Attribute (or a bare list of Attributes).
-pub(super) fn template_attributes(payload: &Item) -> Vec<&Item> {
-    let template = payload.child(t::TEMPLATE_ATTRIBUTE);
-    template
-        .map(|tpl| tpl.all(t::ATTRIBUTE).collect())
-        .unwrap_or_default()
+/// The attributes KMIP 2.x carries under their own tags, by their 1.x names.
+const ATTRIBUTE_TAGS: [(&str, u32); 19] = [
+    ("Unique Identifier", t::UNIQUE_IDENTIFIER),
+    ("Object Type", t::OBJECT_TYPE),
+    ("Cryptographic Algorithm", t::CRYPTOGRAPHIC_ALGORITHM),
+    ("Cryptographic Length", t::CRYPTOGRAPHIC_LENGTH),
+    ("Cryptographic Usage Mask", t::CRYPTOGRAPHIC_USAGE_MASK),
+    ("Name", t::NAME),
+    ("State", t::STATE),
+    ("Initial Date", t::INITIAL_DATE),
+    ("Last Change Date", t::LAST_CHANGE_DATE),
+    ("Activation Date", t::ACTIVATION_DATE),
+    ("Deactivation Date", t::DEACTIVATION_DATE),
+    ("Compromise Date", t::COMPROMISE_DATE),
+    ("Destroy Date", t::DESTROY_DATE),
+    ("Digest", t::DIGEST),
+    ("Extractable", t::EXTRACTABLE),
+    ("Sensitive", t::SENSITIVE),
+    ("Operation Policy Name", t::OPERATION_POLICY_NAME),
+    ("Object Group", t::OBJECT_GROUP),
+    ("Contact Information", t::CONTACT_INFORMATION),
+];
+
+/// An attribute's 1.x name from its 2.x tag.
+pub(super) fn name_of(tag: u32) -> Option<&'static str> {
+    ATTRIBUTE_TAGS
+        .iter()
+        .find(|(_, t)| *t == tag)
+        .map(|(n, _)| *n)
+}
+
+/// An attribute's 2.x tag from its 1.x name.
+pub(super) fn tag_of(name: &str) -> Option<u32> {
+    ATTRIBUTE_TAGS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, t)| *t)
+}
+
+/// A request's attributes as (1.x name, the item holding the value): in KMIP 1.x the
+/// Attribute structures (inside `container`, or the payload's own), in 2.x the children
+/// of the payload's Attributes structure, each under its own tag.
+pub(super) fn attributes_in(
+    payload: &Item,
+    version: Version,
+    container: Option<u32>,
+) -> Result<Vec<(String, &Item)>, Failure> {
+    if version.major >= 2 {
+        return Ok(payload
+            .child(t::ATTRIBUTES)
+            .map(|a| a.children())
+            .unwrap_or_default()
+            .iter()
+            .map(|i| {
+                let name = name_of(i.tag).map_or_else(|| format!("0x{:06x}", i.tag), str::to_owned);
+                (name, i)
+            })
+            .collect());
+    }
+    let holder = match container {
+        Some(c) => match payload.child(c) {
+            Some(h) => h,
+            None => return Ok(Vec::new()),
+        },
+        None => payload,
+    };
+    holder
+        .all(t::ATTRIBUTE)
+        .map(|a| {
+            let value = a
+                .child(t::ATTRIBUTE_VALUE)
+                .ok_or_else(|| Failure::missing("Attribute Value"))?;
+            Ok((attribute_name(a)?.to_owned(), value))
+        })
+        .collect()
 }
 
 pub(super) fn attribute_name(a: &Item) -> Result<&str, Failure> {
@@ -229,11 +307,11 @@ struct Template {
 
 /// Reads a Template-Attribute: AES-256 only; Extractable is Keyhold's export flag; names
 /// of policies and groups are accepted and mean nothing here; anything else is refused.
-fn template(payload: &Item) -> Result<Template, Failure> {
+fn template(payload: &Item, version: Version) -> Result<Template, Failure> {
     let mut out = Template::default();
-    for a in template_attributes(payload) {
-        let value = a.child(t::ATTRIBUTE_VALUE).map(|v| &v.value);
-        match (attribute_name(a)?, value) {
+    for (name, item) in attributes_in(payload, version, Some(t::TEMPLATE_ATTRIBUTE))? {
+        let value = Some(&item.value);
+        match (name.as_str(), value) {
             ("Cryptographic Algorithm", Some(Value::Enumeration(t::ALGORITHM_AES))) => {}
             ("Cryptographic Algorithm", _) => {
                 return Err(Failure::invalid_field("Keyhold's symmetric keys are AES"))
@@ -244,10 +322,8 @@ fn template(payload: &Item) -> Result<Template, Failure> {
             }
             ("Cryptographic Usage Mask", Some(Value::Integer(_))) => {}
             ("Name", Some(Value::Structure(_))) => {
-                let n = a
-                    .child(t::ATTRIBUTE_VALUE)
-                    .and_then(|v| text(v, t::NAME_VALUE).transpose());
-                out.name = Some(n.ok_or_else(|| Failure::missing("Name Value"))??.to_owned());
+                let n = text(item, t::NAME_VALUE)?;
+                out.name = Some(n.ok_or_else(|| Failure::missing("Name Value"))?.to_owned());
             }
             ("Extractable", Some(Value::Boolean(b))) => out.extractable = *b,
             ("Sensitive", Some(Value::Boolean(false))) => {}
@@ -280,7 +356,7 @@ fn new_name(template: &Template) -> Result<String, Failure> {
 
 /// The template and name of a new object, noted for its audit record.
 fn new_object(call: &mut Call<'_>) -> Result<(Template, String), Failure> {
-    let template = template(call.payload)?;
+    let template = template(call.payload, call.version)?;
     let name = new_name(&template)?;
     call.facts.key = Some(name.clone());
     if template.extractable {
@@ -381,7 +457,7 @@ fn activate(call: Call<'_>) -> Result<Vec<Item>, Failure> {
         // Keyhold could enable a revoked key; KMIP's Deactivated is final. The native
         // API (`kmsctl keys enable`) is where a revocation is undone.
         return Err(Failure::new(
-            t::REASON_PERMISSION_DENIED,
+            wrong_state_reason(call.version),
             "only a Pre-Active object can be activated (a revoked key is enabled again with kmsctl keys enable)",
         ));
     }
@@ -423,7 +499,7 @@ fn destroy(call: Call<'_>) -> Result<Vec<Item>, Failure> {
     let state = attributes::readable(&call, &uid)?.state;
     if state == t::STATE_ACTIVE {
         return Err(Failure::new(
-            t::REASON_PERMISSION_DENIED,
+            wrong_state_reason(call.version),
             "an Active object cannot be destroyed: revoke it first",
         ));
     }
