@@ -564,3 +564,117 @@ async fn oasis_profile_test_cases() {
         "{text}"
     );
 }
+
+/// MongoDB's delegated mode as libmongocrypt sends it (mongodb/libmongocrypt,
+/// kms-message/src/kms_kmip_request.c at 3a65b40d0344b57ed1a2e6bbcb232b9e1f5a1298,
+/// `kmip_encrypt_decrypt`: KMIP 1.2, Cryptographic Parameters CBC, PKCS5, AES, Random IV
+/// on Encrypt; its 96-byte data key) and keeps the answer (`src/mongocrypt-kms-ctx.c`:
+/// the IV must be 16 bytes; it stores IV ‖ Data and splits them back for Decrypt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mongodb_delegated_mode_round_trips() {
+    use kms_server::adapters::kmip::message::Version;
+    use kms_server::adapters::kmip::tags as t;
+    use kms_server::adapters::kmip::ttlv::{Item, Value};
+    let s = TestServer::start_with(
+        keyhold_tests::TestSeal::KeyFile,
+        "[kmip]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await;
+    let r = crate::post(
+        &s.client(Some("admin-a")),
+        &s.url("/v1/keys"),
+        serde_json::to_value(keyhold_tests::create_granted("mongodb-kek", APP_A)).unwrap(),
+    )
+    .await;
+    assert_eq!(r.0, 201, "{r:?}");
+    let request = |op: u32, data: &[u8], iv: Option<&[u8]>| {
+        let mut params = vec![
+            Item::new(t::BLOCK_CIPHER_MODE, Value::Enumeration(t::MODE_CBC)),
+            Item::new(t::PADDING_METHOD, Value::Enumeration(t::PADDING_PKCS5)),
+            Item::new(
+                t::CRYPTOGRAPHIC_ALGORITHM,
+                Value::Enumeration(t::ALGORITHM_AES),
+            ),
+        ];
+        if iv.is_none() {
+            params.push(Item::new(t::RANDOM_IV, Value::Boolean(true)));
+        }
+        let mut payload = vec![
+            Item::new(
+                t::UNIQUE_IDENTIFIER,
+                Value::TextString("mongodb-kek".into()),
+            ),
+            Item::structure(t::CRYPTOGRAPHIC_PARAMETERS, params),
+            Item::new(t::DATA, Value::ByteString(data.to_vec().into())),
+        ];
+        if let Some(iv) = iv {
+            payload.push(Item::new(
+                t::IV_COUNTER_NONCE,
+                Value::ByteString(iv.to_vec().into()),
+            ));
+        }
+        Item::structure(
+            t::REQUEST_MESSAGE,
+            vec![
+                Item::structure(
+                    t::REQUEST_HEADER,
+                    vec![
+                        Version::new(1, 2).item(),
+                        Item::new(t::BATCH_COUNT, Value::Integer(1)),
+                    ],
+                ),
+                Item::structure(
+                    t::BATCH_ITEM,
+                    vec![
+                        Item::new(t::OPERATION, Value::Enumeration(op)),
+                        Item::structure(t::REQUEST_PAYLOAD, payload),
+                    ],
+                ),
+            ],
+        )
+        .encode()
+    };
+    let field = |answer: &Item, tag: u32| -> Option<Vec<u8>> {
+        let payload = answer.child(t::BATCH_ITEM)?.child(t::RESPONSE_PAYLOAD)?;
+        match &payload.child(tag)?.value {
+            Value::ByteString(b) => Some(b.to_vec()),
+            _ => None,
+        }
+    };
+    let data_key: Vec<u8> = (0..96u8).collect();
+    let mut io = raw(&s, "app-a").await;
+    let enc = exchange(&mut io, &request(t::OP_ENCRYPT, &data_key, None))
+        .await
+        .unwrap();
+    let iv = field(&enc, t::IV_COUNTER_NONCE).unwrap_or_else(|| panic!("{enc:?}"));
+    let data = field(&enc, t::DATA).unwrap();
+    assert_eq!(iv.len(), 16, "libmongocrypt refuses any other IV length");
+    // libmongocrypt keeps IV ‖ Data as the key material and splits it back.
+    let stored = [iv.clone(), data.clone()].concat();
+    let (iv2, data2) = stored.split_at(16);
+    let dec = exchange(&mut io, &request(t::OP_DECRYPT, data2, Some(iv2)))
+        .await
+        .unwrap();
+    assert_eq!(field(&dec, t::DATA), Some(data_key.clone()), "{dec:?}");
+    // Altered data or IV: Cryptographic Failure, nothing returned.
+    let mut bad = data.clone();
+    bad[10] ^= 1;
+    let refused = exchange(&mut io, &request(t::OP_DECRYPT, &bad, Some(&iv)))
+        .await
+        .unwrap();
+    assert_eq!(
+        reason(&refused),
+        Some(t::REASON_CRYPTOGRAPHIC_FAILURE),
+        "{refused:?}"
+    );
+    let mut bad_iv = iv.clone();
+    bad_iv[0] ^= 1;
+    let refused = exchange(&mut io, &request(t::OP_DECRYPT, &data, Some(&bad_iv)))
+        .await
+        .unwrap();
+    assert_eq!(
+        reason(&refused),
+        Some(t::REASON_CRYPTOGRAPHIC_FAILURE),
+        "{refused:?}"
+    );
+}

@@ -88,19 +88,21 @@ pub(super) fn get(call: Call<'_>) -> Result<Vec<Item>, Failure> {
 
 /// AES-GCM only (the default when no Cryptographic Parameters are given), with
 /// Keyhold's IV and a 16-byte tag.
-pub(super) fn check_parameters(payload: &Item) -> Result<(), Failure> {
+pub(super) fn check_parameters(payload: &Item) -> Result<Shape, Failure> {
+    let mut shape = Shape::Gcm;
     if let Some(p) = payload.child(t::CRYPTOGRAPHIC_PARAMETERS) {
         for item in p.children() {
             match (item.tag, &item.value) {
                 (t::BLOCK_CIPHER_MODE, Value::Enumeration(t::MODE_GCM)) => {}
+                (t::BLOCK_CIPHER_MODE, Value::Enumeration(t::MODE_CBC)) => shape = Shape::Block,
                 (t::BLOCK_CIPHER_MODE, _) => {
                     return Err(Failure::new(
                         t::REASON_FEATURE_NOT_SUPPORTED,
-                        "Keyhold encrypts with AES-GCM only",
+                        "Keyhold serves AES-GCM, and the CBC shape (docs/kmip.md)",
                     ))
                 }
                 (t::CRYPTOGRAPHIC_ALGORITHM, Value::Enumeration(t::ALGORITHM_AES)) => {}
-                (t::PADDING_METHOD, Value::Enumeration(t::PADDING_NONE)) => {}
+                (t::PADDING_METHOD, Value::Enumeration(t::PADDING_NONE | t::PADDING_PKCS5)) => {}
                 (t::TAG_LENGTH, Value::Integer(16)) => {}
                 (t::RANDOM_IV, Value::Boolean(true)) => {}
                 (t::RANDOM_IV, Value::Boolean(false)) => {
@@ -116,7 +118,19 @@ pub(super) fn check_parameters(payload: &Item) -> Result<(), Failure> {
             }
         }
     }
-    Ok(())
+    Ok(shape)
+}
+
+/// How a ciphertext travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Shape {
+    /// AES-GCM as KMIP carries it: a 20-byte IV (version and salt), the tag after the
+    /// data (and, from 1.4, in its own field).
+    Gcm,
+    /// What clients asking for AES-CBC store: a 16-byte IV (the salt) and opaque data
+    /// (version ‖ ciphertext ‖ tag). The encryption is Keyhold's authenticated one, not
+    /// CBC: no one but Keyhold ever decrypts it (MongoDB's delegated mode keeps IV ‖ data).
+    Block,
 }
 
 pub(super) fn asks_gcm(payload: &Item) -> bool {
@@ -137,7 +151,7 @@ pub(super) fn encrypt(call: Call<'_>) -> Result<Vec<Item>, Failure> {
     authorize(call.who, Operation::UseKeys, call.version)?;
     let uid = unique_identifier(call.payload)?.to_owned();
     call.facts.key = Some(uid.clone());
-    check_parameters(call.payload)?;
+    let shape = check_parameters(call.payload)?;
     if call.payload.child(t::IV_COUNTER_NONCE).is_some() {
         return Err(Failure::invalid_field(
             "Keyhold generates the IV: a caller's IV could repeat a nonce",
@@ -155,6 +169,18 @@ pub(super) fn encrypt(call: Call<'_>) -> Result<Vec<Item>, Failure> {
         .encrypt_detached(call.who, &uid, |v| aad(v, extra), data)
         .map_err(|e| failure(&e, call.version))?;
     call.facts.version = Some(c.version);
+    if shape == Shape::Block {
+        call.facts.attributes.push(("shape", "cbc".to_owned()));
+        let mut data = Vec::with_capacity(4 + c.ciphertext.len() + TAG_LEN);
+        data.extend_from_slice(&c.version.to_be_bytes());
+        data.extend_from_slice(&c.ciphertext);
+        data.extend_from_slice(&c.tag);
+        return Ok(vec![
+            text_item(t::UNIQUE_IDENTIFIER, &uid),
+            Item::new(t::DATA, Value::ByteString(data.into())),
+            Item::new(t::IV_COUNTER_NONCE, Value::ByteString(c.iv.to_vec().into())),
+        ]);
+    }
     let mut iv = Vec::with_capacity(IV_LEN);
     iv.extend_from_slice(&c.version.to_be_bytes());
     iv.extend_from_slice(&c.iv);
@@ -183,23 +209,39 @@ pub(super) fn decrypt(call: Call<'_>) -> Result<Vec<Item>, Failure> {
     authorize(call.who, Operation::UseKeys, call.version)?;
     let uid = unique_identifier(call.payload)?.to_owned();
     call.facts.key = Some(uid.clone());
-    check_parameters(call.payload)?;
+    let shape = check_parameters(call.payload)?;
     let data = bytes(call.payload, t::DATA)?.ok_or_else(|| Failure::missing("Data"))?;
     let iv = bytes(call.payload, t::IV_COUNTER_NONCE)?
         .ok_or_else(|| Failure::missing("IV/Counter/Nonce (the one Encrypt returned)"))?;
     let bad_iv =
         || Failure::invalid_field("IV/Counter/Nonce is not one Keyhold's Encrypt returned");
-    if iv.len() != IV_LEN {
-        return Err(bad_iv());
-    }
-    let version = u32::from_be_bytes(iv[..4].try_into().map_err(|_| bad_iv())?);
-    let salt: [u8; DETACHED_SALT_LEN] = iv[4..].try_into().map_err(|_| bad_iv())?;
-    // The tag in its own field (KMIP 1.4), the data then with or without it after; or
-    // after the data alone.
-    let (body, tag) = match bytes(call.payload, t::AUTHENTICATED_ENCRYPTION_TAG)? {
-        Some(tag) => (data.strip_suffix(tag).unwrap_or(data), tag),
-        None if data.len() >= TAG_LEN => data.split_at(data.len() - TAG_LEN),
-        None => return Err(Failure::missing("Authenticated Encryption Tag")),
+    let (version, salt, body, tag) = match shape {
+        Shape::Block => {
+            let salt: [u8; DETACHED_SALT_LEN] = iv.try_into().map_err(|_| bad_iv())?;
+            let bad = || Failure::new(t::REASON_CRYPTOGRAPHIC_FAILURE, "decryption failed");
+            if data.len() < 4 + TAG_LEN {
+                return Err(bad());
+            }
+            let (head, rest) = data.split_at(4);
+            let version = u32::from_be_bytes(head.try_into().map_err(|_| bad())?);
+            let (body, tag) = rest.split_at(rest.len() - TAG_LEN);
+            (version, salt, body, tag)
+        }
+        Shape::Gcm => {
+            if iv.len() != IV_LEN {
+                return Err(bad_iv());
+            }
+            let version = u32::from_be_bytes(iv[..4].try_into().map_err(|_| bad_iv())?);
+            let salt: [u8; DETACHED_SALT_LEN] = iv[4..].try_into().map_err(|_| bad_iv())?;
+            // The tag in its own field (KMIP 1.4), the data then with or without it after;
+            // or after the data alone.
+            let (body, tag) = match bytes(call.payload, t::AUTHENTICATED_ENCRYPTION_TAG)? {
+                Some(tag) => (data.strip_suffix(tag).unwrap_or(data), tag),
+                None if data.len() >= TAG_LEN => data.split_at(data.len() - TAG_LEN),
+                None => return Err(Failure::missing("Authenticated Encryption Tag")),
+            };
+            (version, salt, body, tag)
+        }
     };
     let tag: [u8; TAG_LEN] = tag
         .try_into()
