@@ -224,21 +224,42 @@ pub(super) fn get_attribute_list(call: Call<'_>) -> Result<Vec<Item>, Failure> {
 }
 
 /// Add, Modify and Delete Attribute: Keyhold keeps no client-set attributes; every one
-/// it reports is its own (dates, state, the name).
+/// it reports is its own (dates, state, the name). A lifecycle date of an object past
+/// Pre-Active is refused for its state (Wrong Key Lifecycle State in 2.x, Permission
+/// Denied in 1.x, as the profiles' test cases expect); any other attribute is read-only
+/// (Attribute Read Only in 2.x, Permission Denied in 1.x).
 pub(super) fn change_attribute(call: Call<'_>) -> Result<Vec<Item>, Failure> {
     authorize(call.who, Operation::ManageKeys, call.version)?;
     let uid = unique_identifier(call.payload)?.to_owned();
     call.facts.key = Some(uid.clone());
-    readable(&call, &uid)?;
-    let name = call
-        .payload
-        .child(t::ATTRIBUTE)
-        .map(attribute_name)
-        .transpose()?
-        .or(text(call.payload, t::ATTRIBUTE_NAME)?)
-        .unwrap_or("the attribute");
+    let o = readable(&call, &uid)?;
+    let name = if call.version.major >= 2 {
+        [t::NEW_ATTRIBUTE, t::CURRENT_ATTRIBUTE]
+            .iter()
+            .filter_map(|tag| call.payload.child(*tag))
+            .filter_map(|a| a.children().first())
+            .find_map(|i| name_of(i.tag))
+    } else {
+        call.payload
+            .child(t::ATTRIBUTE)
+            .map(attribute_name)
+            .transpose()?
+            .or(text(call.payload, t::ATTRIBUTE_NAME)?)
+    }
+    .unwrap_or("the attribute");
+    let lifecycle_date = matches!(
+        name,
+        "Activation Date" | "Deactivation Date" | "Compromise Date" | "Destroy Date"
+    );
+    let reason = if call.version.major < 2 {
+        t::REASON_PERMISSION_DENIED
+    } else if lifecycle_date && o.state != t::STATE_PRE_ACTIVE {
+        t::REASON_WRONG_KEY_LIFECYCLE_STATE
+    } else {
+        t::REASON_ATTRIBUTE_READ_ONLY
+    };
     Err(Failure::new(
-        t::REASON_PERMISSION_DENIED,
+        reason,
         format!("{name} is kept by Keyhold: it cannot be added, modified or deleted"),
     ))
 }

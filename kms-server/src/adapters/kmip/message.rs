@@ -18,7 +18,8 @@ pub struct Version {
 impl Version {
     /// What this server speaks, most preferred first (Discover Versions answers in this
     /// order).
-    pub const SUPPORTED: [Version; 6] = [
+    pub const SUPPORTED: [Version; 7] = [
+        Version::new(2, 1),
         Version::new(2, 0),
         Version::new(1, 4),
         Version::new(1, 3),

@@ -8,8 +8,8 @@
 //!   count) is answered `Invalid Message` and the connection closed.
 //! - **Identity** is the client certificate (as on the native API): its role and tenant,
 //!   its lockout, its revocation. The header's Authentication is not read.
-//! - **Versions** 1.0 to 1.4 and 2.0 ([`message::Version::SUPPORTED`]; 2.0's attributes
-//!   under their own tags); a request in another is answered `Invalid Message` under the
+//! - **Versions** 1.0 to 1.4, 2.0 and 2.1 ([`message::Version::SUPPORTED`]; 2.x's
+//!   attributes under their own tags); a request in another is answered `Invalid Message` under the
 //!   version it names.
 //! - **Batch items** run in order; a failure stops the rest (`Operation Failed`, as the
 //!   Batch Error Continuation Option's default `Stop` says) unless the request said
@@ -168,7 +168,7 @@ async fn handle(
         Ok(r) if r.version.supported() => r,
         Ok(r) => {
             let f = Failure::invalid_message(format!(
-                "protocol version {}.{} is not served (1.0 to 1.4, 2.0)",
+                "protocol version {}.{} is not served (1.0 to 1.4, 2.0, 2.1)",
                 r.version.major, r.version.minor
             ));
             let answers = vec![Answer {
