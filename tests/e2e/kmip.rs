@@ -2,22 +2,17 @@
 //! `ProxyKmipClient` (`tests/fixtures/kmip/pykmip_client.py`), with its own TTLV codec
 //! and TLS, over mutual TLS with the test PKI's certificates.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use keyhold_tests::{TestServer, APP_A};
+use keyhold_tests::{JsonLines, TestServer, APP_A};
 use serde_json::{json, Value};
 
 use crate::{get, put};
 
 /// A PyKMIP process speaking `version` (None: PyKMIP's default, 1.2).
-struct PyKmip {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
+struct PyKmip(JsonLines);
 
 impl PyKmip {
     fn open(s: &TestServer, version: Option<&str>) -> PyKmip {
@@ -35,32 +30,14 @@ impl PyKmip {
         if let Some(v) = version {
             cmd.arg(v);
         }
-        let mut child = cmd
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 (CI installs PyKMIP)");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        PyKmip {
-            child,
-            stdin,
-            stdout,
-        }
+        PyKmip(JsonLines::spawn(
+            cmd,
+            "python3 with PyKMIP 0.11 (CI installs it)",
+        ))
     }
 
     fn call(&mut self, cmd: Value) -> Value {
-        writeln!(self.stdin, "{cmd}").unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?} for {cmd}"))
-    }
-}
-
-impl Drop for PyKmip {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.call(cmd)
     }
 }
 
@@ -70,15 +47,12 @@ fn refused(answer: &Value, reason: &str) {
 }
 
 /// The whole life of a key through PyKMIP, in the client's default version (1.2), in 1.4
-/// and in 2.0 (attributes under their own tags): create, locate, activate, encrypt and decrypt (by an app the admin granted),
-/// attributes, Get refused, revoke, destroy; each refusal with its result reason.
+/// and in 2.0 (attributes under their own tags): create, locate, activate, encrypt and
+/// decrypt (by an app the admin granted), attributes, Get refused, revoke, destroy; each
+/// refusal with its result reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pykmip_drives_a_key_through_its_life() {
-    let s = TestServer::start_with(
-        keyhold_tests::TestSeal::KeyFile,
-        "[kmip]\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .await;
+    let s = kmip_server().await;
     for version in [None, Some("1.4"), Some("2.0")] {
         let modern = version.is_some();
         // KMIP 2.x names a wrong lifecycle state; 1.x has only Permission Denied.
@@ -229,11 +203,7 @@ async fn pykmip_drives_a_key_through_its_life() {
 /// sizes are refused with their reasons.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_and_get_only_what_is_extractable() {
-    let s = TestServer::start_with(
-        keyhold_tests::TestSeal::KeyFile,
-        "[kmip]\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .await;
+    let s = kmip_server().await;
     let mut kmip = PyKmip::open(&s, Some("1.4"));
     let key: Vec<u8> = (0u8..32).map(|i| i.wrapping_mul(37)).collect();
     let key64 = B64.encode(&key);
@@ -310,6 +280,40 @@ async fn register_and_get_only_what_is_extractable() {
     );
 }
 
+/// A server with a KMIP listener.
+async fn kmip_server() -> TestServer {
+    TestServer::start_with(
+        keyhold_tests::TestSeal::KeyFile,
+        "[kmip]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .await
+}
+
+/// A Request Message of one batch item, `op` with `payload`, in `version`, encoded.
+fn one_item(
+    version: kms_server::adapters::kmip::message::Version,
+    op: u32,
+    payload: Vec<kms_server::adapters::kmip::ttlv::Item>,
+) -> Vec<u8> {
+    use kms_server::adapters::kmip::tags as t;
+    use kms_server::adapters::kmip::ttlv::{Item, Value};
+    let mut item = vec![Item::new(t::OPERATION, Value::Enumeration(op))];
+    if !payload.is_empty() {
+        item.push(Item::structure(t::REQUEST_PAYLOAD, payload));
+    }
+    Item::structure(
+        t::REQUEST_MESSAGE,
+        vec![
+            Item::structure(
+                t::REQUEST_HEADER,
+                vec![version.item(), Item::new(t::BATCH_COUNT, Value::Integer(1))],
+            ),
+            Item::structure(t::BATCH_ITEM, item),
+        ],
+    )
+    .encode()
+}
+
 /// A raw KMIP connection as `who`.
 async fn raw(s: &TestServer, who: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let config = keyhold_tests::rustls_client(&s.pki, Some(who));
@@ -364,31 +368,13 @@ async fn malformed_ttlv_is_refused_and_the_listener_keeps_serving() {
     use kms_server::adapters::kmip::message::Version;
     use kms_server::adapters::kmip::tags as t;
     use kms_server::adapters::kmip::ttlv::{Item, Value};
-    let s = TestServer::start_with(
-        keyhold_tests::TestSeal::KeyFile,
-        "[kmip]\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .await;
+    let s = kmip_server().await;
     let request = |header: Vec<Item>, items: Vec<Item>| {
         let mut m = vec![Item::structure(t::REQUEST_HEADER, header)];
         m.extend(items);
         Item::structure(t::REQUEST_MESSAGE, m).encode()
     };
-    let discover = || {
-        request(
-            vec![
-                Version::new(1, 2).item(),
-                Item::new(t::BATCH_COUNT, Value::Integer(1)),
-            ],
-            vec![Item::structure(
-                t::BATCH_ITEM,
-                vec![Item::new(
-                    t::OPERATION,
-                    Value::Enumeration(t::OP_DISCOVER_VERSIONS),
-                )],
-            )],
-        )
-    };
+    let discover = || one_item(Version::new(1, 2), t::OP_DISCOVER_VERSIONS, Vec::new());
 
     // Answered with Invalid Message (then closed): deep nesting, wrong types, bad padding,
     // a batch count that lies.
@@ -464,16 +450,7 @@ async fn malformed_ttlv_is_refused_and_the_listener_keeps_serving() {
 
     // An unsupported version is answered under it; then the listener still serves, on a
     // connection that carries two requests.
-    let v3 = request(
-        vec![
-            Version::new(3, 0).item(),
-            Item::new(t::BATCH_COUNT, Value::Integer(1)),
-        ],
-        vec![Item::structure(
-            t::BATCH_ITEM,
-            vec![Item::new(t::OPERATION, Value::Enumeration(t::OP_QUERY))],
-        )],
-    );
+    let v3 = one_item(Version::new(3, 0), t::OP_QUERY, Vec::new());
     let mut io = raw(&s, "app-a").await;
     let answer = exchange(&mut io, &v3).await.unwrap();
     assert_eq!(
@@ -502,11 +479,7 @@ async fn malformed_ttlv_is_refused_and_the_listener_keeps_serving() {
 /// here and in docs/kmip.md; a change in that set fails the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oasis_profile_test_cases() {
-    let s = TestServer::start_with(
-        keyhold_tests::TestSeal::KeyFile,
-        "[kmip]\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .await;
+    let s = kmip_server().await;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kmip/oasis");
     let mut files: Vec<_> = ["1.4", "2.1"]
         .iter()
@@ -584,11 +557,7 @@ async fn mongodb_delegated_mode_round_trips() {
     use kms_server::adapters::kmip::message::Version;
     use kms_server::adapters::kmip::tags as t;
     use kms_server::adapters::kmip::ttlv::{Item, Value};
-    let s = TestServer::start_with(
-        keyhold_tests::TestSeal::KeyFile,
-        "[kmip]\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .await;
+    let s = kmip_server().await;
     let r = crate::post(
         &s.client(Some("admin-a")),
         &s.url("/v1/keys"),
@@ -622,26 +591,7 @@ async fn mongodb_delegated_mode_round_trips() {
                 Value::ByteString(iv.to_vec().into()),
             ));
         }
-        Item::structure(
-            t::REQUEST_MESSAGE,
-            vec![
-                Item::structure(
-                    t::REQUEST_HEADER,
-                    vec![
-                        Version::new(1, 2).item(),
-                        Item::new(t::BATCH_COUNT, Value::Integer(1)),
-                    ],
-                ),
-                Item::structure(
-                    t::BATCH_ITEM,
-                    vec![
-                        Item::new(t::OPERATION, Value::Enumeration(op)),
-                        Item::structure(t::REQUEST_PAYLOAD, payload),
-                    ],
-                ),
-            ],
-        )
-        .encode()
+        one_item(Version::new(1, 2), op, payload)
     };
     let field = |answer: &Item, tag: u32| -> Option<Vec<u8>> {
         let payload = answer.child(t::BATCH_ITEM)?.child(t::RESPONSE_PAYLOAD)?;

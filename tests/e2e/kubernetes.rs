@@ -4,13 +4,12 @@
 //! commit named), over the plugin's unix socket, each answer checked as the API server
 //! checks it (`tests/fixtures/kubernetes/kms_v2_client.py`).
 
-use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::Command;
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine as _;
-use keyhold_tests::{TestSeal, TestServer, APP_A, TEST_PASSPHRASE};
+use keyhold_tests::{JsonLines, TestSeal, TestServer, APP_A, TEST_PASSPHRASE};
 use serde_json::{json, Value};
 
 use crate::{get, post};
@@ -22,11 +21,7 @@ const UNGRANTED: &str = "spiffe://test/acme/app2";
 const OWNER: u32 = 65534;
 
 /// The Python client, one JSON command and answer per line.
-struct Kms {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-}
+struct Kms(JsonLines);
 
 impl Kms {
     fn open(socket: &std::path::Path) -> Kms {
@@ -39,28 +34,16 @@ impl Kms {
             env!("CARGO_MANIFEST_DIR"),
             "/fixtures/kubernetes/kms_v2_client.py"
         );
-        let mut child = Command::new("python3")
-            .arg(script)
-            .arg(socket)
-            .arg(authority)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("python3 (CI installs grpcio-tools)");
-        let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        Kms {
-            child,
-            stdin,
-            stdout,
-        }
+        let mut cmd = Command::new("python3");
+        cmd.arg(script).arg(socket).arg(authority);
+        Kms(JsonLines::spawn(
+            cmd,
+            "python3 with grpcio-tools (CI installs it)",
+        ))
     }
 
     fn call(&mut self, cmd: Value) -> Value {
-        writeln!(self.stdin, "{cmd}").unwrap();
-        let mut line = String::new();
-        self.stdout.read_line(&mut line).unwrap();
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?} for {cmd}"))
+        self.0.call(cmd)
     }
 
     fn status(&mut self) -> Value {
@@ -75,13 +58,6 @@ impl Kms {
         self.call(
             json!({"op": "decrypt", "ciphertext": ciphertext, "key_id": key_id, "uid": "uid-dec"}),
         )
-    }
-}
-
-impl Drop for Kms {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

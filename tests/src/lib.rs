@@ -1005,3 +1005,47 @@ impl TokenIssuer {
         .unwrap()
     }
 }
+
+/// A client Keyhold did not write, run as a child process that reads one JSON command per
+/// line on stdin and answers one JSON line on stdout (`tests/fixtures/*/…py`); killed
+/// when dropped.
+pub struct JsonLines {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl JsonLines {
+    /// Starts `cmd`; `needs` says what CI installs for it, should it not start.
+    pub fn spawn(mut cmd: std::process::Command, needs: &str) -> JsonLines {
+        use std::process::Stdio;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("{e}: {needs}"));
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        JsonLines {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Sends `cmd`, returns the answer.
+    pub fn call(&mut self, cmd: serde_json::Value) -> serde_json::Value {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{cmd}").unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?} for {cmd}"))
+    }
+}
+
+impl Drop for JsonLines {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

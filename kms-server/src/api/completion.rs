@@ -1,8 +1,10 @@
 //! How a request ends, on every listener: the one completion path.
 //!
 //! The native API ([`track`], a middleware on its router), the adapters of the public
-//! listener ([`AppState::finish_call`]) and the XKS listener each describe what a request
-//! did as a [`Completion`] and hand it to [`AppState::complete`], which, in this order:
+//! listener ([`AppState::finish_call`]), the XKS listener, and the listeners that do not
+//! speak HTTP (KMIP, the Kubernetes plugin: [`AppState::complete_call`]) each describe what
+//! a request did as a [`Completion`] and hand it to [`AppState::complete`], which, in this
+//! order:
 //! raises the denial's alert and feeds the lockout counter, writes the audit record and
 //! waits until it is durable (when it cannot be written the answer is withheld and the
 //! listener's "unavailable" answer leaves instead), counts and times the request by
@@ -15,7 +17,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::HeaderValue;
+use axum::http::{HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use kms_client::api::ErrorCode;
@@ -148,6 +150,23 @@ impl AppState {
         resp
     }
 
+    /// Finishes a call of a listener that answers in its own protocol, not HTTP (KMIP, the
+    /// Kubernetes KMS plugin), through [`AppState::complete`]; `status` stands for its
+    /// outcome in the metrics. Whether the audit record was written: when it was not, the
+    /// caller answers its protocol's "unavailable" and nothing else.
+    pub async fn complete_call(self: &Arc<Self>, done: Completion, status: StatusCode) -> bool {
+        let mut marker = Response::default();
+        *marker.status_mut() = status;
+        let answered = self
+            .complete(done, marker, |_| {
+                let mut r = Response::default();
+                r.extensions_mut().insert(Unrecorded);
+                r
+            })
+            .await;
+        answered.extensions().get::<Unrecorded>().is_none()
+    }
+
     /// Finishes a protocol adapter's call through [`AppState::complete`]: the adapter acts
     /// as its configured principal; `unavailable()` is its protocol's answer when the
     /// audit trail cannot take the record.
@@ -182,6 +201,10 @@ impl AppState {
         self.complete(done, resp, |_| unavailable()).await
     }
 }
+
+/// [`AppState::complete_call`]'s mark on an answer whose audit record was not written.
+#[derive(Clone, Copy)]
+struct Unrecorded;
 
 /// A protocol adapter's call, as [`AppState::finish_call`] records it.
 pub struct AdapterCall<'a> {

@@ -349,19 +349,12 @@ async fn record(
         denial,
         key_use: ops::is_key_use(op),
     };
-    let mut marker = axum::response::Response::default();
-    if result.is_err() {
-        *marker.status_mut() = axum::http::StatusCode::BAD_REQUEST;
-    }
-    let answered = state
-        .complete(done, marker, |_| {
-            let mut r = axum::response::Response::default();
-            *r.status_mut() = axum::http::StatusCode::SERVICE_UNAVAILABLE;
-            r.extensions_mut().insert(AuditUnavailable);
-            r
-        })
-        .await;
-    if answered.extensions().get::<AuditUnavailable>().is_some() {
+    let status = if result.is_ok() {
+        axum::http::StatusCode::OK
+    } else {
+        axum::http::StatusCode::BAD_REQUEST
+    };
+    if !state.complete_call(done, status).await {
         return Err(Failure::new(
             t::REASON_GENERAL_FAILURE,
             "the audit trail is unavailable",
@@ -369,7 +362,3 @@ async fn record(
     }
     result
 }
-
-/// The completion's answer when the audit record could not be written.
-#[derive(Clone, Copy)]
-struct AuditUnavailable;

@@ -25,7 +25,6 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::response::Response;
 use kms_client::api::{GrantOperation, KeyState};
 use tonic::Status;
 use zeroize::Zeroizing;
@@ -302,28 +301,13 @@ impl Plugin {
             // Status, Encrypt and Decrypt use the key; none changes it.
             key_use: true,
         };
-        let mut marker = Response::default();
-        if let Some((status, _)) = code {
-            *marker.status_mut() = status;
-        }
-        let answered = self
-            .state
-            .complete(done, marker, |_| {
-                let mut r = Response::default();
-                r.extensions_mut().insert(AuditUnavailable);
-                r
-            })
-            .await;
-        if answered.extensions().get::<AuditUnavailable>().is_some() {
+        let status = code.map_or(axum::http::StatusCode::OK, |(status, _)| status);
+        if !self.state.complete_call(done, status).await {
             return Err(Status::unavailable("the audit trail is unavailable"));
         }
         result.map_err(|e| grpc_status(&e))
     }
 }
-
-/// The completion's answer when the audit record could not be written.
-#[derive(Clone, Copy)]
-struct AuditUnavailable;
 
 /// Runs `call` within [`CALL_DEADLINE`].
 async fn deadline<T>(
