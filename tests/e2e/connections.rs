@@ -1,5 +1,6 @@
 //! Issue 22: connections from a hostile network are bounded on every listener (the mTLS
-//! API, the public listener, the XKS listener and the plain-HTTP ops listener): a source
+//! API, the public listener, the XKS listener, the plain-HTTP ops listener and, since
+//! issue 27, the KMIP listener): a source
 //! that opens thousands of idle connections gets a bounded share, and a connection that
 //! stalls (no handshake, headers never finished, a body never sent, a keep-alive or
 //! HTTP/2 connection left idle) is closed after its timeout.
@@ -45,6 +46,9 @@ key = "finance-dke"
 emails = ["alice@example.com"]
 
 {xks}
+
+[kmip]
+listen = "127.0.0.1:0"
 "#,
         jwks = jwks.display(),
         xks = keyhold_tests::xks::config(&creds, 1000, "", ""),
@@ -84,13 +88,23 @@ enum Listener {
     Public,
     Xks,
     Ops,
+    Kmip,
 }
 
-const LISTENERS: [Listener; 4] = [
+const LISTENERS: [Listener; 5] = [
     Listener::Api,
     Listener::Public,
     Listener::Xks,
     Listener::Ops,
+    Listener::Kmip,
+];
+
+/// The listeners with TLS.
+const TLS_LISTENERS: [Listener; 4] = [
+    Listener::Api,
+    Listener::Public,
+    Listener::Xks,
+    Listener::Kmip,
 ];
 
 fn addr_of(s: &TestServer, l: Listener) -> SocketAddr {
@@ -99,6 +113,7 @@ fn addr_of(s: &TestServer, l: Listener) -> SocketAddr {
         Listener::Public => s.public_addr.unwrap(),
         Listener::Xks => s.xks_addr.unwrap(),
         Listener::Ops => s.ops_addr,
+        Listener::Kmip => s.kmip_addr.unwrap(),
     }
 }
 
@@ -120,7 +135,7 @@ struct Dial {
 
 fn dial(s: &TestServer, l: Listener) -> Dial {
     let who = match l {
-        Listener::Api => Some("app-a"),
+        Listener::Api | Listener::Kmip => Some("app-a"),
         _ => None,
     };
     Dial {
@@ -139,7 +154,11 @@ impl Dial {
             return Box::new(tcp);
         };
         let mut config = config.clone();
-        config.alpn_protocols = vec![alpn.to_vec()];
+        config.alpn_protocols = if alpn.is_empty() {
+            Vec::new()
+        } else {
+            vec![alpn.to_vec()]
+        };
         let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
         let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
             .connect(name, tcp)
@@ -164,8 +183,29 @@ async fn closed_within(io: &mut (impl tokio::io::AsyncRead + Unpin), within: Dur
     .is_ok()
 }
 
-/// One HTTP/1.1 request from `from`; the status code of the answer.
+/// A KMIP Discover Versions request.
+fn kmip_request() -> Vec<u8> {
+    use kms_server::adapters::kmip::{message::Version, tags as t};
+    crate::kmip::one_item(Version::new(1, 4), t::OP_DISCOVER_VERSIONS, Vec::new())
+}
+
+/// One HTTP/1.1 request from `from`; the status code of the answer. On the KMIP listener:
+/// one Discover Versions, 200 for a Response Message.
 async fn status_of(d: &Dial, from: [u8; 4]) -> u16 {
+    if let Listener::Kmip = d.listener {
+        let mut io = d.open(from, b"").await;
+        io.write_all(&kmip_request()).await.unwrap();
+        let mut head = [0u8; 8];
+        io.read_exact(&mut head)
+            .await
+            .unwrap_or_else(|e| panic!("Kmip: no answer: {e}"));
+        assert_eq!(
+            head[..4],
+            [0x42, 0x00, 0x7B, 0x01],
+            "Kmip: not a Response Message"
+        );
+        return 200;
+    }
     let mut io = d.open(from, b"http/1.1").await;
     io.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await
@@ -224,7 +264,7 @@ async fn idle_connections_from_many_sources_do_not_keep_a_new_client_out() {
         IDLE,
         "too few file descriptors for this test"
     );
-    for l in [Listener::Api, Listener::Public, Listener::Xks] {
+    for l in TLS_LISTENERS {
         let to = addr_of(&s, l);
         let mut junk = Vec::with_capacity(IDLE);
         for i in 0..IDLE {
@@ -273,8 +313,16 @@ async fn stalled_and_idle_connections_are_closed_on_every_listener() {
             "a body never sent",
             "idle keep-alive",
         ];
-        if !matches!(l, Listener::Ops) {
-            kinds.push("idle HTTP/2");
+        match l {
+            Listener::Ops => {}
+            Listener::Kmip => {
+                kinds = vec![
+                    "no handshake",
+                    "a KMIP message never finished",
+                    "idle after a KMIP answer",
+                ]
+            }
+            _ => kinds.push("idle HTTP/2"),
         }
         for kind in kinds {
             let d = d.clone();
@@ -290,6 +338,19 @@ async fn stalled_and_idle_connections_are_closed_on_every_listener() {
                         io.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
                             .await
                             .unwrap();
+                        closed_within(&mut io, bound).await
+                    }
+                    "a KMIP message never finished" => {
+                        let mut io = d.open(LEGIT, b"").await;
+                        let request = kmip_request();
+                        io.write_all(&request[..request.len() - 8]).await.unwrap();
+                        closed_within(&mut io, bound).await
+                    }
+                    "idle after a KMIP answer" => {
+                        let mut io = d.open(LEGIT, b"").await;
+                        io.write_all(&kmip_request()).await.unwrap();
+                        let mut head = [0u8; 8];
+                        io.read_exact(&mut head).await.unwrap();
                         closed_within(&mut io, bound).await
                     }
                     _ => {
@@ -334,8 +395,13 @@ async fn a_full_set_of_slots_makes_room_for_a_new_client() {
         for i in 0..200usize {
             // 50 per source address, under the per-source share.
             let from = [127, 0, 2, (i / 50) as u8];
-            let mut io = d.open(from, b"http/1.1").await;
-            if stalled {
+            let kmip = matches!(l, Listener::Kmip);
+            let mut io = d.open(from, if kmip { b"" } else { b"http/1.1" }).await;
+            if stalled && kmip {
+                // A message head and half its body.
+                let request = kmip_request();
+                io.write_all(&request[..request.len() / 2]).await.unwrap();
+            } else if stalled {
                 io.write_all(
                     b"POST /v1/unwrap HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"wrapped\":",
                 )

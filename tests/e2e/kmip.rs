@@ -290,7 +290,7 @@ async fn kmip_server() -> TestServer {
 }
 
 /// A Request Message of one batch item, `op` with `payload`, in `version`, encoded.
-fn one_item(
+pub(crate) fn one_item(
     version: kms_server::adapters::kmip::message::Version,
     op: u32,
     payload: Vec<kms_server::adapters::kmip::ttlv::Item>,

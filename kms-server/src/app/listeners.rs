@@ -57,9 +57,12 @@ pub(super) fn start_xks(
         async move {
             let _ = rx.wait_for(|s| *s).await;
         },
-        move |_: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
-            crate::adapters::xks::service::service(xks.clone())
-        },
+        crate::transport::listen::Http::new(
+            &limits,
+            move |_: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
+                crate::adapters::xks::service::service(xks.clone())
+            },
+        ),
     )))
 }
 
@@ -113,18 +116,21 @@ pub(super) fn start_public(
         async move {
             let _ = rx.wait_for(|s| *s).await;
         },
-        move |tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
-            let app = app.clone();
-            let presented = crate::adapters::ClientCertificate::of(tls.get_ref().1);
-            let server_name = crate::app::public::ServerName::of(tls.get_ref().1);
-            hyper::service::service_fn(
-                move |mut req: hyper::Request<crate::transport::request_body::RequestBody>| {
-                    req.extensions_mut().insert(presented);
-                    req.extensions_mut().insert(server_name.clone());
-                    app.clone().oneshot(req)
-                },
-            )
-        },
+        crate::transport::listen::Http::new(
+            &limits,
+            move |tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
+                let app = app.clone();
+                let presented = crate::adapters::ClientCertificate::of(tls.get_ref().1);
+                let server_name = crate::app::public::ServerName::of(tls.get_ref().1);
+                hyper::service::service_fn(
+                    move |mut req: hyper::Request<crate::transport::request_body::RequestBody>| {
+                        req.extensions_mut().insert(presented);
+                        req.extensions_mut().insert(server_name.clone());
+                        app.clone().oneshot(req)
+                    },
+                )
+            },
+        ),
     )))
 }
 
@@ -151,6 +157,35 @@ pub(super) fn start_kubernetes(
     Ok(tasks)
 }
 
+/// Starts the KMIP listener ([`crate::adapters::kmip`]) on the API's TLS (its client CA,
+/// CRLs and reloads), within the server's `limits` as `[kmip]` adjusts them.
+pub(super) fn start_kmip(
+    listener: TcpListener,
+    settings: &crate::adapters::kmip::KmipSettings,
+    state: Arc<AppState>,
+    sources: Arc<[crate::access::policy::IdentitySource]>,
+    limits: crate::transport::listen::Limits,
+    stop_rx: tokio::sync::watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tracing::info!(addr = ?listener.local_addr().ok(), "listening (KMIP)");
+    let tls = state.tls.clone();
+    let current = tls.clone();
+    let kmip = crate::adapters::kmip::Kmip::new(state, settings, sources, limits.body_timeout);
+    let mut rx = stop_rx;
+    tokio::spawn(crate::transport::listen::serve(
+        listener,
+        crate::transport::listen::Tls(
+            move || current.config(),
+            Some(tls as Arc<dyn crate::transport::listen::Revoker>),
+        ),
+        settings.limits(limits),
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        },
+        kmip,
+    ))
+}
+
 /// Starts the plain-HTTP ops listener (`/healthz`, `/readyz`, `/metrics`).
 pub(super) fn start_ops(
     listener: TcpListener,
@@ -167,14 +202,14 @@ pub(super) fn start_ops(
         async move {
             let _ = rx.wait_for(|s| *s).await;
         },
-        move |_: &tokio::net::TcpStream| {
+        crate::transport::listen::Http::new(&limits, move |_: &tokio::net::TcpStream| {
             let router = router.clone();
             hyper::service::service_fn(
                 move |req: hyper::Request<crate::transport::request_body::RequestBody>| {
                     router.clone().oneshot(req)
                 },
             )
-        },
+        }),
     ))
 }
 
@@ -198,25 +233,28 @@ pub(super) async fn serve_api(
         ),
         limits,
         stop,
-        move |tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
-            let conn = tls.get_ref().1;
-            let leaf = conn.peer_certificates().and_then(|chain| chain.first());
-            let peer_identity = PeerIdentity {
-                identity: leaf
-                    .and_then(|leaf| tls::identity_of(leaf, &sources))
-                    .map(Arc::<str>::from),
-                revocation_key: leaf
-                    .and_then(|leaf| tls::leaf_revocation_key(leaf))
-                    .map(Arc::<[u8]>::from),
-            };
-            let app = app.clone();
-            hyper::service::service_fn(
-                move |mut req: hyper::Request<crate::transport::request_body::RequestBody>| {
-                    req.extensions_mut().insert(peer_identity.clone());
-                    app.clone().oneshot(req)
-                },
-            )
-        },
+        crate::transport::listen::Http::new(
+            &limits,
+            move |tls: &tokio_rustls::server::TlsStream<tokio::net::TcpStream>| {
+                let conn = tls.get_ref().1;
+                let leaf = conn.peer_certificates().and_then(|chain| chain.first());
+                let peer_identity = PeerIdentity {
+                    identity: leaf
+                        .and_then(|leaf| tls::identity_of(leaf, &sources))
+                        .map(Arc::<str>::from),
+                    revocation_key: leaf
+                        .and_then(|leaf| tls::leaf_revocation_key(leaf))
+                        .map(Arc::<[u8]>::from),
+                };
+                let app = app.clone();
+                hyper::service::service_fn(
+                    move |mut req: hyper::Request<crate::transport::request_body::RequestBody>| {
+                        req.extensions_mut().insert(peer_identity.clone());
+                        app.clone().oneshot(req)
+                    },
+                )
+            },
+        ),
     )
     .await;
 }

@@ -282,14 +282,14 @@ pub async fn run_with_clock(
         start("kmip", listeners.kmip, settings.kmip.is_some()),
         &settings.kmip,
     ) {
-        tracing::info!(addr = ?listener.local_addr().ok(), "listening (KMIP)");
-        tasks.push(tokio::spawn(crate::adapters::kmip::serve(
+        tasks.push(listeners::start_kmip(
             listener,
-            kmip.clone(),
+            kmip,
             state.clone(),
             settings.identity_sources.clone().into(),
+            limits,
             stop_rx.clone(),
-        )));
+        ));
     }
     tracing::info!(addr = ?listeners.api.local_addr().ok(), "listening (mTLS)");
     let stop = async move {

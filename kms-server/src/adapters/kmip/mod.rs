@@ -1,9 +1,14 @@
 //! A KMIP server (`docs/kmip.md`): TTLV over mutual TLS on its own listener (`[kmip]`,
 //! port 5696 by default), the API's certificates, client CA and revocation lists.
 //!
+//! - **Connections** are accepted and bounded as on every listener
+//!   ([`crate::transport::listen`]): per-source share, handshake budget and deadline,
+//!   connection slots (`[kmip] max_connections`, else the server's) with eviction of the
+//!   connection holding its slot for nothing the longest, the idle deadline
+//!   (`[kmip] idle_timeout_secs`, else the server's), closing on revocation, draining.
 //! - **Framing**: a message is an 8-byte TTLV head and the length it names, at most
-//!   `[kmip] max_message_bytes`; a connection carries any number of requests, one at a
-//!   time. A head that is not a Request Message's, or a length over the bound, closes the
+//!   `[kmip] max_message_bytes`, whole within the body deadline (`body_timeout_secs`); a
+//!   connection carries any number of requests, one at a time. A head that is not a Request Message's, or a length over the bound, closes the
 //!   connection; a body that does not decode ([`ttlv`]: strict, bounded depth and item
 //!   count) is answered `Invalid Message` and the connection closed.
 //! - **Identity** is the client certificate (as on the native API): its role and tenant,
@@ -22,10 +27,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
 use crate::api::{AppState, Completion, Denial};
 use crate::base::event::AlertKind;
+use crate::transport::listen::{Protocol, Served};
 
 mod attributes;
 mod cipher;
@@ -40,108 +45,119 @@ pub use settings::KmipSettings;
 use message::{Answer, Failure, Request, Version};
 use tags as t;
 
-/// How long a TLS handshake may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a started message may take to arrive.
-const BODY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Serves KMIP on `listener` until `stop` is set.
-pub async fn serve(
-    listener: TcpListener,
-    settings: KmipSettings,
+/// KMIP on an established connection of the KMIP listener, which
+/// [`crate::transport::listen`] accepts and bounds as it does every listener's (per-source
+/// share, handshake budget, connection slots with eviction, idle deadline, revocation).
+pub struct Kmip {
     state: Arc<AppState>,
     sources: Arc<[crate::access::policy::IdentitySource]>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
-    let settings = Arc::new(settings);
-    loop {
-        let stream = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(e) => {
-                    tracing::warn!(error = %e, "kmip: accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = async { let _ = stop.wait_for(|s| *s).await; } => break,
-        };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("kmip: connection refused: the connection limit is reached");
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let (state, settings, sources) = (state.clone(), settings.clone(), sources.clone());
-        let mut stop = stop.clone();
-        tokio::spawn(async move {
-            let _slot = slot;
-            tokio::select! {
-                () = connection(stream, &state, &settings, &sources) => {}
-                () = async { let _ = stop.wait_for(|s| *s).await; } => {}
-            }
-        });
+    max_message_bytes: usize,
+    message_timeout: Duration,
+}
+
+impl Kmip {
+    /// KMIP for `state`, identities from `sources`; a started message must arrive within
+    /// `message_timeout`.
+    pub fn new(
+        state: Arc<AppState>,
+        settings: &KmipSettings,
+        sources: Arc<[crate::access::policy::IdentitySource]>,
+        message_timeout: Duration,
+    ) -> Self {
+        Self {
+            state,
+            sources,
+            max_message_bytes: settings.max_message_bytes,
+            message_timeout,
+        }
     }
 }
 
-/// One TLS connection: requests answered one after another until the client closes it,
-/// stays idle past the idle timeout, or sends what is not a request.
+type TlsStream = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+impl Protocol<TlsStream> for Kmip {
+    fn serve(
+        &self,
+        tls: TlsStream,
+        served: Served,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'static>> {
+        let leaf = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref().to_vec());
+        let peer = Peer {
+            identity: leaf
+                .as_deref()
+                .and_then(|l| crate::security::tls::identity_of(l, &self.sources)),
+            revocation: leaf
+                .as_deref()
+                .and_then(crate::security::tls::leaf_revocation_key),
+        };
+        let (state, max, timeout) = (
+            self.state.clone(),
+            self.max_message_bytes,
+            self.message_timeout,
+        );
+        Box::pin(connection(tls, served, peer, state, max, timeout))
+    }
+}
+
+/// The client of a connection, from its certificate.
+struct Peer {
+    identity: Option<String>,
+    revocation: Option<Vec<u8>>,
+}
+
+/// One connection: requests answered one after another until the client closes it, the
+/// listener asks it to close (idle, stopping, revoked) or it sends what is not a request.
 async fn connection(
-    stream: tokio::net::TcpStream,
-    state: &Arc<AppState>,
-    settings: &KmipSettings,
-    sources: &[crate::access::policy::IdentitySource],
+    mut tls: TlsStream,
+    served: Served,
+    peer: Peer,
+    state: Arc<AppState>,
+    max_message_bytes: usize,
+    message_timeout: Duration,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(state.tls.config());
-    let Ok(Ok(mut tls)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
-    else {
-        return;
-    };
-    let leaf = tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .and_then(|c| c.first())
-        .map(|c| c.as_ref().to_vec());
-    let identity = leaf
-        .as_deref()
-        .and_then(|l| crate::security::tls::identity_of(l, sources));
-    let revocation = leaf
-        .as_deref()
-        .and_then(crate::security::tls::leaf_revocation_key);
     loop {
         let mut head = [0u8; 8];
-        match tokio::time::timeout(settings.idle_timeout, tls.read_exact(&mut head)).await {
-            Ok(Ok(_)) => {}
-            _ => return,
+        tokio::select! {
+            r = tls.read_exact(&mut head) => if r.is_err() { return },
+            () = served.closing() => return,
         }
         // A Request Message is a structure: anything else is not KMIP.
         if head[..4] != [0x42, 0x00, 0x78, 0x01] {
-            tracing::debug!("kmip: not a Request Message; connection closed");
+            tracing::debug!(peer = %served.peer(), "kmip: not a Request Message; connection closed");
             return;
         }
         let len = ttlv::message_length(&head) as usize;
-        if len > settings.max_message_bytes || len % 8 != 0 {
-            tracing::debug!(len, "kmip: message over the bound; connection closed");
+        if len > max_message_bytes || len % 8 != 0 {
+            tracing::debug!(peer = %served.peer(), len, "kmip: message over the bound; connection closed");
             return;
         }
         let mut body = zeroize::Zeroizing::new(vec![0u8; 8 + len]);
         body[..8].copy_from_slice(&head);
-        match tokio::time::timeout(BODY_TIMEOUT, tls.read_exact(&mut body[8..])).await {
+        match tokio::time::timeout(message_timeout, tls.read_exact(&mut body[8..])).await {
             Ok(Ok(_)) => {}
             _ => return,
         }
-        let revoked = revocation
+        // In flight from a whole message to its answer written: a connection waiting for
+        // a message holds its slot for nothing, and gives way first when slots run out.
+        let in_flight = served.begin();
+        let revoked = peer
+            .revocation
             .as_deref()
             .is_some_and(|k| state.tls.is_revoked(k));
         let caller = Caller {
-            identity: identity.clone(),
+            identity: peer.identity.clone(),
             revoked,
         };
         let (answer, close) = handle(state.clone(), caller, body).await;
         if tls.write_all(&answer).await.is_err() || tls.flush().await.is_err() || close {
             return;
         }
+        drop(in_flight);
     }
 }
 

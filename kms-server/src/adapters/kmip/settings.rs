@@ -13,12 +13,6 @@ fn default_listen() -> String {
 fn default_max_message() -> usize {
     1 << 20
 }
-fn default_max_connections() -> usize {
-    1024
-}
-fn default_idle() -> u64 {
-    120
-}
 
 /// `[kmip]` as written.
 #[derive(Debug, Deserialize)]
@@ -30,12 +24,13 @@ pub(crate) struct FileKmip {
     /// The largest request taken, bytes (a larger one closes the connection).
     #[serde(default = "default_max_message")]
     max_message_bytes: usize,
-    /// Connections served at once.
-    #[serde(default = "default_max_connections")]
-    max_connections: usize,
-    /// How long a connection may wait between requests, seconds.
-    #[serde(default = "default_idle")]
-    idle_timeout_secs: u64,
+    /// Connections served at once (absent: the server's `max_connections`).
+    #[serde(default)]
+    max_connections: Option<usize>,
+    /// How long a connection may wait between requests, seconds (absent: the server's
+    /// `idle_timeout_secs`).
+    #[serde(default)]
+    idle_timeout_secs: Option<u64>,
 }
 
 /// `[kmip]`, validated.
@@ -45,10 +40,25 @@ pub struct KmipSettings {
     pub listen: SocketAddr,
     /// The largest request, bytes.
     pub max_message_bytes: usize,
-    /// Connections at once.
-    pub max_connections: usize,
-    /// Idle time allowed between requests.
-    pub idle_timeout: Duration,
+    /// Connections at once (None: the server's).
+    pub max_connections: Option<usize>,
+    /// Idle time allowed between requests (None: the server's).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl KmipSettings {
+    /// The listener's limits: the server's, with this table's connection count and idle
+    /// deadline where it sets them.
+    pub fn limits(
+        &self,
+        server: crate::transport::listen::Limits,
+    ) -> crate::transport::listen::Limits {
+        crate::transport::listen::Limits {
+            max_connections: self.max_connections.unwrap_or(server.max_connections),
+            idle_timeout: self.idle_timeout.unwrap_or(server.idle_timeout),
+            ..server
+        }
+    }
 }
 
 impl FileKmip {
@@ -64,17 +74,23 @@ impl FileKmip {
                 "must be between 1024 and 67108864".into(),
             );
         }
-        if !(1..=65_536).contains(&self.max_connections) {
+        if self
+            .max_connections
+            .is_some_and(|n| !(1..=65_536).contains(&n))
+        {
             return e("max_connections", "must be between 1 and 65536".into());
         }
-        if !(1..=86_400).contains(&self.idle_timeout_secs) {
+        if self
+            .idle_timeout_secs
+            .is_some_and(|n| !(1..=86_400).contains(&n))
+        {
             return e("idle_timeout_secs", "must be between 1 and 86400".into());
         }
         Ok(KmipSettings {
             listen,
             max_message_bytes: self.max_message_bytes,
             max_connections: self.max_connections,
-            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            idle_timeout: self.idle_timeout_secs.map(Duration::from_secs),
         })
     }
 }

@@ -39,14 +39,15 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::transport::request_body::{BodyProgress, RequestBody};
+use crate::transport::request_body::BodyProgress;
 
+mod http;
 mod slots;
+pub use http::Http;
+pub use slots::InFlight;
 use slots::{Activity, Budget, Established, Handshaking, Sources};
 
 /// Longest a connection may take to close after it was asked to (idle, or the server
@@ -224,49 +225,66 @@ impl Handshake for Plain {
     }
 }
 
-/// The HTTP settings every listener shares, with `limits`' header timeout.
-pub fn http_builder(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut http = auto::Builder::new(TokioExecutor::new());
-    http.http1()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .header_read_timeout(limits.header_timeout)
-        .max_buf_size(64 * 1024);
-    http.http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .max_concurrent_streams(256)
-        .max_header_list_size(64 * 1024)
-        .keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(20));
-    http
+/// What an established connection speaks: HTTP ([`Http`]) or another protocol (KMIP).
+pub trait Protocol<Io>: Send + Sync + 'static {
+    /// Serves `io` until the peer closes it or the listener asks it to close
+    /// ([`Served::closing`]: finish the request in flight, take no more). Each request is
+    /// [`Served::begin`]'s guard for as long as it is worked on: a connection with none
+    /// is idle (closed at the idle deadline, evicted first when slots run out).
+    fn serve(&self, io: Io, conn: Served) -> Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
 }
 
-/// Accepts connections on `listener` until `stop` completes, serving each with the
-/// service `make` builds from the finished handshake, within `limits` (see the module
-/// documentation); then stops accepting (the listener is dropped, so new connections are
-/// refused at once and clients move to another node) and drains the open connections for
-/// up to [`DRAIN`].
-pub async fn serve<H, M, S, B>(
+/// What the listener and a protocol serving one connection tell each other.
+pub struct Served {
+    peer: SocketAddr,
+    activity: Arc<Activity>,
+    bodies: Arc<BodyProgress>,
+    signal: Arc<CloseSignal>,
+}
+
+impl Served {
+    /// The peer's address.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    /// A request in flight until the guard is dropped.
+    pub fn begin(&self) -> InFlight {
+        self.activity.begin()
+    }
+
+    /// Completes when the listener asks the connection to close (the server stopping, the
+    /// peer's certificate revoked, idle). Only the serving task waits on it; it is cheap to
+    /// poll (one atomic load), unlike the channels every connection shares, which the
+    /// connection's watch waits on instead.
+    pub fn closing(&self) -> impl Future<Output = ()> + '_ {
+        std::future::poll_fn(|cx| {
+            self.signal.register(cx.waker());
+            if self.signal.asked.load(Ordering::Acquire) {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+    }
+}
+
+/// Accepts connections on `listener` until `stop` completes, serving each with `protocol`
+/// once its handshake is done, within `limits` (see the module documentation); then stops
+/// accepting (the listener is dropped, so new connections are refused at once and clients
+/// move to another node) and drains the open connections for up to [`DRAIN`].
+pub async fn serve<H, P>(
     listener: TcpListener,
     handshake: H,
     limits: Limits,
     stop: impl Future<Output = ()>,
-    make: M,
+    protocol: P,
 ) where
     H: Handshake,
-    M: Fn(&H::Io) -> S + Send + Sync + 'static,
-    S: hyper::service::Service<hyper::Request<RequestBody>, Response = hyper::Response<B>>
-        + Send
-        + Sync
-        + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: hyper::body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    P: Protocol<H::Io>,
 {
-    let http = Arc::new(http_builder(&limits));
     let handshake = Arc::new(handshake);
-    let make = Arc::new(make);
+    let protocol = Arc::new(protocol);
     let handshakes = Arc::new(tokio::sync::Semaphore::new(limits.max_handshakes));
     let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let sources = Arc::new(Sources::new(limits.per_source));
@@ -311,17 +329,16 @@ pub async fn serve<H, M, S, B>(
         let conn = Connection {
             peer,
             limits,
-            http: http.clone(),
             slots: slots.clone(),
             stop: stop_rx.clone(),
             handshakes: handshakes.clone(),
             handshaking: handshaking.clone(),
             established: established.clone(),
         };
-        let (handshake, make) = (handshake.clone(), make.clone());
+        let (handshake, protocol) = (handshake.clone(), protocol.clone());
         tokio::spawn(async move {
             let _source = source;
-            conn.run(stream, budget, &*handshake, &*make).await;
+            conn.run(stream, budget, &*handshake, &*protocol).await;
         });
     }
     drop(listener);
@@ -370,7 +387,6 @@ impl CloseSignal {
 struct Connection {
     peer: SocketAddr,
     limits: Limits,
-    http: Arc<auto::Builder<TokioExecutor>>,
     slots: Arc<tokio::sync::Semaphore>,
     stop: tokio::sync::watch::Receiver<bool>,
     handshakes: Arc<tokio::sync::Semaphore>,
@@ -477,19 +493,10 @@ impl Connection {
         Some(established)
     }
 
-    async fn run<H, M, S, B>(mut self, tcp: TcpStream, budget: Budget, handshake: &H, make: &M)
+    async fn run<H, P>(mut self, tcp: TcpStream, budget: Budget, handshake: &H, protocol: &P)
     where
         H: Handshake,
-        M: Fn(&H::Io) -> S,
-        S: hyper::service::Service<hyper::Request<RequestBody>, Response = hyper::Response<B>>
-            + Send
-            + Sync
-            + 'static,
-        S::Future: Send + 'static,
-        S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-        B: hyper::body::Body + Send + 'static,
-        B::Data: Send,
-        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+        P: Protocol<H::Io>,
     {
         let peer = self.peer;
         let Some((io, slot)) = self.establish(tcp, budget, handshake).await else {
@@ -511,56 +518,18 @@ impl Connection {
             }
         };
         tokio::pin!(evicted);
-        let svc = Arc::new(make(&io));
-        let body_timeout = self.limits.body_timeout;
-        let tracked = activity.clone();
-        let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-            let in_flight = tracked.begin();
-            let watched = bodies.clone();
-            let answer = hyper::service::Service::call(
-                &*svc,
-                req.map(|body| RequestBody::new(body, body_timeout).watched(watched)),
-            );
-            async move {
-                let answer = answer.await;
-                drop(in_flight);
-                answer
-            }
-        });
-        let conn = self
-            .http
-            .serve_connection_with_upgrades(TokioIo::new(io), svc)
-            .into_owned();
-        // The connection runs in a task of its own that polls nothing else: a task is
-        // polled whole on every wake-up, and what the watching task below waits on (the
-        // stop signal, CRL reloads: channels every connection shares, whose waiting
-        // futures take a shared lock when polled) would otherwise be polled on every read
-        // and write. It hears a request to close gracefully through `signal`, which costs
-        // it one atomic load per poll.
         let signal = Arc::new(CloseSignal::default());
-        let heard = signal.clone();
-        let served = tokio::spawn(async move {
-            let mut conn = std::pin::pin!(conn);
-            let mut registered: Option<std::task::Waker> = None;
-            let mut shutting = false;
-            let r = std::future::poll_fn(|cx| {
-                if !shutting {
-                    if registered.as_ref().is_none_or(|w| !w.will_wake(cx.waker())) {
-                        heard.register(cx.waker());
-                        registered = Some(cx.waker().clone());
-                    }
-                    if heard.asked.load(Ordering::Acquire) {
-                        shutting = true;
-                        conn.as_mut().graceful_shutdown();
-                    }
-                }
-                conn.as_mut().poll(cx)
-            })
-            .await;
-            if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        // The connection is served in a task of its own, which polls nothing else (see
+        // `Served::closing`).
+        let served = tokio::spawn(protocol.serve(
+            io,
+            Served {
+                peer,
+                activity: activity.clone(),
+                bodies,
+                signal: signal.clone(),
+            },
+        ));
         let watch = Watch {
             served,
             signal,

@@ -153,7 +153,7 @@ pub(super) struct Activity {
 }
 
 /// One request in flight; its end is the connection's last activity.
-pub(super) struct InFlight(Arc<Activity>);
+pub struct InFlight(Arc<Activity>);
 
 impl Activity {
     pub(super) fn new() -> Arc<Self> {
