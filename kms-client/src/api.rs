@@ -265,6 +265,11 @@ pub enum Algorithm {
     /// for protection beyond 2030: choose it for DKE keys only.
     #[serde(rename = "rsa-oaep-2048-sha256")]
     RsaOaep2048Sha256,
+    /// Not a key: a client's secret (a password, a seed) registered through KMIP as
+    /// Secret Data, only ever handed back by KMIP Get (`docs/kmip.md`). It wraps,
+    /// encrypts and rotates nothing; the native API cannot create one.
+    #[serde(rename = "secret-data")]
+    SecretData,
 }
 
 impl Algorithm {
@@ -275,13 +280,20 @@ impl Algorithm {
             Algorithm::RsaOaep3072Sha256 => "rsa-oaep-3072-sha256",
             Algorithm::RsaOaep4096Sha256 => "rsa-oaep-4096-sha256",
             Algorithm::RsaOaep2048Sha256 => "rsa-oaep-2048-sha256",
+            Algorithm::SecretData => "secret-data",
         }
+    }
+
+    /// Whether this is a key (wraps, encrypts, rotates): every algorithm but
+    /// `secret-data`.
+    pub fn is_key(self) -> bool {
+        !matches!(self, Algorithm::SecretData)
     }
 
     /// RSA modulus size in bits, for the RSA algorithms.
     pub fn rsa_bits(self) -> Option<usize> {
         match self {
-            Algorithm::Aes256Gcm => None,
+            Algorithm::Aes256Gcm | Algorithm::SecretData => None,
             Algorithm::RsaOaep3072Sha256 => Some(3072),
             Algorithm::RsaOaep4096Sha256 => Some(4096),
             Algorithm::RsaOaep2048Sha256 => Some(2048),

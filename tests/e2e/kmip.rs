@@ -225,8 +225,6 @@ async fn register_and_get_only_what_is_extractable() {
         &kmip.call(json!({"as": "admin-a", "op": "register_key", "name": "short", "key": short, "length": 128})),
         "INVALID_FIELD",
     );
-    let secret = kmip.call(json!({"as": "admin-a", "op": "register_secret", "name": "pw", "data": B64.encode(b"hunter2")}));
-    refused(&secret, "FEATURE_NOT_SUPPORTED");
 
     // The registered key works in Keyhold once activated and granted.
     kmip.call(json!({"as": "admin-a", "op": "activate", "uid": "registered"}));
@@ -277,6 +275,93 @@ async fn register_and_get_only_what_is_extractable() {
     assert!(
         !audit.to_string().contains(&key64),
         "key material in the audit trail"
+    );
+}
+
+/// Secret Data (a password, a seed): registered only with Extractable (it is of no use
+/// but to be read back), read only by Get (audited, alerted), found by Locate under its
+/// object type, and of no use to any key operation of any protocol: KMIP Encrypt, the
+/// native wrap, rotation; the native API cannot create one. Destroyed, it is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_data_is_kept_only_to_be_read_back() {
+    let s = kmip_server().await;
+    let mut kmip = PyKmip::open(&s, Some("1.4"));
+    let pw = B64.encode(b"correct horse battery staple");
+    refused(
+        &kmip.call(json!({"as": "admin-a", "op": "register_secret", "name": "kept", "data": pw})),
+        "INVALID_FIELD",
+    );
+    refused(
+        &kmip.call(json!({"as": "app-a", "op": "register_secret", "name": "by-app", "data": pw, "extractable": true})),
+        "PERMISSION_DENIED",
+    );
+    let out = kmip.call(json!({"as": "admin-a", "op": "register_secret", "name": "pw", "data": pw, "extractable": true}));
+    assert_eq!(out["uid"], "pw", "{out}");
+    let got = kmip.call(json!({"as": "admin-a", "op": "get_secret", "uid": "pw"}));
+    assert_eq!(
+        (
+            got["data"].as_str(),
+            got["object"].as_str(),
+            got["kind"].as_str()
+        ),
+        (Some(pw.as_str()), Some("SecretData"), Some("PASSWORD")),
+        "{got}"
+    );
+    let attrs = kmip.call(json!({"as": "admin-a", "op": "get_attributes", "uid": "pw", "names": ["Object Type", "State"]}));
+    assert_eq!(attrs["attributes"]["Object Type"], "SECRET_DATA", "{attrs}");
+    let secrets = kmip.call(json!({"as": "admin-a", "op": "locate", "object_type": "SECRET_DATA"}));
+    assert_eq!(secrets["uids"], json!(["pw"]), "{secrets}");
+    let keys = kmip.call(json!({"as": "admin-a", "op": "locate", "object_type": "SYMMETRIC_KEY"}));
+    assert!(
+        !keys["uids"].as_array().unwrap().contains(&json!("pw")),
+        "{keys}"
+    );
+
+    // No key operation takes it, on KMIP or the native API; the native API makes none.
+    kmip.call(json!({"as": "admin-a", "op": "activate", "uid": "pw"}));
+    let r = put(
+        &s.client(Some("admin-a")),
+        &s.url("/v1/keys/pw/grants"),
+        json!({"grants": [{"identity": APP_A, "operations": ["wrap", "unwrap", "datakey"]}]}),
+    )
+    .await;
+    assert_eq!(r.0, 200, "{r:?}");
+    let enc =
+        kmip.call(json!({"as": "app-a", "op": "encrypt", "uid": "pw", "data": B64.encode(b"x")}));
+    assert!(enc.get("status").is_some(), "a secret encrypted: {enc}");
+    let app = s.client(Some("app-a"));
+    let wrap = crate::post(&app, &s.url("/v1/keys/pw/datakey"), json!({})).await;
+    assert_eq!(wrap.0, 400, "{wrap:?}");
+    let admin = s.client(Some("admin-a"));
+    let rotate = crate::post(&admin, &s.url("/v1/keys/pw/rotate"), json!({})).await;
+    assert_eq!(rotate.0, 400, "{rotate:?}");
+    let create = crate::post(
+        &admin,
+        &s.url("/v1/keys"),
+        json!({"name": "native-secret", "algorithm": "secret-data"}),
+    )
+    .await;
+    assert_eq!(create.0, 400, "{create:?}");
+
+    let (status, audit) = get(&s.client(Some("auditor-a")), &s.url("/v1/audit?limit=1000")).await;
+    assert_eq!(status, 200, "{audit}");
+    let exported = audit["records"].as_array().unwrap().iter().any(|r| {
+        r["operation"] == "KMIP Get" && r["key"] == "pw" && r["attributes"]["exported"] == "true"
+    });
+    assert!(exported, "no audit record of the export: {audit}");
+    assert!(
+        !audit.to_string().contains(&pw),
+        "the secret in the audit trail"
+    );
+
+    kmip.call(
+        json!({"as": "admin-a", "op": "revoke", "uid": "pw", "reason": "CESSATION_OF_OPERATION"}),
+    );
+    kmip.call(json!({"as": "admin-a", "op": "destroy", "uid": "pw"}));
+    let gone = kmip.call(json!({"as": "admin-a", "op": "get_secret", "uid": "pw"}));
+    assert!(
+        gone.get("status").is_some(),
+        "a destroyed secret read: {gone}"
     );
 }
 

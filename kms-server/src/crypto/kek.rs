@@ -37,6 +37,9 @@ pub enum Kek {
     Aes(SecretKey),
     /// An RSA-OAEP-SHA256 key pair.
     Rsa(RsaKek),
+    /// Not a key: Secret Data a KMIP client registered, kept to be read back; it wraps
+    /// and opens nothing.
+    Secret(SecretVec),
 }
 
 /// An RSA key pair held for OAEP: the private half decrypts (unwrap), the public half
@@ -53,6 +56,7 @@ impl std::fmt::Debug for Kek {
         match self {
             Kek::Aes(_) => f.write_str("Kek::Aes([REDACTED])"),
             Kek::Rsa(r) => write!(f, "Kek::Rsa({} bits, [REDACTED])", r.bits()),
+            Kek::Secret(_) => f.write_str("Kek::Secret([REDACTED])"),
         }
     }
 }
@@ -70,6 +74,11 @@ impl Kek {
     /// New material for `algorithm`, and its stored form (to be sealed). RSA generation
     /// takes from a tenth of a second to a few seconds: call it off the async workers.
     pub fn generate(algorithm: Algorithm) -> Result<(Self, SecretVec), Error> {
+        if !algorithm.is_key() {
+            return Err(Error::InvalidRequest(
+                "secret data is registered through KMIP, never generated".into(),
+            ));
+        }
         match algorithm.rsa_bits() {
             None => {
                 let key = SecretKey::generate()?;
@@ -90,6 +99,9 @@ impl Kek {
 
     /// Material from its stored form (decrypted from the version record).
     pub fn from_stored(algorithm: Algorithm, bytes: &[u8]) -> Result<Self, Error> {
+        if !algorithm.is_key() {
+            return Ok(Kek::Secret(SecretVec::new(bytes.to_vec())));
+        }
         match algorithm.rsa_bits() {
             None => SecretKey::from_slice(bytes)
                 .map(Kek::Aes)
@@ -115,6 +127,9 @@ impl Kek {
         match self {
             Kek::Aes(key) => format::wrap(key, header, dek, canonical_context),
             Kek::Rsa(rsa) => rsa.wrap(header, dek, canonical_context),
+            Kek::Secret(_) => Err(Error::InvalidRequest(
+                "this object is secret data, not a key: it wraps nothing".into(),
+            )),
         }
     }
 
@@ -127,6 +142,7 @@ impl Kek {
         match self {
             Kek::Aes(key) => format::unwrap(key, wrapped, canonical_context),
             Kek::Rsa(rsa) => rsa.unwrap(wrapped, canonical_context),
+            Kek::Secret(_) => Err(OpenFailed),
         }
     }
 
@@ -136,7 +152,7 @@ impl Kek {
     /// for AES keys.
     pub fn decrypt_unlabelled(&self, ciphertext: &[u8]) -> Option<Result<SecretVec, OpenFailed>> {
         match self {
-            Kek::Aes(_) => None,
+            Kek::Aes(_) | Kek::Secret(_) => None,
             Kek::Rsa(r) => Some(if ciphertext.len() == r.private.key_size_bytes() {
                 decrypt_oaep_sha256(&r.private, ciphertext, &[])
             } else {
@@ -148,7 +164,7 @@ impl Kek {
     /// The RSA public key (SubjectPublicKeyInfo DER); `None` for symmetric keys.
     pub fn public_key_der(&self) -> Option<&[u8]> {
         match self {
-            Kek::Aes(_) => None,
+            Kek::Aes(_) | Kek::Secret(_) => None,
             Kek::Rsa(r) => Some(&r.spki),
         }
     }

@@ -20,6 +20,9 @@ use crate::base::error::Error;
 use crate::crypto::aead;
 use crate::crypto::format::KeyId;
 use crate::crypto::secret::SecretVec;
+
+/// The largest secret KMIP may register as Secret Data, bytes (passwords, seeds, tokens).
+pub const MAX_SECRET_DATA: usize = 8192;
 use crate::storage::{StoreError, Table, WriteBatch};
 
 /// How often a key update is applied again after another writer's commit came first.
@@ -111,12 +114,39 @@ impl Keyring {
     ) -> Result<KeyInfo, Error> {
         let key = crate::crypto::secret::SecretKey::from_slice(material)
             .ok_or_else(|| Error::InvalidRequest("an AES-256 key is 32 bytes".into()))?;
+        let stored = SecretVec::new(key.expose_secret().to_vec());
         let origin = Origin {
             pre_active: true,
             extractable,
-            material: Some(key),
+            material: Some((crate::crypto::kek::Kek::Aes(key), stored)),
         };
         self.create(tenant, name, Algorithm::Aes256Gcm, None, Vec::new(), origin)
+    }
+
+    /// Keeps a client's secret (KMIP Register of Secret Data: a password, a seed) under
+    /// `name`, pre-active and extractable: sealed as key material is, used by nothing, only
+    /// ever read back ([`crate::keyring::Lookups::export_extractable`]). At most
+    /// [`MAX_SECRET_DATA`] bytes.
+    pub fn register_secret(&self, tenant: &str, name: &str, data: &[u8]) -> Result<KeyInfo, Error> {
+        if data.is_empty() || data.len() > MAX_SECRET_DATA {
+            return Err(Error::InvalidRequest(format!(
+                "secret data is 1 to {MAX_SECRET_DATA} bytes"
+            )));
+        }
+        let kek = crate::crypto::kek::Kek::from_stored(Algorithm::SecretData, data)?;
+        let origin = Origin {
+            pre_active: true,
+            extractable: true,
+            material: Some((kek, SecretVec::new(data.to_vec()))),
+        };
+        self.create(
+            tenant,
+            name,
+            Algorithm::SecretData,
+            None,
+            Vec::new(),
+            origin,
+        )
     }
 
     /// Key `name`'s KMIP lifecycle ([`Lifecycle`]).
@@ -163,10 +193,7 @@ impl Keyring {
         self.unsealed()?;
         // Before the lock: RSA generation can take seconds.
         let (material, stored) = match origin.material {
-            Some(key) => {
-                let stored = SecretVec::new(key.expose_secret().to_vec());
-                (crate::crypto::kek::Kek::Aes(key), stored)
-            }
+            Some(brought) => brought,
             None => crate::crypto::kek::Kek::generate(algorithm)?,
         };
         fail::fail_point!("keyring-create-before-lock");
@@ -776,5 +803,6 @@ mod tests {
 struct Origin {
     pre_active: bool,
     extractable: bool,
-    material: Option<crate::crypto::secret::SecretKey>,
+    /// Material a client brought (decrypted, stored form), else generated.
+    material: Option<(crate::crypto::kek::Kek, SecretVec)>,
 }

@@ -314,9 +314,9 @@ impl Lookups<'_> {
         let kek = self.entries[i].versions.get(&version).ok_or(missing)?;
         match &kek.material {
             crate::crypto::kek::Kek::Aes(key) => Ok((key, &kek.usage)),
-            crate::crypto::kek::Kek::Rsa(_) => Err(Error::InvalidRequest(
-                "detached encryption needs an AES-256 key".into(),
-            )),
+            crate::crypto::kek::Kek::Rsa(_) | crate::crypto::kek::Kek::Secret(_) => Err(
+                Error::InvalidRequest("detached encryption needs an AES-256 key".into()),
+            ),
         }
     }
 
@@ -481,8 +481,19 @@ impl Lookups<'_> {
             return Err(Error::KeyDisabled(record.state));
         }
         let version = record.current_version;
-        let (key, _) = self.aes_version(i, version, Error::Internal("current version missing"))?;
-        Ok(SecretVec::new(key.expose_secret().to_vec()))
+        let kek = self.entries[i]
+            .versions
+            .get(&version)
+            .ok_or(Error::Internal("current version missing"))?;
+        match &kek.material {
+            crate::crypto::kek::Kek::Aes(key) => Ok(SecretVec::new(key.expose_secret().to_vec())),
+            crate::crypto::kek::Kek::Secret(data) => {
+                Ok(SecretVec::new(data.expose_secret().to_vec()))
+            }
+            crate::crypto::kek::Kek::Rsa(_) => Err(Error::InvalidRequest(
+                "only AES-256 keys and secret data are extractable".into(),
+            )),
+        }
     }
 
     /// The id (hex) of key `name` of `who`'s tenant.

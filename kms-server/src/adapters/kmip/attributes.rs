@@ -24,12 +24,12 @@ pub(super) fn readable(call: &Call<'_>, name: &str) -> Result<Object, Failure> {
     if call.who.authorize(Operation::ReadKeys).is_err() && !granted {
         return Err(Failure::denied("reading this object needs a grant on it"));
     }
-    if info.algorithm != Algorithm::Aes256Gcm {
+    let Some(object_type) = object_type(info.algorithm) else {
         return Err(Failure::new(
             t::REASON_ITEM_NOT_FOUND,
-            format!("{name} is not a symmetric key"),
+            format!("{name} is not a symmetric key or secret data"),
         ));
-    }
+    };
     let life = kr
         .lifecycle(&call.who.tenant, name)
         .map_err(|e| failure(&e, call.version))?;
@@ -43,11 +43,28 @@ pub(super) fn readable(call: &Call<'_>, name: &str) -> Result<Object, Failure> {
         // Destroyed, and any state a later version adds: not usable.
         _ => t::STATE_DESTROYED,
     };
-    Ok(Object { info, life, state })
+    Ok(Object {
+        info,
+        life,
+        state,
+        object_type,
+    })
+}
+
+/// The KMIP Object Type of a Keyhold record of `algorithm`, if KMIP sees it: AES keys and
+/// secret data (RSA keys belong to the protocols that use them).
+fn object_type(algorithm: Algorithm) -> Option<u32> {
+    match algorithm {
+        Algorithm::Aes256Gcm => Some(t::OBJECT_SYMMETRIC_KEY),
+        Algorithm::SecretData => Some(t::OBJECT_SECRET_DATA),
+        _ => None,
+    }
 }
 
 /// A key as KMIP sees it.
 pub(super) struct Object {
+    /// Symmetric Key or Secret Data.
+    pub(super) object_type: u32,
     pub(super) info: KeyInfo,
     pub(super) life: crate::keyring::Lifecycle,
     pub(super) state: u32,
@@ -73,18 +90,25 @@ pub(super) fn attributes(
 ) -> Result<Vec<(&'static str, Value)>, Failure> {
     let info = &o.info;
     let created = seconds(&info.created_at);
+    let key = o.object_type == t::OBJECT_SYMMETRIC_KEY;
     let mut out = vec![
         ("Unique Identifier", Value::TextString(info.name.clone())),
-        ("Object Type", Value::Enumeration(t::OBJECT_SYMMETRIC_KEY)),
-        (
-            "Cryptographic Algorithm",
-            Value::Enumeration(t::ALGORITHM_AES),
-        ),
-        ("Cryptographic Length", Value::Integer(KEY_BITS)),
-        (
-            "Cryptographic Usage Mask",
-            Value::Integer(t::USAGE_ENCRYPT | t::USAGE_DECRYPT),
-        ),
+        ("Object Type", Value::Enumeration(o.object_type)),
+    ];
+    if key {
+        out.extend([
+            (
+                "Cryptographic Algorithm",
+                Value::Enumeration(t::ALGORITHM_AES),
+            ),
+            ("Cryptographic Length", Value::Integer(KEY_BITS)),
+            (
+                "Cryptographic Usage Mask",
+                Value::Integer(t::USAGE_ENCRYPT | t::USAGE_DECRYPT),
+            ),
+        ]);
+    }
+    out.extend([
         (
             "Name",
             Value::Structure(vec![
@@ -94,7 +118,7 @@ pub(super) fn attributes(
         ),
         ("State", Value::Enumeration(o.state)),
         ("Initial Date", Value::DateTime(created)),
-    ];
+    ]);
     // Keys of the native API were active from their creation.
     let activated = match o.life.activated_at {
         Some(at) => Some(date(at)),
@@ -129,7 +153,9 @@ pub(super) fn attributes(
     if let Some(d) = &info.deletion_date {
         out.push(("Destroy Date", Value::DateTime(seconds(d))));
     }
-    if digest {
+    // A key's digest; a secret's would be a hash of a password, offered to whoever may
+    // read attributes: not kept.
+    if digest && key {
         let mut keys = call
             .state
             .keyring
@@ -212,7 +238,9 @@ pub(super) fn get_attribute_list(call: Call<'_>) -> Result<Vec<Item>, Failure> {
         .into_iter()
         .map(|(n, _)| n)
         .collect();
-    names.push("Digest");
+    if o.object_type == t::OBJECT_SYMMETRIC_KEY {
+        names.push("Digest");
+    }
     let mut out = vec![text_item(t::UNIQUE_IDENTIFIER, &uid)];
     for n in names {
         out.push(match tag_of(n).filter(|_| call.version.major >= 2) {
@@ -271,18 +299,21 @@ pub(super) fn locate(call: Call<'_>) -> Result<Vec<Item>, Failure> {
         .map_err(|e| failure(&e, call.version))?;
     let mut want_name = None;
     let mut want_state = None;
+    let mut want_type = None;
+    // Cryptographic Algorithm and Length match symmetric keys only.
+    let mut keys_only = false;
     for (name, item) in attributes_in(call.payload, call.version, None)? {
         match (name.as_str(), Some(&item.value)) {
             ("Name", Some(Value::Structure(_))) => {
                 want_name = text(item, t::NAME_VALUE)?.map(str::to_owned);
             }
-            ("Object Type", Some(Value::Enumeration(t::OBJECT_SYMMETRIC_KEY))) => {}
-            // Only symmetric keys here: another type matches nothing.
-            ("Object Type", Some(Value::Enumeration(_))) => return Ok(Vec::new()),
+            ("Object Type", Some(Value::Enumeration(o))) => want_type = Some(*o),
             ("State", Some(Value::Enumeration(s))) => want_state = Some(*s),
-            ("Cryptographic Algorithm", Some(Value::Enumeration(t::ALGORITHM_AES))) => {}
+            ("Cryptographic Algorithm", Some(Value::Enumeration(t::ALGORITHM_AES))) => {
+                keys_only = true;
+            }
             ("Cryptographic Algorithm", Some(Value::Enumeration(_))) => return Ok(Vec::new()),
-            ("Cryptographic Length", Some(Value::Integer(KEY_BITS))) => {}
+            ("Cryptographic Length", Some(Value::Integer(KEY_BITS))) => keys_only = true,
             ("Cryptographic Length", Some(Value::Integer(_))) => return Ok(Vec::new()),
             (other, _) => {
                 return Err(Failure::invalid_field(format!(
@@ -300,8 +331,19 @@ pub(super) fn locate(call: Call<'_>) -> Result<Vec<Item>, Failure> {
         None => 0,
     };
     let mut found = Vec::new();
-    for k in keys.iter().filter(|k| k.algorithm == Algorithm::Aes256Gcm) {
-        if want_name.as_deref().is_some_and(|n| n != k.name) {
+    if keys_only {
+        want_type = match want_type {
+            None | Some(t::OBJECT_SYMMETRIC_KEY) => Some(t::OBJECT_SYMMETRIC_KEY),
+            Some(_) => return Ok(Vec::new()),
+        };
+    }
+    for k in &keys {
+        let Some(object_type) = object_type(k.algorithm) else {
+            continue;
+        };
+        if want_name.as_deref().is_some_and(|n| n != k.name)
+            || want_type.is_some_and(|w| w != object_type)
+        {
             continue;
         }
         // An app locates only what it may read.

@@ -21,7 +21,9 @@ pub(super) fn get(call: Call<'_>) -> Result<Vec<Item>, Failure> {
     call.facts.key = Some(uid.clone());
     let o = readable(&call, &uid)?;
     if o.life.extractable {
-        if let Some(f) = call.payload.child(t::KEY_FORMAT_TYPE) {
+        // A secret comes back in the format it was registered in.
+        let key = o.object_type == t::OBJECT_SYMMETRIC_KEY;
+        if let Some(f) = call.payload.child(t::KEY_FORMAT_TYPE).filter(|_| key) {
             if f.value != Value::Enumeration(t::KEY_FORMAT_RAW) {
                 return Err(Failure::new(
                     t::REASON_KEY_FORMAT_TYPE_NOT_SUPPORTED,
@@ -37,6 +39,7 @@ pub(super) fn get(call: Call<'_>) -> Result<Vec<Item>, Failure> {
         let material = keys
             .export_extractable(&call.who.tenant, &uid)
             .map_err(|e| failure(&e, call.version))?;
+        drop(keys);
         call.facts.version = Some(o.info.current_version);
         call.facts.attributes.push(("exported", "true".to_owned()));
         call.state
@@ -46,6 +49,9 @@ pub(super) fn get(call: Call<'_>) -> Result<Vec<Item>, Failure> {
                 Some(&call.who.identity),
                 format!("KMIP Get of {uid} (tenant {})", call.who.tenant),
             ));
+        if !key {
+            return super::secret::object(&uid, material.expose_secret());
+        }
         let block = Item::structure(
             t::KEY_BLOCK,
             vec![

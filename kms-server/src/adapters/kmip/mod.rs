@@ -36,6 +36,7 @@ mod attributes;
 mod cipher;
 pub mod message;
 pub mod ops;
+mod secret;
 pub mod settings;
 pub mod tags;
 pub mod ttlv;

@@ -300,9 +300,9 @@ pub(super) fn attribute_name(a: &Item) -> Result<&str, Failure> {
 
 /// What a Create or Register template asks of the new object.
 #[derive(Default)]
-struct Template {
+pub(super) struct Template {
     name: Option<String>,
-    extractable: bool,
+    pub(super) extractable: bool,
 }
 
 /// Reads a Template-Attribute: AES-256 only; Extractable is Keyhold's export flag; names
@@ -355,7 +355,7 @@ fn new_name(template: &Template) -> Result<String, Failure> {
 }
 
 /// The template and name of a new object, noted for its audit record.
-fn new_object(call: &mut Call<'_>) -> Result<(Template, String), Failure> {
+pub(super) fn new_object(call: &mut Call<'_>) -> Result<(Template, String), Failure> {
     let template = template(call.payload, call.version)?;
     let name = new_name(&template)?;
     call.facts.key = Some(name.clone());
@@ -393,15 +393,21 @@ fn create(mut call: Call<'_>) -> Result<Vec<Item>, Failure> {
 
 /// Register: a client's AES-256 key (Raw format) becomes a pre-active Keyhold key, its
 /// material sealed as every key's; extractable only if the template says so. Secret Data
-/// is refused: Keyhold holds keys it uses, not a client's secrets.
+/// is kept only to be read back ([`super::secret`]). Other objects (certificates, key
+/// pairs, opaque objects) are refused: Keyhold holds the keys it uses.
 fn register(mut call: Call<'_>) -> Result<Vec<Item>, Failure> {
     authorize(call.who, Operation::ManageKeys, call.version)?;
-    let object = enumeration(call.payload, t::OBJECT_TYPE)?;
-    if object != t::OBJECT_SYMMETRIC_KEY {
-        return Err(Failure::new(
-            t::REASON_FEATURE_NOT_SUPPORTED,
-            format!("Object Type 0x{object:02x}: Keyhold registers AES-256 symmetric keys only"),
-        ));
+    match enumeration(call.payload, t::OBJECT_TYPE)? {
+        t::OBJECT_SYMMETRIC_KEY => {}
+        t::OBJECT_SECRET_DATA => return super::secret::register(&mut call),
+        object => {
+            return Err(Failure::new(
+                t::REASON_FEATURE_NOT_SUPPORTED,
+                format!(
+                    "Object Type 0x{object:02x}: Keyhold registers AES-256 symmetric keys and secret data only"
+                ),
+            ))
+        }
     }
     let block = call
         .payload

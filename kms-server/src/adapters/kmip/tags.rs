@@ -146,6 +146,7 @@ pub const MODE_GCM: u32 = 0x09;
 pub const PADDING_NONE: u32 = 0x01;
 pub const PADDING_PKCS5: u32 = 0x03;
 pub const KEY_FORMAT_RAW: u32 = 0x01;
+pub const KEY_FORMAT_OPAQUE: u32 = 0x02;
 pub const HASH_SHA_256: u32 = 0x06;
 
 // Name Type.
