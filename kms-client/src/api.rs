@@ -13,6 +13,13 @@ use serde::{Deserialize, Serialize, Serializer};
 use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
+mod approvals;
+pub use approvals::{
+    ApprovalAction, ApprovalInfo, ApprovalList, ApprovalPending, ApprovalPolicies, ApprovalPolicy,
+    ApprovalScope, ApprovalStatus, DecideRequest, Gate, SetApprovalPolicyRequest, Vote,
+    APPROVAL_HEADER,
+};
+
 /// An encryption context: a string→string map bound to a wrapped key as associated data.
 ///
 /// Unwrapping with a different context fails. It is not secret, but it is never logged in

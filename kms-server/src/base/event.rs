@@ -58,11 +58,17 @@ pub enum AlertKind {
     AlertsDropped,
     /// Key material handed out: a KMIP Get of a key registered or created extractable.
     KeyExported,
+    /// An operation held for approval (dual control): a request was made.
+    ApprovalRequested,
+    /// A request for approval was approved or denied.
+    ApprovalDecided,
+    /// An approved operation ran.
+    ApprovalExecuted,
 }
 
 impl AlertKind {
     /// Every kind.
-    pub const ALL: [AlertKind; 24] = [
+    pub const ALL: [AlertKind; 27] = [
         Self::Denied,
         Self::LockedOut,
         Self::Sealed,
@@ -87,6 +93,9 @@ impl AlertKind {
         Self::MasterKeyFollowed,
         Self::AlertsDropped,
         Self::KeyExported,
+        Self::ApprovalRequested,
+        Self::ApprovalDecided,
+        Self::ApprovalExecuted,
     ];
 
     /// Its name on the wire and in the docs.
@@ -116,6 +125,9 @@ impl AlertKind {
             Self::MasterKeyFollowed => "master_key_followed",
             Self::AlertsDropped => "alerts_dropped",
             Self::KeyExported => "key_exported",
+            Self::ApprovalRequested => "approval_requested",
+            Self::ApprovalDecided => "approval_decided",
+            Self::ApprovalExecuted => "approval_executed",
         }
     }
 
