@@ -30,6 +30,10 @@ use serde::Serialize;
 
 use crate::api::ZeroizingBuf;
 use crate::api::{
+    ApprovalInfo, ApprovalList, ApprovalPolicies, ApprovalPolicy, ApprovalScope, DecideRequest,
+    SetApprovalPolicyRequest,
+};
+use crate::api::{
     AuditChain, AuditPage, BatchItem, BatchRequest, BatchResponse, BatchResult, Context,
     CreateKeyRequest, DatakeyRequest, DatakeyResponse, ErrorCode, ErrorResponse, KeyInfo, KeyList,
     Passphrase, PublicKeyResponse, RewrapRequest, SecretBytes, SysStatus, UnsealRequest,
@@ -289,6 +293,7 @@ impl ClientBuilder {
                 max_response,
                 max_backup,
             }),
+            approval: None,
         })
     }
 }
@@ -315,6 +320,21 @@ struct Inner {
 #[derive(Clone)]
 pub struct Client {
     inner: Arc<Inner>,
+    /// The approved request (dual control) this client's operations run: sent as the
+    /// `Keyhold-Approval` header.
+    approval: Option<Arc<str>>,
+}
+
+impl Client {
+    /// This client, sending the id of an approved request (`docs/approvals.md`) with each
+    /// of its operations: the operation the request describes runs, once. Shares the
+    /// connections of `self`.
+    pub fn with_approval(&self, id: &str) -> Client {
+        Client {
+            inner: self.inner.clone(),
+            approval: Some(Arc::from(id)),
+        }
+    }
 }
 
 impl Client {
@@ -377,7 +397,8 @@ impl Client {
         limit: usize,
     ) -> Result<(StatusCode, ZeroizingBuf), Attempt> {
         let endpoint = &self.inner.endpoints[idx];
-        let fut = self.inner.transport.send(idx, method, path, body, limit);
+        let approval = self.approval.as_deref();
+        let fut = (self.inner.transport).send(idx, method, path, body, limit, approval);
         match tokio::time::timeout(self.inner.request_timeout, fut).await {
             Ok(Ok(r)) => Ok(r),
             Ok(Err(SendError::NotSent(e))) => Err(Attempt::NotSent(e)),
@@ -809,10 +830,68 @@ impl Client {
         Ok(resp.lifted)
     }
 
+    // ---- approvals (dual control) ----
+
+    /// `GET /v1/approvals`: the requests for approval the caller may read, newest first.
+    pub async fn approvals(&self) -> Result<ApprovalList, Error> {
+        self.get("/v1/approvals").await
+    }
+
+    /// `GET /v1/approvals/{id}`.
+    pub async fn approval(&self, id: &str) -> Result<ApprovalInfo, Error> {
+        self.get(&format!("/v1/approvals/{}", check_approval_id(id)?))
+            .await
+    }
+
+    /// `POST /v1/approvals/{id}/approve` (or `/deny` when `approve` is false): this
+    /// caller's decision on another operator's request. Not repeated automatically (a
+    /// repeat is refused as a second vote).
+    pub async fn decide_approval(
+        &self,
+        id: &str,
+        approve: bool,
+        reason: Option<&str>,
+    ) -> Result<ApprovalInfo, Error> {
+        let verb = if approve { "approve" } else { "deny" };
+        let path = format!("/v1/approvals/{}/{verb}", check_approval_id(id)?);
+        let req = DecideRequest {
+            reason: reason.map(str::to_owned),
+        };
+        self.post(&path, &req, Repeat::Unsafe).await
+    }
+
+    /// `GET /v1/approvals/policy`: the caller's tenant's approval policy and the service's.
+    pub async fn approval_policies(&self) -> Result<ApprovalPolicies, Error> {
+        self.get("/v1/approvals/policy").await
+    }
+
+    /// `PUT /v1/approvals/policy`: sets (or, `None`, removes) the approval policy of
+    /// `scope` (may itself wait for approvals: [`Error::ApprovalPending`]).
+    pub async fn set_approval_policy(
+        &self,
+        scope: ApprovalScope,
+        policy: Option<ApprovalPolicy>,
+    ) -> Result<ApprovalPolicies, Error> {
+        let body = json_body(&SetApprovalPolicyRequest { scope, policy })?;
+        self.call(Method::PUT, "/v1/approvals/policy", body, Repeat::Unsafe)
+            .await
+    }
+
     /// `POST /v1/sys/seal`.
     pub async fn seal(&self) -> Result<SysStatus, Error> {
         self.post("/v1/sys/seal", &serde_json::json!({}), Repeat::Safe)
             .await
+    }
+}
+
+/// An approval request's id (32 hex digits), checked before it goes into a path.
+fn check_approval_id(id: &str) -> Result<&str, Error> {
+    if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(id)
+    } else {
+        Err(Error::Config(format!(
+            "{id:?} is not an approval request's id (32 hex digits)"
+        )))
     }
 }
 
@@ -824,6 +903,11 @@ fn json_body<B: Serialize + ?Sized>(body: &B) -> Result<Bytes, Error> {
 }
 
 fn decode<T: DeserializeOwned>(status: StatusCode, bytes: &[u8]) -> Result<T, Error> {
+    if status == StatusCode::ACCEPTED {
+        if let Ok(pending) = serde_json::from_slice::<crate::api::ApprovalPending>(bytes) {
+            return Err(Error::ApprovalPending(Box::new(pending)));
+        }
+    }
     if status.is_success() {
         return serde_json::from_slice(bytes).map_err(|e| Error::InvalidResponse {
             status: status.as_u16(),

@@ -60,6 +60,11 @@ pub enum Error {
         /// The limit, bytes.
         limit: usize,
     },
+    /// The operation waits for approvals (dual control, `docs/approvals.md`): nothing ran.
+    /// Other operators approve the request; then its requester sends the operation again
+    /// through [`crate::Client::with_approval`].
+    #[error("{}", .0.message)]
+    ApprovalPending(Box<crate::api::ApprovalPending>),
     /// The client configuration is invalid (files, URLs, names).
     #[error("client configuration: {0}")]
     Config(String),

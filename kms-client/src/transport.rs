@@ -170,6 +170,7 @@ impl Transport {
         method: &Method,
         path: &str,
         body: &Bytes,
+        approval: Option<&str>,
     ) -> Result<Request<Full<Bytes>>, BoxError> {
         let builder = if h2 {
             // HTTP/2 carries the authority in the URI (`:authority`), not in `host`.
@@ -179,14 +180,17 @@ impl Transport {
                 .uri(path)
                 .header("host", pool.authority.as_str())
         };
-        Ok(builder
+        let mut builder = builder
             .method(method.clone())
-            .header("content-type", "application/json")
-            .body(Full::new(body.clone()))?)
+            .header("content-type", "application/json");
+        if let Some(id) = approval {
+            builder = builder.header(crate::api::APPROVAL_HEADER, id);
+        }
+        Ok(builder.body(Full::new(body.clone()))?)
     }
 
-    /// Sends one request to endpoint `idx` and reads the whole answer, at most `limit`
-    /// bytes of body.
+    /// Sends one request to endpoint `idx` (with the id of the approved request it runs,
+    /// if any) and reads the whole answer, at most `limit` bytes of body.
     pub(crate) async fn send(
         &self,
         idx: usize,
@@ -194,6 +198,7 @@ impl Transport {
         path: &str,
         body: &Bytes,
         limit: usize,
+        approval: Option<&str>,
     ) -> Result<(StatusCode, ZeroizingBuf), SendError> {
         let pool = &self.pools[idx];
         // A pooled connection may turn out closed; then one fresh connection is tried.
@@ -205,7 +210,7 @@ impl Transport {
             let (s, fresh) = &mut sender;
             let result = match s {
                 Sender::H1(h1) => {
-                    let req = Self::request(pool, false, method, path, body)
+                    let req = Self::request(pool, false, method, path, body, approval)
                         .map_err(SendError::NotSent)?;
                     if h1.ready().await.is_err() {
                         Err(None)
@@ -219,7 +224,7 @@ impl Transport {
                     }
                 }
                 Sender::H2(h2) => {
-                    let req = Self::request(pool, true, method, path, body)
+                    let req = Self::request(pool, true, method, path, body, approval)
                         .map_err(SendError::NotSent)?;
                     if h2.is_closed() {
                         Err(None)

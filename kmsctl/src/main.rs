@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
 
+mod approvals;
 mod bulk;
 mod files;
 mod output;
@@ -63,6 +64,10 @@ pub(crate) struct Cli {
         value_parser = clap::value_parser!(u32).range(1..=4096)
     )]
     pub(crate) max_response_mib: u32,
+    /// Run the operation an approved request describes (dual control): its id, from
+    /// `kmsctl approvals list`. Only its requester can, once.
+    #[arg(long, global = true, value_name = "ID")]
+    pub(crate) approval: Option<String>,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -189,6 +194,10 @@ pub(crate) enum Command {
     /// Read and verify the audit trail (auditor).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Dual control: requests for approval and the approval policies (admin; --service:
+    /// sys).
+    #[command(subcommand)]
+    Approvals(approvals::ApprovalsCmd),
     /// Seal state (admin).
     #[command(subcommand)]
     Sys(SysCmd),
@@ -462,7 +471,8 @@ impl Command {
                 | SysCmd::Backup { .. }
                 | SysCmd::RotateMaster { .. },
             ) => Role::Sys,
-            Command::Keys(_) | Command::Sys(_) => Role::Admin,
+            Command::Approvals(cmd) if cmd.service() => Role::Sys,
+            Command::Keys(_) | Command::Sys(_) | Command::Approvals(_) => Role::Admin,
             Command::Audit(_) => Role::Auditor,
             _ => Role::App,
         }
@@ -576,6 +586,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         .max_response_bytes(max_response)
         .max_backup_bytes(max_response.max(kms_client::DEFAULT_MAX_BACKUP))
         .build()?;
+    let client = match &cli.approval {
+        Some(id) => client.with_approval(id),
+        None => client,
+    };
     let out = output::Printer::new(resolved.output);
     let ctx =
         |pairs: &Vec<(String, String)>| pairs.iter().cloned().collect::<kms_client::api::Context>();
@@ -800,6 +814,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 Ok(())
             }
         },
+        Command::Approvals(cmd) => approvals::run(cmd, &client, &out).await,
         Command::Completions { .. } => Ok(()),
     }
 }
@@ -820,6 +835,14 @@ fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            let pending = e.chain().find_map(|c| match c.downcast_ref() {
+                Some(kms_client::Error::ApprovalPending(p)) => Some(p),
+                _ => None,
+            });
+            if let Some(p) = pending {
+                eprintln!("{}", approvals::pending_text(p));
+                return ExitCode::from(approvals::PENDING_EXIT);
+            }
             eprintln!("{}", output::explain(&e));
             ExitCode::FAILURE
         }

@@ -18,7 +18,7 @@ pub(crate) struct Printer {
     format: Output,
 }
 
-fn json<T: Serialize>(v: &T) -> anyhow::Result<()> {
+pub(crate) fn json<T: Serialize>(v: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(v)?);
     Ok(())
 }
@@ -201,6 +201,10 @@ pub(crate) fn key_list_table(keys: &[KeyInfo]) -> String {
 impl Printer {
     pub(crate) fn new(format: Output) -> Self {
         Self { format }
+    }
+
+    pub(crate) fn format(&self) -> Output {
+        self.format
     }
 
     pub(crate) fn key_list(&self, keys: &[KeyInfo]) -> anyhow::Result<()> {

@@ -80,11 +80,17 @@ impl BackupVerifier for Restorer {
                     let _ = ring.cancel_deletion(tenant, &dek.key);
                 }
                 let _ = ring.set_enabled(tenant, &dek.key, true);
-                let _ = ring.set_min_decrypt_version(tenant, &dek.key, 1);
+                let _ = ring.set_min_decrypt_version(
+                    tenant,
+                    &dek.key,
+                    1,
+                    kms_server::keyring::Clearance::Cleared,
+                );
                 let _ = ring.set_grants(
                     tenant,
                     &dek.key,
                     crate::workload::grants_of(&[crate::workload::APP.1.to_string()]),
+                    kms_server::keyring::Clearance::Cleared,
                 );
             }
             match ring

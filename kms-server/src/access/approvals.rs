@@ -128,7 +128,7 @@ fn reader_of(who: &Principal, scope: ApprovalScope, tenant: Option<&str>) -> boo
             && who.authorize(Operation::ReadKeys).is_ok())
 }
 
-/// The scope an operation belongs to.
+/// The scope an operation belongs to (a policy change: the scope of that policy).
 pub fn scope_of(gate: Gate) -> ApprovalScope {
     if gate.service_wide() {
         ApprovalScope::Service
@@ -293,15 +293,15 @@ impl Approvals<'_> {
         }
     }
 
-    /// Records `who`'s request to run `action` (an operation `policy` holds).
+    /// Records `who`'s request to run `action` (an operation `policy`, of `scope`, holds).
     pub fn request(
         &self,
         who: &Principal,
+        scope: ApprovalScope,
         gate: Gate,
         action: ApprovalAction,
         policy: &ApprovalPolicy,
     ) -> Result<ApprovalInfo, Error> {
-        let scope = scope_of(gate);
         let mut id = [0u8; 16];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut id)
             .map_err(|_| Error::Internal("random generator failed"))?;
@@ -556,7 +556,13 @@ mod tests {
             who("c", "t", Role::Admin),
         );
         let r = at(100)
-            .request(&a, Gate::Destroy, action(), &policy())
+            .request(
+                &a,
+                ApprovalScope::Tenant,
+                Gate::Destroy,
+                action(),
+                &policy(),
+            )
             .unwrap();
         assert_eq!(r.status, ApprovalStatus::Pending);
         assert!(matches!(
@@ -604,7 +610,13 @@ mod tests {
             who("c", "t", Role::Admin),
         );
         let r = at(0)
-            .request(&a, Gate::Destroy, action(), &policy())
+            .request(
+                &a,
+                ApprovalScope::Tenant,
+                Gate::Destroy,
+                action(),
+                &policy(),
+            )
             .unwrap();
         at(10).decide(&b, &r.id, true, None).unwrap();
         at(20).decide(&c, &r.id, true, None).unwrap();
@@ -615,7 +627,13 @@ mod tests {
         assert!(at(3600).claim(&a, &r.id, Gate::Destroy, &action()).is_err());
 
         let r = at(0)
-            .request(&a, Gate::Destroy, action(), &policy())
+            .request(
+                &a,
+                ApprovalScope::Tenant,
+                Gate::Destroy,
+                action(),
+                &policy(),
+            )
             .unwrap();
         at(1).decide(&b, &r.id, true, None).unwrap();
         at(2)
@@ -636,7 +654,13 @@ mod tests {
         };
         let a = who("a", "t", Role::Admin);
         let r = ledger
-            .request(&a, Gate::Destroy, action(), &policy())
+            .request(
+                &a,
+                ApprovalScope::Tenant,
+                Gate::Destroy,
+                action(),
+                &policy(),
+            )
             .unwrap();
         let key = Approvals::request_key(&r.id);
         let stored = store.get(Table::Meta, &key).unwrap().unwrap();

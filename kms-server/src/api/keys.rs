@@ -12,10 +12,13 @@ use kms_client::api::{
     MinVersionDryRun, MinVersionDryRunRequest, PublicKeyQuery, PublicKeyResponse,
     ScheduleDeletionRequest, SetGrantsRequest,
 };
+use kms_client::api::{Gate, Grant};
 
+use super::approvals::{self, ApprovalId, Gated};
 use super::{blocking, ApiJson, AppState, AuditNote, Caller, KeyName, Used};
 use crate::access::policy::Operation;
 use crate::base::error::Error;
+use crate::keyring::Clearance;
 
 /// Shortest automatic rotation period accepted.
 const MIN_ROTATION: Duration = Duration::from_secs(24 * 3600);
@@ -36,25 +39,43 @@ pub fn rotation_period(text: Option<&str>) -> Result<Option<Duration>, Error> {
     Ok(Some(d))
 }
 
-/// `POST /v1/keys` → 201 KeyInfo.
+/// `POST /v1/keys` → 201 KeyInfo. A key created with grants gives itself to identities:
+/// held for approval when the tenant's policy holds `grant`.
 pub async fn create(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    approval: ApprovalId,
     note: AuditNote,
     ApiJson(req): ApiJson<CreateKeyRequest>,
-) -> Result<(StatusCode, Json<KeyInfo>), Error> {
+) -> Result<Gated<(StatusCode, Json<KeyInfo>)>, Error> {
     note.key(&req.name);
     caller.authorize(Operation::ManageKeys)?;
     crate::keyring::validate_name(&req.name)?;
     let period = rotation_period(req.rotation_period.as_deref())?;
     let algorithm = req.algorithm.unwrap_or_default();
-    let info = blocking(move || {
-        state
-            .keyring
-            .create_key(&caller.tenant, &req.name, algorithm, period, req.grants)
-    })
-    .await?;
-    Ok((StatusCode::CREATED, Json(info)))
+    let st = state.clone();
+    let tenant = caller.tenant.clone();
+    let gated = !req.grants.is_empty();
+    let action = approvals::action("POST", "/v1/keys".into(), &req)?;
+    let create = move || {
+        st.keyring
+            .create_key(&tenant, &req.name, algorithm, period, req.grants)
+    };
+    let answer = if gated {
+        approvals::run(
+            &state,
+            &caller,
+            Gate::Grant,
+            action,
+            approval,
+            &note,
+            create,
+        )
+        .await?
+    } else {
+        Gated::Ran(blocking(create).await?)
+    };
+    Ok(answer.map(|info| (StatusCode::CREATED, Json(info))))
 }
 
 /// `GET /v1/keys`.
@@ -172,21 +193,29 @@ pub async fn enable(
     Ok(Json(info))
 }
 
-/// `POST /v1/keys/{name}/schedule-deletion`.
+/// `POST /v1/keys/{name}/schedule-deletion` (held for approval when the tenant's policy
+/// holds `destroy`).
 pub async fn schedule_deletion(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
     KeyName(name): KeyName,
+    approval: ApprovalId,
+    note: AuditNote,
     ApiJson(req): ApiJson<ScheduleDeletionRequest>,
-) -> Result<Json<KeyInfo>, Error> {
+) -> Result<Gated<Json<KeyInfo>>, Error> {
     caller.authorize(Operation::ManageKeys)?;
+    let action = approvals::action("POST", format!("/v1/keys/{name}/schedule-deletion"), &req)?;
     let st = state.clone();
     let tenant = caller.tenant.clone();
-    let info = blocking(move || {
+    let run = move || {
         st.keyring
             .schedule_deletion(&tenant, &name, req.pending_days, st.keyring.clock().now())
-    })
-    .await?;
+    };
+    let info =
+        match approvals::run(&state, &caller, Gate::Destroy, action, approval, &note, run).await? {
+            Gated::Ran(info) => info,
+            Gated::Pending(p) => return Ok(Gated::Pending(p)),
+        };
     state.alerts.raise(crate::security::alert::AlertEvent::new(
         crate::base::event::AlertKind::KeyDeletionScheduled,
         Some(&caller.identity),
@@ -197,7 +226,7 @@ pub async fn schedule_deletion(
             info.deletion_date.as_deref().unwrap_or("?")
         ),
     ));
-    Ok(Json(info))
+    Ok(Gated::Ran(Json(info)))
 }
 
 /// `POST /v1/keys/{name}/cancel-deletion`.
@@ -211,21 +240,41 @@ pub async fn cancel_deletion(
     Ok(Json(info))
 }
 
-/// `PUT /v1/keys/{name}/min-decrypt-version`.
+/// `PUT /v1/keys/{name}/min-decrypt-version` (raising it is held for approval when the
+/// tenant's policy holds `min-decrypt-version`).
 pub async fn min_decrypt_version(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
     KeyName(name): KeyName,
+    approval: ApprovalId,
+    note: AuditNote,
     ApiJson(req): ApiJson<MinDecryptVersionRequest>,
-) -> Result<Json<KeyInfo>, Error> {
+) -> Result<Gated<Json<KeyInfo>>, Error> {
     caller.authorize(Operation::ManageKeys)?;
-    let info = blocking(move || {
-        state
-            .keyring
-            .set_min_decrypt_version(&caller.tenant, &name, req.version)
-    })
-    .await?;
-    Ok(Json(info))
+    let current = state.keyring.key_info(&caller.tenant, &name)?;
+    let action = approvals::action("PUT", format!("/v1/keys/{name}/min-decrypt-version"), &req)?;
+    let st = state.clone();
+    let tenant = caller.tenant.clone();
+    let version = req.version;
+    let run = move |clearance| {
+        move || {
+            st.keyring
+                .set_min_decrypt_version(&tenant, &name, version, clearance)
+        }
+    };
+    let answer = if req.version > current.min_decrypt_version {
+        let gate = Gate::MinDecryptVersion;
+        let run = run(Clearance::Cleared);
+        approvals::run(&state, &caller, gate, action, approval, &note, run).await?
+    } else {
+        Gated::Ran(
+            blocking(run(
+                approvals::clearance(&state, &caller, Gate::Grant).await?
+            ))
+            .await?,
+        )
+    };
+    Ok(answer.map(Json))
 }
 
 /// `POST /v1/keys/{name}/min-decrypt-version/dry-run`: what a proposed
@@ -244,35 +293,83 @@ pub async fn min_version_dry_run(
     Ok(Json(report))
 }
 
-/// `PUT /v1/keys/{name}/grants`: replaces the grants.
+/// Whether `grants` give the key to an identity its grants (`info`'s) do not name yet
+/// (checked again at the stored record: [`Clearance`]).
+fn adds_identity(info: &KeyInfo, grants: &[Grant]) -> bool {
+    grants
+        .iter()
+        .any(|g| !info.grants.iter().any(|old| old.identity == g.identity))
+}
+
+/// `PUT /v1/keys/{name}/grants`: replaces the grants (held for approval when they name a
+/// new identity and the tenant's policy holds `grant`).
 pub async fn set_grants(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
     KeyName(name): KeyName,
+    approval: ApprovalId,
+    note: AuditNote,
     ApiJson(req): ApiJson<SetGrantsRequest>,
-) -> Result<Json<KeyInfo>, Error> {
+) -> Result<Gated<Json<KeyInfo>>, Error> {
     caller.authorize(Operation::ManageKeys)?;
-    let info =
-        blocking(move || state.keyring.set_grants(&caller.tenant, &name, req.grants)).await?;
-    Ok(Json(info))
+    let current = state.keyring.key_info(&caller.tenant, &name)?;
+    let new_identity = adds_identity(&current, &req.grants);
+    let action = approvals::action("PUT", format!("/v1/keys/{name}/grants"), &req)?;
+    let st = state.clone();
+    let tenant = caller.tenant.clone();
+    let run = move |clearance| move || st.keyring.set_grants(&tenant, &name, req.grants, clearance);
+    let answer = if new_identity {
+        let run = run(Clearance::Cleared);
+        approvals::run(&state, &caller, Gate::Grant, action, approval, &note, run).await?
+    } else {
+        Gated::Ran(
+            blocking(run(
+                approvals::clearance(&state, &caller, Gate::Grant).await?
+            ))
+            .await?,
+        )
+    };
+    Ok(answer.map(Json))
 }
 
 /// `PATCH /v1/keys/{name}/grants`: removes and adds grants in one atomic change (see
-/// [`EditGrantsRequest`]), so concurrent edits by two operators both hold.
+/// [`EditGrantsRequest`]), so concurrent edits by two operators both hold (held for
+/// approval when it adds a new identity and the tenant's policy holds `grant`).
 pub async fn edit_grants(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
     KeyName(name): KeyName,
+    approval: ApprovalId,
+    note: AuditNote,
     ApiJson(req): ApiJson<EditGrantsRequest>,
-) -> Result<Json<KeyInfo>, Error> {
+) -> Result<Gated<Json<KeyInfo>>, Error> {
     caller.authorize(Operation::ManageKeys)?;
-    let info = blocking(move || {
-        state
-            .keyring
-            .edit_grants(&caller.tenant, &name, req.add, &req.remove)
-    })
-    .await?;
-    Ok(Json(info))
+    let current = state.keyring.key_info(&caller.tenant, &name)?;
+    let new_identity = adds_identity(&current, &req.add);
+    let action = approvals::action("PATCH", format!("/v1/keys/{name}/grants"), &req)?;
+    let st = state.clone();
+    let tenant = caller.tenant.clone();
+    let run = move |clearance| {
+        move || {
+            st.keyring
+                .edit_grants(&tenant, &name, req.add, &req.remove, clearance)
+        }
+    };
+    let answer = if new_identity {
+        let run = run(Clearance::Cleared);
+        approvals::run(&state, &caller, Gate::Grant, action, approval, &note, run).await?
+    } else {
+        Gated::Ran(
+            blocking(run(approvals::clearance(
+                &state,
+                &caller,
+                Gate::MinDecryptVersion,
+            )
+            .await?))
+            .await?,
+        )
+    };
+    Ok(answer.map(Json))
 }
 
 #[cfg(test)]

@@ -1,6 +1,6 @@
 //! The native v1 API: the router, the shared state, and the extractors every handler
 //! uses. One file per group of routes: [`keys`] (management), [`crypto`] (key use),
-//! [`sys`] (seal state).
+//! [`sys`] (seal state), [`approvals`] (dual control).
 //!
 //! The request path, in order: the TLS layer has already verified the client certificate
 //! and attached its identity ([`PeerIdentity`]); [`track`] counts and times the request
@@ -26,6 +26,7 @@ use crate::base::metrics::Metrics;
 use crate::crypto::seal::Sealer;
 use crate::keyring::Keyring;
 
+pub mod approvals;
 pub mod audit;
 mod completion;
 pub mod crypto;
@@ -199,6 +200,14 @@ pub fn router(state: Arc<AppState>, more: Router<Arc<AppState>>) -> Router {
         .route("/v1/sys/identities/remove", post(sys::remove_identity))
         .route("/v1/sys/backup", get(sys::backup))
         .route("/v1/sys/rotate-master", post(sys::rotate_master))
+        .route("/v1/approvals", get(approvals::list))
+        .route(
+            "/v1/approvals/policy",
+            get(approvals::policies).put(approvals::set_policy),
+        )
+        .route("/v1/approvals/{id}", get(approvals::show))
+        .route("/v1/approvals/{id}/approve", post(approvals::approve))
+        .route("/v1/approvals/{id}/deny", post(approvals::deny))
         .route("/v1/audit", get(audit::list))
         .fallback(|| async { Error::NoRoute })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })

@@ -7,11 +7,12 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::Json;
 use kms_client::api::{
-    IdentityList, LiftLockoutRequest, LiftLockoutResponse, LockoutInfo, LockoutList,
+    Gate, IdentityList, LiftLockoutRequest, LiftLockoutResponse, LockoutInfo, LockoutList,
     RemoveIdentityRequest, SetIdentityRequest, SysStatus, UnsealProgress, UnsealRequest,
 };
 
-use super::{blocking, ApiJson, AppState, Caller};
+use super::approvals::{self, ApprovalId, Gated};
+use super::{blocking, ApiJson, AppState, AuditNote, Caller};
 use crate::access::policy::Operation;
 use crate::base::error::Error;
 use crate::crypto::seal::{SealError, SealMethod, ShamirSealer, ShareInput};
@@ -288,12 +289,19 @@ pub async fn remove_identity(
 pub async fn backup(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
-) -> Result<Json<crate::keyring::backup::Backup>, Error> {
+    approval: ApprovalId,
+    note: AuditNote,
+) -> Result<Gated<Json<crate::keyring::backup::Backup>>, Error> {
     caller.authorize(Operation::Service)?;
+    let action = approvals::action("GET", "/v1/sys/backup".into(), &serde_json::Value::Null)?;
     let st = state.clone();
-    let backup = blocking(move || crate::keyring::backup::export(&st.keyring)).await?;
-    tracing::warn!(identity = %caller.identity, "backup exported");
-    Ok(Json(backup))
+    let export = move || crate::keyring::backup::export(&st.keyring);
+    let gate = Gate::BackupExport;
+    let answer = approvals::run(&state, &caller, gate, action, approval, &note, export).await?;
+    if let Gated::Ran(_) = answer {
+        tracing::warn!(identity = %caller.identity, "backup exported");
+    }
+    Ok(answer.map(Json))
 }
 
 /// `POST /v1/sys/rotate-master`: a new master key; every KEK version re-sealed under it in
@@ -301,26 +309,40 @@ pub async fn backup(
 pub async fn rotate_master(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    approval: ApprovalId,
+    note: AuditNote,
     ApiJson(req): ApiJson<kms_client::api::RotateMasterRequest>,
-) -> Result<Json<kms_client::api::RotateMasterResponse>, Error> {
+) -> Result<Gated<Json<kms_client::api::RotateMasterResponse>>, Error> {
     caller.authorize(Operation::Service)?;
     let passphrase = req
         .passphrase
         .map(|p| zeroize::Zeroizing::new(p.expose_secret().to_owned()));
+    // The passphrase is never kept with a request: it is sent again when it runs.
+    let action = approvals::action(
+        "POST",
+        "/v1/sys/rotate-master".into(),
+        &serde_json::json!({}),
+    )?;
     let st = state.clone();
-    let n = blocking(move || {
+    let rotate = move || {
         let sealer = (st.sealer)(passphrase);
         st.keyring.rotate_master(sealer.as_ref())
-    })
-    .await
-    .inspect_err(|e| count_bad_secret(&state, &caller.identity, e))?;
+    };
+    let gate = Gate::RotateMaster;
+    let n = match approvals::run(&state, &caller, gate, action, approval, &note, rotate)
+        .await
+        .inspect_err(|e| count_bad_secret(&state, &caller.identity, e))?
+    {
+        Gated::Ran(n) => n,
+        Gated::Pending(p) => return Ok(Gated::Pending(p)),
+    };
     tracing::warn!(identity = %caller.identity, versions = n, "master key rotated");
     state.alerts.raise(crate::security::alert::AlertEvent::new(
         crate::base::event::AlertKind::MasterKeyRotated,
         Some(&caller.identity),
         format!("{n} KEK versions re-sealed"),
     ));
-    Ok(Json(kms_client::api::RotateMasterResponse {
+    Ok(Gated::Ran(Json(kms_client::api::RotateMasterResponse {
         versions_resealed: n as u64,
-    }))
+    })))
 }

@@ -28,6 +28,33 @@ use crate::storage::{StoreError, Table, WriteBatch};
 /// How often a key update is applied again after another writer's commit came first.
 const UPDATE_TRIES: usize = 8;
 
+/// Whether a change an approval policy can hold was cleared (`api/approvals.rs`): the
+/// policy does not hold it, or its approvals were redeemed. An uncleared change is checked
+/// at the stored record, in the same compare-and-swap that writes it: a change that turns
+/// out to need approval (a grant to a new identity, a higher `min_decrypt_version`) is
+/// refused rather than slipping past the policy because the key changed in between.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clearance {
+    /// Run it as asked.
+    Cleared,
+    /// Refuse it if it needs approval.
+    Uncleared,
+}
+
+impl Clearance {
+    fn check_grants(self, stored: &[Grant], adding: &[Grant]) -> Result<(), Error> {
+        let new_identity = adding
+            .iter()
+            .any(|g| !stored.iter().any(|old| old.identity == g.identity));
+        if self == Clearance::Uncleared && new_identity {
+            return Err(Error::InvalidState(
+                "a grant to a new identity needs approval under the tenant's dual-control policy (the native API asks for it; if it did not, the key changed meanwhile: send it again)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Keyring {
     /// Moves the erasure keys that key records name in `file` (an embedded store's erasure
     /// file, after `migrate-store` copied its records here) into the shared store's
@@ -573,16 +600,24 @@ impl Keyring {
     }
 
     /// Retires versions below `version` (1 ..= current): they stop unwrapping. Lowering it
-    /// again brings retired versions back while their material is still stored.
+    /// again brings retired versions back while their material is still stored. Raising
+    /// it is refused unless `clearance` is [`Clearance::Cleared`] (dual control decided
+    /// at the stored record, so a change in between cannot slip past the policy).
     pub fn set_min_decrypt_version(
         &self,
         tenant: &str,
         name: &str,
         version: u32,
+        clearance: Clearance,
     ) -> Result<KeyInfo, Error> {
         self.update_key(tenant, name, |_, record, _| {
             if record.state == KeyState::Destroyed {
                 return Err(Error::InvalidState("the key is destroyed"));
+            }
+            if clearance == Clearance::Uncleared && version > record.min_decrypt_version {
+                return Err(Error::InvalidState(
+                    "raising min_decrypt_version needs approval under the tenant's dual-control policy (the native API asks for it; if it did not, the key changed meanwhile: send it again)",
+                ));
             }
             if version == 0 || version > record.current_version {
                 return Err(Error::InvalidRequest(format!(
@@ -595,18 +630,21 @@ impl Keyring {
         })
     }
 
-    /// Replaces a key's grants.
+    /// Replaces a key's grants (a new identity among them only with `clearance`
+    /// [`Clearance::Cleared`]).
     pub fn set_grants(
         &self,
         tenant: &str,
         name: &str,
         grants: Vec<Grant>,
+        clearance: Clearance,
     ) -> Result<KeyInfo, Error> {
         validate_grants(&grants)?;
         self.update_key(tenant, name, |_, record, _| {
             if record.state == KeyState::Destroyed {
                 return Err(Error::InvalidState("the key is destroyed"));
             }
+            clearance.check_grants(&record.grants, &grants)?;
             record.grants = grants.clone();
             Ok(())
         })
@@ -614,19 +652,22 @@ impl Keyring {
 
     /// Removes every grant of the identities in `remove`, then adds `add` (an addition
     /// equal to a grant already there is not repeated), in one compare-and-swap of the key
-    /// record: two operators editing one key's grants at once both see their edit hold.
+    /// record: two operators editing one key's grants at once both see their edit hold. A
+    /// new identity among `add` only with `clearance` [`Clearance::Cleared`].
     pub fn edit_grants(
         &self,
         tenant: &str,
         name: &str,
         add: Vec<Grant>,
         remove: &[String],
+        clearance: Clearance,
     ) -> Result<KeyInfo, Error> {
         validate_grants(&add)?;
         self.update_key(tenant, name, |_, record, _| {
             if record.state == KeyState::Destroyed {
                 return Err(Error::InvalidState("the key is destroyed"));
             }
+            clearance.check_grants(&record.grants, &add)?;
             record.grants.retain(|g| !remove.contains(&g.identity));
             for g in &add {
                 if !record.grants.contains(g) {
@@ -777,10 +818,12 @@ mod tests {
             .unwrap();
         ring.rotate("t", "k").unwrap();
         assert!(matches!(
-            ring.set_min_decrypt_version("t", "k", 3),
+            ring.set_min_decrypt_version("t", "k", 3, Clearance::Cleared),
             Err(Error::InvalidRequest(_))
         ));
-        let info = ring.set_min_decrypt_version("t", "k", 2).unwrap();
+        let info = ring
+            .set_min_decrypt_version("t", "k", 2, Clearance::Cleared)
+            .unwrap();
         assert!(!info.versions[0].can_unwrap);
         assert!(matches!(
             ring.lookups()
@@ -788,7 +831,8 @@ mod tests {
                 .unwrap(&app, &old.wrapped, &Context::new()),
             Err(Error::DecryptFailed)
         ));
-        ring.set_min_decrypt_version("t", "k", 1).unwrap();
+        ring.set_min_decrypt_version("t", "k", 1, Clearance::Cleared)
+            .unwrap();
         assert!(ring
             .lookups()
             .unwrap()

@@ -561,6 +561,7 @@ mod tests {
             "t",
             "k",
             vec![Grant::new("app", &[GrantOperation::Datakey]), unwrap_acme],
+            crate::keyring::Clearance::Cleared,
         )
         .unwrap();
         let acme = ctx("tenant", "acme");
@@ -610,7 +611,7 @@ mod tests {
             )],
         ] {
             assert!(matches!(
-                ring.set_grants("t", "k", bad),
+                ring.set_grants("t", "k", bad, crate::keyring::Clearance::Cleared),
                 Err(Error::InvalidRequest(_))
             ));
         }

@@ -54,7 +54,7 @@ mod restore;
 mod sweeps;
 mod vault;
 
-pub use admin::MAX_SECRET_DATA;
+pub use admin::{Clearance, MAX_SECRET_DATA};
 pub use lookups::{DataKey, DetachedCiphertext, KeyUse, Lookups, Unwrapped, Wrapped, DATAKEY_LEN};
 pub use records::{
     validate_grants, validate_name, KeyRecord, Lifecycle, DELETION_WINDOW_DAYS, MAX_GRANTS,

@@ -139,6 +139,7 @@ fn main() {
                         Grant::new(CRASH_WRITER, &GrantOperation::ALL),
                         Grant::new(keyhold_tests::CRASH_READER, &[GrantOperation::Unwrap]),
                     ],
+                    kms_server::keyring::Clearance::Cleared,
                 )
                 .unwrap();
             writeln!(out, "GRT {name}").unwrap();

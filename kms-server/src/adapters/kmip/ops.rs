@@ -509,6 +509,19 @@ fn destroy(call: Call<'_>) -> Result<Vec<Item>, Failure> {
             "an Active object cannot be destroyed: revoke it first",
         ));
     }
+    let held = crate::api::approvals::holding(
+        call.state,
+        call.who,
+        kms_client::api::ApprovalScope::Tenant,
+        kms_client::api::Gate::Destroy,
+    )
+    .map_err(|e| failure(&e, call.version))?;
+    if held.is_some() {
+        let refused = Error::PermissionDenied(
+            "the tenant's dual-control policy holds destroy for approval: request it with kmsctl keys schedule-deletion",
+        );
+        return Err(failure(&refused, call.version));
+    }
     let kr = &call.state.keyring;
     let days = *crate::keyring::DELETION_WINDOW_DAYS.start();
     kr.schedule_deletion(&call.who.tenant, &uid, days, kr.clock().now())

@@ -268,8 +268,18 @@ async fn config(
             req.allow_plaintext_backup,
             "plaintext backup is not served: keys never leave Keyhold",
         )?;
+        // Under a dual-control policy that holds it, raising is refused here (the native
+        // API asks for the approvals); lowering or keeping it runs.
+        let clearance = crate::api::approvals::clearance(
+            &state,
+            &who,
+            kms_client::api::Gate::MinDecryptVersion,
+        )
+        .await?;
         let info = blocking(move || match req.min_decryption_version {
-            Some(v) => state.keyring.set_min_decrypt_version(&who.tenant, &name, v),
+            Some(v) => state
+                .keyring
+                .set_min_decrypt_version(&who.tenant, &name, v, clearance),
             None => state.keyring.key_info(&who.tenant, &name),
         })
         .await?;
