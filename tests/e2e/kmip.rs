@@ -365,6 +365,36 @@ async fn secret_data_is_kept_only_to_be_read_back() {
     );
 }
 
+/// Under a dual-control policy that holds destroy (issue 28), a KMIP Destroy is refused
+/// with Permission Denied: KMIP has no way to wait for approvals, so the deletion is
+/// requested through the native API, where it waits for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kmip_destroy_is_refused_while_dual_control_holds_it() {
+    let s = kmip_server().await;
+    let mut kmip = PyKmip::open(&s, None);
+    let made = kmip.call(json!({"as": "admin-a", "op": "create", "name": "held"}));
+    assert_eq!(made["uid"], "held", "{made}");
+    let admin = s.kms_client("admin-a");
+    admin
+        .set_approval_policy(
+            kms_client::api::ApprovalScope::Tenant,
+            Some(kms_client::api::ApprovalPolicy {
+                operations: vec![kms_client::api::Gate::Destroy],
+                approvers: 1,
+                window_secs: 3600,
+            }),
+        )
+        .await
+        .unwrap();
+    refused(
+        &kmip.call(json!({"as": "admin-a", "op": "destroy", "uid": "held"})),
+        "PERMISSION_DENIED",
+    );
+    let info = admin.get_key("held").await.unwrap();
+    assert_ne!(info.state, kms_client::api::KeyState::PendingDeletion);
+    assert!(admin.approvals().await.unwrap().approvals.is_empty());
+}
+
 /// A server with a KMIP listener.
 async fn kmip_server() -> TestServer {
     TestServer::start_with(

@@ -1762,3 +1762,82 @@ async fn rotate_master_leaves_no_piece_of_the_passphrase_in_memory() {
         passphrase.len() / 32
     );
 }
+
+/// Dual control through kmsctl (issue 28): the policy, a held deletion (exit status 75,
+/// the request's id on stderr), another admin's `approvals list` and `approve`, the run
+/// with `--approval`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn approvals_through_kmsctl() {
+    let s = TestServer::start().await;
+    s.pki.issue("admin2-a", "spiffe://test/acme/admin2");
+    ok(
+        &s,
+        "admin-a",
+        &[
+            "sys",
+            "set-identity",
+            "spiffe://test/acme/admin2",
+            "--role",
+            "admin",
+        ],
+    )
+    .await;
+    ok(&s, "admin-a", &["keys", "create", "held"]).await;
+    let policy = ok(
+        &s,
+        "admin-a",
+        &[
+            "approvals",
+            "policy",
+            "--operations",
+            "destroy,policy",
+            "--approvers",
+            "1",
+            "--window",
+            "2h",
+        ],
+    )
+    .await;
+    assert!(
+        policy.contains("destroy, policy wait for 1 other approvers, within 7200 s"),
+        "{policy}"
+    );
+
+    let mut args = conn(&s, "admin-a");
+    args.extend(["keys", "schedule-deletion", "held", "--days", "7"].map(String::from));
+    let out = kmsctl(args.clone(), vec![]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(75), "{stderr}");
+    assert!(stderr.contains("waiting for approvals"), "{stderr}");
+
+    let list = json(&ok(&s, "admin2-a", &["approvals", "list", "--output", "json"]).await);
+    let id = list["approvals"][0]["id"].as_str().unwrap().to_owned();
+    assert!(stderr.contains(&id), "{stderr}");
+    assert_eq!(list["approvals"][0]["status"], "pending");
+    let mine = fails(&s, "admin-a", &["approvals", "approve", &id]).await;
+    assert!(mine.contains("requester cannot approve"), "{mine}");
+    let approved = ok(
+        &s,
+        "admin2-a",
+        &["approvals", "approve", &id, "--reason", "ticket 42"],
+    )
+    .await;
+    assert!(approved.contains("approved"), "{approved}");
+
+    args.extend(["--approval".to_owned(), id.clone()]);
+    let out = kmsctl(args.clone(), vec![]).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("pending-deletion"));
+    let again = kmsctl(args, vec![]).await;
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already ran"));
+    let shown = ok(&s, "admin-a", &["approvals", "show", &id]).await;
+    assert!(
+        shown.contains("executed") && shown.contains("ok"),
+        "{shown}"
+    );
+}

@@ -9,6 +9,7 @@
 )]
 
 mod alert;
+mod approvals;
 mod audit;
 mod authz;
 mod backup;
