@@ -53,7 +53,8 @@ pub(crate) enum ApprovalsCmd {
         #[arg(long)]
         service: bool,
         /// The operations held (comma-separated): destroy, min-decrypt-version, grant,
-        /// policy (a tenant's); backup-export, rotate-master, policy (the service's).
+        /// identity, policy (a tenant's); backup-export, rotate-master, policy (the
+        /// service's).
         #[arg(long, value_delimiter = ',', value_parser = parse_gate, requires = "approvers")]
         operations: Vec<Gate>,
         /// Approvers needed besides the requester (1 to 9).
@@ -84,7 +85,7 @@ impl ApprovalsCmd {
 fn parse_gate(s: &str) -> Result<Gate, String> {
     serde_json::from_value(serde_json::Value::String(s.to_owned())).map_err(|_| {
         format!(
-            "{s:?} is not an operation: destroy, min-decrypt-version, grant, policy, backup-export, rotate-master"
+            "{s:?} is not an operation: destroy, min-decrypt-version, grant, identity, policy, backup-export, rotate-master"
         )
     })
 }

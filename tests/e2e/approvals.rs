@@ -279,7 +279,12 @@ async fn the_other_held_operations_wait_too() {
     a.set_approval_policy(
         ApprovalScope::Tenant,
         Some(ApprovalPolicy {
-            operations: vec![Gate::MinDecryptVersion, Gate::Grant, Gate::Policy],
+            operations: vec![
+                Gate::MinDecryptVersion,
+                Gate::Grant,
+                Gate::Identity,
+                Gate::Policy,
+            ],
             approvers: 1,
             window_secs: 3600,
         }),
@@ -346,6 +351,26 @@ async fn the_other_held_operations_wait_too() {
         .unwrap_err(),
     );
     refused(a.get_key("granted").await, ErrorCode::NotFound, 404);
+
+    // A new admin would be a new approver: waits. Another role does not.
+    let req = pending(
+        a.set_identity("spiffe://test/acme/admin4", Role::Admin)
+            .await
+            .unwrap_err(),
+    )
+    .approval;
+    let listed = a.identities().await.unwrap();
+    assert!(!format!("{listed:?}").contains("admin4"), "{listed:?}");
+    a.set_identity("spiffe://test/acme/app9", Role::App)
+        .await
+        .unwrap();
+    b.decide_approval(&req.id, true, None).await.unwrap();
+    let listed = a
+        .with_approval(&req.id)
+        .set_identity("spiffe://test/acme/admin4", Role::Admin)
+        .await
+        .unwrap();
+    assert!(format!("{listed:?}").contains("admin4"), "{listed:?}");
 
     // The policy holds itself: removing it waits as well.
     let req = pending(

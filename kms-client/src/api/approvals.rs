@@ -18,6 +18,9 @@ pub enum Gate {
     MinDecryptVersion,
     /// A grant that gives a key to an identity it did not grant before.
     Grant,
+    /// Mapping an identity to the admin role (`PUT /v1/sys/identities`): a new
+    /// operator, who could then approve.
+    Identity,
     /// Changing this approval policy.
     Policy,
     /// Exporting a backup (service-wide).
@@ -33,6 +36,7 @@ impl Gate {
             Gate::Destroy => "destroy",
             Gate::MinDecryptVersion => "min-decrypt-version",
             Gate::Grant => "grant",
+            Gate::Identity => "identity",
             Gate::Policy => "policy",
             Gate::BackupExport => "backup-export",
             Gate::RotateMaster => "rotate-master",
@@ -64,7 +68,7 @@ fn default_window() -> u64 {
 #[serde(deny_unknown_fields)]
 pub struct ApprovalPolicy {
     /// The operations held for approval (a tenant's: destroy, min-decrypt-version, grant,
-    /// policy; the service's: backup-export, rotate-master, policy).
+    /// identity, policy; the service's: backup-export, rotate-master, policy).
     pub operations: Vec<Gate>,
     /// Distinct approvers needed besides the requester (1 to 9).
     pub approvers: u32,

@@ -240,13 +240,28 @@ pub async fn identities(
 pub async fn set_identity(
     State(state): State<Arc<AppState>>,
     Caller(caller): Caller,
+    approval: ApprovalId,
+    note: AuditNote,
     ApiJson(req): ApiJson<SetIdentityRequest>,
-) -> Result<Json<IdentityList>, Error> {
+) -> Result<Gated<Json<IdentityList>>, Error> {
     caller.authorize(Operation::System)?;
     let st = state.clone();
     let tenant = caller.tenant.clone();
     let identity = req.identity.clone();
-    blocking(move || st.policy.set(&tenant, &identity, req.role)).await?;
+    let role = req.role;
+    let set = move || st.policy.set(&tenant, &identity, role);
+    // A new admin is a new approver: held when the tenant's policy holds `identity`.
+    if role == kms_client::api::Role::Admin {
+        let action = approvals::action("PUT", "/v1/sys/identities".into(), &req)?;
+        let gate = Gate::Identity;
+        if let Gated::Pending(p) =
+            approvals::run(&state, &caller, gate, action, approval, &note, set).await?
+        {
+            return Ok(Gated::Pending(p));
+        }
+    } else {
+        blocking(set).await?;
+    }
     tracing::warn!(by = %caller.identity, identity = %req.identity, role = ?req.role, "identity mapped");
     state.alerts.raise(crate::security::alert::AlertEvent::new(
         crate::base::event::AlertKind::IdentityChanged,
@@ -256,9 +271,9 @@ pub async fn set_identity(
             req.identity, req.role, caller.tenant
         ),
     ));
-    Ok(Json(IdentityList {
+    Ok(Gated::Ran(Json(IdentityList {
         identities: state.policy.list(&caller.tenant),
-    }))
+    })))
 }
 
 /// `POST /v1/sys/identities/remove`: removes a runtime identity of the caller's tenant.
