@@ -19,6 +19,8 @@ pub use approvals::{
     ApprovalScope, ApprovalStatus, DecideRequest, Gate, SetApprovalPolicyRequest, Vote,
     APPROVAL_HEADER,
 };
+mod brake;
+pub use brake::{BrakeHold, BrakeStatus, BrakeSubject, ReleaseBrakeRequest, ReleaseBrakeResponse};
 
 /// An encryption context: a string→string map bound to a wrapped key as associated data.
 ///

@@ -830,6 +830,23 @@ impl Client {
         Ok(resp.lifted)
     }
 
+    /// `GET /v1/sys/brake`: the exfiltration brake's mode and holds.
+    pub async fn brake_status(&self) -> Result<crate::api::BrakeStatus, Error> {
+        self.get("/v1/sys/brake").await
+    }
+
+    /// `POST /v1/sys/brake/release`: lifts the hold on an identity or a key; true if it
+    /// was held.
+    pub async fn release_brake(
+        &self,
+        req: &crate::api::ReleaseBrakeRequest,
+    ) -> Result<bool, Error> {
+        let resp: crate::api::ReleaseBrakeResponse = self
+            .post("/v1/sys/brake/release", req, Repeat::Safe)
+            .await?;
+        Ok(resp.released)
+    }
+
     // ---- approvals (dual control) ----
 
     /// `GET /v1/approvals`: the requests for approval the caller may read, newest first.

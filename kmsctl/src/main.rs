@@ -399,6 +399,17 @@ pub(crate) enum SysCmd {
         /// The identity.
         identity: String,
     },
+    /// The exfiltration brake: its mode and the identities and keys it holds.
+    Brake,
+    /// Release the exfiltration brake's hold on an identity or a key of your tenant.
+    BrakeRelease {
+        /// The identity.
+        #[arg(long, required_unless_present = "key", conflicts_with = "key")]
+        identity: Option<String>,
+        /// The key.
+        #[arg(long)]
+        key: Option<String>,
+    },
     /// Let a locked-out identity in again.
     Unlock {
         /// The identity (as in the audit trail, e.g. a SPIFFE URI).
@@ -803,6 +814,35 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             SysCmd::RemoveIdentity { identity } => {
                 out.identities(&client.remove_identity(identity).await?)
+            }
+            SysCmd::Brake => {
+                let status = client.brake_status().await?;
+                if resolved.output == Output::Json {
+                    return output::json(&status);
+                }
+                println!("mode: {}, action: {}", status.mode, status.action);
+                for h in &status.holds {
+                    println!(
+                        "held: {:?} {} (tenant {}) for {} s",
+                        h.kind, h.name, h.tenant, h.held_secs
+                    );
+                }
+                if status.holds.is_empty() {
+                    println!("no holds");
+                }
+                Ok(())
+            }
+            SysCmd::BrakeRelease { identity, key } => {
+                let req = kms_client::api::ReleaseBrakeRequest {
+                    identity: identity.clone(),
+                    key: key.clone(),
+                };
+                if client.release_brake(&req).await? {
+                    println!("released");
+                } else {
+                    println!("it was not held");
+                }
+                Ok(())
             }
             SysCmd::Unlock { identity } => {
                 let lifted = client.lift_lockout(identity).await?;

@@ -14,6 +14,7 @@ mod audit;
 mod authz;
 mod backup;
 mod bad_input;
+mod brake;
 mod client;
 mod connections;
 mod crash;

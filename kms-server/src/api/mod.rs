@@ -199,6 +199,8 @@ pub fn router(state: Arc<AppState>, more: Router<Arc<AppState>>) -> Router {
         )
         .route("/v1/sys/identities/remove", post(sys::remove_identity))
         .route("/v1/sys/backup", get(sys::backup))
+        .route("/v1/sys/brake", get(sys::brake))
+        .route("/v1/sys/brake/release", post(sys::release_brake))
         .route("/v1/sys/rotate-master", post(sys::rotate_master))
         .route("/v1/approvals", get(approvals::list))
         .route(

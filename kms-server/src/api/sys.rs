@@ -361,3 +361,80 @@ pub async fn rotate_master(
         versions_resealed: n as u64,
     })))
 }
+
+/// `GET /v1/sys/brake`: the exfiltration brake's mode and the holds in force on this node
+/// (the caller's tenant's for an admin; every tenant's for `sys`).
+pub async fn brake(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+) -> Result<Json<kms_client::api::BrakeStatus>, Error> {
+    use crate::access::brake::{Action, Mode, Subject};
+    use kms_client::api::{BrakeHold, BrakeStatus, BrakeSubject};
+    let every_tenant = caller.authorize(Operation::Service).is_ok();
+    if !every_tenant {
+        caller.authorize(Operation::System)?;
+    }
+    let Some(brake) = state.keyring.brake() else {
+        return Ok(Json(BrakeStatus {
+            mode: "off".into(),
+            action: "hold".into(),
+            holds: Vec::new(),
+        }));
+    };
+    let tenant = (!every_tenant).then_some(caller.tenant.as_str());
+    let holds = brake
+        .holds(tenant)
+        .into_iter()
+        .map(|h| {
+            let (kind, tenant, name) = match h.subject {
+                Subject::Identity { tenant, identity } => {
+                    (BrakeSubject::Identity, tenant, identity)
+                }
+                Subject::Key { tenant, key } => (BrakeSubject::Key, tenant, key),
+            };
+            BrakeHold {
+                kind,
+                tenant,
+                name,
+                held_secs: h.held_for.as_secs(),
+            }
+        })
+        .collect();
+    let settings = brake.settings();
+    Ok(Json(BrakeStatus {
+        mode: match settings.mode {
+            Mode::Off => "off",
+            Mode::DryRun => "dry-run",
+            Mode::Enforce => "enforce",
+        }
+        .into(),
+        action: match settings.action {
+            Action::Hold => "hold",
+            Action::Throttle => "throttle",
+        }
+        .into(),
+        holds,
+    }))
+}
+
+/// `POST /v1/sys/brake/release`: lifts the brake's hold on an identity or a key of the
+/// caller's tenant (admin), its budgets full again.
+pub async fn release_brake(
+    State(state): State<Arc<AppState>>,
+    Caller(caller): Caller,
+    ApiJson(req): ApiJson<kms_client::api::ReleaseBrakeRequest>,
+) -> Result<Json<kms_client::api::ReleaseBrakeResponse>, Error> {
+    use crate::access::brake::Subject;
+    caller.authorize(Operation::System)?;
+    let tenant = caller.tenant.clone();
+    let subject = match (req.identity, req.key) {
+        (Some(identity), None) => Subject::Identity { tenant, identity },
+        (None, Some(key)) => Subject::Key { tenant, key },
+        _ => return Err(Error::InvalidRequest("give one of identity or key".into())),
+    };
+    let released = state.keyring.brake().is_some_and(|b| b.release(&subject));
+    if released {
+        tracing::warn!(by = %caller.identity, %subject, "exfiltration brake hold released");
+    }
+    Ok(Json(kms_client::api::ReleaseBrakeResponse { released }))
+}

@@ -351,6 +351,29 @@ fn build_state(
             alerts.raise(crate::security::alert::AlertEvent::new(kind, None, detail));
         }));
     }
+    {
+        // The exfiltration brake: charged by every unwrap; a breach is alerted when it
+        // begins.
+        let alerts = alerts.clone();
+        let brake = crate::access::brake::Brake::new(settings.brake.clone(), move |b| {
+            let who = match &b.subject {
+                crate::access::brake::Subject::Identity { identity, .. } => Some(identity.as_str()),
+                crate::access::brake::Subject::Key { .. } => None,
+            };
+            tracing::warn!(subject = %b.subject, response = b.response, "exfiltration brake");
+            alerts.raise(crate::security::alert::AlertEvent::new(
+                crate::base::event::AlertKind::ExfiltrationSuspected,
+                who,
+                format!(
+                    "{} went past {} unwraps per {} s: {}",
+                    b.subject, b.budget.unwraps, b.budget.per_secs, b.response
+                ),
+            ));
+        });
+        if let Some(brake) = brake {
+            keyring.set_brake(Arc::new(brake));
+        }
+    }
     let audit = if settings.audit_enabled {
         crate::security::audit::AuditLog::start_with(
             keyring.store().clone(),

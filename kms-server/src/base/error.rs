@@ -57,6 +57,9 @@ pub enum Error {
     /// Locked out after repeated denials.
     #[error("locked out after repeated denials; an admin can lift it (kmsctl sys unlock)")]
     LockedOut,
+    /// Refused by the exfiltration brake (a held identity or key, a spent budget).
+    #[error("{0}")]
+    Braked(&'static str),
     /// The server is sealed.
     #[error("server is sealed")]
     Sealed,
@@ -123,7 +126,9 @@ impl Error {
                 ErrorCode::UnsupportedMediaType,
             ),
             Error::BodyTimeout(_) => (StatusCode::REQUEST_TIMEOUT, ErrorCode::InvalidRequest),
-            Error::LockedOut => (StatusCode::TOO_MANY_REQUESTS, ErrorCode::LockedOut),
+            Error::LockedOut | Error::Braked(_) => {
+                (StatusCode::TOO_MANY_REQUESTS, ErrorCode::LockedOut)
+            }
             Error::Sealed => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Sealed),
             Error::MasterKeyChanged => (
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -297,6 +302,7 @@ pub(crate) fn every_variant() -> (Vec<Error>, Vec<Error>) {
         Error::UnsupportedMediaType,
         Error::BodyTimeout(1),
         Error::LockedOut,
+        Error::Braked("x"),
     ];
     (server, client)
 }

@@ -64,11 +64,14 @@ pub enum AlertKind {
     ApprovalDecided,
     /// An approved operation ran.
     ApprovalExecuted,
+    /// The exfiltration brake: an identity or a key went past an unwrap budget (alerted
+    /// in a dry run, throttled or held when enforced).
+    ExfiltrationSuspected,
 }
 
 impl AlertKind {
     /// Every kind.
-    pub const ALL: [AlertKind; 27] = [
+    pub const ALL: [AlertKind; 28] = [
         Self::Denied,
         Self::LockedOut,
         Self::Sealed,
@@ -96,6 +99,7 @@ impl AlertKind {
         Self::ApprovalRequested,
         Self::ApprovalDecided,
         Self::ApprovalExecuted,
+        Self::ExfiltrationSuspected,
     ];
 
     /// Its name on the wire and in the docs.
@@ -128,6 +132,7 @@ impl AlertKind {
             Self::ApprovalRequested => "approval_requested",
             Self::ApprovalDecided => "approval_decided",
             Self::ApprovalExecuted => "approval_executed",
+            Self::ExfiltrationSuspected => "exfiltration_suspected",
         }
     }
 

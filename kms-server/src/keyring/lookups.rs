@@ -105,6 +105,14 @@ impl Keyring {
         })
     }
 
+    /// Charges one unwrap by `who` under key `name` to the exfiltration brake, if enabled.
+    fn charge_brake(&self, who: &Principal, name: &str) -> Result<(), Error> {
+        match self.brake.get() {
+            Some(brake) => brake.charge(&who.tenant, &who.identity, name),
+            None => Ok(()),
+        }
+    }
+
     /// A scope for the key operations of one request ([`Lookups`]). Fails when sealed.
     pub fn lookups(&self) -> Result<Lookups<'_>, Error> {
         self.check_fresh()?;
@@ -275,6 +283,10 @@ impl Lookups<'_> {
         if header.version < entry.record.min_decrypt_version {
             return Err(Error::DecryptFailed);
         }
+        // A rewrap keeps the DEK inside: only what hands a DEK out is charged.
+        if op == GrantOperation::Unwrap {
+            self.keyring.charge_brake(who, &entry.record.name)?;
+        }
         let kek = entry
             .versions
             .get(&header.version)
@@ -396,6 +408,7 @@ impl Lookups<'_> {
         if version < entry.record.min_decrypt_version {
             return Err(Error::DecryptFailed);
         }
+        self.keyring.charge_brake(who, &entry.record.name)?;
         Ok(i)
     }
 

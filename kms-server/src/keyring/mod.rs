@@ -97,6 +97,8 @@ pub struct Keyring {
     /// Called with integrity events (a version that does not open, a record that fails
     /// authentication): the server raises an alert and counts them.
     integrity_hook: std::sync::OnceLock<IntegrityHook>,
+    /// The exfiltration brake, charged by every unwrap (`access::brake`), if enabled.
+    brake: std::sync::OnceLock<Arc<crate::access::brake::Brake>>,
     /// Called after each unseal (see [`Keyring::on_unseal`]).
     unseal_hooks: Mutex<Vec<UnsealHook>>,
     /// Set when a request found the store's master key newer than this node's.
@@ -126,6 +128,7 @@ impl Keyring {
             invalidations: std::sync::atomic::AtomicU64::new(0),
             flights: Mutex::new(HashMap::new()),
             integrity_hook: std::sync::OnceLock::new(),
+            brake: std::sync::OnceLock::new(),
             unseal_hooks: Mutex::new(Vec::new()),
             master_behind: std::sync::atomic::AtomicBool::new(false),
             store,
@@ -182,6 +185,17 @@ impl Keyring {
     /// `record_tampered`) and a detail naming the record (never key material). Once.
     pub fn on_integrity_event(&self, hook: IntegrityHook) {
         let _ = self.integrity_hook.set(hook);
+    }
+
+    /// Charges every later unwrap, by any protocol, to `brake` before the key opens it
+    /// (set once, at start).
+    pub fn set_brake(&self, brake: Arc<crate::access::brake::Brake>) {
+        let _ = self.brake.set(brake);
+    }
+
+    /// The exfiltration brake, if enabled.
+    pub fn brake(&self) -> Option<&Arc<crate::access::brake::Brake>> {
+        self.brake.get()
     }
 
     /// Runs `hook` after every later unseal (not after following another node's master

@@ -349,9 +349,10 @@ impl Cse {
             )
         };
         match e {
-            Error::PermissionDenied(_) | Error::LockedOut | Error::Unauthenticated => {
-                denied("this key may not be used here")
-            }
+            Error::PermissionDenied(_)
+            | Error::LockedOut
+            | Error::Braked(_)
+            | Error::Unauthenticated => denied("this key may not be used here"),
             Error::DecryptFailed => denied("the wrapped key does not belong to this resource"),
             Error::NotFound => bad("the key is unknown"),
             Error::KeyDisabled(_) | Error::InvalidState(_) => bad("the key is unusable"),

@@ -175,7 +175,10 @@ impl Dke {
     /// here), server faults as 5xx.
     fn keyring_error(e: &Error) -> Response {
         match e {
-            Error::PermissionDenied(_) | Error::LockedOut | Error::Unauthenticated => {
+            Error::PermissionDenied(_)
+            | Error::LockedOut
+            | Error::Braked(_)
+            | Error::Unauthenticated => {
                 refuse(StatusCode::FORBIDDEN, "this key may not be used here")
             }
             Error::DecryptFailed => refuse(StatusCode::BAD_REQUEST, "the value does not decrypt"),

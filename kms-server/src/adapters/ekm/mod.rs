@@ -264,13 +264,14 @@ impl Ekm {
             Error::DecryptFailed => invalid("the wrapped blob does not open with this AAD and key"),
             Error::KeyDisabled(_) => precondition("the key is disabled in the key manager"),
             // The grant of the EKM identity: a configuration refusal, permanent.
-            Error::PermissionDenied(_) | Error::LockedOut | Error::Unauthenticated => {
-                EkmError::new(
-                    StatusCode::FORBIDDEN,
-                    "PERMISSION_DENIED",
-                    "the key manager's policy does not let this key be used here",
-                )
-            }
+            Error::PermissionDenied(_)
+            | Error::LockedOut
+            | Error::Braked(_)
+            | Error::Unauthenticated => EkmError::new(
+                StatusCode::FORBIDDEN,
+                "PERMISSION_DENIED",
+                "the key manager's policy does not let this key be used here",
+            ),
             Error::NotFound | Error::InvalidState(_) => precondition("the key is unusable"),
             Error::InvalidRequest(_)
             | Error::AlreadyExists

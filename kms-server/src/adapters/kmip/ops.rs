@@ -135,15 +135,16 @@ pub fn run(operation: u32, call: Call<'_>) -> Result<Vec<Item>, Failure> {
 pub fn failure(e: &Error, version: Version) -> Failure {
     if matches!(
         e,
-        Error::PermissionDenied(_) | Error::Unauthenticated | Error::LockedOut
+        Error::PermissionDenied(_) | Error::Unauthenticated | Error::LockedOut | Error::Braked(_)
     ) {
         return Failure::denied(e.to_string());
     }
     let reason = match e {
         Error::NotFound => t::REASON_ITEM_NOT_FOUND,
-        Error::PermissionDenied(_) | Error::Unauthenticated | Error::LockedOut => {
-            t::REASON_PERMISSION_DENIED
-        }
+        Error::PermissionDenied(_)
+        | Error::Unauthenticated
+        | Error::LockedOut
+        | Error::Braked(_) => t::REASON_PERMISSION_DENIED,
         Error::KeyDisabled(_) | Error::InvalidState(_) => wrong_state_reason(version),
         Error::InvalidRequest(_) | Error::PayloadTooLarge(_) => t::REASON_INVALID_FIELD,
         Error::DecryptFailed => t::REASON_CRYPTOGRAPHIC_FAILURE,

@@ -373,6 +373,7 @@ fn grpc_status(e: &Error) -> Status {
             Status::invalid_argument(message)
         }
         Error::PermissionDenied(_) | Error::LockedOut => Status::permission_denied(message),
+        Error::Braked(_) => Status::resource_exhausted(message),
         Error::Unauthenticated => Status::unauthenticated(message),
         Error::NotFound => Status::not_found(message),
         Error::KeyDisabled(_) | Error::InvalidState(_) => Status::failed_precondition(message),

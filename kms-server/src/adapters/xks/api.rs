@@ -383,6 +383,7 @@ impl XksError {
             ),
             E::InvalidState(m) => Self::new(ErrorName::InvalidStateException, m),
             E::LockedOut => Self::new(ErrorName::ThrottlingException, "the key store is locked out"),
+            E::Braked(m) => Self::new(ErrorName::ThrottlingException, *m),
             E::Unauthenticated => Self::new(
                 ErrorName::AuthenticationFailedException,
                 "the request is not authenticated",

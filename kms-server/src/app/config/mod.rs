@@ -113,6 +113,8 @@ struct FileConfig {
     #[serde(default)]
     lockout: FileLockout,
     #[serde(default)]
+    brake: crate::access::brake::BrakeSettings,
+    #[serde(default)]
     alerts: FileAlerts,
     #[serde(default)]
     keys: FileKeys,
@@ -492,6 +494,8 @@ pub struct Settings {
     pub audit_policy: crate::security::audit::CommitPolicy,
     /// Lockout after repeated denials.
     pub lockout: crate::access::lockout::LockoutPolicy,
+    /// The exfiltration brake (`[brake]`).
+    pub brake: crate::access::brake::BrakeSettings,
     /// How often automatic rotations and due destructions run.
     pub sweep_interval: std::time::Duration,
     /// Most keys kept decrypted in the keyring's cache (`[keys] cache_keys`).
@@ -606,6 +610,7 @@ impl Settings {
         let argon2 = seal.argon2.unwrap_or_default();
         argon2.validate().map_err(|m| err("seal.argon2", m))?;
         check_alerts_and_identities(&raw).map_err(|(f, m)| err(&f, m))?;
+        raw.brake.check().map_err(|m| err("brake", m))?;
         let store = store_settings(&raw.store, &resolve, shared_erasure_retention_secs)
             .map_err(|(f, m)| err(f, m.into()))?;
         let Adapters {
@@ -672,6 +677,7 @@ impl Settings {
                 window: std::time::Duration::from_secs(raw.lockout.window_secs),
                 duration: std::time::Duration::from_secs(raw.lockout.duration_secs),
             },
+            brake: raw.brake,
             alerts: crate::security::alert::AlertSettings {
                 webhook: raw.alerts.webhook,
                 webhook_ca: raw.alerts.webhook_ca.as_deref().map(resolve),

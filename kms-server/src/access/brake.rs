@@ -1,0 +1,523 @@
+//! The exfiltration brake (`docs/brake.md`): unwrap budgets per identity and per key.
+//!
+//! The threat hold-your-own-key exists for: the provider, or an attacker inside it,
+//! unwraps every wrapped DEK it stores before the customer reacts. Each budget is a token
+//! bucket (`unwraps` per `per_secs`: that many at once, refilled at that rate); every
+//! unwrap, by any protocol, is charged to its identity's buckets and to its key's before
+//! the key opens anything ([`crate::keyring::Lookups`]). An empty bucket is a *breach*:
+//!
+//! - `dry-run`: an alert, nothing refused;
+//! - `enforce` with `action = "throttle"`: the unwraps past the budget are refused (429)
+//!   until the bucket refills;
+//! - `enforce` with `action = "hold"` (the default): the identity (or the key, for a key
+//!   budget) is held: every unwrap it asks for is refused until an operator releases it
+//!   (`POST /v1/sys/brake/release`). A bulk unwrap gets at most one bucket's worth.
+//!
+//! A breach raises one alert (`exfiltration_suspected`) when it begins, not one per
+//! refused unwrap. State is in memory and per node: a restart releases every hold, and
+//! on N nodes of a shared store an identity spread over all of them gets up to N budgets.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::base::error::Error;
+
+/// What the brake does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// Nothing is counted.
+    #[default]
+    Off,
+    /// Breaches are alerted; nothing is refused.
+    DryRun,
+    /// Breaches are alerted and refused ([`Action`]).
+    Enforce,
+}
+
+/// What an enforced breach does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// The identity (or key) is refused every unwrap until an operator releases it.
+    #[default]
+    Hold,
+    /// Only the unwraps past the budget are refused, until the bucket refills.
+    Throttle,
+}
+
+/// One budget: at most `unwraps` at once, refilled at `unwraps` per `per_secs` seconds.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Unwraps.
+    pub unwraps: u64,
+    /// Per this many seconds.
+    pub per_secs: u64,
+}
+
+impl Budget {
+    fn rate(&self) -> f64 {
+        self.unwraps as f64 / self.per_secs as f64
+    }
+}
+
+/// `[brake]`.
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrakeSettings {
+    /// `off` (default), `dry-run`, `enforce`.
+    #[serde(default)]
+    pub mode: Mode,
+    /// `hold` (default) or `throttle`.
+    #[serde(default)]
+    pub action: Action,
+    /// Every identity's budgets (each identity has its own buckets).
+    #[serde(default)]
+    pub identity: Vec<Budget>,
+    /// Every key's budgets (all identities together).
+    #[serde(default)]
+    pub key: Vec<Budget>,
+}
+
+impl BrakeSettings {
+    /// Checks the budgets: 1 to 10⁹ unwraps per 1 s to 30 days, at most 4 of each kind.
+    pub fn check(&self) -> Result<(), String> {
+        for (what, budgets) in [("identity", &self.identity), ("key", &self.key)] {
+            if budgets.len() > 4 {
+                return Err(format!("brake.{what}: at most 4 budgets"));
+            }
+            for b in budgets {
+                if !(1..=1_000_000_000).contains(&b.unwraps) {
+                    return Err(format!("brake.{what}: unwraps must be 1 to 1000000000"));
+                }
+                if !(1..=30 * 86_400).contains(&b.per_secs) {
+                    return Err(format!(
+                        "brake.{what}: per_secs must be 1 to 2592000 (30 days)"
+                    ));
+                }
+            }
+        }
+        if self.mode != Mode::Off && self.identity.is_empty() && self.key.is_empty() {
+            return Err("brake: mode is not off but no identity or key budget is set".into());
+        }
+        Ok(())
+    }
+}
+
+/// Whom a breach or a hold is about.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Subject {
+    /// An identity of a tenant.
+    Identity {
+        /// Its tenant.
+        tenant: String,
+        /// The identity.
+        identity: String,
+    },
+    /// A key of a tenant.
+    Key {
+        /// Its tenant.
+        tenant: String,
+        /// The key's name.
+        key: String,
+    },
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::Identity { tenant, identity } => {
+                write!(f, "identity {identity} (tenant {tenant})")
+            }
+            Subject::Key { tenant, key } => write!(f, "key {key} (tenant {tenant})"),
+        }
+    }
+}
+
+/// A breach, for the alert.
+#[derive(Debug, Clone)]
+pub struct Breach {
+    /// Who or what.
+    pub subject: Subject,
+    /// The budget it went past.
+    pub budget: Budget,
+    /// What the brake did: `alerted` (dry run), `throttled`, `held`.
+    pub response: &'static str,
+}
+
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// One subject's buckets, one per budget, and whether it is held or in breach.
+struct Buckets {
+    buckets: Vec<Bucket>,
+    /// Held (enforce, hold) since.
+    held: Option<Instant>,
+    /// In breach (alerted once until its buckets have refilled half way).
+    breached: bool,
+}
+
+impl Buckets {
+    fn new(budgets: &[Budget], now: Instant) -> Self {
+        Self {
+            buckets: budgets
+                .iter()
+                .map(|b| Bucket {
+                    tokens: b.unwraps as f64,
+                    at: now,
+                })
+                .collect(),
+            held: None,
+            breached: false,
+        }
+    }
+
+    /// Refills, then takes one token from each bucket; the first budget that had none.
+    fn take(&mut self, budgets: &[Budget], now: Instant) -> Option<Budget> {
+        let mut short = None;
+        for (b, budget) in self.buckets.iter_mut().zip(budgets) {
+            let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+            b.tokens = (b.tokens + elapsed * budget.rate()).min(budget.unwraps as f64);
+            b.at = now;
+            if b.tokens >= 1.0 {
+                b.tokens -= 1.0;
+            } else if short.is_none() {
+                short = Some(*budget);
+            }
+        }
+        if short.is_none()
+            && self.breached
+            && self
+                .buckets
+                .iter()
+                .zip(budgets)
+                .all(|(b, budget)| b.tokens >= budget.unwraps as f64 / 2.0)
+        {
+            self.breached = false;
+        }
+        short
+    }
+
+    /// Whether these buckets say nothing a fresh set would not (full, not held).
+    fn idle(&self, budgets: &[Budget], now: Instant) -> bool {
+        self.held.is_none()
+            && self.buckets.iter().zip(budgets).all(|(b, budget)| {
+                let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+                b.tokens + elapsed * budget.rate() >= budget.unwraps as f64
+            })
+    }
+}
+
+/// Subjects remembered at most; past it, idle ones are forgotten (a full bucket is the
+/// same as none), and if none is idle the new subject is charged against a fresh set.
+const MAX_SUBJECTS: usize = 100_000;
+
+type OnBreach = Box<dyn Fn(&Breach) + Send + Sync>;
+
+/// Tenant → name (identity or key) → its buckets.
+type Subjects = HashMap<String, HashMap<String, Buckets>>;
+
+/// The brake's state.
+pub struct Brake {
+    settings: BrakeSettings,
+    identities: Mutex<Subjects>,
+    keys: Mutex<Subjects>,
+    on_breach: OnBreach,
+}
+
+impl std::fmt::Debug for Brake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Brake")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A hold in force, for `GET /v1/sys/brake`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hold {
+    /// Who or what.
+    pub subject: Subject,
+    /// For how long.
+    pub held_for: Duration,
+}
+
+impl Brake {
+    /// A brake under `settings` (`None` when its mode is off: nothing to count), calling
+    /// `on_breach` when a breach begins.
+    pub fn new(
+        settings: BrakeSettings,
+        on_breach: impl Fn(&Breach) + Send + Sync + 'static,
+    ) -> Option<Self> {
+        (settings.mode != Mode::Off).then(|| Self {
+            settings,
+            identities: Mutex::new(HashMap::new()),
+            keys: Mutex::new(HashMap::new()),
+            on_breach: Box::new(on_breach),
+        })
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &BrakeSettings {
+        &self.settings
+    }
+
+    /// Charges one unwrap by `identity` of `tenant` under key `key`: `Ok` to go on, or the
+    /// refusal (429) when an enforced budget is spent or a hold is in force.
+    pub fn charge(&self, tenant: &str, identity: &str, key: &str) -> Result<(), Error> {
+        let now = Instant::now();
+        let budgets = &self.settings.identity;
+        let who = self.charge_one(&self.identities, budgets, tenant, identity, now, || {
+            Subject::Identity {
+                tenant: tenant.to_owned(),
+                identity: identity.to_owned(),
+            }
+        });
+        let budgets = &self.settings.key;
+        let what = self.charge_one(&self.keys, budgets, tenant, key, now, || Subject::Key {
+            tenant: tenant.to_owned(),
+            key: key.to_owned(),
+        });
+        who.and(what)
+    }
+
+    fn charge_one(
+        &self,
+        map: &Mutex<Subjects>,
+        budgets: &[Budget],
+        tenant: &str,
+        name: &str,
+        now: Instant,
+        subject: impl FnOnce() -> Subject,
+    ) -> Result<(), Error> {
+        if budgets.is_empty() {
+            return Ok(());
+        }
+        let (breach, refusal) = {
+            let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
+            // Looked up by borrowed names: nothing is allocated but for a new subject.
+            let known = map.get(tenant).is_some_and(|t| t.contains_key(name));
+            if !known {
+                let subjects: usize = map.values().map(HashMap::len).sum();
+                if subjects >= MAX_SUBJECTS {
+                    for t in map.values_mut() {
+                        t.retain(|_, b| !b.idle(budgets, now));
+                    }
+                    map.retain(|_, t| !t.is_empty());
+                    if map.values().map(HashMap::len).sum::<usize>() >= MAX_SUBJECTS {
+                        return Ok(());
+                    }
+                }
+                map.entry(tenant.to_owned())
+                    .or_default()
+                    .insert(name.to_owned(), Buckets::new(budgets, now));
+            }
+            let Some(b) = map.get_mut(tenant).and_then(|t| t.get_mut(name)) else {
+                return Ok(());
+            };
+            if b.held.is_some() {
+                return Err(Error::Braked(
+                    "unwraps held by the exfiltration brake: an operator releases the hold (kmsctl sys brake-release)",
+                ));
+            }
+            let Some(short) = b.take(budgets, now) else {
+                return Ok(());
+            };
+            let enforce = self.settings.mode == Mode::Enforce;
+            let response = match (enforce, self.settings.action) {
+                (false, _) => "alerted",
+                (true, Action::Throttle) => "throttled",
+                (true, Action::Hold) => {
+                    b.held = Some(now);
+                    "held"
+                }
+            };
+            let first = !std::mem::replace(&mut b.breached, true) || response == "held";
+            let breach = first.then_some((short, response));
+            let refusal = enforce.then_some(response);
+            (breach, refusal)
+        };
+        if let Some((budget, response)) = breach {
+            (self.on_breach)(&Breach {
+                subject: subject(),
+                budget,
+                response,
+            });
+        }
+        match refusal {
+            None => Ok(()),
+            Some("held") => Err(Error::Braked(
+                "unwraps held by the exfiltration brake: an operator releases the hold (kmsctl sys brake-release)",
+            )),
+            Some(_) => Err(Error::Braked(
+                "unwrap budget spent (exfiltration brake): retry later",
+            )),
+        }
+    }
+
+    /// The holds in force (of `tenant` only, if given).
+    pub fn holds(&self, tenant: Option<&str>) -> Vec<Hold> {
+        let now = Instant::now();
+        let mut out = Vec::new();
+        for (map, identity) in [(&self.identities, true), (&self.keys, false)] {
+            let map = map.lock().unwrap_or_else(PoisonError::into_inner);
+            for (t, name, b) in map
+                .iter()
+                .flat_map(|(t, names)| names.iter().map(move |(n, b)| (t, n, b)))
+            {
+                let Some(since) = b.held else { continue };
+                if tenant.is_some_and(|x| x != t) {
+                    continue;
+                }
+                let subject = if identity {
+                    Subject::Identity {
+                        tenant: t.clone(),
+                        identity: name.clone(),
+                    }
+                } else {
+                    Subject::Key {
+                        tenant: t.clone(),
+                        key: name.clone(),
+                    }
+                };
+                out.push(Hold {
+                    subject,
+                    held_for: now.saturating_duration_since(since),
+                });
+            }
+        }
+        out.sort_by(|a, b| a.subject.cmp(&b.subject));
+        out
+    }
+
+    /// Releases the hold on `subject`, its buckets full again; true if it was held.
+    pub fn release(&self, subject: &Subject) -> bool {
+        let (map, tenant, name) = match subject {
+            Subject::Identity { tenant, identity } => (&self.identities, tenant, identity),
+            Subject::Key { tenant, key } => (&self.keys, tenant, key),
+        };
+        let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get_mut(tenant)
+            .and_then(|t| t.remove(name))
+            .is_some_and(|b| b.held.is_some())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn brake(mode: Mode, action: Action, identity: u64, key: u64) -> (Brake, Arc<AtomicUsize>) {
+        let alerts = Arc::new(AtomicUsize::new(0));
+        let seen = alerts.clone();
+        let budget = |n| {
+            (n > 0).then_some(Budget {
+                unwraps: n,
+                per_secs: 3600,
+            })
+        };
+        let settings = BrakeSettings {
+            mode,
+            action,
+            identity: budget(identity).into_iter().collect(),
+            key: budget(key).into_iter().collect(),
+        };
+        settings.check().unwrap();
+        let b = Brake::new(settings, move |_| {
+            seen.fetch_add(1, Ordering::SeqCst);
+        })
+        .unwrap();
+        (b, alerts)
+    }
+
+    #[test]
+    fn a_hold_stops_every_unwrap_of_the_identity_until_released() {
+        let (b, alerts) = brake(Mode::Enforce, Action::Hold, 10, 0);
+        for _ in 0..10 {
+            b.charge("t", "app", "k").unwrap();
+        }
+        assert!(matches!(b.charge("t", "app", "k"), Err(Error::Braked(_))));
+        assert!(matches!(
+            b.charge("t", "app", "other"),
+            Err(Error::Braked(_))
+        ));
+        // Another identity, another tenant's same name: their own budgets.
+        b.charge("t", "app2", "k").unwrap();
+        b.charge("u", "app", "k").unwrap();
+        assert_eq!(alerts.load(Ordering::SeqCst), 1);
+        let holds = b.holds(Some("t"));
+        assert_eq!(holds.len(), 1);
+        assert!(b.holds(Some("u")).is_empty());
+        assert!(b.release(&holds[0].subject));
+        b.charge("t", "app", "k").unwrap();
+    }
+
+    #[test]
+    fn a_key_budget_counts_every_identity() {
+        let (b, _) = brake(Mode::Enforce, Action::Throttle, 0, 5);
+        for i in 0..5 {
+            b.charge("t", &format!("app{i}"), "k").unwrap();
+        }
+        assert!(matches!(b.charge("t", "app9", "k"), Err(Error::Braked(_))));
+        b.charge("t", "app9", "k2").unwrap();
+        // Throttled, not held: nothing to release.
+        assert!(b.holds(None).is_empty());
+    }
+
+    #[test]
+    fn a_dry_run_alerts_once_and_refuses_nothing() {
+        let (b, alerts) = brake(Mode::DryRun, Action::Hold, 3, 0);
+        for _ in 0..100 {
+            b.charge("t", "app", "k").unwrap();
+        }
+        assert_eq!(alerts.load(Ordering::SeqCst), 1);
+        assert!(b.holds(None).is_empty());
+    }
+
+    #[test]
+    fn two_threads_get_one_budget_between_them() {
+        let (b, _) = brake(Mode::Enforce, Action::Throttle, 1000, 0);
+        let b = Arc::new(b);
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let ok: usize = (0..2)
+            .map(|_| {
+                let (b, barrier) = (b.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    (0..1000)
+                        .filter(|_| b.charge("t", "app", "k").is_ok())
+                        .count()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .sum();
+        // At most the budget and what refilled meanwhile (1000/h: none).
+        assert!((1000..=1001).contains(&ok), "{ok}");
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        let mut s = BrakeSettings {
+            mode: Mode::Enforce,
+            ..BrakeSettings::default()
+        };
+        assert!(s.check().is_err());
+        s.identity.push(Budget {
+            unwraps: 0,
+            per_secs: 1,
+        });
+        assert!(s.check().is_err());
+        s.identity[0].unwraps = 10;
+        assert!(s.check().is_ok());
+        assert!(Brake::new(BrakeSettings::default(), |_| {}).is_none());
+    }
+}
