@@ -45,7 +45,7 @@ async fn wrapped_deks(s: &TestServer, name: &str, n: usize) -> Vec<Vec<u8>> {
         .unwrap()
         .into_iter()
         .map(|r| match r {
-            BatchResult::Datakey(d) => d.wrapped.to_vec(),
+            BatchResult::Datakey(d) => d.wrapped.into_bytes(),
             other => panic!("{other:?}"),
         })
         .collect()
