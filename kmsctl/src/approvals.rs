@@ -141,8 +141,13 @@ pub(crate) async fn run(cmd: &ApprovalsCmd, client: &Client, out: &Printer) -> a
     }
 }
 
-/// "1d", "4h", "90m", "3600s" or a bare number of seconds.
+/// "1d", "4h", "90m", "3600s" or a bare number of seconds (`--window`).
 fn humantime_secs(text: &str) -> anyhow::Result<u64> {
+    duration_secs("--window", text)
+}
+
+/// "1d", "4h", "90m", "3600s" or a bare number of seconds, given to option `flag`.
+pub(crate) fn duration_secs(flag: &str, text: &str) -> anyhow::Result<u64> {
     let text = text.trim();
     let (number, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
         Some((i, _)) => text.split_at(i),
@@ -150,13 +155,13 @@ fn humantime_secs(text: &str) -> anyhow::Result<u64> {
     };
     let n: u64 = number
         .parse()
-        .map_err(|_| anyhow::anyhow!("--window {text:?}: a duration such as 1d, 4h, 90m"))?;
+        .map_err(|_| anyhow::anyhow!("{flag} {text:?}: a duration such as 1d, 4h, 90m"))?;
     let unit = match unit {
         "s" => 1,
         "m" => 60,
         "h" => 3600,
         "d" => 86_400,
-        _ => anyhow::bail!("--window {text:?}: a duration such as 1d, 4h, 90m"),
+        _ => anyhow::bail!("{flag} {text:?}: a duration such as 1d, 4h, 90m"),
     };
     Ok(n.saturating_mul(unit))
 }

@@ -13,6 +13,7 @@ mod approvals;
 mod bulk;
 mod files;
 mod output;
+mod report;
 mod secrets;
 mod settings;
 
@@ -201,6 +202,31 @@ pub(crate) enum Command {
     /// Seal state (admin).
     #[command(subcommand)]
     Sys(SysCmd),
+    /// Write a usage report: one self-contained HTML file (admin; the audit trail with an
+    /// auditor identity): unwraps and wraps over time per key and per identity, versions
+    /// and their age, keys due for rotation, pending approvals, the brake, recent security
+    /// events. No key material; opens offline.
+    Report {
+        /// The HTML file to write (replaced whole, or left as it was).
+        #[arg(long = "out")]
+        out: PathBuf,
+        /// The period: 7d, 24h, 90m...
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// A key without a rotation period is due when its current version is this old.
+        #[arg(long, default_value = "365d")]
+        rotate_after: String,
+        /// Audit records read at most (the newest of the period).
+        #[arg(long, default_value_t = 2_000_000)]
+        max_records: u64,
+        /// An auditor's certificate (PEM), to read the audit trail (with --dev: the dev
+        /// auditor's).
+        #[arg(long, requires = "auditor_key")]
+        auditor_cert: Option<PathBuf>,
+        /// That auditor's private key (PEM).
+        #[arg(long, requires = "auditor_cert")]
+        auditor_key: Option<PathBuf>,
+    },
     /// Print shell completions.
     Completions {
         /// Shell.
@@ -483,11 +509,74 @@ impl Command {
                 | SysCmd::RotateMaster { .. },
             ) => Role::Sys,
             Command::Approvals(cmd) if cmd.service() => Role::Sys,
-            Command::Keys(_) | Command::Sys(_) | Command::Approvals(_) => Role::Admin,
+            Command::Keys(_) | Command::Sys(_) | Command::Approvals(_) | Command::Report { .. } => {
+                Role::Admin
+            }
             Command::Audit(_) => Role::Auditor,
             _ => Role::App,
         }
     }
+}
+
+/// A client of `resolved`'s endpoints and CA with the identity in `cert` and `key`.
+fn connect(
+    cli: &Cli,
+    resolved: &settings::Resolved,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<kms_client::Client> {
+    let cert = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+    let mut client_key = secrets::read_private_key(key)?;
+    let max_response = usize::try_from(u64::from(cli.max_response_mib) << 20)?;
+    Ok(kms_client::Client::builder()
+        .endpoints(resolved.endpoints.clone())
+        .ca_pem_file(&resolved.tls_ca)?
+        // The key moves into the builder, which wipes it in turn.
+        .identity_pem(cert, std::mem::take(&mut *client_key))
+        .request_timeout(Duration::from_secs(cli.timeout))
+        .max_response_bytes(max_response)
+        .max_backup_bytes(max_response.max(kms_client::DEFAULT_MAX_BACKUP))
+        .build()?)
+}
+
+/// `kmsctl report`: reads as the admin `client` (and as the auditor given, or the dev
+/// one), writes the file whole.
+async fn write_report(
+    cli: &Cli,
+    resolved: &settings::Resolved,
+    client: &kms_client::Client,
+) -> anyhow::Result<()> {
+    let Command::Report {
+        out,
+        since,
+        rotate_after,
+        max_records,
+        auditor_cert,
+        auditor_key,
+    } = &cli.command
+    else {
+        anyhow::bail!("not a report");
+    };
+    let since = Duration::from_secs(approvals::duration_secs("--since", since)?);
+    let rotate_after =
+        Duration::from_secs(approvals::duration_secs("--rotate-after", rotate_after)?);
+    let dev_auditor = cli
+        .dev
+        .as_ref()
+        .map(|d| (d.join("pki/auditor.pem"), d.join("pki/auditor-key.pem")));
+    let auditor = match (auditor_cert, auditor_key, dev_auditor) {
+        (Some(c), Some(k), _) => Some(connect(cli, resolved, c, k)?),
+        (None, None, Some((c, k))) if c.exists() => Some(connect(cli, resolved, &c, &k)?),
+        _ => None,
+    };
+    let window = report::Window::last(since, std::time::SystemTime::now());
+    let report = report::gather(client, auditor.as_ref(), window, rotate_after, *max_records).await;
+    let mut staged = files::Staged::create(out)?;
+    std::io::Write::write_all(staged.writer(), report.html().as_bytes())
+        .with_context(|| format!("writing {}", out.display()))?;
+    staged.commit()?;
+    eprintln!("report written to {}", out.display());
+    Ok(())
 }
 
 /// Why `wrap --plaintext` is refused.
@@ -584,19 +673,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return wrap_offline(&cli, key, dek, context, file);
     }
     let resolved = settings::resolve(&cli, cli.command.role())?;
-    let cert = std::fs::read(&resolved.tls_cert)
-        .with_context(|| format!("reading {}", resolved.tls_cert.display()))?;
-    let mut client_key = secrets::read_private_key(&resolved.tls_key)?;
-    let max_response = usize::try_from(u64::from(cli.max_response_mib) << 20)?;
-    let client = kms_client::Client::builder()
-        .endpoints(resolved.endpoints.clone())
-        .ca_pem_file(&resolved.tls_ca)?
-        // The key moves into the builder, which wipes it in turn.
-        .identity_pem(cert, std::mem::take(&mut *client_key))
-        .request_timeout(Duration::from_secs(cli.timeout))
-        .max_response_bytes(max_response)
-        .max_backup_bytes(max_response.max(kms_client::DEFAULT_MAX_BACKUP))
-        .build()?;
+    let client = connect(&cli, &resolved, &resolved.tls_cert, &resolved.tls_key)?;
     let client = match &cli.approval {
         Some(id) => client.with_approval(id),
         None => client,
@@ -855,6 +932,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
         },
         Command::Approvals(cmd) => approvals::run(cmd, &client, &out).await,
+        Command::Report { .. } => write_report(&cli, &resolved, &client).await,
         Command::Completions { .. } => Ok(()),
     }
 }

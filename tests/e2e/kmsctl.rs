@@ -31,7 +31,7 @@ fn kmsctl_command(args: &[String]) -> std::process::Command {
 }
 
 /// Runs kmsctl (off the async runtime, which serves the server).
-async fn kmsctl(args: Vec<String>, envs: Vec<(String, String)>) -> Output {
+pub(crate) async fn kmsctl(args: Vec<String>, envs: Vec<(String, String)>) -> Output {
     kmsctl_run(
         args,
         Run {
@@ -72,7 +72,7 @@ async fn kmsctl_run(args: Vec<String>, run: Run) -> Output {
     .unwrap()
 }
 
-fn conn(s: &TestServer, who: &str) -> Vec<String> {
+pub(crate) fn conn(s: &TestServer, who: &str) -> Vec<String> {
     conn_to(&s.url(""), &s.pki, who)
 }
 

@@ -39,6 +39,7 @@ mod pkcs11;
 mod postgres;
 mod public_hosts;
 mod quickstart;
+mod report;
 mod rsa;
 mod salesforce;
 mod seal;
