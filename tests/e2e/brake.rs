@@ -160,3 +160,43 @@ async fn a_key_budget_counts_every_identity_and_a_dry_run_refuses_nothing() {
         "{alert}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_baseline_learns_an_identity_then_holds_a_bulk_unwrap_far_past_it() {
+    let (s, mut rx) = server(
+        "mode = \"enforce\"\n[brake.baseline]\nlearn_days = 1\nfactor = 3\nmin_per_minute = 30",
+    )
+    .await;
+    let deks = wrapped_deks(&s, "learned", 300).await;
+    let (app, app2) = (s.kms_client("app-a"), s.kms_client("app2-a"));
+    // Day 0, learning: app-a's usual use is 20 unwraps a minute at this hour.
+    let items = unwraps(&deks[..20]);
+    let results = app.batch(items).await.unwrap();
+    assert!(results.iter().all(|r| matches!(r, BatchResult::Unwrap(_))));
+    // A day later, the same hour: three times the peak is allowed (60), not more.
+    s.advance_clock(std::time::Duration::from_secs(86_400));
+    let started = Instant::now();
+    let results = app.batch(unwraps(&deks[20..])).await.unwrap();
+    let got = results
+        .iter()
+        .take_while(|r| matches!(r, BatchResult::Unwrap(_)))
+        .count();
+    // 60 in the minute (up to twice that if the batch straddles a minute's end).
+    assert!((60..=120).contains(&got), "{got} unwraps before the hold");
+    assert!(results[got..]
+        .iter()
+        .all(|r| matches!(r, BatchResult::Error(e) if e.code == ErrorCode::LockedOut)));
+    let alert = expect(&mut rx, "exfiltration_suspected", started).await;
+    let detail = alert["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("learned use at this hour (60)") && detail.contains("held"),
+        "{alert}"
+    );
+    held(app.unwrap(&deks[0], &Context::new()).await);
+    // The key's own use deviates too (everyone's unwraps together): held for app2-a.
+    held(app2.unwrap(&deks[0], &Context::new()).await);
+    // app2-a and a new key were never seen: they are learned first, not held.
+    let fresh = wrapped_deks(&s, "fresh", 200).await;
+    let results = app2.batch(unwraps(&fresh)).await.unwrap();
+    assert!(results.iter().all(|r| matches!(r, BatchResult::Unwrap(_))));
+}

@@ -364,14 +364,11 @@ fn build_state(
             alerts.raise(crate::security::alert::AlertEvent::new(
                 crate::base::event::AlertKind::ExfiltrationSuspected,
                 who,
-                format!(
-                    "{} went past {} unwraps per {} s: {}",
-                    b.subject, b.budget.unwraps, b.budget.per_secs, b.response
-                ),
+                format!("{}: {}: {}", b.subject, b.cause, b.response),
             ));
         });
         if let Some(brake) = brake {
-            keyring.set_brake(Arc::new(brake));
+            keyring.set_brake(brake);
         }
     }
     let audit = if settings.audit_enabled {

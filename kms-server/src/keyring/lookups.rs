@@ -105,10 +105,16 @@ impl Keyring {
         })
     }
 
-    /// Charges one unwrap by `who` under key `name` to the exfiltration brake, if enabled.
-    fn charge_brake(&self, who: &Principal, name: &str) -> Result<(), Error> {
+    /// Charges one unwrap by `who` under key `name` and the canonical `context` (if any)
+    /// to the exfiltration brake, if enabled.
+    fn charge_brake(
+        &self,
+        who: &Principal,
+        name: &str,
+        context: Option<&[u8]>,
+    ) -> Result<(), Error> {
         match self.brake.get() {
-            Some(brake) => brake.charge(&who.tenant, &who.identity, name),
+            Some(brake) => brake.charge(&who.tenant, &who.identity, name, context),
             None => Ok(()),
         }
     }
@@ -285,7 +291,8 @@ impl Lookups<'_> {
         }
         // A rewrap keeps the DEK inside: only what hands a DEK out is charged.
         if op == GrantOperation::Unwrap {
-            self.keyring.charge_brake(who, &entry.record.name)?;
+            let ctx = (!context.is_empty()).then_some(canonical.as_slice());
+            self.keyring.charge_brake(who, &entry.record.name, ctx)?;
         }
         let kek = entry
             .versions
@@ -408,7 +415,7 @@ impl Lookups<'_> {
         if version < entry.record.min_decrypt_version {
             return Err(Error::DecryptFailed);
         }
-        self.keyring.charge_brake(who, &entry.record.name)?;
+        self.keyring.charge_brake(who, &entry.record.name, None)?;
         Ok(i)
     }
 

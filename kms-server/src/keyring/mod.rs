@@ -188,9 +188,11 @@ impl Keyring {
     }
 
     /// Charges every later unwrap, by any protocol, to `brake` before the key opens it
-    /// (set once, at start).
-    pub fn set_brake(&self, brake: Arc<crate::access::brake::Brake>) {
-        let _ = self.brake.set(brake);
+    /// (set once, at start); the brake reads the keyring's clock.
+    pub fn set_brake(&self, brake: crate::access::brake::Brake) {
+        let _ = self
+            .brake
+            .set(Arc::new(brake.with_clock(self.clock.clone())));
     }
 
     /// The exfiltration brake, if enabled.

@@ -13,15 +13,25 @@
 //!   budget) is held: every unwrap it asks for is refused until an operator releases it
 //!   (`POST /v1/sys/brake/release`). A bulk unwrap gets at most one bucket's worth.
 //!
+//! With `[brake.baseline]`, each subject also learns its normal use by hour of the day
+//! ([`baseline`]); going far past it is a breach too, answered the same way.
+//!
 //! A breach raises one alert (`exfiltration_suspected`) when it begins, not one per
-//! refused unwrap. State is in memory and per node: a restart releases every hold, and
-//! on N nodes of a shared store an identity spread over all of them gets up to N budgets.
+//! refused unwrap. State is in memory and per node: a restart releases every hold and
+//! forgets what was learned, and on N nodes of a shared store an identity spread over all
+//! of them gets up to N budgets.
+
+mod baseline;
 
 use std::collections::HashMap;
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+pub use baseline::{BaselineSettings, Deviation};
+
+use crate::base::clock::Clock;
 use crate::base::error::Error;
+use baseline::{Hashing, Profile};
 
 /// What the brake does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -79,6 +89,9 @@ pub struct BrakeSettings {
     /// Every key's budgets (all identities together).
     #[serde(default)]
     pub key: Vec<Budget>,
+    /// The learned baseline (`[brake.baseline]`); none when absent.
+    #[serde(default)]
+    pub baseline: Option<BaselineSettings>,
 }
 
 impl BrakeSettings {
@@ -99,8 +112,18 @@ impl BrakeSettings {
                 }
             }
         }
-        if self.mode != Mode::Off && self.identity.is_empty() && self.key.is_empty() {
-            return Err("brake: mode is not off but no identity or key budget is set".into());
+        if let Some(b) = &self.baseline {
+            b.check()?;
+        }
+        if self.mode != Mode::Off
+            && self.identity.is_empty()
+            && self.key.is_empty()
+            && self.baseline.is_none()
+        {
+            return Err(
+                "brake: mode is not off but no identity or key budget, nor a baseline, is set"
+                    .into(),
+            );
         }
         Ok(())
     }
@@ -136,51 +159,82 @@ impl std::fmt::Display for Subject {
     }
 }
 
+/// What a breach went past.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Cause {
+    /// A budget.
+    Budget(Budget),
+    /// The learned baseline.
+    Baseline(Deviation),
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cause::Budget(b) => write!(f, "went past {} unwraps per {} s", b.unwraps, b.per_secs),
+            Cause::Baseline(d) => d.fmt(f),
+        }
+    }
+}
+
 /// A breach, for the alert.
 #[derive(Debug, Clone)]
 pub struct Breach {
     /// Who or what.
     pub subject: Subject,
-    /// The budget it went past.
-    pub budget: Budget,
+    /// What it went past.
+    pub cause: Cause,
     /// What the brake did: `alerted` (dry run), `throttled`, `held`.
     pub response: &'static str,
 }
 
-struct Bucket {
-    tokens: f64,
-    at: Instant,
+/// A point in time for the brake: `mono` (seconds on a monotonic clock) for the budgets,
+/// `wall` (Unix seconds) for the baseline's hours.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Moment {
+    /// Monotonic seconds.
+    pub mono: f64,
+    /// Unix seconds.
+    pub wall: u64,
 }
 
-/// One subject's buckets, one per budget, and whether it is held or in breach.
+struct Bucket {
+    tokens: f64,
+    at: f64,
+}
+
+/// One subject's buckets, one per budget, its learned use, and whether it is held or in
+/// breach.
 struct Buckets {
     buckets: Vec<Bucket>,
-    /// Held (enforce, hold) since.
-    held: Option<Instant>,
+    profile: Option<Profile>,
+    /// Held (enforce, hold) since (monotonic seconds).
+    held: Option<f64>,
     /// In breach (alerted once until its buckets have refilled half way).
     breached: bool,
 }
 
 impl Buckets {
-    fn new(budgets: &[Budget], now: Instant) -> Self {
+    fn new(budgets: &[Budget], baseline: bool, now: Moment) -> Self {
         Self {
             buckets: budgets
                 .iter()
                 .map(|b| Bucket {
                     tokens: b.unwraps as f64,
-                    at: now,
+                    at: now.mono,
                 })
                 .collect(),
+            profile: baseline.then(|| Profile::new(now.wall)),
             held: None,
             breached: false,
         }
     }
 
     /// Refills, then takes one token from each bucket; the first budget that had none.
-    fn take(&mut self, budgets: &[Budget], now: Instant) -> Option<Budget> {
+    fn take(&mut self, budgets: &[Budget], now: f64) -> Option<Budget> {
         let mut short = None;
         for (b, budget) in self.buckets.iter_mut().zip(budgets) {
-            let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+            let elapsed = (now - b.at).max(0.0);
             b.tokens = (b.tokens + elapsed * budget.rate()).min(budget.unwraps as f64);
             b.at = now;
             if b.tokens >= 1.0 {
@@ -202,14 +256,24 @@ impl Buckets {
         short
     }
 
-    /// Whether these buckets say nothing a fresh set would not (full, not held).
-    fn idle(&self, budgets: &[Budget], now: Instant) -> bool {
+    /// Whether these buckets say nothing a fresh set would not (full, not held, nothing
+    /// learned).
+    fn idle(&self, budgets: &[Budget], now: f64) -> bool {
         self.held.is_none()
+            && self.profile.is_none()
             && self.buckets.iter().zip(budgets).all(|(b, budget)| {
-                let elapsed = now.saturating_duration_since(b.at).as_secs_f64();
+                let elapsed = (now - b.at).max(0.0);
                 b.tokens + elapsed * budget.rate() >= budget.unwraps as f64
             })
     }
+}
+
+/// What the baseline counts of one unwrap: its key (hashed; none for a key's own
+/// profile) and its context (hashed), if any.
+#[derive(Debug, Clone, Copy)]
+struct Learned {
+    key: Option<u64>,
+    context: Option<u64>,
 }
 
 /// Subjects remembered at most; past it, idle ones are forgotten (a full bucket is the
@@ -227,6 +291,11 @@ pub struct Brake {
     identities: Mutex<Subjects>,
     keys: Mutex<Subjects>,
     on_breach: OnBreach,
+    /// The monotonic clock's origin.
+    start: Instant,
+    /// The wall clock (the server's).
+    clock: Clock,
+    hashing: Hashing,
 }
 
 impl std::fmt::Debug for Brake {
@@ -258,7 +327,24 @@ impl Brake {
             identities: Mutex::new(HashMap::new()),
             keys: Mutex::new(HashMap::new()),
             on_breach: Box::new(on_breach),
+            start: Instant::now(),
+            clock: Clock::system(),
+            hashing: Hashing::new(),
         })
+    }
+
+    /// Reads the wall clock (the baseline's hours of the day) from `clock`.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Now.
+    pub fn now(&self) -> Moment {
+        Moment {
+            mono: self.start.elapsed().as_secs_f64(),
+            wall: self.clock.now(),
+        }
     }
 
     /// The settings.
@@ -266,35 +352,68 @@ impl Brake {
         &self.settings
     }
 
-    /// Charges one unwrap by `identity` of `tenant` under key `key`: `Ok` to go on, or the
-    /// refusal (429) when an enforced budget is spent or a hold is in force.
-    pub fn charge(&self, tenant: &str, identity: &str, key: &str) -> Result<(), Error> {
-        let now = Instant::now();
+    /// Charges one unwrap by `identity` of `tenant` under key `key` and encryption context
+    /// `context` (its canonical bytes, if any): `Ok` to go on, or the refusal (429) when an
+    /// enforced budget is spent, the baseline is deviated from, or a hold is in force.
+    pub fn charge(
+        &self,
+        tenant: &str,
+        identity: &str,
+        key: &str,
+        context: Option<&[u8]>,
+    ) -> Result<(), Error> {
+        self.charge_at(tenant, identity, key, context, self.now())
+    }
+
+    /// [`Brake::charge`] at `now` (a replay of recorded or generated traffic).
+    pub fn charge_at(
+        &self,
+        tenant: &str,
+        identity: &str,
+        key: &str,
+        context: Option<&[u8]>,
+        now: Moment,
+    ) -> Result<(), Error> {
+        let learned = self.settings.baseline.is_some().then(|| Learned {
+            key: Some(self.hashing.hash((tenant, key))),
+            context: context.map(|c| self.hashing.hash(c)),
+        });
         let budgets = &self.settings.identity;
-        let who = self.charge_one(&self.identities, budgets, tenant, identity, now, || {
-            Subject::Identity {
+        let who = self.charge_one(
+            &self.identities,
+            budgets,
+            tenant,
+            identity,
+            now,
+            learned,
+            || Subject::Identity {
                 tenant: tenant.to_owned(),
                 identity: identity.to_owned(),
-            }
-        });
+            },
+        );
         let budgets = &self.settings.key;
-        let what = self.charge_one(&self.keys, budgets, tenant, key, now, || Subject::Key {
-            tenant: tenant.to_owned(),
-            key: key.to_owned(),
+        let learned = learned.map(|l| Learned { key: None, ..l });
+        let what = self.charge_one(&self.keys, budgets, tenant, key, now, learned, || {
+            Subject::Key {
+                tenant: tenant.to_owned(),
+                key: key.to_owned(),
+            }
         });
         who.and(what)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn charge_one(
         &self,
         map: &Mutex<Subjects>,
         budgets: &[Budget],
         tenant: &str,
         name: &str,
-        now: Instant,
+        now: Moment,
+        learned: Option<Learned>,
         subject: impl FnOnce() -> Subject,
     ) -> Result<(), Error> {
-        if budgets.is_empty() {
+        if budgets.is_empty() && learned.is_none() {
             return Ok(());
         }
         let (breach, refusal) = {
@@ -305,16 +424,17 @@ impl Brake {
                 let subjects: usize = map.values().map(HashMap::len).sum();
                 if subjects >= MAX_SUBJECTS {
                     for t in map.values_mut() {
-                        t.retain(|_, b| !b.idle(budgets, now));
+                        t.retain(|_, b| !b.idle(budgets, now.mono));
                     }
                     map.retain(|_, t| !t.is_empty());
                     if map.values().map(HashMap::len).sum::<usize>() >= MAX_SUBJECTS {
                         return Ok(());
                     }
                 }
-                map.entry(tenant.to_owned())
-                    .or_default()
-                    .insert(name.to_owned(), Buckets::new(budgets, now));
+                map.entry(tenant.to_owned()).or_default().insert(
+                    name.to_owned(),
+                    Buckets::new(budgets, learned.is_some(), now),
+                );
             }
             let Some(b) = map.get_mut(tenant).and_then(|t| t.get_mut(name)) else {
                 return Ok(());
@@ -324,27 +444,37 @@ impl Brake {
                     "unwraps held by the exfiltration brake: an operator releases the hold (kmsctl sys brake-release)",
                 ));
             }
-            let Some(short) = b.take(budgets, now) else {
-                return Ok(());
+            let short = b.take(budgets, now.mono);
+            let deviation = match (&mut b.profile, &self.settings.baseline, learned) {
+                (Some(p), Some(s), Some(l)) => p.observe(s, now.wall, l.key, l.context),
+                _ => None,
+            };
+            let (cause, first) = match (short, deviation) {
+                (Some(budget), _) => (Cause::Budget(budget), !b.breached),
+                (None, Some((d, first))) => (Cause::Baseline(d), first),
+                (None, None) => return Ok(()),
             };
             let enforce = self.settings.mode == Mode::Enforce;
             let response = match (enforce, self.settings.action) {
                 (false, _) => "alerted",
                 (true, Action::Throttle) => "throttled",
                 (true, Action::Hold) => {
-                    b.held = Some(now);
+                    b.held = Some(now.mono);
                     "held"
                 }
             };
-            let first = !std::mem::replace(&mut b.breached, true) || response == "held";
-            let breach = first.then_some((short, response));
+            if short.is_some() {
+                b.breached = true;
+            }
+            let first = first || response == "held";
+            let breach = first.then_some((cause, response));
             let refusal = enforce.then_some(response);
             (breach, refusal)
         };
-        if let Some((budget, response)) = breach {
+        if let Some((cause, response)) = breach {
             (self.on_breach)(&Breach {
                 subject: subject(),
-                budget,
+                cause,
                 response,
             });
         }
@@ -361,7 +491,7 @@ impl Brake {
 
     /// The holds in force (of `tenant` only, if given).
     pub fn holds(&self, tenant: Option<&str>) -> Vec<Hold> {
-        let now = Instant::now();
+        let now = self.now().mono;
         let mut out = Vec::new();
         for (map, identity) in [(&self.identities, true), (&self.keys, false)] {
             let map = map.lock().unwrap_or_else(PoisonError::into_inner);
@@ -386,7 +516,7 @@ impl Brake {
                 };
                 out.push(Hold {
                     subject,
-                    held_for: now.saturating_duration_since(since),
+                    held_for: Duration::from_secs_f64((now - since).max(0.0)),
                 });
             }
         }
@@ -428,6 +558,7 @@ mod tests {
             action,
             identity: budget(identity).into_iter().collect(),
             key: budget(key).into_iter().collect(),
+            baseline: None,
         };
         settings.check().unwrap();
         let b = Brake::new(settings, move |_| {
@@ -441,32 +572,38 @@ mod tests {
     fn a_hold_stops_every_unwrap_of_the_identity_until_released() {
         let (b, alerts) = brake(Mode::Enforce, Action::Hold, 10, 0);
         for _ in 0..10 {
-            b.charge("t", "app", "k").unwrap();
+            b.charge("t", "app", "k", None).unwrap();
         }
-        assert!(matches!(b.charge("t", "app", "k"), Err(Error::Braked(_))));
         assert!(matches!(
-            b.charge("t", "app", "other"),
+            b.charge("t", "app", "k", None),
+            Err(Error::Braked(_))
+        ));
+        assert!(matches!(
+            b.charge("t", "app", "other", None),
             Err(Error::Braked(_))
         ));
         // Another identity, another tenant's same name: their own budgets.
-        b.charge("t", "app2", "k").unwrap();
-        b.charge("u", "app", "k").unwrap();
+        b.charge("t", "app2", "k", None).unwrap();
+        b.charge("u", "app", "k", None).unwrap();
         assert_eq!(alerts.load(Ordering::SeqCst), 1);
         let holds = b.holds(Some("t"));
         assert_eq!(holds.len(), 1);
         assert!(b.holds(Some("u")).is_empty());
         assert!(b.release(&holds[0].subject));
-        b.charge("t", "app", "k").unwrap();
+        b.charge("t", "app", "k", None).unwrap();
     }
 
     #[test]
     fn a_key_budget_counts_every_identity() {
         let (b, _) = brake(Mode::Enforce, Action::Throttle, 0, 5);
         for i in 0..5 {
-            b.charge("t", &format!("app{i}"), "k").unwrap();
+            b.charge("t", &format!("app{i}"), "k", None).unwrap();
         }
-        assert!(matches!(b.charge("t", "app9", "k"), Err(Error::Braked(_))));
-        b.charge("t", "app9", "k2").unwrap();
+        assert!(matches!(
+            b.charge("t", "app9", "k", None),
+            Err(Error::Braked(_))
+        ));
+        b.charge("t", "app9", "k2", None).unwrap();
         // Throttled, not held: nothing to release.
         assert!(b.holds(None).is_empty());
     }
@@ -475,7 +612,7 @@ mod tests {
     fn a_dry_run_alerts_once_and_refuses_nothing() {
         let (b, alerts) = brake(Mode::DryRun, Action::Hold, 3, 0);
         for _ in 0..100 {
-            b.charge("t", "app", "k").unwrap();
+            b.charge("t", "app", "k", None).unwrap();
         }
         assert_eq!(alerts.load(Ordering::SeqCst), 1);
         assert!(b.holds(None).is_empty());
@@ -492,7 +629,7 @@ mod tests {
                 std::thread::spawn(move || {
                     barrier.wait();
                     (0..1000)
-                        .filter(|_| b.charge("t", "app", "k").is_ok())
+                        .filter(|_| b.charge("t", "app", "k", None).is_ok())
                         .count()
                 })
             })
