@@ -7,6 +7,9 @@
 # sharing the cores.
 #
 # Usage: bash benches/compare.sh OTHER_KMS_SERVER_BINARY [duration-seconds] [C] [rounds]
+#   THIS_EXTRA='TOML' appends TOML to this build's config only: the same binary with and
+#   without a feature, e.g. the exfiltration brake (BENCHMARKS.md):
+#   THIS_EXTRA="$(cat benches/brake-overhead.toml)" bash benches/compare.sh target/release/kms-server 8 64 3
 #   e.g. git worktree add /tmp/old <commit> && (cd /tmp/old && CARGO_TARGET_DIR=/tmp/oldt \
 #        cargo build --release -p kms-server) && bash benches/compare.sh /tmp/oldt/release/kms-server 8 64 2
 other=${1:?usage: compare.sh OTHER_KMS_SERVER_BINARY [duration] [C] [rounds]}
@@ -27,6 +30,7 @@ open(sys.argv[1], "w").write(re.sub(r"(?ms)^\[process\]\n.*?(?=^\[)", "", text))
 PY
   "$other" check-config --config "$work/other/kms-server.toml" >/dev/null
 fi
+if [ -n "${THIS_EXTRA:-}" ]; then printf '\n%s\n' "$THIS_EXTRA" >> "$work/this/kms-server.toml"; fi
 RUST_LOG=warn "$bin/kms-server" serve --config "$work/this/kms-server.toml" 2>"$work/this.log" &
 pids+=($!); this_pid=$!
 RUST_LOG=warn "$other" serve --config "$work/other/kms-server.toml" 2>"$work/other.log" &

@@ -106,15 +106,19 @@ impl Keyring {
     }
 
     /// Charges one unwrap by `who` under key `name` and the canonical `context` (if any)
-    /// to the exfiltration brake, if enabled.
+    /// to the exfiltration brake, if enabled, within the request's `session`.
     fn charge_brake(
         &self,
+        session: &mut crate::access::brake::Session,
         who: &Principal,
         name: &str,
         context: Option<&[u8]>,
     ) -> Result<(), Error> {
         match self.brake.get() {
-            Some(brake) => brake.charge(&who.tenant, &who.identity, name, context),
+            Some(brake) => {
+                let now = brake.now();
+                brake.charge_in(session, &who.tenant, &who.identity, name, context, now)
+            }
             None => Ok(()),
         }
     }
@@ -127,6 +131,7 @@ impl Keyring {
             un: self.unsealed()?,
             entries: Vec::new(),
             unwraps: Vec::new(),
+            brake: crate::access::brake::Session::default(),
         })
     }
 }
@@ -160,6 +165,8 @@ pub struct Lookups<'k> {
     entries: Vec<Arc<KeyEntry>>,
     /// Beside each of `entries`: unwraps not yet counted, (version, count).
     unwraps: Vec<(u32, u32)>,
+    /// The exfiltration brake's subjects this request charged.
+    brake: crate::access::brake::Session,
 }
 
 impl Lookups<'_> {
@@ -292,7 +299,8 @@ impl Lookups<'_> {
         // A rewrap keeps the DEK inside: only what hands a DEK out is charged.
         if op == GrantOperation::Unwrap {
             let ctx = (!context.is_empty()).then_some(canonical.as_slice());
-            self.keyring.charge_brake(who, &entry.record.name, ctx)?;
+            let name = &entry.record.name;
+            self.keyring.charge_brake(&mut self.brake, who, name, ctx)?;
         }
         let kek = entry
             .versions
@@ -415,7 +423,9 @@ impl Lookups<'_> {
         if version < entry.record.min_decrypt_version {
             return Err(Error::DecryptFailed);
         }
-        self.keyring.charge_brake(who, &entry.record.name, None)?;
+        let name = &entry.record.name;
+        self.keyring
+            .charge_brake(&mut self.brake, who, name, None)?;
         Ok(i)
     }
 

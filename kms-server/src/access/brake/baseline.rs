@@ -259,6 +259,16 @@ impl Profile {
             })
     }
 
+    /// After an operator's release: the current minute and hour start again from nothing
+    /// (what was seen led to the hold and was judged), and the hour is still not learned.
+    pub(super) fn forgive(&mut self) {
+        self.per_minute = 0;
+        self.peak_minute = 0;
+        self.keys = Distinct::new();
+        self.contexts = Distinct::new();
+        self.deviated = true;
+    }
+
     /// Counts one unwrap at `wall` (Unix seconds) of key `key` (hashed; for an identity)
     /// under context `context` (hashed): the deviation it makes, if any, and whether it is
     /// the first of its hour (to alert once).

@@ -24,7 +24,7 @@
 mod baseline;
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub use baseline::{BaselineSettings, Deviation};
@@ -282,8 +282,60 @@ const MAX_SUBJECTS: usize = 100_000;
 
 type OnBreach = Box<dyn Fn(&Breach) + Send + Sync>;
 
-/// Tenant → name (identity or key) → its buckets.
-type Subjects = HashMap<String, HashMap<String, Buckets>>;
+/// One subject's state, shared by the map and the requests charging it.
+type Shared = Arc<Mutex<Buckets>>;
+
+/// Tenant → name (identity or key) → its state.
+type Subjects = HashMap<String, HashMap<String, Shared>>;
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Buckets> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The subjects one request charges, found once: a batch of unwraps charges them per item
+/// without looking them up again. Dropped with the request.
+#[derive(Default)]
+pub struct Session {
+    found: Vec<Found>,
+}
+
+struct Found {
+    identity: bool,
+    tenant: String,
+    name: String,
+    shared: Option<Shared>,
+    /// The name's hash, for the baseline's count of distinct keys.
+    hash: u64,
+}
+
+impl Session {
+    fn find(
+        &mut self,
+        brake: &Brake,
+        identity: bool,
+        tenant: &str,
+        name: &str,
+        now: Moment,
+    ) -> (Option<Shared>, u64) {
+        let known = self
+            .found
+            .iter()
+            .find(|f| f.identity == identity && f.name == name && f.tenant == tenant);
+        if let Some(f) = known {
+            return (f.shared.clone(), f.hash);
+        }
+        let shared = brake.find(identity, tenant, name, now);
+        let hash = brake.hashing.hash((tenant, name));
+        self.found.push(Found {
+            identity,
+            tenant: tenant.to_owned(),
+            name: name.to_owned(),
+            shared: shared.clone(),
+            hash,
+        });
+        (shared, hash)
+    }
+}
 
 /// The brake's state.
 pub struct Brake {
@@ -362,7 +414,8 @@ impl Brake {
         key: &str,
         context: Option<&[u8]>,
     ) -> Result<(), Error> {
-        self.charge_at(tenant, identity, key, context, self.now())
+        let mut session = Session::default();
+        self.charge_in(&mut session, tenant, identity, key, context, self.now())
     }
 
     /// [`Brake::charge`] at `now` (a replay of recorded or generated traffic).
@@ -374,71 +427,92 @@ impl Brake {
         context: Option<&[u8]>,
         now: Moment,
     ) -> Result<(), Error> {
-        let learned = self.settings.baseline.is_some().then(|| Learned {
-            key: Some(self.hashing.hash((tenant, key))),
-            context: context.map(|c| self.hashing.hash(c)),
-        });
-        let budgets = &self.settings.identity;
-        let who = self.charge_one(
-            &self.identities,
-            budgets,
-            tenant,
-            identity,
-            now,
-            learned,
-            || Subject::Identity {
-                tenant: tenant.to_owned(),
-                identity: identity.to_owned(),
-            },
-        );
-        let budgets = &self.settings.key;
-        let learned = learned.map(|l| Learned { key: None, ..l });
-        let what = self.charge_one(&self.keys, budgets, tenant, key, now, learned, || {
-            Subject::Key {
-                tenant: tenant.to_owned(),
-                key: key.to_owned(),
-            }
-        });
-        who.and(what)
+        self.charge_in(&mut Session::default(), tenant, identity, key, context, now)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// [`Brake::charge_at`] within one request's `session`: the subjects are looked up once
+    /// per request, not once per item of a batch.
+    pub fn charge_in(
+        &self,
+        session: &mut Session,
+        tenant: &str,
+        identity: &str,
+        key: &str,
+        context: Option<&[u8]>,
+        now: Moment,
+    ) -> Result<(), Error> {
+        let baseline = self.settings.baseline.is_some();
+        let (who, _) = session.find(self, true, tenant, identity, now);
+        let (what, key_hash) = session.find(self, false, tenant, key, now);
+        let context = context.filter(|_| baseline).map(|c| self.hashing.hash(c));
+        let learned = baseline.then_some(Learned {
+            key: Some(key_hash),
+            context,
+        });
+        // An identity refused is not charged to the key: a held thief that keeps asking
+        // must not spend the key's budget for everyone else.
+        if let Some(who) = who {
+            let subject = || Subject::Identity {
+                tenant: tenant.to_owned(),
+                identity: identity.to_owned(),
+            };
+            self.charge_one(&who, &self.settings.identity, now, learned, subject)?;
+        }
+        if let Some(what) = what {
+            let subject = || Subject::Key {
+                tenant: tenant.to_owned(),
+                key: key.to_owned(),
+            };
+            let learned = learned.map(|l| Learned { key: None, ..l });
+            self.charge_one(&what, &self.settings.key, now, learned, subject)?;
+        }
+        Ok(())
+    }
+
+    /// The state of subject `name` of `tenant` in `map`, made if new; `None` when it has
+    /// nothing to count, or when [`MAX_SUBJECTS`] are remembered and none is idle.
+    fn find(&self, identity: bool, tenant: &str, name: &str, now: Moment) -> Option<Shared> {
+        let (map, budgets) = if identity {
+            (&self.identities, &self.settings.identity)
+        } else {
+            (&self.keys, &self.settings.key)
+        };
+        let baseline = self.settings.baseline.is_some();
+        if budgets.is_empty() && !baseline {
+            return None;
+        }
+        let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
+        // Looked up by borrowed names: nothing is allocated but for a new subject.
+        if let Some(found) = map.get(tenant).and_then(|t| t.get(name)) {
+            return Some(found.clone());
+        }
+        let subjects: usize = map.values().map(HashMap::len).sum();
+        if subjects >= MAX_SUBJECTS {
+            for t in map.values_mut() {
+                t.retain(|_, b| !lock(b).idle(budgets, now.mono));
+            }
+            map.retain(|_, t| !t.is_empty());
+            if map.values().map(HashMap::len).sum::<usize>() >= MAX_SUBJECTS {
+                return None;
+            }
+        }
+        let shared = Arc::new(Mutex::new(Buckets::new(budgets, baseline, now)));
+        map.entry(tenant.to_owned())
+            .or_default()
+            .insert(name.to_owned(), shared.clone());
+        Some(shared)
+    }
+
     fn charge_one(
         &self,
-        map: &Mutex<Subjects>,
+        shared: &Shared,
         budgets: &[Budget],
-        tenant: &str,
-        name: &str,
         now: Moment,
         learned: Option<Learned>,
         subject: impl FnOnce() -> Subject,
     ) -> Result<(), Error> {
-        if budgets.is_empty() && learned.is_none() {
-            return Ok(());
-        }
         let (breach, refusal) = {
-            let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
-            // Looked up by borrowed names: nothing is allocated but for a new subject.
-            let known = map.get(tenant).is_some_and(|t| t.contains_key(name));
-            if !known {
-                let subjects: usize = map.values().map(HashMap::len).sum();
-                if subjects >= MAX_SUBJECTS {
-                    for t in map.values_mut() {
-                        t.retain(|_, b| !b.idle(budgets, now.mono));
-                    }
-                    map.retain(|_, t| !t.is_empty());
-                    if map.values().map(HashMap::len).sum::<usize>() >= MAX_SUBJECTS {
-                        return Ok(());
-                    }
-                }
-                map.entry(tenant.to_owned()).or_default().insert(
-                    name.to_owned(),
-                    Buckets::new(budgets, learned.is_some(), now),
-                );
-            }
-            let Some(b) = map.get_mut(tenant).and_then(|t| t.get_mut(name)) else {
-                return Ok(());
-            };
+            let mut b = lock(shared);
             if b.held.is_some() {
                 return Err(Error::Braked(
                     "unwraps held by the exfiltration brake: an operator releases the hold (kmsctl sys brake-release)",
@@ -499,7 +573,7 @@ impl Brake {
                 .iter()
                 .flat_map(|(t, names)| names.iter().map(move |(n, b)| (t, n, b)))
             {
-                let Some(since) = b.held else { continue };
+                let Some(since) = lock(b).held else { continue };
                 if tenant.is_some_and(|x| x != t) {
                     continue;
                 }
@@ -524,16 +598,33 @@ impl Brake {
         out
     }
 
-    /// Releases the hold on `subject`, its buckets full again; true if it was held.
+    /// Releases the hold on `subject`, its buckets full again and its baseline's current
+    /// minute and hour counted from nothing (what it learned is kept); true if it was held.
     pub fn release(&self, subject: &Subject) -> bool {
-        let (map, tenant, name) = match subject {
-            Subject::Identity { tenant, identity } => (&self.identities, tenant, identity),
-            Subject::Key { tenant, key } => (&self.keys, tenant, key),
+        let (map, tenant, name, budgets) = match subject {
+            Subject::Identity { tenant, identity } => {
+                (&self.identities, tenant, identity, &self.settings.identity)
+            }
+            Subject::Key { tenant, key } => (&self.keys, tenant, key, &self.settings.key),
         };
-        let mut map = map.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get_mut(tenant)
-            .and_then(|t| t.remove(name))
-            .is_some_and(|b| b.held.is_some())
+        let Some(shared) = map
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(tenant)
+            .and_then(|t| t.get(name))
+            .cloned()
+        else {
+            return false;
+        };
+        let mut b = lock(&shared);
+        for (bucket, budget) in b.buckets.iter_mut().zip(budgets) {
+            bucket.tokens = budget.unwraps as f64;
+        }
+        b.breached = false;
+        if let Some(p) = &mut b.profile {
+            p.forgive();
+        }
+        b.held.take().is_some()
     }
 }
 
@@ -594,6 +685,21 @@ mod tests {
     }
 
     #[test]
+    fn a_held_identity_does_not_spend_the_keys_budget() {
+        let (b, _) = brake(Mode::Enforce, Action::Hold, 10, 20);
+        for _ in 0..10 {
+            b.charge("t", "thief", "k", None).unwrap();
+        }
+        for _ in 0..100 {
+            assert!(b.charge("t", "thief", "k", None).is_err());
+        }
+        // The key has spent 10 of 20 (not 110): another identity gets the other 10.
+        for _ in 0..10 {
+            b.charge("t", "app", "k", None).unwrap();
+        }
+    }
+
+    #[test]
     fn a_key_budget_counts_every_identity() {
         let (b, _) = brake(Mode::Enforce, Action::Throttle, 0, 5);
         for i in 0..5 {
@@ -639,6 +745,51 @@ mod tests {
             .sum();
         // At most the budget and what refilled meanwhile (1000/h: none).
         assert!((1000..=1001).contains(&ok), "{ok}");
+    }
+
+    #[test]
+    fn a_release_keeps_what_the_baseline_learned() {
+        let settings = BrakeSettings {
+            mode: Mode::Enforce,
+            baseline: Some(BaselineSettings {
+                learn_days: 1,
+                ..BaselineSettings::default()
+            }),
+            ..BrakeSettings::default()
+        };
+        let b = Brake::new(settings, |_| {}).unwrap();
+        let at = |wall: u64| Moment {
+            mono: wall as f64,
+            wall,
+        };
+        // Learned: 10 a minute at 00:00 of day 0.
+        for i in 0..10 {
+            b.charge_at("t", "app", "k", None, at(i)).unwrap();
+        }
+        // Day 1, 00:00: the 31st unwrap of the minute (floor 30) is held...
+        let day = 86_400;
+        let got = (0..40)
+            .take_while(|i| b.charge_at("t", "app", "k", None, at(day + i)).is_ok())
+            .count();
+        assert_eq!(got, 30);
+        let subject = Subject::Identity {
+            tenant: "t".into(),
+            identity: "app".into(),
+        };
+        assert!(b.release(&subject));
+        b.release(&Subject::Key {
+            tenant: "t".into(),
+            key: "k".into(),
+        });
+        // ...released, it is still past its learned use in a later minute (not learning
+        // again from scratch).
+        let got = (0..40)
+            .take_while(|i| {
+                b.charge_at("t", "app", "k", None, at(day + 120 + i))
+                    .is_ok()
+            })
+            .count();
+        assert_eq!(got, 30);
     }
 
     #[test]
