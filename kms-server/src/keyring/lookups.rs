@@ -116,7 +116,7 @@ impl Keyring {
     ) -> Result<(), Error> {
         match self.brake.get() {
             Some(brake) => {
-                let now = brake.now();
+                let now = session.now(brake);
                 brake.charge_in(session, &who.tenant, &who.identity, name, context, now)
             }
             None => Ok(()),

@@ -135,27 +135,53 @@ impl std::fmt::Display for Deviation {
 
 /// Distinct items, estimated: a HyperLogLog of 64 registers.
 #[derive(Clone, Debug)]
-struct Distinct {
+pub(super) struct Distinct {
     registers: [u8; 64],
     estimate: u64,
 }
 
 impl Distinct {
-    const fn new() -> Self {
+    pub(super) const fn new() -> Self {
         Self {
             registers: [0; 64],
             estimate: 0,
         }
     }
 
-    fn insert(&mut self, hash: u64) {
+    /// Adds an item (its hash) and updates the estimate.
+    fn add(&mut self, hash: u64) {
+        if self.insert(hash) {
+            self.estimate = self.compute();
+        }
+    }
+
+    /// Adds an item (its hash) without updating the estimate (a request's own count,
+    /// absorbed later): whether a register changed.
+    pub(super) fn insert(&mut self, hash: u64) -> bool {
         let j = (hash >> 58) as usize;
         // The rank of the remaining 58 bits: leading zeros + 1.
         let rank = ((hash << 6).leading_zeros().min(58) + 1) as u8;
-        if rank > self.registers[j] {
+        let changed = rank > self.registers[j];
+        if changed {
             self.registers[j] = rank;
-            self.estimate = self.compute();
         }
+        changed
+    }
+
+    /// Whether nothing was inserted.
+    pub(super) fn is_empty(&self) -> bool {
+        self.registers.iter().all(|&r| r == 0)
+    }
+
+    /// Adds what `other` saw.
+    fn absorb(&mut self, other: &Distinct) {
+        if other.is_empty() {
+            return;
+        }
+        for (r, o) in self.registers.iter_mut().zip(other.registers) {
+            *r = (*r).max(o);
+        }
+        self.estimate = self.compute();
     }
 
     fn compute(&self) -> u64 {
@@ -208,6 +234,8 @@ pub(super) struct Profile {
     /// The current hour (Unix hours) and what it has seen.
     hour: u64,
     peak_minute: u64,
+    /// The busiest of the hour's minutes before the current one.
+    peak_before: u64,
     keys: Distinct,
     contexts: Distinct,
     /// The hour deviated (so it is not learned, and alerted once).
@@ -224,6 +252,7 @@ impl Profile {
             slots: [Slot::default(); SLOTS as usize],
             hour: wall / 3600,
             peak_minute: 0,
+            peak_before: 0,
             keys: Distinct::new(),
             contexts: Distinct::new(),
             deviated: false,
@@ -242,6 +271,7 @@ impl Profile {
             slot.contexts = learn(slot.contexts, self.contexts.estimate);
         }
         self.peak_minute = 0;
+        self.peak_before = 0;
         self.keys = Distinct::new();
         self.contexts = Distinct::new();
         self.deviated = false;
@@ -264,20 +294,55 @@ impl Profile {
     pub(super) fn forgive(&mut self) {
         self.per_minute = 0;
         self.peak_minute = 0;
+        self.peak_before = 0;
         self.keys = Distinct::new();
         self.contexts = Distinct::new();
         self.deviated = true;
     }
 
-    /// Counts one unwrap at `wall` (Unix seconds) of key `key` (hashed; for an identity)
-    /// under context `context` (hashed): the deviation it makes, if any, and whether it is
-    /// the first of its hour (to alert once).
+    /// Adds the keys and contexts a request counted apart (`keys`, `contexts`: those of
+    /// the unwraps of its lease) to the current hour's, if it is still that hour.
+    pub(super) fn absorb(&mut self, wall: u64, keys: &Distinct, contexts: &Distinct) {
+        if wall / 3600 == self.hour {
+            self.keys.absorb(keys);
+            self.contexts.absorb(contexts);
+        }
+    }
+
+    /// Takes back `n` unwraps counted at `wall` but not made (a lease's rest).
+    pub(super) fn unobserve(&mut self, wall: u64, n: u64) {
+        if wall / 60 == self.minute {
+            self.per_minute = self.per_minute.saturating_sub(n);
+            self.peak_minute = self.peak_before.max(self.per_minute);
+        }
+    }
+
+    /// How many unwraps at `wall` stay within the learned rate of this minute (no limit
+    /// while learning): a lease takes no more, so it never crosses the line by itself.
+    pub(super) fn room(&self, s: &BaselineSettings, wall: u64) -> u64 {
+        if wall < self.first + u64::from(s.learn_days) * 86_400 {
+            return u64::MAX;
+        }
+        let seen = if wall / 60 == self.minute {
+            self.per_minute
+        } else {
+            0
+        };
+        let peak = self.usual(wall / 3600).rate;
+        let allowed = ((s.factor * f64::from(peak)).ceil() as u64).max(s.min_per_minute.into());
+        allowed.saturating_sub(seen)
+    }
+
+    /// Counts `n` unwraps at `wall` (Unix seconds), one of key `key` (hashed; for an
+    /// identity) under context `context` (hashed): the deviation they make, if any, and
+    /// whether it is the first of its hour (to alert once).
     pub(super) fn observe(
         &mut self,
         s: &BaselineSettings,
         wall: u64,
         key: Option<u64>,
         context: Option<u64>,
+        n: u64,
     ) -> Option<(Deviation, bool)> {
         let hour = wall / 3600;
         if hour > self.hour {
@@ -287,14 +352,15 @@ impl Profile {
         if wall / 60 != self.minute {
             self.minute = wall / 60;
             self.per_minute = 0;
+            self.peak_before = self.peak_minute;
         }
-        self.per_minute += 1;
+        self.per_minute += n;
         self.peak_minute = self.peak_minute.max(self.per_minute);
         if let Some(k) = key {
-            self.keys.insert(k);
+            self.keys.add(k);
         }
         if let Some(c) = context {
-            self.contexts.insert(c);
+            self.contexts.add(c);
         }
         if wall < self.first + u64::from(s.learn_days) * 86_400 {
             return None;
@@ -367,6 +433,7 @@ mod tests {
                     t,
                     Some(h.hash(i % keys)),
                     Some(h.hash((day, hour, minute, i))),
+                    1,
                 )
                 .map(|(d, _)| d)
             })
@@ -435,8 +502,8 @@ mod tests {
         for n in [1_u64, 5, 50, 1000, 100_000] {
             let mut d = Distinct::new();
             for i in 0..n {
-                d.insert(h.hash(i));
-                d.insert(h.hash(i));
+                d.add(h.hash(i));
+                d.add(h.hash(i));
             }
             let err = (d.estimate as f64 - n as f64).abs() / n as f64;
             assert!(err < 0.45, "{n}: {}", d.estimate);

@@ -31,7 +31,7 @@ pub use baseline::{BaselineSettings, Deviation};
 
 use crate::base::clock::Clock;
 use crate::base::error::Error;
-use baseline::{Hashing, Profile};
+use baseline::{Distinct, Hashing, Profile};
 
 /// What the brake does.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
@@ -201,6 +201,8 @@ pub struct Moment {
 struct Bucket {
     tokens: f64,
     at: f64,
+    /// Its budget's `unwraps`: the most it holds.
+    cap: f64,
 }
 
 /// One subject's buckets, one per budget, its learned use, and whether it is held or in
@@ -222,6 +224,7 @@ impl Buckets {
                 .map(|b| Bucket {
                     tokens: b.unwraps as f64,
                     at: now.mono,
+                    cap: b.unwraps as f64,
                 })
                 .collect(),
             profile: baseline.then(|| Profile::new(now.wall)),
@@ -230,30 +233,43 @@ impl Buckets {
         }
     }
 
-    /// Refills, then takes one token from each bucket; the first budget that had none.
-    fn take(&mut self, budgets: &[Budget], now: f64) -> Option<Budget> {
-        let mut short = None;
+    /// Refills, then takes up to `want` tokens from every bucket, as many as the emptiest
+    /// holds: how many, and when none, the first budget that had none.
+    fn take(&mut self, budgets: &[Budget], now: f64, want: u64) -> (u64, Option<Budget>) {
+        let mut got = want;
         for (b, budget) in self.buckets.iter_mut().zip(budgets) {
             let elapsed = (now - b.at).max(0.0);
-            b.tokens = (b.tokens + elapsed * budget.rate()).min(budget.unwraps as f64);
+            b.tokens = (b.tokens + elapsed * budget.rate()).min(b.cap);
             b.at = now;
-            if b.tokens >= 1.0 {
-                b.tokens -= 1.0;
-            } else if short.is_none() {
-                short = Some(*budget);
-            }
+            got = got.min(b.tokens as u64);
         }
-        if short.is_none()
-            && self.breached
-            && self
+        if got == 0 {
+            let short = self
                 .buckets
                 .iter()
                 .zip(budgets)
-                .all(|(b, budget)| b.tokens >= budget.unwraps as f64 / 2.0)
-        {
+                .find(|(b, _)| b.tokens < 1.0)
+                .map(|(_, budget)| *budget);
+            if short.is_some() {
+                return (0, short);
+            }
+            // No budgets (the baseline alone): nothing to take.
+            return (want, None);
+        }
+        for b in &mut self.buckets {
+            b.tokens -= got as f64;
+        }
+        if self.breached && self.buckets.iter().all(|b| b.tokens >= b.cap / 2.0) {
             self.breached = false;
         }
-        short
+        (got, None)
+    }
+
+    /// Puts back `n` tokens taken and not used.
+    fn give_back(&mut self, n: u64) {
+        for b in &mut self.buckets {
+            b.tokens = (b.tokens + n as f64).min(b.cap);
+        }
     }
 
     /// Whether these buckets say nothing a fresh set would not (full, not held, nothing
@@ -297,6 +313,8 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Buckets> {
 #[derive(Default)]
 pub struct Session {
     found: Vec<Found>,
+    /// The request's time, read once ([`Session::now`]).
+    now: Option<Moment>,
 }
 
 struct Found {
@@ -306,9 +324,58 @@ struct Found {
     shared: Option<Shared>,
     /// The name's hash, for the baseline's count of distinct keys.
     hash: u64,
+    /// Unwraps taken from the subject's budgets (and counted by its baseline) ahead, not
+    /// yet made; the next lease's size.
+    lease: u64,
+    next_lease: u64,
+    /// When the lease was taken (Unix seconds), and the keys and contexts of the unwraps
+    /// made from it, for the subject's baseline.
+    wall: u64,
+    keys: Distinct,
+    contexts: Distinct,
+}
+
+/// The most unwraps a request takes ahead from a subject: one at first, then twice as
+/// many each time, up to this (a batch of unwraps locks the subject a few times, not once
+/// per item; two requests at once do not fight over its lock for every item). What is
+/// not used goes back when the request ends. A budget or baseline breach is therefore seen
+/// at most this many unwraps of one request late.
+pub const LEASE: u64 = 32;
+
+impl Found {
+    /// Puts back what the lease did not use, and adds its keys and contexts.
+    fn settle(&mut self) {
+        let Some(shared) = &self.shared else { return };
+        if self.lease == 0 && self.keys.is_empty() && self.contexts.is_empty() {
+            return;
+        }
+        let mut b = lock(shared);
+        b.give_back(self.lease);
+        if let Some(p) = &mut b.profile {
+            p.unobserve(self.wall, self.lease);
+            p.absorb(self.wall, &self.keys, &self.contexts);
+        }
+        self.lease = 0;
+        self.keys = Distinct::new();
+        self.contexts = Distinct::new();
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for f in &mut self.found {
+            f.settle();
+        }
+    }
 }
 
 impl Session {
+    /// The time of the request: read at its first unwrap and kept (a request lasts
+    /// milliseconds; a batch does not read the clocks for every item).
+    pub fn now(&mut self, brake: &Brake) -> Moment {
+        *self.now.get_or_insert_with(|| brake.now())
+    }
+
     fn find(
         &mut self,
         brake: &Brake,
@@ -316,24 +383,27 @@ impl Session {
         tenant: &str,
         name: &str,
         now: Moment,
-    ) -> (Option<Shared>, u64) {
+    ) -> usize {
         let known = self
             .found
             .iter()
-            .find(|f| f.identity == identity && f.name == name && f.tenant == tenant);
-        if let Some(f) = known {
-            return (f.shared.clone(), f.hash);
+            .position(|f| f.identity == identity && f.name == name && f.tenant == tenant);
+        if let Some(i) = known {
+            return i;
         }
-        let shared = brake.find(identity, tenant, name, now);
-        let hash = brake.hashing.hash((tenant, name));
         self.found.push(Found {
             identity,
             tenant: tenant.to_owned(),
             name: name.to_owned(),
-            shared: shared.clone(),
-            hash,
+            shared: brake.find(identity, tenant, name, now),
+            hash: brake.hashing.hash((tenant, name)),
+            lease: 0,
+            next_lease: 1,
+            wall: now.wall,
+            keys: Distinct::new(),
+            contexts: Distinct::new(),
         });
-        (shared, hash)
+        self.found.len() - 1
     }
 }
 
@@ -442,31 +512,33 @@ impl Brake {
         now: Moment,
     ) -> Result<(), Error> {
         let baseline = self.settings.baseline.is_some();
-        let (who, _) = session.find(self, true, tenant, identity, now);
-        let (what, key_hash) = session.find(self, false, tenant, key, now);
+        let who = session.find(self, true, tenant, identity, now);
+        let what = session.find(self, false, tenant, key, now);
         let context = context.filter(|_| baseline).map(|c| self.hashing.hash(c));
         let learned = baseline.then_some(Learned {
-            key: Some(key_hash),
+            key: Some(session.found[what].hash),
             context,
         });
         // An identity refused is not charged to the key: a held thief that keeps asking
         // must not spend the key's budget for everyone else.
-        if let Some(who) = who {
-            let subject = || Subject::Identity {
-                tenant: tenant.to_owned(),
-                identity: identity.to_owned(),
-            };
-            self.charge_one(&who, &self.settings.identity, now, learned, subject)?;
-        }
-        if let Some(what) = what {
-            let subject = || Subject::Key {
-                tenant: tenant.to_owned(),
-                key: key.to_owned(),
-            };
-            let learned = learned.map(|l| Learned { key: None, ..l });
-            self.charge_one(&what, &self.settings.key, now, learned, subject)?;
-        }
-        Ok(())
+        let subject = || Subject::Identity {
+            tenant: tenant.to_owned(),
+            identity: identity.to_owned(),
+        };
+        let budgets = &self.settings.identity;
+        self.charge_one(&mut session.found[who], budgets, now, learned, subject)?;
+        let subject = || Subject::Key {
+            tenant: tenant.to_owned(),
+            key: key.to_owned(),
+        };
+        let learned = learned.map(|l| Learned { key: None, ..l });
+        self.charge_one(
+            &mut session.found[what],
+            &self.settings.key,
+            now,
+            learned,
+            subject,
+        )
     }
 
     /// The state of subject `name` of `tenant` in `map`, made if new; `None` when it has
@@ -505,28 +577,58 @@ impl Brake {
 
     fn charge_one(
         &self,
-        shared: &Shared,
+        f: &mut Found,
         budgets: &[Budget],
         now: Moment,
         learned: Option<Learned>,
         subject: impl FnOnce() -> Subject,
     ) -> Result<(), Error> {
+        if f.shared.is_none() {
+            return Ok(());
+        }
+        if f.lease > 0 && now.wall / 60 == f.wall / 60 {
+            f.lease -= 1;
+            if let Some(l) = learned {
+                if let Some(k) = l.key {
+                    f.keys.insert(k);
+                }
+                if let Some(c) = l.context {
+                    f.contexts.insert(c);
+                }
+            }
+            return Ok(());
+        }
+        // A lease taken in another minute goes back first: the baseline counts minutes.
+        f.settle();
+        let want = f.next_lease;
+        f.next_lease = (want * 2).min(LEASE);
+        f.wall = now.wall;
+        let Some(shared) = f.shared.clone() else {
+            return Ok(());
+        };
         let (breach, refusal) = {
-            let mut b = lock(shared);
+            let mut b = lock(&shared);
             if b.held.is_some() {
                 return Err(Error::Braked(
                     "unwraps held by the exfiltration brake: an operator releases the hold (kmsctl sys brake-release)",
                 ));
             }
-            let short = b.take(budgets, now.mono);
+            let want = match (&b.profile, &self.settings.baseline) {
+                (Some(p), Some(s)) => want.min(p.room(s, now.wall).max(1)),
+                _ => want,
+            };
+            let (got, short) = b.take(budgets, now.mono, want);
             let deviation = match (&mut b.profile, &self.settings.baseline, learned) {
-                (Some(p), Some(s), Some(l)) => p.observe(s, now.wall, l.key, l.context),
+                (Some(p), Some(s), Some(l)) => p.observe(s, now.wall, l.key, l.context, got.max(1)),
                 _ => None,
             };
             let (cause, first) = match (short, deviation) {
                 (Some(budget), _) => (Cause::Budget(budget), !b.breached),
                 (None, Some((d, first))) => (Cause::Baseline(d), first),
-                (None, None) => return Ok(()),
+                (None, None) => {
+                    f.lease = got - 1;
+                    return Ok(());
+                }
             };
             let enforce = self.settings.mode == Mode::Enforce;
             let response = match (enforce, self.settings.action) {
@@ -539,6 +641,15 @@ impl Brake {
             };
             if short.is_some() {
                 b.breached = true;
+            }
+            // Refused: what was taken goes back; let through (a dry run): one is used.
+            if enforce {
+                b.give_back(got);
+                if let Some(p) = &mut b.profile {
+                    p.unobserve(now.wall, got.max(1));
+                }
+            } else {
+                f.lease = got.saturating_sub(1);
             }
             let first = first || response == "held";
             let breach = first.then_some((cause, response));
@@ -682,6 +793,29 @@ mod tests {
         assert!(b.holds(Some("u")).is_empty());
         assert!(b.release(&holds[0].subject));
         b.charge("t", "app", "k", None).unwrap();
+    }
+
+    #[test]
+    fn a_request_takes_ahead_and_gives_back_what_it_did_not_use() {
+        let (b, alerts) = brake(Mode::Enforce, Action::Hold, 100, 0);
+        let now = b.now();
+        {
+            let mut session = Session::default();
+            for _ in 0..10 {
+                b.charge_in(&mut session, "t", "app", "k", None, now)
+                    .unwrap();
+            }
+        }
+        // 10 used (1 + 2 + 4 + 8 were taken ahead): exactly 90 are left, for anyone.
+        let mut session = Session::default();
+        let got = (0..200)
+            .take_while(|_| {
+                b.charge_in(&mut session, "t", "app", "k", None, now)
+                    .is_ok()
+            })
+            .count();
+        assert_eq!(got, 90);
+        assert_eq!(alerts.load(Ordering::SeqCst), 1);
     }
 
     #[test]
