@@ -310,7 +310,7 @@ impl Profile {
     }
 
     /// Takes back `n` unwraps counted at `wall` but not made (a lease's rest).
-    pub(super) fn unobserve(&mut self, wall: u64, n: u64) {
+    pub(super) fn untally(&mut self, wall: u64, n: u64) {
         if wall / 60 == self.minute {
             self.per_minute = self.per_minute.saturating_sub(n);
             self.peak_minute = self.peak_before.max(self.per_minute);
@@ -336,7 +336,7 @@ impl Profile {
     /// Counts `n` unwraps at `wall` (Unix seconds), one of key `key` (hashed; for an
     /// identity) under context `context` (hashed): the deviation they make, if any, and
     /// whether it is the first of its hour (to alert once).
-    pub(super) fn observe(
+    pub(super) fn tally(
         &mut self,
         s: &BaselineSettings,
         wall: u64,
@@ -428,7 +428,7 @@ mod tests {
         (0..n)
             .filter_map(|i| {
                 let t = day * DAY + hour * 3600 + minute * 60 + i * 60 / n.max(1);
-                p.observe(
+                p.tally(
                     s,
                     t,
                     Some(h.hash(i % keys)),

@@ -352,7 +352,7 @@ impl Found {
         let mut b = lock(shared);
         b.give_back(self.lease);
         if let Some(p) = &mut b.profile {
-            p.unobserve(self.wall, self.lease);
+            p.untally(self.wall, self.lease);
             p.absorb(self.wall, &self.keys, &self.contexts);
         }
         self.lease = 0;
@@ -619,7 +619,7 @@ impl Brake {
             };
             let (got, short) = b.take(budgets, now.mono, want);
             let deviation = match (&mut b.profile, &self.settings.baseline, learned) {
-                (Some(p), Some(s), Some(l)) => p.observe(s, now.wall, l.key, l.context, got.max(1)),
+                (Some(p), Some(s), Some(l)) => p.tally(s, now.wall, l.key, l.context, got.max(1)),
                 _ => None,
             };
             let (cause, first) = match (short, deviation) {
@@ -646,7 +646,7 @@ impl Brake {
             if enforce {
                 b.give_back(got);
                 if let Some(p) = &mut b.profile {
-                    p.unobserve(now.wall, got.max(1));
+                    p.untally(now.wall, got.max(1));
                 }
             } else {
                 f.lease = got.saturating_sub(1);
