@@ -186,7 +186,12 @@ impl Distinct {
 
     fn compute(&self) -> u64 {
         const M: f64 = 64.0;
-        let sum: f64 = self.registers.iter().map(|&r| (-f64::from(r)).exp2()).sum();
+        // 2^-r, exactly, from the exponent bits (r is at most 59): no exp2 per register.
+        let sum: f64 = self
+            .registers
+            .iter()
+            .map(|&r| f64::from_bits((1023 - u64::from(r)) << 52))
+            .sum();
         let raw = 0.709 * M * M / sum;
         let zeros = self.registers.iter().filter(|&&r| r == 0).count();
         let e = if raw <= 2.5 * M && zeros > 0 {

@@ -335,8 +335,8 @@ struct Found {
     contexts: Distinct,
 }
 
-/// The most unwraps a request takes ahead from a subject: one at first, then twice as
-/// many each time, up to this (a batch of unwraps locks the subject a few times, not once
+/// The most unwraps a request takes ahead from a subject: one at first, then four times
+/// as many each time, up to this (a batch of unwraps locks the subject a few times, not once
 /// per item; two requests at once do not fight over its lock for every item). What is
 /// not used goes back when the request ends. A budget or baseline breach is therefore seen
 /// at most this many unwraps of one request late.
@@ -345,11 +345,17 @@ pub const LEASE: u64 = 32;
 impl Found {
     /// Puts back what the lease did not use, and adds its keys and contexts.
     fn settle(&mut self) {
-        let Some(shared) = &self.shared else { return };
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
         if self.lease == 0 && self.keys.is_empty() && self.contexts.is_empty() {
             return;
         }
-        let mut b = lock(shared);
+        self.settle_into(&mut lock(&shared));
+    }
+
+    /// [`Found::settle`] with the subject's state already locked.
+    fn settle_into(&mut self, b: &mut Buckets) {
         b.give_back(self.lease);
         if let Some(p) = &mut b.profile {
             p.untally(self.wall, self.lease);
@@ -598,16 +604,17 @@ impl Brake {
             }
             return Ok(());
         }
-        // A lease taken in another minute goes back first: the baseline counts minutes.
-        f.settle();
-        let want = f.next_lease;
-        f.next_lease = (want * 2).min(LEASE);
-        f.wall = now.wall;
         let Some(shared) = f.shared.clone() else {
             return Ok(());
         };
         let (breach, refusal) = {
             let mut b = lock(&shared);
+            // What the last lease left (in another minute: the baseline counts minutes)
+            // goes back, and its keys and contexts are counted, under the same lock.
+            f.settle_into(&mut b);
+            let want = f.next_lease;
+            f.next_lease = (want * 4).min(LEASE);
+            f.wall = now.wall;
             if b.held.is_some() {
                 return Err(Error::Braked(
                     "unwraps held by the exfiltration brake: an operator releases the hold (kmsctl sys brake-release)",
@@ -806,7 +813,7 @@ mod tests {
                     .unwrap();
             }
         }
-        // 10 used (1 + 2 + 4 + 8 were taken ahead): exactly 90 are left, for anyone.
+        // 10 used (1 + 4 + 16 were taken ahead): exactly 90 are left, for anyone.
         let mut session = Session::default();
         let got = (0..200)
             .take_while(|_| {
