@@ -41,6 +41,7 @@ fn render(html: &Path, png: &Path) -> String {
         "--headless",
         "--no-sandbox",
         "--disable-gpu",
+        "--disable-dev-shm-usage",
         "--hide-scrollbars",
         "--no-first-run",
         "--disable-extensions",
