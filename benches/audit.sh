@@ -16,10 +16,8 @@ if [ -n "${AUDIT_DIR:-}" ]; then
   printf '\n[audit]\npath = "%s"\n' "$audit_file" >> "$work/on/kms-server.toml"
   trap 'cleanup; rm -f "$audit_file"' EXIT
 fi
-RUST_LOG=warn "$bin/kms-server" serve --config "$work/on/kms-server.toml" 2>"$work/on.log" &
-pids+=($!)
-RUST_LOG=warn "$bin/kms-server" serve --config "$work/off/kms-server.toml" 2>"$work/off.log" &
-pids+=($!)
+serve_dir on
+serve_dir off
 wait_ready "$ops"; wait_ready "$ops2"
 pki="$work/on/pki"
 unwrap_body "$pki" "$api" '{"tenant":"acme"}' "$work/unwrap.json"

@@ -23,10 +23,8 @@ brake = re.sub(r'(?m)^mode = .*$', 'mode = "enforce"', brake)
 open(sys.argv[2], "a").write("\n" + brake)
 print(brake)
 PY
-RUST_LOG=warn "$bin/kms-server" serve --config "$work/off/kms-server.toml" 2>"$work/off.log" &
-pids+=($!)
-RUST_LOG=warn "$bin/kms-server" serve --config "$work/on/kms-server.toml" 2>"$work/on.log" &
-pids+=($!)
+serve_dir off
+serve_dir on
 wait_ready "$ops"; wait_ready "$ops2"
 pki="$work/off/pki"
 full=$("$bin/brake_thief" --endpoint "https://127.0.0.1:$api" --pki "$pki")

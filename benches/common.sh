@@ -28,6 +28,13 @@ start_dev() {
   wait_ready "$3"
 }
 
+# serve_dir NAME: a background `kms-server serve` of $work/NAME/kms-server.toml, its log in
+# $work/NAME.log (not waited for: `wait_ready` its ops port).
+serve_dir() {
+  RUST_LOG=warn "$bin/kms-server" serve --config "$work/$1/kms-server.toml" 2>"$work/$1.log" &
+  pids+=($!)
+}
+
 # start_bench_dev: `start_dev` in $work/dev on two free ports, which it leaves in $api and
 # $ops, with the dev PKI's directory in $pki (and the public port in $dev_public).
 start_bench_dev() {

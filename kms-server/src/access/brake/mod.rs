@@ -490,8 +490,7 @@ impl Brake {
         key: &str,
         context: Option<&[u8]>,
     ) -> Result<(), Error> {
-        let mut session = Session::default();
-        self.charge_in(&mut session, tenant, identity, key, context, self.now())
+        self.charge_at(tenant, identity, key, context, self.now())
     }
 
     /// [`Brake::charge`] at `now` (a replay of recorded or generated traffic).
@@ -823,6 +822,42 @@ mod tests {
             .count();
         assert_eq!(got, 90);
         assert_eq!(alerts.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn two_batches_at_once_get_one_budget_between_them() {
+        let (b, _) = brake(Mode::Enforce, Action::Throttle, 1000, 0);
+        let b = Arc::new(b);
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let now = b.now();
+        let ok: usize = (0..2)
+            .map(|_| {
+                let (b, barrier) = (b.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    let mut session = Session::default();
+                    barrier.wait();
+                    (0..1000)
+                        .filter(|_| {
+                            b.charge_in(&mut session, "t", "app", "k", None, now)
+                                .is_ok()
+                        })
+                        .count()
+                })
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .sum();
+        // What the batches took ahead and did not use went back when they ended: with what
+        // is left, exactly the budget (the clock does not move: nothing refills).
+        let mut session = Session::default();
+        let rest = (0..2000)
+            .take_while(|_| {
+                b.charge_in(&mut session, "t", "app", "k", None, now)
+                    .is_ok()
+            })
+            .count();
+        assert_eq!(ok + rest, 1000, "{ok} + {rest}");
     }
 
     #[test]
