@@ -466,6 +466,16 @@ fn start_background(
             stop_rx.clone(),
         )),
     ];
+    for target in &settings.audit_export {
+        tasks.push(tokio::spawn(crate::security::audit::export::run(
+            target.clone(),
+            state.audit.clone(),
+            state.keyring.store().clone(),
+            state.alerts.clone(),
+            node_id.clone(),
+            stop_rx.clone(),
+        )));
+    }
     if settings.store.engine == storage::Engine::Postgres {
         tasks.push(tokio::spawn(follower::change_follower(
             state.clone(),

@@ -44,6 +44,8 @@ pub enum AlertKind {
     AuditWriteFailed,
     /// The audit file's filesystem is running out of space.
     AuditDiskLow,
+    /// An audit exporter has not delivered for a while (its receiver is down or refuses).
+    AuditExportStalled,
     /// A reload of TLS files or CRLs failed (the previous ones stay in force).
     TlsReloadFailed,
     /// An XKS request failed SigV4 authentication.
@@ -71,7 +73,7 @@ pub enum AlertKind {
 
 impl AlertKind {
     /// Every kind.
-    pub const ALL: [AlertKind; 28] = [
+    pub const ALL: [AlertKind; 29] = [
         Self::Denied,
         Self::LockedOut,
         Self::Sealed,
@@ -89,6 +91,7 @@ impl AlertKind {
         Self::AuditChain,
         Self::AuditWriteFailed,
         Self::AuditDiskLow,
+        Self::AuditExportStalled,
         Self::TlsReloadFailed,
         Self::XksAuthFailed,
         Self::XksReloadFailed,
@@ -122,6 +125,7 @@ impl AlertKind {
             Self::AuditChain => "audit_chain",
             Self::AuditWriteFailed => "audit_write_failed",
             Self::AuditDiskLow => "audit_disk_low",
+            Self::AuditExportStalled => "audit_export_stalled",
             Self::TlsReloadFailed => "tls_reload_failed",
             Self::XksAuthFailed => "xks_auth_failed",
             Self::XksReloadFailed => "xks_reload_failed",

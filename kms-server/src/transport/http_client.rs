@@ -1,7 +1,7 @@
 //! The server's one outbound HTTP client, for the few calls the server itself makes: a
 //! token issuer's JWK set ([`crate::adapters::jwt`]), another key service during Google
-//! CSE migration ([`crate::adapters::cse`]), and alert webhooks
-//! ([`crate::security::alert`]).
+//! CSE migration ([`crate::adapters::cse`]), alert webhooks ([`crate::security::alert`])
+//! and the OTLP audit exporter ([`crate::security::audit::export`]).
 //!
 //! hyper's HTTP/1.1 client over tokio, with rustls (aws-lc-rs, TLS 1.2+) for `https://`;
 //! one request per connection (these calls are rare), a deadline on the whole exchange,
@@ -28,8 +28,8 @@ pub enum HttpError {
     /// The URL is not `http(s)://host[:port]/path`, or not the scheme required.
     #[error("`{0}`: {1}")]
     Url(String, &'static str),
-    /// The CA bundle could not be read.
-    #[error("CA bundle: {0}")]
+    /// The CA bundle (or the client certificate or key) could not be read.
+    #[error("PEM file: {0}")]
     Ca(#[source] crate::base::pem::PemError),
     /// TLS configuration failed.
     #[error("TLS: {0}")]
@@ -104,7 +104,13 @@ pub fn check_url(url: &str, schemes: Schemes) -> Result<(), HttpError> {
     target(url, schemes).map(|_| ())
 }
 
-fn tls_connector(ca: Option<&Path>) -> Result<tokio_rustls::TlsConnector, HttpError> {
+/// A TLS client configuration trusting `ca` (default: the system's bundle), presenting
+/// `client` (certificate and key files) when given: for the outbound calls here and the
+/// syslog audit exporter.
+pub fn client_tls_config(
+    ca: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+) -> Result<rustls::ClientConfig, HttpError> {
     let ca_path = ca.map_or_else(|| PathBuf::from(SYSTEM_CAS), Path::to_path_buf);
     let mut roots = rustls::RootCertStore::empty();
     for cert in crate::base::pem::load_certs(&ca_path).map_err(HttpError::Ca)? {
@@ -112,12 +118,26 @@ fn tls_connector(ca: Option<&Path>) -> Result<tokio_rustls::TlsConnector, HttpEr
         let _ = roots.add(cert);
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(HttpError::Tls)?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(tokio_rustls::TlsConnector::from(Arc::new(config)))
+        .with_root_certificates(roots);
+    match client {
+        None => Ok(builder.with_no_client_auth()),
+        Some((cert, key)) => {
+            let chain = crate::base::pem::load_certs(cert).map_err(HttpError::Ca)?;
+            let key = crate::base::pem::load_key(key).map_err(HttpError::Ca)?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(HttpError::Tls)
+        }
+    }
+}
+
+fn tls_connector(ca: Option<&Path>) -> Result<tokio_rustls::TlsConnector, HttpError> {
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(
+        client_tls_config(ca, None)?,
+    )))
 }
 
 /// One request; `body`, when given, is sent as JSON. Returns the status and the body
@@ -128,6 +148,19 @@ pub async fn request(
     schemes: Schemes,
     ca: Option<&Path>,
     body: Option<&[u8]>,
+    deadline: Duration,
+) -> Result<(u16, Vec<u8>), HttpError> {
+    let body = body.map(|b| ("application/json", b));
+    request_typed(method, url, schemes, ca, body, deadline).await
+}
+
+/// [`request`] with a body of another media type: `(content type, bytes)`.
+pub async fn request_typed(
+    method: &str,
+    url: &str,
+    schemes: Schemes,
+    ca: Option<&Path>,
+    body: Option<(&str, &[u8])>,
     deadline: Duration,
 ) -> Result<(u16, Vec<u8>), HttpError> {
     let t = target(url, schemes)?;
@@ -180,7 +213,7 @@ async fn exchange(
     url: &str,
     t: &Target,
     ca: Option<&Path>,
-    body: Option<&[u8]>,
+    body: Option<(&str, &[u8])>,
 ) -> Result<(u16, Vec<u8>), HttpError> {
     let io = |e: Box<dyn std::error::Error + Send + Sync>| HttpError::Io {
         url: url.to_owned(),
@@ -194,11 +227,13 @@ async fn exchange(
         .uri(&t.path)
         .header(hyper::header::HOST, &t.authority)
         .header(hyper::header::ACCEPT, "application/json");
-    if body.is_some() {
-        req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+    if let Some((media, _)) = body {
+        req = req.header(hyper::header::CONTENT_TYPE, media);
     }
     let req = req
-        .body(Full::new(Bytes::copy_from_slice(body.unwrap_or_default())))
+        .body(Full::new(Bytes::copy_from_slice(
+            body.map(|(_, b)| b).unwrap_or_default(),
+        )))
         .map_err(|e| io(e.into()))?;
     let resp = if t.tls {
         let name = rustls::pki_types::ServerName::try_from(t.host.clone())

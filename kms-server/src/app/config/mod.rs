@@ -244,6 +244,7 @@ impl Default for FileAudit {
             durability: AuditDurability::Request,
             max_lag_ms: default_max_lag(),
             commit_window_us: default_commit_window(),
+            export: Vec::new(),
         }
     }
 }
@@ -295,6 +296,9 @@ struct FileAudit {
     /// never). A caller who is alone is never delayed.
     #[serde(default = "default_commit_window")]
     commit_window_us: u64,
+    /// Streams of the trail to SIEMs (`[[audit.export]]`).
+    #[serde(default)]
+    export: Vec<crate::security::audit::export::ExportTarget>,
 }
 
 fn default_durability() -> AuditDurability {
@@ -496,6 +500,8 @@ pub struct Settings {
     pub lockout: crate::access::lockout::LockoutPolicy,
     /// The exfiltration brake (`[brake]`).
     pub brake: crate::access::brake::BrakeSettings,
+    /// The audit trail's exporters (`[[audit.export]]`).
+    pub audit_export: Vec<crate::security::audit::export::ExportTarget>,
     /// How often automatic rotations and due destructions run.
     pub sweep_interval: std::time::Duration,
     /// Most keys kept decrypted in the keyring's cache (`[keys] cache_keys`).
@@ -611,6 +617,8 @@ impl Settings {
         argon2.validate().map_err(|m| err("seal.argon2", m))?;
         check_alerts_and_identities(&raw).map_err(|(f, m)| err(&f, m))?;
         raw.brake.check().map_err(|m| err("brake", m))?;
+        crate::security::audit::export::check_all(&raw.audit.export)
+            .map_err(|m| err("audit.export", m))?;
         let store = store_settings(&raw.store, &resolve, shared_erasure_retention_secs)
             .map_err(|(f, m)| err(f, m.into()))?;
         let Adapters {
@@ -678,6 +686,18 @@ impl Settings {
                 duration: std::time::Duration::from_secs(raw.lockout.duration_secs),
             },
             brake: raw.brake,
+            audit_export: raw
+                .audit
+                .export
+                .iter()
+                .cloned()
+                .map(|mut t| {
+                    for p in [&mut t.ca_file, &mut t.cert_file, &mut t.key_file] {
+                        *p = p.as_deref().map(&resolve);
+                    }
+                    t
+                })
+                .collect(),
             alerts: crate::security::alert::AlertSettings {
                 webhook: raw.alerts.webhook,
                 webhook_ca: raw.alerts.webhook_ca.as_deref().map(resolve),

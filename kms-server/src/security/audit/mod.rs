@@ -39,6 +39,7 @@
 //! Stores written by earlier versions kept the records in the key store; they are moved
 //! to the chain file, verified by the same chain, the first time the server opens them.
 
+pub mod export;
 pub mod file;
 pub mod postgres;
 pub mod volume;
@@ -436,6 +437,21 @@ impl AuditLog {
         match &self.chain {
             Some(Chain::File(f)) => Some(f.flushes()),
             _ => None,
+        }
+    }
+
+    /// Records with `seq > after` (at most `limit`) up to the head, without the head's MAC
+    /// check: what an exporter sends ([`export`]).
+    pub fn records(&self, after: u64, limit: usize) -> Result<Vec<AuditRecord>, Error> {
+        match &self.chain {
+            None => Ok(Vec::new()),
+            Some(Chain::File(chain)) => {
+                let head = chain.head();
+                let mut records = chain.read(after, limit.min(MAX_PAGE))?;
+                records.retain(|r| r.seq <= head.seq);
+                Ok(records)
+            }
+            Some(Chain::Shared(chain)) => Ok(chain.read(after, limit.min(MAX_PAGE))?.1),
         }
     }
 
