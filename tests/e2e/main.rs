@@ -11,6 +11,7 @@
 mod alert;
 mod approvals;
 mod audit;
+mod audit_export;
 mod authz;
 mod backup;
 mod bad_input;

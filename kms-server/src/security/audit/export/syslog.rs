@@ -190,6 +190,20 @@ impl Sender {
         let Some(conn) = self.conn.as_mut() else {
             return Err((0, "not connected".into()));
         };
+        if transport == SyslogTransport::Tls {
+            // An RFC 5425 receiver never writes: anything readable is its close. Seen
+            // before writing, the window goes to a new connection instead of being lost.
+            let peek = tokio::time::timeout(std::time::Duration::ZERO, conn.stream.fill_buf());
+            if let Ok(read) = peek.await {
+                match read {
+                    Ok([]) | Err(_) => return Err((0, "the receiver closed the connection".into())),
+                    Ok(data) => {
+                        let n = data.len();
+                        conn.stream.consume(n);
+                    }
+                }
+            }
+        }
         let first = conn.txnr;
         for m in &messages {
             match transport {
