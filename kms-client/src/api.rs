@@ -1307,6 +1307,24 @@ pub struct AuditPage {
     pub records: Vec<AuditRecord>,
     /// The chain head at the time of reading.
     pub head: AuditHead,
+    /// Where the kept chain begins, once a retention sweep has purged older records:
+    /// verification starts from it. Absent while the chain starts at record 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<AuditCheckpoint>,
+}
+
+/// The last record a retention sweep purged (its segments archived first): the kept
+/// chain's first record links to `hash`. MAC'd by the server like the head.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AuditCheckpoint {
+    /// The last purged record's sequence number.
+    pub seq: u64,
+    /// Its hash.
+    pub hash: String,
+    /// Its time.
+    pub time: String,
+    /// Whether the checkpoint's MAC verifies (`None`: the server cannot check now).
+    pub mac_valid: Option<bool>,
 }
 
 /// Checks an audit chain record by record: sequence without gaps, each `prev` the hash
@@ -1331,6 +1349,15 @@ impl AuditChain {
     /// A verifier starting at the first record.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A verifier starting after a retention checkpoint: the next record is
+    /// `checkpoint.seq + 1` and links to `checkpoint.hash`.
+    pub fn from_checkpoint(checkpoint: &AuditCheckpoint) -> Self {
+        Self {
+            next_seq: checkpoint.seq + 1,
+            prev: checkpoint.hash.clone(),
+        }
     }
 
     /// The sequence number the next record must have.

@@ -716,6 +716,25 @@ impl Client {
             if strict && page.head.mac_valid.is_none() && page.head.seq > 0 {
                 warnings.push("the server cannot verify the chain head's MAC now (sealed, or written while sealed)".into());
             }
+            if after == 0 {
+                if let Some(cp) = &page.checkpoint {
+                    // Older records were purged by retention (archived first): the kept
+                    // chain verifies from the MAC'd checkpoint.
+                    if cp.mac_valid == Some(false) {
+                        return Ok(Err(
+                            "the retention checkpoint's MAC does not verify: it was altered".into(),
+                        ));
+                    }
+                    if strict && cp.mac_valid.is_none() {
+                        warnings.push(
+                            "the server cannot verify the retention checkpoint's MAC now (sealed)"
+                                .into(),
+                        );
+                    }
+                    chain = AuditChain::from_checkpoint(cp);
+                    after = cp.seq;
+                }
+            }
             let done = page.records.is_empty()
                 || page.records.last().map(|r| r.seq) >= Some(page.head.seq);
             for r in &page.records {

@@ -831,7 +831,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 allow_unverified_head,
             } => match client.audit_verify(!allow_unverified_head).await? {
                 Ok(n) => {
-                    println!("audit chain verified: {n} records, head MAC checked by the server");
+                    let checkpoint = client.audit_page(0, 1).await?.checkpoint;
+                    match checkpoint {
+                        Some(cp) => println!(
+                            "audit chain verified: records {} to {n} from the retention checkpoint at record {} (older records archived and purged), checkpoint and head MACs checked by the server",
+                            cp.seq + 1,
+                            cp.seq
+                        ),
+                        None => println!(
+                            "audit chain verified: {n} records, head MAC checked by the server"
+                        ),
+                    }
                     Ok(())
                 }
                 Err(violation) => anyhow::bail!("audit chain verification FAILED: {violation}"),

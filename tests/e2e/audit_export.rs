@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use kms_client::api::AuditRecord;
 use keyhold_tests::{TestSeal, TestServer};
+use kms_client::api::AuditRecord;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -59,11 +59,7 @@ impl Rsyslog {
     fn new(dir: &Path, s: &TestServer, (relp, tls): (u16, u16)) -> Self {
         let dir = dir.join("rsyslog");
         std::fs::create_dir_all(dir.join("work")).unwrap();
-        let (ca, cert, key) = (
-            s.pki.ca(),
-            s.pki.cert("server"),
-            s.pki.key("server"),
-        );
+        let (ca, cert, key) = (s.pki.ca(), s.pki.cert("server"), s.pki.key("server"));
         let conf = format!(
             r#"global(workDirectory="{work}" maxMessageSize="64k"
        defaultNetstreamDriverCAFile="{ca}"
@@ -175,9 +171,7 @@ async fn traffic(s: &TestServer, n: usize) {
     let app = s.kms_client("app-a");
     let ctx = kms_client::api::Context::default();
     for i in 0..n {
-        app.wrap("exported", &[i as u8; 32], &ctx)
-            .await
-            .unwrap();
+        app.wrap("exported", &[i as u8; 32], &ctx).await.unwrap();
     }
     let stranger = s.kms_client("app2-a");
     assert!(stranger.wrap("exported", &[0; 32], &ctx).await.is_err());
@@ -199,7 +193,10 @@ async fn wait_for(upto: u64, what: &str, mut seqs: impl FnMut() -> Vec<u64>) {
         if seqs().contains(&upto) {
             return;
         }
-        assert!(Instant::now() < deadline, "{what}: record {upto} never arrived");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: record {upto} never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -213,7 +210,10 @@ fn assert_complete_chain(what: &str, records: &[AuditRecord], upto: u64) {
     assert_eq!(sorted.len(), seqs.len(), "{what}: a record received twice");
     let expected: Vec<u64> = (1..=sorted.last().copied().unwrap_or(0)).collect();
     assert_eq!(sorted, expected, "{what}: a record is missing");
-    assert!(sorted.len() as u64 >= upto, "{what}: fewer records than the head");
+    assert!(
+        sorted.len() as u64 >= upto,
+        "{what}: fewer records than the head"
+    );
     let mut by_seq = records.to_vec();
     by_seq.sort_by_key(|r| r.seq);
     let mut prev = kms_client::api::AUDIT_GENESIS.to_owned();
@@ -277,7 +277,10 @@ retry_max_ms = 300
     traffic(&s, 40).await;
     let before = head(&s).await;
     wait_for(before, "relp", || {
-        json_records(&rsyslog.lines("relp.log")).iter().map(|r| r.seq).collect()
+        json_records(&rsyslog.lines("relp.log"))
+            .iter()
+            .map(|r| r.seq)
+            .collect()
     })
     .await;
     wait_for(before, "tls", || cef_seqs(&rsyslog.lines("tls.log"))).await;
@@ -290,12 +293,18 @@ retry_max_ms = 300
     traffic(&s, 40).await;
     let after = head(&s).await;
     wait_for(after, "relp", || {
-        json_records(&rsyslog.lines("relp.log")).iter().map(|r| r.seq).collect()
+        json_records(&rsyslog.lines("relp.log"))
+            .iter()
+            .map(|r| r.seq)
+            .collect()
     })
     .await;
     let relp_records = json_records(&rsyslog.lines("relp.log"));
     assert_complete_chain("rsyslog imrelp", &relp_records, after);
-    assert!(relp_records.iter().any(|r| r.status == 403), "a refusal is exported too");
+    assert!(
+        relp_records.iter().any(|r| r.status == 403),
+        "a refusal is exported too"
+    );
 
     // RFC 5425 has no acknowledgement: what was in flight when the receiver stopped may
     // be lost (docs/operations.md), but nothing is sent twice and all before the stop
@@ -366,7 +375,13 @@ retry_max_ms = 300
         assert_eq!(v["seq"].as_u64(), Some(r.seq));
         assert_eq!(v["service"], "keyhold");
         assert_eq!(v["scope"], "keyhold.audit");
-        let severity = if r.status == 403 { 13 } else if r.status == 0 { 10 } else { 9 };
+        let severity = if r.status == 403 {
+            13
+        } else if r.status == 0 {
+            10
+        } else {
+            9
+        };
         assert_eq!(v["severity"].as_u64(), Some(severity), "{r:?}");
         assert!(v["time_unix_nano"].as_u64().unwrap() > 1_700_000_000_000_000_000);
     }

@@ -12,6 +12,7 @@ mod alert;
 mod approvals;
 mod audit;
 mod audit_export;
+mod audit_retention;
 mod authz;
 mod backup;
 mod bad_input;

@@ -510,10 +510,7 @@ impl TestServer {
         self.ops_addr = ops.local_addr().unwrap();
         let (tx, rx) = oneshot::channel();
         let offset = self.clock_offset.clone();
-        let clock = kms_server::base::clock::Clock::from_fn(move || {
-            kms_server::base::clock::Clock::system().now()
-                + offset.load(std::sync::atomic::Ordering::SeqCst)
-        });
+        let clock = kms_server::base::clock::Clock::ahead_of_system(offset);
         let task = tokio::spawn(server::run_with_clock(
             server::Listeners {
                 api,

@@ -466,6 +466,15 @@ fn start_background(
             stop_rx.clone(),
         )),
     ];
+    if let (Some(retention), true) = (&settings.audit_retention, settings.audit_enabled) {
+        tasks.push(tokio::spawn(crate::security::audit::retention::run(
+            retention.clone(),
+            state.audit.clone(),
+            state.keyring.clone(),
+            settings.audit_export.clone(),
+            stop_rx.clone(),
+        )));
+    }
     for target in &settings.audit_export {
         tasks.push(tokio::spawn(crate::security::audit::export::run(
             target.clone(),

@@ -245,6 +245,7 @@ impl Default for FileAudit {
             max_lag_ms: default_max_lag(),
             commit_window_us: default_commit_window(),
             export: Vec::new(),
+            retention: None,
         }
     }
 }
@@ -299,6 +300,9 @@ struct FileAudit {
     /// Streams of the trail to SIEMs (`[[audit.export]]`).
     #[serde(default)]
     export: Vec<crate::security::audit::export::ExportTarget>,
+    /// Segments archived and purged after a period (`[audit.retention]`).
+    #[serde(default)]
+    retention: Option<crate::security::audit::retention::RetentionSettings>,
 }
 
 fn default_durability() -> AuditDurability {
@@ -502,6 +506,8 @@ pub struct Settings {
     pub brake: crate::access::brake::BrakeSettings,
     /// The audit trail's exporters (`[[audit.export]]`).
     pub audit_export: Vec<crate::security::audit::export::ExportTarget>,
+    /// The audit trail's retention (`[audit.retention]`).
+    pub audit_retention: Option<crate::security::audit::retention::RetentionSettings>,
     /// How often automatic rotations and due destructions run.
     pub sweep_interval: std::time::Duration,
     /// Most keys kept decrypted in the keyring's cache (`[keys] cache_keys`).
@@ -619,6 +625,15 @@ impl Settings {
         raw.brake.check().map_err(|m| err("brake", m))?;
         crate::security::audit::export::check_all(&raw.audit.export)
             .map_err(|m| err("audit.export", m))?;
+        if let Some(r) = &raw.audit.retention {
+            r.check().map_err(|m| err("audit.retention", m))?;
+            if raw.store.engine == crate::storage::Engine::Postgres {
+                return Err(err(
+                    "audit.retention",
+                    "is for the chain file of an embedded store; on PostgreSQL the chain is a table: archive and purge it with the database's tools (docs/operations.md)".into(),
+                ));
+            }
+        }
         let store = store_settings(&raw.store, &resolve, shared_erasure_retention_secs)
             .map_err(|(f, m)| err(f, m.into()))?;
         let Adapters {
@@ -698,6 +713,10 @@ impl Settings {
                     t
                 })
                 .collect(),
+            audit_retention: raw.audit.retention.clone().map(|mut r| {
+                r.archive_dir = resolve(&r.archive_dir);
+                r
+            }),
             alerts: crate::security::alert::AlertSettings {
                 webhook: raw.alerts.webhook,
                 webhook_ca: raw.alerts.webhook_ca.as_deref().map(resolve),

@@ -81,6 +81,26 @@ impl Head {
     }
 }
 
+/// Where the kept chain begins after a retention purge ([`super::retention`]): the last
+/// purged record, and (in a chain file) the offset of the first kept one. The header
+/// carries it beside the head; the bytes before `offset` are a hole.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// The last purged record's seq.
+    pub seq: u64,
+    /// Its hash: the first kept record's `prev`.
+    pub hash: String,
+    /// Its time.
+    pub time: String,
+    /// Chain file: where the first kept record starts (0 in the database).
+    #[serde(default)]
+    pub offset: u64,
+    /// HMAC-SHA256 (hex) of seq, hash and time under the audit MAC key.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
 /// What opening found, besides the records.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Finding {
@@ -105,6 +125,10 @@ struct View {
     index: Vec<(u64, u64)>,
     /// Offset of the last index entry.
     last_indexed: u64,
+    /// Where the kept records start (after the header, or after a retention purge).
+    start: u64,
+    /// The retention checkpoint, if records were purged.
+    checkpoint: Option<Checkpoint>,
 }
 
 /// The open chain file, shared by the writer and readers.
@@ -130,8 +154,13 @@ fn io_err(path: &Path, what: &str, e: std::io::Error) -> Error {
     })
 }
 
-fn header_bytes(head: &Head) -> Result<Vec<u8>, Error> {
-    let json = serde_json::to_vec(head).map_err(|_| Error::Internal("audit head"))?;
+fn header_bytes(head: &Head, checkpoint: Option<&Checkpoint>) -> Result<Vec<u8>, Error> {
+    let mut json = serde_json::to_vec(head).map_err(|_| Error::Internal("audit head"))?;
+    if let Some(cp) = checkpoint {
+        // A second JSON value after a space: readers of the first version see the head.
+        json.push(b' ');
+        serde_json::to_writer(&mut json, cp).map_err(|_| Error::Internal("audit checkpoint"))?;
+    }
     let mut h = Vec::with_capacity(HEADER_LEN as usize);
     h.extend_from_slice(MAGIC);
     h.extend_from_slice(&json);
@@ -143,10 +172,17 @@ fn header_bytes(head: &Head) -> Result<Vec<u8>, Error> {
     Ok(h)
 }
 
-fn parse_header(bytes: &[u8]) -> Option<Head> {
+fn parse_header(bytes: &[u8]) -> Option<(Head, Option<Checkpoint>)> {
     let rest = bytes.strip_prefix(MAGIC)?;
-    let json = rest.split(|b| *b == b' ' || *b == b'\n').next()?;
-    serde_json::from_slice(json).ok()
+    let mut parts = rest
+        .split(|b| *b == b' ' || *b == b'\n')
+        .filter(|p| !p.is_empty());
+    let head = serde_json::from_slice(parts.next()?).ok()?;
+    let checkpoint = match parts.next() {
+        None => None,
+        Some(cp) => Some(serde_json::from_slice(cp).ok()?),
+    };
+    Some((head, checkpoint))
 }
 
 impl ChainFile {
@@ -160,35 +196,52 @@ impl ChainFile {
             .truncate(false)
             .open(path)
             .map_err(|e| io_err(path, "open", e))?;
-        let len = file.metadata().map_err(|e| io_err(path, "stat", e))?.len();
+        let mut len = file.metadata().map_err(|e| io_err(path, "stat", e))?.len();
         if len == 0 {
-            crate::storage::write_new_file_header(&file, path, &header_bytes(&Head::genesis())?)
-                .map_err(|e| io_err(path, "create", e))?;
+            crate::storage::write_new_file_header(
+                &file,
+                path,
+                &header_bytes(&Head::genesis(), None)?,
+            )
+            .map_err(|e| io_err(path, "create", e))?;
+            len = HEADER_LEN;
         }
         let mut header = vec![0u8; HEADER_LEN as usize];
         file.read_exact_at(&mut header, 0)
             .map_err(|e| io_err(path, "read header", e))?;
-        let head = parse_header(&header).ok_or(Error::Corrupt("audit file header"))?;
+        let (head, checkpoint) =
+            parse_header(&header).ok_or(Error::Corrupt("audit file header"))?;
+        // After a retention purge the records start at the checkpoint's offset.
+        let start = checkpoint.as_ref().map_or(HEADER_LEN, |c| c.offset);
+        if start < HEADER_LEN || start > len {
+            return Err(Error::Corrupt("audit file checkpoint"));
+        }
 
         // Scan the records: the chain's end, the index, a torn tail.
         let mut reader = BufReader::with_capacity(
             1 << 20,
             At {
                 file: &file,
-                pos: HEADER_LEN,
+                pos: start,
                 end: len,
             },
         );
-        let mut offset = HEADER_LEN;
+        let mut offset = start;
         let mut view = View {
-            end: HEADER_LEN,
+            end: start,
             allocated: len.max(HEADER_LEN),
             head: head.clone(),
             index: Vec::new(),
             last_indexed: 0,
+            start,
+            checkpoint: checkpoint.clone(),
         };
-        let mut last = (0u64, AUDIT_GENESIS.to_owned());
-        let mut hash_at_head = (head.seq == 0).then(|| AUDIT_GENESIS.to_owned());
+        let mut last = checkpoint
+            .as_ref()
+            .map_or((0u64, AUDIT_GENESIS.to_owned()), |c| {
+                (c.seq, c.hash.clone())
+            });
+        let mut hash_at_head = (head.seq == last.0).then(|| last.1.clone());
         let mut line = Vec::new();
         loop {
             line.clear();
@@ -309,16 +362,105 @@ impl ChainFile {
     /// the header with it. Not synced here: a later append's sync (or
     /// [`ChainFile::sync`]) carries it.
     pub fn set_head(&self, head: Head, persist: bool) -> Result<(), Error> {
+        // Under the view's lock, so that a header never carries an older checkpoint than
+        // one a purge already wrote (the records before it may be a hole by now).
+        let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);
         if persist {
             self.file
-                .write_all_at(&header_bytes(&head)?, 0)
+                .write_all_at(&header_bytes(&head, view.checkpoint.as_ref())?, 0)
                 .map_err(|e| io_err(&self.path, "write header", e))?;
         }
-        self.view
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .head = head;
+        view.head = head;
         Ok(())
+    }
+
+    /// The retention checkpoint, if records were purged.
+    pub fn checkpoint(&self) -> Option<Checkpoint> {
+        self.view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .checkpoint
+            .clone()
+    }
+
+    /// Purges every record up to `checkpoint.seq` (which must be a record of the chain,
+    /// before its head): the header gets the checkpoint and the offset of the next record
+    /// and is synced, then the purged bytes are released (a hole punched into the file).
+    /// Returns the bytes released (0 where the filesystem cannot punch holes: the records
+    /// are then unreadable through Keyhold but still take space).
+    pub fn purge_through(&self, mut checkpoint: Checkpoint) -> Result<u64, Error> {
+        let next = self.offset_after(checkpoint.seq, &checkpoint.hash)?;
+        checkpoint.offset = next;
+        {
+            let mut view = self.view.write().unwrap_or_else(PoisonError::into_inner);
+            if checkpoint.seq > view.head.seq {
+                return Err(Error::InvalidState("a checkpoint past the chain head"));
+            }
+            view.checkpoint = Some(checkpoint);
+            view.start = next;
+            view.index.retain(|(_, offset)| *offset >= next);
+            self.file
+                .write_all_at(&header_bytes(&view.head, view.checkpoint.as_ref())?, 0)
+                .and_then(|()| self.file.sync_data())
+                .map_err(|e| io_err(&self.path, "write checkpoint", e))?;
+        }
+        // Only once the header no longer needs them are the bytes released.
+        let len = next - HEADER_LEN;
+        match rustix::fs::fallocate(
+            &self.file,
+            rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE,
+            HEADER_LEN,
+            len,
+        ) {
+            Ok(()) => Ok(len),
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "audit file: purged records not released (the filesystem cannot punch holes)");
+                Ok(0)
+            }
+        }
+    }
+
+    /// The offset just after record `seq`, which must have `hash`.
+    fn offset_after(&self, seq: u64, hash: &str) -> Result<u64, Error> {
+        let (start, end) = {
+            let view = self.view.read().unwrap_or_else(PoisonError::into_inner);
+            let i = view.index.partition_point(|(s, _)| *s <= seq);
+            let start = if i == 0 {
+                view.start
+            } else {
+                view.index[i - 1].1
+            };
+            (start, view.end)
+        };
+        let mut reader = BufReader::with_capacity(
+            256 * 1024,
+            At {
+                file: &self.file,
+                pos: start,
+                end,
+            },
+        );
+        let mut offset = start;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader
+                .read_until(b'\n', &mut line)
+                .map_err(|e| io_err(&self.path, "read", e))?;
+            if n == 0 {
+                return Err(Error::InvalidState("no such audit record to purge through"));
+            }
+            offset += n as u64;
+            let text = line.strip_suffix(b"\n").unwrap_or(&line);
+            if leading_seq(text) == Some(seq) {
+                let r: AuditRecord = serde_json::from_slice(text)
+                    .map_err(|_| Error::Corrupt("audit record in the chain file"))?;
+                if r.hash != hash {
+                    return Err(Error::InvalidState("the record to purge through changed"));
+                }
+                return Ok(offset);
+            }
+        }
     }
 
     /// The current head.
@@ -361,7 +503,7 @@ impl ChainFile {
             let want = after.saturating_add(1);
             let i = view.index.partition_point(|(seq, _)| *seq <= want);
             let start = if i == 0 {
-                HEADER_LEN
+                view.start
             } else {
                 view.index[i - 1].1
             };
@@ -540,6 +682,61 @@ mod tests {
             );
         }
         assert!(f.read(12_000, 7).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_purge_keeps_the_chain_from_its_checkpoint_and_releases_the_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.audit");
+        let recs = chain(12_000);
+        let head_of = |r: &AuditRecord| Head {
+            seq: r.seq,
+            hash: r.hash.clone(),
+            mac: None,
+        };
+        let checkpoint = |r: &AuditRecord| Checkpoint {
+            seq: r.seq,
+            hash: r.hash.clone(),
+            time: r.time.clone(),
+            offset: 0,
+            mac: Some("ab".repeat(32)),
+        };
+        {
+            let (f, ..) = ChainFile::open(&path).unwrap();
+            for batch in recs.chunks(500) {
+                f.append(batch[0].seq, &lines(batch), true).unwrap();
+            }
+            f.set_head(head_of(&recs[11_999]), true).unwrap();
+            // A record that is not the chain's is refused.
+            let mut wrong = checkpoint(&recs[6_999]);
+            wrong.hash = "0".repeat(64);
+            assert!(f.purge_through(wrong).is_err());
+            let released = f.purge_through(checkpoint(&recs[6_999])).unwrap();
+            assert!(released > 2 << 20, "{released}");
+            let got = f.read(0, 3).unwrap();
+            assert_eq!(got[0].seq, 7_001);
+            assert_eq!(f.read(9_000, 1).unwrap()[0].seq, 9_001);
+            // A header written after the purge keeps the checkpoint.
+            f.set_head(head_of(&recs[11_999]), true).unwrap();
+            f.sync().unwrap();
+        }
+        let (f, head, last, finding) = ChainFile::open(&path).unwrap();
+        assert_eq!(
+            (head.seq, last.0, finding),
+            (12_000, 12_000, Finding::Consistent)
+        );
+        assert_eq!(f.checkpoint().unwrap().seq, 7_000);
+        assert_eq!(f.read(0, 1).unwrap()[0].seq, 7_001);
+        assert_eq!(f.read(11_000, 1).unwrap()[0].seq, 11_001);
+        // The purged bytes are a hole: the file takes less space than its length.
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&path).unwrap();
+        assert!(
+            m.blocks() * 512 < m.len() - (2 << 20),
+            "{} {}",
+            m.blocks(),
+            m.len()
+        );
     }
 
     #[test]

@@ -42,13 +42,14 @@
 pub mod export;
 pub mod file;
 pub mod postgres;
+pub mod retention;
 pub mod volume;
 mod writer;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::UNIX_EPOCH;
 
 use kms_client::api::{AuditHead, AuditPage, AuditRecord};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -59,7 +60,7 @@ use crate::base::error::Error;
 use crate::keyring::Keyring;
 use crate::security::alert::{AlertEvent, Alerter};
 use crate::storage::{KeyStore, Table, WriteBatch};
-pub use file::{ChainFile, Finding, Head};
+pub use file::{ChainFile, Checkpoint, Finding, Head};
 pub use postgres::PgChain;
 use writer::Writer;
 
@@ -198,11 +199,11 @@ pub struct AuditLog {
     thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
-fn now_rfc3339_ms() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    humantime::format_rfc3339_millis(UNIX_EPOCH + d).to_string()
+/// A record's time: the server's clock (the system's, outside tests), RFC 3339 in
+/// milliseconds.
+fn rfc3339_ms(clock: &crate::base::clock::Clock) -> String {
+    let at = UNIX_EPOCH + std::time::Duration::from_millis(clock.now_millis());
+    humantime::format_rfc3339_millis(at).to_string()
 }
 
 /// Where earlier versions kept the head, in the key store's meta table.
@@ -455,6 +456,33 @@ impl AuditLog {
         }
     }
 
+    /// The head's seq now.
+    pub fn head_seq(&self) -> Result<u64, Error> {
+        match &self.chain {
+            None => Ok(0),
+            Some(Chain::File(f)) => Ok(f.head().seq),
+            Some(Chain::Shared(c)) => Ok(c.read(u64::MAX - 1, 1)?.0.seq),
+        }
+    }
+
+    /// The retention checkpoint (none while the chain starts at record 1).
+    pub fn checkpoint(&self) -> Result<Option<Checkpoint>, Error> {
+        match &self.chain {
+            Some(Chain::File(f)) => Ok(f.checkpoint()),
+            _ => Ok(None),
+        }
+    }
+
+    /// Purges the records up to `checkpoint` ([`retention`]); the bytes released.
+    pub fn purge_through(&self, checkpoint: Checkpoint) -> Result<u64, Error> {
+        match &self.chain {
+            Some(Chain::File(f)) => f.purge_through(checkpoint),
+            _ => Err(Error::InvalidState(
+                "audit retention is for a chain file; on PostgreSQL, partition and archive the keyhold_audit table with the database's tools",
+            )),
+        }
+    }
+
     /// Records with `seq > after` (at most `limit`) up to the head, and the head with its
     /// MAC checked.
     pub fn read(&self, keyring: &Keyring, after: u64, limit: usize) -> Result<AuditPage, Error> {
@@ -462,6 +490,23 @@ impl AuditLog {
             return Err(Error::InvalidState(
                 "the audit trail is disabled on this server",
             ));
+        };
+        let checkpoint = match chain {
+            Chain::File(chain) => chain.checkpoint().map(|cp| {
+                let mac_valid = cp.mac.as_deref().and_then(|mac| {
+                    keyring.audit_mac_verify(
+                        &retention::checkpoint_mac_input(cp.seq, &cp.hash, &cp.time),
+                        mac,
+                    )
+                });
+                kms_client::api::AuditCheckpoint {
+                    seq: cp.seq,
+                    hash: cp.hash,
+                    time: cp.time,
+                    mac_valid,
+                }
+            }),
+            Chain::Shared(_) => None,
         };
         let (head, records) = match chain {
             Chain::File(chain) => {
@@ -479,6 +524,7 @@ impl AuditLog {
             None => None,
         };
         Ok(AuditPage {
+            checkpoint,
             records,
             head: AuditHead {
                 seq: head.seq,
@@ -528,6 +574,15 @@ pub fn copy_chain(
         None if !from_path.exists() => return Ok(0),
         None => {
             let (file, head, _, finding) = ChainFile::open(from_path)?;
+            if let Some(cp) = file.checkpoint() {
+                tracing::error!(
+                    checkpoint = cp.seq,
+                    "the source audit chain starts after a retention checkpoint"
+                );
+                return Err(Error::InvalidState(
+                    "the source audit chain was purged by retention: migrate-store copies whole chains only; keep the archive and the source chain file",
+                ));
+            }
             (Chain::File(Arc::new(file)), head, finding)
         }
     };

@@ -13,7 +13,7 @@ use crate::security::alert::{AlertEvent, Alerter};
 use kms_client::api::AuditRecordRef;
 
 use super::file::{self, Finding, Head};
-use super::{head_mac_input, now_rfc3339_ms, postgres, volume, AuditDraft, Chain, Job, Msg};
+use super::{head_mac_input, postgres, rfc3339_ms, volume, AuditDraft, Chain, Job, Msg};
 use super::{CommitPolicy, Durability, MAX_BATCH, WRITER_NICE};
 use super::{EVENT_AFTER_HEAD, EVENT_HEAD_INVALID, EVENT_HEAD_MISMATCH, EVENT_HEAD_UNVERIFIED};
 
@@ -328,7 +328,7 @@ impl Writer {
         if !events.is_empty() {
             drafts.splice(0..0, events);
         }
-        let time = now_rfc3339_ms();
+        let time = rfc3339_ms(self.keyring.clock());
         let lines = match &self.chain {
             Chain::File(chain) => {
                 let (lines, last) = seal_lines(&drafts, &time, self.last.clone());

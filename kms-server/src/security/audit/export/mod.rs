@@ -248,7 +248,11 @@ pub fn position(store: &dyn KeyStore, target: &ExportTarget) -> Result<u64, Stri
 
 fn save_position(store: &dyn KeyStore, target: &ExportTarget, seq: u64) -> Result<(), String> {
     let mut batch = WriteBatch::new();
-    batch.put(Table::Meta, &target.cursor_key(), seq.to_string().as_bytes());
+    batch.put(
+        Table::Meta,
+        &target.cursor_key(),
+        seq.to_string().as_bytes(),
+    );
     store.commit(&batch).map_err(|e| e.to_string())
 }
 
@@ -370,7 +374,12 @@ async fn export_step(
     shared: bool,
     node: &str,
 ) -> Step {
-    let (t, a, s, n) = (target.clone(), audit.clone(), store.clone(), node.to_owned());
+    let (t, a, s, n) = (
+        target.clone(),
+        audit.clone(),
+        store.clone(),
+        node.to_owned(),
+    );
     let read = tokio::task::spawn_blocking(move || {
         if shared && !hold_lease(s.as_ref(), &t, &n, unix_now()) {
             return Ok(None);
@@ -473,8 +482,18 @@ mod tests {
         assert!(hold_lease(store.as_ref(), &t, "a", 100));
         assert!(!hold_lease(store.as_ref(), &t, "b", 101));
         assert!(hold_lease(store.as_ref(), &t, "a", 102));
-        assert!(hold_lease(store.as_ref(), &t, "b", 102 + LEASE.as_secs() + 1));
-        assert!(!hold_lease(store.as_ref(), &t, "a", 102 + LEASE.as_secs() + 2));
+        assert!(hold_lease(
+            store.as_ref(),
+            &t,
+            "b",
+            102 + LEASE.as_secs() + 1
+        ));
+        assert!(!hold_lease(
+            store.as_ref(),
+            &t,
+            "a",
+            102 + LEASE.as_secs() + 2
+        ));
     }
 
     #[test]

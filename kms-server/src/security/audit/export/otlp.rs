@@ -177,7 +177,10 @@ pub fn log_record(r: &AuditRecord, now: u64) -> LogRecord {
         _ => (9, "INFO"),
     };
     let mut attributes = vec![
-        int("keyhold.audit.seq", i64::try_from(r.seq).unwrap_or(i64::MAX)),
+        int(
+            "keyhold.audit.seq",
+            i64::try_from(r.seq).unwrap_or(i64::MAX),
+        ),
         text("keyhold.audit.hash", &r.hash),
         text("keyhold.operation", &r.operation),
         text("keyhold.outcome", &r.outcome),
@@ -266,7 +269,10 @@ impl Sender {
         .await
         .map_err(|e| SendError::new(0, format!("OTLP: {e}")))?;
         if status != 200 {
-            return Err(SendError::new(0, format!("OTLP receiver answered {status}")));
+            return Err(SendError::new(
+                0,
+                format!("OTLP receiver answered {status}"),
+            ));
         }
         if let Ok(ExportLogsServiceResponse {
             partial_success: Some(p),

@@ -53,7 +53,10 @@ pub struct Sender {
     port: u16,
     server_name: rustls::pki_types::ServerName<'static>,
     tls: Option<tokio_rustls::TlsConnector>,
-    tls_settings: (Option<std::path::PathBuf>, Option<(std::path::PathBuf, std::path::PathBuf)>),
+    tls_settings: (
+        Option<std::path::PathBuf>,
+        Option<(std::path::PathBuf, std::path::PathBuf)>,
+    ),
     transport: SyslogTransport,
     format: SyslogFormat,
     facility: u8,
@@ -196,7 +199,9 @@ impl Sender {
             let peek = tokio::time::timeout(std::time::Duration::ZERO, conn.stream.fill_buf());
             if let Ok(read) = peek.await {
                 match read {
-                    Ok([]) | Err(_) => return Err((0, "the receiver closed the connection".into())),
+                    Ok([]) | Err(_) => {
+                        return Err((0, "the receiver closed the connection".into()))
+                    }
                     Ok(data) => {
                         let n = data.len();
                         conn.stream.consume(n);
@@ -210,7 +215,9 @@ impl Sender {
                 SyslogTransport::RelpTls => {
                     let n = conn.txnr;
                     conn.txnr = if n >= 999_999_999 { 1 } else { n + 1 };
-                    write_frame(conn, n, "syslog", m).await.map_err(|e| (0, e))?;
+                    write_frame(conn, n, "syslog", m)
+                        .await
+                        .map_err(|e| (0, e))?;
                 }
                 SyslogTransport::Tls => {
                     let mut frame = format!("{} ", m.len()).into_bytes();
@@ -299,8 +306,8 @@ async fn read_frame<R: tokio::io::AsyncBufRead + Unpin>(
         }
     }
     let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    let [(txnr, _), (command, _), (len, end)] = <[_; 3]>::try_from(fields)
-        .map_err(|_| "RELP: bad frame header".to_owned())?;
+    let [(txnr, _), (command, _), (len, end)] =
+        <[_; 3]>::try_from(fields).map_err(|_| "RELP: bad frame header".to_owned())?;
     let txnr = text(&txnr)
         .parse::<u64>()
         .map_err(|_| "RELP: bad transaction number".to_owned())?;
