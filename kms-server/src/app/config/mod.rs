@@ -9,12 +9,14 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::storage::Engine;
+mod audit;
 mod checks;
 
 use crate::access::policy::IdentityMapping;
 use crate::access::policy::IdentitySource;
 use crate::crypto::seal::{Argon2Params, SealMethod};
 use crate::security::tls::TlsSettings;
+use audit::{audit_policy, FileAudit};
 pub use checks::*;
 use checks::{
     check_alerts_and_identities, check_bounds, check_seal_and_erasure, check_tls_files, Adapters,
@@ -232,85 +234,6 @@ impl Default for FileLockout {
             duration_secs: default_lock(),
         }
     }
-}
-
-impl Default for FileAudit {
-    fn default() -> Self {
-        Self {
-            jsonl: None,
-            enabled: true,
-            path: None,
-            min_free_mib: default_audit_min_free(),
-            durability: AuditDurability::Request,
-            max_lag_ms: default_max_lag(),
-            commit_window_us: default_commit_window(),
-            export: Vec::new(),
-            retention: None,
-        }
-    }
-}
-
-/// `[audit] durability`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-enum AuditDurability {
-    /// Every record flushed before its answer (the default).
-    Request,
-    /// Key uses written before their answers and flushed within `max_lag_ms`.
-    BoundedLag,
-}
-
-fn default_max_lag() -> u64 {
-    10
-}
-
-fn default_commit_window() -> u64 {
-    crate::security::audit::DEFAULT_COMMIT_WINDOW.as_micros() as u64
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileAudit {
-    /// Also write every record as a JSON line here (`"-"`: stdout). A write failure fails
-    /// the request, like a store failure.
-    #[serde(default)]
-    jsonl: Option<String>,
-    /// `false` turns the audit trail off: only to measure its cost.
-    #[serde(default = "yes")]
-    enabled: bool,
-    /// The chain file; default: beside the store, extension `.audit`.
-    #[serde(default)]
-    path: Option<PathBuf>,
-    /// Raise an `audit_disk_low` alert when the chain file's filesystem has less than this
-    /// many MiB free (0: never). Once the disk is full the trail fails closed.
-    #[serde(default = "default_audit_min_free")]
-    min_free_mib: u64,
-    /// When records reach the disk: `request` (before each answer; the default) or
-    /// `bounded-lag` (key uses written before their answers, flushed within
-    /// `max_lag_ms`; key changes still flushed before theirs).
-    #[serde(default = "default_durability")]
-    durability: AuditDurability,
-    /// `bounded-lag`: the longest a written record waits for its flush (1 to 1000 ms).
-    #[serde(default = "default_max_lag")]
-    max_lag_ms: u64,
-    /// The longest a batch waits for the callers expected to join it (0 to 10000 µs; 0:
-    /// never). A caller who is alone is never delayed.
-    #[serde(default = "default_commit_window")]
-    commit_window_us: u64,
-    /// Streams of the trail to SIEMs (`[[audit.export]]`).
-    #[serde(default)]
-    export: Vec<crate::security::audit::export::ExportTarget>,
-    /// Segments archived and purged after a period (`[audit.retention]`).
-    #[serde(default)]
-    retention: Option<crate::security::audit::retention::RetentionSettings>,
-}
-
-fn default_durability() -> AuditDurability {
-    AuditDurability::Request
-}
-
-fn default_audit_min_free() -> u64 {
-    1024
 }
 
 fn yes() -> bool {
@@ -623,17 +546,8 @@ impl Settings {
         argon2.validate().map_err(|m| err("seal.argon2", m))?;
         check_alerts_and_identities(&raw).map_err(|(f, m)| err(&f, m))?;
         raw.brake.check().map_err(|m| err("brake", m))?;
-        crate::security::audit::export::check_all(&raw.audit.export)
-            .map_err(|m| err("audit.export", m))?;
-        if let Some(r) = &raw.audit.retention {
-            r.check().map_err(|m| err("audit.retention", m))?;
-            if raw.store.engine == crate::storage::Engine::Postgres {
-                return Err(err(
-                    "audit.retention",
-                    "is for the chain file of an embedded store; on PostgreSQL the chain is a table: archive and purge it with the database's tools (docs/operations.md)".into(),
-                ));
-            }
-        }
+        let (audit_export, audit_retention) =
+            audit::streams(&raw.audit, raw.store.engine, &resolve).map_err(|(f, m)| err(f, m))?;
         let store = store_settings(&raw.store, &resolve, shared_erasure_retention_secs)
             .map_err(|(f, m)| err(f, m.into()))?;
         let Adapters {
@@ -689,10 +603,7 @@ impl Settings {
             audit_enabled: raw.audit.enabled,
             audit_policy: audit_policy(&raw.audit),
             audit_min_free: raw.audit.min_free_mib.saturating_mul(1 << 20),
-            audit_path: match &raw.audit.path {
-                Some(p) => resolve(p),
-                None => resolve(&raw.store.path).with_extension("audit"),
-            },
+            audit_path: audit::chain_path(&raw.audit, &raw.store.path, &resolve),
             sweep_interval: std::time::Duration::from_secs(raw.keys.sweep_interval_secs),
             cache_keys: raw.keys.cache_keys,
             lockout: crate::access::lockout::LockoutPolicy {
@@ -701,22 +612,8 @@ impl Settings {
                 duration: std::time::Duration::from_secs(raw.lockout.duration_secs),
             },
             brake: raw.brake,
-            audit_export: raw
-                .audit
-                .export
-                .iter()
-                .cloned()
-                .map(|mut t| {
-                    for p in [&mut t.ca_file, &mut t.cert_file, &mut t.key_file] {
-                        *p = p.as_deref().map(&resolve);
-                    }
-                    t
-                })
-                .collect(),
-            audit_retention: raw.audit.retention.clone().map(|mut r| {
-                r.archive_dir = resolve(&r.archive_dir);
-                r
-            }),
+            audit_export,
+            audit_retention,
             alerts: crate::security::alert::AlertSettings {
                 webhook: raw.alerts.webhook,
                 webhook_ca: raw.alerts.webhook_ca.as_deref().map(resolve),
@@ -796,20 +693,6 @@ fn seal_settings(
                 pin_file: p.pin_file.as_deref().map(resolve),
             }),
         argon2,
-    }
-}
-
-/// `[audit]`'s commit window and durability.
-fn audit_policy(audit: &FileAudit) -> crate::security::audit::CommitPolicy {
-    use crate::security::audit::{CommitPolicy, Durability};
-    CommitPolicy {
-        window: std::time::Duration::from_micros(audit.commit_window_us),
-        durability: match audit.durability {
-            AuditDurability::Request => Durability::PerRequest,
-            AuditDurability::BoundedLag => {
-                Durability::BoundedLag(std::time::Duration::from_millis(audit.max_lag_ms))
-            }
-        },
     }
 }
 

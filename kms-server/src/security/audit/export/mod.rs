@@ -161,7 +161,7 @@ impl ExportTarget {
             )
             .map_err(|e| at(&e.to_string())),
             Kind::Syslog => {
-                syslog::split_address(&self.address).map_err(|m| at(m))?;
+                syslog::split_address(&self.address).map_err(at)?;
                 if self.cert_file.is_some() != self.key_file.is_some() {
                     return Err(at("cert_file and key_file go together"));
                 }
@@ -212,14 +212,14 @@ impl SendError {
 
 /// The exporter's connection, by kind.
 enum Link {
-    Syslog(syslog::Sender),
+    Syslog(Box<syslog::Sender>),
     Otlp(otlp::Sender),
 }
 
 impl Link {
     fn new(target: &ExportTarget, node: &str) -> Result<Self, String> {
         Ok(match target.kind {
-            Kind::Syslog => Self::Syslog(syslog::Sender::new(target, node)?),
+            Kind::Syslog => Self::Syslog(Box::new(syslog::Sender::new(target, node)?)),
             Kind::Otlp => Self::Otlp(otlp::Sender::new(target, node)),
         })
     }
