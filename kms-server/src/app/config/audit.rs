@@ -101,12 +101,15 @@ pub(super) fn audit_policy(audit: &FileAudit) -> crate::security::audit::CommitP
     }
 }
 
+/// The exporters and the retention, as [`streams`] returns them.
+pub(super) type Streams = (Vec<ExportTarget>, Option<RetentionSettings>);
+
 /// `[[audit.export]]` and `[audit.retention]`, checked, their paths resolved.
 pub(super) fn streams(
     audit: &FileAudit,
     engine: Engine,
     resolve: &dyn Fn(&Path) -> PathBuf,
-) -> Result<(Vec<ExportTarget>, Option<RetentionSettings>), (&'static str, String)> {
+) -> Result<Streams, (&'static str, String)> {
     crate::security::audit::export::check_all(&audit.export).map_err(|m| ("audit.export", m))?;
     if let Some(r) = &audit.retention {
         r.check().map_err(|m| ("audit.retention", m))?;
